@@ -1,0 +1,352 @@
+//! From one event to one sample of one meter.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use rust_decimal::Decimal;
+use serde_json::Value;
+use serde_json_path::JsonPath;
+use tally_model::{Aggregation, CloudEvent, MeterDefinition, MeterPhase, MonitoredResourceType};
+
+use crate::value::decimal_from_json;
+
+/// What one event contributes to one meter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sample {
+    pub value: SampleValue,
+    /// One entry per dimension of the meter, in [`CompiledMeter::dimensions`]
+    /// order; `None` when the event does not carry the dimension.
+    pub groups: Vec<Option<String>>,
+}
+
+/// The value an event carries for a meter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SampleValue {
+    /// `COUNT` needs no value.
+    None,
+    Number(Decimal),
+    /// `UNIQUE_COUNT` counts distinct values of any scalar type.
+    Text(String),
+}
+
+/// Why a structurally valid event cannot be metered by a meter. Such events
+/// are kept (quarantined), never dropped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unmeterable {
+    MeterRetired,
+    MissingValue { path: String },
+    InvalidValue { path: String, reason: String },
+    UndeclaredDimension { name: String },
+    MissingRequiredLabel { label: String, resource_type: String },
+}
+
+impl Unmeterable {
+    /// A stable, machine-readable reason code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Unmeterable::MeterRetired => "METER_RETIRED",
+            Unmeterable::MissingValue { .. } => "MISSING_VALUE",
+            Unmeterable::InvalidValue { .. } => "INVALID_VALUE",
+            Unmeterable::UndeclaredDimension { .. } => "UNDECLARED_DIMENSION",
+            Unmeterable::MissingRequiredLabel { .. } => "MISSING_REQUIRED_LABEL",
+        }
+    }
+}
+
+impl fmt::Display for Unmeterable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unmeterable::MeterRetired => f.write_str("the meter is Retired and accepts no new events"),
+            Unmeterable::MissingValue { path } => write!(f, "data has no value at {path}"),
+            Unmeterable::InvalidValue { path, reason } => write!(f, "value at {path}: {reason}"),
+            Unmeterable::UndeclaredDimension { name } => {
+                write!(f, "dimension {name:?} is not declared by the meter")
+            }
+            Unmeterable::MissingRequiredLabel { label, resource_type } => {
+                write!(f, "required label {label:?} of {resource_type} is missing")
+            }
+        }
+    }
+}
+
+/// A label that events of a resource type must carry.
+#[derive(Debug, Clone)]
+pub struct RequiredLabel {
+    pub name: String,
+    path_text: String,
+    path: JsonPath,
+}
+
+#[derive(Debug, Clone)]
+struct ResourceTypeCheck {
+    name: String,
+    group: String,
+    kind: String,
+    required: Vec<RequiredLabel>,
+}
+
+/// A meter ready to evaluate events: its JSONPaths parsed once.
+#[derive(Debug, Clone)]
+pub struct CompiledMeter {
+    pub key: String,
+    pub definition: MeterDefinition,
+    value_path: Option<(String, JsonPath)>,
+    dimensions: Vec<(String, JsonPath)>,
+    declared: BTreeSet<String>,
+    resource_types: Vec<ResourceTypeCheck>,
+}
+
+fn parse_path(path: &str) -> Result<JsonPath, String> {
+    JsonPath::parse(path).map_err(|e| format!("{path:?} is not JSONPath: {e}"))
+}
+
+impl CompiledMeter {
+    /// Compiles a meter. `resource_types` are all known `MonitoredResourceType`s;
+    /// those the meter names constrain its events.
+    pub fn compile(
+        key: &str,
+        definition: &MeterDefinition,
+        resource_types: &[MonitoredResourceType],
+    ) -> Result<CompiledMeter, String> {
+        let value_path = definition
+            .value_property()
+            .map(|p| parse_path(p).map(|parsed| (p.to_owned(), parsed)))
+            .transpose()?;
+        let dimensions = definition
+            .group_by()
+            .into_iter()
+            .map(|(name, path)| parse_path(&path).map(|p| (name, p)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let resource_types = resource_types
+            .iter()
+            .filter(|t| definition.monitored_resource_types.contains(&t.resource_type_name))
+            .map(|t| {
+                let required = t
+                    .labels
+                    .iter()
+                    .filter(|l| l.required)
+                    .map(|l| {
+                        let path_text = l.path();
+                        parse_path(&path_text).map(|path| RequiredLabel {
+                            name: l.name.clone(),
+                            path_text,
+                            path,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(ResourceTypeCheck {
+                    name: t.resource_type_name.clone(),
+                    group: t.gvk.group.clone(),
+                    kind: t.gvk.kind.clone(),
+                    required,
+                })
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(CompiledMeter {
+            key: key.to_owned(),
+            declared: definition.measurement.dimensions.iter().cloned().collect(),
+            definition: definition.clone(),
+            value_path,
+            dimensions,
+            resource_types,
+        })
+    }
+
+    pub fn aggregation(&self) -> Aggregation {
+        self.definition.measurement.aggregation
+    }
+
+    pub fn event_type(&self) -> &str {
+        self.definition.event_type()
+    }
+
+    /// Dimension names, sorted; the order of [`Sample::groups`].
+    pub fn dimensions(&self) -> impl ExactSizeIterator<Item = &str> {
+        self.dimensions.iter().map(|(name, _)| name.as_str())
+    }
+
+    /// Evaluates one event.
+    pub fn sample(&self, event: &CloudEvent) -> Result<Sample, Unmeterable> {
+        if self.definition.phase == MeterPhase::Retired {
+            return Err(Unmeterable::MeterRetired);
+        }
+        let data = event.data.as_ref().unwrap_or(&Value::Null);
+        self.check_labels(data)?;
+        if self.definition.strict_dimensions()
+            && let Some(Value::Object(dims)) = data.get("dimensions")
+            && let Some(name) = dims.keys().find(|k| !self.declared.contains(*k))
+        {
+            return Err(Unmeterable::UndeclaredDimension { name: name.clone() });
+        }
+        let value = match &self.value_path {
+            None => SampleValue::None,
+            Some((text, path)) => {
+                let node = single_node(path, data, text)?.ok_or_else(|| Unmeterable::MissingValue {
+                    path: text.clone(),
+                })?;
+                self.sample_value(node, text)?
+            }
+        };
+        let groups = self
+            .dimensions
+            .iter()
+            .map(|(name, path)| {
+                Ok(single_node(path, data, name)?.and_then(group_value))
+            })
+            .collect::<Result<Vec<_>, Unmeterable>>()?;
+        Ok(Sample { value, groups })
+    }
+
+    fn sample_value(&self, node: &Value, path: &str) -> Result<SampleValue, Unmeterable> {
+        let invalid = |reason: String| Unmeterable::InvalidValue {
+            path: path.to_owned(),
+            reason,
+        };
+        match (self.aggregation(), node) {
+            (_, Value::Null) => Err(Unmeterable::MissingValue { path: path.to_owned() }),
+            (Aggregation::Count, _) => Ok(SampleValue::None),
+            (Aggregation::UniqueCount, Value::String(s)) => Ok(SampleValue::Text(s.clone())),
+            (Aggregation::UniqueCount, Value::Number(_) | Value::Bool(_)) => {
+                Ok(SampleValue::Text(node.to_string()))
+            }
+            (Aggregation::UniqueCount, _) => Err(invalid("expected a scalar value".into())),
+            (_, node) => decimal_from_json(node).map(SampleValue::Number).map_err(invalid),
+        }
+    }
+
+    fn check_labels(&self, data: &Value) -> Result<(), Unmeterable> {
+        if self.resource_types.is_empty() {
+            return Ok(());
+        }
+        let resource = data.get("resource");
+        let field = |name: &str| resource.and_then(|r| r.get(name)).and_then(Value::as_str);
+        let (group, kind) = (field("group"), field("kind"));
+        let single = self.resource_types.len() == 1;
+        for t in &self.resource_types {
+            let applies = single
+                || (group.is_none_or(|g| g == t.group) && kind.is_none_or(|k| k == t.kind));
+            if !applies {
+                continue;
+            }
+            for label in &t.required {
+                let present = match single_node(&label.path, data, &label.path_text)? {
+                    None | Some(Value::Null) => false,
+                    Some(Value::String(s)) => !s.is_empty(),
+                    Some(_) => true,
+                };
+                if !present {
+                    return Err(Unmeterable::MissingRequiredLabel {
+                        label: label.name.clone(),
+                        resource_type: t.name.clone(),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn single_node<'v>(path: &JsonPath, data: &'v Value, what: &str) -> Result<Option<&'v Value>, Unmeterable> {
+    path.query(data).at_most_one().map_err(|_| Unmeterable::InvalidValue {
+        path: what.to_owned(),
+        reason: "the path matches more than one node".into(),
+    })
+}
+
+/// The group value of a JSON node: strings as they are, other scalars as
+/// JSON text, `null` as absent.
+fn group_value(v: &Value) -> Option<String> {
+    match v {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use tally_model::{Manifest, parse_event};
+
+    fn meter(spec: Value) -> MeterDefinition {
+        let m = Manifest {
+            api_version: "billing.miloapis.com/v1alpha1".into(),
+            kind: "MeterDefinition".into(),
+            metadata: tally_model::ObjectMeta { name: "m".into(), ..Default::default() },
+            spec,
+            status: None,
+        };
+        MeterDefinition::from_manifest(&m).unwrap()
+    }
+
+    fn event(data: Value) -> CloudEvent {
+        parse_event(
+            json!({"specversion":"1.0","id":"1","source":"s","type":"t","subject":"c","data":data}),
+            "2026-01-01T00:00:00Z".parse().unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn http_route_type() -> MonitoredResourceType {
+        serde_json::from_value(json!({
+            "resourceTypeName": "networking.datumapis.com/HTTPRoute",
+            "gvk": {"group": "networking.datumapis.com", "kind": "HTTPRoute"},
+            "labels": [{"name": "name", "required": true}, {"name": "region"}]
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn platform_event_shape() {
+        let def = meter(json!({"meterName": "t", "measurement": {"aggregation": "SUM", "dimensions": ["region"]},
+                               "monitoredResourceTypes": ["networking.datumapis.com/HTTPRoute"]}));
+        let m = CompiledMeter::compile("m", &def, &[http_route_type()]).unwrap();
+        let s = m
+            .sample(&event(json!({"value": "42", "dimensions": {"region": "eu"}, "resource": {"name": "r"}})))
+            .unwrap();
+        assert_eq!(s.value, SampleValue::Number(Decimal::from(42)));
+        assert_eq!(s.groups, vec![Some("eu".to_owned())]);
+        assert_eq!(
+            m.sample(&event(json!({"value": 1, "resource": {"name": ""}}))).unwrap_err(),
+            Unmeterable::MissingRequiredLabel {
+                label: "name".into(),
+                resource_type: "networking.datumapis.com/HTTPRoute".into()
+            }
+        );
+        assert_eq!(
+            m.sample(&event(json!({"value": 1, "dimensions": {"zone": "a"}, "resource": {"name": "r"}})))
+                .unwrap_err()
+                .code(),
+            "UNDECLARED_DIMENSION"
+        );
+    }
+
+    #[test]
+    fn openmeter_style_paths_and_values() {
+        let def = meter(json!({"meterName": "t", "measurement": {"aggregation": "SUM"},
+            "event": {"valueProperty": "$.tokens", "dimensions": {"model": "$.model", "n": "$.meta.n"}}}));
+        let m = CompiledMeter::compile("m", &def, &[]).unwrap();
+        let s = m.sample(&event(json!({"tokens": 1.5, "model": "gpt", "meta": {"n": 3}}))).unwrap();
+        assert_eq!(s.groups, vec![Some("gpt".into()), Some("3".into())]);
+        assert_eq!(m.sample(&event(json!({"model": "x"}))).unwrap_err().code(), "MISSING_VALUE");
+        assert_eq!(m.sample(&event(json!({"tokens": "many"}))).unwrap_err().code(), "INVALID_VALUE");
+        assert_eq!(m.sample(&event(json!({"tokens": null}))).unwrap_err().code(), "MISSING_VALUE");
+    }
+
+    #[test]
+    fn counts_and_unique_counts() {
+        let count = CompiledMeter::compile("m", &meter(json!({"meterName": "t", "measurement": {"aggregation": "COUNT"}})), &[]).unwrap();
+        assert_eq!(count.sample(&event(Value::Null)).unwrap().value, SampleValue::None);
+        let unique = CompiledMeter::compile("m", &meter(json!({"meterName": "t", "measurement": {"aggregation": "UNIQUE_COUNT"}, "event": {"valueProperty": "$.user"}})), &[]).unwrap();
+        assert_eq!(unique.sample(&event(json!({"user": 7}))).unwrap().value, SampleValue::Text("7".into()));
+        assert_eq!(unique.sample(&event(json!({"user": [1]}))).unwrap_err().code(), "INVALID_VALUE");
+    }
+
+    #[test]
+    fn retired_meters_refuse() {
+        let def = meter(json!({"meterName": "t", "phase": "Retired", "measurement": {"aggregation": "COUNT"}}));
+        let m = CompiledMeter::compile("m", &def, &[]).unwrap();
+        assert_eq!(m.sample(&event(Value::Null)).unwrap_err(), Unmeterable::MeterRetired);
+    }
+}

@@ -1,0 +1,234 @@
+//! CloudEvents 1.0 usage events and their structural validation.
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// A structurally valid CloudEvent. `time` is always set: events that arrive
+/// without one get their receipt time.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CloudEvent {
+    pub specversion: String,
+    pub id: String,
+    pub source: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub subject: String,
+    pub time: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub datacontenttype: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dataschema: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<Value>,
+    /// CloudEvents extension attributes, kept verbatim.
+    #[serde(flatten)]
+    pub extensions: Map<String, Value>,
+}
+
+/// One problem with one attribute of one event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldError {
+    pub field: String,
+    pub reason: String,
+}
+
+/// Every problem found in one event, by its index in the request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventError {
+    pub index: usize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    pub errors: Vec<FieldError>,
+}
+
+const REQUIRED_STRINGS: [&str; 5] = ["specversion", "id", "source", "type", "subject"];
+const OPTIONAL_STRINGS: [&str; 2] = ["datacontenttype", "dataschema"];
+
+fn field_error(field: &str, reason: impl Into<String>) -> FieldError {
+    FieldError {
+        field: field.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// Validates one JSON value as a CloudEvent and reports every problem at once.
+///
+/// `received` is used when the event carries no `time`.
+pub fn parse_event(value: Value, received: Timestamp) -> Result<CloudEvent, Vec<FieldError>> {
+    let Value::Object(mut object) = value else {
+        return Err(vec![field_error("", "an event must be a JSON object")]);
+    };
+    let mut errors = Vec::new();
+    let mut take_string = |object: &mut Map<String, Value>, field: &str, required: bool| match object
+        .remove(field)
+    {
+        Some(Value::String(s)) if s.is_empty() && required => {
+            errors.push(field_error(field, "must not be empty"));
+            None
+        }
+        Some(Value::String(s)) => Some(s),
+        Some(Value::Null) | None if !required => None,
+        Some(Value::Null) | None => {
+            errors.push(field_error(field, "is required"));
+            None
+        }
+        Some(other) => {
+            errors.push(field_error(
+                field,
+                format!("must be a string, got {}", json_type(&other)),
+            ));
+            None
+        }
+    };
+    let [specversion, id, source, kind, subject] =
+        REQUIRED_STRINGS.map(|field| take_string(&mut object, field, true));
+    let [datacontenttype, dataschema] =
+        OPTIONAL_STRINGS.map(|field| take_string(&mut object, field, false));
+    let time = take_string(&mut object, "time", false);
+
+    if let Some(v) = &specversion
+        && v != "1.0"
+    {
+        errors.push(field_error("specversion", format!("must be \"1.0\", got {v:?}")));
+    }
+    if let Some(ct) = &datacontenttype
+        && !(ct.starts_with("application/json") || ct.ends_with("+json"))
+    {
+        errors.push(field_error(
+            "datacontenttype",
+            format!("must be a JSON media type, got {ct:?}"),
+        ));
+    }
+    let time = match time {
+        None => Some(received),
+        Some(t) => match t.parse::<Timestamp>() {
+            Ok(t) => Some(t),
+            Err(e) => {
+                errors.push(field_error("time", format!("not an RFC 3339 timestamp: {e}")));
+                None
+            }
+        },
+    };
+    let data = match object.remove("data") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(map)) => Some(Value::Object(map)),
+        Some(other) => {
+            errors.push(field_error(
+                "data",
+                format!("must be a JSON object, got {}", json_type(&other)),
+            ));
+            None
+        }
+    };
+    if object.contains_key("data_base64") {
+        errors.push(field_error("data_base64", "binary data is not supported for usage events"));
+    }
+    for key in object.keys() {
+        if !is_valid_extension_name(key) {
+            errors.push(field_error(
+                key,
+                "extension attribute names must be 1-20 lower-case letters or digits",
+            ));
+        }
+    }
+    match (specversion, id, source, kind, subject, time) {
+        (Some(specversion), Some(id), Some(source), Some(kind), Some(subject), Some(time))
+            if errors.is_empty() =>
+        {
+            Ok(CloudEvent {
+                specversion,
+                id,
+                source,
+                kind,
+                subject,
+                time,
+                datacontenttype,
+                dataschema,
+                data,
+                extensions: object,
+            })
+        }
+        _ => Err(errors),
+    }
+}
+
+fn is_valid_extension_name(name: &str) -> bool {
+    // CloudEvents 1.0 says SHOULD be at most 20 characters; we accept longer
+    // names but keep the character rule, which is a MUST.
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+/// The JSON type name of a value, for error messages.
+pub fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn now() -> Timestamp {
+        "2026-01-01T00:00:00Z".parse().unwrap()
+    }
+
+    #[test]
+    fn accepts_a_minimal_event_and_defaults_time() {
+        let e = parse_event(
+            json!({"specversion":"1.0","id":"1","source":"s","type":"t","subject":"c"}),
+            now(),
+        )
+        .unwrap();
+        assert_eq!(e.time, now());
+        assert_eq!(e.data, None);
+    }
+
+    #[test]
+    fn reports_every_problem() {
+        let errors = parse_event(
+            json!({"specversion":"0.3","id":5,"type":"","time":"yesterday","data":[1]}),
+            now(),
+        )
+        .unwrap_err();
+        let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["id", "source", "type", "subject", "specversion", "time", "data"]
+        );
+    }
+
+    #[test]
+    fn keeps_extensions_and_round_trips() {
+        let e = parse_event(
+            json!({"specversion":"1.0","id":"1","source":"s","type":"t","subject":"c",
+                   "time":"2026-01-01T10:00:00.5+02:00","traceparent":"x","data":{"v":1}}),
+            now(),
+        )
+        .unwrap();
+        assert_eq!(e.extensions["traceparent"], "x");
+        let back: CloudEvent = serde_json::from_value(serde_json::to_value(&e).unwrap()).unwrap();
+        assert_eq!(back, e);
+        assert_eq!(e.time.to_string(), "2026-01-01T08:00:00.5Z");
+    }
+
+    #[test]
+    fn refuses_bad_extension_names() {
+        let errors = parse_event(
+            json!({"specversion":"1.0","id":"1","source":"s","type":"t","subject":"c","Bad-Name":1}),
+            now(),
+        )
+        .unwrap_err();
+        assert_eq!(errors[0].field, "Bad-Name");
+    }
+}

@@ -1,0 +1,15 @@
+//! Tally's data model: usage events (CloudEvents 1.0) and the Kubernetes-style
+//! resources that configure metering (`MeterDefinition`, `MonitoredResourceType`).
+//!
+//! This crate performs no I/O. It parses and validates; it never stores.
+
+pub mod event;
+pub mod meter;
+pub mod resource;
+
+pub use event::{CloudEvent, EventError, FieldError, parse_event};
+pub use meter::{
+    Aggregation, MeterDefinition, MeterEventMapping, MeterMeasurement, MeterPhase,
+    MonitoredResourceType, OpenMeterMeter, ResourceLabel,
+};
+pub use resource::{Kind, Manifest, ObjectMeta, ResourceError};
