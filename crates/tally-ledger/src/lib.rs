@@ -1,14 +1,50 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! The usage ledger's contract.
+//!
+//! [`Ledger`] is what the HTTP server and CLI talk to; the embedded store
+//! (and, later, the cluster backend) implement it. [`Catalog`] holds the
+//! rules for applying resources, so every backend validates the same way.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+mod catalog;
+mod types;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
+pub use catalog::{ApplyPlan, Catalog, MetersByType};
+pub use types::*;
+
+use futures::future::BoxFuture;
+use tally_model::{CloudEvent, Kind, Manifest};
+
+/// A durable, deduplicating usage ledger with meters.
+///
+/// Every method is safe to call concurrently. `ingest` resolves only once
+/// the events are durable.
+pub trait Ledger: Send + Sync + 'static {
+    /// Stores structurally valid events exactly once per (source, id).
+    fn ingest(&self, events: Vec<CloudEvent>) -> BoxFuture<'_, Result<IngestOutcome, LedgerError>>;
+
+    /// Creates or updates a resource; returns it as stored, with status.
+    fn apply(&self, manifest: Manifest) -> BoxFuture<'_, Result<Applied, LedgerError>>;
+
+    /// Deletes a resource.
+    fn delete(&self, kind: Kind, name: String) -> BoxFuture<'_, Result<(), LedgerError>>;
+
+    /// One resource, with status.
+    fn get(&self, kind: Kind, name: String) -> BoxFuture<'_, Result<Manifest, LedgerError>>;
+
+    /// All resources of a kind, by name, with status.
+    fn list(&self, kind: Kind) -> BoxFuture<'_, Result<Vec<Manifest>, LedgerError>>;
+
+    /// Aggregates a meter over windows.
+    fn query(&self, meter: String, query: MeterQuery) -> BoxFuture<'_, Result<QueryResult, LedgerError>>;
+
+    /// Stored events, newest first.
+    fn list_events(&self, filter: EventFilter) -> BoxFuture<'_, Result<EventPage, LedgerError>>;
+
+    /// Quarantined events, newest first.
+    fn list_quarantine(&self, filter: QuarantineFilter) -> BoxFuture<'_, Result<QuarantinePage, LedgerError>>;
+
+    /// Counters for `/metrics`.
+    fn stats(&self) -> LedgerStats;
+
+    /// Whether the ledger can take writes (for `/readyz`).
+    fn ready(&self) -> bool;
 }

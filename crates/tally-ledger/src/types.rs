@@ -1,0 +1,189 @@
+//! Requests and answers of the [`crate::Ledger`].
+
+use std::collections::BTreeMap;
+
+use jiff::Timestamp;
+use jiff::tz::TimeZone;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use tally_meter::WindowSize;
+use tally_model::{CloudEvent, EventError, Manifest, ResourceError};
+
+/// Why the ledger refused a request.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LedgerError {
+    /// The request was understood and is wrong; nothing changed.
+    #[error("{0}")]
+    Invalid(String),
+    /// Some events of an ingest request are unacceptable; nothing was stored.
+    #[error("{} event(s) refused", .0.len())]
+    Rejected(Vec<EventError>),
+    #[error(transparent)]
+    Resource(#[from] ResourceError),
+    #[error("{kind} {name:?} not found")]
+    NotFound { kind: String, name: String },
+    #[error("{0}")]
+    Conflict(String),
+    /// Temporarily unable to answer (e.g. a meter still backfilling).
+    #[error("{message}")]
+    NotReady { message: String, retry_after_seconds: u64 },
+    /// Storage failed; the request may or may not have taken effect only if
+    /// it was a write that the caller retries idempotently.
+    #[error("storage error: {0}")]
+    Storage(String),
+}
+
+impl LedgerError {
+    pub fn not_found(kind: impl ToString, name: impl Into<String>) -> Self {
+        LedgerError::NotFound {
+            kind: kind.to_string(),
+            name: name.into(),
+        }
+    }
+}
+
+/// What happened to an ingest request.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IngestOutcome {
+    /// Events newly stored.
+    pub accepted: u64,
+    /// Events already stored before (same source and id); acknowledged, not stored again.
+    pub duplicates: u64,
+    /// Stored events that some meter cannot measure yet, with the reason.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quarantined: Vec<QuarantineNotice>,
+}
+
+/// One event that was stored but put in quarantine for one meter.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QuarantineNotice {
+    pub index: usize,
+    pub id: String,
+    pub meter: String,
+    pub reason: String,
+    pub message: String,
+}
+
+/// The result of applying a resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApplyAction {
+    Created,
+    Configured,
+    Unchanged,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Applied {
+    pub action: ApplyAction,
+    pub manifest: Manifest,
+}
+
+/// A meter query. `from` inclusive, `to` exclusive, both whole minutes.
+#[derive(Debug, Clone)]
+pub struct MeterQuery {
+    pub from: Timestamp,
+    pub to: Timestamp,
+    pub window_size: Option<WindowSize>,
+    pub time_zone: TimeZone,
+    /// Only these subjects (all when empty). Rows are per subject when set.
+    pub subjects: Vec<String>,
+    /// Dimensions to group by; `subject` groups by subject.
+    pub group_by: Vec<String>,
+    /// Only rows whose dimension equals the value.
+    pub filter_group_by: BTreeMap<String, String>,
+    pub limit: Option<usize>,
+    pub cursor: Option<String>,
+}
+
+/// One row of a meter query.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QueryRow {
+    pub window_start: Timestamp,
+    pub window_end: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    #[serde(default)]
+    pub group_by: BTreeMap<String, Option<String>>,
+    pub value: Decimal,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QueryResult {
+    pub rows: Vec<QueryRow>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// Filters for listing stored events.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    /// Event time, inclusive.
+    pub from: Option<Timestamp>,
+    /// Event time, exclusive.
+    pub to: Option<Timestamp>,
+    pub event_type: Option<String>,
+    pub subject: Option<String>,
+    pub source: Option<String>,
+    pub id: Option<String>,
+    pub limit: usize,
+    pub cursor: Option<String>,
+}
+
+/// An event as the ledger keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredEvent {
+    pub seq: u64,
+    pub ingested_at: Timestamp,
+    pub event: CloudEvent,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventPage {
+    pub items: Vec<StoredEvent>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct QuarantineFilter {
+    pub meter: Option<String>,
+    pub limit: usize,
+    pub cursor: Option<String>,
+}
+
+/// A stored event that a meter cannot measure, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QuarantinedEvent {
+    pub meter: String,
+    pub reason: String,
+    pub message: String,
+    pub event: StoredEvent,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QuarantinePage {
+    pub items: Vec<QuarantinedEvent>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// Counters a ledger exports on `/metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LedgerStats {
+    pub events_accepted_total: u64,
+    pub events_duplicate_total: u64,
+    pub events_quarantined_total: u64,
+    pub group_commits_total: u64,
+    pub disk_bytes: u64,
+    pub kinds: BTreeMap<String, u64>,
+}
+

@@ -1,0 +1,54 @@
+//! `tally serve` configuration: a YAML file, overridden by flags.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything `tally serve` needs. Every field has a default, so an empty
+/// config file is valid.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct ServeConfig {
+    /// Where the embedded store keeps its files.
+    pub data_dir: PathBuf,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// When set, every API call except `/healthz` and `/readyz` must send
+    /// `Authorization: Bearer <token>`. Never logged.
+    #[serde(skip_serializing)]
+    pub token: Option<String>,
+    /// Largest accepted request body, in bytes, after decompression.
+    pub max_body_bytes: usize,
+    /// How long (source, id) pairs are remembered for deduplication, in days.
+    pub dedupe_horizon_days: u32,
+    /// How old an event's time may be when it arrives, in days. Defaults to
+    /// the dedupe horizon, so that every accepted event is still deduplicated.
+    pub max_lateness_days: Option<u32>,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        ServeConfig {
+            data_dir: PathBuf::from("./tally-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            token: None,
+            max_body_bytes: 16 * 1024 * 1024,
+            dedupe_horizon_days: 32,
+            max_lateness_days: None,
+        }
+    }
+}
+
+impl ServeConfig {
+    /// Reads a YAML config file.
+    pub fn from_file(path: &std::path::Path) -> anyhow::Result<ServeConfig> {
+        use anyhow::Context;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        if text.trim().is_empty() {
+            return Ok(ServeConfig::default());
+        }
+        serde_norway::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+    }
+}
