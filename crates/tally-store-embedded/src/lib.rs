@@ -1,14 +1,314 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
+//! The embedded usage ledger.
+//!
+//! One fjall database holds the event log, the exact dedupe index, the
+//! per-meter rollups, the quarantine and the catalog. One writer thread
+//! ([`writer`]) changes them, in atomic batches that are fsync'd before any
+//! request is answered, so the log, the dedupe index and the rollups never
+//! disagree, even after `kill -9`. Reads run concurrently on snapshots of the
+//! committed state.
+
+mod keys;
+mod read;
+mod writer;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions};
+use futures::future::BoxFuture;
+use jiff::{SignedDuration, Timestamp};
+use serde_json::json;
+use tally_ledger::{
+    Applied, Catalog, EventFilter, EventPage, IngestOutcome, Ledger, LedgerError, LedgerStats,
+    MeterQuery, QuarantineFilter, QuarantinePage, QueryResult,
+};
+use tally_model::{CloudEvent, EventError, FieldError, Kind, Manifest};
+use tokio::sync::{mpsc, oneshot};
+
+use keys::MeterState;
+use writer::{Command, Writer};
+
+/// Storage-level failures.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("fjall: {0}")]
+    Fjall(#[from] fjall::Error),
+    #[error("corrupt store: {0}")]
+    Corrupt(&'static str),
+    #[error("encoding: {0}")]
+    Encode(String),
+    #[error("decoding: {0}")]
+    Decode(String),
+    #[error("{0} longer than {1} bytes")]
+    TooLong(&'static str, usize),
+    #[error(transparent)]
+    State(tally_meter::StateError),
+    #[error("{0}")]
+    Ledger(#[from] LedgerError),
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Settings of the embedded store.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub data_dir: PathBuf,
+    /// How long (source, id) pairs are remembered.
+    pub dedupe_horizon: SignedDuration,
+    /// Events older than this when they arrive are refused.
+    pub max_lateness: SignedDuration,
+}
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
+impl StoreConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> StoreConfig {
+        StoreConfig {
+            data_dir: data_dir.into(),
+            dedupe_horizon: SignedDuration::from_hours(32 * 24),
+            max_lateness: SignedDuration::from_hours(32 * 24),
+        }
+    }
+}
+
+pub(crate) struct Keyspaces {
+    pub events: Keyspace,
+    pub dedupe: Keyspace,
+    pub rollups: Keyspace,
+    pub quarantine: Keyspace,
+    pub catalog: Keyspace,
+    pub meta: Keyspace,
+}
+
+#[derive(Default)]
+pub(crate) struct Stats {
+    pub accepted: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub quarantined: AtomicU64,
+    pub group_commits: AtomicU64,
+}
+
+/// What readers need to know about the catalog; changed only by the writer.
+pub(crate) struct ReadState {
+    pub catalog: Catalog,
+    pub meters: HashMap<String, MeterState>,
+}
+
+pub(crate) struct Shared {
+    pub db: Database,
+    pub keyspaces: Keyspaces,
+    state: RwLock<ReadState>,
+    pub stats: Stats,
+    pub writer_alive: AtomicBool,
+}
+
+impl Shared {
+    pub fn read_state(&self) -> RwLockReadGuard<'_, ReadState> {
+        self.state.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn write_state(&self) -> RwLockWriteGuard<'_, ReadState> {
+        self.state.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A manifest with its `status` filled in.
+    pub fn with_status(&self, mut manifest: Manifest) -> Manifest {
+        if manifest.kind == Kind::MeterDefinition.as_str() {
+            let state = self.read_state().meters.get(&manifest.metadata.name).copied();
+            let (status, reason, message) = match state {
+                Some(s) if s.ready() => ("True", "Measuring", "rollups are up to date with the log".to_owned()),
+                Some(s) => (
+                    "False",
+                    "Backfilling",
+                    format!("reading the log: {} of {} events", s.backfilled_to, s.backfill_until),
+                ),
+                None => ("Unknown", "Pending", "not yet built".to_owned()),
+            };
+            manifest.status = Some(json!({
+                "conditions": [{"type": "Ready", "status": status, "reason": reason, "message": message}]
+            }));
+        }
+        manifest
+    }
+}
+
+/// The embedded ledger. Cheap to clone; all clones share one writer.
+#[derive(Clone)]
+pub struct EmbeddedLedger {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Command>,
+    config: Arc<StoreConfig>,
+}
+
+fn open_keyspace(db: &Database, name: &str) -> Result<Keyspace, StoreError> {
+    Ok(db.keyspace(name, KeyspaceCreateOptions::default)?)
+}
+
+impl EmbeddedLedger {
+    /// Opens (or creates) the store in `config.data_dir`, recovers it, and
+    /// starts its writer thread.
+    pub fn open(config: StoreConfig) -> Result<EmbeddedLedger, StoreError> {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| StoreError::Encode(format!("creating {}: {e}", config.data_dir.display())))?;
+        let db = Database::builder(config.data_dir.join("fjall")).open()?;
+        let keyspaces = Keyspaces {
+            events: open_keyspace(&db, "events")?,
+            dedupe: open_keyspace(&db, "dedupe")?,
+            rollups: open_keyspace(&db, "rollups")?,
+            quarantine: open_keyspace(&db, "quarantine")?,
+            catalog: open_keyspace(&db, "catalog")?,
+            meta: open_keyspace(&db, "meta")?,
+        };
+        let mut manifests = Vec::new();
+        for item in keyspaces.catalog.iter() {
+            let value = item.value()?;
+            manifests.push(serde_json::from_slice::<Manifest>(&value).map_err(|e| StoreError::Decode(e.to_string()))?);
+        }
+        let catalog = Catalog::load(manifests)?;
+        let mut meters = HashMap::new();
+        for (name, _) in catalog.meters() {
+            if let Some(raw) = keyspaces.meta.get(keys::meter_state_key(name))? {
+                let state: MeterState = serde_json::from_slice(&raw).map_err(|e| StoreError::Decode(e.to_string()))?;
+                meters.insert(name.to_owned(), state);
+            }
+        }
+        let next_seq = match keyspaces.events.last_key_value() {
+            Some(item) => keys::read_u64(&item.key()?)? + 1,
+            None => 0,
+        };
+        let shared = Arc::new(Shared {
+            db,
+            keyspaces,
+            state: RwLock::new(ReadState { catalog, meters }),
+            stats: Stats::default(),
+            writer_alive: AtomicBool::new(true),
+        });
+        let (tx, rx) = mpsc::channel(1024);
+        let writer = Writer::new(Arc::clone(&shared), rx, next_seq, config.dedupe_horizon.as_secs());
+        let alive = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name("tally-writer".into())
+            .spawn(move || {
+                writer.run();
+                alive.writer_alive.store(false, Ordering::SeqCst);
+            })
+            .map_err(|e| StoreError::Encode(format!("starting the writer thread: {e}")))?;
+        Ok(EmbeddedLedger { shared, tx, config: Arc::new(config) })
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.config.data_dir
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, LedgerError>>) -> Command) -> Result<T, LedgerError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| LedgerError::Storage("the writer has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| LedgerError::Storage("the writer stopped before answering".into()))?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Shared) -> Result<T, LedgerError> + Send + 'static,
+    ) -> Result<T, LedgerError> {
+        let shared = Arc::clone(&self.shared);
+        tokio::task::spawn_blocking(move || f(&shared))
+            .await
+            .map_err(|e| LedgerError::Storage(format!("read task failed: {e}")))?
+    }
+
+    /// Refuses the whole request if any event is older than the allowed lateness.
+    fn check_lateness(&self, events: &[CloudEvent]) -> Result<(), LedgerError> {
+        let oldest = Timestamp::now() - self.config.max_lateness;
+        let late: Vec<EventError> = events
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.time < oldest)
+            .map(|(index, e)| EventError {
+                index,
+                id: Some(e.id.clone()),
+                errors: vec![FieldError {
+                    field: "time".into(),
+                    reason: format!(
+                        "{} is older than the allowed lateness of {} (events before {} are refused)",
+                        e.time,
+                        self.config.max_lateness,
+                        oldest.round(jiff::Unit::Second).unwrap_or(oldest)
+                    ),
+                }],
+            })
+            .collect();
+        if late.is_empty() { Ok(()) } else { Err(LedgerError::Rejected(late)) }
+    }
+}
+
+impl Ledger for EmbeddedLedger {
+    fn ingest(&self, events: Vec<CloudEvent>) -> BoxFuture<'_, Result<IngestOutcome, LedgerError>> {
+        Box::pin(async move {
+            if events.is_empty() {
+                return Ok(IngestOutcome::default());
+            }
+            self.check_lateness(&events)?;
+            self.call(move |reply| Command::Ingest { events, reply }).await
+        })
+    }
+
+    fn apply(&self, manifest: Manifest) -> BoxFuture<'_, Result<Applied, LedgerError>> {
+        Box::pin(self.call(move |reply| Command::Apply { manifest, reply }))
+    }
+
+    fn delete(&self, kind: Kind, name: String) -> BoxFuture<'_, Result<(), LedgerError>> {
+        Box::pin(self.call(move |reply| Command::Delete { kind, name, reply }))
+    }
+
+    fn get(&self, kind: Kind, name: String) -> BoxFuture<'_, Result<Manifest, LedgerError>> {
+        Box::pin(async move {
+            let manifest = self.shared.read_state().catalog.get(kind, &name).cloned();
+            manifest
+                .map(|m| self.shared.with_status(m))
+                .ok_or_else(|| LedgerError::not_found(kind, name))
+        })
+    }
+
+    fn list(&self, kind: Kind) -> BoxFuture<'_, Result<Vec<Manifest>, LedgerError>> {
+        Box::pin(async move {
+            let manifests: Vec<Manifest> = self.shared.read_state().catalog.list(kind).cloned().collect();
+            Ok(manifests.into_iter().map(|m| self.shared.with_status(m)).collect())
+        })
+    }
+
+    fn query(&self, meter: String, query: MeterQuery) -> BoxFuture<'_, Result<QueryResult, LedgerError>> {
+        Box::pin(self.read(move |shared| read::query(shared, &meter, &query)))
+    }
+
+    fn list_events(&self, filter: EventFilter) -> BoxFuture<'_, Result<EventPage, LedgerError>> {
+        Box::pin(self.read(move |shared| read::list_events(shared, &filter)))
+    }
+
+    fn list_quarantine(&self, filter: QuarantineFilter) -> BoxFuture<'_, Result<QuarantinePage, LedgerError>> {
+        Box::pin(self.read(move |shared| read::list_quarantine(shared, &filter)))
+    }
+
+    fn stats(&self) -> LedgerStats {
+        let s = &self.shared.stats;
+        let state = self.shared.read_state();
+        LedgerStats {
+            events_accepted_total: s.accepted.load(Ordering::Relaxed),
+            events_duplicate_total: s.duplicates.load(Ordering::Relaxed),
+            events_quarantined_total: s.quarantined.load(Ordering::Relaxed),
+            group_commits_total: s.group_commits.load(Ordering::Relaxed),
+            disk_bytes: self.shared.db.disk_space().unwrap_or(0),
+            kinds: Kind::ALL
+                .into_iter()
+                .map(|k| (k.as_str().to_owned(), state.catalog.list(k).count() as u64))
+                .collect(),
+        }
+    }
+
+    fn ready(&self) -> bool {
+        self.shared.writer_alive.load(Ordering::SeqCst) && !self.tx.is_closed()
     }
 }

@@ -1,0 +1,278 @@
+//! Queries over committed state. Each runs on one snapshot, so a query never
+//! sees half of a group commit.
+
+use std::collections::HashMap;
+
+use fjall::Readable;
+use tally_ledger::{
+    EventFilter, EventPage, LedgerError, MeterQuery, QuarantineFilter, QuarantinePage,
+    QuarantinedEvent, QueryResult, QueryRow, StoredEvent,
+};
+use tally_meter::{AggState, Level, QueryPlan, window};
+
+use crate::keys::{self, QuarantineEntry};
+use crate::{Shared, StoreError};
+
+/// Most rows or items one page may hold.
+pub const MAX_PAGE: usize = 10_000;
+
+fn storage(e: impl std::fmt::Display) -> LedgerError {
+    LedgerError::Storage(e.to_string())
+}
+
+impl From<StoreError> for LedgerError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Ledger(e) => e,
+            other => LedgerError::Storage(other.to_string()),
+        }
+    }
+}
+
+type GroupKey = (u32, Option<String>, Vec<Option<String>>);
+
+pub fn query(shared: &Shared, meter_name: &str, q: &MeterQuery) -> Result<QueryResult, LedgerError> {
+    let (meter, state) = {
+        let read = shared.read_state();
+        let meter = match read.catalog.compile(meter_name) {
+            None => return Err(LedgerError::not_found("meter", meter_name)),
+            Some(Err(e)) => return Err(LedgerError::Conflict(format!("meter {meter_name:?} cannot be compiled: {e}"))),
+            Some(Ok(m)) => m,
+        };
+        let state = read.meters.get(meter_name).copied().ok_or_else(|| LedgerError::NotReady {
+            message: format!("meter {meter_name:?} is being built"),
+            retry_after_seconds: 1,
+        })?;
+        (meter, state)
+    };
+    if !state.ready() {
+        return Err(LedgerError::NotReady {
+            message: format!(
+                "meter {meter_name:?} is backfilling from the log ({} of {} events read)",
+                state.backfilled_to, state.backfill_until
+            ),
+            retry_after_seconds: 2,
+        });
+    }
+    let dimensions: Vec<&str> = meter.dimensions().collect();
+    let position = |name: &str| {
+        dimensions.iter().position(|d| *d == name).ok_or_else(|| {
+            LedgerError::Invalid(format!(
+                "meter {meter_name:?} has no dimension {name:?}; it has: subject{}",
+                dimensions.iter().map(|d| format!(", {d}")).collect::<String>()
+            ))
+        })
+    };
+    let mut group_names: Vec<&str> = Vec::new();
+    for g in &q.group_by {
+        if g != "subject" && !group_names.contains(&g.as_str()) {
+            position(g)?;
+            group_names.push(g);
+        }
+    }
+    let group_positions: Vec<usize> = group_names.iter().map(|g| position(g)).collect::<Result<_, _>>()?;
+    let filters: Vec<(usize, &str)> = q
+        .filter_group_by
+        .iter()
+        .map(|(k, v)| position(k).map(|p| (p, v.as_str())))
+        .collect::<Result<_, _>>()?;
+    let by_subject = !q.subjects.is_empty() || q.group_by.iter().any(|g| g == "subject");
+    let windows = window::windows(q.from, q.to, q.window_size, &q.time_zone)
+        .map_err(|e| LedgerError::Invalid(e.to_string()))?;
+    let plan = QueryPlan::new(windows, q.from, q.to).map_err(|e| LedgerError::Invalid(e.to_string()))?;
+
+    let snapshot = shared.db.snapshot();
+    let rollups = &shared.keyspaces.rollups;
+    let mut acc: HashMap<GroupKey, AggState> = HashMap::new();
+    let mut fold = |key: &[u8], value: &[u8], level: Level| -> Result<(), LedgerError> {
+        let k = keys::decode_rollup_key(key, dimensions.len())?;
+        let Some(window) = plan.window_of(level, k.bucket) else { return Ok(()) };
+        if filters.iter().any(|(p, v)| k.groups[*p] != Some(*v)) {
+            return Ok(());
+        }
+        let state = AggState::decode(value).map_err(storage)?;
+        let group = (
+            window as u32,
+            by_subject.then(|| k.subject.to_owned()),
+            group_positions.iter().map(|p| k.groups[*p].map(str::to_owned)).collect(),
+        );
+        match acc.get_mut(&group) {
+            Some(existing) => existing.merge(&state).map_err(storage)?,
+            None => {
+                acc.insert(group, state);
+            }
+        }
+        Ok(())
+    };
+    for level in Level::ALL {
+        let Some((lo, hi)) = plan.range(level) else { continue };
+        if q.subjects.is_empty() {
+            for item in snapshot.prefix(rollups, keys::rollup_level_prefix(state.generation, level)) {
+                let (key, value) = item.into_inner().map_err(storage)?;
+                fold(&key, &value, level)?;
+            }
+        } else {
+            for subject in &q.subjects {
+                let prefix = keys::rollup_subject_prefix(state.generation, level, subject)?;
+                let start = keys::rollup_bucket_prefix(prefix.clone(), lo);
+                let end = keys::rollup_bucket_prefix(prefix, hi.saturating_add(1));
+                for item in snapshot.range(rollups, start..end) {
+                    let (key, value) = item.into_inner().map_err(storage)?;
+                    fold(&key, &value, level)?;
+                }
+            }
+        }
+    }
+
+    let mut rows: Vec<(GroupKey, QueryRow)> = acc
+        .into_iter()
+        .map(|(key, state)| {
+            let w = plan.windows[key.0 as usize];
+            let row = QueryRow {
+                window_start: w.start,
+                window_end: w.end,
+                subject: key.1.clone(),
+                group_by: group_names
+                    .iter()
+                    .zip(&key.2)
+                    .map(|(name, value)| ((*name).to_owned(), value.clone()))
+                    .collect(),
+                value: state.result(),
+            };
+            (key, row)
+        })
+        .collect();
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    let after: Option<GroupKey> = q.cursor.as_deref().map(decode_cursor).transpose()?;
+    let mut page: Vec<(GroupKey, QueryRow)> = rows
+        .into_iter()
+        .filter(|(key, _)| after.as_ref().is_none_or(|a| key > a))
+        .collect();
+    let limit = q.limit.unwrap_or(usize::MAX);
+    let next_cursor = if page.len() > limit {
+        page.truncate(limit);
+        page.last().map(|(key, _)| encode_cursor(key))
+    } else {
+        None
+    };
+    Ok(QueryResult {
+        rows: page.into_iter().map(|(_, row)| row).collect(),
+        next_cursor,
+    })
+}
+
+fn encode_cursor(key: &GroupKey) -> String {
+    let json = serde_json::to_vec(key).unwrap_or_default();
+    json.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_cursor(cursor: &str) -> Result<GroupKey, LedgerError> {
+    let bad = || LedgerError::Invalid(format!("cursor {cursor:?} is not one this server issued"));
+    if cursor.len() % 2 != 0 {
+        return Err(bad());
+    }
+    let bytes = (0..cursor.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(cursor.get(i..i + 2).unwrap_or("zz"), 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .map_err(|_| bad())?;
+    serde_json::from_slice(&bytes).map_err(|_| bad())
+}
+
+fn page_limit(limit: usize) -> usize {
+    if limit == 0 { 100 } else { limit.min(MAX_PAGE) }
+}
+
+pub fn list_events(shared: &Shared, f: &EventFilter) -> Result<EventPage, LedgerError> {
+    let limit = page_limit(f.limit);
+    let events = &shared.keyspaces.events;
+    let snapshot = shared.db.snapshot();
+    let end = match &f.cursor {
+        Some(c) => c
+            .parse::<u64>()
+            .map_err(|_| LedgerError::Invalid(format!("cursor {c:?} is not one this server issued")))?,
+        None => u64::MAX,
+    };
+    let matches = |e: &tally_model::CloudEvent| {
+        f.from.is_none_or(|from| e.time >= from)
+            && f.to.is_none_or(|to| e.time < to)
+            && f.event_type.as_ref().is_none_or(|t| *t == e.kind)
+            && f.subject.as_ref().is_none_or(|s| *s == e.subject)
+            && f.source.as_ref().is_none_or(|s| *s == e.source)
+            && f.id.as_ref().is_none_or(|i| *i == e.id)
+    };
+    let mut items = Vec::new();
+    let mut next_cursor = None;
+    // With both source and id the dedupe index finds the event directly.
+    if let (Some(source), Some(id)) = (&f.source, &f.id) {
+        if let Some(d) = snapshot.get(&shared.keyspaces.dedupe, keys::dedupe_key(source, id)).map_err(storage)? {
+            let (seq, _) = keys::decode_dedupe(&d)?;
+            if seq < end
+                && let Some(raw) = snapshot.get(events, keys::seq_key(seq)).map_err(storage)?
+            {
+                let (ingested_at, event) = keys::decode_event(&raw)?;
+                if matches(&event) {
+                    items.push(StoredEvent { seq, ingested_at, event });
+                }
+            }
+        }
+        return Ok(EventPage { items, next_cursor });
+    }
+    for item in snapshot.range(events, ..keys::seq_key(end)).rev() {
+        let (key, value) = item.into_inner().map_err(storage)?;
+        let seq = keys::read_u64(&key)?;
+        if f.event_type.as_ref().is_some_and(|t| keys::event_type_of(&value).is_ok_and(|v| v != t)) {
+            continue;
+        }
+        let (ingested_at, event) = keys::decode_event(&value)?;
+        if !matches(&event) {
+            continue;
+        }
+        if items.len() == limit {
+            next_cursor = items.last().map(|e: &StoredEvent| e.seq.to_string());
+            break;
+        }
+        items.push(StoredEvent { seq, ingested_at, event });
+    }
+    Ok(EventPage { items, next_cursor })
+}
+
+pub fn list_quarantine(shared: &Shared, f: &QuarantineFilter) -> Result<QuarantinePage, LedgerError> {
+    let limit = page_limit(f.limit);
+    let ks = &shared.keyspaces;
+    let snapshot = shared.db.snapshot();
+    let start: Vec<u8> = match &f.cursor {
+        Some(c) => {
+            let (meter, seq) = c
+                .rsplit_once(':')
+                .and_then(|(m, s)| Some((m, s.parse::<u64>().ok()?)))
+                .ok_or_else(|| LedgerError::Invalid(format!("cursor {c:?} is not one this server issued")))?;
+            keys::quarantine_key(meter, seq.saturating_add(1))?
+        }
+        None => f.meter.as_deref().map(keys::quarantine_prefix).transpose()?.unwrap_or_default(),
+    };
+    let prefix = f.meter.as_deref().map(keys::quarantine_prefix).transpose()?;
+    let mut items = Vec::new();
+    let mut next_cursor = None;
+    for item in snapshot.range(&ks.quarantine, start..) {
+        let (key, value) = item.into_inner().map_err(storage)?;
+        if prefix.as_ref().is_some_and(|p| !key.starts_with(p)) {
+            break;
+        }
+        let (meter, seq) = keys::decode_quarantine_key(&key)?;
+        if items.len() == limit {
+            next_cursor = items.last().map(|q: &QuarantinedEvent| format!("{}:{}", q.meter, q.event.seq));
+            break;
+        }
+        let entry: QuarantineEntry = serde_json::from_slice(&value).map_err(storage)?;
+        let Some(raw) = snapshot.get(&ks.events, keys::seq_key(seq)).map_err(storage)? else { continue };
+        let (ingested_at, event) = keys::decode_event(&raw)?;
+        items.push(QuarantinedEvent {
+            meter: meter.to_owned(),
+            reason: entry.reason,
+            message: entry.message,
+            event: StoredEvent { seq, ingested_at, event },
+        });
+    }
+    Ok(QuarantinePage { items, next_cursor })
+}

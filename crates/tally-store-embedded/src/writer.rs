@@ -1,0 +1,565 @@
+//! The single writer. Every change to the store goes through this thread, so
+//! dedupe decisions, rollup read-modify-writes and catalog changes are
+//! serialised without locks on the data itself.
+//!
+//! Ingest requests that queue up while a commit is in flight are taken
+//! together as one *group*: one fjall batch, one fsync, then every request
+//! in the group is answered.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use fjall::PersistMode;
+use jiff::Timestamp;
+use tally_ledger::{
+    ApplyAction, Applied, IngestOutcome, LedgerError, MetersByType, QuarantineNotice,
+};
+use tally_meter::{AggState, CompiledMeter, Level};
+use tally_model::{CloudEvent, Kind, Manifest};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use crate::keys::{self, MeterState, QuarantineEntry};
+use crate::{Shared, StoreError};
+
+/// Most events taken into one group commit.
+const MAX_GROUP_EVENTS: usize = 64 * 1024;
+/// Events read per backfill step; ingest requests run between steps.
+const BACKFILL_CHUNK: usize = 50_000;
+/// Dedupe entries examined per pruning step.
+const PRUNE_CHUNK: usize = 50_000;
+/// Keys removed per garbage-collection step.
+const GARBAGE_CHUNK: usize = 50_000;
+
+pub(crate) enum Command {
+    Ingest {
+        events: Vec<CloudEvent>,
+        reply: oneshot::Sender<Result<IngestOutcome, LedgerError>>,
+    },
+    Apply {
+        manifest: Manifest,
+        reply: oneshot::Sender<Result<Applied, LedgerError>>,
+    },
+    Delete {
+        kind: Kind,
+        name: String,
+        reply: oneshot::Sender<Result<(), LedgerError>>,
+    },
+}
+
+pub(crate) struct Writer {
+    shared: Arc<Shared>,
+    rx: mpsc::Receiver<Command>,
+    next_seq: u64,
+    meters: MetersByType,
+    horizon_seconds: i64,
+    prune_cursor: Option<Vec<u8>>,
+    last_prune: Timestamp,
+}
+
+/// Rollup deltas of one batch, merged before touching the store.
+#[derive(Default)]
+struct Deltas(HashMap<Vec<u8>, AggState>);
+
+impl Deltas {
+    fn add(&mut self, key: Vec<u8>, state: AggState) -> Result<(), StoreError> {
+        match self.0.get_mut(&key) {
+            Some(existing) => existing.merge(&state).map_err(StoreError::State),
+            None => {
+                self.0.insert(key, state);
+                Ok(())
+            }
+        }
+    }
+}
+
+fn storage(e: impl std::fmt::Display) -> LedgerError {
+    LedgerError::Storage(e.to_string())
+}
+
+impl Writer {
+    pub(crate) fn new(shared: Arc<Shared>, rx: mpsc::Receiver<Command>, next_seq: u64, horizon_seconds: i64) -> Writer {
+        let meters = shared.read_state().catalog.meters_by_type();
+        Writer {
+            shared,
+            rx,
+            next_seq,
+            meters,
+            horizon_seconds,
+            prune_cursor: None,
+            last_prune: Timestamp::UNIX_EPOCH,
+        }
+    }
+
+    pub(crate) fn run(mut self) {
+        let mut held: Option<Command> = None;
+        loop {
+            let command = match held.take() {
+                Some(c) => c,
+                None => match self.rx.try_recv() {
+                    Ok(c) => c,
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        match self.background_step() {
+                            Ok(true) => continue,
+                            Ok(false) => {}
+                            Err(e) => warn!(error = %e, "background maintenance step failed"),
+                        }
+                        match self.rx.blocking_recv() {
+                            Some(c) => c,
+                            None => break,
+                        }
+                    }
+                },
+            };
+            match command {
+                Command::Ingest { events, reply } => {
+                    let mut group = vec![(events, reply)];
+                    let mut size = group[0].0.len();
+                    while size < MAX_GROUP_EVENTS {
+                        match self.rx.try_recv() {
+                            Ok(Command::Ingest { events, reply }) => {
+                                size += events.len();
+                                group.push((events, reply));
+                            }
+                            Ok(other) => {
+                                held = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.ingest_group(group);
+                }
+                Command::Apply { manifest, reply } => {
+                    let _ = reply.send(self.apply(manifest));
+                }
+                Command::Delete { kind, name, reply } => {
+                    let _ = reply.send(self.delete(kind, &name));
+                }
+            }
+        }
+        if let Err(e) = self.shared.db.persist(PersistMode::SyncAll) {
+            warn!(error = %e, "final persist failed");
+        }
+    }
+
+    // ---- ingest -----------------------------------------------------------
+
+    fn ingest_group(&mut self, group: Vec<(Vec<CloudEvent>, oneshot::Sender<Result<IngestOutcome, LedgerError>>)>) {
+        let start_seq = self.next_seq;
+        let (results, replies): (Vec<_>, Vec<_>) = match self.write_group(&group) {
+            Ok(outcomes) => (outcomes.into_iter().map(Ok).collect(), group.into_iter().map(|(_, r)| r).collect()),
+            Err(e) => {
+                self.next_seq = start_seq;
+                warn!(error = %e, "group commit failed; requests answered with an error");
+                let err = storage(e);
+                (group.iter().map(|_| Err(err.clone())).collect(), group.into_iter().map(|(_, r)| r).collect())
+            }
+        };
+        for (result, reply) in results.into_iter().zip(replies) {
+            let _ = reply.send(result);
+        }
+    }
+
+    fn write_group(
+        &mut self,
+        group: &[(Vec<CloudEvent>, oneshot::Sender<Result<IngestOutcome, LedgerError>>)],
+    ) -> Result<Vec<IngestOutcome>, StoreError> {
+        let shared = Arc::clone(&self.shared);
+        let ks = &shared.keyspaces;
+        let now = Timestamp::now();
+        let mut batch = shared.db.batch().durability(Some(PersistMode::SyncAll));
+        let mut deltas = Deltas::default();
+        let mut seen: HashSet<Vec<u8>> = HashSet::new();
+        let mut outcomes = Vec::with_capacity(group.len());
+        let generations = self.generations();
+        for (events, _) in group {
+            let mut outcome = IngestOutcome::default();
+            for (index, event) in events.iter().enumerate() {
+                let dkey = keys::dedupe_key(&event.source, &event.id);
+                if seen.contains(&dkey) || self.is_duplicate(&dkey, now)? {
+                    outcome.duplicates += 1;
+                    continue;
+                }
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                let expires = now.as_second().max(event.time.as_second()) + self.horizon_seconds;
+                batch.insert(&ks.events, keys::seq_key(seq), keys::encode_event(now, event)?);
+                batch.insert(&ks.dedupe, dkey.clone(), keys::dedupe_value(seq, expires));
+                seen.insert(dkey);
+                outcome.accepted += 1;
+                match self.meters.get(&event.kind) {
+                    None => {
+                        let entry = QuarantineEntry {
+                            reason: "UNKNOWN_METER".into(),
+                            message: format!("no meter reads events of type {:?}", event.kind),
+                            event_type: event.kind.clone(),
+                        };
+                        batch.insert(&ks.quarantine, keys::quarantine_key("", seq)?, json(&entry)?);
+                        outcome.quarantined.push(notice(index, event, "", &entry));
+                    }
+                    Some(meters) => {
+                        for meter in meters {
+                            let Some(generation) = generations.get(meter.key.as_str()) else { continue };
+                            if let Some(entry) = measure(meter, *generation, event, seq, &mut deltas)? {
+                                batch.insert(&ks.quarantine, keys::quarantine_key(&meter.key, seq)?, json(&entry)?);
+                                outcome.quarantined.push(notice(index, event, &meter.key, &entry));
+                            }
+                        }
+                    }
+                }
+            }
+            outcomes.push(outcome);
+        }
+        self.merge_deltas(&mut batch, deltas)?;
+        batch.commit()?;
+        let stats = &shared.stats;
+        let mut counters = (0, 0, 0);
+        for o in &outcomes {
+            counters.0 += o.accepted;
+            counters.1 += o.duplicates;
+            counters.2 += o.quarantined.len() as u64;
+        }
+        stats.accepted.fetch_add(counters.0, Ordering::Relaxed);
+        stats.duplicates.fetch_add(counters.1, Ordering::Relaxed);
+        stats.quarantined.fetch_add(counters.2, Ordering::Relaxed);
+        stats.group_commits.fetch_add(1, Ordering::Relaxed);
+        Ok(outcomes)
+    }
+
+    fn is_duplicate(&self, dkey: &[u8], now: Timestamp) -> Result<bool, StoreError> {
+        match self.shared.keyspaces.dedupe.get(dkey)? {
+            Some(value) => Ok(keys::decode_dedupe(&value)?.1 > now.as_second()),
+            None => Ok(false),
+        }
+    }
+
+    fn generations(&self) -> HashMap<String, u64> {
+        self.shared
+            .read_state()
+            .meters
+            .iter()
+            .map(|(name, state)| (name.clone(), state.generation))
+            .collect()
+    }
+
+    fn merge_deltas(&self, batch: &mut fjall::OwnedWriteBatch, deltas: Deltas) -> Result<(), StoreError> {
+        let rollups = &self.shared.keyspaces.rollups;
+        for (key, delta) in deltas.0 {
+            let merged = match rollups.get(&key)? {
+                Some(existing) => {
+                    let mut state = AggState::decode(&existing).map_err(StoreError::State)?;
+                    state.merge(&delta).map_err(StoreError::State)?;
+                    state
+                }
+                None => delta,
+            };
+            batch.insert(rollups, key, merged.to_bytes());
+        }
+        Ok(())
+    }
+
+    // ---- catalog ----------------------------------------------------------
+
+    fn apply(&mut self, manifest: Manifest) -> Result<Applied, LedgerError> {
+        let shared = Arc::clone(&self.shared);
+        let ks = &shared.keyspaces;
+        let plan = shared.read_state().catalog.plan_apply(manifest, Timestamp::now())?;
+        if plan.action == ApplyAction::Unchanged {
+            let manifest = shared.with_status(plan.manifest);
+            return Ok(Applied { action: plan.action, manifest });
+        }
+        let kind = plan.manifest.typed_kind()?;
+        let name = plan.manifest.metadata.name.clone();
+        let mut batch = shared.db.batch().durability(Some(PersistMode::SyncAll));
+        batch.insert(&ks.catalog, keys::catalog_key(kind, &name), json(&plan.manifest).map_err(storage)?);
+        let mut new_state = None;
+        if let Some(meter) = &plan.rebuild_meter {
+            let generation = self.next_generation(&mut batch).map_err(storage)?;
+            let state = MeterState { generation, backfill_until: self.next_seq, backfilled_to: 0 };
+            batch.insert(&ks.meta, keys::meter_state_key(meter), json(&state).map_err(storage)?);
+            if let Some(old) = shared.read_state().meters.get(meter) {
+                batch.insert(&ks.meta, format!("{}{}", keys::GARBAGE_PREFIX, old.generation), []);
+            }
+            self.clear_quarantine(&mut batch, meter).map_err(storage)?;
+            // Events that had no meter before may belong to this one now; the
+            // backfill reads them from the log.
+            let event_type = tally_model::MeterDefinition::from_manifest(&plan.manifest)?
+                .event_type()
+                .to_owned();
+            self.clear_unknown_meter_entries(&mut batch, &event_type).map_err(storage)?;
+            new_state = Some((meter.clone(), state));
+        }
+        batch.commit().map_err(storage)?;
+        {
+            let mut state = shared.write_state();
+            state.catalog.commit(plan.manifest.clone())?;
+            if let Some((meter, meter_state)) = new_state {
+                info!(meter = %meter, generation = meter_state.generation, events = meter_state.backfill_until, "meter (re)built from the log");
+                state.meters.insert(meter, meter_state);
+            }
+            self.meters = state.catalog.meters_by_type();
+        }
+        for meter in &plan.reprocess_meters {
+            self.reprocess_quarantine(meter).map_err(storage)?;
+        }
+        let manifest = shared.with_status(plan.manifest);
+        Ok(Applied { action: plan.action, manifest })
+    }
+
+    fn delete(&mut self, kind: Kind, name: &str) -> Result<(), LedgerError> {
+        let shared = Arc::clone(&self.shared);
+        let ks = &shared.keyspaces;
+        shared.read_state().catalog.plan_delete(kind, name)?;
+        let mut batch = shared.db.batch().durability(Some(PersistMode::SyncAll));
+        batch.remove(&ks.catalog, keys::catalog_key(kind, name));
+        let meter_state = (kind == Kind::MeterDefinition)
+            .then(|| shared.read_state().meters.get(name).copied())
+            .flatten();
+        if let Some(state) = meter_state {
+            batch.remove(&ks.meta, keys::meter_state_key(name));
+            batch.insert(&ks.meta, format!("{}{}", keys::GARBAGE_PREFIX, state.generation), []);
+            self.clear_quarantine(&mut batch, name).map_err(storage)?;
+        }
+        batch.commit().map_err(storage)?;
+        let mut state = shared.write_state();
+        state.catalog.remove(kind, name);
+        if kind == Kind::MeterDefinition {
+            state.meters.remove(name);
+        }
+        self.meters = state.catalog.meters_by_type();
+        Ok(())
+    }
+
+    fn next_generation(&self, batch: &mut fjall::OwnedWriteBatch) -> Result<u64, StoreError> {
+        let meta = &self.shared.keyspaces.meta;
+        let current = match meta.get(keys::GENERATION_COUNTER)? {
+            Some(v) => keys::read_u64(&v)?,
+            None => 0,
+        };
+        let next = current + 1;
+        batch.insert(meta, keys::GENERATION_COUNTER, next.to_be_bytes());
+        Ok(next)
+    }
+
+    fn clear_quarantine(&self, batch: &mut fjall::OwnedWriteBatch, meter: &str) -> Result<(), StoreError> {
+        let ks = &self.shared.keyspaces;
+        for item in ks.quarantine.prefix(keys::quarantine_prefix(meter)?) {
+            batch.remove(&ks.quarantine, item.key()?);
+        }
+        Ok(())
+    }
+
+    fn clear_unknown_meter_entries(&self, batch: &mut fjall::OwnedWriteBatch, event_type: &str) -> Result<(), StoreError> {
+        let ks = &self.shared.keyspaces;
+        for item in ks.quarantine.prefix(keys::quarantine_prefix("")?) {
+            let (key, value) = item.into_inner()?;
+            let entry: QuarantineEntry = serde_json::from_slice(&value).map_err(|e| StoreError::Decode(e.to_string()))?;
+            if entry.event_type == event_type {
+                batch.remove(&ks.quarantine, key);
+            }
+        }
+        Ok(())
+    }
+
+    /// Looks again at a meter's quarantined events after the catalog changed;
+    /// those now measurable are rolled up and leave the quarantine.
+    fn reprocess_quarantine(&mut self, meter_name: &str) -> Result<(), StoreError> {
+        let shared = Arc::clone(&self.shared);
+        let ks = &shared.keyspaces;
+        let Some(meter) = self.compiled(meter_name) else { return Ok(()) };
+        let Some(generation) = shared.read_state().meters.get(meter_name).map(|s| s.generation) else {
+            return Ok(());
+        };
+        let mut batch = shared.db.batch().durability(Some(PersistMode::SyncAll));
+        let mut deltas = Deltas::default();
+        let mut released = 0u64;
+        for item in ks.quarantine.prefix(keys::quarantine_prefix(meter_name)?) {
+            let (key, value) = item.into_inner()?;
+            let (_, seq) = keys::decode_quarantine_key(&key)?;
+            let Some(raw) = ks.events.get(keys::seq_key(seq))? else { continue };
+            let (_, event) = keys::decode_event(&raw)?;
+            match measure(&meter, generation, &event, seq, &mut deltas)? {
+                None => {
+                    batch.remove(&ks.quarantine, key);
+                    released += 1;
+                }
+                Some(entry) => {
+                    let old: QuarantineEntry = serde_json::from_slice(&value).map_err(|e| StoreError::Decode(e.to_string()))?;
+                    if old != entry {
+                        batch.insert(&ks.quarantine, key, json(&entry)?);
+                    }
+                }
+            }
+        }
+        self.merge_deltas(&mut batch, deltas)?;
+        batch.commit()?;
+        if released > 0 {
+            info!(meter = meter_name, released, "quarantined events now measured");
+        }
+        Ok(())
+    }
+
+    fn compiled(&self, name: &str) -> Option<Arc<CompiledMeter>> {
+        self.meters.values().flatten().find(|m| m.key == name).cloned()
+    }
+
+    // ---- background work ----------------------------------------------------
+
+    /// One step of backfill, garbage collection or dedupe pruning. Returns
+    /// whether there may be more to do right away.
+    fn background_step(&mut self) -> Result<bool, StoreError> {
+        if self.backfill_step()? {
+            return Ok(true);
+        }
+        if self.garbage_step()? {
+            return Ok(true);
+        }
+        self.prune_step()
+    }
+
+    fn backfill_step(&mut self) -> Result<bool, StoreError> {
+        let shared = Arc::clone(&self.shared);
+        let ks = &shared.keyspaces;
+        let pending = shared
+            .read_state()
+            .meters
+            .iter()
+            .find(|(_, s)| !s.ready())
+            .map(|(n, s)| (n.clone(), *s));
+        let Some((name, mut state)) = pending else { return Ok(false) };
+        let Some(meter) = self.compiled(&name) else { return Ok(false) };
+        let mut batch = shared.db.batch();
+        let mut deltas = Deltas::default();
+        let mut next = state.backfill_until;
+        let range = keys::seq_key(state.backfilled_to)..keys::seq_key(state.backfill_until);
+        for (n, item) in ks.events.range(range).enumerate() {
+            let (key, value) = item.into_inner()?;
+            let seq = keys::read_u64(&key)?;
+            if n == BACKFILL_CHUNK {
+                next = seq;
+                break;
+            }
+            if keys::event_type_of(&value)? != meter.event_type() {
+                continue;
+            }
+            let (_, event) = keys::decode_event(&value)?;
+            if let Some(entry) = measure(&meter, state.generation, &event, seq, &mut deltas)? {
+                batch.insert(&ks.quarantine, keys::quarantine_key(&name, seq)?, json(&entry)?);
+            }
+        }
+        self.merge_deltas(&mut batch, deltas)?;
+        state.backfilled_to = next;
+        batch.insert(&ks.meta, keys::meter_state_key(&name), json(&state)?);
+        batch.commit()?;
+        if state.ready() {
+            info!(meter = %name, "backfill complete");
+        }
+        shared.write_state().meters.insert(name, state);
+        Ok(true)
+    }
+
+    fn garbage_step(&mut self) -> Result<bool, StoreError> {
+        let ks = &self.shared.keyspaces;
+        let Some(item) = ks.meta.prefix(keys::GARBAGE_PREFIX).next() else { return Ok(false) };
+        let key = item.key()?;
+        let generation: u64 = std::str::from_utf8(&key[keys::GARBAGE_PREFIX.len()..])
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or(StoreError::Corrupt("garbage key"))?;
+        let mut batch = self.shared.db.batch();
+        let mut removed = 0;
+        for item in ks.rollups.prefix(generation.to_be_bytes()).take(GARBAGE_CHUNK) {
+            batch.remove(&ks.rollups, item.key()?);
+            removed += 1;
+        }
+        if removed < GARBAGE_CHUNK {
+            batch.remove(&ks.meta, key);
+        }
+        batch.commit()?;
+        Ok(true)
+    }
+
+    fn prune_step(&mut self) -> Result<bool, StoreError> {
+        let now = Timestamp::now();
+        if self.prune_cursor.is_none() && now.as_second() - self.last_prune.as_second() < 3600 {
+            return Ok(false);
+        }
+        let ks = &self.shared.keyspaces;
+        let start = self.prune_cursor.take().unwrap_or_default();
+        let mut batch = self.shared.db.batch();
+        let mut last = None;
+        let mut examined = 0;
+        for item in ks.dedupe.range(start..) {
+            let (key, value) = item.into_inner()?;
+            examined += 1;
+            if keys::decode_dedupe(&value)?.1 <= now.as_second() {
+                batch.remove(&ks.dedupe, key.clone());
+            }
+            if examined == PRUNE_CHUNK {
+                last = Some(key);
+                break;
+            }
+        }
+        batch.commit()?;
+        match last {
+            Some(key) => {
+                let mut next = key.to_vec();
+                next.push(0);
+                self.prune_cursor = Some(next);
+                Ok(true)
+            }
+            None => {
+                self.last_prune = now;
+                Ok(false)
+            }
+        }
+    }
+}
+
+/// Measures one event with one meter: adds its rollup deltas, or returns
+/// the quarantine entry saying why it cannot be measured.
+fn measure(
+    meter: &CompiledMeter,
+    generation: u64,
+    event: &CloudEvent,
+    seq: u64,
+    deltas: &mut Deltas,
+) -> Result<Option<QuarantineEntry>, StoreError> {
+    let sample = match meter.sample(event) {
+        Ok(sample) => sample,
+        Err(reason) => {
+            return Ok(Some(QuarantineEntry {
+                reason: reason.code().into(),
+                message: reason.to_string(),
+                event_type: event.kind.clone(),
+            }));
+        }
+    };
+    let time_ns = event.time.as_nanosecond();
+    let Some(state) = AggState::of_sample(meter.aggregation(), &sample.value, time_ns, seq) else {
+        return Err(StoreError::Corrupt("sample does not fit aggregation"));
+    };
+    let second = event.time.as_second();
+    for level in Level::ALL {
+        let key = keys::rollup_key(generation, level, &event.subject, level.bucket(second), &sample.groups)?;
+        deltas.add(key, state.clone())?;
+    }
+    Ok(None)
+}
+
+fn notice(index: usize, event: &CloudEvent, meter: &str, entry: &QuarantineEntry) -> QuarantineNotice {
+    QuarantineNotice {
+        index,
+        id: event.id.clone(),
+        meter: meter.to_owned(),
+        reason: entry.reason.clone(),
+        message: entry.message.clone(),
+    }
+}
+
+fn json(value: &impl serde::Serialize) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError::Encode(e.to_string()))
+}
