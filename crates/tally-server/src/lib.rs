@@ -1,2 +1,264 @@
+//! Tally's HTTP API over any [`Ledger`].
+//!
+//! Routes: the OpenMeter-compatible `/api/v1/events` and `/api/v1/meters`,
+//! resources under `/apis`, `/api/v1/quarantine`, `/metrics`, `/healthz`,
+//! `/readyz` and `/openapi.json` (generated from the handlers' annotations).
+
+mod body;
 mod config;
+mod events;
+mod meters;
+mod problem;
+mod query;
+mod resources;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use axum::extract::{DefaultBodyLimit, MatchedPath, RawQuery, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use subtle::ConstantTimeEq;
+use tally_ledger::{Ledger, QuarantineFilter, QuarantinePage};
+use tally_store_embedded::{EmbeddedLedger, StoreConfig};
+use utoipa::OpenApi;
+
 pub use config::ServeConfig;
+pub use problem::Problem;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub ledger: Arc<dyn Ledger>,
+    pub max_body_bytes: usize,
+    token: Option<Arc<str>>,
+    requests: Arc<Mutex<BTreeMap<(String, String, u16), u64>>>,
+}
+
+impl AppState {
+    pub fn new(ledger: Arc<dyn Ledger>, max_body_bytes: usize, token: Option<String>) -> AppState {
+        AppState {
+            ledger,
+            max_body_bytes,
+            token: token.filter(|t| !t.is_empty()).map(Arc::from),
+            requests: Arc::default(),
+        }
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Tally", description = "Usage metering: CloudEvents ingest with exact dedupe, meters and windowed queries (OpenMeter-compatible)."),
+    paths(
+        events::ingest, events::list,
+        meters::list, meters::get, meters::create, meters::delete, meters::query,
+        resources::apply, resources::list, resources::get, resources::put, resources::delete,
+        quarantine, metrics, healthz, readyz,
+    ),
+    components(schemas(Problem, resources::ApplyResult, resources::ApplyResults)),
+    modifiers(&BearerAuth),
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        if let Some(components) = openapi.components.as_mut() {
+            components.add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            );
+        }
+    }
+}
+
+/// The OpenAPI document of this API.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
+/// The router, for embedding and tests.
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route("/api/v1/events", post(events::ingest).get(events::list))
+        .route("/api/v1/meters", get(meters::list).post(meters::create))
+        .route("/api/v1/meters/{slug}", get(meters::get).delete(meters::delete))
+        .route("/api/v1/meters/{slug}/query", get(meters::query))
+        .route("/api/v1/quarantine", get(quarantine))
+        .route("/apis/apply", post(resources::apply))
+        .route("/apis/{plural}", get(resources::list))
+        .route(
+            "/apis/{plural}/{name}",
+            get(resources::get).put(resources::put).delete(resources::delete),
+        )
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi_json))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    Router::new()
+        .merge(api)
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "no such endpoint; see /openapi.json") })
+        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        // Compressed bodies may expand; the decoded size is checked again in `body::decode`.
+        .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .with_state(state)
+}
+
+async fn authenticate(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    if let Some(token) = &state.token {
+        let presented = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !bool::from(presented.as_bytes().ct_eq(token.as_bytes())) {
+            let mut response = Problem::new(
+                StatusCode::UNAUTHORIZED,
+                "this server requires `Authorization: Bearer <token>`; the token is missing or wrong",
+            )
+            .into_response();
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            return response;
+        }
+    }
+    next.run(request).await
+}
+
+async fn count_requests(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().to_string();
+    let response = next.run(request).await;
+    if let Ok(mut counts) = state.requests.lock() {
+        *counts.entry((method, route, response.status().as_u16())).or_default() += 1;
+    }
+    response
+}
+
+/// Quarantined events: stored, but not measurable by a meter yet, with the reason.
+#[utoipa::path(get, path = "/api/v1/quarantine", tag = "events",
+    params(("meter" = Option<String>, Query, description = "Only this meter (empty string: events no meter reads)"),
+           ("limit" = Option<usize>, Query, description = "Page size"),
+           ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page")),
+    responses((status = 200, description = "A page of quarantined events", body = Object)))]
+async fn quarantine(State(state): State<AppState>, RawQuery(raw): RawQuery) -> Result<Json<QuarantinePage>, Problem> {
+    let p = query::Params::parse(raw.as_deref())?;
+    p.only(&["meter", "limit", "cursor"])?;
+    let filter = QuarantineFilter {
+        meter: p.one("meter")?,
+        limit: p.number("limit")?.unwrap_or(100),
+        cursor: p.one("cursor")?,
+    };
+    Ok(Json(state.ledger.list_quarantine(filter).await?))
+}
+
+/// Prometheus text exposition.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let s = state.ledger.stats();
+    let mut out = String::new();
+    let mut counter = |name: &str, help: &str, kind: &str, value: u64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    };
+    counter("tally_events_accepted_total", "Events stored.", "counter", s.events_accepted_total);
+    counter("tally_events_duplicate_total", "Events acknowledged as duplicates of stored events (same source and id).", "counter", s.events_duplicate_total);
+    counter("tally_events_quarantined_total", "Event-meter pairs put in quarantine.", "counter", s.events_quarantined_total);
+    counter("tally_group_commits_total", "Durable group commits of the ledger.", "counter", s.group_commits_total);
+    counter("tally_store_disk_bytes", "Bytes the store occupies on disk.", "gauge", s.disk_bytes);
+    let _ = writeln!(out, "# HELP tally_resources Resources in the catalog.\n# TYPE tally_resources gauge");
+    for (kind, n) in &s.kinds {
+        let _ = writeln!(out, "tally_resources{{kind=\"{kind}\"}} {n}");
+    }
+    let _ = writeln!(out, "# HELP tally_component_received_total Items received by a component.\n# TYPE tally_component_received_total counter");
+    let _ = writeln!(
+        out,
+        "tally_component_received_total{{component=\"ledger\"}} {}",
+        s.events_accepted_total + s.events_duplicate_total
+    );
+    let _ = writeln!(out, "# HELP tally_http_requests_total HTTP requests by method, route and status.\n# TYPE tally_http_requests_total counter");
+    if let Ok(counts) = state.requests.lock() {
+        for ((method, route, status), n) in counts.iter() {
+            let _ = writeln!(out, "tally_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {n}");
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "Alive")))]
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// Readiness: the ledger takes writes.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, description = "Ready"), (status = 503, description = "Not ready", body = Problem, content_type = "application/problem+json")))]
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.ledger.ready() {
+        "ready\n".into_response()
+    } else {
+        Problem::new(StatusCode::SERVICE_UNAVAILABLE, "the ledger's writer has stopped").into_response()
+    }
+}
+
+async fn openapi_json() -> Response {
+    match openapi().to_pretty_json() {
+        Ok(text) => ([(header::CONTENT_TYPE, "application/json")], text).into_response(),
+        Err(e) => Problem::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// Runs `tally serve` until SIGINT or SIGTERM.
+pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    let mut store = StoreConfig::new(&config.data_dir);
+    store.dedupe_horizon = jiff::SignedDuration::from_hours(i64::from(config.dedupe_horizon_days) * 24);
+    store.max_lateness = jiff::SignedDuration::from_hours(
+        i64::from(config.max_lateness_days.unwrap_or(config.dedupe_horizon_days)) * 24,
+    );
+    let ledger = tokio::task::spawn_blocking(move || EmbeddedLedger::open(store))
+        .await
+        .context("opening the store")?
+        .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
+    let state = AppState::new(Arc::new(ledger), config.max_body_bytes, config.token.clone());
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    let address = listener.local_addr().context("reading the listen address")?;
+    println!("tally listening on http://{address} (data dir {})", config.data_dir.display());
+    tracing::info!(%address, data_dir = %config.data_dir.display(), auth = state.token.is_some(), "serving");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving HTTP")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = terminate => {},
+    }
+}

@@ -1,0 +1,66 @@
+//! Request bodies: size limits and `Content-Encoding` (gzip, zstd).
+
+use std::io::Read;
+
+use axum::http::{HeaderMap, StatusCode, header};
+use bytes::Bytes;
+
+use crate::problem::Problem;
+
+/// The decoded body, refusing more than `limit` bytes after decompression.
+pub fn decode(headers: &HeaderMap, body: Bytes, limit: usize) -> Result<Bytes, Problem> {
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("identity")
+        .trim()
+        .to_ascii_lowercase();
+    let too_large = || {
+        Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is larger than the limit of {limit} bytes (after decompression); send smaller batches"),
+        )
+    };
+    let read_all = |reader: &mut dyn Read| -> Result<Bytes, Problem> {
+        let mut out = Vec::new();
+        reader
+            .take(limit as u64 + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| Problem::bad_request(format!("the body is not valid {encoding}: {e}")))?;
+        if out.len() > limit {
+            return Err(too_large());
+        }
+        Ok(Bytes::from(out))
+    };
+    match encoding.as_str() {
+        "identity" | "" => {
+            if body.len() > limit {
+                return Err(too_large());
+            }
+            Ok(body)
+        }
+        "gzip" | "x-gzip" => read_all(&mut flate2::read::MultiGzDecoder::new(&body[..])),
+        "zstd" => {
+            let mut decoder = ruzstd::decoding::StreamingDecoder::new(&body[..])
+                .map_err(|e| Problem::bad_request(format!("the body is not valid zstd: {e}")))?;
+            read_all(&mut decoder)
+        }
+        other => Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("Content-Encoding {other:?} is not supported; use gzip, zstd or none"),
+        )),
+    }
+}
+
+/// The media type of a request, lower case, without parameters.
+pub fn media_type(headers: &HeaderMap) -> String {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}

@@ -1,0 +1,147 @@
+//! `POST /api/v1/events` and `GET /api/v1/events`.
+
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use bytes::Bytes;
+use jiff::Timestamp;
+use serde_json::Value;
+use tally_ledger::{EventFilter, EventPage, IngestOutcome};
+use tally_model::{EventError, parse_event};
+
+use crate::body;
+use crate::problem::Problem;
+use crate::query::Params;
+use crate::AppState;
+
+/// Splits a request body into JSON values according to its media type.
+fn values(media_type: &str, body: &[u8]) -> Result<Vec<Value>, Problem> {
+    let malformed = |e: serde_json::Error| Problem::bad_request(format!("the body is not valid JSON: {e}"));
+    match media_type {
+        "application/cloudevents+json" => match serde_json::from_slice(body).map_err(malformed)? {
+            v @ Value::Object(_) => Ok(vec![v]),
+            _ => Err(Problem::bad_request(
+                "application/cloudevents+json carries one event object; send arrays as application/cloudevents-batch+json",
+            )),
+        },
+        "application/cloudevents-batch+json" => match serde_json::from_slice(body).map_err(malformed)? {
+            Value::Array(items) => Ok(items),
+            _ => Err(Problem::bad_request("application/cloudevents-batch+json must be a JSON array of events")),
+        },
+        "application/json" => match serde_json::from_slice(body).map_err(malformed)? {
+            Value::Array(items) => Ok(items),
+            v => Ok(vec![v]),
+        },
+        "application/x-ndjson" | "application/jsonl" => {
+            let text = std::str::from_utf8(body).map_err(|_| Problem::bad_request("the body is not UTF-8"))?;
+            text.lines()
+                .enumerate()
+                .filter(|(_, line)| !line.trim().is_empty())
+                .map(|(n, line)| {
+                    serde_json::from_str(line)
+                        .map_err(|e| Problem::bad_request(format!("line {} is not valid JSON: {e}", n + 1)))
+                })
+                .collect()
+        }
+        "" => Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "Content-Type is required: application/cloudevents+json, application/cloudevents-batch+json, application/json or application/x-ndjson",
+        )),
+        other => Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("Content-Type {other:?} is not accepted; use application/cloudevents+json, application/cloudevents-batch+json, application/json or application/x-ndjson"),
+        )),
+    }
+}
+
+/// Ingest usage events (CloudEvents 1.0).
+///
+/// The request is validated whole: if any event is malformed nothing is
+/// stored and the answer lists every bad event. The answer is sent only
+/// after the events are durable. Duplicates (same `source` and `id`) are
+/// acknowledged and counted, never stored twice.
+#[utoipa::path(
+    post, path = "/api/v1/events", tag = "events",
+    request_body(description = "One event, an array of events, or NDJSON; gzip or zstd Content-Encoding accepted",
+        content((Object = "application/cloudevents+json"), (Vec<Object> = "application/cloudevents-batch+json"), (Object = "application/json"), (String = "application/x-ndjson"))),
+    responses(
+        (status = 200, description = "Durably stored (or recognised as duplicates)", body = Object),
+        (status = 400, description = "Malformed request; nothing stored", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Unsupported Content-Type or Content-Encoding", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn ingest(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<IngestOutcome>, Problem> {
+    let body = body::decode(&headers, body, state.max_body_bytes)?;
+    let values = values(&body::media_type(&headers), &body)?;
+    let received = Timestamp::now();
+    let mut events = Vec::with_capacity(values.len());
+    let mut errors = Vec::new();
+    for (index, value) in values.into_iter().enumerate() {
+        let id = value.get("id").and_then(Value::as_str).map(str::to_owned);
+        match parse_event(value, received) {
+            Ok(event) => events.push(event),
+            Err(field_errors) => errors.push(EventError { index, id, errors: field_errors }),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(tally_ledger::LedgerError::Rejected(errors).into());
+    }
+    let outcome = state.ledger.ingest(events).await?;
+    Ok(Json(outcome))
+}
+
+/// List stored events, newest first.
+#[utoipa::path(
+    get, path = "/api/v1/events", tag = "events",
+    params(
+        ("from" = Option<String>, Query, description = "Event time, inclusive (RFC 3339)"),
+        ("to" = Option<String>, Query, description = "Event time, exclusive (RFC 3339)"),
+        ("type" = Option<String>, Query, description = "Event type"),
+        ("subject" = Option<String>, Query, description = "Subject"),
+        ("source" = Option<String>, Query, description = "Source"),
+        ("id" = Option<String>, Query, description = "Event id"),
+        ("limit" = Option<usize>, Query, description = "Page size, default 100, at most 10000"),
+        ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of events", body = Object),
+        (status = 400, description = "Bad parameters", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn list(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<Json<EventPage>, Problem> {
+    let p = Params::parse(query.as_deref())?;
+    p.only(&["from", "to", "type", "subject", "source", "id", "limit", "cursor"])?;
+    let filter = EventFilter {
+        from: p.timestamp("from")?,
+        to: p.timestamp("to")?,
+        event_type: p.one("type")?,
+        subject: p.one("subject")?,
+        source: p.one("source")?,
+        id: p.one("id")?,
+        limit: p.number("limit")?.unwrap_or(100),
+        cursor: p.one("cursor")?,
+    };
+    Ok(Json(state.ledger.list_events(filter).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_bodies_by_media_type() {
+        assert_eq!(values("application/json", b"{\"a\":1}").unwrap().len(), 1);
+        assert_eq!(values("application/json", b"[{},{}]").unwrap().len(), 2);
+        assert_eq!(values("application/x-ndjson", b"{}\n\n{}\n").unwrap().len(), 2);
+        assert!(values("application/cloudevents+json", b"[]").is_err());
+        assert!(values("application/cloudevents-batch+json", b"{}").is_err());
+        assert_eq!(values("text/plain", b"{}").unwrap_err().status, 415);
+        let err = values("application/x-ndjson", b"{}\n{oops\n").unwrap_err();
+        assert!(err.detail.contains("line 2"), "{}", err.detail);
+    }
+}

@@ -1,0 +1,145 @@
+//! The OpenMeter meter API: `/api/v1/meters` and `/api/v1/meters/{slug}/query`.
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
+use axum::Json;
+use jiff::tz::TimeZone;
+use jiff::{Timestamp, ToSpan, Unit};
+use serde_json::{Value, json};
+use tally_ledger::{LedgerError, MeterQuery};
+use tally_meter::{WindowSize, decimal_to_json};
+use tally_model::{Kind, Manifest, MeterDefinition, OpenMeterMeter};
+
+use crate::problem::Problem;
+use crate::query::Params;
+use crate::AppState;
+
+fn view(manifest: &Manifest) -> Result<OpenMeterMeter, Problem> {
+    let def = MeterDefinition::from_manifest(manifest).map_err(LedgerError::from)?;
+    Ok(OpenMeterMeter::from_definition(&manifest.metadata, &def))
+}
+
+/// List meters (OpenMeter view of every `MeterDefinition`).
+#[utoipa::path(get, path = "/api/v1/meters", tag = "meters",
+    responses((status = 200, description = "Meters", body = Vec<Object>)))]
+pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<OpenMeterMeter>>, Problem> {
+    let manifests = state.ledger.list(Kind::MeterDefinition).await?;
+    Ok(Json(manifests.iter().map(view).collect::<Result<_, _>>()?))
+}
+
+/// One meter.
+#[utoipa::path(get, path = "/api/v1/meters/{slug}", tag = "meters",
+    params(("slug" = String, Path, description = "Meter slug (the MeterDefinition's name)")),
+    responses((status = 200, description = "The meter", body = Object),
+              (status = 404, description = "No such meter", body = Problem, content_type = "application/problem+json")))]
+pub async fn get(State(state): State<AppState>, Path(slug): Path<String>) -> Result<Json<OpenMeterMeter>, Problem> {
+    let manifest = state.ledger.get(Kind::MeterDefinition, slug).await?;
+    Ok(Json(view(&manifest)?))
+}
+
+/// Create a meter. Events already stored are backfilled.
+#[utoipa::path(post, path = "/api/v1/meters", tag = "meters",
+    request_body(content = Object, description = "slug, eventType, aggregation (SUM, COUNT, UNIQUE_COUNT, AVG, MIN, MAX, LATEST), valueProperty, groupBy"),
+    responses((status = 201, description = "Created", body = Object),
+              (status = 400, description = "Invalid meter", body = Problem, content_type = "application/problem+json"),
+              (status = 409, description = "A meter with this slug exists", body = Problem, content_type = "application/problem+json")))]
+pub async fn create(State(state): State<AppState>, body: axum::body::Bytes) -> Result<(StatusCode, Json<OpenMeterMeter>), Problem> {
+    let meter: OpenMeterMeter = serde_json::from_slice(&body)
+        .map_err(|e| Problem::bad_request(format!("not a meter: {e}")))?;
+    if state.ledger.get(Kind::MeterDefinition, meter.slug.clone()).await.is_ok() {
+        return Err(Problem::new(StatusCode::CONFLICT, format!("meter {:?} already exists", meter.slug)));
+    }
+    let applied = state.ledger.apply(meter.to_manifest()).await?;
+    Ok((StatusCode::CREATED, Json(view(&applied.manifest)?)))
+}
+
+/// Delete a meter (Draft or Retired only).
+#[utoipa::path(delete, path = "/api/v1/meters/{slug}", tag = "meters",
+    params(("slug" = String, Path, description = "Meter slug")),
+    responses((status = 204, description = "Deleted"),
+              (status = 404, description = "No such meter", body = Problem, content_type = "application/problem+json"),
+              (status = 409, description = "Published or Deprecated meters cannot be deleted", body = Problem, content_type = "application/problem+json")))]
+pub async fn delete(State(state): State<AppState>, Path(slug): Path<String>) -> Result<StatusCode, Problem> {
+    state.ledger.delete(Kind::MeterDefinition, slug).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Query a meter over windows.
+#[utoipa::path(get, path = "/api/v1/meters/{slug}/query", tag = "meters",
+    params(
+        ("slug" = String, Path, description = "Meter slug"),
+        ("from" = Option<String>, Query, description = "Start, inclusive, RFC 3339 on a whole minute (default: the Unix epoch)"),
+        ("to" = Option<String>, Query, description = "End, exclusive, RFC 3339 on a whole minute (default: now, rounded up to the minute)"),
+        ("windowSize" = Option<String>, Query, description = "MINUTE, HOUR, DAY or MONTH; without it the whole range is one window"),
+        ("windowTimeZone" = Option<String>, Query, description = "IANA time zone of the windows (default UTC)"),
+        ("subject" = Option<Vec<String>>, Query, description = "Only these subjects; rows are then per subject"),
+        ("groupBy" = Option<Vec<String>>, Query, description = "Dimensions to group by; `subject` groups by subject"),
+        ("filterGroupBy[key]" = Option<String>, Query, description = "Only usage whose dimension `key` has this value"),
+        ("limit" = Option<usize>, Query, description = "Most rows to return; `nextCursor` continues"),
+        ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page"),
+    ),
+    responses((status = 200, description = "Rows, one per window and group; windows without usage are omitted", body = Object),
+              (status = 400, description = "Bad parameters", body = Problem, content_type = "application/problem+json"),
+              (status = 404, description = "No such meter", body = Problem, content_type = "application/problem+json"),
+              (status = 503, description = "The meter is still backfilling; retry after Retry-After", body = Problem, content_type = "application/problem+json")))]
+pub async fn query(
+    State(state): State<AppState>,
+    Path(slug): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<Value>, Problem> {
+    let p = Params::parse(raw.as_deref())?;
+    p.only(&["from", "to", "windowSize", "windowTimeZone", "subject", "groupBy", "filterGroupBy", "limit", "cursor"])?;
+    let zone_name = p.one("windowTimeZone")?.unwrap_or_else(|| "UTC".into());
+    let time_zone = TimeZone::get(&zone_name)
+        .map_err(|_| Problem::bad_request(format!("windowTimeZone {zone_name:?} is not an IANA time zone")))?;
+    let window_size: Option<WindowSize> = p
+        .one("windowSize")?
+        .map(|w| w.parse().map_err(Problem::bad_request))
+        .transpose()?;
+    let now = Timestamp::now();
+    let default_to = now
+        .round(jiff::TimestampRound::new().smallest(Unit::Minute).mode(jiff::RoundMode::Ceil))
+        .unwrap_or(now)
+        .checked_add(0.minutes())
+        .unwrap_or(now);
+    let query = MeterQuery {
+        from: p.timestamp("from")?.unwrap_or(Timestamp::UNIX_EPOCH),
+        to: p.timestamp("to")?.unwrap_or(default_to),
+        window_size,
+        time_zone,
+        subjects: p.all("subject"),
+        group_by: p.all("groupBy"),
+        filter_group_by: p.bracketed("filterGroupBy")?,
+        limit: p.number("limit")?,
+        cursor: p.one("cursor")?,
+    };
+    let (from, to) = (query.from, query.to);
+    let result = state.ledger.query(slug, query).await?;
+    let data: Vec<Value> = result
+        .rows
+        .into_iter()
+        .map(|row| {
+            let mut v = json!({
+                "value": decimal_to_json(row.value),
+                "windowStart": row.window_start,
+                "windowEnd": row.window_end,
+                "groupBy": row.group_by,
+            });
+            if let Some(subject) = row.subject {
+                v["subject"] = Value::String(subject);
+            }
+            v
+        })
+        .collect();
+    let mut answer = json!({
+        "from": from,
+        "to": to,
+        "windowSize": window_size,
+        "windowTimeZone": zone_name,
+        "data": data,
+    });
+    if let Some(cursor) = result.next_cursor {
+        answer["nextCursor"] = Value::String(cursor);
+    }
+    Ok(Json(answer))
+}
