@@ -1,5 +1,310 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
+//! A typed HTTP client for the Tally API.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), tally_client::ClientError> {
+//! use tally_client::TallyClient;
+//! let client = TallyClient::new("http://127.0.0.1:8080", Some("secret".into()))?;
+//! let outcome = client
+//!     .send_events(&[serde_json::json!({
+//!         "specversion": "1.0", "id": "1", "source": "gw", "type": "requests", "subject": "acme",
+//!     })])
+//!     .await?;
+//! println!("accepted {}", outcome.accepted);
+//! # Ok(()) }
+//! ```
+//!
+//! Every non-2xx answer becomes [`ClientError::Api`], carrying the server's
+//! `application/problem+json` details. The bearer token never appears in an
+//! error or in `Debug` output.
+
+#![warn(missing_docs)]
+
+mod error;
+mod types;
+
+use std::fmt;
+use std::time::Duration;
+
+use reqwest::header::{CONTENT_TYPE, HeaderValue};
+use reqwest::{Method, RequestBuilder, Response, Url};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tally_model::{Kind, Manifest, OpenMeterMeter};
+
+pub use error::ClientError;
+pub use tally_ledger::{ApplyAction, EventPage, IngestOutcome, QuarantineNotice, QuarantinePage};
+pub use tally_meter::WindowSize;
+pub use types::{
+    ApplyResult, EventListParams, MeterQueryParams, MeterQueryResponse, MeterQueryRow,
+    QuarantineListParams,
+};
+
+/// Media type of an ingest request body.
+pub const CLOUDEVENTS_BATCH: &str = "application/cloudevents-batch+json";
+
+/// A client for one Tally server. Cheap to clone; clones share connections.
+#[derive(Clone)]
+pub struct TallyClient {
+    http: reqwest::Client,
+    base: Url,
+    token: Option<String>,
+}
+
+impl fmt::Debug for TallyClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TallyClient")
+            .field("base_url", &self.base.as_str())
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl TallyClient {
+    /// A client for the server at `base_url` (e.g. `http://127.0.0.1:8080`;
+    /// `http://` is assumed when no scheme is given). When `token` is set,
+    /// every request sends `Authorization: Bearer <token>`.
+    pub fn new(base_url: &str, token: Option<String>) -> Result<Self, ClientError> {
+        let invalid = |reason: &str| ClientError::InvalidUrl {
+            url: base_url.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let trimmed = base_url.trim();
+        let with_scheme = if trimmed.contains("://") {
+            trimmed.to_owned()
+        } else {
+            format!("http://{trimmed}")
+        };
+        let base = Url::parse(&with_scheme).map_err(|e| invalid(&e.to_string()))?;
+        match base.scheme() {
+            "http" => {}
+            "https" => {
+                return Err(invalid(
+                    "this build speaks plain HTTP only; reach TLS servers through a local proxy",
+                ));
+            }
+            other => {
+                return Err(invalid(&format!(
+                    "unsupported scheme {other:?}; use http://"
+                )));
+            }
+        }
+        if base.cannot_be_a_base() || base.host().is_none() {
+            return Err(invalid("expected http://HOST[:PORT][/PATH]"));
+        }
+        if base.query().is_some() || base.fragment().is_some() {
+            return Err(invalid("the server URL must not have a query or fragment"));
+        }
+        if let Some(token) = &token {
+            // Checked here so that the request builder never has to reject it.
+            if HeaderValue::from_str(&format!("Bearer {token}")).is_err() {
+                return Err(ClientError::InvalidRequest(
+                    "the token contains characters that cannot be sent in an HTTP header".into(),
+                ));
+            }
+        }
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("tally-client/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| ClientError::InvalidRequest(format!("cannot set up HTTP: {e}")))?;
+        Ok(TallyClient { http, base, token })
+    }
+
+    /// The server URL requests go to.
+    pub fn base_url(&self) -> &str {
+        self.base.as_str()
+    }
+
+    /// Sends a batch of CloudEvents (`POST /api/v1/events`). Nothing is stored
+    /// when the server refuses any event; the error lists every problem.
+    pub async fn send_events(&self, events: &[Value]) -> Result<IngestOutcome, ClientError> {
+        let url = self.url(&["api", "v1", "events"], &[]);
+        let body = serde_json::to_vec(events)
+            .map_err(|e| ClientError::InvalidRequest(format!("cannot encode events: {e}")))?;
+        let request = self
+            .request(Method::POST, &url)
+            .header(CONTENT_TYPE, CLOUDEVENTS_BATCH)
+            .body(body);
+        self.json(request, &url).await
+    }
+
+    /// One page of stored events, newest first (`GET /api/v1/events`).
+    pub async fn list_events(&self, params: &EventListParams) -> Result<EventPage, ClientError> {
+        let url = self.url(&["api", "v1", "events"], &params.to_pairs());
+        self.json(self.request(Method::GET, &url), &url).await
+    }
+
+    /// Every meter, in the OpenMeter shape (`GET /api/v1/meters`).
+    pub async fn list_meters(&self) -> Result<Vec<OpenMeterMeter>, ClientError> {
+        let url = self.url(&["api", "v1", "meters"], &[]);
+        self.json(self.request(Method::GET, &url), &url).await
+    }
+
+    /// One meter (`GET /api/v1/meters/{slug}`).
+    pub async fn get_meter(&self, slug: &str) -> Result<OpenMeterMeter, ClientError> {
+        let url = self.url(&["api", "v1", "meters", slug], &[]);
+        self.json(self.request(Method::GET, &url), &url).await
+    }
+
+    /// Creates a meter (`POST /api/v1/meters`); returns it as stored.
+    pub async fn create_meter(
+        &self,
+        meter: &OpenMeterMeter,
+    ) -> Result<OpenMeterMeter, ClientError> {
+        let url = self.url(&["api", "v1", "meters"], &[]);
+        self.json(self.request(Method::POST, &url).json(meter), &url)
+            .await
+    }
+
+    /// Deletes a meter (`DELETE /api/v1/meters/{slug}`).
+    pub async fn delete_meter(&self, slug: &str) -> Result<(), ClientError> {
+        let url = self.url(&["api", "v1", "meters", slug], &[]);
+        self.send(self.request(Method::DELETE, &url), &url)
+            .await
+            .map(drop)
+    }
+
+    /// One page of a meter query (`GET /api/v1/meters/{slug}/query`).
+    pub async fn query_meter(
+        &self,
+        slug: &str,
+        params: &MeterQueryParams,
+    ) -> Result<MeterQueryResponse, ClientError> {
+        let url = self.url(&["api", "v1", "meters", slug, "query"], &params.to_pairs());
+        self.json(self.request(Method::GET, &url), &url).await
+    }
+
+    /// Creates or updates the resources of a YAML text (several documents
+    /// and `List`s allowed) with `POST /apis/apply`. All or nothing.
+    pub async fn apply(&self, yaml: &str) -> Result<Vec<ApplyResult>, ClientError> {
+        let url = self.url(&["apis", "apply"], &[]);
+        let request = self
+            .request(Method::POST, &url)
+            .header(CONTENT_TYPE, "application/yaml")
+            .body(yaml.to_owned());
+        let response: types::ApplyResponse = self.json(request, &url).await?;
+        Ok(response.results)
+    }
+
+    /// Every resource of a kind, by name (`GET /apis/{plural}`).
+    pub async fn list_resources(&self, kind: Kind) -> Result<Vec<Manifest>, ClientError> {
+        let url = self.url(&["apis", kind.plural()], &[]);
+        let list: types::ManifestList = self.json(self.request(Method::GET, &url), &url).await?;
+        Ok(list.items)
+    }
+
+    /// One resource, with status (`GET /apis/{plural}/{name}`).
+    pub async fn get_resource(&self, kind: Kind, name: &str) -> Result<Manifest, ClientError> {
+        let url = self.url(&["apis", kind.plural(), name], &[]);
+        self.json(self.request(Method::GET, &url), &url).await
+    }
+
+    /// Deletes a resource (`DELETE /apis/{plural}/{name}`).
+    pub async fn delete_resource(&self, kind: Kind, name: &str) -> Result<(), ClientError> {
+        let url = self.url(&["apis", kind.plural(), name], &[]);
+        self.send(self.request(Method::DELETE, &url), &url)
+            .await
+            .map(drop)
+    }
+
+    /// One page of quarantined events, newest first (`GET /api/v1/quarantine`).
+    pub async fn list_quarantine(
+        &self,
+        params: &QuarantineListParams,
+    ) -> Result<QuarantinePage, ClientError> {
+        let url = self.url(&["api", "v1", "quarantine"], &params.to_pairs());
+        self.json(self.request(Method::GET, &url), &url).await
+    }
+
+    /// Whether the server process is up (`GET /healthz`).
+    pub async fn health(&self) -> Result<(), ClientError> {
+        let url = self.url(&["healthz"], &[]);
+        self.send(self.request(Method::GET, &url), &url)
+            .await
+            .map(drop)
+    }
+
+    /// Whether the server can take writes (`GET /readyz`); an
+    /// [`ClientError::Api`] with status 503 when it cannot.
+    pub async fn ready(&self) -> Result<(), ClientError> {
+        let url = self.url(&["readyz"], &[]);
+        self.send(self.request(Method::GET, &url), &url)
+            .await
+            .map(drop)
+    }
+
+    /// The base URL with `segments` appended (each percent-encoded) and the
+    /// query `pairs`.
+    fn url(&self, segments: &[&str], pairs: &[(String, String)]) -> Url {
+        let mut url = self.base.clone();
+        // `new` refused URLs that cannot be a base, so this always succeeds.
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty().extend(segments);
+        }
+        if !pairs.is_empty() {
+            url.query_pairs_mut().extend_pairs(pairs);
+        }
+        url
+    }
+
+    fn request(&self, method: Method, url: &Url) -> RequestBuilder {
+        let request = self.http.request(method, url.clone());
+        match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        }
+    }
+
+    /// Sends a request; any non-2xx answer becomes [`ClientError::Api`].
+    async fn send(&self, request: RequestBuilder, url: &Url) -> Result<Response, ClientError> {
+        let response = request.send().await.map_err(|e| transport_error(url, &e))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| transport_error(url, &e))?;
+        Err(error::api_error(status, &body))
+    }
+
+    /// Sends a request and decodes its JSON answer.
+    async fn json<T: DeserializeOwned>(
+        &self,
+        request: RequestBuilder,
+        url: &Url,
+    ) -> Result<T, ClientError> {
+        let response = self.send(request, url).await?;
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| transport_error(url, &e))?;
+        serde_json::from_slice(&body).map_err(|e| ClientError::Decode {
+            url: url.to_string(),
+            reason: e.to_string(),
+        })
+    }
+}
+
+fn transport_error(url: &Url, error: &reqwest::Error) -> ClientError {
+    let reason = error::root_cause(error);
+    if error.is_connect() {
+        ClientError::Connect {
+            url: url.to_string(),
+            reason,
+        }
+    } else if error.is_timeout() {
+        ClientError::Transport {
+            url: url.to_string(),
+            reason: format!("timed out ({reason})"),
+        }
+    } else {
+        ClientError::Transport {
+            url: url.to_string(),
+            reason,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -7,8 +312,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
+    fn urls_are_joined_and_encoded() {
+        let client = TallyClient::new("127.0.0.1:9/base/", None).unwrap();
+        let url = client.url(
+            &["api", "v1", "meters", "a b/c", "query"],
+            &[("k".into(), "x&y".into())],
+        );
+        assert_eq!(
+            url.as_str(),
+            "http://127.0.0.1:9/base/api/v1/meters/a%20b%2Fc/query?k=x%26y"
+        );
+        let client = TallyClient::new("http://localhost:8080", None).unwrap();
+        assert_eq!(
+            client.url(&["healthz"], &[]).as_str(),
+            "http://localhost:8080/healthz"
+        );
+    }
+
+    #[test]
+    fn refuses_unusable_urls() {
+        for bad in [
+            "https://x",
+            "ftp://x",
+            "http://",
+            "http://x/?q=1",
+            "http://[::1",
+        ] {
+            let err = TallyClient::new(bad, None).unwrap_err();
+            assert!(
+                matches!(err, ClientError::InvalidUrl { .. }),
+                "{bad}: {err}"
+            );
+        }
+        let err = TallyClient::new("http://x", Some("bad\ntoken".into())).unwrap_err();
+        assert!(!err.to_string().contains("bad\ntoken"));
     }
 }

@@ -91,7 +91,11 @@ impl Catalog {
     }
 
     /// Decides whether `manifest` may be applied now, and what it implies.
-    pub fn plan_apply(&self, mut manifest: Manifest, now: Timestamp) -> Result<ApplyPlan, LedgerError> {
+    pub fn plan_apply(
+        &self,
+        mut manifest: Manifest,
+        now: Timestamp,
+    ) -> Result<ApplyPlan, LedgerError> {
         let kind = manifest.typed_kind()?;
         manifest.api_version = kind.api_version().to_owned();
         manifest.status = None;
@@ -106,7 +110,8 @@ impl Catalog {
             Kind::MeterDefinition => {
                 let next = MeterDefinition::from_manifest(&manifest)?;
                 // Normalise the spec so stored manifests compare equal.
-                manifest.spec = serde_json::to_value(&next).map_err(|e| LedgerError::Storage(e.to_string()))?;
+                manifest.spec =
+                    serde_json::to_value(&next).map_err(|e| LedgerError::Storage(e.to_string()))?;
                 let types: Vec<_> = self.resource_types.values().cloned().collect();
                 CompiledMeter::compile(&name, &next, &types).map_err(LedgerError::Invalid)?;
                 if let Some(duplicate) = self
@@ -122,9 +127,9 @@ impl Catalog {
                 match self.meters.get(&name) {
                     None => rebuild_meter = Some(name.clone()),
                     Some(old) => {
-                        old.check_update(&next).map_err(|message| LedgerError::Conflict(format!(
-                            "MeterDefinition {name:?}: {message}"
-                        )))?;
+                        old.check_update(&next).map_err(|message| {
+                            LedgerError::Conflict(format!("MeterDefinition {name:?}: {message}"))
+                        })?;
                         if old.measures_differently(&next) {
                             rebuild_meter = Some(name.clone());
                         } else if old.phase != next.phase {
@@ -135,15 +140,19 @@ impl Catalog {
             }
             Kind::MonitoredResourceType => {
                 let next = MonitoredResourceType::from_manifest(&manifest)?;
-                manifest.spec = serde_json::to_value(&next).map_err(|e| LedgerError::Storage(e.to_string()))?;
-                let old_name = self.resource_types.get(&name).map(|t| t.resource_type_name.clone());
+                manifest.spec =
+                    serde_json::to_value(&next).map_err(|e| LedgerError::Storage(e.to_string()))?;
+                let old_name = self
+                    .resource_types
+                    .get(&name)
+                    .map(|t| t.resource_type_name.clone());
                 reprocess_meters = self
                     .meters
                     .iter()
                     .filter(|(_, def)| {
-                        def.monitored_resource_types.iter().any(|t| {
-                            *t == next.resource_type_name || Some(t) == old_name.as_ref()
-                        })
+                        def.monitored_resource_types
+                            .iter()
+                            .any(|t| *t == next.resource_type_name || Some(t) == old_name.as_ref())
                     })
                     .map(|(meter, _)| meter.clone())
                     .collect();
@@ -151,7 +160,8 @@ impl Catalog {
         }
         let action = match previous {
             None => {
-                manifest.metadata.uid = Some(ulid::Ulid::generate().to_string().to_ascii_lowercase());
+                manifest.metadata.uid =
+                    Some(ulid::Ulid::generate().to_string().to_ascii_lowercase());
                 manifest.metadata.creation_timestamp = Some(now);
                 manifest.metadata.generation = Some(1);
                 ApplyAction::Created
@@ -172,8 +182,11 @@ impl Catalog {
                         reprocess_meters: vec![],
                     });
                 }
-                manifest.metadata.generation =
-                    Some(if old.spec == manifest.spec { generation } else { generation + 1 });
+                manifest.metadata.generation = Some(if old.spec == manifest.spec {
+                    generation
+                } else {
+                    generation + 1
+                });
                 ApplyAction::Configured
             }
         };
@@ -190,7 +203,10 @@ impl Catalog {
         if self.get(kind, name).is_none() {
             return Err(LedgerError::not_found(kind, name));
         }
-        if let Some(meter) = self.meters.get(name).filter(|_| kind == Kind::MeterDefinition)
+        if let Some(meter) = self
+            .meters
+            .get(name)
+            .filter(|_| kind == Kind::MeterDefinition)
             && matches!(meter.phase, MeterPhase::Published | MeterPhase::Deprecated)
         {
             return Err(LedgerError::Conflict(format!(
@@ -207,11 +223,14 @@ impl Catalog {
         let name = manifest.metadata.name.clone();
         match kind {
             Kind::MeterDefinition => {
-                self.meters.insert(name.clone(), MeterDefinition::from_manifest(&manifest)?);
+                self.meters
+                    .insert(name.clone(), MeterDefinition::from_manifest(&manifest)?);
             }
             Kind::MonitoredResourceType => {
-                self.resource_types
-                    .insert(name.clone(), MonitoredResourceType::from_manifest(&manifest)?);
+                self.resource_types.insert(
+                    name.clone(),
+                    MonitoredResourceType::from_manifest(&manifest)?,
+                );
             }
         }
         self.resources.insert((kind, name), manifest);
@@ -276,19 +295,26 @@ mod tests {
     #[test]
     fn meter_names_are_unique() {
         let mut c = Catalog::default();
-        c.commit(c.plan_apply(meter("Draft", "s"), now()).unwrap().manifest).unwrap();
+        c.commit(c.plan_apply(meter("Draft", "s"), now()).unwrap().manifest)
+            .unwrap();
         let mut other = meter("Draft", "s");
         other.metadata.name = "other".into();
-        assert!(matches!(c.plan_apply(other, now()), Err(LedgerError::Conflict(_))));
+        assert!(matches!(
+            c.plan_apply(other, now()),
+            Err(LedgerError::Conflict(_))
+        ));
     }
 
     #[test]
     fn resource_type_changes_reprocess_their_meters() {
         let mut c = Catalog::default();
         let mut m = meter("Draft", "s");
-        m.spec["monitoredResourceTypes"] = serde_json::json!(["networking.datumapis.com/HTTPRoute"]);
+        m.spec["monitoredResourceTypes"] =
+            serde_json::json!(["networking.datumapis.com/HTTPRoute"]);
         c.commit(c.plan_apply(m, now()).unwrap().manifest).unwrap();
-        let t = parse("apiVersion: billing.miloapis.com/v1alpha1\nkind: MonitoredResourceType\nmetadata: {name: httproute}\nspec:\n  resourceTypeName: networking.datumapis.com/HTTPRoute\n  labels: [{name: name, required: true}]\n");
+        let t = parse(
+            "apiVersion: billing.miloapis.com/v1alpha1\nkind: MonitoredResourceType\nmetadata: {name: httproute}\nspec:\n  resourceTypeName: networking.datumapis.com/HTTPRoute\n  labels: [{name: name, required: true}]\n",
+        );
         let plan = c.plan_apply(t, now()).unwrap();
         assert_eq!(plan.reprocess_meters, vec!["requests".to_owned()]);
     }

@@ -34,13 +34,20 @@ pub trait Ledger: Send + Sync + 'static {
     fn list(&self, kind: Kind) -> BoxFuture<'_, Result<Vec<Manifest>, LedgerError>>;
 
     /// Aggregates a meter over windows.
-    fn query(&self, meter: String, query: MeterQuery) -> BoxFuture<'_, Result<QueryResult, LedgerError>>;
+    fn query(
+        &self,
+        meter: String,
+        query: MeterQuery,
+    ) -> BoxFuture<'_, Result<QueryResult, LedgerError>>;
 
     /// Stored events, newest first.
     fn list_events(&self, filter: EventFilter) -> BoxFuture<'_, Result<EventPage, LedgerError>>;
 
     /// Quarantined events, newest first.
-    fn list_quarantine(&self, filter: QuarantineFilter) -> BoxFuture<'_, Result<QuarantinePage, LedgerError>>;
+    fn list_quarantine(
+        &self,
+        filter: QuarantineFilter,
+    ) -> BoxFuture<'_, Result<QuarantinePage, LedgerError>>;
 
     /// Counters for `/metrics`.
     fn stats(&self) -> LedgerStats;

@@ -26,7 +26,10 @@ pub enum LedgerError {
     Conflict(String),
     /// Temporarily unable to answer (e.g. a meter still backfilling).
     #[error("{message}")]
-    NotReady { message: String, retry_after_seconds: u64 },
+    NotReady {
+        message: String,
+        retry_after_seconds: u64,
+    },
     /// Storage failed; the request may or may not have taken effect only if
     /// it was a write that the caller retries idempotently.
     #[error("storage error: {0}")]
@@ -186,4 +189,3 @@ pub struct LedgerStats {
     pub disk_bytes: u64,
     pub kinds: BTreeMap<String, u64>,
 }
-

@@ -34,10 +34,20 @@ pub enum SampleValue {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Unmeterable {
     MeterRetired,
-    MissingValue { path: String },
-    InvalidValue { path: String, reason: String },
-    UndeclaredDimension { name: String },
-    MissingRequiredLabel { label: String, resource_type: String },
+    MissingValue {
+        path: String,
+    },
+    InvalidValue {
+        path: String,
+        reason: String,
+    },
+    UndeclaredDimension {
+        name: String,
+    },
+    MissingRequiredLabel {
+        label: String,
+        resource_type: String,
+    },
 }
 
 impl Unmeterable {
@@ -56,13 +66,18 @@ impl Unmeterable {
 impl fmt::Display for Unmeterable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Unmeterable::MeterRetired => f.write_str("the meter is Retired and accepts no new events"),
+            Unmeterable::MeterRetired => {
+                f.write_str("the meter is Retired and accepts no new events")
+            }
             Unmeterable::MissingValue { path } => write!(f, "data has no value at {path}"),
             Unmeterable::InvalidValue { path, reason } => write!(f, "value at {path}: {reason}"),
             Unmeterable::UndeclaredDimension { name } => {
                 write!(f, "dimension {name:?} is not declared by the meter")
             }
-            Unmeterable::MissingRequiredLabel { label, resource_type } => {
+            Unmeterable::MissingRequiredLabel {
+                label,
+                resource_type,
+            } => {
                 write!(f, "required label {label:?} of {resource_type} is missing")
             }
         }
@@ -119,7 +134,11 @@ impl CompiledMeter {
             .collect::<Result<Vec<_>, _>>()?;
         let resource_types = resource_types
             .iter()
-            .filter(|t| definition.monitored_resource_types.contains(&t.resource_type_name))
+            .filter(|t| {
+                definition
+                    .monitored_resource_types
+                    .contains(&t.resource_type_name)
+            })
             .map(|t| {
                 let required = t
                     .labels
@@ -181,18 +200,15 @@ impl CompiledMeter {
         let value = match &self.value_path {
             None => SampleValue::None,
             Some((text, path)) => {
-                let node = single_node(path, data, text)?.ok_or_else(|| Unmeterable::MissingValue {
-                    path: text.clone(),
-                })?;
+                let node = single_node(path, data, text)?
+                    .ok_or_else(|| Unmeterable::MissingValue { path: text.clone() })?;
                 self.sample_value(node, text)?
             }
         };
         let groups = self
             .dimensions
             .iter()
-            .map(|(name, path)| {
-                Ok(single_node(path, data, name)?.and_then(group_value))
-            })
+            .map(|(name, path)| Ok(single_node(path, data, name)?.and_then(group_value)))
             .collect::<Result<Vec<_>, Unmeterable>>()?;
         Ok(Sample { value, groups })
     }
@@ -203,14 +219,18 @@ impl CompiledMeter {
             reason,
         };
         match (self.aggregation(), node) {
-            (_, Value::Null) => Err(Unmeterable::MissingValue { path: path.to_owned() }),
+            (_, Value::Null) => Err(Unmeterable::MissingValue {
+                path: path.to_owned(),
+            }),
             (Aggregation::Count, _) => Ok(SampleValue::None),
             (Aggregation::UniqueCount, Value::String(s)) => Ok(SampleValue::Text(s.clone())),
             (Aggregation::UniqueCount, Value::Number(_) | Value::Bool(_)) => {
                 Ok(SampleValue::Text(node.to_string()))
             }
             (Aggregation::UniqueCount, _) => Err(invalid("expected a scalar value".into())),
-            (_, node) => decimal_from_json(node).map(SampleValue::Number).map_err(invalid),
+            (_, node) => decimal_from_json(node)
+                .map(SampleValue::Number)
+                .map_err(invalid),
         }
     }
 
@@ -223,8 +243,8 @@ impl CompiledMeter {
         let (group, kind) = (field("group"), field("kind"));
         let single = self.resource_types.len() == 1;
         for t in &self.resource_types {
-            let applies = single
-                || (group.is_none_or(|g| g == t.group) && kind.is_none_or(|k| k == t.kind));
+            let applies =
+                single || (group.is_none_or(|g| g == t.group) && kind.is_none_or(|k| k == t.kind));
             if !applies {
                 continue;
             }
@@ -246,11 +266,17 @@ impl CompiledMeter {
     }
 }
 
-fn single_node<'v>(path: &JsonPath, data: &'v Value, what: &str) -> Result<Option<&'v Value>, Unmeterable> {
-    path.query(data).at_most_one().map_err(|_| Unmeterable::InvalidValue {
-        path: what.to_owned(),
-        reason: "the path matches more than one node".into(),
-    })
+fn single_node<'v>(
+    path: &JsonPath,
+    data: &'v Value,
+    what: &str,
+) -> Result<Option<&'v Value>, Unmeterable> {
+    path.query(data)
+        .at_most_one()
+        .map_err(|_| Unmeterable::InvalidValue {
+            path: what.to_owned(),
+            reason: "the path matches more than one node".into(),
+        })
 }
 
 /// The group value of a JSON node: strings as they are, other scalars as
@@ -273,7 +299,10 @@ mod tests {
         let m = Manifest {
             api_version: "billing.miloapis.com/v1alpha1".into(),
             kind: "MeterDefinition".into(),
-            metadata: tally_model::ObjectMeta { name: "m".into(), ..Default::default() },
+            metadata: tally_model::ObjectMeta {
+                name: "m".into(),
+                ..Default::default()
+            },
             spec,
             status: None,
         };
@@ -299,54 +328,102 @@ mod tests {
 
     #[test]
     fn platform_event_shape() {
-        let def = meter(json!({"meterName": "t", "measurement": {"aggregation": "SUM", "dimensions": ["region"]},
-                               "monitoredResourceTypes": ["networking.datumapis.com/HTTPRoute"]}));
+        let def = meter(
+            json!({"meterName": "t", "measurement": {"aggregation": "SUM", "dimensions": ["region"]},
+                               "monitoredResourceTypes": ["networking.datumapis.com/HTTPRoute"]}),
+        );
         let m = CompiledMeter::compile("m", &def, &[http_route_type()]).unwrap();
         let s = m
-            .sample(&event(json!({"value": "42", "dimensions": {"region": "eu"}, "resource": {"name": "r"}})))
+            .sample(&event(
+                json!({"value": "42", "dimensions": {"region": "eu"}, "resource": {"name": "r"}}),
+            ))
             .unwrap();
         assert_eq!(s.value, SampleValue::Number(Decimal::from(42)));
         assert_eq!(s.groups, vec![Some("eu".to_owned())]);
         assert_eq!(
-            m.sample(&event(json!({"value": 1, "resource": {"name": ""}}))).unwrap_err(),
+            m.sample(&event(json!({"value": 1, "resource": {"name": ""}})))
+                .unwrap_err(),
             Unmeterable::MissingRequiredLabel {
                 label: "name".into(),
                 resource_type: "networking.datumapis.com/HTTPRoute".into()
             }
         );
         assert_eq!(
-            m.sample(&event(json!({"value": 1, "dimensions": {"zone": "a"}, "resource": {"name": "r"}})))
-                .unwrap_err()
-                .code(),
+            m.sample(&event(
+                json!({"value": 1, "dimensions": {"zone": "a"}, "resource": {"name": "r"}})
+            ))
+            .unwrap_err()
+            .code(),
             "UNDECLARED_DIMENSION"
         );
     }
 
     #[test]
     fn openmeter_style_paths_and_values() {
-        let def = meter(json!({"meterName": "t", "measurement": {"aggregation": "SUM"},
-            "event": {"valueProperty": "$.tokens", "dimensions": {"model": "$.model", "n": "$.meta.n"}}}));
+        let def = meter(
+            json!({"meterName": "t", "measurement": {"aggregation": "SUM"},
+            "event": {"valueProperty": "$.tokens", "dimensions": {"model": "$.model", "n": "$.meta.n"}}}),
+        );
         let m = CompiledMeter::compile("m", &def, &[]).unwrap();
-        let s = m.sample(&event(json!({"tokens": 1.5, "model": "gpt", "meta": {"n": 3}}))).unwrap();
+        let s = m
+            .sample(&event(
+                json!({"tokens": 1.5, "model": "gpt", "meta": {"n": 3}}),
+            ))
+            .unwrap();
         assert_eq!(s.groups, vec![Some("gpt".into()), Some("3".into())]);
-        assert_eq!(m.sample(&event(json!({"model": "x"}))).unwrap_err().code(), "MISSING_VALUE");
-        assert_eq!(m.sample(&event(json!({"tokens": "many"}))).unwrap_err().code(), "INVALID_VALUE");
-        assert_eq!(m.sample(&event(json!({"tokens": null}))).unwrap_err().code(), "MISSING_VALUE");
+        assert_eq!(
+            m.sample(&event(json!({"model": "x"}))).unwrap_err().code(),
+            "MISSING_VALUE"
+        );
+        assert_eq!(
+            m.sample(&event(json!({"tokens": "many"})))
+                .unwrap_err()
+                .code(),
+            "INVALID_VALUE"
+        );
+        assert_eq!(
+            m.sample(&event(json!({"tokens": null})))
+                .unwrap_err()
+                .code(),
+            "MISSING_VALUE"
+        );
     }
 
     #[test]
     fn counts_and_unique_counts() {
-        let count = CompiledMeter::compile("m", &meter(json!({"meterName": "t", "measurement": {"aggregation": "COUNT"}})), &[]).unwrap();
-        assert_eq!(count.sample(&event(Value::Null)).unwrap().value, SampleValue::None);
+        let count = CompiledMeter::compile(
+            "m",
+            &meter(json!({"meterName": "t", "measurement": {"aggregation": "COUNT"}})),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(
+            count.sample(&event(Value::Null)).unwrap().value,
+            SampleValue::None
+        );
         let unique = CompiledMeter::compile("m", &meter(json!({"meterName": "t", "measurement": {"aggregation": "UNIQUE_COUNT"}, "event": {"valueProperty": "$.user"}})), &[]).unwrap();
-        assert_eq!(unique.sample(&event(json!({"user": 7}))).unwrap().value, SampleValue::Text("7".into()));
-        assert_eq!(unique.sample(&event(json!({"user": [1]}))).unwrap_err().code(), "INVALID_VALUE");
+        assert_eq!(
+            unique.sample(&event(json!({"user": 7}))).unwrap().value,
+            SampleValue::Text("7".into())
+        );
+        assert_eq!(
+            unique
+                .sample(&event(json!({"user": [1]})))
+                .unwrap_err()
+                .code(),
+            "INVALID_VALUE"
+        );
     }
 
     #[test]
     fn retired_meters_refuse() {
-        let def = meter(json!({"meterName": "t", "phase": "Retired", "measurement": {"aggregation": "COUNT"}}));
+        let def = meter(
+            json!({"meterName": "t", "phase": "Retired", "measurement": {"aggregation": "COUNT"}}),
+        );
         let m = CompiledMeter::compile("m", &def, &[]).unwrap();
-        assert_eq!(m.sample(&event(Value::Null)).unwrap_err(), Unmeterable::MeterRetired);
+        assert_eq!(
+            m.sample(&event(Value::Null)).unwrap_err(),
+            Unmeterable::MeterRetired
+        );
     }
 }

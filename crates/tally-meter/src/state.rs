@@ -28,12 +28,19 @@ pub enum AggState {
     Sum(Decimal),
     Count(u64),
     UniqueCount(BTreeSet<String>),
-    Avg { sum: Decimal, count: u64 },
+    Avg {
+        sum: Decimal,
+        count: u64,
+    },
     Min(Decimal),
     Max(Decimal),
     /// The value of the event with the latest time; among equal times, the
     /// one stored last (highest log sequence).
-    Latest { time_ns: i128, seq: u64, value: Decimal },
+    Latest {
+        time_ns: i128,
+        seq: u64,
+        value: Decimal,
+    },
 }
 
 impl AggState {
@@ -78,7 +85,9 @@ impl AggState {
     /// Folds `other` into `self`.
     pub fn merge(&mut self, other: &AggState) -> Result<(), StateError> {
         match (self, other) {
-            (AggState::Sum(a), AggState::Sum(b)) => *a = a.checked_add(*b).ok_or(StateError::Overflow)?,
+            (AggState::Sum(a), AggState::Sum(b)) => {
+                *a = a.checked_add(*b).ok_or(StateError::Overflow)?
+            }
             (AggState::Count(a), AggState::Count(b)) => *a += b,
             (AggState::UniqueCount(a), AggState::UniqueCount(b)) => a.extend(b.iter().cloned()),
             (AggState::Avg { sum, count }, AggState::Avg { sum: s, count: c }) => {
@@ -88,8 +97,16 @@ impl AggState {
             (AggState::Min(a), AggState::Min(b)) => *a = (*a).min(*b),
             (AggState::Max(a), AggState::Max(b)) => *a = (*a).max(*b),
             (
-                AggState::Latest { time_ns, seq, value },
-                AggState::Latest { time_ns: t, seq: s, value: v },
+                AggState::Latest {
+                    time_ns,
+                    seq,
+                    value,
+                },
+                AggState::Latest {
+                    time_ns: t,
+                    seq: s,
+                    value: v,
+                },
             ) => {
                 if (*t, *s) > (*time_ns, *seq) {
                     (*time_ns, *seq, *value) = (*t, *s, *v);
@@ -149,7 +166,11 @@ impl AggState {
                 out.push(6);
                 out.extend_from_slice(&d.serialize());
             }
-            AggState::Latest { time_ns, seq, value } => {
+            AggState::Latest {
+                time_ns,
+                seq,
+                value,
+            } => {
                 out.push(7);
                 out.extend_from_slice(&time_ns.to_be_bytes());
                 out.extend_from_slice(&seq.to_be_bytes());
@@ -235,7 +256,10 @@ mod tests {
             dec.clone().prop_map(AggState::Sum),
             any::<u32>().prop_map(|n| AggState::Count(n.into())),
             proptest::collection::btree_set("[a-c]{0,3}", 0..4).prop_map(AggState::UniqueCount),
-            (dec.clone(), any::<u32>()).prop_map(|(sum, c)| AggState::Avg { sum, count: c.into() }),
+            (dec.clone(), any::<u32>()).prop_map(|(sum, c)| AggState::Avg {
+                sum,
+                count: c.into()
+            }),
             dec.clone().prop_map(AggState::Min),
             dec.clone().prop_map(AggState::Max),
             (any::<i64>(), any::<u64>(), dec).prop_map(|(t, seq, value)| AggState::Latest {
@@ -262,10 +286,24 @@ mod tests {
 
     #[test]
     fn latest_prefers_later_time_then_later_seq() {
-        let mut a = AggState::Latest { time_ns: 10, seq: 5, value: Decimal::ONE };
-        a.merge(&AggState::Latest { time_ns: 10, seq: 4, value: Decimal::TWO }).unwrap();
+        let mut a = AggState::Latest {
+            time_ns: 10,
+            seq: 5,
+            value: Decimal::ONE,
+        };
+        a.merge(&AggState::Latest {
+            time_ns: 10,
+            seq: 4,
+            value: Decimal::TWO,
+        })
+        .unwrap();
         assert_eq!(a.result(), Decimal::ONE);
-        a.merge(&AggState::Latest { time_ns: 11, seq: 1, value: Decimal::TEN }).unwrap();
+        a.merge(&AggState::Latest {
+            time_ns: 11,
+            seq: 1,
+            value: Decimal::TEN,
+        })
+        .unwrap();
         assert_eq!(a.result(), Decimal::TEN);
     }
 
@@ -281,6 +319,9 @@ mod tests {
         a.merge(&AggState::Sum(Decimal::ONE)).unwrap();
         assert_eq!(a.result().to_string(), "9007199254740994");
         let mut big = AggState::Sum(Decimal::MAX);
-        assert_eq!(big.merge(&AggState::Sum(Decimal::ONE)), Err(StateError::Overflow));
+        assert_eq!(
+            big.merge(&AggState::Sum(Decimal::ONE)),
+            Err(StateError::Overflow)
+        );
     }
 }

@@ -63,10 +63,21 @@ mod tests {
     #[test]
     fn reads_numbers_and_numeric_strings_exactly() {
         assert_eq!(decimal_from_json(&json!(3)).unwrap(), Decimal::from(3));
-        assert_eq!(decimal_from_json(&json!("18446744073709551615")).unwrap().to_string(), "18446744073709551615");
+        assert_eq!(
+            decimal_from_json(&json!("18446744073709551615"))
+                .unwrap()
+                .to_string(),
+            "18446744073709551615"
+        );
         assert_eq!(decimal_from_json(&json!(0.1)).unwrap().to_string(), "0.1");
-        assert_eq!(decimal_from_json(&json!("1e3")).unwrap(), Decimal::from(1000));
-        assert_eq!(decimal_from_json(&json!(" 2.50 ")).unwrap().to_string(), "2.5");
+        assert_eq!(
+            decimal_from_json(&json!("1e3")).unwrap(),
+            Decimal::from(1000)
+        );
+        assert_eq!(
+            decimal_from_json(&json!(" 2.50 ")).unwrap().to_string(),
+            "2.5"
+        );
         assert!(decimal_from_json(&json!("ten")).is_err());
         assert!(decimal_from_json(&json!(true)).is_err());
         assert!(decimal_from_json(&json!("")).is_err());
@@ -74,7 +85,10 @@ mod tests {
 
     #[test]
     fn writes_integers_exactly() {
-        assert_eq!(decimal_to_json(Decimal::from(9_007_199_254_740_993_i64)), json!(9_007_199_254_740_993_i64));
+        assert_eq!(
+            decimal_to_json(Decimal::from(9_007_199_254_740_993_i64)),
+            json!(9_007_199_254_740_993_i64)
+        );
         assert_eq!(decimal_to_json(Decimal::new(25, 1)), json!(2.5));
     }
 }

@@ -33,7 +33,9 @@ impl FromStr for WindowSize {
             "HOUR" => Ok(WindowSize::Hour),
             "DAY" => Ok(WindowSize::Day),
             "MONTH" => Ok(WindowSize::Month),
-            _ => Err(format!("unknown window size {s:?}; use MINUTE, HOUR, DAY or MONTH")),
+            _ => Err(format!(
+                "unknown window size {s:?}; use MINUTE, HOUR, DAY or MONTH"
+            )),
         }
     }
 }
@@ -63,7 +65,9 @@ pub enum WindowError {
     EmptyRange { from: Timestamp, to: Timestamp },
     #[error("{what} ({at}) must fall on a whole minute: usage is kept per minute")]
     NotMinuteAligned { what: &'static str, at: Timestamp },
-    #[error("the query would produce more than {MAX_WINDOWS} windows; use a larger window size or a shorter range")]
+    #[error(
+        "the query would produce more than {MAX_WINDOWS} windows; use a larger window size or a shorter range"
+    )]
     TooMany,
     #[error("time zone arithmetic failed: {0}")]
     TimeZone(String),
@@ -74,7 +78,11 @@ fn tz_error(e: jiff::Error) -> WindowError {
 }
 
 /// The start of the window of size `size` in `tz` that contains `t`.
-pub fn window_start(t: Timestamp, size: WindowSize, tz: &TimeZone) -> Result<Timestamp, WindowError> {
+pub fn window_start(
+    t: Timestamp,
+    size: WindowSize,
+    tz: &TimeZone,
+) -> Result<Timestamp, WindowError> {
     let zoned = t.to_zoned(tz.clone());
     let local_into = |unit: i64| {
         let local = t.as_second() + i64::from(zoned.offset().seconds());
@@ -142,7 +150,10 @@ pub fn windows(
     check_minute("`from`", from)?;
     check_minute("`to`", to)?;
     let Some(size) = size else {
-        return Ok(vec![Window { start: from, end: to }]);
+        return Ok(vec![Window {
+            start: from,
+            end: to,
+        }]);
     };
     let mut out = Vec::new();
     let mut start = window_start(from, size, tz)?;
@@ -173,9 +184,21 @@ mod tests {
     #[test]
     fn dst_days_have_23_and_25_hours() {
         let berlin = TimeZone::get("Europe/Berlin").unwrap();
-        let spring = windows(ts("2026-03-28T23:00:00Z"), ts("2026-03-30T22:00:00Z"), Some(WindowSize::Day), &berlin).unwrap();
+        let spring = windows(
+            ts("2026-03-28T23:00:00Z"),
+            ts("2026-03-30T22:00:00Z"),
+            Some(WindowSize::Day),
+            &berlin,
+        )
+        .unwrap();
         assert_eq!(spring.iter().map(hours).collect::<Vec<_>>(), vec![23, 24]);
-        let autumn = windows(ts("2026-10-24T22:00:00Z"), ts("2026-10-26T23:00:00Z"), Some(WindowSize::Day), &berlin).unwrap();
+        let autumn = windows(
+            ts("2026-10-24T22:00:00Z"),
+            ts("2026-10-26T23:00:00Z"),
+            Some(WindowSize::Day),
+            &berlin,
+        )
+        .unwrap();
         assert_eq!(autumn.iter().map(hours).collect::<Vec<_>>(), vec![25, 24]);
         assert_eq!(autumn[0].start, ts("2026-10-24T22:00:00Z"));
     }
@@ -183,19 +206,37 @@ mod tests {
     #[test]
     fn hours_in_half_hour_zones_and_repeated_hours() {
         let kolkata = TimeZone::get("Asia/Kolkata").unwrap();
-        let w = windows(ts("2026-01-01T00:00:00Z"), ts("2026-01-01T02:00:00Z"), Some(WindowSize::Hour), &kolkata).unwrap();
+        let w = windows(
+            ts("2026-01-01T00:00:00Z"),
+            ts("2026-01-01T02:00:00Z"),
+            Some(WindowSize::Hour),
+            &kolkata,
+        )
+        .unwrap();
         assert_eq!(w[0].start, ts("2025-12-31T23:30:00Z"));
         assert_eq!(w.len(), 3);
         let berlin = TimeZone::get("Europe/Berlin").unwrap();
         // 02:00-03:00 local happens twice on 2026-10-25: two distinct windows.
-        let w = windows(ts("2026-10-25T00:00:00Z"), ts("2026-10-25T02:00:00Z"), Some(WindowSize::Hour), &berlin).unwrap();
+        let w = windows(
+            ts("2026-10-25T00:00:00Z"),
+            ts("2026-10-25T02:00:00Z"),
+            Some(WindowSize::Hour),
+            &berlin,
+        )
+        .unwrap();
         assert_eq!(w.len(), 2);
         assert!(w.iter().all(|w| hours(w) == 1));
     }
 
     #[test]
     fn months_follow_the_calendar() {
-        let w = windows(ts("2026-01-15T00:00:00Z"), ts("2026-03-01T00:00:00Z"), Some(WindowSize::Month), &TimeZone::UTC).unwrap();
+        let w = windows(
+            ts("2026-01-15T00:00:00Z"),
+            ts("2026-03-01T00:00:00Z"),
+            Some(WindowSize::Month),
+            &TimeZone::UTC,
+        )
+        .unwrap();
         assert_eq!(w.len(), 2);
         assert_eq!(w[0].start, ts("2026-01-01T00:00:00Z"));
         assert_eq!(w[1].end, ts("2026-03-01T00:00:00Z"));
@@ -204,8 +245,32 @@ mod tests {
     #[test]
     fn refuses_bad_ranges() {
         let utc = TimeZone::UTC;
-        assert!(matches!(windows(ts("2026-01-01T00:00:00Z"), ts("2026-01-01T00:00:00Z"), None, &utc), Err(WindowError::EmptyRange { .. })));
-        assert!(matches!(windows(ts("2026-01-01T00:00:30Z"), ts("2026-01-02T00:00:00Z"), None, &utc), Err(WindowError::NotMinuteAligned { .. })));
-        assert!(matches!(windows(ts("2000-01-01T00:00:00Z"), ts("2026-01-01T00:00:00Z"), Some(WindowSize::Minute), &utc), Err(WindowError::TooMany)));
+        assert!(matches!(
+            windows(
+                ts("2026-01-01T00:00:00Z"),
+                ts("2026-01-01T00:00:00Z"),
+                None,
+                &utc
+            ),
+            Err(WindowError::EmptyRange { .. })
+        ));
+        assert!(matches!(
+            windows(
+                ts("2026-01-01T00:00:30Z"),
+                ts("2026-01-02T00:00:00Z"),
+                None,
+                &utc
+            ),
+            Err(WindowError::NotMinuteAligned { .. })
+        ));
+        assert!(matches!(
+            windows(
+                ts("2000-01-01T00:00:00Z"),
+                ts("2026-01-01T00:00:00Z"),
+                Some(WindowSize::Minute),
+                &utc
+            ),
+            Err(WindowError::TooMany)
+        ));
     }
 }

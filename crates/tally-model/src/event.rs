@@ -60,27 +60,26 @@ pub fn parse_event(value: Value, received: Timestamp) -> Result<CloudEvent, Vec<
         return Err(vec![field_error("", "an event must be a JSON object")]);
     };
     let mut errors = Vec::new();
-    let mut take_string = |object: &mut Map<String, Value>, field: &str, required: bool| match object
-        .remove(field)
-    {
-        Some(Value::String(s)) if s.is_empty() && required => {
-            errors.push(field_error(field, "must not be empty"));
-            None
-        }
-        Some(Value::String(s)) => Some(s),
-        Some(Value::Null) | None if !required => None,
-        Some(Value::Null) | None => {
-            errors.push(field_error(field, "is required"));
-            None
-        }
-        Some(other) => {
-            errors.push(field_error(
-                field,
-                format!("must be a string, got {}", json_type(&other)),
-            ));
-            None
-        }
-    };
+    let mut take_string =
+        |object: &mut Map<String, Value>, field: &str, required: bool| match object.remove(field) {
+            Some(Value::String(s)) if s.is_empty() && required => {
+                errors.push(field_error(field, "must not be empty"));
+                None
+            }
+            Some(Value::String(s)) => Some(s),
+            Some(Value::Null) | None if !required => None,
+            Some(Value::Null) | None => {
+                errors.push(field_error(field, "is required"));
+                None
+            }
+            Some(other) => {
+                errors.push(field_error(
+                    field,
+                    format!("must be a string, got {}", json_type(&other)),
+                ));
+                None
+            }
+        };
     let [specversion, id, source, kind, subject] =
         REQUIRED_STRINGS.map(|field| take_string(&mut object, field, true));
     let [datacontenttype, dataschema] =
@@ -90,7 +89,10 @@ pub fn parse_event(value: Value, received: Timestamp) -> Result<CloudEvent, Vec<
     if let Some(v) = &specversion
         && v != "1.0"
     {
-        errors.push(field_error("specversion", format!("must be \"1.0\", got {v:?}")));
+        errors.push(field_error(
+            "specversion",
+            format!("must be \"1.0\", got {v:?}"),
+        ));
     }
     if let Some(ct) = &datacontenttype
         && !(ct.starts_with("application/json") || ct.ends_with("+json"))
@@ -105,7 +107,10 @@ pub fn parse_event(value: Value, received: Timestamp) -> Result<CloudEvent, Vec<
         Some(t) => match t.parse::<Timestamp>() {
             Ok(t) => Some(t),
             Err(e) => {
-                errors.push(field_error("time", format!("not an RFC 3339 timestamp: {e}")));
+                errors.push(field_error(
+                    "time",
+                    format!("not an RFC 3339 timestamp: {e}"),
+                ));
                 None
             }
         },
@@ -122,7 +127,10 @@ pub fn parse_event(value: Value, received: Timestamp) -> Result<CloudEvent, Vec<
         }
     };
     if object.contains_key("data_base64") {
-        errors.push(field_error("data_base64", "binary data is not supported for usage events"));
+        errors.push(field_error(
+            "data_base64",
+            "binary data is not supported for usage events",
+        ));
     }
     for key in object.keys() {
         if !is_valid_extension_name(key) {
@@ -204,7 +212,15 @@ mod tests {
         let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(
             fields,
-            ["id", "source", "type", "subject", "specversion", "time", "data"]
+            [
+                "id",
+                "source",
+                "type",
+                "subject",
+                "specversion",
+                "time",
+                "data"
+            ]
         );
     }
 

@@ -92,7 +92,9 @@ impl<'de> Deserialize<'de> for Aggregation {
 }
 
 /// A meter's life cycle. Phases only move forward.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub enum MeterPhase {
     #[default]
     Draft,
@@ -186,7 +188,8 @@ impl MeterDefinition {
             ));
         }
         for (name, path) in self.group_by() {
-            if name.is_empty() || name == "subject" || name == "windowStart" || name == "windowEnd" {
+            if name.is_empty() || name == "subject" || name == "windowStart" || name == "windowEnd"
+            {
                 return Err(format!("dimension name {name:?} is reserved or empty"));
             }
             JsonPath::parse(&path)
@@ -238,7 +241,11 @@ impl MeterDefinition {
         }
         if self.phase >= MeterPhase::Published {
             let frozen: [(&str, String, String); 5] = [
-                ("spec.meterName", self.meter_name.clone(), next.meter_name.clone()),
+                (
+                    "spec.meterName",
+                    self.meter_name.clone(),
+                    next.meter_name.clone(),
+                ),
                 (
                     "spec.measurement.unit",
                     format!("{:?}", self.measurement.unit),
@@ -249,7 +256,11 @@ impl MeterDefinition {
                     self.measurement.aggregation.to_string(),
                     next.measurement.aggregation.to_string(),
                 ),
-                ("spec.event.type", self.event_type().into(), next.event_type().into()),
+                (
+                    "spec.event.type",
+                    self.event_type().into(),
+                    next.event_type().into(),
+                ),
                 (
                     "spec.event.valueProperty",
                     format!("{:?}", self.value_property()),
@@ -344,8 +355,12 @@ impl MonitoredResourceType {
                 return Err(invalid("every label needs a name".into()));
             }
             let path = label.path();
-            JsonPath::parse(&path)
-                .map_err(|e| invalid(format!("label {:?}: {path:?} is not JSONPath: {e}", label.name)))?;
+            JsonPath::parse(&path).map_err(|e| {
+                invalid(format!(
+                    "label {:?}: {path:?} is not JSONPath: {e}",
+                    label.name
+                ))
+            })?;
         }
         Ok(spec)
     }
@@ -465,8 +480,14 @@ mod tests {
         for s in ["SUM", "Sum", "sum"] {
             assert_eq!(s.parse::<Aggregation>().unwrap(), Aggregation::Sum);
         }
-        assert_eq!("UniqueCount".parse::<Aggregation>().unwrap(), Aggregation::UniqueCount);
-        assert_eq!("unique_count".parse::<Aggregation>().unwrap(), Aggregation::UniqueCount);
+        assert_eq!(
+            "UniqueCount".parse::<Aggregation>().unwrap(),
+            Aggregation::UniqueCount
+        );
+        assert_eq!(
+            "unique_count".parse::<Aggregation>().unwrap(),
+            Aggregation::UniqueCount
+        );
         assert!("median".parse::<Aggregation>().is_err());
     }
 
@@ -519,6 +540,9 @@ mod tests {
         .unwrap();
         let manifest = om.to_manifest();
         let def = MeterDefinition::from_manifest(&manifest).unwrap();
-        assert_eq!(OpenMeterMeter::from_definition(&manifest.metadata, &def), om);
+        assert_eq!(
+            OpenMeterMeter::from_definition(&manifest.metadata, &def),
+            om
+        );
     }
 }

@@ -238,9 +238,13 @@ mod tests {
 
     #[test]
     fn reports_the_document_that_failed() {
-        let err = Manifest::parse_documents("kind: X\nmetadata: {name: a}\napiVersion: v\n---\n[: bad")
-            .unwrap_err();
-        assert!(matches!(err, ResourceError::Parse { document: 2, .. }), "{err}");
+        let err =
+            Manifest::parse_documents("kind: X\nmetadata: {name: a}\napiVersion: v\n---\n[: bad")
+                .unwrap_err();
+        assert!(
+            matches!(err, ResourceError::Parse { document: 2, .. }),
+            "{err}"
+        );
     }
 
     #[test]
@@ -252,7 +256,10 @@ mod tests {
             spec: Value::Null,
             status: None,
         };
-        assert!(matches!(m.typed_kind(), Err(ResourceError::WrongApiVersion { .. })));
+        assert!(matches!(
+            m.typed_kind(),
+            Err(ResourceError::WrongApiVersion { .. })
+        ));
         assert!(validate_name("gateway-requests.v1_x").is_ok());
         assert!(validate_name("Gateway").is_err());
         assert!(validate_name("-a").is_err());

@@ -18,7 +18,9 @@ pub fn decode(headers: &HeaderMap, body: Bytes, limit: usize) -> Result<Bytes, P
     let too_large = || {
         Problem::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the request body is larger than the limit of {limit} bytes (after decompression); send smaller batches"),
+            format!(
+                "the request body is larger than the limit of {limit} bytes (after decompression); send smaller batches"
+            ),
         )
     };
     let read_all = |reader: &mut dyn Read| -> Result<Bytes, Problem> {

@@ -49,6 +49,7 @@ impl ServeConfig {
         if text.trim().is_empty() {
             return Ok(ServeConfig::default());
         }
-        serde_norway::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+        serde_norway::from_str(&text)
+            .with_context(|| format!("parsing config file {}", path.display()))
     }
 }

@@ -1,22 +1,23 @@
 //! `POST /api/v1/events` and `GET /api/v1/events`.
 
+use axum::Json;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::Json;
 use bytes::Bytes;
 use jiff::Timestamp;
 use serde_json::Value;
 use tally_ledger::{EventFilter, EventPage, IngestOutcome};
 use tally_model::{EventError, parse_event};
 
+use crate::AppState;
 use crate::body;
 use crate::problem::Problem;
 use crate::query::Params;
-use crate::AppState;
 
 /// Splits a request body into JSON values according to its media type.
 fn values(media_type: &str, body: &[u8]) -> Result<Vec<Value>, Problem> {
-    let malformed = |e: serde_json::Error| Problem::bad_request(format!("the body is not valid JSON: {e}"));
+    let malformed =
+        |e: serde_json::Error| Problem::bad_request(format!("the body is not valid JSON: {e}"));
     match media_type {
         "application/cloudevents+json" => match serde_json::from_slice(body).map_err(malformed)? {
             v @ Value::Object(_) => Ok(vec![v]),
@@ -24,22 +25,28 @@ fn values(media_type: &str, body: &[u8]) -> Result<Vec<Value>, Problem> {
                 "application/cloudevents+json carries one event object; send arrays as application/cloudevents-batch+json",
             )),
         },
-        "application/cloudevents-batch+json" => match serde_json::from_slice(body).map_err(malformed)? {
-            Value::Array(items) => Ok(items),
-            _ => Err(Problem::bad_request("application/cloudevents-batch+json must be a JSON array of events")),
-        },
+        "application/cloudevents-batch+json" => {
+            match serde_json::from_slice(body).map_err(malformed)? {
+                Value::Array(items) => Ok(items),
+                _ => Err(Problem::bad_request(
+                    "application/cloudevents-batch+json must be a JSON array of events",
+                )),
+            }
+        }
         "application/json" => match serde_json::from_slice(body).map_err(malformed)? {
             Value::Array(items) => Ok(items),
             v => Ok(vec![v]),
         },
         "application/x-ndjson" | "application/jsonl" => {
-            let text = std::str::from_utf8(body).map_err(|_| Problem::bad_request("the body is not UTF-8"))?;
+            let text = std::str::from_utf8(body)
+                .map_err(|_| Problem::bad_request("the body is not UTF-8"))?;
             text.lines()
                 .enumerate()
                 .filter(|(_, line)| !line.trim().is_empty())
                 .map(|(n, line)| {
-                    serde_json::from_str(line)
-                        .map_err(|e| Problem::bad_request(format!("line {} is not valid JSON: {e}", n + 1)))
+                    serde_json::from_str(line).map_err(|e| {
+                        Problem::bad_request(format!("line {} is not valid JSON: {e}", n + 1))
+                    })
                 })
                 .collect()
         }
@@ -49,7 +56,9 @@ fn values(media_type: &str, body: &[u8]) -> Result<Vec<Value>, Problem> {
         )),
         other => Err(Problem::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            format!("Content-Type {other:?} is not accepted; use application/cloudevents+json, application/cloudevents-batch+json, application/json or application/x-ndjson"),
+            format!(
+                "Content-Type {other:?} is not accepted; use application/cloudevents+json, application/cloudevents-batch+json, application/json or application/x-ndjson"
+            ),
         )),
     }
 }
@@ -85,7 +94,11 @@ pub async fn ingest(
         let id = value.get("id").and_then(Value::as_str).map(str::to_owned);
         match parse_event(value, received) {
             Ok(event) => events.push(event),
-            Err(field_errors) => errors.push(EventError { index, id, errors: field_errors }),
+            Err(field_errors) => errors.push(EventError {
+                index,
+                id,
+                errors: field_errors,
+            }),
         }
     }
     if !errors.is_empty() {
@@ -113,9 +126,14 @@ pub async fn ingest(
         (status = 400, description = "Bad parameters", body = Problem, content_type = "application/problem+json"),
     )
 )]
-pub async fn list(State(state): State<AppState>, RawQuery(query): RawQuery) -> Result<Json<EventPage>, Problem> {
+pub async fn list(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<EventPage>, Problem> {
     let p = Params::parse(query.as_deref())?;
-    p.only(&["from", "to", "type", "subject", "source", "id", "limit", "cursor"])?;
+    p.only(&[
+        "from", "to", "type", "subject", "source", "id", "limit", "cursor",
+    ])?;
     let filter = EventFilter {
         from: p.timestamp("from")?,
         to: p.timestamp("to")?,
@@ -137,7 +155,10 @@ mod tests {
     fn splits_bodies_by_media_type() {
         assert_eq!(values("application/json", b"{\"a\":1}").unwrap().len(), 1);
         assert_eq!(values("application/json", b"[{},{}]").unwrap().len(), 2);
-        assert_eq!(values("application/x-ndjson", b"{}\n\n{}\n").unwrap().len(), 2);
+        assert_eq!(
+            values("application/x-ndjson", b"{}\n\n{}\n").unwrap().len(),
+            2
+        );
         assert!(values("application/cloudevents+json", b"[]").is_err());
         assert!(values("application/cloudevents-batch+json", b"{}").is_err());
         assert_eq!(values("text/plain", b"{}").unwrap_err().status, 415);

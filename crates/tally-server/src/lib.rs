@@ -31,13 +31,16 @@ use utoipa::OpenApi;
 pub use config::ServeConfig;
 pub use problem::Problem;
 
+/// HTTP request counts by (method, route, status).
+type RequestCounts = BTreeMap<(String, String, u16), u64>;
+
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
     pub ledger: Arc<dyn Ledger>,
     pub max_body_bytes: usize,
     token: Option<Arc<str>>,
-    requests: Arc<Mutex<BTreeMap<(String, String, u16), u64>>>,
+    requests: Arc<Mutex<RequestCounts>>,
 }
 
 impl AppState {
@@ -89,14 +92,19 @@ pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/api/v1/events", post(events::ingest).get(events::list))
         .route("/api/v1/meters", get(meters::list).post(meters::create))
-        .route("/api/v1/meters/{slug}", get(meters::get).delete(meters::delete))
+        .route(
+            "/api/v1/meters/{slug}",
+            get(meters::get).delete(meters::delete),
+        )
         .route("/api/v1/meters/{slug}/query", get(meters::query))
         .route("/api/v1/quarantine", get(quarantine))
         .route("/apis/apply", post(resources::apply))
         .route("/apis/{plural}", get(resources::list))
         .route(
             "/apis/{plural}/{name}",
-            get(resources::get).put(resources::put).delete(resources::delete),
+            get(resources::get)
+                .put(resources::put)
+                .delete(resources::delete),
         )
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi_json))
@@ -105,8 +113,13 @@ pub fn router(state: AppState) -> Router {
         .merge(api)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "no such endpoint; see /openapi.json") })
-        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .fallback(|| async {
+            Problem::new(StatusCode::NOT_FOUND, "no such endpoint; see /openapi.json")
+        })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
         // Compressed bodies may expand; the decoded size is checked again in `body::decode`.
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
         .with_state(state)
@@ -126,9 +139,10 @@ async fn authenticate(State(state): State<AppState>, request: Request, next: Nex
                 "this server requires `Authorization: Bearer <token>`; the token is missing or wrong",
             )
             .into_response();
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
             return response;
         }
     }
@@ -143,7 +157,9 @@ async fn count_requests(State(state): State<AppState>, request: Request, next: N
     let method = request.method().to_string();
     let response = next.run(request).await;
     if let Ok(mut counts) = state.requests.lock() {
-        *counts.entry((method, route, response.status().as_u16())).or_default() += 1;
+        *counts
+            .entry((method, route, response.status().as_u16()))
+            .or_default() += 1;
     }
     response
 }
@@ -154,7 +170,10 @@ async fn count_requests(State(state): State<AppState>, request: Request, next: N
            ("limit" = Option<usize>, Query, description = "Page size"),
            ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page")),
     responses((status = 200, description = "A page of quarantined events", body = Object)))]
-async fn quarantine(State(state): State<AppState>, RawQuery(raw): RawQuery) -> Result<Json<QuarantinePage>, Problem> {
+async fn quarantine(
+    State(state): State<AppState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<QuarantinePage>, Problem> {
     let p = query::Params::parse(raw.as_deref())?;
     p.only(&["meter", "limit", "cursor"])?;
     let filter = QuarantineFilter {
@@ -172,27 +191,67 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     let s = state.ledger.stats();
     let mut out = String::new();
     let mut counter = |name: &str, help: &str, kind: &str, value: u64| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
     };
-    counter("tally_events_accepted_total", "Events stored.", "counter", s.events_accepted_total);
-    counter("tally_events_duplicate_total", "Events acknowledged as duplicates of stored events (same source and id).", "counter", s.events_duplicate_total);
-    counter("tally_events_quarantined_total", "Event-meter pairs put in quarantine.", "counter", s.events_quarantined_total);
-    counter("tally_group_commits_total", "Durable group commits of the ledger.", "counter", s.group_commits_total);
-    counter("tally_store_disk_bytes", "Bytes the store occupies on disk.", "gauge", s.disk_bytes);
-    let _ = writeln!(out, "# HELP tally_resources Resources in the catalog.\n# TYPE tally_resources gauge");
+    counter(
+        "tally_events_accepted_total",
+        "Events stored.",
+        "counter",
+        s.events_accepted_total,
+    );
+    counter(
+        "tally_events_duplicate_total",
+        "Events acknowledged as duplicates of stored events (same source and id).",
+        "counter",
+        s.events_duplicate_total,
+    );
+    counter(
+        "tally_events_quarantined_total",
+        "Event-meter pairs put in quarantine.",
+        "counter",
+        s.events_quarantined_total,
+    );
+    counter(
+        "tally_group_commits_total",
+        "Durable group commits of the ledger.",
+        "counter",
+        s.group_commits_total,
+    );
+    counter(
+        "tally_store_disk_bytes",
+        "Bytes the store occupies on disk.",
+        "gauge",
+        s.disk_bytes,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP tally_resources Resources in the catalog.\n# TYPE tally_resources gauge"
+    );
     for (kind, n) in &s.kinds {
         let _ = writeln!(out, "tally_resources{{kind=\"{kind}\"}} {n}");
     }
-    let _ = writeln!(out, "# HELP tally_component_received_total Items received by a component.\n# TYPE tally_component_received_total counter");
+    let _ = writeln!(
+        out,
+        "# HELP tally_component_received_total Items received by a component.\n# TYPE tally_component_received_total counter"
+    );
     let _ = writeln!(
         out,
         "tally_component_received_total{{component=\"ledger\"}} {}",
         s.events_accepted_total + s.events_duplicate_total
     );
-    let _ = writeln!(out, "# HELP tally_http_requests_total HTTP requests by method, route and status.\n# TYPE tally_http_requests_total counter");
+    let _ = writeln!(
+        out,
+        "# HELP tally_http_requests_total HTTP requests by method, route and status.\n# TYPE tally_http_requests_total counter"
+    );
     if let Ok(counts) = state.requests.lock() {
         for ((method, route, status), n) in counts.iter() {
-            let _ = writeln!(out, "tally_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "tally_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {n}"
+            );
         }
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
@@ -211,7 +270,11 @@ async fn readyz(State(state): State<AppState>) -> Response {
     if state.ledger.ready() {
         "ready\n".into_response()
     } else {
-        Problem::new(StatusCode::SERVICE_UNAVAILABLE, "the ledger's writer has stopped").into_response()
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the ledger's writer has stopped",
+        )
+        .into_response()
     }
 }
 
@@ -222,23 +285,44 @@ async fn openapi_json() -> Response {
     }
 }
 
+/// Serves the API on a bound listener until the process ends.
+pub async fn serve_on(listener: tokio::net::TcpListener, state: AppState) -> anyhow::Result<()> {
+    axum::serve(listener, router(state))
+        .await
+        .context("serving HTTP")
+}
+
 /// Runs `tally serve` until SIGINT or SIGTERM.
 pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let mut store = StoreConfig::new(&config.data_dir);
-    store.dedupe_horizon = jiff::SignedDuration::from_hours(i64::from(config.dedupe_horizon_days) * 24);
+    store.dedupe_horizon =
+        jiff::SignedDuration::from_hours(i64::from(config.dedupe_horizon_days) * 24);
     store.max_lateness = jiff::SignedDuration::from_hours(
-        i64::from(config.max_lateness_days.unwrap_or(config.dedupe_horizon_days)) * 24,
+        i64::from(
+            config
+                .max_lateness_days
+                .unwrap_or(config.dedupe_horizon_days),
+        ) * 24,
     );
     let ledger = tokio::task::spawn_blocking(move || EmbeddedLedger::open(store))
         .await
         .context("opening the store")?
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
-    let state = AppState::new(Arc::new(ledger), config.max_body_bytes, config.token.clone());
+    let state = AppState::new(
+        Arc::new(ledger),
+        config.max_body_bytes,
+        config.token.clone(),
+    );
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
-    let address = listener.local_addr().context("reading the listen address")?;
-    println!("tally listening on http://{address} (data dir {})", config.data_dir.display());
+    let address = listener
+        .local_addr()
+        .context("reading the listen address")?;
+    println!(
+        "tally listening on http://{address} (data dir {})",
+        config.data_dir.display()
+    );
     tracing::info!(%address, data_dir = %config.data_dir.display(), auth = state.token.is_some(), "serving");
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown_signal())

@@ -1,8 +1,8 @@
 //! The OpenMeter meter API: `/api/v1/meters` and `/api/v1/meters/{slug}/query`.
 
+use axum::Json;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
-use axum::Json;
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, ToSpan, Unit};
 use serde_json::{Value, json};
@@ -10,9 +10,9 @@ use tally_ledger::{LedgerError, MeterQuery};
 use tally_meter::{WindowSize, decimal_to_json};
 use tally_model::{Kind, Manifest, MeterDefinition, OpenMeterMeter};
 
+use crate::AppState;
 use crate::problem::Problem;
 use crate::query::Params;
-use crate::AppState;
 
 fn view(manifest: &Manifest) -> Result<OpenMeterMeter, Problem> {
     let def = MeterDefinition::from_manifest(manifest).map_err(LedgerError::from)?;
@@ -32,7 +32,10 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<OpenMeterMet
     params(("slug" = String, Path, description = "Meter slug (the MeterDefinition's name)")),
     responses((status = 200, description = "The meter", body = Object),
               (status = 404, description = "No such meter", body = Problem, content_type = "application/problem+json")))]
-pub async fn get(State(state): State<AppState>, Path(slug): Path<String>) -> Result<Json<OpenMeterMeter>, Problem> {
+pub async fn get(
+    State(state): State<AppState>,
+    Path(slug): Path<String>,
+) -> Result<Json<OpenMeterMeter>, Problem> {
     let manifest = state.ledger.get(Kind::MeterDefinition, slug).await?;
     Ok(Json(view(&manifest)?))
 }
@@ -43,11 +46,22 @@ pub async fn get(State(state): State<AppState>, Path(slug): Path<String>) -> Res
     responses((status = 201, description = "Created", body = Object),
               (status = 400, description = "Invalid meter", body = Problem, content_type = "application/problem+json"),
               (status = 409, description = "A meter with this slug exists", body = Problem, content_type = "application/problem+json")))]
-pub async fn create(State(state): State<AppState>, body: axum::body::Bytes) -> Result<(StatusCode, Json<OpenMeterMeter>), Problem> {
+pub async fn create(
+    State(state): State<AppState>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<OpenMeterMeter>), Problem> {
     let meter: OpenMeterMeter = serde_json::from_slice(&body)
         .map_err(|e| Problem::bad_request(format!("not a meter: {e}")))?;
-    if state.ledger.get(Kind::MeterDefinition, meter.slug.clone()).await.is_ok() {
-        return Err(Problem::new(StatusCode::CONFLICT, format!("meter {:?} already exists", meter.slug)));
+    if state
+        .ledger
+        .get(Kind::MeterDefinition, meter.slug.clone())
+        .await
+        .is_ok()
+    {
+        return Err(Problem::new(
+            StatusCode::CONFLICT,
+            format!("meter {:?} already exists", meter.slug),
+        ));
     }
     let applied = state.ledger.apply(meter.to_manifest()).await?;
     Ok((StatusCode::CREATED, Json(view(&applied.manifest)?)))
@@ -59,7 +73,10 @@ pub async fn create(State(state): State<AppState>, body: axum::body::Bytes) -> R
     responses((status = 204, description = "Deleted"),
               (status = 404, description = "No such meter", body = Problem, content_type = "application/problem+json"),
               (status = 409, description = "Published or Deprecated meters cannot be deleted", body = Problem, content_type = "application/problem+json")))]
-pub async fn delete(State(state): State<AppState>, Path(slug): Path<String>) -> Result<StatusCode, Problem> {
+pub async fn delete(
+    State(state): State<AppState>,
+    Path(slug): Path<String>,
+) -> Result<StatusCode, Problem> {
     state.ledger.delete(Kind::MeterDefinition, slug).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -88,17 +105,34 @@ pub async fn query(
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Value>, Problem> {
     let p = Params::parse(raw.as_deref())?;
-    p.only(&["from", "to", "windowSize", "windowTimeZone", "subject", "groupBy", "filterGroupBy", "limit", "cursor"])?;
+    p.only(&[
+        "from",
+        "to",
+        "windowSize",
+        "windowTimeZone",
+        "subject",
+        "groupBy",
+        "filterGroupBy",
+        "limit",
+        "cursor",
+    ])?;
     let zone_name = p.one("windowTimeZone")?.unwrap_or_else(|| "UTC".into());
-    let time_zone = TimeZone::get(&zone_name)
-        .map_err(|_| Problem::bad_request(format!("windowTimeZone {zone_name:?} is not an IANA time zone")))?;
+    let time_zone = TimeZone::get(&zone_name).map_err(|_| {
+        Problem::bad_request(format!(
+            "windowTimeZone {zone_name:?} is not an IANA time zone"
+        ))
+    })?;
     let window_size: Option<WindowSize> = p
         .one("windowSize")?
         .map(|w| w.parse().map_err(Problem::bad_request))
         .transpose()?;
     let now = Timestamp::now();
     let default_to = now
-        .round(jiff::TimestampRound::new().smallest(Unit::Minute).mode(jiff::RoundMode::Ceil))
+        .round(
+            jiff::TimestampRound::new()
+                .smallest(Unit::Minute)
+                .mode(jiff::RoundMode::Ceil),
+        )
         .unwrap_or(now)
         .checked_add(0.minutes())
         .unwrap_or(now);

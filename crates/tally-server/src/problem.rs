@@ -11,15 +11,15 @@ use tally_model::ResourceError;
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Problem {
     #[serde(rename = "type")]
-    pub kind: String,
-    pub title: String,
+    pub kind: &'static str,
+    pub title: &'static str,
     pub status: u16,
     pub detail: String,
     /// Every bad event of a rejected ingest request: index, id, and the
     /// problems with its fields.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
-    pub errors: Option<Value>,
+    pub errors: Option<Box<Value>>,
     #[serde(skip)]
     retry_after: Option<u64>,
 }
@@ -27,8 +27,8 @@ pub struct Problem {
 impl Problem {
     pub fn new(status: StatusCode, detail: impl Into<String>) -> Problem {
         Problem {
-            kind: "about:blank".into(),
-            title: status.canonical_reason().unwrap_or("Error").into(),
+            kind: "about:blank",
+            title: status.canonical_reason().unwrap_or("Error"),
             status: status.as_u16(),
             detail: detail.into(),
             errors: None,
@@ -41,7 +41,7 @@ impl Problem {
     }
 
     pub fn with_errors(mut self, errors: Value) -> Problem {
-        self.errors = Some(errors);
+        self.errors = Some(Box::new(errors));
         self
     }
 }
@@ -52,7 +52,10 @@ impl IntoResponse for Problem {
         let body = serde_json::to_vec(&self).unwrap_or_default();
         let mut response = (status, body).into_response();
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
         if let Some(seconds) = self.retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
@@ -75,14 +78,20 @@ impl From<LedgerError> for Problem {
             LedgerError::Resource(r) => Problem::bad_request(r.to_string()),
             e @ LedgerError::NotFound { .. } => Problem::new(StatusCode::NOT_FOUND, e.to_string()),
             LedgerError::Conflict(m) => Problem::new(StatusCode::CONFLICT, m),
-            LedgerError::NotReady { message, retry_after_seconds } => {
+            LedgerError::NotReady {
+                message,
+                retry_after_seconds,
+            } => {
                 let mut p = Problem::new(StatusCode::SERVICE_UNAVAILABLE, message);
                 p.retry_after = Some(retry_after_seconds);
                 p
             }
             LedgerError::Storage(m) => {
                 tracing::error!(error = %m, "storage failure");
-                Problem::new(StatusCode::INTERNAL_SERVER_ERROR, format!("storage failure: {m}"))
+                Problem::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("storage failure: {m}"),
+                )
             }
         }
     }

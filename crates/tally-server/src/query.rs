@@ -34,7 +34,11 @@ impl Params {
     }
 
     pub fn all(&self, key: &str) -> Vec<String> {
-        self.0.iter().filter(|(k, _)| k == key).map(|(_, v)| v.clone()).collect()
+        self.0
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+            .collect()
     }
 
     pub fn one(&self, key: &str) -> Result<Option<String>, Problem> {
@@ -42,7 +46,9 @@ impl Params {
         match values.len() {
             0 => Ok(None),
             1 => Ok(values.pop()),
-            _ => Err(Problem::bad_request(format!("query parameter {key:?} may be given once"))),
+            _ => Err(Problem::bad_request(format!(
+                "query parameter {key:?} may be given once"
+            ))),
         }
     }
 
@@ -87,13 +93,21 @@ mod tests {
 
     #[test]
     fn repeated_and_bracketed_keys() {
-        let p = Params::parse(Some("subject=a&subject=b&filterGroupBy%5Bmethod%5D=GET&limit=5")).unwrap();
+        let p = Params::parse(Some(
+            "subject=a&subject=b&filterGroupBy%5Bmethod%5D=GET&limit=5",
+        ))
+        .unwrap();
         assert_eq!(p.all("subject"), ["a", "b"]);
         assert_eq!(p.bracketed("filterGroupBy").unwrap()["method"], "GET");
         assert_eq!(p.number("limit").unwrap(), Some(5));
         assert!(p.one("subject").is_err());
         assert!(p.only(&["subject", "limit"]).is_err());
         assert!(p.only(&["subject", "limit", "filterGroupBy"]).is_ok());
-        assert!(Params::parse(Some("limit=-1")).unwrap().number("limit").is_err());
+        assert!(
+            Params::parse(Some("limit=-1"))
+                .unwrap()
+                .number("limit")
+                .is_err()
+        );
     }
 }

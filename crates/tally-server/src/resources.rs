@@ -1,16 +1,16 @@
 //! Resources under `/apis`: apply, list, get, replace, delete.
 
+use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::Json;
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::{Value, json};
 use tally_model::{Kind, Manifest, ResourceError};
 
+use crate::AppState;
 use crate::body;
 use crate::problem::Problem;
-use crate::AppState;
 
 fn kind(plural: &str) -> Result<Kind, Problem> {
     plural
@@ -40,12 +40,19 @@ pub struct ApplyResults {
     responses((status = 200, description = "What happened to each resource", body = ApplyResults),
               (status = 400, description = "A manifest is invalid", body = Problem, content_type = "application/problem+json"),
               (status = 409, description = "A change is not allowed (e.g. a Published meter's unit)", body = Problem, content_type = "application/problem+json")))]
-pub async fn apply(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Json<ApplyResults>, Problem> {
+pub async fn apply(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<ApplyResults>, Problem> {
     let body = body::decode(&headers, body, state.max_body_bytes)?;
-    let text = std::str::from_utf8(&body).map_err(|_| Problem::bad_request("manifests must be UTF-8"))?;
-    let manifests = Manifest::parse_documents(text).map_err(|e| Problem::bad_request(e.to_string()))?;
+    let text =
+        std::str::from_utf8(&body).map_err(|_| Problem::bad_request("manifests must be UTF-8"))?;
+    let manifests =
+        Manifest::parse_documents(text).map_err(|e| Problem::bad_request(e.to_string()))?;
     for m in &manifests {
-        m.typed_kind().map_err(|e| Problem::bad_request(e.to_string()))?;
+        m.typed_kind()
+            .map_err(|e| Problem::bad_request(e.to_string()))?;
     }
     let mut results = Vec::with_capacity(manifests.len());
     for manifest in manifests {
@@ -66,9 +73,14 @@ pub async fn apply(State(state): State<AppState>, headers: HeaderMap, body: Byte
 #[utoipa::path(get, path = "/apis/{plural}", tag = "resources",
     params(("plural" = String, Path, description = "meterdefinitions or monitoredresourcetypes")),
     responses((status = 200, description = "A List", body = Object)))]
-pub async fn list(State(state): State<AppState>, Path(plural): Path<String>) -> Result<Json<Value>, Problem> {
+pub async fn list(
+    State(state): State<AppState>,
+    Path(plural): Path<String>,
+) -> Result<Json<Value>, Problem> {
     let items = state.ledger.list(kind(&plural)?).await?;
-    Ok(Json(json!({"apiVersion": "v1", "kind": "List", "items": items})))
+    Ok(Json(
+        json!({"apiVersion": "v1", "kind": "List", "items": items}),
+    ))
 }
 
 /// One resource, with status.
@@ -76,7 +88,10 @@ pub async fn list(State(state): State<AppState>, Path(plural): Path<String>) -> 
     params(("plural" = String, Path, description = "Resource kind, plural"), ("name" = String, Path, description = "Name")),
     responses((status = 200, description = "The resource", body = Object),
               (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json")))]
-pub async fn get(State(state): State<AppState>, Path((plural, name)): Path<(String, String)>) -> Result<Json<Manifest>, Problem> {
+pub async fn get(
+    State(state): State<AppState>,
+    Path((plural, name)): Path<(String, String)>,
+) -> Result<Json<Manifest>, Problem> {
     Ok(Json(state.ledger.get(kind(&plural)?, name).await?))
 }
 
@@ -108,7 +123,10 @@ pub async fn put(
     responses((status = 204, description = "Deleted"),
               (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
               (status = 409, description = "Not allowed", body = Problem, content_type = "application/problem+json")))]
-pub async fn delete(State(state): State<AppState>, Path((plural, name)): Path<(String, String)>) -> Result<StatusCode, Problem> {
+pub async fn delete(
+    State(state): State<AppState>,
+    Path((plural, name)): Path<(String, String)>,
+) -> Result<StatusCode, Problem> {
     state.ledger.delete(kind(&plural)?, name).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -25,7 +25,11 @@ async fn start(token: Option<&str>, max_body: usize) -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, router(state)).await });
-    Server { base, client: reqwest::Client::new(), _dir: dir }
+    Server {
+        base,
+        client: reqwest::Client::new(),
+        _dir: dir,
+    }
 }
 
 impl Server {
@@ -33,8 +37,20 @@ impl Server {
         format!("{}{path}", self.base)
     }
 
-    async fn post(&self, path: &str, content_type: &str, body: impl Into<reqwest::Body>) -> (StatusCode, Value) {
-        let r = self.client.post(self.url(path)).header("content-type", content_type).body(body).send().await.unwrap();
+    async fn post(
+        &self,
+        path: &str,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> (StatusCode, Value) {
+        let r = self
+            .client
+            .post(self.url(path))
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
         let status = r.status();
         (status, r.json().await.unwrap_or(Value::Null))
     }
@@ -96,16 +112,66 @@ async fn ingest_in_every_content_type_and_query() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["results"][0]["action"], "created");
 
-    let one = event("1", "acme", "2026-01-01T10:00:00Z", json!({"calls": 1, "method": "GET"}));
-    assert_eq!(s.post("/api/v1/events", "application/cloudevents+json", one.to_string()).await.0, 200);
-    let batch = json!([event("2", "acme", "2026-01-01T10:30:00Z", json!({"calls": "2", "method": "POST"}))]);
-    assert_eq!(s.post("/api/v1/events", "application/cloudevents-batch+json", batch.to_string()).await.0, 200);
-    let plain = event("3", "globex", "2026-01-01T11:00:00Z", json!({"calls": 4, "method": "GET"}));
-    assert_eq!(s.post("/api/v1/events", "application/json", plain.to_string()).await.0, 200);
-    let ndjson = format!("{}\n{}\n", event("4", "acme", "2026-01-02T00:10:00Z", json!({"calls": 8})), event("1", "acme", "2026-01-01T10:00:00Z", json!({"calls": 100})));
+    let one = event(
+        "1",
+        "acme",
+        "2026-01-01T10:00:00Z",
+        json!({"calls": 1, "method": "GET"}),
+    );
+    assert_eq!(
+        s.post(
+            "/api/v1/events",
+            "application/cloudevents+json",
+            one.to_string()
+        )
+        .await
+        .0,
+        200
+    );
+    let batch = json!([event(
+        "2",
+        "acme",
+        "2026-01-01T10:30:00Z",
+        json!({"calls": "2", "method": "POST"})
+    )]);
+    assert_eq!(
+        s.post(
+            "/api/v1/events",
+            "application/cloudevents-batch+json",
+            batch.to_string()
+        )
+        .await
+        .0,
+        200
+    );
+    let plain = event(
+        "3",
+        "globex",
+        "2026-01-01T11:00:00Z",
+        json!({"calls": 4, "method": "GET"}),
+    );
+    assert_eq!(
+        s.post("/api/v1/events", "application/json", plain.to_string())
+            .await
+            .0,
+        200
+    );
+    let ndjson = format!(
+        "{}\n{}\n",
+        event("4", "acme", "2026-01-02T00:10:00Z", json!({"calls": 8})),
+        event("1", "acme", "2026-01-01T10:00:00Z", json!({"calls": 100}))
+    );
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(ndjson.as_bytes()).unwrap();
-    let r = s.client.post(s.url("/api/v1/events")).header("content-type", "application/x-ndjson").header("content-encoding", "gzip").body(gz.finish().unwrap()).send().await.unwrap();
+    let r = s
+        .client
+        .post(s.url("/api/v1/events"))
+        .header("content-type", "application/x-ndjson")
+        .header("content-encoding", "gzip")
+        .body(gz.finish().unwrap())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     let outcome: Value = r.json().await.unwrap();
     assert_eq!(outcome["accepted"], 1);
@@ -113,12 +179,26 @@ async fn ingest_in_every_content_type_and_query() {
 
     let (status, q) = s.query("/api/v1/meters/api-calls/query?from=2026-01-01T00:00:00Z&to=2026-01-03T00:00:00Z&windowSize=DAY&groupBy=subject").await;
     assert_eq!(status, 200, "{q}");
-    let rows: Vec<(String, String, i64)> = q["data"].as_array().unwrap().iter().map(|r| (r["windowStart"].as_str().unwrap().to_owned(), r["subject"].as_str().unwrap().to_owned(), r["value"].as_i64().unwrap())).collect();
-    assert_eq!(rows, vec![
-        ("2026-01-01T00:00:00Z".into(), "acme".into(), 3),
-        ("2026-01-01T00:00:00Z".into(), "globex".into(), 4),
-        ("2026-01-02T00:00:00Z".into(), "acme".into(), 8),
-    ]);
+    let rows: Vec<(String, String, i64)> = q["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["windowStart"].as_str().unwrap().to_owned(),
+                r["subject"].as_str().unwrap().to_owned(),
+                r["value"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("2026-01-01T00:00:00Z".into(), "acme".into(), 3),
+            ("2026-01-01T00:00:00Z".into(), "globex".into(), 4),
+            ("2026-01-02T00:00:00Z".into(), "acme".into(), 8),
+        ]
+    );
     // Berlin days: 2026-01-01T23:00Z starts Berlin's 2 January, so event 4 (00:10Z) falls in it.
     let (_, q) = s.query("/api/v1/meters/api-calls/query?from=2025-12-31T23:00:00Z&to=2026-01-02T23:00:00Z&windowSize=DAY&windowTimeZone=Europe/Berlin&groupBy=method&filterGroupBy%5Bmethod%5D=GET").await;
     assert_eq!(q["data"].as_array().unwrap().len(), 1, "{q}");
@@ -135,9 +215,25 @@ async fn ingest_in_every_content_type_and_query() {
 
     let (_, events) = s.get("/api/v1/events?subject=acme").await;
     assert_eq!(events["items"].as_array().unwrap().len(), 3);
-    let (_, metrics) = (StatusCode::OK, s.client.get(s.url("/metrics")).send().await.unwrap().text().await.unwrap());
-    assert!(metrics.contains("tally_events_duplicate_total 1"), "{metrics}");
-    assert!(metrics.contains("tally_events_accepted_total 4"), "{metrics}");
+    let (_, metrics) = (
+        StatusCode::OK,
+        s.client
+            .get(s.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    );
+    assert!(
+        metrics.contains("tally_events_duplicate_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tally_events_accepted_total 4"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -148,7 +244,9 @@ async fn a_bad_event_rejects_the_whole_request() {
         {"specversion": "1.0", "id": "2", "type": "x"},
         event("3", "acme", "not a time", json!({})),
     ]);
-    let (status, body) = s.post("/api/v1/events", "application/json", batch.to_string()).await;
+    let (status, body) = s
+        .post("/api/v1/events", "application/json", batch.to_string())
+        .await;
     assert_eq!(status, 400);
     let errors = body["errors"].as_array().unwrap();
     assert_eq!(errors.len(), 2);
@@ -157,30 +255,65 @@ async fn a_bad_event_rejects_the_whole_request() {
     assert_eq!(errors[1]["index"], 2);
     assert_eq!(errors[1]["errors"][0]["field"], "time");
     let (_, events) = s.get("/api/v1/events").await;
-    assert_eq!(events["items"].as_array().unwrap().len(), 0, "nothing stored");
+    assert_eq!(
+        events["items"].as_array().unwrap().len(),
+        0,
+        "nothing stored"
+    );
 }
 
 #[tokio::test]
 async fn bad_input_gets_clear_errors() {
     let s = start(None, 1000).await;
-    let r = s.client.post(s.url("/api/v1/events")).header("content-type", "application/json").body("{oops").send().await.unwrap();
+    let r = s
+        .client
+        .post(s.url("/api/v1/events"))
+        .header("content-type", "application/json")
+        .body("{oops")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(r.headers()["content-type"], "application/problem+json");
     assert_eq!(s.post("/api/v1/events", "text/csv", "a,b").await.0, 415);
-    let huge = format!("[{}]", vec![event("1", "a", "2026-01-01T00:00:00Z", json!({})).to_string(); 20].join(","));
-    assert_eq!(s.post("/api/v1/events", "application/json", huge).await.0, 413);
+    let huge = format!(
+        "[{}]",
+        vec![event("1", "a", "2026-01-01T00:00:00Z", json!({})).to_string(); 20].join(",")
+    );
+    assert_eq!(
+        s.post("/api/v1/events", "application/json", huge).await.0,
+        413
+    );
     assert_eq!(s.get("/api/v1/meters/nope/query").await.0, 404);
     s.post("/apis/apply", "application/yaml", METERS).await;
-    let (status, body) = s.query("/api/v1/meters/api-calls/query?windowTimeZone=Mars/Olympus").await;
+    let (status, body) = s
+        .query("/api/v1/meters/api-calls/query?windowTimeZone=Mars/Olympus")
+        .await;
     assert_eq!(status, 400);
     assert!(body["detail"].as_str().unwrap().contains("Mars/Olympus"));
-    let (status, body) = s.query("/api/v1/meters/api-calls/query?from=2026-01-02T00:00:00Z&to=2026-01-01T00:00:00Z").await;
+    let (status, body) = s
+        .query("/api/v1/meters/api-calls/query?from=2026-01-02T00:00:00Z&to=2026-01-01T00:00:00Z")
+        .await;
     assert_eq!(status, 400);
-    assert!(body["detail"].as_str().unwrap().contains("before"), "{body}");
-    let (status, body) = s.query("/api/v1/meters/api-calls/query?groupBy=colour").await;
+    assert!(
+        body["detail"].as_str().unwrap().contains("before"),
+        "{body}"
+    );
+    let (status, body) = s
+        .query("/api/v1/meters/api-calls/query?groupBy=colour")
+        .await;
     assert_eq!(status, 400);
-    assert!(body["detail"].as_str().unwrap().contains("colour"), "{body}");
-    assert_eq!(s.get("/api/v1/meters/api-calls/query?windowsize=DAY").await.0, 400, "misspelt parameters are refused");
+    assert!(
+        body["detail"].as_str().unwrap().contains("colour"),
+        "{body}"
+    );
+    assert_eq!(
+        s.get("/api/v1/meters/api-calls/query?windowsize=DAY")
+            .await
+            .0,
+        400,
+        "misspelt parameters are refused"
+    );
 }
 
 #[tokio::test]
@@ -190,20 +323,45 @@ async fn published_meters_are_frozen_and_labels_are_enforced() {
     let changed = METERS.replace("unit: By", "unit: KiBy");
     let (status, body) = s.post("/apis/apply", "application/yaml", changed).await;
     assert_eq!(status, 409, "{body}");
-    assert!(body["detail"].as_str().unwrap().contains("spec.measurement.unit"), "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .unwrap()
+            .contains("spec.measurement.unit"),
+        "{body}"
+    );
 
-    let ev = |id: &str, resource: Value| json!({"specversion": "1.0", "id": id, "source": "gw", "type": "networking.datumapis.com/gateway/egress-bytes",
-        "subject": "projects/p1", "time": "2026-01-01T00:00:00Z", "data": {"value": "1000", "dimensions": {"region": "eu"}, "resource": resource}});
-    let (status, outcome) = s.post("/api/v1/events", "application/json", json!([ev("a", json!({"name": "r1"})), ev("b", json!({}))]).to_string()).await;
+    let ev = |id: &str, resource: Value| {
+        json!({"specversion": "1.0", "id": id, "source": "gw", "type": "networking.datumapis.com/gateway/egress-bytes",
+        "subject": "projects/p1", "time": "2026-01-01T00:00:00Z", "data": {"value": "1000", "dimensions": {"region": "eu"}, "resource": resource}})
+    };
+    let (status, outcome) = s
+        .post(
+            "/api/v1/events",
+            "application/json",
+            json!([ev("a", json!({"name": "r1"})), ev("b", json!({}))]).to_string(),
+        )
+        .await;
     assert_eq!(status, 200);
     assert_eq!(outcome["accepted"], 2);
-    assert_eq!(outcome["quarantined"][0]["reason"], "MISSING_REQUIRED_LABEL");
-    assert!(outcome["quarantined"][0]["message"].as_str().unwrap().contains("\"name\""));
+    assert_eq!(
+        outcome["quarantined"][0]["reason"],
+        "MISSING_REQUIRED_LABEL"
+    );
+    assert!(
+        outcome["quarantined"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"name\"")
+    );
     let (_, q) = s.query("/api/v1/meters/http-route-bytes/query?from=2026-01-01T00:00:00Z&to=2026-01-02T00:00:00Z").await;
     assert_eq!(q["data"][0]["value"], 1000);
     // Making the label optional releases the quarantined event.
     let relaxed = METERS.replace("required: true", "required: false");
-    assert_eq!(s.post("/apis/apply", "application/yaml", relaxed).await.0, 200);
+    assert_eq!(
+        s.post("/apis/apply", "application/yaml", relaxed).await.0,
+        200
+    );
     let (_, q) = s.query("/api/v1/meters/http-route-bytes/query?from=2026-01-01T00:00:00Z&to=2026-01-02T00:00:00Z").await;
     assert_eq!(q["data"][0]["value"], 2000);
     let (_, quarantine) = s.get("/api/v1/quarantine?meter=http-route-bytes").await;
@@ -215,21 +373,48 @@ async fn meters_created_later_backfill_and_openmeter_api_works() {
     let s = start(None, 1 << 20).await;
     let events: Vec<Value> = (0..500).map(|i| json!({"specversion": "1.0", "id": i.to_string(), "source": "s", "type": "prompt",
         "subject": format!("c{}", i % 7), "time": "2026-02-01T12:00:00Z", "data": {"tokens": i, "model": if i % 2 == 0 {"a"} else {"b"}}})).collect();
-    let (_, outcome) = s.post("/api/v1/events", "application/json", Value::Array(events).to_string()).await;
+    let (_, outcome) = s
+        .post(
+            "/api/v1/events",
+            "application/json",
+            Value::Array(events).to_string(),
+        )
+        .await;
     assert_eq!(outcome["quarantined"][0]["reason"], "UNKNOWN_METER");
     let meter = json!({"slug": "tokens", "eventType": "prompt", "aggregation": "SUM", "valueProperty": "$.tokens", "groupBy": {"model": "$.model"}});
-    let (status, created) = s.post("/api/v1/meters", "application/json", meter.to_string()).await;
+    let (status, created) = s
+        .post("/api/v1/meters", "application/json", meter.to_string())
+        .await;
     assert_eq!(status, 201, "{created}");
     assert_eq!(created["aggregation"], "SUM");
-    assert_eq!(s.post("/api/v1/meters", "application/json", meter.to_string()).await.0, 409);
+    assert_eq!(
+        s.post("/api/v1/meters", "application/json", meter.to_string())
+            .await
+            .0,
+        409
+    );
     let (_, q) = s.query("/api/v1/meters/tokens/query?groupBy=model").await;
-    let total: i64 = q["data"].as_array().unwrap().iter().map(|r| r["value"].as_i64().unwrap()).sum();
+    let total: i64 = q["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["value"].as_i64().unwrap())
+        .sum();
     assert_eq!(total, (0..500).sum::<i64>(), "{q}");
     let (_, unknown) = s.get("/api/v1/quarantine?meter=").await;
-    assert_eq!(unknown["items"].as_array().unwrap().len(), 0, "events now have a meter");
+    assert_eq!(
+        unknown["items"].as_array().unwrap().len(),
+        0,
+        "events now have a meter"
+    );
     let (_, list) = s.get("/api/v1/meters").await;
     assert_eq!(list[0]["slug"], "tokens");
-    let r = s.client.delete(s.url("/api/v1/meters/tokens")).send().await.unwrap();
+    let r = s
+        .client
+        .delete(s.url("/api/v1/meters/tokens"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 204);
     assert_eq!(s.get("/api/v1/meters/tokens").await.0, 404);
 }
@@ -240,17 +425,35 @@ async fn events_older_than_the_lateness_are_refused() {
     let ledger = EmbeddedLedger::open(StoreConfig::new(dir.path())).unwrap();
     let state = AppState::new(Arc::new(ledger), 1 << 20, None);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let s = Server { base: format!("http://{}", listener.local_addr().unwrap()), client: reqwest::Client::new(), _dir: dir };
+    let s = Server {
+        base: format!("http://{}", listener.local_addr().unwrap()),
+        client: reqwest::Client::new(),
+        _dir: dir,
+    };
     tokio::spawn(async move { axum::serve(listener, router(state)).await });
     let now = jiff::Timestamp::now();
     let old = now - jiff::SignedDuration::from_hours(24 * 40);
-    let batch = json!([event("new", "a", &now.to_string(), json!({})), event("old", "a", &old.to_string(), json!({}))]);
-    let (status, body) = s.post("/api/v1/events", "application/json", batch.to_string()).await;
+    let batch = json!([
+        event("new", "a", &now.to_string(), json!({})),
+        event("old", "a", &old.to_string(), json!({}))
+    ]);
+    let (status, body) = s
+        .post("/api/v1/events", "application/json", batch.to_string())
+        .await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["errors"][0]["index"], 1);
-    assert!(body["errors"][0]["errors"][0]["reason"].as_str().unwrap().contains("lateness"));
+    assert!(
+        body["errors"][0]["errors"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("lateness")
+    );
     let (_, events) = s.get("/api/v1/events").await;
-    assert_eq!(events["items"].as_array().unwrap().len(), 0, "nothing stored");
+    assert_eq!(
+        events["items"].as_array().unwrap().len(),
+        0,
+        "nothing stored"
+    );
 }
 
 #[tokio::test]
@@ -260,12 +463,40 @@ async fn tokens_are_required_when_configured() {
     assert_eq!(r.status(), 401);
     let body = r.text().await.unwrap();
     assert!(!body.contains("s3cret"));
-    let r = s.client.get(s.url("/api/v1/meters")).bearer_auth("wrong").send().await.unwrap();
+    let r = s
+        .client
+        .get(s.url("/api/v1/meters"))
+        .bearer_auth("wrong")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
-    let r = s.client.get(s.url("/api/v1/meters")).bearer_auth("s3cret").send().await.unwrap();
+    let r = s
+        .client
+        .get(s.url("/api/v1/meters"))
+        .bearer_auth("s3cret")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(s.client.get(s.url("/healthz")).send().await.unwrap().status(), 200);
-    assert_eq!(s.client.get(s.url("/readyz")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        s.client
+            .get(s.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        s.client
+            .get(s.url("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 }
 
 #[tokio::test]
@@ -273,7 +504,12 @@ async fn openapi_document_lists_the_routes() {
     let s = start(None, 1 << 20).await;
     let (status, doc) = s.get("/openapi.json").await;
     assert_eq!(status, 200);
-    for path in ["/api/v1/events", "/api/v1/meters/{slug}/query", "/apis/apply", "/metrics"] {
+    for path in [
+        "/api/v1/events",
+        "/api/v1/meters/{slug}/query",
+        "/apis/apply",
+        "/metrics",
+    ] {
         assert!(doc["paths"].get(path).is_some(), "missing {path}");
     }
 }

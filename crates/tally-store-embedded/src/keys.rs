@@ -33,7 +33,8 @@ fn read_i64(bytes: &[u8]) -> Result<i64, StoreError> {
 }
 
 fn push_str16(out: &mut Vec<u8>, s: &str) -> Result<(), StoreError> {
-    let len = u16::try_from(s.len()).map_err(|_| StoreError::TooLong("a subject, type or meter name", 65_535))?;
+    let len = u16::try_from(s.len())
+        .map_err(|_| StoreError::TooLong("a subject, type or meter name", 65_535))?;
     out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(s.as_bytes());
     Ok(())
@@ -44,7 +45,9 @@ fn take_str16<'a>(bytes: &mut &'a [u8]) -> Result<&'a str, StoreError> {
         .get(..2)
         .map(|b| u16::from_be_bytes([b[0], b[1]]) as usize)
         .ok_or(StoreError::Corrupt("short length"))?;
-    let s = bytes.get(2..2 + len).ok_or(StoreError::Corrupt("short string"))?;
+    let s = bytes
+        .get(2..2 + len)
+        .ok_or(StoreError::Corrupt("short string"))?;
     *bytes = &bytes[2 + len..];
     std::str::from_utf8(s).map_err(|_| StoreError::Corrupt("utf-8"))
 }
@@ -94,7 +97,10 @@ pub fn dedupe_value(seq: u64, expires_at: i64) -> [u8; 16] {
 
 /// (seq, expires_at seconds)
 pub fn decode_dedupe(value: &[u8]) -> Result<(u64, i64), StoreError> {
-    Ok((read_u64(value)?, read_i64(value.get(8..).ok_or(StoreError::Corrupt("dedupe"))?)?))
+    Ok((
+        read_u64(value)?,
+        read_i64(value.get(8..).ok_or(StoreError::Corrupt("dedupe"))?)?,
+    ))
 }
 
 // ---- rollups --------------------------------------------------------------
@@ -116,7 +122,11 @@ pub fn rollup_level_prefix(generation: u64, level: Level) -> Vec<u8> {
 }
 
 /// The prefix of a subject's rollups at one level.
-pub fn rollup_subject_prefix(generation: u64, level: Level, subject: &str) -> Result<Vec<u8>, StoreError> {
+pub fn rollup_subject_prefix(
+    generation: u64,
+    level: Level,
+    subject: &str,
+) -> Result<Vec<u8>, StoreError> {
     let mut out = rollup_level_prefix(generation, level);
     push_str16(&mut out, subject)?;
     Ok(out)
@@ -157,7 +167,9 @@ pub struct RollupKey<'a> {
 }
 
 pub fn decode_rollup_key(key: &[u8], dimensions: usize) -> Result<RollupKey<'_>, StoreError> {
-    let mut rest = key.get(9..).ok_or(StoreError::Corrupt("short rollup key"))?;
+    let mut rest = key
+        .get(9..)
+        .ok_or(StoreError::Corrupt("short rollup key"))?;
     let subject = take_str16(&mut rest)?;
     let bucket = unflip(rest)?;
     rest = &rest[8..];
@@ -170,14 +182,22 @@ pub fn decode_rollup_key(key: &[u8], dimensions: usize) -> Result<RollupKey<'_>,
             }
             Some(1) => {
                 let len = read_u32(&rest[1..])? as usize;
-                let raw = rest.get(5..5 + len).ok_or(StoreError::Corrupt("short group"))?;
-                groups.push(Some(std::str::from_utf8(raw).map_err(|_| StoreError::Corrupt("utf-8"))?));
+                let raw = rest
+                    .get(5..5 + len)
+                    .ok_or(StoreError::Corrupt("short group"))?;
+                groups.push(Some(
+                    std::str::from_utf8(raw).map_err(|_| StoreError::Corrupt("utf-8"))?,
+                ));
                 rest = &rest[5 + len..];
             }
             _ => return Err(StoreError::Corrupt("group tag")),
         }
     }
-    Ok(RollupKey { subject, bucket, groups })
+    Ok(RollupKey {
+        subject,
+        bucket,
+        groups,
+    })
 }
 
 fn read_u32(bytes: &[u8]) -> Result<u32, StoreError> {

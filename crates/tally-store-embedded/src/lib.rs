@@ -102,23 +102,38 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub fn read_state(&self) -> RwLockReadGuard<'_, ReadState> {
-        self.state.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn write_state(&self) -> RwLockWriteGuard<'_, ReadState> {
-        self.state.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// A manifest with its `status` filled in.
     pub fn with_status(&self, mut manifest: Manifest) -> Manifest {
         if manifest.kind == Kind::MeterDefinition.as_str() {
-            let state = self.read_state().meters.get(&manifest.metadata.name).copied();
+            let state = self
+                .read_state()
+                .meters
+                .get(&manifest.metadata.name)
+                .copied();
             let (status, reason, message) = match state {
-                Some(s) if s.ready() => ("True", "Measuring", "rollups are up to date with the log".to_owned()),
+                Some(s) if s.ready() => (
+                    "True",
+                    "Measuring",
+                    "rollups are up to date with the log".to_owned(),
+                ),
                 Some(s) => (
                     "False",
                     "Backfilling",
-                    format!("reading the log: {} of {} events", s.backfilled_to, s.backfill_until),
+                    format!(
+                        "reading the log: {} of {} events",
+                        s.backfilled_to, s.backfill_until
+                    ),
                 ),
                 None => ("Unknown", "Pending", "not yet built".to_owned()),
             };
@@ -146,8 +161,9 @@ impl EmbeddedLedger {
     /// Opens (or creates) the store in `config.data_dir`, recovers it, and
     /// starts its writer thread.
     pub fn open(config: StoreConfig) -> Result<EmbeddedLedger, StoreError> {
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(|e| StoreError::Encode(format!("creating {}: {e}", config.data_dir.display())))?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            StoreError::Encode(format!("creating {}: {e}", config.data_dir.display()))
+        })?;
         let db = Database::builder(config.data_dir.join("fjall")).open()?;
         let keyspaces = Keyspaces {
             events: open_keyspace(&db, "events")?,
@@ -160,13 +176,17 @@ impl EmbeddedLedger {
         let mut manifests = Vec::new();
         for item in keyspaces.catalog.iter() {
             let value = item.value()?;
-            manifests.push(serde_json::from_slice::<Manifest>(&value).map_err(|e| StoreError::Decode(e.to_string()))?);
+            manifests.push(
+                serde_json::from_slice::<Manifest>(&value)
+                    .map_err(|e| StoreError::Decode(e.to_string()))?,
+            );
         }
         let catalog = Catalog::load(manifests)?;
         let mut meters = HashMap::new();
         for (name, _) in catalog.meters() {
             if let Some(raw) = keyspaces.meta.get(keys::meter_state_key(name))? {
-                let state: MeterState = serde_json::from_slice(&raw).map_err(|e| StoreError::Decode(e.to_string()))?;
+                let state: MeterState =
+                    serde_json::from_slice(&raw).map_err(|e| StoreError::Decode(e.to_string()))?;
                 meters.insert(name.to_owned(), state);
             }
         }
@@ -182,7 +202,12 @@ impl EmbeddedLedger {
             writer_alive: AtomicBool::new(true),
         });
         let (tx, rx) = mpsc::channel(1024);
-        let writer = Writer::new(Arc::clone(&shared), rx, next_seq, config.dedupe_horizon.as_secs());
+        let writer = Writer::new(
+            Arc::clone(&shared),
+            rx,
+            next_seq,
+            config.dedupe_horizon.as_secs(),
+        );
         let alive = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("tally-writer".into())
@@ -191,7 +216,11 @@ impl EmbeddedLedger {
                 alive.writer_alive.store(false, Ordering::SeqCst);
             })
             .map_err(|e| StoreError::Encode(format!("starting the writer thread: {e}")))?;
-        Ok(EmbeddedLedger { shared, tx, config: Arc::new(config) })
+        Ok(EmbeddedLedger {
+            shared,
+            tx,
+            config: Arc::new(config),
+        })
     }
 
     /// The data directory.
@@ -199,7 +228,10 @@ impl EmbeddedLedger {
         &self.config.data_dir
     }
 
-    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, LedgerError>>) -> Command) -> Result<T, LedgerError> {
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, LedgerError>>) -> Command,
+    ) -> Result<T, LedgerError> {
         let (reply, answer) = oneshot::channel();
         self.tx
             .send(make(reply))
@@ -241,7 +273,11 @@ impl EmbeddedLedger {
                 }],
             })
             .collect();
-        if late.is_empty() { Ok(()) } else { Err(LedgerError::Rejected(late)) }
+        if late.is_empty() {
+            Ok(())
+        } else {
+            Err(LedgerError::Rejected(late))
+        }
     }
 }
 
@@ -252,12 +288,16 @@ impl Ledger for EmbeddedLedger {
                 return Ok(IngestOutcome::default());
             }
             self.check_lateness(&events)?;
-            self.call(move |reply| Command::Ingest { events, reply }).await
+            self.call(move |reply| Command::Ingest { events, reply })
+                .await
         })
     }
 
     fn apply(&self, manifest: Manifest) -> BoxFuture<'_, Result<Applied, LedgerError>> {
-        Box::pin(self.call(move |reply| Command::Apply { manifest, reply }))
+        Box::pin(self.call(move |reply| Command::Apply {
+            manifest: Box::new(manifest),
+            reply,
+        }))
     }
 
     fn delete(&self, kind: Kind, name: String) -> BoxFuture<'_, Result<(), LedgerError>> {
@@ -275,12 +315,25 @@ impl Ledger for EmbeddedLedger {
 
     fn list(&self, kind: Kind) -> BoxFuture<'_, Result<Vec<Manifest>, LedgerError>> {
         Box::pin(async move {
-            let manifests: Vec<Manifest> = self.shared.read_state().catalog.list(kind).cloned().collect();
-            Ok(manifests.into_iter().map(|m| self.shared.with_status(m)).collect())
+            let manifests: Vec<Manifest> = self
+                .shared
+                .read_state()
+                .catalog
+                .list(kind)
+                .cloned()
+                .collect();
+            Ok(manifests
+                .into_iter()
+                .map(|m| self.shared.with_status(m))
+                .collect())
         })
     }
 
-    fn query(&self, meter: String, query: MeterQuery) -> BoxFuture<'_, Result<QueryResult, LedgerError>> {
+    fn query(
+        &self,
+        meter: String,
+        query: MeterQuery,
+    ) -> BoxFuture<'_, Result<QueryResult, LedgerError>> {
         Box::pin(self.read(move |shared| read::query(shared, &meter, &query)))
     }
 
@@ -288,7 +341,10 @@ impl Ledger for EmbeddedLedger {
         Box::pin(self.read(move |shared| read::list_events(shared, &filter)))
     }
 
-    fn list_quarantine(&self, filter: QuarantineFilter) -> BoxFuture<'_, Result<QuarantinePage, LedgerError>> {
+    fn list_quarantine(
+        &self,
+        filter: QuarantineFilter,
+    ) -> BoxFuture<'_, Result<QuarantinePage, LedgerError>> {
         Box::pin(self.read(move |shared| read::list_quarantine(shared, &filter)))
     }
 

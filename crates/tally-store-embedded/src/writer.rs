@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use fjall::PersistMode;
 use jiff::Timestamp;
 use tally_ledger::{
-    ApplyAction, Applied, IngestOutcome, LedgerError, MetersByType, QuarantineNotice,
+    Applied, ApplyAction, IngestOutcome, LedgerError, MetersByType, QuarantineNotice,
 };
 use tally_meter::{AggState, CompiledMeter, Level};
 use tally_model::{CloudEvent, Kind, Manifest};
@@ -32,13 +32,18 @@ const PRUNE_CHUNK: usize = 50_000;
 /// Keys removed per garbage-collection step.
 const GARBAGE_CHUNK: usize = 50_000;
 
+/// A reply channel for an ingest request.
+type IngestReply = oneshot::Sender<Result<IngestOutcome, LedgerError>>;
+/// One ingest request waiting for its group commit.
+type IngestRequest = (Vec<CloudEvent>, IngestReply);
+
 pub(crate) enum Command {
     Ingest {
         events: Vec<CloudEvent>,
         reply: oneshot::Sender<Result<IngestOutcome, LedgerError>>,
     },
     Apply {
-        manifest: Manifest,
+        manifest: Box<Manifest>,
         reply: oneshot::Sender<Result<Applied, LedgerError>>,
     },
     Delete {
@@ -79,7 +84,12 @@ fn storage(e: impl std::fmt::Display) -> LedgerError {
 }
 
 impl Writer {
-    pub(crate) fn new(shared: Arc<Shared>, rx: mpsc::Receiver<Command>, next_seq: u64, horizon_seconds: i64) -> Writer {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        rx: mpsc::Receiver<Command>,
+        next_seq: u64,
+        horizon_seconds: i64,
+    ) -> Writer {
         let meters = shared.read_state().catalog.meters_by_type();
         Writer {
             shared,
@@ -133,7 +143,7 @@ impl Writer {
                     self.ingest_group(group);
                 }
                 Command::Apply { manifest, reply } => {
-                    let _ = reply.send(self.apply(manifest));
+                    let _ = reply.send(self.apply(*manifest));
                 }
                 Command::Delete { kind, name, reply } => {
                     let _ = reply.send(self.delete(kind, &name));
@@ -147,15 +157,21 @@ impl Writer {
 
     // ---- ingest -----------------------------------------------------------
 
-    fn ingest_group(&mut self, group: Vec<(Vec<CloudEvent>, oneshot::Sender<Result<IngestOutcome, LedgerError>>)>) {
+    fn ingest_group(&mut self, group: Vec<IngestRequest>) {
         let start_seq = self.next_seq;
         let (results, replies): (Vec<_>, Vec<_>) = match self.write_group(&group) {
-            Ok(outcomes) => (outcomes.into_iter().map(Ok).collect(), group.into_iter().map(|(_, r)| r).collect()),
+            Ok(outcomes) => (
+                outcomes.into_iter().map(Ok).collect(),
+                group.into_iter().map(|(_, r)| r).collect(),
+            ),
             Err(e) => {
                 self.next_seq = start_seq;
                 warn!(error = %e, "group commit failed; requests answered with an error");
                 let err = storage(e);
-                (group.iter().map(|_| Err(err.clone())).collect(), group.into_iter().map(|(_, r)| r).collect())
+                (
+                    group.iter().map(|_| Err(err.clone())).collect(),
+                    group.into_iter().map(|(_, r)| r).collect(),
+                )
             }
         };
         for (result, reply) in results.into_iter().zip(replies) {
@@ -163,10 +179,7 @@ impl Writer {
         }
     }
 
-    fn write_group(
-        &mut self,
-        group: &[(Vec<CloudEvent>, oneshot::Sender<Result<IngestOutcome, LedgerError>>)],
-    ) -> Result<Vec<IngestOutcome>, StoreError> {
+    fn write_group(&mut self, group: &[IngestRequest]) -> Result<Vec<IngestOutcome>, StoreError> {
         let shared = Arc::clone(&self.shared);
         let ks = &shared.keyspaces;
         let now = Timestamp::now();
@@ -186,7 +199,11 @@ impl Writer {
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 let expires = now.as_second().max(event.time.as_second()) + self.horizon_seconds;
-                batch.insert(&ks.events, keys::seq_key(seq), keys::encode_event(now, event)?);
+                batch.insert(
+                    &ks.events,
+                    keys::seq_key(seq),
+                    keys::encode_event(now, event)?,
+                );
                 batch.insert(&ks.dedupe, dkey.clone(), keys::dedupe_value(seq, expires));
                 seen.insert(dkey);
                 outcome.accepted += 1;
@@ -197,15 +214,29 @@ impl Writer {
                             message: format!("no meter reads events of type {:?}", event.kind),
                             event_type: event.kind.clone(),
                         };
-                        batch.insert(&ks.quarantine, keys::quarantine_key("", seq)?, json(&entry)?);
+                        batch.insert(
+                            &ks.quarantine,
+                            keys::quarantine_key("", seq)?,
+                            json(&entry)?,
+                        );
                         outcome.quarantined.push(notice(index, event, "", &entry));
                     }
                     Some(meters) => {
                         for meter in meters {
-                            let Some(generation) = generations.get(meter.key.as_str()) else { continue };
-                            if let Some(entry) = measure(meter, *generation, event, seq, &mut deltas)? {
-                                batch.insert(&ks.quarantine, keys::quarantine_key(&meter.key, seq)?, json(&entry)?);
-                                outcome.quarantined.push(notice(index, event, &meter.key, &entry));
+                            let Some(generation) = generations.get(meter.key.as_str()) else {
+                                continue;
+                            };
+                            if let Some(entry) =
+                                measure(meter, *generation, event, seq, &mut deltas)?
+                            {
+                                batch.insert(
+                                    &ks.quarantine,
+                                    keys::quarantine_key(&meter.key, seq)?,
+                                    json(&entry)?,
+                                );
+                                outcome
+                                    .quarantined
+                                    .push(notice(index, event, &meter.key, &entry));
                             }
                         }
                     }
@@ -245,7 +276,11 @@ impl Writer {
             .collect()
     }
 
-    fn merge_deltas(&self, batch: &mut fjall::OwnedWriteBatch, deltas: Deltas) -> Result<(), StoreError> {
+    fn merge_deltas(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        deltas: Deltas,
+    ) -> Result<(), StoreError> {
         let rollups = &self.shared.keyspaces.rollups;
         for (key, delta) in deltas.0 {
             let merged = match rollups.get(&key)? {
@@ -266,22 +301,44 @@ impl Writer {
     fn apply(&mut self, manifest: Manifest) -> Result<Applied, LedgerError> {
         let shared = Arc::clone(&self.shared);
         let ks = &shared.keyspaces;
-        let plan = shared.read_state().catalog.plan_apply(manifest, Timestamp::now())?;
+        let plan = shared
+            .read_state()
+            .catalog
+            .plan_apply(manifest, Timestamp::now())?;
         if plan.action == ApplyAction::Unchanged {
             let manifest = shared.with_status(plan.manifest);
-            return Ok(Applied { action: plan.action, manifest });
+            return Ok(Applied {
+                action: plan.action,
+                manifest,
+            });
         }
         let kind = plan.manifest.typed_kind()?;
         let name = plan.manifest.metadata.name.clone();
         let mut batch = shared.db.batch().durability(Some(PersistMode::SyncAll));
-        batch.insert(&ks.catalog, keys::catalog_key(kind, &name), json(&plan.manifest).map_err(storage)?);
+        batch.insert(
+            &ks.catalog,
+            keys::catalog_key(kind, &name),
+            json(&plan.manifest).map_err(storage)?,
+        );
         let mut new_state = None;
         if let Some(meter) = &plan.rebuild_meter {
             let generation = self.next_generation(&mut batch).map_err(storage)?;
-            let state = MeterState { generation, backfill_until: self.next_seq, backfilled_to: 0 };
-            batch.insert(&ks.meta, keys::meter_state_key(meter), json(&state).map_err(storage)?);
+            let state = MeterState {
+                generation,
+                backfill_until: self.next_seq,
+                backfilled_to: 0,
+            };
+            batch.insert(
+                &ks.meta,
+                keys::meter_state_key(meter),
+                json(&state).map_err(storage)?,
+            );
             if let Some(old) = shared.read_state().meters.get(meter) {
-                batch.insert(&ks.meta, format!("{}{}", keys::GARBAGE_PREFIX, old.generation), []);
+                batch.insert(
+                    &ks.meta,
+                    format!("{}{}", keys::GARBAGE_PREFIX, old.generation),
+                    [],
+                );
             }
             self.clear_quarantine(&mut batch, meter).map_err(storage)?;
             // Events that had no meter before may belong to this one now; the
@@ -289,7 +346,8 @@ impl Writer {
             let event_type = tally_model::MeterDefinition::from_manifest(&plan.manifest)?
                 .event_type()
                 .to_owned();
-            self.clear_unknown_meter_entries(&mut batch, &event_type).map_err(storage)?;
+            self.clear_unknown_meter_entries(&mut batch, &event_type)
+                .map_err(storage)?;
             new_state = Some((meter.clone(), state));
         }
         batch.commit().map_err(storage)?;
@@ -306,7 +364,10 @@ impl Writer {
             self.reprocess_quarantine(meter).map_err(storage)?;
         }
         let manifest = shared.with_status(plan.manifest);
-        Ok(Applied { action: plan.action, manifest })
+        Ok(Applied {
+            action: plan.action,
+            manifest,
+        })
     }
 
     fn delete(&mut self, kind: Kind, name: &str) -> Result<(), LedgerError> {
@@ -320,7 +381,11 @@ impl Writer {
             .flatten();
         if let Some(state) = meter_state {
             batch.remove(&ks.meta, keys::meter_state_key(name));
-            batch.insert(&ks.meta, format!("{}{}", keys::GARBAGE_PREFIX, state.generation), []);
+            batch.insert(
+                &ks.meta,
+                format!("{}{}", keys::GARBAGE_PREFIX, state.generation),
+                [],
+            );
             self.clear_quarantine(&mut batch, name).map_err(storage)?;
         }
         batch.commit().map_err(storage)?;
@@ -344,7 +409,11 @@ impl Writer {
         Ok(next)
     }
 
-    fn clear_quarantine(&self, batch: &mut fjall::OwnedWriteBatch, meter: &str) -> Result<(), StoreError> {
+    fn clear_quarantine(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        meter: &str,
+    ) -> Result<(), StoreError> {
         let ks = &self.shared.keyspaces;
         for item in ks.quarantine.prefix(keys::quarantine_prefix(meter)?) {
             batch.remove(&ks.quarantine, item.key()?);
@@ -352,11 +421,16 @@ impl Writer {
         Ok(())
     }
 
-    fn clear_unknown_meter_entries(&self, batch: &mut fjall::OwnedWriteBatch, event_type: &str) -> Result<(), StoreError> {
+    fn clear_unknown_meter_entries(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        event_type: &str,
+    ) -> Result<(), StoreError> {
         let ks = &self.shared.keyspaces;
         for item in ks.quarantine.prefix(keys::quarantine_prefix("")?) {
             let (key, value) = item.into_inner()?;
-            let entry: QuarantineEntry = serde_json::from_slice(&value).map_err(|e| StoreError::Decode(e.to_string()))?;
+            let entry: QuarantineEntry =
+                serde_json::from_slice(&value).map_err(|e| StoreError::Decode(e.to_string()))?;
             if entry.event_type == event_type {
                 batch.remove(&ks.quarantine, key);
             }
@@ -369,8 +443,15 @@ impl Writer {
     fn reprocess_quarantine(&mut self, meter_name: &str) -> Result<(), StoreError> {
         let shared = Arc::clone(&self.shared);
         let ks = &shared.keyspaces;
-        let Some(meter) = self.compiled(meter_name) else { return Ok(()) };
-        let Some(generation) = shared.read_state().meters.get(meter_name).map(|s| s.generation) else {
+        let Some(meter) = self.compiled(meter_name) else {
+            return Ok(());
+        };
+        let Some(generation) = shared
+            .read_state()
+            .meters
+            .get(meter_name)
+            .map(|s| s.generation)
+        else {
             return Ok(());
         };
         let mut batch = shared.db.batch().durability(Some(PersistMode::SyncAll));
@@ -379,7 +460,9 @@ impl Writer {
         for item in ks.quarantine.prefix(keys::quarantine_prefix(meter_name)?) {
             let (key, value) = item.into_inner()?;
             let (_, seq) = keys::decode_quarantine_key(&key)?;
-            let Some(raw) = ks.events.get(keys::seq_key(seq))? else { continue };
+            let Some(raw) = ks.events.get(keys::seq_key(seq))? else {
+                continue;
+            };
             let (_, event) = keys::decode_event(&raw)?;
             match measure(&meter, generation, &event, seq, &mut deltas)? {
                 None => {
@@ -387,7 +470,8 @@ impl Writer {
                     released += 1;
                 }
                 Some(entry) => {
-                    let old: QuarantineEntry = serde_json::from_slice(&value).map_err(|e| StoreError::Decode(e.to_string()))?;
+                    let old: QuarantineEntry = serde_json::from_slice(&value)
+                        .map_err(|e| StoreError::Decode(e.to_string()))?;
                     if old != entry {
                         batch.insert(&ks.quarantine, key, json(&entry)?);
                     }
@@ -397,13 +481,20 @@ impl Writer {
         self.merge_deltas(&mut batch, deltas)?;
         batch.commit()?;
         if released > 0 {
-            info!(meter = meter_name, released, "quarantined events now measured");
+            info!(
+                meter = meter_name,
+                released, "quarantined events now measured"
+            );
         }
         Ok(())
     }
 
     fn compiled(&self, name: &str) -> Option<Arc<CompiledMeter>> {
-        self.meters.values().flatten().find(|m| m.key == name).cloned()
+        self.meters
+            .values()
+            .flatten()
+            .find(|m| m.key == name)
+            .cloned()
     }
 
     // ---- background work ----------------------------------------------------
@@ -429,8 +520,12 @@ impl Writer {
             .iter()
             .find(|(_, s)| !s.ready())
             .map(|(n, s)| (n.clone(), *s));
-        let Some((name, mut state)) = pending else { return Ok(false) };
-        let Some(meter) = self.compiled(&name) else { return Ok(false) };
+        let Some((name, mut state)) = pending else {
+            return Ok(false);
+        };
+        let Some(meter) = self.compiled(&name) else {
+            return Ok(false);
+        };
         let mut batch = shared.db.batch();
         let mut deltas = Deltas::default();
         let mut next = state.backfill_until;
@@ -447,7 +542,11 @@ impl Writer {
             }
             let (_, event) = keys::decode_event(&value)?;
             if let Some(entry) = measure(&meter, state.generation, &event, seq, &mut deltas)? {
-                batch.insert(&ks.quarantine, keys::quarantine_key(&name, seq)?, json(&entry)?);
+                batch.insert(
+                    &ks.quarantine,
+                    keys::quarantine_key(&name, seq)?,
+                    json(&entry)?,
+                );
             }
         }
         self.merge_deltas(&mut batch, deltas)?;
@@ -463,7 +562,9 @@ impl Writer {
 
     fn garbage_step(&mut self) -> Result<bool, StoreError> {
         let ks = &self.shared.keyspaces;
-        let Some(item) = ks.meta.prefix(keys::GARBAGE_PREFIX).next() else { return Ok(false) };
+        let Some(item) = ks.meta.prefix(keys::GARBAGE_PREFIX).next() else {
+            return Ok(false);
+        };
         let key = item.key()?;
         let generation: u64 = std::str::from_utf8(&key[keys::GARBAGE_PREFIX.len()..])
             .ok()
@@ -471,7 +572,11 @@ impl Writer {
             .ok_or(StoreError::Corrupt("garbage key"))?;
         let mut batch = self.shared.db.batch();
         let mut removed = 0;
-        for item in ks.rollups.prefix(generation.to_be_bytes()).take(GARBAGE_CHUNK) {
+        for item in ks
+            .rollups
+            .prefix(generation.to_be_bytes())
+            .take(GARBAGE_CHUNK)
+        {
             batch.remove(&ks.rollups, item.key()?);
             removed += 1;
         }
@@ -544,13 +649,24 @@ fn measure(
     };
     let second = event.time.as_second();
     for level in Level::ALL {
-        let key = keys::rollup_key(generation, level, &event.subject, level.bucket(second), &sample.groups)?;
+        let key = keys::rollup_key(
+            generation,
+            level,
+            &event.subject,
+            level.bucket(second),
+            &sample.groups,
+        )?;
         deltas.add(key, state.clone())?;
     }
     Ok(None)
 }
 
-fn notice(index: usize, event: &CloudEvent, meter: &str, entry: &QuarantineEntry) -> QuarantineNotice {
+fn notice(
+    index: usize,
+    event: &CloudEvent,
+    meter: &str,
+    entry: &QuarantineEntry,
+) -> QuarantineNotice {
     QuarantineNotice {
         index,
         id: event.id.clone(),

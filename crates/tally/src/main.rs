@@ -1,1 +1,232 @@
-fn main() {}
+//! `tally`: the Tally command line.
+//!
+//! `tally serve` runs the server; every other command talks to one over HTTP
+//! (`--server`, `TALLY_SERVER`) with an optional bearer token (`--token`,
+//! `TALLY_TOKEN`).
+
+mod events;
+mod meters;
+mod output;
+mod resources;
+mod serve;
+mod when;
+
+use std::io::Write as _;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tally_client::TallyClient;
+
+/// Usage metering: ingest CloudEvents exactly once, define meters, query usage.
+#[derive(Parser)]
+#[command(
+    name = "tally",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
+struct Cli {
+    /// URL of the Tally server that client commands talk to.
+    #[arg(
+        long,
+        global = true,
+        env = "TALLY_SERVER",
+        default_value = "http://127.0.0.1:8080",
+        value_name = "URL"
+    )]
+    server: String,
+
+    /// Bearer token. Client commands send it as `Authorization: Bearer <TOKEN>`;
+    /// `serve` requires it from every client (except on /healthz and /readyz).
+    /// It is never printed.
+    #[arg(
+        long,
+        global = true,
+        env = "TALLY_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    token: Option<String>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the Tally server with its embedded store.
+    Serve(serve::ServeArgs),
+    /// Create or update resources from YAML or JSON manifests, like `kubectl apply`.
+    Apply(resources::ApplyArgs),
+    /// Show resources (meterdefinitions, monitoredresourcetypes).
+    Get(resources::GetArgs),
+    /// Delete a resource.
+    Delete(resources::DeleteArgs),
+    /// Send and list usage events.
+    #[command(subcommand)]
+    Events(events::EventsCommand),
+    /// List meters and query their usage.
+    #[command(subcommand)]
+    Meters(meters::MetersCommand),
+    /// Inspect events that a meter could not measure yet.
+    #[command(subcommand)]
+    Quarantine(events::QuarantineCommand),
+    /// Measure ingest throughput, query latency, memory and disk use against
+    /// a real server on loopback (see BENCHMARKS.md).
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Events to ingest.
+    #[arg(long, default_value_t = 1_000_000)]
+    events: usize,
+    /// Events per HTTP request.
+    #[arg(long, default_value_t = 1_000)]
+    batch: usize,
+    /// Concurrent HTTP connections.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Distinct subjects (projects).
+    #[arg(long, default_value_t = 10_000)]
+    subjects: usize,
+    /// Repetitions of each timed query.
+    #[arg(long, default_value_t = 50)]
+    query_runs: usize,
+    /// Keep the store in this directory instead of a temporary one.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<std::path::PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // `{:#}` prints the context chain: "what we did: why it failed".
+            let _ = std::io::stdout().flush();
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let client_command = match cli.command {
+        Command::Serve(args) => return serve::run(args, cli.token),
+        Command::Bench(args) => return bench(args),
+        Command::Apply(args) => ClientCommand::Apply(args),
+        Command::Get(args) => ClientCommand::Get(args),
+        Command::Delete(args) => ClientCommand::Delete(args),
+        Command::Events(command) => ClientCommand::Events(command),
+        Command::Meters(command) => ClientCommand::Meters(command),
+        Command::Quarantine(command) => ClientCommand::Quarantine(command),
+    };
+    let client = TallyClient::new(&cli.server, cli.token).context("setting up the client")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        match client_command {
+            ClientCommand::Apply(args) => resources::apply(&client, args).await,
+            ClientCommand::Get(args) => resources::get(&client, args).await,
+            ClientCommand::Delete(args) => resources::delete(&client, args).await,
+            ClientCommand::Events(command) => events::run(&client, command).await,
+            ClientCommand::Meters(command) => meters::run(&client, command).await,
+            ClientCommand::Quarantine(command) => events::run_quarantine(&client, command).await,
+        }
+    })
+}
+
+fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let options = tally_bench::BenchOptions {
+        events: args.events,
+        batch: args.batch.max(1),
+        connections: args.connections.max(1),
+        subjects: args.subjects.max(1),
+        data_dir: args.data_dir,
+        query_runs: args.query_runs.max(1),
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(tally_bench::run(options))
+}
+
+/// The commands that talk to a server.
+enum ClientCommand {
+    Apply(resources::ApplyArgs),
+    Get(resources::GetArgs),
+    Delete(resources::DeleteArgs),
+    Events(events::EventsCommand),
+    Meters(meters::MetersCommand),
+    Quarantine(events::QuarantineCommand),
+}
+
+/// Writes text to standard output; a closed pipe (`tally ... | head`) is not
+/// an error worth a message.
+fn print(text: &str) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("writing to standard output"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_option_has_help() {
+        fn walk(command: &clap::Command, path: &str) {
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                assert!(
+                    arg.get_help().is_some() || arg.get_long_help().is_some(),
+                    "{path} {id} has no help"
+                );
+            }
+            for sub in command.get_subcommands() {
+                assert!(
+                    sub.get_about().is_some(),
+                    "{path} {} has no about",
+                    sub.get_name()
+                );
+                walk(sub, &format!("{path} {}", sub.get_name()));
+            }
+        }
+        walk(&Cli::command(), "tally");
+    }
+
+    #[test]
+    fn global_options_work_after_the_subcommand() {
+        let cli = Cli::try_parse_from([
+            "tally",
+            "get",
+            "md",
+            "--server",
+            "http://x:1",
+            "--token",
+            "t",
+        ])
+        .unwrap();
+        assert_eq!(cli.server, "http://x:1");
+        assert_eq!(cli.token.as_deref(), Some("t"));
+    }
+}

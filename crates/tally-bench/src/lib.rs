@@ -1,0 +1,280 @@
+//! `tally bench`: a reproducible load against a real server over loopback HTTP.
+//!
+//! Events look like the gateway's usage: 10,000 subjects (projects), four
+//! event types (requests, ingress bytes, egress bytes, connection seconds),
+//! each grouped by two properties (`region`, `method`), spread over the
+//! last 30 days. Request bodies are generated before the clock starts, so
+//! the figure is the server's, not the generator's.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use jiff::{SignedDuration, Timestamp};
+use serde_json::{Value, json};
+use tally_ledger::Ledger;
+use tally_server::AppState;
+use tally_store_embedded::{EmbeddedLedger, StoreConfig};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Events to ingest.
+    pub events: usize,
+    /// Events per HTTP request.
+    pub batch: usize,
+    /// Concurrent HTTP connections.
+    pub connections: usize,
+    /// Distinct subjects.
+    pub subjects: usize,
+    /// Where the store lives; a temporary directory when `None`.
+    pub data_dir: Option<PathBuf>,
+    /// Repetitions of each query, for percentiles.
+    pub query_runs: usize,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            events: 1_000_000,
+            batch: 1_000,
+            connections: 4,
+            subjects: 10_000,
+            data_dir: None,
+            query_runs: 50,
+        }
+    }
+}
+
+const TYPES: [&str; 4] = [
+    "gateway.requests",
+    "gateway.ingress-bytes",
+    "gateway.egress-bytes",
+    "gateway.connection-seconds",
+];
+const REGIONS: [&str; 3] = ["eu-west", "us-east", "ap-south"];
+const METHODS: [&str; 5] = ["GET", "POST", "PUT", "DELETE", "PATCH"];
+
+fn meters() -> String {
+    TYPES
+        .iter()
+        .map(|t| {
+            let slug = t.replace('.', "-");
+            format!(
+                "apiVersion: billing.miloapis.com/v1alpha1\nkind: MeterDefinition\nmetadata: {{name: {slug}}}\nspec:\n  meterName: {t}\n  measurement: {{aggregation: SUM}}\n  event: {{type: {t}, valueProperty: $.value, dimensions: {{region: $.region, method: $.method}}}}\n---\n"
+            )
+        })
+        .collect()
+}
+
+/// A small deterministic generator (xorshift), so every run sends the same events.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+fn bodies(o: &BenchOptions, now: Timestamp) -> Vec<Vec<u8>> {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let span = 30 * 24 * 3600;
+    (0..o.events.div_ceil(o.batch))
+        .map(|b| {
+            let n = o.batch.min(o.events - b * o.batch);
+            let events: Vec<Value> = (0..n)
+                .map(|i| {
+                    let kind = TYPES[rng.below(TYPES.len())];
+                    let time = now - SignedDuration::from_secs(rng.below(span) as i64 + 60);
+                    json!({"specversion": "1.0", "id": format!("{b}-{i}"), "source": "bench",
+                           "type": kind, "subject": format!("projects/p{}", rng.below(o.subjects)), "time": time,
+                           "data": {"value": rng.below(100_000), "region": REGIONS[rng.below(3)], "method": METHODS[rng.below(5)]}})
+                })
+                .collect();
+            serde_json::to_vec(&events).unwrap_or_default()
+        })
+        .collect()
+}
+
+fn rss_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+async fn timed_queries(
+    client: &reqwest::Client,
+    url: &str,
+    runs: usize,
+) -> anyhow::Result<(Vec<Duration>, usize)> {
+    let mut times = Vec::with_capacity(runs);
+    let mut rows = 0;
+    for _ in 0..runs {
+        let start = Instant::now();
+        let r = client.get(url).send().await.context("query")?;
+        let status = r.status();
+        let body: Value = r.json().await.context("query body")?;
+        if !status.is_success() {
+            bail!("query {url} failed: {status} {body}");
+        }
+        times.push(start.elapsed());
+        rows = body["data"].as_array().map_or(0, Vec::len);
+    }
+    times.sort();
+    Ok((times, rows))
+}
+
+/// Runs the benchmark and prints a report.
+pub async fn run(o: BenchOptions) -> anyhow::Result<()> {
+    let temp = tempfile::tempdir().context("creating a temporary directory")?;
+    let dir = o.data_dir.clone().unwrap_or_else(|| temp.path().to_owned());
+    let ledger = Arc::new(
+        tokio::task::spawn_blocking({
+            let dir = dir.clone();
+            move || EmbeddedLedger::open(StoreConfig::new(dir))
+        })
+        .await??,
+    );
+    let state = AppState::new(ledger.clone(), 64 << 20, None);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move { axum_serve(listener, state).await });
+    let client = reqwest::Client::new();
+    let r = client
+        .post(format!("{base}/apis/apply"))
+        .header("content-type", "application/yaml")
+        .body(meters())
+        .send()
+        .await?;
+    if !r.status().is_success() {
+        bail!("applying meters: {}", r.text().await?);
+    }
+
+    let now = Timestamp::now();
+    eprintln!(
+        "generating {} events in batches of {}...",
+        o.events, o.batch
+    );
+    let bodies = Arc::new(bodies(&o, now));
+    let rss_before = rss_kib("VmRSS:");
+    eprintln!("ingesting over {} connections...", o.connections);
+    let start = Instant::now();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..o.connections {
+        let (client, url, bodies, next) = (
+            client.clone(),
+            format!("{base}/api/v1/events"),
+            bodies.clone(),
+            next.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(body) = bodies.get(i) else {
+                    return Ok::<_, anyhow::Error>(());
+                };
+                let r = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await?;
+                if !r.status().is_success() {
+                    bail!("ingest failed: {}", r.text().await?);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let ingest = start.elapsed();
+    let stats = ledger.stats();
+    if stats.events_accepted_total != o.events as u64 {
+        bail!(
+            "expected {} events stored, the ledger says {}",
+            o.events,
+            stats.events_accepted_total
+        );
+    }
+    drop(bodies);
+
+    let day = |d: i64| {
+        (now - SignedDuration::from_hours(24 * d))
+            .round(jiff::Unit::Hour)
+            .unwrap_or(now)
+    };
+    let (from, to) = (day(31), day(-1));
+    let hourly = format!(
+        "{base}/api/v1/meters/gateway-requests/query?from={from}&to={to}&windowSize=HOUR&subject=projects/p42"
+    );
+    let daily = format!(
+        "{base}/api/v1/meters/gateway-requests/query?from={from}&to={to}&windowSize=DAY&groupBy=subject"
+    );
+    // Wait for nothing: meters existed before the events, so they are ready.
+    let (hourly_times, hourly_rows) = timed_queries(&client, &hourly, o.query_runs).await?;
+    let (daily_times, daily_rows) = timed_queries(&client, &daily, o.query_runs.min(10)).await?;
+    let disk = ledger.stats().disk_bytes;
+    let millions = o.events as f64 / 1e6;
+    println!(
+        "tally bench: {} events, batches of {}, {} connections, {} subjects",
+        o.events, o.batch, o.connections, o.subjects
+    );
+    println!(
+        "ingest: {:.0} events/s ({:.1} s, durable + deduplicated, {} group commits)",
+        o.events as f64 / ingest.as_secs_f64(),
+        ingest.as_secs_f64(),
+        stats.group_commits_total
+    );
+    println!(
+        "query 30-day hourly, one subject ({hourly_rows} rows): p50 {:.2} ms, p99 {:.2} ms",
+        percentile(&hourly_times, 0.5).as_secs_f64() * 1e3,
+        percentile(&hourly_times, 0.99).as_secs_f64() * 1e3
+    );
+    println!(
+        "query 30-day daily grouped by subject ({daily_rows} rows): p50 {:.1} ms, max {:.1} ms",
+        percentile(&daily_times, 0.5).as_secs_f64() * 1e3,
+        daily_times
+            .last()
+            .copied()
+            .unwrap_or_default()
+            .as_secs_f64()
+            * 1e3
+    );
+    println!(
+        "memory: peak RSS {} MiB (process, includes the load generator's {} MiB of request bodies); disk: {:.1} MiB per million events",
+        rss_kib("VmHWM:") / 1024,
+        rss_before / 1024,
+        disk as f64 / 1_048_576.0 / millions
+    );
+    Ok(())
+}
+
+async fn axum_serve(listener: tokio::net::TcpListener, state: AppState) {
+    if let Err(e) = tally_server::serve_on(listener, state).await {
+        eprintln!("bench server failed: {e}");
+    }
+}

@@ -1,0 +1,292 @@
+//! The `tally` command line against a real `tally serve`, as a person uses it.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+
+const TOKEN: &str = "cli-test-token-0123";
+
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(dir: &Path) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .env("TALLY_TOKEN", TOKEN)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
+    let base = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_owned();
+    Server { child, base }
+}
+
+fn tally(server: &Server, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(args)
+        .env("TALLY_SERVER", &server.base)
+        .env("TALLY_TOKEN", TOKEN)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn ok(output: Output) -> String {
+    assert!(
+        output.status.success(),
+        "failed: {}\n{}",
+        stderr(&output),
+        stdout(&output)
+    );
+    stdout(&output)
+}
+
+const MANIFESTS: &str = "\
+apiVersion: billing.miloapis.com/v1alpha1
+kind: MeterDefinition
+metadata: {name: requests}
+spec:
+  meterName: gw/requests
+  measurement: {aggregation: Sum, unit: '{request}', dimensions: [method]}
+---
+apiVersion: billing.miloapis.com/v1alpha1
+kind: MonitoredResourceType
+metadata: {name: httproute}
+spec:
+  resourceTypeName: networking.datumapis.com/HTTPRoute
+  labels: [{name: name, required: true}]
+";
+
+/// Two recent days (the server refuses events older than its lateness limit).
+fn days() -> [jiff::civil::Date; 2] {
+    let today = jiff::Timestamp::now()
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .date();
+    let first = today.checked_sub(jiff::Span::new().days(3)).unwrap();
+    [first, first.tomorrow().unwrap()]
+}
+
+/// Odd ids fall on the first day, even ids on the second.
+fn event(id: u32, value: &str, method: &str) -> String {
+    let day = days()[(id % 2) as usize ^ 1];
+    format!(
+        r#"{{"specversion":"1.0","id":"e{id}","source":"cli","type":"gw/requests","subject":"acme","time":"{day}T10:00:00Z","data":{{"value":{value},"dimensions":{{"method":"{method}"}}}}}}"#
+    )
+}
+
+/// Midnight of `date` in Berlin, RFC 3339 with its offset.
+fn berlin_midnight(date: jiff::civil::Date) -> String {
+    let zoned = date
+        .to_zoned(jiff::tz::TimeZone::get("Europe/Berlin").unwrap())
+        .unwrap();
+    zoned
+        .timestamp()
+        .display_with_offset(zoned.offset())
+        .to_string()
+}
+
+#[test]
+fn apply_get_send_query_and_fail_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path());
+
+    let applied = ok(tally(&server, &["apply", "-f", "-"], Some(MANIFESTS)));
+    assert_eq!(
+        applied,
+        "meterdefinition/requests created\nmonitoredresourcetype/httproute created\n"
+    );
+    let file = dir.path().join("manifests.yaml");
+    std::fs::write(&file, MANIFESTS).unwrap();
+    let again = ok(tally(
+        &server,
+        &["apply", "-f", file.to_str().unwrap()],
+        None,
+    ));
+    assert!(
+        again.contains("meterdefinition/requests unchanged"),
+        "{again}"
+    );
+
+    let table = ok(tally(&server, &["get", "md"], None));
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(
+        lines[0],
+        "NAME       METER NAME    PHASE   AGGREGATION   UNIT        EVENT TYPE    READY"
+    );
+    assert!(
+        lines[1]
+            .starts_with("requests   gw/requests   Draft   SUM           {request}   gw/requests"),
+        "{table}"
+    );
+    let yaml = ok(tally(
+        &server,
+        &["get", "meterdefinitions", "-o", "yaml"],
+        None,
+    ));
+    assert!(
+        yaml.starts_with("apiVersion: v1\nkind: List\nitems:\n"),
+        "{yaml}"
+    );
+    let json = ok(tally(
+        &server,
+        &["get", "mrt", "httproute", "-o", "json"],
+        None,
+    ));
+    let manifest: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        manifest["spec"]["resourceTypeName"],
+        "networking.datumapis.com/HTTPRoute"
+    );
+
+    // Five good lines, then a bad one: the first batch of two lands, the
+    // second batch (lines 3-4) does too, the batch with line 6 is not sent.
+    let events = [
+        event(1, "1", "GET"),
+        event(2, "2", "GET"),
+        event(3, "0.1", "POST"),
+        event(4, "0.2", "POST"),
+        event(5, "5", "GET"),
+        "{not json".to_owned(),
+    ]
+    .join("\n");
+    let output = tally(
+        &server,
+        &["events", "send", "-", "--batch-size", "2"],
+        Some(&events),
+    );
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert_eq!(
+        stdout(&output),
+        "accepted 4, duplicates 0, quarantined 0\n",
+        "{}",
+        stderr(&output)
+    );
+    let error = stderr(&output);
+    assert!(
+        error.starts_with("error: sending events from standard input: line 6: "),
+        "{error}"
+    );
+
+    let all_good = events.lines().take(5).collect::<Vec<_>>().join("\n");
+    let sent = ok(tally(&server, &["events", "send", "-"], Some(&all_good)));
+    assert_eq!(sent, "accepted 1, duplicates 4, quarantined 0\n");
+
+    let listed = ok(tally(
+        &server,
+        &["events", "list", "--limit", "2", "--all"],
+        None,
+    ));
+    assert_eq!(listed.lines().count(), 6, "{listed}");
+    assert!(listed.starts_with("SEQ   TIME"), "{listed}");
+
+    let [day1, day2] = days();
+    let day3 = day2.tomorrow().unwrap();
+    let (from, to) = (day1.to_string(), day3.to_string());
+    let csv = ok(tally(
+        &server,
+        &[
+            "meters",
+            "query",
+            "requests",
+            "--from",
+            &from,
+            "--to",
+            &to,
+            "--window",
+            "day",
+            "--tz",
+            "Europe/Berlin",
+            "--group-by",
+            "method",
+            "-o",
+            "csv",
+        ],
+        None,
+    ));
+    let (m1, m2, m3) = (
+        berlin_midnight(day1),
+        berlin_midnight(day2),
+        berlin_midnight(day3),
+    );
+    let mut rows: Vec<&str> = csv.lines().collect();
+    assert_eq!(rows.remove(0), "windowStart,windowEnd,method,value");
+    rows.sort();
+    assert_eq!(
+        rows,
+        [
+            format!("{m1},{m2},GET,6"),
+            format!("{m1},{m2},POST,0.1"),
+            format!("{m2},{m3},GET,2"),
+            format!("{m2},{m3},POST,0.2"),
+        ]
+    );
+
+    let meters = ok(tally(&server, &["meters", "list"], None));
+    assert!(
+        meters.starts_with("SLUG       EVENT TYPE    AGGREGATION   VALUE PROPERTY   GROUP BY\n"),
+        "{meters}"
+    );
+
+    // Errors: the server's problem, the URL that could not be reached, and
+    // never the token.
+    let output = tally(&server, &["get", "md", "missing"], None);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr(&output).starts_with("error: getting meterdefinition/missing: Not Found (HTTP 404)")
+    );
+    let output = tally(
+        &server,
+        &["--server", "http://127.0.0.1:1", "meters", "list"],
+        None,
+    );
+    assert_eq!(output.status.code(), Some(1));
+    let error = stderr(&output);
+    assert!(
+        error.contains("could not reach the Tally server at http://127.0.0.1:1/api/v1/meters"),
+        "{error}"
+    );
+    let output = tally(&server, &["--token", "wrong", "get", "md"], None);
+    assert!(stderr(&output).contains("HTTP 401"), "{}", stderr(&output));
+    for args in [
+        &["--help"][..],
+        &["serve", "--help"],
+        &["events", "send", "--help"],
+    ] {
+        let help = ok(tally(&server, args, None));
+        assert!(!help.contains(TOKEN), "{help}");
+        assert!(help.contains("--token"), "{help}");
+    }
+}
