@@ -67,7 +67,11 @@ pub struct QueryPlan {
 
 impl QueryPlan {
     /// Plans `windows`, counting only usage inside `[from, to)`.
-    pub fn new(windows: Vec<Window>, from: Timestamp, to: Timestamp) -> Result<QueryPlan, WindowError> {
+    pub fn new(
+        windows: Vec<Window>,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<QueryPlan, WindowError> {
         let mut buckets: [Vec<(i64, u32)>; 3] = Default::default();
         for (index, w) in windows.iter().enumerate() {
             let start = w.start.max(from).as_second();
@@ -120,7 +124,16 @@ mod tests {
     #[test]
     fn utc_days_use_day_buckets() {
         let pieces = decompose(0, 3 * 86_400 + 120);
-        assert_eq!(pieces, vec![(Level::Day, 0), (Level::Day, 86_400), (Level::Day, 172_800), (Level::Minute, 259_200), (Level::Minute, 259_260)]);
+        assert_eq!(
+            pieces,
+            vec![
+                (Level::Day, 0),
+                (Level::Day, 86_400),
+                (Level::Day, 172_800),
+                (Level::Minute, 259_200),
+                (Level::Minute, 259_260)
+            ]
+        );
     }
 
     proptest! {

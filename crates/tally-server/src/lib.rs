@@ -294,6 +294,16 @@ pub async fn serve_on(listener: tokio::net::TcpListener, state: AppState) -> any
 
 /// Runs `tally serve` until SIGINT or SIGTERM.
 pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    if config
+        .max_lateness_days
+        .is_some_and(|late| late > config.dedupe_horizon_days)
+    {
+        anyhow::bail!(
+            "maxLatenessDays ({}) must not exceed dedupeHorizonDays ({}): events older than the dedupe horizon could be stored twice",
+            config.max_lateness_days.unwrap_or_default(),
+            config.dedupe_horizon_days
+        );
+    }
     let mut store = StoreConfig::new(&config.data_dir);
     store.dedupe_horizon =
         jiff::SignedDuration::from_hours(i64::from(config.dedupe_horizon_days) * 24);

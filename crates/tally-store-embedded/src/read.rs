@@ -31,18 +31,30 @@ impl From<StoreError> for LedgerError {
 
 type GroupKey = (u32, Option<String>, Vec<Option<String>>);
 
-pub fn query(shared: &Shared, meter_name: &str, q: &MeterQuery) -> Result<QueryResult, LedgerError> {
+pub fn query(
+    shared: &Shared,
+    meter_name: &str,
+    q: &MeterQuery,
+) -> Result<QueryResult, LedgerError> {
     let (meter, state) = {
         let read = shared.read_state();
         let meter = match read.catalog.compile(meter_name) {
             None => return Err(LedgerError::not_found("meter", meter_name)),
-            Some(Err(e)) => return Err(LedgerError::Conflict(format!("meter {meter_name:?} cannot be compiled: {e}"))),
+            Some(Err(e)) => {
+                return Err(LedgerError::Conflict(format!(
+                    "meter {meter_name:?} cannot be compiled: {e}"
+                )));
+            }
             Some(Ok(m)) => m,
         };
-        let state = read.meters.get(meter_name).copied().ok_or_else(|| LedgerError::NotReady {
-            message: format!("meter {meter_name:?} is being built"),
-            retry_after_seconds: 1,
-        })?;
+        let state = read
+            .meters
+            .get(meter_name)
+            .copied()
+            .ok_or_else(|| LedgerError::NotReady {
+                message: format!("meter {meter_name:?} is being built"),
+                retry_after_seconds: 1,
+            })?;
         (meter, state)
     };
     if !state.ready() {
@@ -59,7 +71,10 @@ pub fn query(shared: &Shared, meter_name: &str, q: &MeterQuery) -> Result<QueryR
         dimensions.iter().position(|d| *d == name).ok_or_else(|| {
             LedgerError::Invalid(format!(
                 "meter {meter_name:?} has no dimension {name:?}; it has: subject{}",
-                dimensions.iter().map(|d| format!(", {d}")).collect::<String>()
+                dimensions
+                    .iter()
+                    .map(|d| format!(", {d}"))
+                    .collect::<String>()
             ))
         })
     };
@@ -70,7 +85,10 @@ pub fn query(shared: &Shared, meter_name: &str, q: &MeterQuery) -> Result<QueryR
             group_names.push(g);
         }
     }
-    let group_positions: Vec<usize> = group_names.iter().map(|g| position(g)).collect::<Result<_, _>>()?;
+    let group_positions: Vec<usize> = group_names
+        .iter()
+        .map(|g| position(g))
+        .collect::<Result<_, _>>()?;
     let filters: Vec<(usize, &str)> = q
         .filter_group_by
         .iter()
@@ -79,14 +97,17 @@ pub fn query(shared: &Shared, meter_name: &str, q: &MeterQuery) -> Result<QueryR
     let by_subject = !q.subjects.is_empty() || q.group_by.iter().any(|g| g == "subject");
     let windows = window::windows(q.from, q.to, q.window_size, &q.time_zone)
         .map_err(|e| LedgerError::Invalid(e.to_string()))?;
-    let plan = QueryPlan::new(windows, q.from, q.to).map_err(|e| LedgerError::Invalid(e.to_string()))?;
+    let plan =
+        QueryPlan::new(windows, q.from, q.to).map_err(|e| LedgerError::Invalid(e.to_string()))?;
 
     let snapshot = shared.db.snapshot();
     let rollups = &shared.keyspaces.rollups;
     let mut acc: HashMap<GroupKey, AggState> = HashMap::new();
     let mut fold = |key: &[u8], value: &[u8], level: Level| -> Result<(), LedgerError> {
         let k = keys::decode_rollup_key(key, dimensions.len())?;
-        let Some(window) = plan.window_of(level, k.bucket) else { return Ok(()) };
+        let Some(window) = plan.window_of(level, k.bucket) else {
+            return Ok(());
+        };
         if filters.iter().any(|(p, v)| k.groups[*p] != Some(*v)) {
             return Ok(());
         }
@@ -94,7 +115,10 @@ pub fn query(shared: &Shared, meter_name: &str, q: &MeterQuery) -> Result<QueryR
         let group = (
             window as u32,
             by_subject.then(|| k.subject.to_owned()),
-            group_positions.iter().map(|p| k.groups[*p].map(str::to_owned)).collect(),
+            group_positions
+                .iter()
+                .map(|p| k.groups[*p].map(str::to_owned))
+                .collect(),
         );
         match acc.get_mut(&group) {
             Some(existing) => existing.merge(&state).map_err(storage)?,
@@ -105,9 +129,12 @@ pub fn query(shared: &Shared, meter_name: &str, q: &MeterQuery) -> Result<QueryR
         Ok(())
     };
     for level in Level::ALL {
-        let Some((lo, hi)) = plan.range(level) else { continue };
+        let Some((lo, hi)) = plan.range(level) else {
+            continue;
+        };
         if q.subjects.is_empty() {
-            for item in snapshot.prefix(rollups, keys::rollup_level_prefix(state.generation, level)) {
+            for item in snapshot.prefix(rollups, keys::rollup_level_prefix(state.generation, level))
+            {
                 let (key, value) = item.into_inner().map_err(storage)?;
                 fold(&key, &value, level)?;
             }
@@ -188,9 +215,9 @@ pub fn list_events(shared: &Shared, f: &EventFilter) -> Result<EventPage, Ledger
     let events = &shared.keyspaces.events;
     let snapshot = shared.db.snapshot();
     let end = match &f.cursor {
-        Some(c) => c
-            .parse::<u64>()
-            .map_err(|_| LedgerError::Invalid(format!("cursor {c:?} is not one this server issued")))?,
+        Some(c) => c.parse::<u64>().map_err(|_| {
+            LedgerError::Invalid(format!("cursor {c:?} is not one this server issued"))
+        })?,
         None => u64::MAX,
     };
     let matches = |e: &tally_model::CloudEvent| {
@@ -205,14 +232,21 @@ pub fn list_events(shared: &Shared, f: &EventFilter) -> Result<EventPage, Ledger
     let mut next_cursor = None;
     // With both source and id the dedupe index finds the event directly.
     if let (Some(source), Some(id)) = (&f.source, &f.id) {
-        if let Some(d) = snapshot.get(&shared.keyspaces.dedupe, keys::dedupe_key(source, id)).map_err(storage)? {
+        if let Some(d) = snapshot
+            .get(&shared.keyspaces.dedupe, keys::dedupe_key(source, id))
+            .map_err(storage)?
+        {
             let (seq, _) = keys::decode_dedupe(&d)?;
             if seq < end
                 && let Some(raw) = snapshot.get(events, keys::seq_key(seq)).map_err(storage)?
             {
                 let (ingested_at, event) = keys::decode_event(&raw)?;
                 if matches(&event) {
-                    items.push(StoredEvent { seq, ingested_at, event });
+                    items.push(StoredEvent {
+                        seq,
+                        ingested_at,
+                        event,
+                    });
                 }
             }
         }
@@ -221,7 +255,10 @@ pub fn list_events(shared: &Shared, f: &EventFilter) -> Result<EventPage, Ledger
     for item in snapshot.range(events, ..keys::seq_key(end)).rev() {
         let (key, value) = item.into_inner().map_err(storage)?;
         let seq = keys::read_u64(&key)?;
-        if f.event_type.as_ref().is_some_and(|t| keys::event_type_of(&value).is_ok_and(|v| v != t)) {
+        if f.event_type
+            .as_ref()
+            .is_some_and(|t| keys::event_type_of(&value).is_ok_and(|v| v != t))
+        {
             continue;
         }
         let (ingested_at, event) = keys::decode_event(&value)?;
@@ -232,12 +269,19 @@ pub fn list_events(shared: &Shared, f: &EventFilter) -> Result<EventPage, Ledger
             next_cursor = items.last().map(|e: &StoredEvent| e.seq.to_string());
             break;
         }
-        items.push(StoredEvent { seq, ingested_at, event });
+        items.push(StoredEvent {
+            seq,
+            ingested_at,
+            event,
+        });
     }
     Ok(EventPage { items, next_cursor })
 }
 
-pub fn list_quarantine(shared: &Shared, f: &QuarantineFilter) -> Result<QuarantinePage, LedgerError> {
+pub fn list_quarantine(
+    shared: &Shared,
+    f: &QuarantineFilter,
+) -> Result<QuarantinePage, LedgerError> {
     let limit = page_limit(f.limit);
     let ks = &shared.keyspaces;
     let snapshot = shared.db.snapshot();
@@ -246,12 +290,23 @@ pub fn list_quarantine(shared: &Shared, f: &QuarantineFilter) -> Result<Quaranti
             let (meter, seq) = c
                 .rsplit_once(':')
                 .and_then(|(m, s)| Some((m, s.parse::<u64>().ok()?)))
-                .ok_or_else(|| LedgerError::Invalid(format!("cursor {c:?} is not one this server issued")))?;
+                .ok_or_else(|| {
+                    LedgerError::Invalid(format!("cursor {c:?} is not one this server issued"))
+                })?;
             keys::quarantine_key(meter, seq.saturating_add(1))?
         }
-        None => f.meter.as_deref().map(keys::quarantine_prefix).transpose()?.unwrap_or_default(),
+        None => f
+            .meter
+            .as_deref()
+            .map(keys::quarantine_prefix)
+            .transpose()?
+            .unwrap_or_default(),
     };
-    let prefix = f.meter.as_deref().map(keys::quarantine_prefix).transpose()?;
+    let prefix = f
+        .meter
+        .as_deref()
+        .map(keys::quarantine_prefix)
+        .transpose()?;
     let mut items = Vec::new();
     let mut next_cursor = None;
     for item in snapshot.range(&ks.quarantine, start..) {
@@ -261,17 +316,28 @@ pub fn list_quarantine(shared: &Shared, f: &QuarantineFilter) -> Result<Quaranti
         }
         let (meter, seq) = keys::decode_quarantine_key(&key)?;
         if items.len() == limit {
-            next_cursor = items.last().map(|q: &QuarantinedEvent| format!("{}:{}", q.meter, q.event.seq));
+            next_cursor = items
+                .last()
+                .map(|q: &QuarantinedEvent| format!("{}:{}", q.meter, q.event.seq));
             break;
         }
         let entry: QuarantineEntry = serde_json::from_slice(&value).map_err(storage)?;
-        let Some(raw) = snapshot.get(&ks.events, keys::seq_key(seq)).map_err(storage)? else { continue };
+        let Some(raw) = snapshot
+            .get(&ks.events, keys::seq_key(seq))
+            .map_err(storage)?
+        else {
+            continue;
+        };
         let (ingested_at, event) = keys::decode_event(&raw)?;
         items.push(QuarantinedEvent {
             meter: meter.to_owned(),
             reason: entry.reason,
             message: entry.message,
-            event: StoredEvent { seq, ingested_at, event },
+            event: StoredEvent {
+                seq,
+                ingested_at,
+                event,
+            },
         });
     }
     Ok(QuarantinePage { items, next_cursor })

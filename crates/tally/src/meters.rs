@@ -42,13 +42,14 @@ pub struct QueryArgs {
     meter: String,
 
     /// Start of the range, inclusive: RFC 3339 (2026-01-01T00:00:00Z) or a
-    /// date (2026-01-01, midnight in --tz).
+    /// date (2026-01-01, midnight in --tz). Default: all stored usage.
     #[arg(long, value_name = "TIME")]
-    from: String,
+    from: Option<String>,
 
     /// End of the range, exclusive: RFC 3339 or a date (midnight in --tz).
+    /// Default: now, rounded up to the minute.
     #[arg(long, value_name = "TIME")]
-    to: String,
+    to: Option<String>,
 
     /// Window size; without it each group gets one row for the whole range.
     #[arg(long, value_enum, value_name = "SIZE")]
@@ -168,14 +169,24 @@ fn meter_table(meters: &[OpenMeterMeter]) -> Table {
 
 async fn query(client: &TallyClient, args: QueryArgs) -> anyhow::Result<()> {
     let tz = when::parse_zone(&args.tz)?;
-    let from = when::parse_instant(&args.from, &tz).context("--from")?;
-    let to = when::parse_instant(&args.to, &tz).context("--to")?;
-    if from >= to {
+    let from = args
+        .from
+        .as_deref()
+        .map(|t| when::parse_instant(t, &tz).context("--from"))
+        .transpose()?;
+    let to = args
+        .to
+        .as_deref()
+        .map(|t| when::parse_instant(t, &tz).context("--to"))
+        .transpose()?;
+    if let (Some(from), Some(to)) = (from, to)
+        && from >= to
+    {
         bail!("--from ({from}) must be before --to ({to})");
     }
     let mut params = MeterQueryParams {
-        from: Some(from),
-        to: Some(to),
+        from,
+        to,
         window_size: args.window.map(Into::into),
         window_time_zone: Some(args.tz.clone()),
         subjects: args.subjects.clone(),

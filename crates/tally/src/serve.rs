@@ -98,7 +98,10 @@ fn init_tracing(format: LogFormat) -> anyhow::Result<()> {
         // The storage engine's own info lines are about its internals.
         _ => EnvFilter::new("info,fjall=warn,lsm_tree=warn"),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Logs go to stderr; stdout carries only the "listening on" line.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let result = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
