@@ -529,8 +529,7 @@ impl Writer {
         let mut batch = shared.db.batch();
         let mut deltas = Deltas::default();
         let mut next = state.backfill_until;
-        let range = keys::seq_key(state.backfilled_to)
-            ..keys::seq_key(state.backfill_until);
+        let range = keys::seq_key(state.backfilled_to)..keys::seq_key(state.backfill_until);
         for (n, item) in ks.events.range(range).enumerate() {
             let (key, value) = item.into_inner()?;
             let seq = keys::read_u64(&key)?;
