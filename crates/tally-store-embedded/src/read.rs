@@ -139,7 +139,9 @@ pub fn query(
                 fold(&key, &value, level)?;
             }
         } else {
-            for subject in &q.subjects {
+            // A subject named twice is still read once.
+            let subjects: std::collections::BTreeSet<&String> = q.subjects.iter().collect();
+            for subject in subjects {
                 let prefix = keys::rollup_subject_prefix(state.generation, level, subject)?;
                 let start = keys::rollup_bucket_prefix(prefix.clone(), lo);
                 let end = keys::rollup_bucket_prefix(prefix, hi.saturating_add(1));
@@ -195,7 +197,7 @@ fn encode_cursor(key: &GroupKey) -> String {
 
 fn decode_cursor(cursor: &str) -> Result<GroupKey, LedgerError> {
     let bad = || LedgerError::Invalid(format!("cursor {cursor:?} is not one this server issued"));
-    if cursor.len() % 2 != 0 {
+    if !cursor.len().is_multiple_of(2) {
         return Err(bad());
     }
     let bytes = (0..cursor.len())

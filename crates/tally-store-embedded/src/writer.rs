@@ -647,7 +647,9 @@ fn measure(
     let Some(state) = AggState::of_sample(meter.aggregation(), &sample.value, time_ns, seq) else {
         return Err(StoreError::Corrupt("sample does not fit aggregation"));
     };
-    let second = event.time.as_second();
+    // Floor, not truncate: a pre-1970 time with a fraction belongs to the
+    // earlier second's minute.
+    let second = event.time.as_second() - i64::from(event.time.subsec_nanosecond() < 0);
     for level in Level::ALL {
         let key = keys::rollup_key(
             generation,

@@ -609,15 +609,14 @@ fn reference_rows(events: &[RefEvent], agg: Agg, q: &MeterQuery) -> Vec<Row> {
         .map(String::as_str)
         .filter(|g| *g != "subject")
         .collect();
-    let mut acc: BTreeMap<
-        (
-            Timestamp,
-            Timestamp,
-            Option<String>,
-            BTreeMap<String, Option<String>>,
-        ),
-        Vec<(Timestamp, u64, Sample)>,
-    > = BTreeMap::new();
+    // (window start, window end, subject, groups) -> (time, seq, sample) of each event.
+    type RowKey = (
+        Timestamp,
+        Timestamp,
+        Option<String>,
+        BTreeMap<String, Option<String>>,
+    );
+    let mut acc: BTreeMap<RowKey, Vec<(Timestamp, u64, Sample)>> = BTreeMap::new();
     for e in events {
         if e.kind != EVENT_TYPE || e.time < q.from || e.time >= q.to {
             continue;
@@ -1228,4 +1227,48 @@ fn answers_and_dedupe_survive_a_restart() {
     });
     result.unwrap_or_else(|e| panic!("{e}"));
     drop(ledger);
+}
+
+// ---- regressions -----------------------------------------------------------------------
+
+/// `?subject=acme&subject=acme` must not count acme's usage twice (it once
+/// did: each listed subject was scanned once per mention).
+#[test]
+fn repeated_subject_is_counted_once() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    rt.block_on(async {
+        let ledger = EmbeddedLedger::open(config(dir.path())).unwrap();
+        apply_meters(&ledger, &[(Agg::Sum.early(), Agg::Sum)])
+            .await
+            .unwrap();
+        let event = json!({"specversion": "1.0", "id": "1", "source": "s", "type": EVENT_TYPE,
+            "subject": "acme", "time": "2026-03-29T01:00:00Z", "data": {"value": 5}});
+        let received = ts("2026-11-20T00:00:00Z");
+        ledger
+            .ingest(vec![tally_model::parse_event(event, received).unwrap()])
+            .await
+            .unwrap();
+        let query = |subjects: &[&str]| MeterQuery {
+            from: ts("2026-03-29T00:00:00Z"),
+            to: ts("2026-03-30T00:00:00Z"),
+            window_size: None,
+            time_zone: TimeZone::UTC,
+            subjects: subjects.iter().map(|s| (*s).to_owned()).collect(),
+            group_by: vec![],
+            filter_group_by: BTreeMap::new(),
+            limit: None,
+            cursor: None,
+        };
+        let once = ledger
+            .query(Agg::Sum.early(), query(&["acme"]))
+            .await
+            .unwrap();
+        let twice = ledger
+            .query(Agg::Sum.early(), query(&["acme", "acme"]))
+            .await
+            .unwrap();
+        assert_eq!(once.rows[0].value, Decimal::from(5));
+        assert_eq!(twice.rows, once.rows, "acme listed twice");
+    });
 }
