@@ -29,6 +29,9 @@ const MAX_GROUP_EVENTS: usize = 64 * 1024;
 const BACKFILL_CHUNK: usize = 50_000;
 /// Dedupe entries examined per pruning step.
 const PRUNE_CHUNK: usize = 50_000;
+/// Rollup states the writer keeps in memory (about 150 bytes each); the
+/// cache is emptied when it would grow past this.
+const ROLLUP_CACHE_ENTRIES: usize = 500_000;
 /// Keys removed per garbage-collection step.
 const GARBAGE_CHUNK: usize = 50_000;
 
@@ -61,6 +64,8 @@ pub(crate) struct Writer {
     horizon_seconds: i64,
     prune_cursor: Option<Vec<u8>>,
     last_prune: Timestamp,
+    /// Recently merged rollup states by key; see [`Writer::commit_with_deltas`].
+    cache: HashMap<Vec<u8>, AggState>,
 }
 
 /// Rollup deltas of one batch, merged before touching the store.
@@ -99,6 +104,7 @@ impl Writer {
             horizon_seconds,
             prune_cursor: None,
             last_prune: Timestamp::UNIX_EPOCH,
+            cache: HashMap::new(),
         }
     }
 
@@ -244,8 +250,7 @@ impl Writer {
             }
             outcomes.push(outcome);
         }
-        self.merge_deltas(&mut batch, deltas)?;
-        batch.commit()?;
+        self.commit_with_deltas(batch, deltas)?;
         let stats = &shared.stats;
         let mut counters = (0, 0, 0);
         for o in &outcomes {
@@ -276,23 +281,39 @@ impl Writer {
             .collect()
     }
 
-    fn merge_deltas(
-        &self,
-        batch: &mut fjall::OwnedWriteBatch,
+    /// Folds rollup deltas into their stored states, commits the batch, and
+    /// then remembers the merged states, so the next read-modify-write of a
+    /// hot bucket needs no store read. Only this thread writes rollups and
+    /// the cache changes only after a successful commit, so it never holds a
+    /// state the store does not.
+    fn commit_with_deltas(
+        &mut self,
+        mut batch: fjall::OwnedWriteBatch,
         deltas: Deltas,
     ) -> Result<(), StoreError> {
-        let rollups = &self.shared.keyspaces.rollups;
+        let rollups = self.shared.keyspaces.rollups.clone();
+        let mut merged_states = Vec::with_capacity(deltas.0.len());
         for (key, delta) in deltas.0 {
-            let merged = match rollups.get(&key)? {
-                Some(existing) => {
-                    let mut state = AggState::decode(&existing).map_err(StoreError::State)?;
-                    state.merge(&delta).map_err(StoreError::State)?;
-                    state
-                }
-                None => delta,
+            let mut state = match self.cache.remove(&key) {
+                Some(cached) => cached,
+                None => match rollups.get(&key)? {
+                    Some(existing) => AggState::decode(&existing).map_err(StoreError::State)?,
+                    None => {
+                        batch.insert(&rollups, key.clone(), delta.to_bytes());
+                        merged_states.push((key, delta));
+                        continue;
+                    }
+                },
             };
-            batch.insert(rollups, key, merged.to_bytes());
+            state.merge(&delta).map_err(StoreError::State)?;
+            batch.insert(&rollups, key.clone(), state.to_bytes());
+            merged_states.push((key, state));
         }
+        batch.commit()?;
+        if self.cache.len() + merged_states.len() > ROLLUP_CACHE_ENTRIES {
+            self.cache.clear();
+        }
+        self.cache.extend(merged_states);
         Ok(())
     }
 
@@ -478,8 +499,7 @@ impl Writer {
                 }
             }
         }
-        self.merge_deltas(&mut batch, deltas)?;
-        batch.commit()?;
+        self.commit_with_deltas(batch, deltas)?;
         if released > 0 {
             info!(
                 meter = meter_name,
@@ -549,10 +569,9 @@ impl Writer {
                 );
             }
         }
-        self.merge_deltas(&mut batch, deltas)?;
         state.backfilled_to = next;
         batch.insert(&ks.meta, keys::meter_state_key(&name), json(&state)?);
-        batch.commit()?;
+        self.commit_with_deltas(batch, deltas)?;
         if state.ready() {
             info!(meter = %name, "backfill complete");
         }
