@@ -4,7 +4,7 @@ use axum::Json;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use jiff::tz::TimeZone;
-use jiff::{Timestamp, ToSpan, Unit};
+use jiff::{Timestamp, Unit};
 use serde_json::{Value, json};
 use tally_ledger::{LedgerError, MeterQuery};
 use tally_meter::{WindowSize, decimal_to_json};
@@ -127,14 +127,13 @@ pub async fn query(
         .map(|w| w.parse().map_err(Problem::bad_request))
         .transpose()?;
     let now = Timestamp::now();
+    // Now, rounded up to a whole minute, so usage up to this moment counts.
     let default_to = now
         .round(
             jiff::TimestampRound::new()
                 .smallest(Unit::Minute)
                 .mode(jiff::RoundMode::Ceil),
         )
-        .unwrap_or(now)
-        .checked_add(0.minutes())
         .unwrap_or(now);
     let query = MeterQuery {
         from: p.timestamp("from")?.unwrap_or(Timestamp::UNIX_EPOCH),
