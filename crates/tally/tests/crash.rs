@@ -3,9 +3,7 @@
 //! be there, no event stored twice, and the rollups must agree with the log.
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,34 +14,10 @@ const BATCH: usize = 250;
 const BATCHES_PER_WRITER: usize = 40;
 const KILLS: usize = 3;
 
-struct ServerProcess {
-    child: Child,
-    base: String,
-}
+mod common;
 
-fn start(dir: &Path) -> ServerProcess {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start tally serve");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut reader = BufReader::new(stdout);
-    let mut line = String::new();
-    reader
-        .read_line(&mut line)
-        .expect("read the listening line");
-    // Keep draining stdout so the server never writes into a closed pipe.
-    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-    let base = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_owned();
-    ServerProcess { child, base }
+fn start(dir: &Path) -> common::Server {
+    common::serve(dir, &[])
 }
 
 /// Value of event `n`: distinct, so a double count changes the sum.
