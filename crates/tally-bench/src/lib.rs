@@ -161,7 +161,7 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     tokio::spawn(async move { axum_serve(listener, state).await });
-    let client = reqwest::Client::new();
+    let client = tally_delivery::client_builder().build()?;
     let r = client
         .post(format!("{base}/apis/apply"))
         .header("content-type", "application/yaml")

@@ -102,7 +102,7 @@ impl TallyClient {
                 ));
             }
         }
-        let http = reqwest::Client::builder()
+        let http = tally_delivery::client_builder()
             .user_agent(concat!("tally-client/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(10))
             .build()

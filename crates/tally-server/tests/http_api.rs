@@ -27,7 +27,9 @@ async fn start(token: Option<&str>, max_body: usize) -> Server {
     tokio::spawn(async move { axum::serve(listener, router(state)).await });
     Server {
         base,
-        client: reqwest::Client::new(),
+        client: tally_delivery::client_builder()
+            .build()
+            .expect("HTTP client"),
         _dir: dir,
     }
 }
@@ -427,7 +429,9 @@ async fn events_older_than_the_lateness_are_refused() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let s = Server {
         base: format!("http://{}", listener.local_addr().unwrap()),
-        client: reqwest::Client::new(),
+        client: tally_delivery::client_builder()
+            .build()
+            .expect("HTTP client"),
         _dir: dir,
     };
     tokio::spawn(async move { axum::serve(listener, router(state)).await });

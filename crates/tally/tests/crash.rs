@@ -40,7 +40,7 @@ fn batch(writer: usize, index: usize) -> Value {
 
 /// Sends every batch of every writer; records the ids of acknowledged batches.
 async fn load(base: String, acked: Arc<Mutex<HashSet<String>>>) {
-    let client = reqwest::Client::builder()
+    let client = tally_delivery::client_builder()
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
@@ -74,7 +74,9 @@ async fn load(base: String, acked: Arc<Mutex<HashSet<String>>>) {
 
 /// Every stored event id and value, read back through the list API.
 async fn stored(base: &str) -> HashMap<String, u64> {
-    let client = reqwest::Client::new();
+    let client = tally_delivery::client_builder()
+        .build()
+        .expect("HTTP client");
     let mut out = HashMap::new();
     let mut cursor: Option<String> = None;
     loop {
@@ -99,7 +101,9 @@ async fn stored(base: &str) -> HashMap<String, u64> {
 }
 
 async fn metered_total(base: &str) -> u64 {
-    let client = reqwest::Client::new();
+    let client = tally_delivery::client_builder()
+        .build()
+        .expect("HTTP client");
     for _ in 0..500 {
         let r = client
             .get(format!("{base}/api/v1/meters/load/query"))
@@ -127,7 +131,9 @@ async fn acknowledged_events_survive_sigkill_and_are_never_doubled() {
     let mut server = start(dir.path());
     let meter =
         json!({"slug": "load", "eventType": "load", "aggregation": "SUM", "valueProperty": "$.v"});
-    let r = reqwest::Client::new()
+    let r = tally_delivery::client_builder()
+        .build()
+        .expect("HTTP client")
         .post(format!("{}/api/v1/meters", server.base))
         .json(&meter)
         .send()
