@@ -11,7 +11,7 @@ use jiff::Timestamp;
 use tally_meter::CompiledMeter;
 use tally_model::{Kind, Manifest, MeterDefinition, MeterPhase, MonitoredResourceType};
 
-use crate::{ApplyAction, LedgerError};
+use crate::{ApplyAction, ApplyMode, LedgerError};
 
 /// Compiled meters by the event type they read.
 pub type MetersByType = HashMap<String, Vec<Arc<CompiledMeter>>>;
@@ -94,6 +94,7 @@ impl Catalog {
     pub fn plan_apply(
         &self,
         mut manifest: Manifest,
+        mode: ApplyMode,
         now: Timestamp,
     ) -> Result<ApplyPlan, LedgerError> {
         let kind = manifest.typed_kind()?;
@@ -104,6 +105,11 @@ impl Catalog {
         }
         let name = manifest.metadata.name.clone();
         let previous = self.get(kind, &name);
+        if mode == ApplyMode::CreateOnly && previous.is_some() {
+            return Err(LedgerError::Conflict(format!(
+                "{kind} {name:?} already exists"
+            )));
+        }
         let mut rebuild_meter = None;
         let mut reprocess_meters = Vec::new();
         match kind {
@@ -272,22 +278,32 @@ mod tests {
     #[test]
     fn create_update_and_unchanged() {
         let mut c = Catalog::default();
-        let plan = c.plan_apply(meter("Draft", "s"), now()).unwrap();
+        let plan = c
+            .plan_apply(meter("Draft", "s"), ApplyMode::Upsert, now())
+            .unwrap();
         assert_eq!(plan.action, ApplyAction::Created);
         assert_eq!(plan.rebuild_meter.as_deref(), Some("requests"));
         let uid = plan.manifest.metadata.uid.clone();
         c.commit(plan.manifest).unwrap();
-        let plan = c.plan_apply(meter("Draft", "s"), now()).unwrap();
+        let plan = c
+            .plan_apply(meter("Draft", "s"), ApplyMode::Upsert, now())
+            .unwrap();
         assert_eq!(plan.action, ApplyAction::Unchanged);
-        let plan = c.plan_apply(meter("Published", "s"), now()).unwrap();
+        let plan = c
+            .plan_apply(meter("Published", "s"), ApplyMode::Upsert, now())
+            .unwrap();
         assert_eq!(plan.action, ApplyAction::Configured);
         assert_eq!(plan.manifest.metadata.uid, uid);
         assert_eq!(plan.manifest.metadata.generation, Some(2));
         assert!(plan.rebuild_meter.is_none());
         c.commit(plan.manifest).unwrap();
-        let err = c.plan_apply(meter("Published", "By"), now()).unwrap_err();
+        let err = c
+            .plan_apply(meter("Published", "By"), ApplyMode::Upsert, now())
+            .unwrap_err();
         assert!(err.to_string().contains("unit"), "{err}");
-        let err = c.plan_apply(meter("Draft", "s"), now()).unwrap_err();
+        let err = c
+            .plan_apply(meter("Draft", "s"), ApplyMode::Upsert, now())
+            .unwrap_err();
         assert!(err.to_string().contains("forward"), "{err}");
         assert!(c.plan_delete(Kind::MeterDefinition, "requests").is_err());
     }
@@ -295,12 +311,16 @@ mod tests {
     #[test]
     fn meter_names_are_unique() {
         let mut c = Catalog::default();
-        c.commit(c.plan_apply(meter("Draft", "s"), now()).unwrap().manifest)
-            .unwrap();
+        c.commit(
+            c.plan_apply(meter("Draft", "s"), ApplyMode::Upsert, now())
+                .unwrap()
+                .manifest,
+        )
+        .unwrap();
         let mut other = meter("Draft", "s");
         other.metadata.name = "other".into();
         assert!(matches!(
-            c.plan_apply(other, now()),
+            c.plan_apply(other, ApplyMode::Upsert, now()),
             Err(LedgerError::Conflict(_))
         ));
     }
@@ -311,11 +331,12 @@ mod tests {
         let mut m = meter("Draft", "s");
         m.spec["monitoredResourceTypes"] =
             serde_json::json!(["networking.datumapis.com/HTTPRoute"]);
-        c.commit(c.plan_apply(m, now()).unwrap().manifest).unwrap();
+        c.commit(c.plan_apply(m, ApplyMode::Upsert, now()).unwrap().manifest)
+            .unwrap();
         let t = parse(
             "apiVersion: billing.miloapis.com/v1alpha1\nkind: MonitoredResourceType\nmetadata: {name: httproute}\nspec:\n  resourceTypeName: networking.datumapis.com/HTTPRoute\n  labels: [{name: name, required: true}]\n",
         );
-        let plan = c.plan_apply(t, now()).unwrap();
+        let plan = c.plan_apply(t, ApplyMode::Upsert, now()).unwrap();
         assert_eq!(plan.reprocess_meters, vec!["requests".to_owned()]);
     }
 }

@@ -21,8 +21,13 @@ pub trait Ledger: Send + Sync + 'static {
     /// Stores structurally valid events exactly once per (source, id).
     fn ingest(&self, events: Vec<CloudEvent>) -> BoxFuture<'_, Result<IngestOutcome, LedgerError>>;
 
-    /// Creates or updates a resource; returns it as stored, with status.
-    fn apply(&self, manifest: Manifest) -> BoxFuture<'_, Result<Applied, LedgerError>>;
+    /// Creates or updates a resource (as `mode` allows); returns it as
+    /// stored, with status.
+    fn apply(
+        &self,
+        manifest: Manifest,
+        mode: ApplyMode,
+    ) -> BoxFuture<'_, Result<Applied, LedgerError>>;
 
     /// Deletes a resource.
     fn delete(&self, kind: Kind, name: String) -> BoxFuture<'_, Result<(), LedgerError>>;

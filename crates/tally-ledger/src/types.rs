@@ -45,6 +45,18 @@ impl LedgerError {
     }
 }
 
+/// Whether `apply` may replace an existing resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ApplyMode {
+    /// Create the resource or update it (`tally apply`, `POST /apis/apply`).
+    #[default]
+    Upsert,
+    /// Create the resource; refuse with `Conflict` if it exists. Decided
+    /// atomically with the write, so two concurrent creates of one name
+    /// cannot both succeed.
+    CreateOnly,
+}
+
 /// What happened to an ingest request.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, Unit};
 use serde_json::{Value, json};
-use tally_ledger::{LedgerError, MeterQuery};
+use tally_ledger::{ApplyMode, LedgerError, MeterQuery};
 use tally_meter::{WindowSize, decimal_to_json};
 use tally_model::{Kind, Manifest, MeterDefinition, OpenMeterMeter};
 
@@ -52,18 +52,10 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<OpenMeterMeter>), Problem> {
     let meter: OpenMeterMeter = serde_json::from_slice(&body)
         .map_err(|e| Problem::bad_request(format!("not a meter: {e}")))?;
-    if state
+    let applied = state
         .ledger
-        .get(Kind::MeterDefinition, meter.slug.clone())
-        .await
-        .is_ok()
-    {
-        return Err(Problem::new(
-            StatusCode::CONFLICT,
-            format!("meter {:?} already exists", meter.slug),
-        ));
-    }
-    let applied = state.ledger.apply(meter.to_manifest()).await?;
+        .apply(meter.to_manifest(), ApplyMode::CreateOnly)
+        .await?;
     Ok((StatusCode::CREATED, Json(view(&applied.manifest)?)))
 }
 

@@ -6,6 +6,7 @@ use axum::http::{HeaderMap, StatusCode};
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::{Value, json};
+use tally_ledger::ApplyMode;
 use tally_model::{Kind, Manifest, ResourceError};
 
 use crate::AppState;
@@ -56,7 +57,7 @@ pub async fn apply(
     }
     let mut results = Vec::with_capacity(manifests.len());
     for manifest in manifests {
-        let applied = state.ledger.apply(manifest).await?;
+        let applied = state.ledger.apply(manifest, ApplyMode::Upsert).await?;
         results.push(ApplyResult {
             kind: applied.manifest.kind.clone(),
             name: applied.manifest.metadata.name.clone(),
@@ -114,7 +115,13 @@ pub async fn put(
             manifest.kind, manifest.metadata.name
         )));
     }
-    Ok(Json(state.ledger.apply(manifest).await?.manifest))
+    Ok(Json(
+        state
+            .ledger
+            .apply(manifest, ApplyMode::Upsert)
+            .await?
+            .manifest,
+    ))
 }
 
 /// Delete one resource.

@@ -422,6 +422,25 @@ async fn meters_created_later_backfill_and_openmeter_api_works() {
 }
 
 #[tokio::test]
+async fn concurrent_creates_of_one_meter_let_exactly_one_win() {
+    let s = start(None, 1 << 20).await;
+    for round in 0..10 {
+        let creates = (0..8).map(|i| {
+            // Same slug, different definitions: only one may be stored.
+            let meter = json!({"slug": format!("race{round}"), "eventType": format!("t{i}"), "aggregation": "COUNT"});
+            s.post("/api/v1/meters", "application/json", meter.to_string())
+        });
+        let answers = futures::future::join_all(creates).await;
+        let created: Vec<_> = answers.iter().filter(|(st, _)| *st == 201).collect();
+        let conflicts = answers.iter().filter(|(st, _)| *st == 409).count();
+        assert_eq!(created.len(), 1, "{answers:?}");
+        assert_eq!(conflicts, 7, "{answers:?}");
+        let (_, stored) = s.get(&format!("/api/v1/meters/race{round}")).await;
+        assert_eq!(stored["eventType"], created[0].1["eventType"]);
+    }
+}
+
+#[tokio::test]
 async fn events_older_than_the_lateness_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let ledger = EmbeddedLedger::open(StoreConfig::new(dir.path())).unwrap();

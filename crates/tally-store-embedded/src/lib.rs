@@ -21,8 +21,8 @@ use futures::future::BoxFuture;
 use jiff::{SignedDuration, Timestamp};
 use serde_json::json;
 use tally_ledger::{
-    Applied, Catalog, EventFilter, EventPage, IngestOutcome, Ledger, LedgerError, LedgerStats,
-    MeterQuery, QuarantineFilter, QuarantinePage, QueryResult,
+    Applied, ApplyMode, Catalog, EventFilter, EventPage, IngestOutcome, Ledger, LedgerError,
+    LedgerStats, MeterQuery, QuarantineFilter, QuarantinePage, QueryResult,
 };
 use tally_model::{CloudEvent, EventError, FieldError, Kind, Manifest};
 use tokio::sync::{mpsc, oneshot};
@@ -293,9 +293,14 @@ impl Ledger for EmbeddedLedger {
         })
     }
 
-    fn apply(&self, manifest: Manifest) -> BoxFuture<'_, Result<Applied, LedgerError>> {
+    fn apply(
+        &self,
+        manifest: Manifest,
+        mode: ApplyMode,
+    ) -> BoxFuture<'_, Result<Applied, LedgerError>> {
         Box::pin(self.call(move |reply| Command::Apply {
             manifest: Box::new(manifest),
+            mode,
             reply,
         }))
     }

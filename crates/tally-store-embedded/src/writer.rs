@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering;
 use fjall::PersistMode;
 use jiff::Timestamp;
 use tally_ledger::{
-    Applied, ApplyAction, IngestOutcome, LedgerError, MetersByType, QuarantineNotice,
+    Applied, ApplyAction, ApplyMode, IngestOutcome, LedgerError, MetersByType, QuarantineNotice,
 };
 use tally_meter::{AggState, CompiledMeter, Level};
 use tally_model::{CloudEvent, Kind, Manifest};
@@ -47,6 +47,7 @@ pub(crate) enum Command {
     },
     Apply {
         manifest: Box<Manifest>,
+        mode: ApplyMode,
         reply: oneshot::Sender<Result<Applied, LedgerError>>,
     },
     Delete {
@@ -148,8 +149,12 @@ impl Writer {
                     }
                     self.ingest_group(group);
                 }
-                Command::Apply { manifest, reply } => {
-                    let _ = reply.send(self.apply(*manifest));
+                Command::Apply {
+                    manifest,
+                    mode,
+                    reply,
+                } => {
+                    let _ = reply.send(self.apply(*manifest, mode));
                 }
                 Command::Delete { kind, name, reply } => {
                     let _ = reply.send(self.delete(kind, &name));
@@ -319,13 +324,13 @@ impl Writer {
 
     // ---- catalog ----------------------------------------------------------
 
-    fn apply(&mut self, manifest: Manifest) -> Result<Applied, LedgerError> {
+    fn apply(&mut self, manifest: Manifest, mode: ApplyMode) -> Result<Applied, LedgerError> {
         let shared = Arc::clone(&self.shared);
         let ks = &shared.keyspaces;
         let plan = shared
             .read_state()
             .catalog
-            .plan_apply(manifest, Timestamp::now())?;
+            .plan_apply(manifest, mode, Timestamp::now())?;
         if plan.action == ApplyAction::Unchanged {
             let manifest = shared.with_status(plan.manifest);
             return Ok(Applied {

@@ -24,7 +24,9 @@ use proptest::strategy::ValueTree;
 use proptest::test_runner::{TestCaseError, TestRunner};
 use rust_decimal::Decimal;
 use serde_json::{Map, Value, json};
-use tally_ledger::{EventFilter, IngestOutcome, Ledger, LedgerError, MeterQuery, QueryResult};
+use tally_ledger::{
+    ApplyMode, EventFilter, IngestOutcome, Ledger, LedgerError, MeterQuery, QueryResult,
+};
 use tally_meter::WindowSize;
 use tally_model::{CloudEvent, Manifest};
 use tally_store_embedded::{EmbeddedLedger, StoreConfig};
@@ -1008,7 +1010,7 @@ fn config(dir: &std::path::Path) -> StoreConfig {
 async fn apply_meters(ledger: &EmbeddedLedger, meters: &[(String, Agg)]) -> Result<(), String> {
     for (name, agg) in meters {
         ledger
-            .apply(meter_manifest(name, *agg))
+            .apply(meter_manifest(name, *agg), ApplyMode::Upsert)
             .await
             .map_err(|e| format!("applying {name}: {e:?}"))?;
     }
