@@ -30,7 +30,28 @@ pub struct CloudEvent {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FieldError {
     pub field: String,
+    /// A stable, machine-readable code; one of the `error_code` constants.
+    pub code: String,
     pub reason: String,
+}
+
+/// The codes of [`FieldError::code`]. The first four are the platform
+/// ingestion contract's vocabulary (`POST /v1/usage/events`).
+pub mod error_code {
+    /// The event `id` is not a ULID (checked on the platform contract only).
+    pub const INVALID_ULID: &str = "INVALID_ULID";
+    /// A required attribute is absent, null or empty.
+    pub const MISSING_REQUIRED_FIELD: &str = "MISSING_REQUIRED_FIELD";
+    /// An attribute has the wrong JSON type, or a string that does not parse
+    /// as the type it stands for (a timestamp, an integer).
+    pub const INVALID_VALUE_TYPE: &str = "INVALID_VALUE_TYPE";
+    /// `datacontenttype` is not a JSON media type.
+    pub const INVALID_DATACONTENTTYPE: &str = "INVALID_DATACONTENTTYPE";
+    /// A value of the right type that is not allowed (`specversion` other
+    /// than 1.0, a bad extension name, binary data).
+    pub const INVALID_VALUE: &str = "INVALID_VALUE";
+    /// The event is older than the ledger's allowed lateness.
+    pub const TOO_LATE: &str = "TOO_LATE";
 }
 
 /// Every problem found in one event, by its index in the request.
@@ -45,9 +66,11 @@ pub struct EventError {
 const REQUIRED_STRINGS: [&str; 5] = ["specversion", "id", "source", "type", "subject"];
 const OPTIONAL_STRINGS: [&str; 2] = ["datacontenttype", "dataschema"];
 
-fn field_error(field: &str, reason: impl Into<String>) -> FieldError {
+/// A [`FieldError`] with one of the [`error_code`] codes.
+pub fn field_error(field: &str, code: &str, reason: impl Into<String>) -> FieldError {
     FieldError {
         field: field.to_owned(),
+        code: code.to_owned(),
         reason: reason.into(),
     }
 }
@@ -57,24 +80,37 @@ fn field_error(field: &str, reason: impl Into<String>) -> FieldError {
 /// `received` is used when the event carries no `time`.
 pub fn parse_event(value: Value, received: Timestamp) -> Result<CloudEvent, Vec<FieldError>> {
     let Value::Object(mut object) = value else {
-        return Err(vec![field_error("", "an event must be a JSON object")]);
+        return Err(vec![field_error(
+            "",
+            error_code::INVALID_VALUE_TYPE,
+            "an event must be a JSON object",
+        )]);
     };
     let mut errors = Vec::new();
     let mut take_string =
         |object: &mut Map<String, Value>, field: &str, required: bool| match object.remove(field) {
             Some(Value::String(s)) if s.is_empty() && required => {
-                errors.push(field_error(field, "must not be empty"));
+                errors.push(field_error(
+                    field,
+                    error_code::MISSING_REQUIRED_FIELD,
+                    "must not be empty",
+                ));
                 None
             }
             Some(Value::String(s)) => Some(s),
             Some(Value::Null) | None if !required => None,
             Some(Value::Null) | None => {
-                errors.push(field_error(field, "is required"));
+                errors.push(field_error(
+                    field,
+                    error_code::MISSING_REQUIRED_FIELD,
+                    "is required",
+                ));
                 None
             }
             Some(other) => {
                 errors.push(field_error(
                     field,
+                    error_code::INVALID_VALUE_TYPE,
                     format!("must be a string, got {}", json_type(&other)),
                 ));
                 None
@@ -91,6 +127,7 @@ pub fn parse_event(value: Value, received: Timestamp) -> Result<CloudEvent, Vec<
     {
         errors.push(field_error(
             "specversion",
+            error_code::INVALID_VALUE,
             format!("must be \"1.0\", got {v:?}"),
         ));
     }
@@ -99,6 +136,7 @@ pub fn parse_event(value: Value, received: Timestamp) -> Result<CloudEvent, Vec<
     {
         errors.push(field_error(
             "datacontenttype",
+            error_code::INVALID_DATACONTENTTYPE,
             format!("must be a JSON media type, got {ct:?}"),
         ));
     }
@@ -109,6 +147,7 @@ pub fn parse_event(value: Value, received: Timestamp) -> Result<CloudEvent, Vec<
             Err(e) => {
                 errors.push(field_error(
                     "time",
+                    error_code::INVALID_VALUE_TYPE,
                     format!("not an RFC 3339 timestamp: {e}"),
                 ));
                 None
@@ -121,6 +160,7 @@ pub fn parse_event(value: Value, received: Timestamp) -> Result<CloudEvent, Vec<
         Some(other) => {
             errors.push(field_error(
                 "data",
+                error_code::INVALID_VALUE_TYPE,
                 format!("must be a JSON object, got {}", json_type(&other)),
             ));
             None
@@ -129,6 +169,7 @@ pub fn parse_event(value: Value, received: Timestamp) -> Result<CloudEvent, Vec<
     if object.contains_key("data_base64") {
         errors.push(field_error(
             "data_base64",
+            error_code::INVALID_VALUE,
             "binary data is not supported for usage events",
         ));
     }
@@ -136,6 +177,7 @@ pub fn parse_event(value: Value, received: Timestamp) -> Result<CloudEvent, Vec<
         if !is_valid_extension_name(key) {
             errors.push(field_error(
                 key,
+                error_code::INVALID_VALUE,
                 "extension attribute names must be 1-20 lower-case letters or digits",
             ));
         }

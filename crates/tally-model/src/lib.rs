@@ -7,7 +7,7 @@ pub mod event;
 pub mod meter;
 pub mod resource;
 
-pub use event::{CloudEvent, EventError, FieldError, parse_event};
+pub use event::{CloudEvent, EventError, FieldError, error_code, field_error, parse_event};
 pub use meter::{
     Aggregation, MeterDefinition, MeterEventMapping, MeterMeasurement, MeterPhase,
     MonitoredResourceType, OpenMeterMeter, ResourceLabel,

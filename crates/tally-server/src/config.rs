@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::TokenConfig;
+
 /// Everything `tally serve` needs. Every field has a default, so an empty
 /// config file is valid.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -18,6 +20,13 @@ pub struct ServeConfig {
     /// `Authorization: Bearer <token>`. Never logged.
     #[serde(skip_serializing)]
     pub token: Option<String>,
+    /// Scoped bearer tokens (`admin`, `ingest`, `project:<name>`), besides
+    /// `token`, which is an admin token.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tokens: Vec<TokenConfig>,
+    /// How many events may wait for the store at once; beyond that
+    /// `/v1/usage/events*` answers 429 and `/api/v1/events` waits.
+    pub max_pending_events: usize,
     /// Largest accepted request body, in bytes, after decompression.
     pub max_body_bytes: usize,
     /// How long (source, id) pairs are remembered for deduplication, in days.
@@ -33,6 +42,8 @@ impl Default for ServeConfig {
             data_dir: PathBuf::from("./tally-data"),
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             token: None,
+            tokens: Vec::new(),
+            max_pending_events: crate::DEFAULT_MAX_PENDING_EVENTS,
             max_body_bytes: 16 * 1024 * 1024,
             dedupe_horizon_days: 32,
             max_lateness_days: None,

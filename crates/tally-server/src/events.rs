@@ -1,21 +1,21 @@
 //! `POST /api/v1/events` and `GET /api/v1/events`.
 
-use axum::Json;
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::{Extension, Json};
 use bytes::Bytes;
 use jiff::Timestamp;
 use serde_json::Value;
 use tally_ledger::{EventFilter, EventPage, IngestOutcome};
 use tally_model::{EventError, parse_event};
 
-use crate::AppState;
 use crate::body;
 use crate::problem::Problem;
 use crate::query::Params;
+use crate::{AppState, Principal};
 
 /// Splits a request body into JSON values according to its media type.
-fn values(media_type: &str, body: &[u8]) -> Result<Vec<Value>, Problem> {
+pub(crate) fn values(media_type: &str, body: &[u8]) -> Result<Vec<Value>, Problem> {
     let malformed =
         |e: serde_json::Error| Problem::bad_request(format!("the body is not valid JSON: {e}"));
     match media_type {
@@ -104,6 +104,7 @@ pub async fn ingest(
     if !errors.is_empty() {
         return Err(tally_ledger::LedgerError::Rejected(errors).into());
     }
+    let _permit = state.admit(events.len()).await?;
     let outcome = state.ledger.ingest(events).await?;
     Ok(Json(outcome))
 }
@@ -128,17 +129,26 @@ pub async fn ingest(
 )]
 pub async fn list(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<EventPage>, Problem> {
     let p = Params::parse(query.as_deref())?;
     p.only(&[
         "from", "to", "type", "subject", "source", "id", "limit", "cursor",
     ])?;
+    // A project token reads its own subjects only; with several, name one.
+    let mut subjects: Vec<String> = p.one("subject")?.into_iter().collect();
+    principal.restrict_subjects(&mut subjects)?;
+    if subjects.len() > 1 {
+        return Err(Problem::bad_request(
+            "this token reads several projects; choose one with `subject`",
+        ));
+    }
     let filter = EventFilter {
         from: p.timestamp("from")?,
         to: p.timestamp("to")?,
         event_type: p.one("type")?,
-        subject: p.one("subject")?,
+        subject: subjects.pop(),
         source: p.one("source")?,
         id: p.one("id")?,
         limit: p.number("limit")?.unwrap_or(100),

@@ -4,6 +4,7 @@
 //! resources under `/apis`, `/api/v1/quarantine`, `/metrics`, `/healthz`,
 //! `/readyz` and `/openapi.json` (generated from the handlers' annotations).
 
+mod auth;
 mod body;
 mod config;
 mod events;
@@ -11,6 +12,7 @@ mod meters;
 mod problem;
 mod query;
 mod resources;
+mod usage;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -23,11 +25,12 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use subtle::ConstantTimeEq;
 use tally_ledger::{Ledger, QuarantineFilter, QuarantinePage};
 use tally_store_embedded::{EmbeddedLedger, StoreConfig};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use utoipa::OpenApi;
 
+pub use auth::{Principal, Scope, TokenConfig};
 pub use config::ServeConfig;
 pub use problem::Problem;
 
@@ -39,8 +42,11 @@ type RequestCounts = BTreeMap<(String, String, u16), u64>;
 pub struct AppState {
     pub ledger: Arc<dyn Ledger>,
     pub max_body_bytes: usize,
-    token: Option<Arc<str>>,
+    auth: Arc<auth::Authenticator>,
     requests: Arc<Mutex<RequestCounts>>,
+    /// Events accepted by a handler and not yet answered by the ledger.
+    pending_events: Arc<Semaphore>,
+    max_pending_events: usize,
 }
 
 impl AppState {
@@ -48,22 +54,67 @@ impl AppState {
         AppState {
             ledger,
             max_body_bytes,
-            token: token.filter(|t| !t.is_empty()).map(Arc::from),
+            // An admin token alone cannot be refused.
+            auth: Arc::new(auth::Authenticator::new(token.as_deref(), &[]).unwrap_or_default()),
             requests: Arc::default(),
+            pending_events: Arc::new(Semaphore::new(DEFAULT_MAX_PENDING_EVENTS)),
+            max_pending_events: DEFAULT_MAX_PENDING_EVENTS,
         }
     }
+
+    /// Adds scoped tokens (the serve config's `tokens:`) to the admin token.
+    pub fn with_tokens(
+        mut self,
+        admin_token: Option<&str>,
+        tokens: &[TokenConfig],
+    ) -> Result<AppState, String> {
+        self.auth = Arc::new(auth::Authenticator::new(admin_token, tokens)?);
+        Ok(self)
+    }
+
+    /// Sets how many events may wait for the ledger at once; beyond that the
+    /// platform contract answers `429` and the OpenMeter API waits.
+    pub fn with_max_pending_events(mut self, max: usize) -> AppState {
+        let max = max.clamp(1, Semaphore::MAX_PERMITS);
+        self.pending_events = Arc::new(Semaphore::new(max));
+        self.max_pending_events = max;
+        self
+    }
+
+    fn permits(&self, events: usize) -> u32 {
+        // A request larger than the whole budget takes all of it, alone.
+        u32::try_from(events.clamp(1, self.max_pending_events)).unwrap_or(u32::MAX)
+    }
+
+    /// Admits `events` events now, or `None` when the ledger is saturated.
+    fn try_admit(&self, events: usize) -> Option<OwnedSemaphorePermit> {
+        Arc::clone(&self.pending_events)
+            .try_acquire_many_owned(self.permits(events))
+            .ok()
+    }
+
+    /// Admits `events` events, waiting for room.
+    async fn admit(&self, events: usize) -> Result<OwnedSemaphorePermit, Problem> {
+        Arc::clone(&self.pending_events)
+            .acquire_many_owned(self.permits(events))
+            .await
+            .map_err(|_| Problem::new(StatusCode::SERVICE_UNAVAILABLE, "shutting down"))
+    }
 }
+
+/// Default of [`AppState::with_max_pending_events`].
+pub const DEFAULT_MAX_PENDING_EVENTS: usize = 262_144;
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "Tally", description = "Usage metering: CloudEvents ingest with exact dedupe, meters and windowed queries (OpenMeter-compatible)."),
     paths(
-        events::ingest, events::list,
+        events::ingest, events::list, usage::ingest_one, usage::ingest_batch,
         meters::list, meters::get, meters::create, meters::delete, meters::query,
         resources::apply, resources::list, resources::get, resources::put, resources::delete,
         quarantine, metrics, healthz, readyz,
     ),
-    components(schemas(Problem, resources::ApplyResult, resources::ApplyResults)),
+    components(schemas(Problem, resources::ApplyResult, resources::ApplyResults, usage::UsageAnswer, usage::Rejected)),
     modifiers(&BearerAuth),
 )]
 struct ApiDoc;
@@ -91,6 +142,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/api/v1/events", post(events::ingest).get(events::list))
+        .route("/v1/usage/events", post(usage::ingest_one))
+        .route("/v1/usage/events:batchIngest", post(usage::ingest_batch))
         .route("/api/v1/meters", get(meters::list).post(meters::create))
         .route(
             "/api/v1/meters/{slug}",
@@ -125,28 +178,33 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn authenticate(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    if let Some(token) = &state.token {
-        let presented = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !bool::from(presented.as_bytes().ct_eq(token.as_bytes())) {
-            let mut response = Problem::new(
-                StatusCode::UNAUTHORIZED,
-                "this server requires `Authorization: Bearer <token>`; the token is missing or wrong",
-            )
-            .into_response();
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
-            return response;
+async fn authenticate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let bearer = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("", MatchedPath::as_str);
+    match state.auth.check(bearer, request.method(), route) {
+        Ok(principal) => {
+            request.extensions_mut().insert(principal);
+            next.run(request).await
+        }
+        Err(problem) => {
+            let unauthorized = problem.status == StatusCode::UNAUTHORIZED;
+            let mut response = problem.into_response();
+            if unauthorized {
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Bearer"),
+                );
+            }
+            response
         }
     }
-    next.run(request).await
 }
 
 async fn count_requests(State(state): State<AppState>, request: Request, next: Next) -> Response {
@@ -318,11 +376,10 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .await
         .context("opening the store")?
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
-    let state = AppState::new(
-        Arc::new(ledger),
-        config.max_body_bytes,
-        config.token.clone(),
-    );
+    let state = AppState::new(Arc::new(ledger), config.max_body_bytes, None)
+        .with_tokens(config.token.as_deref(), &config.tokens)
+        .map_err(|e| anyhow::anyhow!("tokens: {e}"))?
+        .with_max_pending_events(config.max_pending_events);
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
@@ -333,7 +390,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         "tally listening on http://{address} (data dir {})",
         config.data_dir.display()
     );
-    tracing::info!(%address, data_dir = %config.data_dir.display(), auth = state.token.is_some(), "serving");
+    tracing::info!(%address, data_dir = %config.data_dir.display(), auth = state.auth.is_enabled(), "serving");
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown_signal())
         .await

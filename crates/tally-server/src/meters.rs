@@ -1,8 +1,8 @@
 //! The OpenMeter meter API: `/api/v1/meters` and `/api/v1/meters/{slug}/query`.
 
-use axum::Json;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
+use axum::{Extension, Json};
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, Unit};
 use serde_json::{Value, json};
@@ -10,9 +10,9 @@ use tally_ledger::{ApplyMode, LedgerError, MeterQuery};
 use tally_meter::{WindowSize, decimal_to_json};
 use tally_model::{Kind, Manifest, MeterDefinition, OpenMeterMeter};
 
-use crate::AppState;
 use crate::problem::Problem;
 use crate::query::Params;
+use crate::{AppState, Principal};
 
 fn view(manifest: &Manifest) -> Result<OpenMeterMeter, Problem> {
     let def = MeterDefinition::from_manifest(manifest).map_err(LedgerError::from)?;
@@ -93,6 +93,7 @@ pub async fn delete(
               (status = 503, description = "The meter is still backfilling; retry after Retry-After", body = Problem, content_type = "application/problem+json")))]
 pub async fn query(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(slug): Path<String>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Value>, Problem> {
@@ -127,12 +128,14 @@ pub async fn query(
                 .mode(jiff::RoundMode::Ceil),
         )
         .unwrap_or(now);
+    let mut subjects = p.all("subject");
+    principal.restrict_subjects(&mut subjects)?;
     let query = MeterQuery {
         from: p.timestamp("from")?.unwrap_or(Timestamp::UNIX_EPOCH),
         to: p.timestamp("to")?.unwrap_or(default_to),
         window_size,
         time_zone,
-        subjects: p.all("subject"),
+        subjects,
         group_by: p.all("groupBy"),
         filter_group_by: p.bracketed("filterGroupBy")?,
         limit: p.number("limit")?,

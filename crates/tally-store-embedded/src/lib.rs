@@ -24,7 +24,7 @@ use tally_ledger::{
     Applied, ApplyMode, Catalog, EventFilter, EventPage, IngestOutcome, Ledger, LedgerError,
     LedgerStats, MeterQuery, QuarantineFilter, QuarantinePage, QueryResult,
 };
-use tally_model::{CloudEvent, EventError, FieldError, Kind, Manifest};
+use tally_model::{CloudEvent, EventError, Kind, Manifest, error_code, field_error};
 use tokio::sync::{mpsc, oneshot};
 
 use keys::MeterState;
@@ -262,15 +262,16 @@ impl EmbeddedLedger {
             .map(|(index, e)| EventError {
                 index,
                 id: Some(e.id.clone()),
-                errors: vec![FieldError {
-                    field: "time".into(),
-                    reason: format!(
+                errors: vec![field_error(
+                    "time",
+                    error_code::TOO_LATE,
+                    format!(
                         "{} is older than the allowed lateness of {} (events before {} are refused)",
                         e.time,
                         self.config.max_lateness,
                         oldest.round(jiff::Unit::Second).unwrap_or(oldest)
                     ),
-                }],
+                )],
             })
             .collect();
         if late.is_empty() {
