@@ -95,7 +95,7 @@ pub struct KindSelectorSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SinkSpec {
     pub name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, rename = "otlp_http", skip_serializing_if = "Option::is_none")]
     pub otlp_http: Option<OtlpHttpSpec>,
     /// Extra request headers (may also be given under `otlp_http`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
