@@ -16,6 +16,7 @@ pub fn kv(key: &str, value: &str) -> KeyValue {
         value: Some(AnyValue {
             value: Some(any_value::Value::StringValue(value.into())),
         }),
+        ..Default::default()
     }
 }
 
@@ -50,7 +51,12 @@ pub fn resource(who: &Who<'_>) -> Resource {
     }
 }
 
-pub fn number_point(attributes: Vec<KeyValue>, start: u64, time: u64, value: i64) -> NumberDataPoint {
+pub fn number_point(
+    attributes: Vec<KeyValue>,
+    start: u64,
+    time: u64,
+    value: i64,
+) -> NumberDataPoint {
     NumberDataPoint {
         attributes,
         start_time_unix_nano: start,
@@ -76,7 +82,9 @@ pub fn counter(name: &str, points: Vec<NumberDataPoint>) -> Metric {
 pub fn gauge(name: &str, points: Vec<NumberDataPoint>) -> Metric {
     Metric {
         name: name.into(),
-        data: Some(Data::Gauge(Gauge { data_points: points })),
+        data: Some(Data::Gauge(Gauge {
+            data_points: points,
+        })),
         ..Default::default()
     }
 }
@@ -144,15 +152,27 @@ pub fn series(request: &ExportMetricsServiceRequest) -> Vec<(String, String, Str
         for sm in &rm.scope_metrics {
             for m in &sm.metrics {
                 let point_attrs: Vec<Vec<KeyValue>> = match &m.data {
-                    Some(Data::Sum(s)) => s.data_points.iter().map(|p| p.attributes.clone()).collect(),
-                    Some(Data::Gauge(g)) => g.data_points.iter().map(|p| p.attributes.clone()).collect(),
-                    Some(Data::Histogram(h)) => h.data_points.iter().map(|p| p.attributes.clone()).collect(),
+                    Some(Data::Sum(s)) => {
+                        s.data_points.iter().map(|p| p.attributes.clone()).collect()
+                    }
+                    Some(Data::Gauge(g)) => {
+                        g.data_points.iter().map(|p| p.attributes.clone()).collect()
+                    }
+                    Some(Data::Histogram(h)) => {
+                        h.data_points.iter().map(|p| p.attributes.clone()).collect()
+                    }
                     _ => vec![],
                 };
                 for a in point_attrs {
                     let text = a
                         .iter()
-                        .map(|kv| format!("{}={:?}", kv.key, kv.value.as_ref().and_then(|v| v.value.as_ref())))
+                        .map(|kv| {
+                            format!(
+                                "{}={:?}",
+                                kv.key,
+                                kv.value.as_ref().and_then(|v| v.value.as_ref())
+                            )
+                        })
                         .collect::<Vec<_>>()
                         .join(",");
                     out.push((ns.clone(), m.name.clone(), text));
