@@ -9,6 +9,7 @@
 //! - [`otlp`] decodes received OTLP/HTTP bodies, encodes per-sink requests and
 //!   reads a sink's answer; [`DeltaConverter`] turns cumulative series into
 //!   deltas for sinks that need them.
+//! - [`victoria`] pulls series from VictoriaMetrics in checkpointed windows.
 //!
 //! **Never:** export a series to an exporter of another project (the router
 //! is the only place that decides tenancy, and it reads identity from OTLP
@@ -24,6 +25,7 @@ pub mod route;
 pub mod secret;
 pub mod selector;
 pub mod spec;
+pub mod victoria;
 
 pub use delta::DeltaConverter;
 pub use exporter::{
