@@ -32,7 +32,10 @@ use serde_json::Value;
 use tally_model::{Kind, Manifest, OpenMeterMeter};
 
 pub use error::ClientError;
-pub use tally_ledger::{ApplyAction, EventPage, IngestOutcome, QuarantineNotice, QuarantinePage};
+pub use tally_ledger::{
+    ApplyAction, EventPage, IngestOutcome, QuarantineNotice, QuarantinePage, VoidOutcome, VoidPage,
+    VoidRecord,
+};
 pub use tally_meter::WindowSize;
 pub use types::{
     ApplyResult, EventListParams, MeterQueryParams, MeterQueryResponse, MeterQueryRow,
@@ -131,6 +134,37 @@ impl TallyClient {
     /// One page of stored events, newest first (`GET /api/v1/events`).
     pub async fn list_events(&self, params: &EventListParams) -> Result<EventPage, ClientError> {
         let url = self.url(&["api", "v1", "events"], &params.to_pairs());
+        self.json(self.request(Method::GET, &url), &url).await
+    }
+
+    /// Voids a stored event (`POST /api/v1/events/void`): it stops counting
+    /// in every meter; an audit record is kept.
+    pub async fn void_event(
+        &self,
+        source: &str,
+        id: &str,
+        reason: &str,
+    ) -> Result<VoidOutcome, ClientError> {
+        let url = self.url(&["api", "v1", "events", "void"], &[]);
+        let body = serde_json::json!({"source": source, "id": id, "reason": reason});
+        let request = self
+            .request(Method::POST, &url)
+            .header(CONTENT_TYPE, "application/json")
+            .body(body.to_string());
+        self.json(request, &url).await
+    }
+
+    /// One page of the void audit trail, newest first (`GET /api/v1/events/voids`).
+    pub async fn list_voids(
+        &self,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<VoidPage, ClientError> {
+        let mut pairs = vec![("limit".to_owned(), limit.to_string())];
+        if let Some(c) = cursor {
+            pairs.push(("cursor".to_owned(), c.to_owned()));
+        }
+        let url = self.url(&["api", "v1", "events", "voids"], &pairs);
         self.json(self.request(Method::GET, &url), &url).await
     }
 

@@ -54,6 +54,18 @@ pub trait Ledger: Send + Sync + 'static {
         filter: QuarantineFilter,
     ) -> BoxFuture<'_, Result<QuarantinePage, LedgerError>>;
 
+    /// Voids one stored event by (source, id): it stops counting in every
+    /// meter, durably, and an audit record is kept. Voiding twice is
+    /// harmless and answers the first record.
+    fn void(&self, request: VoidRequest) -> BoxFuture<'_, Result<VoidOutcome, LedgerError>>;
+
+    /// The audit trail of voided events, newest first.
+    fn list_voids(
+        &self,
+        limit: usize,
+        cursor: Option<String>,
+    ) -> BoxFuture<'_, Result<VoidPage, LedgerError>>;
+
     /// Counters for `/metrics`.
     fn stats(&self) -> LedgerStats;
 

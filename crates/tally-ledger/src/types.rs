@@ -68,6 +68,9 @@ pub struct IngestOutcome {
     /// Stored events that some meter cannot measure yet, with the reason.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub quarantined: Vec<QuarantineNotice>,
+    /// Things the sender should know, e.g. that a meter it feeds is Deprecated.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// One event that was stored but put in quarantine for one meter.
@@ -149,6 +152,55 @@ pub struct EventFilter {
     pub cursor: Option<String>,
 }
 
+/// A request to void one stored event: a correction with an audit trail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VoidRequest {
+    pub source: String,
+    pub id: String,
+    /// Why; kept in the audit trail.
+    pub reason: String,
+    /// Who asked (the token's name); filled in by the server.
+    #[serde(default)]
+    pub voided_by: String,
+}
+
+/// The audit record of a voided event. Voiding takes the event out of every
+/// meter; the event itself stays in the log and its (source, id) stays
+/// taken, so a re-send is still a duplicate. A correction is a new event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VoidRecord {
+    pub seq: u64,
+    pub source: String,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub subject: String,
+    pub event_time: Timestamp,
+    pub reason: String,
+    pub voided_by: String,
+    pub voided_at: Timestamp,
+}
+
+/// The answer to a void request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VoidOutcome {
+    /// True when the event had been voided before; `record` is that first void.
+    pub already_voided: bool,
+    pub record: VoidRecord,
+}
+
+/// Void records, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VoidPage {
+    pub items: Vec<VoidRecord>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
 /// An event as the ledger keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -156,6 +208,9 @@ pub struct StoredEvent {
     pub seq: u64,
     pub ingested_at: Timestamp,
     pub event: CloudEvent,
+    /// Set when the event was voided: it no longer counts in any meter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub voided: Option<VoidRecord>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -175,6 +175,10 @@ impl CompiledMeter {
         self.definition.measurement.aggregation
     }
 
+    pub fn phase(&self) -> MeterPhase {
+        self.definition.phase
+    }
+
     pub fn event_type(&self) -> &str {
         self.definition.event_type()
     }

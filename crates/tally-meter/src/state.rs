@@ -20,12 +20,19 @@ pub enum StateError {
     Mismatch(&'static str, &'static str),
     #[error("corrupt rollup state: {0}")]
     Corrupt(&'static str),
+    #[error("a {0} state cannot take an event back out; rebuild it from the log")]
+    NotInvertible(&'static str),
 }
 
 /// The state of one aggregation over a set of events.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AggState {
-    Sum(Decimal),
+    /// The sum, and how many events it covers (so a bucket emptied by
+    /// voiding is recognised and removed).
+    Sum {
+        sum: Decimal,
+        count: u64,
+    },
     Count(u64),
     UniqueCount(BTreeSet<String>),
     Avg {
@@ -57,7 +64,7 @@ impl AggState {
             (Aggregation::UniqueCount, SampleValue::Text(s)) => {
                 AggState::UniqueCount(BTreeSet::from([s.clone()]))
             }
-            (Aggregation::Sum, SampleValue::Number(d)) => AggState::Sum(*d),
+            (Aggregation::Sum, SampleValue::Number(d)) => AggState::Sum { sum: *d, count: 1 },
             (Aggregation::Avg, SampleValue::Number(d)) => AggState::Avg { sum: *d, count: 1 },
             (Aggregation::Min, SampleValue::Number(d)) => AggState::Min(*d),
             (Aggregation::Max, SampleValue::Number(d)) => AggState::Max(*d),
@@ -72,7 +79,7 @@ impl AggState {
 
     fn name(&self) -> &'static str {
         match self {
-            AggState::Sum(_) => "SUM",
+            AggState::Sum { .. } => "SUM",
             AggState::Count(_) => "COUNT",
             AggState::UniqueCount(_) => "UNIQUE_COUNT",
             AggState::Avg { .. } => "AVG",
@@ -85,8 +92,9 @@ impl AggState {
     /// Folds `other` into `self`.
     pub fn merge(&mut self, other: &AggState) -> Result<(), StateError> {
         match (self, other) {
-            (AggState::Sum(a), AggState::Sum(b)) => {
-                *a = a.checked_add(*b).ok_or(StateError::Overflow)?
+            (AggState::Sum { sum, count }, AggState::Sum { sum: s, count: c }) => {
+                *sum = sum.checked_add(*s).ok_or(StateError::Overflow)?;
+                *count += c;
             }
             (AggState::Count(a), AggState::Count(b)) => *a += b,
             (AggState::UniqueCount(a), AggState::UniqueCount(b)) => a.extend(b.iter().cloned()),
@@ -117,10 +125,41 @@ impl AggState {
         Ok(())
     }
 
+    /// Takes the events of `other` back out of `self` (voiding). Only SUM,
+    /// COUNT and AVG can; the others answer [`StateError::NotInvertible`].
+    /// Returns whether no event is left, in which case the bucket should go.
+    pub fn retract(&mut self, other: &AggState) -> Result<bool, StateError> {
+        let fewer = |n: &mut u64, c: u64| {
+            *n = n.checked_sub(c).ok_or(StateError::Corrupt(
+                "retracting more events than a state covers",
+            ))?;
+            Ok::<bool, StateError>(*n == 0)
+        };
+        match (self, other) {
+            (AggState::Sum { sum, count }, AggState::Sum { sum: s, count: c })
+            | (AggState::Avg { sum, count }, AggState::Avg { sum: s, count: c }) => {
+                *sum = sum.checked_sub(*s).ok_or(StateError::Overflow)?;
+                fewer(count, *c)
+            }
+            (AggState::Count(n), AggState::Count(c)) => fewer(n, *c),
+            (a, b) if a.name() != b.name() => Err(StateError::Mismatch(a.name(), b.name())),
+            (a, _) => Err(StateError::NotInvertible(a.name())),
+        }
+    }
+
+    /// Whether [`AggState::retract`] works for this aggregation.
+    pub fn invertible(aggregation: Aggregation) -> bool {
+        matches!(
+            aggregation,
+            Aggregation::Sum | Aggregation::Count | Aggregation::Avg
+        )
+    }
+
     /// The meter's value for the events this state covers.
     pub fn result(&self) -> Decimal {
         match self {
-            AggState::Sum(d) | AggState::Min(d) | AggState::Max(d) => *d,
+            AggState::Sum { sum, .. } => *sum,
+            AggState::Min(d) | AggState::Max(d) => *d,
             AggState::Latest { value, .. } => *value,
             AggState::Count(n) => Decimal::from(*n),
             AggState::UniqueCount(set) => Decimal::from(set.len()),
@@ -137,9 +176,10 @@ impl AggState {
     /// A compact binary encoding for storage.
     pub fn encode(&self, out: &mut Vec<u8>) {
         match self {
-            AggState::Sum(d) => {
+            AggState::Sum { sum, count } => {
                 out.push(1);
-                out.extend_from_slice(&d.serialize());
+                out.extend_from_slice(&sum.serialize());
+                out.extend_from_slice(&count.to_be_bytes());
             }
             AggState::Count(n) => {
                 out.push(2);
@@ -189,7 +229,10 @@ impl AggState {
     pub fn decode(bytes: &[u8]) -> Result<AggState, StateError> {
         let mut r = Reader(bytes);
         let state = match r.take::<1>()?[0] {
-            1 => AggState::Sum(r.decimal()?),
+            1 => AggState::Sum {
+                sum: r.decimal()?,
+                count: u64::from_be_bytes(r.take()?),
+            },
             2 => AggState::Count(u64::from_be_bytes(r.take()?)),
             3 => {
                 let n = u32::from_be_bytes(r.take()?);
@@ -250,10 +293,73 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn sum(d: Decimal) -> AggState {
+        AggState::Sum { sum: d, count: 1 }
+    }
+
+    fn fold(aggregation: Aggregation, values: &[i64]) -> Option<AggState> {
+        let mut states = values.iter().enumerate().map(|(i, v)| {
+            AggState::of_sample(
+                aggregation,
+                &SampleValue::Number(Decimal::from(*v)),
+                0,
+                i as u64,
+            )
+            .unwrap()
+        });
+        let mut acc = states.next()?;
+        for s in states {
+            acc.merge(&s).unwrap();
+        }
+        Some(acc)
+    }
+
+    proptest! {
+        /// Taking events back out of an invertible state gives the state of
+        /// the events that remain, and says when none remain.
+        #[test]
+        fn retracting_equals_folding_what_remains(
+            values in prop::collection::vec(-1_000_000i64..1_000_000, 1..40),
+            keep in prop::collection::vec(any::<bool>(), 40),
+            which in 0usize..3,
+        ) {
+            let aggregation = [Aggregation::Sum, Aggregation::Count, Aggregation::Avg][which];
+            let mut state = fold(aggregation, &values).unwrap();
+            let mut remaining = Vec::new();
+            let mut emptied = false;
+            for (i, v) in values.iter().enumerate() {
+                if keep[i] {
+                    remaining.push(*v);
+                } else {
+                    let one = fold(aggregation, &[*v]).unwrap();
+                    emptied = state.retract(&one).unwrap();
+                }
+            }
+            match fold(aggregation, &remaining) {
+                Some(expected) => {
+                    prop_assert!(!emptied || remaining.is_empty());
+                    prop_assert_eq!(state, expected);
+                }
+                None => prop_assert!(emptied),
+            }
+        }
+    }
+
+    #[test]
+    fn only_sum_count_and_avg_can_retract() {
+        for aggregation in [Aggregation::Min, Aggregation::Max, Aggregation::Latest] {
+            let mut s = fold(aggregation, &[1, 2]).unwrap();
+            let one = fold(aggregation, &[1]).unwrap();
+            assert!(matches!(s.retract(&one), Err(StateError::NotInvertible(_))));
+            assert!(!AggState::invertible(aggregation));
+        }
+        assert!(sum(Decimal::ONE).retract(&AggState::Count(1)).is_err());
+    }
+
     fn states() -> impl Strategy<Value = AggState> {
         let dec = (any::<i64>(), 0u32..6).prop_map(|(m, s)| Decimal::new(m, s));
         prop_oneof![
-            dec.clone().prop_map(AggState::Sum),
+            (dec.clone(), any::<u64>()).prop_map(|(sum, count)| AggState::Sum { sum, count }),
             any::<u32>().prop_map(|n| AggState::Count(n.into())),
             proptest::collection::btree_set("[a-c]{0,3}", 0..4).prop_map(AggState::UniqueCount),
             (dec.clone(), any::<u32>()).prop_map(|(sum, c)| AggState::Avg {
@@ -310,18 +416,15 @@ mod tests {
     #[test]
     fn merging_different_kinds_fails() {
         let mut a = AggState::Count(1);
-        assert!(a.merge(&AggState::Sum(Decimal::ONE)).is_err());
+        assert!(a.merge(&sum(Decimal::ONE)).is_err());
     }
 
     #[test]
     fn sums_stay_exact_past_f64() {
-        let mut a = AggState::Sum(Decimal::from(9_007_199_254_740_993_i64));
-        a.merge(&AggState::Sum(Decimal::ONE)).unwrap();
+        let mut a = sum(Decimal::from(9_007_199_254_740_993_i64));
+        a.merge(&sum(Decimal::ONE)).unwrap();
         assert_eq!(a.result().to_string(), "9007199254740994");
-        let mut big = AggState::Sum(Decimal::MAX);
-        assert_eq!(
-            big.merge(&AggState::Sum(Decimal::ONE)),
-            Err(StateError::Overflow)
-        );
+        let mut big = sum(Decimal::MAX);
+        assert_eq!(big.merge(&sum(Decimal::ONE)), Err(StateError::Overflow));
     }
 }

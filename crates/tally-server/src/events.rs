@@ -6,7 +6,7 @@ use axum::{Extension, Json};
 use bytes::Bytes;
 use jiff::Timestamp;
 use serde_json::Value;
-use tally_ledger::{EventFilter, EventPage, IngestOutcome};
+use tally_ledger::{EventFilter, EventPage, IngestOutcome, VoidOutcome, VoidPage, VoidRequest};
 use tally_model::{EventError, parse_event};
 
 use crate::body;
@@ -155,6 +155,75 @@ pub async fn list(
         cursor: p.one("cursor")?,
     };
     Ok(Json(state.ledger.list_events(filter).await?))
+}
+
+/// What `POST /api/v1/events/void` takes.
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VoidBody {
+    /// The event's `source`.
+    source: String,
+    /// The event's `id`.
+    id: String,
+    /// Why it is voided; kept in the audit trail.
+    reason: String,
+}
+
+/// Void a stored event (a correction).
+///
+/// The event stops counting in every meter, durably, before the answer; it
+/// stays in the log, marked voided, and its (source, id) stays taken, so a
+/// re-send is a duplicate. Send a corrected event under a new id. Voiding
+/// twice answers the first void record with `alreadyVoided: true`.
+#[utoipa::path(
+    post, path = "/api/v1/events/void", tag = "events",
+    request_body(content = VoidBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Voided (or voided before)", body = Object),
+        (status = 400, description = "Bad body", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No stored event has this source and id", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn void(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    body: Bytes,
+) -> Result<Json<VoidOutcome>, Problem> {
+    let body: VoidBody = serde_json::from_slice(&body)
+        .map_err(|e| Problem::bad_request(format!("expected {{source, id, reason}}: {e}")))?;
+    if body.reason.trim().is_empty() {
+        return Err(Problem::bad_request(
+            "give a reason; it is kept in the audit trail",
+        ));
+    }
+    let request = VoidRequest {
+        source: body.source,
+        id: body.id,
+        reason: body.reason,
+        voided_by: principal.name,
+    };
+    Ok(Json(state.ledger.void(request).await?))
+}
+
+/// The audit trail of voided events, newest first.
+#[utoipa::path(
+    get, path = "/api/v1/events/voids", tag = "events",
+    params(
+        ("limit" = Option<usize>, Query, description = "Page size, default 100"),
+        ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page"),
+    ),
+    responses((status = 200, description = "A page of void records", body = Object))
+)]
+pub async fn voids(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<VoidPage>, Problem> {
+    let p = Params::parse(query.as_deref())?;
+    p.only(&["limit", "cursor"])?;
+    let limit = p.number("limit")?.unwrap_or(100);
+    Ok(Json(
+        state.ledger.list_voids(limit, p.one("cursor")?).await?,
+    ))
 }
 
 #[cfg(test)]

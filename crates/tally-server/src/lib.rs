@@ -109,12 +109,12 @@ pub const DEFAULT_MAX_PENDING_EVENTS: usize = 262_144;
 #[openapi(
     info(title = "Tally", description = "Usage metering: CloudEvents ingest with exact dedupe, meters and windowed queries (OpenMeter-compatible)."),
     paths(
-        events::ingest, events::list, usage::ingest_one, usage::ingest_batch,
+        events::ingest, events::list, events::void, events::voids, usage::ingest_one, usage::ingest_batch,
         meters::list, meters::get, meters::create, meters::delete, meters::query,
         resources::apply, resources::list, resources::get, resources::put, resources::delete,
         quarantine, metrics, healthz, readyz,
     ),
-    components(schemas(Problem, resources::ApplyResult, resources::ApplyResults, usage::UsageAnswer, usage::Rejected)),
+    components(schemas(Problem, resources::ApplyResult, resources::ApplyResults, usage::UsageAnswer, usage::Rejected, events::VoidBody)),
     modifiers(&BearerAuth),
 )]
 struct ApiDoc;
@@ -142,6 +142,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 pub fn router(state: AppState) -> Router {
     let api = Router::new()
         .route("/api/v1/events", post(events::ingest).get(events::list))
+        .route("/api/v1/events/void", post(events::void))
+        .route("/api/v1/events/voids", get(events::voids))
         .route("/v1/usage/events", post(usage::ingest_one))
         .route("/v1/usage/events:batchIngest", post(usage::ingest_batch))
         .route("/api/v1/meters", get(meters::list).post(meters::create))

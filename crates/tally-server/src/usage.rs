@@ -51,6 +51,9 @@ pub struct UsageAnswer {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     #[schema(value_type = Vec<Object>)]
     pub quarantined: Vec<QuarantineNotice>,
+    /// Things the sender should know (e.g. a Deprecated meter).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// Events refused; present only on `207`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub rejected: Vec<Rejected>,
@@ -194,6 +197,11 @@ async fn ingest(state: &AppState, values: Vec<Value>) -> Result<Response, Proble
 fn record(answer: &mut UsageAnswer, outcome: IngestOutcome, stored: &[(usize, CloudEvent)]) {
     answer.accepted += outcome.accepted;
     answer.duplicates += outcome.duplicates;
+    for warning in outcome.warnings {
+        if !answer.warnings.contains(&warning) {
+            answer.warnings.push(warning);
+        }
+    }
     answer
         .quarantined
         .extend(outcome.quarantined.into_iter().map(|mut notice| {

@@ -361,13 +361,41 @@ async fn published_meters_are_frozen_and_labels_are_enforced() {
     // Making the label optional releases the quarantined event.
     let relaxed = METERS.replace("required: true", "required: false");
     assert_eq!(
-        s.post("/apis/apply", "application/yaml", relaxed).await.0,
+        s.post("/apis/apply", "application/yaml", relaxed.clone())
+            .await
+            .0,
         200
     );
     let (_, q) = s.query("/api/v1/meters/http-route-bytes/query?from=2026-01-01T00:00:00Z&to=2026-01-02T00:00:00Z").await;
     assert_eq!(q["data"][0]["value"], 2000);
     let (_, quarantine) = s.get("/api/v1/quarantine?meter=http-route-bytes").await;
     assert_eq!(quarantine["items"].as_array().unwrap().len(), 0);
+
+    // A Deprecated meter still measures, and says so.
+    let deprecated = relaxed.replace("phase: Published", "phase: Deprecated");
+    assert_eq!(
+        s.post("/apis/apply", "application/yaml", deprecated)
+            .await
+            .0,
+        200
+    );
+    let (status, outcome) = s
+        .post(
+            "/api/v1/events",
+            "application/json",
+            json!([ev("c", json!({"name": "r1"}))]).to_string(),
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        outcome["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("Deprecated"),
+        "{outcome}"
+    );
+    let (_, q) = s.query("/api/v1/meters/http-route-bytes/query?from=2026-01-01T00:00:00Z&to=2026-01-02T00:00:00Z").await;
+    assert_eq!(q["data"][0]["value"], 3000);
 }
 
 #[tokio::test]

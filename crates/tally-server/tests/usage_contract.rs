@@ -8,7 +8,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tally_ledger::{
     Applied, ApplyMode, EventFilter, EventPage, IngestOutcome, Ledger, LedgerError, LedgerStats,
-    MeterQuery, QuarantineFilter, QuarantinePage, QueryResult,
+    MeterQuery, QuarantineFilter, QuarantinePage, QueryResult, VoidOutcome, VoidPage, VoidRequest,
 };
 use tally_model::{CloudEvent, Kind, Manifest};
 use tally_server::{AppState, TokenConfig, router};
@@ -52,6 +52,16 @@ impl Ledger for GatedLedger {
         f: QuarantineFilter,
     ) -> BoxFuture<'_, Result<QuarantinePage, LedgerError>> {
         self.inner.list_quarantine(f)
+    }
+    fn void(&self, r: VoidRequest) -> BoxFuture<'_, Result<VoidOutcome, LedgerError>> {
+        self.inner.void(r)
+    }
+    fn list_voids(
+        &self,
+        limit: usize,
+        cursor: Option<String>,
+    ) -> BoxFuture<'_, Result<VoidPage, LedgerError>> {
+        self.inner.list_voids(limit, cursor)
     }
     fn stats(&self) -> LedgerStats {
         self.inner.stats()
@@ -365,4 +375,58 @@ async fn scoped_tokens_limit_what_each_caller_does_and_sees() {
     );
     assert_eq!(s.get("/metrics", Some("ingest-secret")).await.0, 403);
     assert_eq!(s.get("/api/v1/meters", Some("wrong")).await.0, 401);
+}
+
+#[tokio::test]
+async fn voiding_takes_an_event_out_of_its_meters_with_an_audit_record() {
+    let s = start(&[], 1000).await;
+    let meter: Value = serde_json::from_str(METER).unwrap();
+    assert_eq!(s.post("/apis/apply", None, meter).await.0, 200);
+    let (keep, wrong) = (ulid(), ulid());
+    let batch = json!([
+        usage(&keep, "acme", json!("5")),
+        usage(&wrong, "acme", json!("500"))
+    ]);
+    assert_eq!(
+        s.post("/v1/usage/events:batchIngest", None, batch).await.0,
+        200
+    );
+    let query = "/api/v1/meters/gateway-requests/query";
+    assert_eq!(s.get(query, None).await.1["data"][0]["value"], 505);
+
+    let void = json!({"source": "gateway", "id": wrong, "reason": "double-billed in incident 42"});
+    let (status, outcome) = s.post("/api/v1/events/void", None, void.clone()).await;
+    assert_eq!(status, 200, "{outcome}");
+    assert_eq!(outcome["alreadyVoided"], false);
+    assert_eq!(outcome["record"]["voidedBy"], "anonymous");
+    assert_eq!(s.get(query, None).await.1["data"][0]["value"], 5);
+    let (_, again) = s.post("/api/v1/events/void", None, void).await;
+    assert_eq!(again["alreadyVoided"], true);
+    assert_eq!(again["record"], outcome["record"]);
+
+    // The event stays listed, marked; a re-send is a duplicate, not a comeback.
+    let (_, listed) = s
+        .get(&format!("/api/v1/events?source=gateway&id={wrong}"), None)
+        .await;
+    assert_eq!(
+        listed["items"][0]["voided"]["reason"],
+        "double-billed in incident 42"
+    );
+    let (_, resent) = s
+        .post(
+            "/v1/usage/events",
+            None,
+            usage(&wrong, "acme", json!("500")),
+        )
+        .await;
+    assert_eq!(resent["duplicates"], 1);
+    assert_eq!(s.get(query, None).await.1["data"][0]["value"], 5);
+    let (_, trail) = s.get("/api/v1/events/voids", None).await;
+    assert_eq!(trail["items"].as_array().unwrap().len(), 1);
+    assert_eq!(trail["items"][0]["id"], wrong.as_str());
+
+    let missing = json!({"source": "gateway", "id": ulid(), "reason": "x"});
+    assert_eq!(s.post("/api/v1/events/void", None, missing).await.0, 404);
+    let no_reason = json!({"source": "gateway", "id": keep, "reason": " "});
+    assert_eq!(s.post("/api/v1/events/void", None, no_reason).await.0, 400);
 }

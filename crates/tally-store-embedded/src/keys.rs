@@ -6,6 +6,7 @@
 //! | `dedupe`     | source (u32 len + bytes), id                               | seq (u64 BE), expires_at s (i64 BE) |
 //! | `rollups`    | meter generation (u64 BE), level (u8), subject (u16 len + bytes), bucket start s (i64 BE, sign flipped), groups | [`tally_meter::AggState`] |
 //! | `quarantine` | meter (u16 len + bytes; empty = no meter), seq (u64 BE)    | JSON [`QuarantineEntry`] |
+//! | `voids`      | seq (u64 BE) of the voided event                           | JSON [`tally_ledger::VoidRecord`] |
 //! | `catalog`    | kind `/` name                                              | manifest JSON |
 //! | `meta`       | `meter/<name>`                                             | JSON [`MeterState`] |
 

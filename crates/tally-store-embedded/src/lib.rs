@@ -11,7 +11,7 @@ mod keys;
 mod read;
 mod writer;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -22,7 +22,8 @@ use jiff::{SignedDuration, Timestamp};
 use serde_json::json;
 use tally_ledger::{
     Applied, ApplyMode, Catalog, EventFilter, EventPage, IngestOutcome, Ledger, LedgerError,
-    LedgerStats, MeterQuery, QuarantineFilter, QuarantinePage, QueryResult,
+    LedgerStats, MeterQuery, QuarantineFilter, QuarantinePage, QueryResult, VoidOutcome, VoidPage,
+    VoidRequest,
 };
 use tally_model::{CloudEvent, EventError, Kind, Manifest, error_code, field_error};
 use tokio::sync::{mpsc, oneshot};
@@ -74,6 +75,7 @@ pub(crate) struct Keyspaces {
     pub dedupe: Keyspace,
     pub rollups: Keyspace,
     pub quarantine: Keyspace,
+    pub voids: Keyspace,
     pub catalog: Keyspace,
     pub meta: Keyspace,
 }
@@ -98,6 +100,9 @@ pub(crate) struct Shared {
     state: RwLock<ReadState>,
     pub stats: Stats,
     pub writer_alive: AtomicBool,
+    /// Sequence numbers of voided events (rare; kept in memory so log scans
+    /// skip them without a lookup). Changed only by the writer.
+    pub voided: RwLock<HashSet<u64>>,
 }
 
 impl Shared {
@@ -105,6 +110,13 @@ impl Shared {
         self.state
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn is_voided(&self, seq: u64) -> bool {
+        self.voided
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .contains(&seq)
     }
 
     pub fn write_state(&self) -> RwLockWriteGuard<'_, ReadState> {
@@ -170,6 +182,7 @@ impl EmbeddedLedger {
             dedupe: open_keyspace(&db, "dedupe")?,
             rollups: open_keyspace(&db, "rollups")?,
             quarantine: open_keyspace(&db, "quarantine")?,
+            voids: open_keyspace(&db, "voids")?,
             catalog: open_keyspace(&db, "catalog")?,
             meta: open_keyspace(&db, "meta")?,
         };
@@ -194,7 +207,12 @@ impl EmbeddedLedger {
             Some(item) => keys::read_u64(&item.key()?)? + 1,
             None => 0,
         };
+        let mut voided = HashSet::new();
+        for item in keyspaces.voids.iter() {
+            voided.insert(keys::read_u64(&item.key()?)?);
+        }
         let shared = Arc::new(Shared {
+            voided: RwLock::new(voided),
             db,
             keyspaces,
             state: RwLock::new(ReadState { catalog, meters }),
@@ -352,6 +370,18 @@ impl Ledger for EmbeddedLedger {
         filter: QuarantineFilter,
     ) -> BoxFuture<'_, Result<QuarantinePage, LedgerError>> {
         Box::pin(self.read(move |shared| read::list_quarantine(shared, &filter)))
+    }
+
+    fn void(&self, request: VoidRequest) -> BoxFuture<'_, Result<VoidOutcome, LedgerError>> {
+        Box::pin(self.call(move |reply| Command::Void { request, reply }))
+    }
+
+    fn list_voids(
+        &self,
+        limit: usize,
+        cursor: Option<String>,
+    ) -> BoxFuture<'_, Result<VoidPage, LedgerError>> {
+        Box::pin(self.read(move |shared| read::list_voids(shared, limit, cursor.as_deref())))
     }
 
     fn stats(&self) -> LedgerStats {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use fjall::Readable;
 use tally_ledger::{
     EventFilter, EventPage, LedgerError, MeterQuery, QuarantineFilter, QuarantinePage,
-    QuarantinedEvent, QueryResult, QueryRow, StoredEvent,
+    QuarantinedEvent, QueryResult, QueryRow, StoredEvent, VoidPage, VoidRecord,
 };
 use tally_meter::{AggState, Level, QueryPlan, window};
 
@@ -248,6 +248,7 @@ pub fn list_events(shared: &Shared, f: &EventFilter) -> Result<EventPage, Ledger
                         seq,
                         ingested_at,
                         event,
+                        voided: void_record(shared, &snapshot, seq)?,
                     });
                 }
             }
@@ -275,9 +276,56 @@ pub fn list_events(shared: &Shared, f: &EventFilter) -> Result<EventPage, Ledger
             seq,
             ingested_at,
             event,
+            voided: void_record(shared, &snapshot, seq)?,
         });
     }
     Ok(EventPage { items, next_cursor })
+}
+
+/// The void record of an event, if it was voided.
+fn void_record(
+    shared: &Shared,
+    snapshot: &fjall::Snapshot,
+    seq: u64,
+) -> Result<Option<VoidRecord>, LedgerError> {
+    if !shared.is_voided(seq) {
+        return Ok(None);
+    }
+    snapshot
+        .get(&shared.keyspaces.voids, keys::seq_key(seq))
+        .map_err(storage)?
+        .map(|raw| serde_json::from_slice(&raw).map_err(storage))
+        .transpose()
+}
+
+/// Void records, newest first; the cursor is the last seq of the previous page.
+pub fn list_voids(
+    shared: &Shared,
+    limit: usize,
+    cursor: Option<&str>,
+) -> Result<VoidPage, LedgerError> {
+    let limit = page_limit(limit);
+    let end = match cursor {
+        Some(c) => c.parse::<u64>().map_err(|_| {
+            LedgerError::Invalid(format!("cursor {c:?} is not one this server issued"))
+        })?,
+        None => u64::MAX,
+    };
+    let snapshot = shared.db.snapshot();
+    let mut items: Vec<VoidRecord> = Vec::new();
+    let mut next_cursor = None;
+    for item in snapshot
+        .range(&shared.keyspaces.voids, ..keys::seq_key(end))
+        .rev()
+    {
+        let value = item.value().map_err(storage)?;
+        if items.len() == limit {
+            next_cursor = items.last().map(|r| r.seq.to_string());
+            break;
+        }
+        items.push(serde_json::from_slice(&value).map_err(storage)?);
+    }
+    Ok(VoidPage { items, next_cursor })
 }
 
 pub fn list_quarantine(
@@ -339,6 +387,7 @@ pub fn list_quarantine(
                 seq,
                 ingested_at,
                 event,
+                voided: None,
             },
         });
     }

@@ -14,9 +14,10 @@ use fjall::PersistMode;
 use jiff::Timestamp;
 use tally_ledger::{
     Applied, ApplyAction, ApplyMode, IngestOutcome, LedgerError, MetersByType, QuarantineNotice,
+    VoidOutcome, VoidRecord, VoidRequest,
 };
 use tally_meter::{AggState, CompiledMeter, Level};
-use tally_model::{CloudEvent, Kind, Manifest};
+use tally_model::{CloudEvent, Kind, Manifest, MeterPhase};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
@@ -49,6 +50,10 @@ pub(crate) enum Command {
         manifest: Box<Manifest>,
         mode: ApplyMode,
         reply: oneshot::Sender<Result<Applied, LedgerError>>,
+    },
+    Void {
+        request: VoidRequest,
+        reply: oneshot::Sender<Result<VoidOutcome, LedgerError>>,
     },
     Delete {
         kind: Kind,
@@ -121,7 +126,14 @@ impl Writer {
                         match self.background_step() {
                             Ok(true) => continue,
                             Ok(false) => {}
-                            Err(e) => warn!(error = %e, "background maintenance step failed"),
+                            Err(e) => {
+                                // Retry soon rather than wait for the next
+                                // command: a stalled backfill keeps a meter
+                                // unanswerable.
+                                warn!(error = %e, "background maintenance step failed; retrying in 1 s");
+                                std::thread::sleep(std::time::Duration::from_secs(1));
+                                continue;
+                            }
                         }
                         match self.rx.blocking_recv() {
                             Some(c) => c,
@@ -155,6 +167,9 @@ impl Writer {
                     reply,
                 } => {
                     let _ = reply.send(self.apply(*manifest, mode));
+                }
+                Command::Void { request, reply } => {
+                    let _ = reply.send(self.void(request));
                 }
                 Command::Delete { kind, name, reply } => {
                     let _ = reply.send(self.delete(kind, &name));
@@ -234,6 +249,15 @@ impl Writer {
                     }
                     Some(meters) => {
                         for meter in meters {
+                            if meter.phase() == MeterPhase::Deprecated {
+                                let warning = format!(
+                                    "meter {:?} is Deprecated: it still measures events of type {:?}, but will be retired",
+                                    meter.key, event.kind
+                                );
+                                if !outcome.warnings.contains(&warning) {
+                                    outcome.warnings.push(warning);
+                                }
+                            }
                             let Some(generation) = generations.get(meter.key.as_str()) else {
                                 continue;
                             };
@@ -348,25 +372,10 @@ impl Writer {
         );
         let mut new_state = None;
         if let Some(meter) = &plan.rebuild_meter {
-            let generation = self.next_generation(&mut batch).map_err(storage)?;
-            let state = MeterState {
-                generation,
-                backfill_until: self.next_seq,
-                backfilled_to: 0,
-            };
-            batch.insert(
-                &ks.meta,
-                keys::meter_state_key(meter),
-                json(&state).map_err(storage)?,
-            );
-            if let Some(old) = shared.read_state().meters.get(meter) {
-                batch.insert(
-                    &ks.meta,
-                    format!("{}{}", keys::GARBAGE_PREFIX, old.generation),
-                    [],
-                );
-            }
-            self.clear_quarantine(&mut batch, meter).map_err(storage)?;
+            let generation = self.next_generations(&mut batch, 1).map_err(storage)?;
+            let state = self
+                .begin_rebuild(&mut batch, meter, generation)
+                .map_err(storage)?;
             // Events that had no meter before may belong to this one now; the
             // backfill reads them from the log.
             let event_type = tally_model::MeterDefinition::from_manifest(&plan.manifest)?
@@ -424,15 +433,192 @@ impl Writer {
         Ok(())
     }
 
-    fn next_generation(&self, batch: &mut fjall::OwnedWriteBatch) -> Result<u64, StoreError> {
+    /// Starts building `meter` anew under a fresh generation, read from the
+    /// log by the background backfill; the old generation becomes garbage.
+    fn begin_rebuild(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        meter: &str,
+        generation: u64,
+    ) -> Result<MeterState, StoreError> {
+        let ks = &self.shared.keyspaces;
+        let state = MeterState {
+            generation,
+            backfill_until: self.next_seq,
+            backfilled_to: 0,
+        };
+        batch.insert(&ks.meta, keys::meter_state_key(meter), json(&state)?);
+        if let Some(old) = self.shared.read_state().meters.get(meter) {
+            batch.insert(
+                &ks.meta,
+                format!("{}{}", keys::GARBAGE_PREFIX, old.generation),
+                [],
+            );
+        }
+        self.clear_quarantine(batch, meter)?;
+        Ok(state)
+    }
+
+    // ---- voiding ----------------------------------------------------------
+
+    /// Takes one event out of every meter, durably, with an audit record.
+    /// SUM, COUNT and AVG buckets subtract it in the same batch; a meter of
+    /// another aggregation is rebuilt from the log, which skips voided events.
+    fn void(&mut self, request: VoidRequest) -> Result<VoidOutcome, LedgerError> {
+        let shared = Arc::clone(&self.shared);
+        let ks = &shared.keyspaces;
+        let not_found = || {
+            LedgerError::not_found(
+                "event",
+                format!("source {:?} id {:?}", request.source, request.id),
+            )
+        };
+        let dedupe = ks
+            .dedupe
+            .get(keys::dedupe_key(&request.source, &request.id))
+            .map_err(storage)?
+            .ok_or_else(not_found)?;
+        let (seq, _) = keys::decode_dedupe(&dedupe).map_err(storage)?;
+        if let Some(raw) = ks.voids.get(keys::seq_key(seq)).map_err(storage)? {
+            let record = serde_json::from_slice(&raw).map_err(storage)?;
+            return Ok(VoidOutcome {
+                already_voided: true,
+                record,
+            });
+        }
+        let raw = ks
+            .events
+            .get(keys::seq_key(seq))
+            .map_err(storage)?
+            .ok_or_else(not_found)?;
+        let (_, event) = keys::decode_event(&raw).map_err(storage)?;
+        let record = VoidRecord {
+            seq,
+            source: event.source.clone(),
+            id: event.id.clone(),
+            event_type: event.kind.clone(),
+            subject: event.subject.clone(),
+            event_time: event.time,
+            reason: request.reason,
+            voided_by: request.voided_by,
+            voided_at: Timestamp::now(),
+        };
+        let mut batch = shared.db.batch().durability(Some(PersistMode::SyncAll));
+        batch.insert(
+            &ks.voids,
+            keys::seq_key(seq),
+            json(&record).map_err(storage)?,
+        );
+        batch.remove(
+            &ks.quarantine,
+            keys::quarantine_key("", seq).map_err(storage)?,
+        );
+        let mut retractions = Deltas::default();
+        let mut rebuilds = Vec::new();
+        let meters = self.meters.get(&event.kind).cloned().unwrap_or_default();
+        for meter in meters {
+            batch.remove(
+                &ks.quarantine,
+                keys::quarantine_key(&meter.key, seq).map_err(storage)?,
+            );
+            let Some(state) = shared.read_state().meters.get(&meter.key).copied() else {
+                continue;
+            };
+            // A backfill that has not reached the event will skip it.
+            if !state.ready() && seq >= state.backfilled_to && seq < state.backfill_until {
+                continue;
+            }
+            if !AggState::invertible(meter.aggregation()) {
+                rebuilds.push(meter.key.clone());
+                continue;
+            }
+            // Unmeasurable events were quarantined, not rolled up.
+            measure(&meter, state.generation, &event, seq, &mut retractions).map_err(storage)?;
+        }
+        let mut rebuilt = Vec::new();
+        if !rebuilds.is_empty() {
+            // Every rebuilt meter needs a generation of its own.
+            let first = self
+                .next_generations(&mut batch, rebuilds.len() as u64)
+                .map_err(storage)?;
+            for (generation, meter) in (first..).zip(&rebuilds) {
+                let state = self
+                    .begin_rebuild(&mut batch, meter, generation)
+                    .map_err(storage)?;
+                rebuilt.push((meter.clone(), state));
+            }
+        }
+        self.commit_with_retractions(batch, retractions)
+            .map_err(storage)?;
+        shared
+            .voided
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(seq);
+        {
+            let mut state = shared.write_state();
+            for (meter, meter_state) in rebuilt {
+                info!(meter = %meter, generation = meter_state.generation, "meter rebuilt from the log after a void");
+                state.meters.insert(meter, meter_state);
+            }
+        }
+        info!(seq, source = %record.source, id = %record.id, by = %record.voided_by, "event voided");
+        Ok(VoidOutcome {
+            already_voided: false,
+            record,
+        })
+    }
+
+    /// Like [`Writer::commit_with_deltas`], but takes the states back out;
+    /// a bucket left with no event is removed.
+    fn commit_with_retractions(
+        &mut self,
+        mut batch: fjall::OwnedWriteBatch,
+        retractions: Deltas,
+    ) -> Result<(), StoreError> {
+        let rollups = self.shared.keyspaces.rollups.clone();
+        let mut updated = Vec::with_capacity(retractions.0.len());
+        for (key, retraction) in retractions.0 {
+            let mut state = match self.cache.remove(&key) {
+                Some(cached) => cached,
+                None => {
+                    let stored = rollups.get(&key)?.ok_or(StoreError::Corrupt(
+                        "a voided event's rollup bucket is missing",
+                    ))?;
+                    AggState::decode(&stored).map_err(StoreError::State)?
+                }
+            };
+            if state.retract(&retraction).map_err(StoreError::State)? {
+                batch.remove(&rollups, key);
+            } else {
+                batch.insert(&rollups, key.clone(), state.to_bytes());
+                updated.push((key, state));
+            }
+        }
+        batch.commit()?;
+        self.cache.extend(updated);
+        Ok(())
+    }
+
+    /// Reserves `count` new meter generations in `batch`; returns the first.
+    /// Reserve all of a batch's generations in one call: the counter is read
+    /// from the store, which does not see the batch.
+    fn next_generations(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        count: u64,
+    ) -> Result<u64, StoreError> {
         let meta = &self.shared.keyspaces.meta;
         let current = match meta.get(keys::GENERATION_COUNTER)? {
             Some(v) => keys::read_u64(&v)?,
             None => 0,
         };
-        let next = current + 1;
-        batch.insert(meta, keys::GENERATION_COUNTER, next.to_be_bytes());
-        Ok(next)
+        batch.insert(
+            meta,
+            keys::GENERATION_COUNTER,
+            (current + count).to_be_bytes(),
+        );
+        Ok(current + 1)
     }
 
     fn clear_quarantine(
@@ -562,7 +748,7 @@ impl Writer {
                 next = seq;
                 break;
             }
-            if keys::event_type_of(&value)? != meter.event_type() {
+            if keys::event_type_of(&value)? != meter.event_type() || shared.is_voided(seq) {
                 continue;
             }
             let (_, event) = keys::decode_event(&value)?;

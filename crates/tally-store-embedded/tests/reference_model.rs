@@ -26,6 +26,7 @@ use rust_decimal::Decimal;
 use serde_json::{Map, Value, json};
 use tally_ledger::{
     ApplyMode, EventFilter, IngestOutcome, Ledger, LedgerError, MeterQuery, QueryResult,
+    VoidRequest,
 };
 use tally_meter::WindowSize;
 use tally_model::{CloudEvent, Manifest};
@@ -191,6 +192,8 @@ struct Case {
     /// Append a changed copy of the first event to the first batch.
     in_batch_duplicate: bool,
     queries: Vec<GenQuery>,
+    /// Events voided after ingest (indexes into the stored events).
+    voids: Vec<Index>,
 }
 
 fn value_strategy() -> impl Strategy<Value = GenValue> {
@@ -286,9 +289,10 @@ fn case_strategy(events: std::ops::Range<usize>, queries: usize) -> impl Strateg
         any::<bool>(),
         proptest::collection::vec(query_strategy(), queries),
         proptest::sample::select(&Agg::ALL[..6]),
+        proptest::collection::vec(any::<Index>(), 0..8),
     )
         .prop_flat_map(
-            move |(subjects, id_space, cuts, in_batch_duplicate, queries, late)| {
+            move |(subjects, id_space, cuts, in_batch_duplicate, queries, late, voids)| {
                 proptest::collection::vec(event_strategy(id_space), events.clone()).prop_map(
                     move |events| Case {
                         subjects,
@@ -297,6 +301,7 @@ fn case_strategy(events: std::ops::Range<usize>, queries: usize) -> impl Strateg
                         cuts: cuts.clone(),
                         in_batch_duplicate,
                         queries: queries.clone(),
+                        voids: voids.clone(),
                     },
                 )
             },
@@ -421,7 +426,7 @@ fn prepare(case: &Case, id_prefix: &str) -> Prepared {
 }
 
 /// The reference store: first (source, id) wins.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Reference {
     events: Vec<RefEvent>,
     index: HashMap<(String, String), usize>,
@@ -1073,6 +1078,69 @@ fn run_case(case: &Case) -> Result<(), String> {
             return Err("answers changed after re-ingesting duplicates".to_owned());
         }
         check_list_events(&ledger, &reference, "after re-ingest").await?;
+
+        // Voiding: the answers become the reference's without those events,
+        // now and after a restart.
+        let mut remaining = reference.clone();
+        let mut voided: Vec<(String, String)> = case
+            .voids
+            .iter()
+            .filter(|_| !reference.events.is_empty())
+            .map(|i| {
+                let e = &reference.events[i.index(reference.events.len())];
+                (e.source.clone(), e.id.clone())
+            })
+            .collect();
+        voided.sort();
+        voided.dedup();
+        for (source, id) in &voided {
+            let request = VoidRequest {
+                source: source.clone(),
+                id: id.clone(),
+                reason: "test".into(),
+                voided_by: "proptest".into(),
+            };
+            let first = ledger
+                .void(request.clone())
+                .await
+                .map_err(|e| format!("void: {e}"))?;
+            let again = ledger
+                .void(request)
+                .await
+                .map_err(|e| format!("void: {e}"))?;
+            if first.already_voided || !again.already_voided || first.record != again.record {
+                return Err(format!("voiding twice: {first:?} then {again:?}"));
+            }
+        }
+        remaining
+            .events
+            .retain(|e| !voided.contains(&(e.source.clone(), e.id.clone())));
+        let voided_answers =
+            check_queries(&ledger, &remaining, &all_meters, &queries, "after voids").await?;
+        let listed = ledger
+            .list_voids(1000, None)
+            .await
+            .map_err(|e| format!("list voids: {e}"))?;
+        if listed.items.len() != voided.len() {
+            return Err(format!(
+                "{} voids listed, {} made",
+                listed.items.len(),
+                voided.len()
+            ));
+        }
+        drop(ledger);
+        let ledger = reopen(dir.path());
+        let restarted = check_queries(
+            &ledger,
+            &remaining,
+            &all_meters,
+            &queries,
+            "voids after restart",
+        )
+        .await?;
+        if restarted != voided_answers {
+            return Err("answers changed across a restart after voids".to_owned());
+        }
         drop(ledger);
         Ok(())
     });

@@ -12,7 +12,7 @@ use jiff::tz::TimeZone;
 use serde_json::Value;
 use tally_client::{
     ClientError, EventListParams, EventPage, IngestOutcome, QuarantineListParams, QuarantineNotice,
-    QuarantinePage, TallyClient,
+    QuarantinePage, TallyClient, VoidRecord,
 };
 
 use crate::meters::ListFormat;
@@ -25,6 +25,42 @@ pub enum EventsCommand {
     Send(SendArgs),
     /// List stored events, newest first.
     List(ListArgs),
+    /// Void a stored event: it stops counting in every meter. The event stays
+    /// in the log, marked voided, with an audit record; send a corrected
+    /// event under a new id.
+    Void(VoidArgs),
+    /// The audit trail of voided events, newest first.
+    Voids(VoidsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VoidArgs {
+    /// The event's source.
+    #[arg(long, value_name = "SOURCE")]
+    source: String,
+
+    /// The event's id.
+    #[arg(long, value_name = "ID")]
+    id: String,
+
+    /// Why it is voided; kept in the audit trail.
+    #[arg(long, value_name = "TEXT")]
+    reason: String,
+
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = ListFormat::Table, value_name = "FORMAT")]
+    output: ListFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct VoidsArgs {
+    /// Records per page.
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    limit: usize,
+
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = ListFormat::Table, value_name = "FORMAT")]
+    output: ListFormat,
 }
 
 #[derive(Debug, Subcommand)]
@@ -109,6 +145,65 @@ pub async fn run(client: &TallyClient, command: EventsCommand) -> anyhow::Result
     match command {
         EventsCommand::Send(args) => send(client, args).await,
         EventsCommand::List(args) => list(client, args).await,
+        EventsCommand::Void(args) => void(client, args).await,
+        EventsCommand::Voids(args) => voids(client, args).await,
+    }
+}
+
+fn void_table(records: &[VoidRecord]) -> Table {
+    let mut table = Table::new([
+        "SEQ",
+        "VOIDED AT",
+        "BY",
+        "TYPE",
+        "SUBJECT",
+        "SOURCE",
+        "ID",
+        "REASON",
+    ]);
+    for r in records {
+        table.row([
+            r.seq.to_string(),
+            r.voided_at.to_string(),
+            r.voided_by.clone(),
+            r.event_type.clone(),
+            r.subject.clone(),
+            r.source.clone(),
+            r.id.clone(),
+            r.reason.clone(),
+        ]);
+    }
+    table
+}
+
+async fn void(client: &TallyClient, args: VoidArgs) -> anyhow::Result<()> {
+    let outcome = client
+        .void_event(&args.source, &args.id, &args.reason)
+        .await
+        .with_context(|| format!("voiding event {:?} from {:?}", args.id, args.source))?;
+    match args.output {
+        ListFormat::Json => print(&output::to_json(&outcome)?),
+        ListFormat::Table => {
+            if outcome.already_voided {
+                eprintln!("The event was voided before; nothing changed.");
+            }
+            print(&void_table(std::slice::from_ref(&outcome.record)).render())
+        }
+    }
+}
+
+async fn voids(client: &TallyClient, args: VoidsArgs) -> anyhow::Result<()> {
+    let page = client
+        .list_voids(args.limit, None)
+        .await
+        .context("listing voided events")?;
+    match args.output {
+        ListFormat::Json => print(&output::to_json(&page)?),
+        ListFormat::Table if page.items.is_empty() => {
+            eprintln!("No voided events.");
+            Ok(())
+        }
+        ListFormat::Table => print(&void_table(&page.items).render()),
     }
 }
 
@@ -317,6 +412,8 @@ struct Totals {
     quarantined: u64,
     /// The first quarantine notices, with where the event came from.
     notices: Vec<(Position, QuarantineNotice)>,
+    /// Distinct warnings the server gave (e.g. a Deprecated meter).
+    warnings: Vec<String>,
 }
 
 const NOTICES_SHOWN: usize = 20;
@@ -326,6 +423,11 @@ impl Totals {
         self.accepted += outcome.accepted;
         self.duplicates += outcome.duplicates;
         self.quarantined += outcome.quarantined.len() as u64;
+        for warning in outcome.warnings {
+            if !self.warnings.contains(&warning) {
+                self.warnings.push(warning);
+            }
+        }
         for notice in outcome.quarantined {
             if self.notices.len() < NOTICES_SHOWN
                 && let Some(position) = positions.get(notice.index)
@@ -349,6 +451,9 @@ impl Totals {
         let more = self.quarantined.saturating_sub(self.notices.len() as u64);
         if more > 0 {
             out.push_str(&format!("  ... and {more} more\n"));
+        }
+        for warning in &self.warnings {
+            out.push_str(&format!("warning: {warning}\n"));
         }
         out
     }
@@ -709,6 +814,7 @@ mod tests {
                 accepted: 28,
                 duplicates: 2,
                 quarantined: (0..25).map(notice).collect(),
+                warnings: vec!["meter \"m\" is Deprecated".into()],
             },
             &positions,
         );
@@ -719,8 +825,9 @@ mod tests {
             lines[1],
             "  line 1 (id \"e0\"): meter requests: missing_value: no $.value"
         );
-        assert_eq!(lines.len(), 22);
+        assert_eq!(lines.len(), 23);
         assert_eq!(lines[21], "  ... and 5 more");
+        assert_eq!(lines[22], "warning: meter \"m\" is Deprecated");
     }
 
     #[test]
