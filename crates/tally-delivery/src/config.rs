@@ -123,11 +123,13 @@ pub enum Storage {
     Memory,
     /// In a fjall database in `path` (one directory per sink). With `sync`, an
     /// item is fsync'd before `enqueue` returns, so it survives kill -9 and
-    /// power loss; without, it survives a process crash once the OS has it.
+    /// power loss; without, it is handed to the OS before `enqueue` returns,
+    /// so it survives kill -9 but not power loss. Enqueues that arrive while
+    /// a write is in progress share the next write (group commit).
     Disk {
         /// The sink's own directory.
         path: PathBuf,
-        /// fsync every enqueue.
+        /// fsync before `enqueue` returns.
         sync: bool,
     },
 }

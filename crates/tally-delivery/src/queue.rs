@@ -12,8 +12,9 @@
 //! (u32 BE) · metadata JSON · items, each as key length · key · data length ·
 //! data (lengths u32 BE).
 
+use std::collections::HashMap;
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -28,6 +29,9 @@ pub enum QueueError {
     /// The embedded store failed.
     #[error("queue storage: {0}")]
     Storage(#[from] fjall::Error),
+    /// Writing a group of appends failed.
+    #[error("queue storage: writing failed: {0}")]
+    Commit(String),
     /// A stored record could not be read back.
     #[error("queue storage holds an unreadable record: {0}")]
     Corrupt(String),
@@ -139,13 +143,32 @@ struct State {
     next_dead_id: u64,
 }
 
+/// An append waiting for its group's write.
+struct PendingAppend {
+    ticket: u64,
+    items: Vec<Item>,
+    from_dead: Option<u64>,
+}
+
+#[derive(Default)]
+struct Commits {
+    pending: Vec<PendingAppend>,
+    next_ticket: u64,
+    /// An appender is writing a group.
+    writing: bool,
+    /// Results of written groups, by ticket, until their appender reads them.
+    done: HashMap<u64, Result<(), String>>,
+}
+
 pub(crate) struct Queue {
     max_items: u64,
     max_bytes: u64,
     state: Mutex<State>,
     disk: Option<Disk>,
-    /// Held while appending, so sequence numbers are committed in order.
-    append: Mutex<()>,
+    /// Group commit of disk appends: one write (and fsync) for every append
+    /// that arrives while the previous one is being written.
+    commits: Mutex<Commits>,
+    committed: Condvar,
     space: Notify,
     data: Notify,
 }
@@ -305,7 +328,8 @@ impl Queue {
             max_bytes: config.max_bytes.max(1),
             state: Mutex::new(state),
             disk,
-            append: Mutex::new(()),
+            commits: Mutex::new(Commits::default()),
+            committed: Condvar::new(),
             space: Notify::new(),
             data: Notify::new(),
         })
@@ -374,37 +398,14 @@ impl Queue {
     /// failure the reservation is released. With `from_dead`, that dead
     /// letter is removed in the same atomic write.
     pub fn append(&self, items: Vec<Item>, from_dead: Option<u64>) -> Result<(), QueueError> {
-        let count = items.len() as u64;
-        let bytes = items_size(&items);
-        let _order = lock(&self.append);
-        let first = lock(&self.state).next_seq;
-        let enqueued_ms = now_ms();
-        if let Some(disk) = &self.disk {
-            let mut batch = disk.db.batch();
-            if disk.sync {
-                batch = batch.durability(Some(PersistMode::SyncAll));
-            }
-            for (seq, item) in (first..).zip(&items) {
-                batch.insert(
-                    &disk.queue,
-                    seq.to_be_bytes(),
-                    encode_entry(enqueued_ms, item),
-                );
-            }
-            if let Some(id) = from_dead {
-                batch.remove(&disk.dead, id.to_be_bytes());
-            }
-            if let Err(e) = batch.commit() {
-                self.release(count, bytes);
-                return Err(e.into());
-            }
-        }
-        let mut state = lock(&self.state);
-        state.next_seq = first + count;
-        if self.disk.is_none() {
+        let Some(disk) = &self.disk else {
+            let enqueued_ms = now_ms();
+            let mut state = lock(&self.state);
             if let Some(id) = from_dead {
                 state.memory_dead.remove(&id);
             }
+            let first = state.next_seq;
+            state.next_seq += items.len() as u64;
             state
                 .memory
                 .extend((first..).zip(items).map(|(seq, item)| Entry {
@@ -412,8 +413,72 @@ impl Queue {
                     enqueued_ms,
                     item,
                 }));
+            drop(state);
+            self.data.notify_one();
+            return Ok(());
+        };
+        let mut commits = lock(&self.commits);
+        let ticket = commits.next_ticket;
+        commits.next_ticket += 1;
+        commits.pending.push(PendingAppend {
+            ticket,
+            items,
+            from_dead,
+        });
+        loop {
+            if let Some(result) = commits.done.remove(&ticket) {
+                return result.map_err(QueueError::Commit);
+            }
+            if commits.writing {
+                commits = self
+                    .committed
+                    .wait(commits)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                continue;
+            }
+            // Lead: write everything pending as one group.
+            commits.writing = true;
+            let group = std::mem::take(&mut commits.pending);
+            drop(commits);
+            let result = self.write_group(disk, &group).map_err(|e| e.to_string());
+            commits = lock(&self.commits);
+            commits.writing = false;
+            for append in &group {
+                commits.done.insert(append.ticket, result.clone());
+            }
+            self.committed.notify_all();
         }
-        drop(state);
+    }
+
+    fn write_group(&self, disk: &Disk, group: &[PendingAppend]) -> Result<(), QueueError> {
+        let first = lock(&self.state).next_seq;
+        let enqueued_ms = now_ms();
+        let mode = if disk.sync {
+            PersistMode::SyncAll
+        } else {
+            PersistMode::Buffer
+        };
+        let mut batch = disk.db.batch().durability(Some(mode));
+        let items = group.iter().flat_map(|append| &append.items);
+        let mut next = first;
+        for item in items {
+            batch.insert(
+                &disk.queue,
+                next.to_be_bytes(),
+                encode_entry(enqueued_ms, item),
+            );
+            next += 1;
+        }
+        for id in group.iter().filter_map(|append| append.from_dead) {
+            batch.remove(&disk.dead, id.to_be_bytes());
+        }
+        if let Err(e) = batch.commit() {
+            let count = next - first;
+            let bytes = group.iter().map(|a| items_size(&a.items)).sum();
+            self.release(count, bytes);
+            return Err(e.into());
+        }
+        lock(&self.state).next_seq = next;
         self.data.notify_one();
         Ok(())
     }
@@ -591,6 +656,56 @@ mod tests {
         let back = decode_dead_letter(&3u64.to_be_bytes(), &encode_dead_letter(&letter)).unwrap();
         assert_eq!(back, letter);
         assert!(decode_entry(&[0; 8], &[0; 10]).is_err());
+    }
+
+    #[test]
+    fn concurrent_disk_appends_are_group_committed_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = QueueConfig {
+            max_items: 10_000,
+            max_bytes: 1 << 20,
+            storage: Storage::Disk {
+                path: dir.path().to_path_buf(),
+                sync: true,
+            },
+        };
+        let queue = Queue::open(&config).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        std::thread::scope(|scope| {
+            for t in 0..8u32 {
+                let queue = &queue;
+                let rt = &rt;
+                scope.spawn(move || {
+                    for i in 0..40u32 {
+                        let items = vec![item(t * 1000 + i, 3), item(t * 1000 + i, 4)];
+                        rt.block_on(queue.reserve(2, items_size(&items), false))
+                            .unwrap();
+                        queue.append(items, None).unwrap();
+                    }
+                });
+            }
+        });
+        drop(queue);
+        let queue = Queue::open(&config).unwrap();
+        let entries = queue.peek(usize::MAX, usize::MAX).unwrap().entries;
+        assert_eq!(entries.len(), 8 * 40 * 2);
+        let seqs: Vec<u64> = entries.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (0..640).collect::<Vec<u64>>());
+        // Each append's two items are adjacent; each thread's appends in order.
+        let mut last = std::collections::HashMap::new();
+        for pair in entries.chunks(2) {
+            assert_eq!(pair[0].item.key, pair[1].item.key);
+            assert_eq!((pair[0].item.data.len(), pair[1].item.data.len()), (3, 4));
+            let n: u32 = std::str::from_utf8(&pair[0].item.key)
+                .unwrap()
+                .parse()
+                .unwrap();
+            if let Some(previous) = last.insert(n / 1000, n) {
+                assert!(previous < n);
+            }
+        }
     }
 
     #[derive(Debug, Clone)]

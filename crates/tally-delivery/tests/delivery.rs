@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use support::{Fault, Lines, Receiver, closed_port_url, item};
 use tally_delivery::{
     Answer, BatchOutcome, BatchResult, EncodeError, Encoder, EnqueueError, HttpRequest, Item,
-    Registry, Secret, Sink, SinkBuilder, SinkConfig, Storage, Verdict,
+    Registry, Sink, SinkBuilder, SinkConfig, Storage, Verdict,
 };
 
 const LIMIT: Duration = Duration::from_secs(20);
@@ -524,65 +524,4 @@ async fn a_sink_classifies_partial_success_and_its_own_retryable_set() {
     assert_eq!(sink.metrics().sent(), 3);
     assert_eq!(sink.metrics().dropped("rejected_by_receiver"), 2);
     assert_eq!(sink.metrics().retries(), 1, "500 was retried");
-}
-
-/// Sends an API key in a header.
-struct WithKey(Lines, Secret);
-
-impl Encoder for WithKey {
-    fn encode(&self, items: &[Item]) -> Result<HttpRequest, EncodeError> {
-        self.0
-            .encode(items)?
-            .secret_header("x-api-key".parse().unwrap(), &self.1)
-    }
-}
-
-#[tokio::test]
-async fn secrets_stay_out_of_logs_errors_and_dead_letters() {
-    let logs = Arc::new(Mutex::new(Vec::<u8>::new()));
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || LogWriter(writer.clone()))
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
-
-    let receiver = Receiver::start().await;
-    receiver.push_faults([
-        Fault::status(503),
-        Fault::Hang(Duration::from_secs(2)),
-        Fault::with_body(401, "unauthorized"),
-    ]);
-    let key = "sk-live-very-secret";
-    let sink = Sink::builder(
-        quick("secret"),
-        WithKey(Lines::new(receiver.url()), Secret::new(key)),
-    )
-    .start()
-    .unwrap();
-    sink.enqueue(item(0, 5)).await.unwrap();
-    let letters = format!("{:?}", wait_for_dead_letters(&sink).await);
-    sink.shutdown(Duration::from_secs(1)).await;
-    let logs = String::from_utf8(logs.lock().unwrap().clone()).unwrap();
-    assert!(
-        logs.contains("retrying"),
-        "the failures were logged:\n{logs}"
-    );
-    assert!(!logs.contains(key), "{logs}");
-    assert!(!letters.contains(key), "{letters}");
-    assert!(!format!("{sink:?}").contains(key));
-}
-
-struct LogWriter(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for LogWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
