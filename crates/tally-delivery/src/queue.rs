@@ -136,6 +136,8 @@ struct State {
     bytes: u64,
     /// Sequence number of the first item still queued.
     head: u64,
+    /// Enqueue time of the item at `head`, once read (disk queues).
+    head_enqueued_ms: Option<u64>,
     next_seq: u64,
     closed: bool,
     memory: VecDeque<Entry>,
@@ -523,19 +525,31 @@ impl Queue {
 
     /// The enqueue time of the oldest queued item.
     pub fn oldest_ms(&self) -> Result<Option<u64>, QueueError> {
-        match &self.disk {
-            None => Ok(lock(&self.state).memory.front().map(|e| e.enqueued_ms)),
-            Some(disk) => {
-                let head = lock(&self.state).head;
-                match disk.queue.range(head.to_be_bytes()..).next() {
-                    None => Ok(None),
-                    Some(guard) => {
-                        let (key, value) = guard.into_inner()?;
-                        Ok(Some(decode_entry(&key, &value)?.enqueued_ms))
-                    }
-                }
+        let (head, cached) = {
+            let state = lock(&self.state);
+            match &self.disk {
+                None => return Ok(state.memory.front().map(|e| e.enqueued_ms)),
+                Some(_) => (state.head, state.head_enqueued_ms),
             }
+        };
+        if cached.is_some() {
+            return Ok(cached);
         }
+        let Some(disk) = &self.disk else {
+            return Ok(None);
+        };
+        let Some(guard) = disk.queue.range(head.to_be_bytes()..).next() else {
+            return Ok(None);
+        };
+        let (key, value) = guard.into_inner()?;
+        let entry = decode_entry(&key, &value)?;
+        let mut state = lock(&self.state);
+        // Cache it unless a take moved the head meanwhile.
+        if state.head == head {
+            state.head = entry.seq;
+            state.head_enqueued_ms = Some(entry.enqueued_ms);
+        }
+        Ok(Some(entry.enqueued_ms))
     }
 
     /// Takes `entries` (a prefix of the queue, as peeked) out of the queue; if
@@ -579,6 +593,7 @@ impl Queue {
             }
         }
         state.head = last.seq + 1;
+        state.head_enqueued_ms = None;
         state.items -= count;
         state.bytes -= bytes;
         drop(state);
@@ -837,6 +852,10 @@ mod tests {
                 }
             }
             let (items, bytes) = queue.depth();
+            prop_assert_eq!(
+                queue.oldest_ms().unwrap().is_some(),
+                !model.queue.is_empty()
+            );
             prop_assert_eq!(items, model.queue.len() as u64);
             prop_assert_eq!(bytes, items_size(model.queue.make_contiguous()));
             let dead: Vec<Vec<Item>> = queue

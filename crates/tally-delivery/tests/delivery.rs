@@ -336,6 +336,30 @@ async fn out_of_attempts_dead_letters_and_delete_removes() {
 }
 
 #[tokio::test]
+async fn out_of_time_dead_letters_after_max_elapsed() {
+    let receiver = Receiver::start().await;
+    receiver.set_always(Some(Fault::retry_after(503, "1")));
+    let mut config = quick("elapsed");
+    config.retry.max_elapsed = Some(Duration::from_millis(2500));
+    let sink = Sink::builder(config, Lines::new(receiver.url()))
+        .start()
+        .unwrap();
+    let start = Instant::now();
+    sink.enqueue(item(0, 5)).await.unwrap();
+    let letters = wait_for_dead_letters(&sink).await;
+    // Attempts at 0 s, 1 s and 2 s; a third wait would pass 2.5 s.
+    assert_eq!(
+        (letters[0].reason.as_str(), letters[0].attempts),
+        ("out of time", 3)
+    );
+    assert!(
+        start.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test]
 async fn a_dead_sink_does_not_slow_a_healthy_one() {
     let healthy = Receiver::start().await;
     let hanging = Receiver::start().await;
