@@ -31,6 +31,12 @@ pub enum StartError {
         /// The failure.
         source: QueueError,
     },
+    /// `start` was called outside a Tokio runtime.
+    #[error("sink {sink} must be started inside a Tokio runtime")]
+    NoRuntime {
+        /// The sink's id.
+        sink: String,
+    },
     /// The default HTTP client could not be built.
     #[error("building the HTTP client of sink {sink}: {source}")]
     Client {
@@ -114,6 +120,8 @@ impl<E: Encoder> SinkBuilder<E> {
     /// sink's task on the current Tokio runtime.
     pub fn start(self) -> Result<Sink, StartError> {
         let id = self.config.id.clone();
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| StartError::NoRuntime { sink: id.clone() })?;
         let queue = Queue::open(&self.config.queue).map_err(|source| StartError::Queue {
             sink: id.clone(),
             source,
@@ -142,7 +150,7 @@ impl<E: Encoder> SinkBuilder<E> {
             shutdown: shutdown_rx,
             draining: false,
         };
-        let task = tokio::spawn(driver.run());
+        let task = runtime.spawn(driver.run());
         Ok(Sink {
             id,
             queue,

@@ -549,3 +549,15 @@ async fn a_sink_classifies_partial_success_and_its_own_retryable_set() {
     assert_eq!(sink.metrics().dropped("rejected_by_receiver"), 2);
     assert_eq!(sink.metrics().retries(), 1, "500 was retried");
 }
+
+#[test]
+fn starting_outside_a_runtime_is_an_error() {
+    let url = closed_port_url();
+    let err = Sink::builder(SinkConfig::new("no-runtime"), Lines::new(url))
+        .start()
+        .unwrap_err();
+    assert!(
+        matches!(err, tally_delivery::StartError::NoRuntime { .. }),
+        "{err}"
+    );
+}
