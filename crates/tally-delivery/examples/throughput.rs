@@ -8,12 +8,14 @@
 //! receiver that parses every line and dedupes by key; the figure is items
 //! per second from the first enqueue to the last item received. Then 200 000
 //! items are queued for a receiver that never answers, and the growth of the
-//! process's resident memory is divided by the item count.
+//! heap (counted by a wrapping global allocator) is divided by the item count.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use support::{Fault, Lines, Receiver};
@@ -80,13 +82,39 @@ async fn throughput(name: &str, storage: Storage, items: usize, chunk: usize) {
     sink.shutdown(Duration::from_secs(5)).await;
 }
 
-fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
+/// The system allocator, counting the bytes in use.
+struct Counting;
+
+static HEAP_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is forwarded to `System` unchanged; only a counter is
+// updated besides.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        HEAP_BYTES.fetch_add(layout.size(), Ordering::Relaxed);
+        // SAFETY: the caller upholds `alloc`'s contract.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        HEAP_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: the caller upholds `dealloc`'s contract.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        HEAP_BYTES.fetch_add(new_size, Ordering::Relaxed);
+        HEAP_BYTES.fetch_sub(layout.size(), Ordering::Relaxed);
+        // SAFETY: the caller upholds `realloc`'s contract.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+fn heap_bytes() -> usize {
+    HEAP_BYTES.load(Ordering::Relaxed)
 }
 
 async fn memory_per_item(name: &str, storage: Storage) {
@@ -103,12 +131,12 @@ async fn memory_per_item(name: &str, storage: Storage) {
         .await
         .expect("enqueue");
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let before = rss_bytes();
+    let before = heap_bytes();
     produce(&sink, items, 100).await;
-    let after = rss_bytes();
+    let after = heap_bytes();
     let per_item = after.saturating_sub(before) as f64 / items as f64;
     println!(
-        "{name:<34} {items:>8} items queued: {per_item:>7.0} bytes of RSS per item ({} of them key + data)",
+        "{name:<34} {items:>8} items queued: {per_item:>7.0} bytes of heap per item ({} of them key + data)",
         DATA_BYTES + 7
     );
     sink.shutdown(Duration::from_millis(10)).await;

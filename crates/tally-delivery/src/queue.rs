@@ -23,6 +23,9 @@ use tokio::sync::Notify;
 
 use crate::{Item, QueueConfig, Storage};
 
+/// Memtable size of a disk queue's keyspace.
+const QUEUE_MEMTABLE_BYTES: u64 = 8 << 20;
+
 /// A queue storage failure.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -304,7 +307,10 @@ impl Queue {
             Storage::Memory => None,
             Storage::Disk { path, sync } => {
                 let db = Database::builder(path).open()?;
-                let queue = db.keyspace("queue", KeyspaceCreateOptions::default)?;
+                // A small memtable: a long disk queue lives on disk, not in memory.
+                let queue = db.keyspace("queue", || {
+                    KeyspaceCreateOptions::default().max_memtable_size(QUEUE_MEMTABLE_BYTES)
+                })?;
                 let dead = db.keyspace("dead", KeyspaceCreateOptions::default)?;
                 let mut first = None;
                 for guard in queue.iter() {
