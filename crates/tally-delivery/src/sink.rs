@@ -612,6 +612,7 @@ impl<E: Encoder> Driver<E> {
             tokio::time::sleep(Duration::from_secs(1)).await;
             return;
         }
+        tracing::debug!(sink = %self.config.id, items = count, rejected, "batch delivered");
         self.metrics.add_sent(count - rejected);
         if rejected > 0 {
             self.metrics.add_dropped("rejected_by_receiver", rejected);

@@ -22,9 +22,10 @@ use tokio::io::AsyncBufReadExt as _;
 const DIR_VAR: &str = "TALLY_DELIVERY_CRASH_DIR";
 const URL_VAR: &str = "TALLY_DELIVERY_CRASH_URL";
 const RANGE_VAR: &str = "TALLY_DELIVERY_CRASH_RANGE";
+const SYNC_VAR: &str = "TALLY_DELIVERY_CRASH_SYNC";
 const TOTAL: usize = 3000;
 
-fn config(dir: &str) -> SinkConfig {
+fn config(dir: &str, sync: bool) -> SinkConfig {
     let mut config = SinkConfig::new("crash");
     config.batch.max_items = 50;
     config.batch.timeout = Duration::from_millis(20);
@@ -33,7 +34,7 @@ fn config(dir: &str) -> SinkConfig {
     config.retry.max_attempts = u32::MAX;
     config.queue.storage = Storage::Disk {
         path: dir.into(),
-        sync: true,
+        sync,
     };
     config
 }
@@ -50,7 +51,8 @@ async fn crash_child() {
     let (start, end): (usize, usize) = (start.parse().unwrap(), end.parse().unwrap());
     // The harness has printed `test crash_child ... ` without a newline.
     println!();
-    let sink = Sink::builder(config(&dir), Lines::new(url))
+    let sync = std::env::var(SYNC_VAR).unwrap() == "1";
+    let sink = Sink::builder(config(&dir, sync), Lines::new(url))
         .start()
         .unwrap();
     let mut next = start;
@@ -73,6 +75,7 @@ async fn crash_child() {
 /// Runs one child over `range`; kills it after `kill_after` unless `None`.
 /// Returns the acknowledged indexes and whether it said `drained`.
 async fn run_child(
+    sync: bool,
     dir: &str,
     url: &str,
     range: std::ops::Range<usize>,
@@ -83,6 +86,7 @@ async fn run_child(
         .env(DIR_VAR, dir)
         .env(URL_VAR, url)
         .env(RANGE_VAR, format!("{}..{}", range.start, range.end))
+        .env(SYNC_VAR, if sync { "1" } else { "0" })
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -122,11 +126,18 @@ async fn run_child(
     (acked, lines.iter().any(|l| l == "drained"))
 }
 
+/// With fsync, and without (the write reaches the OS before `enqueue`
+/// returns, which is enough for kill -9).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acknowledged_item_survives_kill_9() {
     if std::env::var(DIR_VAR).is_ok() {
         return;
     }
+    survives_kill_9(true).await;
+    survives_kill_9(false).await;
+}
+
+async fn survives_kill_9(sync: bool) {
     let receiver = Receiver::start().await;
     receiver.fail_every(5);
     // A slow receiver, so a backlog is queued when the child is killed.
@@ -141,13 +152,13 @@ async fn every_acknowledged_item_survives_kill_9() {
     let kills = 6;
     for _ in 0..kills {
         let kill_after = Duration::from_millis(150 + fastrand::u64(0..350));
-        let (got, _) = run_child(&dir, &url, next..TOTAL, Some(kill_after)).await;
+        let (got, _) = run_child(sync, &dir, &url, next..TOTAL, Some(kill_after)).await;
         // Items past the last acknowledged one may or may not be on disk; they
         // are enqueued again, and the receiver dedupes them.
         next = got.iter().max().map_or(next, |&i| i + 1);
         acked.extend(got);
     }
-    let (_, drained) = run_child(&dir, &url, TOTAL..TOTAL, None).await;
+    let (_, drained) = run_child(sync, &dir, &url, TOTAL..TOTAL, None).await;
     assert!(drained);
     assert!(!acked.is_empty());
 
@@ -164,7 +175,7 @@ async fn every_acknowledged_item_survives_kill_9() {
     );
     assert!(receiver.raw_items() >= acked.len() as u64);
     eprintln!(
-        "{kills} kills, {} acknowledged, {} received ({} raw)",
+        "sync {sync}: {kills} kills, {} acknowledged, {} received ({} raw)",
         acked.len(),
         received.len(),
         receiver.raw_items()
