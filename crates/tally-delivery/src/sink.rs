@@ -74,7 +74,8 @@ pub enum BatchResult {
     },
 }
 
-/// Called with every batch's outcome, on the sink's task: keep it quick.
+/// Called with every batch's outcome, on the sink's task: keep it quick. A
+/// panic in it is caught, logged and counted (`errors_total{stage="outcome_hook"}`).
 pub type OutcomeHook = Arc<dyn Fn(&BatchOutcome) + Send + Sync>;
 
 /// What [`Sink::shutdown`] left behind.
@@ -593,10 +594,16 @@ impl<E: Encoder> Driver<E> {
 
     fn tell(&self, entries: &[Entry], result: BatchResult) {
         if let Some(hook) = &self.hook {
-            hook(&BatchOutcome {
+            let outcome = BatchOutcome {
                 keys: entries.iter().map(|e| e.item.key.clone()).collect(),
                 result,
-            });
+            };
+            let call = std::panic::AssertUnwindSafe(|| hook(&outcome));
+            if std::panic::catch_unwind(call).is_err() {
+                // The batch's fate is already durable; the sink goes on.
+                self.metrics.add_error("outcome_hook");
+                tracing::error!(sink = %self.config.id, "the outcome hook panicked");
+            }
         }
     }
 

@@ -561,3 +561,21 @@ fn starting_outside_a_runtime_is_an_error() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_panicking_outcome_hook_does_not_stop_the_sink() {
+    let receiver = Receiver::start().await;
+    let mut config = quick("hook-panic");
+    config.batch.max_items = 1;
+    let sink = Sink::builder(config, Lines::new(receiver.url()))
+        .on_outcome(|_| panic!("hook bug"))
+        .start()
+        .unwrap();
+    sink.enqueue_all((0..3).map(|i| item(i, 5)).collect())
+        .await
+        .unwrap();
+    receiver.wait_for_unique(3, LIMIT).await;
+    let report = sink.shutdown(Duration::from_secs(2)).await;
+    assert_eq!(report.left_in_queue, 0);
+    assert_eq!(sink.metrics().errors("outcome_hook"), 3);
+}
