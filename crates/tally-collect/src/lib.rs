@@ -1,0 +1,45 @@
+//! The edge agent's core: Envoy Gateway access logs in, gateway usage
+//! CloudEvents out, exactly once across restarts and retries.
+//!
+//! Pipeline: [`tail::FileTailer`] reads whole lines from rotating log files →
+//! [`aggregate::Aggregator`] parses ([`record`]), attributes to an HTTPRoute
+//! ([`route`]) and sums per (route, window) → closed amounts become
+//! CloudEvents with deterministic ids ([`event`]), enriched with gateway
+//! dimensions ([`enrich`]) → [`collector::Collector`] keeps them in a durable
+//! outbox until the shipper acknowledges them. [`generate`] writes realistic
+//! corpora with their exact expected totals.
+//!
+//! # Exactly-once invariant
+//! The collector's checkpoint — file positions, the aggregator state (open
+//! window sums, watermark, closing round, sub-second carries, open
+//! connections) — and every event emitted since the previous checkpoint are
+//! written in **one** fjall batch committed with `PersistMode::SyncAll`.
+//! Events are handed out for shipping only from that outbox. So after a
+//! crash the state on disk always matches the events on disk: the lines after
+//! the checkpoint are read again, the same rounds close the same windows,
+//! and the same event ids come out. Shipping is at-least-once; the ledger's
+//! dedupe by (`source`, `id`) makes it exactly once.
+//!
+//! # Never
+//! - Never drops a line silently: malformed and unattributable lines are
+//!   counted by reason with examples ([`record::LineDiagnostics`]).
+//! - Never hands out an event that is not durable, nor forgets one that was
+//!   not acknowledged.
+//! - Never uses a randomised hash or the wall clock for anything that decides
+//!   an event id or a window.
+//! - Never performs HTTP; shipping is the delivery crate's job.
+
+pub mod aggregate;
+pub mod enrich;
+pub mod event;
+pub mod record;
+pub mod route;
+
+pub use aggregate::{
+    Aggregator, AggregatorState, ConnectionEvent, ConnectionRecord, Meter, Totals, WindowConfig,
+    WindowUsage,
+};
+pub use enrich::{EnrichError, EnrichmentIndex, RouteDimensions};
+pub use event::{AgentIdentity, event_id, usage_event};
+pub use record::{AccessRecord, LineDiagnostics, LineProblem, parse_access_line};
+pub use route::{RouteKey, RouteName, parse_route_name};
