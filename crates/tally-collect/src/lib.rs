@@ -32,6 +32,7 @@
 pub mod aggregate;
 pub mod enrich;
 pub mod event;
+pub mod generate;
 pub mod record;
 pub mod route;
 
@@ -41,5 +42,6 @@ pub use aggregate::{
 };
 pub use enrich::{EnrichError, EnrichmentIndex, RouteDimensions};
 pub use event::{AgentIdentity, event_id, usage_event};
+pub use generate::{CorpusConfig, CorpusGenerator, ExpectedTotals, write_corpus};
 pub use record::{AccessRecord, LineDiagnostics, LineProblem, parse_access_line};
 pub use route::{RouteKey, RouteName, parse_route_name};
