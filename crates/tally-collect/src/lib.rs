@@ -35,6 +35,7 @@ pub mod event;
 pub mod generate;
 pub mod record;
 pub mod route;
+pub mod tail;
 
 pub use aggregate::{
     Aggregator, AggregatorState, ConnectionEvent, ConnectionRecord, Meter, Totals, WindowConfig,
