@@ -30,6 +30,7 @@
 //! - Never performs HTTP; shipping is the delivery crate's job.
 
 pub mod aggregate;
+pub mod collector;
 pub mod enrich;
 pub mod event;
 pub mod generate;
@@ -41,6 +42,7 @@ pub use aggregate::{
     Aggregator, AggregatorState, ConnectionEvent, ConnectionRecord, Meter, Totals, WindowConfig,
     WindowUsage,
 };
+pub use collector::{CollectError, Collector, CollectorConfig, PollReport};
 pub use enrich::{EnrichError, EnrichmentIndex, RouteDimensions};
 pub use event::{AgentIdentity, event_id, usage_event};
 pub use generate::{CorpusConfig, CorpusGenerator, ExpectedTotals, write_corpus};
