@@ -34,7 +34,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 
 use crate::record::{
-    AccessRecord, LineDiagnostics, LineProblem, parse_access_line, parse_start_time,
+    AccessRecord, LineDiagnostics, LineProblem, StartTimeParser, parse_access_line,
 };
 use crate::route::{RouteKey, parse_route_name};
 
@@ -171,6 +171,7 @@ pub struct Aggregator {
     /// `route_name` + `\0` + `project_name` → route (None: unattributable).
     route_cache: HashMap<Box<str>, Option<RouteId>>,
     cache_key: String,
+    start_times: StartTimeParser,
     open: BTreeMap<i64, HashMap<RouteId, Totals>>,
     watermark: Option<i64>,
     /// Windows with an index below this have been closed at least once.
@@ -204,6 +205,7 @@ impl Aggregator {
             route_ids: HashMap::new(),
             route_cache: HashMap::new(),
             cache_key: String::new(),
+            start_times: StartTimeParser::default(),
             open: BTreeMap::new(),
             watermark: None,
             closed_below: i64::MIN,
@@ -238,7 +240,7 @@ impl Aggregator {
         record: &AccessRecord<'_>,
         out: &mut Vec<WindowUsage>,
     ) -> Result<(), LineProblem> {
-        let at = parse_start_time(record.start_time.as_deref())?;
+        let at = self.start_times.parse(record.start_time.as_deref())?;
         let route = self.attribute(record)?;
         let totals = self.bucket(route, at);
         totals.requests += 1;

@@ -249,15 +249,17 @@ impl FileTailer {
                 break;
             }
             read_at(&tailed.file, from, end, &mut self.buffer).map_err(io)?;
-            let Some(last_newline) = self.buffer.iter().rposition(|b| *b == b'\n') else {
+            let Some(last_newline) = memchr::memrchr(b'\n', &self.buffer) else {
                 if end == len {
                     break; // a partial last line: wait for its newline
                 }
                 chunk = chunk.saturating_mul(2); // a line longer than the chunk
                 continue;
             };
-            for line in self.buffer[..last_newline].split(|b| *b == b'\n') {
-                on_line(line);
+            let mut line_start = 0;
+            for newline in memchr::memchr_iter(b'\n', &self.buffer[..=last_newline]) {
+                on_line(&self.buffer[line_start..newline]);
+                line_start = newline + 1;
                 *lines += 1;
             }
             consumed += last_newline as u64 + 1;
