@@ -352,30 +352,51 @@ impl Aggregator {
         self.watermark
     }
 
-    /// A serialisable copy of the whole state.
+    /// A serialisable copy of the whole state. Routes that nothing refers
+    /// to any more (no open bucket, no carried milliseconds, no open
+    /// connection) are left out, so the checkpoint does not grow with route
+    /// churn.
     pub fn state(&self) -> AggregatorState {
-        let mut carry_millis: Vec<_> = self.carry_millis.iter().map(|(r, c)| (*r, *c)).collect();
-        carry_millis.sort_unstable();
-        let mut periodic: Vec<_> = self.periodic.iter().map(|(c, d)| (c.clone(), *d)).collect();
-        periodic.sort_unstable();
+        let mut kept = HashMap::new();
+        let mut routes = Vec::new();
+        let mut keep = |id: RouteId| -> RouteId {
+            *kept.entry(id).or_insert_with(|| {
+                routes.push(self.routes[id as usize].clone());
+                (routes.len() - 1) as RouteId
+            })
+        };
         let mut open = Vec::new();
         for (window, buckets) in &self.open {
             let mut ids: Vec<_> = buckets.keys().copied().collect();
             ids.sort_unstable();
-            open.extend(ids.into_iter().map(|id| (*window, id, buckets[&id])));
+            open.extend(ids.into_iter().map(|id| (*window, keep(id), buckets[&id])));
         }
+        let mut carry_millis: Vec<_> = self
+            .carry_millis
+            .iter()
+            .filter(|(_, c)| **c > 0)
+            .map(|(r, c)| (*r, *c))
+            .collect();
+        carry_millis.sort_unstable();
+        let carry_millis = carry_millis
+            .into_iter()
+            .map(|(r, c)| (keep(r), c))
+            .collect();
+        let lifecycle = self
+            .lifecycle
+            .iter()
+            .map(|(id, c)| (id.clone(), keep(c.route), c.accounted_until))
+            .collect();
+        let mut periodic: Vec<_> = self.periodic.iter().map(|(c, d)| (c.clone(), *d)).collect();
+        periodic.sort_unstable();
         AggregatorState {
-            routes: self.routes.clone(),
+            routes,
             open,
             watermark: self.watermark,
             closed_below: self.closed_below,
             round: self.round,
             carry_millis,
-            lifecycle: self
-                .lifecycle
-                .iter()
-                .map(|(id, c)| (id.clone(), c.route, c.accounted_until))
-                .collect(),
+            lifecycle,
             periodic,
             diagnostics: self.diagnostics.clone(),
         }
@@ -735,5 +756,22 @@ mod tests {
             serde_json::from_str(&json).unwrap(),
         );
         assert_eq!(back.state(), state);
+    }
+
+    #[test]
+    fn checkpoint_leaves_out_routes_nothing_refers_to() {
+        let mut agg = Aggregator::new(WindowConfig::default());
+        let mut out = Vec::new();
+        let other = "httproute/ns/other/rule/0";
+        agg.push_line(&line("2024-05-01T12:00:10Z", R, 5, 1000), &mut out);
+        agg.push_line(&line("2024-05-01T12:00:10Z", other, 5, 1500), &mut out);
+        agg.flush(&mut out);
+        agg.push_line(&line("2024-05-01T12:05:10Z", R, 5, 0), &mut out);
+        let state = agg.state();
+        // `api` has an open bucket, `other` carries 500 ms.
+        assert_eq!(state.routes.len(), 2);
+        agg.push_line(&line("2024-05-01T12:05:10Z", other, 0, 500), &mut out);
+        agg.flush(&mut out);
+        assert_eq!(agg.state().routes.len(), 0);
     }
 }

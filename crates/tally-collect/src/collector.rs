@@ -31,6 +31,25 @@ pub struct CollectorConfig {
     pub window: WindowConfig,
     /// About how many bytes one [`Collector::poll`] reads.
     pub max_read_bytes: usize,
+    /// Commit a checkpoint after this many lines even when no window
+    /// closed (commits also happen whenever events are emitted). Fewer
+    /// commits mean more lines read again after a crash, never a wrong count.
+    pub checkpoint_every_lines: u64,
+}
+
+impl CollectorConfig {
+    /// One-minute windows and lateness, 1 MiB reads, a checkpoint at least
+    /// every 100,000 lines.
+    pub fn new(log_path: PathBuf, state_dir: PathBuf, agent: AgentIdentity) -> Self {
+        CollectorConfig {
+            log_path,
+            state_dir,
+            agent,
+            window: WindowConfig::default(),
+            max_read_bytes: 1 << 20,
+            checkpoint_every_lines: 100_000,
+        }
+    }
 }
 
 /// Everything that must be consistent with the outbox, stored in the same
@@ -92,6 +111,7 @@ pub struct Collector {
     aggregator: Aggregator,
     enrichment: EnrichmentIndex,
     committed_files: TailCheckpoint,
+    uncommitted_lines: u64,
     poisoned: bool,
 }
 
@@ -144,6 +164,7 @@ impl Collector {
             aggregator,
             enrichment: EnrichmentIndex::default(),
             committed_files: files,
+            uncommitted_lines: 0,
             poisoned: false,
         })
     }
@@ -162,7 +183,9 @@ impl Collector {
         let lines = self.tailer.read_lines(self.config.max_read_bytes, |line| {
             aggregator.push_line(line, &mut closed)
         })?;
-        let events = self.commit(lines > 0, &closed)?;
+        self.uncommitted_lines += lines;
+        let due = self.uncommitted_lines >= self.config.checkpoint_every_lines;
+        let events = self.commit(due, &closed)?;
         Ok(PollReport { lines, events })
     }
 
@@ -209,6 +232,12 @@ impl Collector {
         self.aggregator.diagnostics()
     }
 
+    /// Checkpointed files that were gone when the collector opened: their
+    /// unread lines could not be counted.
+    pub fn lost_files(&self) -> &[crate::tail::FilePosition] {
+        self.tailer.lost_files()
+    }
+
     /// The state store's directory.
     pub fn state_dir(&self) -> &Path {
         &self.config.state_dir
@@ -230,9 +259,12 @@ impl Collector {
     }
 
     /// One atomic, fsync'd batch: the new events and the checkpoint.
-    fn commit(&mut self, read_any: bool, closed: &[WindowUsage]) -> Result<usize, CollectError> {
+    fn commit(&mut self, due: bool, closed: &[WindowUsage]) -> Result<usize, CollectError> {
+        if !due && closed.is_empty() {
+            return Ok(0);
+        }
         let files = self.tailer.checkpoint();
-        if !read_any && closed.is_empty() && files == self.committed_files {
+        if closed.is_empty() && self.uncommitted_lines == 0 && files == self.committed_files {
             return Ok(0);
         }
         // From here on the memory state is ahead of the disk until the
@@ -254,6 +286,7 @@ impl Collector {
         batch.commit().map_err(|e| self.store_error(e))?;
         self.poisoned = false;
         self.committed_files = files;
+        self.uncommitted_lines = 0;
         if !closed.is_empty() {
             tracing::debug!(
                 events = closed.len(),

@@ -3,9 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use tally_collect::{
-    AgentIdentity, Collector, CollectorConfig, CorpusConfig, WindowConfig, write_corpus,
-};
+use tally_collect::{AgentIdentity, Collector, CollectorConfig, CorpusConfig, write_corpus};
 use tally_model::Manifest;
 
 const MANIFESTS: &str = r#"
@@ -45,14 +43,16 @@ fn corpus_totals_reach_the_outbox_and_acknowledged_events_leave_it() {
     // cover rotation).
     let (expected, _) = write_corpus(corpus, &log_path, None).unwrap();
     let config = CollectorConfig {
-        log_path,
-        state_dir: dir.path().join("state"),
-        agent: AgentIdentity {
-            agent_id: "node-a".into(),
-            source: "tally-collect/node-a".into(),
-        },
-        window: WindowConfig::default(),
         max_read_bytes: 1 << 20,
+        checkpoint_every_lines: 5_000,
+        ..CollectorConfig::new(
+            log_path,
+            dir.path().join("state"),
+            AgentIdentity {
+                agent_id: "node-a".into(),
+                source: "tally-collect/node-a".into(),
+            },
+        )
     };
     let mut collector = Collector::open(config.clone()).unwrap();
     for manifest in Manifest::parse_documents(MANIFESTS).unwrap() {

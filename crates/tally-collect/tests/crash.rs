@@ -21,14 +21,16 @@ const DONE_MARKER: &str = "writer-done";
 
 fn config(dir: &Path) -> CollectorConfig {
     CollectorConfig {
-        log_path: dir.join("logs").join("access.log"),
-        state_dir: dir.join("state"),
-        agent: AgentIdentity {
-            agent_id: "node-a".into(),
-            source: "tally-collect/node-a".into(),
-        },
-        window: WindowConfig::default(),
         max_read_bytes: 64 * 1024,
+        checkpoint_every_lines: 5_000,
+        ..CollectorConfig::new(
+            dir.join("logs").join("access.log"),
+            dir.join("state"),
+            AgentIdentity {
+                agent_id: "node-a".into(),
+                source: "tally-collect/node-a".into(),
+            },
+        )
     }
 }
 
