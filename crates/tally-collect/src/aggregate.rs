@@ -41,13 +41,18 @@ use crate::route::{RouteKey, parse_route_name};
 /// The four gateway meters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Meter {
+    /// `{request}`: request records.
     Requests,
+    /// `By`: wire bytes received if logged, else body bytes received.
     IngressBytes,
+    /// `By`: wire bytes sent if logged, else body bytes sent.
     EgressBytes,
+    /// `s`: see the module documentation.
     ConnectionSeconds,
 }
 
 impl Meter {
+    /// Every meter, in a fixed order.
     pub const ALL: [Meter; 4] = [
         Meter::Requests,
         Meter::IngressBytes,
@@ -78,9 +83,13 @@ impl Meter {
 /// Exact usage sums. Connection time is kept in milliseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Totals {
+    /// Request records.
     pub requests: u64,
+    /// Bytes received from clients.
     pub ingress_bytes: u128,
+    /// Bytes sent to clients.
     pub egress_bytes: u128,
+    /// Connection time in milliseconds (emitted as whole seconds).
     pub connection_millis: u128,
 }
 
@@ -97,7 +106,9 @@ impl Totals {
 /// Window size and allowed lateness, in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WindowConfig {
+    /// Window length; windows are aligned to the Unix epoch.
     pub window_millis: i64,
+    /// How far behind the largest event time a window stays open.
     pub allowed_lateness_millis: i64,
 }
 
@@ -114,8 +125,11 @@ impl Default for WindowConfig {
 /// One closed amount of one meter for one route and window.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WindowUsage {
+    /// The route and project it bills to.
     pub route: RouteKey,
+    /// Start of the window, Unix ms (the event's `time`).
     pub window_start_millis: i64,
+    /// Which of the four meters.
     pub meter: Meter,
     /// Exact amount: requests, bytes or whole seconds.
     pub value: u128,
@@ -128,7 +142,10 @@ pub struct WindowUsage {
 /// `access_log_flush_interval` / `TcpPeriodic` records).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConnectionRecord {
+    /// Envoy's `%CONNECTION_ID%` (or a stream id): records of one
+    /// connection share it.
     pub connection_id: String,
+    /// The route the connection belongs to.
     pub route: RouteKey,
     /// When the connection started, Unix ms.
     pub start_millis: i64,
@@ -141,13 +158,20 @@ pub struct ConnectionRecord {
 /// A connection lifecycle event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConnectionEvent {
+    /// A connection of `route` opened at `at_millis` (Unix ms).
     Opened {
+        /// Identifies the connection until it closes.
         connection_id: String,
+        /// The route the connection belongs to.
         route: RouteKey,
+        /// When it opened, Unix ms.
         at_millis: i64,
     },
+    /// The connection closed at `at_millis` (Unix ms).
     Closed {
+        /// As given when it opened.
         connection_id: String,
+        /// When it closed, Unix ms.
         at_millis: i64,
     },
 }
@@ -198,6 +222,7 @@ pub struct AggregatorState {
 }
 
 impl Aggregator {
+    /// An empty aggregator.
     pub fn new(config: WindowConfig) -> Self {
         Aggregator {
             config,

@@ -26,6 +26,7 @@ pub struct CollectorConfig {
     pub log_path: PathBuf,
     /// The directory of the state store.
     pub state_dir: PathBuf,
+    /// Source and agent id of the events.
     pub agent: AgentIdentity,
     /// Must not change while windows are open; checked on open.
     pub window: WindowConfig,
@@ -56,8 +57,11 @@ impl CollectorConfig {
 /// batch as the events it produced.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Checkpoint {
+    /// The window settings the state was built with.
     pub window: WindowConfig,
+    /// Where each tailed file stands.
     pub files: TailCheckpoint,
+    /// Open windows, watermark, round, carries, open connections.
     pub aggregator: AggregatorState,
 }
 
@@ -66,15 +70,19 @@ pub struct Checkpoint {
 /// durable checkpoint.
 #[derive(Debug, thiserror::Error)]
 pub enum CollectError {
+    /// The fjall store failed.
     #[error("state store in {path}: {source}")]
     Store { path: PathBuf, source: fjall::Error },
+    /// Reading the log failed; polling again may succeed.
     #[error(transparent)]
     Tail(#[from] TailError),
+    /// The stored checkpoint is not readable by this version.
     #[error("checkpoint in {path} cannot be read: {source}")]
     Checkpoint {
         path: PathBuf,
         source: serde_json::Error,
     },
+    /// The window settings differ from the checkpoint's.
     #[error(
         "window settings changed from {stored:?} to {configured:?} while windows are open; flush with the old settings first"
     )]
@@ -82,13 +90,16 @@ pub enum CollectError {
         stored: WindowConfig,
         configured: WindowConfig,
     },
+    /// An event or the checkpoint could not be encoded.
     #[error("encoding an event: {0}")]
     Encode(serde_json::Error),
+    /// An outbox entry is not a readable event.
     #[error("outbox entry {id} cannot be read: {source}")]
     Outbox {
         id: String,
         source: serde_json::Error,
     },
+    /// A commit failed earlier: memory is ahead of the disk.
     #[error("a previous commit failed; open the collector again")]
     Poisoned,
 }
@@ -96,6 +107,7 @@ pub enum CollectError {
 /// What one poll or flush did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PollReport {
+    /// Lines handed to the aggregator.
     pub lines: u64,
     /// Events made durable in the outbox.
     pub events: usize,

@@ -31,9 +31,13 @@ pub enum EnrichError {
 /// The dimensions known about one route; `None` where unknown.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RouteDimensions {
+    /// The region label of the Gateway, else of its GatewayClass.
     pub region: Option<String>,
+    /// The first Gateway `parentRef` of the route.
     pub gateway: Option<String>,
+    /// Its namespace (the route's unless the ref names one).
     pub gateway_namespace: Option<String>,
+    /// The Gateway's `spec.gatewayClassName`.
     pub gateway_class: Option<String>,
     /// The HTTPRoute's `metadata.uid`.
     pub route_uid: Option<String>,

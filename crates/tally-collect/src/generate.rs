@@ -23,9 +23,13 @@ const GIB: u64 = 1 << 30;
 /// Shape of a corpus. Every choice is drawn from a PRNG seeded by `seed`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CorpusConfig {
+    /// Same seed, same corpus.
     pub seed: u64,
+    /// Lines to write, all kinds included.
     pub lines: u64,
+    /// Distinct HTTPRoutes.
     pub routes: u32,
+    /// Distinct namespaces (one project each).
     pub projects: u32,
     /// Event time of the first line, Unix ms.
     pub start_millis: i64,
@@ -33,8 +37,11 @@ pub struct CorpusConfig {
     pub step_millis: i64,
     /// Per mille of lines whose start_time is up to `max_delay_millis` early.
     pub late_per_mille: u32,
+    /// How early a late line's start_time may be.
     pub max_delay_millis: i64,
+    /// Per mille of malformed lines.
     pub malformed_per_mille: u32,
+    /// Per mille of lines without an HTTPRoute.
     pub unattributable_per_mille: u32,
     /// Per mille of responses of 1–8 GiB.
     pub huge_per_mille: u32,
@@ -61,12 +68,15 @@ impl Default for CorpusConfig {
 /// What a correct collector must count for a corpus.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExpectedTotals {
+    /// Totals per HTTPRoute (and project).
     pub per_route: BTreeMap<RouteKey, Totals>,
+    /// Totals per project.
     pub per_project: BTreeMap<String, Totals>,
     /// Lines that are not valid records.
     pub malformed: u64,
     /// Valid records without an HTTPRoute.
     pub unattributable: u64,
+    /// Every line written.
     pub lines: u64,
 }
 
@@ -99,6 +109,7 @@ pub struct CorpusGenerator {
 }
 
 impl CorpusGenerator {
+    /// A generator of `config.lines` lines.
     pub fn new(config: CorpusConfig) -> Self {
         let mut rng = fastrand::Rng::with_seed(config.seed);
         let projects = config.projects.max(1);

@@ -9,9 +9,13 @@ use serde::{Deserialize, Serialize};
 /// `httproute/<namespace>/<name>/rule/<i>[/match/<j>/<host>]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RouteName<'a> {
+    /// The HTTPRoute's namespace.
     pub namespace: &'a str,
+    /// The HTTPRoute's name.
     pub name: &'a str,
+    /// Index of the rule in `spec.rules`.
     pub rule: u32,
+    /// Index of the match in the rule, when named.
     pub matched: Option<u32>,
     /// The hostname of the match; `*` (or `*.example.com`) for wildcards.
     pub host: Option<&'a str>,
@@ -54,8 +58,11 @@ fn non_empty(part: Option<&str>) -> Option<&str> {
 /// The project is the route's namespace unless the record names one.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct RouteKey {
+    /// The project billed (`subject` = `projects/<project>`).
     pub project: String,
+    /// The HTTPRoute's namespace.
     pub namespace: String,
+    /// The HTTPRoute's name.
     pub name: String,
 }
 
