@@ -17,10 +17,15 @@
 //! # Connection seconds
 //! - Request records: the request's `duration` (ms), in the window of its
 //!   `start_time` (a request is one use of a connection or stream).
-//! - [`ConnectionRecord`]s (periodic records of long-lived connections with a
-//!   cumulative duration): each record contributes only the time since the
-//!   previous record of the same connection, split across the windows it
-//!   spans.
+//! - Periodic records of long-lived streams and connections — log lines
+//!   with `access_log_type` `DownstreamPeriodic`/`DownstreamEnd` (keyed by
+//!   `x-request-id`) or `TcpPeriodic`/`TcpConnectionEnd` (keyed by
+//!   `connection_id`), or [`ConnectionRecord`]s — carry cumulative duration
+//!   and bytes since the stream's `start_time`: each contributes only what
+//!   was added since the previous record of the same stream (time split
+//!   across the windows it spans, bytes in the window of the record's time
+//!   `start_time + duration`), and the end record counts the request. Start
+//!   and upstream-side records add nothing and are counted as skipped.
 //! - [`ConnectionEvent`] open/close: an open connection is accounted up to the
 //!   closing boundary at every round, so a week-long WebSocket is billed
 //!   every window, not once at close.
@@ -34,7 +39,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 
 use crate::record::{
-    AccessRecord, LineDiagnostics, LineProblem, StartTimeParser, parse_access_line,
+    AccessRecord, LineDiagnostics, LineProblem, RecordKind, StartTimeParser, parse_access_line,
 };
 use crate::route::{RouteKey, parse_route_name};
 
@@ -151,6 +156,10 @@ pub struct ConnectionRecord {
     pub start_millis: i64,
     /// Time since the connection started, ms (cumulative).
     pub duration_millis: u64,
+    /// Bytes received since the connection started (cumulative).
+    pub ingress_bytes: u64,
+    /// Bytes sent since the connection started (cumulative).
+    pub egress_bytes: u64,
     /// The connection's last record (`TcpConnectionEnd`).
     pub last: bool,
 }
@@ -179,6 +188,22 @@ pub enum ConnectionEvent {
 type RouteId = u32;
 const ROUTE_CACHE_LIMIT: usize = 1 << 20;
 
+/// Cumulative counters of a stream at its last periodic record.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+struct Cumulative {
+    duration: u64,
+    ingress: u64,
+    egress: u64,
+}
+
+impl Cumulative {
+    fn covers(&self, earlier: &Cumulative) -> bool {
+        self.duration >= earlier.duration
+            && self.ingress >= earlier.ingress
+            && self.egress >= earlier.egress
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct OpenConnection {
     route: RouteId,
@@ -203,7 +228,7 @@ pub struct Aggregator {
     round: u64,
     carry_millis: HashMap<RouteId, u64>,
     lifecycle: BTreeMap<String, OpenConnection>,
-    periodic: HashMap<String, u64>,
+    periodic: HashMap<String, Cumulative>,
     diagnostics: LineDiagnostics,
 }
 
@@ -217,7 +242,7 @@ pub struct AggregatorState {
     round: u64,
     carry_millis: Vec<(RouteId, u64)>,
     lifecycle: Vec<(String, RouteId, i64)>,
-    periodic: Vec<(String, u64)>,
+    periodic: Vec<(String, Cumulative)>,
     diagnostics: LineDiagnostics,
 }
 
@@ -266,7 +291,28 @@ impl Aggregator {
         out: &mut Vec<WindowUsage>,
     ) -> Result<(), LineProblem> {
         let at = self.start_times.parse(record.start_time.as_deref())?;
+        let kind = record.kind();
+        if kind == RecordKind::NoUsage {
+            return Err(LineProblem::NoUsageRecord);
+        }
         let route = self.attribute(record)?;
+        if kind != RecordKind::Request {
+            let stream = match (record.access_log_type.as_deref(), &record.request_id) {
+                (Some(t), _) if t.starts_with("Tcp") => {
+                    record.connection_id.0.map(|c| format!("tcp:{c}"))
+                }
+                (_, Some(id)) if !id.is_empty() && id != "-" => Some(format!("req:{id}")),
+                _ => None,
+            };
+            let stream = stream.ok_or(LineProblem::MissingStreamId)?;
+            let now = Cumulative {
+                duration: record.duration.0.unwrap_or(0),
+                ingress: record.ingress_bytes(),
+                egress: record.egress_bytes(),
+            };
+            self.push_cumulative(route, &stream, at, now, kind == RecordKind::End, out);
+            return Ok(());
+        }
         let totals = self.bucket(route, at);
         totals.requests += 1;
         totals.ingress_bytes += u128::from(record.ingress_bytes());
@@ -283,30 +329,44 @@ impl Aggregator {
         out: &mut Vec<WindowUsage>,
     ) {
         let route = self.intern(&record.route);
-        let previous = self
-            .periodic
-            .get(&record.connection_id)
-            .copied()
-            .unwrap_or(0);
-        if record.last {
-            self.periodic.remove(&record.connection_id);
-        } else {
-            self.periodic.insert(
-                record.connection_id.clone(),
-                record.duration_millis.max(previous),
-            );
+        let now = Cumulative {
+            duration: record.duration_millis,
+            ingress: record.ingress_bytes,
+            egress: record.egress_bytes,
+        };
+        let stream = format!("conn:{}", record.connection_id);
+        self.push_cumulative(route, &stream, record.start_millis, now, record.last, out);
+    }
+
+    /// Adds what a stream's cumulative counters gained since its previous
+    /// record; the last record also counts the request.
+    fn push_cumulative(
+        &mut self,
+        route: RouteId,
+        stream: &str,
+        start: i64,
+        now: Cumulative,
+        last: bool,
+        out: &mut Vec<WindowUsage>,
+    ) {
+        let previous = self.periodic.get(stream).copied().unwrap_or_default();
+        if last {
+            self.periodic.remove(stream);
+        } else if now.covers(&previous) {
+            self.periodic.insert(stream.to_owned(), now);
         }
-        let end = record
-            .start_millis
-            .saturating_add(to_i64(record.duration_millis));
-        if record.duration_millis < previous {
-            self.diagnostics.record(
-                LineProblem::ConnectionOutOfOrder,
-                record.connection_id.as_bytes(),
-            );
+        let end = start.saturating_add(to_i64(now.duration));
+        if now.covers(&previous) {
+            self.add_interval(route, start.saturating_add(to_i64(previous.duration)), end);
+            let totals = self.bucket(route, end);
+            totals.ingress_bytes += u128::from(now.ingress - previous.ingress);
+            totals.egress_bytes += u128::from(now.egress - previous.egress);
         } else {
-            let from = record.start_millis.saturating_add(to_i64(previous));
-            self.add_interval(route, from, end);
+            self.diagnostics
+                .record(LineProblem::ConnectionOutOfOrder, stream.as_bytes());
+        }
+        if last {
+            self.bucket(route, end).requests += 1;
         }
         self.advance(end, out);
     }
@@ -749,24 +809,71 @@ mod tests {
                 route: key("tcp"),
                 start_millis: 0,
                 duration_millis: duration,
+                ingress_bytes: 0,
+                egress_bytes: 0,
                 last,
             };
             agg.push_connection_record(&record, &mut out);
         }
         agg.flush(&mut out);
         assert_eq!(sum(&out, Meter::ConnectionSeconds), 200);
+        assert_eq!(sum(&out, Meter::Requests), 1);
         assert_eq!(
             agg.diagnostics().counts[&LineProblem::ConnectionOutOfOrder],
             1
         );
         let per_window: Vec<_> = out
             .iter()
+            .filter(|u| u.meter == Meter::ConnectionSeconds)
             .map(|u| (u.window_start_millis, u.value))
             .collect();
         assert_eq!(
             per_window,
             [(0, 60), (60_000, 60), (120_000, 60), (180_000, 20)]
         );
+    }
+
+    #[test]
+    fn periodic_log_lines_add_only_what_their_stream_gained() {
+        let mut agg = Aggregator::new(WindowConfig::default());
+        let mut out = Vec::new();
+        let record = |kind: &str, id: &str, duration: u64, sent: u64| {
+            format!(
+                r#"{{"start_time":"2024-05-01T12:00:30Z","route_name":"{R}","access_log_type":"{kind}","x-request-id":"{id}","connection_id":"7","duration":{duration},"bytes_received":"5","bytes_sent":{sent}}}"#
+            )
+        };
+        for line in [
+            record("DownstreamStart", "ws1", 0, 0),
+            record("DownstreamPeriodic", "ws1", 60_000, 1_000),
+            record("DownstreamPeriodic", "ws1", 120_000, 3_000),
+            record("DownstreamEnd", "ws1", 150_000, 3_500),
+            record("DownstreamPeriodic", "", 1, 1),
+            record("TcpPeriodic", "", 10_000, 10),
+            record("TcpConnectionEnd", "", 20_000, 25),
+            record("UpstreamEnd", "ws1", 150_000, 3_500),
+        ] {
+            agg.push_line(line.as_bytes(), &mut out);
+        }
+        agg.flush(&mut out);
+        assert_eq!(
+            sum(&out, Meter::Requests),
+            2,
+            "one stream, one TCP connection"
+        );
+        assert_eq!(sum(&out, Meter::EgressBytes), 3_525);
+        assert_eq!(sum(&out, Meter::IngressBytes), 10);
+        assert_eq!(sum(&out, Meter::ConnectionSeconds), 170);
+        let d = agg.diagnostics();
+        assert_eq!(d.counts[&LineProblem::MissingStreamId], 1);
+        assert_eq!(d.counts[&LineProblem::NoUsageRecord], 2);
+        assert_eq!((d.malformed(), d.skipped()), (1, 2));
+        let egress: Vec<_> = out
+            .iter()
+            .filter(|u| u.meter == Meter::EgressBytes && u.route.name == "api")
+            .map(|u| (u.window_start_millis % 3_600_000 / 60_000, u.value))
+            .collect();
+        // The TCP records are late for minute 0, so it closes after minute 1.
+        assert_eq!(egress, [(1, 1_000), (0, 25), (2, 2_000), (3, 500)]);
     }
 
     #[test]

@@ -66,6 +66,42 @@ pub struct AccessRecord<'a> {
     pub upstream_host: Option<Cow<'a, str>>,
     #[serde(borrow, default, deserialize_with = "text")]
     pub project_name: Option<Cow<'a, str>>,
+    /// `%ACCESS_LOG_TYPE%`: absent or `NotSet` for plain per-request logs;
+    /// `DownstreamPeriodic`/`DownstreamEnd` (and `TcpPeriodic`/
+    /// `TcpConnectionEnd`) for long-lived streams logged periodically, whose
+    /// byte counts and duration are cumulative since the stream started.
+    #[serde(borrow, default, deserialize_with = "text")]
+    pub access_log_type: Option<Cow<'a, str>>,
+    /// `%CONNECTION_ID%`: identifies a TCP connection's periodic records.
+    #[serde(default)]
+    pub connection_id: Number,
+}
+
+/// What kind of record a line is, from `access_log_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordKind {
+    /// A whole request (no `access_log_type`, `NotSet`).
+    Request,
+    /// A periodic record of a long-lived stream or connection.
+    Periodic,
+    /// The last record of a long-lived stream or connection.
+    End,
+    /// A start or upstream-side record: no downstream usage of its own.
+    NoUsage,
+}
+
+impl AccessRecord<'_> {
+    /// The kind of record; `DownstreamEnd` of a stream never logged
+    /// periodically is still a whole request with cumulative counters, so
+    /// treating it as `End` gives the same sums.
+    pub fn kind(&self) -> RecordKind {
+        match self.access_log_type.as_deref() {
+            None | Some("" | "-" | "NotSet") => RecordKind::Request,
+            Some("DownstreamPeriodic" | "TcpPeriodic") => RecordKind::Periodic,
+            Some("DownstreamEnd" | "TcpConnectionEnd") => RecordKind::End,
+            Some(_) => RecordKind::NoUsage,
+        }
+    }
 }
 
 impl AccessRecord<'_> {
@@ -212,6 +248,12 @@ pub enum LineProblem {
     ConnectionUnknown,
     /// A periodic connection record older than one already seen.
     ConnectionOutOfOrder,
+    /// A periodic or end record without `x-request-id` (streams) or
+    /// `connection_id` (TCP) to tell its stream.
+    MissingStreamId,
+    /// A start or upstream-side record (`DownstreamStart`,
+    /// `UpstreamPeriodic`, ...): no downstream usage of its own.
+    NoUsageRecord,
 }
 
 impl LineProblem {
@@ -224,15 +266,27 @@ impl LineProblem {
             LineProblem::UnknownRouteName => "unknown_route_name",
             LineProblem::ConnectionUnknown => "connection_unknown",
             LineProblem::ConnectionOutOfOrder => "connection_out_of_order",
+            LineProblem::MissingStreamId => "missing_stream_id",
+            LineProblem::NoUsageRecord => "no_usage_record",
         }
     }
 
-    /// Unattributable: well-formed lines that name no HTTPRoute. The other
-    /// problems are malformed input.
+    /// Well-formed lines that name no HTTPRoute.
     pub fn is_unattributable(self) -> bool {
         matches!(
             self,
             LineProblem::MissingRouteName | LineProblem::UnknownRouteName
+        )
+    }
+
+    /// Broken input.
+    pub fn is_malformed(self) -> bool {
+        matches!(
+            self,
+            LineProblem::InvalidJson
+                | LineProblem::MissingStartTime
+                | LineProblem::InvalidStartTime
+                | LineProblem::MissingStreamId
         )
     }
 }
@@ -322,12 +376,18 @@ impl LineDiagnostics {
 
     /// Lines that were not valid access-log records.
     pub fn malformed(&self) -> u64 {
-        self.sum(|p| !p.is_unattributable())
+        self.sum(LineProblem::is_malformed)
     }
 
     /// Valid records that name no HTTPRoute.
     pub fn unattributable(&self) -> u64 {
         self.sum(LineProblem::is_unattributable)
+    }
+
+    /// Valid inputs that add nothing: start and upstream records, unknown
+    /// connections, out-of-order periodic records.
+    pub fn skipped(&self) -> u64 {
+        self.sum(|p| !p.is_malformed() && !p.is_unattributable())
     }
 
     fn sum(&self, keep: impl Fn(LineProblem) -> bool) -> u64 {
