@@ -4,7 +4,9 @@
 //! Many routes and projects; HTTP/1.1, HTTP/2 and gRPC; 2xx–5xx; zero-byte
 //! and multi-GiB responses; numbers written as numbers or strings; `-` for
 //! absent values; wire-byte fields on some proxies; `project_name` stamped on
-//! some routes only; out-of-order lines; malformed and unattributable lines.
+//! some routes only; out-of-order lines; malformed and unattributable lines;
+//! long-lived WebSocket streams logged periodically (`DownstreamStart`,
+//! `DownstreamPeriodic`, `DownstreamEnd` with cumulative counters).
 //! The expected totals are computed from the generator's own choices, not by
 //! parsing what it wrote.
 
@@ -45,6 +47,11 @@ pub struct CorpusConfig {
     pub unattributable_per_mille: u32,
     /// Per mille of responses of 1–8 GiB.
     pub huge_per_mille: u32,
+    /// Per mille of lines that open a long-lived stream (a `DownstreamStart`
+    /// record followed by periodic records and an end record).
+    pub streams_per_mille: u32,
+    /// Lines between two records of one stream.
+    pub stream_flush_every: u64,
 }
 
 impl Default for CorpusConfig {
@@ -61,6 +68,8 @@ impl Default for CorpusConfig {
             malformed_per_mille: 5,
             unattributable_per_mille: 5,
             huge_per_mille: 1,
+            streams_per_mille: 2,
+            stream_flush_every: 500,
         }
     }
 }
@@ -76,6 +85,8 @@ pub struct ExpectedTotals {
     pub malformed: u64,
     /// Valid records without an HTTPRoute.
     pub unattributable: u64,
+    /// Start records, which carry no usage of their own.
+    pub skipped: u64,
     /// Every line written.
     pub lines: u64,
 }
@@ -106,6 +117,17 @@ pub struct CorpusGenerator {
     routes: Vec<RouteShape>,
     produced: u64,
     expected: ExpectedTotals,
+    streams: Vec<Stream>,
+}
+
+/// A long-lived stream and what its records have reported so far.
+struct Stream {
+    route: usize,
+    id: u64,
+    start_millis: i64,
+    reported: Totals,
+    records_left: u32,
+    next_line: u64,
 }
 
 impl CorpusGenerator {
@@ -148,6 +170,7 @@ impl CorpusGenerator {
             routes,
             produced: 0,
             expected: ExpectedTotals::default(),
+            streams: Vec::new(),
         }
     }
 
@@ -265,6 +288,85 @@ impl CorpusGenerator {
     }
 }
 
+fn rfc3339(millis: i64) -> String {
+    jiff::Timestamp::from_millisecond(millis)
+        .map(|t| t.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
+        .unwrap_or_default()
+}
+
+impl CorpusGenerator {
+    fn start_stream(&mut self, at_millis: i64, at: &str) -> String {
+        let route = self.rng.usize(0..self.routes.len());
+        let id = self.rng.u64(..);
+        let records_left = self.rng.u32(1..12);
+        self.streams.push(Stream {
+            route,
+            id,
+            start_millis: at_millis,
+            reported: Totals::default(),
+            records_left,
+            next_line: self.produced + self.config.stream_flush_every,
+        });
+        self.expected.skipped += 1;
+        self.stream_line("DownstreamStart", route, id, at, &Totals::default())
+    }
+
+    /// The next periodic (or last) record of a stream, at `at_millis`.
+    fn stream_record(&mut self, index: usize, at_millis: i64) -> String {
+        let flush_every = self.config.stream_flush_every;
+        let (ingress, egress) = (self.rng.u64(0..5_000), self.rng.u64(0..500_000));
+        let stream = &mut self.streams[index];
+        stream.records_left -= 1;
+        stream.next_line = self.produced + flush_every;
+        let last = stream.records_left == 0;
+        let duration = u64::try_from(at_millis - stream.start_millis)
+            .unwrap_or(0)
+            .max(stream.reported.connection_millis as u64);
+        let now = Totals {
+            requests: u64::from(last),
+            ingress_bytes: stream.reported.ingress_bytes + u128::from(ingress),
+            egress_bytes: stream.reported.egress_bytes + u128::from(egress),
+            connection_millis: u128::from(duration),
+        };
+        let gained = Totals {
+            requests: now.requests,
+            ingress_bytes: now.ingress_bytes - stream.reported.ingress_bytes,
+            egress_bytes: now.egress_bytes - stream.reported.egress_bytes,
+            connection_millis: now.connection_millis - stream.reported.connection_millis,
+        };
+        stream.reported = now;
+        let (route, id, start) = (stream.route, stream.id, rfc3339(stream.start_millis));
+        if last {
+            self.streams.swap_remove(index);
+        }
+        let key = self.routes[route].key.clone();
+        self.expected.add(&key, &gained);
+        let kind = if last {
+            "DownstreamEnd"
+        } else {
+            "DownstreamPeriodic"
+        };
+        self.stream_line(kind, route, id, &start, &now)
+    }
+
+    fn stream_line(&self, kind: &str, route: usize, id: u64, start: &str, t: &Totals) -> String {
+        let shape = &self.routes[route];
+        let project = if shape.stamps_project {
+            format!(r#""{}""#, shape.key.project)
+        } else {
+            r#""-""#.to_owned()
+        };
+        format!(
+            r#"{{"start_time":"{start}","method":"GET","path":"/ws","protocol":"HTTP/1.1","response_code":"101","access_log_type":"{kind}","bytes_received":"{}","bytes_sent":"{}","duration":"{}","x-request-id":"ws-{id:016x}","connection_id":{},"route_name":"{}","project_name":{project}}}"#,
+            t.ingress_bytes,
+            t.egress_bytes,
+            t.connection_millis,
+            id % 100_000,
+            shape.route_name
+        )
+    }
+}
+
 impl Iterator for CorpusGenerator {
     type Item = String;
 
@@ -280,9 +382,18 @@ impl Iterator for CorpusGenerator {
         if self.per_mille(self.config.late_per_mille) {
             at -= self.rng.i64(0..=self.config.max_delay_millis.max(0));
         }
-        let at = jiff::Timestamp::from_millisecond(at)
-            .map(|t| t.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
-            .unwrap_or_default();
+        if let Some(due) = self
+            .streams
+            .iter()
+            .position(|s| s.next_line < self.produced)
+        {
+            return Some(self.stream_record(due, at));
+        }
+        let at_millis = at;
+        let at = rfc3339(at);
+        if self.per_mille(self.config.streams_per_mille) {
+            return Some(self.start_stream(at_millis, &at));
+        }
         if self.per_mille(self.config.malformed_per_mille) {
             self.expected.malformed += 1;
             return Some(self.malformed_line(&at));
@@ -372,6 +483,8 @@ mod tests {
             aggregator.diagnostics().unattributable(),
             expected.unattributable
         );
+        assert!(expected.skipped > 0, "the corpus has streams");
+        assert_eq!(aggregator.diagnostics().skipped(), expected.skipped);
         let mut per_project: BTreeMap<String, [u128; 4]> = BTreeMap::new();
         for usage in &out {
             per_project.entry(usage.route.project.clone()).or_default()[usage.meter as usize] +=

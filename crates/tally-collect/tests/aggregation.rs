@@ -12,9 +12,11 @@ use tally_collect::{
 };
 
 /// The naive model: every line parsed into a generic JSON value, requests
-/// and bytes summed per (route, window).
+/// and bytes summed per (route, window); a stream's records add what their
+/// cumulative counters gained, in the window of `start_time + duration`.
 fn naive_windows(lines: &[String], window: i64) -> BTreeMap<(RouteKey, i64, Meter), u128> {
     let mut sums = BTreeMap::new();
+    let mut streams: BTreeMap<String, [u64; 3]> = BTreeMap::new();
     for line in lines {
         let Ok(Value::Object(o)) = serde_json::from_str::<Value>(line) else {
             continue;
@@ -51,11 +53,34 @@ fn naive_windows(lines: &[String], window: i64) -> BTreeMap<(RouteKey, i64, Mete
         };
         let project = o.get("project_name").and_then(Value::as_str);
         let key = RouteKey::new(&route, project);
-        let w = at.as_millisecond().div_euclid(window) * window;
-        let ingress = number("downstream_wire_bytes_received").or(number("bytes_received"));
-        let egress = number("downstream_wire_bytes_sent").or(number("bytes_sent"));
+        let mut at = at.as_millisecond();
+        let mut ingress = number("downstream_wire_bytes_received").or(number("bytes_received"));
+        let mut egress = number("downstream_wire_bytes_sent").or(number("bytes_sent"));
+        let mut requests = 1;
+        match o.get("access_log_type").and_then(Value::as_str) {
+            None => {}
+            Some("DownstreamStart") => continue,
+            Some(kind) => {
+                let id = o["x-request-id"].as_str().unwrap().to_owned();
+                let now = [
+                    number("duration").unwrap_or(0),
+                    ingress.unwrap_or(0),
+                    egress.unwrap_or(0),
+                ];
+                let before = streams.insert(id.clone(), now).unwrap_or_default();
+                if kind == "DownstreamEnd" {
+                    streams.remove(&id);
+                } else {
+                    requests = 0;
+                }
+                at += now[0] as i64;
+                ingress = Some(now[1] - before[1]);
+                egress = Some(now[2] - before[2]);
+            }
+        }
+        let w = at.div_euclid(window) * window;
         for (meter, v) in [
-            (Meter::Requests, Some(1)),
+            (Meter::Requests, Some(requests)),
             (Meter::IngressBytes, ingress),
             (Meter::EgressBytes, egress),
         ] {
@@ -145,13 +170,19 @@ proptest! {
     ) {
         let corpus = CorpusConfig {
             seed, lines, routes, projects: 3, late_per_mille, max_delay_millis,
-            step_millis: 700, huge_per_mille: 50, ..CorpusConfig::default()
+            step_millis: 700, huge_per_mille: 50, streams_per_mille: 30, stream_flush_every: 15,
+            ..CorpusConfig::default()
         };
         let mut generator = CorpusGenerator::new(corpus);
         let mut lines: Vec<String> = generator.by_ref().collect();
-        for (a, b) in swaps {
-            let (a, b) = (a.index(lines.len()), b.index(lines.len()));
-            lines.swap(a, b);
+        // Any interleaving of request lines; a stream's records keep their
+        // order, as one proxy writes them.
+        let requests: Vec<usize> = (0..lines.len())
+            .filter(|i| !lines[*i].contains("access_log_type"))
+            .collect();
+        for (a, b) in swaps.iter().filter(|_| !requests.is_empty()) {
+            let (a, b) = (a.index(requests.len()), b.index(requests.len()));
+            lines.swap(requests[a], requests[b]);
         }
         let config = WindowConfig {
             window_millis: window_secs * 1000,
