@@ -115,14 +115,27 @@ pub struct WindowConfig {
     pub window_millis: i64,
     /// How far behind the largest event time a window stays open.
     pub allowed_lateness_millis: i64,
+    /// How far one record may move the watermark ahead. A record far in
+    /// the future (a broken clock, a corrupt line) still counts in its own
+    /// window, but cannot close every window at once: the watermark follows
+    /// it at most this much per record. A real gap in traffic is caught up
+    /// in a few records.
+    #[serde(default = "default_max_watermark_step")]
+    pub max_watermark_step_millis: i64,
+}
+
+fn default_max_watermark_step() -> i64 {
+    3_600_000
 }
 
 impl Default for WindowConfig {
-    /// One-minute windows, one minute of allowed lateness.
+    /// One-minute windows, one minute of allowed lateness, watermark steps
+    /// of at most an hour.
     fn default() -> Self {
         WindowConfig {
             window_millis: 60_000,
             allowed_lateness_millis: 60_000,
+            max_watermark_step_millis: default_max_watermark_step(),
         }
     }
 }
@@ -578,7 +591,10 @@ impl Aggregator {
     }
 
     fn advance(&mut self, at: i64, out: &mut Vec<WindowUsage>) {
-        let watermark = self.watermark.map_or(at, |w| w.max(at));
+        let step = self.config.max_watermark_step_millis;
+        let watermark = self
+            .watermark
+            .map_or(at, |w| w.max(at.min(w.saturating_add(step))));
         self.watermark = Some(watermark);
         let boundary =
             self.window_of(watermark.saturating_sub(self.config.allowed_lateness_millis));
@@ -699,6 +715,25 @@ mod tests {
         assert_eq!(window_12_00.len(), 2);
         assert_eq!(window_12_00[1].value, 7, "only the addition");
         assert!(window_12_00[1].round > first_round);
+    }
+
+    #[test]
+    fn a_far_future_line_moves_the_watermark_one_step_only() {
+        let mut agg = Aggregator::new(WindowConfig::default());
+        let mut out = Vec::new();
+        agg.push_line(&line("2024-05-01T12:00:10Z", R, 5, 0), &mut out);
+        agg.push_line(&line("2099-01-01T00:00:00Z", R, 7, 0), &mut out);
+        assert_eq!(agg.watermark(), Some(1_714_564_810_000 + 3_600_000));
+        // 12:00 closed early; the line after it is a supplement, not stuck.
+        agg.push_line(&line("2024-05-01T12:00:20Z", R, 1, 0), &mut out);
+        agg.push_line(&line("2024-05-01T13:05:00Z", R, 1, 0), &mut out);
+        assert_eq!(sum(&out, Meter::EgressBytes), 6);
+        agg.flush(&mut out);
+        assert_eq!(
+            sum(&out, Meter::EgressBytes),
+            14,
+            "the 2099 line counts too"
+        );
     }
 
     #[test]

@@ -9,6 +9,31 @@
 //! outbox until the shipper acknowledges them. [`generate`] writes realistic
 //! corpora with their exact expected totals.
 //!
+//! # Example
+//! ```
+//! use tally_collect::{AgentIdentity, Aggregator, EnrichmentIndex, WindowConfig, usage_event};
+//!
+//! let mut aggregator = Aggregator::new(WindowConfig::default());
+//! let mut closed = Vec::new();
+//! for line in [
+//!     r#"{"start_time":"2024-05-01T12:00:01.250Z","route_name":"httproute/shop/api/rule/0","bytes_received":"120","bytes_sent":2048,"duration":"35"}"#,
+//!     r#"{"start_time":"2024-05-01T12:00:02.000Z","route_name":"-","bytes_sent":"9"}"#,
+//!     "not json",
+//! ] {
+//!     aggregator.push_line(line.as_bytes(), &mut closed);
+//! }
+//! aggregator.flush(&mut closed); // end of input
+//! let agent = AgentIdentity { agent_id: "node-a".into(), source: "tally-collect/node-a".into() };
+//! let events: Vec<_> = closed
+//!     .iter()
+//!     .map(|usage| usage_event(&agent, usage, &EnrichmentIndex::default()))
+//!     .collect();
+//! assert_eq!(events.len(), 3); // requests, ingress and egress bytes (35 ms is under a second)
+//! assert_eq!(events[0].subject, "projects/shop");
+//! assert_eq!(aggregator.diagnostics().unattributable(), 1);
+//! assert_eq!(aggregator.diagnostics().malformed(), 1);
+//! ```
+//!
 //! # Exactly-once invariant
 //! The collector's checkpoint — file positions, the aggregator state (open
 //! window sums, watermark, closing round, sub-second carries, open

@@ -164,6 +164,7 @@ proptest! {
         max_delay_millis in 0i64..900_000,
         window_secs in prop::sample::select(vec![10i64, 60, 300]),
         lateness_secs in 0i64..180,
+        step_mins in 1i64..90,
         swaps in prop::collection::vec((any::<prop::sample::Index>(), any::<prop::sample::Index>()), 0..50),
         flushes in prop::collection::vec(any::<prop::sample::Index>(), 0..4),
         restarts in prop::collection::vec(any::<prop::sample::Index>(), 0..4),
@@ -187,6 +188,7 @@ proptest! {
         let config = WindowConfig {
             window_millis: window_secs * 1000,
             allowed_lateness_millis: lateness_secs * 1000,
+            max_watermark_step_millis: step_mins * 60_000,
         };
         let flush_after: HashSet<usize> = flushes.iter().map(|i| i.index(lines.len())).collect();
         let restart_after: HashSet<usize> = restarts.iter().map(|i| i.index(lines.len())).collect();
