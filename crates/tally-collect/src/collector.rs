@@ -28,7 +28,8 @@ pub struct CollectorConfig {
     pub state_dir: PathBuf,
     /// Source and agent id of the events.
     pub agent: AgentIdentity,
-    /// Must not change while windows are open; checked on open.
+    /// The window size must not change for a state directory (checked on
+    /// open); lateness and watermark step may.
     pub window: WindowConfig,
     /// About how many bytes one [`Collector::poll`] reads.
     pub max_read_bytes: usize,
@@ -82,9 +83,9 @@ pub enum CollectError {
         path: PathBuf,
         source: serde_json::Error,
     },
-    /// The window settings differ from the checkpoint's.
+    /// The window size differs from the checkpoint's.
     #[error(
-        "window settings changed from {stored:?} to {configured:?} while windows are open; flush with the old settings first"
+        "the window size changed from {stored:?} to {configured:?}; keep the old size or start with a new state directory"
     )]
     WindowChanged {
         stored: WindowConfig,
@@ -154,14 +155,15 @@ impl Collector {
         let (files, aggregator) = match checkpoint {
             None => (Vec::new(), Aggregator::new(config.window)),
             Some(c) => {
-                let aggregator = Aggregator::from_state(c.window, c.aggregator);
-                if c.window != config.window && aggregator.open_buckets() > 0 {
+                // Window indexes in the state are in units of the stored
+                // window size; lateness and watermark step may change.
+                if c.window.window_millis != config.window.window_millis {
                     return Err(CollectError::WindowChanged {
                         stored: c.window,
                         configured: config.window,
                     });
                 }
-                (c.files, aggregator)
+                (c.files, Aggregator::from_state(config.window, c.aggregator))
             }
         };
         let tailer = FileTailer::open(&config.log_path, &files)?;

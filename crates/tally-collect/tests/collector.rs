@@ -105,3 +105,28 @@ fn corpus_totals_reach_the_outbox_and_acknowledged_events_leave_it() {
     assert_eq!(pending, rest);
     assert_eq!(collector.pending(3).unwrap().len(), 3);
 }
+
+#[test]
+fn a_state_directory_keeps_its_window_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("access.log");
+    write_corpus(CorpusConfig::default(), &log_path, None).unwrap();
+    let agent = AgentIdentity {
+        agent_id: "node-a".into(),
+        source: "tally-collect/node-a".into(),
+    };
+    let config = CollectorConfig::new(log_path, dir.path().join("state"), agent);
+    let mut collector = Collector::open(config.clone()).unwrap();
+    while collector.poll().unwrap().lines > 0 {}
+    assert!(!collector.pending(1).unwrap().is_empty());
+    drop(collector);
+    let mut other = config.clone();
+    other.window.window_millis = 30_000;
+    assert!(matches!(
+        Collector::open(other),
+        Err(tally_collect::CollectError::WindowChanged { .. })
+    ));
+    let mut later = config;
+    later.window.allowed_lateness_millis = 5_000;
+    assert!(Collector::open(later).is_ok());
+}
