@@ -114,6 +114,19 @@ pub struct PollReport {
     pub events: usize,
 }
 
+/// Counters in the component vocabulary (`tally_component_*`), since the
+/// collector was opened; `dropped` is in [`Collector::diagnostics`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CollectorStats {
+    /// `tally_component_received_total`: lines read.
+    pub received_lines: u64,
+    /// `tally_component_sent_total`: events made durable in the outbox.
+    pub emitted_events: u64,
+    /// `tally_component_queue_depth`: events awaiting acknowledgement
+    /// (approximate).
+    pub outbox_depth: usize,
+}
+
 /// Tails the access log into a durable outbox of usage events.
 pub struct Collector {
     config: CollectorConfig,
@@ -125,6 +138,7 @@ pub struct Collector {
     enrichment: EnrichmentIndex,
     committed_files: TailCheckpoint,
     uncommitted_lines: u64,
+    stats: CollectorStats,
     poisoned: bool,
 }
 
@@ -179,6 +193,7 @@ impl Collector {
             enrichment: EnrichmentIndex::default(),
             committed_files: files,
             uncommitted_lines: 0,
+            stats: CollectorStats::default(),
             poisoned: false,
         })
     }
@@ -198,6 +213,7 @@ impl Collector {
             aggregator.push_line(line, &mut closed)
         })?;
         self.uncommitted_lines += lines;
+        self.stats.received_lines += lines;
         let due = self.uncommitted_lines >= self.config.checkpoint_every_lines;
         let events = self.commit(due, &closed)?;
         Ok(PollReport { lines, events })
@@ -244,6 +260,14 @@ impl Collector {
     /// Lines and inputs that could not be used, by reason.
     pub fn diagnostics(&self) -> &LineDiagnostics {
         self.aggregator.diagnostics()
+    }
+
+    /// Counters for the component metrics.
+    pub fn stats(&self) -> CollectorStats {
+        CollectorStats {
+            outbox_depth: self.outbox.approximate_len(),
+            ..self.stats
+        }
     }
 
     /// Checkpointed files that were gone when the collector opened: their
@@ -301,6 +325,7 @@ impl Collector {
         self.poisoned = false;
         self.committed_files = files;
         self.uncommitted_lines = 0;
+        self.stats.emitted_events += closed.len() as u64;
         if !closed.is_empty() {
             tracing::debug!(
                 events = closed.len(),

@@ -67,7 +67,7 @@ pub use aggregate::{
     Aggregator, AggregatorState, ConnectionEvent, ConnectionRecord, Meter, Totals, WindowConfig,
     WindowUsage,
 };
-pub use collector::{CollectError, Collector, CollectorConfig, PollReport};
+pub use collector::{CollectError, Collector, CollectorConfig, CollectorStats, PollReport};
 pub use enrich::{EnrichError, EnrichmentIndex, RouteDimensions};
 pub use event::{AgentIdentity, event_id, usage_event};
 pub use generate::{CorpusConfig, CorpusGenerator, ExpectedTotals, write_corpus};

@@ -60,6 +60,9 @@ fn corpus_totals_reach_the_outbox_and_acknowledged_events_leave_it() {
     }
     while collector.poll().unwrap().lines > 0 {}
     collector.flush().unwrap();
+    let stats = collector.stats();
+    assert_eq!(stats.received_lines, expected.lines);
+    assert!(stats.emitted_events > 0);
     assert_eq!(collector.diagnostics().malformed(), expected.malformed);
     assert_eq!(
         collector.diagnostics().unattributable(),
@@ -67,6 +70,7 @@ fn corpus_totals_reach_the_outbox_and_acknowledged_events_leave_it() {
     );
 
     let events = collector.pending(usize::MAX).unwrap();
+    assert_eq!(events.len() as u64, stats.emitted_events);
     let mut requests: BTreeMap<String, u64> = BTreeMap::new();
     for event in &events {
         let data = event.data.as_ref().unwrap();
