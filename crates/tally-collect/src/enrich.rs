@@ -213,38 +213,7 @@ fn namespace_of(manifest: &Manifest) -> Result<String, EnrichError> {
 mod tests {
     use super::*;
 
-    const MANIFESTS: &str = r#"
-apiVersion: gateway.networking.k8s.io/v1
-kind: GatewayClass
-metadata:
-  name: envoy
-  labels:
-    topology.kubernetes.io/region: us-east-1
-spec:
-  controllerName: gateway.envoyproxy.io/gatewayclass-controller
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata:
-  name: edge
-  namespace: infra
-spec:
-  gatewayClassName: envoy
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata:
-  name: api
-  namespace: shop
-  uid: 4b1c
-spec:
-  parentRefs:
-    - kind: Service
-      name: mesh
-    - name: edge
-      namespace: infra
-      sectionName: https
-"#;
+    const MANIFESTS: &str = include_str!("../tests/fixtures/gateway-api.yaml");
 
     fn index() -> EnrichmentIndex {
         let mut index = EnrichmentIndex::default();
@@ -256,14 +225,14 @@ spec:
 
     #[test]
     fn route_gets_gateway_class_and_region() {
-        let dims = index().dimensions("shop", "api");
+        let dims = index().dimensions("ns-0", "route-0");
         assert_eq!(dims.gateway.as_deref(), Some("edge"));
         assert_eq!(dims.gateway_namespace.as_deref(), Some("infra"));
         assert_eq!(dims.gateway_class.as_deref(), Some("envoy"));
         assert_eq!(dims.region.as_deref(), Some("us-east-1"), "from the class");
         assert_eq!(dims.route_uid.as_deref(), Some("4b1c"));
         assert_eq!(
-            index().dimensions("shop", "other"),
+            index().dimensions("ns-0", "other"),
             RouteDimensions::default()
         );
     }
@@ -278,17 +247,20 @@ spec:
             .insert(DEFAULT_REGION_LABEL.into(), "eu-west-1".into());
         index.upsert(&gateway).unwrap();
         assert_eq!(
-            index.dimensions("shop", "api").region.as_deref(),
+            index.dimensions("ns-0", "route-0").region.as_deref(),
             Some("eu-west-1")
         );
         assert!(index.remove("Gateway", "infra", "edge"));
-        let dims = index.dimensions("shop", "api");
+        let dims = index.dimensions("ns-0", "route-0");
         assert_eq!(
             (dims.gateway.as_deref(), dims.gateway_class),
             (Some("edge"), None)
         );
-        assert!(index.remove("HTTPRoute", "shop", "api"));
-        assert_eq!(index.dimensions("shop", "api"), RouteDimensions::default());
+        assert!(index.remove("HTTPRoute", "ns-0", "route-0"));
+        assert_eq!(
+            index.dimensions("ns-0", "route-0"),
+            RouteDimensions::default()
+        );
     }
 
     #[test]

@@ -6,27 +6,7 @@ use std::collections::BTreeMap;
 use tally_collect::{AgentIdentity, Collector, CollectorConfig, CorpusConfig, write_corpus};
 use tally_model::Manifest;
 
-const MANIFESTS: &str = r#"
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata:
-  name: edge
-  namespace: infra
-  labels:
-    topology.kubernetes.io/region: eu-west-1
-spec:
-  gatewayClassName: envoy
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
-metadata:
-  name: route-0
-  namespace: ns-0
-spec:
-  parentRefs:
-    - name: edge
-      namespace: infra
-"#;
+const MANIFESTS: &str = include_str!("fixtures/gateway-api.yaml");
 
 #[test]
 fn corpus_totals_reach_the_outbox_and_acknowledged_events_leave_it() {
@@ -81,7 +61,9 @@ fn corpus_totals_reach_the_outbox_and_acknowledged_events_leave_it() {
         }
         if data["dimensions"]["httproute_name"] == "route-0" {
             assert_eq!(data["dimensions"]["gateway"], "edge");
-            assert_eq!(data["dimensions"]["region"], "eu-west-1");
+            assert_eq!(data["dimensions"]["region"], "us-east-1");
+            assert_eq!(data["dimensions"]["gateway_class"], "envoy");
+            assert_eq!(data["resource"]["uid"], "4b1c");
         } else {
             assert!(data["dimensions"].get("gateway").is_none());
         }
