@@ -1,0 +1,139 @@
+//! HTTPRoute identity: Envoy Gateway's `route_name` and the route key usage
+//! is aggregated by.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// The parts of an Envoy Gateway route name,
+/// `httproute/<namespace>/<name>/rule/<i>[/match/<j>/<host>]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteName<'a> {
+    /// The HTTPRoute's namespace.
+    pub namespace: &'a str,
+    /// The HTTPRoute's name.
+    pub name: &'a str,
+    /// Index of the rule in `spec.rules`.
+    pub rule: u32,
+    /// Index of the match in the rule, when named.
+    pub matched: Option<u32>,
+    /// The hostname of the match; `*` (or `*.example.com`) for wildcards.
+    pub host: Option<&'a str>,
+}
+
+/// Parses a `route_name`. Anything that is not an HTTPRoute's route (other
+/// route kinds, Envoy's own routes, malformed names) is `None`.
+pub fn parse_route_name(route_name: &str) -> Option<RouteName<'_>> {
+    let rest = route_name.strip_prefix("httproute/")?;
+    let mut parts = rest.splitn(7, '/');
+    let namespace = non_empty(parts.next())?;
+    let name = non_empty(parts.next())?;
+    if parts.next()? != "rule" {
+        return None;
+    }
+    let rule = parts.next()?.parse().ok()?;
+    let (matched, host) = match parts.next() {
+        None => (None, None),
+        Some("match") => {
+            let matched = parts.next()?.parse().ok()?;
+            let host = non_empty(parts.next()).filter(|h| !h.contains('/'))?;
+            (Some(matched), Some(host))
+        }
+        Some(_) => return None,
+    };
+    Some(RouteName {
+        namespace,
+        name,
+        rule,
+        matched,
+        host,
+    })
+}
+
+fn non_empty(part: Option<&str>) -> Option<&str> {
+    part.filter(|p| !p.is_empty())
+}
+
+/// What usage is aggregated by: one HTTPRoute and the project it bills to.
+/// The project is the route's namespace unless the record names one.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RouteKey {
+    /// The project billed (`subject` = `projects/<project>`).
+    pub project: String,
+    /// The HTTPRoute's namespace.
+    pub namespace: String,
+    /// The HTTPRoute's name.
+    pub name: String,
+}
+
+impl RouteKey {
+    /// Builds the key from a parsed route name and an optional
+    /// `project_name` (absent, empty or `-` means "the namespace").
+    pub fn new(route: &RouteName<'_>, project_name: Option<&str>) -> Self {
+        let project = project_name
+            .filter(|p| !p.is_empty() && *p != "-")
+            .unwrap_or(route.namespace);
+        RouteKey {
+            project: project.to_owned(),
+            namespace: route.namespace.to_owned(),
+            name: route.name.to_owned(),
+        }
+    }
+}
+
+impl fmt::Display for RouteKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}/{}", self.project, self.namespace, self.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rule_only() {
+        let r = parse_route_name("httproute/shop/api/rule/0").unwrap();
+        assert_eq!((r.namespace, r.name, r.rule), ("shop", "api", 0));
+        assert_eq!((r.matched, r.host), (None, None));
+    }
+
+    #[test]
+    fn with_match_and_host() {
+        let r = parse_route_name("httproute/shop/api/rule/2/match/1/api.example.com").unwrap();
+        assert_eq!(
+            (r.rule, r.matched, r.host),
+            (2, Some(1), Some("api.example.com"))
+        );
+        let r = parse_route_name("httproute/shop/api/rule/0/match/0/*").unwrap();
+        assert_eq!(r.host, Some("*"));
+    }
+
+    #[test]
+    fn rejects_other_shapes() {
+        for name in [
+            "",
+            "-",
+            "grpcroute/shop/api/rule/0",
+            "httproute/shop/api",
+            "httproute/shop/api/rule/x",
+            "httproute//api/rule/0",
+            "httproute/shop//rule/0",
+            "httproute/shop/api/rules/0",
+            "httproute/shop/api/rule/0/match/1",
+            "httproute/shop/api/rule/0/match/1/",
+            "httproute/shop/api/rule/0/extra/1/h",
+            "httproute/shop/api/rule/0/match/1/host/more",
+        ] {
+            assert_eq!(parse_route_name(name), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn project_defaults_to_namespace() {
+        let r = parse_route_name("httproute/ns/web/rule/0").unwrap();
+        assert_eq!(RouteKey::new(&r, None).project, "ns");
+        assert_eq!(RouteKey::new(&r, Some("-")).project, "ns");
+        assert_eq!(RouteKey::new(&r, Some("p1")).project, "p1");
+    }
+}

@@ -1,0 +1,304 @@
+//! Tailing a log file through rotation, line by whole line.
+//!
+//! A file is identified by its device and inode plus an XXH3 fingerprint of
+//! its first [`FINGERPRINT_BYTES`] bytes (so a reused inode is not mistaken
+//! for the old file). Rotation by rename: the renamed file is read to its end
+//! before it is let go, then the new file at the path from its start: lines
+//! are handed out in file order whatever the timing, which keeps window
+//! closing deterministic. Rotation by
+//! copytruncate: a file shorter than the position, or whose fingerprint
+//! changed, is read again from its start. Only whole lines are handed out;
+//! a partial last line is read again once its newline arrives (or when its
+//! rotated file is let go). Positions are a [`TailCheckpoint`]: restoring
+//! one finds each file again by identity in the directory of the path, even
+//! if it was renamed while the agent was down.
+
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::xxh3_64;
+
+/// How many leading bytes make a file's fingerprint.
+pub const FINGERPRINT_BYTES: usize = 256;
+const READ_CHUNK: usize = 256 * 1024;
+const MIN_CHUNK: usize = 4096;
+
+/// Where reading of one file stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilePosition {
+    pub device: u64,
+    pub inode: u64,
+    /// XXH3 of the first [`FINGERPRINT_BYTES`] bytes, once the file has them.
+    pub fingerprint: Option<u64>,
+    /// Byte offset just after the last line handed out.
+    pub offset: u64,
+}
+
+/// Positions of every file still being read, oldest first; the last one is
+/// the file at the path.
+pub type TailCheckpoint = Vec<FilePosition>;
+
+/// A failure to read the tailed files.
+#[derive(Debug, thiserror::Error)]
+pub enum TailError {
+    #[error("reading {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+struct TailedFile {
+    file: File,
+    position: FilePosition,
+}
+
+/// Tails one path through rotations.
+pub struct FileTailer {
+    path: PathBuf,
+    files: Vec<TailedFile>,
+    buffer: Vec<u8>,
+    /// Checkpointed files that could not be found again.
+    lost: Vec<FilePosition>,
+}
+
+impl FileTailer {
+    /// Starts tailing `path`, resuming from `checkpoint` when given (else
+    /// from the start of the file at the path).
+    pub fn open(path: &Path, checkpoint: &[FilePosition]) -> Result<Self, TailError> {
+        let mut tailer = FileTailer {
+            path: path.to_owned(),
+            files: Vec::new(),
+            buffer: Vec::new(),
+            lost: Vec::new(),
+        };
+        let candidates = tailer.candidates()?;
+        for position in checkpoint {
+            let found = candidates.iter().find_map(|candidate| {
+                let file = File::open(candidate).ok()?;
+                let meta = file.metadata().ok()?;
+                let same_inode = meta.dev() == position.device && meta.ino() == position.inode;
+                let same_content = position.fingerprint.is_none()
+                    || fingerprint(&file, meta.len()).ok()? == position.fingerprint;
+                (same_inode && same_content).then_some(file)
+            });
+            match found {
+                Some(file) => tailer.files.push(TailedFile {
+                    file,
+                    position: position.clone(),
+                }),
+                None => {
+                    tracing::warn!(path = %path.display(), inode = position.inode, offset = position.offset,
+                        "a checkpointed log file is gone; its unread lines are lost");
+                    tailer.lost.push(position.clone());
+                }
+            }
+        }
+        Ok(tailer)
+    }
+
+    /// Checkpointed files that were not found when opening.
+    pub fn lost_files(&self) -> &[FilePosition] {
+        &self.lost
+    }
+
+    /// The positions to checkpoint, consistent with the lines handed out.
+    pub fn checkpoint(&self) -> TailCheckpoint {
+        self.files.iter().map(|f| f.position.clone()).collect()
+    }
+
+    /// Hands whole lines (without `\n`) to `on_line`, reading about
+    /// `max_bytes` at most. Returns how many lines were handed out.
+    pub fn read_lines(
+        &mut self,
+        max_bytes: usize,
+        mut on_line: impl FnMut(&[u8]),
+    ) -> Result<u64, TailError> {
+        self.discover()?;
+        let mut lines = 0;
+        let mut budget = max_bytes;
+        let mut index = 0;
+        while index < self.files.len() && budget > 0 {
+            let is_live = index + 1 == self.files.len();
+            let read = self.read_file(index, &mut budget, &mut lines, &mut on_line)?;
+            let newer_has_data =
+                !is_live && self.files[index + 1..].iter().any(|f| has_data(&f.file));
+            if read == 0 && newer_has_data {
+                // Nothing more in the rotated file while the writer has moved on
+                // to the new one: hand out an unterminated last line and let go.
+                let tailed = &mut self.files[index];
+                let len = tailed.file.metadata().map(|m| m.len()).unwrap_or(0);
+                if len > tailed.position.offset {
+                    read_at(&tailed.file, tailed.position.offset, len, &mut self.buffer).map_err(
+                        |source| TailError::Io {
+                            path: self.path.clone(),
+                            source,
+                        },
+                    )?;
+                    on_line(&self.buffer);
+                    lines += 1;
+                }
+                self.files.remove(index);
+                continue;
+            }
+            if !is_live {
+                // Files are read one after the other, so lines always come
+                // out in the same order whatever the timing of the polls.
+                break;
+            }
+            index += 1;
+        }
+        Ok(lines)
+    }
+
+    /// Files in the path's directory whose name starts with its file name.
+    fn candidates(&self) -> Result<Vec<PathBuf>, TailError> {
+        let io = |source| TailError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
+            _ => PathBuf::from("."),
+        };
+        let prefix = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut candidates = vec![self.path.clone()];
+        for entry in fs::read_dir(&dir).map_err(io)? {
+            let entry = entry.map_err(io)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&prefix) && entry.path() != self.path {
+                candidates.push(entry.path());
+            }
+        }
+        Ok(candidates)
+    }
+
+    /// Starts reading the file at the path if it is not one being read.
+    fn discover(&mut self) -> Result<(), TailError> {
+        let file = match File::open(&self.path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => {
+                return Err(TailError::Io {
+                    path: self.path.clone(),
+                    source,
+                });
+            }
+        };
+        let meta = file.metadata().map_err(|source| TailError::Io {
+            path: self.path.clone(),
+            source,
+        })?;
+        let known = self
+            .files
+            .iter()
+            .any(|f| f.position.device == meta.dev() && f.position.inode == meta.ino());
+        if !known {
+            tracing::info!(path = %self.path.display(), inode = meta.ino(), "tailing a new log file");
+            self.files.push(TailedFile {
+                file,
+                position: FilePosition {
+                    device: meta.dev(),
+                    inode: meta.ino(),
+                    fingerprint: None,
+                    offset: 0,
+                },
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads whole lines of one file. Returns the bytes consumed.
+    fn read_file(
+        &mut self,
+        index: usize,
+        budget: &mut usize,
+        lines: &mut u64,
+        on_line: &mut impl FnMut(&[u8]),
+    ) -> Result<u64, TailError> {
+        let path = &self.path;
+        let io = |source| TailError::Io {
+            path: path.clone(),
+            source,
+        };
+        let tailed = &mut self.files[index];
+        let len = tailed.file.metadata().map_err(io)?.len();
+        let current = fingerprint(&tailed.file, len).map_err(io)?;
+        let replaced =
+            matches!((tailed.position.fingerprint, current), (Some(old), Some(new)) if old != new);
+        if len < tailed.position.offset || replaced {
+            tracing::info!(path = %path.display(), offset = tailed.position.offset, len,
+                "log file truncated (copytruncate): reading it from the start");
+            tailed.position.offset = 0;
+            tailed.position.fingerprint = None;
+        }
+        if tailed.position.fingerprint.is_none() {
+            tailed.position.fingerprint = current;
+        }
+        let start = tailed.position.offset;
+        let mut consumed = 0u64;
+        let mut chunk = READ_CHUNK.min(*budget).max(MIN_CHUNK);
+        while *budget > 0 {
+            let from = start + consumed;
+            let end = len.min(from.saturating_add(chunk as u64));
+            if from >= end {
+                break;
+            }
+            read_at(&tailed.file, from, end, &mut self.buffer).map_err(io)?;
+            let Some(last_newline) = memchr::memrchr(b'\n', &self.buffer) else {
+                if end == len {
+                    break; // a partial last line: wait for its newline
+                }
+                chunk = chunk.saturating_mul(2); // a line longer than the chunk
+                continue;
+            };
+            let mut line_start = 0;
+            for newline in memchr::memchr_iter(b'\n', &self.buffer[..=last_newline]) {
+                on_line(&self.buffer[line_start..newline]);
+                line_start = newline + 1;
+                *lines += 1;
+            }
+            consumed += last_newline as u64 + 1;
+            *budget = budget.saturating_sub(last_newline + 1);
+            chunk = READ_CHUNK.min(*budget).max(MIN_CHUNK);
+        }
+        self.buffer.clear();
+        tailed.position.offset = start + consumed;
+        Ok(consumed)
+    }
+}
+
+fn has_data(file: &File) -> bool {
+    file.metadata().is_ok_and(|m| m.len() > 0)
+}
+
+/// Reads `[from, to)` into `buffer` (shorter if the file is).
+fn read_at(file: &File, from: u64, to: u64, buffer: &mut Vec<u8>) -> io::Result<()> {
+    let len = usize::try_from(to.saturating_sub(from)).unwrap_or(usize::MAX);
+    buffer.clear();
+    buffer.resize(len, 0);
+    let mut filled = 0;
+    while filled < len {
+        match file.read_at(&mut buffer[filled..], from + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buffer.truncate(filled);
+    Ok(())
+}
+
+fn fingerprint(file: &File, len: u64) -> io::Result<Option<u64>> {
+    if len < FINGERPRINT_BYTES as u64 {
+        return Ok(None);
+    }
+    let mut head = [0; FINGERPRINT_BYTES];
+    file.read_exact_at(&mut head, 0)?;
+    Ok(Some(xxh3_64(&head)))
+}
