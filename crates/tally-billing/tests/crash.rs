@@ -95,7 +95,7 @@ async fn run_child(dir: &str, url: &str, phase: u32, kill_after: Option<Duration
         .env(URL_VAR, url)
         .env(PHASE_VAR, phase.to_string())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::inherit())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
