@@ -1,0 +1,775 @@
+//! The forwarder: plans window totals per (meter, account, window,
+//! dimensions), records the plan durably, hands the records to a
+//! `tally-delivery` sink, and checkpoints what the provider acknowledged.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use jiff::Timestamp;
+use rust_decimal::Decimal;
+use serde::Serialize;
+use tally_delivery::{
+    BatchOutcome, BatchResult, EncodeError, Item, Registry, RetryConfig, Secret, Sink, SinkConfig,
+    StartError,
+};
+use tokio::sync::mpsc;
+
+use crate::attribution::{Attribution, Owner};
+use crate::config::{BillingSink, ForwardedMeter};
+use crate::progress::{
+    MeterCursor, Plan, ProgressError, ProgressStore, RecordProgress, Revision, RevisionState,
+    revision_key, split_revision_key,
+};
+use crate::provider::ProviderEncoder;
+use crate::record::{RecordKey, UsageRecord};
+use crate::source::{SourceError, UsageSource};
+
+/// Records handed to the sink in one `enqueue_all`.
+const ENQUEUE_CHUNK: usize = 1000;
+
+/// Why forwarding failed. Never carries the API key.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    /// The progress store failed.
+    #[error("billing sink {sink}: {source}")]
+    Progress {
+        /// The sink's name.
+        sink: String,
+        /// The failure.
+        source: ProgressError,
+    },
+    /// The usage source failed.
+    #[error("billing sink {sink}, meter {meter}: {source}")]
+    Source {
+        /// The sink's name.
+        sink: String,
+        /// The meter.
+        meter: String,
+        /// The failure.
+        source: SourceError,
+    },
+    /// The delivery sink could not be started or refused records.
+    #[error("billing sink {sink}: delivery: {message}")]
+    Delivery {
+        /// The sink's name.
+        sink: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// Everything a forwarder needs besides its usage source and attribution.
+#[derive(Debug, Clone)]
+pub struct ForwarderConfig {
+    /// The sink's resource.
+    pub sink: BillingSink,
+    /// The provider's API key (from `apiKeySecretRef`).
+    pub api_key: Secret,
+    /// The meters to forward.
+    pub meters: Vec<ForwardedMeter>,
+    /// The sink's own directory for its progress store.
+    pub data_dir: PathBuf,
+    /// On a first start, windows before this are never forwarded.
+    pub start_at: Timestamp,
+    /// Retries; default: 429 and every 5xx retried (and timeouts), forever,
+    /// with the sink's request timeout; other answers dead-letter the batch.
+    pub retry: RetryConfig,
+    /// Most records queued in memory for delivery.
+    pub max_queued_records: u64,
+    /// Most windows of one meter first planned in one pass (bounds a pass
+    /// after a long stop).
+    pub max_new_windows_per_pass: usize,
+}
+
+impl ForwarderConfig {
+    /// A configuration with the default retry policy and limits.
+    pub fn new(
+        sink: BillingSink,
+        api_key: Secret,
+        meters: Vec<ForwardedMeter>,
+        data_dir: PathBuf,
+        start_at: Timestamp,
+    ) -> Self {
+        let retry = RetryConfig {
+            max_attempts: u32::MAX,
+            request_timeout: sink.request_timeout,
+            ..RetryConfig::default().retry_all_5xx()
+        };
+        ForwarderConfig {
+            sink,
+            api_key,
+            meters,
+            data_dir,
+            start_at,
+            retry,
+            max_queued_records: 200_000,
+            max_new_windows_per_pass: 1440,
+        }
+    }
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct PassReport {
+    /// Windows planned (new, late-changed or re-attributed).
+    pub windows: u64,
+    /// Records queued (first sends and corrections).
+    pub records: u64,
+}
+
+/// Per sink and meter, where forwarding stands: what the server and CLI print.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeterStatus {
+    /// The MeterDefinition's name.
+    pub meter: String,
+    /// The provider's meter api name.
+    pub meter_api_name: String,
+    /// Every window ending at or before this is acknowledged by the provider.
+    pub forwarded_until: Option<Timestamp>,
+    /// `now − forwarded_until`.
+    pub lag: Option<Duration>,
+    /// Records acknowledged (corrections included) since this process started.
+    pub records_sent: u64,
+    /// Of which corrections (revision > 0).
+    pub corrections_sent: u64,
+    /// Records queued, not yet answered.
+    pub records_pending: u64,
+    /// Records the provider refused for good since this process started.
+    pub records_dead_lettered: u64,
+    /// Usage in the windows planned by this process that no binding covers.
+    pub unattributed: Decimal,
+}
+
+/// A sink's status.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SinkStatus {
+    /// The BillingSink's name.
+    pub sink: String,
+    /// Its provider.
+    pub provider: crate::config::Provider,
+    /// Retried requests since start.
+    pub retries: u64,
+    /// Dead-lettered records since start.
+    pub dead_letters: u64,
+    /// Per meter.
+    pub meters: Vec<MeterStatus>,
+}
+
+/// One (billing account, meter) whose provider total differs from the ledger's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Difference {
+    /// The provider's customer id.
+    pub customer_id: String,
+    /// The provider's meter api name.
+    pub meter_api_name: String,
+    /// What the ledger holds (attributed to this account).
+    pub ledger: Decimal,
+    /// What the provider acknowledged.
+    pub acknowledged: Decimal,
+}
+
+/// Compares per-(customer, meter) totals; lists every pair that differs
+/// (a pair missing on one side counts as zero there).
+pub fn compare_totals(
+    ledger: &BTreeMap<(String, String), Decimal>,
+    acknowledged: &BTreeMap<(String, String), Decimal>,
+) -> Vec<Difference> {
+    let keys: BTreeSet<&(String, String)> = ledger.keys().chain(acknowledged.keys()).collect();
+    keys.into_iter()
+        .filter_map(|key| {
+            let l = ledger.get(key).copied().unwrap_or_default();
+            let a = acknowledged.get(key).copied().unwrap_or_default();
+            (l != a).then(|| Difference {
+                customer_id: key.0.clone(),
+                meter_api_name: key.1.clone(),
+                ledger: l,
+                acknowledged: a,
+            })
+        })
+        .collect()
+}
+
+#[derive(Debug, Default)]
+struct MeterState {
+    cursor: Option<MeterCursor>,
+    /// window start ms → pending records.
+    pending: BTreeMap<i64, u64>,
+    sent: u64,
+    corrections: u64,
+    dead: u64,
+    unattributed: BTreeMap<i64, Decimal>,
+}
+
+/// One window's totals per (customer, dims), and what no account owns.
+struct WindowTotals {
+    owned: BTreeMap<(String, BTreeMap<String, String>), Decimal>,
+    unattributed: Decimal,
+}
+
+/// A running forwarder for one billing sink.
+pub struct Forwarder {
+    config: ForwarderConfig,
+    source: Arc<dyn UsageSource>,
+    attribution: Attribution,
+    store: ProgressStore,
+    sink: Sink,
+    outcomes: mpsc::UnboundedReceiver<BatchOutcome>,
+    meters: BTreeMap<String, MeterState>,
+}
+
+impl std::fmt::Debug for Forwarder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forwarder")
+            .field("sink", &self.config.sink.name)
+            .field("meters", &self.config.meters)
+            .finish_non_exhaustive()
+    }
+}
+
+fn window_ms(config: &ForwarderConfig) -> i64 {
+    config.sink.window.as_millis() as i64
+}
+
+fn floor_ms(t: i64, size: i64) -> i64 {
+    t.div_euclid(size) * size
+}
+
+fn ts(ms: i64) -> Timestamp {
+    Timestamp::from_millisecond(ms).unwrap_or(Timestamp::MIN)
+}
+
+impl Forwarder {
+    /// Opens the sink's progress store, starts its delivery sink (on the
+    /// current Tokio runtime) and queues again every revision that was
+    /// planned but not answered before the last stop.
+    pub async fn start(
+        config: ForwarderConfig,
+        source: Arc<dyn UsageSource>,
+        attribution: Attribution,
+        registry: &Registry,
+    ) -> Result<Forwarder, ForwardError> {
+        let name = config.sink.name.clone();
+        let progress = |source| ForwardError::Progress {
+            sink: name.clone(),
+            source,
+        };
+        let delivery = |message: String| ForwardError::Delivery {
+            sink: name.clone(),
+            message,
+        };
+        let store = ProgressStore::open(&config.data_dir).map_err(progress)?;
+        let encoder = ProviderEncoder::new(
+            config.sink.provider,
+            &config.sink.endpoint,
+            config.api_key.clone(),
+            &format!("tally/billing/{name}"),
+        )
+        .map_err(|e: EncodeError| delivery(e.to_string()))?;
+        let mut sink_config = SinkConfig::new(format!("billing-{name}"));
+        sink_config.batch.max_items = config.sink.batch_size;
+        sink_config.batch.timeout = Duration::from_millis(200);
+        sink_config.retry = config.retry.clone();
+        sink_config.queue.max_items = config.max_queued_records.max(ENQUEUE_CHUNK as u64);
+        let (tx, outcomes) = mpsc::unbounded_channel();
+        let sink = Sink::builder(sink_config, encoder)
+            .registry(registry)
+            .on_outcome(move |outcome| {
+                let _ = tx.send(outcome.clone());
+            })
+            .start()
+            .map_err(|e: StartError| delivery(e.to_string()))?;
+        let mut meters = BTreeMap::new();
+        for meter in &config.meters {
+            let state = MeterState {
+                cursor: store.cursor(&meter.meter).map_err(progress)?,
+                ..MeterState::default()
+            };
+            meters.insert(meter.api_name.clone(), state);
+        }
+        let mut forwarder = Forwarder {
+            source,
+            attribution: Attribution::default(),
+            store,
+            sink,
+            outcomes,
+            meters,
+            config,
+        };
+        // Bindings may have changed while we were stopped.
+        let planned_with = match forwarder.store.attribution().map_err(progress)? {
+            Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                progress(ProgressError::Corrupt(format!("stored attribution: {e}")))
+            })?,
+            None => Attribution::default(),
+        };
+        forwarder.attribution = planned_with;
+        forwarder.set_attribution(attribution)?;
+        let pending = forwarder.store.pending().map_err(progress)?;
+        let mut items = Vec::with_capacity(pending.len());
+        for (key, record) in pending {
+            forwarder.note_pending(&record.meter_api_name, record.window_start_ms);
+            items.push(record_item(key, &record));
+        }
+        if !items.is_empty() {
+            tracing::info!(sink = %name, records = items.len(), "re-queueing unanswered billing records");
+        }
+        forwarder.enqueue(items).await?;
+        Ok(forwarder)
+    }
+
+    fn progress_error(&self, source: ProgressError) -> ForwardError {
+        ForwardError::Progress {
+            sink: self.config.sink.name.clone(),
+            source,
+        }
+    }
+
+    fn note_pending(&mut self, api_name: &str, window: i64) {
+        if let Some(state) = self.meters.get_mut(api_name) {
+            *state.pending.entry(window).or_default() += 1;
+        }
+    }
+
+    async fn enqueue(&self, items: Vec<Item>) -> Result<(), ForwardError> {
+        let mut items = items.into_iter().peekable();
+        while items.peek().is_some() {
+            let chunk: Vec<Item> = items.by_ref().take(ENQUEUE_CHUNK).collect();
+            self.sink
+                .enqueue_all(chunk)
+                .await
+                .map_err(|e| ForwardError::Delivery {
+                    sink: self.config.sink.name.clone(),
+                    message: e.to_string(),
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Replaces the attribution (bindings or accounts changed). Windows
+    /// already planned from the first time the two differ are planned again
+    /// by the next pass, so usage that became attributed is sent. Durable:
+    /// a crash before that pass still re-plans them.
+    pub fn set_attribution(&mut self, attribution: Attribution) -> Result<(), ForwardError> {
+        let Some(from) = self.attribution.first_difference(&attribution) else {
+            self.attribution = attribution;
+            return Ok(());
+        };
+        let mut plan = Plan {
+            attribution: Some(serde_json::to_vec(&attribution).unwrap_or_default()),
+            ..Plan::default()
+        };
+        for meter in &self.config.meters {
+            let Some(state) = self.meters.get_mut(&meter.api_name) else {
+                continue;
+            };
+            if let Some(cursor) = &mut state.cursor {
+                let from = from.as_millisecond();
+                cursor.rescan_from_ms = Some(cursor.rescan_from_ms.map_or(from, |r| r.min(from)));
+                plan.cursors.push((meter.meter.clone(), *cursor));
+            }
+        }
+        self.store
+            .commit(&plan)
+            .map_err(|e| self.progress_error(e))?;
+        tracing::info!(sink = %self.config.sink.name, from = %from, "billing attribution changed");
+        self.attribution = attribution;
+        Ok(())
+    }
+
+    /// Checkpoints every answer received so far.
+    pub fn apply_outcomes(&mut self) -> Result<(), ForwardError> {
+        let mut answers = Vec::new();
+        while let Ok(outcome) = self.outcomes.try_recv() {
+            let state = match outcome.result {
+                BatchResult::Delivered { .. } => RevisionState::Acked,
+                BatchResult::DeadLettered { ref reason, id } => {
+                    tracing::warn!(sink = %self.config.sink.name, dead_letter = id, %reason,
+                        records = outcome.keys.len(), "billing records dead-lettered");
+                    RevisionState::DeadLettered
+                }
+            };
+            answers.extend(outcome.keys.iter().map(|k| (k.to_vec(), state)));
+        }
+        if answers.is_empty() {
+            return Ok(());
+        }
+        let changed = self
+            .store
+            .settle(&answers)
+            .map_err(|e| self.progress_error(e))?;
+        for (record, revision) in changed {
+            let Some(state) = self.meters.get_mut(&record.meter_api_name) else {
+                continue;
+            };
+            let window = record.window_start.as_millisecond();
+            if let Some(count) = state.pending.get_mut(&window) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    state.pending.remove(&window);
+                }
+            }
+            match revision.state {
+                RevisionState::Acked => {
+                    state.sent += 1;
+                    state.corrections += u64::from(revision.revision > 0);
+                }
+                RevisionState::DeadLettered => state.dead += 1,
+                RevisionState::Pending => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Records queued and not yet answered, over all meters.
+    pub fn pending_records(&self) -> u64 {
+        self.meters.values().flat_map(|m| m.pending.values()).sum()
+    }
+
+    /// Applies answers until nothing is pending or `timeout` passed; true if
+    /// nothing is pending.
+    pub async fn wait_idle(&mut self, timeout: Duration) -> Result<bool, ForwardError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            self.apply_outcomes()?;
+            if self.pending_records() == 0 {
+                return Ok(true);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(false);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// One forwarding pass at time `now`: checkpoints answers, then plans
+    /// every window that closed (ended at least the allowed lateness ago),
+    /// every planned window that late usage touched, and every window a
+    /// changed attribution affects; commits the plan and queues its records.
+    pub async fn run_once(&mut self, now: Timestamp) -> Result<PassReport, ForwardError> {
+        self.apply_outcomes()?;
+        let size = window_ms(&self.config);
+        let lateness = self.config.sink.allowed_lateness.as_millis() as i64;
+        let close_limit = now.as_millisecond().saturating_sub(lateness);
+        let mut plan = Plan::default();
+        let mut items = Vec::new();
+        let mut report = PassReport::default();
+        for meter in self.config.meters.clone() {
+            let mut cursor = self
+                .meters
+                .get(&meter.api_name)
+                .and_then(|s| s.cursor)
+                .unwrap_or(MeterCursor {
+                    planned_until_ms: floor_ms(self.config.start_at.as_millisecond(), size),
+                    start_ms: floor_ms(self.config.start_at.as_millisecond(), size),
+                    source_cursor: 0,
+                    rescan_from_ms: None,
+                });
+            let changes = self
+                .source
+                .changes_since(&meter.meter, cursor.source_cursor)
+                .await
+                .map_err(|source| self.source_error(&meter, source))?;
+            let mut windows: BTreeSet<i64> = changes
+                .times
+                .iter()
+                .map(|t| floor_ms(t.as_millisecond(), size))
+                .filter(|w| *w >= cursor.start_ms && *w < cursor.planned_until_ms)
+                .collect();
+            if let Some(from) = cursor.rescan_from_ms {
+                let mut w = floor_ms(from, size).max(cursor.start_ms);
+                while w < cursor.planned_until_ms {
+                    windows.insert(w);
+                    w += size;
+                }
+            }
+            let mut w = cursor.planned_until_ms;
+            let mut new_windows = 0;
+            while w + size <= close_limit && new_windows < self.config.max_new_windows_per_pass {
+                windows.insert(w);
+                w += size;
+                new_windows += 1;
+            }
+            for window in &windows {
+                let records = self.plan_window(&meter, *window, &mut plan).await?;
+                for (key, record) in records {
+                    self.note_pending(&meter.api_name, *window);
+                    items.push(record_item(key, &record));
+                    report.records += 1;
+                }
+            }
+            report.windows += windows.len() as u64;
+            cursor.planned_until_ms = w;
+            cursor.source_cursor = changes.cursor;
+            cursor.rescan_from_ms = None;
+            plan.cursors.push((meter.meter.clone(), cursor));
+            if let Some(state) = self.meters.get_mut(&meter.api_name) {
+                state.cursor = Some(cursor);
+            }
+        }
+        plan.pending = items
+            .iter()
+            .map(|i| (i.key.to_vec(), i.data.to_vec()))
+            .collect();
+        self.store
+            .commit(&plan)
+            .map_err(|e| self.progress_error(e))?;
+        if report.records > 0 {
+            tracing::debug!(sink = %self.config.sink.name, windows = report.windows,
+                records = report.records, "billing records planned");
+        }
+        self.enqueue(items).await?;
+        Ok(report)
+    }
+
+    fn source_error(&self, meter: &ForwardedMeter, source: SourceError) -> ForwardError {
+        ForwardError::Source {
+            sink: self.config.sink.name.clone(),
+            meter: meter.meter.clone(),
+            source,
+        }
+    }
+
+    /// The window's totals per owner, from the source, cut where an owner changes.
+    async fn window_totals(
+        &self,
+        meter: &ForwardedMeter,
+        window: i64,
+    ) -> Result<WindowTotals, ForwardError> {
+        let (start, end) = (ts(window), ts(window + window_ms(&self.config)));
+        let mut cuts: Vec<Timestamp> = vec![start];
+        cuts.extend(self.attribution.changes_within(start, end));
+        cuts.push(end);
+        let mut totals = WindowTotals {
+            owned: BTreeMap::new(),
+            unattributed: Decimal::ZERO,
+        };
+        for piece in cuts.windows(2) {
+            let rows = self
+                .source
+                .totals(&meter.meter, piece[0], piece[1])
+                .await
+                .map_err(|source| self.source_error(meter, source))?;
+            for row in rows {
+                match self.attribution.owner_at(&row.project, piece[0]) {
+                    Owner::Account { customer_id, .. } => {
+                        *totals
+                            .owned
+                            .entry((customer_id.to_owned(), row.dimensions))
+                            .or_default() += row.value;
+                    }
+                    Owner::Unattributed | Owner::UnknownAccount(_) => {
+                        totals.unattributed += row.value
+                    }
+                }
+            }
+        }
+        Ok(totals)
+    }
+
+    /// Plans the corrections that make the provider's view of one window
+    /// equal the ledger's; returns the new revisions' keys and records.
+    async fn plan_window(
+        &mut self,
+        meter: &ForwardedMeter,
+        window: i64,
+        plan: &mut Plan,
+    ) -> Result<Vec<(Vec<u8>, UsageRecord)>, ForwardError> {
+        let totals = self.window_totals(meter, window).await?;
+        if let Some(state) = self.meters.get_mut(&meter.api_name) {
+            if totals.unattributed.is_zero() {
+                state.unattributed.remove(&window);
+            } else {
+                state.unattributed.insert(window, totals.unattributed);
+            }
+        }
+        let mut stored = self
+            .store
+            .window(&meter.api_name, ts(window))
+            .map_err(|e| self.progress_error(e))?;
+        let mut wanted: BTreeMap<RecordKey, Decimal> = BTreeMap::new();
+        for ((customer_id, dimensions), value) in totals.owned {
+            let key = RecordKey {
+                meter_api_name: meter.api_name.clone(),
+                window_start: ts(window),
+                customer_id,
+                dimensions,
+            };
+            if key.is_encodable() {
+                wanted.insert(key, value);
+            } else {
+                tracing::warn!(sink = %self.config.sink.name, meter = %meter.meter,
+                    "customer id or meter api name contains NUL; usage not forwarded");
+            }
+        }
+        let keys: BTreeSet<RecordKey> = wanted.keys().chain(stored.keys()).cloned().collect();
+        let end = ts(window + window_ms(&self.config));
+        let mut out = Vec::new();
+        for key in keys {
+            let progress = stored.remove(&key).unwrap_or_else(RecordProgress::default);
+            let want = wanted.get(&key).copied().unwrap_or_default();
+            let delta = want - progress.planned_total();
+            if delta.is_zero() {
+                continue;
+            }
+            let mut progress = progress;
+            let revision = progress.next_revision();
+            progress.revisions.push(Revision {
+                revision,
+                value: delta,
+                state: RevisionState::Pending,
+            });
+            let record = UsageRecord::new(&key, end, revision, delta);
+            out.push((revision_key(&key.encode(), revision), record));
+            plan.records.push((key, progress));
+        }
+        Ok(out)
+    }
+
+    /// Where forwarding stands, per meter, at `now`.
+    pub fn status(&self, now: Timestamp) -> SinkStatus {
+        let size = window_ms(&self.config);
+        let meters = self
+            .config
+            .meters
+            .iter()
+            .map(|meter| {
+                let state = self.meters.get(&meter.api_name);
+                let planned = state.and_then(|s| s.cursor).map(|c| c.planned_until_ms);
+                let oldest_pending = state.and_then(|s| s.pending.keys().next().copied());
+                let forwarded_until = match (planned, oldest_pending) {
+                    (Some(p), Some(o)) => Some(p.min(o)),
+                    (p, _) => p,
+                }
+                .map(|ms| ts(ms.min(i64::MAX - size)));
+                MeterStatus {
+                    meter: meter.meter.clone(),
+                    meter_api_name: meter.api_name.clone(),
+                    forwarded_until,
+                    lag: forwarded_until.map(|f| {
+                        Duration::try_from(now.duration_since(f)).unwrap_or(Duration::ZERO)
+                    }),
+                    records_sent: state.map_or(0, |s| s.sent),
+                    corrections_sent: state.map_or(0, |s| s.corrections),
+                    records_pending: state.map_or(0, |s| s.pending.values().sum()),
+                    records_dead_lettered: state.map_or(0, |s| s.dead),
+                    unattributed: state.map_or(Decimal::ZERO, |s| s.unattributed.values().sum()),
+                }
+            })
+            .collect::<Vec<_>>();
+        let metrics = self.sink.metrics();
+        SinkStatus {
+            sink: self.config.sink.name.clone(),
+            provider: self.config.sink.provider,
+            retries: metrics.retries(),
+            dead_letters: metrics.dead_lettered(),
+            meters,
+        }
+    }
+
+    /// Compares, per (billing account, meter), the ledger's attributed totals
+    /// over the windows starting in `[from, to)` with what the provider
+    /// acknowledged; lists the pairs that differ.
+    pub async fn reconcile(
+        &self,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<Difference>, ForwardError> {
+        let size = window_ms(&self.config);
+        let mut ledger: BTreeMap<(String, String), Decimal> = BTreeMap::new();
+        let mut acknowledged: BTreeMap<(String, String), Decimal> = BTreeMap::new();
+        let (from_ms, to_ms) = (floor_ms(from.as_millisecond(), size), to.as_millisecond());
+        for meter in &self.config.meters {
+            let mut w = from_ms;
+            while w < to_ms {
+                for ((customer, _), value) in self.window_totals(meter, w).await?.owned {
+                    *ledger
+                        .entry((customer, meter.api_name.clone()))
+                        .or_default() += value;
+                }
+                w += size;
+            }
+            let records = self
+                .store
+                .records_between(&meter.api_name, ts(from_ms), ts(w))
+                .map_err(|e| self.progress_error(e))?;
+            for (key, progress) in records {
+                *acknowledged
+                    .entry((key.customer_id, meter.api_name.clone()))
+                    .or_default() += progress.acked_total();
+            }
+        }
+        Ok(compare_totals(&ledger, &acknowledged))
+    }
+
+    /// The delivery sink (dead letters, metrics, queue depth).
+    pub fn sink(&self) -> &Sink {
+        &self.sink
+    }
+
+    /// Checkpoints answers, then stops the delivery sink after at most
+    /// `grace`; unanswered records are sent again after the next start.
+    pub async fn shutdown(mut self, grace: Duration) -> Result<(), ForwardError> {
+        let _ = self.wait_idle(grace).await?;
+        self.sink.shutdown(Duration::from_millis(100)).await;
+        self.apply_outcomes()
+    }
+}
+
+fn record_item(key: Vec<u8>, record: &UsageRecord) -> Item {
+    // A record of strings, integers and a decimal always serialises.
+    let data = serde_json::to_vec(record).unwrap_or_default();
+    Item::new(Bytes::from(key), Bytes::from(data))
+}
+
+/// Splits an item key back into record key and revision (for tools reading
+/// dead letters).
+pub fn parse_item_key(key: &[u8]) -> Option<(RecordKey, u32)> {
+    split_revision_key(key).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compare_lists_only_differences() {
+        let d = |n: i64| Decimal::from(n);
+        let k = |c: &str, m: &str| (c.to_string(), m.to_string());
+        let ledger = BTreeMap::from([
+            (k("a", "m"), d(5)),
+            (k("b", "m"), d(3)),
+            (k("c", "m"), d(1)),
+        ]);
+        let acked = BTreeMap::from([
+            (k("a", "m"), d(5)),
+            (k("b", "m"), d(2)),
+            (k("z", "m"), d(9)),
+        ]);
+        let diffs = compare_totals(&ledger, &acked);
+        let shown: Vec<(String, Decimal, Decimal)> = diffs
+            .into_iter()
+            .map(|d| (d.customer_id, d.ledger, d.acknowledged))
+            .collect();
+        assert_eq!(
+            shown,
+            vec![
+                ("b".into(), d(3), d(2)),
+                ("c".into(), d(1), d(0)),
+                ("z".into(), d(0), d(9))
+            ]
+        );
+    }
+
+    #[test]
+    fn floor_handles_negative_times() {
+        assert_eq!(floor_ms(-1, 60_000), -60_000);
+        assert_eq!(floor_ms(60_000, 60_000), 60_000);
+        assert_eq!(floor_ms(119_999, 60_000), 60_000);
+    }
+}

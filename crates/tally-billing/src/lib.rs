@@ -1,0 +1,51 @@
+//! The billing forwarder's core: deliver every billing account's metered
+//! usage to a third-party metering service (Amberflo first, OpenMeter too)
+//! so that what the provider holds equals what Tally metered, through
+//! crashes, retries and late events. Measurement only: no rates, no invoices.
+//!
+//! - [`attribution`]: which `BillingAccount` owns a project's usage at a time
+//!   (from `BillingAccountBinding`s; pure).
+//! - [`config`]: the `BillingSink` resource and each meter's api name.
+//! - [`UsageSource`]: what the ledger supplies (window totals, and the times
+//!   of usage that arrived since a cursor); [`MemoryUsageSource`] for tests.
+//! - [`Forwarder`]: per (meter, billing account, closed window, dimension
+//!   values) it sends the window's total as a record with a deterministic
+//!   `uniqueId`; a window closes `allowedLateness` after it ends. A later
+//!   change to a sent window (late event, new binding) is sent as a
+//!   correction record, a new revision carrying only the difference, so the
+//!   provider's sum equals the ledger's. Each pass's plan is committed to a
+//!   fjall store (fsync) *before* it is sent, and a revision is checkpointed
+//!   as acknowledged only after the provider's 2xx; after a crash the
+//!   unanswered revisions are sent again with the same `uniqueId`s, which the
+//!   provider dedupes: exactly once in effect.
+//! - Delivery (batching, gzip, retry of 429/5xx/timeouts with backoff and
+//!   `Retry-After`, dead letters for other answers) is `tally-delivery`'s;
+//!   the provider adapters in [`provider`] only encode.
+//! - [`Forwarder::status`] and [`Forwarder::reconcile`] say where forwarding
+//!   stands and which (account, meter) totals differ from the ledger's.
+//!
+//! **Never:** price or invoice anything; rewrite a record once planned (a
+//! change is always a new revision); checkpoint before the provider
+//! acknowledged; show the provider API key in a log line, an error, a
+//! `Debug` print or any output (it is a [`tally_delivery::Secret`]).
+
+pub mod attribution;
+pub mod config;
+mod forwarder;
+mod progress;
+pub mod provider;
+mod record;
+mod source;
+
+pub use attribution::{
+    Attribution, BillingAccount, BillingAccountBinding, BillingResourceError, Owner,
+};
+pub use config::{BillingSink, ForwardedMeter, Provider, SecretKeyRef};
+pub use forwarder::{
+    Difference, ForwardError, Forwarder, ForwarderConfig, MeterStatus, PassReport, SinkStatus,
+    compare_totals, parse_item_key,
+};
+pub use progress::{ProgressError, RevisionState};
+pub use record::{KeyError, RecordKey, UsageRecord};
+pub use source::{Changes, MemoryUsageSource, SourceError, UsageSource, UsageTotal};
+pub use tally_delivery::Secret;

@@ -1,0 +1,276 @@
+//! Durable forwarding progress, in one fjall database per sink.
+//!
+//! Keyspaces:
+//! - `records`: [`RecordKey::encode`] → JSON [`RecordProgress`]: every
+//!   revision ever planned for the record, its value and whether the
+//!   provider acknowledged it.
+//! - `pending`: record key + revision (u32 BE) → the queued [`UsageRecord`]
+//!   JSON, for revisions planned but not yet acknowledged or dead-lettered.
+//!   They are queued again after a restart, with the same `uniqueId`.
+//! - `meta`: `cursor/<meter>` → JSON [`MeterCursor`]; `attribution` → the
+//!   attribution the cursors were planned with.
+//!
+//! A pass's plan (new revisions, their pending entries, the cursors) is one
+//! batch committed with `PersistMode::SyncAll` *before* anything is sent, so
+//! what was sent is always known after a crash.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use jiff::Timestamp;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use crate::record::{RecordKey, UsageRecord, window_prefix};
+
+/// A failure of the progress store.
+#[derive(Debug, thiserror::Error)]
+pub enum ProgressError {
+    /// fjall failed.
+    #[error("progress store: {0}")]
+    Storage(#[from] fjall::Error),
+    /// Stored bytes do not decode.
+    #[error("progress store is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// The fate of one revision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RevisionState {
+    /// Planned (and queued), not yet answered.
+    Pending,
+    /// The provider acknowledged it.
+    Acked,
+    /// The provider refused it for good; it is in the sink's dead letters.
+    DeadLettered,
+}
+
+/// One revision of a record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revision {
+    /// 0, 1, ...
+    pub revision: u32,
+    /// What it carried.
+    pub value: Decimal,
+    /// Its fate.
+    pub state: RevisionState,
+}
+
+/// Every revision of one record.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordProgress {
+    /// In revision order.
+    pub revisions: Vec<Revision>,
+}
+
+impl RecordProgress {
+    /// The sum of every revision ever planned: what the provider holds once
+    /// everything in flight is answered (dead letters included, so a refused
+    /// record is not re-planned forever; reconciliation shows it).
+    pub fn planned_total(&self) -> Decimal {
+        self.revisions.iter().map(|r| r.value).sum()
+    }
+
+    /// The sum of acknowledged revisions: what the provider holds now.
+    pub fn acked_total(&self) -> Decimal {
+        self.revisions
+            .iter()
+            .filter(|r| r.state == RevisionState::Acked)
+            .map(|r| r.value)
+            .sum()
+    }
+
+    /// The next revision number.
+    pub fn next_revision(&self) -> u32 {
+        self.revisions.last().map_or(0, |r| r.revision + 1)
+    }
+}
+
+/// Where a meter's forwarding stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeterCursor {
+    /// Windows starting before this were planned at least once.
+    pub planned_until_ms: i64,
+    /// Windows starting before this are never forwarded.
+    pub start_ms: i64,
+    /// The usage source's change cursor.
+    pub source_cursor: u64,
+    /// Windows from here up to `planned_until_ms` must be planned again (the
+    /// attribution changed).
+    pub rescan_from_ms: Option<i64>,
+}
+
+/// A pass's plan, committed at once.
+#[derive(Debug, Default)]
+pub(crate) struct Plan {
+    pub records: Vec<(RecordKey, RecordProgress)>,
+    pub pending: Vec<(Vec<u8>, Vec<u8>)>,
+    pub cursors: Vec<(String, MeterCursor)>,
+    pub attribution: Option<Vec<u8>>,
+}
+
+/// The key of a revision in `pending` and in queued items.
+pub(crate) fn revision_key(record: &[u8], revision: u32) -> Vec<u8> {
+    let mut key = Vec::with_capacity(record.len() + 4);
+    key.extend_from_slice(record);
+    key.extend_from_slice(&revision.to_be_bytes());
+    key
+}
+
+/// Splits a revision key.
+pub(crate) fn split_revision_key(key: &[u8]) -> Result<(RecordKey, u32), ProgressError> {
+    let at = key
+        .len()
+        .checked_sub(4)
+        .ok_or_else(|| ProgressError::Corrupt("revision key too short".into()))?;
+    let mut revision = [0u8; 4];
+    revision.copy_from_slice(&key[at..]);
+    let record =
+        RecordKey::decode(&key[..at]).map_err(|e| ProgressError::Corrupt(e.to_string()))?;
+    Ok((record, u32::from_be_bytes(revision)))
+}
+
+fn json<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, ProgressError> {
+    serde_json::from_slice(bytes).map_err(|e| ProgressError::Corrupt(e.to_string()))
+}
+
+fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+    // Our own types of strings, numbers and maps always serialise.
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+pub(crate) struct ProgressStore {
+    db: Database,
+    records: Keyspace,
+    pending: Keyspace,
+    meta: Keyspace,
+}
+
+impl ProgressStore {
+    pub fn open(path: &Path) -> Result<Self, ProgressError> {
+        let db = Database::builder(path).open()?;
+        Ok(ProgressStore {
+            records: db.keyspace("records", KeyspaceCreateOptions::default)?,
+            pending: db.keyspace("pending", KeyspaceCreateOptions::default)?,
+            meta: db.keyspace("meta", KeyspaceCreateOptions::default)?,
+            db,
+        })
+    }
+
+    pub fn cursor(&self, meter: &str) -> Result<Option<MeterCursor>, ProgressError> {
+        self.meta
+            .get(format!("cursor/{meter}"))?
+            .map(|v| json(&v))
+            .transpose()
+    }
+
+    pub fn attribution(&self) -> Result<Option<Vec<u8>>, ProgressError> {
+        Ok(self.meta.get("attribution")?.map(|v| v.to_vec()))
+    }
+
+    /// Every record of one meter and window.
+    pub fn window(
+        &self,
+        meter_api_name: &str,
+        window_start: Timestamp,
+    ) -> Result<BTreeMap<RecordKey, RecordProgress>, ProgressError> {
+        let mut out = BTreeMap::new();
+        for guard in self
+            .records
+            .prefix(window_prefix(meter_api_name, window_start))
+        {
+            let (key, value) = guard.into_inner()?;
+            let key = RecordKey::decode(&key).map_err(|e| ProgressError::Corrupt(e.to_string()))?;
+            out.insert(key, json(&value)?);
+        }
+        Ok(out)
+    }
+
+    /// Every record of a meter with a window in `[from, to)`.
+    pub fn records_between(
+        &self,
+        meter_api_name: &str,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<(RecordKey, RecordProgress)>, ProgressError> {
+        let range = window_prefix(meter_api_name, from)..window_prefix(meter_api_name, to);
+        let mut out = Vec::new();
+        for guard in self.records.range(range) {
+            let (key, value) = guard.into_inner()?;
+            let key = RecordKey::decode(&key).map_err(|e| ProgressError::Corrupt(e.to_string()))?;
+            out.push((key, json(&value)?));
+        }
+        Ok(out)
+    }
+
+    /// Commits a plan durably.
+    pub fn commit(&self, plan: &Plan) -> Result<(), ProgressError> {
+        let mut batch = self.db.batch().durability(Some(PersistMode::SyncAll));
+        for (key, progress) in &plan.records {
+            batch.insert(&self.records, key.encode(), to_json(progress));
+        }
+        for (key, data) in &plan.pending {
+            batch.insert(&self.pending, key.as_slice(), data.as_slice());
+        }
+        for (meter, cursor) in &plan.cursors {
+            batch.insert(&self.meta, format!("cursor/{meter}"), to_json(cursor));
+        }
+        if let Some(attribution) = &plan.attribution {
+            batch.insert(&self.meta, "attribution", attribution.as_slice());
+        }
+        batch.commit()?;
+        Ok(())
+    }
+
+    /// Every pending revision, as queued.
+    pub fn pending(&self) -> Result<Vec<(Vec<u8>, UsageRecord)>, ProgressError> {
+        let mut out = Vec::new();
+        for guard in self.pending.iter() {
+            let (key, value) = guard.into_inner()?;
+            out.push((key.to_vec(), json(&value)?));
+        }
+        Ok(out)
+    }
+
+    /// Records the answers for revisions (by revision key); returns the
+    /// revisions whose state changed, with their new state.
+    pub fn settle(
+        &self,
+        answers: &[(Vec<u8>, RevisionState)],
+    ) -> Result<Vec<(RecordKey, Revision)>, ProgressError> {
+        let mut changed = Vec::new();
+        let mut touched: BTreeMap<Vec<u8>, RecordProgress> = BTreeMap::new();
+        let mut batch = self.db.batch();
+        for (revision_key, state) in answers {
+            let (record, revision) = split_revision_key(revision_key)?;
+            let encoded = record.encode();
+            let progress = match touched.get_mut(&encoded) {
+                Some(progress) => progress,
+                None => {
+                    let Some(stored) = self.records.get(&encoded)? else {
+                        continue;
+                    };
+                    touched.entry(encoded.clone()).or_insert(json(&stored)?)
+                }
+            };
+            let Some(entry) = progress
+                .revisions
+                .iter_mut()
+                .find(|r| r.revision == revision)
+            else {
+                continue;
+            };
+            if entry.state != *state && entry.state != RevisionState::Acked {
+                entry.state = *state;
+                changed.push((record, entry.clone()));
+            }
+            batch.remove(&self.pending, revision_key.as_slice());
+        }
+        for (key, progress) in &touched {
+            batch.insert(&self.records, key.as_slice(), to_json(progress));
+        }
+        batch.commit()?;
+        Ok(changed)
+    }
+}

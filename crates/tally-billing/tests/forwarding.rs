@@ -1,0 +1,347 @@
+//! The forwarder over real HTTP on loopback against the provider test servers.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+use support::{
+    Fault, TestServer, account, at, binding, config, meters, one_account_per_project, sink,
+};
+use tally_billing::{Attribution, Forwarder, MemoryUsageSource, Provider, UsageSource};
+use tally_delivery::Registry;
+
+fn dims(region: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([("region".to_string(), region.to_string())])
+}
+
+fn d(n: i64) -> Decimal {
+    Decimal::from(n)
+}
+
+fn key(account: &str, meter: &str) -> (String, String) {
+    (format!("uid-{account}"), format!("api-{meter}"))
+}
+
+async fn start(
+    server: &TestServer,
+    provider: Provider,
+    source: &Arc<MemoryUsageSource>,
+    attribution: Attribution,
+    dir: &std::path::Path,
+) -> Forwarder {
+    let config = config(
+        sink(&server.url, provider, 0),
+        meters(&["requests", "bytes"]),
+        dir,
+    );
+    let source: Arc<dyn UsageSource> = source.clone();
+    Forwarder::start(config, source, attribution, &Registry::new())
+        .await
+        .unwrap()
+}
+
+struct Fixture {
+    server: TestServer,
+    dir: tempfile::TempDir,
+    source: Arc<MemoryUsageSource>,
+}
+
+impl Fixture {
+    async fn start(&self, provider: Provider, attribution: Attribution) -> Forwarder {
+        start(
+            &self.server,
+            provider,
+            &self.source,
+            attribution,
+            self.dir.path(),
+        )
+        .await
+    }
+}
+
+async fn fixture(key: &str) -> Fixture {
+    Fixture {
+        server: TestServer::start(key).await,
+        dir: tempfile::tempdir().unwrap(),
+        source: Arc::new(MemoryUsageSource::new()),
+    }
+}
+
+async fn assert_reconciled(forwarder: &Forwarder, to: jiff::Timestamp) {
+    let differences = forwarder.reconcile(at(0), to).await.unwrap();
+    assert!(differences.is_empty(), "{differences:?}");
+}
+
+async fn pass(forwarder: &mut Forwarder, now: jiff::Timestamp) {
+    forwarder.run_once(now).await.unwrap();
+    settle(forwarder).await;
+}
+
+async fn settle(forwarder: &mut Forwarder) {
+    assert!(forwarder.wait_idle(Duration::from_secs(20)).await.unwrap());
+}
+
+#[tokio::test]
+async fn windows_are_forwarded_once_closed_and_late_events_become_corrections() {
+    let fx = fixture(support::API_KEY).await;
+    let (server, source) = (&fx.server, &fx.source);
+    source.add("requests", "p0", at(10), dims("eu"), d(3));
+    source.add("requests", "p0", at(20), dims("us"), d(4));
+    source.add("requests", "p1", at(70), dims("eu"), d(5));
+    source.add("bytes", "p1", at(30), BTreeMap::new(), Decimal::new(15, 1));
+    // Still open at the first pass (window [120, 180)).
+    source.add("requests", "p0", at(130), dims("eu"), d(100));
+    let mut forwarder = fx
+        .start(Provider::Amberflo, one_account_per_project(2))
+        .await;
+
+    let report = forwarder.run_once(at(125)).await.unwrap();
+    assert_eq!(report.windows, 4, "two closed windows per meter");
+    assert_eq!(report.records, 4);
+    settle(&mut forwarder).await;
+    assert_eq!(
+        server.sums(),
+        BTreeMap::from([
+            (key("a0", "requests"), d(7)),
+            (key("a1", "requests"), d(5)),
+            (key("a1", "bytes"), Decimal::new(15, 1)),
+        ])
+    );
+    // Nothing new: nothing sent.
+    assert_eq!(forwarder.run_once(at(126)).await.unwrap().records, 0);
+
+    // A late event in a sent window, and a void (negative) in another.
+    source.add("requests", "p0", at(15), dims("eu"), d(2));
+    source.add("requests", "p1", at(61), dims("eu"), d(-5));
+    let report = forwarder.run_once(at(181)).await.unwrap();
+    assert_eq!(report.records, 3, "two corrections and window [120,180)");
+    settle(&mut forwarder).await;
+    let sums = server.sums();
+    assert_eq!(sums[&key("a0", "requests")], d(109));
+    assert_eq!(sums[&key("a1", "requests")], d(0));
+    assert_eq!(server.state().duplicates, 0);
+
+    let status = forwarder.status(at(200));
+    let requests = &status.meters[0];
+    assert_eq!(requests.meter, "requests");
+    assert_eq!(requests.records_sent, 6);
+    assert_eq!(requests.corrections_sent, 2);
+    assert_eq!(requests.records_pending, 0);
+    assert_eq!(requests.forwarded_until, Some(at(180)));
+    assert_eq!(requests.lag, Some(Duration::from_secs(20)));
+    assert_reconciled(&forwarder, at(180)).await;
+}
+
+#[tokio::test]
+async fn usage_becomes_attributed_when_a_covering_binding_appears() {
+    let fx = fixture(support::API_KEY).await;
+    let (server, source) = (&fx.server, &fx.source);
+    source.add("requests", "web", at(10), dims("eu"), d(3));
+    source.add("requests", "web", at(70), dims("eu"), d(4));
+    source.add("requests", "web", at(95), dims("eu"), d(6));
+    let accounts = [account("acme"), account("globex")];
+    let mut forwarder = fx
+        .start(Provider::Amberflo, Attribution::new(&accounts, &[]))
+        .await;
+    pass(&mut forwarder, at(200)).await;
+    assert!(server.sums().is_empty());
+    assert_eq!(forwarder.status(at(200)).meters[0].unattributed, d(13));
+
+    // acme from 0:00, globex from 1:30 (mid-window): the window is cut.
+    let bindings = [binding("acme", "web", 0), binding("globex", "web", 90)];
+    forwarder
+        .set_attribution(Attribution::new(&accounts, &bindings))
+        .unwrap();
+    pass(&mut forwarder, at(201)).await;
+    assert_eq!(
+        server.sums(),
+        BTreeMap::from([
+            (key("acme", "requests"), d(7)),
+            (key("globex", "requests"), d(6))
+        ])
+    );
+    assert_eq!(forwarder.status(at(201)).meters[0].unattributed, d(0));
+}
+
+#[tokio::test]
+async fn attribution_changes_while_stopped_are_caught_up_after_restart() {
+    let fx = fixture(support::API_KEY).await;
+    let (server, source) = (&fx.server, &fx.source);
+    source.add("requests", "web", at(10), dims("eu"), d(3));
+    let accounts = [account("acme")];
+    let mut forwarder = fx
+        .start(Provider::Amberflo, Attribution::new(&accounts, &[]))
+        .await;
+    forwarder.run_once(at(200)).await.unwrap();
+    forwarder.shutdown(Duration::from_secs(5)).await.unwrap();
+    let bound = Attribution::new(&accounts, &[binding("acme", "web", 0)]);
+    let mut forwarder = fx.start(Provider::Amberflo, bound).await;
+    pass(&mut forwarder, at(201)).await;
+    assert_eq!(
+        server.sums(),
+        BTreeMap::from([(key("acme", "requests"), d(3))])
+    );
+}
+
+#[tokio::test]
+async fn retries_429_5xx_and_timeouts_without_double_counting() {
+    let fx = fixture(support::API_KEY).await;
+    let (server, dir, source) = (&fx.server, &fx.dir, &fx.source);
+    for i in 0..120 {
+        source.add(
+            "requests",
+            &format!("p{}", i % 3),
+            at(i),
+            dims("eu"),
+            d(i + 1),
+        );
+    }
+    server.push_faults([
+        Fault::Status(429, Some(1)),
+        Fault::Status(503, None),
+        Fault::Status(500, None),
+        Fault::SlowAnswer(Duration::from_secs(3)),
+    ]);
+    let mut config = config(
+        sink(&server.url, Provider::Amberflo, 0),
+        meters(&["requests"]),
+        dir.path(),
+    );
+    config.retry.request_timeout = Duration::from_millis(500);
+    let mut forwarder = Forwarder::start(
+        config,
+        source.clone(),
+        one_account_per_project(3),
+        &Registry::new(),
+    )
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    pass(&mut forwarder, at(180)).await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "Retry-After honoured"
+    );
+    let expected: Decimal = (1..=120).map(Decimal::from).sum();
+    assert_eq!(server.sums().values().copied().sum::<Decimal>(), expected);
+    assert!(
+        server.state().duplicates > 0,
+        "the timed-out batch was sent again"
+    );
+    let status = forwarder.status(at(180));
+    assert!(status.retries >= 4, "{status:?}");
+    assert_eq!(status.dead_letters, 0);
+    assert_reconciled(&forwarder, at(180)).await;
+}
+
+#[tokio::test]
+async fn a_refused_batch_is_dead_lettered_and_the_forwarder_goes_on() {
+    let fx = fixture(support::API_KEY).await;
+    let (server, source) = (&fx.server, &fx.source);
+    source.add("requests", "p0", at(10), dims("eu"), d(3));
+    server.push_faults([Fault::Status(400, None)]);
+    let mut forwarder = fx
+        .start(Provider::Amberflo, one_account_per_project(1))
+        .await;
+    pass(&mut forwarder, at(60)).await;
+    source.add("requests", "p0", at(70), dims("eu"), d(4));
+    pass(&mut forwarder, at(120)).await;
+    assert_eq!(
+        server.sums(),
+        BTreeMap::from([(key("a0", "requests"), d(4))])
+    );
+    let status = forwarder.status(at(120));
+    assert_eq!(status.meters[0].records_dead_lettered, 1);
+    assert_eq!(status.dead_letters, 1);
+    let letters = forwarder.sink().dead_letters().await.unwrap();
+    assert_eq!(letters[0].status, Some(400));
+    assert!(letters[0].body.contains("injected fault"));
+    let diffs = forwarder.reconcile(at(0), at(120)).await.unwrap();
+    assert_eq!(diffs.len(), 1);
+    assert_eq!((diffs[0].ledger, diffs[0].acknowledged), (d(7), d(4)));
+
+    // An operator re-queues the dead letter: it is acknowledged and checkpointed.
+    assert!(
+        forwarder
+            .sink()
+            .requeue_dead_letter(letters[0].id)
+            .await
+            .unwrap()
+    );
+    settle(&mut forwarder).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    forwarder.apply_outcomes().unwrap();
+    assert_reconciled(&forwarder, at(120)).await;
+    assert_eq!(
+        server.sums(),
+        BTreeMap::from([(key("a0", "requests"), d(7))])
+    );
+}
+
+#[tokio::test]
+async fn unanswered_records_are_resent_with_the_same_ids_after_a_restart() {
+    let fx = fixture(support::API_KEY).await;
+    let (server, source) = (&fx.server, &fx.source);
+    source.add("requests", "p0", at(10), dims("eu"), d(3));
+    // Stored, but the answer never arrives in time.
+    server.push_faults([Fault::SlowAnswer(Duration::from_secs(30))]);
+    let mut forwarder = fx
+        .start(Provider::Amberflo, one_account_per_project(1))
+        .await;
+    forwarder.run_once(at(60)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    forwarder.shutdown(Duration::from_millis(10)).await.unwrap();
+    assert_eq!(server.state().accepted_records, 1);
+    let mut forwarder = fx
+        .start(Provider::Amberflo, one_account_per_project(1))
+        .await;
+    assert_eq!(forwarder.pending_records(), 1);
+    assert_eq!(forwarder.run_once(at(61)).await.unwrap().records, 0);
+    settle(&mut forwarder).await;
+    assert_eq!(server.state().duplicates, 1);
+    assert_eq!(
+        server.sums(),
+        BTreeMap::from([(key("a0", "requests"), d(3))])
+    );
+}
+
+#[tokio::test]
+async fn openmeter_adapter_forwards_the_same_totals() {
+    let fx = fixture(support::API_KEY).await;
+    let (server, source) = (&fx.server, &fx.source);
+    source.add("requests", "p0", at(10), dims("eu"), d(3));
+    source.add("requests", "p0", at(11), dims("us"), d(4));
+    source.add("bytes", "p1", at(12), BTreeMap::new(), d(1 << 40));
+    let mut forwarder = fx
+        .start(Provider::Openmeter, one_account_per_project(2))
+        .await;
+    pass(&mut forwarder, at(60)).await;
+    source.add("requests", "p0", at(12), dims("us"), d(1));
+    pass(&mut forwarder, at(61)).await;
+    assert_eq!(
+        server.sums(),
+        BTreeMap::from([
+            (key("a0", "requests"), d(8)),
+            (key("a1", "bytes"), d(1 << 40))
+        ])
+    );
+    assert!(server.state().refused.is_empty());
+}
+
+#[tokio::test]
+async fn a_wrong_api_key_dead_letters_without_showing_the_key() {
+    let fx = fixture("the-right-key").await;
+    let source = &fx.source;
+    source.add("requests", "p0", at(10), dims("eu"), d(3));
+    let mut forwarder = fx
+        .start(Provider::Amberflo, one_account_per_project(1))
+        .await;
+    pass(&mut forwarder, at(60)).await;
+    let letters = forwarder.sink().dead_letters().await.unwrap();
+    assert_eq!(letters[0].status, Some(401));
+    let shown = format!("{letters:?} {forwarder:?} {:?}", forwarder.status(at(60)));
+    assert!(!shown.contains(support::API_KEY), "{shown}");
+}
