@@ -434,3 +434,114 @@ fn reading_a_file_again_from_its_start_counts_nothing_twice() {
     assert_metered(&server.base, &expected, Duration::from_secs(5));
     second.stop();
 }
+
+/// POSTs `body` to `url`; status and answer.
+fn post(url: &str, content_type: &str, gzip: bool, body: Vec<u8>) -> (u16, Vec<u8>) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = tally_delivery::client_builder().build().unwrap();
+        let mut request = client
+            .post(url)
+            .header("content-type", content_type)
+            .body(body);
+        if gzip {
+            request = request.header("content-encoding", "gzip");
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.bytes().await.unwrap().to_vec())
+    })
+}
+
+#[test]
+fn otlp_log_records_are_metered_like_file_lines() {
+    use opentelemetry_proto::tonic::collector::logs::v1::{
+        ExportLogsServiceRequest, ExportLogsServiceResponse,
+    };
+    use prost::Message;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _) = ledger(dir.path());
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let state = dir.path().join("state");
+    let args = [
+        "collect",
+        "--otlp",
+        "--ledger",
+        &server.base,
+        "--listen",
+        &listen,
+        "--idle-flush-secs",
+        "2",
+        "--batch-timeout-ms",
+        "100",
+        "--state-dir",
+    ];
+    let agent = spawn(&args, &[&state], port);
+    let nanos = (jiff::Timestamp::now().as_millisecond() - 2 * 3_600_000) as u128 * 1_000_000;
+    let record = |bytes_sent: u64, duration: &str| {
+        serde_json::json!({
+            "timeUnixNano": nanos.to_string(),
+            "attributes": [
+                {"key": "route_name", "value": {"stringValue": "httproute/ns-otlp/api/rule/0"}},
+                {"key": "bytes_received", "value": {"stringValue": "100"}},
+                {"key": "bytes_sent", "value": {"intValue": bytes_sent.to_string()}},
+                {"key": "duration", "value": {"stringValue": duration}},
+            ]
+        })
+    };
+    let request = serde_json::json!({"resourceLogs": [{"scopeLogs": [{"logRecords": [
+        record(5_000_000_000, "1500"), record(7, "600"), {"timeUnixNano": nanos.to_string()}
+    ]}]}]});
+    let (status, answer) = post(
+        &format!("{}/v1/logs", agent.base),
+        "application/json",
+        false,
+        serde_json::to_vec(&request).unwrap(),
+    );
+    assert_eq!(status, 200);
+    let answer: Value = serde_json::from_slice(&answer).unwrap();
+    // OTLP/JSON readers take int64 as a number or a string.
+    let rejected = answer["partialSuccess"]["rejectedLogRecords"].to_string();
+    assert_eq!(rejected.trim_matches('"'), "1", "{answer}");
+    // The same kind of record again, as gzip'd protobuf.
+    let proto: ExportLogsServiceRequest = serde_json::from_value(serde_json::json!(
+        {"resourceLogs": [{"scopeLogs": [{"logRecords": [record(3, "900")]}]}]}
+    ))
+    .unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&proto.encode_to_vec()).unwrap();
+    let (status, answer) = post(
+        &format!("{}/v1/logs", agent.base),
+        "application/x-protobuf",
+        true,
+        gz.finish().unwrap(),
+    );
+    assert_eq!(status, 200);
+    let answer = ExportLogsServiceResponse::decode(&answer[..]).unwrap();
+    assert_eq!(answer.partial_success, None);
+    let expected = ExpectedTotals {
+        per_route: [(
+            tally_collect::RouteKey {
+                project: "ns-otlp".into(),
+                namespace: "ns-otlp".into(),
+                name: "api".into(),
+            },
+            tally_collect::Totals {
+                requests: 3,
+                ingress_bytes: 300,
+                egress_bytes: 5_000_000_010,
+                connection_millis: 3_000,
+            },
+        )]
+        .into_iter()
+        .collect(),
+        ..ExpectedTotals::default()
+    };
+    assert_metered(&server.base, &expected, Duration::from_secs(30));
+    agent.stop();
+}
