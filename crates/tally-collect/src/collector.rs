@@ -276,6 +276,12 @@ impl Collector {
         self.tailer.lost_files()
     }
 
+    /// Where reading of each tailed file stands, as of the last durable
+    /// checkpoint (oldest file first; the last one is the file at the path).
+    pub fn positions(&self) -> &[crate::tail::FilePosition] {
+        &self.committed_files
+    }
+
     /// The state store's directory.
     pub fn state_dir(&self) -> &Path {
         &self.config.state_dir

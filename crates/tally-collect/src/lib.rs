@@ -45,6 +45,23 @@
 //! and the same event ids come out. Shipping is at-least-once; the ledger's
 //! dedupe by (`source`, `id`) makes it exactly once.
 //!
+//! # Connection seconds: which input attributes what
+//! - **Request records** (no `access_log_type`, or `NotSet`): the request's
+//!   `duration` counts in the window of its `start_time`. The default for
+//!   plain HTTP: a request is one use of a connection or stream.
+//! - **Periodic records** (`DownstreamPeriodic`/`DownstreamEnd` keyed by
+//!   `x-request-id`, `TcpPeriodic`/`TcpConnectionEnd` keyed by
+//!   `connection_id`, or [`ConnectionRecord`]s): cumulative counters, of which
+//!   each record adds only what its stream gained, split across the windows
+//!   it spans. Use Envoy's `access_log_flush_interval` for WebSockets, gRPC
+//!   streams and TCP routes, so long connections are billed every window.
+//! - **Lifecycle events** ([`ConnectionEvent`] open/close, for embedders that
+//!   see connections directly): an open connection is accounted up to the
+//!   closing boundary at every round.
+//!
+//! Without periodic records a long-lived stream is billed once, when its end
+//! record arrives, in the window it started in. See [`aggregate`] for details.
+//!
 //! # Never
 //! - Never drops a line silently: malformed and unattributable lines are
 //!   counted by reason with examples ([`record::LineDiagnostics`]).

@@ -198,12 +198,66 @@ impl FileTailer {
             .iter()
             .any(|f| f.position.device == meta.dev() && f.position.inode == meta.ino());
         if !known {
+            self.adopt_rotated(meta.dev(), meta.ino())?;
             tracing::info!(path = %self.path.display(), inode = meta.ino(), "tailing a new log file");
             self.files.push(TailedFile {
                 file,
                 position: FilePosition {
                     device: meta.dev(),
                     inode: meta.ino(),
+                    fingerprint: None,
+                    offset: 0,
+                },
+            });
+        }
+        Ok(())
+    }
+
+    /// Before a new file at the path is tailed: if the newest file being read
+    /// was renamed away (rotation by rename), siblings written after it
+    /// are files that were rotated while nobody polled (the agent was down,
+    /// or several rotations happened between two polls). They are read
+    /// next, oldest (by modification time) first, so no rotated file is
+    /// skipped. After copytruncate the newest file is still at the path, so
+    /// its copy is never adopted.
+    fn adopt_rotated(&mut self, device: u64, inode: u64) -> Result<(), TailError> {
+        let Some(newest) = self.files.last() else {
+            return Ok(());
+        };
+        let Ok(newest_meta) = newest.file.metadata() else {
+            return Ok(());
+        };
+        let Ok(newest_modified) = newest_meta.modified() else {
+            return Ok(());
+        };
+        let mut adopted = Vec::new();
+        for candidate in self.candidates()? {
+            let Ok(file) = File::open(&candidate) else {
+                continue;
+            };
+            let Ok(meta) = file.metadata() else {
+                continue;
+            };
+            let is_known = (meta.dev() == device && meta.ino() == inode)
+                || self
+                    .files
+                    .iter()
+                    .any(|f| f.position.device == meta.dev() && f.position.inode == meta.ino());
+            let newer = meta.modified().is_ok_and(|m| m > newest_modified);
+            if !is_known && newer && meta.is_file() {
+                let modified = meta.modified().ok();
+                adopted.push((modified, meta.ino(), candidate, file, meta.dev()));
+            }
+        }
+        adopted.sort_by_key(|a| (a.0, a.1));
+        for (_, inode, candidate, file, device) in adopted {
+            tracing::info!(path = %candidate.display(), inode,
+                "tailing a log file rotated while it was not being read");
+            self.files.push(TailedFile {
+                file,
+                position: FilePosition {
+                    device,
+                    inode,
                     fingerprint: None,
                     offset: 0,
                 },

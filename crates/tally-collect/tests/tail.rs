@@ -136,3 +136,57 @@ fn a_reused_inode_with_other_content_is_a_new_file() {
     assert_eq!(tailer.lost_files().len(), 1);
     assert_eq!(read_all(&mut tailer).len(), 3);
 }
+
+/// Every line the tailer has now, over as many reads as it takes.
+fn drain(tailer: &mut FileTailer) -> Vec<String> {
+    let mut lines = Vec::new();
+    loop {
+        let more = read_all(tailer);
+        if more.is_empty() {
+            return lines;
+        }
+        lines.extend(more);
+    }
+}
+
+#[test]
+fn files_rotated_while_nobody_polled_are_read_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    append(&path, "a1\n");
+    let mut tailer = FileTailer::open(&path, &[]).unwrap();
+    assert_eq!(drain(&mut tailer), ["a1"]);
+    let checkpoint = tailer.checkpoint();
+    drop(tailer);
+    // While the agent is down: two rotations by rename.
+    append(&path, "a2\n");
+    fs::rename(&path, dir.path().join("access.log.1")).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    append(&path, "b1\n");
+    fs::rename(&path, dir.path().join("access.log.2")).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    append(&path, "c1\n");
+    let mut tailer = FileTailer::open(&path, &checkpoint).unwrap();
+    assert_eq!(drain(&mut tailer), ["a2", "b1", "c1"]);
+}
+
+#[test]
+fn a_copytruncate_copy_is_not_read_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    append(&path, &long(1));
+    let mut tailer = FileTailer::open(&path, &[]).unwrap();
+    assert_eq!(drain(&mut tailer).len(), 1);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    fs::copy(&path, dir.path().join("access.log.1")).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    append(&path, &long(2));
+    let lines = drain(&mut tailer);
+    assert_eq!(lines.len(), 1);
+    assert!(lines[0].starts_with("line-0002"));
+}

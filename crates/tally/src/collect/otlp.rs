@@ -1,0 +1,329 @@
+//! The OTLP/HTTP logs receiver (`POST /v1/logs`) and its spool file.
+//!
+//! Envoy's OpenTelemetry access-log sink sends the access-log fields as log
+//! record attributes (and/or a key-value body). Each record becomes the JSON
+//! access-log line the file inputs read: attributes, then the body's
+//! key-values (or the body string, when it holds a JSON object), with
+//! `start_time` taken from the record's time when it is not an attribute.
+//! The lines are appended to the spool and fsync'd before the answer, so an
+//! answered request is never lost; the OTLP input tails the spool.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use anyhow::Context;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use opentelemetry_proto::tonic::collector::logs::v1::{
+    ExportLogsPartialSuccess, ExportLogsServiceRequest, ExportLogsServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::logs::v1::LogRecord;
+use prost::Message as _;
+use serde_json::{Map, Value};
+use tally_collect::Collector;
+
+use super::HttpState;
+
+/// Largest accepted request body, decoded.
+const MAX_BODY_BYTES: u64 = 16 << 20;
+/// The spool is rotated once it is this large and fully read.
+const ROTATE_BYTES: u64 = 64 << 20;
+
+/// The append-only file OTLP records are written to.
+pub(crate) struct Spool {
+    path: PathBuf,
+    file: Mutex<File>,
+}
+
+impl Spool {
+    /// Opens (creating) `dir/access.log`.
+    pub(crate) fn open(dir: &Path) -> anyhow::Result<Spool> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the OTLP spool directory {}", dir.display()))?;
+        let path = dir.join("access.log");
+        let file = open_append(&path)?;
+        Ok(Spool {
+            path,
+            file: Mutex::new(file),
+        })
+    }
+
+    /// The spool file's path.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends lines and makes them durable.
+    fn append(&self, text: &[u8]) -> std::io::Result<()> {
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        file.write_all(text)?;
+        file.sync_data()
+    }
+
+    /// Rotates the spool (rename to `.1`, replacing the previous one) once it
+    /// is large and the collector has read and checkpointed all of it.
+    pub(crate) fn rotate_if_read(&self, collector: &Collector) -> anyhow::Result<()> {
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let length = file
+            .metadata()
+            .with_context(|| format!("reading {}", self.path.display()))?
+            .len();
+        let positions = collector.positions();
+        let read_all = positions.len() == 1 && positions[0].offset == length;
+        if length < ROTATE_BYTES || !read_all {
+            return Ok(());
+        }
+        let rotated = self.path.with_extension("log.1");
+        std::fs::rename(&self.path, &rotated)
+            .with_context(|| format!("rotating {}", self.path.display()))?;
+        *file = open_append(&self.path)?;
+        tracing::debug!(spool = %self.path.display(), "OTLP spool rotated");
+        Ok(())
+    }
+}
+
+fn open_append(path: &Path) -> anyhow::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+/// How the request was encoded; the answer uses the same.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Protobuf,
+    Json,
+}
+
+fn answer(
+    encoding: Encoding,
+    status: StatusCode,
+    response: &ExportLogsServiceResponse,
+) -> Response {
+    match encoding {
+        Encoding::Protobuf => (
+            status,
+            [(header::CONTENT_TYPE, "application/x-protobuf")],
+            response.encode_to_vec(),
+        )
+            .into_response(),
+        Encoding::Json => (
+            status,
+            [(header::CONTENT_TYPE, "application/json")],
+            serde_json::to_vec(response).unwrap_or_else(|_| b"{}".to_vec()),
+        )
+            .into_response(),
+    }
+}
+
+fn refuse(status: StatusCode, message: String) -> Response {
+    (status, [(header::CONTENT_TYPE, "text/plain")], message).into_response()
+}
+
+/// `POST /v1/logs`.
+pub(crate) async fn receive_logs(
+    State(state): State<HttpState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(spool) = state.spool.clone() else {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            "the OTLP receiver is off; start tally collect with --otlp".to_owned(),
+        );
+    };
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.to_ascii_lowercase())
+        .unwrap_or_default();
+    let media = content_type.split(';').next().map_or("", str::trim);
+    let encoding = match media {
+        "application/x-protobuf" | "application/protobuf" => Encoding::Protobuf,
+        "application/json" => Encoding::Json,
+        other => {
+            return refuse(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!(
+                    "content type {other:?} is neither application/x-protobuf nor application/json"
+                ),
+            );
+        }
+    };
+    let body = match super::decode_body(&headers, body, MAX_BODY_BYTES) {
+        Ok(body) => body,
+        Err(message) => return refuse(StatusCode::BAD_REQUEST, message),
+    };
+    let request = match encoding {
+        Encoding::Protobuf => ExportLogsServiceRequest::decode(&body[..])
+            .map_err(|e| format!("not an ExportLogsServiceRequest: {e}")),
+        Encoding::Json => serde_json::from_slice::<ExportLogsServiceRequest>(&body)
+            .map_err(|e| format!("not an ExportLogsServiceRequest in OTLP/JSON: {e}")),
+    };
+    let request = match request {
+        Ok(request) => request,
+        Err(message) => return refuse(StatusCode::BAD_REQUEST, message),
+    };
+    let (text, rejected) = lines(&request);
+    if !text.is_empty() {
+        let written = tokio::task::spawn_blocking(move || spool.append(&text)).await;
+        let failure = match written {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(error) = failure {
+            tracing::error!(error = %error, "writing the OTLP spool failed");
+            let mut response = refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the records could not be stored; retry later".to_owned(),
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            return response;
+        }
+    }
+    let partial_success = (rejected > 0).then(|| ExportLogsPartialSuccess {
+        rejected_log_records: rejected,
+        error_message: format!(
+            "{rejected} log records carry no access-log fields (neither attributes nor a key-value or JSON body)"
+        ),
+    });
+    answer(
+        encoding,
+        StatusCode::OK,
+        &ExportLogsServiceResponse { partial_success },
+    )
+}
+
+/// The access-log lines of a request, and how many records had nothing to
+/// make one of.
+fn lines(request: &ExportLogsServiceRequest) -> (Vec<u8>, i64) {
+    let mut text = Vec::new();
+    let mut rejected = 0;
+    for resource in &request.resource_logs {
+        for scope in &resource.scope_logs {
+            for record in &scope.log_records {
+                match record_line(record) {
+                    Some(line) => {
+                        text.extend_from_slice(line.as_bytes());
+                        text.push(b'\n');
+                    }
+                    None => rejected += 1,
+                }
+            }
+        }
+    }
+    (text, rejected)
+}
+
+/// One record as a JSON access-log line; `None` if it has no fields.
+pub(crate) fn record_line(record: &LogRecord) -> Option<String> {
+    let mut fields = Map::new();
+    put_all(&mut fields, &record.attributes);
+    match record.body.as_ref().and_then(|b| b.value.as_ref()) {
+        Some(any_value::Value::KvlistValue(list)) => put_all(&mut fields, &list.values),
+        Some(any_value::Value::StringValue(text)) => {
+            if let Ok(Value::Object(object)) = serde_json::from_str::<Value>(text) {
+                for (key, value) in object {
+                    fields.entry(key).or_insert(value);
+                }
+            }
+        }
+        _ => {}
+    }
+    if fields.is_empty() {
+        return None;
+    }
+    if !fields.contains_key("start_time") {
+        let nanos = if record.time_unix_nano != 0 {
+            record.time_unix_nano
+        } else {
+            record.observed_time_unix_nano
+        };
+        if nanos != 0
+            && let Ok(at) = jiff::Timestamp::from_nanosecond(i128::from(nanos))
+        {
+            fields.insert(
+                "start_time".into(),
+                Value::String(at.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()),
+            );
+        }
+    }
+    serde_json::to_string(&Value::Object(fields)).ok()
+}
+
+fn put_all(fields: &mut Map<String, Value>, attributes: &[KeyValue]) {
+    for attribute in attributes {
+        if let Some(value) = attribute.value.as_ref().and_then(json_value) {
+            fields.entry(attribute.key.clone()).or_insert(value);
+        }
+    }
+}
+
+fn json_value(value: &AnyValue) -> Option<Value> {
+    Some(match value.value.as_ref()? {
+        any_value::Value::StringValue(s) => Value::String(s.clone()),
+        any_value::Value::BoolValue(b) => Value::Bool(*b),
+        any_value::Value::IntValue(i) => Value::from(*i),
+        any_value::Value::DoubleValue(d) => serde_json::Number::from_f64(*d).map(Value::Number)?,
+        any_value::Value::ArrayValue(a) => {
+            Value::Array(a.values.iter().filter_map(json_value).collect())
+        }
+        any_value::Value::KvlistValue(list) => {
+            let mut map = Map::new();
+            put_all(&mut map, &list.values);
+            Value::Object(map)
+        }
+        any_value::Value::BytesValue(_) | any_value::Value::StringValueStrindex(_) => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attr(key: &str, value: any_value::Value) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: Some(AnyValue { value: Some(value) }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_record_becomes_the_same_line_as_the_file_format() {
+        let record = LogRecord {
+            time_unix_nano: 1_714_564_801_250_000_000,
+            attributes: vec![
+                attr(
+                    "route_name",
+                    any_value::Value::StringValue("httproute/shop/api/rule/0".into()),
+                ),
+                attr("bytes_sent", any_value::Value::IntValue(2048)),
+                attr(
+                    "bytes_received",
+                    any_value::Value::StringValue("120".into()),
+                ),
+            ],
+            ..Default::default()
+        };
+        let line = record_line(&record).unwrap();
+        let parsed = tally_collect::parse_access_line(line.as_bytes()).unwrap();
+        assert_eq!(parsed.route(), Some("httproute/shop/api/rule/0"));
+        assert_eq!((parsed.ingress_bytes(), parsed.egress_bytes()), (120, 2048));
+        assert_eq!(
+            parsed.start_time.as_deref(),
+            Some("2024-05-01T12:00:01.250Z")
+        );
+        assert_eq!(record_line(&LogRecord::default()), None);
+    }
+}

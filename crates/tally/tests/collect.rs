@@ -1,0 +1,547 @@
+//! `tally collect` end to end: a generated Envoy access-log corpus, written
+//! live with rotation, is collected by the real agent and shipped to a real
+//! `tally serve` with the example gateway meters applied. The meters' sums
+//! per HTTPRoute must equal the corpus totals exactly, also when the agent
+//! is SIGKILLed, when the ledger is down for a while, and when a file is
+//! read again from its start with a fresh state directory.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tally_collect::{CorpusConfig, CorpusGenerator, ExpectedTotals};
+
+const METERS: [&str; 4] = [
+    "gateway-requests",
+    "gateway-ingress-bytes",
+    "gateway-egress-bytes",
+    "gateway-connection-seconds",
+];
+
+/// A child process that is killed when dropped.
+struct Process {
+    child: Child,
+    base: String,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Process {
+    fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                assert!(status.success(), "tally collect exited with {status}");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("tally collect did not stop on SIGTERM");
+    }
+}
+
+/// Spawns `tally` listening on `port` and returns once `/healthz` answers.
+fn spawn(args: &[&str], extra: &[&Path], port: u16) -> Process {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(args)
+        .args(extra)
+        .env(
+            "RUST_LOG",
+            std::env::var("TALLY_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start tally");
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while get(&format!("{base}/healthz")).is_none_or(|(status, _)| status != 200) {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("tally {args:?} exited with {status}");
+        }
+        assert!(Instant::now() < deadline, "tally {args:?} never answered");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Process { child, base }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `tally serve` on a fixed port, so it can be restarted at the same address.
+fn serve(dir: &Path, port: u16) -> Process {
+    let listen = format!("127.0.0.1:{port}");
+    spawn(&["serve", "--listen", &listen, "--data-dir"], &[dir], port)
+}
+
+/// A ledger in `dir/ledger` with the gateway meters applied.
+fn ledger(dir: &Path) -> (Process, u16) {
+    let port = free_port();
+    let server = serve(&dir.join("ledger"), port);
+    apply_gateway_meters(&server.base);
+    (server, port)
+}
+
+fn apply_gateway_meters(base: &str) {
+    let manifests =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/gateway-meters.yaml");
+    let output = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["apply", "--server", base, "-f"])
+        .arg(&manifests)
+        .output()
+        .expect("run tally apply");
+    assert!(
+        output.status.success(),
+        "tally apply failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// The agent, reading `logs`, with quick idle flushes and retries.
+fn collect(state: &Path, logs: &[&Path], ledger: &str) -> Process {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec![
+        "collect",
+        "--ledger",
+        ledger,
+        "--listen",
+        &listen,
+        "--idle-flush-secs",
+        "3",
+        "--max-backoff-secs",
+        "1",
+        "--batch-timeout-ms",
+        "100",
+        "--poll-interval-ms",
+        "50",
+        "--agent-id",
+        "node-a",
+        "--state-dir",
+    ];
+    let state = state.to_str().unwrap();
+    args.push(state);
+    let mut extra = Vec::new();
+    for log in logs {
+        extra.push(Path::new("--log"));
+        extra.push(*log);
+    }
+    spawn(&args, &extra, port)
+}
+
+fn corpus_config(lines: u64) -> CorpusConfig {
+    let now = jiff::Timestamp::now().as_millisecond();
+    CorpusConfig {
+        seed: 7,
+        lines,
+        routes: 40,
+        projects: 8,
+        // Whole minutes, three hours ago: well within the ledger's lateness.
+        start_millis: now - now.rem_euclid(60_000) - 3 * 3_600_000,
+        step_millis: 20,
+        huge_per_mille: 3,
+        ..CorpusConfig::default()
+    }
+}
+
+/// Writes a corpus in chunks, rotating `path` by rename every
+/// `rotate_every` lines, calling `between` after each chunk.
+struct LiveWriter {
+    path: PathBuf,
+    generator: CorpusGenerator,
+    file: File,
+    in_file: u64,
+    rotated: usize,
+    rotate_every: Option<u64>,
+}
+
+impl LiveWriter {
+    fn new(path: &Path, config: CorpusConfig, rotate_every: Option<u64>) -> Self {
+        LiveWriter {
+            path: path.to_owned(),
+            generator: CorpusGenerator::new(config),
+            file: File::create(path).unwrap(),
+            in_file: 0,
+            rotated: 0,
+            rotate_every,
+        }
+    }
+
+    /// Writes up to `lines` lines; false when the corpus is done.
+    fn write(&mut self, lines: u64) -> bool {
+        let mut chunk = String::new();
+        for _ in 0..lines {
+            let Some(line) = self.generator.next() else {
+                self.file.write_all(chunk.as_bytes()).unwrap();
+                return false;
+            };
+            if self.rotate_every.is_some_and(|n| self.in_file >= n) {
+                self.file.write_all(chunk.as_bytes()).unwrap();
+                chunk.clear();
+                self.rotated += 1;
+                let mut name = self.path.as_os_str().to_owned();
+                name.push(format!(".{}", self.rotated));
+                fs::rename(&self.path, PathBuf::from(name)).unwrap();
+                self.file = File::create(&self.path).unwrap();
+                self.in_file = 0;
+            }
+            chunk.push_str(&line);
+            chunk.push('\n');
+            self.in_file += 1;
+        }
+        self.file.write_all(chunk.as_bytes()).unwrap();
+        true
+    }
+
+    fn expected(&self) -> ExpectedTotals {
+        self.generator.expected().clone()
+    }
+}
+
+/// (namespace, name) → [requests, ingress, egress, seconds].
+type PerRoute = BTreeMap<(String, String), [u128; 4]>;
+
+fn expected_per_route(expected: &ExpectedTotals) -> PerRoute {
+    expected
+        .per_route
+        .iter()
+        .map(|(route, t)| {
+            (
+                (route.namespace.clone(), route.name.clone()),
+                [
+                    u128::from(t.requests),
+                    t.ingress_bytes,
+                    t.egress_bytes,
+                    t.connection_millis / 1000,
+                ],
+            )
+        })
+        .collect()
+}
+
+fn number(value: &Value) -> u128 {
+    match value {
+        Value::String(s) => s.parse().unwrap_or_else(|_| panic!("not an integer: {s}")),
+        other => other
+            .to_string()
+            .parse()
+            .unwrap_or_else(|_| panic!("not an integer: {other}")),
+    }
+}
+
+/// GET `url`: status and body, `None` if the request failed.
+fn get(url: &str) -> Option<(u16, String)> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = tally_delivery::client_builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .unwrap();
+        let response = client.get(url).send().await.ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.text().await.ok()?))
+    })
+}
+
+/// The ledger's sums per HTTPRoute; `None` while a meter is not ready.
+fn metered(base: &str) -> Option<PerRoute> {
+    let mut per_route = PerRoute::new();
+    for (index, meter) in METERS.iter().enumerate() {
+        let (status, body) = get(&format!(
+            "{base}/api/v1/meters/{meter}/query?groupBy=httproute_namespace&groupBy=httproute_name"
+        ))?;
+        if status != 200 {
+            return None;
+        }
+        let body: Value = serde_json::from_str(&body).ok()?;
+        for row in body["data"].as_array()? {
+            let group = &row["groupBy"];
+            let key = (
+                group["httproute_namespace"].as_str()?.to_owned(),
+                group["httproute_name"].as_str()?.to_owned(),
+            );
+            per_route.entry(key).or_default()[index] += number(&row["value"]);
+        }
+    }
+    Some(per_route)
+}
+
+/// Waits until the ledger's sums equal the corpus's, or fails showing the
+/// difference.
+fn assert_metered(base: &str, expected: &ExpectedTotals, within: Duration) {
+    let want = expected_per_route(expected);
+    let deadline = Instant::now() + within;
+    let mut last = None;
+    while Instant::now() < deadline {
+        last = metered(base);
+        if last.as_ref() == Some(&want) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let got = last.unwrap_or_default();
+    let diff: Vec<_> = want
+        .iter()
+        .filter(|(k, v)| got.get(*k) != Some(*v))
+        .map(|(k, v)| format!("{k:?}: want {v:?}, got {:?}", got.get(k)))
+        .take(5)
+        .collect();
+    assert!(
+        got == want,
+        "ledger sums differ from the corpus ({} of {} routes differ): {diff:#?}",
+        want.iter().filter(|(k, v)| got.get(*k) != Some(*v)).count(),
+        want.len()
+    );
+    let (_, quarantine) = get(&format!("{base}/api/v1/quarantine")).unwrap();
+    let quarantine: Value = serde_json::from_str(&quarantine).unwrap();
+    let entries = quarantine["data"]
+        .as_array()
+        .or_else(|| quarantine.as_array())
+        .map_or(0, Vec::len);
+    assert_eq!(entries, 0, "nothing may be quarantined: {quarantine}");
+}
+
+/// `tally_component_*` samples of the agent whose name contains `filter`.
+fn metric(base: &str, family: &str, filter: &str) -> u64 {
+    let (_, text) = get(&format!("{base}/metrics")).unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(&format!("tally_component_{family}{{")) && l.contains(filter))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[test]
+fn agent_sigkilled_mid_corpus_loses_and_doubles_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _) = ledger(dir.path());
+    let log = dir.path().join("access.log");
+    let state = dir.path().join("state");
+    let mut writer = LiveWriter::new(&log, corpus_config(40_000), Some(9_000));
+    let mut agent = collect(&state, &[&log], &server.base);
+    let mut chunks = 0;
+    while writer.write(1_000) {
+        chunks += 1;
+        std::thread::sleep(Duration::from_millis(40));
+        if chunks % 9 == 0 {
+            agent.kill();
+            agent = collect(&state, &[&log], &server.base);
+        }
+    }
+    let expected = writer.expected();
+    assert!(writer.rotated >= 3, "the corpus was rotated mid-stream");
+    assert_metered(&server.base, &expected, Duration::from_secs(40));
+    // The last agent's metrics account for every unusable line.
+    let malformed = ["invalid_json", "invalid_start_time", "missing_start_time"]
+        .iter()
+        .map(|r| metric(&agent.base, "dropped_total", &format!("reason=\"{r}\"")))
+        .sum::<u64>();
+    assert_eq!(malformed, expected.malformed);
+    let unattributable = ["missing_route_name", "unknown_route_name"]
+        .iter()
+        .map(|r| metric(&agent.base, "dropped_total", &format!("reason=\"{r}\"")))
+        .sum::<u64>();
+    assert_eq!(unattributable, expected.unattributable);
+    agent.stop();
+}
+
+#[test]
+fn ledger_down_for_part_of_the_run_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let data = dir.path().join("ledger");
+    let mut server = Some(serve(&data, port));
+    let base = server.as_ref().unwrap().base.clone();
+    apply_gateway_meters(&base);
+    let log = dir.path().join("access.log");
+    let state = dir.path().join("state");
+    let mut writer = LiveWriter::new(&log, corpus_config(30_000), Some(12_000));
+    let agent = collect(&state, &[&log], &base);
+    let mut chunks = 0;
+    while writer.write(1_000) {
+        chunks += 1;
+        std::thread::sleep(Duration::from_millis(40));
+        if chunks == 8 {
+            server.take().unwrap().kill();
+        }
+        if chunks == 22 {
+            server = Some(serve(&data, port));
+        }
+    }
+    let expected = writer.expected();
+    assert_metered(&base, &expected, Duration::from_secs(40));
+    assert!(
+        metric(&agent.base, "retries_total", "component_id=\"ledger\"") > 0,
+        "the agent retried while the ledger was down"
+    );
+    agent.stop();
+}
+
+#[test]
+fn reading_a_file_again_from_its_start_counts_nothing_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _) = ledger(dir.path());
+    let log = dir.path().join("access.log");
+    let mut writer = LiveWriter::new(&log, corpus_config(20_000), None);
+    while writer.write(20_000) {}
+    let expected = writer.expected();
+    let first = collect(&dir.path().join("state-1"), &[&log], &server.base);
+    assert_metered(&server.base, &expected, Duration::from_secs(30));
+    first.stop();
+    // A fresh state directory: the whole file is read and shipped again,
+    // with the same event ids.
+    let second = collect(&dir.path().join("state-2"), &[&log], &server.base);
+    let started = Instant::now();
+    let (mut emitted, mut shipped) = (0, 0);
+    while started.elapsed() < Duration::from_secs(30) {
+        emitted = metric(&second.base, "sent_total", "component_id=\"aggregate:");
+        shipped = metric(&second.base, "sent_total", "component_kind=\"sink\"");
+        // Past the idle flush (3 s), everything emitted was acknowledged.
+        if started.elapsed() > Duration::from_secs(5) && emitted > 0 && shipped == emitted {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        emitted > 0 && shipped == emitted,
+        "the second agent shipped all it emitted: {shipped} of {emitted}"
+    );
+    assert_metered(&server.base, &expected, Duration::from_secs(5));
+    second.stop();
+}
+
+/// POSTs `body` to `url`; status and answer.
+fn post(url: &str, content_type: &str, gzip: bool, body: Vec<u8>) -> (u16, Vec<u8>) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client = tally_delivery::client_builder().build().unwrap();
+        let mut request = client
+            .post(url)
+            .header("content-type", content_type)
+            .body(body);
+        if gzip {
+            request = request.header("content-encoding", "gzip");
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.bytes().await.unwrap().to_vec())
+    })
+}
+
+#[test]
+fn otlp_log_records_are_metered_like_file_lines() {
+    use opentelemetry_proto::tonic::collector::logs::v1::{
+        ExportLogsServiceRequest, ExportLogsServiceResponse,
+    };
+    use prost::Message;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _) = ledger(dir.path());
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let state = dir.path().join("state");
+    let args = [
+        "collect",
+        "--otlp",
+        "--ledger",
+        &server.base,
+        "--listen",
+        &listen,
+        "--idle-flush-secs",
+        "2",
+        "--batch-timeout-ms",
+        "100",
+        "--state-dir",
+    ];
+    let agent = spawn(&args, &[&state], port);
+    let nanos = (jiff::Timestamp::now().as_millisecond() - 2 * 3_600_000) as u128 * 1_000_000;
+    let record = |bytes_sent: u64, duration: &str| {
+        serde_json::json!({
+            "timeUnixNano": nanos.to_string(),
+            "attributes": [
+                {"key": "route_name", "value": {"stringValue": "httproute/ns-otlp/api/rule/0"}},
+                {"key": "bytes_received", "value": {"stringValue": "100"}},
+                {"key": "bytes_sent", "value": {"intValue": bytes_sent.to_string()}},
+                {"key": "duration", "value": {"stringValue": duration}},
+            ]
+        })
+    };
+    let request = serde_json::json!({"resourceLogs": [{"scopeLogs": [{"logRecords": [
+        record(5_000_000_000, "1500"), record(7, "600"), {"timeUnixNano": nanos.to_string()}
+    ]}]}]});
+    let (status, answer) = post(
+        &format!("{}/v1/logs", agent.base),
+        "application/json",
+        false,
+        serde_json::to_vec(&request).unwrap(),
+    );
+    assert_eq!(status, 200);
+    let answer: Value = serde_json::from_slice(&answer).unwrap();
+    // OTLP/JSON readers take int64 as a number or a string.
+    let rejected = answer["partialSuccess"]["rejectedLogRecords"].to_string();
+    assert_eq!(rejected.trim_matches('"'), "1", "{answer}");
+    // The same kind of record again, as gzip'd protobuf.
+    let proto: ExportLogsServiceRequest = serde_json::from_value(serde_json::json!(
+        {"resourceLogs": [{"scopeLogs": [{"logRecords": [record(3, "900")]}]}]}
+    ))
+    .unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&proto.encode_to_vec()).unwrap();
+    let (status, answer) = post(
+        &format!("{}/v1/logs", agent.base),
+        "application/x-protobuf",
+        true,
+        gz.finish().unwrap(),
+    );
+    assert_eq!(status, 200);
+    let answer = ExportLogsServiceResponse::decode(&answer[..]).unwrap();
+    assert_eq!(answer.partial_success, None);
+    let expected = ExpectedTotals {
+        per_route: [(
+            tally_collect::RouteKey {
+                project: "ns-otlp".into(),
+                namespace: "ns-otlp".into(),
+                name: "api".into(),
+            },
+            tally_collect::Totals {
+                requests: 3,
+                ingress_bytes: 300,
+                egress_bytes: 5_000_000_010,
+                connection_millis: 3_000,
+            },
+        )]
+        .into_iter()
+        .collect(),
+        ..ExpectedTotals::default()
+    };
+    assert_metered(&server.base, &expected, Duration::from_secs(30));
+    agent.stop();
+}
