@@ -35,10 +35,18 @@ pub struct FilePosition {
     pub fingerprint: Option<u64>,
     /// Byte offset just after the last line handed out.
     pub offset: u64,
+    /// Read to its end and let go; remembered (the last
+    /// [`FINISHED_REMEMBERED`]) so that a rotated file is never read twice,
+    /// whatever its modification time says.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub finished: bool,
 }
 
-/// Positions of every file still being read, oldest first; the last one is
-/// the file at the path.
+/// How many finished files a tailer remembers.
+pub const FINISHED_REMEMBERED: usize = 64;
+
+/// Positions of every file still being read, oldest first (the last one is
+/// the file at the path), then the files finished most recently.
 pub type TailCheckpoint = Vec<FilePosition>;
 
 /// A failure to read the tailed files.
@@ -60,6 +68,8 @@ pub struct FileTailer {
     buffer: Vec<u8>,
     /// Checkpointed files that could not be found again.
     lost: Vec<FilePosition>,
+    /// Files read to their end, newest last (at most [`FINISHED_REMEMBERED`]).
+    finished: Vec<FilePosition>,
 }
 
 impl FileTailer {
@@ -71,9 +81,14 @@ impl FileTailer {
             files: Vec::new(),
             buffer: Vec::new(),
             lost: Vec::new(),
+            finished: Vec::new(),
         };
         let candidates = tailer.candidates()?;
         for position in checkpoint {
+            if position.finished {
+                tailer.finished.push(position.clone());
+                continue;
+            }
             let found = candidates.iter().find_map(|candidate| {
                 let file = File::open(candidate).ok()?;
                 let meta = file.metadata().ok()?;
@@ -104,7 +119,29 @@ impl FileTailer {
 
     /// The positions to checkpoint, consistent with the lines handed out.
     pub fn checkpoint(&self) -> TailCheckpoint {
-        self.files.iter().map(|f| f.position.clone()).collect()
+        self.files
+            .iter()
+            .map(|f| f.position.clone())
+            .chain(self.finished.iter().cloned())
+            .collect()
+    }
+
+    /// Whether a file is one being read or one read to its end.
+    fn seen(&self, device: u64, inode: u64, file: &File, len: u64) -> bool {
+        if self
+            .files
+            .iter()
+            .any(|f| f.position.device == device && f.position.inode == inode)
+        {
+            return true;
+        }
+        self.finished.iter().any(|f| {
+            f.device == device
+                && f.inode == inode
+                // A reused inode holds other content.
+                && (f.fingerprint.is_none()
+                    || fingerprint(file, len).ok().flatten() == f.fingerprint)
+        })
     }
 
     /// Hands whole lines (without `\n`) to `on_line`, reading about
@@ -138,7 +175,13 @@ impl FileTailer {
                     on_line(&self.buffer);
                     lines += 1;
                 }
-                self.files.remove(index);
+                let mut done = self.files.remove(index).position;
+                done.finished = true;
+                done.offset = len.max(done.offset);
+                self.finished.push(done);
+                if self.finished.len() > FINISHED_REMEMBERED {
+                    self.finished.remove(0);
+                }
                 continue;
             }
             if !is_live {
@@ -207,6 +250,7 @@ impl FileTailer {
                     inode: meta.ino(),
                     fingerprint: None,
                     offset: 0,
+                    finished: false,
                 },
             });
         }
@@ -239,11 +283,11 @@ impl FileTailer {
                 continue;
             };
             let is_known = (meta.dev() == device && meta.ino() == inode)
-                || self
-                    .files
-                    .iter()
-                    .any(|f| f.position.device == meta.dev() && f.position.inode == meta.ino());
-            let newer = meta.modified().is_ok_and(|m| m > newest_modified);
+                || self.seen(meta.dev(), meta.ino(), &file, meta.len());
+            // Not older: file times are coarse (a clock tick), so a file
+            // rotated within the tick of the newest one's last write has the
+            // same time. Files already read are excluded by identity instead.
+            let newer = meta.modified().is_ok_and(|m| m >= newest_modified);
             if !is_known && newer && meta.is_file() {
                 let modified = meta.modified().ok();
                 adopted.push((modified, meta.ino(), candidate, file, meta.dev()));
@@ -260,6 +304,7 @@ impl FileTailer {
                     inode,
                     fingerprint: None,
                     offset: 0,
+                    finished: false,
                 },
             });
         }
