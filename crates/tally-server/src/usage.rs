@@ -140,7 +140,13 @@ async fn ingest(state: &AppState, values: Vec<Value>) -> Result<Response, Proble
         }
     }
 
-    let Some(_permit) = state.try_admit(valid.len()) else {
+    // A request with nothing to store needs no room in the ledger.
+    let permit = if valid.is_empty() {
+        None
+    } else {
+        state.try_admit(valid.len())
+    };
+    if permit.is_none() && !valid.is_empty() {
         let mut response = Problem::new(
             StatusCode::TOO_MANY_REQUESTS,
             "the ledger is overloaded; nothing of this request was stored, retry later",
@@ -150,7 +156,7 @@ async fn ingest(state: &AppState, values: Vec<Value>) -> Result<Response, Proble
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         return Ok(response);
-    };
+    }
 
     let mut answer = UsageAnswer::default();
     while !valid.is_empty() {

@@ -13,18 +13,21 @@ use tally_ledger::{
 use tally_model::{CloudEvent, Kind, Manifest};
 use tally_server::{AppState, TokenConfig, router};
 use tally_store_embedded::{EmbeddedLedger, StoreConfig};
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore};
 
 /// The real store, with ingest held at a gate the test opens: lets a test
 /// keep a request in flight to observe overload deterministically.
 struct GatedLedger {
     inner: EmbeddedLedger,
     gate: Arc<Semaphore>,
+    /// Told each time an ingest reaches the gate.
+    arrived: Arc<Notify>,
 }
 
 impl Ledger for GatedLedger {
     fn ingest(&self, events: Vec<CloudEvent>) -> BoxFuture<'_, Result<IngestOutcome, LedgerError>> {
         Box::pin(async move {
+            self.arrived.notify_one();
             let _pass = self.gate.acquire().await.expect("gate open");
             self.inner.ingest(events).await
         })
@@ -71,10 +74,15 @@ impl Ledger for GatedLedger {
     }
 }
 
+/// The gate's size: each ingest passes with one permit, so holding them all
+/// closes it (for far fewer concurrent ingests than this).
+const GATE_PERMITS: u32 = 1024;
+
 struct Server {
     base: String,
     client: reqwest::Client,
     gate: Arc<Semaphore>,
+    arrived: Arc<Notify>,
     _dir: tempfile::TempDir,
 }
 
@@ -82,10 +90,12 @@ async fn start(tokens: &[TokenConfig], max_pending: usize) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let mut config = StoreConfig::new(dir.path());
     config.max_lateness = jiff::SignedDuration::from_hours(24 * 30);
-    let gate = Arc::new(Semaphore::new(Semaphore::MAX_PERMITS));
+    let gate = Arc::new(Semaphore::new(GATE_PERMITS as usize));
+    let arrived = Arc::new(Notify::new());
     let ledger = GatedLedger {
         inner: EmbeddedLedger::open(config).unwrap(),
         gate: Arc::clone(&gate),
+        arrived: Arc::clone(&arrived),
     };
     let admin = (!tokens.is_empty()).then_some("root");
     let state = AppState::new(Arc::new(ledger), 1 << 20, None)
@@ -99,6 +109,7 @@ async fn start(tokens: &[TokenConfig], max_pending: usize) -> Server {
         base,
         client: tally_delivery::client_builder().build().unwrap(),
         gate,
+        arrived,
         _dir: dir,
     }
 }
@@ -228,11 +239,7 @@ async fn valid_events_are_stored_and_invalid_ones_listed_in_a_207() {
 async fn overload_answers_429_with_retry_after_and_stores_nothing() {
     let s = start(&[], 1).await;
     // Hold ingest at the gate so one event stays pending.
-    let held = s
-        .gate
-        .acquire_many(Semaphore::MAX_PERMITS as u32)
-        .await
-        .unwrap();
+    let held = s.gate.acquire_many(GATE_PERMITS).await.unwrap();
     let first = {
         let (client, base) = (s.client.clone(), s.base.clone());
         tokio::spawn(async move {
@@ -246,25 +253,22 @@ async fn overload_answers_429_with_retry_after_and_stores_nothing() {
                 .status()
         })
     };
-    // Wait until the first request holds the only permit.
+    // The first request holds the only permit once it reaches the ledger.
+    s.arrived.notified().await;
     let second_id = ulid();
-    let mut answer = None;
-    for _ in 0..200 {
-        let (status, headers, body) = s
-            .send(
-                reqwest::Method::POST,
-                "/v1/usage/events",
-                None,
-                Some(usage(&second_id, "acme", json!("1"))),
-            )
-            .await;
-        if status == 429 {
-            answer = Some((headers, body));
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    let (headers, body) = answer.expect("a saturated ledger answers 429");
+    // Admitted by mistake, it would wait at the gate: time out instead.
+    let (status, headers, body) = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        s.send(
+            reqwest::Method::POST,
+            "/v1/usage/events",
+            None,
+            Some(usage(&second_id, "acme", json!("1"))),
+        ),
+    )
+    .await
+    .expect("a saturated ledger answers at once");
+    assert_eq!(status, 429, "{body}");
     assert_eq!(headers["retry-after"], "1");
     assert_eq!(headers["content-type"], "application/problem+json");
     assert_eq!(body["status"], 429);

@@ -266,6 +266,14 @@ impl MeterState {
 }
 
 pub const GENERATION_COUNTER: &str = "generation";
+
+/// `meta` key of the store's format version (u64 BE). Absent in stores
+/// written before versions were kept (format 1).
+pub const FORMAT_KEY: &str = "format";
+
+/// The byte layouts this build reads and writes. 2: SUM rollup states carry
+/// their event count (`AggState::Sum { sum, count }`).
+pub const FORMAT: u64 = 2;
 pub const GARBAGE_PREFIX: &str = "garbage/";
 
 #[cfg(test)]

@@ -48,6 +48,11 @@ pub enum StoreError {
     State(tally_meter::StateError),
     #[error("{0}")]
     Ledger(#[from] LedgerError),
+    #[error(
+        "the data directory holds store format {found}, this build reads format {expected}; \
+         re-ingest the events into a new data directory with this build"
+    )]
+    Format { found: u64, expected: u64 },
 }
 
 /// Settings of the embedded store.
@@ -157,6 +162,32 @@ impl Shared {
     }
 }
 
+/// Refuses a store written in another format; marks a new store with ours.
+fn check_format(db: &Database, keyspaces: &Keyspaces, next_seq: u64) -> Result<(), StoreError> {
+    let found = match keyspaces.meta.get(keys::FORMAT_KEY)? {
+        Some(raw) => keys::read_u64(&raw)?,
+        None if next_seq == 0 && keyspaces.catalog.is_empty()? => {
+            let mut batch = db.batch().durability(Some(fjall::PersistMode::SyncAll));
+            batch.insert(
+                &keyspaces.meta,
+                keys::FORMAT_KEY,
+                keys::FORMAT.to_be_bytes(),
+            );
+            batch.commit()?;
+            return Ok(());
+        }
+        None => 1,
+    };
+    if found == keys::FORMAT {
+        Ok(())
+    } else {
+        Err(StoreError::Format {
+            found,
+            expected: keys::FORMAT,
+        })
+    }
+}
+
 /// The embedded ledger. Cheap to clone; all clones share one writer.
 #[derive(Clone)]
 pub struct EmbeddedLedger {
@@ -207,6 +238,7 @@ impl EmbeddedLedger {
             Some(item) => keys::read_u64(&item.key()?)? + 1,
             None => 0,
         };
+        check_format(&db, &keyspaces, next_seq)?;
         let mut voided = HashSet::new();
         for item in keyspaces.voids.iter() {
             voided.insert(keys::read_u64(&item.key()?)?);
