@@ -190,6 +190,11 @@ pub struct VoidOutcome {
     /// True when the event had been voided before; `record` is that first void.
     pub already_voided: bool,
     pub record: VoidRecord,
+    /// Meters that still count the event: Retired meters of an aggregation
+    /// that cannot take an event back out (MIN, MAX, LATEST, UNIQUE_COUNT),
+    /// whose rebuild from the log would lose the history they keep.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub still_counted_by: Vec<String>,
 }
 
 /// Void records, newest first.

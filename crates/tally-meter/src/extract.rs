@@ -193,6 +193,13 @@ impl CompiledMeter {
         if self.definition.phase == MeterPhase::Retired {
             return Err(Unmeterable::MeterRetired);
         }
+        self.sample_in_any_phase(event)
+    }
+
+    /// Evaluates one event as if the meter were not Retired: what the meter
+    /// measured of it while it still accepted events (used to take a voided
+    /// event back out).
+    pub fn sample_in_any_phase(&self, event: &CloudEvent) -> Result<Sample, Unmeterable> {
         let data = event.data.as_ref().unwrap_or(&Value::Null);
         self.check_labels(data)?;
         if self.definition.strict_dimensions()

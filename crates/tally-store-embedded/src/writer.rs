@@ -484,6 +484,7 @@ impl Writer {
             return Ok(VoidOutcome {
                 already_voided: true,
                 record,
+                still_counted_by: Vec::new(),
             });
         }
         let raw = ks
@@ -515,25 +516,53 @@ impl Writer {
         );
         let mut retractions = Deltas::default();
         let mut rebuilds = Vec::new();
+        let mut still_counted_by = Vec::new();
         let meters = self.meters.get(&event.kind).cloned().unwrap_or_default();
         for meter in meters {
-            batch.remove(
-                &ks.quarantine,
-                keys::quarantine_key(&meter.key, seq).map_err(storage)?,
-            );
+            let quarantine_key = keys::quarantine_key(&meter.key, seq).map_err(storage)?;
+            // A quarantined event was never rolled up by this meter.
+            let quarantined = ks
+                .quarantine
+                .get(&quarantine_key)
+                .map_err(storage)?
+                .is_some();
+            batch.remove(&ks.quarantine, quarantine_key);
             let Some(state) = shared.read_state().meters.get(&meter.key).copied() else {
                 continue;
             };
             // A backfill that has not reached the event will skip it.
-            if !state.ready() && seq >= state.backfilled_to && seq < state.backfill_until {
+            let pending =
+                !state.ready() && seq >= state.backfilled_to && seq < state.backfill_until;
+            if quarantined || pending {
                 continue;
             }
             if !AggState::invertible(meter.aggregation()) {
-                rebuilds.push(meter.key.clone());
+                // A rebuild measures only what the meter accepts now, and a
+                // Retired meter accepts nothing: it would lose its history.
+                if meter.phase() == MeterPhase::Retired {
+                    still_counted_by.push(meter.key.clone());
+                } else {
+                    rebuilds.push(meter.key.clone());
+                }
                 continue;
             }
-            // Unmeasurable events were quarantined, not rolled up.
-            measure(&meter, state.generation, &event, seq, &mut retractions).map_err(storage)?;
+            // What the meter rolled up, Retired since or not. Should that no
+            // longer be computable, rebuilding is the exact way out.
+            match meter.sample_in_any_phase(&event) {
+                Ok(sample) => add_sample(
+                    &meter,
+                    state.generation,
+                    &event,
+                    seq,
+                    &sample,
+                    &mut retractions,
+                )
+                .map_err(storage)?,
+                Err(_) if meter.phase() == MeterPhase::Retired => {
+                    still_counted_by.push(meter.key.clone());
+                }
+                Err(_) => rebuilds.push(meter.key.clone()),
+            }
         }
         let mut rebuilt = Vec::new();
         if !rebuilds.is_empty() {
@@ -566,6 +595,7 @@ impl Writer {
         Ok(VoidOutcome {
             already_voided: false,
             record,
+            still_counted_by,
         })
     }
 
@@ -853,6 +883,19 @@ fn measure(
             }));
         }
     };
+    add_sample(meter, generation, event, seq, &sample, deltas)?;
+    Ok(None)
+}
+
+/// Adds one measured event's state to its minute, hour and day buckets.
+fn add_sample(
+    meter: &CompiledMeter,
+    generation: u64,
+    event: &CloudEvent,
+    seq: u64,
+    sample: &tally_meter::Sample,
+    deltas: &mut Deltas,
+) -> Result<(), StoreError> {
     let time_ns = event.time.as_nanosecond();
     let Some(state) = AggState::of_sample(meter.aggregation(), &sample.value, time_ns, seq) else {
         return Err(StoreError::Corrupt("sample does not fit aggregation"));
@@ -870,7 +913,7 @@ fn measure(
         )?;
         deltas.add(key, state.clone())?;
     }
-    Ok(None)
+    Ok(())
 }
 
 fn notice(
