@@ -257,6 +257,10 @@ pub struct MeterState {
     pub backfill_until: u64,
     /// The next seq the backfill reads.
     pub backfilled_to: u64,
+    /// The first seq that arrived after the meter was Retired: events before
+    /// it were measured, later ones refused. A rebuild honours the same line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired_from: Option<u64>,
 }
 
 impl MeterState {

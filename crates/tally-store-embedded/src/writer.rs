@@ -371,6 +371,24 @@ impl Writer {
             json(&plan.manifest).map_err(storage)?,
         );
         let mut new_state = None;
+        let mut retired = None;
+        // Retiring a meter: remember where in the log it stopped accepting
+        // events, so a rebuild measures what came before.
+        if kind == Kind::MeterDefinition
+            && plan.rebuild_meter.is_none()
+            && let Some(mut meter_state) = shared.read_state().meters.get(&name).copied()
+            && meter_state.retired_from.is_none()
+            && tally_model::MeterDefinition::from_manifest(&plan.manifest)?.phase
+                == MeterPhase::Retired
+        {
+            meter_state.retired_from = Some(self.next_seq);
+            batch.insert(
+                &ks.meta,
+                keys::meter_state_key(&name),
+                json(&meter_state).map_err(storage)?,
+            );
+            retired = Some((name.clone(), meter_state));
+        }
         if let Some(meter) = &plan.rebuild_meter {
             let generation = self.next_generations(&mut batch, 1).map_err(storage)?;
             let state = self
@@ -391,6 +409,10 @@ impl Writer {
             state.catalog.commit(plan.manifest.clone())?;
             if let Some((meter, meter_state)) = new_state {
                 info!(meter = %meter, generation = meter_state.generation, events = meter_state.backfill_until, "meter (re)built from the log");
+                state.meters.insert(meter, meter_state);
+            }
+            if let Some((meter, meter_state)) = retired {
+                info!(meter = %meter, from_seq = ?meter_state.retired_from, "meter retired");
                 state.meters.insert(meter, meter_state);
             }
             self.meters = state.catalog.meters_by_type();
@@ -442,10 +464,17 @@ impl Writer {
         generation: u64,
     ) -> Result<MeterState, StoreError> {
         let ks = &self.shared.keyspaces;
+        let retired_from = self
+            .shared
+            .read_state()
+            .meters
+            .get(meter)
+            .and_then(|old| old.retired_from);
         let state = MeterState {
             generation,
             backfill_until: self.next_seq,
             backfilled_to: 0,
+            retired_from,
         };
         batch.insert(&ks.meta, keys::meter_state_key(meter), json(&state)?);
         if let Some(old) = self.shared.read_state().meters.get(meter) {
@@ -539,7 +568,7 @@ impl Writer {
             if !AggState::invertible(meter.aggregation()) {
                 // A rebuild measures only what the meter accepts now, and a
                 // Retired meter accepts nothing: it would lose its history.
-                if meter.phase() == MeterPhase::Retired {
+                if meter.phase() == MeterPhase::Retired && state.retired_from.is_none() {
                     still_counted_by.push(meter.key.clone());
                 } else {
                     rebuilds.push(meter.key.clone());
@@ -782,7 +811,23 @@ impl Writer {
                 continue;
             }
             let (_, event) = keys::decode_event(&value)?;
-            if let Some(entry) = measure(&meter, state.generation, &event, seq, &mut deltas)? {
+            let measured_then = state.retired_from.is_some_and(|from| seq < from);
+            let entry = if measured_then {
+                match meter.sample_in_any_phase(&event) {
+                    Ok(sample) => {
+                        add_sample(&meter, state.generation, &event, seq, &sample, &mut deltas)?;
+                        None
+                    }
+                    Err(reason) => Some(QuarantineEntry {
+                        reason: reason.code().into(),
+                        message: reason.to_string(),
+                        event_type: event.kind.clone(),
+                    }),
+                }
+            } else {
+                measure(&meter, state.generation, &event, seq, &mut deltas)?
+            };
+            if let Some(entry) = entry {
                 batch.insert(
                     &ks.quarantine,
                     keys::quarantine_key(&name, seq)?,
