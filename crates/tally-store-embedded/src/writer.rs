@@ -216,6 +216,8 @@ impl Writer {
         let generations = self.generations();
         for (events, _) in group {
             let mut outcome = IngestOutcome::default();
+            // Deprecated meters this request fed; warned about once each.
+            let mut deprecated: Vec<Arc<CompiledMeter>> = Vec::new();
             for (index, event) in events.iter().enumerate() {
                 let dkey = keys::dedupe_key(&event.source, &event.id);
                 if seen.contains(&dkey) || self.is_duplicate(&dkey, now)? {
@@ -249,14 +251,10 @@ impl Writer {
                     }
                     Some(meters) => {
                         for meter in meters {
-                            if meter.phase() == MeterPhase::Deprecated {
-                                let warning = format!(
-                                    "meter {:?} is Deprecated: it still measures events of type {:?}, but will be retired",
-                                    meter.key, event.kind
-                                );
-                                if !outcome.warnings.contains(&warning) {
-                                    outcome.warnings.push(warning);
-                                }
+                            if meter.phase() == MeterPhase::Deprecated
+                                && !deprecated.iter().any(|m| Arc::ptr_eq(m, meter))
+                            {
+                                deprecated.push(Arc::clone(meter));
                             }
                             let Some(generation) = generations.get(meter.key.as_str()) else {
                                 continue;
@@ -277,6 +275,16 @@ impl Writer {
                     }
                 }
             }
+            outcome.warnings = deprecated
+                .iter()
+                .map(|meter| {
+                    format!(
+                        "meter {:?} is Deprecated: it still measures events of type {:?}, but will be retired",
+                        meter.key,
+                        meter.event_type()
+                    )
+                })
+                .collect();
             outcomes.push(outcome);
         }
         self.commit_with_deltas(batch, deltas)?;
@@ -323,27 +331,40 @@ impl Writer {
         let rollups = self.shared.keyspaces.rollups.clone();
         let mut merged_states = Vec::with_capacity(deltas.0.len());
         for (key, delta) in deltas.0 {
-            let mut state = match self.cache.remove(&key) {
-                Some(cached) => cached,
-                None => match rollups.get(&key)? {
-                    Some(existing) => AggState::decode(&existing).map_err(StoreError::State)?,
-                    None => {
-                        batch.insert(&rollups, key.clone(), delta.to_bytes());
-                        merged_states.push((key, delta));
-                        continue;
-                    }
-                },
+            let Some(mut state) = self.current_state(&key)? else {
+                batch.insert(&rollups, key.clone(), delta.to_bytes());
+                merged_states.push((key, delta));
+                continue;
             };
             state.merge(&delta).map_err(StoreError::State)?;
             batch.insert(&rollups, key.clone(), state.to_bytes());
             merged_states.push((key, state));
         }
         batch.commit()?;
-        if self.cache.len() + merged_states.len() > ROLLUP_CACHE_ENTRIES {
+        self.remember(merged_states);
+        Ok(())
+    }
+
+    /// A bucket's current state: the cached one, else the stored one. Takes
+    /// it out of the cache; [`Writer::remember`] puts it back after commit.
+    fn current_state(&mut self, key: &[u8]) -> Result<Option<AggState>, StoreError> {
+        if let Some(cached) = self.cache.remove(key) {
+            return Ok(Some(cached));
+        }
+        self.shared
+            .keyspaces
+            .rollups
+            .get(key)?
+            .map(|raw| AggState::decode(&raw).map_err(StoreError::State))
+            .transpose()
+    }
+
+    /// Caches states just committed, within the cache's bound.
+    fn remember(&mut self, states: Vec<(Vec<u8>, AggState)>) {
+        if self.cache.len() + states.len() > ROLLUP_CACHE_ENTRIES {
             self.cache.clear();
         }
-        self.cache.extend(merged_states);
-        Ok(())
+        self.cache.extend(states);
     }
 
     // ---- catalog ----------------------------------------------------------
@@ -638,15 +659,9 @@ impl Writer {
         let rollups = self.shared.keyspaces.rollups.clone();
         let mut updated = Vec::with_capacity(retractions.0.len());
         for (key, retraction) in retractions.0 {
-            let mut state = match self.cache.remove(&key) {
-                Some(cached) => cached,
-                None => {
-                    let stored = rollups.get(&key)?.ok_or(StoreError::Corrupt(
-                        "a voided event's rollup bucket is missing",
-                    ))?;
-                    AggState::decode(&stored).map_err(StoreError::State)?
-                }
-            };
+            let mut state = self.current_state(&key)?.ok_or(StoreError::Corrupt(
+                "a voided event's rollup bucket is missing",
+            ))?;
             if state.retract(&retraction).map_err(StoreError::State)? {
                 batch.remove(&rollups, key);
             } else {
@@ -655,7 +670,7 @@ impl Writer {
             }
         }
         batch.commit()?;
-        self.cache.extend(updated);
+        self.remember(updated);
         Ok(())
     }
 
@@ -811,22 +826,14 @@ impl Writer {
                 continue;
             }
             let (_, event) = keys::decode_event(&value)?;
-            let measured_then = state.retired_from.is_some_and(|from| seq < from);
-            let entry = if measured_then {
-                match meter.sample_in_any_phase(&event) {
-                    Ok(sample) => {
-                        add_sample(&meter, state.generation, &event, seq, &sample, &mut deltas)?;
-                        None
-                    }
-                    Err(reason) => Some(QuarantineEntry {
-                        reason: reason.code().into(),
-                        message: reason.to_string(),
-                        event_type: event.kind.clone(),
-                    }),
-                }
+            // Before the meter was Retired, it measured events in any phase.
+            let sampled = if state.retired_from.is_some_and(|from| seq < from) {
+                meter.sample_in_any_phase(&event)
             } else {
-                measure(&meter, state.generation, &event, seq, &mut deltas)?
+                meter.sample(&event)
             };
+            let entry =
+                measure_sample(sampled, &meter, state.generation, &event, seq, &mut deltas)?;
             if let Some(entry) = entry {
                 batch.insert(
                     &ks.quarantine,
@@ -918,7 +925,20 @@ fn measure(
     seq: u64,
     deltas: &mut Deltas,
 ) -> Result<Option<QuarantineEntry>, StoreError> {
-    let sample = match meter.sample(event) {
+    measure_sample(meter.sample(event), meter, generation, event, seq, deltas)
+}
+
+/// [`measure`] with the sampling already done (e.g. in any phase, for the
+/// part of the log a meter read before it was Retired).
+fn measure_sample(
+    sampled: Result<tally_meter::Sample, tally_meter::Unmeterable>,
+    meter: &CompiledMeter,
+    generation: u64,
+    event: &CloudEvent,
+    seq: u64,
+    deltas: &mut Deltas,
+) -> Result<Option<QuarantineEntry>, StoreError> {
+    let sample = match sampled {
         Ok(sample) => sample,
         Err(reason) => {
             return Ok(Some(QuarantineEntry {
