@@ -33,8 +33,8 @@ use tally_model::{Kind, Manifest, OpenMeterMeter};
 
 pub use error::ClientError;
 pub use tally_ledger::{
-    ApplyAction, EventPage, IngestOutcome, QuarantineNotice, QuarantinePage, VoidOutcome, VoidPage,
-    VoidRecord,
+    ApplyAction, EventPage, IngestOutcome, QuarantineNotice, QuarantinePage, QuarantinedEvent,
+    StoredEvent, VoidOutcome, VoidPage, VoidRecord,
 };
 pub use tally_meter::WindowSize;
 pub use types::{

@@ -12,7 +12,7 @@ use jiff::tz::TimeZone;
 use serde_json::Value;
 use tally_client::{
     ClientError, EventListParams, EventPage, IngestOutcome, QuarantineListParams, QuarantineNotice,
-    QuarantinePage, TallyClient, VoidRecord,
+    QuarantinePage, TallyClient, VoidPage, VoidRecord,
 };
 
 use crate::meters::ListFormat;
@@ -57,6 +57,10 @@ pub struct VoidsArgs {
     /// Records per page.
     #[arg(long, default_value_t = 100, value_name = "N")]
     limit: usize,
+
+    /// Follow nextCursor and list every voided event, not just one page.
+    #[arg(long)]
+    all: bool,
 
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = ListFormat::Table, value_name = "FORMAT")]
@@ -193,18 +197,77 @@ async fn void(client: &TallyClient, args: VoidArgs) -> anyhow::Result<()> {
 }
 
 async fn voids(client: &TallyClient, args: VoidsArgs) -> anyhow::Result<()> {
-    let page = client
-        .list_voids(args.limit, None)
-        .await
-        .context("listing voided events")?;
+    let page: VoidPage = pages(args.all, |cursor| async move {
+        client
+            .list_voids(args.limit, cursor.as_deref())
+            .await
+            .context("listing voided events")
+    })
+    .await?;
     match args.output {
         ListFormat::Json => print(&output::to_json(&page)?),
         ListFormat::Table if page.items.is_empty() => {
             eprintln!("No voided events.");
             Ok(())
         }
-        ListFormat::Table => print(&void_table(&page.items).render()),
+        ListFormat::Table => {
+            print(&void_table(&page.items).render())?;
+            if page.next_cursor.is_some() {
+                eprintln!("(more voided events: use --all to list them all)");
+            }
+            Ok(())
+        }
     }
+}
+
+/// One page of a cursor-paged listing.
+trait Page {
+    type Item;
+    fn parts(&mut self) -> (&mut Vec<Self::Item>, &mut Option<String>);
+}
+
+macro_rules! page {
+    ($($page:ty => $item:ty),*) => {$(
+        impl Page for $page {
+            type Item = $item;
+            fn parts(&mut self) -> (&mut Vec<$item>, &mut Option<String>) {
+                (&mut self.items, &mut self.next_cursor)
+            }
+        }
+    )*};
+}
+
+page!(
+    EventPage => tally_client::StoredEvent,
+    QuarantinePage => tally_client::QuarantinedEvent,
+    VoidPage => VoidRecord
+);
+
+/// The first page of a listing (`fetch(None)`) and, with `all`, every page
+/// after it, following `nextCursor`.
+async fn pages<P, F, Fut>(all: bool, mut fetch: F) -> anyhow::Result<P>
+where
+    P: Page,
+    F: FnMut(Option<String>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<P>>,
+{
+    let mut page = fetch(None).await?;
+    let mut last: Option<String> = None;
+    if !all {
+        return Ok(page);
+    }
+    while let Some(cursor) = page.parts().1.take() {
+        if last.as_ref() == Some(&cursor) {
+            bail!("the server returned the same nextCursor twice; stopping");
+        }
+        last = Some(cursor.clone());
+        let mut next = fetch(Some(cursor)).await?;
+        let (items, next_cursor) = next.parts();
+        let (mine, my_cursor) = page.parts();
+        mine.append(items);
+        *my_cursor = next_cursor.take();
+    }
+    Ok(page)
 }
 
 // ---------------------------------------------------------------------------
@@ -622,24 +685,12 @@ async fn list(client: &TallyClient, args: ListArgs) -> anyhow::Result<()> {
         limit: Some(args.limit),
         cursor: None,
     };
-    let mut page: EventPage = client
-        .list_events(&params)
-        .await
-        .context("listing events")?;
-    if args.all {
-        while let Some(cursor) = page.next_cursor.take() {
-            if params.cursor.as_ref() == Some(&cursor) {
-                bail!("the server returned the same nextCursor twice; stopping");
-            }
-            params.cursor = Some(cursor);
-            let next = client
-                .list_events(&params)
-                .await
-                .context("listing events")?;
-            page.items.extend(next.items);
-            page.next_cursor = next.next_cursor;
-        }
-    }
+    let page: EventPage = pages(args.all, |cursor| {
+        params.cursor = cursor;
+        let params = params.clone();
+        async move { client.list_events(&params).await.context("listing events") }
+    })
+    .await?;
     match args.output {
         ListFormat::Json => print(&output::to_json(&page)?),
         ListFormat::Table if page.items.is_empty() => {
@@ -678,19 +729,17 @@ pub async fn run_quarantine(
         limit: Some(args.limit),
         cursor: None,
     };
-    let context = "listing quarantined events";
-    let mut page: QuarantinePage = client.list_quarantine(&params).await.context(context)?;
-    if args.all {
-        while let Some(cursor) = page.next_cursor.take() {
-            if params.cursor.as_ref() == Some(&cursor) {
-                bail!("the server returned the same nextCursor twice; stopping");
-            }
-            params.cursor = Some(cursor);
-            let next = client.list_quarantine(&params).await.context(context)?;
-            page.items.extend(next.items);
-            page.next_cursor = next.next_cursor;
+    let page: QuarantinePage = pages(args.all, |cursor| {
+        params.cursor = cursor;
+        let params = params.clone();
+        async move {
+            client
+                .list_quarantine(&params)
+                .await
+                .context("listing quarantined events")
         }
-    }
+    })
+    .await?;
     match args.output {
         ListFormat::Json => print(&output::to_json(&page)?),
         ListFormat::Table if page.items.is_empty() => {
