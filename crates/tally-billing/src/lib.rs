@@ -29,7 +29,6 @@
 //! acknowledged; show the provider API key in a log line, an error, a
 //! `Debug` print or any output (it is a [`tally_delivery::Secret`]).
 
-pub mod attribution;
 pub mod config;
 mod forwarder;
 mod progress;
@@ -37,9 +36,6 @@ pub mod provider;
 mod record;
 mod source;
 
-pub use attribution::{
-    Attribution, BillingAccount, BillingAccountBinding, BillingResourceError, Owner,
-};
 pub use config::{BillingSink, ForwardedMeter, Provider, SecretKeyRef};
 pub use forwarder::{
     Difference, ForwardError, Forwarder, ForwarderConfig, MeterStatus, PassReport, SinkStatus,
@@ -49,3 +45,8 @@ pub use progress::{ProgressError, RevisionState};
 pub use record::{KeyError, RecordKey, UsageRecord};
 pub use source::{Changes, MemoryUsageSource, SourceError, UsageSource, UsageTotal};
 pub use tally_delivery::Secret;
+/// Attribution lives in the model: the ledger's queries use it too.
+pub use tally_model::billing as attribution;
+pub use tally_model::billing::{
+    Attribution, BillingAccount, BillingAccountBinding, BillingResourceError, Owner,
+};

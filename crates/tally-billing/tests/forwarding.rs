@@ -142,15 +142,17 @@ async fn usage_becomes_attributed_when_a_covering_binding_appears() {
     source.add("requests", "web", at(10), dims("eu"), d(3));
     source.add("requests", "web", at(70), dims("eu"), d(4));
     source.add("requests", "web", at(95), dims("eu"), d(6));
+    source.add("requests", "web", at(130), dims("eu"), d(5));
     let accounts = [account("acme"), account("globex")];
     let mut forwarder = fx
         .start(Provider::Amberflo, Attribution::new(&accounts, &[]))
         .await;
     pass(&mut forwarder, at(200)).await;
     assert!(server.sums().is_empty());
-    assert_eq!(forwarder.status(at(200)).meters[0].unattributed, d(13));
+    assert_eq!(forwarder.status(at(200)).meters[0].unattributed, d(18));
 
-    // acme from 0:00, globex from 1:30 (mid-window): the window is cut.
+    // acme from 0:00; globex established at 1:30 takes effect at the next
+    // whole minute, 2:00, so the usage at 1:35 stays acme's.
     let bindings = [binding("acme", "web", 0), binding("globex", "web", 90)];
     forwarder
         .set_attribution(Attribution::new(&accounts, &bindings))
@@ -159,8 +161,8 @@ async fn usage_becomes_attributed_when_a_covering_binding_appears() {
     assert_eq!(
         server.sums(),
         BTreeMap::from([
-            (key("acme", "requests"), d(7)),
-            (key("globex", "requests"), d(6))
+            (key("acme", "requests"), d(13)),
+            (key("globex", "requests"), d(5))
         ])
     );
     assert_eq!(forwarder.status(at(201)).meters[0].unattributed, d(0));

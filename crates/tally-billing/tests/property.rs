@@ -47,12 +47,20 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// The naive model: who owns project p at second t.
+/// The naive model: who owns project p at second t. A binding takes effect
+/// at the first whole minute at or after it was established.
 fn model_owner(bindings: &[BillingAccountBinding], project: &str, t: i64) -> Option<String> {
+    let effective = |b: &BillingAccountBinding| {
+        b.established_at.map(|e| {
+            let s = e.as_second();
+            let minute = if s % 60 == 0 { s } else { (s / 60 + 1) * 60 };
+            jiff::Timestamp::from_second(minute).unwrap()
+        })
+    };
     bindings
         .iter()
-        .filter(|b| b.project == project && b.established_at.is_some_and(|e| e <= at(t)))
-        .max_by_key(|b| (b.established_at, b.name.clone()))
+        .filter(|b| b.project == project && effective(b).is_some_and(|e| e <= at(t)))
+        .max_by_key(|b| (effective(b), b.name.clone()))
         .map(|b| format!("uid-{}", b.account))
 }
 

@@ -220,22 +220,50 @@ impl TallyClient {
         Ok(response.results)
     }
 
-    /// Every resource of a kind, by name (`GET /apis/{plural}`).
-    pub async fn list_resources(&self, kind: Kind) -> Result<Vec<Manifest>, ClientError> {
-        let url = self.url(&["apis", kind.plural()], &[]);
+    /// Every resource of a kind the token may see, by (namespace, name)
+    /// (`GET /apis/{plural}`), optionally of one namespace.
+    pub async fn list_resources(
+        &self,
+        kind: Kind,
+        namespace: Option<&str>,
+    ) -> Result<Vec<Manifest>, ClientError> {
+        let query: Vec<(String, String)> = namespace
+            .map(|ns| ("namespace".to_owned(), ns.to_owned()))
+            .into_iter()
+            .collect();
+        let url = self.url(&["apis", kind.plural()], &query);
         let list: types::ManifestList = self.json(self.request(Method::GET, &url), &url).await?;
         Ok(list.items)
     }
 
-    /// One resource, with status (`GET /apis/{plural}/{name}`).
-    pub async fn get_resource(&self, kind: Kind, name: &str) -> Result<Manifest, ClientError> {
-        let url = self.url(&["apis", kind.plural(), name], &[]);
+    /// The path of one resource: `/apis/{plural}/{name}` for cluster-scoped
+    /// kinds, `/apis/{plural}/{namespace}/{name}` for namespaced ones.
+    fn resource_url(&self, kind: Kind, namespace: Option<&str>, name: &str) -> Url {
+        match namespace.filter(|_| kind.namespaced()) {
+            Some(ns) => self.url(&["apis", kind.plural(), ns, name], &[]),
+            None => self.url(&["apis", kind.plural(), name], &[]),
+        }
+    }
+
+    /// One resource, with status.
+    pub async fn get_resource(
+        &self,
+        kind: Kind,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<Manifest, ClientError> {
+        let url = self.resource_url(kind, namespace, name);
         self.json(self.request(Method::GET, &url), &url).await
     }
 
-    /// Deletes a resource (`DELETE /apis/{plural}/{name}`).
-    pub async fn delete_resource(&self, kind: Kind, name: &str) -> Result<(), ClientError> {
-        let url = self.url(&["apis", kind.plural(), name], &[]);
+    /// Deletes a resource.
+    pub async fn delete_resource(
+        &self,
+        kind: Kind,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<(), ClientError> {
+        let url = self.resource_url(kind, namespace, name);
         self.send(self.request(Method::DELETE, &url), &url)
             .await
             .map(drop)

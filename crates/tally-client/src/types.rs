@@ -245,6 +245,9 @@ impl QuarantineListParams {
 pub struct ApplyResult {
     /// The resource kind, e.g. `MeterDefinition`.
     pub kind: String,
+    /// The namespace of a namespaced resource.
+    #[serde(default)]
+    pub namespace: Option<String>,
     /// The resource name.
     pub name: String,
     /// Whether it was created, changed or left as it was.

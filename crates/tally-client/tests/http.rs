@@ -398,22 +398,22 @@ async fn resources_apply_list_get_and_delete() {
         assert_eq!(seen.body, yaml.as_bytes());
     }
     let items = client
-        .list_resources(Kind::MonitoredResourceType)
+        .list_resources(Kind::MonitoredResourceType, None)
         .await
         .unwrap();
     assert_eq!(items[0].metadata.name, "monitoredresourcetypes-1");
     let one = client
-        .get_resource(Kind::MeterDefinition, "a b")
+        .get_resource(Kind::MeterDefinition, None, "a b")
         .await
         .unwrap();
     assert_eq!(one.metadata.name, "a b");
     assert!(one.status.is_some());
     client
-        .delete_resource(Kind::MeterDefinition, "a b")
+        .delete_resource(Kind::MeterDefinition, None, "a b")
         .await
         .unwrap();
     let err = client
-        .get_resource(Kind::MeterDefinition, "nope")
+        .get_resource(Kind::MeterDefinition, None, "nope")
         .await
         .unwrap_err();
     assert_eq!(err.status(), Some(404));

@@ -163,39 +163,21 @@ impl Catalog {
                     .map(|(meter, _)| meter.clone())
                     .collect();
             }
+            other => {
+                return Err(LedgerError::Invalid(format!(
+                    "{other} is kept by the resource store, not the meter catalog"
+                )));
+            }
         }
-        let action = match previous {
-            None => {
-                manifest.metadata.uid =
-                    Some(ulid::Ulid::generate().to_string().to_ascii_lowercase());
-                manifest.metadata.creation_timestamp = Some(now);
-                manifest.metadata.generation = Some(1);
-                ApplyAction::Created
-            }
-            Some(old) => {
-                manifest.metadata.uid.clone_from(&old.metadata.uid);
-                manifest.metadata.creation_timestamp = old.metadata.creation_timestamp;
-                let generation = old.metadata.generation.unwrap_or(1);
-                if old.spec == manifest.spec
-                    && old.metadata.labels == manifest.metadata.labels
-                    && old.metadata.annotations == manifest.metadata.annotations
-                {
-                    manifest.metadata.generation = Some(generation);
-                    return Ok(ApplyPlan {
-                        action: ApplyAction::Unchanged,
-                        manifest,
-                        rebuild_meter: None,
-                        reprocess_meters: vec![],
-                    });
-                }
-                manifest.metadata.generation = Some(if old.spec == manifest.spec {
-                    generation
-                } else {
-                    generation + 1
-                });
-                ApplyAction::Configured
-            }
-        };
+        let action = crate::resources::stamp(&mut manifest, previous, now, false);
+        if action == ApplyAction::Unchanged {
+            return Ok(ApplyPlan {
+                action,
+                manifest,
+                rebuild_meter: None,
+                reprocess_meters: vec![],
+            });
+        }
         Ok(ApplyPlan {
             action,
             manifest,
@@ -238,6 +220,11 @@ impl Catalog {
                     MonitoredResourceType::from_manifest(&manifest)?,
                 );
             }
+            other => {
+                return Err(LedgerError::Invalid(format!(
+                    "{other} is kept by the resource store, not the meter catalog"
+                )));
+            }
         }
         self.resources.insert((kind, name), manifest);
         Ok(())
@@ -253,6 +240,7 @@ impl Catalog {
             Kind::MonitoredResourceType => {
                 self.resource_types.remove(name);
             }
+            _ => {}
         }
     }
 }

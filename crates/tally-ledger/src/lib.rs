@@ -5,9 +5,11 @@
 //! rules for applying resources, so every backend validates the same way.
 
 mod catalog;
+pub mod resources;
 mod types;
 
 pub use catalog::{ApplyPlan, Catalog, MetersByType};
+pub use resources::{ResourceKey, ResourceSet, ResourceStore};
 pub use types::*;
 
 use futures::future::BoxFuture;

@@ -316,6 +316,7 @@ mod tests {
             },
             spec,
             status: None,
+            extra: Default::default(),
         };
         MeterDefinition::from_manifest(&m).unwrap()
     }

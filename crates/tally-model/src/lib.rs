@@ -3,13 +3,15 @@
 //!
 //! This crate performs no I/O. It parses and validates; it never stores.
 
+pub mod billing;
 pub mod event;
 pub mod meter;
 pub mod resource;
+pub mod secret;
 
 pub use event::{CloudEvent, EventError, FieldError, error_code, field_error, parse_event};
 pub use meter::{
     Aggregation, MeterDefinition, MeterEventMapping, MeterMeasurement, MeterPhase,
     MonitoredResourceType, OpenMeterMeter, ResourceLabel,
 };
-pub use resource::{Kind, Manifest, ObjectMeta, ResourceError};
+pub use resource::{Kind, KindClass, Manifest, ObjectMeta, ResourceError, validate_name};

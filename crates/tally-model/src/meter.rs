@@ -188,7 +188,11 @@ impl MeterDefinition {
             ));
         }
         for (name, path) in self.group_by() {
-            if name.is_empty() || name == "subject" || name == "windowStart" || name == "windowEnd"
+            // `billing_account` is the ledger's: usage grouped by the account
+            // its project was bound to at the time.
+            if name.is_empty()
+                || ["subject", "windowStart", "windowEnd", "billing_account"]
+                    .contains(&name.as_str())
             {
                 return Err(format!("dimension name {name:?} is reserved or empty"));
             }
@@ -421,6 +425,7 @@ impl OpenMeterMeter {
             },
             spec: serde_json::to_value(spec).unwrap_or(Value::Null),
             status: None,
+            extra: Default::default(),
         }
     }
 
@@ -454,6 +459,7 @@ mod tests {
             },
             spec,
             status: None,
+            extra: Default::default(),
         }
     }
 

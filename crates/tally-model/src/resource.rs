@@ -14,7 +14,11 @@ use serde_json::Value;
 pub enum ResourceError {
     #[error("document {document}: {message}")]
     Parse { document: usize, message: String },
-    #[error("unknown kind {0:?}; known kinds: MeterDefinition, MonitoredResourceType")]
+    #[error(
+        "unknown kind {0:?}; known kinds: MeterDefinition, MonitoredResourceType, \
+         BillingAccount, BillingAccountBinding, BillingSink, Exporter, TelemetryPolicy, Secret, Namespace, \
+         GatewayClass, Gateway, HTTPRoute, Workload, Instance"
+    )]
     UnknownKind(String),
     #[error("{kind} does not accept apiVersion {api_version:?}; use {expected}")]
     WrongApiVersion {
@@ -37,14 +41,60 @@ pub enum ResourceError {
 }
 
 /// The resource kinds this build of Tally understands.
+///
+/// Catalog kinds (`MeterDefinition`, `MonitoredResourceType`) change what the
+/// ledger measures and are applied by it; every other kind lives in the
+/// resource store. Platform kinds (`Namespace`, Gateway API and compute
+/// resources) are mirrored into Tally so that exporters and the edge agent
+/// can read their labels and ownership.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Kind {
     MeterDefinition,
     MonitoredResourceType,
+    BillingAccount,
+    BillingAccountBinding,
+    BillingSink,
+    Exporter,
+    TelemetryPolicy,
+    Secret,
+    Namespace,
+    GatewayClass,
+    Gateway,
+    HTTPRoute,
+    Workload,
+    Instance,
+}
+
+/// Who may write a kind, and what it is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KindClass {
+    /// Meters and billable resource types: operators write, anyone reads.
+    Catalog,
+    /// Billing accounts and bindings: operators only.
+    Billing,
+    /// Exporters, policies and secrets: a project manages its own.
+    Customer,
+    /// Mirrors of the platform's own resources: operators write.
+    Platform,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 2] = [Kind::MeterDefinition, Kind::MonitoredResourceType];
+    pub const ALL: [Kind; 14] = [
+        Kind::MeterDefinition,
+        Kind::MonitoredResourceType,
+        Kind::BillingAccount,
+        Kind::BillingAccountBinding,
+        Kind::BillingSink,
+        Kind::Exporter,
+        Kind::TelemetryPolicy,
+        Kind::Secret,
+        Kind::Namespace,
+        Kind::GatewayClass,
+        Kind::Gateway,
+        Kind::HTTPRoute,
+        Kind::Workload,
+        Kind::Instance,
+    ];
 
     /// The API version written on output; the first of `api_versions`.
     pub fn api_version(self) -> &'static str {
@@ -58,7 +108,20 @@ impl Kind {
                 "billing.miloapis.com/v1alpha1",
                 "services.miloapis.com/v1alpha1",
             ],
-            Kind::MonitoredResourceType => &["billing.miloapis.com/v1alpha1"],
+            Kind::MonitoredResourceType
+            | Kind::BillingAccount
+            | Kind::BillingAccountBinding
+            | Kind::BillingSink => &["billing.miloapis.com/v1alpha1"],
+            Kind::Exporter | Kind::TelemetryPolicy => &["telemetry.datumapis.com/v1alpha1"],
+            Kind::Secret | Kind::Namespace => &["v1"],
+            Kind::GatewayClass | Kind::Gateway | Kind::HTTPRoute => &[
+                "gateway.networking.k8s.io/v1",
+                "gateway.networking.k8s.io/v1beta1",
+            ],
+            Kind::Workload | Kind::Instance => &[
+                "compute.datumapis.com/v1alpha",
+                "compute.datumapis.com/v1alpha1",
+            ],
         }
     }
 
@@ -67,6 +130,18 @@ impl Kind {
         match self {
             Kind::MeterDefinition => "meterdefinitions",
             Kind::MonitoredResourceType => "monitoredresourcetypes",
+            Kind::BillingAccount => "billingaccounts",
+            Kind::BillingAccountBinding => "billingaccountbindings",
+            Kind::BillingSink => "billingsinks",
+            Kind::Exporter => "exporters",
+            Kind::TelemetryPolicy => "telemetrypolicies",
+            Kind::Secret => "secrets",
+            Kind::Namespace => "namespaces",
+            Kind::GatewayClass => "gatewayclasses",
+            Kind::Gateway => "gateways",
+            Kind::HTTPRoute => "httproutes",
+            Kind::Workload => "workloads",
+            Kind::Instance => "instances",
         }
     }
 
@@ -74,12 +149,50 @@ impl Kind {
         match self {
             Kind::MeterDefinition => "MeterDefinition",
             Kind::MonitoredResourceType => "MonitoredResourceType",
+            Kind::BillingAccount => "BillingAccount",
+            Kind::BillingAccountBinding => "BillingAccountBinding",
+            Kind::BillingSink => "BillingSink",
+            Kind::Exporter => "Exporter",
+            Kind::TelemetryPolicy => "TelemetryPolicy",
+            Kind::Secret => "Secret",
+            Kind::Namespace => "Namespace",
+            Kind::GatewayClass => "GatewayClass",
+            Kind::Gateway => "Gateway",
+            Kind::HTTPRoute => "HTTPRoute",
+            Kind::Workload => "Workload",
+            Kind::Instance => "Instance",
         }
     }
 
     /// Whether resources of this kind live in a namespace.
     pub fn namespaced(self) -> bool {
-        false
+        matches!(
+            self,
+            Kind::Exporter
+                | Kind::TelemetryPolicy
+                | Kind::Secret
+                | Kind::Gateway
+                | Kind::HTTPRoute
+                | Kind::Workload
+                | Kind::Instance
+        )
+    }
+
+    /// What the kind is for, which decides who may read and write it.
+    pub fn class(self) -> KindClass {
+        match self {
+            Kind::MeterDefinition | Kind::MonitoredResourceType => KindClass::Catalog,
+            Kind::BillingAccount | Kind::BillingAccountBinding | Kind::BillingSink => {
+                KindClass::Billing
+            }
+            Kind::Exporter | Kind::TelemetryPolicy | Kind::Secret => KindClass::Customer,
+            Kind::Namespace
+            | Kind::GatewayClass
+            | Kind::Gateway
+            | Kind::HTTPRoute
+            | Kind::Workload
+            | Kind::Instance => KindClass::Platform,
+        }
     }
 }
 
@@ -92,18 +205,24 @@ impl fmt::Display for Kind {
 impl FromStr for Kind {
     type Err = ResourceError;
 
-    /// Accepts the kind, its plural, its singular, or its short name, in any case.
+    /// Accepts the kind, its plural, or a short name, in any case.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let lower = s.to_ascii_lowercase();
-        match lower.as_str() {
-            "meterdefinition" | "meterdefinitions" | "meter" | "meters" | "md" => {
-                Ok(Kind::MeterDefinition)
-            }
-            "monitoredresourcetype" | "monitoredresourcetypes" | "mrt" => {
-                Ok(Kind::MonitoredResourceType)
-            }
-            _ => Err(ResourceError::UnknownKind(s.to_owned())),
-        }
+        let short = match lower.as_str() {
+            "meter" | "meters" | "md" => Some(Kind::MeterDefinition),
+            "mrt" => Some(Kind::MonitoredResourceType),
+            "ba" => Some(Kind::BillingAccount),
+            "bab" | "binding" | "bindings" => Some(Kind::BillingAccountBinding),
+            "ns" => Some(Kind::Namespace),
+            _ => None,
+        };
+        short
+            .or_else(|| {
+                Kind::ALL
+                    .into_iter()
+                    .find(|k| lower == k.plural() || lower == k.as_str().to_ascii_lowercase())
+            })
+            .ok_or_else(|| ResourceError::UnknownKind(s.to_owned()))
     }
 }
 
@@ -138,6 +257,10 @@ pub struct Manifest {
     pub spec: Value,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Value>,
+    /// Top-level fields other kinds carry besides `spec` (a `Secret`'s
+    /// `data`, `stringData` and `type`).
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, Value>,
 }
 
 impl Manifest {
@@ -255,6 +378,7 @@ mod tests {
             metadata: ObjectMeta::default(),
             spec: Value::Null,
             status: None,
+            extra: Default::default(),
         };
         assert!(matches!(
             m.typed_kind(),

@@ -14,6 +14,7 @@ use axum::http::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tally_model::{Kind, KindClass};
 
 use crate::problem::Problem;
 
@@ -97,6 +98,33 @@ impl Principal {
         self.is_admin() || self.scopes.contains(&Scope::Ingest)
     }
 
+    /// The projects this caller acts for through `project:<name>` scopes.
+    pub fn projects(&self) -> impl Iterator<Item = &str> {
+        self.scopes.iter().filter_map(|s| match s {
+            Scope::Project(p) => Some(p.as_str()),
+            _ => None,
+        })
+    }
+
+    /// Whether this caller may see a resource of `kind` that belongs to
+    /// `project` (`None`: to no project). Everyone reads the catalog; a
+    /// project reads its own namespaced resources and namespaces.
+    pub fn may_read(&self, kind: Kind, project: Option<&str>) -> bool {
+        self.is_admin()
+            || kind.class() == KindClass::Catalog
+            || (matches!(kind.class(), KindClass::Customer | KindClass::Platform)
+                && project.is_some_and(|p| self.projects().any(|mine| mine == p)))
+    }
+
+    /// Whether this caller may create, change or delete a resource of
+    /// `kind` belonging to `project`: operators anything, a project its own
+    /// exporters, policies and secrets.
+    pub fn may_write(&self, kind: Kind, project: Option<&str>) -> bool {
+        self.is_admin()
+            || (kind.class() == KindClass::Customer
+                && project.is_some_and(|p| self.projects().any(|mine| mine == p)))
+    }
+
     /// The subjects whose usage this caller may read; `None` means all.
     pub fn readable_subjects(&self) -> Option<Vec<String>> {
         if self.is_admin() {
@@ -153,13 +181,17 @@ fn access(method: &Method, route: &str) -> Access {
         (&Method::GET, "/api/v1/events" | "/api/v1/meters/{slug}/query") => Access::ReadUsage,
         // The catalog (meter definitions, resource types) is cluster-scoped
         // and readable by every caller.
+        (&Method::GET, "/api/v1/meters" | "/api/v1/meters/{slug}" | "/openapi.json") => {
+            Access::Authenticated
+        }
+        // Resources: the handlers decide per kind and project
+        // (`Principal::may_read`, `Principal::may_write`).
         (
-            &Method::GET,
-            "/api/v1/meters"
-            | "/api/v1/meters/{slug}"
+            _,
+            "/apis/apply"
             | "/apis/{plural}"
             | "/apis/{plural}/{name}"
-            | "/openapi.json",
+            | "/apis/{plural}/{namespace}/{name}",
         ) => Access::Authenticated,
         _ => Access::Admin,
     }
@@ -348,12 +380,18 @@ mod tests {
                 .status,
             403
         );
-        assert_eq!(
-            a.check(Some("acme-secret"), &post, "/apis/apply")
-                .unwrap_err()
-                .status,
-            403
-        );
+        // Resources are decided per kind and project by the handlers.
+        let acme = a.check(Some("acme-secret"), &post, "/apis/apply").unwrap();
+        assert!(acme.may_write(Kind::Exporter, Some("acme")));
+        assert!(!acme.may_write(Kind::Exporter, Some("other")));
+        assert!(!acme.may_write(Kind::MeterDefinition, None));
+        assert!(!acme.may_write(Kind::Namespace, Some("acme")));
+        assert!(acme.may_read(Kind::MeterDefinition, None));
+        assert!(acme.may_read(Kind::Namespace, Some("acme")));
+        assert!(!acme.may_read(Kind::Secret, Some("other")));
+        assert!(!acme.may_read(Kind::BillingAccountBinding, None));
+        let agent = a.check(Some("agent-secret"), &post, "/apis/apply").unwrap();
+        assert!(!agent.may_write(Kind::MeterDefinition, None));
         let acme = a
             .check(Some("acme-secret"), &get, "/api/v1/meters/{slug}/query")
             .unwrap();

@@ -25,7 +25,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use tally_ledger::{Ledger, QuarantineFilter, QuarantinePage};
+use tally_ledger::{Ledger, QuarantineFilter, QuarantinePage, ResourceStore};
 use tally_store_embedded::{EmbeddedLedger, StoreConfig};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use utoipa::OpenApi;
@@ -33,6 +33,7 @@ use utoipa::OpenApi;
 pub use auth::{Principal, Scope, TokenConfig};
 pub use config::ServeConfig;
 pub use problem::Problem;
+pub use resources::StatusSource;
 
 /// HTTP request counts by (method, route, status).
 type RequestCounts = BTreeMap<(String, String, u16), u64>;
@@ -47,6 +48,9 @@ pub struct AppState {
     /// Events accepted by a handler and not yet answered by the ledger.
     pending_events: Arc<Semaphore>,
     max_pending_events: usize,
+    /// Every kind outside the meter catalog; `None`: only the catalog is kept.
+    resources: Option<Arc<dyn ResourceStore>>,
+    status_sources: Arc<Vec<Arc<dyn StatusSource>>>,
 }
 
 impl AppState {
@@ -59,7 +63,25 @@ impl AppState {
             requests: Arc::default(),
             pending_events: Arc::new(Semaphore::new(DEFAULT_MAX_PENDING_EVENTS)),
             max_pending_events: DEFAULT_MAX_PENDING_EVENTS,
+            resources: None,
+            status_sources: Arc::default(),
         }
+    }
+
+    /// Keeps the resources outside the meter catalog (billing, exporters,
+    /// secrets, namespaces, platform resources) in `store`.
+    pub fn with_resources(mut self, store: Arc<dyn ResourceStore>) -> AppState {
+        self.resources = Some(store);
+        self
+    }
+
+    /// Adds a source of runtime status (e.g. exporter health) shown on
+    /// resources.
+    pub fn with_status_source(mut self, source: Arc<dyn StatusSource>) -> AppState {
+        let mut sources = (*self.status_sources).clone();
+        sources.push(source);
+        self.status_sources = Arc::new(sources);
+        self
     }
 
     /// Adds scoped tokens (the serve config's `tokens:`) to the admin token.
@@ -112,6 +134,7 @@ pub const DEFAULT_MAX_PENDING_EVENTS: usize = 262_144;
         events::ingest, events::list, events::void, events::voids, usage::ingest_one, usage::ingest_batch,
         meters::list, meters::get, meters::create, meters::delete, meters::query,
         resources::apply, resources::list, resources::get, resources::put, resources::delete,
+        resources::get_namespaced, resources::put_namespaced, resources::delete_namespaced,
         quarantine, metrics, healthz, readyz,
     ),
     components(schemas(Problem, resources::ApplyResult, resources::ApplyResults, usage::UsageAnswer, usage::Rejected, events::VoidBody)),
@@ -160,6 +183,12 @@ pub fn router(state: AppState) -> Router {
             get(resources::get)
                 .put(resources::put)
                 .delete(resources::delete),
+        )
+        .route(
+            "/apis/{plural}/{namespace}/{name}",
+            get(resources::get_namespaced)
+                .put(resources::put_namespaced)
+                .delete(resources::delete_namespaced),
         )
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi_json))
@@ -378,7 +407,9 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .await
         .context("opening the store")?
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
+    let resources: Arc<dyn ResourceStore> = Arc::new(ledger.resources());
     let state = AppState::new(Arc::new(ledger), config.max_body_bytes, None)
+        .with_resources(resources)
         .with_tokens(config.token.as_deref(), &config.tokens)
         .map_err(|e| anyhow::anyhow!("tokens: {e}"))?
         .with_max_pending_events(config.max_pending_events);

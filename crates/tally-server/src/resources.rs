@@ -1,17 +1,34 @@
 //! Resources under `/apis`: apply, list, get, replace, delete.
+//!
+//! Catalog kinds (`MeterDefinition`, `MonitoredResourceType`) go to the
+//! ledger, every other kind to the resource store; both are one surface.
+//! Cluster-scoped resources live at `/apis/{plural}/{name}`, namespaced ones
+//! at `/apis/{plural}/{namespace}/{name}`. Who may read or write what is
+//! decided here, per kind and project ([`Principal::may_read`],
+//! [`Principal::may_write`]); a resource the caller may not read is
+//! answered as not found, so its existence does not leak.
 
-use axum::Json;
-use axum::extract::{Path, State};
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::{Extension, Json};
 use bytes::Bytes;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tally_ledger::ApplyMode;
-use tally_model::{Kind, Manifest, ResourceError};
+use tally_ledger::{Applied, ApplyMode, ResourceKey, ResourceSet, ResourceStore};
+use tally_model::{Kind, KindClass, Manifest, ResourceError};
 
-use crate::AppState;
 use crate::body;
 use crate::problem::Problem;
+use crate::{AppState, Principal};
+
+/// Fills in the runtime part of a resource's `status` (e.g. an exporter's
+/// sink health). Registered with [`AppState::with_status_source`].
+pub trait StatusSource: Send + Sync + 'static {
+    /// The status to show for `manifest`, or `None` to leave it as it is.
+    fn status(&self, manifest: &Manifest) -> Option<Value>;
+}
 
 fn kind(plural: &str) -> Result<Kind, Problem> {
     plural
@@ -19,9 +36,64 @@ fn kind(plural: &str) -> Result<Kind, Problem> {
         .map_err(|e: ResourceError| Problem::new(StatusCode::NOT_FOUND, e.to_string()))
 }
 
+impl AppState {
+    fn resource_store(&self) -> Result<&Arc<dyn ResourceStore>, Problem> {
+        self.resources.as_ref().ok_or_else(|| {
+            Problem::new(
+                StatusCode::NOT_IMPLEMENTED,
+                "this server keeps only the meter catalog",
+            )
+        })
+    }
+
+    fn snapshot(&self) -> Arc<ResourceSet> {
+        self.resources
+            .as_ref()
+            .map_or_else(Arc::default, |r| r.snapshot())
+    }
+
+    /// The resource as the caller may see it, with runtime status.
+    fn present(&self, set: &ResourceSet, manifest: &Manifest) -> Manifest {
+        let mut shown = set.shown(manifest);
+        for source in self.status_sources.iter() {
+            if let Some(status) = source.status(&shown) {
+                shown.status = Some(status);
+            }
+        }
+        shown
+    }
+}
+
+/// The project a resource belongs to, for access decisions.
+fn project_of(
+    set: &ResourceSet,
+    kind: Kind,
+    namespace: Option<&str>,
+    name: &str,
+) -> Option<String> {
+    match kind {
+        Kind::Namespace => Some(set.project_of_namespace(name)),
+        k if k.namespaced() => namespace.map(|ns| set.project_of_namespace(ns)),
+        _ => None,
+    }
+}
+
+fn forbidden(principal: &Principal, verb: &str, key: &ResourceKey) -> Problem {
+    Problem::new(
+        StatusCode::FORBIDDEN,
+        format!("token {:?} may not {verb} {key}", principal.name),
+    )
+}
+
+fn not_found(key: &ResourceKey) -> Problem {
+    Problem::new(StatusCode::NOT_FOUND, format!("{key} not found"))
+}
+
 #[derive(Serialize, utoipa::ToSchema)]
 pub struct ApplyResult {
     kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    namespace: Option<String>,
     name: String,
     /// `created`, `configured` or `unchanged`.
     action: String,
@@ -32,17 +104,35 @@ pub struct ApplyResults {
     results: Vec<ApplyResult>,
 }
 
+async fn apply_one(
+    state: &AppState,
+    manifest: Manifest,
+    kind: Kind,
+    mode: ApplyMode,
+) -> Result<Applied, Problem> {
+    if kind.class() == KindClass::Catalog {
+        Ok(state.ledger.apply(manifest, mode).await?)
+    } else {
+        let mut applied = state.resource_store()?.apply(manifest, mode).await?;
+        applied.manifest = state.present(&state.snapshot(), &applied.manifest);
+        Ok(applied)
+    }
+}
+
 /// Apply manifests: multi-document YAML or JSON, Kubernetes-style.
 ///
-/// Every document is parsed before any is applied; they are then applied in
-/// order, stopping at the first refusal (earlier ones stay applied).
+/// Every document is parsed and authorised before any is applied; they are
+/// then applied in order, stopping at the first refusal (earlier ones stay
+/// applied).
 #[utoipa::path(post, path = "/apis/apply", tag = "resources",
     request_body(description = "Multi-document YAML or JSON manifests", content((String = "application/yaml"), (String = "application/json"))),
     responses((status = 200, description = "What happened to each resource", body = ApplyResults),
               (status = 400, description = "A manifest is invalid", body = Problem, content_type = "application/problem+json"),
+              (status = 403, description = "The token may not write one of the resources", body = Problem, content_type = "application/problem+json"),
               (status = 409, description = "A change is not allowed (e.g. a Published meter's unit)", body = Problem, content_type = "application/problem+json")))]
 pub async fn apply(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<ApplyResults>, Problem> {
@@ -51,15 +141,29 @@ pub async fn apply(
         std::str::from_utf8(&body).map_err(|_| Problem::bad_request("manifests must be UTF-8"))?;
     let manifests =
         Manifest::parse_documents(text).map_err(|e| Problem::bad_request(e.to_string()))?;
-    for m in &manifests {
-        m.typed_kind()
-            .map_err(|e| Problem::bad_request(e.to_string()))?;
-    }
-    let mut results = Vec::with_capacity(manifests.len());
+    let set = state.snapshot();
+    let mut typed = Vec::with_capacity(manifests.len());
     for manifest in manifests {
-        let applied = state.ledger.apply(manifest, ApplyMode::Upsert).await?;
+        let kind = manifest
+            .typed_kind()
+            .map_err(|e| Problem::bad_request(e.to_string()))?;
+        let meta = &manifest.metadata;
+        let namespace = meta.namespace.as_deref();
+        let key = ResourceKey::new(kind, namespace, &meta.name);
+        if !principal.may_write(
+            kind,
+            project_of(&set, kind, namespace, &meta.name).as_deref(),
+        ) {
+            return Err(forbidden(&principal, "write", &key));
+        }
+        typed.push((manifest, kind));
+    }
+    let mut results = Vec::with_capacity(typed.len());
+    for (manifest, kind) in typed {
+        let applied = apply_one(&state, manifest, kind, ApplyMode::Upsert).await?;
         results.push(ApplyResult {
             kind: applied.manifest.kind.clone(),
+            namespace: applied.manifest.metadata.namespace.clone(),
             name: applied.manifest.metadata.name.clone(),
             action: serde_json::to_value(applied.action)
                 .ok()
@@ -70,33 +174,161 @@ pub async fn apply(
     Ok(Json(ApplyResults { results }))
 }
 
-/// List resources of a kind.
+#[derive(Deserialize, utoipa::IntoParams)]
+pub struct ListParams {
+    /// Only resources of this namespace (namespaced kinds).
+    namespace: Option<String>,
+}
+
+/// List resources of a kind that the caller may see.
 #[utoipa::path(get, path = "/apis/{plural}", tag = "resources",
-    params(("plural" = String, Path, description = "meterdefinitions or monitoredresourcetypes")),
+    params(("plural" = String, Path, description = "The kind's plural, e.g. meterdefinitions, exporters, secrets"), ListParams),
     responses((status = 200, description = "A List", body = Object)))]
 pub async fn list(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path(plural): Path<String>,
+    Query(params): Query<ListParams>,
 ) -> Result<Json<Value>, Problem> {
-    let items = state.ledger.list(kind(&plural)?).await?;
+    let kind = kind(&plural)?;
+    let items: Vec<Manifest> = if kind.class() == KindClass::Catalog {
+        state.ledger.list(kind).await?
+    } else {
+        let set = state.resource_store()?.snapshot();
+        set.list(kind, params.namespace.as_deref())
+            .filter(|m| {
+                let meta = &m.metadata;
+                let project = project_of(&set, kind, meta.namespace.as_deref(), &meta.name);
+                principal.may_read(kind, project.as_deref())
+            })
+            .map(|m| state.present(&set, m))
+            .collect()
+    };
     Ok(Json(
         json!({"apiVersion": "v1", "kind": "List", "items": items}),
     ))
 }
 
-/// One resource, with status.
+/// The target of a single-resource request, once its scope is checked.
+fn target(plural: &str, namespace: Option<String>, name: String) -> Result<ResourceKey, Problem> {
+    let kind = kind(plural)?;
+    match (kind.namespaced(), namespace) {
+        (true, None) => Err(Problem::new(
+            StatusCode::NOT_FOUND,
+            format!("{kind} is namespaced: use /apis/{plural}/{{namespace}}/{{name}}"),
+        )),
+        (false, Some(_)) => Err(Problem::new(
+            StatusCode::NOT_FOUND,
+            format!("{kind} is cluster-scoped: use /apis/{plural}/{{name}}"),
+        )),
+        (_, namespace) => Ok(ResourceKey {
+            kind,
+            namespace,
+            name,
+        }),
+    }
+}
+
+async fn get_key(
+    state: &AppState,
+    principal: &Principal,
+    key: ResourceKey,
+) -> Result<Json<Manifest>, Problem> {
+    if key.kind.class() == KindClass::Catalog {
+        return Ok(Json(state.ledger.get(key.kind, key.name).await?));
+    }
+    let set = state.resource_store()?.snapshot();
+    let project = project_of(&set, key.kind, key.namespace.as_deref(), &key.name);
+    match set.get(&key) {
+        Some(manifest) if principal.may_read(key.kind, project.as_deref()) => {
+            Ok(Json(state.present(&set, manifest)))
+        }
+        _ => Err(not_found(&key)),
+    }
+}
+
+async fn put_key(
+    state: &AppState,
+    principal: &Principal,
+    key: ResourceKey,
+    manifest: Manifest,
+) -> Result<Json<Manifest>, Problem> {
+    let meta = &manifest.metadata;
+    if meta.name != key.name
+        || manifest.kind != key.kind.as_str()
+        || (key.kind.namespaced() && meta.namespace != key.namespace)
+    {
+        return Err(Problem::bad_request(format!(
+            "the body describes {} {}{:?}, the URL {key}",
+            manifest.kind,
+            meta.namespace
+                .as_deref()
+                .map(|ns| format!("{ns}/"))
+                .unwrap_or_default(),
+            meta.name
+        )));
+    }
+    let set = state.snapshot();
+    let project = project_of(&set, key.kind, key.namespace.as_deref(), &key.name);
+    if !principal.may_write(key.kind, project.as_deref()) {
+        return Err(forbidden(principal, "write", &key));
+    }
+    Ok(Json(
+        apply_one(state, manifest, key.kind, ApplyMode::Upsert)
+            .await?
+            .manifest,
+    ))
+}
+
+async fn delete_key(
+    state: &AppState,
+    principal: &Principal,
+    key: ResourceKey,
+) -> Result<StatusCode, Problem> {
+    let set = state.snapshot();
+    let project = project_of(&set, key.kind, key.namespace.as_deref(), &key.name);
+    if !principal.may_write(key.kind, project.as_deref()) {
+        return Err(if principal.may_read(key.kind, project.as_deref()) {
+            forbidden(principal, "delete", &key)
+        } else {
+            not_found(&key)
+        });
+    }
+    if key.kind.class() == KindClass::Catalog {
+        state.ledger.delete(key.kind, key.name).await?;
+    } else {
+        state.resource_store()?.delete(key).await?;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// One cluster-scoped resource, with status.
 #[utoipa::path(get, path = "/apis/{plural}/{name}", tag = "resources",
     params(("plural" = String, Path, description = "Resource kind, plural"), ("name" = String, Path, description = "Name")),
     responses((status = 200, description = "The resource", body = Object),
               (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json")))]
 pub async fn get(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path((plural, name)): Path<(String, String)>,
 ) -> Result<Json<Manifest>, Problem> {
-    Ok(Json(state.ledger.get(kind(&plural)?, name).await?))
+    get_key(&state, &principal, target(&plural, None, name)?).await
 }
 
-/// Create or replace one resource.
+/// One namespaced resource, with status.
+#[utoipa::path(get, path = "/apis/{plural}/{namespace}/{name}", tag = "resources",
+    params(("plural" = String, Path, description = "Resource kind, plural"), ("namespace" = String, Path, description = "Namespace"), ("name" = String, Path, description = "Name")),
+    responses((status = 200, description = "The resource", body = Object),
+              (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json")))]
+pub async fn get_namespaced(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path((plural, namespace, name)): Path<(String, String, String)>,
+) -> Result<Json<Manifest>, Problem> {
+    get_key(&state, &principal, target(&plural, Some(namespace), name)?).await
+}
+
+/// Create or replace one cluster-scoped resource.
 #[utoipa::path(put, path = "/apis/{plural}/{name}", tag = "resources",
     params(("plural" = String, Path, description = "Resource kind, plural"), ("name" = String, Path, description = "Name")),
     request_body(content = Object, description = "The manifest (JSON)"),
@@ -105,26 +337,31 @@ pub async fn get(
               (status = 409, description = "Change not allowed", body = Problem, content_type = "application/problem+json")))]
 pub async fn put(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path((plural, name)): Path<(String, String)>,
     Json(manifest): Json<Manifest>,
 ) -> Result<Json<Manifest>, Problem> {
-    let kind = kind(&plural)?;
-    if manifest.metadata.name != name || manifest.kind != kind.as_str() {
-        return Err(Problem::bad_request(format!(
-            "the body describes {} {:?}, the URL {kind} {name:?}",
-            manifest.kind, manifest.metadata.name
-        )));
-    }
-    Ok(Json(
-        state
-            .ledger
-            .apply(manifest, ApplyMode::Upsert)
-            .await?
-            .manifest,
-    ))
+    put_key(&state, &principal, target(&plural, None, name)?, manifest).await
 }
 
-/// Delete one resource.
+/// Create or replace one namespaced resource.
+#[utoipa::path(put, path = "/apis/{plural}/{namespace}/{name}", tag = "resources",
+    params(("plural" = String, Path, description = "Resource kind, plural"), ("namespace" = String, Path, description = "Namespace"), ("name" = String, Path, description = "Name")),
+    request_body(content = Object, description = "The manifest (JSON)"),
+    responses((status = 200, description = "Applied", body = Object),
+              (status = 400, description = "Invalid", body = Problem, content_type = "application/problem+json"),
+              (status = 409, description = "Change not allowed", body = Problem, content_type = "application/problem+json")))]
+pub async fn put_namespaced(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path((plural, namespace, name)): Path<(String, String, String)>,
+    Json(manifest): Json<Manifest>,
+) -> Result<Json<Manifest>, Problem> {
+    let key = target(&plural, Some(namespace), name)?;
+    put_key(&state, &principal, key, manifest).await
+}
+
+/// Delete one cluster-scoped resource.
 #[utoipa::path(delete, path = "/apis/{plural}/{name}", tag = "resources",
     params(("plural" = String, Path, description = "Resource kind, plural"), ("name" = String, Path, description = "Name")),
     responses((status = 204, description = "Deleted"),
@@ -132,8 +369,22 @@ pub async fn put(
               (status = 409, description = "Not allowed", body = Problem, content_type = "application/problem+json")))]
 pub async fn delete(
     State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
     Path((plural, name)): Path<(String, String)>,
 ) -> Result<StatusCode, Problem> {
-    state.ledger.delete(kind(&plural)?, name).await?;
-    Ok(StatusCode::NO_CONTENT)
+    delete_key(&state, &principal, target(&plural, None, name)?).await
+}
+
+/// Delete one namespaced resource.
+#[utoipa::path(delete, path = "/apis/{plural}/{namespace}/{name}", tag = "resources",
+    params(("plural" = String, Path, description = "Resource kind, plural"), ("namespace" = String, Path, description = "Namespace"), ("name" = String, Path, description = "Name")),
+    responses((status = 204, description = "Deleted"),
+              (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json"),
+              (status = 409, description = "Not allowed", body = Problem, content_type = "application/problem+json")))]
+pub async fn delete_namespaced(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    Path((plural, namespace, name)): Path<(String, String, String)>,
+) -> Result<StatusCode, Problem> {
+    delete_key(&state, &principal, target(&plural, Some(namespace), name)?).await
 }

@@ -9,7 +9,10 @@
 
 mod keys;
 mod read;
+mod resources;
 mod writer;
+
+pub use resources::EmbeddedResources;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -22,10 +25,10 @@ use jiff::{SignedDuration, Timestamp};
 use serde_json::json;
 use tally_ledger::{
     Applied, ApplyMode, Catalog, EventFilter, EventPage, IngestOutcome, Ledger, LedgerError,
-    LedgerStats, MeterQuery, QuarantineFilter, QuarantinePage, QueryResult, VoidOutcome, VoidPage,
-    VoidRequest,
+    LedgerStats, MeterQuery, QuarantineFilter, QuarantinePage, QueryResult, ResourceStore,
+    VoidOutcome, VoidPage, VoidRequest,
 };
-use tally_model::{CloudEvent, EventError, Kind, Manifest, error_code, field_error};
+use tally_model::{CloudEvent, EventError, Kind, KindClass, Manifest, error_code, field_error};
 use tokio::sync::{mpsc, oneshot};
 
 use keys::MeterState;
@@ -194,6 +197,7 @@ pub struct EmbeddedLedger {
     shared: Arc<Shared>,
     tx: mpsc::Sender<Command>,
     config: Arc<StoreConfig>,
+    resources: EmbeddedResources,
 }
 
 fn open_keyspace(db: &Database, name: &str) -> Result<Keyspace, StoreError> {
@@ -217,6 +221,7 @@ impl EmbeddedLedger {
             catalog: open_keyspace(&db, "catalog")?,
             meta: open_keyspace(&db, "meta")?,
         };
+        let resources = EmbeddedResources::open(db.clone(), open_keyspace(&db, "resources")?)?;
         let mut manifests = Vec::new();
         for item in keyspaces.catalog.iter() {
             let value = item.value()?;
@@ -270,7 +275,13 @@ impl EmbeddedLedger {
             shared,
             tx,
             config: Arc::new(config),
+            resources,
         })
+    }
+
+    /// The resource store kept in the same database.
+    pub fn resources(&self) -> EmbeddedResources {
+        self.resources.clone()
     }
 
     /// The data directory.
@@ -390,7 +401,14 @@ impl Ledger for EmbeddedLedger {
         meter: String,
         query: MeterQuery,
     ) -> BoxFuture<'_, Result<QueryResult, LedgerError>> {
-        Box::pin(self.read(move |shared| read::query(shared, &meter, &query)))
+        let attributes = [
+            query.group_by.iter().any(|g| g == read::BILLING_ACCOUNT),
+            query.filter_group_by.contains_key(read::BILLING_ACCOUNT),
+        ];
+        let attribution = attributes
+            .contains(&true)
+            .then(|| self.resources.snapshot().attribution());
+        Box::pin(self.read(move |shared| read::query(shared, &meter, &query, attribution.as_ref())))
     }
 
     fn list_events(&self, filter: EventFilter) -> BoxFuture<'_, Result<EventPage, LedgerError>> {
@@ -425,10 +443,19 @@ impl Ledger for EmbeddedLedger {
             events_quarantined_total: s.quarantined.load(Ordering::Relaxed),
             group_commits_total: s.group_commits.load(Ordering::Relaxed),
             disk_bytes: self.shared.db.disk_space().unwrap_or(0),
-            kinds: Kind::ALL
-                .into_iter()
-                .map(|k| (k.as_str().to_owned(), state.catalog.list(k).count() as u64))
-                .collect(),
+            kinds: {
+                let resources = self.resources.snapshot();
+                Kind::ALL
+                    .into_iter()
+                    .map(|k| {
+                        let count = match k.class() {
+                            KindClass::Catalog => state.catalog.list(k).count(),
+                            _ => resources.count(k),
+                        };
+                        (k.as_str().to_owned(), count as u64)
+                    })
+                    .collect()
+            },
         }
     }
 

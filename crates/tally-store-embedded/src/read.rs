@@ -1,14 +1,17 @@
 //! Queries over committed state. Each runs on one snapshot, so a query never
 //! sees half of a group commit.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::ops::Bound;
 
 use fjall::Readable;
+use jiff::Timestamp;
 use tally_ledger::{
     EventFilter, EventPage, LedgerError, MeterQuery, QuarantineFilter, QuarantinePage,
     QuarantinedEvent, QueryResult, QueryRow, StoredEvent, VoidPage, VoidRecord,
 };
-use tally_meter::{AggState, Level, QueryPlan, window};
+use tally_meter::{AggState, Level, QueryPlan, Window, window};
+use tally_model::billing::{Attribution, Owner};
 
 use crate::keys::{self, QuarantineEntry};
 use crate::{Shared, StoreError};
@@ -31,10 +34,26 @@ impl From<StoreError> for LedgerError {
 
 type GroupKey = (u32, Option<String>, Vec<Option<String>>);
 
+/// The group key that attributes usage to billing accounts.
+pub const BILLING_ACCOUNT: &str = "billing_account";
+
+/// The account owning a subject's usage at `t`: subjects are `projects/<p>`;
+/// `None` when no binding covers `t` or the subject is not a project.
+fn account_at(attribution: &Attribution, subject: &str, t: Timestamp) -> Option<String> {
+    let project = subject.strip_prefix("projects/")?;
+    match attribution.owner_at(project, t) {
+        Owner::Account { name, .. } | Owner::UnknownAccount(name) => Some(name.to_owned()),
+        Owner::Unattributed => None,
+    }
+}
+
+/// `attribution` is needed when the query groups or filters by
+/// [`BILLING_ACCOUNT`].
 pub fn query(
     shared: &Shared,
     meter_name: &str,
     q: &MeterQuery,
+    attribution: Option<&Attribution>,
 ) -> Result<QueryResult, LedgerError> {
     let (meter, state) = {
         let read = shared.read_state();
@@ -80,11 +99,22 @@ pub fn query(
     };
     let mut group_names: Vec<&str> = Vec::new();
     for g in &q.group_by {
-        if g != "subject" && !group_names.contains(&g.as_str()) {
+        if g != "subject" && g != BILLING_ACCOUNT && !group_names.contains(&g.as_str()) {
             position(g)?;
             group_names.push(g);
         }
     }
+    let by_account = q.group_by.iter().any(|g| g == BILLING_ACCOUNT);
+    let account_filter = q.filter_group_by.get(BILLING_ACCOUNT).map(String::as_str);
+    let attribution = match attribution {
+        Some(a) => Some(a),
+        None if by_account || account_filter.is_some() => {
+            return Err(LedgerError::Invalid(
+                "this ledger cannot attribute usage to billing accounts".into(),
+            ));
+        }
+        None => None,
+    };
     let group_positions: Vec<usize> = group_names
         .iter()
         .map(|g| position(g))
@@ -92,33 +122,49 @@ pub fn query(
     let filters: Vec<(usize, &str)> = q
         .filter_group_by
         .iter()
+        .filter(|(k, _)| *k != BILLING_ACCOUNT)
         .map(|(k, v)| position(k).map(|p| (p, v.as_str())))
         .collect::<Result<_, _>>()?;
     let by_subject = !q.subjects.is_empty() || q.group_by.iter().any(|g| g == "subject");
     let windows = window::windows(q.from, q.to, q.window_size, &q.time_zone)
         .map_err(|e| LedgerError::Invalid(e.to_string()))?;
+    // Where some project changes account, windows are cut, so each piece
+    // (and each bucket read for it) has one owner per project.
+    let (pieces, parent) = match attribution {
+        Some(a) => split_windows(&windows, &a.changes_within(q.from, q.to)),
+        None => (windows.clone(), (0..windows.len()).collect()),
+    };
     let plan =
-        QueryPlan::new(windows, q.from, q.to).map_err(|e| LedgerError::Invalid(e.to_string()))?;
+        QueryPlan::new(pieces, q.from, q.to).map_err(|e| LedgerError::Invalid(e.to_string()))?;
 
     let snapshot = shared.db.snapshot();
     let rollups = &shared.keyspaces.rollups;
     let mut acc: HashMap<GroupKey, AggState> = HashMap::new();
     let mut fold = |key: &[u8], value: &[u8], level: Level| -> Result<(), LedgerError> {
         let k = keys::decode_rollup_key(key, dimensions.len())?;
-        let Some(window) = plan.window_of(level, k.bucket) else {
+        let Some(piece) = plan.window_of(level, k.bucket) else {
             return Ok(());
         };
         if filters.iter().any(|(p, v)| k.groups[*p] != Some(*v)) {
             return Ok(());
         }
+        let account = attribution
+            .and_then(|a| account_at(a, k.subject, plan.windows[piece].start.max(q.from)));
+        if account_filter.is_some_and(|wanted| account.as_deref() != Some(wanted)) {
+            return Ok(());
+        }
         let state = AggState::decode(value).map_err(storage)?;
+        let mut groups: Vec<Option<String>> = group_positions
+            .iter()
+            .map(|p| k.groups[*p].map(str::to_owned))
+            .collect();
+        if by_account {
+            groups.push(account);
+        }
         let group = (
-            window as u32,
+            parent[piece] as u32,
             by_subject.then(|| k.subject.to_owned()),
-            group_positions
-                .iter()
-                .map(|p| k.groups[*p].map(str::to_owned))
-                .collect(),
+            groups,
         );
         match acc.get_mut(&group) {
             Some(existing) => existing.merge(&state).map_err(storage)?,
@@ -153,10 +199,13 @@ pub fn query(
         }
     }
 
+    if by_account {
+        group_names.push(BILLING_ACCOUNT);
+    }
     let mut rows: Vec<(GroupKey, QueryRow)> = acc
         .into_iter()
         .map(|(key, state)| {
-            let w = plan.windows[key.0 as usize];
+            let w = windows[key.0 as usize];
             let row = QueryRow {
                 window_start: w.start,
                 window_end: w.end,
@@ -188,6 +237,23 @@ pub fn query(
         rows: page.into_iter().map(|(_, row)| row).collect(),
         next_cursor,
     })
+}
+
+/// Cuts windows at `cuts`; returns the pieces and, per piece, its window.
+fn split_windows(windows: &[Window], cuts: &BTreeSet<Timestamp>) -> (Vec<Window>, Vec<usize>) {
+    let mut pieces = Vec::with_capacity(windows.len() + cuts.len());
+    let mut parent = Vec::with_capacity(windows.len() + cuts.len());
+    for (index, w) in windows.iter().enumerate() {
+        let mut start = w.start;
+        for cut in cuts.range((Bound::Excluded(w.start), Bound::Excluded(w.end))) {
+            pieces.push(Window { start, end: *cut });
+            parent.push(index);
+            start = *cut;
+        }
+        pieces.push(Window { start, end: w.end });
+        parent.push(index);
+    }
+    (pieces, parent)
 }
 
 fn encode_cursor(key: &GroupKey) -> String {

@@ -20,16 +20,26 @@ pub struct ApplyArgs {
     files: Vec<PathBuf>,
 }
 
+/// The kinds, as `--help` lists them.
+const KINDS_HELP: &str = "meterdefinitions (md), monitoredresourcetypes (mrt), billingaccounts (ba), \
+billingaccountbindings (bab), billingsinks, exporters, telemetrypolicies, secrets, namespaces (ns), \
+gatewayclasses, gateways, httproutes, workloads, instances; singular, plural or short name, any case";
+
 #[derive(Debug, Args)]
 pub struct GetArgs {
-    /// Resource kind: meterdefinitions (md, meter) or monitoredresourcetypes
-    /// (mrt); singular, plural or short name, any case.
-    #[arg(value_name = "KIND", value_parser = parse_kind)]
+    /// Resource kind.
+    #[arg(value_name = "KIND", value_parser = parse_kind, long_help = KINDS_HELP)]
     kind: Kind,
 
     /// Show only this resource; all of the kind when left out.
     #[arg(value_name = "NAME")]
     name: Option<String>,
+
+    /// Namespace of a namespaced kind (exporters, telemetrypolicies, secrets,
+    /// gateways, httproutes, workloads, instances). Required with NAME; when
+    /// listing, all namespaces the token may see are shown without it.
+    #[arg(short = 'n', long, value_name = "NAMESPACE")]
+    namespace: Option<String>,
 
     /// Output format: a table for people, or the manifests (with status) as
     /// YAML or JSON; a `List` when no NAME is given.
@@ -39,13 +49,29 @@ pub struct GetArgs {
 
 #[derive(Debug, Args)]
 pub struct DeleteArgs {
-    /// Resource kind: meterdefinitions (md, meter) or monitoredresourcetypes (mrt).
-    #[arg(value_name = "KIND", value_parser = parse_kind)]
+    /// Resource kind.
+    #[arg(value_name = "KIND", value_parser = parse_kind, long_help = KINDS_HELP)]
     kind: Kind,
 
     /// Name of the resource to delete.
     #[arg(value_name = "NAME")]
     name: String,
+
+    /// Namespace of a namespaced kind (required for those).
+    #[arg(short = 'n', long, value_name = "NAMESPACE")]
+    namespace: Option<String>,
+}
+
+/// The namespace a single-resource command needs, checked against the kind.
+fn namespace_for(kind: Kind, namespace: Option<&str>) -> anyhow::Result<Option<&str>> {
+    match (kind.namespaced(), namespace) {
+        (true, None) => anyhow::bail!(
+            "{} are namespaced: name one with -n NAMESPACE",
+            kind.plural()
+        ),
+        (false, Some(_)) => anyhow::bail!("{} are cluster-scoped: leave out -n", kind.plural()),
+        (_, namespace) => Ok(namespace),
+    }
 }
 
 /// Output formats of `tally get`.
@@ -64,9 +90,13 @@ fn parse_kind(text: &str) -> Result<Kind, String> {
         .map_err(|e: tally_model::ResourceError| e.to_string())
 }
 
-/// `kind/name`, as kubectl prints it.
-fn reference(kind: &str, name: &str) -> String {
-    format!("{}/{name}", kind.to_ascii_lowercase())
+/// `kind/name`, as kubectl prints it, with the namespace when there is one.
+fn reference(kind: &str, namespace: Option<&str>, name: &str) -> String {
+    let kind = kind.to_ascii_lowercase();
+    match namespace {
+        Some(ns) => format!("{kind}/{name} -n {ns}"),
+        None => format!("{kind}/{name}"),
+    }
 }
 
 pub async fn apply(client: &TallyClient, args: ApplyArgs) -> anyhow::Result<()> {
@@ -85,7 +115,7 @@ pub async fn apply(client: &TallyClient, args: ApplyArgs) -> anyhow::Result<()> 
             };
             out.push_str(&format!(
                 "{} {action}\n",
-                reference(&result.kind, &result.name)
+                reference(&result.kind, result.namespace.as_deref(), &result.name)
             ));
         }
         print(&out)?;
@@ -109,14 +139,19 @@ fn read_input(path: &PathBuf) -> anyhow::Result<(String, String)> {
 
 pub async fn get(client: &TallyClient, args: GetArgs) -> anyhow::Result<()> {
     let manifests = match &args.name {
-        Some(name) => vec![
-            client
-                .get_resource(args.kind, name)
-                .await
-                .with_context(|| format!("getting {}", reference(args.kind.as_str(), name)))?,
-        ],
+        Some(name) => {
+            let namespace = namespace_for(args.kind, args.namespace.as_deref())?;
+            vec![
+                client
+                    .get_resource(args.kind, namespace, name)
+                    .await
+                    .with_context(|| {
+                        format!("getting {}", reference(args.kind.as_str(), namespace, name))
+                    })?,
+            ]
+        }
         None => client
-            .list_resources(args.kind)
+            .list_resources(args.kind, args.namespace.as_deref())
             .await
             .with_context(|| format!("listing {}", args.kind.plural()))?,
     };
@@ -137,9 +172,10 @@ pub async fn get(client: &TallyClient, args: GetArgs) -> anyhow::Result<()> {
 }
 
 pub async fn delete(client: &TallyClient, args: DeleteArgs) -> anyhow::Result<()> {
-    let reference = reference(args.kind.as_str(), &args.name);
+    let namespace = namespace_for(args.kind, args.namespace.as_deref())?;
+    let reference = reference(args.kind.as_str(), namespace, &args.name);
     client
-        .delete_resource(args.kind, &args.name)
+        .delete_resource(args.kind, namespace, &args.name)
         .await
         .with_context(|| format!("deleting {reference}"))?;
     print(&format!("{reference} deleted\n"))
@@ -147,11 +183,64 @@ pub async fn delete(client: &TallyClient, args: DeleteArgs) -> anyhow::Result<()
 
 /// The table `tally get` prints for a kind.
 pub fn resource_table(kind: Kind, manifests: &[Manifest]) -> Table {
-    match kind.as_str() {
-        "MeterDefinition" => meter_definition_table(manifests),
-        "MonitoredResourceType" => resource_type_table(manifests),
+    match kind {
+        Kind::MeterDefinition => meter_definition_table(manifests),
+        Kind::MonitoredResourceType => resource_type_table(manifests),
+        Kind::BillingAccount => columns(
+            manifests,
+            &[
+                ("UID", &["metadata", "uid"]),
+                ("PHASE", &["status", "phase"]),
+            ],
+        ),
+        Kind::BillingAccountBinding => columns(
+            manifests,
+            &[
+                ("PROJECT", &["spec", "projectRef", "name"]),
+                ("ACCOUNT", &["spec", "billingAccountRef", "name"]),
+                ("EFFECTIVE FROM", &["status", "effectiveFrom"]),
+                ("PHASE", &["status", "phase"]),
+            ],
+        ),
+        Kind::Namespace => columns(
+            manifests,
+            &[(
+                "PROJECT",
+                &[
+                    "metadata",
+                    "labels",
+                    "resourcemanager.miloapis.com/project-name",
+                ],
+            )],
+        ),
         _ => generic_table(manifests),
     }
+}
+
+/// NAME (and NAMESPACE when any resource has one), then the given fields.
+fn columns(manifests: &[Manifest], fields: &[(&str, &[&str])]) -> Table {
+    let namespaced = manifests.iter().any(|m| m.metadata.namespace.is_some());
+    let mut header = vec!["NAME"];
+    if namespaced {
+        header.insert(0, "NAMESPACE");
+    }
+    header.extend(fields.iter().map(|(title, _)| *title));
+    let mut table = Table::new(header);
+    for m in manifests {
+        let value = serde_json::to_value(m).unwrap_or(Value::Null);
+        let mut row = Vec::with_capacity(fields.len() + 2);
+        if namespaced {
+            row.push(or_none(m.metadata.namespace.as_deref()));
+        }
+        row.push(m.metadata.name.clone());
+        row.extend(
+            fields
+                .iter()
+                .map(|(_, path)| or_none(text_at(&value, path))),
+        );
+        table.row(row);
+    }
+    table
 }
 
 fn text_at<'a>(value: &'a Value, path: &[&str]) -> Option<&'a str> {
@@ -216,15 +305,27 @@ fn resource_type_table(manifests: &[Manifest]) -> Table {
     table
 }
 
+/// Name, kind, readiness (when the server reports it) and creation time.
 fn generic_table(manifests: &[Manifest]) -> Table {
-    let mut table = Table::new(["NAME", "KIND", "CREATED"]);
+    let namespaced = manifests.iter().any(|m| m.metadata.namespace.is_some());
+    let mut header = vec!["NAME", "KIND", "READY", "CREATED"];
+    if namespaced {
+        header.insert(0, "NAMESPACE");
+    }
+    let mut table = Table::new(header);
     for m in manifests {
         let created = m.metadata.creation_timestamp.map(|t| t.to_string());
-        table.row([
+        let mut row = Vec::with_capacity(5);
+        if namespaced {
+            row.push(or_none(m.metadata.namespace.as_deref()));
+        }
+        row.extend([
             m.metadata.name.clone(),
             m.kind.clone(),
+            or_none(ready(m)),
             or_none(created.as_deref()),
         ]);
+        table.row(row);
     }
     table
 }
@@ -302,9 +403,9 @@ spec:
         let table = generic_table(&manifests()[..2]).render();
         assert_eq!(
             table,
-            "NAME       KIND              CREATED\n\
-             requests   MeterDefinition   2026-01-01T00:00:00Z\n\
-             tokens     MeterDefinition   <none>\n"
+            "NAME       KIND              READY    CREATED\n\
+             requests   MeterDefinition   True     2026-01-01T00:00:00Z\n\
+             tokens     MeterDefinition   <none>   <none>\n"
         );
     }
 
@@ -315,8 +416,14 @@ spec:
         }
         assert!(parse_kind("pods").unwrap_err().contains("known kinds"));
         assert_eq!(
-            reference("MeterDefinition", "requests"),
+            reference("MeterDefinition", None, "requests"),
             "meterdefinition/requests"
         );
+        assert_eq!(
+            reference("Exporter", Some("team"), "grafana"),
+            "exporter/grafana -n team"
+        );
+        assert!(namespace_for(Kind::Exporter, None).is_err());
+        assert!(namespace_for(Kind::BillingAccount, Some("x")).is_err());
     }
 }

@@ -9,13 +9,19 @@
 //! it becomes attributed as soon as a binding covering it appears. A binding
 //! whose responsibility is not yet established (no `establishedAt`) covers
 //! nothing.
+//!
+//! Attribution has minute resolution: a binding takes effect at the first
+//! whole UTC minute at or after its `establishedAt`. Usage is rolled up per
+//! minute and forwarded in windows of whole minutes, so a minute always has
+//! exactly one owner per project, and the ledger's queries and the billing
+//! forwarder cut time at the same instants.
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::resource::Manifest;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tally_model::Manifest;
 
 /// The API group of the billing kinds.
 pub const BILLING_API_VERSION: &str = "billing.miloapis.com/v1alpha1";
@@ -144,6 +150,17 @@ impl BillingAccountBinding {
     }
 }
 
+/// The first whole UTC minute at or after `at`: when a binding established at
+/// `at` takes effect. `None` only at the end of time.
+pub fn effective_from(at: Timestamp) -> Option<Timestamp> {
+    let second = at.as_second();
+    if second.rem_euclid(60) == 0 && at.subsec_nanosecond() == 0 {
+        return Some(at);
+    }
+    let minute = second.div_euclid(60).checked_add(1)?.checked_mul(60)?;
+    Timestamp::from_second(minute).ok()
+}
+
 /// Who owns usage at a time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Owner<'a> {
@@ -182,7 +199,7 @@ impl Attribution {
     pub fn new(accounts: &[BillingAccount], bindings: &[BillingAccountBinding]) -> Self {
         let mut projects: BTreeMap<String, Vec<Start>> = BTreeMap::new();
         for binding in bindings {
-            if let Some(at) = binding.established_at {
+            if let Some(at) = binding.established_at.and_then(effective_from) {
                 projects
                     .entry(binding.project.clone())
                     .or_default()
@@ -423,11 +440,33 @@ mod tests {
             binding("2", "a", "q", Some("2025-01-01T10:00:30Z")),
         ];
         let attribution = Attribution::new(&[account("a")], &bindings);
+        // q's binding takes effect at the next whole minute.
         let cuts =
-            attribution.changes_within(ts("2025-01-01T10:00:00Z"), ts("2025-01-01T10:01:00Z"));
+            attribution.changes_within(ts("2025-01-01T10:00:00Z"), ts("2025-01-01T10:02:00Z"));
         assert_eq!(
             cuts.into_iter().collect::<Vec<_>>(),
-            vec![ts("2025-01-01T10:00:30Z")]
+            vec![ts("2025-01-01T10:01:00Z")]
+        );
+        assert_eq!(owner(&attribution, "q", "2025-01-01T10:00:59Z"), None);
+        assert_eq!(
+            owner(&attribution, "q", "2025-01-01T10:01:00Z").as_deref(),
+            Some("uid-a")
+        );
+    }
+
+    #[test]
+    fn bindings_take_effect_at_whole_minutes() {
+        assert_eq!(
+            effective_from(ts("2025-01-01T10:00:00Z")),
+            Some(ts("2025-01-01T10:00:00Z"))
+        );
+        assert_eq!(
+            effective_from(ts("2025-01-01T10:00:00.001Z")),
+            Some(ts("2025-01-01T10:01:00Z"))
+        );
+        assert_eq!(
+            effective_from(ts("1969-12-31T23:59:30Z")),
+            Some(ts("1970-01-01T00:00:00Z"))
         );
     }
 
