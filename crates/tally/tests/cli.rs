@@ -264,3 +264,144 @@ fn apply_get_send_query_and_fail_clearly() {
         assert!(help.contains("--token"), "{help}");
     }
 }
+
+/// The shipped billing example, secrets, and usage grouped by billing
+/// account through the CLI: unattributed usage is attributed retroactively
+/// when a binding covering it is applied, and secrets never come back.
+#[test]
+fn billing_accounts_attribute_usage_and_secrets_stay_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path());
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/");
+    ok(tally(
+        &server,
+        &["apply", "-f", &format!("{examples}billing.yaml")],
+        None,
+    ));
+    let meter = "apiVersion: billing.miloapis.com/v1alpha1\nkind: MeterDefinition\n\
+                 metadata: {name: bytes}\nspec: {meterName: bytes, measurement: \
+                 {aggregation: Sum, unit: By}, event: {type: bytes, valueProperty: $.n}}\n";
+    ok(tally(&server, &["apply", "-f", "-"], Some(meter)));
+    let hour_ago = (jiff::Timestamp::now() - jiff::SignedDuration::from_hours(1)).to_string();
+    let events: String = [
+        ("projects/acme", 3),
+        ("projects/globex", 5),
+        ("projects/globex", 2),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, (subject, n))| {
+        format!(
+            "{{\"specversion\":\"1.0\",\"id\":\"b{i}\",\"source\":\"cli\",\"type\":\"bytes\",\
+                 \"subject\":\"{subject}\",\"time\":\"{hour_ago}\",\"data\":{{\"n\":{n}}}}}\n"
+        )
+    })
+    .collect();
+    let file = dir.path().join("usage.ndjson");
+    std::fs::write(&file, events).unwrap();
+    ok(tally(
+        &server,
+        &["events", "send", file.to_str().unwrap()],
+        None,
+    ));
+
+    let from = (jiff::Timestamp::now() - jiff::SignedDuration::from_hours(24))
+        .round(jiff::Unit::Hour)
+        .unwrap()
+        .to_string();
+    let to = (jiff::Timestamp::now() + jiff::SignedDuration::from_hours(2))
+        .round(jiff::Unit::Hour)
+        .unwrap()
+        .to_string();
+    let by_account = || {
+        let csv = ok(tally(
+            &server,
+            &[
+                "meters",
+                "query",
+                "bytes",
+                "--from",
+                &from,
+                "--to",
+                &to,
+                "--group-by",
+                "billing_account",
+                "-o",
+                "csv",
+            ],
+            None,
+        ));
+        let mut rows: Vec<String> = csv
+            .lines()
+            .skip(1)
+            .map(|row| row.split(',').skip(2).collect::<Vec<_>>().join(","))
+            .collect();
+        rows.sort();
+        rows
+    };
+    // globex has no binding yet: its usage is kept, without an account.
+    assert_eq!(by_account(), [",7", "acme-corp,3"]);
+    let globex = "apiVersion: billing.miloapis.com/v1alpha1\nkind: BillingAccountBinding\n\
+                  metadata: {name: globex-to-acme-eu}\nspec: {billingAccountRef: {name: acme-eu}, \
+                  projectRef: {name: globex}}\nstatus: {billingResponsibility: \
+                  {establishedAt: '2025-01-01T00:00:00Z'}}\n";
+    ok(tally(&server, &["apply", "-f", "-"], Some(globex)));
+    assert_eq!(by_account(), ["acme-corp,3", "acme-eu,7"]);
+    // Before a project's first binding is allowed (that time had no
+    // account); between two bindings would move attributed usage: refused.
+    let acme = |name: &str, at: &str| {
+        globex
+            .replace("globex-to-acme-eu", name)
+            .replace("projectRef: {name: globex}", "projectRef: {name: acme}")
+            .replace("2025-01-01T00:00:00Z", at)
+    };
+    let earlier = ok(tally(
+        &server,
+        &["apply", "-f", "-"],
+        Some(&acme("acme-earlier", "2024-12-01T00:00:00Z")),
+    ));
+    assert_eq!(earlier, "billingaccountbinding/acme-earlier created\n");
+    let output = tally(
+        &server,
+        &["apply", "-f", "-"],
+        Some(&acme("acme-inside", "2024-12-15T00:00:00Z")),
+    );
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("never moved"),
+        "{}",
+        stderr(&output)
+    );
+    let table = ok(tally(&server, &["get", "bab"], None));
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(
+        table.contains("globex-to-acme-eu   globex    acme-eu"),
+        "{table}"
+    );
+
+    // Secrets: applied, listed by key, never shown.
+    let secret = "apiVersion: v1\nkind: Secret\nmetadata: {name: grafana, namespace: acme-web}\n\
+                  stringData: {token: correct-horse-battery}\n";
+    let applied = ok(tally(&server, &["apply", "-f", "-"], Some(secret)));
+    assert_eq!(applied, "secret/grafana -n acme-web created\n");
+    for args in [
+        &["get", "secrets", "-n", "acme-web", "-o", "yaml"][..],
+        &["get", "secret", "grafana", "-n", "acme-web", "-o", "json"][..],
+        &["get", "secrets"][..],
+    ] {
+        let shown = ok(tally(&server, args, None));
+        assert!(!shown.contains("correct-horse"), "{shown}");
+        assert!(!shown.contains("Y29ycmVjdC1ob3Jz"), "{shown}");
+    }
+    let output = tally(&server, &["get", "secret", "grafana"], None);
+    assert!(
+        stderr(&output).contains("-n NAMESPACE"),
+        "{}",
+        stderr(&output)
+    );
+    ok(tally(
+        &server,
+        &["delete", "secret", "grafana", "-n", "acme-web"],
+        None,
+    ));
+}
