@@ -96,6 +96,9 @@ pub trait ResourceStore: Send + Sync + 'static {
 #[derive(Debug, Clone, Default)]
 pub struct ResourceSet {
     items: BTreeMap<ResourceKey, Arc<Manifest>>,
+    /// project → (effective start, binding name) of its established
+    /// bindings, sorted: the last one is Active.
+    bindings: BTreeMap<String, Vec<(Timestamp, String)>>,
 }
 
 fn invalid(key: &ResourceKey, message: impl std::fmt::Display) -> LedgerError {
@@ -187,8 +190,11 @@ impl ResourceSet {
             }
             Ok(Kind::BillingAccountBinding) => {
                 if let Ok(binding) = BillingAccountBinding::from_manifest(manifest) {
-                    let active = self.latest_binding(&binding.project).map(|b| b.name)
-                        == Some(binding.name.clone());
+                    let active = self
+                        .bindings
+                        .get(&binding.project)
+                        .and_then(|starts| starts.last())
+                        .is_some_and(|(_, name)| *name == binding.name);
                     let mut status = manifest.status.clone().unwrap_or_else(|| json!({}));
                     if let Some(map) = status.as_object_mut() {
                         map.insert(
@@ -205,21 +211,6 @@ impl ResourceSet {
             _ => {}
         }
         shown
-    }
-
-    fn bindings_of(&self, project: &str) -> Vec<BillingAccountBinding> {
-        self.billing()
-            .1
-            .into_iter()
-            .filter(|b| b.project == project && b.established_at.is_some())
-            .collect()
-    }
-
-    fn latest_binding(&self, project: &str) -> Option<BillingAccountBinding> {
-        self.bindings_of(project).into_iter().max_by(|a, b| {
-            (a.established_at.and_then(effective_from), &a.name)
-                .cmp(&(b.established_at.and_then(effective_from), &b.name))
-        })
     }
 
     /// Decides whether `manifest` may be applied now; returns it as it is to
@@ -326,12 +317,11 @@ impl ResourceSet {
             .established_at
             .and_then(effective_from)
             .ok_or_else(|| invalid(key, "establishedAt is out of range"))?;
-        let others: Vec<Timestamp> = self
-            .bindings_of(&binding.project)
-            .iter()
-            .filter_map(|b| b.established_at.and_then(effective_from))
-            .collect();
-        let (Some(first), Some(last)) = (others.iter().min(), others.iter().max()) else {
+        let starts = self.bindings.get(&binding.project);
+        let (Some((first, _)), Some((last, _))) = (
+            starts.and_then(|s| s.first()),
+            starts.and_then(|s| s.last()),
+        ) else {
             return Ok(());
         };
         if at < *first || at > *last {
@@ -363,6 +353,15 @@ impl ResourceSet {
     /// Records a manifest that was made durable.
     pub fn insert(&mut self, manifest: Manifest) -> Result<(), LedgerError> {
         let kind = manifest.typed_kind()?;
+        if kind == Kind::BillingAccountBinding
+            && let Ok(binding) = BillingAccountBinding::from_manifest(&manifest)
+            && let Some(at) = binding.established_at.and_then(effective_from)
+        {
+            let starts = self.bindings.entry(binding.project).or_default();
+            starts.retain(|(_, name)| *name != binding.name);
+            starts.push((at, binding.name));
+            starts.sort();
+        }
         self.items
             .insert(ResourceKey::of(kind, &manifest), Arc::new(manifest));
         Ok(())
@@ -371,6 +370,11 @@ impl ResourceSet {
     /// Forgets a resource that was deleted durably.
     pub fn remove(&mut self, key: &ResourceKey) {
         self.items.remove(key);
+        if key.kind == Kind::BillingAccountBinding {
+            for starts in self.bindings.values_mut() {
+                starts.retain(|(_, name)| *name != key.name);
+            }
+        }
     }
 
     /// The stored bytes of a manifest.
