@@ -34,6 +34,11 @@ pub struct ServeConfig {
     /// How old an event's time may be when it arrives, in days. Defaults to
     /// the dedupe horizon, so that every accepted event is still deduplicated.
     pub max_lateness_days: Option<u32>,
+    /// Directories whose `*.yaml`, `*.yml` and `*.json` manifests are applied
+    /// at start and whenever a file changes (every 5 s), as by `tally apply`.
+    /// Removing a file deletes nothing.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub manifest_dirs: Vec<PathBuf>,
 }
 
 impl Default for ServeConfig {
@@ -47,6 +52,7 @@ impl Default for ServeConfig {
             max_body_bytes: 16 * 1024 * 1024,
             dedupe_horizon_days: 32,
             max_lateness_days: None,
+            manifest_dirs: Vec::new(),
         }
     }
 }

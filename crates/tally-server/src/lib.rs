@@ -13,6 +13,7 @@ mod problem;
 mod query;
 mod resources;
 mod usage;
+mod watch;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -424,10 +425,20 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         config.data_dir.display()
     );
     tracing::info!(%address, data_dir = %config.data_dir.display(), auth = state.auth.is_enabled(), "serving");
+    let watcher = (!config.manifest_dirs.is_empty()).then(|| {
+        tokio::spawn(watch::watch(
+            state.clone(),
+            config.manifest_dirs.clone(),
+            watch::POLL_INTERVAL,
+        ))
+    });
     axum::serve(listener, router(state))
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("serving HTTP")?;
+    if let Some(watcher) = watcher {
+        watcher.abort();
+    }
     tracing::info!("stopped");
     Ok(())
 }

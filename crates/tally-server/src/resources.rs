@@ -104,7 +104,7 @@ pub struct ApplyResults {
     results: Vec<ApplyResult>,
 }
 
-async fn apply_one(
+pub(crate) async fn apply_one(
     state: &AppState,
     manifest: Manifest,
     kind: Kind,

@@ -12,8 +12,9 @@ use tracing_subscriber::EnvFilter;
 /// the defaults. The token comes from the global `--token` / `TALLY_TOKEN`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// YAML config file (camelCase keys: dataDir, listen, token, maxBodyBytes,
-    /// dedupeHorizonDays, maxLatenessDays). Flags given here override it.
+    /// YAML config file (camelCase keys: dataDir, listen, token, tokens,
+    /// maxBodyBytes, maxPendingEvents, dedupeHorizonDays, maxLatenessDays,
+    /// manifestDirs). Flags given here override it.
     #[arg(long, short = 'c', value_name = "FILE", env = "TALLY_CONFIG")]
     config: Option<PathBuf>,
 
@@ -36,6 +37,12 @@ pub struct ServeArgs {
     /// How old an event's time may be when it arrives, in days [default: the dedupe horizon].
     #[arg(long, value_name = "N")]
     max_lateness_days: Option<u32>,
+
+    /// A directory of manifests (*.yaml, *.yml, *.json) applied at start and
+    /// whenever a file changes, as by `tally apply`; removing a file deletes
+    /// nothing. Repeat for several; adds to the config file's manifestDirs.
+    #[arg(long = "manifests", value_name = "DIR")]
+    manifest_dirs: Vec<PathBuf>,
 
     /// Log format. Levels come from RUST_LOG (default `info`, with the storage
     /// engine's internals at `warn`).
@@ -77,6 +84,9 @@ pub fn config(args: &ServeArgs, token: Option<String>) -> anyhow::Result<ServeCo
     if let Some(days) = args.max_lateness_days {
         config.max_lateness_days = Some(days);
     }
+    config
+        .manifest_dirs
+        .extend(args.manifest_dirs.iter().cloned());
     Ok(config)
 }
 
