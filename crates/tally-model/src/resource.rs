@@ -279,11 +279,28 @@ impl Manifest {
         Ok(manifests)
     }
 
-    /// The kind, checked against the API version.
+    /// The kind, checked against the API version and the top-level fields
+    /// the kind has (so a misspelt `spec` is refused, not ignored).
     pub fn typed_kind(&self) -> Result<Kind, ResourceError> {
         let kind: Kind = self.kind.parse()?;
         if kind.as_str() != self.kind {
             return Err(ResourceError::UnknownKind(self.kind.clone()));
+        }
+        let allowed: &[&str] = match kind {
+            Kind::Secret => &["data", "stringData", "type", "immutable"],
+            _ => &[],
+        };
+        if let Some(field) = self.extra.keys().find(|k| !allowed.contains(&k.as_str())) {
+            let mut known = vec!["apiVersion", "kind", "metadata", "spec", "status"];
+            known.extend_from_slice(allowed);
+            return Err(ResourceError::Invalid {
+                kind,
+                name: self.metadata.name.clone(),
+                message: format!(
+                    "unknown top-level field {field:?}; a {kind} has: {}",
+                    known.join(", ")
+                ),
+            });
         }
         if !kind.api_versions().contains(&self.api_version.as_str()) {
             return Err(ResourceError::WrongApiVersion {
@@ -368,6 +385,23 @@ mod tests {
             matches!(err, ResourceError::Parse { document: 2, .. }),
             "{err}"
         );
+    }
+
+    #[test]
+    fn misspelt_top_level_fields_are_refused() {
+        let m = Manifest::parse_documents(
+            "apiVersion: billing.miloapis.com/v1alpha1\nkind: MeterDefinition\nmetadata: {name: a}\nsepc: {}\n",
+        )
+        .unwrap()
+        .remove(0);
+        let err = m.typed_kind().unwrap_err().to_string();
+        assert!(err.contains("\"sepc\""), "{err}");
+        let secret = Manifest::parse_documents(
+            "apiVersion: v1\nkind: Secret\nmetadata: {name: a}\ntype: Opaque\nstringData: {k: v}\n",
+        )
+        .unwrap()
+        .remove(0);
+        assert_eq!(secret.typed_kind().unwrap(), Kind::Secret);
     }
 
     #[test]
