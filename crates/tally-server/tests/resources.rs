@@ -290,3 +290,39 @@ async fn bindings_keep_history_and_everything_survives_a_restart() {
     assert_eq!(route["metadata"]["generation"], 1);
     server.task.abort();
 }
+
+/// The Exporter shapes of the platform's enhancement (and invalid ones,
+/// whose problems are reported as status conditions, not refusals) are
+/// stored unchanged.
+#[tokio::test]
+async fn exporter_manifests_apply_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path()).await;
+    let fixtures = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tally-telemetry/tests/fixtures"
+    );
+    for file in [
+        "exporter-metricsql.yaml",
+        "exporter-resource-selectors.yaml",
+        "exporter-datadog-grafana-basic.yaml",
+        "invalid-exporters.yaml",
+    ] {
+        let text = std::fs::read_to_string(format!("{fixtures}/{file}")).unwrap();
+        for manifest in tally_model::Manifest::parse_documents(&text).unwrap() {
+            let yaml = serde_json::to_string(&manifest).unwrap();
+            let (status, body) = server.apply("root", &yaml).await;
+            let Some(namespace) = manifest.metadata.namespace.as_deref() else {
+                // Without a namespace there is nowhere to keep it.
+                assert_eq!(status, StatusCode::BAD_REQUEST, "{file}: {body}");
+                assert!(body["detail"].as_str().unwrap().contains("namespace"));
+                continue;
+            };
+            assert_eq!(status, StatusCode::OK, "{file}: {body}");
+            let path = format!("/apis/exporters/{namespace}/{}", manifest.metadata.name);
+            let (status, stored) = server.get("root", &path).await;
+            assert_eq!(status, StatusCode::OK, "{path}");
+            assert_eq!(stored["spec"], manifest.spec, "{file}: {path}");
+        }
+    }
+}
