@@ -18,7 +18,7 @@
 //!   project's latest binding, or before its first (attributing usage that had
 //!   no account). Bindings cannot be deleted. So history is never rewritten.
 
-use std::collections::BTreeMap;
+use imbl::OrdMap;
 use std::sync::Arc;
 
 use base64::Engine;
@@ -92,13 +92,15 @@ pub trait ResourceStore: Send + Sync + 'static {
     fn subscribe(&self) -> tokio::sync::watch::Receiver<u64>;
 }
 
-/// Every stored resource, and the rules for changing them.
+/// Every stored resource, and the rules for changing them. Persistent maps
+/// (structural sharing) make a clone O(1), so a store can publish a new
+/// snapshot per write without copying every resource.
 #[derive(Debug, Clone, Default)]
 pub struct ResourceSet {
-    items: BTreeMap<ResourceKey, Arc<Manifest>>,
+    items: OrdMap<ResourceKey, Arc<Manifest>>,
     /// project → (effective start, binding name) of its established
     /// bindings, sorted: the last one is Active.
-    bindings: BTreeMap<String, Vec<(Timestamp, String)>>,
+    bindings: OrdMap<String, Vec<(Timestamp, String)>>,
 }
 
 fn invalid(key: &ResourceKey, message: impl std::fmt::Display) -> LedgerError {
@@ -131,17 +133,22 @@ impl ResourceSet {
         kind: Kind,
         namespace: Option<&'a str>,
     ) -> impl Iterator<Item = &'a Arc<Manifest>> + 'a {
+        // Keys sort by kind first, and `None` before any namespace.
+        let first = ResourceKey {
+            kind,
+            namespace: None,
+            name: String::new(),
+        };
         self.items
-            .iter()
-            .filter(move |(key, _)| {
-                key.kind == kind && namespace.is_none_or(|ns| key.namespace.as_deref() == Some(ns))
-            })
+            .range(first..)
+            .take_while(move |(key, _)| key.kind == kind)
+            .filter(move |(key, _)| namespace.is_none_or(|ns| key.namespace.as_deref() == Some(ns)))
             .map(|(_, manifest)| manifest)
     }
 
     /// How many resources of a kind are stored.
     pub fn count(&self, kind: Kind) -> usize {
-        self.items.keys().filter(|k| k.kind == kind).count()
+        self.list(kind, None).count()
     }
 
     /// The values of a Secret.
@@ -371,8 +378,11 @@ impl ResourceSet {
     pub fn remove(&mut self, key: &ResourceKey) {
         self.items.remove(key);
         if key.kind == Kind::BillingAccountBinding {
-            for starts in self.bindings.values_mut() {
-                starts.retain(|(_, name)| *name != key.name);
+            let projects: Vec<String> = self.bindings.keys().cloned().collect();
+            for project in projects {
+                if let Some(starts) = self.bindings.get_mut(&project) {
+                    starts.retain(|(_, name)| *name != key.name);
+                }
             }
         }
     }
