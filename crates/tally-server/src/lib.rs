@@ -26,6 +26,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use tally_delivery::{ComponentKind, Registry};
 use tally_ledger::{Ledger, QuarantineFilter, QuarantinePage, ResourceStore};
 use tally_store_embedded::{EmbeddedLedger, StoreConfig};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -52,6 +53,10 @@ pub struct AppState {
     /// Every kind outside the meter catalog; `None`: only the catalog is kept.
     resources: Option<Arc<dyn ResourceStore>>,
     status_sources: Arc<Vec<Arc<dyn StatusSource>>>,
+    /// The components running in this process (`tally_component_*`).
+    registry: Registry,
+    /// The ledger's (received, stored) totals already added to its component.
+    ledger_seen: Arc<Mutex<(u64, u64)>>,
 }
 
 impl AppState {
@@ -66,7 +71,21 @@ impl AppState {
             max_pending_events: DEFAULT_MAX_PENDING_EVENTS,
             resources: None,
             status_sources: Arc::default(),
+            registry: Registry::new(),
+            ledger_seen: Arc::default(),
         }
+    }
+
+    /// Shares `registry` with the components wired into this server, so
+    /// `/metrics` shows every `tally_component_*` of the process.
+    pub fn with_registry(mut self, registry: Registry) -> AppState {
+        self.registry = registry;
+        self
+    }
+
+    /// The registry `/metrics` renders.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
     }
 
     /// Keeps the resources outside the meter catalog (billing, exporters,
@@ -323,15 +342,15 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     for (kind, n) in &s.kinds {
         let _ = writeln!(out, "tally_resources{{kind=\"{kind}\"}} {n}");
     }
-    let _ = writeln!(
-        out,
-        "# HELP tally_component_received_total Items received by a component.\n# TYPE tally_component_received_total counter"
-    );
-    let _ = writeln!(
-        out,
-        "tally_component_received_total{{component=\"ledger\"}} {}",
-        s.events_accepted_total + s.events_duplicate_total
-    );
+    // The ledger is a component too: received = stored + duplicates.
+    if let Ok(mut seen) = state.ledger_seen.lock() {
+        let ledger = state.registry.component(ComponentKind::Sink, "ledger");
+        let received = s.events_accepted_total + s.events_duplicate_total;
+        ledger.add_received(received.saturating_sub(seen.0));
+        ledger.add_sent(s.events_accepted_total.saturating_sub(seen.1));
+        *seen = (received.max(seen.0), s.events_accepted_total.max(seen.1));
+    }
+    out.push_str(&state.registry.render());
     let _ = writeln!(
         out,
         "# HELP tally_http_requests_total HTTP requests by method, route and status.\n# TYPE tally_http_requests_total counter"

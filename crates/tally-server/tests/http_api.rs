@@ -236,6 +236,19 @@ async fn ingest_in_every_content_type_and_query() {
         metrics.contains("tally_events_accepted_total 4"),
         "{metrics}"
     );
+    // The ledger reports as a component, once per family.
+    for line in [
+        "tally_component_received_total{component_kind=\"sink\",component_id=\"ledger\"} 5",
+        "tally_component_sent_total{component_kind=\"sink\",component_id=\"ledger\"} 4",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+    assert_eq!(
+        metrics
+            .matches("# TYPE tally_component_received_total counter")
+            .count(),
+        1
+    );
 }
 
 #[tokio::test]
