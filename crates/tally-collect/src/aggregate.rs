@@ -384,6 +384,29 @@ impl Aggregator {
         self.advance(end, out);
     }
 
+    /// Adds a sampled gauge of concurrently open connections: `connections`
+    /// were open for `route` during `[from_millis, to_millis)`, so
+    /// `connections × overlap` milliseconds go to each window the interval
+    /// spans. Time then advances to `to_millis`.
+    pub fn push_connection_gauge(
+        &mut self,
+        route: &RouteKey,
+        from_millis: i64,
+        to_millis: i64,
+        connections: u64,
+        out: &mut Vec<WindowUsage>,
+    ) {
+        let route = self.intern(route);
+        self.add_interval_times(route, from_millis, to_millis, connections);
+        self.advance(to_millis, out);
+    }
+
+    /// Moves event time to `at_millis` (as a record of that time would),
+    /// closing the windows that closes.
+    pub fn advance_to(&mut self, at_millis: i64, out: &mut Vec<WindowUsage>) {
+        self.advance(at_millis, out);
+    }
+
     /// Applies one connection lifecycle event.
     pub fn push_connection_event(&mut self, event: &ConnectionEvent, out: &mut Vec<WindowUsage>) {
         match event {
@@ -579,13 +602,22 @@ impl Aggregator {
 
     /// Adds `[from, to)` of connection time, split at window boundaries.
     fn add_interval(&mut self, route: RouteId, from: i64, to: i64) {
+        self.add_interval_times(route, from, to, 1);
+    }
+
+    /// Adds `times` connections over `[from, to)`, split at window
+    /// boundaries.
+    fn add_interval_times(&mut self, route: RouteId, from: i64, to: i64, times: u64) {
+        if times == 0 {
+            return;
+        }
         let size = self.config.window_millis;
         let mut start = from;
         while start < to {
             let window = self.window_of(start);
             let end = to.min((window + 1).saturating_mul(size));
             let millis = u128::try_from(end - start).unwrap_or(0);
-            self.bucket(route, start).connection_millis += millis;
+            self.bucket(route, start).connection_millis += millis * u128::from(times);
             start = end;
         }
     }
@@ -827,6 +859,28 @@ mod tests {
             .map(|u| u.value)
             .sum();
         assert_eq!(total, 570);
+    }
+
+    #[test]
+    fn a_connection_gauge_adds_connections_times_time_per_window() {
+        let mut agg = Aggregator::new(WindowConfig::default());
+        let mut out = Vec::new();
+        // 3 connections from 0:50 to 1:10: 30 s in window 0, 30 s in window 1.
+        agg.push_connection_gauge(&key("gw"), 50_000, 70_000, 3, &mut out);
+        // None open: nothing is added, time still advances.
+        agg.push_connection_gauge(&key("gw"), 70_000, 80_000, 0, &mut out);
+        agg.push_connection_gauge(&key("gw"), 80_000, 180_000, 2, &mut out);
+        let closed: Vec<_> = out
+            .iter()
+            .filter(|u| u.meter == Meter::ConnectionSeconds)
+            .map(|u| (u.window_start_millis, u.value))
+            .collect();
+        // Watermark 3:00 less a minute of lateness: windows 0 and 1 close;
+        // window 1 has 3 × 10 s and 2 × 40 s.
+        assert_eq!(closed, vec![(0, 30), (60_000, 110)]);
+        agg.flush(&mut out);
+        assert_eq!(sum(&out, Meter::ConnectionSeconds), 30 + 30 + 200);
+        assert_eq!(sum(&out, Meter::Requests), 0);
     }
 
     #[test]

@@ -1,4 +1,7 @@
 //! The collector: tailer + aggregator + a durable outbox of usage events.
+//! A collector opened with [`Collector::open_gauges`] reads no file: its
+//! input is gauge samples of open connections ([`Collector::push_gauges`]),
+//! and the last sample is part of the checkpoint.
 //!
 //! See the crate documentation for the exactly-once invariant. The state
 //! store is one fjall database in `state_dir` with two keyspaces: `outbox`
@@ -15,6 +18,7 @@ use crate::aggregate::{Aggregator, AggregatorState, WindowConfig, WindowUsage};
 use crate::enrich::EnrichmentIndex;
 use crate::event::{AgentIdentity, usage_event};
 use crate::record::LineDiagnostics;
+use crate::route::RouteKey;
 use crate::tail::{FileTailer, TailCheckpoint, TailError};
 
 const STATE_KEY: &str = "state";
@@ -64,6 +68,18 @@ pub struct Checkpoint {
     pub files: TailCheckpoint,
     /// Open windows, watermark, round, carries, open connections.
     pub aggregator: AggregatorState,
+    /// The last gauge sample (collectors of gauges only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gauges: Option<GaugeSample>,
+}
+
+/// One sample of open-connection gauges, summed per route.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GaugeSample {
+    /// When the gauges were read, Unix ms.
+    pub at_millis: i64,
+    /// Open connections per route at that time.
+    pub gauges: Vec<(RouteKey, u64)>,
 }
 
 /// A failure of the collector. After any error but [`CollectError::Tail`]
@@ -122,8 +138,7 @@ pub struct CollectorStats {
     pub received_lines: u64,
     /// `tally_component_sent_total`: events made durable in the outbox.
     pub emitted_events: u64,
-    /// `tally_component_queue_depth`: events awaiting acknowledgement
-    /// (approximate).
+    /// `tally_component_queue_depth`: events awaiting acknowledgement.
     pub outbox_depth: usize,
 }
 
@@ -133,8 +148,10 @@ pub struct Collector {
     db: Database,
     outbox: Keyspace,
     meta: Keyspace,
-    tailer: FileTailer,
+    tailer: Option<FileTailer>,
     aggregator: Aggregator,
+    gauges: Option<GaugeSample>,
+    outbox_len: usize,
     enrichment: EnrichmentIndex,
     committed_files: TailCheckpoint,
     uncommitted_lines: u64,
@@ -145,6 +162,16 @@ pub struct Collector {
 impl Collector {
     /// Opens the state store and resumes from its checkpoint.
     pub fn open(config: CollectorConfig) -> Result<Self, CollectError> {
+        Self::open_input(config, true)
+    }
+
+    /// Opens a collector that reads no file (`config.log_path` is not
+    /// used): its input is [`Collector::push_gauges`].
+    pub fn open_gauges(config: CollectorConfig) -> Result<Self, CollectError> {
+        Self::open_input(config, false)
+    }
+
+    fn open_input(config: CollectorConfig, file: bool) -> Result<Self, CollectError> {
         let store = |source| CollectError::Store {
             path: config.state_dir.clone(),
             source,
@@ -166,8 +193,8 @@ impl Collector {
                 )?),
                 None => None,
             };
-        let (files, aggregator) = match checkpoint {
-            None => (Vec::new(), Aggregator::new(config.window)),
+        let (files, aggregator, gauges) = match checkpoint {
+            None => (Vec::new(), Aggregator::new(config.window), None),
             Some(c) => {
                 // Window indexes in the state are in units of the stored
                 // window size; lateness and watermark step may change.
@@ -177,12 +204,22 @@ impl Collector {
                         configured: config.window,
                     });
                 }
-                (c.files, Aggregator::from_state(config.window, c.aggregator))
+                (
+                    c.files,
+                    Aggregator::from_state(config.window, c.aggregator),
+                    c.gauges,
+                )
             }
         };
-        let tailer = FileTailer::open(&config.log_path, &files)?;
+        let outbox_len = outbox.len().map_err(store)?;
+        let tailer = if file {
+            Some(FileTailer::open(&config.log_path, &files)?)
+        } else {
+            None
+        };
         tracing::info!(log = %config.log_path.display(), state = %config.state_dir.display(),
-            files = files.len(), open_buckets = aggregator.open_buckets(), "collector resumed");
+            files = files.len(), open_buckets = aggregator.open_buckets(), outbox = outbox_len,
+            "collector resumed");
         Ok(Collector {
             config,
             db,
@@ -190,6 +227,8 @@ impl Collector {
             meta,
             tailer,
             aggregator,
+            gauges,
+            outbox_len,
             enrichment: EnrichmentIndex::default(),
             committed_files: files,
             uncommitted_lines: 0,
@@ -209,14 +248,71 @@ impl Collector {
         self.check()?;
         let mut closed = Vec::new();
         let aggregator = &mut self.aggregator;
-        let lines = self.tailer.read_lines(self.config.max_read_bytes, |line| {
-            aggregator.push_line(line, &mut closed)
-        })?;
+        let lines = match &mut self.tailer {
+            Some(tailer) => tailer.read_lines(self.config.max_read_bytes, |line| {
+                aggregator.push_line(line, &mut closed)
+            })?,
+            None => 0,
+        };
         self.uncommitted_lines += lines;
         self.stats.received_lines += lines;
         let due = self.uncommitted_lines >= self.config.checkpoint_every_lines;
         let events = self.commit(due, &closed)?;
         Ok(PollReport { lines, events })
+    }
+
+    /// Integrates the previous gauge sample over the time up to `sample`
+    /// (each route's open connections held until this sample), commits the
+    /// windows that closes together with `sample` as the new last sample.
+    /// A gap longer than `max_gap_millis` since the previous sample (the
+    /// agent or Envoy's admin was away) is not billed; a sample not later
+    /// than the previous one is ignored.
+    pub fn push_gauges(
+        &mut self,
+        sample: GaugeSample,
+        max_gap_millis: i64,
+    ) -> Result<PollReport, CollectError> {
+        self.check()?;
+        let mut closed = Vec::new();
+        if let Some(previous) = &self.gauges {
+            let (from, to) = (previous.at_millis, sample.at_millis);
+            if to <= from {
+                tracing::warn!(
+                    previous = from,
+                    sample = to,
+                    "a gauge sample is not later than the previous one; ignored"
+                );
+                return Ok(PollReport::default());
+            }
+            if to - from <= max_gap_millis {
+                for (route, connections) in &previous.gauges {
+                    self.aggregator.push_connection_gauge(
+                        route,
+                        from,
+                        to,
+                        *connections,
+                        &mut closed,
+                    );
+                }
+            } else {
+                tracing::warn!(
+                    gap_ms = to - from,
+                    max_gap_ms = max_gap_millis,
+                    "no gauge sample for too long; that time is not billed"
+                );
+            }
+        }
+        self.aggregator.advance_to(sample.at_millis, &mut closed);
+        self.gauges = Some(sample);
+        self.uncommitted_lines += 1;
+        self.stats.received_lines += 1;
+        let events = self.commit(true, &closed)?;
+        Ok(PollReport { lines: 1, events })
+    }
+
+    /// The last gauge sample committed or pushed.
+    pub fn last_gauges(&self) -> Option<&GaugeSample> {
+        self.gauges.as_ref()
     }
 
     /// Closes every open window (end of input, idle timeout) and commits.
@@ -251,10 +347,20 @@ impl Collector {
         ids: impl IntoIterator<Item = &'a str>,
     ) -> Result<(), CollectError> {
         let mut batch = self.db.batch();
+        let mut removed = 0;
         for id in ids {
-            batch.remove(&self.outbox, id);
+            if self
+                .outbox
+                .contains_key(id)
+                .map_err(|e| self.store_error(e))?
+            {
+                batch.remove(&self.outbox, id);
+                removed += 1;
+            }
         }
-        batch.commit().map_err(|e| self.store_error(e))
+        batch.commit().map_err(|e| self.store_error(e))?;
+        self.outbox_len = self.outbox_len.saturating_sub(removed);
+        Ok(())
     }
 
     /// Lines and inputs that could not be used, by reason.
@@ -265,7 +371,7 @@ impl Collector {
     /// Counters for the component metrics.
     pub fn stats(&self) -> CollectorStats {
         CollectorStats {
-            outbox_depth: self.outbox.approximate_len(),
+            outbox_depth: self.outbox_len,
             ..self.stats
         }
     }
@@ -273,7 +379,7 @@ impl Collector {
     /// Checkpointed files that were gone when the collector opened: their
     /// unread lines could not be counted.
     pub fn lost_files(&self) -> &[crate::tail::FilePosition] {
-        self.tailer.lost_files()
+        self.tailer.as_ref().map_or(&[], FileTailer::lost_files)
     }
 
     /// Where reading of each tailed file stands, as of the last durable
@@ -303,11 +409,24 @@ impl Collector {
     }
 
     /// One atomic, fsync'd batch: the new events and the checkpoint.
+    /// A file the tailer started reading is committed at once, even without
+    /// events: should the agent stop before its next commit and the file be
+    /// rotated meanwhile, the checkpoint must know it to find it again.
     fn commit(&mut self, due: bool, closed: &[WindowUsage]) -> Result<usize, CollectError> {
-        if !due && closed.is_empty() {
+        let files = self
+            .tailer
+            .as_ref()
+            .map(FileTailer::checkpoint)
+            .unwrap_or_default();
+        let new_file = files.iter().any(|file| {
+            !self
+                .committed_files
+                .iter()
+                .any(|known| known.device == file.device && known.inode == file.inode)
+        });
+        if !due && !new_file && closed.is_empty() {
             return Ok(0);
         }
-        let files = self.tailer.checkpoint();
         if closed.is_empty() && self.uncommitted_lines == 0 && files == self.committed_files {
             return Ok(0);
         }
@@ -324,6 +443,7 @@ impl Collector {
             window: self.config.window,
             files: files.clone(),
             aggregator: self.aggregator.state(),
+            gauges: self.gauges.clone(),
         };
         let state = serde_json::to_vec(&checkpoint).map_err(CollectError::Encode)?;
         batch.insert(&self.meta, STATE_KEY, state);
@@ -332,6 +452,7 @@ impl Collector {
         self.committed_files = files;
         self.uncommitted_lines = 0;
         self.stats.emitted_events += closed.len() as u64;
+        self.outbox_len += closed.len();
         if !closed.is_empty() {
             tracing::debug!(
                 events = closed.len(),

@@ -7,7 +7,10 @@
 //! CloudEvents with deterministic ids ([`event`]), enriched with gateway
 //! dimensions ([`enrich`]) → [`collector::Collector`] keeps them in a durable
 //! outbox until the shipper acknowledges them. [`generate`] writes realistic
-//! corpora with their exact expected totals.
+//! corpora with their exact expected totals. [`agent`] is the runtime of
+//! `tally collect` built on them: config, OTLP logs receivers (gRPC and
+//! HTTP), the Envoy admin gauge sampler and the `tally-delivery` sink to
+//! the ledger.
 //!
 //! # Example
 //! ```
@@ -58,6 +61,9 @@
 //! - **Lifecycle events** ([`ConnectionEvent`] open/close, for embedders that
 //!   see connections directly): an open connection is accounted up to the
 //!   closing boundary at every round.
+//! - **Gauge samples** ([`GaugeSample`], from Envoy's admin
+//!   `downstream_cx_active` gauges in [`agent`]): open connections × time
+//!   since the previous sample, per mapped route.
 //!
 //! Without periodic records a long-lived stream is billed once, when its end
 //! record arrives, in the window it started in. See [`aggregate`] for details.
@@ -69,8 +75,11 @@
 //!   not acknowledged.
 //! - Never uses a randomised hash or the wall clock for anything that decides
 //!   an event id or a window.
-//! - Never performs HTTP; shipping is the delivery crate's job.
+//! - The core (everything but [`agent`]) never performs network I/O nor
+//!   reads the clock; [`agent`] does, and leaves retries and queues to
+//!   `tally-delivery`.
 
+pub mod agent;
 pub mod aggregate;
 pub mod collector;
 pub mod enrich;
@@ -84,7 +93,9 @@ pub use aggregate::{
     Aggregator, AggregatorState, ConnectionEvent, ConnectionRecord, Meter, Totals, WindowConfig,
     WindowUsage,
 };
-pub use collector::{CollectError, Collector, CollectorConfig, CollectorStats, PollReport};
+pub use collector::{
+    CollectError, Collector, CollectorConfig, CollectorStats, GaugeSample, PollReport,
+};
 pub use enrich::{EnrichError, EnrichmentIndex, RouteDimensions};
 pub use event::{AgentIdentity, event_id, usage_event};
 pub use generate::{CorpusConfig, CorpusGenerator, ExpectedTotals, write_corpus};

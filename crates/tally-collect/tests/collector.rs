@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use tally_collect::{AgentIdentity, Collector, CollectorConfig, CorpusConfig, write_corpus};
+use tally_collect::{
+    AgentIdentity, Collector, CollectorConfig, CorpusConfig, GaugeSample, RouteKey, write_corpus,
+};
 use tally_model::Manifest;
 
 const MANIFESTS: &str = include_str!("fixtures/gateway-api.yaml");
@@ -75,12 +77,20 @@ fn corpus_totals_reach_the_outbox_and_acknowledged_events_leave_it() {
         .collect();
     assert_eq!(requests, expected_requests);
 
+    assert_eq!(stats.outbox_depth, events.len());
     let (shipped, rest) = events.split_at(events.len() / 2);
     collector
         .acknowledge(shipped.iter().map(|e| e.id.as_str()))
         .unwrap();
+    assert_eq!(collector.stats().outbox_depth, rest.len());
+    // An acknowledgement that arrives twice removes nothing more.
+    collector
+        .acknowledge(shipped.iter().map(|e| e.id.as_str()))
+        .unwrap();
+    assert_eq!(collector.stats().outbox_depth, rest.len());
     drop(collector);
     let collector = Collector::open(config).unwrap();
+    assert_eq!(collector.stats().outbox_depth, rest.len());
     let pending: Vec<_> = collector
         .pending(usize::MAX)
         .unwrap()
@@ -115,4 +125,126 @@ fn a_state_directory_keeps_its_window_size() {
     let mut later = config;
     later.window.allowed_lateness_millis = 5_000;
     assert!(Collector::open(later).is_ok());
+}
+
+fn connection_seconds(collector: &Collector) -> BTreeMap<(String, i64), u64> {
+    let mut seconds = BTreeMap::new();
+    for event in collector.pending(usize::MAX).unwrap() {
+        assert_eq!(
+            event.kind,
+            "networking.datumapis.com/gateway/connection-seconds"
+        );
+        let data = event.data.as_ref().unwrap();
+        let route = data["dimensions"]["httproute_name"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let value: u64 = data["value"].as_str().unwrap().parse().unwrap();
+        *seconds
+            .entry((route, event.time.as_millisecond()))
+            .or_default() += value;
+    }
+    seconds
+}
+
+#[test]
+fn gauge_samples_are_integrated_once_across_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let route = |name: &str| RouteKey {
+        project: "p".into(),
+        namespace: "ns".into(),
+        name: name.into(),
+    };
+    let sample = |at_millis: i64, web: u64, api: u64| GaugeSample {
+        at_millis,
+        gauges: vec![(route("web"), web), (route("api"), api)],
+    };
+    let mut config = CollectorConfig::new(
+        std::path::PathBuf::new(),
+        dir.path().join("state"),
+        AgentIdentity {
+            agent_id: "node-a/envoy-admin".into(),
+            source: "tally-collect/node-a".into(),
+        },
+    );
+    config.window.window_millis = 10_000;
+    config.window.allowed_lateness_millis = 0;
+    let max_gap = 30_000;
+    let mut collector = Collector::open_gauges(config.clone()).unwrap();
+    collector.push_gauges(sample(5_000, 3, 1), max_gap).unwrap();
+    collector
+        .push_gauges(sample(15_000, 2, 0), max_gap)
+        .unwrap();
+    // Reopened: the last sample (15 s: 2 and 0) was checkpointed.
+    drop(collector);
+    let mut collector = Collector::open_gauges(config.clone()).unwrap();
+    assert_eq!(collector.last_gauges(), Some(&sample(15_000, 2, 0)));
+    // 24 s is not later than the previous sample: ignored. From 25 s to
+    // 65 s there is no sample: not billed.
+    for next in [
+        sample(25_000, 5, 5),
+        sample(24_000, 9, 9),
+        sample(65_000, 1, 1),
+        sample(70_000, 0, 0),
+    ] {
+        collector.push_gauges(next, max_gap).unwrap();
+    }
+    collector.flush().unwrap();
+    let want: BTreeMap<(String, i64), u64> = [
+        // web: 3 × [5, 10), 3 × [10, 15) + 2 × [15, 20), 2 × [20, 25), 1 × [65, 70)
+        (("web".to_owned(), 0), 15),
+        (("web".to_owned(), 10_000), 25),
+        (("web".to_owned(), 20_000), 10),
+        (("web".to_owned(), 60_000), 5),
+        // api: 1 × [5, 15), 1 × [65, 70)
+        (("api".to_owned(), 0), 5),
+        (("api".to_owned(), 10_000), 5),
+        (("api".to_owned(), 60_000), 5),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(connection_seconds(&collector), want);
+}
+
+#[test]
+fn a_file_rotated_before_the_first_window_closed_is_found_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let line = |n: u64| {
+        format!(
+            "{{\"start_time\":\"2024-05-01T12:00:{:02}.000Z\",\"route_name\":\"httproute/ns/api/rule/0\",\"bytes_sent\":1}}\n",
+            n % 60
+        )
+    };
+    let config = CollectorConfig::new(
+        log.clone(),
+        dir.path().join("state"),
+        AgentIdentity {
+            agent_id: "node-a".into(),
+            source: "tally-collect/node-a".into(),
+        },
+    );
+    std::fs::write(&log, (0..100).map(line).collect::<String>()).unwrap();
+    let mut collector = Collector::open(config.clone()).unwrap();
+    assert_eq!(collector.poll().unwrap().lines, 100);
+    // No window closed, so no event; the agent stops (as if killed) and
+    // the file is rotated before it comes back.
+    assert_eq!(collector.stats().emitted_events, 0);
+    drop(collector);
+    std::fs::rename(&log, dir.path().join("access.log.1")).unwrap();
+    std::fs::write(&log, (0..50).map(line).collect::<String>()).unwrap();
+    let mut collector = Collector::open(config).unwrap();
+    while collector.poll().unwrap().lines > 0 {}
+    collector.flush().unwrap();
+    let requests: u64 = collector
+        .pending(usize::MAX)
+        .unwrap()
+        .iter()
+        .filter(|e| e.kind == "networking.datumapis.com/gateway/requests")
+        .map(|e| {
+            let value = e.data.as_ref().unwrap()["value"].as_str().unwrap();
+            value.parse::<u64>().unwrap()
+        })
+        .sum();
+    assert_eq!(requests, 150, "the rotated file's lines count too");
 }

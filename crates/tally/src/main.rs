@@ -76,9 +76,10 @@ enum Command {
     /// Measure ingest throughput, query latency, memory and disk use against
     /// a real server on loopback (see BENCHMARKS.md).
     Bench(BenchArgs),
-    /// Edge agent: turn Envoy access logs (files, OTLP/HTTP) into gateway
-    /// usage events and ship them to the ledger exactly once.
-    Collect(collect::CollectArgs),
+    /// Edge agent: turn Envoy access logs (files, OTLP over gRPC and HTTP)
+    /// and admin connection gauges into gateway usage events and ship them
+    /// to the ledger exactly once.
+    Collect(Box<collect::CollectArgs>),
 }
 
 #[derive(clap::Args)]
@@ -120,7 +121,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let client_command = match cli.command {
         Command::Serve(args) => return serve::run(args, cli.token),
         Command::Bench(args) => return bench(args),
-        Command::Collect(args) => return collect::run(args, cli.server, cli.token),
+        Command::Collect(args) => return collect::run(*args, cli.server, cli.token),
         Command::Apply(args) => ClientCommand::Apply(args),
         Command::Get(args) => ClientCommand::Get(args),
         Command::Delete(args) => ClientCommand::Delete(args),

@@ -3,7 +3,9 @@
 //! `tally serve` with the example gateway meters applied. The meters' sums
 //! per HTTPRoute must equal the corpus totals exactly, also when the agent
 //! is SIGKILLed, when the ledger is down for a while, and when a file is
-//! read again from its start with a fresh state directory.
+//! read again from its start with a fresh state directory. OTLP log records
+//! arrive over HTTP and over gRPC (a real tonic client), and connection
+//! seconds are sampled from a simulated Envoy admin `/stats` endpoint.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -100,9 +102,15 @@ fn serve(dir: &Path, port: u16) -> Process {
 /// A ledger in `dir/ledger` with the gateway meters applied.
 fn ledger(dir: &Path) -> (Process, u16) {
     let port = free_port();
-    let server = serve(&dir.join("ledger"), port);
+    (ledger_at(&dir.join("ledger"), port), port)
+}
+
+/// A ledger with its data in `data`, on `port`, with the gateway meters
+/// applied.
+fn ledger_at(data: &Path, port: u16) -> Process {
+    let server = serve(data, port);
     apply_gateway_meters(&server.base);
-    (server, port)
+    server
 }
 
 fn apply_gateway_meters(base: &str) {
@@ -375,9 +383,8 @@ fn ledger_down_for_part_of_the_run_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let data = dir.path().join("ledger");
-    let mut server = Some(serve(&data, port));
+    let mut server = Some(ledger_at(&data, port));
     let base = server.as_ref().unwrap().base.clone();
-    apply_gateway_meters(&base);
     let log = dir.path().join("access.log");
     let state = dir.path().join("state");
     let mut writer = LiveWriter::new(&log, corpus_config(30_000), Some(12_000));
@@ -465,23 +472,7 @@ fn otlp_log_records_are_metered_like_file_lines() {
 
     let dir = tempfile::tempdir().unwrap();
     let (server, _) = ledger(dir.path());
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let state = dir.path().join("state");
-    let args = [
-        "collect",
-        "--otlp",
-        "--ledger",
-        &server.base,
-        "--listen",
-        &listen,
-        "--idle-flush-secs",
-        "2",
-        "--batch-timeout-ms",
-        "100",
-        "--state-dir",
-    ];
-    let agent = spawn(&args, &[&state], port);
+    let (agent, _) = otlp_agent(&dir.path().join("state"), &server.base, &[]);
     let nanos = (jiff::Timestamp::now().as_millisecond() - 2 * 3_600_000) as u128 * 1_000_000;
     let record = |bytes_sent: u64, duration: &str| {
         serde_json::json!({
@@ -524,24 +515,442 @@ fn otlp_log_records_are_metered_like_file_lines() {
     assert_eq!(status, 200);
     let answer = ExportLogsServiceResponse::decode(&answer[..]).unwrap();
     assert_eq!(answer.partial_success, None);
-    let expected = ExpectedTotals {
+    let expected = one_route_totals(
+        "ns-otlp",
+        "api",
+        tally_collect::Totals {
+            requests: 3,
+            ingress_bytes: 300,
+            egress_bytes: 5_000_000_010,
+            connection_millis: 3_000,
+        },
+    );
+    assert_metered(&server.base, &expected, Duration::from_secs(30));
+    agent.stop();
+}
+
+/// Runs `future` on a fresh current-thread runtime.
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(future)
+}
+
+/// An OTLP log record as Envoy's OpenTelemetry access-log sink sends it:
+/// access-log fields as attributes.
+fn envoy_log_record(
+    nanos: u64,
+    route: &str,
+    bytes_sent: i64,
+    duration_ms: &str,
+) -> opentelemetry_proto::tonic::logs::v1::LogRecord {
+    use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value as V};
+    let attr = |key: &str, value: V| KeyValue {
+        key: key.into(),
+        value: Some(AnyValue { value: Some(value) }),
+        ..Default::default()
+    };
+    opentelemetry_proto::tonic::logs::v1::LogRecord {
+        time_unix_nano: nanos,
+        attributes: vec![
+            attr("route_name", V::StringValue(route.into())),
+            attr("bytes_received", V::StringValue("100".into())),
+            attr("bytes_sent", V::IntValue(bytes_sent)),
+            attr("duration", V::StringValue(duration_ms.into())),
+        ],
+        ..Default::default()
+    }
+}
+
+fn export_request(
+    records: Vec<opentelemetry_proto::tonic::logs::v1::LogRecord>,
+) -> opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest {
+    use opentelemetry_proto::tonic::logs::v1::{ResourceLogs, ScopeLogs};
+    opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest {
+        resource_logs: vec![ResourceLogs {
+            scope_logs: vec![ScopeLogs {
+                log_records: records,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+}
+
+/// One `LogsService/Export` call over a new gRPC connection.
+fn grpc_export(
+    port: u16,
+    request: opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest,
+) -> Result<opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceResponse, tonic::Status>
+{
+    use opentelemetry_proto::tonic::collector::logs::v1::logs_service_client::LogsServiceClient;
+    block_on(async move {
+        let mut client = LogsServiceClient::connect(format!("http://127.0.0.1:{port}"))
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("connecting: {e}")))?;
+        client
+            .export(request)
+            .await
+            .map(tonic::Response::into_inner)
+    })
+}
+
+fn one_route_totals(namespace: &str, name: &str, totals: tally_collect::Totals) -> ExpectedTotals {
+    ExpectedTotals {
         per_route: [(
             tally_collect::RouteKey {
-                project: "ns-otlp".into(),
-                namespace: "ns-otlp".into(),
-                name: "api".into(),
+                project: namespace.into(),
+                namespace: namespace.into(),
+                name: name.into(),
             },
-            tally_collect::Totals {
-                requests: 3,
-                ingress_bytes: 300,
-                egress_bytes: 5_000_000_010,
-                connection_millis: 3_000,
-            },
+            totals,
         )]
         .into_iter()
         .collect(),
         ..ExpectedTotals::default()
-    };
+    }
+}
+
+/// The agent with OTLP on, gRPC on a free port; returns it and that port.
+fn otlp_agent(state: &Path, ledger: &str, extra: &[&str]) -> (Process, u16) {
+    let port = free_port();
+    let grpc_port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let grpc = format!("127.0.0.1:{grpc_port}");
+    let mut args = vec![
+        "collect",
+        "--otlp",
+        "--otlp-grpc-listen",
+        &grpc,
+        "--ledger",
+        ledger,
+        "--listen",
+        &listen,
+        "--idle-flush-secs",
+        "1",
+        "--batch-timeout-ms",
+        "100",
+        "--max-backoff-secs",
+        "1",
+        "--poll-interval-ms",
+        "50",
+    ];
+    args.extend_from_slice(extra);
+    args.push("--state-dir");
+    (spawn(&args, &[state], port), grpc_port)
+}
+
+#[test]
+fn otlp_grpc_exports_are_metered_like_file_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _) = ledger(dir.path());
+    let (agent, grpc_port) = otlp_agent(&dir.path().join("state"), &server.base, &[]);
+    let nanos = (jiff::Timestamp::now().as_millisecond() - 2 * 3_600_000) as u64 * 1_000_000;
+    let route = "httproute/ns-grpc/api/rule/0/match/0/api.example.com";
+    let answer = grpc_export(
+        grpc_port,
+        export_request(vec![
+            envoy_log_record(nanos, route, 4_000_000_000, "2500"),
+            envoy_log_record(nanos + 1_000_000, route, 11, "700"),
+            // No access-log fields: rejected, the rest still taken.
+            opentelemetry_proto::tonic::logs::v1::LogRecord {
+                time_unix_nano: nanos,
+                ..Default::default()
+            },
+        ]),
+    )
+    .expect("the export is answered");
+    let partial = answer.partial_success.expect("one record was rejected");
+    assert_eq!(partial.rejected_log_records, 1, "{}", partial.error_message);
+    let answer = grpc_export(
+        grpc_port,
+        export_request(vec![envoy_log_record(nanos, route, 9, "1800")]),
+    )
+    .expect("the export is answered");
+    assert_eq!(answer.partial_success, None);
+    let expected = one_route_totals(
+        "ns-grpc",
+        "api",
+        tally_collect::Totals {
+            requests: 3,
+            ingress_bytes: 300,
+            egress_bytes: 4_000_000_020,
+            connection_millis: 5_000,
+        },
+    );
     assert_metered(&server.base, &expected, Duration::from_secs(30));
+    agent.stop();
+}
+
+#[test]
+fn otlp_grpc_answers_unavailable_while_the_outbox_is_full() {
+    let dir = tempfile::tempdir().unwrap();
+    // A ledger with the meters, then down while the agent fills its outbox.
+    let port = free_port();
+    let data = dir.path().join("ledger");
+    let server = ledger_at(&data, port);
+    let base = server.base.clone();
+    server.kill();
+    let (agent, grpc_port) = otlp_agent(
+        &dir.path().join("state"),
+        &base,
+        &["--otlp-max-outbox-events", "2"],
+    );
+    let nanos = (jiff::Timestamp::now().as_millisecond() - 2 * 3_600_000) as u64 * 1_000_000;
+    let route = "httproute/ns-full/api/rule/0";
+    let mut accepted = 0u64;
+    let mut refused = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while refused.is_none() && Instant::now() < deadline {
+        let request = export_request(vec![envoy_log_record(nanos, route, 10, "1000")]);
+        match grpc_export(grpc_port, request) {
+            Ok(_) => accepted += 1,
+            Err(status) => refused = Some(status),
+        }
+        // Longer than the idle flush (1 s): the window closes into the
+        // outbox, four events (one per meter) each time.
+        std::thread::sleep(Duration::from_millis(1_500));
+    }
+    let refused = refused.expect("the agent refused exports while the ledger was down");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused}");
+    assert!(accepted > 0, "exports were taken before the outbox filled");
+    // The ledger is back: the outbox drains and exports are taken again.
+    let server = serve(&data, port);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let request = export_request(vec![envoy_log_record(nanos, route, 10, "1000")]);
+        match grpc_export(grpc_port, request) {
+            Ok(_) => {
+                accepted += 1;
+                break;
+            }
+            Err(status) => assert_eq!(status.code(), tonic::Code::Unavailable, "{status}"),
+        }
+        assert!(Instant::now() < deadline, "exports were never taken again");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let expected = one_route_totals(
+        "ns-full",
+        "api",
+        tally_collect::Totals {
+            requests: accepted,
+            ingress_bytes: 100 * u128::from(accepted),
+            egress_bytes: 10 * u128::from(accepted),
+            connection_millis: 1_000 * u128::from(accepted),
+        },
+    );
+    assert_metered(&server.base, &expected, Duration::from_secs(30));
+    agent.stop();
+}
+
+/// A stand-in for Envoy's admin interface: `GET /stats` answers with the
+/// current gauges in Envoy's documented formats (`format=json`:
+/// `{"stats":[{"name":…,"value":…}]}`, else `name: value` lines), keeping
+/// only stats whose name matches `filter` (a literal here), and records
+/// when it answered what. While `down`, it answers 503.
+struct FakeEnvoyAdmin {
+    port: u16,
+    gauges: std::sync::Arc<std::sync::Mutex<AdminState>>,
+}
+
+#[derive(Default)]
+struct AdminState {
+    gauges: Vec<(String, u64)>,
+    down: bool,
+    /// (Unix ms, gauges) of every successful answer.
+    served: Vec<(i64, Vec<(String, u64)>)>,
+}
+
+impl FakeEnvoyAdmin {
+    fn start(gauges: &[(&str, u64)]) -> FakeEnvoyAdmin {
+        use axum::extract::{Query, State};
+        use std::sync::{Arc, Mutex};
+        type Shared = Arc<Mutex<AdminState>>;
+        async fn stats(
+            State(state): State<Shared>,
+            Query(query): Query<std::collections::HashMap<String, String>>,
+        ) -> axum::response::Response {
+            use axum::response::IntoResponse;
+            let mut state = state.lock().unwrap();
+            if state.down {
+                return (axum::http::StatusCode::SERVICE_UNAVAILABLE, "down").into_response();
+            }
+            let filter = query.get("filter").cloned().unwrap_or_default();
+            let mut all = state.gauges.clone();
+            // Stats Envoy always has, which the agent must not bill.
+            all.push(("http.admin.downstream_cx_active".into(), 1));
+            all.push(("listener.0.0.0.0_10080.downstream_cx_total".into(), 977));
+            all.push(("cluster.backend.upstream_cx_active".into(), 6));
+            all.retain(|(name, _)| name.contains(&filter));
+            let at = jiff::Timestamp::now().as_millisecond();
+            let served = state.gauges.clone();
+            state.served.push((at, served));
+            if query.get("format").map(String::as_str) == Some("json") {
+                let mut stats: Vec<Value> = all
+                    .iter()
+                    .map(|(name, value)| serde_json::json!({"name": name, "value": value}))
+                    .collect();
+                stats.push(serde_json::json!({"histograms": {
+                    "supported_quantiles": [0, 25, 50, 75, 90, 95, 99, 99.5, 99.9, 100],
+                    "computed_quantiles": []}}));
+                axum::Json(serde_json::json!({ "stats": stats })).into_response()
+            } else {
+                all.iter()
+                    .map(|(name, value)| format!("{name}: {value}\n"))
+                    .collect::<String>()
+                    .into_response()
+            }
+        }
+        let state: Shared = Arc::new(Mutex::new(AdminState {
+            gauges: gauges.iter().map(|(n, v)| ((*n).to_owned(), *v)).collect(),
+            ..AdminState::default()
+        }));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let app = axum::Router::new()
+            .route("/stats", axum::routing::get(stats))
+            .with_state(state.clone());
+        std::thread::spawn(move || {
+            block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let _ = axum::serve(listener, app).await;
+            })
+        });
+        FakeEnvoyAdmin {
+            port,
+            gauges: state,
+        }
+    }
+
+    fn set(&self, gauges: &[(&str, u64)]) {
+        self.gauges.lock().unwrap().gauges =
+            gauges.iter().map(|(n, v)| ((*n).to_owned(), *v)).collect();
+    }
+
+    fn set_down(&self) {
+        self.gauges.lock().unwrap().down = true;
+    }
+
+    /// Connection ms per gauge, integrated as the agent does: each answer's
+    /// gauges held until the next answer, gaps over `max_gap_ms` not billed.
+    fn integrated_millis(&self, max_gap_ms: i64) -> BTreeMap<String, i64> {
+        let state = self.gauges.lock().unwrap();
+        let mut millis = BTreeMap::new();
+        for pair in state.served.windows(2) {
+            let ((from, gauges), (to, _)) = (&pair[0], &pair[1]);
+            if to - from > max_gap_ms {
+                continue;
+            }
+            for (name, open) in gauges {
+                *millis.entry(name.clone()).or_default() += (to - from) * *open as i64;
+            }
+        }
+        millis
+    }
+}
+
+#[test]
+fn envoy_admin_gauges_become_connection_seconds_once_across_a_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _) = ledger(dir.path());
+    const WEB: &str = "listener.0.0.0.0_10080.downstream_cx_active";
+    const API: &str = "http.eg-10443.downstream_cx_active";
+    const OTHER: &str = "listener.0.0.0.0_8080.downstream_cx_active";
+    let envoy = FakeEnvoyAdmin::start(&[(WEB, 3), (API, 2), (OTHER, 7)]);
+    let admin = format!("http://127.0.0.1:{}", envoy.port);
+    let state = dir.path().join("state");
+    let start_agent = || {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let args = [
+            "collect",
+            "--envoy-admin",
+            &admin,
+            "--envoy-admin-interval-secs",
+            "1",
+            "--envoy-listener",
+            "0.0.0.0_10080=ns-web/site",
+            "--envoy-listener",
+            &format!("{API}=ns-api/api@acme"),
+            "--window-secs",
+            "5",
+            "--allowed-lateness-secs",
+            "0",
+            "--ledger",
+            &server.base,
+            "--listen",
+            &listen,
+            "--idle-flush-secs",
+            "2",
+            "--batch-timeout-ms",
+            "100",
+            "--poll-interval-ms",
+            "50",
+            "--state-dir",
+        ];
+        spawn(&args, &[&state], port)
+    };
+    let agent = start_agent();
+    std::thread::sleep(Duration::from_secs(4));
+    envoy.set(&[(WEB, 1), (API, 0), (OTHER, 7)]);
+    std::thread::sleep(Duration::from_secs(3));
+    // Killed and restarted while nothing is open (so how long the restart
+    // takes does not matter): the open windows and the outbox survive and
+    // nothing is counted twice. (The last sample's checkpoint is covered
+    // by the collector's own tests.)
+    envoy.set(&[(WEB, 0), (API, 0), (OTHER, 7)]);
+    std::thread::sleep(Duration::from_millis(1_500));
+    agent.kill();
+    let agent = start_agent();
+    std::thread::sleep(Duration::from_secs(2));
+    envoy.set(&[(WEB, 4), (API, 5), (OTHER, 7)]);
+    std::thread::sleep(Duration::from_secs(3));
+    envoy.set_down();
+    let millis = envoy.integrated_millis(3_000);
+    let seconds =
+        |gauge: &str| u128::try_from(millis.get(gauge).copied().unwrap_or(0) / 1000).unwrap();
+    let want = [
+        (("ns-web".to_owned(), "site".to_owned()), seconds(WEB)),
+        (("ns-api".to_owned(), "api".to_owned()), seconds(API)),
+    ];
+    assert!(
+        want.iter().all(|(_, s)| *s > 10),
+        "the gauges were sampled: {want:?}"
+    );
+    // Agent and stand-in read the clock a few ms apart per sample, so the
+    // billed seconds may differ from the stand-in's integral by one.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut got = PerRoute::new();
+    while Instant::now() < deadline {
+        got = metered(&server.base).unwrap_or_default();
+        let close = want.iter().all(|(route, seconds)| {
+            got.get(route)
+                .is_some_and(|v| v[3].abs_diff(*seconds) <= 1 && v[..3] == [0, 0, 0])
+        });
+        if close && got.len() == want.len() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    for (route, seconds) in &want {
+        let billed = got.get(route).map(|v| v[3]);
+        assert!(
+            billed.is_some_and(|b| b.abs_diff(*seconds) <= 1),
+            "{route:?}: want {seconds} s (±1), got {billed:?}; all: {got:?}"
+        );
+    }
+    assert_eq!(got.len(), 2, "only mapped listeners are billed: {got:?}");
+    let (_, answer) = get(&format!(
+        "{}/api/v1/meters/gateway-connection-seconds/query?groupBy=project_name",
+        server.base
+    ))
+    .unwrap();
+    assert!(
+        answer.contains("\"acme\""),
+        "the mapping's project is used: {answer}"
+    );
     agent.stop();
 }

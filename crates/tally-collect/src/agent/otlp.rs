@@ -1,19 +1,24 @@
-//! The OTLP/HTTP logs receiver (`POST /v1/logs`) and its spool file.
+//! The OTLP logs receivers' shared path, the OTLP/HTTP receiver
+//! (`POST /v1/logs`) and the spool file (the gRPC service is in
+//! `grpc.rs` and calls [`store`] too).
 //!
 //! Envoy's OpenTelemetry access-log sink sends the access-log fields as log
 //! record attributes (and/or a key-value body). Each record becomes the JSON
-//! access-log line the file inputs read: attributes, then the body's
-//! key-values (or the body string, when it holds a JSON object), with
-//! `start_time` taken from the record's time when it is not an attribute.
-//! The lines are appended to the spool and fsync'd before the answer, so an
-//! answered request is never lost; the OTLP input tails the spool.
+//! access-log line the file inputs read ([`record_line`]): attributes, then
+//! the body's key-values (or the body string, when it holds a JSON object),
+//! with `start_time` taken from the record's time when it is not an
+//! attribute. The lines are appended to the spool and fsync'd before the
+//! answer, so an answered request is never lost; the OTLP input tails the
+//! spool. While the OTLP input's outbox or unread spool is over its limit,
+//! exports are refused with a retryable answer (HTTP 503 with
+//! `Retry-After`, gRPC `UNAVAILABLE`) and nothing is written.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
-use anyhow::Context;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -25,32 +30,84 @@ use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::logs::v1::LogRecord;
 use prost::Message as _;
 use serde_json::{Map, Value};
-use tally_collect::Collector;
 
-use super::HttpState;
+use super::{AgentError, HttpState};
+use crate::collector::Collector;
 
-/// Largest accepted request body, decoded.
-const MAX_BODY_BYTES: u64 = 16 << 20;
+/// Largest accepted request body (HTTP, decoded) or message (gRPC).
+pub(crate) const MAX_BODY_BYTES: u64 = 16 << 20;
 /// The spool is rotated once it is this large and fully read.
 const ROTATE_BYTES: u64 = 64 << 20;
 
-/// The append-only file OTLP records are written to.
+/// The append-only file OTLP records are written to, and how far behind
+/// the OTLP input is.
 pub(crate) struct Spool {
     path: PathBuf,
     file: Mutex<File>,
+    limits: Limits,
+    /// Events in the OTLP input's outbox, as of its last look.
+    outbox_depth: AtomicU64,
+    /// Bytes of the spool not yet read into a checkpoint.
+    unread_bytes: AtomicU64,
+}
+
+/// When exports are refused.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub(crate) max_outbox_events: u64,
+    pub(crate) max_unread_bytes: u64,
 }
 
 impl Spool {
     /// Opens (creating) `dir/access.log`.
-    pub(crate) fn open(dir: &Path) -> anyhow::Result<Spool> {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating the OTLP spool directory {}", dir.display()))?;
+    pub(crate) fn open(dir: &Path, limits: Limits) -> Result<Spool, AgentError> {
+        std::fs::create_dir_all(dir).map_err(|error| AgentError::Io {
+            context: format!("creating the OTLP spool directory {}", dir.display()),
+            error,
+        })?;
         let path = dir.join("access.log");
         let file = open_append(&path)?;
         Ok(Spool {
             path,
             file: Mutex::new(file),
+            limits,
+            outbox_depth: AtomicU64::new(0),
+            unread_bytes: AtomicU64::new(0),
         })
+    }
+
+    /// Records how far behind the OTLP input is (called by its thread).
+    pub(crate) fn observe(&self, collector: &Collector) {
+        let depth = collector.stats().outbox_depth as u64;
+        self.outbox_depth.store(depth, Ordering::SeqCst);
+        let length = self
+            .file
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .metadata()
+            .map_or(0, |m| m.len());
+        let read = collector.positions().last().map_or(0, |p| p.offset);
+        self.unread_bytes
+            .store(length.saturating_sub(read), Ordering::SeqCst);
+    }
+
+    /// Why a new export cannot be taken now, if it cannot.
+    fn refusal(&self) -> Option<String> {
+        let depth = self.outbox_depth.load(Ordering::SeqCst);
+        if depth > self.limits.max_outbox_events {
+            return Some(format!(
+                "the outbox holds {depth} undelivered events (limit {}); retry later",
+                self.limits.max_outbox_events
+            ));
+        }
+        let unread = self.unread_bytes.load(Ordering::SeqCst);
+        if unread > self.limits.max_unread_bytes {
+            return Some(format!(
+                "{unread} received bytes are not yet aggregated (limit {}); retry later",
+                self.limits.max_unread_bytes
+            ));
+        }
+        None
     }
 
     /// The spool file's path.
@@ -67,11 +124,14 @@ impl Spool {
 
     /// Rotates the spool (rename to `.1`, replacing the previous one) once it
     /// is large and the collector has read and checkpointed all of it.
-    pub(crate) fn rotate_if_read(&self, collector: &Collector) -> anyhow::Result<()> {
+    pub(crate) fn rotate_if_read(&self, collector: &Collector) -> Result<(), AgentError> {
         let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
         let length = file
             .metadata()
-            .with_context(|| format!("reading {}", self.path.display()))?
+            .map_err(|error| AgentError::Io {
+                context: format!("reading {}", self.path.display()),
+                error,
+            })?
             .len();
         let positions = collector.positions();
         let read_all = positions.len() == 1 && positions[0].offset == length;
@@ -79,20 +139,83 @@ impl Spool {
             return Ok(());
         }
         let rotated = self.path.with_extension("log.1");
-        std::fs::rename(&self.path, &rotated)
-            .with_context(|| format!("rotating {}", self.path.display()))?;
+        std::fs::rename(&self.path, &rotated).map_err(|error| AgentError::Io {
+            context: format!("rotating {}", self.path.display()),
+            error,
+        })?;
         *file = open_append(&self.path)?;
         tracing::debug!(spool = %self.path.display(), "OTLP spool rotated");
         Ok(())
     }
 }
 
-fn open_append(path: &Path) -> anyhow::Result<File> {
+fn open_append(path: &Path) -> Result<File, AgentError> {
     OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
-        .with_context(|| format!("opening {}", path.display()))
+        .map_err(|error| AgentError::Io {
+            context: format!("opening {}", path.display()),
+            error,
+        })
+}
+
+/// Why an export was not stored: the client should retry later.
+pub(crate) struct Unavailable(pub(crate) String);
+
+/// The one path of every OTLP logs export, whatever the transport: turns
+/// its records into access-log lines, appends them to the spool durably,
+/// and says how many records had nothing to make a line of.
+pub(crate) async fn store(
+    spool: &Arc<Spool>,
+    request: &ExportLogsServiceRequest,
+) -> Result<ExportLogsServiceResponse, Unavailable> {
+    if let Some(reason) = spool.refusal() {
+        tracing::debug!(reason = %reason, "OTLP export refused");
+        return Err(Unavailable(reason));
+    }
+    let (text, rejected) = lines(request);
+    if !text.is_empty() {
+        let writer = spool.clone();
+        let written = tokio::task::spawn_blocking(move || writer.append(&text)).await;
+        let failure = match written {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(error) = failure {
+            tracing::error!(error = %error, "writing the OTLP spool failed");
+            return Err(Unavailable(
+                "the records could not be stored; retry later".to_owned(),
+            ));
+        }
+    }
+    let partial_success = (rejected > 0).then(|| ExportLogsPartialSuccess {
+        rejected_log_records: rejected,
+        error_message: format!(
+            "{rejected} log records carry no access-log fields (neither attributes nor a key-value or JSON body)"
+        ),
+    });
+    Ok(ExportLogsServiceResponse { partial_success })
+}
+
+/// The body of a request, gunzipped if it says so, at most `limit` bytes.
+fn decode_body(headers: &HeaderMap, body: Bytes, limit: u64) -> Result<Vec<u8>, String> {
+    let gzip = headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("gzip"));
+    if !gzip {
+        return Ok(body.to_vec());
+    }
+    let mut out = Vec::new();
+    let decoder = flate2::read::GzDecoder::new(&body[..]);
+    let read = std::io::Read::read_to_end(&mut std::io::Read::take(decoder, limit + 1), &mut out)
+        .map_err(|e| format!("the gzip body cannot be decoded: {e}"))?;
+    if read as u64 > limit {
+        return Err(format!("the body is larger than {limit} bytes decoded"));
+    }
+    Ok(out)
 }
 
 /// How the request was encoded; the answer uses the same.
@@ -157,7 +280,7 @@ pub(crate) async fn receive_logs(
             );
         }
     };
-    let body = match super::decode_body(&headers, body, MAX_BODY_BYTES) {
+    let body = match decode_body(&headers, body, MAX_BODY_BYTES) {
         Ok(body) => body,
         Err(message) => return refuse(StatusCode::BAD_REQUEST, message),
     };
@@ -171,37 +294,16 @@ pub(crate) async fn receive_logs(
         Ok(request) => request,
         Err(message) => return refuse(StatusCode::BAD_REQUEST, message),
     };
-    let (text, rejected) = lines(&request);
-    if !text.is_empty() {
-        let written = tokio::task::spawn_blocking(move || spool.append(&text)).await;
-        let failure = match written {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(e) => Some(e.to_string()),
-        };
-        if let Some(error) = failure {
-            tracing::error!(error = %error, "writing the OTLP spool failed");
-            let mut response = refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the records could not be stored; retry later".to_owned(),
-            );
+    match store(&spool, &request).await {
+        Ok(response) => answer(encoding, StatusCode::OK, &response),
+        Err(Unavailable(message)) => {
+            let mut response = refuse(StatusCode::SERVICE_UNAVAILABLE, message);
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-            return response;
+            response
         }
     }
-    let partial_success = (rejected > 0).then(|| ExportLogsPartialSuccess {
-        rejected_log_records: rejected,
-        error_message: format!(
-            "{rejected} log records carry no access-log fields (neither attributes nor a key-value or JSON body)"
-        ),
-    });
-    answer(
-        encoding,
-        StatusCode::OK,
-        &ExportLogsServiceResponse { partial_success },
-    )
 }
 
 /// The access-log lines of a request, and how many records had nothing to
@@ -225,8 +327,9 @@ fn lines(request: &ExportLogsServiceRequest) -> (Vec<u8>, i64) {
     (text, rejected)
 }
 
-/// One record as a JSON access-log line; `None` if it has no fields.
-pub(crate) fn record_line(record: &LogRecord) -> Option<String> {
+/// One OTLP log record as the JSON access-log line the file inputs read;
+/// `None` if it has no access-log fields.
+pub fn record_line(record: &LogRecord) -> Option<String> {
     let mut fields = Map::new();
     put_all(&mut fields, &record.attributes);
     match record.body.as_ref().and_then(|b| b.value.as_ref()) {
@@ -317,7 +420,7 @@ mod tests {
             ..Default::default()
         };
         let line = record_line(&record).unwrap();
-        let parsed = tally_collect::parse_access_line(line.as_bytes()).unwrap();
+        let parsed = crate::record::parse_access_line(line.as_bytes()).unwrap();
         assert_eq!(parsed.route(), Some("httproute/shop/api/rule/0"));
         assert_eq!((parsed.ingress_bytes(), parsed.egress_bytes()), (120, 2048));
         assert_eq!(

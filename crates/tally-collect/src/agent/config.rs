@@ -1,0 +1,443 @@
+//! The agent's options: a YAML file and flags of the same names, resolved
+//! into an [`AgentConfig`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tally_delivery::Secret;
+
+use super::AgentError;
+use crate::aggregate::WindowConfig;
+use crate::route::RouteKey;
+
+/// Every option of the agent, each optional: what a config file or the
+/// command line says. [`AgentOptions::overlay`] puts flags over a file;
+/// [`AgentOptions::resolve`] fills in the defaults.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AgentOptions {
+    /// Envoy JSON access-log files to tail.
+    #[serde(default)]
+    pub logs: Vec<PathBuf>,
+    /// Where checkpoints and outboxes live.
+    pub state_dir: Option<PathBuf>,
+    /// The ledger's base URL.
+    pub ledger: Option<String>,
+    /// Bearer token for the ledger.
+    pub token: Option<String>,
+    /// This agent's id, part of every event id.
+    pub agent_id: Option<String>,
+    /// The HTTP listener (`/v1/logs`, `/metrics`, `/healthz`).
+    pub listen: Option<SocketAddr>,
+    /// Receive OTLP logs (HTTP on `listen`, gRPC on `otlpGrpcListen`).
+    pub otlp: Option<bool>,
+    /// Serve OTLP/gRPC too when `otlp` is on (default true).
+    pub otlp_grpc: Option<bool>,
+    /// Address of the OTLP/gRPC logs receiver.
+    pub otlp_grpc_listen: Option<SocketAddr>,
+    /// OTLP exports are refused (retryably) while the OTLP input's outbox
+    /// holds more events than this.
+    pub otlp_max_outbox_events: Option<u64>,
+    /// OTLP exports are refused (retryably) while more than this many
+    /// received bytes are not yet read into the outbox.
+    pub otlp_max_spool_bytes: Option<u64>,
+    /// Directory of HTTPRoute/Gateway/GatewayClass manifests.
+    pub resources: Option<PathBuf>,
+    /// Window size, seconds.
+    pub window_secs: Option<u64>,
+    /// How long a window stays open behind the newest event time, seconds.
+    pub allowed_lateness_secs: Option<u64>,
+    /// Close every open window after this long without input, seconds.
+    pub idle_flush_secs: Option<u64>,
+    /// Most events per request to the ledger.
+    pub batch_size: Option<usize>,
+    /// Longest wait of a partial batch, ms.
+    pub batch_timeout_ms: Option<u64>,
+    /// Most unacknowledged events per input handed to the sender.
+    pub max_in_flight: Option<usize>,
+    /// Upper bound of the retry backoff, seconds.
+    pub max_backoff_secs: Option<u64>,
+    /// Timeout of one request to the ledger, seconds.
+    pub request_timeout_secs: Option<u64>,
+    /// Wait between looks for new lines, ms.
+    pub poll_interval_ms: Option<u64>,
+    /// How often `resources` is checked for changes, seconds.
+    pub resources_poll_secs: Option<u64>,
+    /// How often unusable lines are summarised in the log, seconds.
+    pub diagnostics_every_secs: Option<u64>,
+    /// Connection seconds sampled from an Envoy admin endpoint.
+    pub envoy_admin: Option<EnvoyAdminOptions>,
+}
+
+/// The `envoyAdmin` section: which admin endpoint to sample and how its
+/// listeners map to HTTPRoutes.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EnvoyAdminOptions {
+    /// Base URL of Envoy's admin interface, e.g. `http://127.0.0.1:19000`.
+    pub url: Option<String>,
+    /// Seconds between samples (default 10).
+    pub interval_secs: Option<u64>,
+    /// Which gauge bills to which route.
+    #[serde(default)]
+    pub listeners: Vec<ListenerMapping>,
+}
+
+/// One gauge → route mapping of the `envoyAdmin` section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ListenerMapping {
+    /// A listener's stat name: the gauge is
+    /// `listener.<listener>.downstream_cx_active`.
+    pub listener: Option<String>,
+    /// Or the full name of any `downstream_cx_active` gauge, e.g.
+    /// `http.<stat_prefix>.downstream_cx_active`.
+    pub stat: Option<String>,
+    /// The HTTPRoute the connection seconds bill to: `<namespace>/<name>`.
+    pub route: String,
+    /// The project; the route's namespace when absent.
+    pub project: Option<String>,
+}
+
+impl ListenerMapping {
+    /// Parses the flag form `LISTENER=NAMESPACE/NAME[@PROJECT]`; a
+    /// `LISTENER` containing `downstream_cx_active` is a full stat name.
+    pub fn parse_flag(text: &str) -> Result<ListenerMapping, String> {
+        let (gauge, target) = text
+            .split_once('=')
+            .ok_or_else(|| format!("{text:?} is not LISTENER=NAMESPACE/NAME[@PROJECT]"))?;
+        let (route, project) = match target.split_once('@') {
+            Some((route, project)) => (route, Some(project.to_owned())),
+            None => (target, None),
+        };
+        let (listener, stat) = if gauge.ends_with("downstream_cx_active") {
+            (None, Some(gauge.to_owned()))
+        } else {
+            (Some(gauge.to_owned()), None)
+        };
+        let mapping = ListenerMapping {
+            listener,
+            stat,
+            route: route.to_owned(),
+            project,
+        };
+        mapping.resolve().map(|_| mapping)
+    }
+
+    /// The gauge's full stat name and the route it bills to.
+    pub fn resolve(&self) -> Result<(String, RouteKey), String> {
+        let stat = match (&self.listener, &self.stat) {
+            (Some(listener), None) if !listener.is_empty() => {
+                format!("listener.{listener}.downstream_cx_active")
+            }
+            (None, Some(stat)) if !stat.is_empty() => stat.clone(),
+            _ => {
+                return Err(format!(
+                    "the mapping to {:?} needs exactly one of listener and stat",
+                    self.route
+                ));
+            }
+        };
+        let (namespace, name) = self
+            .route
+            .split_once('/')
+            .filter(|(ns, name)| !ns.is_empty() && !name.is_empty() && !name.contains('/'))
+            .ok_or_else(|| format!("the route {:?} is not NAMESPACE/NAME", self.route))?;
+        let project = self
+            .project
+            .clone()
+            .filter(|p| !p.is_empty())
+            .unwrap_or_else(|| namespace.to_owned());
+        Ok((
+            stat,
+            RouteKey {
+                project,
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            },
+        ))
+    }
+}
+
+/// The resolved Envoy admin sampler.
+#[derive(Debug, Clone)]
+pub struct EnvoyAdminConfig {
+    /// Base URL of the admin interface.
+    pub url: reqwest::Url,
+    /// Time between samples.
+    pub interval: Duration,
+    /// Full gauge name → route, in configuration order.
+    pub gauges: Vec<(String, RouteKey)>,
+}
+
+/// The resolved configuration of the agent.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Access-log files to tail.
+    pub logs: Vec<PathBuf>,
+    /// Where checkpoints and outboxes live.
+    pub state_dir: PathBuf,
+    /// The ledger's base URL.
+    pub ledger: reqwest::Url,
+    /// Bearer token for the ledger; never logged.
+    pub token: Option<Secret>,
+    /// This agent's id.
+    pub agent_id: String,
+    /// The HTTP listener.
+    pub listen: SocketAddr,
+    /// Whether OTLP logs are received.
+    pub otlp: bool,
+    /// Where OTLP/gRPC is served, when `otlp` is on; `None`: not served.
+    pub otlp_grpc_listen: Option<SocketAddr>,
+    /// Back-pressure threshold on the OTLP input's outbox, events.
+    pub otlp_max_outbox_events: u64,
+    /// Back-pressure threshold on received but unread OTLP bytes.
+    pub otlp_max_spool_bytes: u64,
+    /// Directory of gateway manifests.
+    pub resources: Option<PathBuf>,
+    /// Window size and lateness.
+    pub window: WindowConfig,
+    /// Close every open window after this long without input.
+    pub idle_flush: Duration,
+    /// Most events per request to the ledger.
+    pub batch_size: usize,
+    /// Longest wait of a partial batch.
+    pub batch_timeout: Duration,
+    /// Most unacknowledged events per input handed to the sender.
+    pub max_in_flight: usize,
+    /// Upper bound of the retry backoff.
+    pub max_backoff: Duration,
+    /// Timeout of one request to the ledger.
+    pub request_timeout: Duration,
+    /// Wait between looks for new lines.
+    pub poll_interval: Duration,
+    /// How often `resources` is checked for changes.
+    pub resources_poll: Duration,
+    /// How often unusable lines are summarised in the log.
+    pub diagnostics_every: Duration,
+    /// Connection seconds from Envoy's admin `/stats`.
+    pub envoy_admin: Option<EnvoyAdminConfig>,
+}
+
+impl AgentOptions {
+    /// Reads a YAML config file.
+    pub fn load(path: &Path) -> Result<AgentOptions, AgentError> {
+        let text = std::fs::read_to_string(path).map_err(|error| AgentError::Io {
+            context: format!("reading the config file {}", path.display()),
+            error,
+        })?;
+        serde_norway::from_str(&text).map_err(|e| {
+            AgentError::Config(format!("parsing the config file {}: {e}", path.display()))
+        })
+    }
+
+    /// These options with every option `flags` sets put over them.
+    pub fn overlay(self, flags: AgentOptions) -> AgentOptions {
+        let admin = match (self.envoy_admin, flags.envoy_admin) {
+            (Some(file), Some(flags)) => Some(EnvoyAdminOptions {
+                url: flags.url.or(file.url),
+                interval_secs: flags.interval_secs.or(file.interval_secs),
+                listeners: if flags.listeners.is_empty() {
+                    file.listeners
+                } else {
+                    flags.listeners
+                },
+            }),
+            (file, flags) => flags.or(file),
+        };
+        AgentOptions {
+            logs: if flags.logs.is_empty() {
+                self.logs
+            } else {
+                flags.logs
+            },
+            state_dir: flags.state_dir.or(self.state_dir),
+            ledger: flags.ledger.or(self.ledger),
+            token: flags.token.or(self.token),
+            agent_id: flags.agent_id.or(self.agent_id),
+            listen: flags.listen.or(self.listen),
+            otlp: flags.otlp.or(self.otlp),
+            otlp_grpc: flags.otlp_grpc.or(self.otlp_grpc),
+            otlp_grpc_listen: flags.otlp_grpc_listen.or(self.otlp_grpc_listen),
+            otlp_max_outbox_events: flags.otlp_max_outbox_events.or(self.otlp_max_outbox_events),
+            otlp_max_spool_bytes: flags.otlp_max_spool_bytes.or(self.otlp_max_spool_bytes),
+            resources: flags.resources.or(self.resources),
+            window_secs: flags.window_secs.or(self.window_secs),
+            allowed_lateness_secs: flags.allowed_lateness_secs.or(self.allowed_lateness_secs),
+            idle_flush_secs: flags.idle_flush_secs.or(self.idle_flush_secs),
+            batch_size: flags.batch_size.or(self.batch_size),
+            batch_timeout_ms: flags.batch_timeout_ms.or(self.batch_timeout_ms),
+            max_in_flight: flags.max_in_flight.or(self.max_in_flight),
+            max_backoff_secs: flags.max_backoff_secs.or(self.max_backoff_secs),
+            request_timeout_secs: flags.request_timeout_secs.or(self.request_timeout_secs),
+            poll_interval_ms: flags.poll_interval_ms.or(self.poll_interval_ms),
+            resources_poll_secs: flags.resources_poll_secs.or(self.resources_poll_secs),
+            diagnostics_every_secs: flags.diagnostics_every_secs.or(self.diagnostics_every_secs),
+            envoy_admin: admin,
+        }
+    }
+
+    /// Fills in the defaults; `default_ledger` is used when no ledger is
+    /// given.
+    pub fn resolve(self, default_ledger: &str) -> Result<AgentConfig, AgentError> {
+        let otlp = self.otlp.unwrap_or(false);
+        let envoy_admin = self.envoy_admin.map(resolve_admin).transpose()?;
+        if self.logs.is_empty() && !otlp && envoy_admin.is_none() {
+            return Err(AgentError::Config(
+                "nothing to collect: give --log FILE (one or more), --otlp or --envoy-admin URL"
+                    .to_owned(),
+            ));
+        }
+        let ledger = self.ledger.unwrap_or_else(|| default_ledger.to_owned());
+        let ledger = reqwest::Url::parse(ledger.trim_end_matches('/'))
+            .map_err(|e| AgentError::Config(format!("the ledger URL {ledger:?}: {e}")))?;
+        let agent_id = self
+            .agent_id
+            .or_else(|| std::env::var("NODE_NAME").ok())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .filter(|id| !id.is_empty())
+            .unwrap_or_else(|| "agent".to_owned());
+        let secs = |value: Option<u64>, default: u64| Duration::from_secs(value.unwrap_or(default));
+        let millis =
+            |value: Option<u64>, default: u64| Duration::from_millis(value.unwrap_or(default));
+        let window_secs = self.window_secs.unwrap_or(60).max(1);
+        let lateness = self.allowed_lateness_secs.unwrap_or(60);
+        let window = WindowConfig {
+            window_millis: i64::try_from(window_secs.saturating_mul(1000)).unwrap_or(i64::MAX),
+            allowed_lateness_millis: i64::try_from(lateness.saturating_mul(1000))
+                .unwrap_or(i64::MAX),
+            ..WindowConfig::default()
+        };
+        let otlp_grpc_listen = (otlp && self.otlp_grpc.unwrap_or(true)).then(|| {
+            self.otlp_grpc_listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 4317)))
+        });
+        Ok(AgentConfig {
+            logs: self.logs,
+            state_dir: self
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from("tally-collect-state")),
+            ledger,
+            token: self.token.map(Secret::new),
+            agent_id,
+            listen: self
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 4318))),
+            otlp,
+            otlp_grpc_listen,
+            otlp_max_outbox_events: self.otlp_max_outbox_events.unwrap_or(1_000_000).max(1),
+            otlp_max_spool_bytes: self.otlp_max_spool_bytes.unwrap_or(256 << 20).max(1),
+            resources: self.resources,
+            window,
+            idle_flush: secs(self.idle_flush_secs, 30),
+            batch_size: self.batch_size.unwrap_or(500).max(1),
+            batch_timeout: millis(self.batch_timeout_ms, 500),
+            max_in_flight: self.max_in_flight.unwrap_or(5000).max(1),
+            max_backoff: secs(self.max_backoff_secs, 30),
+            request_timeout: secs(self.request_timeout_secs, 30),
+            poll_interval: millis(self.poll_interval_ms, 200),
+            resources_poll: secs(self.resources_poll_secs, 5),
+            diagnostics_every: secs(self.diagnostics_every_secs, 60),
+            envoy_admin,
+        })
+    }
+}
+
+fn resolve_admin(options: EnvoyAdminOptions) -> Result<EnvoyAdminConfig, AgentError> {
+    let url = options.url.ok_or_else(|| {
+        AgentError::Config("envoyAdmin needs the url of Envoy's admin interface".to_owned())
+    })?;
+    let url = reqwest::Url::parse(&url)
+        .map_err(|e| AgentError::Config(format!("the Envoy admin URL {url:?}: {e}")))?;
+    let mut gauges = Vec::new();
+    for mapping in &options.listeners {
+        let (stat, route) = mapping.resolve().map_err(AgentError::Config)?;
+        if gauges.iter().any(|(known, _)| *known == stat) {
+            return Err(AgentError::Config(format!(
+                "the gauge {stat} is mapped twice"
+            )));
+        }
+        gauges.push((stat, route));
+    }
+    if gauges.is_empty() {
+        return Err(AgentError::Config(
+            "envoyAdmin needs at least one listener mapping (--envoy-listener LISTENER=NAMESPACE/NAME)"
+                .to_owned(),
+        ));
+    }
+    Ok(EnvoyAdminConfig {
+        url,
+        interval: Duration::from_secs(options.interval_secs.unwrap_or(10).max(1)),
+        gauges,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_the_file_and_defaults_fill_the_rest() {
+        let file: AgentOptions = serde_norway::from_str(
+            "logs: [/var/log/a.log]\nledger: http://file:1\nwindowSecs: 120\notlp: true\n\
+             envoyAdmin:\n  url: http://127.0.0.1:19000\n  listeners:\n  - listener: 0.0.0.0_10080\n    route: shop/api\n",
+        )
+        .unwrap();
+        let flags = AgentOptions {
+            ledger: Some("http://flag:2/".into()),
+            otlp_grpc: Some(false),
+            ..AgentOptions::default()
+        };
+        let config = file.overlay(flags).resolve("http://default:3").unwrap();
+        assert_eq!(config.ledger.as_str(), "http://flag:2/");
+        assert_eq!(config.logs, vec![PathBuf::from("/var/log/a.log")]);
+        assert_eq!(config.window.window_millis, 120_000);
+        assert!(config.otlp);
+        assert_eq!(config.otlp_grpc_listen, None);
+        let admin = config.envoy_admin.unwrap();
+        assert_eq!(admin.interval, Duration::from_secs(10));
+        assert_eq!(
+            admin.gauges,
+            vec![(
+                "listener.0.0.0.0_10080.downstream_cx_active".to_owned(),
+                RouteKey {
+                    project: "shop".into(),
+                    namespace: "shop".into(),
+                    name: "api".into()
+                }
+            )]
+        );
+        let grpc = AgentOptions {
+            otlp: Some(true),
+            ..AgentOptions::default()
+        }
+        .resolve("http://default:3")
+        .unwrap();
+        assert_eq!(
+            grpc.otlp_grpc_listen,
+            Some(SocketAddr::from(([127, 0, 0, 1], 4317)))
+        );
+        assert!(AgentOptions::default().resolve("http://x").is_err());
+    }
+
+    #[test]
+    fn listener_flags_name_a_listener_or_a_whole_gauge() {
+        let listener = ListenerMapping::parse_flag("0.0.0.0_443=shop/api@acme").unwrap();
+        let (stat, route) = listener.resolve().unwrap();
+        assert_eq!(stat, "listener.0.0.0.0_443.downstream_cx_active");
+        assert_eq!(
+            (route.project.as_str(), route.name.as_str()),
+            ("acme", "api")
+        );
+        let http = ListenerMapping::parse_flag("http.eg-10080.downstream_cx_active=ns/r").unwrap();
+        assert_eq!(
+            http.resolve().unwrap().0,
+            "http.eg-10080.downstream_cx_active"
+        );
+        for bad in ["no-equals", "l=ns", "l=ns/a/b", "=ns/a", "l=/a"] {
+            assert!(ListenerMapping::parse_flag(bad).is_err(), "{bad}");
+        }
+    }
+}
