@@ -326,6 +326,7 @@ fn assert_metered(base: &str, expected: &ExpectedTotals, within: Duration) {
         want.iter().filter(|(k, v)| got.get(*k) != Some(*v)).count(),
         want.len()
     );
+    assert_metered_by_account(base, expected);
     let (_, quarantine) = get(&format!("{base}/api/v1/quarantine")).unwrap();
     let quarantine: Value = serde_json::from_str(&quarantine).unwrap();
     let entries = quarantine["data"]
@@ -333,6 +334,85 @@ fn assert_metered(base: &str, expected: &ExpectedTotals, within: Duration) {
         .or_else(|| quarantine.as_array())
         .map_or(0, Vec::len);
     assert_eq!(entries, 0, "nothing may be quarantined: {quarantine}");
+}
+
+/// Binds every project of the corpus but the last to one of two billing
+/// accounts, after the usage is stored (so attribution is retroactive),
+/// and checks the meters grouped by billing account against the corpus: the
+/// unbound project's usage is there, without an account.
+fn assert_metered_by_account(base: &str, expected: &ExpectedTotals) {
+    let projects: Vec<&String> = expected.per_project.keys().collect();
+    let account_of = |project: &str| {
+        let index = projects.iter().position(|p| *p == project)?;
+        (index + 1 < projects.len()).then(|| format!("acct-{}", index % 2))
+    };
+    let mut manifests = String::new();
+    for account in ["acct-0", "acct-1"] {
+        manifests.push_str(&format!(
+            "---\napiVersion: billing.miloapis.com/v1alpha1\nkind: BillingAccount\n\
+             metadata: {{name: {account}, uid: uid-{account}}}\nspec: {{currencyCode: USD}}\n"
+        ));
+    }
+    for project in &projects {
+        if let Some(account) = account_of(project) {
+            manifests.push_str(&format!(
+                "---\napiVersion: billing.miloapis.com/v1alpha1\nkind: BillingAccountBinding\n\
+                 metadata: {{name: bind-{project}}}\nspec: {{billingAccountRef: {{name: {account}}}, \
+                 projectRef: {{name: {project}}}}}\n\
+                 status: {{billingResponsibility: {{establishedAt: '2000-01-01T00:00:00Z'}}}}\n"
+            ));
+        }
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["apply", "--server", base, "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tally apply");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(manifests.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "applying bindings: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let mut want: BTreeMap<Option<String>, [u128; 4]> = BTreeMap::new();
+    for (route, totals) in expected_per_route(expected) {
+        let project = expected
+            .per_route
+            .keys()
+            .find(|r| {
+                (r.namespace.as_str(), r.name.as_str()) == (route.0.as_str(), route.1.as_str())
+            })
+            .map(|r| r.project.clone())
+            .unwrap();
+        let sums = want.entry(account_of(&project)).or_default();
+        for (sum, value) in sums.iter_mut().zip(totals) {
+            *sum += value;
+        }
+    }
+    let mut got: BTreeMap<Option<String>, [u128; 4]> = BTreeMap::new();
+    for (index, meter) in METERS.iter().enumerate() {
+        let (status, body) = get(&format!(
+            "{base}/api/v1/meters/{meter}/query?groupBy=billing_account"
+        ))
+        .unwrap();
+        assert_eq!(status, 200, "{body}");
+        let body: Value = serde_json::from_str(&body).unwrap();
+        for row in body["data"].as_array().unwrap() {
+            let account = row["groupBy"]["billing_account"]
+                .as_str()
+                .map(str::to_owned);
+            got.entry(account).or_default()[index] += number(&row["value"]);
+        }
+    }
+    assert_eq!(got, want, "usage per billing account");
 }
 
 /// `tally_component_*` samples of the agent whose name contains `filter`.
@@ -363,7 +443,7 @@ fn agent_sigkilled_mid_corpus_loses_and_doubles_nothing() {
     }
     let expected = writer.expected();
     assert!(writer.rotated >= 3, "the corpus was rotated mid-stream");
-    assert_metered(&server.base, &expected, Duration::from_secs(40));
+    assert_metered(&server.base, &expected, Duration::from_secs(120));
     // The last agent's metrics account for every unusable line.
     let malformed = ["invalid_json", "invalid_start_time", "missing_start_time"]
         .iter()
@@ -401,7 +481,7 @@ fn ledger_down_for_part_of_the_run_loses_nothing() {
         }
     }
     let expected = writer.expected();
-    assert_metered(&base, &expected, Duration::from_secs(40));
+    assert_metered(&base, &expected, Duration::from_secs(120));
     assert!(
         metric(&agent.base, "retries_total", "component_id=\"ledger\"") > 0,
         "the agent retried while the ledger was down"
@@ -418,7 +498,7 @@ fn reading_a_file_again_from_its_start_counts_nothing_twice() {
     while writer.write(20_000) {}
     let expected = writer.expected();
     let first = collect(&dir.path().join("state-1"), &[&log], &server.base);
-    assert_metered(&server.base, &expected, Duration::from_secs(30));
+    assert_metered(&server.base, &expected, Duration::from_secs(120));
     first.stop();
     // A fresh state directory: the whole file is read and shipped again,
     // with the same event ids.
@@ -525,7 +605,7 @@ fn otlp_log_records_are_metered_like_file_lines() {
             connection_millis: 3_000,
         },
     );
-    assert_metered(&server.base, &expected, Duration::from_secs(30));
+    assert_metered(&server.base, &expected, Duration::from_secs(120));
     agent.stop();
 }
 
@@ -680,7 +760,7 @@ fn otlp_grpc_exports_are_metered_like_file_lines() {
             connection_millis: 5_000,
         },
     );
-    assert_metered(&server.base, &expected, Duration::from_secs(30));
+    assert_metered(&server.base, &expected, Duration::from_secs(120));
     agent.stop();
 }
 
@@ -741,7 +821,7 @@ fn otlp_grpc_answers_unavailable_while_the_outbox_is_full() {
             connection_millis: 1_000 * u128::from(accepted),
         },
     );
-    assert_metered(&server.base, &expected, Duration::from_secs(30));
+    assert_metered(&server.base, &expected, Duration::from_secs(120));
     agent.stop();
 }
 
