@@ -5,6 +5,13 @@
 //! each grouped by two properties (`region`, `method`), spread over the
 //! last 30 days. Request bodies are generated before the clock starts, so
 //! the figure is the server's, not the generator's.
+//!
+//! The load generator runs in the server's process by default, sharing its
+//! cores; `load_process` runs it as a child process (`tally bench
+//! --load-only-to URL`), so the server's own CPU use can be told apart. The
+//! report gives CPU time per event (the writer thread's and the server
+//! process's, from `/proc/self/task/*/schedstat`) and how long the writer
+//! waited for a core: on a shared machine the rate alone says little.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -32,6 +39,8 @@ pub struct BenchOptions {
     pub data_dir: Option<PathBuf>,
     /// Repetitions of each query, for percentiles.
     pub query_runs: usize,
+    /// Run the load generator as a separate process.
+    pub load_process: bool,
 }
 
 impl Default for BenchOptions {
@@ -43,6 +52,7 @@ impl Default for BenchOptions {
             subjects: 10_000,
             data_dir: None,
             query_runs: 50,
+            load_process: false,
         }
     }
 }
@@ -84,7 +94,7 @@ impl Rng {
     }
 }
 
-fn bodies(o: &BenchOptions, now: Timestamp) -> Vec<Vec<u8>> {
+fn bodies(o: &LoadOptions, now: Timestamp) -> Vec<Vec<u8>> {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let span = 30 * 24 * 3600;
     (0..o.events.div_ceil(o.batch))
@@ -102,6 +112,119 @@ fn bodies(o: &BenchOptions, now: Timestamp) -> Vec<Vec<u8>> {
             serde_json::to_vec(&events).unwrap_or_default()
         })
         .collect()
+}
+
+/// What the load generator needs; the same in and out of process.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub events: usize,
+    pub batch: usize,
+    pub connections: usize,
+    pub subjects: usize,
+    /// Event times are spread over the 30 days before this.
+    pub now: Timestamp,
+}
+
+impl LoadOptions {
+    fn of(o: &BenchOptions, now: Timestamp) -> LoadOptions {
+        LoadOptions {
+            events: o.events,
+            batch: o.batch,
+            connections: o.connections,
+            subjects: o.subjects,
+            now,
+        }
+    }
+}
+
+/// Sends the pre-generated bodies over `connections` connections.
+async fn send_all(
+    client: &reqwest::Client,
+    base: &str,
+    bodies: Arc<Vec<Vec<u8>>>,
+    connections: usize,
+) -> anyhow::Result<()> {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..connections {
+        let (client, url, bodies, next) = (
+            client.clone(),
+            format!("{base}/api/v1/events"),
+            bodies.clone(),
+            next.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(body) = bodies.get(i) else {
+                    return Ok::<_, anyhow::Error>(());
+                };
+                let r = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body.clone())
+                    .send()
+                    .await?;
+                if !r.status().is_success() {
+                    bail!("ingest failed: {}", r.text().await?);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    Ok(())
+}
+
+/// `tally bench --load-only-to URL`: the load generator alone, for a
+/// server started by `tally bench --load-process`. Prints `ready` once the
+/// bodies are generated, waits for a line on standard input, sends, and
+/// prints `done`.
+pub async fn run_load(o: LoadOptions, base: String) -> anyhow::Result<()> {
+    let bodies = Arc::new(bodies(&o, o.now));
+    println!("ready");
+    tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).map(|_| ())
+    })
+    .await?
+    .context("waiting for the go signal")?;
+    let client = tally_delivery::client_builder().build()?;
+    send_all(&client, &base, bodies, o.connections).await?;
+    println!("done");
+    Ok(())
+}
+
+/// CPU time of this process's threads (nanoseconds on a core, and waiting
+/// for one), from `/proc/self/task/*/schedstat`.
+#[derive(Debug, Clone, Copy, Default)]
+struct Cpu {
+    process_ns: u64,
+    writer_ns: u64,
+    writer_wait_ns: u64,
+}
+
+fn cpu() -> Cpu {
+    let mut total = Cpu::default();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return total;
+    };
+    for task in tasks.flatten() {
+        let path = task.path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        let stat = std::fs::read_to_string(path.join("schedstat")).unwrap_or_default();
+        let mut fields = stat
+            .split_whitespace()
+            .map(|f| f.parse::<u64>().unwrap_or(0));
+        let (on_cpu, waiting) = (fields.next().unwrap_or(0), fields.next().unwrap_or(0));
+        total.process_ns += on_cpu;
+        if comm.trim() == "tally-writer" {
+            total.writer_ns += on_cpu;
+            total.writer_wait_ns += waiting;
+        }
+    }
+    total
 }
 
 fn rss_kib(field: &str) -> u64 {
@@ -173,45 +296,35 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<()> {
     }
 
     let now = Timestamp::now();
+    let load = LoadOptions::of(&o, now);
     eprintln!(
-        "generating {} events in batches of {}...",
-        o.events, o.batch
+        "generating {} events in batches of {}{}...",
+        o.events,
+        o.batch,
+        if o.load_process {
+            " in a separate process"
+        } else {
+            ""
+        }
     );
-    let bodies = Arc::new(bodies(&o, now));
+    let mut child = None;
+    let mut bodies_in_process = None;
+    if o.load_process {
+        child = Some(LoadProcess::start(&load, &base).await?);
+    } else {
+        bodies_in_process = Some(Arc::new(bodies(&load, now)));
+    }
     let rss_before = rss_kib("VmRSS:");
     eprintln!("ingesting over {} connections...", o.connections);
+    let cpu_before = cpu();
     let start = Instant::now();
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..o.connections {
-        let (client, url, bodies, next) = (
-            client.clone(),
-            format!("{base}/api/v1/events"),
-            bodies.clone(),
-            next.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(body) = bodies.get(i) else {
-                    return Ok::<_, anyhow::Error>(());
-                };
-                let r = client
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .body(body.clone())
-                    .send()
-                    .await?;
-                if !r.status().is_success() {
-                    bail!("ingest failed: {}", r.text().await?);
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        t.await??;
+    match (&mut child, bodies_in_process.take()) {
+        (Some(child), _) => child.go().await?,
+        (None, Some(bodies)) => send_all(&client, &base, bodies, o.connections).await?,
+        (None, None) => bail!("no load generator"),
     }
     let ingest = start.elapsed();
+    let cpu_after = cpu();
     let stats = ledger.stats();
     if stats.events_accepted_total != o.events as u64 {
         bail!(
@@ -220,7 +333,6 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<()> {
             stats.events_accepted_total
         );
     }
-    drop(bodies);
 
     let day = |d: i64| {
         (now - SignedDuration::from_hours(24 * d))
@@ -237,6 +349,32 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<()> {
     // Wait for nothing: meters existed before the events, so they are ready.
     let (hourly_times, hourly_rows) = timed_queries(&client, &hourly, o.query_runs).await?;
     let (daily_times, daily_rows) = timed_queries(&client, &daily, o.query_runs.min(10)).await?;
+    // The same grouped query on the ledger itself: what the store takes,
+    // without the JSON answer and HTTP.
+    let mut store_times = Vec::new();
+    for _ in 0..o.query_runs.min(10) {
+        let query = tally_ledger::MeterQuery {
+            from,
+            to,
+            window_size: Some(tally_meter::WindowSize::Day),
+            time_zone: jiff::tz::TimeZone::UTC,
+            subjects: Vec::new(),
+            group_by: vec!["subject".to_owned()],
+            filter_group_by: Default::default(),
+            limit: None,
+            cursor: None,
+        };
+        let started = Instant::now();
+        let result = ledger.query("gateway-requests".to_owned(), query).await?;
+        store_times.push(started.elapsed());
+        if result.rows.len() != daily_rows {
+            bail!(
+                "the store answered {} rows, HTTP {daily_rows}",
+                result.rows.len()
+            );
+        }
+    }
+    store_times.sort();
     let disk = ledger.stats().disk_bytes;
     let millions = o.events as f64 / 1e6;
     println!(
@@ -248,6 +386,22 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<()> {
         o.events as f64 / ingest.as_secs_f64(),
         ingest.as_secs_f64(),
         stats.group_commits_total
+    );
+    let events = o.events.max(1) as f64;
+    println!(
+        "cpu: writer thread {:.1} µs/event (+{:.1} µs/event waiting for a core), server process {:.1} µs/event{}",
+        cpu_after.writer_ns.saturating_sub(cpu_before.writer_ns) as f64 / 1e3 / events,
+        cpu_after
+            .writer_wait_ns
+            .saturating_sub(cpu_before.writer_wait_ns) as f64
+            / 1e3
+            / events,
+        cpu_after.process_ns.saturating_sub(cpu_before.process_ns) as f64 / 1e3 / events,
+        if o.load_process {
+            " (load generator in its own process, not counted)"
+        } else {
+            " (includes the load generator)"
+        }
     );
     println!(
         "query 30-day hourly, one subject ({hourly_rows} rows): p50 {:.2} ms, p99 {:.2} ms",
@@ -265,9 +419,26 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<()> {
             * 1e3
     );
     println!(
-        "memory: peak RSS {} MiB (process, includes the load generator's {} MiB of request bodies); disk: {:.1} MiB per million events",
+        "  the same on the ledger, without HTTP and JSON: p50 {:.1} ms, max {:.1} ms",
+        percentile(&store_times, 0.5).as_secs_f64() * 1e3,
+        store_times
+            .last()
+            .copied()
+            .unwrap_or_default()
+            .as_secs_f64()
+            * 1e3
+    );
+    println!(
+        "memory: peak RSS {} MiB (server process{}); disk: {:.1} MiB per million events",
         rss_kib("VmHWM:") / 1024,
-        rss_before / 1024,
+        if o.load_process {
+            String::new()
+        } else {
+            format!(
+                ", includes the load generator's {} MiB of request bodies",
+                rss_before / 1024
+            )
+        },
         disk as f64 / 1_048_576.0 / millions
     );
     Ok(())
@@ -276,5 +447,69 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<()> {
 async fn axum_serve(listener: tokio::net::TcpListener, state: AppState) {
     if let Err(e) = tally_server::serve_on(listener, state).await {
         eprintln!("bench server failed: {e}");
+    }
+}
+
+/// The load generator as a child process (`tally bench --load-only-to`).
+struct LoadProcess {
+    child: tokio::process::Child,
+    stdout: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl LoadProcess {
+    async fn start(o: &LoadOptions, base: &str) -> anyhow::Result<LoadProcess> {
+        let exe = std::env::current_exe().context("finding this executable")?;
+        let mut child = tokio::process::Command::new(exe)
+            .arg("bench")
+            .args(["--events", &o.events.to_string()])
+            .args(["--batch", &o.batch.to_string()])
+            .args(["--connections", &o.connections.to_string()])
+            .args(["--subjects", &o.subjects.to_string()])
+            .args(["--load-now", &o.now.to_string()])
+            .args(["--load-only-to", base])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the load generator process")?;
+        let stdout = child
+            .stdout
+            .take()
+            .context("the load generator's standard output")?;
+        let mut process = LoadProcess {
+            child,
+            stdout: tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout)),
+        };
+        process.expect("ready").await?;
+        Ok(process)
+    }
+
+    async fn expect(&mut self, word: &str) -> anyhow::Result<()> {
+        match self.stdout.next_line().await? {
+            Some(line) if line.trim() == word => Ok(()),
+            Some(line) => bail!("the load generator said {line:?}, expected {word:?}"),
+            None => {
+                let status = self.child.wait().await?;
+                bail!("the load generator exited ({status}) before saying {word:?}")
+            }
+        }
+    }
+
+    /// Starts the load and waits until every request was answered.
+    async fn go(&mut self) -> anyhow::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let stdin = self
+            .child
+            .stdin
+            .as_mut()
+            .context("the load generator's standard input")?;
+        stdin.write_all(b"go\n").await?;
+        stdin.flush().await?;
+        self.expect("done").await?;
+        let status = self.child.wait().await?;
+        if !status.success() {
+            bail!("the load generator failed: {status}");
+        }
+        Ok(())
     }
 }

@@ -4,11 +4,13 @@
 //! |--------------|------------------------------------------------------------|-------|
 //! | `events`     | seq (u64 BE)                                               | ingested_at ns (i64 BE), type (u16 len + bytes), event JSON |
 //! | `dedupe`     | source (u32 len + bytes), id                               | seq (u64 BE), expires_at s (i64 BE) |
-//! | `rollups`    | meter generation (u64 BE), level (u8), subject (u16 len + bytes), bucket start s (i64 BE, sign flipped), groups | [`tally_meter::AggState`] |
+//! | `rollups`    | meter generation (u32 BE), level (u8), subject id (u32 BE), bucket start in minutes (40 bits, offset 2^39, BE), groups id (u32 BE): 18 bytes | [`tally_meter::AggState`] |
 //! | `quarantine` | meter (u16 len + bytes; empty = no meter), seq (u64 BE)    | JSON [`QuarantineEntry`] |
 //! | `voids`      | seq (u64 BE) of the voided event                           | JSON [`tally_ledger::VoidRecord`] |
 //! | `catalog`    | kind `/` name                                              | manifest JSON |
 //! | `meta`       | `meter/<name>`                                             | JSON [`MeterState`] |
+//! | `meta`       | `dict/i/` id (u32 BE)                                      | dictionary entry: `s` + subject, or `g` + count (u32 BE) + groups |
+//! | `meta`       | `dict/n/` dictionary entry                                 | id (u32 BE) |
 
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -105,48 +107,202 @@ pub fn decode_dedupe(value: &[u8]) -> Result<(u64, i64), StoreError> {
 }
 
 // ---- rollups --------------------------------------------------------------
+//
+// A rollup key is 18 bytes: generation (u32 BE), level (u8), subject id
+// (u32 BE), bucket start in minutes since the epoch (40-bit, offset by 2^39,
+// BE), groups id (u32 BE). Subjects and group tuples are interned in the
+// dictionary (`meta` keys `dict/i/<id>` and `dict/n/<entry>`, see
+// [`crate::dict`]). A key of at most 20 bytes is stored inline by fjall's
+// memtable, so comparing two keys never leaves the skiplist node: the
+// writer's rollup lookups and inserts cost half the cache misses of a key
+// that spells its subject and groups out.
 
-fn flip(bucket: i64) -> [u8; 8] {
-    ((bucket as u64) ^ (1 << 63)).to_be_bytes()
+/// Length of a rollup key.
+pub const ROLLUP_KEY_LEN: usize = 18;
+/// A rollup key; see the layout above.
+pub type RollupKey = [u8; ROLLUP_KEY_LEN];
+
+const BUCKET_OFFSET: i64 = 1 << 39;
+
+fn generation_bytes(generation: u64) -> Result<[u8; 4], StoreError> {
+    u32::try_from(generation)
+        .map(u32::to_be_bytes)
+        .map_err(|_| StoreError::TooLong("a meter generation", u32::MAX as usize))
 }
 
-fn unflip(bytes: &[u8]) -> Result<i64, StoreError> {
-    Ok((read_u64(bytes)? ^ (1 << 63)) as i64)
+/// A bucket start (seconds) as 40-bit minutes; order preserving. Times
+/// jiff can represent are far inside the range.
+fn bucket_bytes(bucket: i64) -> Result<[u8; 5], StoreError> {
+    let minutes = bucket.div_euclid(60) + BUCKET_OFFSET;
+    if !(0..2 * BUCKET_OFFSET).contains(&minutes) {
+        return Err(StoreError::Corrupt(
+            "bucket outside the representable range",
+        ));
+    }
+    let b = (minutes as u64).to_be_bytes();
+    Ok([b[3], b[4], b[5], b[6], b[7]])
+}
+
+fn bucket_of(bytes: &[u8]) -> i64 {
+    let mut b = [0u8; 8];
+    b[3..].copy_from_slice(&bytes[..5]);
+    (u64::from_be_bytes(b) as i64 - BUCKET_OFFSET) * 60
+}
+
+/// The prefix of every rollup of one meter generation.
+pub fn rollup_generation_prefix(generation: u64) -> Result<[u8; 4], StoreError> {
+    generation_bytes(generation)
 }
 
 /// The prefix of every rollup of one meter generation at one level.
-pub fn rollup_level_prefix(generation: u64, level: Level) -> Vec<u8> {
-    let mut out = Vec::with_capacity(9);
-    out.extend_from_slice(&generation.to_be_bytes());
-    out.push(level.as_u8());
-    out
+pub fn rollup_level_prefix(generation: u64, level: Level) -> Result<[u8; 5], StoreError> {
+    let g = generation_bytes(generation)?;
+    Ok([g[0], g[1], g[2], g[3], level.as_u8()])
 }
 
-/// The prefix of a subject's rollups at one level.
-pub fn rollup_subject_prefix(
+/// The key range of a subject's buckets starting in `[lo, hi]` (seconds).
+pub fn rollup_subject_range(
     generation: u64,
     level: Level,
-    subject: &str,
-) -> Result<Vec<u8>, StoreError> {
-    let mut out = rollup_level_prefix(generation, level);
-    push_str16(&mut out, subject)?;
-    Ok(out)
-}
-
-/// The key of a subject's bucket up to (not including) its groups.
-pub fn rollup_bucket_prefix(mut subject_prefix: Vec<u8>, bucket: i64) -> Vec<u8> {
-    subject_prefix.extend_from_slice(&flip(bucket));
-    subject_prefix
+    subject: u32,
+    lo: i64,
+    hi: i64,
+) -> Result<(Vec<u8>, Vec<u8>), StoreError> {
+    let mut start = rollup_level_prefix(generation, level)?.to_vec();
+    start.extend_from_slice(&subject.to_be_bytes());
+    let mut end = start.clone();
+    start.extend_from_slice(&bucket_bytes(lo)?);
+    // The first bucket after `hi`: one minute later sorts after every key of `hi`.
+    end.extend_from_slice(&bucket_bytes(hi.saturating_add(60))?);
+    Ok((start, end))
 }
 
 pub fn rollup_key(
     generation: u64,
     level: Level,
-    subject: &str,
+    subject: u32,
     bucket: i64,
-    groups: &[Option<String>],
-) -> Result<Vec<u8>, StoreError> {
-    let mut out = rollup_bucket_prefix(rollup_subject_prefix(generation, level, subject)?, bucket);
+    groups: u32,
+) -> Result<RollupKey, StoreError> {
+    let mut out = [0u8; ROLLUP_KEY_LEN];
+    out[..5].copy_from_slice(&rollup_level_prefix(generation, level)?);
+    out[5..9].copy_from_slice(&subject.to_be_bytes());
+    out[9..14].copy_from_slice(&bucket_bytes(bucket)?);
+    out[14..].copy_from_slice(&groups.to_be_bytes());
+    Ok(out)
+}
+
+/// A decoded rollup key (after the generation and level).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecodedRollupKey {
+    pub subject: u32,
+    pub bucket: i64,
+    pub groups: u32,
+}
+
+pub fn decode_rollup_key(key: &[u8]) -> Result<DecodedRollupKey, StoreError> {
+    if key.len() != ROLLUP_KEY_LEN {
+        return Err(StoreError::Corrupt("rollup key length"));
+    }
+    Ok(DecodedRollupKey {
+        subject: u32::from_be_bytes([key[5], key[6], key[7], key[8]]),
+        bucket: bucket_of(&key[9..14]),
+        groups: u32::from_be_bytes([key[14], key[15], key[16], key[17]]),
+    })
+}
+
+// ---- dictionary -------------------------------------------------------------
+
+/// `meta` prefix of id → entry.
+pub const DICT_ID_PREFIX: &[u8] = b"dict/i/";
+/// `meta` prefix of entry → id.
+pub const DICT_NAME_PREFIX: &[u8] = b"dict/n/";
+
+pub fn dict_id_key(id: u32) -> Vec<u8> {
+    let mut out = DICT_ID_PREFIX.to_vec();
+    out.extend_from_slice(&id.to_be_bytes());
+    out
+}
+
+pub fn dict_name_key(entry: &[u8]) -> Vec<u8> {
+    let mut out = DICT_NAME_PREFIX.to_vec();
+    out.extend_from_slice(entry);
+    out
+}
+
+const SUBJECT_TAG: u8 = b's';
+const GROUPS_TAG: u8 = b'g';
+
+/// One interned value: a subject, or the group values of one sample.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum DictEntry {
+    Subject(String),
+    Groups(Vec<Option<String>>),
+}
+
+impl DictEntry {
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            DictEntry::Subject(s) => subject_entry(s),
+            DictEntry::Groups(groups) => groups_entry(groups),
+        }
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<DictEntry, StoreError> {
+        match bytes.split_first() {
+            Some((&SUBJECT_TAG, rest)) => Ok(DictEntry::Subject(
+                std::str::from_utf8(rest)
+                    .map_err(|_| StoreError::Corrupt("utf-8"))?
+                    .to_owned(),
+            )),
+            Some((&GROUPS_TAG, rest)) => {
+                let count = rest
+                    .get(..4)
+                    .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+                    .ok_or(StoreError::Corrupt("short group count"))?;
+                let mut rest = &rest[4..];
+                let mut groups = Vec::with_capacity(count.min(64));
+                for _ in 0..count {
+                    match rest.first() {
+                        Some(0) => {
+                            groups.push(None);
+                            rest = &rest[1..];
+                        }
+                        Some(1) => {
+                            let len = read_u32(&rest[1..])? as usize;
+                            let raw = rest
+                                .get(5..5 + len)
+                                .ok_or(StoreError::Corrupt("short group"))?;
+                            groups.push(Some(
+                                std::str::from_utf8(raw)
+                                    .map_err(|_| StoreError::Corrupt("utf-8"))?
+                                    .to_owned(),
+                            ));
+                            rest = &rest[5 + len..];
+                        }
+                        _ => return Err(StoreError::Corrupt("group tag")),
+                    }
+                }
+                if !rest.is_empty() {
+                    return Err(StoreError::Corrupt("trailing group bytes"));
+                }
+                Ok(DictEntry::Groups(groups))
+            }
+            _ => Err(StoreError::Corrupt("dictionary entry tag")),
+        }
+    }
+}
+
+pub fn subject_entry(subject: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + subject.len());
+    out.push(SUBJECT_TAG);
+    out.extend_from_slice(subject.as_bytes());
+    out
+}
+
+pub fn groups_entry(groups: &[Option<String>]) -> Vec<u8> {
+    let mut out = vec![GROUPS_TAG];
+    out.extend_from_slice(&(groups.len() as u32).to_be_bytes());
     for g in groups {
         match g {
             None => out.push(0),
@@ -157,48 +313,7 @@ pub fn rollup_key(
             }
         }
     }
-    Ok(out)
-}
-
-/// A decoded rollup key (after the generation and level).
-pub struct RollupKey<'a> {
-    pub subject: &'a str,
-    pub bucket: i64,
-    pub groups: Vec<Option<&'a str>>,
-}
-
-pub fn decode_rollup_key(key: &[u8], dimensions: usize) -> Result<RollupKey<'_>, StoreError> {
-    let mut rest = key
-        .get(9..)
-        .ok_or(StoreError::Corrupt("short rollup key"))?;
-    let subject = take_str16(&mut rest)?;
-    let bucket = unflip(rest)?;
-    rest = &rest[8..];
-    let mut groups = Vec::with_capacity(dimensions);
-    for _ in 0..dimensions {
-        match rest.first() {
-            Some(0) => {
-                groups.push(None);
-                rest = &rest[1..];
-            }
-            Some(1) => {
-                let len = read_u32(&rest[1..])? as usize;
-                let raw = rest
-                    .get(5..5 + len)
-                    .ok_or(StoreError::Corrupt("short group"))?;
-                groups.push(Some(
-                    std::str::from_utf8(raw).map_err(|_| StoreError::Corrupt("utf-8"))?,
-                ));
-                rest = &rest[5 + len..];
-            }
-            _ => return Err(StoreError::Corrupt("group tag")),
-        }
-    }
-    Ok(RollupKey {
-        subject,
-        bucket,
-        groups,
-    })
+    out
 }
 
 fn read_u32(bytes: &[u8]) -> Result<u32, StoreError> {
@@ -276,8 +391,9 @@ pub const GENERATION_COUNTER: &str = "generation";
 pub const FORMAT_KEY: &str = "format";
 
 /// The byte layouts this build reads and writes. 2: SUM rollup states carry
-/// their event count (`AggState::Sum { sum, count }`).
-pub const FORMAT: u64 = 2;
+/// their event count (`AggState::Sum { sum, count }`). 3: rollup keys are
+/// 18 bytes, with subjects and group values interned in the dictionary.
+pub const FORMAT: u64 = 3;
 pub const GARBAGE_PREFIX: &str = "garbage/";
 
 #[cfg(test)]
@@ -286,14 +402,46 @@ mod tests {
 
     #[test]
     fn rollup_keys_round_trip_and_sort_by_bucket() {
-        let groups = vec![Some("GET".to_owned()), None];
-        let a = rollup_key(7, Level::Hour, "acme", -3600, &groups).unwrap();
-        let b = rollup_key(7, Level::Hour, "acme", 0, &groups).unwrap();
-        let c = rollup_key(7, Level::Hour, "acme", 3600, &[None, None]).unwrap();
-        assert!(a < b && b < c);
-        let k = decode_rollup_key(&a, 2).unwrap();
-        assert_eq!((k.subject, k.bucket), ("acme", -3600));
-        assert_eq!(k.groups, vec![Some("GET"), None]);
+        let a = rollup_key(7, Level::Hour, 3, -3600, 9).unwrap();
+        let b = rollup_key(7, Level::Hour, 3, 0, 9).unwrap();
+        let c = rollup_key(7, Level::Hour, 3, 3600, 1).unwrap();
+        let other_subject = rollup_key(7, Level::Hour, 4, -7200, 0).unwrap();
+        assert!(a < b && b < c && c < other_subject);
+        let k = decode_rollup_key(&a).unwrap();
+        assert_eq!((k.subject, k.bucket, k.groups), (3, -3600, 9));
+        // A range covers exactly the buckets asked for.
+        let (start, end) = rollup_subject_range(7, Level::Hour, 3, 0, 3600).unwrap();
+        assert!(a.as_slice() < start.as_slice());
+        assert!(start.as_slice() <= b.as_slice() && b.as_slice() < end.as_slice());
+        assert!(start.as_slice() <= c.as_slice() && c.as_slice() < end.as_slice());
+        let next = rollup_key(7, Level::Hour, 3, 7200, 0).unwrap();
+        assert!(next.as_slice() >= end.as_slice());
+        // Far past and future times still fit.
+        let old = Timestamp::MIN.as_second();
+        let new = Timestamp::MAX.as_second();
+        for t in [old, new] {
+            let bucket = Level::Minute.bucket(t);
+            let key = rollup_key(1, Level::Minute, 0, bucket, 0).unwrap();
+            assert_eq!(decode_rollup_key(&key).unwrap().bucket, bucket);
+        }
+        assert!(rollup_key(u64::from(u32::MAX) + 1, Level::Day, 0, 0, 0).is_err());
+    }
+
+    #[test]
+    fn dictionary_entries_round_trip() {
+        for entry in [
+            DictEntry::Subject("projects/p1".into()),
+            DictEntry::Subject(String::new()),
+            DictEntry::Groups(vec![Some("GET".into()), None, Some(String::new())]),
+            DictEntry::Groups(Vec::new()),
+        ] {
+            assert_eq!(DictEntry::decode(&entry.encode()).unwrap(), entry);
+        }
+        assert_ne!(
+            DictEntry::Subject("g".into()).encode(),
+            DictEntry::Groups(Vec::new()).encode()
+        );
+        assert!(DictEntry::decode(b"x").is_err());
     }
 
     #[test]

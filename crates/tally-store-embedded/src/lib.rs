@@ -7,6 +7,7 @@
 //! disagree, even after `kill -9`. Reads run concurrently on snapshots of the
 //! committed state.
 
+mod dict;
 mod keys;
 mod read;
 mod resources;
@@ -111,6 +112,8 @@ pub(crate) struct Shared {
     /// Sequence numbers of voided events (rare; kept in memory so log scans
     /// skip them without a lookup). Changed only by the writer.
     pub voided: RwLock<HashSet<u64>>,
+    /// Interned subjects and group values; extended only by the writer.
+    pub dict: RwLock<dict::ReaderDict>,
 }
 
 impl Shared {
@@ -248,8 +251,11 @@ impl EmbeddedLedger {
         for item in keyspaces.voids.iter() {
             voided.insert(keys::read_u64(&item.key()?)?);
         }
+        let dict_entries = dict::load(&keyspaces.meta)?;
+        let writer_dict = dict::WriterDict::new(&dict_entries);
         let shared = Arc::new(Shared {
             voided: RwLock::new(voided),
+            dict: RwLock::new(dict::ReaderDict::new(dict_entries)),
             db,
             keyspaces,
             state: RwLock::new(ReadState { catalog, meters }),
@@ -262,6 +268,7 @@ impl EmbeddedLedger {
             rx,
             next_seq,
             config.dedupe_horizon.as_secs(),
+            writer_dict,
         );
         let alive = Arc::clone(&shared);
         std::thread::Builder::new()

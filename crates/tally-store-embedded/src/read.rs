@@ -13,7 +13,8 @@ use tally_ledger::{
 use tally_meter::{AggState, Level, QueryPlan, Window, window};
 use tally_model::billing::{Attribution, Owner};
 
-use crate::keys::{self, QuarantineEntry};
+use crate::dict::{self, ReaderDict};
+use crate::keys::{self, DictEntry, QuarantineEntry};
 use crate::{Shared, StoreError};
 
 /// Most rows or items one page may hold.
@@ -33,6 +34,73 @@ impl From<StoreError> for LedgerError {
 }
 
 type GroupKey = (u32, Option<String>, Vec<Option<String>>);
+
+/// The subject part of a fold key when rows are not split by subject.
+const NO_SUBJECT: u32 = u32::MAX;
+
+/// The account part of a fold key when rows are not split by account.
+const NO_ACCOUNT: u32 = u32::MAX;
+
+/// Dictionary lookups for one query: the readers' copy, then the snapshot
+/// for entries committed after that copy was taken.
+/// The lock is taken per lookup (callers cache what they look up), so a
+/// long query never holds up the writer.
+struct Names<'a> {
+    shared: &'a Shared,
+    snapshot: &'a fjall::Snapshot,
+    meta: &'a fjall::Keyspace,
+}
+
+impl<'a> Names<'a> {
+    fn new(shared: &'a Shared, snapshot: &'a fjall::Snapshot, meta: &'a fjall::Keyspace) -> Self {
+        Names {
+            shared,
+            snapshot,
+            meta,
+        }
+    }
+
+    fn dict(&self) -> std::sync::RwLockReadGuard<'a, ReaderDict> {
+        self.shared
+            .dict
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn entry(&self, id: u32) -> Result<DictEntry, LedgerError> {
+        let known = self.dict().get(id).cloned();
+        match known {
+            Some(entry) => Ok(entry),
+            None => Ok(dict::read_entry(self.snapshot, self.meta, id)?),
+        }
+    }
+
+    fn groups(&self, id: u32) -> Result<Vec<Option<String>>, LedgerError> {
+        match self.entry(id)? {
+            DictEntry::Groups(groups) => Ok(groups),
+            DictEntry::Subject(_) => Err(storage(StoreError::Corrupt(
+                "a rollup's groups id names a subject",
+            ))),
+        }
+    }
+
+    fn subject(&self, id: u32) -> Result<String, LedgerError> {
+        match self.entry(id)? {
+            DictEntry::Subject(subject) => Ok(subject),
+            DictEntry::Groups(_) => Err(storage(StoreError::Corrupt(
+                "a rollup's subject id names groups",
+            ))),
+        }
+    }
+
+    fn subject_id(&self, subject: &str) -> Result<Option<u32>, LedgerError> {
+        let known = self.dict().subject_id(subject);
+        match known {
+            Some(id) => Ok(Some(id)),
+            None => Ok(dict::read_subject_id(self.snapshot, self.meta, subject)?),
+        }
+    }
+}
 
 /// The group key that attributes usage to billing accounts.
 pub const BILLING_ACCOUNT: &str = "billing_account";
@@ -139,58 +207,119 @@ pub fn query(
 
     let snapshot = shared.db.snapshot();
     let rollups = &shared.keyspaces.rollups;
-    let mut acc: HashMap<GroupKey, AggState> = HashMap::new();
+    let meta = &shared.keyspaces.meta;
+    let names = Names::new(shared, &snapshot, meta);
+    // Buckets fold into (window, subject id or NO_SUBJECT, projected groups).
+    let mut acc: HashMap<(u32, u32, u32, u32), AggState> = HashMap::new();
+    // Accounts met so far, interned, and per (subject id, piece) its account.
+    let mut accounts: Vec<Option<String>> = Vec::new();
+    let mut account_ids: HashMap<Option<String>, u32> = HashMap::new();
+    let mut account_of: HashMap<(u32, usize), u32> = HashMap::new();
+    // Per groups id: the index of its projection onto `group_positions`,
+    // or `None` when the filters leave it out.
+    let mut projection_of: HashMap<u32, Option<u32>> = HashMap::new();
+    let mut projections: Vec<Vec<Option<String>>> = Vec::new();
+    let mut projection_ids: HashMap<Vec<Option<String>>, u32> = HashMap::new();
     let mut fold = |key: &[u8], value: &[u8], level: Level| -> Result<(), LedgerError> {
-        let k = keys::decode_rollup_key(key, dimensions.len())?;
+        let k = keys::decode_rollup_key(key)?;
         let Some(piece) = plan.window_of(level, k.bucket) else {
             return Ok(());
         };
-        if filters.iter().any(|(p, v)| k.groups[*p] != Some(*v)) {
+        let window = parent[piece];
+        // The account owning this subject's usage in this piece, interned.
+        let account = match attribution {
+            None => NO_ACCOUNT,
+            Some(a) => match account_of.get(&(k.subject, piece)) {
+                Some(id) => *id,
+                None => {
+                    let subject = names.subject(k.subject)?;
+                    let at = plan.windows[piece].start.max(q.from);
+                    let account = account_at(a, &subject, at);
+                    let next = accounts.len() as u32;
+                    let id = *account_ids.entry(account.clone()).or_insert(next);
+                    if id == next {
+                        accounts.push(account);
+                    }
+                    account_of.insert((k.subject, piece), id);
+                    id
+                }
+            },
+        };
+        if let Some(wanted) = account_filter
+            && accounts.get(account as usize).and_then(Option::as_deref) != Some(wanted)
+        {
             return Ok(());
         }
-        let account = attribution
-            .and_then(|a| account_at(a, k.subject, plan.windows[piece].start.max(q.from)));
-        if account_filter.is_some_and(|wanted| account.as_deref() != Some(wanted)) {
-            return Ok(());
-        }
-        let state = AggState::decode(value).map_err(storage)?;
-        let mut groups: Vec<Option<String>> = group_positions
-            .iter()
-            .map(|p| k.groups[*p].map(str::to_owned))
-            .collect();
-        if by_account {
-            groups.push(account);
-        }
-        let group = (
-            parent[piece] as u32,
-            by_subject.then(|| k.subject.to_owned()),
-            groups,
-        );
-        match acc.get_mut(&group) {
-            Some(existing) => existing.merge(&state).map_err(storage)?,
+        let account = if by_account { account } else { NO_ACCOUNT };
+        let projected = match projection_of.get(&k.groups) {
+            Some(p) => *p,
             None => {
-                acc.insert(group, state);
+                let groups = names.groups(k.groups)?;
+                if groups.len() != dimensions.len() {
+                    return Err(storage(StoreError::Corrupt(
+                        "a rollup's groups do not match its meter's dimensions",
+                    )));
+                }
+                let p = if filters
+                    .iter()
+                    .any(|(p, v)| groups[*p].as_deref() != Some(*v))
+                {
+                    None
+                } else {
+                    let projected: Vec<Option<String>> =
+                        group_positions.iter().map(|p| groups[*p].clone()).collect();
+                    let next = projections.len() as u32;
+                    let id = *projection_ids.entry(projected.clone()).or_insert(next);
+                    if id == next {
+                        projections.push(projected);
+                    }
+                    Some(id)
+                };
+                projection_of.insert(k.groups, p);
+                p
+            }
+        };
+        let Some(projected) = projected else {
+            return Ok(());
+        };
+        let state = AggState::decode(value).map_err(storage)?;
+        let subject = if by_subject { k.subject } else { NO_SUBJECT };
+        match acc.entry((window as u32, subject, projected, account)) {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                e.get_mut().merge(&state).map_err(storage)?
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(state);
             }
         }
         Ok(())
     };
+    // A subject named twice is still read once; one never seen has no rows.
+    let mut subject_ids = Vec::new();
+    for subject in q
+        .subjects
+        .iter()
+        .collect::<std::collections::BTreeSet<&String>>()
+    {
+        if let Some(id) = names.subject_id(subject)? {
+            subject_ids.push(id);
+        }
+    }
     for level in Level::ALL {
         let Some((lo, hi)) = plan.range(level) else {
             continue;
         };
         if q.subjects.is_empty() {
-            for item in snapshot.prefix(rollups, keys::rollup_level_prefix(state.generation, level))
+            for item in
+                snapshot.prefix(rollups, keys::rollup_level_prefix(state.generation, level)?)
             {
                 let (key, value) = item.into_inner().map_err(storage)?;
                 fold(&key, &value, level)?;
             }
         } else {
-            // A subject named twice is still read once.
-            let subjects: std::collections::BTreeSet<&String> = q.subjects.iter().collect();
-            for subject in subjects {
-                let prefix = keys::rollup_subject_prefix(state.generation, level, subject)?;
-                let start = keys::rollup_bucket_prefix(prefix.clone(), lo);
-                let end = keys::rollup_bucket_prefix(prefix, hi.saturating_add(1));
+            for subject in &subject_ids {
+                let (start, end) =
+                    keys::rollup_subject_range(state.generation, level, *subject, lo, hi)?;
                 for item in snapshot.range(rollups, start..end) {
                     let (key, value) = item.into_inner().map_err(storage)?;
                     fold(&key, &value, level)?;
@@ -198,29 +327,47 @@ pub fn query(
             }
         }
     }
-
+    let mut subject_names: HashMap<u32, String> = HashMap::new();
+    let mut rows: Vec<(GroupKey, QueryRow)> = Vec::with_capacity(acc.len());
     if by_account {
         group_names.push(BILLING_ACCOUNT);
     }
-    let mut rows: Vec<(GroupKey, QueryRow)> = acc
-        .into_iter()
-        .map(|(key, state)| {
-            let w = windows[key.0 as usize];
-            let row = QueryRow {
-                window_start: w.start,
-                window_end: w.end,
-                subject: key.1.clone(),
-                group_by: group_names
-                    .iter()
-                    .zip(&key.2)
-                    .map(|(name, value)| ((*name).to_owned(), value.clone()))
-                    .collect(),
-                value: state.result(),
-            };
-            (key, row)
-        })
-        .collect();
-    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    for ((window, subject, projected, account), state) in acc {
+        let subject = if subject == NO_SUBJECT {
+            None
+        } else {
+            Some(match subject_names.get(&subject) {
+                Some(name) => name.clone(),
+                None => {
+                    let name = names.subject(subject)?;
+                    subject_names.insert(subject, name.clone());
+                    name
+                }
+            })
+        };
+        let mut groups = projections
+            .get(projected as usize)
+            .cloned()
+            .unwrap_or_default();
+        if by_account {
+            groups.push(accounts.get(account as usize).cloned().flatten());
+        }
+        let w = windows[window as usize];
+        let row = QueryRow {
+            window_start: w.start,
+            window_end: w.end,
+            subject: subject.clone(),
+            group_by: group_names
+                .iter()
+                .zip(&groups)
+                .map(|(name, value)| ((*name).to_owned(), value.clone()))
+                .collect(),
+            value: state.result(),
+        };
+        rows.push(((window, subject, groups), row));
+    }
+    // Keys are distinct, so an unstable sort gives the same order.
+    rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     let after: Option<GroupKey> = q.cursor.as_deref().map(decode_cursor).transpose()?;
     let mut page: Vec<(GroupKey, QueryRow)> = rows
         .into_iter()

@@ -21,7 +21,8 @@ use tally_model::{CloudEvent, Kind, Manifest, MeterPhase};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
-use crate::keys::{self, MeterState, QuarantineEntry};
+use crate::dict::WriterDict;
+use crate::keys::{self, MeterState, QuarantineEntry, RollupKey};
 use crate::{Shared, StoreError};
 
 /// Most events taken into one group commit.
@@ -71,15 +72,17 @@ pub(crate) struct Writer {
     prune_cursor: Option<Vec<u8>>,
     last_prune: Timestamp,
     /// Recently merged rollup states by key; see [`Writer::commit_with_deltas`].
-    cache: HashMap<Vec<u8>, AggState>,
+    cache: HashMap<RollupKey, AggState>,
+    /// Interned subjects and group values.
+    dict: WriterDict,
 }
 
 /// Rollup deltas of one batch, merged before touching the store.
 #[derive(Default)]
-struct Deltas(HashMap<Vec<u8>, AggState>);
+struct Deltas(HashMap<RollupKey, AggState>);
 
 impl Deltas {
-    fn add(&mut self, key: Vec<u8>, state: AggState) -> Result<(), StoreError> {
+    fn add(&mut self, key: RollupKey, state: AggState) -> Result<(), StoreError> {
         match self.0.get_mut(&key) {
             Some(existing) => existing.merge(&state).map_err(StoreError::State),
             None => {
@@ -100,6 +103,7 @@ impl Writer {
         rx: mpsc::Receiver<Command>,
         next_seq: u64,
         horizon_seconds: i64,
+        dict: WriterDict,
     ) -> Writer {
         let meters = shared.read_state().catalog.meters_by_type();
         Writer {
@@ -111,6 +115,7 @@ impl Writer {
             prune_cursor: None,
             last_prune: Timestamp::UNIX_EPOCH,
             cache: HashMap::new(),
+            dict,
         }
     }
 
@@ -142,6 +147,9 @@ impl Writer {
                     }
                 },
             };
+            // Dictionary ids handed out by an operation that failed before
+            // its commit are free again.
+            self.dict.roll_back();
             match command {
                 Command::Ingest { events, reply } => {
                     let mut group = vec![(events, reply)];
@@ -192,6 +200,7 @@ impl Writer {
             ),
             Err(e) => {
                 self.next_seq = start_seq;
+                self.dict.roll_back();
                 warn!(error = %e, "group commit failed; requests answered with an error");
                 let err = storage(e);
                 (
@@ -259,9 +268,14 @@ impl Writer {
                             let Some(generation) = generations.get(meter.key.as_str()) else {
                                 continue;
                             };
-                            if let Some(entry) =
-                                measure(meter, *generation, event, seq, &mut deltas)?
-                            {
+                            if let Some(entry) = measure(
+                                meter,
+                                *generation,
+                                event,
+                                seq,
+                                &mut deltas,
+                                &mut self.dict,
+                            )? {
                                 batch.insert(
                                     &ks.quarantine,
                                     keys::quarantine_key(&meter.key, seq)?,
@@ -323,31 +337,53 @@ impl Writer {
     /// hot bucket needs no store read. Only this thread writes rollups and
     /// the cache changes only after a successful commit, so it never holds a
     /// state the store does not.
+    ///
+    /// Keys are visited in order, so consecutive memtable searches share
+    /// most of their path.
     fn commit_with_deltas(
         &mut self,
         mut batch: fjall::OwnedWriteBatch,
         deltas: Deltas,
     ) -> Result<(), StoreError> {
         let rollups = self.shared.keyspaces.rollups.clone();
-        let mut merged_states = Vec::with_capacity(deltas.0.len());
-        for (key, delta) in deltas.0 {
+        let mut deltas: Vec<(RollupKey, AggState)> = deltas.0.into_iter().collect();
+        deltas.sort_unstable_by_key(|(key, _)| *key);
+        let mut merged_states = Vec::with_capacity(deltas.len());
+        for (key, delta) in deltas {
             let Some(mut state) = self.current_state(&key)? else {
-                batch.insert(&rollups, key.clone(), delta.to_bytes());
+                batch.insert(&rollups, key, delta.to_bytes());
                 merged_states.push((key, delta));
                 continue;
             };
             state.merge(&delta).map_err(StoreError::State)?;
-            batch.insert(&rollups, key.clone(), state.to_bytes());
+            batch.insert(&rollups, key, state.to_bytes());
             merged_states.push((key, state));
         }
-        batch.commit()?;
+        self.commit(batch)?;
         self.remember(merged_states);
+        Ok(())
+    }
+
+    /// Commits a batch with the dictionary entries it introduces, then
+    /// hands those entries to readers.
+    fn commit(&mut self, mut batch: fjall::OwnedWriteBatch) -> Result<(), StoreError> {
+        self.dict
+            .write_fresh(&mut batch, &self.shared.keyspaces.meta);
+        batch.commit()?;
+        let committed = self.dict.take_committed();
+        if !committed.is_empty() {
+            self.shared
+                .dict
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .extend(committed);
+        }
         Ok(())
     }
 
     /// A bucket's current state: the cached one, else the stored one. Takes
     /// it out of the cache; [`Writer::remember`] puts it back after commit.
-    fn current_state(&mut self, key: &[u8]) -> Result<Option<AggState>, StoreError> {
+    fn current_state(&mut self, key: &RollupKey) -> Result<Option<AggState>, StoreError> {
         if let Some(cached) = self.cache.remove(key) {
             return Ok(Some(cached));
         }
@@ -360,7 +396,7 @@ impl Writer {
     }
 
     /// Caches states just committed, within the cache's bound.
-    fn remember(&mut self, states: Vec<(Vec<u8>, AggState)>) {
+    fn remember(&mut self, states: Vec<(RollupKey, AggState)>) {
         if self.cache.len() + states.len() > ROLLUP_CACHE_ENTRIES {
             self.cache.clear();
         }
@@ -606,6 +642,7 @@ impl Writer {
                     seq,
                     &sample,
                     &mut retractions,
+                    &mut self.dict,
                 )
                 .map_err(storage)?,
                 Err(_) if meter.phase() == MeterPhase::Retired => {
@@ -665,11 +702,11 @@ impl Writer {
             if state.retract(&retraction).map_err(StoreError::State)? {
                 batch.remove(&rollups, key);
             } else {
-                batch.insert(&rollups, key.clone(), state.to_bytes());
+                batch.insert(&rollups, key, state.to_bytes());
                 updated.push((key, state));
             }
         }
-        batch.commit()?;
+        self.commit(batch)?;
         self.remember(updated);
         Ok(())
     }
@@ -750,7 +787,7 @@ impl Writer {
                 continue;
             };
             let (_, event) = keys::decode_event(&raw)?;
-            match measure(&meter, generation, &event, seq, &mut deltas)? {
+            match measure(&meter, generation, &event, seq, &mut deltas, &mut self.dict)? {
                 None => {
                     batch.remove(&ks.quarantine, key);
                     released += 1;
@@ -787,6 +824,7 @@ impl Writer {
     /// One step of backfill, garbage collection or dedupe pruning. Returns
     /// whether there may be more to do right away.
     fn background_step(&mut self) -> Result<bool, StoreError> {
+        self.dict.roll_back();
         if self.backfill_step()? {
             return Ok(true);
         }
@@ -832,8 +870,15 @@ impl Writer {
             } else {
                 meter.sample(&event)
             };
-            let entry =
-                measure_sample(sampled, &meter, state.generation, &event, seq, &mut deltas)?;
+            let entry = measure_sample(
+                sampled,
+                &meter,
+                state.generation,
+                &event,
+                seq,
+                &mut deltas,
+                &mut self.dict,
+            )?;
             if let Some(entry) = entry {
                 batch.insert(
                     &ks.quarantine,
@@ -866,7 +911,7 @@ impl Writer {
         let mut removed = 0;
         for item in ks
             .rollups
-            .prefix(generation.to_be_bytes())
+            .prefix(keys::rollup_generation_prefix(generation)?)
             .take(GARBAGE_CHUNK)
         {
             batch.remove(&ks.rollups, item.key()?);
@@ -924,8 +969,17 @@ fn measure(
     event: &CloudEvent,
     seq: u64,
     deltas: &mut Deltas,
+    dict: &mut WriterDict,
 ) -> Result<Option<QuarantineEntry>, StoreError> {
-    measure_sample(meter.sample(event), meter, generation, event, seq, deltas)
+    measure_sample(
+        meter.sample(event),
+        meter,
+        generation,
+        event,
+        seq,
+        deltas,
+        dict,
+    )
 }
 
 /// [`measure`] with the sampling already done (e.g. in any phase, for the
@@ -937,6 +991,7 @@ fn measure_sample(
     event: &CloudEvent,
     seq: u64,
     deltas: &mut Deltas,
+    dict: &mut WriterDict,
 ) -> Result<Option<QuarantineEntry>, StoreError> {
     let sample = match sampled {
         Ok(sample) => sample,
@@ -948,7 +1003,7 @@ fn measure_sample(
             }));
         }
     };
-    add_sample(meter, generation, event, seq, &sample, deltas)?;
+    add_sample(meter, generation, event, seq, &sample, deltas, dict)?;
     Ok(None)
 }
 
@@ -960,6 +1015,7 @@ fn add_sample(
     seq: u64,
     sample: &tally_meter::Sample,
     deltas: &mut Deltas,
+    dict: &mut WriterDict,
 ) -> Result<(), StoreError> {
     let time_ns = event.time.as_nanosecond();
     let Some(state) = AggState::of_sample(meter.aggregation(), &sample.value, time_ns, seq) else {
@@ -968,14 +1024,10 @@ fn add_sample(
     // Floor, not truncate: a pre-1970 time with a fraction belongs to the
     // earlier second's minute.
     let second = event.time.as_second() - i64::from(event.time.subsec_nanosecond() < 0);
+    let subject = dict.subject(&event.subject)?;
+    let groups = dict.groups(&sample.groups)?;
     for level in Level::ALL {
-        let key = keys::rollup_key(
-            generation,
-            level,
-            &event.subject,
-            level.bucket(second),
-            &sample.groups,
-        )?;
+        let key = keys::rollup_key(generation, level, subject, level.bucket(second), groups)?;
         deltas.add(key, state.clone())?;
     }
     Ok(())

@@ -102,6 +102,16 @@ struct BenchArgs {
     /// Keep the store in this directory instead of a temporary one.
     #[arg(long, value_name = "DIR")]
     data_dir: Option<std::path::PathBuf>,
+    /// Run the load generator as a separate process, so it does not share
+    /// the server's process (it still shares the machine's cores).
+    #[arg(long)]
+    load_process: bool,
+    /// Internal: be the load generator of `--load-process` for the server at URL.
+    #[arg(long, value_name = "URL", hide = true)]
+    load_only_to: Option<String>,
+    /// Internal: the time the load generator spreads events before.
+    #[arg(long, value_name = "RFC3339", hide = true, requires = "load_only_to")]
+    load_now: Option<jiff::Timestamp>,
 }
 
 fn main() -> ExitCode {
@@ -147,6 +157,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    if let Some(base) = args.load_only_to {
+        let load = tally_bench::LoadOptions {
+            events: args.events,
+            batch: args.batch.max(1),
+            connections: args.connections.max(1),
+            subjects: args.subjects.max(1),
+            now: args.load_now.unwrap_or_else(jiff::Timestamp::now),
+        };
+        return runtime.block_on(tally_bench::run_load(load, base));
+    }
     let options = tally_bench::BenchOptions {
         events: args.events,
         batch: args.batch.max(1),
@@ -154,12 +178,9 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         subjects: args.subjects.max(1),
         data_dir: args.data_dir,
         query_runs: args.query_runs.max(1),
+        load_process: args.load_process,
     };
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?
-        .block_on(tally_bench::run(options))
+    runtime.block_on(tally_bench::run(options))
 }
 
 /// The commands that talk to a server.
