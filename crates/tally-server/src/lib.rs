@@ -12,6 +12,7 @@ mod meters;
 mod problem;
 mod query;
 mod resources;
+mod telemetry;
 mod usage;
 
 use std::collections::BTreeMap;
@@ -47,6 +48,8 @@ pub struct AppState {
     /// Events accepted by a handler and not yet answered by the ledger.
     pending_events: Arc<Semaphore>,
     max_pending_events: usize,
+    /// The exporters' pipeline fed by `/v1/metrics` and `/api/v1/write`.
+    telemetry: Option<Arc<tally_telemetry::Pipeline>>,
 }
 
 impl AppState {
@@ -59,7 +62,15 @@ impl AppState {
             requests: Arc::default(),
             pending_events: Arc::new(Semaphore::new(DEFAULT_MAX_PENDING_EVENTS)),
             max_pending_events: DEFAULT_MAX_PENDING_EVENTS,
+            telemetry: None,
         }
+    }
+
+    /// Feeds the metrics receivers (`/v1/metrics`, `/api/v1/write`) into
+    /// `pipeline`, and shows its counters on `/metrics`.
+    pub fn with_telemetry(mut self, pipeline: Arc<tally_telemetry::Pipeline>) -> AppState {
+        self.telemetry = Some(pipeline);
+        self
     }
 
     /// Adds scoped tokens (the serve config's `tokens:`) to the admin token.
@@ -112,7 +123,7 @@ pub const DEFAULT_MAX_PENDING_EVENTS: usize = 262_144;
         events::ingest, events::list, events::void, events::voids, usage::ingest_one, usage::ingest_batch,
         meters::list, meters::get, meters::create, meters::delete, meters::query,
         resources::apply, resources::list, resources::get, resources::put, resources::delete,
-        quarantine, metrics, healthz, readyz,
+        quarantine, metrics, healthz, readyz, telemetry::otlp_metrics, telemetry::remote_write,
     ),
     components(schemas(Problem, resources::ApplyResult, resources::ApplyResults, usage::UsageAnswer, usage::Rejected, events::VoidBody)),
     modifiers(&BearerAuth),
@@ -153,6 +164,8 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/meters/{slug}/query", get(meters::query))
         .route("/api/v1/quarantine", get(quarantine))
+        .route("/v1/metrics", post(telemetry::otlp_metrics))
+        .route("/api/v1/write", post(telemetry::remote_write))
         .route("/apis/apply", post(resources::apply))
         .route("/apis/{plural}", get(resources::list))
         .route(
@@ -293,15 +306,19 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     for (kind, n) in &s.kinds {
         let _ = writeln!(out, "tally_resources{{kind=\"{kind}\"}} {n}");
     }
-    let _ = writeln!(
-        out,
-        "# HELP tally_component_received_total Items received by a component.\n# TYPE tally_component_received_total counter"
-    );
-    let _ = writeln!(
-        out,
-        "tally_component_received_total{{component=\"ledger\"}} {}",
-        s.events_accepted_total + s.events_duplicate_total
-    );
+    let ledger_received = s.events_accepted_total + s.events_duplicate_total;
+    if let Some(pipeline) = &state.telemetry {
+        out.push_str(&telemetry::component_metrics(pipeline, ledger_received));
+    } else {
+        let _ = writeln!(
+            out,
+            "# HELP tally_component_received_total Items received by a component.\n# TYPE tally_component_received_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "tally_component_received_total{{component=\"ledger\"}} {ledger_received}"
+        );
+    }
     let _ = writeln!(
         out,
         "# HELP tally_http_requests_total HTTP requests by method, route and status.\n# TYPE tally_http_requests_total counter"

@@ -22,6 +22,7 @@ pub mod exporter;
 pub mod index;
 pub mod otlp;
 pub mod pipeline;
+pub mod remote_write;
 pub mod route;
 pub mod secret;
 pub mod selector;

@@ -112,6 +112,22 @@ fn traffic(i: u64) -> ExportMetricsServiceRequest {
     ])
 }
 
+/// The exporter's status once every sink has sent or dropped all it took.
+async fn settled(
+    pipeline: &Pipeline,
+    namespace: &str,
+    name: &str,
+) -> tally_telemetry::ExporterStatus {
+    let started = std::time::Instant::now();
+    loop {
+        let status = pipeline.status(namespace, name).unwrap();
+        if status.sinks.iter().all(|s| s.points_queued == 0) || started.elapsed() > WAIT {
+            return status;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_the_selected_series_arrive_once_with_the_token_through_faults() {
     let receiver = Receiver::start().await;
@@ -144,7 +160,7 @@ async fn exactly_the_selected_series_arrive_once_with_the_token_through_faults()
     }
     let got = receiver.wait_for_points("a", REQUESTS as usize, WAIT).await;
     assert_eq!(got, REQUESTS as usize);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let status = settled(&pipeline, "ns-a", "e").await;
     receiver.with("a", |e| {
         // Exactly the selected series, each point once.
         let mut seen = BTreeSet::new();
@@ -175,7 +191,6 @@ async fn exactly_the_selected_series_arrive_once_with_the_token_through_faults()
         );
         assert!(e.requests >= e.batch_sizes.len() + 4);
     });
-    let status = pipeline.status("ns-a", "e").unwrap();
     let sink = &status.sinks[0];
     assert_eq!(sink.points_exported, REQUESTS);
     assert_eq!(sink.points_received, REQUESTS);
@@ -223,8 +238,7 @@ async fn permanent_errors_and_partial_success_are_counted_not_retried() {
     // 3 requests of 3 points: the first refused (400), one point of the
     // second refused by partial success, the third whole.
     receiver.wait_for_points("a", 5, WAIT).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let status = pipeline.status("ns-a", "e").unwrap();
+    let status = settled(&pipeline, "ns-a", "e").await;
     let sink = &status.sinks[0];
     assert_eq!(sink.points_exported, 5, "{sink:?}");
     assert_eq!(
@@ -306,6 +320,14 @@ async fn a_dead_sink_does_not_block_a_healthy_one() {
             .wait_for_points(name, 3 * REQUESTS as usize, WAIT)
             .await;
         assert_eq!(got, 3 * REQUESTS as usize, "endpoint {name}");
+    }
+    // The receiver records a batch just before it answers: wait for the
+    // answer to be counted.
+    let started = std::time::Instant::now();
+    while pipeline.status("ns-a", "e").unwrap().sinks[1].points_exported < 3 * REQUESTS
+        && started.elapsed() < WAIT
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let status = pipeline.status("ns-a", "e").unwrap();
     let dead = status.sinks.iter().find(|s| s.name == "dead").unwrap();
@@ -404,8 +426,7 @@ fn the_token_never_reaches_status_logs_or_errors() {
             while receiver.with("a", |e| e.requests) < 2 && started.elapsed() < WAIT {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            let status = pipeline.status("ns-a", "e").unwrap();
+            let status = settled(&pipeline, "ns-a", "e").await;
             let sink = &status.sinks[0];
             assert_eq!(sink.points_dropped["permanent_error"], 3, "{sink:?}");
             let healthy = status
@@ -473,7 +494,8 @@ async fn delta_sinks_get_deltas_and_projects_stay_apart() {
     }
     receiver.wait_for_points("d", 4, WAIT).await;
     receiver.wait_for_points("x", 15, WAIT).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    settled(&pipeline, "ns-a", "e").await;
+    settled(&pipeline, "ns-x", "other").await;
     receiver.with("d", |e| {
         let values: Vec<(i32, f64)> = e.points.iter().map(|p| (p.temporality, p.value)).collect();
         assert_eq!(values, [(1, 1.0); 4]);
