@@ -393,19 +393,17 @@ fn metric_selection<'a>(
     alternatives: &'a [&'a MatcherSet],
 ) -> MetricSelection<impl Fn(&[KeyValue]) -> bool + use<'a>> {
     let name = normalized(&metric.name);
-    let named: Vec<&MatcherSet> = alternatives
-        .iter()
-        .copied()
-        .filter(|set| set.metric_name.iter().all(|m| m.matcher.is_match(&name)))
-        .collect();
+    let named = Named::of(alternatives, |set| {
+        set.metric_name.iter().all(|m| m.matcher.is_match(&name))
+    });
     if named.is_empty() {
         return MetricSelection::None;
     }
-    if named.iter().any(|set| set.attribute.is_empty()) {
+    if named.any(|set| set.attribute.is_empty()) {
         return MetricSelection::All;
     }
     MetricSelection::Points(move |point_attrs: &[KeyValue]| {
-        named.iter().any(|set| {
+        named.any(|set| {
             set.attribute.iter().all(|m| {
                 m.matcher.is_match(&attribute_value(
                     &m.matcher.name,
@@ -415,6 +413,45 @@ fn metric_selection<'a>(
             })
         })
     })
+}
+
+/// The alternatives whose metric name matchers hold, without allocating
+/// when there are at most 64 of them (a bit per alternative).
+enum Named<'a> {
+    Mask(u64, &'a [&'a MatcherSet]),
+    List(Vec<&'a MatcherSet>),
+}
+
+impl<'a> Named<'a> {
+    fn of(alternatives: &'a [&'a MatcherSet], keep: impl Fn(&MatcherSet) -> bool) -> Named<'a> {
+        if alternatives.len() > 64 {
+            return Named::List(alternatives.iter().copied().filter(|s| keep(s)).collect());
+        }
+        let mut mask = 0u64;
+        for (i, set) in alternatives.iter().enumerate() {
+            if keep(set) {
+                mask |= 1 << i;
+            }
+        }
+        Named::Mask(mask, alternatives)
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Named::Mask(mask, _) => *mask == 0,
+            Named::List(list) => list.is_empty(),
+        }
+    }
+
+    fn any(&self, f: impl Fn(&MatcherSet) -> bool) -> bool {
+        match self {
+            Named::Mask(mask, alternatives) => alternatives
+                .iter()
+                .enumerate()
+                .any(|(i, set)| mask & (1 << i) != 0 && f(set)),
+            Named::List(list) => list.iter().any(|set| f(set)),
+        }
+    }
 }
 
 /// The metrics of `rm` that match any alternative, or `None` if none does.

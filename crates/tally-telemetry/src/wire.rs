@@ -71,8 +71,11 @@ impl ResourceCache {
     /// Appends all of `rm` to `out`; the data points appended.
     pub(crate) fn whole(&mut self, rm: &ResourceMetrics, out: &mut Vec<u8>) -> u64 {
         let (bytes, points) = self.whole.get_or_insert_with(|| {
-            let mut bytes = Vec::with_capacity(rm.encoded_len() + 8);
-            prost::encoding::message::encode(REQUEST_RESOURCE_METRICS, rm, &mut bytes);
+            // `message::encode` would compute the (nested) length twice.
+            let len = rm.encoded_len();
+            let mut bytes = Vec::with_capacity(len + 8);
+            length_delimited(REQUEST_RESOURCE_METRICS, len, &mut bytes);
+            rm.encode_raw(&mut bytes);
             let points = rm
                 .scope_metrics
                 .iter()
