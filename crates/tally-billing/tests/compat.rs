@@ -19,32 +19,11 @@ fn python_with_amberflo() -> Result<String, String> {
     if let Ok(python) = std::env::var("TALLY_AMBERFLO_PYTHON") {
         return Ok(python);
     }
-    let venv = std::env::temp_dir().join("tally-billing-amberflo-venv");
-    let python = venv.join("bin/python3");
-    let has_package = |python: &std::path::Path| {
-        std::process::Command::new(python)
-            .args(["-c", "import metering.ingest"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !has_package(&python) {
-        let made = std::process::Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .map_err(|e| format!("python3 -m venv: {e}"))?;
-        if !made.success() {
-            return Err("python3 -m venv failed".into());
-        }
-        let installed = std::process::Command::new(&python)
-            .args(["-m", "pip", "install", "-q", "amberflo-metering-python"])
-            .status()
-            .map_err(|e| format!("pip: {e}"))?;
-        if !installed.success() || !has_package(&python) {
-            return Err("pip install amberflo-metering-python failed".into());
-        }
-    }
-    Ok(python.to_string_lossy().into_owned())
+    support::venv::python_with(
+        "tally-billing-amberflo-venv",
+        &["amberflo-metering-python"],
+        "import metering.ingest",
+    )
 }
 
 /// Uses the package's own `create_ingest_payload` and `IngestApiClient`
@@ -68,17 +47,9 @@ print(client.send(records[:1]))  # same uniqueId: deduplicated
 
 #[tokio::test]
 async fn the_official_python_client_is_accepted_unchanged() {
-    let python = match python_with_amberflo() {
-        Ok(python) => python,
-        Err(why) => {
-            // CI (`.ci/run`) sets this: there the real client must be used.
-            assert!(
-                std::env::var_os("TALLY_REQUIRE_PEERS").is_none(),
-                "amberflo-metering-python is not installable: {why}"
-            );
-            eprintln!("SKIPPED: amberflo-metering-python is not installable here: {why}");
-            return;
-        }
+    let Some(python) = support::venv::or_skip(python_with_amberflo(), "amberflo-metering-python")
+    else {
+        return;
     };
     let server = TestServer::start(support::API_KEY).await;
     let output = tokio::process::Command::new(python)

@@ -69,7 +69,8 @@ pub use encode::{Answer, EncodeError, Encoder, HttpRequest, Item, Secret, Verdic
 pub use metrics::{ComponentKind, ComponentMetrics, Registry};
 pub use queue::{DeadLetter, EnqueueError, QueueError};
 pub use sink::{
-    BatchOutcome, BatchResult, OutcomeHook, ShutdownReport, Sink, SinkBuilder, StartError,
+    AttemptHook, AttemptReport, BatchOutcome, BatchResult, OutcomeHook, ShutdownReport, Sink,
+    SinkBuilder, StartError,
 };
 
 /// Installs the process-wide TLS crypto provider (`ring`) once.

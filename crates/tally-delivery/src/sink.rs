@@ -78,6 +78,28 @@ pub enum BatchResult {
 /// panic in it is caught, logged and counted (`errors_total{stage="outcome_hook"}`).
 pub type OutcomeHook = Arc<dyn Fn(&BatchOutcome) + Send + Sync>;
 
+/// One HTTP attempt at a batch, as told to the attempt hook: enough for a
+/// caller to keep a health status (last error, retries) per sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptReport<'a> {
+    /// Items in the batch.
+    pub items: usize,
+    /// Which attempt this was (1 for the first).
+    pub attempt: u32,
+    /// The answer's status; `None` for a transport error (refused, timeout).
+    pub status: Option<u16>,
+    /// What the answer meant.
+    pub verdict: Verdict,
+    /// Whether the batch will be tried again.
+    pub will_retry: bool,
+    /// The transport error, or the first 4 KiB of the answer's body.
+    pub detail: &'a str,
+}
+
+/// Called after every attempt, on the sink's task: keep it quick. A panic in
+/// it is caught, logged and counted (`errors_total{stage="attempt_hook"}`).
+pub type AttemptHook = Arc<dyn Fn(&AttemptReport<'_>) + Send + Sync>;
+
 /// What [`Sink::shutdown`] left behind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShutdownReport {
@@ -95,6 +117,7 @@ pub struct SinkBuilder<E: Encoder> {
     client: Option<reqwest::Client>,
     registry: Option<Registry>,
     hook: Option<OutcomeHook>,
+    attempt_hook: Option<AttemptHook>,
 }
 
 impl<E: Encoder> SinkBuilder<E> {
@@ -114,6 +137,12 @@ impl<E: Encoder> SinkBuilder<E> {
     /// Calls `hook` with the outcome of every batch.
     pub fn on_outcome(mut self, hook: impl Fn(&BatchOutcome) + Send + Sync + 'static) -> Self {
         self.hook = Some(Arc::new(hook));
+        self
+    }
+
+    /// Calls `hook` after every HTTP attempt (delivered, retried or given up).
+    pub fn on_attempt(mut self, hook: impl Fn(&AttemptReport<'_>) + Send + Sync + 'static) -> Self {
+        self.attempt_hook = Some(Arc::new(hook));
         self
     }
 
@@ -148,6 +177,7 @@ impl<E: Encoder> SinkBuilder<E> {
             client,
             config: self.config,
             hook: self.hook,
+            attempt_hook: self.attempt_hook,
             shutdown: shutdown_rx,
             draining: false,
         };
@@ -206,6 +236,7 @@ impl Sink {
             client: None,
             registry: None,
             hook: None,
+            attempt_hook: None,
         }
     }
 
@@ -337,6 +368,7 @@ struct Driver<E> {
     client: reqwest::Client,
     config: SinkConfig,
     hook: Option<OutcomeHook>,
+    attempt_hook: Option<AttemptHook>,
     shutdown: watch::Receiver<bool>,
     draining: bool,
 }
@@ -368,6 +400,29 @@ fn gzip(body: &[u8]) -> std::io::Result<Vec<u8>> {
     );
     encoder.write_all(body)?;
     encoder.finish()
+}
+
+/// `text` without the values of `headers` marked sensitive (nor their
+/// credentials without the scheme, as in `Bearer <token>`).
+fn scrub_secrets(text: &str, headers: &reqwest::header::HeaderMap) -> String {
+    let mut secrets: Vec<&str> = Vec::new();
+    for value in headers.values().filter(|v| v.is_sensitive()) {
+        if let Ok(value) = value.to_str() {
+            secrets.push(value);
+            if let Some((_, credentials)) = value.split_once(' ') {
+                secrets.push(credentials.trim());
+            }
+        }
+    }
+    secrets.retain(|s| !s.is_empty());
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    let mut text = text.to_owned();
+    for secret in secrets {
+        if text.contains(secret) {
+            text = text.replace(secret, "[redacted]");
+        }
+    }
+    text
 }
 
 async fn read_capped(
@@ -511,7 +566,8 @@ impl<E: Encoder> Driver<E> {
         Attempt {
             verdict,
             status: Some(status.as_u16()),
-            detail: String::from_utf8_lossy(shown).into_owned(),
+            // A careless endpoint may echo credentials in its answer.
+            detail: scrub_secrets(&String::from_utf8_lossy(shown), &request.headers),
             retry_after,
         }
     }
@@ -550,6 +606,22 @@ impl<E: Encoder> Driver<E> {
         loop {
             attempts += 1;
             let attempt = self.attempt(&request, &body).await;
+            let delay = match attempt.retry_after {
+                Some(asked) => asked.min(retry.max_retry_after),
+                None => full_jitter(backoff_ceiling(retry, attempts)),
+            };
+            let give_up = if attempts >= retry.max_attempts.max(1) {
+                "out of attempts"
+            } else if retry
+                .max_elapsed
+                .is_some_and(|max| started.elapsed() + delay > max)
+            {
+                "out of time"
+            } else {
+                ""
+            };
+            let will_retry = attempt.verdict == Verdict::Retryable && give_up.is_empty();
+            self.report_attempt(items.len(), attempts, &attempt, will_retry);
             match attempt.verdict {
                 Verdict::Delivered { rejected } => {
                     return self.delivered(entries, rejected).await;
@@ -560,21 +632,9 @@ impl<E: Encoder> Driver<E> {
                         .await;
                 }
                 Verdict::Retryable => {
-                    if attempts >= retry.max_attempts.max(1) {
+                    if !will_retry {
                         return self
-                            .dead_letter(entries, items, "out of attempts", &attempt, attempts)
-                            .await;
-                    }
-                    let delay = match attempt.retry_after {
-                        Some(asked) => asked.min(retry.max_retry_after),
-                        None => full_jitter(backoff_ceiling(retry, attempts)),
-                    };
-                    if retry
-                        .max_elapsed
-                        .is_some_and(|max| started.elapsed() + delay > max)
-                    {
-                        return self
-                            .dead_letter(entries, items, "out of time", &attempt, attempts)
+                            .dead_letter(entries, items, give_up, &attempt, attempts)
                             .await;
                     }
                     self.metrics.add_retry();
@@ -588,6 +648,24 @@ impl<E: Encoder> Driver<E> {
                     );
                     tokio::time::sleep(delay).await;
                 }
+            }
+        }
+    }
+
+    fn report_attempt(&self, items: usize, attempt: u32, last: &Attempt, will_retry: bool) {
+        if let Some(hook) = &self.attempt_hook {
+            let report = AttemptReport {
+                items,
+                attempt,
+                status: last.status,
+                verdict: last.verdict,
+                will_retry,
+                detail: &last.detail,
+            };
+            let call = std::panic::AssertUnwindSafe(|| hook(&report));
+            if std::panic::catch_unwind(call).is_err() {
+                self.metrics.add_error("attempt_hook");
+                tracing::error!(sink = %self.config.id, "the attempt hook panicked");
             }
         }
     }

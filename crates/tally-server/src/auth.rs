@@ -175,9 +175,14 @@ enum Access {
 
 fn access(method: &Method, route: &str) -> Access {
     match (method, route) {
-        (&Method::POST, "/api/v1/events" | "/v1/usage/events" | "/v1/usage/events:batchIngest") => {
-            Access::Ingest
-        }
+        (
+            &Method::POST,
+            "/api/v1/events"
+            | "/v1/usage/events"
+            | "/v1/usage/events:batchIngest"
+            | "/v1/metrics"
+            | "/api/v1/write",
+        ) => Access::Ingest,
         (&Method::GET, "/api/v1/events" | "/api/v1/meters/{slug}/query") => Access::ReadUsage,
         // The catalog (meter definitions, resource types) is cluster-scoped
         // and readable by every caller.

@@ -9,12 +9,7 @@ use crate::problem::Problem;
 
 /// The decoded body, refusing more than `limit` bytes after decompression.
 pub fn decode(headers: &HeaderMap, body: Bytes, limit: usize) -> Result<Bytes, Problem> {
-    let encoding = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("identity")
-        .trim()
-        .to_ascii_lowercase();
+    let encoding = content_encoding(headers).unwrap_or_else(|| "identity".to_owned());
     let too_large = || {
         Problem::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -52,6 +47,14 @@ pub fn decode(headers: &HeaderMap, body: Bytes, limit: usize) -> Result<Bytes, P
             format!("Content-Encoding {other:?} is not supported; use gzip, zstd or none"),
         )),
     }
+}
+
+/// The `Content-Encoding` of a request, lower case, if it has one.
+pub fn content_encoding(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_ascii_lowercase())
 }
 
 /// The media type of a request, lower case, without parameters.

@@ -8,10 +8,12 @@ mod auth;
 mod body;
 mod config;
 mod events;
+mod exporters;
 mod meters;
 mod problem;
 mod query;
 mod resources;
+mod telemetry;
 mod usage;
 mod watch;
 
@@ -57,6 +59,8 @@ pub struct AppState {
     registry: Registry,
     /// The ledger's (received, stored) totals already added to its component.
     ledger_seen: Arc<Mutex<(u64, u64)>>,
+    /// The exporters' pipeline fed by `/v1/metrics` and `/api/v1/write`.
+    telemetry: Option<Arc<tally_telemetry::Pipeline>>,
 }
 
 impl AppState {
@@ -73,6 +77,7 @@ impl AppState {
             status_sources: Arc::default(),
             registry: Registry::new(),
             ledger_seen: Arc::default(),
+            telemetry: None,
         }
     }
 
@@ -101,6 +106,16 @@ impl AppState {
         let mut sources = (*self.status_sources).clone();
         sources.push(source);
         self.status_sources = Arc::new(sources);
+        self
+    }
+
+    /// Feeds the metrics receivers (`/v1/metrics`, `/api/v1/write`) into
+    /// `pipeline`, and shows its counters on `/metrics`: the pipeline's
+    /// registry becomes the server's (build the pipeline with
+    /// [`AppState::registry`] to share one).
+    pub fn with_telemetry(mut self, pipeline: Arc<tally_telemetry::Pipeline>) -> AppState {
+        self.registry = pipeline.registry().clone();
+        self.telemetry = Some(pipeline);
         self
     }
 
@@ -155,7 +170,7 @@ pub const DEFAULT_MAX_PENDING_EVENTS: usize = 262_144;
         meters::list, meters::get, meters::create, meters::delete, meters::query,
         resources::apply, resources::list, resources::get, resources::put, resources::delete,
         resources::get_namespaced, resources::put_namespaced, resources::delete_namespaced,
-        quarantine, metrics, healthz, readyz,
+        quarantine, metrics, healthz, readyz, telemetry::otlp_metrics, telemetry::remote_write,
     ),
     components(schemas(Problem, resources::ApplyResult, resources::ApplyResults, usage::UsageAnswer, usage::Rejected, events::VoidBody)),
     modifiers(&BearerAuth),
@@ -196,6 +211,8 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/meters/{slug}/query", get(meters::query))
         .route("/api/v1/quarantine", get(quarantine))
+        .route("/v1/metrics", post(telemetry::otlp_metrics))
+        .route("/api/v1/write", post(telemetry::remote_write))
         .route("/apis/apply", post(resources::apply))
         .route("/apis/{plural}", get(resources::list))
         .route(
@@ -428,8 +445,29 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .context("opening the store")?
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
     let resources: Arc<dyn ResourceStore> = Arc::new(ledger.resources());
+    let registry = Registry::new();
+    let options = tally_telemetry::PipelineOptions {
+        storage: tally_telemetry::QueueStorage::Disk {
+            dir: config.data_dir.join("exporter-queues"),
+            sync: false,
+        },
+        ..tally_telemetry::PipelineOptions::default()
+    };
+    let pipeline = Arc::new(
+        tally_telemetry::Pipeline::new(registry.clone(), options)
+            .context("starting the exporters' pipeline")?,
+    );
+    let exporters = tokio::spawn(exporters::follow(
+        Arc::clone(&resources),
+        Arc::clone(&pipeline),
+    ));
     let state = AppState::new(Arc::new(ledger), config.max_body_bytes, None)
+        .with_registry(registry)
         .with_resources(resources)
+        .with_telemetry(Arc::clone(&pipeline))
+        .with_status_source(Arc::new(exporters::ExporterStatusSource(Arc::clone(
+            &pipeline,
+        ))))
         .with_tokens(config.token.as_deref(), &config.tokens)
         .map_err(|e| anyhow::anyhow!("tokens: {e}"))?
         .with_max_pending_events(config.max_pending_events);
@@ -458,6 +496,8 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     if let Some(watcher) = watcher {
         watcher.abort();
     }
+    exporters.abort();
+    pipeline.shutdown().await;
     tracing::info!("stopped");
     Ok(())
 }

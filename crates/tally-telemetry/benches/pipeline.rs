@@ -7,20 +7,23 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use prost::Message as _;
+use tally_delivery::Registry;
 use tally_model::Manifest;
 use tally_telemetry::otlp::{data_point_count, decode_metrics_request, encode_metrics_request};
 use tally_telemetry::proto::collector::metrics::v1::ExportMetricsServiceRequest;
-use tally_telemetry::proto::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
+use tally_telemetry::proto::common::v1::InstrumentationScope;
 use tally_telemetry::proto::metrics::v1::{
     AggregationTemporality, Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, Sum,
     metric::Data, number_data_point,
 };
 use tally_telemetry::proto::resource::v1::Resource;
 use tally_telemetry::{
-    Compression, Encoding, Exporter, InMemoryResourceIndex, ResourceRef, Router,
+    Compression, Encoding, Exporter, InMemoryResourceIndex, Pipeline, PipelineOptions,
+    ResourceIndex, ResourceRef, Router, Secrets, Snapshot,
 };
 
 struct Counting;
@@ -47,17 +50,9 @@ const METRICS_PER_RESOURCE: usize = 10;
 const POINTS_PER_METRIC: usize = 5;
 const GW: &str = "gateway.networking.k8s.io";
 
-fn kv(key: &str, value: &str) -> KeyValue {
-    KeyValue {
-        key: key.into(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(value.into())),
-        }),
-        ..Default::default()
-    }
-}
+use tally_telemetry::otlp::string_attribute as kv;
 
-fn exporter(i: usize) -> Exporter {
+fn exporter_manifest(i: usize, endpoint: &str, batch: &str) -> Manifest {
     let ns = format!("ns-{}", i % NAMESPACES);
     let metrics = match i % 10 {
         0..=3 => format!(
@@ -73,9 +68,13 @@ fn exporter(i: usize) -> Exporter {
         _ => "{metricsql: ''}".to_owned(),
     };
     let text = format!(
-        "apiVersion: telemetry.datumapis.com/v1alpha1\nkind: Exporter\nmetadata: {{name: e{i}, namespace: {ns}}}\nspec:\n  sources: [{{name: s, metrics: {metrics}}}]\n  sinks: [{{name: k, otlp_http: {{endpoint: 'http://127.0.0.1:4318'}}}}]\n"
+        "apiVersion: telemetry.datumapis.com/v1alpha1\nkind: Exporter\nmetadata: {{name: e{i}, namespace: {ns}}}\nspec:\n  sources: [{{name: s, metrics: {metrics}}}]\n  sinks: [{{name: k, otlp_http: {{endpoint: '{endpoint}'}}, batch: {batch}}}]\n"
     );
-    Exporter::from_manifest(&Manifest::parse_documents(&text).expect("yaml")[0]).expect("valid")
+    Manifest::parse_documents(&text).expect("yaml").remove(0)
+}
+
+fn exporter(i: usize) -> Exporter {
+    Exporter::from_manifest(&exporter_manifest(i, "http://127.0.0.1:4318", "{}")).expect("valid")
 }
 
 fn index() -> InMemoryResourceIndex {
@@ -285,4 +284,193 @@ fn main() {
         Compression::Gzip,
         10,
     );
+
+    let decoded: Vec<ExportMetricsServiceRequest> = bodies
+        .iter()
+        .map(|b| decode_metrics_request(b, Encoding::Protobuf, None, usize::MAX).expect("decode"))
+        .collect();
+    encoded_runs(&bodies, &decoded, &router, &index, points_per_request);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(pipeline_runs(&decoded, points_per_request));
+}
+
+/// The selection written straight to protobuf ([`Router::route_encoded`]),
+/// with and without decoding the request first.
+fn encoded_runs(
+    bodies: &[Vec<u8>],
+    decoded: &[ExportMetricsServiceRequest],
+    router: &Router,
+    index: &InMemoryResourceIndex,
+    points_per_request: usize,
+) {
+    for (label, decode) in [
+        ("select+encode (borrowed)", false),
+        ("decode→select+encode", true),
+    ] {
+        let (mut out_points, mut out_bytes, mut requests) = (0u64, 0usize, 0usize);
+        let begin = Instant::now();
+        while begin.elapsed().as_secs_f64() < 2.0 {
+            for (body, request) in bodies.iter().zip(decoded) {
+                let owned;
+                let request = if decode {
+                    owned = decode_metrics_request(body, Encoding::Protobuf, None, usize::MAX)
+                        .expect("decode");
+                    &owned
+                } else {
+                    request
+                };
+                let (routes, _) = router.route_encoded(request, index);
+                for r in &routes {
+                    out_points += r.points;
+                    out_bytes += r.bytes.len();
+                }
+                requests += 1;
+            }
+        }
+        let elapsed = begin.elapsed().as_secs_f64();
+        println!(
+            "{label:<28} {:>12.0} points/s in   {:>12.0} points/s out   {:>7.1} MB/s out",
+            (requests * points_per_request) as f64 / elapsed,
+            out_points as f64 / elapsed,
+            out_bytes as f64 / elapsed / 1e6,
+        );
+    }
+}
+
+/// A loopback OTLP endpoint answering 200 at once, noting when each
+/// request arrived; and one that accepts connections and never answers.
+async fn endpoints() -> (String, String, Arc<Mutex<Vec<Instant>>>) {
+    let arrivals: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let seen = Arc::clone(&arrivals);
+    let app = axum::Router::new().route(
+        "/v1/metrics",
+        axum::routing::post(move |_body: axum::body::Bytes| {
+            let seen = Arc::clone(&seen);
+            async move {
+                seen.lock().expect("lock").push(Instant::now());
+                ""
+            }
+        }),
+    );
+    let live = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let live_url = format!("http://{}", live.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(live, app).await });
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let dead_url = format!("http://{}", dead.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = dead.accept().await {
+            held.push(socket);
+        }
+    });
+    (live_url, dead_url, arrivals)
+}
+
+fn pipeline_snapshot(exporters: Vec<Manifest>) -> Snapshot {
+    let index: Arc<dyn ResourceIndex> = Arc::new(index());
+    Snapshot {
+        exporters,
+        secrets: Secrets::new(),
+        index,
+    }
+}
+
+/// The exporters' runtime: `Pipeline::ingest` on the calling thread (the
+/// ingestion path) with 100 exporters, memory per queued point, and the
+/// latency a point gains from `ingest` to a loopback endpoint.
+async fn pipeline_runs(decoded: &[ExportMetricsServiceRequest], points_per_request: usize) {
+    let (live, dead, arrivals) = endpoints().await;
+    let manifests = |endpoint: &str, batch: &str| -> Vec<Manifest> {
+        (0..100)
+            .map(|i| exporter_manifest(i, endpoint, batch))
+            .collect()
+    };
+    // 1. ingest throughput, sinks to a dead endpoint with roomy queues.
+    let options = PipelineOptions {
+        handoff_capacity: 1 << 20,
+        queue_max_batches: 1 << 20,
+        queue_max_bytes: 8 << 30,
+        request_timeout: Duration::from_secs(600),
+        ..PipelineOptions::default()
+    };
+    let pipeline = Pipeline::new(Registry::new(), options).expect("pipeline");
+    pipeline.update(pipeline_snapshot(manifests(
+        &dead,
+        "{maxSize: 100000, timeout: 600s}",
+    )));
+    let before = LIVE.load(Ordering::Relaxed);
+    let (mut handed, mut requests) = (0u64, 0usize);
+    let begin = Instant::now();
+    let mut latencies = Vec::new();
+    while begin.elapsed().as_secs_f64() < 2.0 {
+        for request in decoded {
+            let started = Instant::now();
+            handed += pipeline.ingest(request).handed;
+            latencies.push(started.elapsed());
+            requests += 1;
+        }
+    }
+    let elapsed = begin.elapsed().as_secs_f64();
+    latencies.sort();
+    println!(
+        "{:<28} {:>12.0} points/s in   {:>12.0} points/s to sinks   ingest() p50 {:?} p99 {:?} per request of {points_per_request} points",
+        "Pipeline::ingest",
+        (requests * points_per_request) as f64 / elapsed,
+        handed as f64 / elapsed,
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() * 99 / 100],
+    );
+    // Let the sinks' tasks take every share into their queues.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = LIVE.load(Ordering::Relaxed);
+    let queued: u64 = (0..100)
+        .filter_map(|i| pipeline.status(&format!("ns-{}", i % NAMESPACES), &format!("e{i}")))
+        .flat_map(|s| s.sinks)
+        .map(|s| s.points_queued)
+        .sum();
+    println!(
+        "memory: {:.0} bytes per queued point ({queued} points queued in 100 sinks)",
+        after.saturating_sub(before) as f64 / queued.max(1) as f64
+    );
+    drop(pipeline);
+    // 2. latency from ingest to a loopback endpoint, batching off.
+    let pipeline = Pipeline::new(Registry::new(), PipelineOptions::default()).expect("pipeline");
+    pipeline.update(pipeline_snapshot(vec![exporter_manifest(
+        9,
+        &live,
+        "{enabled: false}",
+    )]));
+    let mut added = Vec::new();
+    for request in decoded.iter().cycle().take(400) {
+        let seen = arrivals.lock().expect("lock").len();
+        let started = Instant::now();
+        if pipeline.ingest(request).handed == 0 {
+            continue;
+        }
+        loop {
+            if let Some(at) = arrivals.lock().expect("lock").get(seen) {
+                added.push(at.duration_since(started));
+                break;
+            }
+            tokio::time::sleep(Duration::from_micros(50)).await;
+        }
+    }
+    added.sort();
+    if !added.is_empty() {
+        println!(
+            "latency ingest → loopback endpoint (batching off, protobuf+gzip): p50 {:?} p99 {:?} ({} requests)",
+            added[added.len() / 2],
+            added[added.len() * 99 / 100],
+            added.len()
+        );
+    }
+    pipeline.shutdown().await;
 }

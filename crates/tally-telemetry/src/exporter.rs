@@ -245,6 +245,9 @@ pub struct Condition {
     pub message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<u64>,
+    /// The sink a per-sink condition (`SinkHealthy`) is about.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sink: Option<String>,
 }
 
 /// The `Accepted` condition for a validation outcome.
@@ -263,6 +266,7 @@ pub fn accepted_condition(
                 exporter.sinks.len()
             ),
             observed_generation: generation,
+            sink: None,
         },
         Err(invalid) => Condition {
             kind: "Accepted".into(),
@@ -270,6 +274,7 @@ pub fn accepted_condition(
             reason: invalid.reason().as_str().into(),
             message: invalid.message(),
             observed_generation: generation,
+            sink: None,
         },
     }
 }

@@ -21,11 +21,14 @@ pub mod delta;
 pub mod exporter;
 pub mod index;
 pub mod otlp;
+pub mod pipeline;
+pub mod remote_write;
 pub mod route;
 pub mod secret;
 pub mod selector;
 pub mod spec;
 pub mod victoria;
+mod wire;
 
 pub use delta::DeltaConverter;
 pub use exporter::{
@@ -34,5 +37,9 @@ pub use exporter::{
 };
 pub use index::{InMemoryResourceIndex, NamespaceInfo, ResourceIndex, ResourceRef};
 pub use opentelemetry_proto::tonic as proto;
-pub use route::{RouteStats, Routed, Router};
+pub use pipeline::{
+    DropReason, ExporterStatus, IngestReport, Pipeline, PipelineError, PipelineOptions,
+    QueueStorage, Secrets, SinkStatus, Snapshot, UpdateReport,
+};
+pub use route::{EncodedRoute, RouteStats, Routed, Router};
 pub use secret::{SecretStore, SecretValue, resolve_headers};

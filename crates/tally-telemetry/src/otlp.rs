@@ -12,6 +12,7 @@ use flate2::write::GzEncoder;
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsPartialSuccess, ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use prost::Message as _;
 
 use crate::exporter::{Compression, Encoding};
@@ -249,6 +250,17 @@ fn bounded(mut message: String) -> String {
         message.push('…');
     }
     message
+}
+
+/// A string-valued attribute.
+pub fn string_attribute(key: &str, value: &str) -> KeyValue {
+    KeyValue {
+        key: key.to_owned(),
+        value: Some(AnyValue {
+            value: Some(any_value::Value::StringValue(value.to_owned())),
+        }),
+        ..Default::default()
+    }
 }
 
 /// The number of data points in a request.

@@ -24,6 +24,7 @@ use opentelemetry_proto::tonic::metrics::v1::{
 use crate::exporter::{Exporter, ResourceSelector, Selection};
 use crate::index::{NamespaceInfo, ResourceIndex, ResourceRef};
 use crate::selector::{IDENTITY_LABELS, LabelPlace, Labels, MatcherSet, PlacedMatcher};
+use crate::wire;
 
 const PROJECT: usize = 0;
 const NAMESPACE: usize = 1;
@@ -47,6 +48,8 @@ pub struct RouteStats {
     pub unknown_namespace: u64,
     /// Resources whose `project` attribute disagrees with their namespace's project.
     pub project_mismatch: u64,
+    /// Data points of all those resources: no exporter may ever see them.
+    pub unattributed_points: u64,
 }
 
 /// Routes requests to a fixed set of exporters. Build a new router when
@@ -97,21 +100,102 @@ impl Router {
         request: &ExportMetricsServiceRequest,
         index: &dyn ResourceIndex,
     ) -> (Vec<Routed>, RouteStats) {
-        let mut stats = RouteStats::default();
         let mut outputs: Vec<Option<ExportMetricsServiceRequest>> =
             vec![None; self.exporters.len()];
+        let stats = self.walk(request, index, |_, rm, attrs, i, verdict| {
+            let selected = match verdict {
+                Verdict::Nothing => return,
+                Verdict::Everything => Some(rm.clone()),
+                Verdict::Matching(alternatives) => select_metrics(rm, attrs, &alternatives),
+            };
+            if let Some(selected) = selected {
+                outputs[i]
+                    .get_or_insert_with(ExportMetricsServiceRequest::default)
+                    .resource_metrics
+                    .push(selected);
+            }
+        });
+        let routed = outputs
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, request)| {
+                request.map(|request| Routed {
+                    exporter: Arc::clone(&self.exporters[i]),
+                    request,
+                })
+            })
+            .collect();
+        (routed, stats)
+    }
+
+    /// Like [`Router::route`], but writes every exporter's selection straight
+    /// to the protobuf wire form of an `ExportMetricsServiceRequest`, from the
+    /// borrowed request: nothing is cloned, and a resource or metric selected
+    /// whole is encoded once however many exporters take it. The answer holds
+    /// one [`EncodedRoute`] per exporter that receives something, in exporter
+    /// order; decoding its bytes gives what [`Router::route`] gives.
+    pub fn route_encoded(
+        &self,
+        request: &ExportMetricsServiceRequest,
+        index: &dyn ResourceIndex,
+    ) -> (Vec<EncodedRoute>, RouteStats) {
+        let mut outputs: Vec<Option<EncodedRoute>> = Vec::new();
+        outputs.resize_with(self.exporters.len(), || None);
+        let mut cache = wire::ResourceCache::default();
+        let mut current = usize::MAX;
+        let stats = self.walk(request, index, |r, rm, attrs, i, verdict| {
+            if r != current {
+                cache.reset();
+                current = r;
+            }
+            let out = outputs[i].get_or_insert_with(|| EncodedRoute {
+                exporter: i,
+                bytes: Vec::new(),
+                points: 0,
+            });
+            match verdict {
+                Verdict::Nothing => {}
+                Verdict::Everything => {
+                    out.points += cache.whole(rm, &mut out.bytes);
+                }
+                Verdict::Matching(alternatives) => {
+                    out.points += cache.selected(rm, &mut out.bytes, |metric| {
+                        metric_selection(metric, attrs, &alternatives)
+                    });
+                }
+            }
+        });
+        let routed = outputs
+            .into_iter()
+            .flatten()
+            .filter(|o| o.points > 0)
+            .collect();
+        (routed, stats)
+    }
+
+    /// Visits, for every resource of `request` and every exporter that may
+    /// see it, what that exporter selects of it.
+    fn walk<'r, 's>(
+        &'s self,
+        request: &'r ExportMetricsServiceRequest,
+        index: &dyn ResourceIndex,
+        mut visit: impl FnMut(usize, &'r ResourceMetrics, &'r [KeyValue], usize, Verdict<'s>),
+    ) -> RouteStats {
+        let mut stats = RouteStats::default();
         // Project of each widening exporter's namespace, looked up once per call.
         let mut widening_projects: HashMap<usize, Option<Arc<str>>> = HashMap::new();
         let mut candidates = Vec::new();
-        for rm in &request.resource_metrics {
+        for (r, rm) in request.resource_metrics.iter().enumerate() {
             let attrs = rm.resource.as_ref().map_or(&[][..], |r| &r.attributes[..]);
             let identity = Identity::of(attrs);
             let Some(namespace) = identity.get(NAMESPACE) else {
                 stats.without_namespace += 1;
+                stats.unattributed_points += resource_point_count(rm);
                 continue;
             };
             let Some(ns_info) = index.namespace(namespace) else {
                 stats.unknown_namespace += 1;
+                stats.unattributed_points += resource_point_count(rm);
                 continue;
             };
             if identity
@@ -119,6 +203,7 @@ impl Router {
                 .is_some_and(|p| p != &*ns_info.project)
             {
                 stats.project_mismatch += 1;
+                stats.unattributed_points += resource_point_count(rm);
                 continue;
             }
             candidates.clear();
@@ -148,33 +233,33 @@ impl Router {
                 resource_labels: None,
             };
             for &i in &candidates {
-                let exporter = &self.exporters[i];
-                let verdict = view.verdict(exporter);
-                let selected = match verdict {
-                    Verdict::Nothing => continue,
-                    Verdict::Everything => Some(rm.clone()),
-                    Verdict::Matching(alternatives) => select_metrics(rm, attrs, &alternatives),
-                };
-                if let Some(selected) = selected {
-                    outputs[i]
-                        .get_or_insert_with(ExportMetricsServiceRequest::default)
-                        .resource_metrics
-                        .push(selected);
-                }
+                let verdict = view.verdict(&self.exporters[i]);
+                visit(r, rm, attrs, i, verdict);
             }
         }
-        let routed = outputs
-            .into_iter()
-            .enumerate()
-            .filter_map(|(i, request)| {
-                request.map(|request| Routed {
-                    exporter: Arc::clone(&self.exporters[i]),
-                    request,
-                })
-            })
-            .collect();
-        (routed, stats)
+        stats
     }
+}
+
+/// One exporter's selection of a request, encoded (see [`Router::route_encoded`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedRoute {
+    /// The exporter's position in [`Router::exporters`].
+    pub exporter: usize,
+    /// An `ExportMetricsServiceRequest` in protobuf. Concatenating two such
+    /// encodings gives the request holding both selections.
+    pub bytes: Vec<u8>,
+    /// The data points it holds.
+    pub points: u64,
+}
+
+fn resource_point_count(rm: &ResourceMetrics) -> u64 {
+    rm.scope_metrics
+        .iter()
+        .flat_map(|sm| &sm.metrics)
+        .filter_map(|m| m.data.as_ref())
+        .map(|d| data_point_count(d) as u64)
+        .sum()
 }
 
 /// Identity labels of a resource, read from its attributes.
@@ -291,6 +376,84 @@ impl ResourceView<'_> {
     }
 }
 
+/// What an exporter takes of one metric.
+pub(crate) enum MetricSelection<K> {
+    /// Nothing.
+    None,
+    /// Every data point.
+    All,
+    /// The data points whose attributes pass the filter.
+    Points(K),
+}
+
+/// What the alternatives select of `metric` (of a resource with `resource_attrs`).
+fn metric_selection<'a>(
+    metric: &Metric,
+    resource_attrs: &'a [KeyValue],
+    alternatives: &'a [&'a MatcherSet],
+) -> MetricSelection<impl Fn(&[KeyValue]) -> bool + use<'a>> {
+    let name = normalized(&metric.name);
+    let named = Named::of(alternatives, |set| {
+        set.metric_name.iter().all(|m| m.matcher.is_match(&name))
+    });
+    if named.is_empty() {
+        return MetricSelection::None;
+    }
+    if named.any(|set| set.attribute.is_empty()) {
+        return MetricSelection::All;
+    }
+    MetricSelection::Points(move |point_attrs: &[KeyValue]| {
+        named.any(|set| {
+            set.attribute.iter().all(|m| {
+                m.matcher.is_match(&attribute_value(
+                    &m.matcher.name,
+                    point_attrs,
+                    resource_attrs,
+                ))
+            })
+        })
+    })
+}
+
+/// The alternatives whose metric name matchers hold, without allocating
+/// when there are at most 64 of them (a bit per alternative).
+enum Named<'a> {
+    Mask(u64, &'a [&'a MatcherSet]),
+    List(Vec<&'a MatcherSet>),
+}
+
+impl<'a> Named<'a> {
+    fn of(alternatives: &'a [&'a MatcherSet], keep: impl Fn(&MatcherSet) -> bool) -> Named<'a> {
+        if alternatives.len() > 64 {
+            return Named::List(alternatives.iter().copied().filter(|s| keep(s)).collect());
+        }
+        let mut mask = 0u64;
+        for (i, set) in alternatives.iter().enumerate() {
+            if keep(set) {
+                mask |= 1 << i;
+            }
+        }
+        Named::Mask(mask, alternatives)
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            Named::Mask(mask, _) => *mask == 0,
+            Named::List(list) => list.is_empty(),
+        }
+    }
+
+    fn any(&self, f: impl Fn(&MatcherSet) -> bool) -> bool {
+        match self {
+            Named::Mask(mask, alternatives) => alternatives
+                .iter()
+                .enumerate()
+                .any(|(i, set)| mask & (1 << i) != 0 && f(set)),
+            Named::List(list) => list.iter().any(|set| f(set)),
+        }
+    }
+}
+
 /// The metrics of `rm` that match any alternative, or `None` if none does.
 fn select_metrics(
     rm: &ResourceMetrics,
@@ -301,29 +464,13 @@ fn select_metrics(
     for sm in &rm.scope_metrics {
         let mut metrics = Vec::new();
         for metric in &sm.metrics {
-            let name = normalized(&metric.name);
-            let named: Vec<&MatcherSet> = alternatives
-                .iter()
-                .copied()
-                .filter(|set| set.metric_name.iter().all(|m| m.matcher.is_match(&name)))
-                .collect();
-            if named.is_empty() {
-                continue;
-            }
-            if named.iter().any(|set| set.attribute.is_empty()) {
-                metrics.push(metric.clone());
-                continue;
-            }
-            let keep = |point_attrs: &[KeyValue]| {
-                named.iter().any(|set| {
-                    set.attribute.iter().all(|m| {
-                        m.matcher.is_match(&attribute_value(
-                            &m.matcher.name,
-                            point_attrs,
-                            resource_attrs,
-                        ))
-                    })
-                })
+            let keep = match metric_selection(metric, resource_attrs, alternatives) {
+                MetricSelection::None => continue,
+                MetricSelection::All => {
+                    metrics.push(metric.clone());
+                    continue;
+                }
+                MetricSelection::Points(keep) => keep,
             };
             if let Some(data) = metric.data.as_ref().and_then(|d| filter_data(d, keep)) {
                 metrics.push(Metric {

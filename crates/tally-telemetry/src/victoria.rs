@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::metrics::v1::{
     Gauge, Metric, NumberDataPoint, ResourceMetrics, ScopeMetrics, metric::Data, number_data_point,
 };
@@ -209,7 +209,7 @@ pub fn series_to_request(series: &[ExportedSeries]) -> ExportMetricsServiceReque
             .filter(|(k, _)| {
                 k.as_str() != METRIC_NAME_LABEL && !IDENTITY_LABELS.contains(&k.as_str())
             })
-            .map(|(k, v)| string_kv(k, v))
+            .map(|(k, v)| crate::otlp::string_attribute(k, v))
             .collect();
         let data_points = s
             .timestamps
@@ -235,7 +235,10 @@ pub fn series_to_request(series: &[ExportedSeries]) -> ExportMetricsServiceReque
             .into_iter()
             .map(|(identity, metrics)| ResourceMetrics {
                 resource: Some(Resource {
-                    attributes: identity.iter().map(|(k, v)| string_kv(k, v)).collect(),
+                    attributes: identity
+                        .iter()
+                        .map(|(k, v)| crate::otlp::string_attribute(k, v))
+                        .collect(),
                     ..Default::default()
                 }),
                 scope_metrics: vec![ScopeMetrics {
@@ -245,16 +248,6 @@ pub fn series_to_request(series: &[ExportedSeries]) -> ExportMetricsServiceReque
                 schema_url: String::new(),
             })
             .collect(),
-    }
-}
-
-fn string_kv(key: &str, value: &str) -> KeyValue {
-    KeyValue {
-        key: key.to_owned(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(value.to_owned())),
-        }),
-        ..Default::default()
     }
 }
 

@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use common::*;
 use proptest::prelude::*;
+use prost::Message as _;
 use tally_model::Manifest;
+use tally_telemetry::proto::collector::metrics::v1::ExportMetricsServiceRequest;
 use tally_telemetry::proto::common::v1::any_value;
 use tally_telemetry::{Exporter, InMemoryResourceIndex, Router};
 
@@ -147,7 +149,16 @@ proptest! {
                 resource_metrics(&who, vec![gauge("m", vec![number_point(vec![], 0, 1, r as i64)])])
             })
             .collect();
-        let (routed, _) = router.route(&request(resources), &index);
+        let request = request(resources);
+        let (routed, _) = router.route(&request, &index);
+        // The encoding router selects exactly the same, byte for byte decodable.
+        let (encoded, _) = router.route_encoded(&request, &index);
+        prop_assert_eq!(encoded.len(), routed.len());
+        for (e, r) in encoded.iter().zip(&routed) {
+            prop_assert_eq!(&router.exporters()[e.exporter].key, &r.exporter.key);
+            let decoded = ExportMetricsServiceRequest::decode(&e.bytes[..]).unwrap();
+            prop_assert_eq!(&decoded, &r.request);
+        }
         let mut got: BTreeMap<String, BTreeSet<usize>> = BTreeMap::new();
         for r in &routed {
             let entry = got.entry(r.exporter.key.name.clone()).or_default();

@@ -81,6 +81,18 @@ fn routed_series(
     index: &InMemoryResourceIndex,
 ) -> Vec<Vec<(String, String, String)>> {
     let (routed, _) = router.route(&traffic(), index);
+    // The encoding router selects the same, point for point, attribute for attribute.
+    let (encoded, _) = router.route_encoded(&traffic(), index);
+    assert_eq!(encoded.len(), routed.len());
+    for (e, r) in encoded.iter().zip(&routed) {
+        assert_eq!(router.exporters()[e.exporter].key, r.exporter.key);
+        let decoded = ExportMetricsServiceRequest::decode(&e.bytes[..]).unwrap();
+        assert_eq!(decoded, r.request);
+        assert_eq!(
+            e.points as usize,
+            tally_telemetry::otlp::data_point_count(&r.request)
+        );
+    }
     let mut by_exporter: Vec<_> = routed
         .iter()
         .map(|r| (r.exporter.key.name.clone(), series(&r.request)))

@@ -20,6 +20,8 @@
 
 #![allow(dead_code)]
 
+pub mod venv;
+
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::io::Read as _;
 use std::str::FromStr;

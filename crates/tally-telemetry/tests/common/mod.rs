@@ -3,7 +3,7 @@
 
 use tally_telemetry::InMemoryResourceIndex;
 use tally_telemetry::proto::collector::metrics::v1::ExportMetricsServiceRequest;
-use tally_telemetry::proto::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
+use tally_telemetry::proto::common::v1::{InstrumentationScope, KeyValue, any_value};
 use tally_telemetry::proto::metrics::v1::{
     AggregationTemporality, Gauge, Histogram, HistogramDataPoint, Metric, NumberDataPoint,
     ResourceMetrics, ScopeMetrics, Sum, metric::Data, number_data_point,
@@ -11,13 +11,7 @@ use tally_telemetry::proto::metrics::v1::{
 use tally_telemetry::proto::resource::v1::Resource;
 
 pub fn kv(key: &str, value: &str) -> KeyValue {
-    KeyValue {
-        key: key.into(),
-        value: Some(AnyValue {
-            value: Some(any_value::Value::StringValue(value.into())),
-        }),
-        ..Default::default()
-    }
+    tally_telemetry::otlp::string_attribute(key, value)
 }
 
 pub fn attrs(pairs: &[(&str, &str)]) -> Vec<KeyValue> {

@@ -1,0 +1,81 @@
+//! Wires the exporters' pipeline to the resource store: every change of an
+//! `Exporter`, a `Secret`, a `Namespace` or a labelled platform resource
+//! hands the pipeline a new snapshot (unchanged sinks keep their queues;
+//! a rotated secret is used from the next request on), and an Exporter's
+//! `status` is the pipeline's.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+use tally_ledger::{ResourceSet, ResourceStore};
+use tally_model::secret::secret_data;
+use tally_model::{Kind, KindClass, Manifest};
+use tally_telemetry::{InMemoryResourceIndex, Pipeline, SecretValue, Secrets, Snapshot};
+
+use crate::StatusSource;
+
+/// What the pipeline needs of the stored resources.
+pub fn snapshot(set: &ResourceSet) -> Snapshot {
+    let exporters: Vec<Manifest> = set
+        .list(Kind::Exporter, None)
+        .map(|m| (**m).clone())
+        .collect();
+    let mut secrets = Secrets::new();
+    for manifest in set.list(Kind::Secret, None) {
+        let (Some(namespace), Ok(data)) = (&manifest.metadata.namespace, secret_data(manifest))
+        else {
+            continue;
+        };
+        secrets.insert(
+            namespace.clone(),
+            manifest.metadata.name.clone(),
+            data.into_iter()
+                .map(|(key, value)| (key, SecretValue::new(value)))
+                .collect(),
+        );
+    }
+    let mut index = InMemoryResourceIndex::new();
+    for kind in Kind::ALL
+        .into_iter()
+        .filter(|k| k.class() == KindClass::Platform)
+    {
+        for manifest in set.list(kind, None) {
+            // Only namespaces and namespaced resources are indexed; a
+            // cluster-scoped one (GatewayClass) has no project.
+            if let Err(e) = index.apply(manifest) {
+                tracing::debug!(error = %e, "not indexed for exporters");
+            }
+        }
+    }
+    Snapshot {
+        exporters,
+        secrets,
+        index: Arc::new(index),
+    }
+}
+
+/// Keeps `pipeline` in step with `store` until the store goes away.
+pub async fn follow(store: Arc<dyn ResourceStore>, pipeline: Arc<Pipeline>) {
+    let mut changes = store.subscribe();
+    loop {
+        let report = pipeline.update(snapshot(&store.snapshot()));
+        tracing::debug!(?report, "exporters updated");
+        if changes.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// An Exporter's status, from the pipeline.
+pub struct ExporterStatusSource(pub Arc<Pipeline>);
+
+impl StatusSource for ExporterStatusSource {
+    fn status(&self, manifest: &Manifest) -> Option<Value> {
+        if manifest.kind != Kind::Exporter.as_str() {
+            return None;
+        }
+        let namespace = manifest.metadata.namespace.as_deref()?;
+        let status = self.0.status(namespace, &manifest.metadata.name)?;
+        serde_json::to_value(status).ok()
+    }
+}

@@ -1,0 +1,174 @@
+//! Metrics receivers feeding the exporters' pipeline: OTLP/HTTP
+//! `POST /v1/metrics` (protobuf or JSON, gzip or zstd) and Prometheus
+//! remote-write 1.0 `POST /api/v1/write` (snappy protobuf).
+//!
+//! Both need the `ingest` or `admin` scope. Without a pipeline
+//! ([`crate::AppState::with_telemetry`]) both answer `404`. What a receiver
+//! takes is routed in-stream to every exporter that selects it; the answer
+//! never waits on a sink. Data points of resources no exporter can ever see
+//! (no `namespace` resource attribute, an unknown namespace, a `project`
+//! attribute that is not the namespace's) are refused: OTLP answers them as
+//! a partial success.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use prost::Message as _;
+use tally_delivery::ComponentKind;
+use tally_telemetry::otlp::{self, JSON_CONTENT_TYPE, PROTOBUF_CONTENT_TYPE};
+use tally_telemetry::proto::collector::metrics::v1::{
+    ExportMetricsPartialSuccess, ExportMetricsServiceResponse,
+};
+use tally_telemetry::{Encoding, IngestReport, Pipeline, remote_write};
+
+use crate::AppState;
+use crate::body;
+use crate::problem::Problem;
+
+fn pipeline(state: &AppState) -> Result<&Pipeline, Problem> {
+    state.telemetry.as_deref().ok_or_else(|| {
+        Problem::new(
+            StatusCode::NOT_FOUND,
+            "this server has no telemetry pipeline: metrics receivers are off",
+        )
+    })
+}
+
+/// Counts what a receiver took in its `source` component: data points
+/// received, passed to the pipeline, and dropped (`unattributed`, and
+/// `native_histogram` for what remote-write cannot convert).
+fn count_source(pipeline: &Pipeline, id: &str, report: &IngestReport, native_histograms: u64) {
+    let source = pipeline.registry().component(ComponentKind::Source, id);
+    let unattributed = report.route.unattributed_points;
+    source.add_received(report.points + native_histograms);
+    source.add_sent(report.points - unattributed);
+    for (reason, n) in [
+        ("unattributed", unattributed),
+        ("native_histogram", native_histograms),
+    ] {
+        if n > 0 {
+            source.add_dropped(reason, n);
+        }
+    }
+}
+
+/// The partial success of an ingest, if anything was refused.
+fn partial_success(report: &IngestReport) -> Option<ExportMetricsPartialSuccess> {
+    let refused = report.route.unattributed_points;
+    (refused > 0).then(|| ExportMetricsPartialSuccess {
+        rejected_data_points: i64::try_from(refused).unwrap_or(i64::MAX),
+        error_message: format!(
+            "{refused} data point(s) refused: their resource has no `namespace` attribute ({}), a namespace Tally does not know ({}), or a `project` attribute that is not its namespace's ({})",
+            report.route.without_namespace,
+            report.route.unknown_namespace,
+            report.route.project_mismatch
+        ),
+    })
+}
+
+/// Receive OTLP metrics.
+///
+/// The OTLP/HTTP metrics receiver: an `ExportMetricsServiceRequest` in
+/// protobuf (`application/x-protobuf`) or JSON (`application/json`),
+/// optionally gzip or zstd encoded. The answer is an
+/// `ExportMetricsServiceResponse` in the request's encoding;
+/// `partialSuccess` counts the data points refused because their resource
+/// cannot be attributed to a namespace of a project.
+#[utoipa::path(
+    post, path = "/v1/metrics", tag = "telemetry",
+    request_body(description = "OTLP ExportMetricsServiceRequest",
+        content((String = "application/x-protobuf"), (Object = "application/json"))),
+    responses(
+        (status = 200, description = "Accepted (see `partialSuccess` for refused data points)",
+            content((String = "application/x-protobuf"), (Object = "application/json"))),
+        (status = 400, description = "The body is not an OTLP metrics request", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No telemetry pipeline on this server", body = Problem, content_type = "application/problem+json"),
+        (status = 415, description = "Unsupported Content-Type or Content-Encoding", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn otlp_metrics(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, Problem> {
+    let pipeline = pipeline(&state)?;
+    let media_type = body::media_type(&headers);
+    let encoding = otlp::encoding_of_content_type(&media_type)
+        .map_err(|e| Problem::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, e.to_string()))?;
+    let raw = body::decode(&headers, body, state.max_body_bytes)?;
+    let request = otlp::decode_metrics_request(&raw, encoding, None, state.max_body_bytes)
+        .map_err(|e| Problem::bad_request(e.to_string()))?;
+    let report = pipeline.ingest(&request);
+    count_source(pipeline, "otlp_http_metrics", &report, 0);
+    let answer = ExportMetricsServiceResponse {
+        partial_success: partial_success(&report),
+    };
+    let (content_type, body) = match encoding {
+        Encoding::Protobuf => (PROTOBUF_CONTENT_TYPE, answer.encode_to_vec()),
+        Encoding::Json => (
+            JSON_CONTENT_TYPE,
+            serde_json::to_vec(&answer).map_err(|e| {
+                Problem::new(StatusCode::INTERNAL_SERVER_ERROR, format!("answer: {e}"))
+            })?,
+        ),
+    };
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
+        body,
+    )
+        .into_response())
+}
+
+/// Receive Prometheus remote-write.
+///
+/// Prometheus remote-write 1.0: a snappy-compressed protobuf
+/// `WriteRequest`. Series become OTLP metrics (counters as cumulative
+/// monotonic sums, the rest as gauges; identity labels such as `namespace`
+/// as resource attributes) and go to the exporters. Native histograms are
+/// not supported: they are counted as dropped, and the rest is accepted.
+#[utoipa::path(
+    post, path = "/api/v1/write", tag = "telemetry",
+    request_body(description = "snappy-compressed prometheus.WriteRequest", content((String = "application/x-protobuf"))),
+    responses(
+        (status = 204, description = "Accepted"),
+        (status = 400, description = "The body is not a snappy-compressed WriteRequest", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No telemetry pipeline on this server", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The decompressed body is larger than the limit", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn remote_write(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, Problem> {
+    let pipeline = pipeline(&state)?;
+    let encoding = body::content_encoding(&headers).unwrap_or_else(|| "snappy".to_owned());
+    if encoding != "snappy" {
+        return Err(Problem::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "Content-Encoding {encoding:?} is not supported; remote-write bodies are snappy"
+            ),
+        ));
+    }
+    let write =
+        remote_write::decode_write_request(&body, state.max_body_bytes).map_err(|e| match e {
+            remote_write::RemoteWriteError::TooLarge { .. } => {
+                Problem::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
+            }
+            e => Problem::bad_request(e.to_string()),
+        })?;
+    let converted = remote_write::to_otlp(&write);
+    let report = pipeline.ingest(&converted.request);
+    count_source(
+        pipeline,
+        "prometheus_remote_write",
+        &report,
+        converted.rejected_histograms,
+    );
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
