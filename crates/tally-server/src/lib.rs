@@ -5,6 +5,7 @@
 //! `/readyz` and `/openapi.json` (generated from the handlers' annotations).
 
 mod auth;
+pub mod billing;
 mod body;
 mod config;
 mod events;
@@ -31,7 +32,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use utoipa::OpenApi;
 
 pub use auth::{Principal, Scope, TokenConfig};
-pub use config::ServeConfig;
+pub use config::{BillingServeConfig, ServeConfig};
 pub use problem::Problem;
 pub use resources::StatusSource;
 
@@ -51,6 +52,8 @@ pub struct AppState {
     /// Every kind outside the meter catalog; `None`: only the catalog is kept.
     resources: Option<Arc<dyn ResourceStore>>,
     status_sources: Arc<Vec<Arc<dyn StatusSource>>>,
+    /// The billing forwarder's runtime, when it runs in this server.
+    billing: Option<tally_billing::runtime::BillingHandle>,
 }
 
 impl AppState {
@@ -65,7 +68,16 @@ impl AppState {
             max_pending_events: DEFAULT_MAX_PENDING_EVENTS,
             resources: None,
             status_sources: Arc::default(),
+            billing: None,
         }
+    }
+
+    /// Serves the billing API (`/api/v1/billing/*`) and metrics from
+    /// `handle`, and shows each BillingSink's forwarding status.
+    pub fn with_billing(self, handle: tally_billing::runtime::BillingHandle) -> AppState {
+        let mut state = self.with_status_source(Arc::new(handle.clone()));
+        state.billing = Some(handle);
+        state
     }
 
     /// Keeps the resources outside the meter catalog (billing, exporters,
@@ -136,8 +148,9 @@ pub const DEFAULT_MAX_PENDING_EVENTS: usize = 262_144;
         resources::apply, resources::list, resources::get, resources::put, resources::delete,
         resources::get_namespaced, resources::put_namespaced, resources::delete_namespaced,
         quarantine, metrics, healthz, readyz,
+        billing::status, billing::dead_letters, billing::retry_dead_letter, billing::reconcile, billing::changes,
     ),
-    components(schemas(Problem, resources::ApplyResult, resources::ApplyResults, usage::UsageAnswer, usage::Rejected, events::VoidBody)),
+    components(schemas(billing::BillingStatus, billing::DeadLetters, billing::Reconciliation, Problem, resources::ApplyResult, resources::ApplyResults, usage::UsageAnswer, usage::Rejected, events::VoidBody)),
     modifiers(&BearerAuth),
 )]
 struct ApiDoc;
@@ -175,6 +188,14 @@ pub fn router(state: AppState) -> Router {
             get(meters::get).delete(meters::delete),
         )
         .route("/api/v1/meters/{slug}/query", get(meters::query))
+        .route("/api/v1/meters/{slug}/changes", get(billing::changes))
+        .route("/api/v1/billing/status", get(billing::status))
+        .route("/api/v1/billing/deadletters", get(billing::dead_letters))
+        .route(
+            "/api/v1/billing/deadletters/{sink}/{id}/retry",
+            post(billing::retry_dead_letter),
+        )
+        .route("/api/v1/billing/reconcile", get(billing::reconcile))
         .route("/api/v1/quarantine", get(quarantine))
         .route("/apis/apply", post(resources::apply))
         .route("/apis/{plural}", get(resources::list))
@@ -343,6 +364,9 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             );
         }
     }
+    if let Some(billing) = &state.billing {
+        out.push_str(&billing.render_metrics());
+    }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 
@@ -408,11 +432,29 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .context("opening the store")?
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
     let resources: Arc<dyn ResourceStore> = Arc::new(ledger.resources());
-    let state = AppState::new(Arc::new(ledger), config.max_body_bytes, None)
+    let billing_dir = ledger.data_dir().join("billing");
+    let ledger: Arc<dyn Ledger> = Arc::new(ledger);
+    let (stop_billing, billing_stopped) = tokio::sync::watch::channel(false);
+    let billing = config.billing.enabled.then(|| {
+        billing::start(
+            Arc::clone(&ledger),
+            Arc::clone(&resources),
+            billing::BillingOptions {
+                dir: billing_dir,
+                pass_interval: config.billing.pass_interval(),
+            },
+            billing_stopped,
+        )
+    });
+    let mut state = AppState::new(ledger, config.max_body_bytes, None)
         .with_resources(resources)
         .with_tokens(config.token.as_deref(), &config.tokens)
         .map_err(|e| anyhow::anyhow!("tokens: {e}"))?
         .with_max_pending_events(config.max_pending_events);
+    let billing_task = billing.map(|(handle, task)| {
+        state = state.clone().with_billing(handle);
+        task
+    });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
@@ -428,11 +470,16 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("serving HTTP")?;
+    let _ = stop_billing.send(true);
+    if let Some(task) = billing_task {
+        let _ = task.await;
+    }
     tracing::info!("stopped");
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {

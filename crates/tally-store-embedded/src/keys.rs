@@ -7,6 +7,7 @@
 //! | `rollups`    | meter generation (u64 BE), level (u8), subject (u16 len + bytes), bucket start s (i64 BE, sign flipped), groups | [`tally_meter::AggState`] |
 //! | `quarantine` | meter (u16 len + bytes; empty = no meter), seq (u64 BE)    | JSON [`QuarantineEntry`] |
 //! | `voids`      | seq (u64 BE) of the voided event                           | JSON [`tally_ledger::VoidRecord`] |
+//! | `void_order` | void ordinal (u64 BE, 0, 1, ... in recording order)        | seq (u64 BE) of the voided event |
 //! | `catalog`    | kind `/` name                                              | manifest JSON |
 //! | `meta`       | `meter/<name>`                                             | JSON [`MeterState`] |
 

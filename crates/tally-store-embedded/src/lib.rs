@@ -7,6 +7,7 @@
 //! disagree, even after `kill -9`. Reads run concurrently on snapshots of the
 //! committed state.
 
+mod changes;
 mod keys;
 mod read;
 mod resources;
@@ -24,9 +25,9 @@ use futures::future::BoxFuture;
 use jiff::{SignedDuration, Timestamp};
 use serde_json::json;
 use tally_ledger::{
-    Applied, ApplyMode, Catalog, EventFilter, EventPage, IngestOutcome, Ledger, LedgerError,
-    LedgerStats, MeterQuery, QuarantineFilter, QuarantinePage, QueryResult, ResourceStore,
-    VoidOutcome, VoidPage, VoidRequest,
+    Applied, ApplyMode, Catalog, ChangeCursor, ChangePage, EventFilter, EventPage, IngestOutcome,
+    Ledger, LedgerError, LedgerStats, MeterQuery, QuarantineFilter, QuarantinePage, QueryResult,
+    ResourceStore, VoidOutcome, VoidPage, VoidRequest,
 };
 use tally_model::{CloudEvent, EventError, Kind, KindClass, Manifest, error_code, field_error};
 use tokio::sync::{mpsc, oneshot};
@@ -84,6 +85,8 @@ pub(crate) struct Keyspaces {
     pub rollups: Keyspace,
     pub quarantine: Keyspace,
     pub voids: Keyspace,
+    /// Voids in the order they were recorded (see [`changes`]).
+    pub void_order: Keyspace,
     pub catalog: Keyspace,
     pub meta: Keyspace,
 }
@@ -218,6 +221,7 @@ impl EmbeddedLedger {
             rollups: open_keyspace(&db, "rollups")?,
             quarantine: open_keyspace(&db, "quarantine")?,
             voids: open_keyspace(&db, "voids")?,
+            void_order: open_keyspace(&db, "void_order")?,
             catalog: open_keyspace(&db, "catalog")?,
             meta: open_keyspace(&db, "meta")?,
         };
@@ -248,6 +252,7 @@ impl EmbeddedLedger {
         for item in keyspaces.voids.iter() {
             voided.insert(keys::read_u64(&item.key()?)?);
         }
+        changes::order_unordered_voids(&db, &keyspaces)?;
         let shared = Arc::new(Shared {
             voided: RwLock::new(voided),
             db,
@@ -432,6 +437,15 @@ impl Ledger for EmbeddedLedger {
         cursor: Option<String>,
     ) -> BoxFuture<'_, Result<VoidPage, LedgerError>> {
         Box::pin(self.read(move |shared| read::list_voids(shared, limit, cursor.as_deref())))
+    }
+
+    fn changes(
+        &self,
+        meter: String,
+        cursor: ChangeCursor,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<ChangePage, LedgerError>> {
+        Box::pin(self.read(move |shared| changes::changes(shared, &meter, cursor, limit)))
     }
 
     fn stats(&self) -> LedgerStats {
