@@ -239,7 +239,7 @@ async fn forwarding_is_exact_through_faults_kills_late_events_and_voids() {
     let log = work.path().join("serve.log");
     std::fs::write(&config, "billing: {passIntervalSeconds: 0.2}\n").unwrap();
     let api = Api {
-        http: reqwest::Client::new(),
+        http: tally_delivery::client_builder().build().unwrap(),
     };
     let mut outputs = String::new();
 
@@ -364,18 +364,34 @@ async fn forwarding_is_exact_through_faults_kills_late_events_and_voids() {
     server = serve(&data, &config, &log);
     wait_equal(&api, &server.base, &provider, t0, end).await;
 
-    // Every record was acknowledged; nothing counted twice.
-    let (status, body) = api.get(&server.base, "/api/v1/billing/status").await;
-    assert_eq!(status, 200, "{body}");
-    outputs.push_str(&body);
-    let report: Value = serde_json::from_str(&body).unwrap();
-    let amberflo = report["sinks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["sink"] == "amberflo")
-        .unwrap()
-        .clone();
+    // The provider holds it all; once its answers are checkpointed nothing
+    // is pending and nothing was counted twice.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (report, amberflo) = loop {
+        let (status, body) = api.get(&server.base, "/api/v1/billing/status").await;
+        assert_eq!(status, 200, "{body}");
+        let report: Value = serde_json::from_str(&body).unwrap();
+        let amberflo = report["sinks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["sink"] == "amberflo")
+            .cloned()
+            .unwrap_or_default();
+        let meters = amberflo["status"]["meters"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if meters.len() == METERS.len() && meters.iter().all(|m| m["recordsPending"] == 0) {
+            outputs.push_str(&body);
+            break (report, amberflo);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "records still pending: {amberflo}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     assert_eq!(amberflo["ready"], true, "{amberflo}");
     let odd = report["sinks"]
         .as_array()
@@ -453,9 +469,92 @@ async fn forwarding_is_exact_through_faults_kills_late_events_and_voids() {
     drop(server);
     let logs = std::fs::read_to_string(&log).unwrap();
     assert!(logs.contains("dead-lettered"), "the log was captured");
+    // A kill landed while records were planned and unanswered.
+    assert!(
+        logs.contains("re-queueing unanswered billing records"),
+        "{logs}"
+    );
     assert!(
         !logs.contains(API_KEY),
         "the API key is in the server's log"
     );
     assert!(!outputs.contains(API_KEY), "the API key is in an output");
+}
+
+/// `tally forward` on its own, against a server that does not forward
+/// (`billing.enabled: false`), to an OpenMeter endpoint: the second adapter.
+/// The key comes from a file; a late event is corrected by the next run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tally_forward_alone_sends_openmeter_events_exactly() {
+    let provider = TestServer::start(API_KEY).await;
+    provider.push_faults([Fault::Status(503, None), Fault::Status(429, Some(0))]);
+    let work = tempfile::tempdir().unwrap();
+    let config = work.path().join("tally.yaml");
+    std::fs::write(&config, "billing: {enabled: false}\n").unwrap();
+    let log = work.path().join("serve.log");
+    let server = serve(&work.path().join("data"), &config, &log);
+    let api = Api {
+        http: tally_delivery::client_builder().build().unwrap(),
+    };
+    let now = Timestamp::now();
+    let t0 = Timestamp::from_second(now.as_second().div_euclid(60) * 60 - 3 * 60).unwrap();
+    let end = t0 + 180.seconds();
+    let yaml = manifests(&provider.url, t0)
+        .replace("provider: amberflo", "provider: openmeter")
+        .replace("name: amberflo}", "name: om}");
+    let file = work.path().join("billing.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let (ok, text) = cli(&server.base, &["apply", "-f", file.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    let events: Vec<Value> = (0..24u64)
+        .map(|i| {
+            let (project, _) = PROJECTS[i as usize % 4];
+            let (meter, _) = METERS[i as usize % 2];
+            let time = t0 + ((i as i64 % 3) * 60 + 5).seconds();
+            event(&format!("f{i}"), meter, project, time, 10 + i)
+        })
+        .collect();
+    let (status, body) = api
+        .post(&server.base, "/api/v1/events", &json!(events))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = api.get(&server.base, "/api/v1/billing/status").await;
+    assert_eq!(status, 501, "the server does not forward: {body}");
+
+    let key_file = work.path().join("om.key");
+    std::fs::write(&key_file, format!("{API_KEY}\n")).unwrap();
+    let forward = |base: &str| {
+        cli(
+            base,
+            &[
+                "forward",
+                "--sink",
+                "om",
+                "--once",
+                "--data-dir",
+                work.path().join("forward").to_str().unwrap(),
+                "--api-key-file",
+                key_file.to_str().unwrap(),
+            ],
+        )
+    };
+    let (ok, first) = forward(&server.base);
+    assert!(ok, "{first}");
+    assert_eq!(
+        nonzero(provider.sums()),
+        api.ledger_totals(&server.base, t0, end).await
+    );
+
+    // Into a record already sent (acct-a, first window, region eu).
+    let late = vec![event("late", "requests", "p1", t0 + 30.seconds(), 1000)];
+    let (status, body) = api.post(&server.base, "/api/v1/events", &json!(late)).await;
+    assert_eq!(status, 200, "{body}");
+    let (ok, second) = forward(&server.base);
+    assert!(ok, "{second}");
+    assert_eq!(
+        nonzero(provider.sums()),
+        api.ledger_totals(&server.base, t0, end).await
+    );
+    assert!(second.contains("\"correctionsSent\": 1"), "{second}");
+    assert!(!first.contains(API_KEY) && !second.contains(API_KEY));
 }
