@@ -441,14 +441,14 @@ impl Forwarder {
                 sink: self.config.sink.name.clone(),
                 message: format!("reading dead letters: {e}"),
             })?;
-        let mut next_id = self
+        let first_id = self
             .store
             .next_dead_letter_id()
             .map_err(|e| self.progress_error(e))?;
         let mut answers = Vec::new();
         let mut records = Vec::new();
         let mut delivered_ids = Vec::new();
-        for (id, keys) in std::mem::take(&mut self.dead) {
+        for (letter_id, (id, keys)) in (first_id..).zip(std::mem::take(&mut self.dead)) {
             let letter = letters.iter().find(|l| l.id == id);
             let items: Vec<UsageRecord> = letter
                 .map(|l| {
@@ -459,7 +459,7 @@ impl Forwarder {
                 })
                 .unwrap_or_default();
             records.push(DeadLetterRecord {
-                id: next_id,
+                id: letter_id,
                 at: letter.map_or_else(Timestamp::now, |l| l.at),
                 reason: letter.map_or_else(|| "refused".to_owned(), |l| l.reason.clone()),
                 status: letter.and_then(|l| l.status),
@@ -469,7 +469,6 @@ impl Forwarder {
                 attempts: letter.map_or(0, |l| l.attempts),
                 records: items,
             });
-            next_id += 1;
             delivered_ids.push(id);
             answers.extend(keys.into_iter().map(|k| (k, RevisionState::DeadLettered)));
         }

@@ -9,7 +9,7 @@ use futures::future::BoxFuture;
 use jiff::tz::TimeZone;
 use tally_ledger::{ChangeCursor, Ledger, LedgerError, MeterQuery};
 
-use crate::source::{Changes, SourceError, UsageQuery, UsageSource, UsageTotal};
+use crate::source::{Changes, SourceError, UsageQuery, UsageSource, UsageTotal, follow_changes};
 
 /// Rows per query page.
 const PAGE: usize = 10_000;
@@ -112,23 +112,16 @@ impl UsageSource for LedgerUsageSource {
     ) -> BoxFuture<'_, Result<Changes, SourceError>> {
         let meter = meter.to_owned();
         Box::pin(async move {
-            let mut changes = Changes {
-                times: Vec::new(),
-                cursor,
-            };
-            for _ in 0..CHANGES_PAGES {
-                let page = self
-                    .ledger
-                    .changes(meter.clone(), changes.cursor, CHANGES_PAGE)
-                    .await
-                    .map_err(|e| source_error(&meter, e))?;
-                changes.times.extend(page.times);
-                changes.cursor = page.next;
-                if !page.more {
-                    break;
+            follow_changes(cursor, CHANGES_PAGES, |at| {
+                let meter = meter.clone();
+                async move {
+                    self.ledger
+                        .changes(meter.clone(), at, CHANGES_PAGE)
+                        .await
+                        .map_err(|e| source_error(&meter, e))
                 }
-            }
-            Ok(changes)
+            })
+            .await
         })
     }
 }

@@ -50,6 +50,7 @@ pub use progress::{DeadLetterRecord, ProgressError, RevisionState};
 pub use record::{KeyError, RecordKey, UsageRecord};
 pub use source::{
     ChangeCursor, Changes, MemoryUsageSource, SourceError, UsageQuery, UsageSource, UsageTotal,
+    follow_changes,
 };
 pub use tally_delivery::Secret;
 /// Attribution lives in the model: the ledger's queries use it too.

@@ -69,6 +69,32 @@ pub trait UsageSource: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<Changes, SourceError>>;
 }
 
+/// Follows a change feed from `cursor`, page by page (`fetch` reads one
+/// page), for at most `pages` pages: the rest is read next time.
+pub async fn follow_changes<F, Fut>(
+    cursor: ChangeCursor,
+    pages: usize,
+    mut fetch: F,
+) -> Result<Changes, SourceError>
+where
+    F: FnMut(ChangeCursor) -> Fut,
+    Fut: std::future::Future<Output = Result<tally_ledger::ChangePage, SourceError>>,
+{
+    let mut changes = Changes {
+        times: Vec::new(),
+        cursor,
+    };
+    for _ in 0..pages.max(1) {
+        let page = fetch(changes.cursor).await?;
+        changes.times.extend(page.times);
+        changes.cursor = page.next;
+        if !page.more {
+            break;
+        }
+    }
+    Ok(changes)
+}
+
 /// Group values of a meter.
 type Dimensions = BTreeMap<String, String>;
 

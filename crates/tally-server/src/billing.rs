@@ -309,3 +309,43 @@ pub async fn changes(
     let limit = p.number("limit")?.unwrap_or(10_000);
     Ok(Json(state.ledger.changes(slug, cursor, limit).await?))
 }
+
+/// Splits the samples of metric family `name` out of a Prometheus text
+/// exposition: (its sample lines, the text without the family).
+pub fn take_family(text: &str, name: &str) -> (Vec<String>, String) {
+    let mut samples = Vec::new();
+    let mut rest = String::with_capacity(text.len());
+    for line in text.lines() {
+        let of_family = line
+            .strip_prefix("# HELP ")
+            .or_else(|| line.strip_prefix("# TYPE "))
+            .unwrap_or(line)
+            .split(['{', ' '])
+            .next()
+            == Some(name);
+        if !of_family {
+            rest.push_str(line);
+            rest.push('\n');
+        } else if !line.starts_with('#') {
+            samples.push(line.to_owned());
+        }
+    }
+    (samples, rest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_family_is_taken_out_whole() {
+        let text = "# HELP a_total A.\n# TYPE a_total counter\na_total{x=\"1\"} 1\n\
+                    # HELP a_total_more B.\n# TYPE a_total_more gauge\na_total_more 2\n";
+        let (samples, rest) = take_family(text, "a_total");
+        assert_eq!(samples, vec!["a_total{x=\"1\"} 1"]);
+        assert_eq!(
+            rest,
+            "# HELP a_total_more B.\n# TYPE a_total_more gauge\na_total_more 2\n"
+        );
+    }
+}

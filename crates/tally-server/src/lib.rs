@@ -352,6 +352,17 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         "tally_component_received_total{{component=\"ledger\"}} {}",
         s.events_accepted_total + s.events_duplicate_total
     );
+    // One family is one group: the billing sinks' samples of this family
+    // join the ledger's here.
+    let billing = state
+        .billing
+        .as_ref()
+        .map(|b| billing::take_family(&b.render_metrics(), "tally_component_received_total"));
+    if let Some((samples, _)) = &billing {
+        for line in samples {
+            let _ = writeln!(out, "{line}");
+        }
+    }
     let _ = writeln!(
         out,
         "# HELP tally_http_requests_total HTTP requests by method, route and status.\n# TYPE tally_http_requests_total counter"
@@ -364,8 +375,8 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             );
         }
     }
-    if let Some(billing) = &state.billing {
-        out.push_str(&billing.render_metrics());
+    if let Some((_, rest)) = &billing {
+        out.push_str(rest);
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }

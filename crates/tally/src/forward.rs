@@ -19,6 +19,7 @@ use tally_billing::runtime::{
 };
 use tally_billing::{
     BillingSink, ChangeCursor, Changes, SourceError, UsageQuery, UsageSource, UsageTotal,
+    follow_changes,
 };
 use tally_client::{MeterQueryParams, TallyClient};
 use tally_delivery::Registry;
@@ -129,23 +130,16 @@ impl UsageSource for HttpUsageSource {
     ) -> BoxFuture<'_, Result<Changes, SourceError>> {
         let meter = meter.to_owned();
         Box::pin(async move {
-            let mut changes = Changes {
-                times: Vec::new(),
-                cursor,
-            };
-            for _ in 0..20 {
-                let page = self
-                    .client
-                    .meter_changes(&meter, changes.cursor, 50_000)
-                    .await
-                    .map_err(|e| SourceError(format!("meter {meter:?}: {e}")))?;
-                changes.times.extend(page.times);
-                changes.cursor = page.next;
-                if !page.more {
-                    break;
+            follow_changes(cursor, 20, |at| {
+                let meter = meter.clone();
+                async move {
+                    self.client
+                        .meter_changes(&meter, at, 50_000)
+                        .await
+                        .map_err(|e| SourceError(format!("meter {meter:?}: {e}")))
                 }
-            }
-            Ok(changes)
+            })
+            .await
         })
     }
 }

@@ -9,9 +9,8 @@
 //! answer.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use jiff::{Timestamp, ToSpan};
@@ -30,46 +29,28 @@ const PROJECTS: [(&str, &str); 4] = [
 const METERS: [(&str, &str); 2] = [("requests", "gw-requests"), ("bytes", "gw-bytes")];
 const WINDOWS: i64 = 8;
 
-/// A `tally serve` child whose stderr (its log) goes to a file.
-struct Server {
-    child: Child,
-    base: String,
-}
+#[allow(dead_code)] // `spawn` is used here, not `serve`.
+mod common;
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::Server;
 
+/// `tally serve` with a config file, its log (stderr) appended to `log`.
 fn serve(dir: &Path, config: &Path, log: &Path) -> Server {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tally"));
+    command
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
         .arg(config)
         .arg("--data-dir")
         .arg(dir)
         .env("TALLY_TOKEN", TOKEN)
         .env("RUST_LOG", "info,tally_billing=trace,tally_delivery=trace")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .unwrap();
-    let mut reader = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    reader.read_line(&mut line).unwrap();
-    std::thread::spawn(move || std::io::copy(&mut reader, &mut std::io::sink()));
-    let base = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_owned();
-    Server { child, base }
+        .stderr(Stdio::from(log));
+    common::spawn(command)
 }
 
 /// Runs the CLI against `base`; returns (success, stdout + stderr).
@@ -128,7 +109,7 @@ fn manifests(provider_url: &str, t0: Timestamp) -> String {
 }
 
 fn event(id: &str, meter: &str, project: &str, time: Timestamp, value: u64) -> Value {
-    let region = if value % 2 == 0 { "eu" } else { "us" };
+    let region = if value.is_multiple_of(2) { "eu" } else { "us" };
     json!({"specversion": "1.0", "id": id, "source": "e2e", "type": format!("gw/{meter}"),
            "subject": format!("projects/{project}"), "time": time.to_string(),
            "data": {"value": value.to_string(), "dimensions": {"region": region}}})
@@ -216,16 +197,25 @@ async fn wait_equal(api: &Api, base: &str, server: &TestServer, from: Timestamp,
     }
 }
 
+/// One sink's entry in a `sinks` list (null when absent).
+fn sink_of(answer: &Value, name: &str) -> Value {
+    answer["sinks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|s| s["sink"] == name)
+        .cloned()
+        .unwrap_or_default()
+}
+
 async fn dead_letter_ids(api: &Api, base: &str) -> Vec<u64> {
     let (status, body) = api.get(base, "/api/v1/billing/deadletters").await;
     assert_eq!(status, 200, "{body}");
     let answer: Value = serde_json::from_str(&body).unwrap();
-    answer["sinks"]
+    sink_of(&answer, "amberflo")["deadLetters"]
         .as_array()
-        .unwrap()
-        .iter()
-        .filter(|s| s["sink"] == "amberflo")
-        .flat_map(|s| s["deadLetters"].as_array().cloned().unwrap_or_default())
+        .into_iter()
+        .flatten()
         .map(|l| l["id"].as_u64().unwrap())
         .collect()
 }
@@ -246,6 +236,13 @@ async fn forwarding_is_exact_through_faults_kills_late_events_and_voids() {
     let now = Timestamp::now();
     let t0 = Timestamp::from_second(now.as_second().div_euclid(60) * 60 - WINDOWS * 60).unwrap();
     let end = t0 + (WINDOWS * 60).seconds();
+    let (from_arg, to_arg) = (t0.to_string(), end.to_string());
+    let reconcile = |base: &str| {
+        cli(
+            base,
+            &["billing", "reconcile", "--from", &from_arg, "--to", &to_arg],
+        )
+    };
 
     // Faults before anything is sent: the first batches meet a 429 with
     // Retry-After, 503s, a lost answer (stored, then too slow: re-sent and
@@ -313,17 +310,7 @@ async fn forwarding_is_exact_through_faults_kills_late_events_and_voids() {
         "{text}"
     );
     outputs.push_str(&text);
-    let (ok, text) = cli(
-        &server.base,
-        &[
-            "billing",
-            "reconcile",
-            "--from",
-            &t0.to_string(),
-            "--to",
-            &end.to_string(),
-        ],
-    );
+    let (ok, text) = reconcile(&server.base);
     outputs.push_str(&text);
     // Not all acknowledged yet: the dead letter (and maybe more) is missing.
     assert!(
@@ -371,13 +358,7 @@ async fn forwarding_is_exact_through_faults_kills_late_events_and_voids() {
         let (status, body) = api.get(&server.base, "/api/v1/billing/status").await;
         assert_eq!(status, 200, "{body}");
         let report: Value = serde_json::from_str(&body).unwrap();
-        let amberflo = report["sinks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["sink"] == "amberflo")
-            .cloned()
-            .unwrap_or_default();
+        let amberflo = sink_of(&report, "amberflo");
         let meters = amberflo["status"]["meters"]
             .as_array()
             .cloned()
@@ -393,12 +374,7 @@ async fn forwarding_is_exact_through_faults_kills_late_events_and_voids() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(amberflo["ready"], true, "{amberflo}");
-    let odd = report["sinks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["sink"] == "odd-window")
-        .unwrap();
+    let odd = sink_of(&report, "odd-window");
     assert_eq!(odd["ready"], false);
     assert_eq!(odd["reason"], "UnsupportedWindowSize");
     {
@@ -412,17 +388,7 @@ async fn forwarding_is_exact_through_faults_kills_late_events_and_voids() {
                 .any(|(customer, _)| customer == "uid-acct-c")
         );
     }
-    let (ok, text) = cli(
-        &server.base,
-        &[
-            "billing",
-            "reconcile",
-            "--from",
-            &t0.to_string(),
-            "--to",
-            &end.to_string(),
-        ],
-    );
+    let (ok, text) = reconcile(&server.base);
     assert!(ok, "{text}");
     assert!(
         text.contains("uid-acct-a") && text.contains("gw-bytes"),
@@ -464,6 +430,15 @@ async fn forwarding_is_exact_through_faults_kills_late_events_and_voids() {
     let (_, metrics) = api.get(&server.base, "/metrics").await;
     assert!(
         metrics.contains("tally_billing_records_sent_total{sink=\"amberflo\""),
+        "{metrics}"
+    );
+    // Every family once (a valid exposition), the sinks' components in it.
+    let mut families = std::collections::BTreeSet::new();
+    for line in metrics.lines().filter(|l| l.starts_with("# TYPE ")) {
+        assert!(families.insert(line.to_owned()), "{line} twice");
+    }
+    assert!(
+        metrics.contains("component_id=\"billing-amberflo\""),
         "{metrics}"
     );
     drop(server);

@@ -93,3 +93,47 @@ pub fn one_account_per_project(n: usize) -> Attribution {
         .collect();
     Attribution::new(&accounts, &bindings)
 }
+
+/// The benchmarks' loop: for each of `windows` windows, closes it (no
+/// allowed lateness), plans, sends and waits for every acknowledgement;
+/// prints records per second and the lag from close to last answer.
+pub async fn measure(
+    forwarder: &mut tally_billing::Forwarder,
+    server: &TestServer,
+    windows: i64,
+    label: &str,
+) {
+    let mut total_records = 0u64;
+    let mut lags = Vec::new();
+    let started = std::time::Instant::now();
+    for w in 1..=windows {
+        let closed = std::time::Instant::now();
+        let report = forwarder.run_once(at(w * 60)).await.expect("pass");
+        let planned = closed.elapsed();
+        assert!(
+            forwarder
+                .wait_idle(Duration::from_secs(600))
+                .await
+                .expect("idle")
+        );
+        let lag = closed.elapsed();
+        total_records += report.records;
+        lags.push(lag);
+        println!(
+            "window {w}: {} records, planned+committed in {:.2?}, acknowledged {:.2?} after close",
+            report.records, planned, lag
+        );
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(
+        server.state().accepted_records,
+        total_records,
+        "every record counted once"
+    );
+    println!(
+        "{label} x {windows} windows: {total_records} records in {:.2?} = {:.0} records/s; lag max {:.2?}",
+        elapsed,
+        total_records as f64 / elapsed.as_secs_f64(),
+        lags.iter().max().copied().unwrap_or_default()
+    );
+}
