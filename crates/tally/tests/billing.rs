@@ -472,7 +472,8 @@ async fn tally_forward_alone_sends_openmeter_events_exactly() {
         http: tally_delivery::client_builder().build().unwrap(),
     };
     let now = Timestamp::now();
-    let t0 = Timestamp::from_second(now.as_second().div_euclid(60) * 60 - 3 * 60).unwrap();
+    // The last window with usage closed (2 s lateness) over a minute ago.
+    let t0 = Timestamp::from_second(now.as_second().div_euclid(60) * 60 - 4 * 60).unwrap();
     let end = t0 + 180.seconds();
     let yaml = manifests(&provider.url, t0)
         .replace("provider: amberflo", "provider: openmeter")
