@@ -1,8 +1,10 @@
 //! Records forwarded per second and forwarding lag: 10k billing accounts
 //! (one project each) × 4 meters × 1-minute windows, against the loopback
-//! Amberflo test server.
+//! Amberflo test server; usage from an in-memory source, or (`ledger`) from
+//! a real embedded ledger through `LedgerUsageSource`, as `tally serve`
+//! reads it (`Ledger::query` per window, the meters' change feeds).
 //!
-//! `cargo bench -p tally-billing --bench forwarding [-- WINDOWS]`
+//! `cargo bench -p tally-billing --bench forwarding [-- WINDOWS] [ledger]`
 //! (`--profile dev` to skip a release build of the dependencies.)
 
 #[path = "../tests/support/mod.rs"]
@@ -10,28 +12,30 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rust_decimal::Decimal;
+use serde_json::json;
 use support::{TestServer, at, config, sink};
-use tally_billing::{Attribution, ForwardedMeter, Forwarder, MemoryUsageSource, Provider};
+use tally_billing::{Forwarder, LedgerUsageSource, MemoryUsageSource, Provider, UsageSource};
 use tally_delivery::Registry;
+use tally_ledger::{ApplyMode, Ledger};
+use tally_model::{Manifest, parse_event};
+use tally_store_embedded::{EmbeddedLedger, StoreConfig};
 
 const ACCOUNTS: usize = 10_000;
 const METERS: [&str; 4] = ["requests", "bytes-in", "bytes-out", "duration"];
 
 fn main() {
-    let windows: i64 = std::env::args()
-        .skip(1)
-        .find_map(|a| a.parse().ok())
-        .unwrap_or(3);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let windows: i64 = args.iter().find_map(|a| a.parse().ok()).unwrap_or(3);
+    let from_ledger = args.iter().any(|a| a == "ledger");
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    runtime.block_on(run(windows));
+    runtime.block_on(run(windows, from_ledger));
 }
 
-async fn run(windows: i64) {
-    let server = TestServer::start(support::API_KEY).await;
-    let dir = tempfile::tempdir().expect("tempdir");
+/// The bench's usage in memory.
+fn memory_source(windows: i64) -> Arc<dyn UsageSource> {
     let source = Arc::new(MemoryUsageSource::new());
     let region = BTreeMap::from([("region".to_string(), "eu".to_string())]);
     for w in 0..windows {
@@ -48,48 +52,78 @@ async fn run(windows: i64) {
             }
         }
     }
-    let attribution: Attribution = support::one_account_per_project(ACCOUNTS);
-    let meters: Vec<ForwardedMeter> = support::meters(&METERS);
+    source
+}
+
+/// The same usage as events in an embedded ledger in `dir`.
+async fn ledger_source(windows: i64, dir: &std::path::Path) -> Arc<dyn UsageSource> {
+    let mut store = StoreConfig::new(dir.join("ledger"));
+    store.max_lateness = jiff::SignedDuration::from_hours(24 * 365 * 30);
+    store.dedupe_horizon = store.max_lateness;
+    let ledger = EmbeddedLedger::open(store).expect("open the ledger");
+    for meter in METERS {
+        let yaml = format!(
+            "apiVersion: billing.miloapis.com/v1alpha1\nkind: MeterDefinition\nmetadata: {{name: {meter}}}\n\
+             spec: {{meterName: {meter}, phase: Published, measurement: {{aggregation: Sum, unit: '1', dimensions: [region]}}}}\n"
+        );
+        let manifest = Manifest::parse_documents(&yaml)
+            .expect("manifest")
+            .remove(0);
+        ledger
+            .apply(manifest, ApplyMode::Upsert)
+            .await
+            .expect("apply");
+    }
+    let filled = Instant::now();
+    let mut batch = Vec::new();
+    let mut n = 0u64;
+    for w in 0..windows {
+        for p in 0..ACCOUNTS {
+            for meter in METERS {
+                n += 1;
+                let time = at(w * 60 + (p % 60) as i64);
+                let event = json!({"specversion": "1.0", "id": n.to_string(), "source": "bench",
+                    "type": meter, "subject": format!("projects/p{p}"), "time": time.to_string(),
+                    "data": {"value": (p + 1).to_string(), "dimensions": {"region": "eu"}}});
+                batch.push(parse_event(event, jiff::Timestamp::now()).expect("event"));
+                if batch.len() == 5000 {
+                    ledger
+                        .ingest(std::mem::take(&mut batch))
+                        .await
+                        .expect("ingest");
+                }
+            }
+        }
+    }
+    ledger.ingest(batch).await.expect("ingest");
+    println!("ledger filled with {n} events in {:.2?}", filled.elapsed());
+
+    Arc::new(LedgerUsageSource::new(Arc::new(ledger)))
+}
+
+async fn run(windows: i64, from_ledger: bool) {
+    let server = TestServer::start(support::API_KEY).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let source = if from_ledger {
+        ledger_source(windows, dir.path()).await
+    } else {
+        memory_source(windows)
+    };
+    let attribution = support::one_account_per_project(ACCOUNTS);
     let mut sink = sink(&server.url, Provider::Amberflo, 0);
     sink.batch_size = 500;
-    let config = config(sink, meters, dir.path());
+    let config = config(
+        sink,
+        support::meters(&METERS),
+        dir.path().join("progress").as_path(),
+    );
     let mut forwarder = Forwarder::start(config, source, attribution, &Registry::new())
         .await
         .expect("start");
-
-    let mut total_records = 0u64;
-    let mut lags = Vec::new();
-    let started = Instant::now();
-    for w in 1..=windows {
-        // Window w-1 closes now (no allowed lateness): plan, send, wait for all acks.
-        let closed = Instant::now();
-        let report = forwarder.run_once(at(w * 60)).await.expect("pass");
-        let planned = closed.elapsed();
-        assert!(
-            forwarder
-                .wait_idle(Duration::from_secs(600))
-                .await
-                .expect("idle")
-        );
-        let lag = closed.elapsed();
-        total_records += report.records;
-        lags.push(lag);
-        println!(
-            "window {w}: {} records, planned+committed in {:.2?}, acknowledged {:.2?} after close",
-            report.records, planned, lag
-        );
-    }
-    let elapsed = started.elapsed();
-    let state = server.state();
-    assert_eq!(
-        state.accepted_records, total_records,
-        "every record counted once"
-    );
-    println!(
-        "{ACCOUNTS} accounts x {} meters x {windows} windows: {total_records} records in {:.2?} = {:.0} records/s; lag max {:.2?}",
+    let label = format!(
+        "{ACCOUNTS} accounts x {} meters{}",
         METERS.len(),
-        elapsed,
-        total_records as f64 / elapsed.as_secs_f64(),
-        lags.iter().max().copied().unwrap_or_default()
+        if from_ledger { ", from the ledger" } else { "" }
     );
+    support::measure(&mut forwarder, &server, windows, &label).await;
 }

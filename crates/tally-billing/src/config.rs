@@ -9,8 +9,12 @@
 //!   provider: amberflo            # amberflo | openmeter
 //!   endpoint: https://ingest.amberflo.io   # amberflo: POST {endpoint}/ingest
 //!                                          # openmeter: POST {endpoint}/api/v1/events
-//!   apiKeySecretRef: {name: amberflo-api, key: apiKey}   # key defaults to apiKey
+//!   # A BillingSink is cluster-scoped and a Secret namespaced: the Secret is
+//!   # read from `namespace` (default `tally-system`); key defaults to apiKey.
+//!   apiKeySecretRef: {name: amberflo-api, key: apiKey, namespace: tally-system}
 //!   windowSize: 1m                # default 1m; a whole number of seconds dividing a day
+//!                                 # (reading from the ledger: a whole number of minutes)
+//!   startAt: 2025-01-01T00:00:00Z # first window forwarded; default: the sink's creation
 //!   allowedLateness: 5m           # a window is sent this long after it ends; default 5m
 //!   batchSize: 100                # records per request; default 100
 //!   requestTimeout: 30s           # default 30s
@@ -45,10 +49,21 @@ pub struct SecretKeyRef {
     /// The key inside it.
     #[serde(default = "default_secret_key")]
     pub key: String,
+    /// The Secret's namespace (a BillingSink is cluster-scoped).
+    #[serde(default = "default_secret_namespace")]
+    pub namespace: String,
 }
 
 fn default_secret_key() -> String {
     "apiKey".into()
+}
+
+/// Where a BillingSink's Secret is looked up when `apiKeySecretRef.namespace`
+/// is not given.
+pub const DEFAULT_SECRET_NAMESPACE: &str = "tally-system";
+
+fn default_secret_namespace() -> String {
+    DEFAULT_SECRET_NAMESPACE.into()
 }
 
 /// A parsed `BillingSink`.
@@ -70,6 +85,18 @@ pub struct BillingSink {
     pub batch_size: usize,
     /// Timeout of one request (default 30 s).
     pub request_timeout: Duration,
+    /// The first window forwarded on a first start: `spec.startAt`, else the
+    /// sink's `metadata.creationTimestamp`; `None`: when the forwarder first
+    /// starts.
+    pub start_at: Option<jiff::Timestamp>,
+}
+
+impl BillingSink {
+    /// Whether the window is a whole number of minutes: the ledger keeps
+    /// minute buckets, so only such windows can be read from it exactly.
+    pub fn window_is_whole_minutes(&self) -> bool {
+        self.window.as_secs().is_multiple_of(60) && self.window.subsec_nanos() == 0
+    }
 }
 
 #[derive(Deserialize)]
@@ -82,6 +109,7 @@ struct SinkSpec {
     allowed_lateness: Option<String>,
     batch_size: Option<usize>,
     request_timeout: Option<String>,
+    start_at: Option<jiff::Timestamp>,
 }
 
 const SECONDS_PER_DAY: u64 = 86_400;
@@ -144,6 +172,7 @@ impl BillingSink {
                 spec.request_timeout.as_ref(),
                 Duration::from_secs(30),
             )?,
+            start_at: spec.start_at.or(manifest.metadata.creation_timestamp),
         })
     }
 }
@@ -163,6 +192,10 @@ pub struct ForwardedMeter {
     /// The provider's meter api name: `spec.billing.meterApiName`, else the
     /// MeterDefinition's `metadata.uid`.
     pub api_name: String,
+    /// The meter's dimensions, whose values each record carries (filled in
+    /// by whoever compiles the catalog; empty: no dimensions).
+    #[serde(default)]
+    pub dimensions: Vec<String>,
 }
 
 impl ForwardedMeter {
@@ -197,6 +230,7 @@ impl ForwardedMeter {
         Ok(Some(ForwardedMeter {
             meter: manifest.metadata.name.clone(),
             api_name,
+            dimensions: Vec::new(),
         }))
     }
 }

@@ -20,12 +20,12 @@ use tokio::sync::mpsc;
 use crate::attribution::{Attribution, Owner};
 use crate::config::{BillingSink, ForwardedMeter};
 use crate::progress::{
-    MeterCursor, Plan, ProgressError, ProgressStore, RecordProgress, Revision, RevisionState,
-    revision_key, split_revision_key,
+    DeadLetterRecord, MeterCursor, Plan, ProgressError, ProgressStore, RecordProgress, Revision,
+    RevisionState, revision_key, split_revision_key,
 };
 use crate::provider::ProviderEncoder;
 use crate::record::{RecordKey, UsageRecord};
-use crate::source::{SourceError, UsageSource};
+use crate::source::{ChangeCursor, SourceError, UsageQuery, UsageSource};
 
 /// Records handed to the sink in one `enqueue_all`.
 const ENQUEUE_CHUNK: usize = 1000;
@@ -154,7 +154,7 @@ pub struct SinkStatus {
     pub provider: crate::config::Provider,
     /// Retried requests since start.
     pub retries: u64,
-    /// Dead-lettered records since start.
+    /// Batches in the dead-letter list (kept across restarts until retried).
     pub dead_letters: u64,
     /// Per meter.
     pub meters: Vec<MeterStatus>,
@@ -173,6 +173,9 @@ pub struct Difference {
     /// What the provider acknowledged.
     pub acknowledged: Decimal,
 }
+
+/// Totals per (customer id, meter api name).
+type CustomerTotals = BTreeMap<(String, String), Decimal>;
 
 /// Compares per-(customer, meter) totals; lists every pair that differs
 /// (a pair missing on one side counts as zero there).
@@ -221,6 +224,12 @@ pub struct Forwarder {
     sink: Sink,
     outcomes: mpsc::UnboundedReceiver<BatchOutcome>,
     meters: BTreeMap<String, MeterState>,
+    /// The projects some binding names (what the source is asked about).
+    projects: Arc<[String]>,
+    /// Dead-lettered batches (delivery ids and item keys) not yet stored.
+    dead: Vec<(u64, Vec<Vec<u8>>)>,
+    /// Batches in the stored dead-letter list.
+    dead_letters: u64,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -292,6 +301,7 @@ impl Forwarder {
             };
             meters.insert(meter.api_name.clone(), state);
         }
+        let dead_letters = store.dead_letter_count().map_err(progress)?;
         let mut forwarder = Forwarder {
             source,
             attribution: Attribution::default(),
@@ -300,6 +310,9 @@ impl Forwarder {
             outcomes,
             meters,
             config,
+            projects: Arc::from(Vec::new()),
+            dead: Vec::new(),
+            dead_letters,
         };
         // Bindings may have changed while we were stopped.
         let planned_with = match forwarder.store.attribution().map_err(progress)? {
@@ -310,6 +323,11 @@ impl Forwarder {
         };
         forwarder.attribution = planned_with;
         forwarder.set_attribution(attribution)?;
+        forwarder.projects = forwarder
+            .attribution
+            .projects()
+            .map(str::to_owned)
+            .collect();
         let pending = forwarder.store.pending().map_err(progress)?;
         let mut items = Vec::with_capacity(pending.len());
         for (key, record) in pending {
@@ -356,6 +374,7 @@ impl Forwarder {
     /// by the next pass, so usage that became attributed is sent. Durable:
     /// a crash before that pass still re-plans them.
     pub fn set_attribution(&mut self, attribution: Attribution) -> Result<(), ForwardError> {
+        self.projects = attribution.projects().map(str::to_owned).collect();
         let Some(from) = self.attribution.first_difference(&attribution) else {
             self.attribution = attribution;
             return Ok(());
@@ -382,26 +401,97 @@ impl Forwarder {
         Ok(())
     }
 
-    /// Checkpoints every answer received so far.
+    /// Checkpoints every acknowledgement received so far. Dead-lettered
+    /// batches are checkpointed by [`Forwarder::checkpoint`], which also
+    /// keeps the provider's answer.
     pub fn apply_outcomes(&mut self) -> Result<(), ForwardError> {
         let mut answers = Vec::new();
         while let Ok(outcome) = self.outcomes.try_recv() {
-            let state = match outcome.result {
-                BatchResult::Delivered { .. } => RevisionState::Acked,
+            match outcome.result {
+                BatchResult::Delivered { .. } => answers.extend(
+                    outcome
+                        .keys
+                        .iter()
+                        .map(|k| (k.to_vec(), RevisionState::Acked)),
+                ),
                 BatchResult::DeadLettered { ref reason, id } => {
                     tracing::warn!(sink = %self.config.sink.name, dead_letter = id, %reason,
                         records = outcome.keys.len(), "billing records dead-lettered");
-                    RevisionState::DeadLettered
+                    self.dead
+                        .push((id, outcome.keys.iter().map(|k| k.to_vec()).collect()));
                 }
-            };
-            answers.extend(outcome.keys.iter().map(|k| (k.to_vec(), state)));
+            }
         }
-        if answers.is_empty() {
+        self.settle(&answers, &[])
+    }
+
+    /// Checkpoints every answer received so far, dead letters included:
+    /// a refused batch is stored with the provider's answer in the same
+    /// batch that marks its records dead-lettered.
+    pub async fn checkpoint(&mut self) -> Result<(), ForwardError> {
+        self.apply_outcomes()?;
+        if self.dead.is_empty() {
+            return Ok(());
+        }
+        let letters = self
+            .sink
+            .dead_letters()
+            .await
+            .map_err(|e| ForwardError::Delivery {
+                sink: self.config.sink.name.clone(),
+                message: format!("reading dead letters: {e}"),
+            })?;
+        let first_id = self
+            .store
+            .next_dead_letter_id()
+            .map_err(|e| self.progress_error(e))?;
+        let mut answers = Vec::new();
+        let mut records = Vec::new();
+        let mut delivered_ids = Vec::new();
+        for (letter_id, (id, keys)) in (first_id..).zip(std::mem::take(&mut self.dead)) {
+            let letter = letters.iter().find(|l| l.id == id);
+            let items: Vec<UsageRecord> = letter
+                .map(|l| {
+                    l.items
+                        .iter()
+                        .filter_map(|i| serde_json::from_slice(&i.data).ok())
+                        .collect()
+                })
+                .unwrap_or_default();
+            records.push(DeadLetterRecord {
+                id: letter_id,
+                at: letter.map_or_else(Timestamp::now, |l| l.at),
+                reason: letter.map_or_else(|| "refused".to_owned(), |l| l.reason.clone()),
+                status: letter.and_then(|l| l.status),
+                answer: letter.map_or_else(String::new, |l| {
+                    l.body.replace(self.config.api_key.expose(), "<redacted>")
+                }),
+                attempts: letter.map_or(0, |l| l.attempts),
+                records: items,
+            });
+            delivered_ids.push(id);
+            answers.extend(keys.into_iter().map(|k| (k, RevisionState::DeadLettered)));
+        }
+        self.settle(&answers, &records)?;
+        self.dead_letters += records.len() as u64;
+        for id in delivered_ids {
+            // Kept by us now; the delivery sink's in-memory copy can go.
+            let _ = self.sink.delete_dead_letter(id).await;
+        }
+        Ok(())
+    }
+
+    fn settle(
+        &mut self,
+        answers: &[(Vec<u8>, RevisionState)],
+        letters: &[DeadLetterRecord],
+    ) -> Result<(), ForwardError> {
+        if answers.is_empty() && letters.is_empty() {
             return Ok(());
         }
         let changed = self
             .store
-            .settle(&answers)
+            .settle(answers, letters)
             .map_err(|e| self.progress_error(e))?;
         for (record, revision) in changed {
             let Some(state) = self.meters.get_mut(&record.meter_api_name) else {
@@ -436,7 +526,7 @@ impl Forwarder {
     pub async fn wait_idle(&mut self, timeout: Duration) -> Result<bool, ForwardError> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            self.apply_outcomes()?;
+            self.checkpoint().await?;
             if self.pending_records() == 0 {
                 return Ok(true);
             }
@@ -452,7 +542,7 @@ impl Forwarder {
     /// every planned window that late usage touched, and every window a
     /// changed attribution affects; commits the plan and queues its records.
     pub async fn run_once(&mut self, now: Timestamp) -> Result<PassReport, ForwardError> {
-        self.apply_outcomes()?;
+        self.checkpoint().await?;
         let size = window_ms(&self.config);
         let lateness = self.config.sink.allowed_lateness.as_millis() as i64;
         let close_limit = now.as_millisecond().saturating_sub(lateness);
@@ -467,7 +557,7 @@ impl Forwarder {
                 .unwrap_or(MeterCursor {
                     planned_until_ms: floor_ms(self.config.start_at.as_millisecond(), size),
                     start_ms: floor_ms(self.config.start_at.as_millisecond(), size),
-                    source_cursor: 0,
+                    source_cursor: ChangeCursor::default(),
                     rescan_from_ms: None,
                 });
             let changes = self
@@ -550,9 +640,16 @@ impl Forwarder {
             unattributed: Decimal::ZERO,
         };
         for piece in cuts.windows(2) {
+            let query = UsageQuery {
+                meter: meter.meter.clone(),
+                dimensions: meter.dimensions.iter().cloned().collect(),
+                projects: Arc::clone(&self.projects),
+                from: piece[0],
+                to: piece[1],
+            };
             let rows = self
                 .source
-                .totals(&meter.meter, piece[0], piece[1])
+                .totals(query)
                 .await
                 .map_err(|source| self.source_error(meter, source))?;
             for row in rows {
@@ -667,7 +764,7 @@ impl Forwarder {
             sink: self.config.sink.name.clone(),
             provider: self.config.sink.provider,
             retries: metrics.retries(),
-            dead_letters: metrics.dead_lettered(),
+            dead_letters: self.dead_letters,
             meters,
         }
     }
@@ -680,6 +777,38 @@ impl Forwarder {
         from: Timestamp,
         to: Timestamp,
     ) -> Result<Vec<Difference>, ForwardError> {
+        let (ledger, acknowledged) = self.totals_between(from, to).await?;
+        Ok(compare_totals(&ledger, &acknowledged))
+    }
+
+    /// Every (billing account, meter) pair with usage in the windows starting
+    /// in `[from, to)`: the ledger's total and the acknowledged one, equal or
+    /// not.
+    pub async fn compare(
+        &self,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Vec<Difference>, ForwardError> {
+        let (ledger, acknowledged) = self.totals_between(from, to).await?;
+        let keys: BTreeSet<&(String, String)> = ledger.keys().chain(acknowledged.keys()).collect();
+        Ok(keys
+            .into_iter()
+            .map(|key| Difference {
+                customer_id: key.0.clone(),
+                meter_api_name: key.1.clone(),
+                ledger: ledger.get(key).copied().unwrap_or_default(),
+                acknowledged: acknowledged.get(key).copied().unwrap_or_default(),
+            })
+            .collect())
+    }
+
+    /// Per (customer, meter api name): the ledger's attributed totals and the
+    /// acknowledged ones, over the windows starting in `[from, to)`.
+    async fn totals_between(
+        &self,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<(CustomerTotals, CustomerTotals), ForwardError> {
         let size = window_ms(&self.config);
         let mut ledger: BTreeMap<(String, String), Decimal> = BTreeMap::new();
         let mut acknowledged: BTreeMap<(String, String), Decimal> = BTreeMap::new();
@@ -704,12 +833,45 @@ impl Forwarder {
                     .or_default() += progress.acked_total();
             }
         }
-        Ok(compare_totals(&ledger, &acknowledged))
+        Ok((ledger, acknowledged))
     }
 
-    /// The delivery sink (dead letters, metrics, queue depth).
+    /// The delivery sink (metrics, queue depth).
     pub fn sink(&self) -> &Sink {
         &self.sink
+    }
+
+    /// The stored dead-letter list, oldest first.
+    pub fn dead_letters(&self) -> Result<Vec<DeadLetterRecord>, ForwardError> {
+        self.store
+            .dead_letters()
+            .map_err(|e| self.progress_error(e))
+    }
+
+    /// Sends a dead letter's records again (same `uniqueId`s): they become
+    /// pending, durably, and are queued. False if there is no such letter.
+    pub async fn retry_dead_letter(&mut self, id: u64) -> Result<bool, ForwardError> {
+        let Some(letter) = self
+            .store
+            .retry_dead_letter(id)
+            .map_err(|e| self.progress_error(e))?
+        else {
+            return Ok(false);
+        };
+        self.dead_letters = self.dead_letters.saturating_sub(1);
+        let mut items = Vec::with_capacity(letter.records.len());
+        for record in &letter.records {
+            let Ok(key) = record.key() else { continue };
+            self.note_pending(&record.meter_api_name, record.window_start_ms);
+            items.push(record_item(
+                revision_key(&key.encode(), record.revision),
+                record,
+            ));
+        }
+        tracing::info!(sink = %self.config.sink.name, dead_letter = id,
+            records = items.len(), "dead letter queued again");
+        self.enqueue(items).await?;
+        Ok(true)
     }
 
     /// Checkpoints answers, then stops the delivery sink after at most
@@ -717,7 +879,7 @@ impl Forwarder {
     pub async fn shutdown(mut self, grace: Duration) -> Result<(), ForwardError> {
         let _ = self.wait_idle(grace).await?;
         self.sink.shutdown(Duration::from_millis(100)).await;
-        self.apply_outcomes()
+        self.checkpoint().await
     }
 }
 

@@ -31,19 +31,27 @@
 
 pub mod config;
 mod forwarder;
+mod ledger_source;
 mod progress;
 pub mod provider;
 mod record;
+pub mod runtime;
 mod source;
+#[cfg(feature = "test-server")]
+pub mod testing;
 
-pub use config::{BillingSink, ForwardedMeter, Provider, SecretKeyRef};
+pub use config::{BillingSink, DEFAULT_SECRET_NAMESPACE, ForwardedMeter, Provider, SecretKeyRef};
 pub use forwarder::{
     Difference, ForwardError, Forwarder, ForwarderConfig, MeterStatus, PassReport, SinkStatus,
     compare_totals, parse_item_key,
 };
-pub use progress::{ProgressError, RevisionState};
+pub use ledger_source::LedgerUsageSource;
+pub use progress::{DeadLetterRecord, ProgressError, RevisionState};
 pub use record::{KeyError, RecordKey, UsageRecord};
-pub use source::{Changes, MemoryUsageSource, SourceError, UsageSource, UsageTotal};
+pub use source::{
+    ChangeCursor, Changes, MemoryUsageSource, SourceError, UsageQuery, UsageSource, UsageTotal,
+    follow_changes,
+};
 pub use tally_delivery::Secret;
 /// Attribution lives in the model: the ledger's queries use it too.
 pub use tally_model::billing as attribution;

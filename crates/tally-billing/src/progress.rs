@@ -9,6 +9,10 @@
 //!   They are queued again after a restart, with the same `uniqueId`.
 //! - `meta`: `cursor/<meter>` → JSON [`MeterCursor`]; `attribution` → the
 //!   attribution the cursors were planned with.
+//! - `dead`: dead-letter id (u64 BE) → JSON [`DeadLetterRecord`]: a batch the
+//!   provider refused for good, with its answer. Stored in the same batch
+//!   that marks its revisions dead-lettered; a retry moves them back to
+//!   `pending` in one batch too.
 //!
 //! A pass's plan (new revisions, their pending entries, the cursors) is one
 //! batch committed with `PersistMode::SyncAll` *before* anything is sent, so
@@ -95,7 +99,7 @@ pub struct MeterCursor {
     /// Windows starting before this are never forwarded.
     pub start_ms: i64,
     /// The usage source's change cursor.
-    pub source_cursor: u64,
+    pub source_cursor: crate::source::ChangeCursor,
     /// Windows from here up to `planned_until_ms` must be planned again (the
     /// attribution changed).
     pub rescan_from_ms: Option<i64>,
@@ -140,11 +144,32 @@ fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).unwrap_or_default()
 }
 
+/// A batch the provider refused for good, kept until an operator retries it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetterRecord {
+    /// Its id in this sink's dead-letter list.
+    pub id: u64,
+    /// When it was refused.
+    pub at: Timestamp,
+    /// Why (`permanent error`, ...).
+    pub reason: String,
+    /// The provider's last HTTP status, if it answered.
+    pub status: Option<u16>,
+    /// The provider's answer (first 4 KiB), or the transport error.
+    pub answer: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The records of the batch.
+    pub records: Vec<UsageRecord>,
+}
+
 pub(crate) struct ProgressStore {
     db: Database,
     records: Keyspace,
     pending: Keyspace,
     meta: Keyspace,
+    dead: Keyspace,
 }
 
 impl ProgressStore {
@@ -154,6 +179,7 @@ impl ProgressStore {
             records: db.keyspace("records", KeyspaceCreateOptions::default)?,
             pending: db.keyspace("pending", KeyspaceCreateOptions::default)?,
             meta: db.keyspace("meta", KeyspaceCreateOptions::default)?,
+            dead: db.keyspace("dead", KeyspaceCreateOptions::default)?,
             db,
         })
     }
@@ -233,15 +259,96 @@ impl ProgressStore {
         Ok(out)
     }
 
-    /// Records the answers for revisions (by revision key); returns the
-    /// revisions whose state changed, with their new state.
+    /// Every stored dead letter, oldest first.
+    pub fn dead_letters(&self) -> Result<Vec<DeadLetterRecord>, ProgressError> {
+        let mut out = Vec::new();
+        for guard in self.dead.iter() {
+            let (_, value) = guard.into_inner()?;
+            out.push(json(&value)?);
+        }
+        Ok(out)
+    }
+
+    /// How many dead letters are stored.
+    pub fn dead_letter_count(&self) -> Result<u64, ProgressError> {
+        Ok(self.dead.len()? as u64)
+    }
+
+    /// The id the next dead letter gets.
+    pub fn next_dead_letter_id(&self) -> Result<u64, ProgressError> {
+        match self.dead.last_key_value() {
+            Some(guard) => {
+                let key = guard.key()?;
+                let bytes: [u8; 8] = key
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| ProgressError::Corrupt("dead letter id".into()))?;
+                Ok(u64::from_be_bytes(bytes) + 1)
+            }
+            None => Ok(1),
+        }
+    }
+
+    /// Takes a dead letter out and makes its revisions pending again, in
+    /// one durable batch; `None` if there is no such letter.
+    pub fn retry_dead_letter(&self, id: u64) -> Result<Option<DeadLetterRecord>, ProgressError> {
+        let Some(raw) = self.dead.get(id.to_be_bytes())? else {
+            return Ok(None);
+        };
+        let letter: DeadLetterRecord = json(&raw)?;
+        let mut batch = self.db.batch().durability(Some(PersistMode::SyncAll));
+        let mut touched: BTreeMap<Vec<u8>, RecordProgress> = BTreeMap::new();
+        for record in &letter.records {
+            let key = record
+                .key()
+                .map_err(|e| ProgressError::Corrupt(e.to_string()))?;
+            let encoded = key.encode();
+            if !touched.contains_key(&encoded) {
+                let Some(stored) = self.records.get(&encoded)? else {
+                    continue;
+                };
+                touched.insert(encoded.clone(), json(&stored)?);
+            }
+            if let Some(progress) = touched.get_mut(&encoded)
+                && let Some(revision) = progress
+                    .revisions
+                    .iter_mut()
+                    .find(|r| r.revision == record.revision)
+                && revision.state == RevisionState::DeadLettered
+            {
+                revision.state = RevisionState::Pending;
+                batch.insert(
+                    &self.pending,
+                    revision_key(&encoded, record.revision),
+                    to_json(record),
+                );
+            }
+        }
+        for (key, progress) in &touched {
+            batch.insert(&self.records, key.as_slice(), to_json(progress));
+        }
+        batch.remove(&self.dead, id.to_be_bytes());
+        batch.commit()?;
+        Ok(Some(letter))
+    }
+
+    /// Records the answers for revisions (by revision key) and stores dead
+    /// letters, in one batch; returns the revisions whose state changed,
+    /// with their new state.
     pub fn settle(
         &self,
         answers: &[(Vec<u8>, RevisionState)],
+        letters: &[DeadLetterRecord],
     ) -> Result<Vec<(RecordKey, Revision)>, ProgressError> {
         let mut changed = Vec::new();
         let mut touched: BTreeMap<Vec<u8>, RecordProgress> = BTreeMap::new();
         let mut batch = self.db.batch();
+        if !letters.is_empty() {
+            batch = batch.durability(Some(PersistMode::SyncAll));
+        }
+        for letter in letters {
+            batch.insert(&self.dead, letter.id.to_be_bytes(), to_json(letter));
+        }
         for (revision_key, state) in answers {
             let (record, revision) = split_revision_key(revision_key)?;
             let encoded = record.encode();

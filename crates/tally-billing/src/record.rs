@@ -129,6 +129,17 @@ pub struct UsageRecord {
 }
 
 impl UsageRecord {
+    /// The key of the record this is a revision of.
+    pub fn key(&self) -> Result<RecordKey, KeyError> {
+        Ok(RecordKey {
+            meter_api_name: self.meter_api_name.clone(),
+            window_start: Timestamp::from_millisecond(self.window_start_ms)
+                .map_err(|_| KeyError("window out of range"))?,
+            customer_id: self.customer_id.clone(),
+            dimensions: self.dimensions.clone(),
+        })
+    }
+
     /// Revision `revision` of `key`, carrying `value`.
     pub fn new(key: &RecordKey, window_end: Timestamp, revision: u32, value: Decimal) -> Self {
         UsageRecord {

@@ -3,11 +3,12 @@
 //! benchmarks.
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::future::BoxFuture;
 use jiff::Timestamp;
 use rust_decimal::Decimal;
+pub use tally_ledger::ChangeCursor;
 
 /// One project's total of one meter over a range, for one set of group values.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,7 +27,23 @@ pub struct Changes {
     /// Event times of what arrived (or was voided) after the cursor; repeats allowed.
     pub times: Vec<Timestamp>,
     /// The cursor to ask from next time.
-    pub cursor: u64,
+    pub cursor: ChangeCursor,
+}
+
+/// What [`UsageSource::totals`] is asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageQuery {
+    /// The MeterDefinition's name.
+    pub meter: String,
+    /// The meter's dimensions (the group values of each total).
+    pub dimensions: Arc<[String]>,
+    /// The projects whose usage is wanted (those some binding names); a
+    /// source may return others too.
+    pub projects: Arc<[String]>,
+    /// Inclusive.
+    pub from: Timestamp,
+    /// Exclusive.
+    pub to: Timestamp,
 }
 
 /// Why a source could not answer.
@@ -39,22 +56,43 @@ pub struct SourceError(pub String);
 /// in a `totals` asked afterwards.
 pub trait UsageSource: Send + Sync + 'static {
     /// Per (project, group values), the meter's total over `[from, to)`.
-    /// `meter` is the MeterDefinition's name.
-    fn totals(
-        &self,
-        meter: &str,
-        from: Timestamp,
-        to: Timestamp,
-    ) -> BoxFuture<'_, Result<Vec<UsageTotal>, SourceError>>;
+    fn totals(&self, query: UsageQuery) -> BoxFuture<'_, Result<Vec<UsageTotal>, SourceError>>;
 
-    /// The times of the meter's usage that arrived after `cursor` (0 = the
-    /// beginning), and the cursor to continue from. The forwarder uses it to
-    /// find late events in windows it already sent.
+    /// The times of the meter's usage that arrived (or was voided) after
+    /// `cursor` (the default cursor is the beginning), and the cursor to
+    /// continue from. The forwarder uses it to find late events in windows
+    /// it already sent.
     fn changes_since(
         &self,
         meter: &str,
-        cursor: u64,
+        cursor: ChangeCursor,
     ) -> BoxFuture<'_, Result<Changes, SourceError>>;
+}
+
+/// Follows a change feed from `cursor`, page by page (`fetch` reads one
+/// page), for at most `pages` pages: the rest is read next time.
+pub async fn follow_changes<F, Fut>(
+    cursor: ChangeCursor,
+    pages: usize,
+    mut fetch: F,
+) -> Result<Changes, SourceError>
+where
+    F: FnMut(ChangeCursor) -> Fut,
+    Fut: std::future::Future<Output = Result<tally_ledger::ChangePage, SourceError>>,
+{
+    let mut changes = Changes {
+        times: Vec::new(),
+        cursor,
+    };
+    for _ in 0..pages.max(1) {
+        let page = fetch(changes.cursor).await?;
+        changes.times.extend(page.times);
+        changes.cursor = page.next;
+        if !page.more {
+            break;
+        }
+    }
+    Ok(changes)
 }
 
 /// Group values of a meter.
@@ -109,14 +147,12 @@ impl MemoryUsageSource {
 }
 
 impl UsageSource for MemoryUsageSource {
-    fn totals(
-        &self,
-        meter: &str,
-        from: Timestamp,
-        to: Timestamp,
-    ) -> BoxFuture<'_, Result<Vec<UsageTotal>, SourceError>> {
+    fn totals(&self, query: UsageQuery) -> BoxFuture<'_, Result<Vec<UsageTotal>, SourceError>> {
+        let UsageQuery {
+            meter, from, to, ..
+        } = query;
         let mut sums: BTreeMap<(String, BTreeMap<String, String>), Decimal> = BTreeMap::new();
-        if let Some(usage) = self.lock().1.get(meter) {
+        if let Some(usage) = self.lock().1.get(&meter) {
             for (project, dims, value) in usage
                 .by_time
                 .range(from.as_millisecond()..to.as_millisecond())
@@ -139,19 +175,25 @@ impl UsageSource for MemoryUsageSource {
     fn changes_since(
         &self,
         meter: &str,
-        cursor: u64,
+        cursor: ChangeCursor,
     ) -> BoxFuture<'_, Result<Changes, SourceError>> {
         let guard = self.lock();
+        let next = ChangeCursor {
+            log: guard.0,
+            voids: 0,
+        };
         let changes = match guard.1.get(meter) {
             None => Changes {
                 times: Vec::new(),
-                cursor: guard.0,
+                cursor: next,
             },
             Some(usage) => {
-                let start = usage.arrivals.partition_point(|(seq, _)| *seq <= cursor);
+                let start = usage
+                    .arrivals
+                    .partition_point(|(seq, _)| *seq <= cursor.log);
                 Changes {
                     times: usage.arrivals[start..].iter().map(|(_, t)| *t).collect(),
-                    cursor: guard.0,
+                    cursor: next,
                 }
             }
         };
@@ -172,18 +214,28 @@ mod tests {
         source.add("m", "p", t(59), dims.clone(), Decimal::from(3));
         source.add("m", "p", t(60), dims.clone(), Decimal::from(100));
         source.add("m", "q", t(10), BTreeMap::new(), Decimal::new(15, 1));
-        let totals = source.totals("m", t(0), t(60)).await.unwrap();
+        let query = UsageQuery {
+            meter: "m".into(),
+            dimensions: Arc::from(vec!["r".to_string()]),
+            projects: Arc::from(Vec::<String>::new()),
+            from: t(0),
+            to: t(60),
+        };
+        let totals = source.totals(query).await.unwrap();
         assert_eq!(totals.len(), 2);
         assert_eq!(totals[0].value, Decimal::from(5));
         assert_eq!(totals[1].value, Decimal::new(15, 1));
-        let all = source.changes_since("m", 0).await.unwrap();
+        let all = source
+            .changes_since("m", ChangeCursor::default())
+            .await
+            .unwrap();
         assert_eq!(all.times.len(), 4);
         source.add("m", "p", t(5), dims, Decimal::ONE);
         let late = source.changes_since("m", all.cursor).await.unwrap();
         assert_eq!(late.times, vec![t(5)]);
         assert!(
             source
-                .changes_since("other", 0)
+                .changes_since("other", ChangeCursor::default())
                 .await
                 .unwrap()
                 .times

@@ -162,8 +162,12 @@ fn the_api_key_never_reaches_logs_debug_or_errors() {
             forwarder.run_once(at(now)).await.unwrap();
             assert!(forwarder.wait_idle(Duration::from_secs(10)).await.unwrap());
         }
-        let letters = forwarder.sink().dead_letters().await.unwrap();
+        // Kept by the forwarder (durably), with the provider's answer.
+        let letters = forwarder.dead_letters().unwrap();
         assert_eq!(letters.len(), 1);
+        assert_eq!(letters[0].status, Some(400));
+        assert_eq!(letters[0].answer, "injected fault");
+        assert!(forwarder.sink().dead_letters().await.unwrap().is_empty());
         let status = serde_json::to_string(&forwarder.status(at(180))).unwrap();
         format!("{shown_config} {forwarder:?} {letters:?} {status}")
     });

@@ -258,28 +258,40 @@ async fn a_refused_batch_is_dead_lettered_and_the_forwarder_goes_on() {
     let status = forwarder.status(at(120));
     assert_eq!(status.meters[0].records_dead_lettered, 1);
     assert_eq!(status.dead_letters, 1);
-    let letters = forwarder.sink().dead_letters().await.unwrap();
+    let letters = forwarder.dead_letters().unwrap();
     assert_eq!(letters[0].status, Some(400));
-    assert!(letters[0].body.contains("injected fault"));
+    assert!(letters[0].answer.contains("injected fault"));
+    assert_eq!(letters[0].records.len(), 1);
     let diffs = forwarder.reconcile(at(0), at(120)).await.unwrap();
     assert_eq!(diffs.len(), 1);
     assert_eq!((diffs[0].ledger, diffs[0].acknowledged), (d(7), d(4)));
 
-    // An operator re-queues the dead letter: it is acknowledged and checkpointed.
-    assert!(
-        forwarder
-            .sink()
-            .requeue_dead_letter(letters[0].id)
-            .await
-            .unwrap()
-    );
+    // The dead letter is durable: it is still there after a restart.
+    forwarder.shutdown(Duration::from_secs(1)).await.unwrap();
+    let mut forwarder = fx
+        .start(Provider::Amberflo, one_account_per_project(1))
+        .await;
+    let again = forwarder.dead_letters().unwrap();
+    assert_eq!(again, letters);
+    assert_eq!(forwarder.status(at(120)).dead_letters, 1);
+
+    // An operator retries it: the same uniqueId is sent, acknowledged and
+    // checkpointed, and the letter is gone.
+    assert!(forwarder.retry_dead_letter(letters[0].id).await.unwrap());
+    assert!(!forwarder.retry_dead_letter(letters[0].id).await.unwrap());
     settle(&mut forwarder).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    forwarder.apply_outcomes().unwrap();
     assert_reconciled(&forwarder, at(120)).await;
+    assert!(forwarder.dead_letters().unwrap().is_empty());
+    assert_eq!(forwarder.status(at(120)).dead_letters, 0);
     assert_eq!(
         server.sums(),
         BTreeMap::from([(key("a0", "requests"), d(7))])
+    );
+    assert!(
+        server
+            .state()
+            .seen
+            .contains(&letters[0].records[0].unique_id)
     );
 }
 
@@ -342,8 +354,12 @@ async fn a_wrong_api_key_dead_letters_without_showing_the_key() {
         .start(Provider::Amberflo, one_account_per_project(1))
         .await;
     pass(&mut forwarder, at(60)).await;
-    let letters = forwarder.sink().dead_letters().await.unwrap();
+    let letters = forwarder.dead_letters().unwrap();
     assert_eq!(letters[0].status, Some(401));
-    let shown = format!("{letters:?} {forwarder:?} {:?}", forwarder.status(at(60)));
+    let shown = format!(
+        "{letters:?} {} {forwarder:?} {:?}",
+        serde_json::to_string(&letters).unwrap(),
+        forwarder.status(at(60))
+    );
     assert!(!shown.contains(support::API_KEY), "{shown}");
 }

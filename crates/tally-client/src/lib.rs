@@ -278,6 +278,69 @@ impl TallyClient {
         self.json(self.request(Method::GET, &url), &url).await
     }
 
+    /// The billing forwarder's state per sink and meter
+    /// (`GET /api/v1/billing/status`).
+    pub async fn billing_status(&self, sink: Option<&str>) -> Result<Value, ClientError> {
+        let pairs = optional_pair("sink", sink);
+        let url = self.url(&["api", "v1", "billing", "status"], &pairs);
+        self.json(self.request(Method::GET, &url), &url).await
+    }
+
+    /// Batches a provider refused for good, with its answer
+    /// (`GET /api/v1/billing/deadletters`).
+    pub async fn billing_dead_letters(&self, sink: Option<&str>) -> Result<Value, ClientError> {
+        let pairs = optional_pair("sink", sink);
+        let url = self.url(&["api", "v1", "billing", "deadletters"], &pairs);
+        self.json(self.request(Method::GET, &url), &url).await
+    }
+
+    /// Sends a dead letter again
+    /// (`POST /api/v1/billing/deadletters/{sink}/{id}/retry`).
+    pub async fn billing_retry_dead_letter(
+        &self,
+        sink: &str,
+        id: u64,
+    ) -> Result<Value, ClientError> {
+        let id = id.to_string();
+        let url = self.url(
+            &["api", "v1", "billing", "deadletters", sink, &id, "retry"],
+            &[],
+        );
+        self.json(self.request(Method::POST, &url), &url).await
+    }
+
+    /// The ledger's totals against the provider's acknowledged ones per
+    /// billing account and meter (`GET /api/v1/billing/reconcile`).
+    pub async fn billing_reconcile(
+        &self,
+        from: jiff::Timestamp,
+        to: jiff::Timestamp,
+        sink: Option<&str>,
+    ) -> Result<Value, ClientError> {
+        let mut pairs = vec![
+            ("from".to_owned(), from.to_string()),
+            ("to".to_owned(), to.to_string()),
+        ];
+        pairs.extend(optional_pair("sink", sink));
+        let url = self.url(&["api", "v1", "billing", "reconcile"], &pairs);
+        self.json(self.request(Method::GET, &url), &url).await
+    }
+
+    /// A meter's change feed after `after` (`GET /api/v1/meters/{slug}/changes`).
+    pub async fn meter_changes(
+        &self,
+        slug: &str,
+        after: tally_ledger::ChangeCursor,
+        limit: usize,
+    ) -> Result<tally_ledger::ChangePage, ClientError> {
+        let pairs = [
+            ("after".to_owned(), after.to_string()),
+            ("limit".to_owned(), limit.to_string()),
+        ];
+        let url = self.url(&["api", "v1", "meters", slug, "changes"], &pairs);
+        self.json(self.request(Method::GET, &url), &url).await
+    }
+
     /// Whether the server process is up (`GET /healthz`).
     pub async fn health(&self) -> Result<(), ClientError> {
         let url = self.url(&["healthz"], &[]);
@@ -347,6 +410,12 @@ impl TallyClient {
             reason: e.to_string(),
         })
     }
+}
+
+fn optional_pair(key: &str, value: Option<&str>) -> Vec<(String, String)> {
+    value
+        .map(|v| vec![(key.to_owned(), v.to_owned())])
+        .unwrap_or_default()
 }
 
 fn transport_error(url: &Url, error: &reqwest::Error) -> ClientError {

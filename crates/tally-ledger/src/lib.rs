@@ -68,6 +68,24 @@ pub trait Ledger: Send + Sync + 'static {
         cursor: Option<String>,
     ) -> BoxFuture<'_, Result<VoidPage, LedgerError>>;
 
+    /// The change feed of one meter's input after `cursor`, reading at most
+    /// `limit` log entries and voids: what a downstream reader with its own
+    /// checkpoint (the billing forwarder) needs to find windows that changed
+    /// after it read them. The default answers that there is no feed.
+    fn changes(
+        &self,
+        meter: String,
+        cursor: ChangeCursor,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<ChangePage, LedgerError>> {
+        let _ = (meter, cursor, limit);
+        Box::pin(async {
+            Err(LedgerError::Invalid(
+                "this ledger has no change feed".into(),
+            ))
+        })
+    }
+
     /// Counters for `/metrics`.
     fn stats(&self) -> LedgerStats;
 

@@ -261,3 +261,48 @@ pub struct LedgerStats {
     pub disk_bytes: u64,
     pub kinds: BTreeMap<String, u64>,
 }
+
+/// A position in a meter's change feed: how far the event log and the
+/// audit trail of voids were read. Voids get their own order (the order in
+/// which they were recorded), because a void changes an old event whose log
+/// position a reader has long passed. Written `<log>-<voids>`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ChangeCursor {
+    /// The next log sequence number to read.
+    pub log: u64,
+    /// The next void (in recording order) to read.
+    pub voids: u64,
+}
+
+impl std::fmt::Display for ChangeCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.log, self.voids)
+    }
+}
+
+impl std::str::FromStr for ChangeCursor {
+    type Err = LedgerError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || LedgerError::Invalid(format!("change cursor {s:?} is not <log>-<voids>"));
+        let (log, voids) = s.split_once('-').ok_or_else(bad)?;
+        Ok(ChangeCursor {
+            log: log.parse().map_err(|_| bad())?,
+            voids: voids.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+/// What changed a meter's input after a cursor: the event times of events
+/// of the meter's type that were stored, and of those that were voided.
+/// Anything listed is already reflected in a query asked afterwards.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChangePage {
+    /// Event times; repeats allowed, in no particular order.
+    pub times: Vec<Timestamp>,
+    /// Where to continue.
+    pub next: ChangeCursor,
+    /// True when the page stopped at its limit: ask again from `next`.
+    pub more: bool,
+}

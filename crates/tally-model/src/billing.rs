@@ -222,6 +222,16 @@ impl Attribution {
         }
     }
 
+    /// Every project that some binding names, sorted.
+    pub fn projects(&self) -> impl Iterator<Item = &str> {
+        self.projects.keys().map(String::as_str)
+    }
+
+    /// The provider customer id (uid) of every account, by account name.
+    pub fn accounts(&self) -> &BTreeMap<String, String> {
+        &self.accounts
+    }
+
     /// Who owns `project`'s usage at `t`.
     pub fn owner_at(&self, project: &str, t: Timestamp) -> Owner<'_> {
         let Some(starts) = self.projects.get(project) else {

@@ -39,6 +39,39 @@ pub struct ServeConfig {
     /// Removing a file deletes nothing.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub manifest_dirs: Vec<PathBuf>,
+    /// The billing forwarder (BillingSink resources).
+    pub billing: BillingServeConfig,
+}
+
+/// `billing:` in the serve config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct BillingServeConfig {
+    /// Whether this server forwards usage to the BillingSinks' providers.
+    /// Turn it off when a `tally forward` process does it instead: two
+    /// forwarders of one sink would each correct the provider's totals.
+    pub enabled: bool,
+    /// Seconds between forwarding passes (each sends the windows that
+    /// closed and the corrections of windows that changed).
+    pub pass_interval_seconds: f64,
+}
+
+impl Default for BillingServeConfig {
+    fn default() -> Self {
+        BillingServeConfig {
+            enabled: true,
+            pass_interval_seconds: 5.0,
+        }
+    }
+}
+
+impl BillingServeConfig {
+    /// The pass interval, at least 10 ms.
+    pub fn pass_interval(&self) -> std::time::Duration {
+        std::time::Duration::try_from_secs_f64(self.pass_interval_seconds)
+            .unwrap_or(std::time::Duration::from_secs(5))
+            .max(std::time::Duration::from_millis(10))
+    }
 }
 
 impl Default for ServeConfig {
@@ -53,6 +86,7 @@ impl Default for ServeConfig {
             dedupe_horizon_days: 32,
             max_lateness_days: None,
             manifest_dirs: Vec::new(),
+            billing: BillingServeConfig::default(),
         }
     }
 }

@@ -5,6 +5,7 @@
 //! `/readyz` and `/openapi.json` (generated from the handlers' annotations).
 
 mod auth;
+pub mod billing;
 mod body;
 mod config;
 mod events;
@@ -35,7 +36,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use utoipa::OpenApi;
 
 pub use auth::{Principal, Scope, TokenConfig};
-pub use config::ServeConfig;
+pub use config::{BillingServeConfig, ServeConfig};
 pub use problem::Problem;
 pub use resources::StatusSource;
 
@@ -61,6 +62,8 @@ pub struct AppState {
     ledger_seen: Arc<Mutex<(u64, u64)>>,
     /// The exporters' pipeline fed by `/v1/metrics` and `/api/v1/write`.
     telemetry: Option<Arc<tally_telemetry::Pipeline>>,
+    /// The billing forwarder's runtime, when it runs in this server.
+    billing: Option<tally_billing::runtime::BillingHandle>,
 }
 
 impl AppState {
@@ -78,6 +81,7 @@ impl AppState {
             registry: Registry::new(),
             ledger_seen: Arc::default(),
             telemetry: None,
+            billing: None,
         }
     }
 
@@ -91,6 +95,14 @@ impl AppState {
     /// The registry `/metrics` renders.
     pub fn registry(&self) -> &Registry {
         &self.registry
+    }
+
+    /// Serves the billing API (`/api/v1/billing/*`) and metrics from
+    /// `handle`, and shows each BillingSink's forwarding status.
+    pub fn with_billing(self, handle: tally_billing::runtime::BillingHandle) -> AppState {
+        let mut state = self.with_status_source(Arc::new(handle.clone()));
+        state.billing = Some(handle);
+        state
     }
 
     /// Keeps the resources outside the meter catalog (billing, exporters,
@@ -171,8 +183,9 @@ pub const DEFAULT_MAX_PENDING_EVENTS: usize = 262_144;
         resources::apply, resources::list, resources::get, resources::put, resources::delete,
         resources::get_namespaced, resources::put_namespaced, resources::delete_namespaced,
         quarantine, metrics, healthz, readyz, telemetry::otlp_metrics, telemetry::remote_write,
+        billing::status, billing::dead_letters, billing::retry_dead_letter, billing::reconcile, billing::changes,
     ),
-    components(schemas(Problem, resources::ApplyResult, resources::ApplyResults, usage::UsageAnswer, usage::Rejected, events::VoidBody)),
+    components(schemas(billing::BillingStatus, billing::DeadLetters, billing::Reconciliation, Problem, resources::ApplyResult, resources::ApplyResults, usage::UsageAnswer, usage::Rejected, events::VoidBody)),
     modifiers(&BearerAuth),
 )]
 struct ApiDoc;
@@ -210,6 +223,14 @@ pub fn router(state: AppState) -> Router {
             get(meters::get).delete(meters::delete),
         )
         .route("/api/v1/meters/{slug}/query", get(meters::query))
+        .route("/api/v1/meters/{slug}/changes", get(billing::changes))
+        .route("/api/v1/billing/status", get(billing::status))
+        .route("/api/v1/billing/deadletters", get(billing::dead_letters))
+        .route(
+            "/api/v1/billing/deadletters/{sink}/{id}/retry",
+            post(billing::retry_dead_letter),
+        )
+        .route("/api/v1/billing/reconcile", get(billing::reconcile))
         .route("/api/v1/quarantine", get(quarantine))
         .route("/v1/metrics", post(telemetry::otlp_metrics))
         .route("/api/v1/write", post(telemetry::remote_write))
@@ -368,6 +389,9 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         *seen = (received.max(seen.0), s.events_accepted_total.max(seen.1));
     }
     out.push_str(&state.registry.render());
+    if let Some(billing) = &state.billing {
+        out.push_str(&billing.render_status_metrics());
+    }
     let _ = writeln!(
         out,
         "# HELP tally_http_requests_total HTTP requests by method, route and status.\n# TYPE tally_http_requests_total counter"
@@ -461,7 +485,22 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         Arc::clone(&resources),
         Arc::clone(&pipeline),
     ));
-    let state = AppState::new(Arc::new(ledger), config.max_body_bytes, None)
+    let billing_dir = ledger.data_dir().join("billing");
+    let ledger: Arc<dyn Ledger> = Arc::new(ledger);
+    let (stop_billing, billing_stopped) = tokio::sync::watch::channel(false);
+    let billing = config.billing.enabled.then(|| {
+        billing::start(
+            Arc::clone(&ledger),
+            Arc::clone(&resources),
+            billing::BillingOptions {
+                dir: billing_dir,
+                pass_interval: config.billing.pass_interval(),
+                registry: registry.clone(),
+            },
+            billing_stopped,
+        )
+    });
+    let mut state = AppState::new(ledger, config.max_body_bytes, None)
         .with_registry(registry)
         .with_resources(resources)
         .with_telemetry(Arc::clone(&pipeline))
@@ -471,6 +510,10 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .with_tokens(config.token.as_deref(), &config.tokens)
         .map_err(|e| anyhow::anyhow!("tokens: {e}"))?
         .with_max_pending_events(config.max_pending_events);
+    let billing_task = billing.map(|(handle, task)| {
+        state = state.clone().with_billing(handle);
+        task
+    });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
@@ -498,11 +541,16 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     }
     exporters.abort();
     pipeline.shutdown().await;
+    let _ = stop_billing.send(true);
+    if let Some(task) = billing_task {
+        let _ = task.await;
+    }
     tracing::info!("stopped");
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {

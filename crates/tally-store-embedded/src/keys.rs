@@ -7,6 +7,7 @@
 //! | `rollups`    | meter generation (u32 BE), level (u8), subject id (u32 BE), bucket start in minutes (40 bits, offset 2^39, BE), groups id (u32 BE): 18 bytes | [`tally_meter::AggState`] |
 //! | `quarantine` | meter (u16 len + bytes; empty = no meter), seq (u64 BE)    | JSON [`QuarantineEntry`] |
 //! | `voids`      | seq (u64 BE) of the voided event                           | JSON [`tally_ledger::VoidRecord`] |
+//! | `void_order` | void ordinal (u64 BE, 0, 1, ... in recording order)        | seq (u64 BE) of the voided event |
 //! | `catalog`    | kind `/` name                                              | manifest JSON |
 //! | `meta`       | `meter/<name>`                                             | JSON [`MeterState`] |
 //! | `meta`       | `dict/i/` id (u32 BE)                                      | dictionary entry: `s` + subject, or `g` + count (u32 BE) + groups |

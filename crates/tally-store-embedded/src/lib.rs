@@ -7,6 +7,7 @@
 //! disagree, even after `kill -9`. Reads run concurrently on snapshots of the
 //! committed state.
 
+mod changes;
 mod dict;
 mod keys;
 mod read;
@@ -25,9 +26,9 @@ use futures::future::BoxFuture;
 use jiff::{SignedDuration, Timestamp};
 use serde_json::json;
 use tally_ledger::{
-    Applied, ApplyMode, Catalog, EventFilter, EventPage, IngestOutcome, Ledger, LedgerError,
-    LedgerStats, MeterQuery, QuarantineFilter, QuarantinePage, QueryResult, ResourceStore,
-    VoidOutcome, VoidPage, VoidRequest,
+    Applied, ApplyMode, Catalog, ChangeCursor, ChangePage, EventFilter, EventPage, IngestOutcome,
+    Ledger, LedgerError, LedgerStats, MeterQuery, QuarantineFilter, QuarantinePage, QueryResult,
+    ResourceStore, VoidOutcome, VoidPage, VoidRequest,
 };
 use tally_model::{CloudEvent, EventError, Kind, KindClass, Manifest, error_code, field_error};
 use tokio::sync::{mpsc, oneshot};
@@ -85,6 +86,8 @@ pub(crate) struct Keyspaces {
     pub rollups: Keyspace,
     pub quarantine: Keyspace,
     pub voids: Keyspace,
+    /// Voids in the order they were recorded (see [`changes`]).
+    pub void_order: Keyspace,
     pub catalog: Keyspace,
     pub meta: Keyspace,
 }
@@ -221,6 +224,7 @@ impl EmbeddedLedger {
             rollups: open_keyspace(&db, "rollups")?,
             quarantine: open_keyspace(&db, "quarantine")?,
             voids: open_keyspace(&db, "voids")?,
+            void_order: open_keyspace(&db, "void_order")?,
             catalog: open_keyspace(&db, "catalog")?,
             meta: open_keyspace(&db, "meta")?,
         };
@@ -253,6 +257,7 @@ impl EmbeddedLedger {
         }
         let dict_entries = dict::load(&keyspaces.meta)?;
         let writer_dict = dict::WriterDict::new(&dict_entries);
+        changes::order_unordered_voids(&db, &keyspaces)?;
         let shared = Arc::new(Shared {
             voided: RwLock::new(voided),
             dict: RwLock::new(dict::ReaderDict::new(dict_entries)),
@@ -439,6 +444,15 @@ impl Ledger for EmbeddedLedger {
         cursor: Option<String>,
     ) -> BoxFuture<'_, Result<VoidPage, LedgerError>> {
         Box::pin(self.read(move |shared| read::list_voids(shared, limit, cursor.as_deref())))
+    }
+
+    fn changes(
+        &self,
+        meter: String,
+        cursor: ChangeCursor,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<ChangePage, LedgerError>> {
+        Box::pin(self.read(move |shared| changes::changes(shared, &meter, cursor, limit)))
     }
 
     fn stats(&self) -> LedgerStats {

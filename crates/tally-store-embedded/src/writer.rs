@@ -596,6 +596,9 @@ impl Writer {
             keys::seq_key(seq),
             json(&record).map_err(storage)?,
         );
+        // The change feed reads voids in the order they were recorded.
+        let ordinal = crate::changes::next_void_ordinal(ks).map_err(storage)?;
+        batch.insert(&ks.void_order, keys::seq_key(ordinal), keys::seq_key(seq));
         batch.remove(
             &ks.quarantine,
             keys::quarantine_key("", seq).map_err(storage)?,

@@ -4,8 +4,10 @@
 //! (`--server`, `TALLY_SERVER`) with an optional bearer token (`--token`,
 //! `TALLY_TOKEN`).
 
+mod billing;
 mod collect;
 mod events;
+mod forward;
 mod meters;
 mod output;
 mod resources;
@@ -80,6 +82,12 @@ enum Command {
     /// and admin connection gauges into gateway usage events and ship them
     /// to the ledger exactly once.
     Collect(Box<collect::CollectArgs>),
+    /// Billing forwarder state: status, dead letters, reconciliation.
+    #[command(subcommand)]
+    Billing(billing::BillingCommand),
+    /// Run the billing forwarder of one BillingSink on its own, against a
+    /// server over HTTP (turn off the server's own: billing.enabled: false).
+    Forward(forward::ForwardArgs),
 }
 
 #[derive(clap::Args)]
@@ -132,6 +140,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => return serve::run(args, cli.token),
         Command::Bench(args) => return bench(args),
         Command::Collect(args) => return collect::run(*args, cli.server, cli.token),
+        Command::Forward(args) => return forward::run(args, cli.server, cli.token),
+        Command::Billing(command) => ClientCommand::Billing(command),
         Command::Apply(args) => ClientCommand::Apply(args),
         Command::Get(args) => ClientCommand::Get(args),
         Command::Delete(args) => ClientCommand::Delete(args),
@@ -152,6 +162,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ClientCommand::Events(command) => events::run(&client, command).await,
             ClientCommand::Meters(command) => meters::run(&client, command).await,
             ClientCommand::Quarantine(command) => events::run_quarantine(&client, command).await,
+            ClientCommand::Billing(command) => billing::run(&client, command).await,
         }
     })
 }
@@ -191,6 +202,7 @@ enum ClientCommand {
     Events(events::EventsCommand),
     Meters(meters::MetersCommand),
     Quarantine(events::QuarantineCommand),
+    Billing(billing::BillingCommand),
 }
 
 /// Writes text to standard output; a closed pipe (`tally ... | head`) is not

@@ -101,7 +101,7 @@ pub fn run(args: ServeArgs, token: Option<String>) -> anyhow::Result<()> {
     runtime.block_on(tally_server::serve(config))
 }
 
-fn init_tracing(format: LogFormat) -> anyhow::Result<()> {
+pub fn init_tracing(format: LogFormat) -> anyhow::Result<()> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(directives) if !directives.trim().is_empty() => EnvFilter::try_new(&directives)
             .with_context(|| format!("invalid RUST_LOG {directives:?}"))?,

@@ -20,13 +20,21 @@ impl Drop for Server {
 /// Starts `tally serve` on a free loopback port with its store in `dir` and
 /// the extra environment `env`; returns once it prints where it listens.
 pub fn serve(dir: &Path, env: &[(&str, &str)]) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tally"));
+    command
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir)
         .env("RUST_LOG", "warn")
         .envs(env.iter().copied())
+        .stderr(Stdio::inherit());
+    spawn(command)
+}
+
+/// Spawns a prepared `tally serve` command (stdout is taken over) and waits
+/// for the line that says where it listens.
+pub fn spawn(mut command: Command) -> Server {
+    let mut child = command
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
         .spawn()
         .expect("start tally serve");
     let mut reader = BufReader::new(child.stdout.take().expect("stdout"));

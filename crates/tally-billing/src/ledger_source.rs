@@ -1,0 +1,127 @@
+//! [`LedgerUsageSource`]: the forwarder's [`UsageSource`] over any
+//! [`Ledger`]: totals through `Ledger::query`, changes through the ledger's
+//! per-meter change feed (`Ledger::changes`, voids included).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use jiff::tz::TimeZone;
+use tally_ledger::{ChangeCursor, Ledger, LedgerError, MeterQuery};
+
+use crate::source::{Changes, SourceError, UsageQuery, UsageSource, UsageTotal, follow_changes};
+
+/// Rows per query page.
+const PAGE: usize = 10_000;
+/// Log entries and voids per change-feed page.
+const CHANGES_PAGE: usize = 50_000;
+/// Most change-feed pages read by one `changes_since` (the rest is read by
+/// the next pass).
+const CHANGES_PAGES: usize = 20;
+
+fn source_error(meter: &str, e: LedgerError) -> SourceError {
+    SourceError(format!("meter {meter:?}: {e}"))
+}
+
+/// Reads usage from a ledger. Subjects are `projects/<project>`; a query
+/// asks only for the projects some binding names (the ledger reads those
+/// subjects' buckets directly), so usage of projects that no binding ever
+/// named is not read (it has no billing account to go to).
+#[derive(Clone)]
+pub struct LedgerUsageSource {
+    ledger: Arc<dyn Ledger>,
+}
+
+impl std::fmt::Debug for LedgerUsageSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LedgerUsageSource").finish_non_exhaustive()
+    }
+}
+
+impl LedgerUsageSource {
+    /// A source over `ledger`.
+    pub fn new(ledger: Arc<dyn Ledger>) -> Self {
+        LedgerUsageSource { ledger }
+    }
+}
+
+/// The rows of a `subject` + dimensions query as usage totals.
+pub(crate) fn totals_of(
+    rows: impl IntoIterator<Item = tally_ledger::QueryRow>,
+) -> impl Iterator<Item = UsageTotal> {
+    rows.into_iter().filter_map(|row| {
+        let project = row.subject?.strip_prefix("projects/")?.to_owned();
+        let dimensions: BTreeMap<String, String> = row
+            .group_by
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .filter(|(k, _)| k != "subject")
+            .collect();
+        Some(UsageTotal {
+            project,
+            dimensions,
+            value: row.value,
+        })
+    })
+}
+
+impl UsageSource for LedgerUsageSource {
+    fn totals(&self, query: UsageQuery) -> BoxFuture<'_, Result<Vec<UsageTotal>, SourceError>> {
+        Box::pin(async move {
+            if query.projects.is_empty() {
+                return Ok(Vec::new());
+            }
+            let mut group_by = vec!["subject".to_owned()];
+            group_by.extend(query.dimensions.iter().cloned());
+            let mut out = Vec::new();
+            let mut cursor = None;
+            loop {
+                let request = MeterQuery {
+                    from: query.from,
+                    to: query.to,
+                    window_size: None,
+                    time_zone: TimeZone::UTC,
+                    subjects: query
+                        .projects
+                        .iter()
+                        .map(|p| format!("projects/{p}"))
+                        .collect(),
+                    group_by: group_by.clone(),
+                    filter_group_by: BTreeMap::new(),
+                    limit: Some(PAGE),
+                    cursor: cursor.take(),
+                };
+                let page = self
+                    .ledger
+                    .query(query.meter.clone(), request)
+                    .await
+                    .map_err(|e| source_error(&query.meter, e))?;
+                out.extend(totals_of(page.rows));
+                match page.next_cursor {
+                    Some(next) => cursor = Some(next),
+                    None => return Ok(out),
+                }
+            }
+        })
+    }
+
+    fn changes_since(
+        &self,
+        meter: &str,
+        cursor: ChangeCursor,
+    ) -> BoxFuture<'_, Result<Changes, SourceError>> {
+        let meter = meter.to_owned();
+        Box::pin(async move {
+            follow_changes(cursor, CHANGES_PAGES, |at| {
+                let meter = meter.clone();
+                async move {
+                    self.ledger
+                        .changes(meter.clone(), at, CHANGES_PAGE)
+                        .await
+                        .map_err(|e| source_error(&meter, e))
+                }
+            })
+            .await
+        })
+    }
+}

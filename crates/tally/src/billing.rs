@@ -1,0 +1,261 @@
+//! `tally billing status|deadletters|retry|reconcile`: the billing
+//! forwarder's state, its dead letters, and the ledger against the provider.
+
+use anyhow::Context;
+use clap::{Args, Subcommand, ValueEnum};
+use jiff::tz::TimeZone;
+use serde_json::Value;
+use tally_client::TallyClient;
+
+use crate::output::{self, NONE, Table};
+use crate::print;
+use crate::when::parse_instant;
+
+#[derive(Debug, Subcommand)]
+pub enum BillingCommand {
+    /// Per sink and meter: last forwarded window, lag, records sent,
+    /// retries, dead letters.
+    Status(StatusArgs),
+    /// Batches the provider refused for good, with its answer.
+    Deadletters(DeadLettersArgs),
+    /// Send a dead letter's records again (same uniqueIds).
+    Retry(RetryArgs),
+    /// Compare, per billing account and meter, the ledger's totals with what
+    /// the provider acknowledged; exits non-zero when any differ.
+    Reconcile(ReconcileArgs),
+}
+
+/// Output formats of the billing commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Aligned columns.
+    Table,
+    /// The server's answer as JSON.
+    Json,
+    /// The server's answer as YAML.
+    Yaml,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Only this BillingSink.
+    #[arg(long, value_name = "NAME")]
+    sink: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Table, value_name = "FORMAT")]
+    output: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct DeadLettersArgs {
+    /// Only this BillingSink.
+    #[arg(long, value_name = "NAME")]
+    sink: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Table, value_name = "FORMAT")]
+    output: Format,
+}
+
+#[derive(Debug, Args)]
+pub struct RetryArgs {
+    /// The BillingSink.
+    #[arg(value_name = "SINK")]
+    sink: String,
+    /// The dead letter's id (see `tally billing deadletters`).
+    #[arg(value_name = "ID")]
+    id: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct ReconcileArgs {
+    /// Windows starting at or after this (RFC 3339 or a date, UTC).
+    #[arg(long, value_name = "TIME")]
+    from: String,
+    /// Windows starting before this (RFC 3339 or a date, UTC).
+    #[arg(long, value_name = "TIME")]
+    to: String,
+    /// Only this BillingSink.
+    #[arg(long, value_name = "NAME")]
+    sink: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Table, value_name = "FORMAT")]
+    output: Format,
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::Null => NONE.to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn dump(value: &Value, format: Format) -> anyhow::Result<Option<String>> {
+    Ok(match format {
+        Format::Table => None,
+        Format::Json => Some(output::to_json(value)?),
+        Format::Yaml => Some(output::to_yaml(value)?),
+    })
+}
+
+/// Seconds of a serialised `Duration` (`{"secs": n, "nanos": m}`).
+fn seconds(value: &Value) -> String {
+    match value.get("secs").and_then(Value::as_u64) {
+        Some(secs) => format!("{secs}s"),
+        None => NONE.to_owned(),
+    }
+}
+
+pub async fn run(client: &TallyClient, command: BillingCommand) -> anyhow::Result<()> {
+    match command {
+        BillingCommand::Status(args) => status(client, args).await,
+        BillingCommand::Deadletters(args) => dead_letters(client, args).await,
+        BillingCommand::Retry(args) => {
+            client
+                .billing_retry_dead_letter(&args.sink, args.id)
+                .await
+                .with_context(|| format!("retrying dead letter {} of {}", args.id, args.sink))?;
+            print(&format!(
+                "dead letter {} of billing sink {} queued again\n",
+                args.id, args.sink
+            ))
+        }
+        BillingCommand::Reconcile(args) => reconcile(client, args).await,
+    }
+}
+
+async fn status(client: &TallyClient, args: StatusArgs) -> anyhow::Result<()> {
+    let answer = client
+        .billing_status(args.sink.as_deref())
+        .await
+        .context("reading the billing status")?;
+    if let Some(text) = dump(&answer, args.output)? {
+        return print(&text);
+    }
+    let mut table = Table::new([
+        "SINK",
+        "READY",
+        "METER",
+        "API NAME",
+        "FORWARDED UNTIL",
+        "LAG",
+        "SENT",
+        "CORRECTIONS",
+        "PENDING",
+        "RETRIES",
+        "DEAD LETTERS",
+    ]);
+    for sink in answer["sinks"].as_array().into_iter().flatten() {
+        let ready = if sink["ready"].as_bool() == Some(true) {
+            "True".to_owned()
+        } else {
+            format!("False ({})", text(&sink["reason"]))
+        };
+        let status = &sink["status"];
+        let meters = status["meters"].as_array().cloned().unwrap_or_default();
+        if meters.is_empty() {
+            table.row([text(&sink["sink"]), ready.clone()]);
+        }
+        for meter in meters {
+            table.row([
+                text(&sink["sink"]),
+                ready.clone(),
+                text(&meter["meter"]),
+                text(&meter["meterApiName"]),
+                text(&meter["forwardedUntil"]),
+                seconds(&meter["lag"]),
+                text(&meter["recordsSent"]),
+                text(&meter["correctionsSent"]),
+                text(&meter["recordsPending"]),
+                text(&status["retries"]),
+                text(&status["deadLetters"]),
+            ]);
+        }
+    }
+    print(&table.render())
+}
+
+async fn dead_letters(client: &TallyClient, args: DeadLettersArgs) -> anyhow::Result<()> {
+    let answer = client
+        .billing_dead_letters(args.sink.as_deref())
+        .await
+        .context("listing billing dead letters")?;
+    if let Some(text) = dump(&answer, args.output)? {
+        return print(&text);
+    }
+    let mut table = Table::new(["SINK", "ID", "AT", "STATUS", "RECORDS", "REASON", "ANSWER"]);
+    for sink in answer["sinks"].as_array().into_iter().flatten() {
+        for letter in sink["deadLetters"].as_array().into_iter().flatten() {
+            let records = letter["records"].as_array().map_or(0, Vec::len);
+            let mut answer = text(&letter["answer"]);
+            if answer.len() > 80 {
+                let cut = (0..=80)
+                    .rev()
+                    .find(|i| answer.is_char_boundary(*i))
+                    .unwrap_or(0);
+                answer.truncate(cut);
+                answer.push('…');
+            }
+            table.row([
+                text(&sink["sink"]),
+                text(&letter["id"]),
+                text(&letter["at"]),
+                text(&letter["status"]),
+                records.to_string(),
+                text(&letter["reason"]),
+                answer,
+            ]);
+        }
+    }
+    print(&table.render())
+}
+
+async fn reconcile(client: &TallyClient, args: ReconcileArgs) -> anyhow::Result<()> {
+    let from = parse_instant(&args.from, &TimeZone::UTC).context("--from")?;
+    let to = parse_instant(&args.to, &TimeZone::UTC).context("--to")?;
+    let answer = client
+        .billing_reconcile(from, to, args.sink.as_deref())
+        .await
+        .context("reconciling billing")?;
+    let differences = answer["differences"].as_u64().unwrap_or(0);
+    match dump(&answer, args.output)? {
+        Some(text) => print(&text)?,
+        None => {
+            let mut table = Table::new([
+                "SINK",
+                "CUSTOMER",
+                "METER API NAME",
+                "LEDGER",
+                "ACKNOWLEDGED",
+                "DIFFERENCE",
+            ]);
+            for sink in answer["sinks"].as_array().into_iter().flatten() {
+                for row in sink["totals"].as_array().into_iter().flatten() {
+                    let ledger = text(&row["ledger"]);
+                    let acknowledged = text(&row["acknowledged"]);
+                    let difference = match (
+                        ledger.parse::<rust_decimal::Decimal>(),
+                        acknowledged.parse::<rust_decimal::Decimal>(),
+                    ) {
+                        (Ok(l), Ok(a)) if l == a => String::new(),
+                        (Ok(l), Ok(a)) => (l - a).normalize().to_string(),
+                        _ => "?".to_owned(),
+                    };
+                    table.row([
+                        text(&sink["sink"]),
+                        text(&row["customerId"]),
+                        text(&row["meterApiName"]),
+                        ledger,
+                        acknowledged,
+                        difference,
+                    ]);
+                }
+            }
+            print(&table.render())?;
+        }
+    }
+    if differences > 0 {
+        anyhow::bail!("{differences} (billing account, meter) total(s) differ from the provider's");
+    }
+    Ok(())
+}
