@@ -45,26 +45,6 @@ impl LedgerUsageSource {
     }
 }
 
-/// The rows of a `subject` + dimensions query as usage totals.
-pub(crate) fn totals_of(
-    rows: impl IntoIterator<Item = tally_ledger::QueryRow>,
-) -> impl Iterator<Item = UsageTotal> {
-    rows.into_iter().filter_map(|row| {
-        let project = row.subject?.strip_prefix("projects/")?.to_owned();
-        let dimensions: BTreeMap<String, String> = row
-            .group_by
-            .into_iter()
-            .filter_map(|(k, v)| v.map(|v| (k, v)))
-            .filter(|(k, _)| k != "subject")
-            .collect();
-        Some(UsageTotal {
-            project,
-            dimensions,
-            value: row.value,
-        })
-    })
-}
-
 impl UsageSource for LedgerUsageSource {
     fn totals(&self, query: UsageQuery) -> BoxFuture<'_, Result<Vec<UsageTotal>, SourceError>> {
         Box::pin(async move {
@@ -96,7 +76,9 @@ impl UsageSource for LedgerUsageSource {
                     .query(query.meter.clone(), request)
                     .await
                     .map_err(|e| source_error(&query.meter, e))?;
-                out.extend(totals_of(page.rows));
+                out.extend(page.rows.into_iter().filter_map(|row| {
+                    UsageTotal::from_query_row(row.subject.as_deref(), row.group_by, row.value)
+                }));
                 match page.next_cursor {
                     Some(next) => cursor = Some(next),
                     None => return Ok(out),

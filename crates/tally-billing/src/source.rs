@@ -21,6 +21,29 @@ pub struct UsageTotal {
     pub value: Decimal,
 }
 
+impl UsageTotal {
+    /// A meter query row grouped by `subject` and the meter's dimensions, as
+    /// usage of a project: `None` for a subject that is not `projects/<p>`.
+    /// Absent group values are left out of `dimensions`.
+    pub fn from_query_row(
+        subject: Option<&str>,
+        group_by: impl IntoIterator<Item = (String, Option<String>)>,
+        value: Decimal,
+    ) -> Option<UsageTotal> {
+        let project = subject?.strip_prefix("projects/")?.to_owned();
+        let dimensions = group_by
+            .into_iter()
+            .filter(|(k, _)| k != "subject")
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect();
+        Some(UsageTotal {
+            project,
+            dimensions,
+            value,
+        })
+    }
+}
+
 /// Usage that arrived since a cursor: the event times it touched.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Changes {

@@ -94,25 +94,9 @@ impl UsageSource for HttpUsageSource {
                         .query_meter(&query.meter, &params)
                         .await
                         .map_err(|e| SourceError(format!("meter {:?}: {e}", query.meter)))?;
-                    for row in page.data {
-                        let Some(project) = row
-                            .subject
-                            .as_deref()
-                            .and_then(|s| s.strip_prefix("projects/"))
-                        else {
-                            continue;
-                        };
-                        out.push(UsageTotal {
-                            project: project.to_owned(),
-                            dimensions: row
-                                .group_by
-                                .into_iter()
-                                .filter(|(k, _)| k != "subject")
-                                .filter_map(|(k, v)| v.map(|v| (k, v)))
-                                .collect(),
-                            value: row.value,
-                        });
-                    }
+                    out.extend(page.data.into_iter().filter_map(|row| {
+                        UsageTotal::from_query_row(row.subject.as_deref(), row.group_by, row.value)
+                    }));
                     match page.next_cursor {
                         Some(next) => cursor = Some(next),
                         None => break,
