@@ -22,8 +22,8 @@ use crate::keys::{self, DictEntry};
 /// The writer's dictionary.
 #[derive(Default)]
 pub(crate) struct WriterDict {
-    subjects: HashMap<String, u32>,
-    groups: HashMap<Vec<Option<String>>, u32>,
+    subjects: rustc_hash::FxHashMap<String, u32>,
+    groups: rustc_hash::FxHashMap<Vec<Option<String>>, u32>,
     next_id: u32,
     /// Ids handed out since the last commit, in order.
     fresh: Vec<(u32, DictEntry)>,
@@ -48,9 +48,11 @@ impl WriterDict {
 
     fn allocate(&mut self, entry: DictEntry) -> Result<u32, StoreError> {
         let id = self.next_id;
-        self.next_id = id
-            .checked_add(1)
-            .ok_or(StoreError::TooLong("the dictionary", u32::MAX as usize))?;
+        // The last id is `keys::ALL_GROUPS`, never an entry's.
+        if id == keys::ALL_GROUPS {
+            return Err(StoreError::TooLong("the dictionary", u32::MAX as usize));
+        }
+        self.next_id = id + 1;
         self.fresh.push((id, entry));
         Ok(id)
     }

@@ -3,8 +3,9 @@
 //! | keyspace     | key                                                        | value |
 //! |--------------|------------------------------------------------------------|-------|
 //! | `events`     | seq (u64 BE)                                               | ingested_at ns (i64 BE), type (u16 len + bytes), event JSON |
-//! | `dedupe`     | source (u32 len + bytes), id                               | seq (u64 BE), expires_at s (i64 BE) |
-//! | `rollups`    | meter generation (u32 BE), level (u8), subject id (u32 BE), bucket start in minutes (40 bits, offset 2^39, BE), groups id (u32 BE): 18 bytes | [`tally_meter::AggState`] |
+//! | `dedupe`     | xxh3-64 of the rest (u64 BE), source (u32 len + bytes), id | seq (u64 BE), expires_at s (i64 BE) |
+//! | `rollups`    | minute and hour: meter generation (u32 BE), level (u8), subject id (u32 BE), bucket start in minutes (40 bits, offset 2^39, BE), groups id (u32 BE): 18 bytes | [`tally_meter::AggState`] |
+//! | `rollups`    | day: meter generation (u32 BE), level (u8), bucket start (40 bits), subject id (u32 BE), [`ALL_GROUPS`] (u32 BE): 18 bytes | [`tally_meter::AggState`] of every group |
 //! | `quarantine` | meter (u16 len + bytes; empty = no meter), seq (u64 BE)    | JSON [`QuarantineEntry`] |
 //! | `voids`      | seq (u64 BE) of the voided event                           | JSON [`tally_ledger::VoidRecord`] |
 //! | `void_order` | void ordinal (u64 BE, 0, 1, ... in recording order)        | seq (u64 BE) of the voided event |
@@ -84,12 +85,34 @@ pub fn decode_event(value: &[u8]) -> Result<(Timestamp, CloudEvent), StoreError>
 
 // ---- dedupe ---------------------------------------------------------------
 
+/// The dedupe key of (source, id): the exact pair, behind a 64-bit hash of
+/// it. The hash decides almost every comparison in the memtable's skiplist
+/// within its first bytes (fjall compares a 4-byte inline prefix before it
+/// follows the key's pointer), where the bare pair begins with the same
+/// source bytes in nearly every key. The pair itself keeps the index exact.
 pub fn dedupe_key(source: &str, id: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4 + source.len() + id.len());
+    let mut out = Vec::with_capacity(12 + source.len() + id.len());
+    out.extend_from_slice(&[0; 8]);
     out.extend_from_slice(&(source.len() as u32).to_be_bytes());
     out.extend_from_slice(source.as_bytes());
     out.extend_from_slice(id.as_bytes());
+    let hash = xxhash_rust::xxh3::xxh3_64(&out[8..]);
+    out[..8].copy_from_slice(&hash.to_be_bytes());
     out
+}
+
+/// A format-3 dedupe key (the bare pair) in this format; `None` when `key`
+/// is already a format-4 key.
+pub fn upgrade_dedupe_key(key: &[u8]) -> Option<Vec<u8>> {
+    if let Some((hash, rest)) = key.split_first_chunk::<8>()
+        && u64::from_be_bytes(*hash) == xxhash_rust::xxh3::xxh3_64(rest)
+    {
+        return None;
+    }
+    let mut out = Vec::with_capacity(8 + key.len());
+    out.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(key).to_be_bytes());
+    out.extend_from_slice(key);
+    Some(out)
 }
 
 pub fn dedupe_value(seq: u64, expires_at: i64) -> [u8; 16] {
@@ -117,6 +140,22 @@ pub fn decode_dedupe(value: &[u8]) -> Result<(u64, i64), StoreError> {
 // memtable, so comparing two keys never leaves the skiplist node: the
 // writer's rollup lookups and inserts cost half the cache misses of a key
 // that spells its subject and groups out.
+//
+// Minute and hour keys are subject-major: one subject's usage over a month
+// is one short range. Day keys are time-major and hold every group of a
+// subject's day in one state (groups id [`ALL_GROUPS`]): a daily question
+// across all subjects reads exactly its days, one entry per subject and
+// day, whatever the store's history and however many group values there
+// are. Queries that need group values read hours instead.
+//
+// Invariant: every minute and hour bucket of a subject has the day bucket
+// that contains it (they are written in the same batch, and voids and
+// rebuilds change all three), so the day level tells which subjects have
+// any usage on a day.
+
+/// The groups id of day buckets: all of a subject's groups merged. Never
+/// handed out by the dictionary.
+pub const ALL_GROUPS: u32 = u32::MAX;
 
 /// Length of a rollup key.
 pub const ROLLUP_KEY_LEN: usize = 18;
@@ -161,7 +200,8 @@ pub fn rollup_level_prefix(generation: u64, level: Level) -> Result<[u8; 5], Sto
     Ok([g[0], g[1], g[2], g[3], level.as_u8()])
 }
 
-/// The key range of a subject's buckets starting in `[lo, hi]` (seconds).
+/// The key range of a subject's buckets starting in `[lo, hi]` (seconds), at
+/// the subject-major levels (minute and hour).
 pub fn rollup_subject_range(
     generation: u64,
     level: Level,
@@ -169,6 +209,9 @@ pub fn rollup_subject_range(
     lo: i64,
     hi: i64,
 ) -> Result<(Vec<u8>, Vec<u8>), StoreError> {
+    if level == Level::Day {
+        return Err(StoreError::Corrupt("day buckets are time-major"));
+    }
     let mut start = rollup_level_prefix(generation, level)?.to_vec();
     start.extend_from_slice(&subject.to_be_bytes());
     let mut end = start.clone();
@@ -178,6 +221,22 @@ pub fn rollup_subject_range(
     Ok((start, end))
 }
 
+/// The key range of every subject's day buckets starting in `[lo, hi]`
+/// (seconds).
+pub fn rollup_day_range(
+    generation: u64,
+    lo: i64,
+    hi: i64,
+) -> Result<(Vec<u8>, Vec<u8>), StoreError> {
+    let prefix = rollup_level_prefix(generation, Level::Day)?;
+    let mut start = prefix.to_vec();
+    start.extend_from_slice(&bucket_bytes(lo)?);
+    let mut end = prefix.to_vec();
+    end.extend_from_slice(&bucket_bytes(hi.saturating_add(60))?);
+    Ok((start, end))
+}
+
+/// The key of a bucket; `groups` must be [`ALL_GROUPS`] at [`Level::Day`].
 pub fn rollup_key(
     generation: u64,
     level: Level,
@@ -185,10 +244,20 @@ pub fn rollup_key(
     bucket: i64,
     groups: u32,
 ) -> Result<RollupKey, StoreError> {
+    if (level == Level::Day) != (groups == ALL_GROUPS) {
+        return Err(StoreError::Corrupt(
+            "day buckets, and only they, merge all groups",
+        ));
+    }
     let mut out = [0u8; ROLLUP_KEY_LEN];
     out[..5].copy_from_slice(&rollup_level_prefix(generation, level)?);
-    out[5..9].copy_from_slice(&subject.to_be_bytes());
-    out[9..14].copy_from_slice(&bucket_bytes(bucket)?);
+    if level == Level::Day {
+        out[5..10].copy_from_slice(&bucket_bytes(bucket)?);
+        out[10..14].copy_from_slice(&subject.to_be_bytes());
+    } else {
+        out[5..9].copy_from_slice(&subject.to_be_bytes());
+        out[9..14].copy_from_slice(&bucket_bytes(bucket)?);
+    }
     out[14..].copy_from_slice(&groups.to_be_bytes());
     Ok(out)
 }
@@ -205,11 +274,20 @@ pub fn decode_rollup_key(key: &[u8]) -> Result<DecodedRollupKey, StoreError> {
     if key.len() != ROLLUP_KEY_LEN {
         return Err(StoreError::Corrupt("rollup key length"));
     }
-    Ok(DecodedRollupKey {
-        subject: u32::from_be_bytes([key[5], key[6], key[7], key[8]]),
-        bucket: bucket_of(&key[9..14]),
-        groups: u32::from_be_bytes([key[14], key[15], key[16], key[17]]),
-    })
+    let groups = u32::from_be_bytes([key[14], key[15], key[16], key[17]]);
+    if key[4] == Level::Day.as_u8() {
+        Ok(DecodedRollupKey {
+            subject: u32::from_be_bytes([key[10], key[11], key[12], key[13]]),
+            bucket: bucket_of(&key[5..10]),
+            groups,
+        })
+    } else {
+        Ok(DecodedRollupKey {
+            subject: u32::from_be_bytes([key[5], key[6], key[7], key[8]]),
+            bucket: bucket_of(&key[9..14]),
+            groups,
+        })
+    }
 }
 
 // ---- dictionary -------------------------------------------------------------
@@ -393,8 +471,11 @@ pub const FORMAT_KEY: &str = "format";
 
 /// The byte layouts this build reads and writes. 2: SUM rollup states carry
 /// their event count (`AggState::Sum { sum, count }`). 3: rollup keys are
-/// 18 bytes, with subjects and group values interned in the dictionary.
-pub const FORMAT: u64 = 3;
+/// 18 bytes, with subjects and group values interned in the dictionary. 4:
+/// day buckets are time-major and merge all groups; dedupe keys begin with
+/// a hash (a format-3 store is upgraded when opened: see
+/// [`crate::upgrade`]).
+pub const FORMAT: u64 = 4;
 pub const GARBAGE_PREFIX: &str = "garbage/";
 
 #[cfg(test)]
@@ -425,7 +506,27 @@ mod tests {
             let key = rollup_key(1, Level::Minute, 0, bucket, 0).unwrap();
             assert_eq!(decode_rollup_key(&key).unwrap().bucket, bucket);
         }
-        assert!(rollup_key(u64::from(u32::MAX) + 1, Level::Day, 0, 0, 0).is_err());
+        assert!(rollup_key(u64::from(u32::MAX) + 1, Level::Day, 0, 0, ALL_GROUPS).is_err());
+        assert!(rollup_key(1, Level::Day, 0, 0, 0).is_err());
+        assert!(rollup_key(1, Level::Hour, 0, 0, ALL_GROUPS).is_err());
+    }
+
+    #[test]
+    fn day_keys_sort_by_day_then_subject() {
+        let day = 86_400;
+        let a = rollup_key(7, Level::Day, 9, 0, ALL_GROUPS).unwrap();
+        let b = rollup_key(7, Level::Day, 2, day, ALL_GROUPS).unwrap();
+        let c = rollup_key(7, Level::Day, 3, day, ALL_GROUPS).unwrap();
+        let d = rollup_key(7, Level::Day, 0, 2 * day, ALL_GROUPS).unwrap();
+        assert!(a < b && b < c && c < d);
+        let k = decode_rollup_key(&c).unwrap();
+        assert_eq!((k.subject, k.bucket, k.groups), (3, day, ALL_GROUPS));
+        let (start, end) = rollup_day_range(7, day, day).unwrap();
+        assert!(a.as_slice() < start.as_slice());
+        for inside in [b, c] {
+            assert!(start.as_slice() <= inside.as_slice() && inside.as_slice() < end.as_slice());
+        }
+        assert!(d.as_slice() >= end.as_slice());
     }
 
     #[test]
@@ -448,5 +549,13 @@ mod tests {
     #[test]
     fn dedupe_keys_do_not_collide_across_the_boundary() {
         assert_ne!(dedupe_key("ab", "c"), dedupe_key("a", "bc"));
+    }
+
+    #[test]
+    fn format_3_dedupe_keys_upgrade_once() {
+        let key = dedupe_key("gateway", "e-1");
+        let old = &key[8..];
+        assert_eq!(upgrade_dedupe_key(old).as_deref(), Some(key.as_slice()));
+        assert_eq!(upgrade_dedupe_key(&key), None);
     }
 }

@@ -171,8 +171,9 @@ impl Shared {
     }
 }
 
-/// Refuses a store written in another format; marks a new store with ours.
-fn check_format(db: &Database, keyspaces: &Keyspaces, next_seq: u64) -> Result<(), StoreError> {
+/// The format of the store: ours, or format 3, which the writer upgrades
+/// when it starts. Refuses any other; marks a new store with ours.
+fn check_format(db: &Database, keyspaces: &Keyspaces, next_seq: u64) -> Result<u64, StoreError> {
     let found = match keyspaces.meta.get(keys::FORMAT_KEY)? {
         Some(raw) => keys::read_u64(&raw)?,
         None if next_seq == 0 && keyspaces.catalog.is_empty()? => {
@@ -183,12 +184,12 @@ fn check_format(db: &Database, keyspaces: &Keyspaces, next_seq: u64) -> Result<(
                 keys::FORMAT.to_be_bytes(),
             );
             batch.commit()?;
-            return Ok(());
+            return Ok(keys::FORMAT);
         }
         None => 1,
     };
-    if found == keys::FORMAT {
-        Ok(())
+    if found == keys::FORMAT || found == 3 {
+        Ok(found)
     } else {
         Err(StoreError::Format {
             found,
@@ -250,7 +251,7 @@ impl EmbeddedLedger {
             Some(item) => keys::read_u64(&item.key()?)? + 1,
             None => 0,
         };
-        check_format(&db, &keyspaces, next_seq)?;
+        let format = check_format(&db, &keyspaces, next_seq)?;
         let mut voided = HashSet::new();
         for item in keyspaces.voids.iter() {
             voided.insert(keys::read_u64(&item.key()?)?);
@@ -268,13 +269,16 @@ impl EmbeddedLedger {
             writer_alive: AtomicBool::new(true),
         });
         let (tx, rx) = mpsc::channel(1024);
-        let writer = Writer::new(
+        let mut writer = Writer::new(
             Arc::clone(&shared),
             rx,
             next_seq,
             config.dedupe_horizon.as_secs(),
             writer_dict,
         );
+        if format == 3 {
+            writer.upgrade_from_format_3()?;
+        }
         let alive = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("tally-writer".into())
@@ -362,8 +366,22 @@ impl Ledger for EmbeddedLedger {
                 return Ok(IngestOutcome::default());
             }
             self.check_lateness(&events)?;
-            self.call(move |reply| Command::Ingest { events, reply })
+            let now = Timestamp::now();
+            let events = events
+                .into_iter()
+                .map(|event| writer::Prepared::new(event, now))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| LedgerError::Storage(e.to_string()))?;
+            let (reply, answer) = oneshot::channel();
+            self.tx
+                .send(Command::Ingest { events, reply })
                 .await
+                .map_err(|_| LedgerError::Storage("the writer has stopped".into()))?;
+            let (outcome, events) = answer
+                .await
+                .map_err(|_| LedgerError::Storage("the writer stopped before answering".into()))?;
+            drop(events);
+            outcome
         })
     }
 

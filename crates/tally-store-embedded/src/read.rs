@@ -202,8 +202,15 @@ pub fn query(
         Some(a) => split_windows(&windows, &a.changes_within(q.from, q.to)),
         None => (windows.clone(), (0..windows.len()).collect()),
     };
-    let plan =
-        QueryPlan::new(pieces, q.from, q.to).map_err(|e| LedgerError::Invalid(e.to_string()))?;
+    // Day buckets merge all groups and are laid out by day: they answer
+    // questions across all subjects that need no group value.
+    let coarsest = if q.subjects.is_empty() && group_positions.is_empty() && filters.is_empty() {
+        Level::Day
+    } else {
+        Level::Hour
+    };
+    let plan = QueryPlan::new(pieces, q.from, q.to, coarsest)
+        .map_err(|e| LedgerError::Invalid(e.to_string()))?;
 
     let snapshot = shared.db.snapshot();
     let rollups = &shared.keyspaces.rollups;
@@ -254,7 +261,16 @@ pub fn query(
         let projected = match projection_of.get(&k.groups) {
             Some(p) => *p,
             None => {
-                let groups = names.groups(k.groups)?;
+                let groups = if k.groups == keys::ALL_GROUPS {
+                    if !group_positions.is_empty() || !filters.is_empty() {
+                        return Err(storage(StoreError::Corrupt(
+                            "a day bucket was read for a question about groups",
+                        )));
+                    }
+                    vec![None; dimensions.len()]
+                } else {
+                    names.groups(k.groups)?
+                };
                 if groups.len() != dimensions.len() {
                     return Err(storage(StoreError::Corrupt(
                         "a rollup's groups do not match its meter's dimensions",
@@ -305,25 +321,43 @@ pub fn query(
             subject_ids.push(id);
         }
     }
-    for level in Level::ALL {
-        let Some((lo, hi)) = plan.range(level) else {
-            continue;
-        };
-        if q.subjects.is_empty() {
-            for item in
-                snapshot.prefix(rollups, keys::rollup_level_prefix(state.generation, level)?)
-            {
-                let (key, value) = item.into_inner().map_err(storage)?;
-                fold(&key, &value, level)?;
+    let generation = state.generation;
+    // Day buckets: one range per run of days, every subject in it.
+    for (lo, hi) in plan.spans(Level::Day) {
+        let (start, end) = keys::rollup_day_range(generation, lo, hi)?;
+        for item in snapshot.range(rollups, start..end) {
+            let (key, value) = item.into_inner().map_err(storage)?;
+            fold(&key, &value, Level::Day)?;
+        }
+    }
+    // Hour and minute buckets: one range per subject and run.
+    let fine: Vec<(Level, i64, i64)> = [Level::Hour, Level::Minute]
+        .into_iter()
+        .flat_map(|level| {
+            plan.spans(level)
+                .into_iter()
+                .map(move |(lo, hi)| (level, lo, hi))
+        })
+        .collect();
+    if !fine.is_empty() && q.subjects.is_empty() {
+        // Every subject with usage in a run has its day bucket (see
+        // `keys`), so the days the runs touch name the subjects to read.
+        let mut seen = BTreeSet::new();
+        for (_, lo, hi) in &fine {
+            let (start, end) =
+                keys::rollup_day_range(generation, Level::Day.bucket(*lo), Level::Day.bucket(*hi))?;
+            for item in snapshot.range(rollups, start..end) {
+                seen.insert(keys::decode_rollup_key(&item.key().map_err(storage)?)?.subject);
             }
-        } else {
-            for subject in &subject_ids {
-                let (start, end) =
-                    keys::rollup_subject_range(state.generation, level, *subject, lo, hi)?;
-                for item in snapshot.range(rollups, start..end) {
-                    let (key, value) = item.into_inner().map_err(storage)?;
-                    fold(&key, &value, level)?;
-                }
+        }
+        subject_ids = seen.into_iter().collect();
+    }
+    for subject in &subject_ids {
+        for (level, lo, hi) in &fine {
+            let (start, end) = keys::rollup_subject_range(generation, *level, *subject, *lo, *hi)?;
+            for item in snapshot.range(rollups, start..end) {
+                let (key, value) = item.into_inner().map_err(storage)?;
+                fold(&key, &value, *level)?;
             }
         }
     }

@@ -6,7 +6,9 @@
 //! together as one *group*: one fjall batch, one fsync, then every request
 //! in the group is answered.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -25,6 +27,8 @@ use crate::dict::WriterDict;
 use crate::keys::{self, MeterState, QuarantineEntry, RollupKey};
 use crate::{Shared, StoreError};
 
+mod upgrade;
+
 /// Most events taken into one group commit.
 const MAX_GROUP_EVENTS: usize = 64 * 1024;
 /// Events read per backfill step; ingest requests run between steps.
@@ -37,15 +41,36 @@ const ROLLUP_CACHE_ENTRIES: usize = 500_000;
 /// Keys removed per garbage-collection step.
 const GARBAGE_CHUNK: usize = 50_000;
 
-/// A reply channel for an ingest request.
-type IngestReply = oneshot::Sender<Result<IngestOutcome, LedgerError>>;
+/// A reply channel for an ingest request: the outcome, and the events
+/// handed back, so that freeing them is the caller's work and not the
+/// writer's.
+pub(crate) type IngestReply = oneshot::Sender<(Result<IngestOutcome, LedgerError>, Vec<Prepared>)>;
 /// One ingest request waiting for its group commit.
-type IngestRequest = (Vec<CloudEvent>, IngestReply);
+type IngestRequest = (Vec<Prepared>, IngestReply);
+
+/// An event with what the writer needs of it computed beforehand, on the
+/// caller's thread: its dedupe key and its log record. The writer, which
+/// serialises every change, only decides and merges.
+pub(crate) struct Prepared {
+    pub event: CloudEvent,
+    pub dedupe_key: Vec<u8>,
+    pub record: Vec<u8>,
+}
+
+impl Prepared {
+    pub fn new(event: CloudEvent, ingested_at: Timestamp) -> Result<Prepared, StoreError> {
+        Ok(Prepared {
+            dedupe_key: keys::dedupe_key(&event.source, &event.id),
+            record: keys::encode_event(ingested_at, &event)?,
+            event,
+        })
+    }
+}
 
 pub(crate) enum Command {
     Ingest {
-        events: Vec<CloudEvent>,
-        reply: oneshot::Sender<Result<IngestOutcome, LedgerError>>,
+        events: Vec<Prepared>,
+        reply: IngestReply,
     },
     Apply {
         manifest: Box<Manifest>,
@@ -72,14 +97,14 @@ pub(crate) struct Writer {
     prune_cursor: Option<Vec<u8>>,
     last_prune: Timestamp,
     /// Recently merged rollup states by key; see [`Writer::commit_with_deltas`].
-    cache: HashMap<RollupKey, AggState>,
+    cache: FxHashMap<RollupKey, AggState>,
     /// Interned subjects and group values.
     dict: WriterDict,
 }
 
 /// Rollup deltas of one batch, merged before touching the store.
 #[derive(Default)]
-struct Deltas(HashMap<RollupKey, AggState>);
+struct Deltas(FxHashMap<RollupKey, AggState>);
 
 impl Deltas {
     fn add(&mut self, key: RollupKey, state: AggState) -> Result<(), StoreError> {
@@ -114,7 +139,7 @@ impl Writer {
             horizon_seconds,
             prune_cursor: None,
             last_prune: Timestamp::UNIX_EPOCH,
-            cache: HashMap::new(),
+            cache: FxHashMap::default(),
             dict,
         }
     }
@@ -193,24 +218,18 @@ impl Writer {
 
     fn ingest_group(&mut self, group: Vec<IngestRequest>) {
         let start_seq = self.next_seq;
-        let (results, replies): (Vec<_>, Vec<_>) = match self.write_group(&group) {
-            Ok(outcomes) => (
-                outcomes.into_iter().map(Ok).collect(),
-                group.into_iter().map(|(_, r)| r).collect(),
-            ),
+        let results: Vec<Result<IngestOutcome, LedgerError>> = match self.write_group(&group) {
+            Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
             Err(e) => {
                 self.next_seq = start_seq;
                 self.dict.roll_back();
                 warn!(error = %e, "group commit failed; requests answered with an error");
                 let err = storage(e);
-                (
-                    group.iter().map(|_| Err(err.clone())).collect(),
-                    group.into_iter().map(|(_, r)| r).collect(),
-                )
+                group.iter().map(|_| Err(err.clone())).collect()
             }
         };
-        for (result, reply) in results.into_iter().zip(replies) {
-            let _ = reply.send(result);
+        for (result, (events, reply)) in results.into_iter().zip(group) {
+            let _ = reply.send((result, events));
         }
     }
 
@@ -220,28 +239,24 @@ impl Writer {
         let now = Timestamp::now();
         let mut batch = shared.db.batch().durability(Some(PersistMode::SyncAll));
         let mut deltas = Deltas::default();
-        let mut seen: HashSet<Vec<u8>> = HashSet::new();
+        let mut seen: FxHashSet<&[u8]> = FxHashSet::default();
         let mut outcomes = Vec::with_capacity(group.len());
         let generations = self.generations();
         for (events, _) in group {
             let mut outcome = IngestOutcome::default();
             // Deprecated meters this request fed; warned about once each.
             let mut deprecated: Vec<Arc<CompiledMeter>> = Vec::new();
-            for (index, event) in events.iter().enumerate() {
-                let dkey = keys::dedupe_key(&event.source, &event.id);
-                if seen.contains(&dkey) || self.is_duplicate(&dkey, now)? {
+            for (index, prepared) in events.iter().enumerate() {
+                let (event, dkey) = (&prepared.event, prepared.dedupe_key.as_slice());
+                if seen.contains(dkey) || self.is_duplicate(dkey, now)? {
                     outcome.duplicates += 1;
                     continue;
                 }
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 let expires = now.as_second().max(event.time.as_second()) + self.horizon_seconds;
-                batch.insert(
-                    &ks.events,
-                    keys::seq_key(seq),
-                    keys::encode_event(now, event)?,
-                );
-                batch.insert(&ks.dedupe, dkey.clone(), keys::dedupe_value(seq, expires));
+                batch.insert(&ks.events, keys::seq_key(seq), prepared.record.as_slice());
+                batch.insert(&ks.dedupe, dkey, keys::dedupe_value(seq, expires));
                 seen.insert(dkey);
                 outcome.accepted += 1;
                 match self.meters.get(&event.kind) {
@@ -1030,6 +1045,11 @@ fn add_sample(
     let subject = dict.subject(&event.subject)?;
     let groups = dict.groups(&sample.groups)?;
     for level in Level::ALL {
+        let groups = if level == Level::Day {
+            keys::ALL_GROUPS
+        } else {
+            groups
+        };
         let key = keys::rollup_key(generation, level, subject, level.bucket(second), groups)?;
         deltas.add(key, state.clone())?;
     }

@@ -1,0 +1,65 @@
+//! Upgrading a format-3 store to format 4 when it is opened.
+//!
+//! Format 4 changed two derived layouts, never the log: dedupe keys gained a
+//! hash prefix, and day rollups became time-major with all groups merged.
+//! The dedupe keys are rewritten in place (a key already in format 4 is
+//! recognised by its hash, so an upgrade cut short by a crash resumes), and
+//! every meter is rebuilt from the log under a new generation, exactly as
+//! when a Draft meter changes; the old generations become garbage. The
+//! format mark is written in the batch that starts the rebuilds, so a store
+//! is either still format 3 or fully switched.
+
+use fjall::PersistMode;
+use tracing::info;
+
+use super::Writer;
+use crate::{StoreError, keys};
+
+/// Dedupe keys rewritten per batch.
+const DEDUPE_CHUNK: usize = 50_000;
+
+impl Writer {
+    /// Runs before the writer serves anything and before readers exist.
+    pub(crate) fn upgrade_from_format_3(&mut self) -> Result<(), StoreError> {
+        let shared = std::sync::Arc::clone(&self.shared);
+        let ks = &shared.keyspaces;
+        let mut rewritten = 0u64;
+        let snapshot = shared.db.snapshot();
+        let mut batch = shared.db.batch().durability(Some(PersistMode::SyncAll));
+        let mut pending = 0;
+        for item in fjall::Readable::iter(&snapshot, &ks.dedupe) {
+            let (key, value) = item.into_inner()?;
+            let Some(new_key) = keys::upgrade_dedupe_key(&key) else {
+                continue;
+            };
+            batch.insert(&ks.dedupe, new_key, value);
+            batch.remove(&ks.dedupe, key);
+            pending += 1;
+            rewritten += 1;
+            if pending == DEDUPE_CHUNK {
+                batch.commit()?;
+                batch = shared.db.batch().durability(Some(PersistMode::SyncAll));
+                pending = 0;
+            }
+        }
+        let meters: Vec<String> = shared.read_state().meters.keys().cloned().collect();
+        let first = self.next_generations(&mut batch, meters.len() as u64)?;
+        let mut states = Vec::with_capacity(meters.len());
+        for (offset, meter) in meters.iter().enumerate() {
+            let state = self.begin_rebuild(&mut batch, meter, first + offset as u64)?;
+            states.push((meter.clone(), state));
+        }
+        batch.insert(&ks.meta, keys::FORMAT_KEY, keys::FORMAT.to_be_bytes());
+        batch.commit()?;
+        let mut state = shared.write_state();
+        for (meter, meter_state) in states {
+            state.meters.insert(meter, meter_state);
+        }
+        info!(
+            dedupe_keys = rewritten,
+            meters = meters.len(),
+            "store upgraded from format 3 to 4; meters are rebuilt from the log in the background"
+        );
+        Ok(())
+    }
+}
