@@ -1,6 +1,7 @@
 //! The edge agent's runtime (`tally collect`): Envoy access logs (files,
-//! OTLP logs over HTTP and gRPC) and Envoy admin connection gauges in,
-//! gateway usage events out to the ledger, exactly once.
+//! OTLP logs over HTTP and gRPC), Envoy admin connection gauges and the
+//! gateway controller's connection lifecycle events in, gateway usage
+//! events out to the ledger, exactly once.
 //!
 //! The binary only maps its flags to [`AgentOptions`]; this module does the
 //! rest: [`AgentOptions::resolve`] → [`AgentConfig`] → [`Agent::start`]
@@ -9,7 +10,8 @@
 //!
 //! # Design
 //! Every input (one per access-log file, one for the OTLP receivers, one
-//! for Envoy's admin gauges) is a [`Collector`](crate::Collector) on its own
+//! for Envoy's admin gauges, one for connection lifecycle events) is a
+//! [`Collector`](crate::Collector) on its own
 //! thread, with its own state store under `state_dir`. The collector's
 //! fsync'd **outbox is the only durable buffer**: its thread hands at most
 //! `max_in_flight` outbox events at a time to a `tally-delivery`
@@ -33,14 +35,28 @@
 //! ([`Collector::push_gauges`](crate::Collector::push_gauges)); the last
 //! sample is checkpointed with the outbox, so a restart neither repeats nor
 //! double counts an interval.
+//!
+//! The connection lifecycle receiver (`POST /v1/connections`, `--connections`)
+//! takes the gateway controller's `connection.opened`/`.closed` CloudEvents
+//! ([`crate::lifecycle`]), validates a request whole (`400
+//! application/problem+json` listing every bad event) and spools it like
+//! OTLP (fsync'd before `202`, `503` over the limits). Its input applies
+//! each (`source`, `id`) once ([`Collector::open_lifecycle`](crate::Collector::open_lifecycle)),
+//! checkpointing open connections and applied pairs with its outbox, and
+//! moves time on by the agent's [`Clock`]: a window closes once the clock is
+//! the grace past its end, with open connections billed up to it, so long
+//! connections are billed every window without new events.
 
+mod clock;
 mod config;
+mod connections;
 mod envoy_admin;
 mod grpc;
 mod input;
 mod ledger;
 mod otlp;
 mod resources;
+mod spool;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -56,7 +72,11 @@ use axum::routing::{get, post};
 use tally_delivery::{ComponentKind, Registry, Sink, SinkConfig};
 use tokio::sync::watch;
 
-pub use config::{AgentConfig, AgentOptions, EnvoyAdminConfig, EnvoyAdminOptions, ListenerMapping};
+pub use clock::Clock;
+pub use config::{
+    AgentConfig, AgentOptions, ConnectionsConfig, ConnectionsOptions, EnvoyAdminConfig,
+    EnvoyAdminOptions, ListenerMapping,
+};
 pub use otlp::record_line;
 
 use crate::collector::CollectError;
@@ -64,6 +84,7 @@ use envoy_admin::AdminSampler;
 use input::{InputKind, InputRunner, InputSpec, input_dir};
 use ledger::{Ack, LedgerEncoder, route_outcome};
 use resources::{SharedIndex, load_resources, watch_resources};
+use spool::{Limits, Spool};
 
 /// What each way of metering connection seconds attributes, and when to
 /// use which; `tally collect --help` shows it.
@@ -89,12 +110,34 @@ Connection seconds (networking.datumapis.com/gateway/connection-seconds) come fr
     billed. Use it when access logs cannot carry connection time (no periodic logging,
     TCP/TLS passthrough listeners) or a listener belongs to one route. Do not combine it
     with request or periodic lines for the same route, or its time is counted twice.
+  - Connection lifecycle events (--connections): the gateway controller, which sees
+    connections open and close, POSTs CloudEvents to http://LISTEN/v1/connections
+    (application/cloudevents+json, cloudevents-batch+json, json or x-ndjson, as the
+    ledger takes them) of type networking.datumapis.com/gateway/connection.opened or
+    .closed; `time` is the instant, `data.connection_id` names the connection (unique
+    while it may be open), and an opened event names its route: `data.route_name`
+    (httproute/NS/NAME/rule/I/...) or `data.httproute_namespace` + `data.httproute_name`,
+    optionally `data.project_name`. Each connection bills open-to-close to its route.
+    While open it is billed up to each window's end as the agent's clock passes that end
+    by --connections-grace-secs, with or without new events, so a week-long WebSocket is
+    billed every minute, not once at close; a close arriving later than the grace cannot
+    take back time already billed (counted as connection_closed_late). A request is
+    validated whole (400 application/problem+json lists every bad event; nothing is
+    stored) and answered 202 only once fsync'd; retries are dropped by (source, id) for
+    --connections-dedupe-horizon-secs (older events: 400 TOO_LATE). Events naming no
+    HTTPRoute are counted (unknown_route_name, missing_route_name). Use it when the
+    controller sees connections the access log cannot time (WebSockets, TCP/TLS
+    passthrough) and per-connection attribution matters; not together with periodic
+    lines or admin gauges for the same connections, and note that request lines of the
+    same connections (a WebSocket's upgrade request logs its whole duration) would add
+    their time again.
 Milliseconds are summed exactly; each route carries its sub-second remainder, so the
 seconds of a route always add up to floor(total ms / 1000).
 
 Exactly once: event ids are derived from (agent id, input, route, window, meter, closing
 round), so reading the same input again from its start yields the same ids and the
-ledger drops the repeats; the admin input checkpoints its last sample with its outbox.
+ledger drops the repeats; the admin input checkpoints its last sample with its outbox,
+the lifecycle input its open connections and the (source, id) pairs it applied.
 The outbox under --state-dir is the durable buffer; events leave it only after the
 ledger answered 200 or 207 for them.";
 
@@ -148,7 +191,10 @@ pub enum AgentError {
 #[derive(Clone)]
 pub(crate) struct HttpState {
     registry: Registry,
-    spool: Option<Arc<otlp::Spool>>,
+    /// The OTLP receivers' spool, when `--otlp`.
+    spool: Option<Arc<Spool>>,
+    /// The lifecycle receiver, when `--connections`.
+    connections: Option<Arc<connections::Receiver>>,
 }
 
 /// A started agent: listeners bound, inputs running.
@@ -187,7 +233,11 @@ impl Agent {
                 index.clone(),
             ));
         }
-        let (specs, spool) = input_specs(&config)?;
+        let Inputs {
+            specs,
+            spool,
+            connections,
+        } = input_specs(&config)?;
         // Bound before any input starts, so a taken port stops nothing.
         let (http, http_addr) = bind(config.listen).await?;
         let grpc = match (&spool, config.otlp_grpc_listen) {
@@ -230,14 +280,19 @@ impl Agent {
             http,
             http_addr,
             grpc,
-            state: HttpState { registry, spool },
+            state: HttpState {
+                registry,
+                spool,
+                connections,
+            },
             sink,
             stop,
             threads,
         })
     }
 
-    /// Where `/metrics`, `/healthz` and OTLP/HTTP `/v1/logs` are served.
+    /// Where `/metrics`, `/healthz`, OTLP/HTTP `/v1/logs` and
+    /// `/v1/connections` are served.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
     }
@@ -258,6 +313,7 @@ impl Agent {
             .route("/metrics", get(metrics))
             .route("/healthz", get(|| async { "ok" }))
             .route("/v1/logs", post(otlp::receive_logs))
+            .route("/v1/connections", post(connections::receive))
             .with_state(self.state.clone());
         let http = tokio::spawn(
             axum::serve(self.http, app)
@@ -373,10 +429,16 @@ async fn bind(address: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAdd
     Ok((listener, local))
 }
 
-/// One input per log file, one for the OTLP spool, one for Envoy's admin.
-fn input_specs(
-    config: &AgentConfig,
-) -> Result<(Vec<InputSpec>, Option<Arc<otlp::Spool>>), AgentError> {
+/// The inputs, and what the receivers write to.
+struct Inputs {
+    specs: Vec<InputSpec>,
+    spool: Option<Arc<Spool>>,
+    connections: Option<Arc<connections::Receiver>>,
+}
+
+/// One input per log file, one for the OTLP spool, one for Envoy's admin,
+/// one for the lifecycle spool.
+fn input_specs(config: &AgentConfig) -> Result<Inputs, AgentError> {
     let mut specs: Vec<InputSpec> = config
         .logs
         .iter()
@@ -391,18 +453,19 @@ fn input_specs(
         })
         .collect();
     let spool = if config.otlp {
-        let dir = config.state_dir.join("otlp");
-        let limits = otlp::Limits {
+        let limits = Limits {
             max_outbox_events: config.otlp_max_outbox_events,
             max_unread_bytes: config.otlp_max_spool_bytes,
         };
-        let spool = Arc::new(otlp::Spool::open(&dir.join("spool"), limits)?);
-        specs.push(InputSpec {
-            name: "otlp".to_owned(),
-            kind: InputKind::Otlp(spool.clone()),
-            state_dir: dir.join("state"),
-            agent_key: "otlp".to_owned(),
-        });
+        let (spec, spool) = spool_input(
+            config,
+            "otlp",
+            "OTLP",
+            "access.log",
+            limits,
+            InputKind::Otlp,
+        )?;
+        specs.push(spec);
         Some(spool)
     } else {
         None
@@ -417,7 +480,55 @@ fn input_specs(
             agent_key: "envoy-admin".to_owned(),
         });
     }
-    Ok((specs, spool))
+    let connections = match &config.connections {
+        Some(input) => {
+            let limits = Limits {
+                max_outbox_events: input.max_outbox_events,
+                max_unread_bytes: input.max_spool_bytes,
+            };
+            let (spec, spool) = spool_input(
+                config,
+                "connections",
+                "connection lifecycle",
+                "connections.log",
+                limits,
+                InputKind::Connections,
+            )?;
+            specs.push(spec);
+            Some(Arc::new(connections::Receiver {
+                spool,
+                clock: config.clock.clone(),
+                dedupe_horizon_millis: input.dedupe_horizon_millis,
+            }))
+        }
+        None => None,
+    };
+    Ok(Inputs {
+        specs,
+        spool,
+        connections,
+    })
+}
+
+/// A receiver's spool, `state_dir/<name>/spool/<file_name>`, and the input
+/// `name` tailing it with its state in `state_dir/<name>/state`.
+fn spool_input(
+    config: &AgentConfig,
+    name: &str,
+    what: &'static str,
+    file_name: &str,
+    limits: Limits,
+    kind: fn(Arc<Spool>) -> InputKind,
+) -> Result<(InputSpec, Arc<Spool>), AgentError> {
+    let dir = config.state_dir.join(name);
+    let spool = Arc::new(Spool::open(what, &dir.join("spool"), file_name, limits)?);
+    let spec = InputSpec {
+        name: name.to_owned(),
+        kind: kind(spool.clone()),
+        state_dir: dir.join("state"),
+        agent_key: name.to_owned(),
+    };
+    Ok((spec, spool))
 }
 
 /// Where the sink's outcome hook sends each input's acknowledgements.

@@ -28,7 +28,11 @@
 //!   and upstream-side records add nothing and are counted as skipped.
 //! - [`ConnectionEvent`] open/close: an open connection is accounted up to the
 //!   closing boundary at every round, so a week-long WebSocket is billed
-//!   every window, not once at close.
+//!   every window, not once at close. Rounds follow the watermark, which
+//!   [`Aggregator::advance_to`] moves without an event (the agent's
+//!   lifecycle input does so by its clock). A close at a time before what
+//!   was already accounted adds nothing and is counted
+//!   (`connection_closed_late`): the time between stays billed.
 //!
 //! Milliseconds are summed exactly; each route carries its sub-second
 //! remainder to its next emitted amount, so the seconds emitted for a route
@@ -436,6 +440,9 @@ impl Aggregator {
                 at_millis,
             } => {
                 match self.lifecycle.remove(connection_id) {
+                    Some(open) if open.accounted_until > *at_millis => self
+                        .diagnostics
+                        .record(LineProblem::ConnectionClosedLate, connection_id.as_bytes()),
                     Some(open) => self.add_interval(open.route, open.accounted_until, *at_millis),
                     None => self
                         .diagnostics
@@ -451,6 +458,13 @@ impl Aggregator {
     pub fn flush(&mut self, out: &mut Vec<WindowUsage>) {
         let until = self.watermark.unwrap_or(i64::MIN);
         self.run_round(until, i64::MAX, out);
+    }
+
+    /// Counts an input that could not be used (or not wholly), keeping it
+    /// as an example: for inputs parsed outside the aggregator, such as
+    /// [`crate::lifecycle`] records.
+    pub fn note(&mut self, problem: LineProblem, input: &[u8]) {
+        self.diagnostics.record(problem, input);
     }
 
     /// Counts of lines and inputs that could not be used.

@@ -1,12 +1,20 @@
 //! The collector: tailer + aggregator + a durable outbox of usage events.
 //! A collector opened with [`Collector::open_gauges`] reads no file: its
 //! input is gauge samples of open connections ([`Collector::push_gauges`]),
-//! and the last sample is part of the checkpoint.
+//! and the last sample is part of the checkpoint. One opened with
+//! [`Collector::open_lifecycle`] tails a file of [`LifecycleRecord`] lines
+//! (connection lifecycle events) instead of access-log lines, applies each
+//! (`source`, `id`) once, and moves time on with [`Collector::advance_to`].
 //!
 //! See the crate documentation for the exactly-once invariant. The state
-//! store is one fjall database in `state_dir` with two keyspaces: `outbox`
-//! (event id → CloudEvent JSON, not yet acknowledged) and `meta` (key
-//! `state` → [`Checkpoint`] JSON).
+//! store is one fjall database in `state_dir` with the keyspaces `outbox`
+//! (event id → CloudEvent JSON, not yet acknowledged), `meta` (key
+//! `state` → [`Checkpoint`] JSON) and, for lifecycle collectors, `seen`
+//! (`source` NUL `id` → event time, Unix ms as 8 big-endian bytes: the
+//! lifecycle events applied within the deduplication horizon), written in
+//! the same batch as the checkpoint.
+//!
+//! [`LifecycleRecord`]: crate::lifecycle::LifecycleRecord
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +25,7 @@ use tally_model::CloudEvent;
 use crate::aggregate::{Aggregator, AggregatorState, WindowConfig, WindowUsage};
 use crate::enrich::EnrichmentIndex;
 use crate::event::{AgentIdentity, usage_event};
+use crate::lifecycle::LifecycleApplier;
 use crate::record::LineDiagnostics;
 use crate::route::RouteKey;
 use crate::tail::{FileTailer, TailCheckpoint, TailError};
@@ -119,6 +128,9 @@ pub enum CollectError {
     /// A commit failed earlier: memory is ahead of the disk.
     #[error("a previous commit failed; open the collector again")]
     Poisoned,
+    /// A `seen` entry is not an event time.
+    #[error("the deduplication entry {key:?} in {path} is not an event time")]
+    Seen { path: PathBuf, key: String },
 }
 
 /// What one poll or flush did.
@@ -142,12 +154,34 @@ pub struct CollectorStats {
     pub outbox_depth: usize,
 }
 
+/// What a collector is opened to read.
+enum Reads {
+    AccessLog,
+    Gauges,
+    /// With this deduplication horizon, ms.
+    Lifecycle(i64),
+}
+
+/// What a collector reads, and the state that needs.
+enum Input {
+    /// Access-log lines from a file.
+    AccessLog,
+    /// Gauge samples pushed by the caller.
+    Gauges,
+    /// Lifecycle record lines from a file, applied once per (source, id).
+    Lifecycle {
+        applier: LifecycleApplier,
+        seen: Keyspace,
+    },
+}
+
 /// Tails the access log into a durable outbox of usage events.
 pub struct Collector {
     config: CollectorConfig,
     db: Database,
     outbox: Keyspace,
     meta: Keyspace,
+    input: Input,
     tailer: Option<FileTailer>,
     aggregator: Aggregator,
     gauges: Option<GaugeSample>,
@@ -162,16 +196,28 @@ pub struct Collector {
 impl Collector {
     /// Opens the state store and resumes from its checkpoint.
     pub fn open(config: CollectorConfig) -> Result<Self, CollectError> {
-        Self::open_input(config, true)
+        Self::open_input(config, Reads::AccessLog)
     }
 
     /// Opens a collector that reads no file (`config.log_path` is not
     /// used): its input is [`Collector::push_gauges`].
     pub fn open_gauges(config: CollectorConfig) -> Result<Self, CollectError> {
-        Self::open_input(config, false)
+        Self::open_input(config, Reads::Gauges)
     }
 
-    fn open_input(config: CollectorConfig, file: bool) -> Result<Self, CollectError> {
+    /// Opens a collector tailing `config.log_path` as lines of
+    /// [`LifecycleRecord`](crate::lifecycle::LifecycleRecord)s, each
+    /// (`source`, `id`) applied once while its event time is within
+    /// `dedupe_horizon_millis` of the watermark. Time moves on with the
+    /// records and with [`Collector::advance_to`].
+    pub fn open_lifecycle(
+        config: CollectorConfig,
+        dedupe_horizon_millis: i64,
+    ) -> Result<Self, CollectError> {
+        Self::open_input(config, Reads::Lifecycle(dedupe_horizon_millis))
+    }
+
+    fn open_input(config: CollectorConfig, reads: Reads) -> Result<Self, CollectError> {
         let store = |source| CollectError::Store {
             path: config.state_dir.clone(),
             source,
@@ -212,10 +258,34 @@ impl Collector {
             }
         };
         let outbox_len = outbox.len().map_err(store)?;
-        let tailer = if file {
-            Some(FileTailer::open(&config.log_path, &files)?)
-        } else {
-            None
+        let input = match reads {
+            Reads::AccessLog => Input::AccessLog,
+            Reads::Gauges => Input::Gauges,
+            Reads::Lifecycle(horizon) => {
+                let seen = db
+                    .keyspace("seen", KeyspaceCreateOptions::default)
+                    .map_err(store)?;
+                let mut remembered = Vec::new();
+                for item in seen.iter() {
+                    let (key, value) = item.into_inner().map_err(store)?;
+                    let key = String::from_utf8_lossy(&key).into_owned();
+                    let at = <[u8; 8]>::try_from(&value[..])
+                        .map(i64::from_be_bytes)
+                        .map_err(|_| CollectError::Seen {
+                            path: config.state_dir.clone(),
+                            key: key.clone(),
+                        })?;
+                    remembered.push((key.into_boxed_str(), at));
+                }
+                Input::Lifecycle {
+                    applier: LifecycleApplier::new(horizon, remembered),
+                    seen,
+                }
+            }
+        };
+        let tailer = match input {
+            Input::Gauges => None,
+            _ => Some(FileTailer::open(&config.log_path, &files)?),
         };
         tracing::info!(log = %config.log_path.display(), state = %config.state_dir.display(),
             files = files.len(), open_buckets = aggregator.open_buckets(), outbox = outbox_len,
@@ -225,6 +295,7 @@ impl Collector {
             db,
             outbox,
             meta,
+            input,
             tailer,
             aggregator,
             gauges,
@@ -248,11 +319,15 @@ impl Collector {
         self.check()?;
         let mut closed = Vec::new();
         let aggregator = &mut self.aggregator;
-        let lines = match &mut self.tailer {
-            Some(tailer) => tailer.read_lines(self.config.max_read_bytes, |line| {
-                aggregator.push_line(line, &mut closed)
-            })?,
-            None => 0,
+        let max = self.config.max_read_bytes;
+        let lines = match (&mut self.tailer, &mut self.input) {
+            (Some(tailer), Input::Lifecycle { applier, .. }) => {
+                tailer.read_lines(max, |line| applier.push_line(aggregator, line, &mut closed))?
+            }
+            (Some(tailer), _) => {
+                tailer.read_lines(max, |line| aggregator.push_line(line, &mut closed))?
+            }
+            (None, _) => 0,
         };
         self.uncommitted_lines += lines;
         self.stats.received_lines += lines;
@@ -308,6 +383,22 @@ impl Collector {
         self.stats.received_lines += 1;
         let events = self.commit(true, &closed)?;
         Ok(PollReport { lines: 1, events })
+    }
+
+    /// Moves time on to `at_millis` (as a record of that time would),
+    /// commits the windows that closes — for a lifecycle collector, with
+    /// its open connections accounted up to the closing boundary.
+    pub fn advance_to(&mut self, at_millis: i64) -> Result<PollReport, CollectError> {
+        self.check()?;
+        let mut closed = Vec::new();
+        self.aggregator.advance_to(at_millis, &mut closed);
+        let events = self.commit(false, &closed)?;
+        Ok(PollReport { lines: 0, events })
+    }
+
+    /// The watermark (largest event time seen or advanced to), Unix ms.
+    pub fn watermark(&self) -> Option<i64> {
+        self.aggregator.watermark()
     }
 
     /// The last gauge sample committed or pushed.
@@ -447,6 +538,17 @@ impl Collector {
         };
         let state = serde_json::to_vec(&checkpoint).map_err(CollectError::Encode)?;
         batch.insert(&self.meta, STATE_KEY, state);
+        if let Input::Lifecycle { applier, seen } = &mut self.input {
+            if let Some(watermark) = self.aggregator.watermark() {
+                applier.expire(watermark);
+            }
+            for (key, at) in applier.take_changes() {
+                match at {
+                    Some(at) => batch.insert(seen, &*key, at.to_be_bytes()),
+                    None => batch.remove(seen, &*key),
+                }
+            }
+        }
         batch.commit().map_err(|e| self.store_error(e))?;
         self.poisoned = false;
         self.committed_files = files;

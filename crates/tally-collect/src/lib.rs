@@ -6,11 +6,13 @@
 //! ([`route`]) and sums per (route, window) → closed amounts become
 //! CloudEvents with deterministic ids ([`event`]), enriched with gateway
 //! dimensions ([`enrich`]) → [`collector::Collector`] keeps them in a durable
-//! outbox until the shipper acknowledges them. [`generate`] writes realistic
+//! outbox until the shipper acknowledges them. [`lifecycle`] validates the
+//! gateway controller's connection lifecycle CloudEvents and applies them
+//! once per (`source`, `id`). [`generate`] writes realistic
 //! corpora with their exact expected totals. [`agent`] is the runtime of
 //! `tally collect` built on them: config, OTLP logs receivers (gRPC and
-//! HTTP), the Envoy admin gauge sampler and the `tally-delivery` sink to
-//! the ledger.
+//! HTTP), the connection lifecycle receiver, the Envoy admin gauge sampler
+//! and the `tally-delivery` sink to the ledger.
 //!
 //! # Example
 //! ```
@@ -40,7 +42,8 @@
 //! # Exactly-once invariant
 //! The collector's checkpoint — file positions, the aggregator state (open
 //! window sums, watermark, closing round, sub-second carries, open
-//! connections) — and every event emitted since the previous checkpoint are
+//! connections), for lifecycle inputs the (`source`, `id`) pairs applied —
+//! and every event emitted since the previous checkpoint are
 //! written in **one** fjall batch committed with `PersistMode::SyncAll`.
 //! Events are handed out for shipping only from that outbox. So after a
 //! crash the state on disk always matches the events on disk: the lines after
@@ -58,9 +61,13 @@
 //!   each record adds only what its stream gained, split across the windows
 //!   it spans. Use Envoy's `access_log_flush_interval` for WebSockets, gRPC
 //!   streams and TCP routes, so long connections are billed every window.
-//! - **Lifecycle events** ([`ConnectionEvent`] open/close, for embedders that
-//!   see connections directly): an open connection is accounted up to the
-//!   closing boundary at every round.
+//! - **Lifecycle events** ([`ConnectionEvent`] open/close, from the gateway
+//!   controller as CloudEvents ([`lifecycle`]) or from embedders that see
+//!   connections directly): an open connection is accounted up to the
+//!   closing boundary at every round; the agent's lifecycle input runs
+//!   rounds by its clock, so a connection is billed every window without
+//!   further events. A close that arrives after its window closed cannot
+//!   take back the time already billed (`connection_closed_late`).
 //! - **Gauge samples** ([`GaugeSample`], from Envoy's admin
 //!   `downstream_cx_active` gauges in [`agent`]): open connections × time
 //!   since the previous sample, per mapped route.
@@ -74,7 +81,10 @@
 //! - Never hands out an event that is not durable, nor forgets one that was
 //!   not acknowledged.
 //! - Never uses a randomised hash or the wall clock for anything that decides
-//!   an event id or a window.
+//!   an event id or a window. (The idle flush and the lifecycle input's
+//!   clock decide when rounds run, hence how amounts split into events,
+//!   never which window time belongs to; events are committed with the
+//!   state that produced them, so a replay after a crash repeats none.)
 //! - The core (everything but [`agent`]) never performs network I/O nor
 //!   reads the clock; [`agent`] does, and leaves retries and queues to
 //!   `tally-delivery`.
@@ -85,6 +95,7 @@ pub mod collector;
 pub mod enrich;
 pub mod event;
 pub mod generate;
+pub mod lifecycle;
 pub mod record;
 pub mod route;
 pub mod tail;
@@ -99,5 +110,8 @@ pub use collector::{
 pub use enrich::{EnrichError, EnrichmentIndex, RouteDimensions};
 pub use event::{AgentIdentity, event_id, usage_event};
 pub use generate::{CorpusConfig, CorpusGenerator, ExpectedTotals, write_corpus};
+pub use lifecycle::{
+    CONNECTION_CLOSED, CONNECTION_OPENED, Change, LifecycleApplier, LifecycleRecord,
+};
 pub use record::{AccessRecord, LineDiagnostics, LineProblem, parse_access_line};
 pub use route::{RouteKey, RouteName, parse_route_name};

@@ -254,6 +254,17 @@ pub enum LineProblem {
     /// A start or upstream-side record (`DownstreamStart`,
     /// `UpstreamPeriodic`, ...): no downstream usage of its own.
     NoUsageRecord,
+    /// A lifecycle event whose (`source`, `id`) was applied before: a
+    /// retry, skipped.
+    DuplicateEvent,
+    /// A lifecycle event older than its input's deduplication horizon behind
+    /// the watermark: it could no longer be told from a retry, so it is not
+    /// applied.
+    TooLate,
+    /// A connection closed at a time before the time it was already billed
+    /// up to (its window had closed before the close arrived): the time in
+    /// between stays billed.
+    ConnectionClosedLate,
 }
 
 impl LineProblem {
@@ -268,6 +279,9 @@ impl LineProblem {
             LineProblem::ConnectionOutOfOrder => "connection_out_of_order",
             LineProblem::MissingStreamId => "missing_stream_id",
             LineProblem::NoUsageRecord => "no_usage_record",
+            LineProblem::DuplicateEvent => "duplicate_event",
+            LineProblem::TooLate => "too_late",
+            LineProblem::ConnectionClosedLate => "connection_closed_late",
         }
     }
 
@@ -384,8 +398,9 @@ impl LineDiagnostics {
         self.sum(LineProblem::is_unattributable)
     }
 
-    /// Valid inputs that add nothing: start and upstream records, unknown
-    /// connections, out-of-order periodic records.
+    /// Valid inputs that add nothing (start and upstream records, unknown
+    /// connections, out-of-order periodic records, duplicate or too late
+    /// lifecycle events) or less than they say (late closes).
     pub fn skipped(&self) -> u64 {
         self.sum(|p| !p.is_malformed() && !p.is_unattributable())
     }

@@ -207,6 +207,96 @@ fn gauge_samples_are_integrated_once_across_reopening() {
 }
 
 #[test]
+fn lifecycle_records_apply_once_and_open_connections_survive_reopening() {
+    use std::io::Write as _;
+    use tally_collect::{Change, LifecycleRecord, LineProblem};
+
+    let dir = tempfile::tempdir().unwrap();
+    let spool = dir.path().join("connections.log");
+    let record = |id: &str, change: Change, connection: &str, route: &str, at: i64| {
+        let record = LifecycleRecord {
+            source: "ctrl".into(),
+            id: id.into(),
+            change,
+            connection_id: connection.into(),
+            at_millis: at,
+            route_name: Some(format!("httproute/ns/{route}/rule/0")),
+            httproute_namespace: None,
+            httproute_name: None,
+            project_name: None,
+        };
+        format!("{}\n", serde_json::to_string(&record).unwrap())
+    };
+    let append = |text: String| {
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&spool)
+            .unwrap();
+        file.write_all(text.as_bytes()).unwrap();
+    };
+    let mut config = CollectorConfig::new(
+        spool.clone(),
+        dir.path().join("state"),
+        AgentIdentity {
+            agent_id: "node-a/connections".into(),
+            source: "tally-collect/node-a".into(),
+        },
+    );
+    config.window.allowed_lateness_millis = 0;
+    config.checkpoint_every_lines = 1;
+    let horizon = 3_600_000;
+    append(
+        record("e1", Change::Opened, "c1", "ws", 10_000)
+            + &record("e2", Change::Opened, "c2", "api", 20_000)
+            + &record("e3", Change::Closed, "c2", "api", 50_500),
+    );
+    let mut collector = Collector::open_lifecycle(config.clone(), horizon).unwrap();
+    assert_eq!(collector.poll().unwrap().lines, 3);
+    // No event moves time past 3:00; the clock does: c1 is still open and
+    // billed up to the end of every closed window.
+    collector.advance_to(180_000).unwrap();
+    let want: BTreeMap<(String, i64), u64> = [
+        (("ws".to_owned(), 0), 50),
+        (("ws".to_owned(), 60_000), 60),
+        (("ws".to_owned(), 120_000), 60),
+        (("api".to_owned(), 0), 30),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(connection_seconds(&collector), want);
+    let shipped: Vec<String> = collector
+        .pending(usize::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    collector
+        .acknowledge(shipped.iter().map(String::as_str))
+        .unwrap();
+    // Reopened (as after a crash): c1 is still open, e1 still known.
+    drop(collector);
+    append(
+        record("e1", Change::Opened, "c1", "ws", 10_000)
+            + &record("e4", Change::Closed, "c1", "ws", 200_250)
+            + &record("e3", Change::Closed, "c2", "api", 50_500),
+    );
+    let mut collector = Collector::open_lifecycle(config, horizon).unwrap();
+    assert_eq!(collector.poll().unwrap().lines, 3);
+    collector.advance_to(300_000).unwrap();
+    let want: BTreeMap<(String, i64), u64> =
+        [(("ws".to_owned(), 180_000), 20)].into_iter().collect();
+    assert_eq!(
+        connection_seconds(&collector),
+        want,
+        "200.25 s of c1 in all"
+    );
+    let counts = &collector.diagnostics().counts;
+    assert_eq!(counts.get(&LineProblem::DuplicateEvent), Some(&2));
+    assert_eq!(counts.get(&LineProblem::ConnectionUnknown), None);
+}
+
+#[test]
 fn a_file_rotated_before_the_first_window_closed_is_found_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");

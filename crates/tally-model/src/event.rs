@@ -212,6 +212,80 @@ fn is_valid_extension_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
+/// The media types a request of CloudEvents may have, for messages.
+pub const EVENT_MEDIA_TYPES: &str = "application/cloudevents+json, application/cloudevents-batch+json, application/json or application/x-ndjson";
+
+/// Why a request body could not be split into events.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BatchError {
+    /// The body does not hold what its media type says (HTTP 400).
+    #[error("{0}")]
+    Malformed(String),
+    /// The media type is absent or not one of [`EVENT_MEDIA_TYPES`] (HTTP 415).
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+}
+
+/// The media type of a `Content-Type` value: lower case, without
+/// parameters (`Application/JSON; charset=utf-8` → `application/json`).
+pub fn media_type(content_type: &str) -> String {
+    content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+/// Splits a request body into JSON values, one per event, by its media type
+/// (lower case, without parameters): `application/cloudevents+json` holds
+/// one event object, `application/cloudevents-batch+json` an array,
+/// `application/json` either, `application/x-ndjson` (or
+/// `application/jsonl`) one event per non-blank line.
+pub fn split_batch(media_type: &str, body: &[u8]) -> Result<Vec<Value>, BatchError> {
+    let malformed =
+        |e: serde_json::Error| BatchError::Malformed(format!("the body is not valid JSON: {e}"));
+    match media_type {
+        "application/cloudevents+json" => match serde_json::from_slice(body).map_err(malformed)? {
+            v @ Value::Object(_) => Ok(vec![v]),
+            _ => Err(BatchError::Malformed(
+                "application/cloudevents+json carries one event object; send arrays as application/cloudevents-batch+json".to_owned(),
+            )),
+        },
+        "application/cloudevents-batch+json" => {
+            match serde_json::from_slice(body).map_err(malformed)? {
+                Value::Array(items) => Ok(items),
+                _ => Err(BatchError::Malformed(
+                    "application/cloudevents-batch+json must be a JSON array of events".to_owned(),
+                )),
+            }
+        }
+        "application/json" => match serde_json::from_slice(body).map_err(malformed)? {
+            Value::Array(items) => Ok(items),
+            v => Ok(vec![v]),
+        },
+        "application/x-ndjson" | "application/jsonl" => {
+            let text = std::str::from_utf8(body)
+                .map_err(|_| BatchError::Malformed("the body is not UTF-8".to_owned()))?;
+            text.lines()
+                .enumerate()
+                .filter(|(_, line)| !line.trim().is_empty())
+                .map(|(n, line)| {
+                    serde_json::from_str(line).map_err(|e| {
+                        BatchError::Malformed(format!("line {} is not valid JSON: {e}", n + 1))
+                    })
+                })
+                .collect()
+        }
+        "" => Err(BatchError::UnsupportedMediaType(format!(
+            "Content-Type is required: {EVENT_MEDIA_TYPES}"
+        ))),
+        other => Err(BatchError::UnsupportedMediaType(format!(
+            "Content-Type {other:?} is not accepted; use {EVENT_MEDIA_TYPES}"
+        ))),
+    }
+}
+
 /// The JSON type name of a value, for error messages.
 pub fn json_type(value: &Value) -> &'static str {
     match value {
@@ -278,6 +352,36 @@ mod tests {
         let back: CloudEvent = serde_json::from_value(serde_json::to_value(&e).unwrap()).unwrap();
         assert_eq!(back, e);
         assert_eq!(e.time.to_string(), "2026-01-01T08:00:00.5Z");
+    }
+
+    #[test]
+    fn splits_bodies_by_media_type() {
+        assert_eq!(
+            split_batch("application/json", b"{\"a\":1}").unwrap().len(),
+            1
+        );
+        assert_eq!(
+            split_batch("application/json", b"[{},{}]").unwrap().len(),
+            2
+        );
+        assert_eq!(
+            split_batch("application/x-ndjson", b"{}\n\n{}\n")
+                .unwrap()
+                .len(),
+            2
+        );
+        assert!(split_batch("application/cloudevents+json", b"[]").is_err());
+        assert!(split_batch("application/cloudevents-batch+json", b"{}").is_err());
+        assert!(matches!(
+            split_batch("text/plain", b"{}"),
+            Err(BatchError::UnsupportedMediaType(_))
+        ));
+        assert_eq!(
+            media_type(" Application/JSON; charset=utf-8"),
+            "application/json"
+        );
+        let err = split_batch("application/x-ndjson", b"{}\n{oops\n").unwrap_err();
+        assert!(err.to_string().contains("line 2"), "{err}");
     }
 
     #[test]

@@ -9,7 +9,10 @@ pub mod meter;
 pub mod resource;
 pub mod secret;
 
-pub use event::{CloudEvent, EventError, FieldError, error_code, field_error, parse_event};
+pub use event::{
+    BatchError, CloudEvent, EVENT_MEDIA_TYPES, EventError, FieldError, error_code, field_error,
+    media_type, parse_event, split_batch,
+};
 pub use meter::{
     Aggregation, MeterDefinition, MeterEventMapping, MeterMeasurement, MeterPhase,
     MonitoredResourceType, OpenMeterMeter, ResourceLabel,

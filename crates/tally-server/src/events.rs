@@ -7,60 +7,22 @@ use bytes::Bytes;
 use jiff::Timestamp;
 use serde_json::Value;
 use tally_ledger::{EventFilter, EventPage, IngestOutcome, VoidOutcome, VoidPage, VoidRequest};
-use tally_model::{EventError, parse_event};
+use tally_model::{BatchError, EventError, parse_event, split_batch};
 
 use crate::body;
 use crate::problem::Problem;
 use crate::query::Params;
 use crate::{AppState, Principal};
 
-/// Splits a request body into JSON values according to its media type.
+/// Splits a request body into JSON values according to its media type
+/// ([`tally_model::split_batch`]).
 pub(crate) fn values(media_type: &str, body: &[u8]) -> Result<Vec<Value>, Problem> {
-    let malformed =
-        |e: serde_json::Error| Problem::bad_request(format!("the body is not valid JSON: {e}"));
-    match media_type {
-        "application/cloudevents+json" => match serde_json::from_slice(body).map_err(malformed)? {
-            v @ Value::Object(_) => Ok(vec![v]),
-            _ => Err(Problem::bad_request(
-                "application/cloudevents+json carries one event object; send arrays as application/cloudevents-batch+json",
-            )),
-        },
-        "application/cloudevents-batch+json" => {
-            match serde_json::from_slice(body).map_err(malformed)? {
-                Value::Array(items) => Ok(items),
-                _ => Err(Problem::bad_request(
-                    "application/cloudevents-batch+json must be a JSON array of events",
-                )),
-            }
+    split_batch(media_type, body).map_err(|e| match e {
+        BatchError::Malformed(detail) => Problem::bad_request(detail),
+        BatchError::UnsupportedMediaType(detail) => {
+            Problem::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, detail)
         }
-        "application/json" => match serde_json::from_slice(body).map_err(malformed)? {
-            Value::Array(items) => Ok(items),
-            v => Ok(vec![v]),
-        },
-        "application/x-ndjson" | "application/jsonl" => {
-            let text = std::str::from_utf8(body)
-                .map_err(|_| Problem::bad_request("the body is not UTF-8"))?;
-            text.lines()
-                .enumerate()
-                .filter(|(_, line)| !line.trim().is_empty())
-                .map(|(n, line)| {
-                    serde_json::from_str(line).map_err(|e| {
-                        Problem::bad_request(format!("line {} is not valid JSON: {e}", n + 1))
-                    })
-                })
-                .collect()
-        }
-        "" => Err(Problem::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "Content-Type is required: application/cloudevents+json, application/cloudevents-batch+json, application/json or application/x-ndjson",
-        )),
-        other => Err(Problem::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            format!(
-                "Content-Type {other:?} is not accepted; use application/cloudevents+json, application/cloudevents-batch+json, application/json or application/x-ndjson"
-            ),
-        )),
-    }
+    })
 }
 
 /// Ingest usage events (CloudEvents 1.0).

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use tally_collect::agent::{self, Agent, AgentOptions, EnvoyAdminOptions, ListenerMapping};
+use tally_collect::agent::{
+    self, Agent, AgentOptions, ConnectionsOptions, EnvoyAdminOptions, ListenerMapping,
+};
 
 /// Options of `tally collect`. Flags override the config file, which
 /// overrides the defaults.
@@ -18,9 +20,10 @@ pub struct CollectArgs {
     /// otlpMaxOutboxEvents, otlpMaxSpoolBytes, resources, windowSecs,
     /// allowedLatenessSecs, idleFlushSecs, batchSize, batchTimeoutMs,
     /// maxInFlight, maxBackoffSecs, requestTimeoutSecs, pollIntervalMs,
-    /// resourcesPollSecs, diagnosticsEverySecs, and envoyAdmin: {url,
+    /// resourcesPollSecs, diagnosticsEverySecs, envoyAdmin: {url,
     /// intervalSecs, listeners: [{listener | stat, route: NS/NAME,
-    /// project}]}). Flags given here override it.
+    /// project}]}, and connections: {enabled, graceSecs, dedupeHorizonSecs,
+    /// maxOutboxEvents, maxSpoolBytes}). Flags given here override it.
     #[arg(long, short = 'c', value_name = "FILE")]
     config: Option<PathBuf>,
 
@@ -46,7 +49,8 @@ pub struct CollectArgs {
     agent_id: Option<String>,
 
     /// Address of the HTTP listener: `POST /v1/logs` (OTLP/HTTP, when --otlp),
-    /// `GET /metrics`, `GET /healthz` [default: 127.0.0.1:4318].
+    /// `POST /v1/connections` (when --connections), `GET /metrics`,
+    /// `GET /healthz` [default: 127.0.0.1:4318].
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
 
@@ -93,6 +97,41 @@ pub struct CollectArgs {
     /// defaults to the namespace).
     #[arg(long = "envoy-listener", value_name = "MAPPING", value_parser = ListenerMapping::parse_flag)]
     envoy_listeners: Vec<ListenerMapping>,
+
+    /// Receive the gateway controller's connection lifecycle events on
+    /// `POST /v1/connections` (CloudEvents 1.0 of type
+    /// networking.datumapis.com/gateway/connection.opened and .closed; one
+    /// event, a batch or NDJSON, as the ledger takes them) and bill each
+    /// connection's time to its HTTPRoute every window while it is open
+    /// (implied by the other --connections-* flags).
+    #[arg(long)]
+    connections: bool,
+
+    /// How far the agent's clock must be past a window's end before the
+    /// lifecycle input closes it, billing open connections up to it; a close
+    /// arriving later cannot take that time back [default: --allowed-lateness-secs].
+    #[arg(long, value_name = "N")]
+    connections_grace_secs: Option<u64>,
+
+    /// How long applied lifecycle events (source, id) are remembered to drop
+    /// retries, in event time; older events are refused (TOO_LATE) [default: 86400].
+    #[arg(long, value_name = "N")]
+    connections_dedupe_horizon_secs: Option<u64>,
+
+    /// Lifecycle requests are refused with 503 while that input's outbox
+    /// holds more undelivered events than this [default: 1000000].
+    #[arg(long, value_name = "N")]
+    connections_max_outbox_events: Option<u64>,
+
+    /// Likewise while more received lifecycle bytes than this wait to be
+    /// applied [default: 268435456].
+    #[arg(long, value_name = "BYTES")]
+    connections_max_spool_bytes: Option<u64>,
+
+    /// Read "now" from this file (Unix ms or RFC 3339, read again on every
+    /// look) instead of the system clock: for tests and replays.
+    #[arg(long, value_name = "FILE", hide = true)]
+    clock_file: Option<PathBuf>,
 
     /// Directory of Kubernetes manifests (`HTTPRoute`, `Gateway`,
     /// `GatewayClass`; *.yaml, *.yml, *.json) that give events their region,
@@ -160,6 +199,18 @@ impl CollectArgs {
             interval_secs: self.envoy_admin_interval_secs,
             listeners: self.envoy_listeners,
         });
+        let connections_given = self.connections
+            || self.connections_grace_secs.is_some()
+            || self.connections_dedupe_horizon_secs.is_some()
+            || self.connections_max_outbox_events.is_some()
+            || self.connections_max_spool_bytes.is_some();
+        let connections = connections_given.then_some(ConnectionsOptions {
+            enabled: self.connections.then_some(true),
+            grace_secs: self.connections_grace_secs,
+            dedupe_horizon_secs: self.connections_dedupe_horizon_secs,
+            max_outbox_events: self.connections_max_outbox_events,
+            max_spool_bytes: self.connections_max_spool_bytes,
+        });
         let options = AgentOptions {
             logs: self.logs,
             state_dir: self.state_dir,
@@ -185,6 +236,8 @@ impl CollectArgs {
             resources_poll_secs: self.resources_poll_secs,
             diagnostics_every_secs: self.diagnostics_every_secs,
             envoy_admin,
+            connections,
+            clock_file: self.clock_file,
         };
         (self.config, options)
     }

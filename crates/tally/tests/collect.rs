@@ -301,14 +301,28 @@ fn metered(base: &str) -> Option<PerRoute> {
 }
 
 /// Waits until the ledger's sums equal the corpus's, or fails showing the
-/// difference.
+/// difference; then checks them by billing account and that nothing is
+/// quarantined.
 fn assert_metered(base: &str, expected: &ExpectedTotals, within: Duration) {
-    let want = expected_per_route(expected);
+    wait_metered(base, &expected_per_route(expected), within);
+    assert_metered_by_account(base, expected);
+    let (_, quarantine) = get(&format!("{base}/api/v1/quarantine")).unwrap();
+    let quarantine: Value = serde_json::from_str(&quarantine).unwrap();
+    let entries = quarantine["data"]
+        .as_array()
+        .or_else(|| quarantine.as_array())
+        .map_or(0, Vec::len);
+    assert_eq!(entries, 0, "nothing may be quarantined: {quarantine}");
+}
+
+/// Waits until the ledger's sums per HTTPRoute equal `want`, or fails
+/// showing the difference.
+fn wait_metered(base: &str, want: &PerRoute, within: Duration) {
     let deadline = Instant::now() + within;
     let mut last = None;
     while Instant::now() < deadline {
         last = metered(base);
-        if last.as_ref() == Some(&want) {
+        if last.as_ref() == Some(want) {
             break;
         }
         std::thread::sleep(Duration::from_millis(500));
@@ -321,19 +335,12 @@ fn assert_metered(base: &str, expected: &ExpectedTotals, within: Duration) {
         .take(5)
         .collect();
     assert!(
-        got == want,
-        "ledger sums differ from the corpus ({} of {} routes differ): {diff:#?}",
+        got == *want,
+        "ledger sums differ from the expected ({} of {} routes differ; {} routes metered): {diff:#?}",
         want.iter().filter(|(k, v)| got.get(*k) != Some(*v)).count(),
-        want.len()
+        want.len(),
+        got.len()
     );
-    assert_metered_by_account(base, expected);
-    let (_, quarantine) = get(&format!("{base}/api/v1/quarantine")).unwrap();
-    let quarantine: Value = serde_json::from_str(&quarantine).unwrap();
-    let entries = quarantine["data"]
-        .as_array()
-        .or_else(|| quarantine.as_array())
-        .map_or(0, Vec::len);
-    assert_eq!(entries, 0, "nothing may be quarantined: {quarantine}");
 }
 
 /// Binds every project of the corpus but the last to one of two billing
@@ -693,33 +700,41 @@ fn one_route_totals(namespace: &str, name: &str, totals: tally_collect::Totals) 
     }
 }
 
-/// The agent with OTLP on, gRPC on a free port; returns it and that port.
-fn otlp_agent(state: &Path, ledger: &str, extra: &[&str]) -> (Process, u16) {
+/// The agent with `inputs` (and further flags), quick batches and retries.
+fn quick_agent(state: &Path, ledger: &str, inputs: &[&str]) -> Process {
     let port = free_port();
-    let grpc_port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let grpc = format!("127.0.0.1:{grpc_port}");
-    let mut args = vec![
-        "collect",
-        "--otlp",
-        "--otlp-grpc-listen",
-        &grpc,
+    let mut args = vec!["collect"];
+    args.extend_from_slice(inputs);
+    args.extend_from_slice(&[
         "--ledger",
         ledger,
         "--listen",
         &listen,
-        "--idle-flush-secs",
-        "1",
         "--batch-timeout-ms",
         "100",
         "--max-backoff-secs",
         "1",
         "--poll-interval-ms",
         "50",
+        "--state-dir",
+    ]);
+    spawn(&args, &[state], port)
+}
+
+/// The agent with OTLP on, gRPC on a free port; returns it and that port.
+fn otlp_agent(state: &Path, ledger: &str, extra: &[&str]) -> (Process, u16) {
+    let grpc_port = free_port();
+    let grpc = format!("127.0.0.1:{grpc_port}");
+    let mut inputs = vec![
+        "--otlp",
+        "--otlp-grpc-listen",
+        &grpc,
+        "--idle-flush-secs",
+        "1",
     ];
-    args.extend_from_slice(extra);
-    args.push("--state-dir");
-    (spawn(&args, &[state], port), grpc_port)
+    inputs.extend_from_slice(extra);
+    (quick_agent(state, ledger, &inputs), grpc_port)
 }
 
 #[test]
@@ -1032,5 +1047,283 @@ fn envoy_admin_gauges_become_connection_seconds_once_across_a_kill() {
         answer.contains("\"acme\""),
         "the mapping's project is used: {answer}"
     );
+    agent.stop();
+}
+
+/// The agent with the connection lifecycle receiver on, reading "now" from
+/// `clock` (so time moves only when the test says).
+fn connections_agent(state: &Path, ledger: &str, clock: &Path) -> Process {
+    let clock = clock.to_str().unwrap();
+    let inputs = [
+        "--connections",
+        "--clock-file",
+        clock,
+        "--agent-id",
+        "node-a",
+    ];
+    quick_agent(state, ledger, &inputs)
+}
+
+/// Sets the agent's clock, atomically (a reader never sees half a file).
+fn set_clock(clock: &Path, millis: i64) {
+    let next = clock.with_extension("next");
+    fs::write(&next, millis.to_string()).unwrap();
+    fs::rename(&next, clock).unwrap();
+}
+
+/// One connection of the lifecycle test: where it bills, when it opened
+/// and closed (ms after the test's start minute).
+struct Connection {
+    id: &'static str,
+    route: tally_collect::RouteKey,
+    opened: i64,
+    closed: Option<i64>,
+}
+
+/// What the ledger must hold once the agent accounted connections up to
+/// `until` (ms after the start minute): per route, the exact milliseconds
+/// of its connections, as whole seconds rounded down (the aggregator
+/// carries each route's remainder, so its seconds always add up to
+/// floor(total ms / 1000)).
+fn lifecycle_expected(connections: &[Connection], until: i64) -> ExpectedTotals {
+    let mut expected = ExpectedTotals::default();
+    for connection in connections {
+        let end = connection.closed.unwrap_or(until).min(until);
+        let millis = u128::try_from((end - connection.opened).max(0)).unwrap();
+        let totals = tally_collect::Totals {
+            connection_millis: millis,
+            ..tally_collect::Totals::default()
+        };
+        expected
+            .per_route
+            .entry(connection.route.clone())
+            .or_default()
+            .add(&totals);
+        expected
+            .per_project
+            .entry(connection.route.project.clone())
+            .or_default()
+            .add(&totals);
+    }
+    expected
+}
+
+#[test]
+fn connection_lifecycle_events_bill_open_connections_every_minute_once_across_a_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _) = ledger(dir.path());
+    let state = dir.path().join("state");
+    let clock = dir.path().join("now");
+    // A whole minute three hours ago: within the ledger's lateness, and
+    // the agent's clock (the file) starts one minute after it.
+    let now = jiff::Timestamp::now().as_millisecond();
+    let t0 = now - now.rem_euclid(60_000) - 3 * 3_600_000;
+    set_clock(&clock, t0 + 60_000);
+    let route = |project: &str, namespace: &str, name: &str| tally_collect::RouteKey {
+        project: project.into(),
+        namespace: namespace.into(),
+        name: name.into(),
+    };
+    let chat = route("ns-ws", "ns-ws", "chat");
+    let stream = route("acme", "ns-api", "stream");
+    let feed = route("ns-ws", "ns-ws", "feed");
+    let mut connections = vec![
+        Connection {
+            id: "edge-1/1",
+            route: chat.clone(),
+            opened: 10_000,
+            closed: None,
+        },
+        Connection {
+            id: "edge-1/2",
+            route: stream.clone(),
+            opened: 20_000,
+            closed: None,
+        },
+        Connection {
+            id: "edge-1/3",
+            route: chat.clone(),
+            opened: 30_000,
+            closed: Some(75_500),
+        },
+        // Never closed: billed every minute, without further events.
+        Connection {
+            id: "edge-2/1",
+            route: feed.clone(),
+            opened: 5_000,
+            closed: None,
+        },
+    ];
+    let time = |offset: i64| {
+        jiff::Timestamp::from_millisecond(t0 + offset)
+            .unwrap()
+            .to_string()
+    };
+    let event = |id: &str, kind: &str, offset: i64, data: Value| {
+        serde_json::json!({"specversion": "1.0", "id": id, "source": "gateway-controller/edge",
+            "type": format!("networking.datumapis.com/gateway/connection.{kind}"),
+            "subject": "connections", "time": time(offset), "data": data})
+    };
+    let opened = |id: &str, c: &Connection| {
+        let data = if c.route.namespace == "ns-api" {
+            // The route named explicitly, with its project.
+            serde_json::json!({"connection_id": c.id, "httproute_namespace": c.route.namespace,
+                "httproute_name": c.route.name, "project_name": c.route.project})
+        } else {
+            serde_json::json!({"connection_id": c.id,
+                "route_name": format!("httproute/{}/{}/rule/0/match/0/{}.example.com",
+                    c.route.namespace, c.route.name, c.route.name)})
+        };
+        event(id, "opened", c.opened, data)
+    };
+    let closed = |id: &str, c: &Connection, at: i64| {
+        event(id, "closed", at, serde_json::json!({"connection_id": c.id}))
+    };
+    let mut agent = connections_agent(&state, &server.base, &clock);
+    let endpoint = |agent: &Process| format!("{}/v1/connections", agent.base);
+    let send = |agent: &Process, content_type: &str, body: Vec<u8>| {
+        let (status, answer) = post(&endpoint(agent), content_type, false, body);
+        (status, serde_json::from_slice::<Value>(&answer).unwrap())
+    };
+
+    // Opened and closed events, then the same batch again (a retry).
+    let batch = serde_json::json!([
+        opened("o1", &connections[0]),
+        opened("o2", &connections[1]),
+        opened("o3", &connections[2]),
+        opened("o4", &connections[3]),
+        closed("x3", &connections[2], 75_500),
+    ]);
+    let batch = serde_json::to_vec(&batch).unwrap();
+    for _ in 0..2 {
+        let (status, answer) = send(&agent, "application/cloudevents-batch+json", batch.clone());
+        assert_eq!((status, answer), (202, serde_json::json!({"accepted": 5})));
+    }
+    // One bad event refuses the whole request: the good one is not stored.
+    let stray = Connection {
+        id: "edge-1/9",
+        route: chat.clone(),
+        opened: 1_000,
+        closed: None,
+    };
+    let bad = serde_json::json!([
+        opened("o9", &stray),
+        event(
+            "x9",
+            "closed",
+            2_000,
+            serde_json::json!({"route_name": "httproute/ns-ws/chat/rule/0"})
+        ),
+    ]);
+    let (status, problem) = send(
+        &agent,
+        "application/json",
+        serde_json::to_vec(&bad).unwrap(),
+    );
+    assert_eq!(status, 400, "{problem}");
+    assert_eq!(problem["errors"][0]["index"], 1, "{problem}");
+    assert_eq!(
+        problem["errors"][0]["errors"][0]["field"],
+        "data.connection_id"
+    );
+    // A connection of a TCPRoute: taken, counted as unattributable.
+    let tcp = event(
+        "o10",
+        "opened",
+        3_000,
+        serde_json::json!({"connection_id": "edge-3/1", "route_name": "tcproute/ns-ws/db/rule/0"}),
+    );
+    let (status, _) = send(
+        &agent,
+        "application/cloudevents+json",
+        serde_json::to_vec(&tcp).unwrap(),
+    );
+    assert_eq!(status, 202);
+    // Retries as NDJSON.
+    let mut ndjson = serde_json::to_vec(&opened("o1", &connections[0])).unwrap();
+    ndjson.push(b'\n');
+    ndjson.extend(serde_json::to_vec(&closed("x3", &connections[2], 75_500)).unwrap());
+    let (status, _) = send(&agent, "application/x-ndjson", ndjson);
+    assert_eq!(status, 202);
+
+    // Four minutes in (a minute of grace): minutes 0-2 close, and the open
+    // connections are billed up to 3:00 though no event said so.
+    set_clock(&clock, t0 + 240_000);
+    let within = Duration::from_secs(30);
+    wait_metered(
+        &server.base,
+        &expected_per_route(&lifecycle_expected(&connections, 180_000)),
+        within,
+    );
+
+    // SIGKILLed; the clock moves on while the agent is away. After the
+    // restart the connections opened before the kill are still billed
+    // every minute (to 6:00), and nothing is billed twice.
+    agent.kill();
+    set_clock(&clock, t0 + 420_000);
+    agent = connections_agent(&state, &server.base, &clock);
+    wait_metered(
+        &server.base,
+        &expected_per_route(&lifecycle_expected(&connections, 360_000)),
+        within,
+    );
+    // They close; retries of events applied before the kill are dropped.
+    connections[0].closed = Some(390_250);
+    connections[1].closed = Some(419_999);
+    let batch = serde_json::json!([
+        closed("x1", &connections[0], 390_250),
+        opened("o1", &connections[0]),
+        closed("x2", &connections[1], 419_999),
+        closed("x3", &connections[2], 75_500),
+    ]);
+    let (status, _) = send(
+        &agent,
+        "application/cloudevents-batch+json",
+        serde_json::to_vec(&batch).unwrap(),
+    );
+    assert_eq!(status, 202);
+    set_clock(&clock, t0 + 600_000);
+    let expected = lifecycle_expected(&connections, 540_000);
+    // chat: 380.25 s + 45.5 s; stream: 399.999 s; feed: 535 s.
+    assert_eq!(
+        expected_per_route(&expected)
+            .values()
+            .map(|v| v[3])
+            .collect::<Vec<_>>(),
+        [399, 425, 535]
+    );
+    assert_metered(&server.base, &expected, within);
+
+    // The connection left open was billed every minute it was open.
+    let (status, body) = get(&format!(
+        "{}/api/v1/meters/gateway-connection-seconds/query?windowSize=MINUTE&groupBy=httproute_name&from={}&to={}",
+        server.base,
+        time(0),
+        time(600_000)
+    ))
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    let feed_minutes: Vec<u128> = body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|row| row["groupBy"]["httproute_name"] == "feed")
+        .map(|row| number(&row["value"]))
+        .collect();
+    assert_eq!(feed_minutes, [55, 60, 60, 60, 60, 60, 60, 60, 60]);
+    // Retries: five, two, then two after the restart (the applied pairs
+    // are checkpointed); the TCPRoute connection is reported.
+    let dropped = |reason: &str| {
+        metric(
+            &agent.base,
+            "dropped_total",
+            &format!("reason=\"{reason}\""),
+        )
+    };
+    assert_eq!(dropped("duplicate_event"), 9);
+    assert_eq!(dropped("unknown_route_name"), 1);
+    assert_eq!(dropped("connection_unknown"), 0);
+    assert_eq!(dropped("connection_closed_late"), 0);
     agent.stop();
 }

@@ -9,6 +9,7 @@ use serde::Deserialize;
 use tally_delivery::Secret;
 
 use super::AgentError;
+use super::clock::Clock;
 use crate::aggregate::WindowConfig;
 use crate::route::RouteKey;
 
@@ -29,7 +30,8 @@ pub struct AgentOptions {
     pub token: Option<String>,
     /// This agent's id, part of every event id.
     pub agent_id: Option<String>,
-    /// The HTTP listener (`/v1/logs`, `/metrics`, `/healthz`).
+    /// The HTTP listener (`/v1/logs`, `/v1/connections`, `/metrics`,
+    /// `/healthz`).
     pub listen: Option<SocketAddr>,
     /// Receive OTLP logs (HTTP on `listen`, gRPC on `otlpGrpcListen`).
     pub otlp: Option<bool>,
@@ -69,6 +71,50 @@ pub struct AgentOptions {
     pub diagnostics_every_secs: Option<u64>,
     /// Connection seconds sampled from an Envoy admin endpoint.
     pub envoy_admin: Option<EnvoyAdminOptions>,
+    /// Connection seconds from the gateway controller's connection
+    /// lifecycle events (`POST /v1/connections`).
+    pub connections: Option<ConnectionsOptions>,
+    /// Read "now" from this file (Unix ms or RFC 3339) instead of the
+    /// system clock: for tests and replays of the lifecycle input.
+    pub clock_file: Option<PathBuf>,
+}
+
+/// The `connections` section: the connection lifecycle receiver
+/// (`POST /v1/connections`) and its input.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConnectionsOptions {
+    /// Receive lifecycle events (default true when the section is given).
+    pub enabled: Option<bool>,
+    /// How far the agent's clock must be past a window's end before the
+    /// window closes and open connections are billed up to it, seconds
+    /// (default: `allowedLatenessSecs`). A close arriving later than this
+    /// cannot take back time already billed.
+    pub grace_secs: Option<u64>,
+    /// How long, in event time behind the watermark, applied (source, id)
+    /// pairs are remembered, seconds (default 86400); older events are
+    /// refused (`TOO_LATE`).
+    pub dedupe_horizon_secs: Option<u64>,
+    /// Requests are refused (503) while the input's outbox holds more
+    /// events than this.
+    pub max_outbox_events: Option<u64>,
+    /// Requests are refused (503) while more than this many received bytes
+    /// are not yet read into the outbox.
+    pub max_spool_bytes: Option<u64>,
+}
+
+/// The resolved connection lifecycle input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionsConfig {
+    /// Window settings of this input: the agent's window size, with the
+    /// grace as allowed lateness.
+    pub window: WindowConfig,
+    /// How long applied (source, id) pairs are remembered, ms.
+    pub dedupe_horizon_millis: i64,
+    /// Back-pressure threshold on the input's outbox, events.
+    pub max_outbox_events: u64,
+    /// Back-pressure threshold on received but unread bytes.
+    pub max_spool_bytes: u64,
 }
 
 /// The `envoyAdmin` section: which admin endpoint to sample and how its
@@ -219,6 +265,10 @@ pub struct AgentConfig {
     pub diagnostics_every: Duration,
     /// Connection seconds from Envoy's admin `/stats`.
     pub envoy_admin: Option<EnvoyAdminConfig>,
+    /// Connection seconds from lifecycle events, when received.
+    pub connections: Option<ConnectionsConfig>,
+    /// Where "now" is read (the lifecycle input's clock).
+    pub clock: Clock,
 }
 
 impl AgentOptions {
@@ -244,6 +294,16 @@ impl AgentOptions {
                 } else {
                     flags.listeners
                 },
+            }),
+            (file, flags) => flags.or(file),
+        };
+        let connections = match (self.connections, flags.connections) {
+            (Some(file), Some(flags)) => Some(ConnectionsOptions {
+                enabled: flags.enabled.or(file.enabled),
+                grace_secs: flags.grace_secs.or(file.grace_secs),
+                dedupe_horizon_secs: flags.dedupe_horizon_secs.or(file.dedupe_horizon_secs),
+                max_outbox_events: flags.max_outbox_events.or(file.max_outbox_events),
+                max_spool_bytes: flags.max_spool_bytes.or(file.max_spool_bytes),
             }),
             (file, flags) => flags.or(file),
         };
@@ -276,6 +336,8 @@ impl AgentOptions {
             resources_poll_secs: flags.resources_poll_secs.or(self.resources_poll_secs),
             diagnostics_every_secs: flags.diagnostics_every_secs.or(self.diagnostics_every_secs),
             envoy_admin: admin,
+            connections,
+            clock_file: flags.clock_file.or(self.clock_file),
         }
     }
 
@@ -284,9 +346,30 @@ impl AgentOptions {
     pub fn resolve(self, default_ledger: &str) -> Result<AgentConfig, AgentError> {
         let otlp = self.otlp.unwrap_or(false);
         let envoy_admin = self.envoy_admin.map(resolve_admin).transpose()?;
-        if self.logs.is_empty() && !otlp && envoy_admin.is_none() {
+        let window_secs = self.window_secs.unwrap_or(60).max(1);
+        let lateness = self.allowed_lateness_secs.unwrap_or(60);
+        let window = WindowConfig {
+            window_millis: millis_of(window_secs),
+            allowed_lateness_millis: millis_of(lateness),
+            ..WindowConfig::default()
+        };
+        let connections = self
+            .connections
+            .filter(|c| c.enabled.unwrap_or(true))
+            .map(|c| ConnectionsConfig {
+                window: WindowConfig {
+                    allowed_lateness_millis: c
+                        .grace_secs
+                        .map_or(window.allowed_lateness_millis, millis_of),
+                    ..window
+                },
+                dedupe_horizon_millis: millis_of(c.dedupe_horizon_secs.unwrap_or(86_400).max(60)),
+                max_outbox_events: c.max_outbox_events.unwrap_or(1_000_000).max(1),
+                max_spool_bytes: c.max_spool_bytes.unwrap_or(256 << 20).max(1),
+            });
+        if self.logs.is_empty() && !otlp && envoy_admin.is_none() && connections.is_none() {
             return Err(AgentError::Config(
-                "nothing to collect: give --log FILE (one or more), --otlp or --envoy-admin URL"
+                "nothing to collect: give --log FILE (one or more), --otlp, --envoy-admin URL or --connections"
                     .to_owned(),
             ));
         }
@@ -302,14 +385,6 @@ impl AgentOptions {
         let secs = |value: Option<u64>, default: u64| Duration::from_secs(value.unwrap_or(default));
         let millis =
             |value: Option<u64>, default: u64| Duration::from_millis(value.unwrap_or(default));
-        let window_secs = self.window_secs.unwrap_or(60).max(1);
-        let lateness = self.allowed_lateness_secs.unwrap_or(60);
-        let window = WindowConfig {
-            window_millis: i64::try_from(window_secs.saturating_mul(1000)).unwrap_or(i64::MAX),
-            allowed_lateness_millis: i64::try_from(lateness.saturating_mul(1000))
-                .unwrap_or(i64::MAX),
-            ..WindowConfig::default()
-        };
         let otlp_grpc_listen = (otlp && self.otlp_grpc.unwrap_or(true)).then(|| {
             self.otlp_grpc_listen
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 4317)))
@@ -341,8 +416,15 @@ impl AgentOptions {
             resources_poll: secs(self.resources_poll_secs, 5),
             diagnostics_every: secs(self.diagnostics_every_secs, 60),
             envoy_admin,
+            connections,
+            clock: self.clock_file.map_or(Clock::System, Clock::File),
         })
     }
+}
+
+/// Seconds as milliseconds, saturating.
+fn millis_of(secs: u64) -> i64 {
+    i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX)
 }
 
 fn resolve_admin(options: EnvoyAdminOptions) -> Result<EnvoyAdminConfig, AgentError> {
@@ -420,6 +502,44 @@ mod tests {
             Some(SocketAddr::from(([127, 0, 0, 1], 4317)))
         );
         assert!(AgentOptions::default().resolve("http://x").is_err());
+        assert_eq!(config.connections, None);
+        assert_eq!(config.clock, Clock::System);
+    }
+
+    #[test]
+    fn the_connections_section_takes_flags_over_the_file() {
+        let file: AgentOptions = serde_norway::from_str(
+            "allowedLatenessSecs: 30\nconnections:\n  dedupeHorizonSecs: 7200\n  maxOutboxEvents: 9\n",
+        )
+        .unwrap();
+        let config = file
+            .clone()
+            .overlay(AgentOptions::default())
+            .resolve("http://x")
+            .unwrap();
+        let connections = config.connections.unwrap();
+        assert_eq!(
+            connections.window.allowed_lateness_millis, 30_000,
+            "the grace defaults to the lateness"
+        );
+        assert_eq!(connections.window.window_millis, 60_000);
+        assert_eq!(connections.dedupe_horizon_millis, 7_200_000);
+        assert_eq!(connections.max_outbox_events, 9);
+        let flags = AgentOptions {
+            connections: Some(ConnectionsOptions {
+                grace_secs: Some(5),
+                ..ConnectionsOptions::default()
+            }),
+            clock_file: Some(PathBuf::from("/tmp/now")),
+            ..AgentOptions::default()
+        };
+        let config = file.overlay(flags).resolve("http://x").unwrap();
+        let connections = config.connections.unwrap();
+        assert_eq!(connections.window.allowed_lateness_millis, 5_000);
+        assert_eq!(connections.dedupe_horizon_millis, 7_200_000);
+        assert_eq!(config.clock, Clock::File(PathBuf::from("/tmp/now")));
+        let off: AgentOptions = serde_norway::from_str("connections:\n  enabled: false\n").unwrap();
+        assert!(off.resolve("http://x").is_err(), "nothing to collect");
     }
 
     #[test]

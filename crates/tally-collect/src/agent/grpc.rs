@@ -13,7 +13,8 @@ use opentelemetry_proto::tonic::collector::logs::v1::{
 use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response, Status};
 
-use super::otlp::{MAX_BODY_BYTES, Spool, Unavailable, store};
+use super::otlp::store;
+use super::spool::{MAX_BODY_BYTES, Spool, Unavailable};
 
 /// Answers `Export` calls from the spool.
 pub(crate) struct LogsReceiver {

@@ -1,7 +1,15 @@
-//! One input of the agent — an access-log file, the OTLP spool, or Envoy's
-//! admin gauges — on its own thread: a [`Collector`] whose outbox events
-//! are handed to the ledger sink at most `max_in_flight` at a time, and
-//! removed when the sink's outcome says the ledger took them.
+//! One input of the agent — an access-log file, the OTLP spool, Envoy's
+//! admin gauges, or the connection lifecycle spool — on its own thread: a
+//! [`Collector`] whose outbox events are handed to the ledger sink at most
+//! `max_in_flight` at a time, and removed when the sink's outcome says the
+//! ledger took them.
+//!
+//! The lifecycle input also moves time on by the agent's clock: each turn
+//! it reads the clock, then the spool, and when the spool had nothing new
+//! it advances to the time read ([`Collector::advance_to`]). Reading the
+//! clock first means every event answered before that instant has been
+//! applied when time moves past it. Windows then close `graceSecs` after
+//! their end, with open connections billed up to it, without new events.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -15,8 +23,8 @@ use super::AgentError;
 use super::config::AgentConfig;
 use super::envoy_admin::AdminSampler;
 use super::ledger::Ack;
-use super::otlp::Spool;
 use super::resources::SharedIndex;
+use super::spool::Spool;
 use crate::collector::{CollectError, Collector, CollectorConfig, PollReport};
 use crate::event::AgentIdentity;
 use crate::record::LineProblem;
@@ -29,6 +37,18 @@ pub(crate) enum InputKind {
     Otlp(Arc<Spool>),
     /// Envoy's admin `/stats` gauges.
     EnvoyAdmin(AdminSampler),
+    /// The spool the connection lifecycle receiver writes.
+    Connections(Arc<Spool>),
+}
+
+impl InputKind {
+    /// The spool a receiver writes for this input, if any.
+    fn spool(&self) -> Option<&Arc<Spool>> {
+        match self {
+            InputKind::Otlp(spool) | InputKind::Connections(spool) => Some(spool),
+            InputKind::File(_) | InputKind::EnvoyAdmin(_) => None,
+        }
+    }
 }
 
 /// One input: a name, what it reads and where its state lives.
@@ -87,12 +107,22 @@ impl InputRunner {
         };
         let log_path = match &self.spec.kind {
             InputKind::File(path) => path.clone(),
-            InputKind::Otlp(spool) => spool.path().to_owned(),
+            InputKind::Otlp(spool) | InputKind::Connections(spool) => spool.path().to_owned(),
             InputKind::EnvoyAdmin(_) => PathBuf::new(),
         };
         let mut collector_config =
             CollectorConfig::new(log_path, self.spec.state_dir.clone(), agent);
         collector_config.window = config.window;
+        let lifecycle = match (&self.spec.kind, &config.connections) {
+            (InputKind::Connections(_), Some(connections)) => {
+                collector_config.window = connections.window;
+                // Every read is committed: the applied (source, id) pairs
+                // and open connections are durable soon after the answer.
+                collector_config.checkpoint_every_lines = 1;
+                Some(connections.dedupe_horizon_millis)
+            }
+            _ => None,
+        };
         std::fs::create_dir_all(&self.spec.state_dir).map_err(|error| AgentError::Io {
             context: format!(
                 "creating the state directory {}",
@@ -100,8 +130,9 @@ impl InputRunner {
             ),
             error,
         })?;
-        let opened = match &self.spec.kind {
-            InputKind::EnvoyAdmin(_) => Collector::open_gauges(collector_config),
+        let opened = match (&self.spec.kind, lifecycle) {
+            (InputKind::EnvoyAdmin(_), _) => Collector::open_gauges(collector_config),
+            (_, Some(horizon)) => Collector::open_lifecycle(collector_config, horizon),
             _ => Collector::open(collector_config),
         };
         opened.map_err(|error| AgentError::Collect {
@@ -136,6 +167,8 @@ impl InputRunner {
             next: Instant::now(),
             failing: false,
         };
+        let ticks = matches!(self.spec.kind, InputKind::Connections(_));
+        let mut clock_failing = false;
         while !self.stop.load(Ordering::SeqCst) {
             while let Ok(ack) = self.acks.try_recv() {
                 self.handle_ack(ack, &mut collector, &mut in_flight, &mut paused_until)?;
@@ -146,7 +179,9 @@ impl InputRunner {
                 *collector.enrichment_mut() = (*index).clone();
                 generation = current;
             }
-            let report = match &self.spec.kind {
+            // Read before the spool: see the module documentation.
+            let now = ticks.then(|| self.read_clock(&mut clock_failing)).flatten();
+            let mut report = match &self.spec.kind {
                 InputKind::EnvoyAdmin(sampler) => {
                     self.sample(sampler, &mut collector, &mut sampling, &source)?
                 }
@@ -160,10 +195,18 @@ impl InputRunner {
                     Err(e) => return Err(collect_error("collecting")(e)),
                 },
             };
+            if let Some(now) = now
+                && report.lines == 0
+            {
+                let tick = collector
+                    .advance_to(now)
+                    .map_err(collect_error("moving time on"))?;
+                report.events += tick.events;
+            }
             if report.lines > 0 {
                 last_line = Instant::now();
                 flushed = false;
-            } else if !flushed && last_line.elapsed() >= config.idle_flush {
+            } else if !ticks && !flushed && last_line.elapsed() >= config.idle_flush {
                 let flush = collector
                     .flush()
                     .map_err(collect_error("closing idle windows"))?;
@@ -174,7 +217,7 @@ impl InputRunner {
                 }
             }
             dirty |= report.events > 0;
-            if let InputKind::Otlp(spool) = &self.spec.kind {
+            if let Some(spool) = self.spec.kind.spool() {
                 spool.rotate_if_read(&collector)?;
                 spool.observe(&collector);
             }
@@ -199,6 +242,28 @@ impl InputRunner {
             }
         }
         Ok(())
+    }
+
+    /// The lifecycle input's "now"; a clock that cannot be read is logged
+    /// (once until it can) and time does not move.
+    fn read_clock(&self, failing: &mut bool) -> Option<i64> {
+        match self.config.clock.now_millis() {
+            Ok(now) => {
+                if *failing {
+                    tracing::info!(input = %self.spec.name, "the clock can be read again");
+                    *failing = false;
+                }
+                Some(now)
+            }
+            Err(error) => {
+                if !*failing {
+                    tracing::warn!(input = %self.spec.name, error = %error,
+                        "the clock cannot be read; time stands still until it can");
+                    *failing = true;
+                }
+                None
+            }
+        }
     }
 
     /// Samples Envoy's admin gauges when it is time; a failed sample is

@@ -1,6 +1,6 @@
-//! The OTLP logs receivers' shared path, the OTLP/HTTP receiver
-//! (`POST /v1/logs`) and the spool file (the gRPC service is in
-//! `grpc.rs` and calls [`store`] too).
+//! The OTLP logs receivers' shared path and the OTLP/HTTP receiver
+//! (`POST /v1/logs`); the gRPC service is in `grpc.rs` and calls [`store`]
+//! too, and the spool is `spool.rs`.
 //!
 //! Envoy's OpenTelemetry access-log sink sends the access-log fields as log
 //! record attributes (and/or a key-value body). Each record becomes the JSON
@@ -13,11 +13,7 @@
 //! exports are refused with a retryable answer (HTTP 503 with
 //! `Retry-After`, gRPC `UNAVAILABLE`) and nothing is written.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
@@ -31,137 +27,8 @@ use opentelemetry_proto::tonic::logs::v1::LogRecord;
 use prost::Message as _;
 use serde_json::{Map, Value};
 
-use super::{AgentError, HttpState};
-use crate::collector::Collector;
-
-/// Largest accepted request body (HTTP, decoded) or message (gRPC).
-pub(crate) const MAX_BODY_BYTES: u64 = 16 << 20;
-/// The spool is rotated once it is this large and fully read.
-const ROTATE_BYTES: u64 = 64 << 20;
-
-/// The append-only file OTLP records are written to, and how far behind
-/// the OTLP input is.
-pub(crate) struct Spool {
-    path: PathBuf,
-    file: Mutex<File>,
-    limits: Limits,
-    /// Events in the OTLP input's outbox, as of its last look.
-    outbox_depth: AtomicU64,
-    /// Bytes of the spool not yet read into a checkpoint.
-    unread_bytes: AtomicU64,
-}
-
-/// When exports are refused.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Limits {
-    pub(crate) max_outbox_events: u64,
-    pub(crate) max_unread_bytes: u64,
-}
-
-impl Spool {
-    /// Opens (creating) `dir/access.log`.
-    pub(crate) fn open(dir: &Path, limits: Limits) -> Result<Spool, AgentError> {
-        std::fs::create_dir_all(dir).map_err(|error| AgentError::Io {
-            context: format!("creating the OTLP spool directory {}", dir.display()),
-            error,
-        })?;
-        let path = dir.join("access.log");
-        let file = open_append(&path)?;
-        Ok(Spool {
-            path,
-            file: Mutex::new(file),
-            limits,
-            outbox_depth: AtomicU64::new(0),
-            unread_bytes: AtomicU64::new(0),
-        })
-    }
-
-    /// Records how far behind the OTLP input is (called by its thread).
-    pub(crate) fn observe(&self, collector: &Collector) {
-        let depth = collector.stats().outbox_depth as u64;
-        self.outbox_depth.store(depth, Ordering::SeqCst);
-        let length = self
-            .file
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .metadata()
-            .map_or(0, |m| m.len());
-        let read = collector.positions().last().map_or(0, |p| p.offset);
-        self.unread_bytes
-            .store(length.saturating_sub(read), Ordering::SeqCst);
-    }
-
-    /// Why a new export cannot be taken now, if it cannot.
-    fn refusal(&self) -> Option<String> {
-        let depth = self.outbox_depth.load(Ordering::SeqCst);
-        if depth > self.limits.max_outbox_events {
-            return Some(format!(
-                "the outbox holds {depth} undelivered events (limit {}); retry later",
-                self.limits.max_outbox_events
-            ));
-        }
-        let unread = self.unread_bytes.load(Ordering::SeqCst);
-        if unread > self.limits.max_unread_bytes {
-            return Some(format!(
-                "{unread} received bytes are not yet aggregated (limit {}); retry later",
-                self.limits.max_unread_bytes
-            ));
-        }
-        None
-    }
-
-    /// The spool file's path.
-    pub(crate) fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Appends lines and makes them durable.
-    fn append(&self, text: &[u8]) -> std::io::Result<()> {
-        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        file.write_all(text)?;
-        file.sync_data()
-    }
-
-    /// Rotates the spool (rename to `.1`, replacing the previous one) once it
-    /// is large and the collector has read and checkpointed all of it.
-    pub(crate) fn rotate_if_read(&self, collector: &Collector) -> Result<(), AgentError> {
-        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        let length = file
-            .metadata()
-            .map_err(|error| AgentError::Io {
-                context: format!("reading {}", self.path.display()),
-                error,
-            })?
-            .len();
-        let positions = collector.positions();
-        let read_all = positions.len() == 1 && positions[0].offset == length;
-        if length < ROTATE_BYTES || !read_all {
-            return Ok(());
-        }
-        let rotated = self.path.with_extension("log.1");
-        std::fs::rename(&self.path, &rotated).map_err(|error| AgentError::Io {
-            context: format!("rotating {}", self.path.display()),
-            error,
-        })?;
-        *file = open_append(&self.path)?;
-        tracing::debug!(spool = %self.path.display(), "OTLP spool rotated");
-        Ok(())
-    }
-}
-
-fn open_append(path: &Path) -> Result<File, AgentError> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|error| AgentError::Io {
-            context: format!("opening {}", path.display()),
-            error,
-        })
-}
-
-/// Why an export was not stored: the client should retry later.
-pub(crate) struct Unavailable(pub(crate) String);
+use super::HttpState;
+use super::spool::{MAX_BODY_BYTES, Spool, Unavailable, decode_body, media_type};
 
 /// The one path of every OTLP logs export, whatever the transport: turns
 /// its records into access-log lines, appends them to the spool durably,
@@ -170,26 +37,8 @@ pub(crate) async fn store(
     spool: &Arc<Spool>,
     request: &ExportLogsServiceRequest,
 ) -> Result<ExportLogsServiceResponse, Unavailable> {
-    if let Some(reason) = spool.refusal() {
-        tracing::debug!(reason = %reason, "OTLP export refused");
-        return Err(Unavailable(reason));
-    }
     let (text, rejected) = lines(request);
-    if !text.is_empty() {
-        let writer = spool.clone();
-        let written = tokio::task::spawn_blocking(move || writer.append(&text)).await;
-        let failure = match written {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
-            Err(e) => Some(e.to_string()),
-        };
-        if let Some(error) = failure {
-            tracing::error!(error = %error, "writing the OTLP spool failed");
-            return Err(Unavailable(
-                "the records could not be stored; retry later".to_owned(),
-            ));
-        }
-    }
+    spool.store(text).await?;
     let partial_success = (rejected > 0).then(|| ExportLogsPartialSuccess {
         rejected_log_records: rejected,
         error_message: format!(
@@ -197,25 +46,6 @@ pub(crate) async fn store(
         ),
     });
     Ok(ExportLogsServiceResponse { partial_success })
-}
-
-/// The body of a request, gunzipped if it says so, at most `limit` bytes.
-fn decode_body(headers: &HeaderMap, body: Bytes, limit: u64) -> Result<Vec<u8>, String> {
-    let gzip = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("gzip"));
-    if !gzip {
-        return Ok(body.to_vec());
-    }
-    let mut out = Vec::new();
-    let decoder = flate2::read::GzDecoder::new(&body[..]);
-    let read = std::io::Read::read_to_end(&mut std::io::Read::take(decoder, limit + 1), &mut out)
-        .map_err(|e| format!("the gzip body cannot be decoded: {e}"))?;
-    if read as u64 > limit {
-        return Err(format!("the body is larger than {limit} bytes decoded"));
-    }
-    Ok(out)
 }
 
 /// How the request was encoded; the answer uses the same.
@@ -262,13 +92,7 @@ pub(crate) async fn receive_logs(
             "the OTLP receiver is off; start tally collect with --otlp".to_owned(),
         );
     };
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.to_ascii_lowercase())
-        .unwrap_or_default();
-    let media = content_type.split(';').next().map_or("", str::trim);
-    let encoding = match media {
+    let encoding = match media_type(&headers).as_str() {
         "application/x-protobuf" | "application/protobuf" => Encoding::Protobuf,
         "application/json" => Encoding::Json,
         other => {
