@@ -10,6 +10,7 @@
 mod changes;
 mod dict;
 mod keys;
+mod known;
 mod read;
 mod resources;
 mod writer;

@@ -2,6 +2,8 @@
 //! sees half of a group commit.
 
 use std::collections::{BTreeSet, HashMap};
+
+use rustc_hash::FxHashMap;
 use std::ops::Bound;
 
 use fjall::Readable;
@@ -217,7 +219,7 @@ pub fn query(
     let meta = &shared.keyspaces.meta;
     let names = Names::new(shared, &snapshot, meta);
     // Buckets fold into (window, subject id or NO_SUBJECT, projected groups).
-    let mut acc: HashMap<(u32, u32, u32, u32), AggState> = HashMap::new();
+    let mut acc: FxHashMap<(u32, u32, u32, u32), AggState> = FxHashMap::default();
     // Accounts met so far, interned, and per (subject id, piece) its account.
     let mut accounts: Vec<Option<String>> = Vec::new();
     let mut account_ids: HashMap<Option<String>, u32> = HashMap::new();
@@ -361,24 +363,59 @@ pub fn query(
             }
         }
     }
-    let mut subject_names: HashMap<u32, String> = HashMap::new();
-    let mut rows: Vec<(GroupKey, QueryRow)> = Vec::with_capacity(acc.len());
     if by_account {
         group_names.push(BILLING_ACCOUNT);
     }
-    for ((window, subject, projected, account), state) in acc {
-        let subject = if subject == NO_SUBJECT {
-            None
+    // Rows are ordered by (window, subject name, group values, account).
+    // Sort by ranks of names computed once, not by the strings, and build
+    // rows (and their strings) only for the page that is answered.
+    let mut subjects: Vec<(String, u32)> = Vec::new();
+    {
+        let mut ids: Vec<u32> = acc
+            .keys()
+            .map(|k| k.1)
+            .filter(|id| *id != NO_SUBJECT)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        for id in ids {
+            subjects.push((names.subject(id)?, id));
+        }
+    }
+    subjects.sort_unstable();
+    let subject_rank: FxHashMap<u32, u32> = subjects
+        .iter()
+        .enumerate()
+        .map(|(rank, (_, id))| (*id, rank as u32))
+        .collect();
+    let projection_rank = ranks(&projections);
+    let account_rank = ranks(&accounts);
+    let rank = |id: u32, ranks: &[u32]| {
+        if id == NO_ACCOUNT {
+            0
         } else {
-            Some(match subject_names.get(&subject) {
-                Some(name) => name.clone(),
-                None => {
-                    let name = names.subject(subject)?;
-                    subject_names.insert(subject, name.clone());
-                    name
-                }
-            })
-        };
+            ranks[id as usize]
+        }
+    };
+    let mut entries: Vec<((u32, u32, u32, u32), (u32, u32, u32, u32), AggState)> = acc
+        .into_iter()
+        .map(|((window, subject, projected, account), state)| {
+            let order = (
+                window,
+                subject_rank.get(&subject).copied().unwrap_or(0),
+                rank(projected, &projection_rank),
+                rank(account, &account_rank),
+            );
+            (order, (window, subject, projected, account), state)
+        })
+        .collect();
+    entries.sort_unstable_by_key(|e| e.0);
+    let group_key = |(window, subject, projected, account): (u32, u32, u32, u32)| -> GroupKey {
+        let subject = (subject != NO_SUBJECT).then(|| {
+            subjects[subject_rank.get(&subject).copied().unwrap_or(0) as usize]
+                .0
+                .clone()
+        });
         let mut groups = projections
             .get(projected as usize)
             .cloned()
@@ -386,38 +423,49 @@ pub fn query(
         if by_account {
             groups.push(accounts.get(account as usize).cloned().flatten());
         }
+        (window, subject, groups)
+    };
+    let after: Option<GroupKey> = q.cursor.as_deref().map(decode_cursor).transpose()?;
+    let first = match &after {
+        None => 0,
+        Some(after) => entries.partition_point(|e| group_key(e.1) <= *after),
+    };
+    let limit = q.limit.unwrap_or(usize::MAX);
+    let page = &entries[first..];
+    let more = page.len() > limit;
+    let page = &page[..page.len().min(limit)];
+    let mut rows = Vec::with_capacity(page.len());
+    for (_, key, state) in page {
+        let (window, subject, groups) = group_key(*key);
         let w = windows[window as usize];
-        let row = QueryRow {
+        rows.push(QueryRow {
             window_start: w.start,
             window_end: w.end,
-            subject: subject.clone(),
+            subject,
             group_by: group_names
                 .iter()
-                .zip(&groups)
-                .map(|(name, value)| ((*name).to_owned(), value.clone()))
+                .zip(groups)
+                .map(|(name, value)| ((*name).to_owned(), value))
                 .collect(),
             value: state.result(),
-        };
-        rows.push(((window, subject, groups), row));
+        });
     }
-    // Keys are distinct, so an unstable sort gives the same order.
-    rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    let after: Option<GroupKey> = q.cursor.as_deref().map(decode_cursor).transpose()?;
-    let mut page: Vec<(GroupKey, QueryRow)> = rows
-        .into_iter()
-        .filter(|(key, _)| after.as_ref().is_none_or(|a| key > a))
-        .collect();
-    let limit = q.limit.unwrap_or(usize::MAX);
-    let next_cursor = if page.len() > limit {
-        page.truncate(limit);
-        page.last().map(|(key, _)| encode_cursor(key))
-    } else {
-        None
+    let next_cursor = match page.last() {
+        Some((_, key, _)) if more => Some(encode_cursor(&group_key(*key))),
+        _ => None,
     };
-    Ok(QueryResult {
-        rows: page.into_iter().map(|(_, row)| row).collect(),
-        next_cursor,
-    })
+    Ok(QueryResult { rows, next_cursor })
+}
+
+/// The rank of each value in sorted order, by index.
+fn ranks<T: Ord>(values: &[T]) -> Vec<u32> {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_unstable_by(|a, b| values[*a].cmp(&values[*b]));
+    let mut ranks = vec![0; values.len()];
+    for (rank, index) in order.into_iter().enumerate() {
+        ranks[index] = rank as u32;
+    }
+    ranks
 }
 
 /// Cuts windows at `cuts`; returns the pieces and, per piece, its window.

@@ -25,6 +25,7 @@ use tracing::{info, warn};
 
 use crate::dict::WriterDict;
 use crate::keys::{self, MeterState, QuarantineEntry, RollupKey};
+use crate::known::{self, KnownKeys, Scan};
 use crate::{Shared, StoreError};
 
 mod upgrade;
@@ -40,6 +41,8 @@ const PRUNE_CHUNK: usize = 50_000;
 const ROLLUP_CACHE_ENTRIES: usize = 500_000;
 /// Keys removed per garbage-collection step.
 const GARBAGE_CHUNK: usize = 50_000;
+/// Keys added to a [`KnownKeys`] filter per step of its opening scan.
+const KNOWN_SCAN_CHUNK: usize = 200_000;
 
 /// A reply channel for an ingest request: the outcome, and the events
 /// handed back, so that freeing them is the caller's work and not the
@@ -100,6 +103,9 @@ pub(crate) struct Writer {
     cache: FxHashMap<RollupKey, AggState>,
     /// Interned subjects and group values.
     dict: WriterDict,
+    /// Filters of the dedupe and rollup keys the store holds.
+    known_dedupe: KnownKeys,
+    known_rollups: KnownKeys,
 }
 
 /// Rollup deltas of one batch, merged before touching the store.
@@ -131,6 +137,12 @@ impl Writer {
         dict: WriterDict,
     ) -> Writer {
         let meters = shared.read_state().catalog.meters_by_type();
+        let known_dedupe = KnownKeys::new(
+            shared.keyspaces.dedupe.approximate_len(),
+            known::hash_prefix,
+        );
+        let known_rollups =
+            KnownKeys::new(shared.keyspaces.rollups.approximate_len(), known::hash_key);
         Writer {
             shared,
             rx,
@@ -141,6 +153,8 @@ impl Writer {
             last_prune: Timestamp::UNIX_EPOCH,
             cache: FxHashMap::default(),
             dict,
+            known_dedupe,
+            known_rollups,
         }
     }
 
@@ -257,6 +271,7 @@ impl Writer {
                 let expires = now.as_second().max(event.time.as_second()) + self.horizon_seconds;
                 batch.insert(&ks.events, keys::seq_key(seq), prepared.record.as_slice());
                 batch.insert(&ks.dedupe, dkey, keys::dedupe_value(seq, expires));
+                self.known_dedupe.insert(dkey);
                 seen.insert(dkey);
                 outcome.accepted += 1;
                 match self.meters.get(&event.kind) {
@@ -332,6 +347,9 @@ impl Writer {
     }
 
     fn is_duplicate(&self, dkey: &[u8], now: Timestamp) -> Result<bool, StoreError> {
+        if !self.known_dedupe.may_contain(dkey) {
+            return Ok(false);
+        }
         match self.shared.keyspaces.dedupe.get(dkey)? {
             Some(value) => Ok(keys::decode_dedupe(&value)?.1 > now.as_second()),
             None => Ok(false),
@@ -367,6 +385,7 @@ impl Writer {
         for (key, delta) in deltas {
             let Some(mut state) = self.current_state(&key)? else {
                 batch.insert(&rollups, key, delta.to_bytes());
+                self.known_rollups.insert(&key);
                 merged_states.push((key, delta));
                 continue;
             };
@@ -401,6 +420,9 @@ impl Writer {
     fn current_state(&mut self, key: &RollupKey) -> Result<Option<AggState>, StoreError> {
         if let Some(cached) = self.cache.remove(key) {
             return Ok(Some(cached));
+        }
+        if !self.known_rollups.may_contain(key) {
+            return Ok(None);
         }
         self.shared
             .keyspaces
@@ -843,6 +865,9 @@ impl Writer {
     /// whether there may be more to do right away.
     fn background_step(&mut self) -> Result<bool, StoreError> {
         self.dict.roll_back();
+        if self.known_step()? {
+            return Ok(true);
+        }
         if self.backfill_step()? {
             return Ok(true);
         }
@@ -850,6 +875,47 @@ impl Writer {
             return Ok(true);
         }
         self.prune_step()
+    }
+
+    /// A step of the scan that puts the keys present at open into the
+    /// [`KnownKeys`] filters; until it is done they answer "maybe".
+    fn known_step(&mut self) -> Result<bool, StoreError> {
+        let shared = Arc::clone(&self.shared);
+        let ks = &shared.keyspaces;
+        for (name, keyspace, known) in [
+            ("dedupe", &ks.dedupe, &mut self.known_dedupe),
+            ("rollups", &ks.rollups, &mut self.known_rollups),
+        ] {
+            let Scan::From(cursor) = known.scan().clone() else {
+                continue;
+            };
+            let keys = match cursor {
+                None => keyspace.iter(),
+                Some(from) => keyspace.range(from..),
+            };
+            let mut last = None;
+            let mut read = 0;
+            for item in keys.take(KNOWN_SCAN_CHUNK) {
+                let key = item.key()?;
+                known.insert(&key);
+                last = Some(key);
+                read += 1;
+            }
+            match last {
+                Some(last) if read == KNOWN_SCAN_CHUNK => {
+                    // The first key after `last`.
+                    let mut next = last.to_vec();
+                    next.push(0);
+                    known.set_scan(Scan::From(Some(next)));
+                }
+                _ => {
+                    known.set_scan(Scan::Done);
+                    info!(keyspace = name, bytes = known.bytes(), "key filter ready");
+                }
+            }
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     fn backfill_step(&mut self) -> Result<bool, StoreError> {
