@@ -10,7 +10,9 @@
 //! value = enqueue time (unix ms, u64 BE) · key length (u32 BE) · key · data.
 //! Keyspace `dead`: key = dead-letter id (u64 BE), value = metadata length
 //! (u32 BE) · metadata JSON · items, each as key length · key · data length ·
-//! data (lengths u32 BE).
+//! data (lengths u32 BE). Keyspace `marks`: the caller's own keys and values
+//! (e.g. how far a source has read), written in the same atomic write as the
+//! items they were appended with.
 
 use std::collections::HashMap;
 use std::collections::{BTreeMap, VecDeque};
@@ -129,8 +131,12 @@ struct Disk {
     db: Database,
     queue: Keyspace,
     dead: Keyspace,
+    marks: Keyspace,
     sync: bool,
 }
+
+/// A caller's (key, value) written atomically with a group of items.
+pub(crate) type Mark = (Bytes, Bytes);
 
 #[derive(Default)]
 struct State {
@@ -145,6 +151,7 @@ struct State {
     closed: bool,
     memory: VecDeque<Entry>,
     memory_dead: BTreeMap<u64, DeadLetter>,
+    memory_marks: BTreeMap<Bytes, Bytes>,
     next_dead_id: u64,
 }
 
@@ -153,6 +160,7 @@ struct PendingAppend {
     ticket: u64,
     items: Vec<Item>,
     from_dead: Option<u64>,
+    marks: Vec<Mark>,
 }
 
 #[derive(Default)]
@@ -312,6 +320,7 @@ impl Queue {
                     KeyspaceCreateOptions::default().max_memtable_size(QUEUE_MEMTABLE_BYTES)
                 })?;
                 let dead = db.keyspace("dead", KeyspaceCreateOptions::default)?;
+                let marks = db.keyspace("marks", KeyspaceCreateOptions::default)?;
                 let mut first = None;
                 for guard in queue.iter() {
                     let (key, value) = guard.into_inner()?;
@@ -327,6 +336,7 @@ impl Queue {
                     db,
                     queue,
                     dead,
+                    marks,
                     sync: *sync,
                 })
             }
@@ -404,14 +414,21 @@ impl Queue {
 
     /// Appends `items` for which room was reserved (blocking on disk). On
     /// failure the reservation is released. With `from_dead`, that dead
-    /// letter is removed in the same atomic write.
-    pub fn append(&self, items: Vec<Item>, from_dead: Option<u64>) -> Result<(), QueueError> {
+    /// letter is removed in the same atomic write; `marks` are written in it
+    /// too.
+    pub fn append(
+        &self,
+        items: Vec<Item>,
+        from_dead: Option<u64>,
+        marks: Vec<Mark>,
+    ) -> Result<(), QueueError> {
         let Some(disk) = &self.disk else {
             let enqueued_ms = now_ms();
             let mut state = lock(&self.state);
             if let Some(id) = from_dead {
                 state.memory_dead.remove(&id);
             }
+            state.memory_marks.extend(marks);
             let first = state.next_seq;
             state.next_seq += items.len() as u64;
             state
@@ -432,6 +449,7 @@ impl Queue {
             ticket,
             items,
             from_dead,
+            marks,
         });
         loop {
             if let Some(result) = commits.done.remove(&ticket) {
@@ -479,6 +497,9 @@ impl Queue {
         }
         for id in group.iter().filter_map(|append| append.from_dead) {
             batch.remove(&disk.dead, id.to_be_bytes());
+        }
+        for (key, value) in group.iter().flat_map(|append| &append.marks) {
+            batch.insert(&disk.marks, key.as_ref(), value.as_ref());
         }
         if let Err(e) = batch.commit() {
             let count = next - first;
@@ -607,6 +628,17 @@ impl Queue {
         Ok(dead_id)
     }
 
+    /// The value of a mark written with [`Queue::append`].
+    pub fn mark(&self, key: &[u8]) -> Result<Option<Bytes>, QueueError> {
+        match &self.disk {
+            None => Ok(lock(&self.state).memory_marks.get(key).cloned()),
+            Some(disk) => Ok(disk
+                .marks
+                .get(key)?
+                .map(|value| Bytes::copy_from_slice(&value))),
+        }
+    }
+
     /// Every dead letter, oldest first.
     pub fn dead_letters(&self) -> Result<Vec<DeadLetter>, QueueError> {
         match &self.disk {
@@ -703,7 +735,7 @@ mod tests {
                         let items = vec![item(t * 1000 + i, 3), item(t * 1000 + i, 4)];
                         rt.block_on(queue.reserve(2, items_size(&items), false))
                             .unwrap();
-                        queue.append(items, None).unwrap();
+                        queue.append(items, None, vec![]).unwrap();
                     }
                 });
             }
@@ -806,7 +838,7 @@ mod tests {
                     let reserved = rt.block_on(queue.reserve(n, b, false));
                     prop_assert_eq!(reserved.is_ok(), fits);
                     if reserved.is_ok() {
-                        queue.append(items.clone(), None).unwrap();
+                        queue.append(items.clone(), None, vec![]).unwrap();
                         model.queue.extend(items);
                     }
                 }
@@ -844,7 +876,9 @@ mod tests {
                     if let Some(letter) = letters.first() {
                         let (n, b) = (letter.items.len() as u64, items_size(&letter.items));
                         if rt.block_on(queue.reserve(n, b, false)).is_ok() {
-                            queue.append(letter.items.clone(), Some(letter.id)).unwrap();
+                            queue
+                                .append(letter.items.clone(), Some(letter.id), vec![])
+                                .unwrap();
                             let items = model.dead.remove(0);
                             model.queue.extend(items);
                         }

@@ -256,10 +256,19 @@ impl Sink {
     }
 
     async fn push(&self, items: Vec<Item>, wait: bool) -> Result<(), EnqueueError> {
+        self.push_marked(items, Vec::new(), wait).await
+    }
+
+    async fn push_marked(
+        &self,
+        items: Vec<Item>,
+        marks: Vec<(Bytes, Bytes)>,
+        wait: bool,
+    ) -> Result<(), EnqueueError> {
         let count = items.len() as u64;
         let bytes = items.iter().map(|i| i.size() as u64).sum();
         self.queue.reserve(count, bytes, wait).await?;
-        on_queue(&self.queue, move |queue| queue.append(items, None)).await?;
+        on_queue(&self.queue, move |queue| queue.append(items, None, marks)).await?;
         self.metrics.add_received(count);
         self.metrics.set_queue_depth(self.queue.depth().0);
         Ok(())
@@ -290,6 +299,29 @@ impl Sink {
         result
     }
 
+    /// Queues `items` (possibly none) if there is room for all of them now,
+    /// and writes `marks` — the caller's own (key, value) pairs, such as how
+    /// far a source has read — in the same atomic write: after a crash, the
+    /// marks say exactly which items were queued. A refused call writes
+    /// nothing and is counted like [`Sink::try_enqueue`]'s.
+    pub async fn try_enqueue_marked(
+        &self,
+        items: Vec<Item>,
+        marks: Vec<(Bytes, Bytes)>,
+    ) -> Result<(), EnqueueError> {
+        let count = items.len() as u64;
+        let result = self.push_marked(items, marks, false).await;
+        if let Err(e) = &result {
+            self.metrics.add_dropped(e.reason(), count);
+        }
+        result
+    }
+
+    /// The value last written for mark `key` by [`Sink::try_enqueue_marked`].
+    pub async fn mark(&self, key: Bytes) -> Result<Option<Bytes>, QueueError> {
+        on_queue(&self.queue, move |queue| queue.mark(&key)).await
+    }
+
     /// The dead-letter list, oldest first.
     pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, QueueError> {
         on_queue(&self.queue, |queue| queue.dead_letters()).await
@@ -305,7 +337,7 @@ impl Sink {
         let bytes = letter.items.iter().map(|i| i.size() as u64).sum();
         self.queue.reserve(count, bytes, false).await?;
         on_queue(&self.queue, move |queue| {
-            queue.append(letter.items, Some(id))
+            queue.append(letter.items, Some(id), Vec::new())
         })
         .await?;
         self.metrics.set_queue_depth(self.queue.depth().0);

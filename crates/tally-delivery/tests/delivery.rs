@@ -477,6 +477,67 @@ async fn shutdown_keeps_a_disk_queue_for_the_next_start() {
 }
 
 #[tokio::test]
+async fn marks_are_written_with_their_items_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = on_disk(quick("marks"), &dir);
+    config.queue.max_items = 3;
+    let mark = |v: &str| {
+        vec![(
+            bytes::Bytes::from_static(b"pull/a"),
+            bytes::Bytes::from(v.to_owned()),
+        )]
+    };
+    let sink = Sink::builder(config.clone(), Lines::new(closed_port_url()))
+        .start()
+        .unwrap();
+    assert_eq!(sink.mark("pull/a".into()).await.unwrap(), None);
+    // Marks alone, then marks with items.
+    sink.try_enqueue_marked(vec![], mark("1")).await.unwrap();
+    sink.try_enqueue_marked(vec![item(0, 5), item(1, 5)], mark("2"))
+        .await
+        .unwrap();
+    // Refused whole: neither the items nor the mark are written.
+    let refused = sink
+        .try_enqueue_marked(vec![item(2, 5), item(3, 5)], mark("3"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.reason(), "queue_full");
+    assert_eq!(sink.metrics().dropped("queue_full"), 2);
+    assert_eq!(sink.queue_depth(), 2);
+    assert_eq!(
+        sink.mark("pull/a".into()).await.unwrap().as_deref(),
+        Some(&b"2"[..])
+    );
+    sink.shutdown(Duration::from_millis(50)).await;
+    drop(sink);
+
+    // The next start has both back.
+    let receiver = Receiver::start().await;
+    let sink = Sink::builder(config, Lines::new(receiver.url()))
+        .start()
+        .unwrap();
+    assert_eq!(sink.queue_depth(), 2);
+    assert_eq!(
+        sink.mark("pull/a".into()).await.unwrap().as_deref(),
+        Some(&b"2"[..])
+    );
+    receiver.wait_for_unique(2, LIMIT).await;
+    sink.shutdown(Duration::from_secs(2)).await;
+
+    // A memory queue keeps marks for its own life.
+    let sink = Sink::builder(quick("memory-marks"), Lines::new(closed_port_url()))
+        .start()
+        .unwrap();
+    sink.try_enqueue_marked(vec![item(0, 5)], mark("m"))
+        .await
+        .unwrap();
+    assert_eq!(
+        sink.mark("pull/a".into()).await.unwrap().as_deref(),
+        Some(&b"m"[..])
+    );
+}
+
+#[tokio::test]
 async fn shutdown_drains_a_memory_queue_within_its_grace() {
     let receiver = Receiver::start().await;
     let mut config = quick("drain");

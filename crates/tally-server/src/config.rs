@@ -1,9 +1,14 @@
-//! `tally serve` configuration: a YAML file, overridden by flags.
+//! `tally serve` and `tally export` configuration: a YAML file, overridden
+//! by flags.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
+use anyhow::Context;
 use serde::{Deserialize, Serialize};
+use tally_telemetry::PullOptions;
+use tally_telemetry::exporter::parse_duration;
 
 use crate::auth::TokenConfig;
 
@@ -41,6 +46,86 @@ pub struct ServeConfig {
     pub manifest_dirs: Vec<PathBuf>,
     /// The billing forwarder (BillingSink resources).
     pub billing: BillingServeConfig,
+    /// Where the OTLP/gRPC metrics receiver listens
+    /// (`MetricsService/Export`); absent: no gRPC receiver.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc_listen: Option<SocketAddr>,
+    /// Pull exporter sources from this VictoriaMetrics too.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub victoria_metrics: Option<VictoriaMetricsConfig>,
+}
+
+/// `victoriaMetrics:` in the config: every Exporter source is also pulled
+/// from this VictoriaMetrics (`/api/v1/export`, `match[]` = the source's
+/// selector within the exporter's namespaces), in moving windows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VictoriaMetricsConfig {
+    /// Base URL, e.g. `http://127.0.0.1:8428` (or a vmselect tenant prefix
+    /// such as `http://vmselect:8481/select/0/prometheus`).
+    pub url: String,
+    /// Time between pulls once caught up (default `10s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_interval: Option<String>,
+    /// How far behind now a window ends, so late samples are still read
+    /// (default `30s`); a sample that arrives later than this is missed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<String>,
+    /// The longest time range one request reads (default `5m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<String>,
+    /// How far back a source seen for the first time starts (default `0s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backfill: Option<String>,
+}
+
+impl VictoriaMetricsConfig {
+    /// Only the URL; every other setting at its default.
+    pub fn new(url: impl Into<String>) -> Self {
+        VictoriaMetricsConfig {
+            url: url.into(),
+            pull_interval: None,
+            lag: None,
+            window: None,
+            backfill: None,
+        }
+    }
+
+    /// The pipeline's pull options.
+    pub fn pull_options(&self) -> anyhow::Result<PullOptions> {
+        let mut options = PullOptions::new(self.url.clone());
+        let field = |name: &str, text: &Option<String>, allow_zero: bool, into: &mut Duration| {
+            let Some(text) = text else {
+                return Ok(());
+            };
+            *into = if allow_zero && zero(text) {
+                Duration::ZERO
+            } else {
+                parse_duration(text)
+                    .map_err(anyhow::Error::msg)
+                    .with_context(|| format!("victoriaMetrics.{name}"))?
+            };
+            anyhow::Ok(())
+        };
+        field(
+            "pullInterval",
+            &self.pull_interval,
+            false,
+            &mut options.interval,
+        )?;
+        field("lag", &self.lag, true, &mut options.lag)?;
+        field("window", &self.window, false, &mut options.window)?;
+        field("backfill", &self.backfill, true, &mut options.backfill)?;
+        Ok(options)
+    }
+}
+
+/// Whether a duration text says zero (`0`, `0s`, `0ms`...).
+fn zero(text: &str) -> bool {
+    text.trim()
+        .trim_end_matches(|c: char| c.is_ascii_alphabetic())
+        .parse::<f64>()
+        .is_ok_and(|n| n == 0.0)
 }
 
 /// `billing:` in the serve config.
@@ -87,20 +172,127 @@ impl Default for ServeConfig {
             max_lateness_days: None,
             manifest_dirs: Vec::new(),
             billing: BillingServeConfig::default(),
+            grpc_listen: None,
+            victoria_metrics: None,
         }
     }
+}
+
+/// Reads a YAML config file; an empty one is the defaults.
+fn read_config<T: Default + serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+) -> anyhow::Result<T> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading config file {}", path.display()))?;
+    if text.trim().is_empty() {
+        return Ok(T::default());
+    }
+    serde_norway::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
 }
 
 impl ServeConfig {
     /// Reads a YAML config file.
     pub fn from_file(path: &std::path::Path) -> anyhow::Result<ServeConfig> {
-        use anyhow::Context;
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading config file {}", path.display()))?;
-        if text.trim().is_empty() {
-            return Ok(ServeConfig::default());
+        read_config(path)
+    }
+}
+
+/// Everything `tally export` needs: the exporters' pipeline alone, fed by
+/// the metrics receivers and VictoriaMetrics, configured from watched
+/// manifest directories. No ledger, no billing. Every field has a default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct ExportConfig {
+    /// Where the sinks' queues (and with them the pull checkpoints) live.
+    pub data_dir: PathBuf,
+    /// Address of the HTTP API (`/v1/metrics`, `/api/v1/write`, `/metrics`,
+    /// `/healthz`, `/readyz`, `/apis/exporters`).
+    pub listen: SocketAddr,
+    /// Where the OTLP/gRPC metrics receiver listens; absent: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc_listen: Option<SocketAddr>,
+    /// An admin token, as in `tally serve`. Never logged.
+    #[serde(skip_serializing)]
+    pub token: Option<String>,
+    /// Scoped bearer tokens, as in `tally serve`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tokens: Vec<TokenConfig>,
+    /// Largest accepted request body, in bytes, after decompression.
+    pub max_body_bytes: usize,
+    /// Directories of Exporter, Secret, Namespace and platform resource
+    /// manifests, applied at start and whenever a file changes. They are
+    /// the only configuration: resources live in memory, and a file
+    /// removed is forgotten at the next start.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub manifest_dirs: Vec<PathBuf>,
+    /// Pull exporter sources from this VictoriaMetrics too.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub victoria_metrics: Option<VictoriaMetricsConfig>,
+}
+
+impl Default for ExportConfig {
+    fn default() -> Self {
+        let serve = ServeConfig::default();
+        ExportConfig {
+            data_dir: PathBuf::from("./tally-export-data"),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            grpc_listen: None,
+            token: None,
+            tokens: Vec::new(),
+            max_body_bytes: serve.max_body_bytes,
+            manifest_dirs: Vec::new(),
+            victoria_metrics: None,
         }
-        serde_norway::from_str(&text)
-            .with_context(|| format!("parsing config file {}", path.display()))
+    }
+}
+
+impl ExportConfig {
+    /// Reads a YAML config file.
+    pub fn from_file(path: &std::path::Path) -> anyhow::Result<ExportConfig> {
+        read_config(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn victoria_metrics_durations_are_read_with_defaults() {
+        let config: ServeConfig = serde_norway::from_str(
+            "victoriaMetrics: {url: 'http://vm:8428', lag: 5s, backfill: 0s, window: 1m}
+grpcListen: 127.0.0.1:4317
+",
+        )
+        .unwrap();
+        let vm = config.victoria_metrics.unwrap();
+        let options = vm.pull_options().unwrap();
+        assert_eq!(options.url, "http://vm:8428");
+        assert_eq!(options.lag, Duration::from_secs(5));
+        assert_eq!(options.window, Duration::from_secs(60));
+        assert_eq!(options.backfill, Duration::ZERO);
+        assert_eq!(options.interval, PullOptions::new("").interval);
+        assert_eq!(config.grpc_listen, Some("127.0.0.1:4317".parse().unwrap()));
+        let mut bad = VictoriaMetricsConfig::new("http://vm");
+        bad.pull_interval = Some("0s".into());
+        let err = bad.pull_options().unwrap_err();
+        assert!(
+            format!("{err:#}").contains("victoriaMetrics.pullInterval"),
+            "{err:#}"
+        );
+        let export: ExportConfig = serde_norway::from_str(
+            "dataDir: /var/lib/x
+manifestDirs: [/etc/x]
+",
+        )
+        .unwrap();
+        assert_eq!(export.listen, ExportConfig::default().listen);
+        assert!(
+            serde_norway::from_str::<ExportConfig>(
+                "dedupeHorizonDays: 3
+"
+            )
+            .is_err()
+        );
     }
 }

@@ -2,17 +2,51 @@
 //! `Exporter`, a `Secret`, a `Namespace` or a labelled platform resource
 //! hands the pipeline a new snapshot (unchanged sinks keep their queues;
 //! a rotated secret is used from the next request on), and an Exporter's
-//! `status` is the pipeline's.
+//! `status` is the pipeline's. `tally serve` and `tally export` build the
+//! pipeline the same way ([`start_pipeline`]).
 
+use std::path::Path;
 use std::sync::Arc;
 
+use anyhow::Context;
 use serde_json::Value;
+use tally_delivery::Registry;
 use tally_ledger::{ResourceSet, ResourceStore};
 use tally_model::secret::secret_data;
 use tally_model::{Kind, KindClass, Manifest};
-use tally_telemetry::{InMemoryResourceIndex, Pipeline, SecretValue, Secrets, Snapshot};
+use tally_telemetry::{
+    InMemoryResourceIndex, Pipeline, PipelineOptions, QueueStorage, SecretValue, Secrets, Snapshot,
+};
 
 use crate::StatusSource;
+use crate::config::VictoriaMetricsConfig;
+
+/// The exporters' pipeline of a process, and the task that keeps it in step
+/// with `store` ([`follow`]): sinks queue on disk under
+/// `<data_dir>/exporter-queues` (where pull checkpoints live too), sources
+/// are pulled from `victoria_metrics` if given, and it runs `store`'s
+/// exporters before this returns, so receivers can take metrics at once.
+pub(crate) fn start_pipeline(
+    data_dir: &Path,
+    victoria_metrics: Option<&VictoriaMetricsConfig>,
+    registry: &Registry,
+    store: &Arc<dyn ResourceStore>,
+) -> anyhow::Result<(Arc<Pipeline>, tokio::task::JoinHandle<()>)> {
+    let options = PipelineOptions {
+        storage: QueueStorage::Disk {
+            dir: data_dir.join("exporter-queues"),
+            sync: false,
+        },
+        pull: victoria_metrics.map(|vm| vm.pull_options()).transpose()?,
+        ..PipelineOptions::default()
+    };
+    let pipeline =
+        Pipeline::new(registry.clone(), options).context("starting the exporters' pipeline")?;
+    pipeline.update(snapshot(&store.snapshot()));
+    let pipeline = Arc::new(pipeline);
+    let follower = tokio::spawn(follow(Arc::clone(store), Arc::clone(&pipeline)));
+    Ok((pipeline, follower))
+}
 
 /// What the pipeline needs of the stored resources.
 pub fn snapshot(set: &ResourceSet) -> Snapshot {

@@ -2,14 +2,19 @@
 //!
 //! Routes: the OpenMeter-compatible `/api/v1/events` and `/api/v1/meters`,
 //! resources under `/apis`, `/api/v1/quarantine`, `/metrics`, `/healthz`,
-//! `/readyz` and `/openapi.json` (generated from the handlers' annotations).
+//! `/readyz` and `/openapi.json` (generated from the handlers' annotations);
+//! the metrics receivers (`/v1/metrics`, `/api/v1/write`, and OTLP/gRPC on
+//! its own listener). [`export`] is `tally export`: the exporters' pipeline
+//! alone, without a ledger.
 
 mod auth;
 pub mod billing;
 mod body;
 mod config;
 mod events;
+pub mod export;
 mod exporters;
+mod grpc;
 mod meters;
 mod problem;
 mod query;
@@ -23,7 +28,7 @@ use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
-use axum::extract::{DefaultBodyLimit, MatchedPath, RawQuery, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRef, MatchedPath, RawQuery, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -36,7 +41,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use utoipa::OpenApi;
 
 pub use auth::{Principal, Scope, TokenConfig};
-pub use config::{BillingServeConfig, ServeConfig};
+pub use config::{BillingServeConfig, ExportConfig, ServeConfig, VictoriaMetricsConfig};
 pub use problem::Problem;
 pub use resources::StatusSource;
 
@@ -250,7 +255,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi_json))
-        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state.auth),
+            authenticate,
+        ));
     Router::new()
         .merge(api)
         .route("/healthz", get(healthz))
@@ -259,7 +267,7 @@ pub fn router(state: AppState) -> Router {
             Problem::new(StatusCode::NOT_FOUND, "no such endpoint; see /openapi.json")
         })
         .layer(middleware::from_fn_with_state(
-            state.clone(),
+            Arc::clone(&state.requests),
             count_requests,
         ))
         // Compressed bodies may expand; the decoded size is checked again in `body::decode`.
@@ -267,7 +275,11 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn authenticate(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+async fn authenticate(
+    State(auth): State<Arc<auth::Authenticator>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
     let bearer = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -277,7 +289,7 @@ async fn authenticate(State(state): State<AppState>, mut request: Request, next:
         .extensions()
         .get::<MatchedPath>()
         .map_or("", MatchedPath::as_str);
-    match state.auth.check(bearer, request.method(), route) {
+    match auth.check(bearer, request.method(), route) {
         Ok(principal) => {
             request.extensions_mut().insert(principal);
             next.run(request).await
@@ -296,14 +308,18 @@ async fn authenticate(State(state): State<AppState>, mut request: Request, next:
     }
 }
 
-async fn count_requests(State(state): State<AppState>, request: Request, next: Next) -> Response {
+async fn count_requests(
+    State(requests): State<Arc<Mutex<RequestCounts>>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
     let method = request.method().to_string();
     let response = next.run(request).await;
-    if let Ok(mut counts) = state.requests.lock() {
+    if let Ok(mut counts) = requests.lock() {
         *counts
             .entry((method, route, response.status().as_u16()))
             .or_default() += 1;
@@ -392,11 +408,17 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     if let Some(billing) = &state.billing {
         out.push_str(&billing.render_status_metrics());
     }
+    render_requests(&state.requests, &mut out);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// `tally_http_requests_total`.
+fn render_requests(requests: &Mutex<RequestCounts>, out: &mut String) {
     let _ = writeln!(
         out,
         "# HELP tally_http_requests_total HTTP requests by method, route and status.\n# TYPE tally_http_requests_total counter"
     );
-    if let Ok(counts) = state.requests.lock() {
+    if let Ok(counts) = requests.lock() {
         for ((method, route, status), n) in counts.iter() {
             let _ = writeln!(
                 out,
@@ -404,7 +426,6 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             );
         }
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 
 /// Liveness: the process answers.
@@ -417,14 +438,15 @@ async fn healthz() -> &'static str {
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, description = "Ready"), (status = 503, description = "Not ready", body = Problem, content_type = "application/problem+json")))]
 async fn readyz(State(state): State<AppState>) -> Response {
-    if state.ledger.ready() {
+    readiness(state.ledger.ready(), "the ledger's writer has stopped")
+}
+
+/// `/readyz`'s answer: `ready`, or `503` saying why not.
+fn readiness(ready: bool, why_not: &'static str) -> Response {
+    if ready {
         "ready\n".into_response()
     } else {
-        Problem::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the ledger's writer has stopped",
-        )
-        .into_response()
+        Problem::new(StatusCode::SERVICE_UNAVAILABLE, why_not).into_response()
     }
 }
 
@@ -470,21 +492,12 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
     let resources: Arc<dyn ResourceStore> = Arc::new(ledger.resources());
     let registry = Registry::new();
-    let options = tally_telemetry::PipelineOptions {
-        storage: tally_telemetry::QueueStorage::Disk {
-            dir: config.data_dir.join("exporter-queues"),
-            sync: false,
-        },
-        ..tally_telemetry::PipelineOptions::default()
-    };
-    let pipeline = Arc::new(
-        tally_telemetry::Pipeline::new(registry.clone(), options)
-            .context("starting the exporters' pipeline")?,
-    );
-    let exporters = tokio::spawn(exporters::follow(
-        Arc::clone(&resources),
-        Arc::clone(&pipeline),
-    ));
+    let (pipeline, exporters) = exporters::start_pipeline(
+        &config.data_dir,
+        config.victoria_metrics.as_ref(),
+        &registry,
+        &resources,
+    )?;
     let billing_dir = ledger.data_dir().join("billing");
     let ledger: Arc<dyn Ledger> = Arc::new(ledger);
     let (stop_billing, billing_stopped) = tokio::sync::watch::channel(false);
@@ -514,17 +527,16 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         state = state.clone().with_billing(handle);
         task
     });
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("listening on {}", config.listen))?;
-    let address = listener
-        .local_addr()
-        .context("reading the listen address")?;
-    println!(
-        "tally listening on http://{address} (data dir {})",
-        config.data_dir.display()
-    );
-    tracing::info!(%address, data_dir = %config.data_dir.display(), auth = state.auth.is_enabled(), "serving");
+    let listeners = Listeners::open(
+        "tally",
+        config.listen,
+        config.grpc_listen,
+        telemetry::Telemetry::from_ref(&state),
+        Arc::clone(&state.auth),
+        &config.data_dir,
+    )
+    .await?;
+    tracing::info!(address = %listeners.address, data_dir = %config.data_dir.display(), auth = state.auth.is_enabled(), "serving");
     let watcher = (!config.manifest_dirs.is_empty()).then(|| {
         tokio::spawn(watch::watch(
             state.clone(),
@@ -532,10 +544,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             watch::POLL_INTERVAL,
         ))
     });
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving HTTP")?;
+    listeners.serve(router(state)).await?;
     if let Some(watcher) = watcher {
         watcher.abort();
     }
@@ -547,6 +556,85 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The listeners of a server process: HTTP, and OTLP/gRPC when configured.
+struct Listeners {
+    http: tokio::net::TcpListener,
+    /// Where HTTP is served.
+    address: std::net::SocketAddr,
+    stop_grpc: tokio::sync::watch::Sender<bool>,
+    grpc: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Listeners {
+    /// Binds `listen`, and starts the OTLP/gRPC metrics receiver on
+    /// `grpc_listen` if set; prints the line saying where `program` listens
+    /// (the only line on standard output).
+    async fn open(
+        program: &str,
+        listen: std::net::SocketAddr,
+        grpc_listen: Option<std::net::SocketAddr>,
+        telemetry: telemetry::Telemetry,
+        auth: Arc<auth::Authenticator>,
+        data_dir: &std::path::Path,
+    ) -> anyhow::Result<Listeners> {
+        let http = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("listening on {listen}"))?;
+        let address = http.local_addr().context("reading the listen address")?;
+        let (stop_grpc, mut stopped) = tokio::sync::watch::channel(false);
+        let mut grpc_line = String::new();
+        let grpc = match grpc_listen {
+            None => None,
+            Some(grpc_listen) => {
+                let listener = tokio::net::TcpListener::bind(grpc_listen)
+                    .await
+                    .with_context(|| format!("listening for OTLP/gRPC on {grpc_listen}"))?;
+                let grpc_address = listener
+                    .local_addr()
+                    .context("reading the gRPC listen address")?;
+                grpc_line = format!(" and grpc://{grpc_address}");
+                Some(tokio::spawn(grpc::serve(
+                    listener,
+                    telemetry,
+                    auth,
+                    async move {
+                        let _ = stopped.wait_for(|stop| *stop).await;
+                    },
+                )))
+            }
+        };
+        println!(
+            "{program} listening on http://{address}{grpc_line} (data dir {})",
+            data_dir.display()
+        );
+        Ok(Listeners {
+            http,
+            address,
+            stop_grpc,
+            grpc,
+        })
+    }
+
+    /// Serves `app` until SIGINT or SIGTERM, then stops the gRPC receiver.
+    async fn serve(self, app: Router) -> anyhow::Result<()> {
+        axum::serve(self.http, app)
+            .with_graceful_shutdown(shutdown_signal())
+            .await
+            .context("serving HTTP")?;
+        let _ = self.stop_grpc.send(true);
+        if let Some(task) = self.grpc {
+            match task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %format!("{e:#}"), "OTLP/gRPC receiver failed")
+                }
+                Err(e) => tracing::error!(error = %e, "OTLP/gRPC receiver task failed"),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

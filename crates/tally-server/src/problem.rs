@@ -40,6 +40,12 @@ impl Problem {
         Problem::new(StatusCode::BAD_REQUEST, detail)
     }
 
+    /// Asks the client to retry after `seconds` (`Retry-After`).
+    pub fn with_retry_after(mut self, seconds: u64) -> Problem {
+        self.retry_after = Some(seconds);
+        self
+    }
+
     pub fn with_errors(mut self, errors: Value) -> Problem {
         self.errors = Some(Box::new(errors));
         self
@@ -81,11 +87,8 @@ impl From<LedgerError> for Problem {
             LedgerError::NotReady {
                 message,
                 retry_after_seconds,
-            } => {
-                let mut p = Problem::new(StatusCode::SERVICE_UNAVAILABLE, message);
-                p.retry_after = Some(retry_after_seconds);
-                p
-            }
+            } => Problem::new(StatusCode::SERVICE_UNAVAILABLE, message)
+                .with_retry_after(retry_after_seconds),
             LedgerError::Storage(m) => {
                 tracing::error!(error = %m, "storage failure");
                 Problem::new(

@@ -177,7 +177,7 @@ pub async fn apply(
 #[derive(Deserialize, utoipa::IntoParams)]
 pub struct ListParams {
     /// Only resources of this namespace (namespaced kinds).
-    namespace: Option<String>,
+    pub(crate) namespace: Option<String>,
 }
 
 /// List resources of a kind that the caller may see.

@@ -1,16 +1,22 @@
 //! Metrics receivers feeding the exporters' pipeline: OTLP/HTTP
-//! `POST /v1/metrics` (protobuf or JSON, gzip or zstd) and Prometheus
-//! remote-write 1.0 `POST /api/v1/write` (snappy protobuf).
+//! `POST /v1/metrics` (protobuf or JSON, gzip or zstd), Prometheus
+//! remote-write 1.0 `POST /api/v1/write` (snappy protobuf), and OTLP/gRPC
+//! `MetricsService/Export` ([`crate::grpc`]), all through [`ingest`].
 //!
-//! Both need the `ingest` or `admin` scope. Without a pipeline
-//! ([`crate::AppState::with_telemetry`]) both answer `404`. What a receiver
+//! All need the `ingest` or `admin` scope. Without a pipeline
+//! ([`crate::AppState::with_telemetry`]) they answer `404`. What a receiver
 //! takes is routed in-stream to every exporter that selects it; the answer
 //! never waits on a sink. Data points of resources no exporter can ever see
 //! (no `namespace` resource attribute, an unknown namespace, a `project`
 //! attribute that is not the namespace's) are refused: OTLP answers them as
-//! a partial success.
+//! a partial success. Before the pipeline has its first snapshot, and when
+//! every sink a request was for had its hand-off full (nothing was taken),
+//! the answer asks the sender to retry: `503` + `Retry-After`, gRPC
+//! `UNAVAILABLE`.
 
-use axum::extract::State;
+use std::sync::Arc;
+
+use axum::extract::{FromRef, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -18,7 +24,7 @@ use prost::Message as _;
 use tally_delivery::ComponentKind;
 use tally_telemetry::otlp::{self, JSON_CONTENT_TYPE, PROTOBUF_CONTENT_TYPE};
 use tally_telemetry::proto::collector::metrics::v1::{
-    ExportMetricsPartialSuccess, ExportMetricsServiceResponse,
+    ExportMetricsPartialSuccess, ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
 use tally_telemetry::{Encoding, IngestReport, Pipeline, remote_write};
 
@@ -26,13 +32,81 @@ use crate::AppState;
 use crate::body;
 use crate::problem::Problem;
 
-fn pipeline(state: &AppState) -> Result<&Pipeline, Problem> {
-    state.telemetry.as_deref().ok_or_else(|| {
-        Problem::new(
-            StatusCode::NOT_FOUND,
-            "this server has no telemetry pipeline: metrics receivers are off",
-        )
-    })
+/// What the metrics receivers need: the pipeline and the body limit.
+#[derive(Clone)]
+pub(crate) struct Telemetry {
+    pub(crate) pipeline: Option<Arc<Pipeline>>,
+    pub(crate) max_body_bytes: usize,
+}
+
+impl FromRef<AppState> for Telemetry {
+    fn from_ref(state: &AppState) -> Telemetry {
+        Telemetry {
+            pipeline: state.telemetry.clone(),
+            max_body_bytes: state.max_body_bytes,
+        }
+    }
+}
+
+pub(crate) const NO_PIPELINE: &str =
+    "this server has no telemetry pipeline: metrics receivers are off";
+
+fn pipeline(state: &Telemetry) -> Result<&Pipeline, Problem> {
+    state
+        .pipeline
+        .as_deref()
+        .ok_or_else(|| Problem::new(StatusCode::NOT_FOUND, NO_PIPELINE))
+}
+
+/// Why a receiver asks its sender to try again later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unavailable {
+    /// The pipeline has not had its first snapshot, or is shutting down.
+    NotReady,
+    /// Every sink the request was for had its hand-off full.
+    Overloaded,
+}
+
+impl Unavailable {
+    pub(crate) fn message(self) -> &'static str {
+        match self {
+            Unavailable::NotReady => "the exporters' pipeline is not running yet; retry",
+            Unavailable::Overloaded => {
+                "every exporter sink this request is for is full; nothing was taken, retry later"
+            }
+        }
+    }
+}
+
+impl From<Unavailable> for Problem {
+    fn from(u: Unavailable) -> Problem {
+        Problem::new(StatusCode::SERVICE_UNAVAILABLE, u.message()).with_retry_after(1)
+    }
+}
+
+/// The one ingest path of every metrics receiver: routes `request` and
+/// counts it in the receiver's `source` component `source_id`.
+pub(crate) fn ingest(
+    pipeline: &Pipeline,
+    source_id: &str,
+    request: &ExportMetricsServiceRequest,
+    native_histograms: u64,
+) -> Result<IngestReport, Unavailable> {
+    if !pipeline.ready() {
+        let source = pipeline
+            .registry()
+            .component(ComponentKind::Source, source_id);
+        let points = otlp::data_point_count(request) as u64 + native_histograms;
+        source.add_received(points);
+        source.add_dropped("not_ready", points);
+        return Err(Unavailable::NotReady);
+    }
+    let report = pipeline.ingest(request);
+    count_source(pipeline, source_id, &report, native_histograms);
+    if report.overloaded {
+        return Err(Unavailable::Overloaded);
+    }
+    Ok(report)
 }
 
 /// Counts what a receiver took in its `source` component: data points
@@ -54,7 +128,7 @@ fn count_source(pipeline: &Pipeline, id: &str, report: &IngestReport, native_his
 }
 
 /// The partial success of an ingest, if anything was refused.
-fn partial_success(report: &IngestReport) -> Option<ExportMetricsPartialSuccess> {
+pub(crate) fn partial_success(report: &IngestReport) -> Option<ExportMetricsPartialSuccess> {
     let refused = report.route.unattributed_points;
     (refused > 0).then(|| ExportMetricsPartialSuccess {
         rejected_data_points: i64::try_from(refused).unwrap_or(i64::MAX),
@@ -85,11 +159,12 @@ fn partial_success(report: &IngestReport) -> Option<ExportMetricsPartialSuccess>
         (status = 400, description = "The body is not an OTLP metrics request", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No telemetry pipeline on this server", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Unsupported Content-Type or Content-Encoding", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Not running yet, or every sink the request is for is full; retry after `Retry-After`", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
 pub async fn otlp_metrics(
-    State(state): State<AppState>,
+    State(state): State<Telemetry>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, Problem> {
@@ -100,8 +175,7 @@ pub async fn otlp_metrics(
     let raw = body::decode(&headers, body, state.max_body_bytes)?;
     let request = otlp::decode_metrics_request(&raw, encoding, None, state.max_body_bytes)
         .map_err(|e| Problem::bad_request(e.to_string()))?;
-    let report = pipeline.ingest(&request);
-    count_source(pipeline, "otlp_http_metrics", &report, 0);
+    let report = ingest(pipeline, "otlp_http_metrics", &request, 0)?;
     let answer = ExportMetricsServiceResponse {
         partial_success: partial_success(&report),
     };
@@ -137,11 +211,12 @@ pub async fn otlp_metrics(
         (status = 400, description = "The body is not a snappy-compressed WriteRequest", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No telemetry pipeline on this server", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "The decompressed body is larger than the limit", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Not running yet, or every sink the request is for is full; retry after `Retry-After`", body = Problem, content_type = "application/problem+json"),
     ),
     security(("bearer" = []))
 )]
 pub async fn remote_write(
-    State(state): State<AppState>,
+    State(state): State<Telemetry>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, Problem> {
@@ -163,12 +238,11 @@ pub async fn remote_write(
             e => Problem::bad_request(e.to_string()),
         })?;
     let converted = remote_write::to_otlp(&write);
-    let report = pipeline.ingest(&converted.request);
-    count_source(
+    ingest(
         pipeline,
         "prometheus_remote_write",
-        &report,
+        &converted.request,
         converted.rejected_histograms,
-    );
+    )?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -2,17 +2,38 @@
 //! every `*.yaml`, `*.yml` and `*.json` file is applied at start and again
 //! whenever its content changes, through the same path as `POST /apis/apply`
 //! (so the same validation and the same status). Removing a file does not
-//! delete its resources: deletion stays an explicit act.
+//! delete its resources: deletion stays an explicit act. `tally export`
+//! watches the same way, applying to its in-memory resource store
+//! ([`Watcher`] with its own [`Apply`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use tally_ledger::ApplyMode;
-use tally_model::Manifest;
+use tally_model::{Kind, Manifest};
 
 use crate::AppState;
 use crate::resources::apply_one;
+
+/// Applies one manifest of a watched file; the error says why not.
+pub(crate) type Apply =
+    Arc<dyn Fn(Manifest, Kind) -> BoxFuture<'static, Result<(), String>> + Send + Sync>;
+
+/// Applies through the API's own path (`POST /apis/apply`).
+pub(crate) fn through_api(state: AppState) -> Apply {
+    Arc::new(move |manifest, kind| {
+        let state = state.clone();
+        Box::pin(async move {
+            apply_one(&state, manifest, kind, ApplyMode::Upsert)
+                .await
+                .map(drop)
+                .map_err(|problem| problem.detail)
+        })
+    })
+}
 
 /// How often the directories are read again.
 pub const POLL_INTERVAL: Duration = Duration::from_secs(5);
@@ -35,30 +56,59 @@ fn manifest_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 /// Applies one file's manifests in order; returns how many were applied.
-async fn apply_file(state: &AppState, path: &Path, text: &str) -> Result<usize, String> {
+async fn apply_file(apply: &Apply, path: &Path, text: &str) -> Result<usize, String> {
     let manifests = Manifest::parse_documents(text).map_err(|e| e.to_string())?;
     let mut applied = 0;
     for manifest in manifests {
         let kind = manifest.typed_kind().map_err(|e| e.to_string())?;
         let name = manifest.metadata.name.clone();
-        let outcome = apply_one(state, manifest, kind, ApplyMode::Upsert)
+        apply(manifest, kind)
             .await
-            .map_err(|problem| format!("{kind} {name:?}: {}", problem.detail))?;
-        tracing::debug!(file = %path.display(), %kind, %name, action = ?outcome.action, "applied");
+            .map_err(|detail| format!("{kind} {name:?}: {detail}"))?;
+        tracing::debug!(file = %path.display(), %kind, %name, "applied");
         applied += 1;
     }
     Ok(applied)
 }
 
-/// Reads `dirs` now and every `interval`, applying what changed. Runs until
-/// the task is dropped.
+/// Reads `dirs` now and every `interval` through the API's apply path,
+/// applying what changed. Runs until the task is dropped.
 pub async fn watch(state: AppState, dirs: Vec<PathBuf>, interval: Duration) {
-    // path → the content last read, and whether it was applied. A refused
-    // file is tried again every round (it may depend on one applied later),
-    // but reported only once per content.
-    let mut seen: HashMap<PathBuf, (String, bool)> = HashMap::new();
-    loop {
-        for dir in &dirs {
+    Watcher::new(through_api(state), dirs).run(interval).await
+}
+
+/// Watched directories and what was last read of each file.
+pub(crate) struct Watcher {
+    apply: Apply,
+    dirs: Vec<PathBuf>,
+    /// path → the content last read, and whether it was applied. A refused
+    /// file is tried again every round (it may depend on one applied later),
+    /// but reported only once per content.
+    seen: HashMap<PathBuf, (String, bool)>,
+}
+
+impl Watcher {
+    pub(crate) fn new(apply: Apply, dirs: Vec<PathBuf>) -> Watcher {
+        Watcher {
+            apply,
+            dirs,
+            seen: HashMap::new(),
+        }
+    }
+
+    /// Rounds every `interval`, until the task is dropped.
+    pub(crate) async fn run(mut self, interval: Duration) {
+        loop {
+            self.round().await;
+            tokio::time::sleep(interval).await;
+        }
+    }
+
+    /// Reads every directory once, applying the files that changed (or were
+    /// refused before).
+    pub(crate) async fn round(&mut self) {
+        let Watcher { apply, dirs, seen } = self;
+        for dir in dirs.iter() {
             let files = match manifest_files(dir) {
                 Ok(files) => files,
                 Err(e) => {
@@ -78,7 +128,7 @@ pub async fn watch(state: AppState, dirs: Vec<PathBuf>, interval: Duration) {
                 if known.is_some_and(|(_, applied)| *applied) {
                     continue;
                 }
-                let applied = match apply_file(&state, &path, &text).await {
+                let applied = match apply_file(apply, &path, &text).await {
                     Ok(count) => {
                         tracing::info!(file = %path.display(), resources = count, "manifests applied");
                         true
@@ -95,7 +145,6 @@ pub async fn watch(state: AppState, dirs: Vec<PathBuf>, interval: Duration) {
                 seen.insert(path, (text, applied));
             }
         }
-        tokio::time::sleep(interval).await;
     }
 }
 

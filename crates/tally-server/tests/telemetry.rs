@@ -466,3 +466,48 @@ async fn what_the_opentelemetry_python_sdk_sends_comes_out_at_a_sink() {
         assert_eq!(e.points.len(), 3);
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_without_its_first_snapshot_asks_senders_to_retry() {
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = EmbeddedLedger::open(StoreConfig::new(dir.path())).unwrap();
+    let pipeline =
+        Pipeline::new(tally_delivery::Registry::new(), PipelineOptions::default()).unwrap();
+    let state = AppState::new(Arc::new(ledger), 1 << 20, None).with_telemetry(Arc::new(pipeline));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(tally_server::serve_on(listener, state));
+    let server = Server {
+        base: format!("http://{address}"),
+        client: tally_delivery::client_builder().build().unwrap(),
+        receiver,
+        _dir: dir,
+    };
+    let answer = server
+        .post(
+            "/v1/metrics",
+            "none",
+            &[("content-type", "application/x-protobuf")],
+            request("ns-a", 1).encode_to_vec(),
+        )
+        .await;
+    assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(answer.headers()["retry-after"], "1");
+    assert_eq!(answer.headers()["content-type"], "application/problem+json");
+    let metrics = server
+        .client
+        .get(format!("{}/metrics", server.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            r#"tally_component_dropped_total{component_kind="source",component_id="otlp_http_metrics",reason="not_ready"} 1"#
+        ),
+        "{metrics}"
+    );
+}

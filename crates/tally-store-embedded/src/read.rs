@@ -37,6 +37,10 @@ impl From<StoreError> for LedgerError {
 
 type GroupKey = (u32, Option<String>, Vec<Option<String>>);
 
+/// (window, subject id, projection id, account id) while folding; in
+/// sorting, the same with ranks in place of the ids.
+type FoldKey = (u32, u32, u32, u32);
+
 /// The subject part of a fold key when rows are not split by subject.
 const NO_SUBJECT: u32 = u32::MAX;
 
@@ -219,7 +223,7 @@ pub fn query(
     let meta = &shared.keyspaces.meta;
     let names = Names::new(shared, &snapshot, meta);
     // Buckets fold into (window, subject id or NO_SUBJECT, projected groups).
-    let mut acc: FxHashMap<(u32, u32, u32, u32), AggState> = FxHashMap::default();
+    let mut acc: FxHashMap<FoldKey, AggState> = FxHashMap::default();
     // Accounts met so far, interned, and per (subject id, piece) its account.
     let mut accounts: Vec<Option<String>> = Vec::new();
     let mut account_ids: HashMap<Option<String>, u32> = HashMap::new();
@@ -397,7 +401,7 @@ pub fn query(
             ranks[id as usize]
         }
     };
-    let mut entries: Vec<((u32, u32, u32, u32), (u32, u32, u32, u32), AggState)> = acc
+    let mut entries: Vec<(FoldKey, FoldKey, AggState)> = acc
         .into_iter()
         .map(|((window, subject, projected, account), state)| {
             let order = (
@@ -410,7 +414,7 @@ pub fn query(
         })
         .collect();
     entries.sort_unstable_by_key(|e| e.0);
-    let group_key = |(window, subject, projected, account): (u32, u32, u32, u32)| -> GroupKey {
+    let group_key = |(window, subject, projected, account): FoldKey| -> GroupKey {
         let subject = (subject != NO_SUBJECT).then(|| {
             subjects[subject_rank.get(&subject).copied().unwrap_or(0) as usize]
                 .0

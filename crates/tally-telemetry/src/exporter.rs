@@ -239,7 +239,7 @@ impl InvalidExporter {
 pub struct Condition {
     #[serde(rename = "type")]
     pub kind: String,
-    /// `"True"` or `"False"`.
+    /// `"True"`, `"False"` or `"Unknown"`.
     pub status: String,
     pub reason: String,
     pub message: String,
@@ -248,6 +248,9 @@ pub struct Condition {
     /// The sink a per-sink condition (`SinkHealthy`) is about.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sink: Option<String>,
+    /// The source a per-source condition (`SourceHealthy`) is about.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// The `Accepted` condition for a validation outcome.
@@ -267,6 +270,7 @@ pub fn accepted_condition(
             ),
             observed_generation: generation,
             sink: None,
+            source: None,
         },
         Err(invalid) => Condition {
             kind: "Accepted".into(),
@@ -275,6 +279,7 @@ pub fn accepted_condition(
             message: invalid.message(),
             observed_generation: generation,
             sink: None,
+            source: None,
         },
     }
 }

@@ -38,6 +38,12 @@ pub trait ResourceIndex: Send + Sync {
     fn namespace(&self, namespace: &str) -> Option<NamespaceInfo>;
     /// The labels of a resource; `None` if the index does not know it.
     fn resource_labels(&self, resource: ResourceRef<'_>) -> Option<Arc<Labels>>;
+    /// Every namespace the index knows. Pull sources use it to find the
+    /// namespaces a `namespaceSelector` widens to; an index that cannot list
+    /// them (the default) limits pulling to each exporter's own namespace.
+    fn namespaces(&self) -> Vec<(String, NamespaceInfo)> {
+        Vec::new()
+    }
 }
 
 /// Why a manifest could not be indexed.
@@ -149,6 +155,13 @@ impl ResourceIndex for InMemoryResourceIndex {
                 r.name.to_owned(),
             ))
             .cloned()
+    }
+
+    fn namespaces(&self) -> Vec<(String, NamespaceInfo)> {
+        self.namespaces
+            .iter()
+            .map(|(name, info)| (name.clone(), info.clone()))
+            .collect()
     }
 }
 

@@ -9,7 +9,9 @@
 //! - [`otlp`] decodes received OTLP/HTTP bodies, encodes per-sink requests and
 //!   reads a sink's answer; [`DeltaConverter`] turns cumulative series into
 //!   deltas for sinks that need them.
-//! - [`victoria`] pulls series from VictoriaMetrics in checkpointed windows.
+//! - [`victoria`] pulls series from VictoriaMetrics in checkpointed windows;
+//!   [`pull`] runs that for every exporter source inside the [`Pipeline`]
+//!   ([`PipelineOptions::pull`]).
 //!
 //! **Never:** export a series to an exporter of another project (the router
 //! is the only place that decides tenancy, and it reads identity from OTLP
@@ -22,6 +24,7 @@ pub mod exporter;
 pub mod index;
 pub mod otlp;
 pub mod pipeline;
+pub mod pull;
 pub mod remote_write;
 pub mod route;
 pub mod secret;
@@ -41,5 +44,6 @@ pub use pipeline::{
     DropReason, ExporterStatus, IngestReport, Pipeline, PipelineError, PipelineOptions,
     QueueStorage, Secrets, SinkStatus, Snapshot, UpdateReport,
 };
+pub use pull::{PullOptions, SourceStatus};
 pub use route::{EncodedRoute, RouteStats, Routed, Router};
 pub use secret::{SecretStore, SecretValue, resolve_headers};

@@ -18,7 +18,13 @@
 //!   gives up after `retry.maxAttempts`. What is given up is dropped and
 //!   counted with a reason; nothing is kept as a dead letter.
 //! - [`Pipeline::status`] is an exporter's `status`: conditions `Accepted`,
-//!   `Ready` and one `SinkHealthy` per sink, and counters per sink.
+//!   `Ready` and one `SinkHealthy` per sink, and counters per sink; with
+//!   pull sources, one `SourceHealthy` per source and its counters.
+//! - With [`PipelineOptions::pull`], every source of every exporter is also
+//!   pulled from VictoriaMetrics (see [`crate::pull`]): what it reads goes to
+//!   that exporter's sinks only, through the same router, and each sink
+//!   records how far it has taken each source in the same atomic write as
+//!   the points ([`Sink::try_enqueue_marked`]).
 //!
 //! Counters are data points and live in the shared [`Registry`] as component
 //! `exporter/<namespace>/<name>/<sink>` (kind `sink`): `received_total` (taken
@@ -50,7 +56,7 @@ use tally_delivery::{
     Encoder, HttpRequest, Item, Registry, Secret, Sink, Storage, Verdict,
 };
 use tally_model::Manifest;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::delta::DeltaConverter;
@@ -60,8 +66,10 @@ use crate::exporter::{
 };
 use crate::index::ResourceIndex;
 use crate::otlp::{self, ExportOutcome};
+use crate::pull::{PullOptions, Puller};
 use crate::route::{RouteStats, Router};
 use crate::secret::{SecretStore, SecretValue, resolve_headers};
+use crate::victoria::{Checkpoint, PullError};
 
 /// Why data points were dropped: the `reason` label of `dropped_total` and
 /// the keys of [`SinkStatus::points_dropped`].
@@ -161,6 +169,9 @@ pub struct PipelineOptions {
     pub shutdown_grace: Duration,
     /// The HTTP client (default: one from `tally_delivery::client_builder`).
     pub client: Option<reqwest::Client>,
+    /// Pull every exporter source from this VictoriaMetrics too (default:
+    /// in-stream only).
+    pub pull: Option<PullOptions>,
 }
 
 impl Default for PipelineOptions {
@@ -175,6 +186,7 @@ impl Default for PipelineOptions {
             max_retry_after: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(5),
             client: None,
+            pull: None,
         }
     }
 }
@@ -248,6 +260,9 @@ pub struct IngestReport {
     pub handed: u64,
     /// Data points sinks refused at once (full, secret missing, stopped).
     pub dropped: u64,
+    /// Something was selected, and every sink it was for refused it because
+    /// its hand-off was full: nothing was taken, so a sender may retry later.
+    pub overloaded: bool,
 }
 
 /// The `status` of an `Exporter`.
@@ -259,6 +274,9 @@ pub struct ExporterStatus {
     pub conditions: Vec<Condition>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub sinks: Vec<SinkStatus>,
+    /// Sources pulled from VictoriaMetrics (none when pulling is off).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<crate::pull::SourceStatus>,
 }
 
 /// Counters and health of one sink.
@@ -285,7 +303,7 @@ pub struct SinkStatus {
     pub last_error: Option<String>,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -414,52 +432,146 @@ struct Fragment {
     points: u64,
 }
 
+/// Why a sink did not take what a pull source handed it: nothing was
+/// queued and its checkpoint did not move.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Refusal {
+    /// More than the sink's queue could ever hold: pull a smaller window.
+    #[error("{0}")]
+    TooLarge(String),
+    /// Anything else (full queue, missing secret, stopped sink...): try again later.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// What a sink's task is asked to do.
+enum Message {
+    /// A share of an ingested request: batched with others.
+    Share(Fragment),
+    /// What a pull source read for this sink, with the first millisecond
+    /// it has not read yet: queued (split as batches) together with that
+    /// checkpoint, or refused whole.
+    Pulled {
+        source: String,
+        fragment: Fragment,
+        next_start_ms: i64,
+        ack: oneshot::Sender<Result<(), Refusal>>,
+    },
+    /// How far this sink has taken a pull source (`None`: never).
+    Cursor {
+        source: String,
+        reply: oneshot::Sender<Result<Option<i64>, Refusal>>,
+    },
+}
+
+/// The key under which a sink's queue records a pull source's checkpoint.
+fn mark_key(source: &str) -> Bytes {
+    Bytes::from(format!("pull/{source}"))
+}
+
 /// A running (exporter, sink).
-struct SinkRuntime {
-    name: String,
+pub(crate) struct SinkRuntime {
+    pub(crate) name: String,
     config: SinkConfig,
     shared: Arc<SinkShared>,
-    tx: mpsc::Sender<Fragment>,
+    tx: mpsc::Sender<Message>,
     task: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl SinkRuntime {
-    /// Hands a share to the sink's task without waiting; the points dropped.
-    fn offer(&self, bytes: &Bytes, points: u64) -> u64 {
+    /// Hands a share to the sink's task without waiting; `None` if it was
+    /// taken, else why its points were dropped.
+    fn offer(&self, bytes: &Bytes, points: u64) -> Option<DropReason> {
         let shared = &self.shared;
-        if self.shared.headers().is_err() {
-            shared.drop_points(DropReason::SecretMissing, points, false);
-            return points;
-        }
-        let fragment = Fragment {
-            bytes: bytes.clone(),
-            points,
+        let refused = if self.shared.headers().is_err() {
+            DropReason::SecretMissing
+        } else {
+            let fragment = Fragment {
+                bytes: bytes.clone(),
+                points,
+            };
+            match self.tx.try_send(Message::Share(fragment)) {
+                Ok(()) => {
+                    shared.metrics.add_received(points);
+                    shared.queued_add(points as i64);
+                    return None;
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => DropReason::QueueFull,
+                Err(mpsc::error::TrySendError::Closed(_)) => DropReason::Shutdown,
+            }
         };
-        match self.tx.try_send(fragment) {
-            Ok(()) => {
-                shared.metrics.add_received(points);
-                shared.queued_add(points as i64);
-                0
-            }
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                shared.drop_points(DropReason::QueueFull, points, false);
-                points
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                shared.drop_points(DropReason::Shutdown, points, false);
-                points
-            }
+        shared.drop_points(refused, points, false);
+        Some(refused)
+    }
+
+    async fn ask<T>(
+        &self,
+        message: impl FnOnce(oneshot::Sender<Result<T, Refusal>>) -> Message,
+    ) -> Result<T, Refusal> {
+        let stopped = || Refusal::Other(format!("sink {} is stopping", self.name));
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(message(tx)).await.map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Queues what pull source `source` read for this sink (possibly
+    /// nothing) together with its new checkpoint `next_start_ms`; waits
+    /// until both are written, or refused.
+    pub(crate) async fn hand_pulled(
+        &self,
+        source: &str,
+        bytes: Bytes,
+        points: u64,
+        next_start_ms: i64,
+    ) -> Result<(), Refusal> {
+        if let Err(missing) = self.shared.headers() {
+            return Err(Refusal::Other(format!("sink {}: {missing}", self.name)));
         }
+        self.ask(|ack| Message::Pulled {
+            source: source.to_owned(),
+            fragment: Fragment { bytes, points },
+            next_start_ms,
+            ack,
+        })
+        .await
+    }
+
+    /// The checkpoint of pull source `source` in this sink's queue.
+    pub(crate) async fn pull_cursor(&self, source: &str) -> Result<Option<i64>, Refusal> {
+        self.ask(|reply| Message::Cursor {
+            source: source.to_owned(),
+            reply,
+        })
+        .await
     }
 }
 
 /// What `ingest` routes with.
 #[derive(Default)]
-struct Routing {
+pub(crate) struct Routing {
     router: Router,
-    index: Option<Arc<dyn ResourceIndex>>,
+    pub(crate) index: Option<Arc<dyn ResourceIndex>>,
     /// Sinks of each of the router's exporters.
     sinks: Vec<Vec<Arc<SinkRuntime>>>,
+    /// The router's position of each exporter.
+    positions: HashMap<ExporterKey, usize>,
+}
+
+impl Routing {
+    /// The running sinks of an exporter, if it is running.
+    pub(crate) fn sinks_of(&self, key: &ExporterKey) -> Option<&[Arc<SinkRuntime>]> {
+        self.positions.get(key).map(|&i| &self.sinks[i][..])
+    }
+}
+
+/// The routing in use, shared with the pull tasks.
+pub(crate) type SharedRouting = Arc<RwLock<Arc<Routing>>>;
+
+pub(crate) fn current(routing: &SharedRouting) -> Arc<Routing> {
+    routing
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .clone()
 }
 
 /// One exporter as last seen by `update`.
@@ -475,9 +587,11 @@ pub struct Pipeline {
     options: PipelineOptions,
     client: reqwest::Client,
     router_metrics: Arc<ComponentMetrics>,
-    routing: RwLock<Arc<Routing>>,
+    routing: SharedRouting,
     exporters: Mutex<BTreeMap<ExporterKey, ExporterEntry>>,
     shared: Mutex<HashMap<String, Arc<SinkShared>>>,
+    /// The pull tasks, when pulling is on.
+    puller: Option<Puller>,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -493,6 +607,8 @@ impl std::fmt::Debug for Pipeline {
 pub enum PipelineError {
     #[error("building the exporters' HTTP client: {0}")]
     Client(#[source] reqwest::Error),
+    #[error("the VictoriaMetrics pull source: {0}")]
+    Pull(#[source] PullError),
 }
 
 /// The component id of an exporter's sink.
@@ -510,15 +626,30 @@ impl Pipeline {
                 .map_err(PipelineError::Client)?,
         };
         let router_metrics = registry.component(ComponentKind::Processor, "exporters");
+        let routing: SharedRouting = Arc::default();
+        let puller = match &options.pull {
+            Some(pull) => Some(
+                Puller::new(pull.clone(), Arc::clone(&routing), registry.clone())
+                    .map_err(PipelineError::Pull)?,
+            ),
+            None => None,
+        };
         Ok(Pipeline {
             registry,
             options,
             client,
             router_metrics,
-            routing: RwLock::new(Arc::new(Routing::default())),
+            routing,
             exporters: Mutex::new(BTreeMap::new()),
             shared: Mutex::new(HashMap::new()),
+            puller,
         })
+    }
+
+    /// Whether the pipeline routes: it has had its first [`Snapshot`] and is
+    /// not shut down. Before that, receivers should ask senders to retry.
+    pub fn ready(&self) -> bool {
+        self.routing().index.is_some()
     }
 
     /// The registry the pipeline reports in.
@@ -527,10 +658,7 @@ impl Pipeline {
     }
 
     fn routing(&self) -> Arc<Routing> {
-        self.routing
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        current(&self.routing)
     }
 
     /// Routes `request` to every exporter that selects part of it and hands
@@ -557,14 +685,23 @@ impl Pipeline {
             exporters: routes.len(),
             ..IngestReport::default()
         };
+        let mut refused_full = 0;
         for r in routes {
             let bytes = Bytes::from(r.bytes);
             for sink in &routing.sinks[r.exporter] {
-                let dropped = sink.offer(&bytes, r.points);
-                report.handed += r.points - dropped;
-                report.dropped += dropped;
+                match sink.offer(&bytes, r.points) {
+                    None => report.handed += r.points,
+                    Some(why) => {
+                        report.dropped += r.points;
+                        if why == DropReason::QueueFull {
+                            refused_full += r.points;
+                        }
+                    }
+                }
             }
         }
+        report.overloaded =
+            report.handed == 0 && refused_full > 0 && refused_full == report.dropped;
         self.router_metrics.add_sent(report.handed);
         report
     }
@@ -634,20 +771,27 @@ impl Pipeline {
             tracing::info!(sink = %id, "exporter sink removed");
         }
         let mut sinks = Vec::with_capacity(valid.len());
-        let router = Router::new(valid.into_iter().map(|(exporter, s)| {
+        let mut positions = HashMap::with_capacity(valid.len());
+        let router = Router::new(valid.into_iter().enumerate().map(|(i, (exporter, s))| {
             sinks.push(s);
+            positions.insert(exporter.key.clone(), i);
             exporter
         }));
-        let routing = Routing {
+        let routing = Arc::new(Routing {
             router,
             index: Some(snapshot.index),
             sinks,
-        };
+            positions,
+        });
         *exporters = next;
         *self
             .routing
             .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(routing);
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::clone(&routing);
+        // After the routing, so a new pull task finds its exporter's sinks.
+        if let Some(puller) = &self.puller {
+            puller.update(routing.router.exporters().iter().map(|e| &**e));
+        }
         report
     }
 
@@ -666,6 +810,7 @@ impl Pipeline {
             message,
             observed_generation: generation,
             sink: None,
+            source: None,
         };
         let mut conditions = vec![entry.accepted.clone()];
         let mut sinks = Vec::new();
@@ -726,16 +871,32 @@ impl Pipeline {
             )
         });
         conditions.extend(sink_conditions);
+        let mut sources = Vec::new();
+        if let Some(puller) = &self.puller {
+            let key = ExporterKey {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            };
+            for (source, condition) in puller.status(&key, generation) {
+                conditions.push(condition);
+                sources.push(source);
+            }
+        }
         Some(ExporterStatus {
             observed_generation: generation,
             conditions,
             sinks,
+            sources,
         })
     }
 
     /// Stops every sink, letting each send what it holds for at most
     /// `options.shutdown_grace`.
     pub async fn shutdown(&self) {
+        // No pull task hands anything on once the sinks start draining.
+        if let Some(puller) = &self.puller {
+            puller.stop_all().await;
+        }
         let tasks: Vec<JoinHandle<()>> = {
             let mut exporters = lock(&self.exporters);
             let tasks = exporters
@@ -883,7 +1044,7 @@ fn points_of(keys: &[Bytes]) -> u64 {
 }
 
 impl Feeder {
-    async fn run(mut self, mut rx: mpsc::Receiver<Fragment>, wait_for: Option<JoinHandle<()>>) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Message>, wait_for: Option<JoinHandle<()>>) {
         if let Some(previous) = wait_for {
             let _ = previous.await;
         }
@@ -892,10 +1053,22 @@ impl Feeder {
             Ok(sink) => sink,
             Err(e) => {
                 tracing::error!(sink = %self.id, error = %e, "exporter sink could not start");
-                *lock(&self.shared.start_error) = Some(e.to_string());
-                while let Some(f) = rx.recv().await {
-                    self.shared
-                        .drop_points(DropReason::SinkNotStarted, f.points, true);
+                let error = e.to_string();
+                *lock(&self.shared.start_error) = Some(error.clone());
+                let refusal = || Refusal::Other(format!("the sink could not start: {error}"));
+                while let Some(message) = rx.recv().await {
+                    match message {
+                        Message::Share(f) => {
+                            self.shared
+                                .drop_points(DropReason::SinkNotStarted, f.points, true);
+                        }
+                        Message::Pulled { ack, .. } => {
+                            let _ = ack.send(Err(refusal()));
+                        }
+                        Message::Cursor { reply, .. } => {
+                            let _ = reply.send(Err(refusal()));
+                        }
+                    }
                 }
                 return;
             }
@@ -908,8 +1081,17 @@ impl Feeder {
                     // Counted as dropped by the outcome hook; nothing is kept.
                     let _ = sink.delete_dead_letter(id).await;
                 }
-                fragment = rx.recv() => match fragment {
-                    Some(f) => self.add(&sink, f).await,
+                message = rx.recv() => match message {
+                    Some(Message::Share(f)) => self.add(&sink, f).await,
+                    Some(Message::Pulled { source, fragment, next_start_ms, ack }) => {
+                        // What was batched before goes first.
+                        self.flush(&sink).await;
+                        let result = self.queue_pulled(&sink, &source, fragment, next_start_ms).await;
+                        let _ = ack.send(result);
+                    }
+                    Some(Message::Cursor { source, reply }) => {
+                        let _ = reply.send(self.cursor(&sink, &source).await);
+                    }
                     None => break,
                 },
                 () = sleep_until(deadline), if deadline.is_some() => self.flush(&sink).await,
@@ -1019,6 +1201,77 @@ impl Feeder {
             .on_outcome(on_outcome)
             .on_attempt(on_attempt)
             .start()
+    }
+
+    /// Queues a pulled fragment, cut in batches of `batch.maxSize` points,
+    /// and its checkpoint, in one atomic write; or nothing.
+    async fn queue_pulled(
+        &mut self,
+        sink: &Sink,
+        source: &str,
+        fragment: Fragment,
+        next_start_ms: i64,
+    ) -> Result<(), Refusal> {
+        let refused = |e: String| Refusal::Other(format!("sink {}: {e}", self.config.name));
+        let checkpoint = serde_json::to_vec(&Checkpoint { next_start_ms })
+            .map_err(|e| refused(e.to_string()))?;
+        let points = fragment.points;
+        let max = self.config.batch.max_size.max(1) as u64;
+        let item = |bytes: Bytes, points: u64| {
+            Item::new(Bytes::copy_from_slice(&points.to_le_bytes()), bytes)
+        };
+        let items = if points == 0 {
+            Vec::new()
+        } else if !self.config.batch.enabled || points <= max {
+            vec![item(fragment.bytes, points)]
+        } else {
+            let request = ExportMetricsServiceRequest::decode(&fragment.bytes[..])
+                .map_err(|e| refused(format!("a pulled share does not decode: {e}")))?;
+            split(request, max)
+                .into_iter()
+                .map(|part| {
+                    let n = otlp::data_point_count(&part) as u64;
+                    item(Bytes::from(part.encode_to_vec()), n)
+                })
+                .collect()
+        };
+        // Counted as queued before the write, so a fast delivery never
+        // makes the depth negative.
+        self.shared.queued_add(points as i64);
+        match sink
+            .try_enqueue_marked(items, vec![(mark_key(source), Bytes::from(checkpoint))])
+            .await
+        {
+            Ok(()) => {
+                self.shared.metrics.add_received(points);
+                Ok(())
+            }
+            Err(e) => {
+                self.shared.queued_add(-(points as i64));
+                let message = format!("sink {}: {e}", self.config.name);
+                Err(match e {
+                    tally_delivery::EnqueueError::TooLarge { .. } => Refusal::TooLarge(message),
+                    _ => Refusal::Other(message),
+                })
+            }
+        }
+    }
+
+    /// The checkpoint of pull source `source` recorded in the sink's queue.
+    async fn cursor(&self, sink: &Sink, source: &str) -> Result<Option<i64>, Refusal> {
+        let refused = |e: String| {
+            Refusal::Other(format!(
+                "sink {}: reading the checkpoint of source {source}: {e}",
+                self.config.name
+            ))
+        };
+        match sink.mark(mark_key(source)).await {
+            Ok(None) => Ok(None),
+            Ok(Some(bytes)) => serde_json::from_slice::<Checkpoint>(&bytes)
+                .map(|c| Some(c.next_start_ms))
+                .map_err(|e| refused(e.to_string())),
+            Err(e) => Err(refused(e.to_string())),
+        }
     }
 
     async fn add(&mut self, sink: &Sink, fragment: Fragment) {

@@ -68,13 +68,28 @@ pub struct Checkpoint {
 pub struct VictoriaMetricsSource {
     client: reqwest::Client,
     export_url: Url,
+    /// `export_url` without user and password, for messages.
+    shown_url: String,
+}
+
+/// `url` without its user and password.
+fn without_credentials(url: &Url) -> String {
+    let mut shown = url.clone();
+    let _ = shown.set_username("");
+    let _ = shown.set_password(None);
+    shown.to_string()
 }
 
 impl VictoriaMetricsSource {
     /// `base_url` like `http://127.0.0.1:8428` (or a vmselect tenant prefix).
     pub fn new(base_url: &str) -> Result<VictoriaMetricsSource, PullError> {
         let url_error = |message: String| PullError::Url {
-            url: base_url.to_owned(),
+            // It may hold a password.
+            url: if base_url.contains('@') {
+                "[redacted]".to_owned()
+            } else {
+                base_url.to_owned()
+            },
             message,
         };
         let base = Url::parse(base_url).map_err(|e| url_error(e.to_string()))?;
@@ -88,7 +103,12 @@ impl VictoriaMetricsSource {
             .timeout(Duration::from_secs(60))
             .build()
             .map_err(PullError::Client)?;
-        Ok(VictoriaMetricsSource { client, export_url })
+        let shown_url = without_credentials(&export_url);
+        Ok(VictoriaMetricsSource {
+            client,
+            export_url,
+            shown_url,
+        })
     }
 
     /// Every series matching any of `matchers` with samples in
@@ -103,7 +123,7 @@ impl VictoriaMetricsSource {
             matchers.iter().map(|m| ("match[]", m.clone())).collect();
         query.push(("start", seconds(start_ms)));
         query.push(("end", seconds(end_ms)));
-        let url = self.export_url.to_string();
+        let url = self.shown_url.clone();
         let response = self
             .client
             .get(self.export_url.clone())
@@ -112,7 +132,7 @@ impl VictoriaMetricsSource {
             .await
             .map_err(|source| PullError::Request {
                 url: url.clone(),
-                source,
+                source: source.without_url(),
             })?;
         let status = response.status().as_u16();
         let body = response
@@ -120,7 +140,7 @@ impl VictoriaMetricsSource {
             .await
             .map_err(|source| PullError::Request {
                 url: url.clone(),
-                source,
+                source: source.without_url(),
             })?;
         if status != 200 {
             let text = String::from_utf8_lossy(&body);
@@ -263,6 +283,20 @@ mod tests {
         assert_eq!(window_end(960_000, 1_000_000, w, lag), Some(970_000));
         assert_eq!(window_end(970_001, 1_000_000, w, lag), None);
         assert_eq!(seconds(1_700_000_000_123), "1700000000.123");
+    }
+
+    #[test]
+    fn messages_never_show_the_urls_credentials() {
+        let source =
+            VictoriaMetricsSource::new("http://vm:s3cret@127.0.0.1:1/select/0/prometheus").unwrap();
+        assert_eq!(
+            source.shown_url,
+            "http://127.0.0.1:1/select/0/prometheus/api/v1/export"
+        );
+        let bad = VictoriaMetricsSource::new("ftp://vm:s3cret@host").unwrap_err();
+        assert!(!bad.to_string().contains("s3cret"), "{bad}");
+        let unparsed = VictoriaMetricsSource::new("vm:s3cret@ho st").unwrap_err();
+        assert!(!unparsed.to_string().contains("s3cret"), "{unparsed}");
     }
 
     #[test]

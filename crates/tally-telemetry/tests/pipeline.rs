@@ -358,3 +358,40 @@ async fn updates_keep_unchanged_sinks_and_report_invalid_exporters() {
     assert_eq!(r.exporters, 0);
     let _ = InMemoryResourceIndex::new();
 }
+
+#[tokio::test]
+async fn a_full_hand_off_is_reported_as_overload_and_nothing_is_taken() {
+    let receiver = Receiver::start().await;
+    let pipeline = Pipeline::new(
+        tally_delivery::Registry::new(),
+        PipelineOptions {
+            handoff_capacity: 1,
+            ..options()
+        },
+    )
+    .unwrap();
+    assert!(!pipeline.ready(), "no snapshot yet");
+    pipeline.update(snapshot(
+        vec![exporter(
+            "ns-a",
+            "e",
+            "{}",
+            &[sink("k", &receiver.endpoint("a"), "")],
+        )],
+        secrets("ns-a", TOKEN),
+    ));
+    assert!(pipeline.ready());
+    // On this single-threaded runtime the sink's task cannot run between
+    // two calls: the second finds the hand-off (of one) full.
+    let first = pipeline.ingest(&traffic(0));
+    assert!(first.handed > 0 && !first.overloaded, "{first:?}");
+    let second = pipeline.ingest(&traffic(1));
+    assert!(second.overloaded, "{second:?}");
+    assert_eq!((second.handed, second.dropped), (0, first.handed));
+    // Nothing selected is no overload.
+    let mut elsewhere = traffic(2);
+    elsewhere.resource_metrics.remove(0);
+    assert!(!pipeline.ingest(&elsewhere).overloaded);
+    pipeline.shutdown().await;
+    assert!(!pipeline.ready(), "shut down");
+}

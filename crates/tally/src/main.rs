@@ -1,12 +1,13 @@
 //! `tally`: the Tally command line.
 //!
-//! `tally serve` runs the server; every other command talks to one over HTTP
-//! (`--server`, `TALLY_SERVER`) with an optional bearer token (`--token`,
-//! `TALLY_TOKEN`).
+//! `tally serve` runs the server and `tally export` the exporters alone;
+//! every other command talks to one over HTTP (`--server`, `TALLY_SERVER`)
+//! with an optional bearer token (`--token`, `TALLY_TOKEN`).
 
 mod billing;
 mod collect;
 mod events;
+mod export;
 mod forward;
 mod meters;
 mod output;
@@ -60,6 +61,10 @@ struct Cli {
 enum Command {
     /// Run the Tally server with its embedded store.
     Serve(serve::ServeArgs),
+    /// Run the telemetry exporters alone (no ledger): metrics in over OTLP
+    /// and remote-write, pulled from VictoriaMetrics, out to each Exporter's
+    /// OTLP endpoints; configured from watched manifest directories.
+    Export(Box<export::ExportArgs>),
     /// Create or update resources from YAML or JSON manifests, like `kubectl apply`.
     Apply(resources::ApplyArgs),
     /// Show resources (meterdefinitions, monitoredresourcetypes).
@@ -138,6 +143,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let client_command = match cli.command {
         Command::Serve(args) => return serve::run(args, cli.token),
+        Command::Export(args) => return export::run(*args, cli.token),
         Command::Bench(args) => return bench(args),
         Command::Collect(args) => return collect::run(*args, cli.server, cli.token),
         Command::Forward(args) => return forward::run(args, cli.server, cli.token),

@@ -5,16 +5,17 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use tally_server::ServeConfig;
+use tally_server::{ServeConfig, VictoriaMetricsConfig};
 use tracing_subscriber::EnvFilter;
 
 /// Options of `tally serve`. Flags override the config file, which overrides
 /// the defaults. The token comes from the global `--token` / `TALLY_TOKEN`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// YAML config file (camelCase keys: dataDir, listen, token, tokens,
-    /// maxBodyBytes, maxPendingEvents, dedupeHorizonDays, maxLatenessDays,
-    /// manifestDirs). Flags given here override it.
+    /// YAML config file (camelCase keys: dataDir, listen, grpcListen, token,
+    /// tokens, maxBodyBytes, maxPendingEvents, dedupeHorizonDays,
+    /// maxLatenessDays, manifestDirs, billing, victoriaMetrics). Flags given
+    /// here override it.
     #[arg(long, short = 'c', value_name = "FILE", env = "TALLY_CONFIG")]
     config: Option<PathBuf>,
 
@@ -25,6 +26,9 @@ pub struct ServeArgs {
     /// Address and port to listen on, e.g. 0.0.0.0:8080 [default: 127.0.0.1:8080].
     #[arg(long, value_name = "ADDR", env = "TALLY_LISTEN")]
     listen: Option<SocketAddr>,
+
+    #[command(flatten)]
+    telemetry: TelemetryArgs,
 
     /// Largest accepted request body in bytes, after decompression [default: 16777216].
     #[arg(long, value_name = "N")]
@@ -50,6 +54,40 @@ pub struct ServeArgs {
     log_format: LogFormat,
 }
 
+/// The metrics receivers and the pull source, shared by `serve` and `export`.
+#[derive(Debug, Args)]
+pub struct TelemetryArgs {
+    /// Receive OTLP metrics over gRPC (MetricsService/Export) on this address,
+    /// e.g. 127.0.0.1:4317 [default: off].
+    #[arg(long, value_name = "ADDR")]
+    grpc_listen: Option<SocketAddr>,
+
+    /// Pull every Exporter source from this VictoriaMetrics too, e.g.
+    /// http://127.0.0.1:8428 (interval, lag, window and backfill are set in
+    /// the config file's victoriaMetrics).
+    #[arg(long, value_name = "URL")]
+    victoria_metrics: Option<String>,
+}
+
+impl TelemetryArgs {
+    /// Applies the flags given over the config file's values.
+    pub fn apply(
+        &self,
+        grpc_listen: &mut Option<SocketAddr>,
+        victoria_metrics: &mut Option<VictoriaMetricsConfig>,
+    ) {
+        if let Some(address) = self.grpc_listen {
+            *grpc_listen = Some(address);
+        }
+        if let Some(url) = &self.victoria_metrics {
+            match victoria_metrics {
+                Some(vm) => vm.url.clone_from(url),
+                None => *victoria_metrics = Some(VictoriaMetricsConfig::new(url.clone())),
+            }
+        }
+    }
+}
+
 /// How `tally serve` writes its log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -59,46 +97,64 @@ pub enum LogFormat {
     Json,
 }
 
+/// The configuration a server command runs with: the file (or the
+/// defaults), then every flag that was given. `$plain` are the flags that
+/// replace the config field of the same name.
+macro_rules! server_config {
+    ($config:ty, $args:expr, $token:expr, [$($plain:ident),*]) => {{
+        let args = $args;
+        let mut config = match &args.config {
+            Some(path) => <$config>::from_file(path)?,
+            None => <$config>::default(),
+        };
+        $(
+            if let Some(value) = &args.$plain {
+                config.$plain = value.clone();
+            }
+        )*
+        args.telemetry
+            .apply(&mut config.grpc_listen, &mut config.victoria_metrics);
+        if let Some(token) = $token {
+            config.token = Some(token);
+        }
+        config.manifest_dirs.extend_from_slice(&args.manifest_dirs);
+        config
+    }};
+}
+pub(crate) use server_config;
+
 /// The configuration `serve` runs with: the file (or the defaults), then
 /// every flag that was given.
 pub fn config(args: &ServeArgs, token: Option<String>) -> anyhow::Result<ServeConfig> {
-    let mut config = match &args.config {
-        Some(path) => ServeConfig::from_file(path)?,
-        None => ServeConfig::default(),
-    };
-    if let Some(dir) = &args.data_dir {
-        config.data_dir.clone_from(dir);
-    }
-    if let Some(listen) = args.listen {
-        config.listen = listen;
-    }
-    if let Some(token) = token {
-        config.token = Some(token);
-    }
-    if let Some(bytes) = args.max_body_bytes {
-        config.max_body_bytes = bytes;
-    }
-    if let Some(days) = args.dedupe_horizon_days {
-        config.dedupe_horizon_days = days;
-    }
+    let mut config = server_config!(
+        ServeConfig,
+        args,
+        token,
+        [data_dir, listen, max_body_bytes, dedupe_horizon_days]
+    );
     if let Some(days) = args.max_lateness_days {
         config.max_lateness_days = Some(days);
     }
-    config
-        .manifest_dirs
-        .extend(args.manifest_dirs.iter().cloned());
     Ok(config)
 }
 
 /// Runs the server until it is stopped (SIGINT or SIGTERM).
 pub fn run(args: ServeArgs, token: Option<String>) -> anyhow::Result<()> {
     let config = config(&args, token)?;
-    init_tracing(args.log_format)?;
+    run_logged(args.log_format, tally_server::serve(config))
+}
+
+/// Runs a server process's work on a multi-threaded runtime, logging in `format`.
+pub fn run_logged(
+    format: LogFormat,
+    work: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    init_tracing(format)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(tally_server::serve(config))
+    runtime.block_on(work)
 }
 
 pub fn init_tracing(format: LogFormat) -> anyhow::Result<()> {
@@ -120,7 +176,7 @@ pub fn init_tracing(format: LogFormat) -> anyhow::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use clap::Parser;
 
@@ -136,16 +192,20 @@ mod tests {
             .args
     }
 
-    #[test]
-    fn flags_override_the_file_which_overrides_defaults() {
+    /// A config file holding `text`, and its path.
+    pub(crate) fn config_file(text: &str) -> (tempfile::TempDir, String) {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("tally.yaml");
-        std::fs::write(
-            &file,
-            "dataDir: /var/lib/tally\nlisten: 0.0.0.0:9000\nmaxBodyBytes: 1024\n",
-        )
-        .unwrap();
-        let file = file.to_str().unwrap();
+        std::fs::write(&file, text).unwrap();
+        let file = file.to_str().unwrap().to_owned();
+        (dir, file)
+    }
+
+    #[test]
+    fn flags_override_the_file_which_overrides_defaults() {
+        let (_dir, file) =
+            config_file("dataDir: /var/lib/tally\nlisten: 0.0.0.0:9000\nmaxBodyBytes: 1024\n");
+        let file = file.as_str();
         let config = config(
             &args(&["--config", file, "--listen", "127.0.0.1:7000"]),
             None,
@@ -159,6 +219,33 @@ mod tests {
             ServeConfig::default().dedupe_horizon_days
         );
         assert_eq!(config.token, None);
+
+        std::fs::write(
+            file,
+            "victoriaMetrics: {url: 'http://vm:1', lag: 5s}\ngrpcListen: 0.0.0.0:4317\n",
+        )
+        .unwrap();
+        let telemetry = super::config(
+            &args(&[
+                "--config",
+                file,
+                "--victoria-metrics",
+                "http://vm:2",
+                "--grpc-listen",
+                "127.0.0.1:4318",
+            ]),
+            None,
+        )
+        .unwrap();
+        let vm = telemetry.victoria_metrics.unwrap();
+        assert_eq!(
+            (vm.url.as_str(), vm.lag.as_deref()),
+            ("http://vm:2", Some("5s"))
+        );
+        assert_eq!(
+            telemetry.grpc_listen,
+            Some("127.0.0.1:4318".parse().unwrap())
+        );
 
         let config = config_with_token(&["--max-lateness-days", "3", "--dedupe-horizon-days", "9"]);
         assert_eq!(config.max_lateness_days, Some(3));

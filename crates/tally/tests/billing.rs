@@ -29,7 +29,6 @@ const PROJECTS: [(&str, &str); 4] = [
 const METERS: [(&str, &str); 2] = [("requests", "gw-requests"), ("bytes", "gw-bytes")];
 const WINDOWS: i64 = 8;
 
-#[allow(dead_code)] // `spawn` is used here, not `serve`.
 mod common;
 
 use common::Server;

@@ -1,13 +1,17 @@
-//! Starting `tally serve` for the integration tests.
+//! Starting `tally serve` and `tally export` for the integration tests.
+// Each test binary uses some of these helpers.
+#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-/// A `tally serve` child process; killed when dropped.
+/// A `tally serve` or `tally export` child process; killed when dropped.
 pub struct Server {
     pub child: Child,
     pub base: String,
+    /// `host:port` of the OTLP/gRPC receiver, if it listens.
+    pub grpc: Option<String>,
 }
 
 impl Drop for Server {
@@ -30,8 +34,22 @@ pub fn serve(dir: &Path, env: &[(&str, &str)]) -> Server {
     spawn(command)
 }
 
-/// Spawns a prepared `tally serve` command (stdout is taken over) and waits
-/// for the line that says where it listens.
+/// Starts `tally export` on a free loopback port with its data in `dir`,
+/// the extra arguments `args` and environment `env`.
+pub fn export(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tally"));
+    command
+        .args(["export", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
+        .stderr(Stdio::inherit());
+    spawn(command)
+}
+
+/// Spawns a prepared `tally serve` or `tally export` command (stdout is
+/// taken over) and waits for the line that says where it listens.
 pub fn spawn(mut command: Command) -> Server {
     let mut child = command
         .stdout(Stdio::piped())
@@ -49,5 +67,9 @@ pub fn spawn(mut command: Command) -> Server {
         .find(|w| w.starts_with("http://"))
         .unwrap_or_else(|| panic!("no address in {line:?}"))
         .to_owned();
-    Server { child, base }
+    let grpc = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("grpc://"))
+        .map(str::to_owned);
+    Server { child, base, grpc }
 }
