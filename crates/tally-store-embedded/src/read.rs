@@ -223,14 +223,18 @@ pub fn query(
     let meta = &shared.keyspaces.meta;
     let names = Names::new(shared, &snapshot, meta);
     // Buckets fold into (window, subject id or NO_SUBJECT, projected groups).
-    let mut acc: FxHashMap<FoldKey, AggState> = FxHashMap::default();
+    // A question across all subjects folds into many rows: skip the first
+    // rounds of regrowing.
+    let capacity = if q.subjects.is_empty() { 1 << 16 } else { 0 };
+    let mut acc: FxHashMap<FoldKey, AggState> =
+        FxHashMap::with_capacity_and_hasher(capacity, Default::default());
     // Accounts met so far, interned, and per (subject id, piece) its account.
     let mut accounts: Vec<Option<String>> = Vec::new();
     let mut account_ids: HashMap<Option<String>, u32> = HashMap::new();
-    let mut account_of: HashMap<(u32, usize), u32> = HashMap::new();
+    let mut account_of: FxHashMap<(u32, usize), u32> = FxHashMap::default();
     // Per groups id: the index of its projection onto `group_positions`,
     // or `None` when the filters leave it out.
-    let mut projection_of: HashMap<u32, Option<u32>> = HashMap::new();
+    let mut projection_of: FxHashMap<u32, Option<u32>> = FxHashMap::default();
     let mut projections: Vec<Vec<Option<String>>> = Vec::new();
     let mut projection_ids: HashMap<Vec<Option<String>>, u32> = HashMap::new();
     let mut fold = |key: &[u8], value: &[u8], level: Level| -> Result<(), LedgerError> {
