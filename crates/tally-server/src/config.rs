@@ -39,6 +39,8 @@ pub struct ServeConfig {
     /// How old an event's time may be when it arrives, in days. Defaults to
     /// the dedupe horizon, so that every accepted event is still deduplicated.
     pub max_lateness_days: Option<u32>,
+    /// The embedded store's block cache, in MiB.
+    pub store_cache_mib: u64,
     /// Directories whose `*.yaml`, `*.yml` and `*.json` manifests are applied
     /// at start and whenever a file changes (every 5 s), as by `tally apply`.
     /// Removing a file deletes nothing.
@@ -170,6 +172,7 @@ impl Default for ServeConfig {
             max_body_bytes: 16 * 1024 * 1024,
             dedupe_horizon_days: 32,
             max_lateness_days: None,
+            store_cache_mib: tally_store_embedded::DEFAULT_CACHE_BYTES >> 20,
             manifest_dirs: Vec::new(),
             billing: BillingServeConfig::default(),
             grpc_listen: None,

@@ -477,6 +477,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         );
     }
     let mut store = StoreConfig::new(&config.data_dir);
+    store.cache_bytes = config.store_cache_mib.saturating_mul(1 << 20);
     store.dedupe_horizon =
         jiff::SignedDuration::from_hours(i64::from(config.dedupe_horizon_days) * 24);
     store.max_lateness = jiff::SignedDuration::from_hours(

@@ -46,6 +46,11 @@ impl Problem {
         self
     }
 
+    /// The `Retry-After` seconds asked for, if any.
+    pub fn retry_after(&self) -> Option<u64> {
+        self.retry_after
+    }
+
     pub fn with_errors(mut self, errors: Value) -> Problem {
         self.errors = Some(Box::new(errors));
         self

@@ -156,10 +156,13 @@ pub(crate) fn partial_success(report: &IngestReport) -> Option<ExportMetricsPart
     responses(
         (status = 200, description = "Accepted (see `partialSuccess` for refused data points)",
             content((String = "application/x-protobuf"), (Object = "application/json"))),
-        (status = 400, description = "The body is not an OTLP metrics request", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No telemetry pipeline on this server", body = Problem, content_type = "application/problem+json"),
-        (status = 415, description = "Unsupported Content-Type or Content-Encoding", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Not running yet, or every sink the request is for is full; retry after `Retry-After`", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "The body is not an OTLP metrics request: a `google.rpc.Status` in the request's encoding",
+            content((String = "application/x-protobuf"), (Object = "application/json"))),
+        (status = 404, description = "No telemetry pipeline on this server: a `google.rpc.Status`",
+            content((String = "application/x-protobuf"), (Object = "application/json"))),
+        (status = 415, description = "Unsupported Content-Type (not OTLP, so answered as a problem)", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Not running yet, or every sink the request is for is full; retry after `Retry-After`: a `google.rpc.Status`",
+            content((String = "application/x-protobuf"), (Object = "application/json"))),
     ),
     security(("bearer" = []))
 )]
@@ -168,11 +171,46 @@ pub async fn otlp_metrics(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, Problem> {
-    let pipeline = pipeline(&state)?;
     let media_type = body::media_type(&headers);
     let encoding = otlp::encoding_of_content_type(&media_type)
         .map_err(|e| Problem::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, e.to_string()))?;
-    let raw = body::decode(&headers, body, state.max_body_bytes)?;
+    // Past this point the request speaks OTLP, so its errors are answered
+    // as the OTLP/HTTP specification says: a `google.rpc.Status` in the
+    // request's encoding (with `Retry-After` kept on a 503).
+    match receive_metrics(&state, &headers, body, encoding) {
+        Ok(response) => Ok(response),
+        Err(problem) => {
+            let status =
+                StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let content_type = match encoding {
+                Encoding::Protobuf => PROTOBUF_CONTENT_TYPE,
+                Encoding::Json => JSON_CONTENT_TYPE,
+            };
+            let body = otlp::encode_error_status(encoding, problem.status, &problem.detail);
+            let mut response = (
+                status,
+                [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
+                body,
+            )
+                .into_response();
+            if let Some(seconds) = problem.retry_after() {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+            }
+            Ok(response)
+        }
+    }
+}
+
+fn receive_metrics(
+    state: &Telemetry,
+    headers: &HeaderMap,
+    body: Bytes,
+    encoding: Encoding,
+) -> Result<Response, Problem> {
+    let pipeline = pipeline(state)?;
+    let raw = body::decode(headers, body, state.max_body_bytes)?;
     let request = otlp::decode_metrics_request(&raw, encoding, None, state.max_body_bytes)
         .map_err(|e| Problem::bad_request(e.to_string()))?;
     let report = ingest(pipeline, "otlp_http_metrics", &request, 0)?;

@@ -279,18 +279,31 @@ async fn receivers_need_the_ingest_scope_and_a_pipeline() {
         response.headers()["content-type"],
         "application/problem+json"
     );
+    // Errors of an OTLP request are `google.rpc.Status` in its encoding.
     let response = server
         .post("/v1/metrics", "root", &pb, b"\xff\xff".to_vec())
         .await;
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(response.headers()["content-type"], "application/x-protobuf");
+    assert!(!response.bytes().await.unwrap().is_empty());
+    let response = server
+        .post(
+            "/v1/metrics",
+            "root",
+            &[("content-type", "application/json")],
+            b"{not json".to_vec(),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let status: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(status["code"], 3, "INVALID_ARGUMENT: {status}");
+    assert!(status["message"].as_str().is_some_and(|m| !m.is_empty()));
 
     let without = start(false).await;
     let response = without.post("/v1/metrics", "root", &pb, body).await;
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
-    assert_eq!(
-        response.headers()["content-type"],
-        "application/problem+json"
-    );
+    assert_eq!(response.headers()["content-type"], "application/x-protobuf");
     // Both receivers are in the OpenAPI document.
     let doc: serde_json::Value = without.get("/openapi.json").await.json().await.unwrap();
     assert!(doc["paths"]["/v1/metrics"]["post"].is_object());
@@ -494,7 +507,7 @@ async fn a_pipeline_without_its_first_snapshot_asks_senders_to_retry() {
         .await;
     assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(answer.headers()["retry-after"], "1");
-    assert_eq!(answer.headers()["content-type"], "application/problem+json");
+    assert_eq!(answer.headers()["content-type"], "application/x-protobuf");
     let metrics = server
         .client
         .get(format!("{}/metrics", server.base))

@@ -69,7 +69,14 @@ pub struct StoreConfig {
     pub dedupe_horizon: SignedDuration,
     /// Events older than this when they arrive are refused.
     pub max_lateness: SignedDuration,
+    /// Bytes of fjall's block cache. Once a store outgrows it, the writer's
+    /// read-modify-writes of rollup buckets read (and checksum) blocks from
+    /// disk, which is what bounds ingest at a few million events.
+    pub cache_bytes: u64,
 }
+
+/// The default block cache: 256 MiB.
+pub const DEFAULT_CACHE_BYTES: u64 = 256 << 20;
 
 impl StoreConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> StoreConfig {
@@ -77,6 +84,7 @@ impl StoreConfig {
             data_dir: data_dir.into(),
             dedupe_horizon: SignedDuration::from_hours(32 * 24),
             max_lateness: SignedDuration::from_hours(32 * 24),
+            cache_bytes: DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -219,7 +227,9 @@ impl EmbeddedLedger {
         std::fs::create_dir_all(&config.data_dir).map_err(|e| {
             StoreError::Encode(format!("creating {}: {e}", config.data_dir.display()))
         })?;
-        let db = Database::builder(config.data_dir.join("fjall")).open()?;
+        let db = Database::builder(config.data_dir.join("fjall"))
+            .cache_size(config.cache_bytes)
+            .open()?;
         let keyspaces = Keyspaces {
             events: open_keyspace(&db, "events")?,
             dedupe: open_keyspace(&db, "dedupe")?,

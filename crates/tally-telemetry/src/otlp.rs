@@ -175,6 +175,32 @@ struct JsonStatus {
     message: String,
 }
 
+/// The body of an OTLP/HTTP error answer: a `google.rpc.Status` in the
+/// request's encoding, as the OTLP/HTTP specification requires of a
+/// receiver, with the gRPC code that corresponds to the HTTP status.
+pub fn encode_error_status(encoding: Encoding, http_status: u16, message: &str) -> Vec<u8> {
+    let code = match http_status {
+        400 | 413 | 415 => 3, // INVALID_ARGUMENT
+        401 => 16,            // UNAUTHENTICATED
+        403 => 7,             // PERMISSION_DENIED
+        404 => 5,             // NOT_FOUND
+        429 => 8,             // RESOURCE_EXHAUSTED
+        502..=504 => 14,      // UNAVAILABLE
+        _ => 13,              // INTERNAL
+    };
+    match encoding {
+        Encoding::Protobuf => RpcStatus {
+            code,
+            message: message.to_owned(),
+        }
+        .encode_to_vec(),
+        Encoding::Json => {
+            serde_json::to_vec(&serde_json::json!({"code": code, "message": message}))
+                .unwrap_or_default()
+        }
+    }
+}
+
 /// Reads a sink's answer: HTTP status, `Content-Type` and (decompressed) body.
 pub fn parse_export_response(
     status: u16,
@@ -317,6 +343,32 @@ mod tests {
             parse_export_response(200, Some(PROTOBUF_CONTENT_TYPE), &warning.encode_to_vec()),
             ExportOutcome::Accepted {
                 warning: Some("deprecated".into())
+            }
+        );
+    }
+
+    #[test]
+    fn error_answers_are_rpc_statuses_in_the_request_encoding() {
+        let body = encode_error_status(Encoding::Protobuf, 503, "full");
+        assert_eq!(
+            RpcStatus::decode(body.as_slice()).unwrap(),
+            RpcStatus {
+                code: 14,
+                message: "full".into()
+            }
+        );
+        let body = encode_error_status(Encoding::Json, 400, "bad");
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
+            serde_json::json!({"code": 3, "message": "bad"})
+        );
+        // What a sink reads back.
+        assert_eq!(
+            parse_export_response(503, Some(JSON_CONTENT_TYPE), &body),
+            ExportOutcome::Failed {
+                status: 503,
+                retryable: true,
+                message: "bad".into()
             }
         );
     }

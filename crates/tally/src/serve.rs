@@ -42,6 +42,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     max_lateness_days: Option<u32>,
 
+    /// The embedded store's block cache in MiB [default: 256]. More keeps a
+    /// large store's rollup buckets in memory; see BENCHMARKS.md.
+    #[arg(long, value_name = "MIB")]
+    store_cache_mib: Option<u64>,
+
     /// A directory of manifests (*.yaml, *.yml, *.json) applied at start and
     /// whenever a file changes, as by `tally apply`; removing a file deletes
     /// nothing. Repeat for several; adds to the config file's manifestDirs.
@@ -130,7 +135,13 @@ pub fn config(args: &ServeArgs, token: Option<String>) -> anyhow::Result<ServeCo
         ServeConfig,
         args,
         token,
-        [data_dir, listen, max_body_bytes, dedupe_horizon_days]
+        [
+            data_dir,
+            listen,
+            max_body_bytes,
+            dedupe_horizon_days,
+            store_cache_mib
+        ]
     );
     if let Some(days) = args.max_lateness_days {
         config.max_lateness_days = Some(days);
