@@ -2,12 +2,11 @@
 //! sees half of a group commit.
 
 use std::collections::{BTreeSet, HashMap};
-
-use rustc_hash::FxHashMap;
 use std::ops::Bound;
 
 use fjall::Readable;
 use jiff::Timestamp;
+use rustc_hash::FxHashMap;
 use tally_ledger::{
     EventFilter, EventPage, LedgerError, MeterQuery, QuarantineFilter, QuarantinePage,
     QuarantinedEvent, QueryResult, QueryRow, StoredEvent, VoidPage, VoidRecord,
