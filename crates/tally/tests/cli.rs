@@ -1,8 +1,7 @@
 //! The `tally` command line against a real `tally serve`, as a person uses it.
 
-use std::io::Write;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
 const TOKEN: &str = "cli-test-token-0123";
 
@@ -15,19 +14,7 @@ fn serve(dir: &Path) -> Server {
 }
 
 fn tally(server: &Server, args: &[&str], stdin: Option<&str>) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(args)
-        .env("TALLY_SERVER", &server.base)
-        .env("TALLY_TOKEN", TOKEN)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut input = child.stdin.take().unwrap();
-    input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
-    drop(input);
-    child.wait_with_output().unwrap()
+    common::cli(&server.base, TOKEN, args, stdin.unwrap_or(""))
 }
 
 fn stdout(output: &Output) -> String {

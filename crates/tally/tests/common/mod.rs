@@ -2,9 +2,9 @@
 // Each test binary uses some of these helpers.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 
 /// A `tally serve` or `tally export` child process; killed when dropped.
 pub struct Server {
@@ -72,4 +72,22 @@ pub fn spawn(mut command: Command) -> Server {
         .find_map(|w| w.strip_prefix("grpc://"))
         .map(str::to_owned);
     Server { child, base, grpc }
+}
+
+/// Runs the `tally` CLI against the server at `base` with `token`, feeding
+/// it `stdin`; returns what it printed and how it exited.
+pub fn cli(base: &str, token: &str, args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(args)
+        .env("TALLY_SERVER", base)
+        .env("TALLY_TOKEN", token)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    input.write_all(stdin.as_bytes()).unwrap();
+    drop(input);
+    child.wait_with_output().unwrap()
 }
