@@ -351,10 +351,17 @@ pub fn query(
     if !fine.is_empty() && q.subjects.is_empty() {
         // Every subject with usage in a run has its day bucket (see
         // `keys`), so the days the runs touch name the subjects to read.
+        // Hour and minute runs at the same edge share their days: read
+        // each run of days once.
+        let mut days: Vec<(i64, i64)> = fine
+            .iter()
+            .map(|(_, lo, hi)| (Level::Day.bucket(*lo), Level::Day.bucket(*hi)))
+            .collect();
+        days.sort_unstable();
+        days.dedup();
         let mut seen = BTreeSet::new();
-        for (_, lo, hi) in &fine {
-            let (start, end) =
-                keys::rollup_day_range(generation, Level::Day.bucket(*lo), Level::Day.bucket(*hi))?;
+        for (lo, hi) in days {
+            let (start, end) = keys::rollup_day_range(generation, lo, hi)?;
             for item in snapshot.range(rollups, start..end) {
                 seen.insert(keys::decode_rollup_key(&item.key().map_err(storage)?)?.subject);
             }
