@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use support::{Fault, Lines, Receiver, closed_port_url, item};
+use support::{Fault, Lines, Receiver, Seen, closed_port_url, item};
 use tally_delivery::{
     Answer, BatchOutcome, BatchResult, EncodeError, Encoder, EnqueueError, HttpRequest, Item,
     Registry, Sink, SinkBuilder, SinkConfig, Storage, Verdict,
@@ -226,6 +226,12 @@ async fn a_partial_batch_waits_for_its_timeout() {
 
 /// The gap between the first two requests the receiver saw.
 async fn gap_after(fault: Fault, max_retry_after: Duration) -> Duration {
+    let seen = seen_after(fault, max_retry_after).await;
+    seen[1].at - seen[0].at
+}
+
+/// The two requests the receiver saw: the faulted one and its retry.
+async fn seen_after(fault: Fault, max_retry_after: Duration) -> Vec<Seen> {
     let receiver = Receiver::start().await;
     receiver.push_faults([fault]);
     let mut config = quick("retry-after");
@@ -237,28 +243,37 @@ async fn gap_after(fault: Fault, max_retry_after: Duration) -> Duration {
     receiver.wait_for_unique(1, LIMIT).await;
     let seen = receiver.seen();
     assert_eq!(seen.len(), 2);
-    seen[1].at - seen[0].at
+    seen
 }
 
 #[tokio::test]
 async fn retry_after_is_honoured_in_both_forms_and_capped() {
     let seconds = gap_after(Fault::retry_after(429, "1"), Duration::from_secs(60)).await;
     assert!(seconds >= Duration::from_millis(1000), "{seconds:?}");
-    assert!(seconds < Duration::from_millis(1800), "{seconds:?}");
+    assert!(seconds < Duration::from_millis(2500), "{seconds:?}");
 
-    // An HTTP-date 3 s ahead: at least 2 s after rounding to whole seconds.
-    let at = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(3));
-    let date = gap_after(Fault::retry_after(503, &at), Duration::from_secs(60)).await;
-    assert!(date >= Duration::from_millis(2000), "{date:?}");
-    assert!(date < Duration::from_millis(3800), "{date:?}");
+    // An HTTP-date about 3 s ahead (whole seconds): the retry comes no
+    // earlier than that date by the wall clock, and not long after it.
+    let wall = std::time::SystemTime::now();
+    let base = Instant::now();
+    let at = httpdate::fmt_http_date(wall + Duration::from_secs(3));
+    let date = httpdate::parse_http_date(&at).unwrap();
+    let seen = seen_after(Fault::retry_after(503, &at), Duration::from_secs(60)).await;
+    let retried = wall + (seen[1].at - base);
+    // Instant and SystemTime are read a moment apart: allow 20 ms.
+    let early = date.duration_since(retried).unwrap_or(Duration::ZERO);
+    assert!(early < Duration::from_millis(20), "retried {early:?} early");
+    let late = retried.duration_since(date).unwrap_or(Duration::ZERO);
+    assert!(late < Duration::from_millis(1500), "retried {late:?} late");
 
     let capped = gap_after(Fault::retry_after(429, "3600"), Duration::from_millis(300)).await;
     assert!(capped >= Duration::from_millis(300), "{capped:?}");
-    assert!(capped < Duration::from_millis(1000), "{capped:?}");
+    assert!(capped < Duration::from_millis(1500), "{capped:?}");
 
-    // Without Retry-After the backoff (≤ 50 ms here) applies.
+    // Without Retry-After the backoff (≤ 50 ms here, where any Retry-After
+    // is at least 1 s) applies.
     let backoff = gap_after(Fault::status(429), Duration::from_secs(60)).await;
-    assert!(backoff < Duration::from_millis(300), "{backoff:?}");
+    assert!(backoff < Duration::from_millis(900), "{backoff:?}");
 }
 
 #[tokio::test]
@@ -347,13 +362,14 @@ async fn out_of_time_dead_letters_after_max_elapsed() {
     let start = Instant::now();
     sink.enqueue(item(0, 5)).await.unwrap();
     let letters = wait_for_dead_letters(&sink).await;
-    // Attempts at 0 s, 1 s and 2 s; a third wait would pass 2.5 s.
+    // Attempts at 0 s, 1 s and 2 s; a third wait would pass 2.5 s, so the
+    // letter is written at about 2 s, never as late as a fourth attempt (3 s).
     assert_eq!(
         (letters[0].reason.as_str(), letters[0].attempts),
         ("out of time", 3)
     );
     assert!(
-        start.elapsed() < Duration::from_millis(2500),
+        start.elapsed() < Duration::from_millis(2900),
         "{:?}",
         start.elapsed()
     );
