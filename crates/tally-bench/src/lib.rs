@@ -3,8 +3,10 @@
 //! Events look like the gateway's usage: 10,000 subjects (projects), four
 //! event types (requests, ingress bytes, egress bytes, connection seconds),
 //! each grouped by two properties (`region`, `method`), spread over the
-//! last 30 days. Request bodies are generated before the clock starts, so
-//! the figure is the server's, not the generator's.
+//! last 30 days, at random times or replayed in time order ([`Order`]).
+//! Request bodies of loads up to 10 M events are generated before the
+//! clock starts, so the figure is the server's, not the generator's;
+//! larger loads would not fit in memory and are generated as they are sent.
 //!
 //! The load generator runs in the server's process by default, sharing its
 //! cores; `load_process` runs it as a child process (`tally bench
@@ -19,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use jiff::{SignedDuration, Timestamp};
-use serde_json::{Value, json};
 use tally_ledger::Ledger;
 use tally_server::AppState;
 use tally_store_embedded::{EmbeddedLedger, StoreConfig};
@@ -41,6 +42,8 @@ pub struct BenchOptions {
     pub query_runs: usize,
     /// Run the load generator as a separate process.
     pub load_process: bool,
+    /// The order event times come in.
+    pub order: Order,
 }
 
 impl Default for BenchOptions {
@@ -53,6 +56,7 @@ impl Default for BenchOptions {
             data_dir: None,
             query_runs: 50,
             load_process: false,
+            order: Order::Random,
         }
     }
 }
@@ -94,24 +98,102 @@ impl Rng {
     }
 }
 
-fn bodies(o: &LoadOptions, now: Timestamp) -> Vec<Vec<u8>> {
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let span = 30 * 24 * 3600;
-    (0..o.events.div_ceil(o.batch))
-        .map(|b| {
-            let n = o.batch.min(o.events - b * o.batch);
-            let events: Vec<Value> = (0..n)
-                .map(|i| {
-                    let kind = TYPES[rng.below(TYPES.len())];
-                    let time = now - SignedDuration::from_secs(rng.below(span) as i64 + 60);
-                    json!({"specversion": "1.0", "id": format!("{b}-{i}"), "source": "bench",
-                           "type": kind, "subject": format!("projects/p{}", rng.below(o.subjects)), "time": time,
-                           "data": {"value": rng.below(100_000), "region": REGIONS[rng.below(3)], "method": METHODS[rng.below(5)]}})
-                })
-                .collect();
-            serde_json::to_vec(&events).unwrap_or_default()
+/// The order event times come in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// Each event at a random time in the 30 days: every request touches
+    /// buckets all over the month (the worst case for the writer).
+    Random,
+    /// A month of traffic replayed in time order, each event up to five
+    /// minutes late: how a gateway's usage arrives.
+    Time,
+}
+
+impl std::str::FromStr for Order {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Order, String> {
+        match s {
+            "random" => Ok(Order::Random),
+            "time" => Ok(Order::Time),
+            other => Err(format!("unknown order {other:?}: random or time")),
+        }
+    }
+}
+
+impl std::fmt::Display for Order {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Order::Random => "random",
+            Order::Time => "time",
         })
-        .collect()
+    }
+}
+
+/// Request bodies up to this many events are generated before the clock
+/// starts; larger loads generate each body as it is sent.
+const PREGENERATED_EVENTS: usize = 10_000_000;
+/// The span event times cover, in seconds.
+const SPAN: u64 = 30 * 24 * 3600;
+/// How late an event of [`Order::Time`] may be, in seconds.
+const LATENESS: u64 = 300;
+
+/// Request `b` of the load: the same bytes on every run, whichever task
+/// or process makes it.
+fn body(o: &LoadOptions, b: usize) -> Vec<u8> {
+    use std::io::Write;
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (b as u64 + 1).wrapping_mul(0xff51_afd7_ed55_8ccd));
+    let n = o.batch.min(o.events - b * o.batch);
+    let start = o.now - SignedDuration::from_secs(SPAN as i64 + 60);
+    let mut out = Vec::with_capacity(n * 260);
+    out.push(b'[');
+    for i in 0..n {
+        let kind = TYPES[rng.below(TYPES.len())];
+        let offset = match o.order {
+            Order::Random => rng.below(SPAN as usize) as u64,
+            Order::Time => {
+                let at = (b * o.batch + i) as u128 * SPAN as u128 / o.events.max(1) as u128;
+                (at as u64).saturating_sub(rng.below(LATENESS as usize) as u64)
+            }
+        };
+        let time = start + SignedDuration::from_secs(offset as i64);
+        if i > 0 {
+            out.push(b',');
+        }
+        // Written by hand: at 50 M events the generator shares the cores.
+        let _ = write!(
+            out,
+            r#"{{"specversion":"1.0","id":"{b}-{i}","source":"bench","type":"{kind}","subject":"projects/p{}","time":"{time}","data":{{"value":{},"region":"{}","method":"{}"}}}}"#,
+            rng.below(o.subjects),
+            rng.below(100_000),
+            REGIONS[rng.below(REGIONS.len())],
+            METHODS[rng.below(METHODS.len())],
+        );
+    }
+    out.push(b']');
+    out
+}
+
+/// The requests of a load, made before the clock starts or as they are sent.
+enum Bodies {
+    Made(Vec<Vec<u8>>),
+    OnTheFly(LoadOptions),
+}
+
+impl Bodies {
+    fn new(o: &LoadOptions) -> Bodies {
+        if o.events <= PREGENERATED_EVENTS {
+            Bodies::Made((0..o.requests()).map(|b| body(o, b)).collect())
+        } else {
+            Bodies::OnTheFly(o.clone())
+        }
+    }
+
+    fn get(&self, b: usize) -> Option<Vec<u8>> {
+        match self {
+            Bodies::Made(made) => made.get(b).cloned(),
+            Bodies::OnTheFly(o) => (b < o.requests()).then(|| body(o, b)),
+        }
+    }
 }
 
 /// What the load generator needs; the same in and out of process.
@@ -123,6 +205,13 @@ pub struct LoadOptions {
     pub subjects: usize,
     /// Event times are spread over the 30 days before this.
     pub now: Timestamp,
+    pub order: Order,
+}
+
+impl LoadOptions {
+    fn requests(&self) -> usize {
+        self.events.div_ceil(self.batch)
+    }
 }
 
 impl LoadOptions {
@@ -133,6 +222,7 @@ impl LoadOptions {
             connections: o.connections,
             subjects: o.subjects,
             now,
+            order: o.order,
         }
     }
 }
@@ -141,7 +231,7 @@ impl LoadOptions {
 async fn send_all(
     client: &reqwest::Client,
     base: &str,
-    bodies: Arc<Vec<Vec<u8>>>,
+    bodies: Arc<Bodies>,
     connections: usize,
 ) -> anyhow::Result<()> {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -162,7 +252,7 @@ async fn send_all(
                 let r = client
                     .post(&url)
                     .header("content-type", "application/json")
-                    .body(body.clone())
+                    .body(body)
                     .send()
                     .await?;
                 if !r.status().is_success() {
@@ -182,7 +272,7 @@ async fn send_all(
 /// bodies are generated, waits for a line on standard input, sends, and
 /// prints `done`.
 pub async fn run_load(o: LoadOptions, base: String) -> anyhow::Result<()> {
-    let bodies = Arc::new(bodies(&o, o.now));
+    let bodies = Arc::new(Bodies::new(&o));
     println!("ready");
     tokio::task::spawn_blocking(|| {
         let mut line = String::new();
@@ -323,7 +413,7 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<()> {
     if o.load_process {
         child = Some(LoadProcess::start(&load, &base).await?);
     } else {
-        bodies_in_process = Some(Arc::new(bodies(&load, now)));
+        bodies_in_process = Some(Arc::new(Bodies::new(&load)));
     }
     let rss_before = rss_kib("VmRSS:");
     eprintln!("ingesting over {} connections...", o.connections);
@@ -389,8 +479,17 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<()> {
     let disk = ledger.stats().disk_bytes;
     let millions = o.events as f64 / 1e6;
     println!(
-        "tally bench: {} events, batches of {}, {} connections, {} subjects",
-        o.events, o.batch, o.connections, o.subjects
+        "tally bench: {} events in {} order, batches of {}, {} connections, {} subjects{}",
+        o.events,
+        o.order,
+        o.batch,
+        o.connections,
+        o.subjects,
+        if o.events > PREGENERATED_EVENTS {
+            " (bodies generated while sending)"
+        } else {
+            ""
+        }
     );
     println!(
         "ingest: {:.0} events/s ({:.1} s, durable + deduplicated, {} group commits)",
@@ -477,6 +576,7 @@ impl LoadProcess {
             .args(["--connections", &o.connections.to_string()])
             .args(["--subjects", &o.subjects.to_string()])
             .args(["--load-now", &o.now.to_string()])
+            .args(["--order", &o.order.to_string()])
             .args(["--load-only-to", base])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())

@@ -22,6 +22,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tally_client::TallyClient;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Usage metering: ingest CloudEvents exactly once, define meters, query usage.
 #[derive(Parser)]
 #[command(
@@ -119,6 +122,11 @@ struct BenchArgs {
     /// the server's process (it still shares the machine's cores).
     #[arg(long)]
     load_process: bool,
+    /// The order event times come in: `random` (any time in the 30 days,
+    /// the writer's worst case) or `time` (a month replayed in order, each
+    /// event up to five minutes late).
+    #[arg(long, default_value = "random", value_name = "ORDER")]
+    order: tally_bench::Order,
     /// Internal: be the load generator of `--load-process` for the server at URL.
     #[arg(long, value_name = "URL", hide = true)]
     load_only_to: Option<String>,
@@ -185,6 +193,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
             connections: args.connections.max(1),
             subjects: args.subjects.max(1),
             now: args.load_now.unwrap_or_else(jiff::Timestamp::now),
+            order: args.order,
         };
         return runtime.block_on(tally_bench::run_load(load, base));
     }
@@ -196,6 +205,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         data_dir: args.data_dir,
         query_runs: args.query_runs.max(1),
         load_process: args.load_process,
+        order: args.order,
     };
     runtime.block_on(tally_bench::run(options))
 }
