@@ -44,6 +44,9 @@ pub struct BenchOptions {
     pub load_process: bool,
     /// The order event times come in.
     pub order: Order,
+    /// Skip ingest and time the queries on the store in `data_dir`, left
+    /// by an earlier run of as many `events`.
+    pub queries_only: bool,
 }
 
 impl Default for BenchOptions {
@@ -57,6 +60,7 @@ impl Default for BenchOptions {
             query_runs: 50,
             load_process: false,
             order: Order::Random,
+            queries_only: false,
         }
     }
 }
@@ -370,22 +374,23 @@ async fn timed_queries(
     Ok((times, rows))
 }
 
-/// Runs the benchmark and prints a report.
-pub async fn run(o: BenchOptions) -> anyhow::Result<()> {
-    let temp = tempfile::tempdir().context("creating a temporary directory")?;
-    let dir = o.data_dir.clone().unwrap_or_else(|| temp.path().to_owned());
-    let ledger = Arc::new(
-        tokio::task::spawn_blocking({
-            let dir = dir.clone();
-            move || EmbeddedLedger::open(StoreConfig::new(dir))
-        })
-        .await??,
-    );
-    let state = AppState::new(ledger.clone(), 64 << 20, None);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
-    tokio::spawn(async move { axum_serve(listener, state).await });
-    let client = tally_delivery::client_builder().build()?;
+/// What the ingest phase measured.
+struct Ingested {
+    elapsed: Duration,
+    group_commits: u64,
+    cpu: Cpu,
+    /// Resident memory before sending: the load generator's bodies.
+    rss_before_kib: u64,
+}
+
+/// Applies the meters and sends the load; checks every event was stored.
+async fn ingest(
+    o: &BenchOptions,
+    ledger: &EmbeddedLedger,
+    client: &reqwest::Client,
+    base: &str,
+    now: Timestamp,
+) -> anyhow::Result<Ingested> {
     let r = client
         .post(format!("{base}/apis/apply"))
         .header("content-type", "application/yaml")
@@ -395,9 +400,7 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<()> {
     if !r.status().is_success() {
         bail!("applying meters: {}", r.text().await?);
     }
-
-    let now = Timestamp::now();
-    let load = LoadOptions::of(&o, now);
+    let load = LoadOptions::of(o, now);
     eprintln!(
         "generating {} events in batches of {}{}...",
         o.events,
@@ -411,20 +414,20 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<()> {
     let mut child = None;
     let mut bodies_in_process = None;
     if o.load_process {
-        child = Some(LoadProcess::start(&load, &base).await?);
+        child = Some(LoadProcess::start(&load, base).await?);
     } else {
         bodies_in_process = Some(Arc::new(Bodies::new(&load)));
     }
-    let rss_before = rss_kib("VmRSS:");
+    let rss_before_kib = rss_kib("VmRSS:");
     eprintln!("ingesting over {} connections...", o.connections);
     let cpu_before = cpu();
     let start = Instant::now();
     match (&mut child, bodies_in_process.take()) {
         (Some(child), _) => child.go().await?,
-        (None, Some(bodies)) => send_all(&client, &base, bodies, o.connections).await?,
+        (None, Some(bodies)) => send_all(client, base, bodies, o.connections).await?,
         (None, None) => bail!("no load generator"),
     }
-    let ingest = start.elapsed();
+    let elapsed = start.elapsed();
     let cpu_after = cpu();
     let stats = ledger.stats();
     if stats.events_accepted_total != o.events as u64 {
@@ -434,6 +437,62 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<()> {
             stats.events_accepted_total
         );
     }
+    Ok(Ingested {
+        elapsed,
+        group_commits: stats.group_commits_total,
+        cpu: Cpu {
+            writer_ns: cpu_after.writer_ns.saturating_sub(cpu_before.writer_ns),
+            writer_wait_ns: cpu_after
+                .writer_wait_ns
+                .saturating_sub(cpu_before.writer_wait_ns),
+            process_ns: cpu_after.process_ns.saturating_sub(cpu_before.process_ns),
+        },
+        rss_before_kib,
+    })
+}
+
+/// Waits (up to two minutes) until the writer thread used under 2 % of a
+/// core for a quarter of a second.
+async fn wait_for_an_idle_writer() {
+    let quarter = Duration::from_millis(250);
+    for _ in 0..480 {
+        let before = cpu().writer_ns;
+        tokio::time::sleep(quarter).await;
+        if cpu().writer_ns.saturating_sub(before) < quarter.as_nanos() as u64 / 50 {
+            return;
+        }
+    }
+}
+
+/// Runs the benchmark and prints a report.
+pub async fn run(o: BenchOptions) -> anyhow::Result<()> {
+    let temp = tempfile::tempdir().context("creating a temporary directory")?;
+    let dir = match (&o.data_dir, o.queries_only) {
+        (Some(dir), _) => dir.clone(),
+        (None, false) => temp.path().to_owned(),
+        (None, true) => bail!("--queries-only needs the --data-dir of an earlier run"),
+    };
+    let ledger = Arc::new(
+        tokio::task::spawn_blocking({
+            let dir = dir.clone();
+            move || EmbeddedLedger::open(StoreConfig::new(dir))
+        })
+        .await??,
+    );
+    let state = AppState::new(ledger.clone(), 64 << 20, None);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    tokio::spawn(async move { axum_serve(listener, state).await });
+    let client = tally_delivery::client_builder().build()?;
+    let now = Timestamp::now();
+    let ingested = if o.queries_only {
+        // A store just opened scans its keys into filters in the
+        // background; time the queries after that, as after ingest.
+        wait_for_an_idle_writer().await;
+        None
+    } else {
+        Some(ingest(&o, &ledger, &client, &base, now).await?)
+    };
 
     let day = |d: i64| {
         (now - SignedDuration::from_hours(24 * d))
@@ -491,28 +550,29 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<()> {
             ""
         }
     );
-    println!(
-        "ingest: {:.0} events/s ({:.1} s, durable + deduplicated, {} group commits)",
-        o.events as f64 / ingest.as_secs_f64(),
-        ingest.as_secs_f64(),
-        stats.group_commits_total
-    );
     let events = o.events.max(1) as f64;
-    println!(
-        "cpu: writer thread {:.1} µs/event (+{:.1} µs/event waiting for a core), server process {:.1} µs/event{}",
-        cpu_after.writer_ns.saturating_sub(cpu_before.writer_ns) as f64 / 1e3 / events,
-        cpu_after
-            .writer_wait_ns
-            .saturating_sub(cpu_before.writer_wait_ns) as f64
-            / 1e3
-            / events,
-        cpu_after.process_ns.saturating_sub(cpu_before.process_ns) as f64 / 1e3 / events,
-        if o.load_process {
-            " (load generator in its own process, not counted)"
-        } else {
-            " (includes the load generator)"
+    match &ingested {
+        None => println!("ingest: skipped (--queries-only on the store of an earlier run)"),
+        Some(i) => {
+            println!(
+                "ingest: {:.0} events/s ({:.1} s, durable + deduplicated, {} group commits)",
+                o.events as f64 / i.elapsed.as_secs_f64(),
+                i.elapsed.as_secs_f64(),
+                i.group_commits
+            );
+            println!(
+                "cpu: writer thread {:.1} µs/event (+{:.1} µs/event waiting for a core), server process {:.1} µs/event{}",
+                i.cpu.writer_ns as f64 / 1e3 / events,
+                i.cpu.writer_wait_ns as f64 / 1e3 / events,
+                i.cpu.process_ns as f64 / 1e3 / events,
+                if o.load_process {
+                    " (load generator in its own process, not counted)"
+                } else {
+                    " (includes the load generator)"
+                }
+            );
         }
-    );
+    }
     println!(
         "query 30-day hourly, one subject ({hourly_rows} rows): p50 {:.2} ms, p99 {:.2} ms",
         percentile(&hourly_times, 0.5).as_secs_f64() * 1e3,
@@ -546,7 +606,7 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<()> {
         } else {
             format!(
                 ", includes the load generator's {} MiB of request bodies",
-                rss_before / 1024
+                ingested.as_ref().map_or(0, |i| i.rss_before_kib) / 1024
             )
         },
         disk as f64 / 1_048_576.0 / millions

@@ -221,103 +221,18 @@ pub fn query(
     let rollups = &shared.keyspaces.rollups;
     let meta = &shared.keyspaces.meta;
     let names = Names::new(shared, &snapshot, meta);
-    // Buckets fold into (window, subject id or NO_SUBJECT, projected groups).
-    // A question across all subjects folds into many rows: skip the first
-    // rounds of regrowing.
-    let capacity = if q.subjects.is_empty() { 1 << 16 } else { 0 };
-    let mut acc: FxHashMap<FoldKey, AggState> =
-        FxHashMap::with_capacity_and_hasher(capacity, Default::default());
-    // Accounts met so far, interned, and per (subject id, piece) its account.
-    let mut accounts: Vec<Option<String>> = Vec::new();
-    let mut account_ids: HashMap<Option<String>, u32> = HashMap::new();
-    let mut account_of: FxHashMap<(u32, usize), u32> = FxHashMap::default();
-    // Per groups id: the index of its projection onto `group_positions`,
-    // or `None` when the filters leave it out.
-    let mut projection_of: FxHashMap<u32, Option<u32>> = FxHashMap::default();
-    let mut projections: Vec<Vec<Option<String>>> = Vec::new();
-    let mut projection_ids: HashMap<Vec<Option<String>>, u32> = HashMap::new();
-    let mut fold = |key: &[u8], value: &[u8], level: Level| -> Result<(), LedgerError> {
-        let k = keys::decode_rollup_key(key)?;
-        let Some(piece) = plan.window_of(level, k.bucket) else {
-            return Ok(());
-        };
-        let window = parent[piece];
-        // The account owning this subject's usage in this piece, interned.
-        let account = match attribution {
-            None => NO_ACCOUNT,
-            Some(a) => match account_of.get(&(k.subject, piece)) {
-                Some(id) => *id,
-                None => {
-                    let subject = names.subject(k.subject)?;
-                    let at = plan.windows[piece].start.max(q.from);
-                    let account = account_at(a, &subject, at);
-                    let next = accounts.len() as u32;
-                    let id = *account_ids.entry(account.clone()).or_insert(next);
-                    if id == next {
-                        accounts.push(account);
-                    }
-                    account_of.insert((k.subject, piece), id);
-                    id
-                }
-            },
-        };
-        if let Some(wanted) = account_filter
-            && accounts.get(account as usize).and_then(Option::as_deref) != Some(wanted)
-        {
-            return Ok(());
-        }
-        let account = if by_account { account } else { NO_ACCOUNT };
-        let projected = match projection_of.get(&k.groups) {
-            Some(p) => *p,
-            None => {
-                let groups = if k.groups == keys::ALL_GROUPS {
-                    if !group_positions.is_empty() || !filters.is_empty() {
-                        return Err(storage(StoreError::Corrupt(
-                            "a day bucket was read for a question about groups",
-                        )));
-                    }
-                    vec![None; dimensions.len()]
-                } else {
-                    names.groups(k.groups)?
-                };
-                if groups.len() != dimensions.len() {
-                    return Err(storage(StoreError::Corrupt(
-                        "a rollup's groups do not match its meter's dimensions",
-                    )));
-                }
-                let p = if filters
-                    .iter()
-                    .any(|(p, v)| groups[*p].as_deref() != Some(*v))
-                {
-                    None
-                } else {
-                    let projected: Vec<Option<String>> =
-                        group_positions.iter().map(|p| groups[*p].clone()).collect();
-                    let next = projections.len() as u32;
-                    let id = *projection_ids.entry(projected.clone()).or_insert(next);
-                    if id == next {
-                        projections.push(projected);
-                    }
-                    Some(id)
-                };
-                projection_of.insert(k.groups, p);
-                p
-            }
-        };
-        let Some(projected) = projected else {
-            return Ok(());
-        };
-        let state = AggState::decode(value).map_err(storage)?;
-        let subject = if by_subject { k.subject } else { NO_SUBJECT };
-        match acc.entry((window as u32, subject, projected, account)) {
-            std::collections::hash_map::Entry::Occupied(mut e) => {
-                e.get_mut().merge(&state).map_err(storage)?
-            }
-            std::collections::hash_map::Entry::Vacant(e) => {
-                e.insert(state);
-            }
-        }
-        Ok(())
+    let ctx = FoldContext {
+        plan: &plan,
+        parent: &parent,
+        attribution,
+        account_filter,
+        by_account,
+        by_subject,
+        group_positions: &group_positions,
+        filters: &filters,
+        dimensions: dimensions.len(),
+        from: q.from,
+        names: &names,
     };
     // A subject named twice is still read once; one never seen has no rows.
     let mut subject_ids = Vec::new();
@@ -331,14 +246,7 @@ pub fn query(
         }
     }
     let generation = state.generation;
-    // Day buckets: one range per run of days, every subject in it.
-    for (lo, hi) in plan.spans(Level::Day) {
-        let (start, end) = keys::rollup_day_range(generation, lo, hi)?;
-        for item in snapshot.range(rollups, start..end) {
-            let (key, value) = item.into_inner().map_err(storage)?;
-            fold(&key, &value, Level::Day)?;
-        }
-    }
+    let day_spans = plan.spans(Level::Day);
     // Hour and minute buckets: one range per subject and run.
     let fine: Vec<(Level, i64, i64)> = [Level::Hour, Level::Minute]
         .into_iter()
@@ -368,15 +276,71 @@ pub fn query(
         }
         subject_ids = seen.into_iter().collect();
     }
-    for subject in &subject_ids {
-        for (level, lo, hi) in &fine {
-            let (start, end) = keys::rollup_subject_range(generation, *level, *subject, *lo, *hi)?;
+    // A question across all subjects is shared out between threads: each
+    // folds its share of the days and of the subjects on its own, and the
+    // folds are merged.
+    let shares = if q.subjects.is_empty() {
+        fold_threads()
+    } else {
+        1
+    };
+    let day_shares = share_spans(&day_spans, shares);
+    let subject_shares: Vec<&[u32]> = subject_ids
+        .chunks(subject_ids.len().div_ceil(shares).max(1))
+        .collect();
+    let fold_share = |share: usize| -> Result<Folder, LedgerError> {
+        let capacity = if q.subjects.is_empty() { 1 << 15 } else { 0 };
+        let mut folder = Folder::with_capacity(capacity);
+        for (lo, hi) in day_shares.get(share).map(Vec::as_slice).unwrap_or_default() {
+            let (start, end) = keys::rollup_day_range(generation, *lo, *hi)?;
             for item in snapshot.range(rollups, start..end) {
                 let (key, value) = item.into_inner().map_err(storage)?;
-                fold(&key, &value, *level)?;
+                folder.fold(&ctx, &key, &value, Level::Day)?;
             }
         }
+        for subject in subject_shares.get(share).copied().unwrap_or_default() {
+            for (level, lo, hi) in &fine {
+                let (start, end) =
+                    keys::rollup_subject_range(generation, *level, *subject, *lo, *hi)?;
+                for item in snapshot.range(rollups, start..end) {
+                    let (key, value) = item.into_inner().map_err(storage)?;
+                    folder.fold(&ctx, &key, &value, *level)?;
+                }
+            }
+        }
+        Ok(folder)
+    };
+    let mut folders = if shares == 1 {
+        vec![fold_share(0)?]
+    } else {
+        std::thread::scope(|scope| {
+            let others: Vec<_> = (1..shares)
+                .map(|share| scope.spawn(move || fold_share(share)))
+                .collect();
+            let mut folders = vec![fold_share(0)?];
+            for other in others {
+                folders.push(
+                    other
+                        .join()
+                        .map_err(|_| storage("a query thread panicked"))??,
+                );
+            }
+            Ok::<_, LedgerError>(folders)
+        })?
+    };
+    // The folds in one list, with the ids the first fold interned; a key
+    // two folds share (a window across their shares) is merged once
+    // sorted, where its entries are neighbours.
+    let mut first = folders.remove(0);
+    let mut folded: Vec<(FoldKey, AggState)> = std::mem::take(&mut first.acc).into_iter().collect();
+    for other in folders {
+        first.absorb(other, &mut folded);
     }
+    let Folder {
+        accounts,
+        projections,
+        ..
+    } = first;
     if by_account {
         group_names.push(BILLING_ACCOUNT);
     }
@@ -385,9 +349,9 @@ pub fn query(
     // rows (and their strings) only for the page that is answered.
     let mut subjects: Vec<(String, u32)> = Vec::new();
     {
-        let mut ids: Vec<u32> = acc
-            .keys()
-            .map(|k| k.1)
+        let mut ids: Vec<u32> = folded
+            .iter()
+            .map(|(k, _)| k.1)
             .filter(|id| *id != NO_SUBJECT)
             .collect();
         ids.sort_unstable();
@@ -411,19 +375,20 @@ pub fn query(
             ranks[id as usize]
         }
     };
-    let mut entries: Vec<(FoldKey, FoldKey, AggState)> = acc
+    // The order as one integer: (window, subject, projection, account)
+    // ranks, 32 bits each.
+    let mut entries: Vec<(u128, FoldKey, AggState)> = folded
         .into_iter()
         .map(|((window, subject, projected, account), state)| {
-            let order = (
-                window,
-                subject_rank.get(&subject).copied().unwrap_or(0),
-                rank(projected, &projection_rank),
-                rank(account, &account_rank),
-            );
+            let order = (u128::from(window) << 96)
+                | (u128::from(subject_rank.get(&subject).copied().unwrap_or(0)) << 64)
+                | (u128::from(rank(projected, &projection_rank)) << 32)
+                | u128::from(rank(account, &account_rank));
             (order, (window, subject, projected, account), state)
         })
         .collect();
     entries.sort_unstable_by_key(|e| e.0);
+    coalesce(&mut entries)?;
     let group_key = |(window, subject, projected, account): FoldKey| -> GroupKey {
         let subject = (subject != NO_SUBJECT).then(|| {
             subjects[subject_rank.get(&subject).copied().unwrap_or(0) as usize]
@@ -469,6 +434,251 @@ pub fn query(
         _ => None,
     };
     Ok(QueryResult { rows, next_cursor })
+}
+
+/// Threads a query across all subjects is shared out between.
+fn fold_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+}
+
+/// `spans` of buckets cut into `shares` runs of about as many days each.
+fn share_spans(spans: &[(i64, i64)], shares: usize) -> Vec<Vec<(i64, i64)>> {
+    let step = Level::Day.seconds();
+    let days = |(lo, hi): (i64, i64)| (hi - lo) / step + 1;
+    let total: i64 = spans.iter().map(|s| days(*s)).sum();
+    let per_share = (total + shares as i64 - 1) / shares as i64;
+    let mut out = vec![Vec::new(); shares];
+    let (mut share, mut taken) = (0, 0);
+    for &(lo, hi) in spans {
+        let mut lo = lo;
+        while lo <= hi {
+            let room = (per_share - taken).max(1);
+            let end = hi.min(lo + (room - 1) * step);
+            out[share].push((lo, end));
+            taken += days((lo, end));
+            if taken >= per_share && share + 1 < shares {
+                share += 1;
+                taken = 0;
+            }
+            lo = end + step;
+        }
+    }
+    out
+}
+
+/// What folding a bucket needs to know of the query.
+struct FoldContext<'a> {
+    plan: &'a QueryPlan,
+    parent: &'a [usize],
+    attribution: Option<&'a Attribution>,
+    account_filter: Option<&'a str>,
+    by_account: bool,
+    by_subject: bool,
+    group_positions: &'a [usize],
+    filters: &'a [(usize, &'a str)],
+    dimensions: usize,
+    from: Timestamp,
+    names: &'a Names<'a>,
+}
+
+/// Buckets folded into (window, subject id or NO_SUBJECT, projection id,
+/// account id), with the accounts and projections met so far interned.
+struct Folder {
+    acc: FxHashMap<FoldKey, AggState>,
+    accounts: Vec<Option<String>>,
+    account_ids: HashMap<Option<String>, u32>,
+    /// Per (subject id, piece): its account id.
+    account_of: FxHashMap<(u32, usize), u32>,
+    /// Per groups id: its projection onto `group_positions`, or `None` when
+    /// the filters leave it out.
+    projection_of: FxHashMap<u32, Option<u32>>,
+    projections: Vec<Vec<Option<String>>>,
+    projection_ids: HashMap<Vec<Option<String>>, u32>,
+}
+
+/// The id of `value` in `values`, added if new.
+fn intern<T: Clone + Eq + std::hash::Hash>(
+    values: &mut Vec<T>,
+    ids: &mut HashMap<T, u32>,
+    value: &T,
+) -> u32 {
+    if let Some(id) = ids.get(value) {
+        return *id;
+    }
+    let id = values.len() as u32;
+    values.push(value.clone());
+    ids.insert(value.clone(), id);
+    id
+}
+
+impl Folder {
+    fn with_capacity(capacity: usize) -> Folder {
+        Folder {
+            acc: FxHashMap::with_capacity_and_hasher(capacity, Default::default()),
+            accounts: Vec::new(),
+            account_ids: HashMap::new(),
+            account_of: FxHashMap::default(),
+            projection_of: FxHashMap::default(),
+            projections: Vec::new(),
+            projection_ids: HashMap::new(),
+        }
+    }
+
+    fn fold(
+        &mut self,
+        ctx: &FoldContext,
+        key: &[u8],
+        value: &[u8],
+        level: Level,
+    ) -> Result<(), LedgerError> {
+        let k = keys::decode_rollup_key(key)?;
+        let Some(piece) = ctx.plan.window_of(level, k.bucket) else {
+            return Ok(());
+        };
+        let window = ctx.parent[piece];
+        // The account owning this subject's usage in this piece, interned.
+        let account = match ctx.attribution {
+            None => NO_ACCOUNT,
+            Some(a) => match self.account_of.get(&(k.subject, piece)) {
+                Some(id) => *id,
+                None => {
+                    let subject = ctx.names.subject(k.subject)?;
+                    let at = ctx.plan.windows[piece].start.max(ctx.from);
+                    let account = account_at(a, &subject, at);
+                    let id = intern(&mut self.accounts, &mut self.account_ids, &account);
+                    self.account_of.insert((k.subject, piece), id);
+                    id
+                }
+            },
+        };
+        if let Some(wanted) = ctx.account_filter
+            && self
+                .accounts
+                .get(account as usize)
+                .and_then(Option::as_deref)
+                != Some(wanted)
+        {
+            return Ok(());
+        }
+        let account = if ctx.by_account { account } else { NO_ACCOUNT };
+        let projected = match self.projection_of.get(&k.groups) {
+            Some(p) => *p,
+            None => {
+                let p = self.project(ctx, k.groups)?;
+                self.projection_of.insert(k.groups, p);
+                p
+            }
+        };
+        let Some(projected) = projected else {
+            return Ok(());
+        };
+        let state = AggState::decode(value).map_err(storage)?;
+        let subject = if ctx.by_subject {
+            k.subject
+        } else {
+            NO_SUBJECT
+        };
+        self.add((window as u32, subject, projected, account), state)
+    }
+
+    /// The projection id of a groups id, or `None` when the filters leave
+    /// it out.
+    fn project(&mut self, ctx: &FoldContext, groups: u32) -> Result<Option<u32>, LedgerError> {
+        let groups = if groups == keys::ALL_GROUPS {
+            if !ctx.group_positions.is_empty() || !ctx.filters.is_empty() {
+                return Err(storage(StoreError::Corrupt(
+                    "a day bucket was read for a question about groups",
+                )));
+            }
+            vec![None; ctx.dimensions]
+        } else {
+            ctx.names.groups(groups)?
+        };
+        if groups.len() != ctx.dimensions {
+            return Err(storage(StoreError::Corrupt(
+                "a rollup's groups do not match its meter's dimensions",
+            )));
+        }
+        if ctx
+            .filters
+            .iter()
+            .any(|(p, v)| groups[*p].as_deref() != Some(*v))
+        {
+            return Ok(None);
+        }
+        let projected: Vec<Option<String>> = ctx
+            .group_positions
+            .iter()
+            .map(|p| groups[*p].clone())
+            .collect();
+        Ok(Some(intern(
+            &mut self.projections,
+            &mut self.projection_ids,
+            &projected,
+        )))
+    }
+
+    fn add(&mut self, key: FoldKey, state: AggState) -> Result<(), LedgerError> {
+        match self.acc.entry(key) {
+            std::collections::hash_map::Entry::Occupied(mut e) => {
+                e.get_mut().merge(&state).map_err(storage)
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(state);
+                Ok(())
+            }
+        }
+    }
+
+    /// Moves another thread's fold into `into`, its interned ids mapped
+    /// onto this one's.
+    fn absorb(&mut self, other: Folder, into: &mut Vec<(FoldKey, AggState)>) {
+        let accounts: Vec<u32> = other
+            .accounts
+            .iter()
+            .map(|a| intern(&mut self.accounts, &mut self.account_ids, a))
+            .collect();
+        let projections: Vec<u32> = other
+            .projections
+            .iter()
+            .map(|p| intern(&mut self.projections, &mut self.projection_ids, p))
+            .collect();
+        into.reserve(other.acc.len());
+        into.extend(
+            other
+                .acc
+                .into_iter()
+                .map(|((window, subject, projected, account), state)| {
+                    let account = if account == NO_ACCOUNT {
+                        NO_ACCOUNT
+                    } else {
+                        accounts[account as usize]
+                    };
+                    (
+                        (window, subject, projections[projected as usize], account),
+                        state,
+                    )
+                }),
+        );
+    }
+}
+
+/// Merges neighbours of the same key in sorted entries into one.
+fn coalesce(entries: &mut Vec<(u128, FoldKey, AggState)>) -> Result<(), LedgerError> {
+    let mut failed = None;
+    entries.dedup_by(|later, earlier| {
+        if later.1 != earlier.1 {
+            return false;
+        }
+        if let Err(e) = earlier.2.merge(&later.2) {
+            failed.get_or_insert(e);
+        }
+        true
+    });
+    match failed {
+        Some(e) => Err(storage(e)),
+        None => Ok(()),
+    }
 }
 
 /// The rank of each value in sorted order, by index.
@@ -701,4 +911,44 @@ pub fn list_quarantine(
         });
     }
     Ok(QuarantinePage { items, next_cursor })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: i64 = 86_400;
+
+    /// Every day of every span, in order.
+    fn days(spans: &[(i64, i64)]) -> Vec<i64> {
+        spans
+            .iter()
+            .flat_map(|(lo, hi)| (*lo..=*hi).step_by(DAY as usize))
+            .collect()
+    }
+
+    #[test]
+    fn shares_cover_every_day_once_in_order_and_evenly() {
+        let cases: [&[(i64, i64)]; 5] = [
+            &[],
+            &[(0, 0)],
+            &[(0, 29 * DAY)],
+            &[(-3 * DAY, DAY), (5 * DAY, 5 * DAY), (9 * DAY, 20 * DAY)],
+            &[(0, DAY), (3 * DAY, 3 * DAY)],
+        ];
+        for spans in cases {
+            for shares in 1..=4 {
+                let out = share_spans(spans, shares);
+                assert_eq!(out.len(), shares);
+                let flat: Vec<(i64, i64)> = out.iter().flatten().copied().collect();
+                assert_eq!(days(&flat), days(spans), "{spans:?} in {shares}");
+                let sizes: Vec<usize> = out.iter().map(|s| days(s).len()).collect();
+                let total = days(spans).len();
+                assert!(
+                    sizes.iter().all(|n| *n <= total.div_ceil(shares)),
+                    "{spans:?} in {shares}: {sizes:?}"
+                );
+            }
+        }
+    }
 }

@@ -127,6 +127,10 @@ struct BenchArgs {
     /// event up to five minutes late).
     #[arg(long, default_value = "random", value_name = "ORDER")]
     order: tally_bench::Order,
+    /// Skip ingest: time the queries on the store that an earlier run left
+    /// in --data-dir (give the same --events, for the per-million figures).
+    #[arg(long, requires = "data_dir")]
+    queries_only: bool,
     /// Internal: be the load generator of `--load-process` for the server at URL.
     #[arg(long, value_name = "URL", hide = true)]
     load_only_to: Option<String>,
@@ -206,6 +210,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         query_runs: args.query_runs.max(1),
         load_process: args.load_process,
         order: args.order,
+        queries_only: args.queries_only,
     };
     runtime.block_on(tally_bench::run(options))
 }
