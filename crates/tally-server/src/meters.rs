@@ -1,5 +1,6 @@
 //! The OpenMeter meter API: `/api/v1/meters` and `/api/v1/meters/{slug}/query`.
 
+use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use std::collections::BTreeMap;
 
@@ -148,36 +149,108 @@ pub async fn query(
     };
     let (from, to) = (query.from, query.to);
     let result = state.ledger.query(slug, query).await?;
-    let answer = QueryAnswer {
+    let head = AnswerHead {
         from,
         to,
         window_size,
-        window_time_zone: &zone_name,
-        data: Rows(&result.rows),
-        next_cursor: result.next_cursor.as_deref(),
+        window_time_zone: zone_name,
     };
-    // Written straight from the rows: an answer of a few hundred thousand
-    // rows is not first built as a tree of `serde_json::Value`s.
-    let body = serde_json::to_vec(&answer).map_err(|e| {
-        Problem::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("encoding the answer: {e}"),
-        )
-    })?;
+    // A large answer is encoded off the async workers, in parts on every
+    // core, and sent part by part: a few hundred thousand rows are neither
+    // built as a tree of `serde_json::Value`s nor copied into one buffer.
+    let parts = if result.rows.len() < ROWS_PER_PART {
+        encode_answer(&head, &result).map_err(encoding_failed)?
+    } else {
+        tokio::task::spawn_blocking(move || encode_answer(&head, &result))
+            .await
+            .map_err(encoding_failed)?
+            .map_err(encoding_failed)?
+    };
+    let body = axum::body::Body::from_stream(futures::stream::iter(
+        parts.into_iter().map(Ok::<_, std::convert::Infallible>),
+    ));
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
-/// The answer of a meter query, in OpenMeter's shape.
+fn encoding_failed(e: impl std::fmt::Display) -> Problem {
+    Problem::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("encoding the answer: {e}"),
+    )
+}
+
+/// A meter query's answer, in OpenMeter's shape, but for its rows.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
-struct QueryAnswer<'a> {
+struct AnswerHead {
     from: Timestamp,
     to: Timestamp,
     window_size: Option<WindowSize>,
-    window_time_zone: &'a str,
-    data: Rows<'a>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    next_cursor: Option<&'a str>,
+    window_time_zone: String,
+}
+
+/// Rows encoded per part below this many are not worth a thread.
+const ROWS_PER_PART: usize = 16_384;
+
+/// The answer `{...head, "data": [rows], "nextCursor": ...}` as parts to
+/// send in order; the rows are encoded in parts on up to four threads.
+fn encode_answer(
+    head: &AnswerHead,
+    result: &tally_ledger::QueryResult,
+) -> Result<Vec<Bytes>, serde_json::Error> {
+    let mut open = serde_json::to_vec(head)?;
+    // `{"from":…,"windowTimeZone":"…"}` becomes `{…,"data":[`.
+    open.pop();
+    open.extend_from_slice(b",\"data\":[");
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let per_part = result
+        .rows
+        .len()
+        .div_ceil(threads)
+        .max(ROWS_PER_PART)
+        .max(1);
+    let chunks: Vec<&[QueryRow]> = result.rows.chunks(per_part).collect();
+    let encoded: Vec<Result<Bytes, serde_json::Error>> = if chunks.len() <= 1 {
+        chunks.iter().map(|rows| encode_rows(rows)).collect()
+    } else {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = chunks
+                .iter()
+                .map(|rows| scope.spawn(move || encode_rows(rows)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| {
+                    h.join().unwrap_or_else(|_| {
+                        Err(serde::ser::Error::custom("an encoding thread panicked"))
+                    })
+                })
+                .collect()
+        })
+    };
+    let mut parts = Vec::with_capacity(encoded.len() * 2 + 2);
+    parts.push(Bytes::from(open));
+    for (i, part) in encoded.into_iter().enumerate() {
+        if i > 0 {
+            parts.push(Bytes::from_static(b","));
+        }
+        parts.push(part?);
+    }
+    let mut close = b"]".to_vec();
+    if let Some(cursor) = &result.next_cursor {
+        close.extend_from_slice(b",\"nextCursor\":");
+        serde_json::to_writer(&mut close, cursor)?;
+    }
+    close.push(b'}');
+    parts.push(Bytes::from(close));
+    Ok(parts)
+}
+
+/// Rows as JSON values separated by commas, without the brackets.
+fn encode_rows(rows: &[QueryRow]) -> Result<Bytes, serde_json::Error> {
+    let out = Bytes::from(serde_json::to_vec(&Rows(rows))?);
+    // `[a,b]` → `a,b`
+    Ok(out.slice(1..out.len().saturating_sub(1).max(1)))
 }
 
 /// Query rows; each window's bounds are formatted once for all its rows
