@@ -166,10 +166,18 @@ pub async fn query(
             .map_err(encoding_failed)?
             .map_err(encoding_failed)?
     };
+    let length: usize = parts.iter().map(Bytes::len).sum();
     let body = axum::body::Body::from_stream(futures::stream::iter(
         parts.into_iter().map(Ok::<_, std::convert::Infallible>),
     ));
-    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/json".to_owned()),
+            (header::CONTENT_LENGTH, length.to_string()),
+        ],
+        body,
+    )
+        .into_response())
 }
 
 fn encoding_failed(e: impl std::fmt::Display) -> Problem {
@@ -296,5 +304,65 @@ impl Serialize for Rows<'_> {
             })?;
         }
         seq.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn row(i: usize) -> QueryRow {
+        // Ten rows per window, so parts begin and end inside windows.
+        let start = Timestamp::from_second(1_767_225_600 + (i / 10) as i64 * 60).unwrap();
+        QueryRow {
+            window_start: start,
+            window_end: start + jiff::SignedDuration::from_secs(60),
+            subject: (!i.is_multiple_of(3)).then(|| format!("projects/p{i}")),
+            group_by: BTreeMap::from([
+                ("method".to_owned(), Some(format!("M\"{}", i % 7))),
+                ("region".to_owned(), None),
+            ]),
+            value: rust_decimal::Decimal::new(i as i64 * 3 - 7, (i % 3) as u32),
+        }
+    }
+
+    /// The answer as one JSON value, the way it was written before it was
+    /// encoded in parts.
+    fn expected(head: &AnswerHead, result: &tally_ledger::QueryResult) -> Value {
+        let mut answer = serde_json::to_value(head).unwrap();
+        answer["data"] = serde_json::to_value(Rows(&result.rows)).unwrap();
+        if let Some(cursor) = &result.next_cursor {
+            answer["nextCursor"] = json!(cursor);
+        }
+        answer
+    }
+
+    #[test]
+    fn answers_in_parts_are_the_whole_answer() {
+        let head = AnswerHead {
+            from: Timestamp::UNIX_EPOCH,
+            to: Timestamp::from_second(86_400).unwrap(),
+            window_size: Some(WindowSize::Minute),
+            window_time_zone: "Europe/Berlin".to_owned(),
+        };
+        for (rows, cursor) in [
+            (0, None),
+            (1, Some("0a\"ff")),
+            (ROWS_PER_PART - 1, None),
+            (ROWS_PER_PART * 2 + 5, Some("c")),
+            (ROWS_PER_PART * 5 + 1, None),
+        ] {
+            let result = tally_ledger::QueryResult {
+                rows: (0..rows).map(row).collect(),
+                next_cursor: cursor.map(str::to_owned),
+            };
+            let parts = encode_answer(&head, &result).unwrap();
+            let body: Vec<u8> = parts.concat();
+            let answer: Value = serde_json::from_slice(&body)
+                .unwrap_or_else(|e| panic!("{rows} rows: {e}: {}", String::from_utf8_lossy(&body)));
+            assert_eq!(answer, expected(&head, &result), "{rows} rows");
+            assert_eq!(answer["data"].as_array().unwrap().len(), rows);
+        }
     }
 }

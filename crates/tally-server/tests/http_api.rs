@@ -214,6 +214,16 @@ async fn ingest_in_every_content_type_and_query() {
     let (_, page2) = s.query(&format!("/api/v1/meters/api-calls/query?from=2026-01-01T00:00:00Z&to=2026-01-03T00:00:00Z&windowSize=HOUR&limit=2&cursor={cursor}")).await;
     assert_eq!(page2["data"].as_array().unwrap().len(), 1);
     assert!(page2.get("nextCursor").is_none());
+    // The answer says how long it is.
+    let r = s
+        .client
+        .get(s.url("/api/v1/meters/api-calls/query?from=2026-01-01T00:00:00Z&to=2026-01-03T00:00:00Z&windowSize=HOUR"))
+        .send()
+        .await
+        .unwrap();
+    let length = r.content_length();
+    let body = r.bytes().await.unwrap();
+    assert_eq!(length, Some(body.len() as u64));
 
     let (_, events) = s.get("/api/v1/events?subject=acme").await;
     assert_eq!(events["items"].as_array().unwrap().len(), 3);
