@@ -451,11 +451,12 @@ async fn ingest(
     })
 }
 
-/// Waits (up to two minutes) until the writer thread used under 2 % of a
-/// core for a quarter of a second.
+/// Waits (up to twenty minutes) until the writer thread used under 2 % of
+/// a core for a quarter of a second: on a store just opened, it first scans
+/// the dedupe and rollup keys into its filters, minutes at 50 M events.
 async fn wait_for_an_idle_writer() {
     let quarter = Duration::from_millis(250);
-    for _ in 0..480 {
+    for _ in 0..4_800 {
         let before = cpu().writer_ns;
         tokio::time::sleep(quarter).await;
         if cpu().writer_ns.saturating_sub(before) < quarter.as_nanos() as u64 / 50 {

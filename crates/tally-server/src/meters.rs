@@ -2,7 +2,6 @@
 
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
-use std::collections::BTreeMap;
 
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -10,8 +9,6 @@ use axum::{Extension, Json};
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, Unit};
 use serde::Serialize;
-use serde::ser::SerializeSeq;
-use serde_json::Value;
 use tally_ledger::{ApplyMode, LedgerError, MeterQuery, QueryRow};
 use tally_meter::{WindowSize, decimal_to_json};
 use tally_model::{Kind, Manifest, MeterDefinition, OpenMeterMeter};
@@ -254,63 +251,52 @@ fn encode_answer(
     Ok(parts)
 }
 
-/// Rows as JSON values separated by commas, without the brackets.
+/// Rows as JSON values separated by commas, without the brackets:
+/// `{"value":…,"windowStart":"…","windowEnd":"…","subject":"…","groupBy":{…}}`
+/// (no `subject` when rows are not per subject). Written field by field:
+/// each window's bounds are encoded once for all its rows (rows come sorted
+/// by window), and strings go through `serde_json`, which escapes them.
 fn encode_rows(rows: &[QueryRow]) -> Result<Bytes, serde_json::Error> {
-    let out = Bytes::from(serde_json::to_vec(&Rows(rows))?);
-    // `[a,b]` → `a,b`
-    Ok(out.slice(1..out.len().saturating_sub(1).max(1)))
-}
-
-/// Query rows; each window's bounds are formatted once for all its rows
-/// (rows come sorted by window).
-struct Rows<'a>(&'a [QueryRow]);
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct Row<'a> {
-    value: Value,
-    window_start: &'a str,
-    window_end: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    subject: Option<&'a str>,
-    group_by: &'a BTreeMap<String, Option<String>>,
-}
-
-impl Serialize for Rows<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let mut seq = serializer.serialize_seq(Some(self.0.len()))?;
-        let mut window: Option<(Timestamp, Timestamp, String, String)> = None;
-        for row in self.0 {
-            let (start, end) = match &window {
-                Some((s, e, start, end)) if *s == row.window_start && *e == row.window_end => {
-                    (start, end)
-                }
-                _ => {
-                    let w = window.insert((
-                        row.window_start,
-                        row.window_end,
-                        row.window_start.to_string(),
-                        row.window_end.to_string(),
-                    ));
-                    (&w.2, &w.3)
-                }
-            };
-            seq.serialize_element(&Row {
-                value: decimal_to_json(row.value),
-                window_start: start,
-                window_end: end,
-                subject: row.subject.as_deref(),
-                group_by: &row.group_by,
-            })?;
+    // About what a row without group values takes, so that the buffer
+    // seldom grows (and is copied) while it is written.
+    let mut out = Vec::with_capacity(rows.len() * 128);
+    let mut window: Option<(Timestamp, Timestamp, Vec<u8>)> = None;
+    for (i, row) in rows.iter().enumerate() {
+        let bounds = match &window {
+            Some((start, end, bounds)) if *start == row.window_start && *end == row.window_end => {
+                bounds
+            }
+            _ => {
+                let mut bounds = b"\"windowStart\":".to_vec();
+                serde_json::to_writer(&mut bounds, &row.window_start)?;
+                bounds.extend_from_slice(b",\"windowEnd\":");
+                serde_json::to_writer(&mut bounds, &row.window_end)?;
+                &window.insert((row.window_start, row.window_end, bounds)).2
+            }
+        };
+        if i > 0 {
+            out.push(b',');
         }
-        seq.end()
+        out.extend_from_slice(b"{\"value\":");
+        serde_json::to_writer(&mut out, &decimal_to_json(row.value))?;
+        out.push(b',');
+        out.extend_from_slice(bounds);
+        if let Some(subject) = &row.subject {
+            out.extend_from_slice(b",\"subject\":");
+            serde_json::to_writer(&mut out, subject)?;
+        }
+        out.extend_from_slice(b",\"groupBy\":");
+        serde_json::to_writer(&mut out, &row.group_by)?;
+        out.push(b'}');
     }
+    Ok(Bytes::from(out))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
+    use std::collections::BTreeMap;
 
     fn row(i: usize) -> QueryRow {
         // Ten rows per window, so parts begin and end inside windows.
@@ -327,11 +313,26 @@ mod tests {
         }
     }
 
-    /// The answer as one JSON value, the way it was written before it was
-    /// encoded in parts.
+    /// The answer as one JSON value, built row by row as a tree.
     fn expected(head: &AnswerHead, result: &tally_ledger::QueryResult) -> Value {
         let mut answer = serde_json::to_value(head).unwrap();
-        answer["data"] = serde_json::to_value(Rows(&result.rows)).unwrap();
+        let rows: Vec<Value> = result
+            .rows
+            .iter()
+            .map(|row| {
+                let mut value = json!({
+                    "value": decimal_to_json(row.value),
+                    "windowStart": row.window_start.to_string(),
+                    "windowEnd": row.window_end.to_string(),
+                    "groupBy": row.group_by,
+                });
+                if let Some(subject) = &row.subject {
+                    value["subject"] = json!(subject);
+                }
+                value
+            })
+            .collect();
+        answer["data"] = Value::Array(rows);
         if let Some(cursor) = &result.next_cursor {
             answer["nextCursor"] = json!(cursor);
         }

@@ -113,6 +113,10 @@ pub(crate) struct Stats {
 pub(crate) struct ReadState {
     pub catalog: Catalog,
     pub meters: HashMap<String, MeterState>,
+    /// The catalog's meters by event type, compiled; replaced (never
+    /// changed in place) by the writer whenever the catalog changes, so
+    /// that events can be sampled before they reach the writer.
+    pub meters_by_type: Arc<tally_ledger::MetersByType>,
 }
 
 pub(crate) struct Shared {
@@ -275,7 +279,11 @@ impl EmbeddedLedger {
             dict: RwLock::new(dict::ReaderDict::new(dict_entries)),
             db,
             keyspaces,
-            state: RwLock::new(ReadState { catalog, meters }),
+            state: RwLock::new(ReadState {
+                meters_by_type: Arc::new(catalog.meters_by_type()),
+                catalog,
+                meters,
+            }),
             stats: Stats::default(),
             writer_alive: AtomicBool::new(true),
         });
@@ -378,9 +386,10 @@ impl Ledger for EmbeddedLedger {
             }
             self.check_lateness(&events)?;
             let now = Timestamp::now();
+            let meters = Arc::clone(&self.shared.read_state().meters_by_type);
             let events = events
                 .into_iter()
-                .map(|event| writer::Prepared::new(event, now))
+                .map(|event| writer::Prepared::new(event, now, &meters))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| LedgerError::Storage(e.to_string()))?;
             let (reply, answer) = oneshot::channel();

@@ -332,7 +332,7 @@ pub fn query(
     // two folds share (a window across their shares) is merged once
     // sorted, where its entries are neighbours.
     let mut first = folders.remove(0);
-    let mut folded: Vec<(FoldKey, AggState)> = std::mem::take(&mut first.acc).into_iter().collect();
+    let mut folded: Vec<(FoldKey, AggState)> = first.take_folded();
     for other in folders {
         first.absorb(other, &mut folded);
     }
@@ -376,19 +376,22 @@ pub fn query(
         }
     };
     // The order as one integer: (window, subject, projection, account)
-    // ranks, 32 bits each.
-    let mut entries: Vec<(u128, FoldKey, AggState)> = folded
-        .into_iter()
-        .map(|((window, subject, projected, account), state)| {
-            let order = (u128::from(window) << 96)
-                | (u128::from(subject_rank.get(&subject).copied().unwrap_or(0)) << 64)
-                | (u128::from(rank(projected, &projection_rank)) << 32)
-                | u128::from(rank(account, &account_rank));
-            (order, (window, subject, projected, account), state)
+    // ranks, 32 bits each. The small (order, index) pairs are sorted, on
+    // every core, and the folds gathered in that order, neighbours with
+    // the same key merged.
+    let mut order: Vec<(u128, u32)> = folded
+        .iter()
+        .enumerate()
+        .map(|(index, ((window, subject, projected, account), _))| {
+            let order = (u128::from(*window) << 96)
+                | (u128::from(subject_rank.get(subject).copied().unwrap_or(0)) << 64)
+                | (u128::from(rank(*projected, &projection_rank)) << 32)
+                | u128::from(rank(*account, &account_rank));
+            (order, index as u32)
         })
         .collect();
-    entries.sort_unstable_by_key(|e| e.0);
-    coalesce(&mut entries)?;
+    sort_on_every_core(&mut order);
+    let entries = gather(folded, &order)?;
     let group_key = |(window, subject, projected, account): FoldKey| -> GroupKey {
         let subject = (subject != NO_SUBJECT).then(|| {
             subjects[subject_rank.get(&subject).copied().unwrap_or(0) as usize]
@@ -407,17 +410,16 @@ pub fn query(
     let after: Option<GroupKey> = q.cursor.as_deref().map(decode_cursor).transpose()?;
     let first = match &after {
         None => 0,
-        Some(after) => entries.partition_point(|e| group_key(e.1) <= *after),
+        Some(after) => entries.partition_point(|e| group_key(e.0) <= *after),
     };
     let limit = q.limit.unwrap_or(usize::MAX);
     let page = &entries[first..];
     let more = page.len() > limit;
     let page = &page[..page.len().min(limit)];
-    let mut rows = Vec::with_capacity(page.len());
-    for (_, key, state) in page {
+    let row = |(key, state): &(FoldKey, AggState)| {
         let (window, subject, groups) = group_key(*key);
         let w = windows[window as usize];
-        rows.push(QueryRow {
+        QueryRow {
             window_start: w.start,
             window_end: w.end,
             subject,
@@ -427,10 +429,14 @@ pub fn query(
                 .map(|(name, value)| ((*name).to_owned(), value))
                 .collect(),
             value: state.result(),
-        });
-    }
+        }
+    };
+    let rows = on_every_core(page, |part| part.iter().map(row).collect::<Vec<_>>())?
+        .into_iter()
+        .flatten()
+        .collect();
     let next_cursor = match page.last() {
-        Some((_, key, _)) if more => Some(encode_cursor(&group_key(*key))),
+        Some((key, _)) if more => Some(encode_cursor(&group_key(*key))),
         _ => None,
     };
     Ok(QueryResult { rows, next_cursor })
@@ -484,7 +490,14 @@ struct FoldContext<'a> {
 /// Buckets folded into (window, subject id or NO_SUBJECT, projection id,
 /// account id), with the accounts and projections met so far interned.
 struct Folder {
+    /// Folded buckets while their keys only grow (a scan of day buckets
+    /// comes in (day, subject) order): appended, or merged into the last,
+    /// with no hashing. The first key out of order sends the rest to `acc`;
+    /// a key in both is merged when the folds are sorted.
+    run: Vec<(FoldKey, AggState)>,
     acc: FxHashMap<FoldKey, AggState>,
+    /// The last groups id projected, and its projection.
+    last_projection: Option<(u32, Option<u32>)>,
     accounts: Vec<Option<String>>,
     account_ids: HashMap<Option<String>, u32>,
     /// Per (subject id, piece): its account id.
@@ -514,7 +527,9 @@ fn intern<T: Clone + Eq + std::hash::Hash>(
 impl Folder {
     fn with_capacity(capacity: usize) -> Folder {
         Folder {
-            acc: FxHashMap::with_capacity_and_hasher(capacity, Default::default()),
+            run: Vec::with_capacity(capacity),
+            acc: FxHashMap::default(),
+            last_projection: None,
             accounts: Vec::new(),
             account_ids: HashMap::new(),
             account_of: FxHashMap::default(),
@@ -561,11 +576,18 @@ impl Folder {
             return Ok(());
         }
         let account = if ctx.by_account { account } else { NO_ACCOUNT };
-        let projected = match self.projection_of.get(&k.groups) {
-            Some(p) => *p,
-            None => {
-                let p = self.project(ctx, k.groups)?;
-                self.projection_of.insert(k.groups, p);
+        let projected = match self.last_projection {
+            Some((groups, p)) if groups == k.groups => p,
+            _ => {
+                let p = match self.projection_of.get(&k.groups) {
+                    Some(p) => *p,
+                    None => {
+                        let p = self.project(ctx, k.groups)?;
+                        self.projection_of.insert(k.groups, p);
+                        p
+                    }
+                };
+                self.last_projection = Some((k.groups, p));
                 p
             }
         };
@@ -619,6 +641,18 @@ impl Folder {
     }
 
     fn add(&mut self, key: FoldKey, state: AggState) -> Result<(), LedgerError> {
+        if self.acc.is_empty() {
+            match self.run.last_mut() {
+                Some((last, folded)) if *last == key => {
+                    return folded.merge(&state).map_err(storage);
+                }
+                Some((last, _)) if *last > key => {}
+                _ => {
+                    self.run.push((key, state));
+                    return Ok(());
+                }
+            }
+        }
         match self.acc.entry(key) {
             std::collections::hash_map::Entry::Occupied(mut e) => {
                 e.get_mut().merge(&state).map_err(storage)
@@ -630,9 +664,16 @@ impl Folder {
         }
     }
 
+    /// Everything folded, in no particular order; a key may appear twice.
+    fn take_folded(&mut self) -> Vec<(FoldKey, AggState)> {
+        let mut folded = std::mem::take(&mut self.run);
+        folded.extend(std::mem::take(&mut self.acc));
+        folded
+    }
+
     /// Moves another thread's fold into `into`, its interned ids mapped
     /// onto this one's.
-    fn absorb(&mut self, other: Folder, into: &mut Vec<(FoldKey, AggState)>) {
+    fn absorb(&mut self, mut other: Folder, into: &mut Vec<(FoldKey, AggState)>) {
         let accounts: Vec<u32> = other
             .accounts
             .iter()
@@ -643,10 +684,10 @@ impl Folder {
             .iter()
             .map(|p| intern(&mut self.projections, &mut self.projection_ids, p))
             .collect();
-        into.reserve(other.acc.len());
+        let folded = other.take_folded();
+        into.reserve(folded.len());
         into.extend(
-            other
-                .acc
+            folded
                 .into_iter()
                 .map(|((window, subject, projected, account), state)| {
                     let account = if account == NO_ACCOUNT {
@@ -663,22 +704,81 @@ impl Folder {
     }
 }
 
-/// Merges neighbours of the same key in sorted entries into one.
-fn coalesce(entries: &mut Vec<(u128, FoldKey, AggState)>) -> Result<(), LedgerError> {
-    let mut failed = None;
-    entries.dedup_by(|later, earlier| {
-        if later.1 != earlier.1 {
-            return false;
-        }
-        if let Err(e) = earlier.2.merge(&later.2) {
-            failed.get_or_insert(e);
-        }
-        true
-    });
-    match failed {
-        Some(e) => Err(storage(e)),
-        None => Ok(()),
+/// Items below this many are not worth another thread.
+const ITEMS_PER_THREAD: usize = 32_768;
+
+/// `f` of `items` in parts, one per core (at most [`fold_threads`]), in
+/// the order of the parts.
+fn on_every_core<T: Sync, R: Send>(
+    items: &[T],
+    f: impl Fn(&[T]) -> R + Sync,
+) -> Result<Vec<R>, LedgerError> {
+    let threads = fold_threads().min(items.len() / ITEMS_PER_THREAD).max(1);
+    if threads == 1 {
+        return Ok(vec![f(items)]);
     }
+    let f = &f;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = items
+            .chunks(items.len().div_ceil(threads))
+            .map(|part| scope.spawn(move || f(part)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| storage("a query thread panicked")))
+            .collect()
+    })
+}
+
+/// Sorts `(order, index)` pairs by order: parts sorted on every core, then
+/// merged.
+fn sort_on_every_core(pairs: &mut Vec<(u128, u32)>) {
+    let threads = fold_threads().min(pairs.len() / ITEMS_PER_THREAD).max(1);
+    if threads == 1 {
+        pairs.sort_unstable();
+        return;
+    }
+    let per_part = pairs.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        for part in pairs.chunks_mut(per_part) {
+            scope.spawn(move || part.sort_unstable());
+        }
+    });
+    let mut parts: Vec<&[(u128, u32)]> = pairs.chunks(per_part).collect();
+    let mut merged = Vec::with_capacity(pairs.len());
+    // Few parts: the smallest head is found by a scan.
+    while let Some((at, _)) = parts
+        .iter()
+        .enumerate()
+        .filter_map(|(at, part)| part.first().map(|head| (at, head)))
+        .min_by_key(|(_, head)| **head)
+    {
+        merged.push(parts[at][0]);
+        parts[at] = &parts[at][1..];
+    }
+    *pairs = merged;
+}
+
+/// The folds in `order` (pairs of order and index into `folded`), entries
+/// with the same key, now neighbours, merged into one.
+/// `order` is a permutation of `folded`'s indices; each state is moved out
+/// once, an empty count left in its place.
+fn gather(
+    mut folded: Vec<(FoldKey, AggState)>,
+    order: &[(u128, u32)],
+) -> Result<Vec<(FoldKey, AggState)>, LedgerError> {
+    let mut entries: Vec<(FoldKey, AggState)> = Vec::with_capacity(order.len());
+    for (_, index) in order {
+        let Some((key, state)) = folded.get_mut(*index as usize) else {
+            return Err(storage("a folded bucket out of range was gathered"));
+        };
+        let (key, state) = (*key, std::mem::replace(state, AggState::Count(0)));
+        match entries.last_mut() {
+            Some((last, merged)) if *last == key => merged.merge(&state).map_err(storage)?,
+            _ => entries.push((key, state)),
+        }
+    }
+    Ok(entries)
 }
 
 /// The rank of each value in sorted order, by index.
@@ -925,6 +1025,68 @@ mod tests {
             .iter()
             .flat_map(|(lo, hi)| (*lo..=*hi).step_by(DAY as usize))
             .collect()
+    }
+
+    /// A fold of (key, count) additions: runs of growing keys, keys out of
+    /// order and repeats, many more than one thread takes; sorted and
+    /// gathered, it is the naive sum per key, in key order.
+    fn folds_like_a_map(additions: &[(FoldKey, u64)]) {
+        let mut folder = Folder::with_capacity(0);
+        let mut naive = std::collections::BTreeMap::new();
+        for (key, n) in additions {
+            folder.add(*key, AggState::Count(*n)).unwrap();
+            *naive.entry(*key).or_insert(0) += n;
+        }
+        let folded = folder.take_folded();
+        let mut order: Vec<(u128, u32)> = folded
+            .iter()
+            .enumerate()
+            .map(|(i, ((w, s, p, a), _))| {
+                let key = (u128::from(*w) << 96)
+                    | (u128::from(*s) << 64)
+                    | (u128::from(*p) << 32)
+                    | u128::from(*a);
+                (key, i as u32)
+            })
+            .collect();
+        let mut expected_order = order.clone();
+        expected_order.sort_unstable();
+        sort_on_every_core(&mut order);
+        assert_eq!(order, expected_order);
+        let entries = gather(folded, &order).unwrap();
+        let got: Vec<(FoldKey, u64)> = entries
+            .into_iter()
+            .map(|(k, state)| match state {
+                AggState::Count(n) => (k, n),
+                other => panic!("unexpected state {other:?}"),
+            })
+            .collect();
+        let want: Vec<(FoldKey, u64)> = naive.into_iter().collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn folds_sorted_on_every_core_are_the_naive_fold() {
+        // Growing keys only (a day scan), more than one thread sorts.
+        let growing: Vec<(FoldKey, u64)> = (0..100_000u32)
+            .map(|i| ((i / 5_000, i % 5_000, 0, NO_ACCOUNT), 1))
+            .collect();
+        folds_like_a_map(&growing);
+        // Growing with repeats, then out of order, then keys seen before.
+        let mut mixed = growing.clone();
+        mixed.extend(growing.iter().rev().step_by(3).map(|(k, _)| (*k, 2)));
+        mixed.extend((0..50_000u32).map(|i| ((i % 7, (i * 7_919) % 3_001, i % 3, 0), 3)));
+        folds_like_a_map(&mixed);
+        folds_like_a_map(&[]);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_fold_sorted_and_gathered_is_the_naive_fold(
+            additions in proptest::collection::vec(((0u32..4, 0u32..6, 0u32..3, 0u32..2), 1u64..5), 0..200),
+        ) {
+            folds_like_a_map(&additions);
+        }
     }
 
     #[test]

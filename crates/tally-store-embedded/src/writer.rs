@@ -18,7 +18,7 @@ use tally_ledger::{
     Applied, ApplyAction, ApplyMode, IngestOutcome, LedgerError, MetersByType, QuarantineNotice,
     VoidOutcome, VoidRecord, VoidRequest,
 };
-use tally_meter::{AggState, CompiledMeter, Level};
+use tally_meter::{AggState, CompiledMeter, Level, Sample, Unmeterable};
 use tally_model::{CloudEvent, Kind, Manifest, MeterPhase};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
@@ -52,21 +52,49 @@ pub(crate) type IngestReply = oneshot::Sender<(Result<IngestOutcome, LedgerError
 type IngestRequest = (Vec<Prepared>, IngestReply);
 
 /// An event with what the writer needs of it computed beforehand, on the
-/// caller's thread: its dedupe key and its log record. The writer, which
-/// serialises every change, only decides and merges.
+/// caller's thread: its dedupe key, its log record, and what each meter of
+/// its type samples of it. The writer, which serialises every change, only
+/// decides and merges.
 pub(crate) struct Prepared {
     pub event: CloudEvent,
     pub dedupe_key: Vec<u8>,
     pub record: Vec<u8>,
+    /// The meters the samples were taken with; the writer samples again if
+    /// its meters have changed since.
+    pub meters: Arc<MetersByType>,
+    /// One per meter of the event's type, in `meters`' order.
+    pub samples: Vec<Result<Sample, Unmeterable>>,
 }
 
 impl Prepared {
-    pub fn new(event: CloudEvent, ingested_at: Timestamp) -> Result<Prepared, StoreError> {
+    pub fn new(
+        event: CloudEvent,
+        ingested_at: Timestamp,
+        meters: &Arc<MetersByType>,
+    ) -> Result<Prepared, StoreError> {
+        let samples = meters
+            .get(&event.kind)
+            .map(|of_type| of_type.iter().map(|m| m.sample(&event)).collect())
+            .unwrap_or_default();
         Ok(Prepared {
             dedupe_key: keys::dedupe_key(&event.source, &event.id),
             record: keys::encode_event(ingested_at, &event)?,
             event,
+            meters: Arc::clone(meters),
+            samples,
         })
+    }
+
+    /// The sample the `index`th meter of the event's type in `meters` took
+    /// beforehand; `None` when `meters` are not those it was taken with.
+    fn sample(
+        &self,
+        meters: &Arc<MetersByType>,
+        index: usize,
+    ) -> Option<&Result<Sample, Unmeterable>> {
+        self.samples
+            .get(index)
+            .filter(|_| Arc::ptr_eq(meters, &self.meters))
     }
 }
 
@@ -95,7 +123,7 @@ pub(crate) struct Writer {
     shared: Arc<Shared>,
     rx: mpsc::Receiver<Command>,
     next_seq: u64,
-    meters: MetersByType,
+    meters: Arc<MetersByType>,
     horizon_seconds: i64,
     prune_cursor: Option<Vec<u8>>,
     last_prune: Timestamp,
@@ -108,18 +136,43 @@ pub(crate) struct Writer {
     known_rollups: KnownKeys,
 }
 
-/// Rollup deltas of one batch, merged before touching the store.
+/// Rollup deltas of one batch, merged before touching the store. They are
+/// collected as they come, then sorted once and neighbours merged: cheaper
+/// than a hash map when, as under most loads, few of a batch's keys repeat.
 #[derive(Default)]
-struct Deltas(FxHashMap<RollupKey, AggState>);
+struct Deltas(Vec<(RollupKey, AggState)>);
 
 impl Deltas {
     fn add(&mut self, key: RollupKey, state: AggState) -> Result<(), StoreError> {
-        match self.0.get_mut(&key) {
-            Some(existing) => existing.merge(&state).map_err(StoreError::State),
-            None => {
-                self.0.insert(key, state);
+        match self.0.last_mut() {
+            // An event's bucket repeated by the next event: merged at once.
+            Some((last, existing)) if *last == key => {
+                existing.merge(&state).map_err(StoreError::State)
+            }
+            _ => {
+                self.0.push((key, state));
                 Ok(())
             }
+        }
+    }
+
+    /// Every key once, in key order, with its deltas merged.
+    fn merged(self) -> Result<Vec<(RollupKey, AggState)>, StoreError> {
+        let mut deltas = self.0;
+        deltas.sort_unstable_by_key(|(key, _)| *key);
+        let mut failed = None;
+        deltas.dedup_by(|later, earlier| {
+            if later.0 != earlier.0 {
+                return false;
+            }
+            if let Err(e) = earlier.1.merge(&later.1) {
+                failed.get_or_insert(e);
+            }
+            true
+        });
+        match failed {
+            Some(e) => Err(StoreError::State(e)),
+            None => Ok(deltas),
         }
     }
 }
@@ -136,7 +189,7 @@ impl Writer {
         horizon_seconds: i64,
         dict: WriterDict,
     ) -> Writer {
-        let meters = shared.read_state().catalog.meters_by_type();
+        let meters = Arc::clone(&shared.read_state().meters_by_type);
         let known_dedupe = KnownKeys::new(
             shared.keyspaces.dedupe.approximate_len(),
             known::hash_prefix,
@@ -289,7 +342,7 @@ impl Writer {
                         outcome.quarantined.push(notice(index, event, "", &entry));
                     }
                     Some(meters) => {
-                        for meter in meters {
+                        for (meter_index, meter) in meters.iter().enumerate() {
                             if meter.phase() == MeterPhase::Deprecated
                                 && !deprecated.iter().any(|m| Arc::ptr_eq(m, meter))
                             {
@@ -298,7 +351,16 @@ impl Writer {
                             let Some(generation) = generations.get(meter.key.as_str()) else {
                                 continue;
                             };
-                            if let Some(entry) = measure(
+                            let sampled_now;
+                            let sampled = match prepared.sample(&self.meters, meter_index) {
+                                Some(sampled) => sampled,
+                                None => {
+                                    sampled_now = meter.sample(event);
+                                    &sampled_now
+                                }
+                            };
+                            if let Some(entry) = measure_sample(
+                                sampled,
                                 meter,
                                 *generation,
                                 event,
@@ -379,8 +441,7 @@ impl Writer {
         deltas: Deltas,
     ) -> Result<(), StoreError> {
         let rollups = self.shared.keyspaces.rollups.clone();
-        let mut deltas: Vec<(RollupKey, AggState)> = deltas.0.into_iter().collect();
-        deltas.sort_unstable_by_key(|(key, _)| *key);
+        let deltas = deltas.merged()?;
         let mut merged_states = Vec::with_capacity(deltas.len());
         for (key, delta) in deltas {
             let Some(mut state) = self.current_state(&key)? else {
@@ -418,11 +479,14 @@ impl Writer {
     /// A bucket's current state: the cached one, else the stored one. Takes
     /// it out of the cache; [`Writer::remember`] puts it back after commit.
     fn current_state(&mut self, key: &RollupKey) -> Result<Option<AggState>, StoreError> {
-        if let Some(cached) = self.cache.remove(key) {
-            return Ok(Some(cached));
-        }
+        // A key the store has never held is not cached either (the cache
+        // only holds committed states): most keys are new, and the filter
+        // answers sooner than the cache.
         if !self.known_rollups.may_contain(key) {
             return Ok(None);
+        }
+        if let Some(cached) = self.cache.remove(key) {
+            return Ok(Some(cached));
         }
         self.shared
             .keyspaces
@@ -509,7 +573,8 @@ impl Writer {
                 info!(meter = %meter, from_seq = ?meter_state.retired_from, "meter retired");
                 state.meters.insert(meter, meter_state);
             }
-            self.meters = state.catalog.meters_by_type();
+            state.meters_by_type = Arc::new(state.catalog.meters_by_type());
+            self.meters = Arc::clone(&state.meters_by_type);
         }
         for meter in &plan.reprocess_meters {
             self.reprocess_quarantine(meter).map_err(storage)?;
@@ -545,7 +610,8 @@ impl Writer {
         if kind == Kind::MeterDefinition {
             state.meters.remove(name);
         }
-        self.meters = state.catalog.meters_by_type();
+        state.meters_by_type = Arc::new(state.catalog.meters_by_type());
+        self.meters = Arc::clone(&state.meters_by_type);
         Ok(())
     }
 
@@ -734,8 +800,9 @@ impl Writer {
         retractions: Deltas,
     ) -> Result<(), StoreError> {
         let rollups = self.shared.keyspaces.rollups.clone();
-        let mut updated = Vec::with_capacity(retractions.0.len());
-        for (key, retraction) in retractions.0 {
+        let retractions = retractions.merged()?;
+        let mut updated = Vec::with_capacity(retractions.len());
+        for (key, retraction) in retractions {
             let mut state = self.current_state(&key)?.ok_or(StoreError::Corrupt(
                 "a voided event's rollup bucket is missing",
             ))?;
@@ -955,7 +1022,7 @@ impl Writer {
                 meter.sample(&event)
             };
             let entry = measure_sample(
-                sampled,
+                &sampled,
                 &meter,
                 state.generation,
                 &event,
@@ -1056,7 +1123,7 @@ fn measure(
     dict: &mut WriterDict,
 ) -> Result<Option<QuarantineEntry>, StoreError> {
     measure_sample(
-        meter.sample(event),
+        &meter.sample(event),
         meter,
         generation,
         event,
@@ -1069,7 +1136,7 @@ fn measure(
 /// [`measure`] with the sampling already done (e.g. in any phase, for the
 /// part of the log a meter read before it was Retired).
 fn measure_sample(
-    sampled: Result<tally_meter::Sample, tally_meter::Unmeterable>,
+    sampled: &Result<Sample, Unmeterable>,
     meter: &CompiledMeter,
     generation: u64,
     event: &CloudEvent,
@@ -1087,7 +1154,7 @@ fn measure_sample(
             }));
         }
     };
-    add_sample(meter, generation, event, seq, &sample, deltas, dict)?;
+    add_sample(meter, generation, event, seq, sample, deltas, dict)?;
     Ok(None)
 }
 
