@@ -25,6 +25,35 @@ use tally_client::TallyClient;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// `mi_option_purge_delay` in `mimalloc.h` (v2 and v3), which
+/// `libmimalloc-sys` does not name.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+/// mimalloc's documented default for it, in milliseconds.
+const DEFAULT_PURGE_DELAY_MS: std::ffi::c_long = 10;
+/// How long freed memory stays with the process before it goes back to the
+/// OS.
+const PURGE_DELAY_MS: std::ffi::c_long = 1_000;
+
+/// Keeps freed memory a second instead of 10 ms. A group commit or a large
+/// query answer frees tens of MiB that the next one allocates again; given
+/// back at once, each comes back as fresh pages the kernel must zero (a
+/// fresh query spent 59 % of its CPU in `clear_page_erms`). Measured at
+/// 1 M events: the grouped daily query ~12 % faster, ingest the same within
+/// noise, peak RSS ~40 MiB higher. RSS still falls a second after a peak. An operator's `MIMALLOC_PURGE_DELAY` wins; so does any build of
+/// mimalloc whose option 15 is not the purge delay (its default differs).
+fn keep_freed_memory_a_second() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
+    // SAFETY: reading and setting a process-wide allocator option, which
+    // mimalloc allows at any time from any thread; no memory is touched.
+    unsafe {
+        if libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) == DEFAULT_PURGE_DELAY_MS {
+            libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS);
+        }
+    }
+}
+
 /// Usage metering: ingest CloudEvents exactly once, define meters, query usage.
 #[derive(Parser)]
 #[command(
@@ -140,6 +169,7 @@ struct BenchArgs {
 }
 
 fn main() -> ExitCode {
+    keep_freed_memory_a_second();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
