@@ -375,18 +375,20 @@ pub fn query(
             ranks[id as usize]
         }
     };
-    // The order as one integer: (window, subject, projection, account)
-    // ranks, 32 bits each. The small (order, index) pairs are sorted, on
+    // Each fold's place as one integer (`order_key`). The small
+    // (order, index) pairs are sorted, on
     // every core, and the folds gathered in that order, neighbours with
     // the same key merged.
     let mut order: Vec<(u128, u32)> = folded
         .iter()
         .enumerate()
         .map(|(index, ((window, subject, projected, account), _))| {
-            let order = (u128::from(*window) << 96)
-                | (u128::from(subject_rank.get(subject).copied().unwrap_or(0)) << 64)
-                | (u128::from(rank(*projected, &projection_rank)) << 32)
-                | u128::from(rank(*account, &account_rank));
+            let order = order_key(
+                *window,
+                subject_rank.get(subject).copied().unwrap_or(0),
+                rank(*projected, &projection_rank),
+                rank(*account, &account_rank),
+            );
             (order, index as u32)
         })
         .collect();
@@ -704,6 +706,15 @@ impl Folder {
     }
 }
 
+/// A row's place in the answer as one integer: the ranks of its window,
+/// subject name, group values and account, 32 bits each.
+fn order_key(window: u32, subject: u32, projection: u32, account: u32) -> u128 {
+    (u128::from(window) << 96)
+        | (u128::from(subject) << 64)
+        | (u128::from(projection) << 32)
+        | u128::from(account)
+}
+
 /// Items below this many are not worth another thread.
 const ITEMS_PER_THREAD: usize = 32_768;
 
@@ -761,6 +772,7 @@ fn sort_on_every_core(pairs: &mut Vec<(u128, u32)>) {
 
 /// The folds in `order` (pairs of order and index into `folded`), entries
 /// with the same key, now neighbours, merged into one.
+///
 /// `order` is a permutation of `folded`'s indices; each state is moved out
 /// once, an empty count left in its place.
 fn gather(
@@ -1041,13 +1053,7 @@ mod tests {
         let mut order: Vec<(u128, u32)> = folded
             .iter()
             .enumerate()
-            .map(|(i, ((w, s, p, a), _))| {
-                let key = (u128::from(*w) << 96)
-                    | (u128::from(*s) << 64)
-                    | (u128::from(*p) << 32)
-                    | u128::from(*a);
-                (key, i as u32)
-            })
+            .map(|(i, ((w, s, p, a), _))| (order_key(*w, *s, *p, *a), i as u32))
             .collect();
         let mut expected_order = order.clone();
         expected_order.sort_unstable();
