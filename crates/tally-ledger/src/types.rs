@@ -258,7 +258,12 @@ pub struct LedgerStats {
     pub events_duplicate_total: u64,
     pub events_quarantined_total: u64,
     pub group_commits_total: u64,
+    /// Everything the store occupies on disk, its journal included.
     pub disk_bytes: u64,
+    /// The part of `disk_bytes` that is write-ahead journal: bounded, and
+    /// given back as memtables are flushed to tables.
+    #[serde(default)]
+    pub journal_bytes: u64,
     pub kinds: BTreeMap<String, u64>,
 }
 

@@ -385,9 +385,15 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     );
     counter(
         "tally_store_disk_bytes",
-        "Bytes the store occupies on disk.",
+        "Bytes the store occupies on disk, its journal included.",
         "gauge",
         s.disk_bytes,
+    );
+    counter(
+        "tally_store_journal_bytes",
+        "Bytes of the store's write-ahead journal (part of tally_store_disk_bytes; bounded, given back as memtables flush).",
+        "gauge",
+        s.journal_bytes,
     );
     let _ = writeln!(
         out,

@@ -246,6 +246,21 @@ async fn ingest_in_every_content_type_and_query() {
         metrics.contains("tally_events_accepted_total 4"),
         "{metrics}"
     );
+    // Acknowledged events are in the journal, which is part of the disk use.
+    let gauge = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {metrics}"))
+    };
+    let (disk, journal) = (
+        gauge("tally_store_disk_bytes"),
+        gauge("tally_store_journal_bytes"),
+    );
+    assert!(
+        0 < journal && journal <= disk,
+        "journal {journal}, disk {disk}"
+    );
     // The ledger reports as a component, once per family.
     for line in [
         "tally_component_received_total{component_kind=\"sink\",component_id=\"ledger\"} 5",

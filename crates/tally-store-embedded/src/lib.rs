@@ -502,6 +502,7 @@ impl Ledger for EmbeddedLedger {
             events_quarantined_total: s.quarantined.load(Ordering::Relaxed),
             group_commits_total: s.group_commits.load(Ordering::Relaxed),
             disk_bytes: self.shared.db.disk_space().unwrap_or(0),
+            journal_bytes: self.shared.db.journal_disk_space().unwrap_or(0),
             kinds: {
                 let resources = self.resources.snapshot();
                 Kind::ALL

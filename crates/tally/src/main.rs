@@ -99,7 +99,7 @@ enum Command {
     Export(Box<export::ExportArgs>),
     /// Create or update resources from YAML or JSON manifests, like `kubectl apply`.
     Apply(resources::ApplyArgs),
-    /// Show resources (meterdefinitions, monitoredresourcetypes).
+    /// Show resources of one kind as a table, or as YAML or JSON (`-o`).
     Get(resources::GetArgs),
     /// Delete a resource.
     Delete(resources::DeleteArgs),
