@@ -496,13 +496,16 @@ impl Ledger for EmbeddedLedger {
     fn stats(&self) -> LedgerStats {
         let s = &self.shared.stats;
         let state = self.shared.read_state();
+        // Read before the total, so that a write in between (which grows
+        // both) cannot leave the journal larger than the total.
+        let journal_bytes = self.shared.db.journal_disk_space().unwrap_or(0);
         LedgerStats {
             events_accepted_total: s.accepted.load(Ordering::Relaxed),
             events_duplicate_total: s.duplicates.load(Ordering::Relaxed),
             events_quarantined_total: s.quarantined.load(Ordering::Relaxed),
             group_commits_total: s.group_commits.load(Ordering::Relaxed),
             disk_bytes: self.shared.db.disk_space().unwrap_or(0),
-            journal_bytes: self.shared.db.journal_disk_space().unwrap_or(0),
+            journal_bytes,
             kinds: {
                 let resources = self.resources.snapshot();
                 Kind::ALL
