@@ -119,6 +119,15 @@ pub(crate) struct ReadState {
     pub meters_by_type: Arc<tally_ledger::MetersByType>,
 }
 
+impl ReadState {
+    /// Compiles the catalog's meters again after it changed, and returns
+    /// them for the writer to keep.
+    pub(crate) fn compile_meters(&mut self) -> Arc<tally_ledger::MetersByType> {
+        self.meters_by_type = Arc::new(self.catalog.meters_by_type());
+        Arc::clone(&self.meters_by_type)
+    }
+}
+
 pub(crate) struct Shared {
     pub db: Database,
     pub keyspaces: Keyspaces,

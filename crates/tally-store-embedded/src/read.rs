@@ -718,13 +718,18 @@ fn order_key(window: u32, subject: u32, projection: u32, account: u32) -> u128 {
 /// Items below this many are not worth another thread.
 const ITEMS_PER_THREAD: usize = 32_768;
 
-/// `f` of `items` in parts, one per core (at most [`fold_threads`]), in
-/// the order of the parts.
+/// Threads to split `items` items over: one per core (at most
+/// [`fold_threads`]), each with at least [`ITEMS_PER_THREAD`].
+fn threads_for(items: usize) -> usize {
+    fold_threads().min(items / ITEMS_PER_THREAD).max(1)
+}
+
+/// `f` of `items` in parts ([`threads_for`]), in the order of the parts.
 fn on_every_core<T: Sync, R: Send>(
     items: &[T],
     f: impl Fn(&[T]) -> R + Sync,
 ) -> Result<Vec<R>, LedgerError> {
-    let threads = fold_threads().min(items.len() / ITEMS_PER_THREAD).max(1);
+    let threads = threads_for(items.len());
     if threads == 1 {
         return Ok(vec![f(items)]);
     }
@@ -744,7 +749,7 @@ fn on_every_core<T: Sync, R: Send>(
 /// Sorts `(order, index)` pairs by order: parts sorted on every core, then
 /// merged.
 fn sort_on_every_core(pairs: &mut Vec<(u128, u32)>) {
-    let threads = fold_threads().min(pairs.len() / ITEMS_PER_THREAD).max(1);
+    let threads = threads_for(pairs.len());
     if threads == 1 {
         pairs.sort_unstable();
         return;

@@ -573,8 +573,7 @@ impl Writer {
                 info!(meter = %meter, from_seq = ?meter_state.retired_from, "meter retired");
                 state.meters.insert(meter, meter_state);
             }
-            state.meters_by_type = Arc::new(state.catalog.meters_by_type());
-            self.meters = Arc::clone(&state.meters_by_type);
+            self.meters = state.compile_meters();
         }
         for meter in &plan.reprocess_meters {
             self.reprocess_quarantine(meter).map_err(storage)?;
@@ -610,8 +609,7 @@ impl Writer {
         if kind == Kind::MeterDefinition {
             state.meters.remove(name);
         }
-        state.meters_by_type = Arc::new(state.catalog.meters_by_type());
-        self.meters = Arc::clone(&state.meters_by_type);
+        self.meters = state.compile_meters();
         Ok(())
     }
 

@@ -39,7 +39,8 @@ const PURGE_DELAY_MS: std::ffi::c_long = 1_000;
 /// back at once, each comes back as fresh pages the kernel must zero (a
 /// fresh query spent 59 % of its CPU in `clear_page_erms`). Measured at
 /// 1 M events: the grouped daily query ~12 % faster, ingest the same within
-/// noise, peak RSS ~40 MiB higher. RSS still falls a second after a peak. An operator's `MIMALLOC_PURGE_DELAY` wins; so does any build of
+/// noise, peak RSS ~40 MiB higher. RSS still falls a second after a peak.
+/// An operator's `MIMALLOC_PURGE_DELAY` wins; so does any build of
 /// mimalloc whose option 15 is not the purge delay (its default differs).
 fn keep_freed_memory_a_second() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
