@@ -4,10 +4,12 @@
 //! (and, later, the cluster backend) implement it. [`Catalog`] holds the
 //! rules for applying resources, so every backend validates the same way.
 
+pub mod admission;
 mod catalog;
 pub mod resources;
 mod types;
 
+pub use admission::{Admission, DEFAULT_MAX_FUTURE};
 pub use catalog::{ApplyPlan, Catalog, MetersByType};
 pub use resources::{ResourceKey, ResourceSet, ResourceStore};
 pub use types::*;

@@ -6,7 +6,9 @@ use std::fmt;
 use rust_decimal::Decimal;
 use serde_json::Value;
 use serde_json_path::JsonPath;
-use tally_model::{Aggregation, CloudEvent, MeterDefinition, MeterPhase, MonitoredResourceType};
+use tally_model::{
+    Aggregation, CloudEvent, MeterDefinition, MeterPhase, MonitoredResourceType, limits,
+};
 
 use crate::value::decimal_from_json;
 
@@ -221,6 +223,7 @@ impl CompiledMeter {
             .iter()
             .map(|(name, path)| Ok(single_node(path, data, name)?.and_then(group_value)))
             .collect::<Result<Vec<_>, Unmeterable>>()?;
+        check_group_sizes(&self.dimensions, &groups)?;
         Ok(Sample { value, groups })
     }
 
@@ -292,6 +295,38 @@ fn single_node<'v>(
 
 /// The group value of a JSON node: strings as they are, other scalars as
 /// JSON text, `null` as absent.
+/// Refuses dimension values past [`limits::MAX_DIMENSION_VALUE_BYTES`] each
+/// or [`limits::MAX_GROUP_BYTES`] together: they become index keys.
+fn check_group_sizes(
+    dimensions: &[(String, JsonPath)],
+    groups: &[Option<String>],
+) -> Result<(), Unmeterable> {
+    let mut total = 0;
+    for ((name, _), value) in dimensions.iter().zip(groups) {
+        let len = value.as_ref().map_or(0, String::len);
+        total += len;
+        if len > limits::MAX_DIMENSION_VALUE_BYTES {
+            return Err(Unmeterable::InvalidValue {
+                path: name.clone(),
+                reason: format!(
+                    "the dimension value is {len} bytes long; the limit is {} bytes",
+                    limits::MAX_DIMENSION_VALUE_BYTES
+                ),
+            });
+        }
+    }
+    if total > limits::MAX_GROUP_BYTES {
+        return Err(Unmeterable::InvalidValue {
+            path: "dimensions".into(),
+            reason: format!(
+                "the dimension values are {total} bytes long together; the limit is {} bytes",
+                limits::MAX_GROUP_BYTES
+            ),
+        });
+    }
+    Ok(())
+}
+
 fn group_value(v: &Value) -> Option<String> {
     match v {
         Value::Null => None,
@@ -368,6 +403,25 @@ mod tests {
             .code(),
             "UNDECLARED_DIMENSION"
         );
+    }
+
+    #[test]
+    fn oversized_dimension_values_are_unmeterable_not_stored() {
+        let def = meter(
+            json!({"meterName": "t", "measurement": {"aggregation": "COUNT"},
+            "event": {"dimensions": {"a": "$.a", "b": "$.b", "c": "$.c", "d": "$.d", "e": "$.e"}}}),
+        );
+        let m = CompiledMeter::compile("m", &def, &[]).unwrap();
+        let at = "x".repeat(limits::MAX_DIMENSION_VALUE_BYTES);
+        assert!(m.sample(&event(json!({"a": at}))).is_ok());
+        // A nested value is grouped by its JSON text, which counts too.
+        let nested = json!({"a": {"k": at}});
+        let err = m.sample(&event(nested)).unwrap_err();
+        assert!(err.to_string().contains("4096 bytes"), "{err}");
+        assert_eq!(err.code(), "INVALID_VALUE");
+        let each_at_limit = json!({"a": at, "b": at, "c": at, "d": at, "e": at});
+        let err = m.sample(&event(each_at_limit)).unwrap_err();
+        assert!(err.to_string().contains("together"), "{err}");
     }
 
     #[test]

@@ -4,6 +4,8 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::limits::{self, check_len};
+
 /// A structurally valid CloudEvent. `time` is always set: events that arrive
 /// without one get their receipt time.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,6 +54,11 @@ pub mod error_code {
     pub const INVALID_VALUE: &str = "INVALID_VALUE";
     /// The event is older than the ledger's allowed lateness.
     pub const TOO_LATE: &str = "TOO_LATE";
+    /// The event's time is further ahead of the receiver's clock than it
+    /// allows.
+    pub const TIME_IN_FUTURE: &str = "TIME_IN_FUTURE";
+    /// A string is longer than its limit ([`crate::limits`]).
+    pub const VALUE_TOO_LONG: &str = "VALUE_TOO_LONG";
 }
 
 /// Every problem found in one event, by its index in the request.
@@ -121,6 +128,23 @@ pub fn parse_event(value: Value, received: Timestamp) -> Result<CloudEvent, Vec<
     let [datacontenttype, dataschema] =
         OPTIONAL_STRINGS.map(|field| take_string(&mut object, field, false));
     let time = take_string(&mut object, "time", false);
+    let attributes = [
+        ("specversion", &specversion),
+        ("id", &id),
+        ("source", &source),
+        ("type", &kind),
+        ("subject", &subject),
+        ("datacontenttype", &datacontenttype),
+        ("dataschema", &dataschema),
+        ("time", &time),
+    ];
+    for (field, value) in attributes {
+        if let Some(value) = value
+            && let Err(e) = check_len(field, value, limits::MAX_ATTRIBUTE_BYTES)
+        {
+            errors.push(e);
+        }
+    }
 
     if let Some(v) = &specversion
         && v != "1.0"
@@ -145,11 +169,7 @@ pub fn parse_event(value: Value, received: Timestamp) -> Result<CloudEvent, Vec<
         Some(t) => match t.parse::<Timestamp>() {
             Ok(t) => Some(t),
             Err(e) => {
-                errors.push(field_error(
-                    "time",
-                    error_code::INVALID_VALUE_TYPE,
-                    format!("not an RFC 3339 timestamp: {e}"),
-                ));
+                errors.push(time_error(&t, &e));
                 None
             }
         },
@@ -173,13 +193,20 @@ pub fn parse_event(value: Value, received: Timestamp) -> Result<CloudEvent, Vec<
             "binary data is not supported for usage events",
         ));
     }
-    for key in object.keys() {
+    if let Some(Value::Object(data)) = &data {
+        check_dimension_values(data, &mut errors);
+    }
+    for (key, value) in &object {
         if !is_valid_extension_name(key) {
             errors.push(field_error(
                 key,
                 error_code::INVALID_VALUE,
                 "extension attribute names must be 1-20 lower-case letters or digits",
             ));
+        } else if let Value::String(s) = value
+            && let Err(e) = check_len(key, s, limits::MAX_DIMENSION_VALUE_BYTES)
+        {
+            errors.push(e);
         }
     }
     match (specversion, id, source, kind, subject, time) {
@@ -200,6 +227,52 @@ pub fn parse_event(value: Value, received: Timestamp) -> Result<CloudEvent, Vec<
             })
         }
         _ => Err(errors),
+    }
+}
+
+/// Refuses string dimension values of the platform's event shape
+/// (`data.dimensions.<name>`) longer than
+/// [`limits::MAX_DIMENSION_VALUE_BYTES`]. What a meter's own JSONPath
+/// selects is bounded when the meter samples the event.
+fn check_dimension_values(data: &Map<String, Value>, errors: &mut Vec<FieldError>) {
+    let Some(Value::Object(dimensions)) = data.get("dimensions") else {
+        return;
+    };
+    for (name, value) in dimensions {
+        if let Value::String(s) = value
+            && s.len() > limits::MAX_DIMENSION_VALUE_BYTES
+        {
+            let field = format!("data.dimensions.{name}");
+            errors.extend(check_len(&field, s, limits::MAX_DIMENSION_VALUE_BYTES).err());
+        }
+    }
+}
+
+/// Why `time` does not parse: not RFC 3339 at all, or a well-formed date
+/// outside the range of instants every time zone can represent.
+fn time_error(text: &str, error: &jiff::Error) -> FieldError {
+    match jiff::fmt::temporal::Pieces::parse(text) {
+        Ok(pieces) => {
+            let future = pieces.date().year() > 1970;
+            field_error(
+                "time",
+                if future {
+                    error_code::TIME_IN_FUTURE
+                } else {
+                    error_code::TOO_LATE
+                },
+                format!(
+                    "{text:?} is outside the range of times Tally stores ({} to {})",
+                    Timestamp::MIN,
+                    Timestamp::MAX
+                ),
+            )
+        }
+        Err(_) => field_error(
+            "time",
+            error_code::INVALID_VALUE_TYPE,
+            format!("not an RFC 3339 timestamp: {error}"),
+        ),
     }
 }
 
@@ -392,5 +465,61 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(errors[0].field, "Bad-Name");
+    }
+
+    #[test]
+    fn refuses_oversized_attributes_naming_field_and_limit() {
+        let long = "x".repeat(70_000);
+        let errors = parse_event(
+            json!({"specversion":"1.0","id":long,"source":long,"type":long,"subject":long,
+                   "dataschema":long,"ext":long,"data":{"dimensions":{"region":long,"n":1}}}),
+            now(),
+        )
+        .unwrap_err();
+        let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "id",
+                "source",
+                "type",
+                "subject",
+                "dataschema",
+                "data.dimensions.region",
+                "ext"
+            ]
+        );
+        assert!(errors.iter().all(|e| e.code == error_code::VALUE_TOO_LONG));
+        assert!(errors[0].reason.contains("1024"), "{}", errors[0].reason);
+        assert!(errors[5].reason.contains("4096"), "{}", errors[5].reason);
+    }
+
+    #[test]
+    fn times_out_of_range_say_so() {
+        let errors = parse_event(
+            json!({"specversion":"1.0","id":"1","source":"s","type":"t","subject":"c",
+                   "time":"9999-12-31T23:59:59Z"}),
+            now(),
+        )
+        .unwrap_err();
+        assert_eq!(errors[0].code, error_code::TIME_IN_FUTURE);
+        assert!(
+            errors[0].reason.contains("outside the range"),
+            "{}",
+            errors[0].reason
+        );
+    }
+
+    #[test]
+    fn accepts_attributes_at_their_limits() {
+        let at = "x".repeat(limits::MAX_ATTRIBUTE_BYTES);
+        let dim = "y".repeat(limits::MAX_DIMENSION_VALUE_BYTES);
+        let e = parse_event(
+            json!({"specversion":"1.0","id":at,"source":at,"type":at,"subject":at,
+                   "ext":dim,"data":{"dimensions":{"region":dim}}}),
+            now(),
+        )
+        .unwrap();
+        assert_eq!(e.id.len(), limits::MAX_ATTRIBUTE_BYTES);
     }
 }

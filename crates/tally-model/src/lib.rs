@@ -5,6 +5,7 @@
 
 pub mod billing;
 pub mod event;
+pub mod limits;
 pub mod meter;
 pub mod resource;
 pub mod secret;

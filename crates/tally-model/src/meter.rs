@@ -178,6 +178,20 @@ impl MeterDefinition {
         if self.event_type().is_empty() {
             return Err("spec.event.type must not be empty".into());
         }
+        for (field, value) in [
+            ("spec.meterName", self.meter_name.as_str()),
+            ("spec.event.type", self.event_type()),
+        ] {
+            crate::limits::check_len(field, value, crate::limits::MAX_ATTRIBUTE_BYTES)
+                .map_err(|e| format!("{field} {}", e.reason))?;
+        }
+        let dimensions = self.group_by().len();
+        if dimensions > crate::limits::MAX_METER_DIMENSIONS {
+            return Err(format!(
+                "the meter declares {dimensions} dimensions; the limit is {}",
+                crate::limits::MAX_METER_DIMENSIONS
+            ));
+        }
         if let Some(path) = self.value_property() {
             JsonPath::parse(path)
                 .map_err(|e| format!("spec.event.valueProperty {path:?} is not JSONPath: {e}"))?;

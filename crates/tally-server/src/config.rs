@@ -39,6 +39,9 @@ pub struct ServeConfig {
     /// How old an event's time may be when it arrives, in days. Defaults to
     /// the dedupe horizon, so that every accepted event is still deduplicated.
     pub max_lateness_days: Option<u32>,
+    /// How far ahead of the server's clock an event's time may be, in
+    /// hours; later events are refused (`TIME_IN_FUTURE`).
+    pub max_future_hours: u32,
     /// The embedded store's block cache, in MiB.
     pub store_cache_mib: u64,
     /// Directories whose `*.yaml`, `*.yml` and `*.json` manifests are applied
@@ -172,6 +175,7 @@ impl Default for ServeConfig {
             max_body_bytes: 16 * 1024 * 1024,
             dedupe_horizon_days: 32,
             max_lateness_days: None,
+            max_future_hours: 24,
             store_cache_mib: tally_store_embedded::DEFAULT_CACHE_BYTES >> 20,
             manifest_dirs: Vec::new(),
             billing: BillingServeConfig::default(),

@@ -140,6 +140,7 @@ struct ExportState {
     auth: Arc<Authenticator>,
     requests: Arc<Mutex<RequestCounts>>,
     registry: Registry,
+    vital: crate::VitalTasks,
 }
 
 impl FromRef<ExportState> for Telemetry {
@@ -162,7 +163,7 @@ fn router(state: ExportState) -> Router {
         ));
     Router::new()
         .merge(api)
-        .route("/healthz", get(crate::healthz))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(|| async {
             Problem::new(
@@ -176,6 +177,14 @@ fn router(state: ExportState) -> Router {
         ))
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
+}
+
+/// The [`crate::VitalTasks`] name of the manifest directories' watcher.
+const WATCHER_TASK: &str = "the manifest watcher";
+
+/// Liveness: the pipeline's follower and the manifest watcher run.
+async fn healthz(State(state): State<ExportState>) -> Response {
+    crate::health(state.vital.ended())
 }
 
 /// Only Exporters are served; anything else is not kept here.
@@ -293,7 +302,11 @@ pub async fn export(config: ExportConfig) -> anyhow::Result<()> {
         auth: Arc::clone(&auth),
         requests: Arc::default(),
         registry,
+        vital: crate::VitalTasks::default(),
     };
+    state.vital.add(crate::EXPORTERS_TASK, follower);
+    state.vital.add(WATCHER_TASK, watching);
+    let vital = state.vital.clone();
     let listeners = crate::Listeners::open(
         "tally export",
         config.listen,
@@ -306,8 +319,11 @@ pub async fn export(config: ExportConfig) -> anyhow::Result<()> {
     tracing::info!(address = %listeners.address, data_dir = %config.data_dir.display(),
         pulling = config.victoria_metrics.is_some(), "exporting");
     listeners.serve(router(state)).await?;
-    watching.abort();
-    follower.abort();
+    for task in [WATCHER_TASK, crate::EXPORTERS_TASK] {
+        if let Some(task) = vital.take(task) {
+            task.abort();
+        }
+    }
     pipeline.shutdown().await;
     tracing::info!("stopped");
     Ok(())

@@ -69,6 +69,47 @@ pub struct AppState {
     telemetry: Option<Arc<tally_telemetry::Pipeline>>,
     /// The billing forwarder's runtime, when it runs in this server.
     billing: Option<tally_billing::runtime::BillingHandle>,
+    /// Background tasks the process cannot do its job without.
+    vital: VitalTasks,
+}
+
+/// Background tasks whose end, before the process is asked to stop, means
+/// it can no longer do its job: `/healthz` fails once one has ended, so an
+/// orchestrator restarts the process.
+///
+/// **Never:** register a task a tenant can end (a customer's exporter sink):
+/// a tenant must not be able to fail the process's health.
+#[derive(Clone, Default)]
+pub(crate) struct VitalTasks(Arc<Mutex<Vec<(&'static str, tokio::task::JoinHandle<()>)>>>);
+
+impl VitalTasks {
+    /// Watches `task`, named for `/healthz` (e.g. "the billing forwarder").
+    pub(crate) fn add(&self, name: &'static str, task: tokio::task::JoinHandle<()>) {
+        if let Ok(mut tasks) = self.0.lock() {
+            tasks.push((name, task));
+        }
+    }
+
+    /// The names of the tasks that have ended.
+    fn ended(&self) -> Vec<&'static str> {
+        self.0.lock().map_or_else(
+            |_| vec!["the task registry"],
+            |tasks| {
+                tasks
+                    .iter()
+                    .filter(|(_, t)| t.is_finished())
+                    .map(|(name, _)| *name)
+                    .collect()
+            },
+        )
+    }
+
+    /// Takes the task named `name` out, to stop it.
+    fn take(&self, name: &str) -> Option<tokio::task::JoinHandle<()>> {
+        let mut tasks = self.0.lock().ok()?;
+        let at = tasks.iter().position(|(n, _)| *n == name)?;
+        Some(tasks.remove(at).1)
+    }
 }
 
 impl AppState {
@@ -87,6 +128,7 @@ impl AppState {
             ledger_seen: Arc::default(),
             telemetry: None,
             billing: None,
+            vital: VitalTasks::default(),
         }
     }
 
@@ -434,10 +476,30 @@ fn render_requests(requests: &Mutex<RequestCounts>, out: &mut String) {
     }
 }
 
-/// Liveness: the process answers.
-#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "Alive")))]
-async fn healthz() -> &'static str {
-    "ok\n"
+/// Liveness: this process can do its job. Fails (503) once the ledger's
+/// writer, the exporters' pipeline or the billing forwarder has stopped, so
+/// an orchestrator restarts the process.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "Alive"), (status = 503, description = "A vital part has stopped", body = Problem, content_type = "application/problem+json")))]
+async fn healthz(State(state): State<AppState>) -> Response {
+    let mut stopped = state.vital.ended();
+    if !state.ledger.ready() {
+        stopped.insert(0, "the ledger's writer");
+    }
+    health(stopped)
+}
+
+/// `/healthz`'s answer: `ok`, or `503` naming what has `stopped`.
+fn health(stopped: Vec<&'static str>) -> Response {
+    if stopped.is_empty() {
+        "ok\n".into_response()
+    } else {
+        Problem::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("stopped: {}; restart the process", stopped.join(", ")),
+        )
+        .into_response()
+    }
 }
 
 /// Readiness: the ledger takes writes.
@@ -470,6 +532,10 @@ pub async fn serve_on(listener: tokio::net::TcpListener, state: AppState) -> any
         .context("serving HTTP")
 }
 
+/// [`VitalTasks`] names of `tally serve`'s background tasks.
+const EXPORTERS_TASK: &str = "the exporters' pipeline";
+const BILLING_TASK: &str = "the billing forwarder";
+
 /// Runs `tally serve` until SIGINT or SIGTERM.
 pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     if config
@@ -493,6 +559,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
                 .unwrap_or(config.dedupe_horizon_days),
         ) * 24,
     );
+    store.max_future = jiff::SignedDuration::from_hours(i64::from(config.max_future_hours));
     let ledger = tokio::task::spawn_blocking(move || EmbeddedLedger::open(store))
         .await
         .context("opening the store")?
@@ -530,10 +597,11 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .with_tokens(config.token.as_deref(), &config.tokens)
         .map_err(|e| anyhow::anyhow!("tokens: {e}"))?
         .with_max_pending_events(config.max_pending_events);
-    let billing_task = billing.map(|(handle, task)| {
+    state.vital.add(EXPORTERS_TASK, exporters);
+    if let Some((handle, task)) = billing {
         state = state.clone().with_billing(handle);
-        task
-    });
+        state.vital.add(BILLING_TASK, task);
+    }
     let listeners = Listeners::open(
         "tally",
         config.listen,
@@ -551,14 +619,17 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
             watch::POLL_INTERVAL,
         ))
     });
+    let vital = state.vital.clone();
     listeners.serve(router(state)).await?;
     if let Some(watcher) = watcher {
         watcher.abort();
     }
-    exporters.abort();
+    if let Some(exporters) = vital.take(EXPORTERS_TASK) {
+        exporters.abort();
+    }
     pipeline.shutdown().await;
     let _ = stop_billing.send(true);
-    if let Some(task) = billing_task {
+    if let Some(task) = vital.take(BILLING_TASK) {
         let _ = task.await;
     }
     tracing::info!("stopped");
@@ -657,5 +728,45 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {},
         _ = terminate => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tally_store_embedded::{EmbeddedLedger, StoreConfig};
+
+    #[tokio::test]
+    async fn healthz_fails_once_a_vital_task_has_ended() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = EmbeddedLedger::open(StoreConfig::new(dir.path())).unwrap();
+        let state = AppState::new(Arc::new(ledger), 1 << 20, None);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        state.vital.add(
+            BILLING_TASK,
+            tokio::spawn(async move {
+                let _ = stopped.await;
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/healthz", listener.local_addr().unwrap());
+        tokio::spawn(serve_on(listener, state));
+        let client = tally_delivery::client_builder().build().unwrap();
+        assert_eq!(client.get(&url).send().await.unwrap().status(), 200);
+        stop.send(()).unwrap();
+        let mut last = None;
+        for _ in 0..200 {
+            let r = client.get(&url).send().await.unwrap();
+            if r.status() == 503 {
+                last = Some(r);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let r = last.expect("/healthz never failed");
+        assert_eq!(r.headers()["content-type"], "application/problem+json");
+        let body: serde_json::Value = r.json().await.unwrap();
+        let detail = body["detail"].as_str().unwrap();
+        assert!(detail.contains("the billing forwarder"), "{detail}");
     }
 }

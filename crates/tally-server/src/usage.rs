@@ -32,8 +32,8 @@ pub struct Rejected {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
     /// `INVALID_ULID`, `MISSING_REQUIRED_FIELD`, `INVALID_VALUE_TYPE`,
-    /// `INVALID_DATACONTENTTYPE`, `INVALID_VALUE` or `TOO_LATE`: the code of
-    /// the first problem found.
+    /// `INVALID_DATACONTENTTYPE`, `INVALID_VALUE`, `VALUE_TOO_LONG`,
+    /// `TOO_LATE` or `TIME_IN_FUTURE`: the code of the first problem found.
     pub reason: String,
     /// Every problem of the event, as `field: reason`.
     pub detail: String,

@@ -27,11 +27,11 @@ use futures::future::BoxFuture;
 use jiff::{SignedDuration, Timestamp};
 use serde_json::json;
 use tally_ledger::{
-    Applied, ApplyMode, Catalog, ChangeCursor, ChangePage, EventFilter, EventPage, IngestOutcome,
-    Ledger, LedgerError, LedgerStats, MeterQuery, QuarantineFilter, QuarantinePage, QueryResult,
-    ResourceStore, VoidOutcome, VoidPage, VoidRequest,
+    Admission, Applied, ApplyMode, Catalog, ChangeCursor, ChangePage, EventFilter, EventPage,
+    IngestOutcome, Ledger, LedgerError, LedgerStats, MeterQuery, QuarantineFilter, QuarantinePage,
+    QueryResult, ResourceStore, VoidOutcome, VoidPage, VoidRequest,
 };
-use tally_model::{CloudEvent, EventError, Kind, KindClass, Manifest, error_code, field_error};
+use tally_model::{CloudEvent, Kind, KindClass, Manifest};
 use tokio::sync::{mpsc, oneshot};
 
 use keys::MeterState;
@@ -69,6 +69,8 @@ pub struct StoreConfig {
     pub dedupe_horizon: SignedDuration,
     /// Events older than this when they arrive are refused.
     pub max_lateness: SignedDuration,
+    /// Events dated further ahead of the clock than this are refused.
+    pub max_future: SignedDuration,
     /// Bytes of fjall's block cache. Once a store outgrows it, the writer's
     /// read-modify-writes of rollup buckets read (and checksum) blocks from
     /// disk, which is what bounds ingest at a few million events.
@@ -84,6 +86,7 @@ impl StoreConfig {
             data_dir: data_dir.into(),
             dedupe_horizon: SignedDuration::from_hours(32 * 24),
             max_lateness: SignedDuration::from_hours(32 * 24),
+            max_future: tally_ledger::DEFAULT_MAX_FUTURE,
             cache_bytes: DEFAULT_CACHE_BYTES,
         }
     }
@@ -307,12 +310,12 @@ impl EmbeddedLedger {
         if format == 3 {
             writer.upgrade_from_format_3()?;
         }
-        let alive = Arc::clone(&shared);
+        let stopped = WriterStopped(Arc::clone(&shared));
         std::thread::Builder::new()
             .name("tally-writer".into())
             .spawn(move || {
+                let _stopped = stopped;
                 writer.run();
-                alive.writer_alive.store(false, Ordering::SeqCst);
             })
             .map_err(|e| StoreError::Encode(format!("starting the writer thread: {e}")))?;
         Ok(EmbeddedLedger {
@@ -357,32 +360,27 @@ impl EmbeddedLedger {
             .map_err(|e| LedgerError::Storage(format!("read task failed: {e}")))?
     }
 
-    /// Refuses the whole request if any event is older than the allowed lateness.
-    fn check_lateness(&self, events: &[CloudEvent]) -> Result<(), LedgerError> {
-        let oldest = Timestamp::now() - self.config.max_lateness;
-        let late: Vec<EventError> = events
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| e.time < oldest)
-            .map(|(index, e)| EventError {
-                index,
-                id: Some(e.id.clone()),
-                errors: vec![field_error(
-                    "time",
-                    error_code::TOO_LATE,
-                    format!(
-                        "{} is older than the allowed lateness of {} (events before {} are refused)",
-                        e.time,
-                        self.config.max_lateness,
-                        oldest.round(jiff::Unit::Second).unwrap_or(oldest)
-                    ),
-                )],
-            })
-            .collect();
-        if late.is_empty() {
-            Ok(())
-        } else {
-            Err(LedgerError::Rejected(late))
+    /// How far from the clock an event's time may be.
+    fn admission(&self) -> Admission {
+        Admission {
+            max_lateness: self.config.max_lateness,
+            max_future: self.config.max_future,
+        }
+    }
+}
+
+/// Marks the writer stopped when its thread ends, by returning or by a
+/// panic, so [`Ledger::ready`] (and with it `/healthz` and `/readyz`) tells
+/// an orchestrator to restart the process.
+struct WriterStopped(Arc<Shared>);
+
+impl Drop for WriterStopped {
+    fn drop(&mut self) {
+        self.0.writer_alive.store(false, Ordering::SeqCst);
+        if std::thread::panicking() {
+            tracing::error!(
+                "the ledger's writer panicked; the ledger takes no more writes until the process restarts"
+            );
         }
     }
 }
@@ -393,7 +391,7 @@ impl Ledger for EmbeddedLedger {
             if events.is_empty() {
                 return Ok(IngestOutcome::default());
             }
-            self.check_lateness(&events)?;
+            self.admission().check(&events, Timestamp::now())?;
             let now = Timestamp::now();
             let meters = Arc::clone(&self.shared.read_state().meters_by_type);
             let events = events
@@ -467,11 +465,19 @@ impl Ledger for EmbeddedLedger {
         let attribution = attributes
             .contains(&true)
             .then(|| self.resources.snapshot().attribution());
-        Box::pin(self.read(move |shared| read::query(shared, &meter, &query, attribution.as_ref())))
+        Box::pin(async move {
+            query.validate()?;
+            self.read(move |shared| read::query(shared, &meter, &query, attribution.as_ref()))
+                .await
+        })
     }
 
     fn list_events(&self, filter: EventFilter) -> BoxFuture<'_, Result<EventPage, LedgerError>> {
-        Box::pin(self.read(move |shared| read::list_events(shared, &filter)))
+        Box::pin(async move {
+            filter.validate()?;
+            self.read(move |shared| read::list_events(shared, &filter))
+                .await
+        })
     }
 
     fn list_quarantine(
@@ -482,7 +488,11 @@ impl Ledger for EmbeddedLedger {
     }
 
     fn void(&self, request: VoidRequest) -> BoxFuture<'_, Result<VoidOutcome, LedgerError>> {
-        Box::pin(self.call(move |reply| Command::Void { request, reply }))
+        Box::pin(async move {
+            request.validate()?;
+            self.call(move |reply| Command::Void { request, reply })
+                .await
+        })
     }
 
     fn list_voids(
@@ -533,5 +543,35 @@ impl Ledger for EmbeddedLedger {
 
     fn ready(&self) -> bool {
         self.shared.writer_alive.load(Ordering::SeqCst) && !self.tx.is_closed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_writer_that_panics_is_not_ready_and_answers_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = EmbeddedLedger::open(StoreConfig::new(dir.path())).unwrap();
+        assert!(ledger.ready());
+        ledger.tx.send(Command::Panic).await.unwrap();
+        for _ in 0..500 {
+            if !ledger.ready() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(!ledger.ready());
+        let void = VoidRequest {
+            source: "s".into(),
+            id: "1".into(),
+            reason: "r".into(),
+            voided_by: "test".into(),
+        };
+        let Err(LedgerError::Storage(message)) = ledger.void(void).await else {
+            panic!("a stopped writer must answer a storage error");
+        };
+        assert!(message.contains("writer"), "{message}");
     }
 }

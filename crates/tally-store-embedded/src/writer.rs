@@ -117,6 +117,9 @@ pub(crate) enum Command {
         name: String,
         reply: oneshot::Sender<Result<(), LedgerError>>,
     },
+    /// Panics the writer thread: how tests stand in for a writer bug.
+    #[cfg(test)]
+    Panic,
 }
 
 pub(crate) struct Writer {
@@ -274,6 +277,8 @@ impl Writer {
                 Command::Delete { kind, name, reply } => {
                     let _ = reply.send(self.delete(kind, &name));
                 }
+                #[cfg(test)]
+                Command::Panic => panic!("the writer was asked to panic"),
             }
         }
         if let Err(e) = self.shared.db.persist(PersistMode::SyncAll) {

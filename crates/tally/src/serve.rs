@@ -42,6 +42,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     max_lateness_days: Option<u32>,
 
+    /// How far ahead of the server's clock an event's time may be, in hours
+    /// [default: 24]; later events are refused (TIME_IN_FUTURE).
+    #[arg(long, value_name = "N")]
+    max_future_hours: Option<u32>,
+
     /// The embedded store's block cache in MiB [default: 256]. More keeps a
     /// large store's rollup buckets in memory; see BENCHMARKS.md.
     #[arg(long, value_name = "MIB")]
@@ -140,6 +145,7 @@ pub fn config(args: &ServeArgs, token: Option<String>) -> anyhow::Result<ServeCo
             listen,
             max_body_bytes,
             dedupe_horizon_days,
+            max_future_hours,
             store_cache_mib
         ]
     );
