@@ -7,6 +7,7 @@ pub mod billing;
 pub mod event;
 pub mod limits;
 pub mod meter;
+pub mod nesting;
 pub mod resource;
 pub mod secret;
 

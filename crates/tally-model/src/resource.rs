@@ -9,11 +9,15 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::nesting::{MAX_MANIFEST_DEPTH, yaml_too_deep};
+
 /// Why a manifest was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ResourceError {
     #[error("document {document}: {message}")]
     Parse { document: usize, message: String },
+    #[error("line {line}: the text nests deeper than {max} levels; flatten it")]
+    TooDeep { line: usize, max: usize },
     #[error(
         "unknown kind {0:?}; known kinds: MeterDefinition, MonitoredResourceType, \
          BillingAccount, BillingAccountBinding, BillingSink, Exporter, TelemetryPolicy, Secret, Namespace, \
@@ -266,7 +270,16 @@ pub struct Manifest {
 impl Manifest {
     /// Parses a multi-document YAML (or JSON, which is YAML) text. Empty
     /// documents are skipped; a `List` (`items: [...]`) is flattened.
+    ///
+    /// Text that nests deeper than [`MAX_MANIFEST_DEPTH`] is refused before
+    /// it is parsed ([`crate::nesting`]).
     pub fn parse_documents(text: &str) -> Result<Vec<Manifest>, ResourceError> {
+        if let Some(line) = yaml_too_deep(text, MAX_MANIFEST_DEPTH) {
+            return Err(ResourceError::TooDeep {
+                line,
+                max: MAX_MANIFEST_DEPTH,
+            });
+        }
         let mut manifests = Vec::new();
         for (index, document) in serde_norway::Deserializer::from_str(text).enumerate() {
             let document_number = index + 1;

@@ -6,6 +6,19 @@
 //! for usage events. Tokens are compared as SHA-256 digests in constant
 //! time, and may be configured by digest so the config file need not hold
 //! them. A server with no token configured is open (every caller is admin).
+//!
+//! The scope rules (SECURITY.md has the table):
+//! - `admin`: every route.
+//! - `ingest`: writes events and metrics (`POST /api/v1/events`,
+//!   `/v1/usage/events*`, `/v1/metrics`, `/api/v1/write`) and nothing else:
+//!   not the catalog, not `/openapi.json`, not usage. A leaked ingest token
+//!   can add usage (deduplicated, attributed by subject) but read nothing.
+//! - `project:<name>`: reads the catalog and `/openapi.json`, its own usage
+//!   and events, and reads and writes its own namespaced customer resources
+//!   (exporters, policies, secrets); it never sees another project's.
+//!
+//! **Invariant:** [`access`] names every route; a route it does not name is
+//! admin-only, so a new route is closed until it is opened on purpose.
 
 use std::fmt;
 use std::str::FromStr;
@@ -98,6 +111,12 @@ impl Principal {
         self.is_admin() || self.scopes.contains(&Scope::Ingest)
     }
 
+    /// Whether this caller reads the catalog and the API document: admins
+    /// and projects, not a token that may only ingest.
+    fn can_read_catalog(&self) -> bool {
+        self.is_admin() || self.projects().next().is_some()
+    }
+
     /// The projects this caller acts for through `project:<name>` scopes.
     pub fn projects(&self) -> impl Iterator<Item = &str> {
         self.scopes.iter().filter_map(|s| match s {
@@ -107,11 +126,11 @@ impl Principal {
     }
 
     /// Whether this caller may see a resource of `kind` that belongs to
-    /// `project` (`None`: to no project). Everyone reads the catalog; a
-    /// project reads its own namespaced resources and namespaces.
+    /// `project` (`None`: to no project). Admins and projects read the
+    /// catalog; a project reads its own namespaced resources and namespaces.
     pub fn may_read(&self, kind: Kind, project: Option<&str>) -> bool {
         self.is_admin()
-            || kind.class() == KindClass::Catalog
+            || (kind.class() == KindClass::Catalog && self.can_read_catalog())
             || (matches!(kind.class(), KindClass::Customer | KindClass::Platform)
                 && project.is_some_and(|p| self.projects().any(|mine| mine == p)))
     }
@@ -164,12 +183,13 @@ impl Principal {
 /// What a route needs of its caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Access {
-    /// Any authenticated caller.
+    /// Any authenticated caller; the handler decides per resource.
     Authenticated,
     /// `ingest` or `admin`.
     Ingest,
-    /// `project:*` or `admin`; the handler narrows what is read.
-    ReadUsage,
+    /// `project:*` or `admin`: the catalog, and usage, which the handler
+    /// narrows to the caller's projects.
+    Read,
     Admin,
 }
 
@@ -183,12 +203,17 @@ fn access(method: &Method, route: &str) -> Access {
             | "/v1/metrics"
             | "/api/v1/write",
         ) => Access::Ingest,
-        (&Method::GET, "/api/v1/events" | "/api/v1/meters/{slug}/query") => Access::ReadUsage,
-        // The catalog (meter definitions, resource types) is cluster-scoped
-        // and readable by every caller.
-        (&Method::GET, "/api/v1/meters" | "/api/v1/meters/{slug}" | "/openapi.json") => {
-            Access::Authenticated
-        }
+        // Usage (narrowed by the handler to the caller's projects), and the
+        // catalog (meter definitions, resource types), cluster-scoped and
+        // readable by every project.
+        (
+            &Method::GET,
+            "/api/v1/events"
+            | "/api/v1/meters/{slug}/query"
+            | "/api/v1/meters"
+            | "/api/v1/meters/{slug}"
+            | "/openapi.json",
+        ) => Access::Read,
         // Resources: the handlers decide per kind and project
         // (`Principal::may_read`, `Principal::may_write`).
         (
@@ -302,13 +327,7 @@ impl Authenticator {
         let allowed = match access(method, route) {
             Access::Authenticated => true,
             Access::Ingest => principal.can_ingest(),
-            Access::ReadUsage => {
-                principal.is_admin()
-                    || principal
-                        .scopes
-                        .iter()
-                        .any(|s| matches!(s, Scope::Project(_)))
-            }
+            Access::Read => principal.can_read_catalog(),
             Access::Admin => principal.is_admin(),
         };
         if allowed {
@@ -397,6 +416,19 @@ mod tests {
         assert!(!acme.may_read(Kind::BillingAccountBinding, None));
         let agent = a.check(Some("agent-secret"), &post, "/apis/apply").unwrap();
         assert!(!agent.may_write(Kind::MeterDefinition, None));
+        // An ingest token writes events and reads nothing, the catalog
+        // and the API document included.
+        assert!(!agent.may_read(Kind::MeterDefinition, None));
+        for route in ["/api/v1/meters", "/api/v1/meters/{slug}", "/openapi.json"] {
+            assert_eq!(
+                a.check(Some("agent-secret"), &get, route)
+                    .unwrap_err()
+                    .status,
+                403,
+                "{route}"
+            );
+            assert!(a.check(Some("acme-secret"), &get, route).is_ok(), "{route}");
+        }
         let acme = a
             .check(Some("acme-secret"), &get, "/api/v1/meters/{slug}/query")
             .unwrap();

@@ -1,4 +1,9 @@
-//! Request bodies: size limits and `Content-Encoding` (gzip, zstd).
+//! Request bodies: size limits, `Content-Encoding` (gzip, zstd), and
+//! where they are parsed.
+//!
+//! **Never:** decompress or parse a large body on an async worker: one
+//! such body would stall every connection that worker serves (`/healthz`
+//! included). [`off_workers`] moves the work to the blocking pool.
 
 use std::io::Read;
 
@@ -65,4 +70,29 @@ pub fn media_type(headers: &HeaderMap) -> String {
             .and_then(|v| v.to_str().ok())
             .unwrap_or(""),
     )
+}
+
+/// Bodies smaller than this, and not compressed, are parsed where they
+/// arrive: moving them would cost more than parsing them.
+const INLINE_BODY_BYTES: usize = 64 * 1024;
+
+/// Runs `parse` (decompression and parsing of a request body of `body_len`
+/// bytes, as `headers` describe it) on the blocking pool, unless the body
+/// is small and not compressed.
+pub async fn off_workers<T: Send + 'static>(
+    headers: &HeaderMap,
+    body_len: usize,
+    parse: impl FnOnce() -> Result<T, Problem> + Send + 'static,
+) -> Result<T, Problem> {
+    let compressed = content_encoding(headers).is_some_and(|e| e != "identity" && !e.is_empty());
+    if body_len < INLINE_BODY_BYTES && !compressed {
+        return parse();
+    }
+    tokio::task::spawn_blocking(parse).await.map_err(|e| {
+        tracing::error!(error = %e, "parsing a request body failed");
+        Problem::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the server failed to read this request; it has been logged",
+        )
+    })?
 }

@@ -47,8 +47,19 @@ pub async fn ingest(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<IngestOutcome>, Problem> {
-    let body = body::decode(&headers, body, state.max_body_bytes)?;
-    let values = values(&body::media_type(&headers), &body)?;
+    let limit = state.max_body_bytes;
+    let events = body::off_workers(&headers.clone(), body.len(), move || {
+        let body = body::decode(&headers, body, limit)?;
+        parse_events(values(&body::media_type(&headers), &body)?)
+    })
+    .await?;
+    let _permit = state.admit(events.len()).await?;
+    let outcome = state.ledger.ingest(events).await?;
+    Ok(Json(outcome))
+}
+
+/// The events of a request, or the problems of every bad one.
+fn parse_events(values: Vec<Value>) -> Result<Vec<tally_model::CloudEvent>, Problem> {
     let received = Timestamp::now();
     let mut events = Vec::with_capacity(values.len());
     let mut errors = Vec::new();
@@ -66,9 +77,7 @@ pub async fn ingest(
     if !errors.is_empty() {
         return Err(tally_ledger::LedgerError::Rejected(errors).into());
     }
-    let _permit = state.admit(events.len()).await?;
-    let outcome = state.ledger.ingest(events).await?;
-    Ok(Json(outcome))
+    Ok(events)
 }
 
 /// List stored events, newest first.

@@ -161,7 +161,7 @@ fn router(state: ExportState) -> Router {
             Arc::clone(&state.auth),
             crate::authenticate,
         ));
-    Router::new()
+    let app = Router::new()
         .merge(api)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -170,7 +170,8 @@ fn router(state: ExportState) -> Router {
                 StatusCode::NOT_FOUND,
                 "no such endpoint: tally export serves /v1/metrics, /api/v1/write, /apis/exporters, /metrics, /healthz and /readyz",
             )
-        })
+        });
+    crate::with_error_layers(app)
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state.requests),
             crate::count_requests,

@@ -301,13 +301,14 @@ pub fn router(state: AppState) -> Router {
             Arc::clone(&state.auth),
             authenticate,
         ));
-    Router::new()
+    let app = Router::new()
         .merge(api)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(|| async {
             Problem::new(StatusCode::NOT_FOUND, "no such endpoint; see /openapi.json")
-        })
+        });
+    with_error_layers(app)
         .layer(middleware::from_fn_with_state(
             Arc::clone(&state.requests),
             count_requests,
@@ -315,6 +316,17 @@ pub fn router(state: AppState) -> Router {
         // Compressed bodies may expand; the decoded size is checked again in `body::decode`.
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
         .with_state(state)
+}
+
+/// What every router of a server process wraps itself in: every error is
+/// problem+json, and a panicking handler answers 500 instead of dropping
+/// the connection.
+fn with_error_layers<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Router<S> {
+    router
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            problem::panic_answer,
+        ))
+        .layer(middleware::from_fn(problem::problem_json_errors))
 }
 
 async fn authenticate(

@@ -1,6 +1,16 @@
 //! `application/problem+json` (RFC 9457) answers.
+//!
+//! **Invariant:** every error a route answers is problem+json. Handlers
+//! answer [`Problem`]s; what the framework answers by itself (a body over
+//! the size limit, a method a route does not have, an extractor's
+//! rejection) and a handler's panic are turned into one by
+//! [`problem_json_errors`] and [`panic_answer`]. The one exception is
+//! OTLP/HTTP, whose errors are `google.rpc.Status` in the request's
+//! encoding, as the OTLP specification requires.
 
+use axum::extract::Request;
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::Value;
@@ -103,4 +113,56 @@ impl From<LedgerError> for Problem {
             }
         }
     }
+}
+
+/// The most bytes of a framework error's plain-text body kept as `detail`.
+const MAX_PLAIN_DETAIL: usize = 1024;
+
+/// Middleware: an error answer without a body, or with a plain-text one
+/// (axum's own rejections), becomes problem+json with the same status and
+/// headers; its text, if any, is the `detail`.
+pub async fn problem_json_errors(request: Request, next: Next) -> Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    let plain = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_none_or(|v| v.starts_with("text/plain"));
+    if !(status.is_client_error() || status.is_server_error()) || !plain {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, MAX_PLAIN_DETAIL)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let detail = match (text.is_empty(), status) {
+        (false, _) => text,
+        (true, StatusCode::METHOD_NOT_ALLOWED) => {
+            let allowed = parts
+                .headers
+                .get(header::ALLOW)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            format!("this route does not take this method; it takes {allowed}")
+        }
+        (true, _) => status.canonical_reason().unwrap_or("error").to_owned(),
+    };
+    let problem = Problem::new(status, detail).into_response();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let (problem_parts, body) = problem.into_parts();
+    parts.headers.extend(problem_parts.headers);
+    Response::from_parts(parts, body)
+}
+
+/// What a request whose handler panicked is answered (with
+/// `tower_http::catch_panic`): a 500 that says nothing of the panic.
+pub fn panic_answer(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("a request handler panicked");
+    Problem::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "the server failed to answer this request; it has been logged",
+    )
+    .into_response()
 }

@@ -136,11 +136,14 @@ pub async fn apply(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<ApplyResults>, Problem> {
-    let body = body::decode(&headers, body, state.max_body_bytes)?;
-    let text =
-        std::str::from_utf8(&body).map_err(|_| Problem::bad_request("manifests must be UTF-8"))?;
-    let manifests =
-        Manifest::parse_documents(text).map_err(|e| Problem::bad_request(e.to_string()))?;
+    let limit = state.max_body_bytes;
+    let manifests = body::off_workers(&headers.clone(), body.len(), move || {
+        let body = body::decode(&headers, body, limit)?;
+        let text = std::str::from_utf8(&body)
+            .map_err(|_| Problem::bad_request("manifests must be UTF-8"))?;
+        Manifest::parse_documents(text).map_err(|e| Problem::bad_request(e.to_string()))
+    })
+    .await?;
     let set = state.snapshot();
     let mut typed = Vec::with_capacity(manifests.len());
     for manifest in manifests {

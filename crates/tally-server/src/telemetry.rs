@@ -177,7 +177,7 @@ pub async fn otlp_metrics(
     // Past this point the request speaks OTLP, so its errors are answered
     // as the OTLP/HTTP specification says: a `google.rpc.Status` in the
     // request's encoding (with `Retry-After` kept on a 503).
-    match receive_metrics(&state, &headers, body, encoding) {
+    match receive_metrics(&state, headers, body, encoding).await {
         Ok(response) => Ok(response),
         Err(problem) => {
             let status =
@@ -203,16 +203,20 @@ pub async fn otlp_metrics(
     }
 }
 
-fn receive_metrics(
+async fn receive_metrics(
     state: &Telemetry,
-    headers: &HeaderMap,
+    headers: HeaderMap,
     body: Bytes,
     encoding: Encoding,
 ) -> Result<Response, Problem> {
     let pipeline = pipeline(state)?;
-    let raw = body::decode(headers, body, state.max_body_bytes)?;
-    let request = otlp::decode_metrics_request(&raw, encoding, None, state.max_body_bytes)
-        .map_err(|e| Problem::bad_request(e.to_string()))?;
+    let limit = state.max_body_bytes;
+    let request = body::off_workers(&headers.clone(), body.len(), move || {
+        let raw = body::decode(&headers, body, limit)?;
+        otlp::decode_metrics_request(&raw, encoding, None, limit)
+            .map_err(|e| Problem::bad_request(e.to_string()))
+    })
+    .await?;
     let report = ingest(pipeline, "otlp_http_metrics", &request, 0)?;
     let answer = ExportMetricsServiceResponse {
         partial_success: partial_success(&report),
@@ -268,14 +272,19 @@ pub async fn remote_write(
             ),
         ));
     }
-    let write =
-        remote_write::decode_write_request(&body, state.max_body_bytes).map_err(|e| match e {
+    let limit = state.max_body_bytes;
+    // Snappy expands a body at most about 21 times: a small one is read
+    // where it arrives, like an uncompressed one.
+    let converted = body::off_workers(&headers, body.len(), move || {
+        let write = remote_write::decode_write_request(&body, limit).map_err(|e| match e {
             remote_write::RemoteWriteError::TooLarge { .. } => {
                 Problem::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
             }
             e => Problem::bad_request(e.to_string()),
         })?;
-    let converted = remote_write::to_otlp(&write);
+        Ok(remote_write::to_otlp(&write))
+    })
+    .await?;
     ingest(
         pipeline,
         "prometheus_remote_write",

@@ -77,9 +77,13 @@ pub async fn ingest_one(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, Problem> {
-    let body = body::decode(&headers, body, state.max_body_bytes)?;
-    let value: Value = serde_json::from_slice(&body)
-        .map_err(|e| Problem::bad_request(format!("the body is not valid JSON: {e}")))?;
+    let limit = state.max_body_bytes;
+    let value: Value = body::off_workers(&headers.clone(), body.len(), move || {
+        let body = body::decode(&headers, body, limit)?;
+        serde_json::from_slice(&body)
+            .map_err(|e| Problem::bad_request(format!("the body is not valid JSON: {e}")))
+    })
+    .await?;
     if !value.is_object() {
         return Err(Problem::bad_request(
             "POST /v1/usage/events takes one event object; send arrays to /v1/usage/events:batchIngest",
@@ -108,14 +112,18 @@ pub async fn ingest_batch(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, Problem> {
-    let body = body::decode(&headers, body, state.max_body_bytes)?;
-    let media_type = body::media_type(&headers);
-    let media_type = if media_type.is_empty() {
-        "application/json"
-    } else {
-        media_type.as_str()
-    };
-    let values = crate::events::values(media_type, &body)?;
+    let limit = state.max_body_bytes;
+    let values = body::off_workers(&headers.clone(), body.len(), move || {
+        let body = body::decode(&headers, body, limit)?;
+        let media_type = body::media_type(&headers);
+        let media_type = if media_type.is_empty() {
+            "application/json"
+        } else {
+            media_type.as_str()
+        };
+        crate::events::values(media_type, &body)
+    })
+    .await?;
     ingest(&state, values).await
 }
 
