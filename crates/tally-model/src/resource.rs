@@ -437,3 +437,23 @@ mod tests {
         assert!(validate_name("").is_err());
     }
 }
+
+#[cfg(test)]
+mod hostile_tests {
+    use super::*;
+
+    #[test]
+    fn alias_bombs_and_deep_nesting_are_refused() {
+        let bomb = "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n\
+                    c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n\
+                    e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]\n\
+                    g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f]\nh: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g]\n\
+                    i: &i [*h, *h, *h, *h, *h, *h, *h, *h, *h]\n";
+        // The YAML parser bounds how often aliases may repeat a node.
+        let err = Manifest::parse_documents(bomb).unwrap_err();
+        assert!(err.to_string().contains("repetition limit"), "{err}");
+        let deep = format!("{}{}", "- ".repeat(50_000), "x");
+        let err = Manifest::parse_documents(&deep).unwrap_err();
+        assert!(matches!(err, ResourceError::TooDeep { line: 1, max: 64 }));
+    }
+}

@@ -183,12 +183,10 @@ impl Principal {
 /// What a route needs of its caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Access {
-    /// Any authenticated caller; the handler decides per resource.
-    Authenticated,
     /// `ingest` or `admin`.
     Ingest,
-    /// `project:*` or `admin`: the catalog, and usage, which the handler
-    /// narrows to the caller's projects.
+    /// `project:*` or `admin`: the catalog, resources and usage, which the
+    /// handlers narrow to the caller's projects.
     Read,
     Admin,
 }
@@ -214,15 +212,15 @@ fn access(method: &Method, route: &str) -> Access {
             | "/api/v1/meters/{slug}"
             | "/openapi.json",
         ) => Access::Read,
-        // Resources: the handlers decide per kind and project
-        // (`Principal::may_read`, `Principal::may_write`).
+        // Resources: admins and projects; the handlers decide per kind and
+        // project (`Principal::may_read`, `Principal::may_write`).
         (
             _,
             "/apis/apply"
             | "/apis/{plural}"
             | "/apis/{plural}/{name}"
             | "/apis/{plural}/{namespace}/{name}",
-        ) => Access::Authenticated,
+        ) => Access::Read,
         _ => Access::Admin,
     }
 }
@@ -325,7 +323,6 @@ impl Authenticator {
                 )
             })?;
         let allowed = match access(method, route) {
-            Access::Authenticated => true,
             Access::Ingest => principal.can_ingest(),
             Access::Read => principal.can_read_catalog(),
             Access::Admin => principal.is_admin(),
@@ -414,12 +411,21 @@ mod tests {
         assert!(acme.may_read(Kind::Namespace, Some("acme")));
         assert!(!acme.may_read(Kind::Secret, Some("other")));
         assert!(!acme.may_read(Kind::BillingAccountBinding, None));
-        let agent = a.check(Some("agent-secret"), &post, "/apis/apply").unwrap();
-        assert!(!agent.may_write(Kind::MeterDefinition, None));
-        // An ingest token writes events and reads nothing, the catalog
-        // and the API document included.
-        assert!(!agent.may_read(Kind::MeterDefinition, None));
-        for route in ["/api/v1/meters", "/api/v1/meters/{slug}", "/openapi.json"] {
+        // An ingest token writes events and reads nothing, the catalog,
+        // resources and the API document included.
+        assert_eq!(
+            a.check(Some("agent-secret"), &post, "/apis/apply")
+                .unwrap_err()
+                .status,
+            403
+        );
+        for route in [
+            "/api/v1/meters",
+            "/api/v1/meters/{slug}",
+            "/openapi.json",
+            "/apis/{plural}",
+            "/apis/{plural}/{name}",
+        ] {
             assert_eq!(
                 a.check(Some("agent-secret"), &get, route)
                     .unwrap_err()

@@ -195,6 +195,12 @@ pub async fn list(
 ) -> Result<Json<Value>, Problem> {
     let kind = kind(&plural)?;
     let items: Vec<Manifest> = if kind.class() == KindClass::Catalog {
+        if !principal.may_read(kind, None) {
+            return Err(Problem::new(
+                StatusCode::FORBIDDEN,
+                format!("token {:?} may not read {plural}", principal.name),
+            ));
+        }
         state.ledger.list(kind).await?
     } else {
         let set = state.resource_store()?.snapshot();
@@ -238,6 +244,9 @@ async fn get_key(
     key: ResourceKey,
 ) -> Result<Json<Manifest>, Problem> {
     if key.kind.class() == KindClass::Catalog {
+        if !principal.may_read(key.kind, None) {
+            return Err(forbidden(principal, "read", &key));
+        }
         return Ok(Json(state.ledger.get(key.kind, key.name).await?));
     }
     let set = state.resource_store()?.snapshot();
