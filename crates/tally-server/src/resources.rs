@@ -259,12 +259,25 @@ async fn get_key(
     }
 }
 
+/// Replaces the resource at `key` with the manifest in `body`, once the
+/// caller is known to be allowed to write it: an unauthorised body is
+/// never parsed.
 async fn put_key(
     state: &AppState,
     principal: &Principal,
     key: ResourceKey,
-    manifest: Manifest,
+    body: Bytes,
 ) -> Result<Json<Manifest>, Problem> {
+    let set = state.snapshot();
+    let project = project_of(&set, key.kind, key.namespace.as_deref(), &key.name);
+    if !principal.may_write(key.kind, project.as_deref()) {
+        return Err(forbidden(principal, "write", &key));
+    }
+    let manifest: Manifest = body::off_workers(&HeaderMap::new(), body.len(), move || {
+        serde_json::from_slice(&body)
+            .map_err(|e| Problem::bad_request(format!("the body is not a JSON manifest: {e}")))
+    })
+    .await?;
     let meta = &manifest.metadata;
     if meta.name != key.name
         || manifest.kind != key.kind.as_str()
@@ -279,11 +292,6 @@ async fn put_key(
                 .unwrap_or_default(),
             meta.name
         )));
-    }
-    let set = state.snapshot();
-    let project = project_of(&set, key.kind, key.namespace.as_deref(), &key.name);
-    if !principal.may_write(key.kind, project.as_deref()) {
-        return Err(forbidden(principal, "write", &key));
     }
     Ok(Json(
         apply_one(state, manifest, key.kind, ApplyMode::Upsert)
@@ -351,9 +359,9 @@ pub async fn put(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path((plural, name)): Path<(String, String)>,
-    Json(manifest): Json<Manifest>,
+    body: Bytes,
 ) -> Result<Json<Manifest>, Problem> {
-    put_key(&state, &principal, target(&plural, None, name)?, manifest).await
+    put_key(&state, &principal, target(&plural, None, name)?, body).await
 }
 
 /// Create or replace one namespaced resource.
@@ -367,10 +375,10 @@ pub async fn put_namespaced(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
     Path((plural, namespace, name)): Path<(String, String, String)>,
-    Json(manifest): Json<Manifest>,
+    body: Bytes,
 ) -> Result<Json<Manifest>, Problem> {
     let key = target(&plural, Some(namespace), name)?;
-    put_key(&state, &principal, key, manifest).await
+    put_key(&state, &principal, key, body).await
 }
 
 /// Delete one cluster-scoped resource.
