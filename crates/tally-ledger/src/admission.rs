@@ -2,7 +2,7 @@
 //! the allowed lateness and future bound, and the bounded lengths of the
 //! strings that reach its indexes ([`tally_model::limits`]).
 //!
-//! **Invariant:** every backend calls [`TimeBounds::check`] on each ingest
+//! **Invariant:** every backend calls [`Admission::check`] on each ingest
 //! and the `validate` methods here on each void, listing and query, so the
 //! same request gets the same refusal whatever stores it.
 

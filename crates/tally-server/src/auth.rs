@@ -1,6 +1,6 @@
 //! Bearer tokens with scopes.
 //!
-//! The scopes: `ingest` (platform services write events), `admin`, and
+//! Three scopes: `ingest` (platform services write events), `admin`, and
 //! `project:<name>` (a customer reads its own usage). A project's usage is
 //! the usage whose subject is `projects/<name>`, the platform's convention
 //! for usage events. Tokens are compared as SHA-256 digests in constant

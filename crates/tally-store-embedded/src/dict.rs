@@ -7,10 +7,10 @@
 //! removed: subjects and group values are few next to events.
 //!
 //! The writer keeps its own maps ([`WriterDict`]); ids it hands out are
-//! *fresh* until their batch commits. Readers use [`ReaderDict`], which the
-//! writer extends after each commit and before it answers; a reader whose
-//! snapshot is newer than its copy reads the missing entries from the
-//! snapshot.
+//! *fresh* until their batch commits, and handed out again if it does not.
+//! Readers use [`ReaderDict`], which the writer extends after each commit
+//! and before it answers; a reader whose snapshot is newer than its copy
+//! reads the missing entries from the snapshot.
 
 use std::collections::HashMap;
 

@@ -1,5 +1,22 @@
 //! Queries over committed state. Each runs on one snapshot, so a query never
 //! sees half of a group commit.
+//!
+//! The shape of [`query`]:
+//! - Day buckets (all groups merged, laid out by day) answer a question
+//!   across all subjects that needs no group value, one range per run of
+//!   days. Hour and minute buckets are read per subject and run; across all
+//!   subjects, the subjects read are those with a day bucket in the run's
+//!   days (every minute and hour bucket has one, see [`crate::keys`]).
+//! - A question across all subjects is shared out, by days and by subjects,
+//!   between up to `fold_threads` threads, each folding into its own
+//!   `Folder`. A key may be folded twice (by two threads, or once appended
+//!   and once hashed); the folds are merged by sorting on one packed
+//!   `order_key` and merging neighbours, which is where such keys become one
+//!   row. Rows and their strings are built only for the page answered.
+//! - A query grouped or filtered by `billing_account` cuts its windows where
+//!   a project changes account (whole minutes), so every bucket read has
+//!   one owner per `projects/<p>` subject. Attribution is decided at query
+//!   time: a binding that appears later attributes usage that had none.
 
 use std::collections::{BTreeSet, HashMap};
 use std::ops::Bound;

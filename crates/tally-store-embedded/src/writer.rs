@@ -5,6 +5,21 @@
 //! Ingest requests that queue up while a commit is in flight are taken
 //! together as one *group*: one fjall batch, one fsync, then every request
 //! in the group is answered.
+//!
+//! Catalog changes and voids are commands like ingest. When no command
+//! waits, the thread runs one step of backfill, garbage collection or
+//! dedupe pruning, so a long rebuild never holds up ingest. What needs no
+//! serialising is done off the thread: events arrive [`Prepared`] and go
+//! back with the answer to be freed by the caller; the thread only decides
+//! and merges. A batch's rollup deltas are sorted once and folded into the
+//! store in key order.
+//!
+//! A void retracts the event from SUM, COUNT and AVG buckets and rebuilds
+//! meters of other aggregations from the log, each under a generation of
+//! its own. A Retired meter is rebuilt only up to
+//! `MeterState::retired_from`; one Retired before that was recorded is not
+//! rebuilt (it would lose its history): it keeps counting the event, and
+//! the answer names it (`still_counted_by`).
 
 use std::collections::HashMap;
 
