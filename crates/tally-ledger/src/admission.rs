@@ -36,8 +36,7 @@ impl Admission {
             .iter()
             .enumerate()
             .filter_map(|(index, e)| {
-                let mut errors = length_errors(e);
-                errors.extend(self.time_error(e.time, oldest, latest));
+                let errors = self.errors_within(e, oldest, latest);
                 (!errors.is_empty()).then(|| EventError {
                     index,
                     id: Some(e.id.chars().take(MAX_ATTRIBUTE_BYTES).collect()),
@@ -50,6 +49,25 @@ impl Admission {
         } else {
             Err(LedgerError::Rejected(bad))
         }
+    }
+
+    /// Every problem of one event that [`Admission::check`] would refuse it
+    /// for at `now`.
+    pub fn errors(&self, event: &CloudEvent, now: Timestamp) -> Vec<FieldError> {
+        let oldest = now.checked_sub(self.max_lateness).unwrap_or(Timestamp::MIN);
+        let latest = now.checked_add(self.max_future).unwrap_or(Timestamp::MAX);
+        self.errors_within(event, oldest, latest)
+    }
+
+    fn errors_within(
+        &self,
+        e: &CloudEvent,
+        oldest: Timestamp,
+        latest: Timestamp,
+    ) -> Vec<FieldError> {
+        let mut errors = length_errors(e);
+        errors.extend(self.time_error(e.time, oldest, latest));
+        errors
     }
 
     fn time_error(

@@ -88,6 +88,10 @@ pub trait Ledger: Send + Sync + 'static {
         })
     }
 
+    /// What [`Ledger::ingest`] checks of each event beyond its structure,
+    /// so a caller can report every problem of a request at once.
+    fn admission(&self) -> Admission;
+
     /// Counters for `/metrics`.
     fn stats(&self) -> LedgerStats;
 

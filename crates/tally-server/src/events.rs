@@ -6,8 +6,10 @@ use axum::{Extension, Json};
 use bytes::Bytes;
 use jiff::Timestamp;
 use serde_json::Value;
-use tally_ledger::{EventFilter, EventPage, IngestOutcome, VoidOutcome, VoidPage, VoidRequest};
-use tally_model::{BatchError, EventError, parse_event, split_batch};
+use tally_ledger::{
+    Admission, EventFilter, EventPage, IngestOutcome, VoidOutcome, VoidPage, VoidRequest,
+};
+use tally_model::{BatchError, CloudEvent, EventError, parse_event, split_batch};
 
 use crate::body;
 use crate::problem::Problem;
@@ -48,9 +50,10 @@ pub async fn ingest(
     body: Bytes,
 ) -> Result<Json<IngestOutcome>, Problem> {
     let limit = state.max_body_bytes;
+    let admission = state.ledger.admission();
     let events = body::off_workers(&headers.clone(), body.len(), move || {
         let body = body::decode(&headers, body, limit)?;
-        parse_events(values(&body::media_type(&headers), &body)?)
+        parse_events(values(&body::media_type(&headers), &body)?, &admission)
     })
     .await?;
     let _permit = state.admit(events.len()).await?;
@@ -58,21 +61,30 @@ pub async fn ingest(
     Ok(Json(outcome))
 }
 
-/// The events of a request, or the problems of every bad one.
-fn parse_events(values: Vec<Value>) -> Result<Vec<tally_model::CloudEvent>, Problem> {
+/// The events of a request, or the problems of every bad one: its
+/// structure, and what the ledger would refuse it for (`admission`).
+fn parse_events(values: Vec<Value>, admission: &Admission) -> Result<Vec<CloudEvent>, Problem> {
     let received = Timestamp::now();
     let mut events = Vec::with_capacity(values.len());
     let mut errors = Vec::new();
     for (index, value) in values.into_iter().enumerate() {
         let id = value.get("id").and_then(Value::as_str).map(str::to_owned);
-        match parse_event(value, received) {
-            Ok(event) => events.push(event),
-            Err(field_errors) => errors.push(EventError {
-                index,
-                id,
-                errors: field_errors,
-            }),
-        }
+        let field_errors = match parse_event(value, received) {
+            Ok(event) => {
+                let refused = admission.errors(&event, received);
+                if refused.is_empty() {
+                    events.push(event);
+                    continue;
+                }
+                refused
+            }
+            Err(field_errors) => field_errors,
+        };
+        errors.push(EventError {
+            index,
+            id,
+            errors: field_errors,
+        });
     }
     if !errors.is_empty() {
         return Err(tally_ledger::LedgerError::Rejected(errors).into());
@@ -115,9 +127,17 @@ pub async fn list(
             "this token reads several projects; choose one with `subject`",
         ));
     }
+    let (from, to) = (p.timestamp("from")?, p.timestamp("to")?);
+    if let (Some(from), Some(to)) = (from, to)
+        && from >= to
+    {
+        return Err(Problem::bad_request(format!(
+            "`from` ({from}) must be before `to` ({to})"
+        )));
+    }
     let filter = EventFilter {
-        from: p.timestamp("from")?,
-        to: p.timestamp("to")?,
+        from,
+        to,
         event_type: p.one("type")?,
         subject: subjects.pop(),
         source: p.one("source")?,
@@ -214,5 +234,45 @@ mod tests {
         assert_eq!(values("text/plain", b"{}").unwrap_err().status, 415);
         let err = values("application/x-ndjson", b"{}\n{oops\n").unwrap_err();
         assert!(err.detail.contains("line 2"), "{}", err.detail);
+    }
+
+    #[test]
+    fn lists_structural_and_admission_problems_of_every_event_at_once() {
+        let admission = Admission {
+            max_lateness: jiff::SignedDuration::from_hours(24),
+            max_future: jiff::SignedDuration::from_hours(24),
+        };
+        let event = |id: &str, time: &str| {
+            serde_json::json!({"specversion": "1.0", "id": id, "source": "s", "type": "t",
+                               "subject": "c", "time": time})
+        };
+        let now = Timestamp::now();
+        let values = vec![
+            serde_json::json!({"id": "broken"}),
+            event("late", "2000-01-01T00:00:00Z"),
+            event("fine", &now.to_string()),
+            event("future", "2999-01-01T00:00:00Z"),
+        ];
+        let problem = parse_events(values, &admission).unwrap_err();
+        let errors = problem.errors.expect("every bad event listed");
+        let listed: Vec<(u64, &str)> = errors
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["index"].as_u64().unwrap(),
+                    e["errors"][0]["code"].as_str().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                (0, "MISSING_REQUIRED_FIELD"),
+                (1, "TOO_LATE"),
+                (3, "TIME_IN_FUTURE")
+            ]
+        );
     }
 }

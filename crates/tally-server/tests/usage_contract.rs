@@ -66,6 +66,9 @@ impl Ledger for GatedLedger {
     ) -> BoxFuture<'_, Result<VoidPage, LedgerError>> {
         self.inner.list_voids(limit, cursor)
     }
+    fn admission(&self) -> tally_ledger::Admission {
+        self.inner.admission()
+    }
     fn stats(&self) -> LedgerStats {
         self.inner.stats()
     }

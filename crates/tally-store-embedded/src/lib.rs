@@ -359,14 +359,6 @@ impl EmbeddedLedger {
             .await
             .map_err(|e| LedgerError::Storage(format!("read task failed: {e}")))?
     }
-
-    /// How far from the clock an event's time may be.
-    fn admission(&self) -> Admission {
-        Admission {
-            max_lateness: self.config.max_lateness,
-            max_future: self.config.max_future,
-        }
-    }
 }
 
 /// Marks the writer stopped when its thread ends, by returning or by a
@@ -386,6 +378,13 @@ impl Drop for WriterStopped {
 }
 
 impl Ledger for EmbeddedLedger {
+    fn admission(&self) -> Admission {
+        Admission {
+            max_lateness: self.config.max_lateness,
+            max_future: self.config.max_future,
+        }
+    }
+
     fn ingest(&self, events: Vec<CloudEvent>) -> BoxFuture<'_, Result<IngestOutcome, LedgerError>> {
         Box::pin(async move {
             if events.is_empty() {
