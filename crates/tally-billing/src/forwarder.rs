@@ -12,8 +12,8 @@ use jiff::Timestamp;
 use rust_decimal::Decimal;
 use serde::Serialize;
 use tally_delivery::{
-    BatchOutcome, BatchResult, EncodeError, Item, Registry, RetryConfig, Secret, Sink, SinkConfig,
-    StartError,
+    BatchOutcome, BatchResult, EgressGuard, EgressPolicy, EncodeError, Item, Registry, RetryConfig,
+    Secret, Sink, SinkConfig, StartError,
 };
 use tokio::sync::mpsc;
 
@@ -82,6 +82,11 @@ pub struct ForwarderConfig {
     /// Most windows of one meter first planned in one pass (bounds a pass
     /// after a long stop).
     pub max_new_windows_per_pass: usize,
+    /// Addresses the provider's endpoint may have besides global unicast
+    /// ones (default: none): the sink sends through an [`EgressGuard`], and a
+    /// refused destination dead-letters its batch (reason
+    /// `destination refused`) until the operator allows it and retries.
+    pub egress: EgressPolicy,
 }
 
 impl ForwarderConfig {
@@ -107,6 +112,7 @@ impl ForwarderConfig {
             retry,
             max_queued_records: 200_000,
             max_new_windows_per_pass: 1440,
+            egress: EgressPolicy::default(),
         }
     }
 }
@@ -285,8 +291,11 @@ impl Forwarder {
         sink_config.batch.timeout = Duration::from_millis(200);
         sink_config.retry = config.retry.clone();
         sink_config.queue.max_items = config.max_queued_records.max(ENQUEUE_CHUNK as u64);
+        let guard = EgressGuard::new(config.egress.clone())
+            .map_err(|e| delivery(format!("building the HTTP client: {e}")))?;
         let (tx, outcomes) = mpsc::unbounded_channel();
         let sink = Sink::builder(sink_config, encoder)
+            .egress(guard)
             .registry(registry)
             .on_outcome(move |outcome| {
                 let _ = tx.send(outcome.clone());

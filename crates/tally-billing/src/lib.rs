@@ -20,7 +20,12 @@
 //!   provider dedupes: exactly once in effect.
 //! - Delivery (batching, gzip, retry of 429/5xx/timeouts with backoff and
 //!   `Retry-After`, dead letters for other answers) is `tally-delivery`'s;
-//!   the provider adapters in [`provider`] only encode.
+//!   the provider adapters in [`provider`] only encode. Each sink sends
+//!   through a `tally_delivery::EgressGuard` ([`ForwarderConfig::egress`]):
+//!   a provider endpoint at a loopback, private, link-local... address is
+//!   refused unless the operator allows it, and the batch is dead-lettered
+//!   at once (reason `destination refused`; retry it once allowed);
+//!   redirects are not followed.
 //! - [`Forwarder::status`] and [`Forwarder::reconcile`] say where forwarding
 //!   stands and which (account, meter) totals differ from the ledger's.
 //!

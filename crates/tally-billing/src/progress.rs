@@ -152,11 +152,14 @@ pub struct DeadLetterRecord {
     pub id: u64,
     /// When it was refused.
     pub at: Timestamp,
-    /// Why (`permanent error`, ...).
+    /// Why (`permanent error`, `destination refused`, ...).
     pub reason: String,
     /// The provider's last HTTP status, if it answered.
     pub status: Option<u16>,
-    /// The provider's answer (first 4 KiB), or the transport error.
+    /// The provider's answer (first 4 KiB, the API key removed), the
+    /// transport error, or why the egress policy refused the destination.
+    /// Shown to operators only (BillingSinks and their dead letters are
+    /// admin-only).
     pub answer: String,
     /// Attempts made.
     pub attempts: u32,

@@ -16,7 +16,7 @@ use futures::future::BoxFuture;
 use jiff::Timestamp;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use tally_delivery::{Registry, Secret};
+use tally_delivery::{EgressPolicy, Registry, Secret};
 use tally_model::Manifest;
 use tokio::sync::{Mutex, watch};
 
@@ -239,6 +239,8 @@ pub struct RuntimeConfig {
     pub shutdown_grace: Duration,
     /// Applied to each forwarder's configuration (tests shorten retries).
     pub tune: Option<fn(&mut ForwarderConfig)>,
+    /// The operator's egress allow-list, for every sink's provider endpoint.
+    pub egress: EgressPolicy,
 }
 
 /// Every sink's forwarder.
@@ -334,6 +336,7 @@ impl BillingRuntime {
                 self.config.dir.join(&name),
                 sink.start_at.unwrap_or(now),
             );
+            config.egress = self.config.egress.clone();
             if let Some(tune) = self.config.tune {
                 tune(&mut config);
             }

@@ -346,6 +346,52 @@ async fn openmeter_adapter_forwards_the_same_totals() {
 }
 
 #[tokio::test]
+async fn a_refused_destination_dead_letters_at_once_until_the_operator_allows_it() {
+    let fx = fixture(support::API_KEY).await;
+    let (server, source) = (&fx.server, &fx.source);
+    source.add("requests", "p0", at(10), dims("eu"), d(3));
+    let mut strict = config(
+        sink(&server.url, Provider::Amberflo, 0),
+        meters(&["requests", "bytes"]),
+        fx.dir.path(),
+    );
+    strict.egress = tally_delivery::EgressPolicy::default();
+    let mut forwarder = Forwarder::start(
+        strict,
+        fx.source.clone(),
+        one_account_per_project(1),
+        &Registry::new(),
+    )
+    .await
+    .unwrap();
+    pass(&mut forwarder, at(60)).await;
+    let letters = forwarder.dead_letters().unwrap();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].reason, tally_delivery::DESTINATION_REFUSED);
+    assert_eq!(letters[0].status, None);
+    assert_eq!(letters[0].attempts, 1, "a refusal is not retried");
+    assert_eq!(
+        letters[0].answer,
+        "destination 127.0.0.1 is a loopback address; refused (operators may allow it with \
+         egress.allow in the server config)"
+    );
+    assert_eq!(server.state().requests, 0, "nothing reached the provider");
+
+    // The operator allows it; a retry of the dead letter gets through.
+    forwarder.shutdown(Duration::from_secs(1)).await.unwrap();
+    let mut forwarder = fx
+        .start(Provider::Amberflo, one_account_per_project(1))
+        .await;
+    assert!(forwarder.retry_dead_letter(letters[0].id).await.unwrap());
+    settle(&mut forwarder).await;
+    assert_reconciled(&forwarder, at(60)).await;
+    assert_eq!(
+        server.sums(),
+        BTreeMap::from([(key("a0", "requests"), d(3))])
+    );
+}
+
+#[tokio::test]
 async fn a_wrong_api_key_dead_letters_without_showing_the_key() {
     let fx = fixture("the-right-key").await;
     let source = &fx.source;

@@ -53,6 +53,7 @@ async fn the_runtime_follows_secrets_windows_and_sinks() {
             dir: dir.path().to_path_buf(),
             shutdown_grace: Duration::from_secs(1),
             tune: Some(fast),
+            egress: support::loopback(),
         },
         Registry::new(),
         source.clone(),

@@ -19,7 +19,11 @@
 //! - an outcome hook per batch carrying the items' keys, so a caller can
 //!   checkpoint after the receiver acknowledged;
 //! - [`Registry`]: the component metrics every Tally component shares,
-//!   rendered in the Prometheus text format.
+//!   rendered in the Prometheus text format;
+//! - [`EgressGuard`]: for a sink whose endpoint a customer chose, a client
+//!   that dials no loopback, private, link-local... address unless the
+//!   operator's [`EgressPolicy`] allows it (checked at connect time),
+//!   follows no redirect and uses no proxy ([`SinkBuilder::egress`]).
 //!
 //! Each sink runs on its own task with its own queue, so one slow or dead
 //! endpoint never slows another. Delivery is at least once: a batch may be
@@ -27,7 +31,8 @@
 //!
 //! **Never:** look inside items, log or show secrets (wrap them in
 //! [`Secret`]; [`HttpRequest::secret_header`] marks them sensitive), build a
-//! `reqwest::Client` without [`client_builder`], or remove an item from a
+//! `reqwest::Client` without [`client_builder`], send to an endpoint a
+//! customer chose without an [`EgressGuard`], or remove an item from a
 //! queue before its batch's fate is decided.
 //!
 //! ```no_run
@@ -58,6 +63,7 @@
 use std::sync::Once;
 
 mod config;
+mod egress;
 mod encode;
 mod metrics;
 mod queue;
@@ -65,12 +71,16 @@ mod retry;
 mod sink;
 
 pub use config::{BatchConfig, QueueConfig, RetryConfig, SinkConfig, Storage};
+pub use egress::{
+    AddressClass, EgressConfig, EgressConfigError, EgressGuard, EgressPolicy, EgressRefused,
+    address_class,
+};
 pub use encode::{Answer, EncodeError, Encoder, HttpRequest, Item, Secret, Verdict};
 pub use metrics::{ComponentKind, ComponentMetrics, Registry};
 pub use queue::{DeadLetter, EnqueueError, QueueError};
 pub use sink::{
-    AttemptHook, AttemptReport, BatchOutcome, BatchResult, OutcomeHook, ShutdownReport, Sink,
-    SinkBuilder, StartError,
+    AttemptHook, AttemptReport, BatchOutcome, BatchResult, DESTINATION_REFUSED, OutcomeHook,
+    ShutdownReport, Sink, SinkBuilder, StartError,
 };
 
 /// Installs the process-wide TLS crypto provider (`ring`) once.

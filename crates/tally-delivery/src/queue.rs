@@ -87,12 +87,14 @@ impl EnqueueError {
 pub struct DeadLetter {
     /// Its id in the sink's dead-letter list.
     pub id: u64,
-    /// Why: `permanent error`, `out of attempts`, an encoding error...
+    /// Why: `permanent error`, `out of attempts`, `destination refused`,
+    /// an encoding error...
     pub reason: String,
     /// The last HTTP status, if an answer came.
     pub status: Option<u16>,
-    /// The first 4 KiB of the last answer's body (lossy UTF-8), or the
-    /// transport error.
+    /// The first 4 KiB of the last answer's body (lossy UTF-8; the remote's
+    /// words, so for operators' eyes only), the transport error, or the
+    /// egress refusal.
     pub body: String,
     /// Attempts made.
     pub attempts: u32,

@@ -1,5 +1,10 @@
 //! A running sink: its queue, and the task that batches, sends, retries and
 //! dead-letters.
+//!
+//! **Invariant:** a sink built with [`SinkBuilder::egress`] sends only
+//! through its guard's client, and checks an IP-literal host against the
+//! guard's policy before every request; a refused destination dead-letters
+//! the batch at once (reason [`DESTINATION_REFUSED`]), with no retry.
 
 use std::io::Write as _;
 use std::sync::{Arc, Mutex};
@@ -10,6 +15,7 @@ use reqwest::header::{CONTENT_ENCODING, HeaderValue, RETRY_AFTER};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::egress::{EgressGuard, EgressPolicy, refusal_in};
 use crate::metrics::{ComponentKind, ComponentMetrics, Registry};
 use crate::queue::{DeadLetter, EnqueueError, Entry, Queue, QueueError, now_ms};
 use crate::retry::{backoff_ceiling, full_jitter, parse_retry_after};
@@ -19,6 +25,10 @@ use crate::{Answer, Encoder, HttpRequest, Item, SinkConfig, Verdict};
 const DEAD_LETTER_BODY_BYTES: usize = 4096;
 /// Bytes of an answer's body read for classification.
 const ANSWER_BODY_BYTES: usize = 1 << 20;
+
+/// The dead-letter reason of a batch whose destination the egress policy
+/// refused (see [`SinkBuilder::egress`]).
+pub const DESTINATION_REFUSED: &str = "destination refused";
 
 /// Why a sink could not start.
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +102,8 @@ pub struct AttemptReport<'a> {
     pub verdict: Verdict,
     /// Whether the batch will be tried again.
     pub will_retry: bool,
-    /// The transport error, or the first 4 KiB of the answer's body.
+    /// The transport error (or the egress refusal), or the first 4 KiB of
+    /// the answer's body.
     pub detail: &'a str,
 }
 
@@ -115,6 +126,7 @@ pub struct SinkBuilder<E: Encoder> {
     config: SinkConfig,
     encoder: E,
     client: Option<reqwest::Client>,
+    egress: Option<EgressGuard>,
     registry: Option<Registry>,
     hook: Option<OutcomeHook>,
     attempt_hook: Option<AttemptHook>,
@@ -122,9 +134,21 @@ pub struct SinkBuilder<E: Encoder> {
 
 impl<E: Encoder> SinkBuilder<E> {
     /// Uses this HTTP client (build it with [`crate::client_builder`]);
-    /// default: a client from [`crate::client_builder`].
+    /// default: a client from [`crate::client_builder`]. For Tally's own
+    /// endpoints only: a sink whose endpoint someone else chose uses
+    /// [`SinkBuilder::egress`].
     pub fn client(mut self, client: reqwest::Client) -> Self {
         self.client = Some(client);
+        self.egress = None;
+        self
+    }
+
+    /// Sends through `guard` (its client, and its policy for IP-literal
+    /// hosts), for an endpoint a customer chose: a refused destination
+    /// dead-letters the batch without a retry. Replaces any [`Self::client`].
+    pub fn egress(mut self, guard: EgressGuard) -> Self {
+        self.client = None;
+        self.egress = Some(guard);
         self
     }
 
@@ -156,10 +180,12 @@ impl<E: Encoder> SinkBuilder<E> {
             sink: id.clone(),
             source,
         })?;
-        let client = match self.client {
-            Some(client) => client,
-            None => crate::client_builder()
+        let (client, egress) = match (self.client, self.egress) {
+            (_, Some(guard)) => (guard.client().clone(), Some(guard.policy().clone())),
+            (Some(client), None) => (client, None),
+            (None, None) => crate::client_builder()
                 .build()
+                .map(|client| (client, None))
                 .map_err(|source| StartError::Client {
                     sink: id.clone(),
                     source,
@@ -175,6 +201,7 @@ impl<E: Encoder> SinkBuilder<E> {
             metrics: metrics.clone(),
             encoder: self.encoder,
             client,
+            egress,
             config: self.config,
             hook: self.hook,
             attempt_hook: self.attempt_hook,
@@ -234,6 +261,7 @@ impl Sink {
             config,
             encoder,
             client: None,
+            egress: None,
             registry: None,
             hook: None,
             attempt_hook: None,
@@ -398,6 +426,8 @@ struct Driver<E> {
     metrics: Arc<ComponentMetrics>,
     encoder: E,
     client: reqwest::Client,
+    /// The policy of an [`EgressGuard`]'s client, for IP-literal hosts.
+    egress: Option<EgressPolicy>,
     config: SinkConfig,
     hook: Option<OutcomeHook>,
     attempt_hook: Option<AttemptHook>,
@@ -412,6 +442,8 @@ struct Attempt {
     /// The answer's body (first 4 KiB) or the transport error.
     detail: String,
     retry_after: Option<Duration>,
+    /// The egress policy refused the destination; nothing was sent.
+    refused: bool,
 }
 
 fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
@@ -544,7 +576,24 @@ impl<E: Encoder> Driver<E> {
         Ok(Some(peeked.entries))
     }
 
+    /// An attempt that never left: the egress policy refused its destination.
+    fn refused(&self, refusal: &crate::EgressRefused) -> Attempt {
+        self.metrics.add_error("egress");
+        Attempt {
+            verdict: Verdict::Permanent,
+            status: None,
+            detail: refusal.to_string(),
+            retry_after: None,
+            refused: true,
+        }
+    }
+
     async fn attempt(&self, request: &HttpRequest, body: &Bytes) -> Attempt {
+        if let Some(policy) = &self.egress
+            && let Err(refusal) = policy.check_url(&request.url)
+        {
+            return self.refused(&refusal);
+        }
         let retry = &self.config.retry;
         let mut builder = self
             .client
@@ -558,12 +607,16 @@ impl<E: Encoder> Driver<E> {
         let response = match builder.send().await {
             Ok(response) => response,
             Err(e) => {
+                if let Some(refusal) = refusal_in(&e) {
+                    return self.refused(refusal);
+                }
                 self.metrics.add_error("send");
                 return Attempt {
                     verdict: Verdict::Retryable,
                     status: None,
                     detail: error_chain(&e.without_url()),
                     retry_after: None,
+                    refused: false,
                 };
             }
         };
@@ -578,6 +631,7 @@ impl<E: Encoder> Driver<E> {
                     status: Some(status.as_u16()),
                     detail: error_chain(&e.without_url()),
                     retry_after: None,
+                    refused: false,
                 };
             }
         };
@@ -601,6 +655,7 @@ impl<E: Encoder> Driver<E> {
             // A careless endpoint may echo credentials in its answer.
             detail: scrub_secrets(&String::from_utf8_lossy(shown), &request.headers),
             retry_after,
+            refused: false,
         }
     }
 
@@ -626,6 +681,7 @@ impl<E: Encoder> Driver<E> {
                     status: None,
                     detail: e.to_string(),
                     retry_after: None,
+                    refused: false,
                 };
                 return self
                     .dead_letter(entries, items, "encoding failed", &failure, 0)
@@ -659,8 +715,13 @@ impl<E: Encoder> Driver<E> {
                     return self.delivered(entries, rejected).await;
                 }
                 Verdict::Permanent => {
+                    let reason = if attempt.refused {
+                        DESTINATION_REFUSED
+                    } else {
+                        "permanent error"
+                    };
                     return self
-                        .dead_letter(entries, items, "permanent error", &attempt, attempts)
+                        .dead_letter(entries, items, reason, &attempt, attempts)
                         .await;
                 }
                 Verdict::Retryable => {

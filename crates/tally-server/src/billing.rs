@@ -18,7 +18,7 @@ use tally_billing::runtime::{
     SinkDeadLetters, SinkReconciliation, SinkReport,
 };
 use tally_billing::{LedgerUsageSource, UsageSource};
-use tally_delivery::Registry;
+use tally_delivery::{EgressPolicy, Registry};
 use tally_ledger::{ChangeCursor, ChangePage, Ledger, ResourceStore};
 use tally_model::{Kind, Manifest};
 use tokio::sync::watch;
@@ -84,6 +84,8 @@ pub struct BillingOptions {
     pub pass_interval: Duration,
     /// The process's component registry (each sink's delivery metrics).
     pub registry: Registry,
+    /// What the providers' endpoints may be besides global unicast addresses.
+    pub egress: EgressPolicy,
 }
 
 /// Starts the billing runtime on the current Tokio runtime; it stops (and
@@ -100,6 +102,7 @@ pub fn start(
             dir: options.dir,
             shutdown_grace: Duration::from_secs(2),
             tune: None,
+            egress: options.egress,
         },
         options.registry,
         source,

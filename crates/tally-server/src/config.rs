@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
+use tally_delivery::EgressConfig;
 use tally_telemetry::PullOptions;
 use tally_telemetry::exporter::parse_duration;
 
@@ -58,6 +59,9 @@ pub struct ServeConfig {
     /// Pull exporter sources from this VictoriaMetrics too.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub victoria_metrics: Option<VictoriaMetricsConfig>,
+    /// Where Exporter sinks and BillingSink providers may send: `allow`
+    /// lists CIDRs they may reach although loopback, private, link-local...
+    pub egress: EgressConfig,
 }
 
 /// `victoriaMetrics:` in the config: every Exporter source is also pulled
@@ -181,6 +185,7 @@ impl Default for ServeConfig {
             billing: BillingServeConfig::default(),
             grpc_listen: None,
             victoria_metrics: None,
+            egress: EgressConfig::default(),
         }
     }
 }
@@ -235,6 +240,8 @@ pub struct ExportConfig {
     /// Pull exporter sources from this VictoriaMetrics too.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub victoria_metrics: Option<VictoriaMetricsConfig>,
+    /// Where Exporter sinks may send, as in `tally serve`.
+    pub egress: EgressConfig,
 }
 
 impl Default for ExportConfig {
@@ -249,6 +256,7 @@ impl Default for ExportConfig {
             max_body_bytes: serve.max_body_bytes,
             manifest_dirs: Vec::new(),
             victoria_metrics: None,
+            egress: EgressConfig::default(),
         }
     }
 }
@@ -301,5 +309,29 @@ manifestDirs: [/etc/x]
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn the_egress_allow_list_is_read_and_validated() {
+        let empty: ServeConfig = serde_norway::from_str("egress: {}\n").unwrap();
+        for config in [empty, ServeConfig::default()] {
+            let policy = config.egress.policy().unwrap();
+            assert!(policy.allowed().is_empty(), "none by default");
+        }
+        let config: ServeConfig =
+            serde_norway::from_str("egress: {allow: [10.0.0.0/8, '127.0.0.1', 'fd00::/8']}\n")
+                .unwrap();
+        let policy = config.egress.policy().unwrap();
+        assert_eq!(policy.allowed().len(), 3);
+        assert_eq!(policy.check("10.1.2.3".parse().unwrap()), Ok(()));
+        let export: ExportConfig =
+            serde_norway::from_str("egress: {allow: [10.0.0.0/8, 10.0.0/8]}\n").unwrap();
+        let err = export.egress.policy().unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("egress.allow[1]: \"10.0.0/8\" is not a CIDR"),
+            "{err}"
+        );
+        assert!(serde_norway::from_str::<ServeConfig>("egress: {deny: []}\n").is_err());
     }
 }

@@ -269,6 +269,7 @@ async fn readyz(State(state): State<ExportState>) -> Response {
 
 /// Runs `tally export` until SIGINT or SIGTERM.
 pub async fn export(config: ExportConfig) -> anyhow::Result<()> {
+    let egress = config.egress.policy()?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data dir {}", config.data_dir.display()))?;
     let auth = Arc::new(
@@ -287,6 +288,7 @@ pub async fn export(config: ExportConfig) -> anyhow::Result<()> {
     let (pipeline, follower) = exporters::start_pipeline(
         &config.data_dir,
         config.victoria_metrics.as_ref(),
+        egress,
         &registry,
         &resources,
     )?;

@@ -3,14 +3,15 @@
 //! hands the pipeline a new snapshot (unchanged sinks keep their queues;
 //! a rotated secret is used from the next request on), and an Exporter's
 //! `status` is the pipeline's. `tally serve` and `tally export` build the
-//! pipeline the same way ([`start_pipeline`]).
+//! pipeline the same way ([`start_pipeline`]), its sinks guarded by the
+//! config's egress allow-list.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
 use serde_json::Value;
-use tally_delivery::Registry;
+use tally_delivery::{EgressPolicy, Registry};
 use tally_ledger::{ResourceSet, ResourceStore};
 use tally_model::secret::secret_data;
 use tally_model::{Kind, KindClass, Manifest};
@@ -24,11 +25,13 @@ use crate::config::VictoriaMetricsConfig;
 /// The exporters' pipeline of a process, and the task that keeps it in step
 /// with `store` ([`follow`]): sinks queue on disk under
 /// `<data_dir>/exporter-queues` (where pull checkpoints live too), sources
-/// are pulled from `victoria_metrics` if given, and it runs `store`'s
-/// exporters before this returns, so receivers can take metrics at once.
+/// are pulled from `victoria_metrics` if given, sinks reach only what
+/// `egress` allows, and it runs `store`'s exporters before this returns, so
+/// receivers can take metrics at once.
 pub(crate) fn start_pipeline(
     data_dir: &Path,
     victoria_metrics: Option<&VictoriaMetricsConfig>,
+    egress: EgressPolicy,
     registry: &Registry,
     store: &Arc<dyn ResourceStore>,
 ) -> anyhow::Result<(Arc<Pipeline>, tokio::task::JoinHandle<()>)> {
@@ -38,6 +41,7 @@ pub(crate) fn start_pipeline(
             sync: false,
         },
         pull: victoria_metrics.map(|vm| vm.pull_options()).transpose()?,
+        egress,
         ..PipelineOptions::default()
     };
     let pipeline =

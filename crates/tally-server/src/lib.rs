@@ -550,6 +550,7 @@ const BILLING_TASK: &str = "the billing forwarder";
 
 /// Runs `tally serve` until SIGINT or SIGTERM.
 pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+    let egress = config.egress.policy()?;
     if config
         .max_lateness_days
         .is_some_and(|late| late > config.dedupe_horizon_days)
@@ -581,6 +582,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let (pipeline, exporters) = exporters::start_pipeline(
         &config.data_dir,
         config.victoria_metrics.as_ref(),
+        egress.clone(),
         &registry,
         &resources,
     )?;
@@ -595,6 +597,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
                 dir: billing_dir,
                 pass_interval: config.billing.pass_interval(),
                 registry: registry.clone(),
+                egress,
             },
             billing_stopped,
         )

@@ -51,6 +51,15 @@ fn token(name: &str, token: &str, scope: &str) -> TokenConfig {
     }
 }
 
+/// Pipeline defaults, with the loopback test receiver allowed (sinks refuse
+/// loopback by default).
+fn loopback_allowed() -> PipelineOptions {
+    PipelineOptions {
+        egress: tally_delivery::EgressPolicy::parse(["127.0.0.0/8"]).unwrap(),
+        ..PipelineOptions::default()
+    }
+}
+
 /// A server whose pipeline has one exporter in ns-a taking every series to
 /// the receiver's endpoint `a`, with a bearer token from a secret.
 async fn start(with_pipeline: bool) -> Server {
@@ -67,8 +76,7 @@ async fn start(with_pipeline: bool) -> Server {
         )
         .unwrap();
     if with_pipeline {
-        let pipeline =
-            Pipeline::new(tally_delivery::Registry::new(), PipelineOptions::default()).unwrap();
+        let pipeline = Pipeline::new(tally_delivery::Registry::new(), loopback_allowed()).unwrap();
         let exporter = format!(
             "apiVersion: telemetry.datumapis.com/v1alpha1\nkind: Exporter\nmetadata: {{name: e, namespace: ns-a}}\nspec:\n  sources: [{{name: all, metrics: {{metricsql: ''}}}}]\n  sinks: [{{name: k, otlp_http: {{endpoint: '{}', authentication: {{type: bearerToken, secretRef: {{name: s, key: token}}}}}}, batch: {{timeout: 50ms}}}}]\n",
             receiver.endpoint("a")
@@ -485,8 +493,7 @@ async fn a_pipeline_without_its_first_snapshot_asks_senders_to_retry() {
     let receiver = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
     let ledger = EmbeddedLedger::open(StoreConfig::new(dir.path())).unwrap();
-    let pipeline =
-        Pipeline::new(tally_delivery::Registry::new(), PipelineOptions::default()).unwrap();
+    let pipeline = Pipeline::new(tally_delivery::Registry::new(), loopback_allowed()).unwrap();
     let state = AppState::new(Arc::new(ledger), 1 << 20, None).with_telemetry(Arc::new(pipeline));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();

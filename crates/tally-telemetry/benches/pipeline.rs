@@ -341,6 +341,15 @@ fn encoded_runs(
     }
 }
 
+/// Pipeline defaults, with the loopback endpoints below allowed (sinks
+/// refuse loopback by default).
+fn loopback_allowed() -> PipelineOptions {
+    PipelineOptions {
+        egress: tally_delivery::EgressPolicy::parse(["127.0.0.0/8"]).expect("allow-list"),
+        ..PipelineOptions::default()
+    }
+}
+
 /// A loopback OTLP endpoint answering 200 at once, noting when each
 /// request arrived; and one that accepts connections and never answers.
 async fn endpoints() -> (String, String, Arc<Mutex<Vec<Instant>>>) {
@@ -399,7 +408,7 @@ async fn pipeline_runs(decoded: &[ExportMetricsServiceRequest], points_per_reque
         queue_max_batches: 1 << 20,
         queue_max_bytes: 8 << 30,
         request_timeout: Duration::from_secs(600),
-        ..PipelineOptions::default()
+        ..loopback_allowed()
     };
     let pipeline = Pipeline::new(Registry::new(), options).expect("pipeline");
     pipeline.update(pipeline_snapshot(manifests(
@@ -442,7 +451,7 @@ async fn pipeline_runs(decoded: &[ExportMetricsServiceRequest], points_per_reque
     );
     drop(pipeline);
     // 2. latency from ingest to a loopback endpoint, batching off.
-    let pipeline = Pipeline::new(Registry::new(), PipelineOptions::default()).expect("pipeline");
+    let pipeline = Pipeline::new(Registry::new(), loopback_allowed()).expect("pipeline");
     pipeline.update(pipeline_snapshot(vec![exporter_manifest(
         9,
         &live,

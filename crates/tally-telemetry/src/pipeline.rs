@@ -17,6 +17,11 @@
 //!   rules: 429/502/503/504 and transport errors, with `Retry-After`) and
 //!   gives up after `retry.maxAttempts`. What is given up is dropped and
 //!   counted with a reason; nothing is kept as a dead letter.
+//! - Endpoints are the customer's choice, so every sink sends through one
+//!   [`EgressGuard`] built from [`PipelineOptions::egress`]: no loopback,
+//!   private, link-local... destination unless the operator allows it, no
+//!   redirect followed, no proxy. A refused destination drops the batch at
+//!   once (`destination_refused`, no retry) and says why in the status.
 //! - [`Pipeline::status`] is an exporter's `status`: conditions `Accepted`,
 //!   `Ready` and one `SinkHealthy` per sink, and counters per sink; with
 //!   pull sources, one `SourceHealthy` per source and its counters.
@@ -34,7 +39,10 @@
 //! `processor` component `exporters`.
 //!
 //! **Never:** wait in `ingest`; put a secret in a status, an error or a log
-//! line (messages from endpoints are scrubbed of the sink's secret values).
+//! line (messages are scrubbed of the sink's secret values); put anything
+//! an endpoint answered in a status (its body, an OTLP error or
+//! partial-success message): a status carries the HTTP status code and a
+//! reason Tally wrote, so a sink cannot be used to read another server.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -52,8 +60,9 @@ use prost::Message as _;
 use reqwest::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use serde::Serialize;
 use tally_delivery::{
-    Answer, AttemptReport, BatchOutcome, BatchResult, ComponentKind, ComponentMetrics, EncodeError,
-    Encoder, HttpRequest, Item, Registry, Secret, Sink, Storage, Verdict,
+    Answer, AttemptReport, BatchOutcome, BatchResult, ComponentKind, ComponentMetrics,
+    DESTINATION_REFUSED, EgressGuard, EgressPolicy, EncodeError, Encoder, HttpRequest, Item,
+    Registry, Secret, Sink, Storage, Verdict,
 };
 use tally_model::Manifest;
 use tokio::sync::{mpsc, oneshot};
@@ -97,11 +106,14 @@ pub enum DropReason {
     TooLarge,
     /// The disk queue failed.
     StorageError,
+    /// The egress policy refused the endpoint's address (loopback,
+    /// private...): not sent, not retried.
+    DestinationRefused,
 }
 
 impl DropReason {
     /// Every reason.
-    pub const ALL: [DropReason; 11] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::QueueFull,
         DropReason::SecretMissing,
         DropReason::RejectedByReceiver,
@@ -113,6 +125,7 @@ impl DropReason {
         DropReason::EncodeFailed,
         DropReason::TooLarge,
         DropReason::StorageError,
+        DropReason::DestinationRefused,
     ];
 
     /// The snake_case label value.
@@ -129,6 +142,7 @@ impl DropReason {
             DropReason::EncodeFailed => "encode_failed",
             DropReason::TooLarge => "too_large",
             DropReason::StorageError => "storage_error",
+            DropReason::DestinationRefused => "destination_refused",
         }
     }
 }
@@ -167,11 +181,12 @@ pub struct PipelineOptions {
     pub max_retry_after: Duration,
     /// How long a removed or changed sink may go on sending what it holds.
     pub shutdown_grace: Duration,
-    /// The HTTP client (default: one from `tally_delivery::client_builder`).
-    pub client: Option<reqwest::Client>,
     /// Pull every exporter source from this VictoriaMetrics too (default:
     /// in-stream only).
     pub pull: Option<PullOptions>,
+    /// Which addresses sinks may reach besides global unicast ones (the
+    /// operator's allow-list; default: none).
+    pub egress: EgressPolicy,
 }
 
 impl Default for PipelineOptions {
@@ -185,8 +200,8 @@ impl Default for PipelineOptions {
             max_backoff: Duration::from_secs(30),
             max_retry_after: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(5),
-            client: None,
             pull: None,
+            egress: EgressPolicy::default(),
         }
     }
 }
@@ -585,7 +600,7 @@ struct ExporterEntry {
 pub struct Pipeline {
     registry: Registry,
     options: PipelineOptions,
-    client: reqwest::Client,
+    egress: EgressGuard,
     router_metrics: Arc<ComponentMetrics>,
     routing: SharedRouting,
     exporters: Mutex<BTreeMap<ExporterKey, ExporterEntry>>,
@@ -619,12 +634,7 @@ pub fn sink_component_id(exporter: &ExporterKey, sink: &str) -> String {
 impl Pipeline {
     /// A pipeline with no exporters, reporting in `registry`.
     pub fn new(registry: Registry, options: PipelineOptions) -> Result<Pipeline, PipelineError> {
-        let client = match &options.client {
-            Some(client) => client.clone(),
-            None => tally_delivery::client_builder()
-                .build()
-                .map_err(PipelineError::Client)?,
-        };
+        let egress = EgressGuard::new(options.egress.clone()).map_err(PipelineError::Client)?;
         let router_metrics = registry.component(ComponentKind::Processor, "exporters");
         let routing: SharedRouting = Arc::default();
         let puller = match &options.pull {
@@ -637,7 +647,7 @@ impl Pipeline {
         Ok(Pipeline {
             registry,
             options,
-            client,
+            egress,
             router_metrics,
             routing,
             exporters: Mutex::new(BTreeMap::new()),
@@ -948,7 +958,7 @@ impl Pipeline {
             config: config.clone(),
             shared: Arc::clone(&shared),
             options: self.options.clone(),
-            client: self.client.clone(),
+            egress: self.egress.clone(),
             delta: (config.temporality == Temporality::Delta)
                 .then(|| DeltaConverter::new(now_unix_nano())),
             batch: Vec::new(),
@@ -1023,7 +1033,7 @@ struct Feeder {
     config: SinkConfig,
     shared: Arc<SinkShared>,
     options: PipelineOptions,
-    client: reqwest::Client,
+    egress: EgressGuard,
     delta: Option<DeltaConverter>,
     batch: Vec<u8>,
     batch_points: u64,
@@ -1163,6 +1173,7 @@ impl Feeder {
                         let why = match why.as_str() {
                             "permanent error" => DropReason::PermanentError,
                             "encoding failed" => DropReason::EncodeFailed,
+                            DESTINATION_REFUSED => DropReason::DestinationRefused,
                             _ => DropReason::RetriesExhausted,
                         };
                         shared.drop_points(why, points, true);
@@ -1186,7 +1197,7 @@ impl Feeder {
                         shared.metrics.add_error("send");
                         shared.fail(format!("request failed: {}", attempt.detail));
                     }
-                    // The classifier recorded the endpoint's message.
+                    // The classifier recorded what the answer meant.
                     Some(_) if !matches!(attempt.verdict, Verdict::Delivered { .. }) => {
                         shared.metrics.add_error("response");
                     }
@@ -1197,7 +1208,7 @@ impl Feeder {
         // Delivery metrics count batches: a private registry keeps them apart
         // from the data point counters of this component.
         Sink::builder(config, encoder)
-            .client(self.client.clone())
+            .egress(self.egress.clone())
             .on_outcome(on_outcome)
             .on_attempt(on_attempt)
             .start()
@@ -1479,6 +1490,14 @@ struct OtlpEncoder {
     in_flight: Arc<InFlight>,
 }
 
+/// `500 Internal Server Error`: an answer's status as a status may show it.
+fn answered(status: reqwest::StatusCode) -> String {
+    match status.canonical_reason() {
+        Some(reason) => format!("{} {reason}", status.as_u16()),
+        None => format!("HTTP {}", status.as_u16()),
+    }
+}
+
 impl Encoder for OtlpEncoder {
     fn encode(&self, items: &[Item]) -> Result<HttpRequest, EncodeError> {
         let keys: Vec<Bytes> = items.iter().map(|i| i.key.clone()).collect();
@@ -1530,19 +1549,31 @@ impl Encoder for OtlpEncoder {
             } => {
                 let rejected = u64::try_from(rejected_data_points).unwrap_or(0);
                 self.in_flight.rejected.store(rejected, Ordering::Relaxed);
+                // Its message is the endpoint's words: the operator's log only.
+                tracing::debug!(sink = %self.shared.metrics.id(),
+                    message = %self.shared.scrub(&message), "partial success");
                 self.shared.fail(format!(
-                    "the endpoint rejected {rejected} data point(s): {message}"
+                    "the endpoint answered {} and rejected {rejected} data point(s)",
+                    answered(answer.status)
                 ));
                 // The points were refused for good: counted by the outcome
                 // hook in data points, not retried.
                 Verdict::Delivered { rejected: 0 }
             }
             ExportOutcome::Failed {
-                status,
-                retryable,
-                message,
+                retryable, message, ..
             } => {
-                self.shared.fail(format!("HTTP {status}: {message}"));
+                tracing::debug!(sink = %self.shared.metrics.id(), status = answer.status.as_u16(),
+                    message = %self.shared.scrub(&message), "the endpoint refused an export");
+                let redirect = if answer.status.is_redirection() {
+                    " (redirects are not followed)"
+                } else {
+                    ""
+                };
+                self.shared.fail(format!(
+                    "the endpoint answered {}{redirect}",
+                    answered(answer.status)
+                ));
                 if retryable {
                     Verdict::Retryable
                 } else {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::Args;
 use tally_server::ExportConfig;
 
-use crate::serve::{LogFormat, TelemetryArgs, run_logged, server_config};
+use crate::serve::{EgressArgs, LogFormat, TelemetryArgs, run_logged, server_config};
 
 /// Options of `tally export`. Flags override the config file, which
 /// overrides the defaults. The token comes from the global `--token` /
@@ -39,11 +39,13 @@ Example config file (every key optional):
     window: 5m          # longest time range of one request
     backfill: 0s        # how far back a new source starts
   tokens:
-    - {name: agents, sha256: <hex>, scopes: [ingest]}")]
+    - {name: agents, sha256: <hex>, scopes: [ingest]}
+  egress:
+    allow: [10.0.0.0/8]  # sinks may reach these although private")]
 pub struct ExportArgs {
     /// YAML config file (camelCase keys: dataDir, listen, grpcListen, token,
-    /// tokens, maxBodyBytes, manifestDirs, victoriaMetrics). Flags given here
-    /// override it.
+    /// tokens, maxBodyBytes, manifestDirs, victoriaMetrics, egress). Flags
+    /// given here override it.
     #[arg(long, short = 'c', value_name = "FILE", env = "TALLY_EXPORT_CONFIG")]
     config: Option<PathBuf>,
 
@@ -71,6 +73,9 @@ pub struct ExportArgs {
     /// Log format. Levels come from RUST_LOG (default `info`).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, value_name = "FORMAT")]
     log_format: LogFormat,
+
+    #[command(flatten)]
+    egress: EgressArgs,
 }
 
 /// The configuration `export` runs with: the file (or the defaults), then

@@ -25,7 +25,7 @@ use tally_client::{MeterQueryParams, TallyClient};
 use tally_delivery::Registry;
 use tally_model::Kind;
 
-use crate::serve::LogFormat;
+use crate::serve::{EgressArgs, LogFormat};
 
 #[derive(Debug, Args)]
 pub struct ForwardArgs {
@@ -61,6 +61,9 @@ pub struct ForwardArgs {
     /// Log format (levels from RUST_LOG).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, value_name = "FORMAT")]
     log_format: LogFormat,
+
+    #[command(flatten)]
+    egress: EgressArgs,
 }
 
 /// Subjects per query request (they go in the query string).
@@ -180,6 +183,8 @@ pub fn run(args: ForwardArgs, server: String, token: Option<String>) -> anyhow::
     };
     let key = key.trim().to_owned();
     anyhow::ensure!(!key.is_empty(), "the provider's API key is empty");
+    let egress =
+        tally_delivery::EgressPolicy::parse(&args.egress.allow).context("--egress-allow")?;
     let client = TallyClient::new(&server, token).context("setting up the client")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -194,6 +199,7 @@ pub fn run(args: ForwardArgs, server: String, token: Option<String>) -> anyhow::
                 dir: args.data_dir.clone(),
                 shutdown_grace: Duration::from_secs(5),
                 tune: None,
+                egress,
             },
             Registry::new(),
             source,

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use tally_delivery::EgressConfig;
 use tally_server::{ServeConfig, VictoriaMetricsConfig};
 use tracing_subscriber::EnvFilter;
 
@@ -14,8 +15,8 @@ use tracing_subscriber::EnvFilter;
 pub struct ServeArgs {
     /// YAML config file (camelCase keys: dataDir, listen, grpcListen, token,
     /// tokens, maxBodyBytes, maxPendingEvents, dedupeHorizonDays,
-    /// maxLatenessDays, manifestDirs, billing, victoriaMetrics). Flags given
-    /// here override it.
+    /// maxLatenessDays, manifestDirs, billing, victoriaMetrics, egress). Flags
+    /// given here override it.
     #[arg(long, short = 'c', value_name = "FILE", env = "TALLY_CONFIG")]
     config: Option<PathBuf>,
 
@@ -62,6 +63,9 @@ pub struct ServeArgs {
     /// engine's internals at `warn`).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, value_name = "FORMAT")]
     log_format: LogFormat,
+
+    #[command(flatten)]
+    egress: EgressArgs,
 }
 
 /// The metrics receivers and the pull source, shared by `serve` and `export`.
@@ -98,6 +102,23 @@ impl TelemetryArgs {
     }
 }
 
+/// The egress allow-list, shared by `serve`, `export` and `forward`.
+#[derive(Debug, Args)]
+pub struct EgressArgs {
+    /// Let Exporter sinks and BillingSink providers reach this CIDR (or
+    /// address) although it is loopback, private, link-local..., e.g.
+    /// 10.0.0.0/8. Repeat for several; adds to the config file's egress.allow.
+    #[arg(long = "egress-allow", value_name = "CIDR")]
+    pub allow: Vec<String>,
+}
+
+impl EgressArgs {
+    /// Adds the flags' entries to the config file's.
+    pub fn apply(&self, egress: &mut EgressConfig) {
+        egress.allow.extend_from_slice(&self.allow);
+    }
+}
+
 /// How `tally serve` writes its log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -128,6 +149,7 @@ macro_rules! server_config {
             config.token = Some(token);
         }
         config.manifest_dirs.extend_from_slice(&args.manifest_dirs);
+        args.egress.apply(&mut config.egress);
         config
     }};
 }
@@ -282,5 +304,24 @@ pub(crate) mod tests {
             format!("{err:#}").contains("/nonexistent/tally.yaml"),
             "{err:#}"
         );
+    }
+
+    #[test]
+    fn egress_allow_flags_add_to_the_files_list() {
+        let (_dir, file) = config_file("egress: {allow: [10.0.0.0/8]}\n");
+        let config = config(
+            &args(&[
+                "--config",
+                &file,
+                "--egress-allow",
+                "127.0.0.1",
+                "--egress-allow",
+                "fd00::/8",
+            ]),
+            None,
+        )
+        .unwrap();
+        assert_eq!(config.egress.allow, ["10.0.0.0/8", "127.0.0.1", "fd00::/8"]);
+        assert_eq!(config.egress.policy().unwrap().allowed().len(), 3);
     }
 }

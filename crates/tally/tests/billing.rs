@@ -226,7 +226,12 @@ async fn forwarding_is_exact_through_faults_kills_late_events_and_voids() {
     let data: PathBuf = work.path().join("data");
     let config = work.path().join("tally.yaml");
     let log = work.path().join("serve.log");
-    std::fs::write(&config, "billing: {passIntervalSeconds: 0.2}\n").unwrap();
+    // The provider test server is on loopback: allowed explicitly.
+    std::fs::write(
+        &config,
+        "billing: {passIntervalSeconds: 0.2}\negress: {allow: [127.0.0.0/8]}\n",
+    )
+    .unwrap();
     let api = Api {
         http: tally_delivery::client_builder().build().unwrap(),
     };
@@ -510,6 +515,8 @@ async fn tally_forward_alone_sends_openmeter_events_exactly() {
                 work.path().join("forward").to_str().unwrap(),
                 "--api-key-file",
                 key_file.to_str().unwrap(),
+                "--egress-allow",
+                "127.0.0.0/8",
             ],
         )
     };

@@ -112,7 +112,16 @@ async fn post(base: &str, request: &ExportMetricsServiceRequest) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exporters_ship_their_projects_metrics_with_a_rotating_secret() {
     let dir = tempfile::tempdir().unwrap();
-    let server = common::serve(dir.path(), &[("TALLY_TOKEN", TOKEN)]);
+    // The receiver is on loopback, which sinks may reach only if allowed.
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(config.path(), "egress: {allow: [127.0.0.0/8]}\n").unwrap();
+    let server = common::serve(
+        dir.path(),
+        &[
+            ("TALLY_TOKEN", TOKEN),
+            ("TALLY_CONFIG", config.path().to_str().unwrap()),
+        ],
+    );
     let base = server.base.clone();
     let receiver = Receiver::start().await;
     let namespaces = "apiVersion: v1\nkind: Namespace\nmetadata: {name: team-a, labels: \
@@ -284,7 +293,8 @@ async fn tally_export_pulls_each_sample_once_across_a_sigkill() {
     std::fs::write(
         &config,
         format!(
-            "victoriaMetrics: {{url: '{}', pullInterval: 200ms, lag: 2s, window: 3s, backfill: 30s}}\n",
+            "victoriaMetrics: {{url: '{}', pullInterval: 200ms, lag: 2s, window: 3s, backfill: 30s}}\n\
+             egress: {{allow: [127.0.0.0/8]}}\n",
             vm.base
         ),
     )
@@ -458,6 +468,8 @@ async fn tally_export_takes_otlp_grpc_without_a_ledger() {
             "127.0.0.1:0",
             "--manifests",
             manifests.path().to_str().unwrap(),
+            "--egress-allow",
+            "127.0.0.0/8",
         ],
         &[("TALLY_TOKEN", TOKEN)],
     );
@@ -517,4 +529,23 @@ async fn tally_export_takes_otlp_grpc_without_a_ledger() {
         .unwrap();
     assert_eq!(events.status(), 404);
     assert_eq!(get(&server.base, "/readyz").await, "ready\n");
+}
+
+#[test]
+fn a_malformed_egress_allow_list_stops_the_server_at_start() {
+    let data = tempfile::tempdir().unwrap();
+    for command in ["serve", "export"] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args([command, "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data.path().join(command))
+            .args(["--egress-allow", "10.0.0.0/8", "--egress-allow", "10.0.0/8"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{command}: {stderr}");
+        assert!(
+            stderr.contains("egress.allow[1]: \"10.0.0/8\" is not a CIDR or an IP address"),
+            "{command}: {stderr}"
+        );
+    }
 }

@@ -51,7 +51,13 @@ pub fn meters(names: &[&str]) -> Vec<ForwardedMeter> {
         .collect()
 }
 
-/// A config with fast retries for tests.
+/// The test providers' loopback addresses, which sinks refuse by default.
+pub fn loopback() -> tally_delivery::EgressPolicy {
+    tally_delivery::EgressPolicy::parse(["127.0.0.0/8", "::1"]).unwrap()
+}
+
+/// A config with fast retries for tests, allowed to reach the loopback
+/// test providers.
 pub fn config(
     sink: BillingSink,
     meters: Vec<ForwardedMeter>,
@@ -67,6 +73,7 @@ pub fn config(
     config.retry.initial_backoff = Duration::from_millis(2);
     config.retry.max_backoff = Duration::from_millis(20);
     config.retry.max_retry_after = Duration::from_secs(2);
+    config.egress = loopback();
     config
 }
 

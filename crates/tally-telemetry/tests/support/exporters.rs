@@ -52,11 +52,14 @@ pub fn snapshot(exporters: Vec<Manifest>, secrets: Secrets) -> Snapshot {
     }
 }
 
+/// Quick timeouts, and the test receivers' loopback addresses allowed
+/// (sinks refuse them by default).
 pub fn options() -> PipelineOptions {
     PipelineOptions {
         request_timeout: Duration::from_millis(300),
         max_retry_after: Duration::from_secs(1),
         shutdown_grace: Duration::from_millis(500),
+        egress: tally_delivery::EgressPolicy::parse(["127.0.0.0/8", "::1"]).unwrap(),
         ..PipelineOptions::default()
     }
 }
