@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
+use tally_http::HttpConfig;
 use tally_telemetry::PullOptions;
 use tally_telemetry::exporter::parse_duration;
 
@@ -55,6 +56,8 @@ pub struct ServeConfig {
     /// Pull exporter sources from this VictoriaMetrics too.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub victoria_metrics: Option<VictoriaMetricsConfig>,
+    /// Timeouts and the connection limit of the HTTP listener.
+    pub http: HttpConfig,
 }
 
 /// `victoriaMetrics:` in the config: every Exporter source is also pulled
@@ -177,6 +180,7 @@ impl Default for ServeConfig {
             billing: BillingServeConfig::default(),
             grpc_listen: None,
             victoria_metrics: None,
+            http: HttpConfig::default(),
         }
     }
 }
@@ -231,6 +235,9 @@ pub struct ExportConfig {
     /// Pull exporter sources from this VictoriaMetrics too.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub victoria_metrics: Option<VictoriaMetricsConfig>,
+    /// Timeouts and the connection limit of the HTTP listener, as in
+    /// `tally serve`.
+    pub http: HttpConfig,
 }
 
 impl Default for ExportConfig {
@@ -245,6 +252,7 @@ impl Default for ExportConfig {
             max_body_bytes: serve.max_body_bytes,
             manifest_dirs: Vec::new(),
             victoria_metrics: None,
+            http: HttpConfig::default(),
         }
     }
 }
@@ -286,10 +294,15 @@ grpcListen: 127.0.0.1:4317
         let export: ExportConfig = serde_norway::from_str(
             "dataDir: /var/lib/x
 manifestDirs: [/etc/x]
+http: {idleTimeout: 5s}
 ",
         )
         .unwrap();
         assert_eq!(export.listen, ExportConfig::default().listen);
+        let limits = export.http.limits().unwrap();
+        assert_eq!(limits.idle_timeout, Duration::from_secs(5));
+        assert_eq!(limits.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(config.http, HttpConfig::default());
         assert!(
             serde_norway::from_str::<ExportConfig>(
                 "dedupeHorizonDays: 3

@@ -140,6 +140,8 @@ struct ExportState {
     auth: Arc<Authenticator>,
     requests: Arc<Mutex<RequestCounts>>,
     registry: Registry,
+    /// What the HTTP listener counts (`tally_http_connections_*`).
+    connections: tally_http::ConnectionStats,
 }
 
 impl FromRef<ExportState> for Telemetry {
@@ -247,6 +249,7 @@ async fn get_one(
 async fn metrics(State(state): State<ExportState>) -> impl IntoResponse {
     let mut out = state.registry.render();
     crate::render_requests(&state.requests, &mut out);
+    state.connections.render(&mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 
@@ -259,6 +262,10 @@ async fn readyz(State(state): State<ExportState>) -> Response {
 
 /// Runs `tally export` until SIGINT or SIGTERM.
 pub async fn export(config: ExportConfig) -> anyhow::Result<()> {
+    let limits = config
+        .http
+        .limits()
+        .context("the configuration's http section")?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data dir {}", config.data_dir.display()))?;
     let auth = Arc::new(
@@ -293,6 +300,7 @@ pub async fn export(config: ExportConfig) -> anyhow::Result<()> {
         auth: Arc::clone(&auth),
         requests: Arc::default(),
         registry,
+        connections: tally_http::ConnectionStats::new(),
     };
     let listeners = crate::Listeners::open(
         "tally export",
@@ -305,7 +313,8 @@ pub async fn export(config: ExportConfig) -> anyhow::Result<()> {
     .await?;
     tracing::info!(address = %listeners.address, data_dir = %config.data_dir.display(),
         pulling = config.victoria_metrics.is_some(), "exporting");
-    listeners.serve(router(state)).await?;
+    let stats = state.connections.clone();
+    listeners.serve(router(state), limits, stats).await;
     watching.abort();
     follower.abort();
     pipeline.shutdown().await;

@@ -42,8 +42,8 @@ Example config file (every key optional):
     - {name: agents, sha256: <hex>, scopes: [ingest]}")]
 pub struct ExportArgs {
     /// YAML config file (camelCase keys: dataDir, listen, grpcListen, token,
-    /// tokens, maxBodyBytes, manifestDirs, victoriaMetrics). Flags given here
-    /// override it.
+    /// tokens, maxBodyBytes, manifestDirs, victoriaMetrics, http). Flags
+    /// given here override it.
     #[arg(long, short = 'c', value_name = "FILE", env = "TALLY_EXPORT_CONFIG")]
     config: Option<PathBuf>,
 
