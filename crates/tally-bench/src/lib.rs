@@ -483,7 +483,7 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<()> {
     let state = AppState::new(ledger.clone(), 64 << 20, None);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
-    tokio::spawn(async move { axum_serve(listener, state).await });
+    tokio::spawn(tally_server::serve_on(listener, state));
     let client = tally_delivery::client_builder().build()?;
     let now = Timestamp::now();
     let ingested = if o.queries_only {
@@ -614,12 +614,6 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<()> {
         stats.journal_bytes as f64 / 1_048_576.0 / millions,
     );
     Ok(())
-}
-
-async fn axum_serve(listener: tokio::net::TcpListener, state: AppState) {
-    if let Err(e) = tally_server::serve_on(listener, state).await {
-        eprintln!("bench server failed: {e}");
-    }
 }
 
 /// The load generator as a child process (`tally bench --load-only-to`).

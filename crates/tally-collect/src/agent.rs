@@ -6,7 +6,8 @@
 //! The binary only maps its flags to [`AgentOptions`]; this module does the
 //! rest: [`AgentOptions::resolve`] → [`AgentConfig`] → [`Agent::start`]
 //! (binds the listeners, opens every input) → [`Agent::run`] until the given
-//! shutdown future completes.
+//! shutdown future completes. The HTTP listener is served by
+//! [`tally_http::Server`] under the config file's `http:` limits.
 //!
 //! # Design
 //! Every input (one per access-log file, one for the OTLP receivers, one
@@ -195,6 +196,8 @@ pub(crate) struct HttpState {
     spool: Option<Arc<Spool>>,
     /// The lifecycle receiver, when `--connections`.
     connections: Option<Arc<connections::Receiver>>,
+    /// What the HTTP listener counts (`tally_http_connections_*`).
+    http_stats: tally_http::ConnectionStats,
 }
 
 /// A started agent: listeners bound, inputs running.
@@ -284,6 +287,7 @@ impl Agent {
                 registry,
                 spool,
                 connections,
+                http_stats: tally_http::ConnectionStats::new(),
             },
             sink,
             stop,
@@ -315,11 +319,9 @@ impl Agent {
             .route("/v1/logs", post(otlp::receive_logs))
             .route("/v1/connections", post(connections::receive))
             .with_state(self.state.clone());
-        let http = tokio::spawn(
-            axum::serve(self.http, app)
-                .with_graceful_shutdown(until_stopped(stopped.clone()))
-                .into_future(),
-        );
+        let server = tally_http::Server::new(self.config.http, connections::body_timed_out)
+            .with_stats(self.state.http_stats.clone());
+        let http = tokio::spawn(server.serve(self.http, app, until_stopped(stopped.clone())));
         let grpc = match (self.grpc, &self.state.spool) {
             (Some((listener, _)), Some(spool)) => {
                 let incoming = tonic::transport::server::TcpIncoming::from(listener);
@@ -366,11 +368,11 @@ impl Agent {
             match grpc {
                 Some(grpc) => {
                     tokio::select! {
-                        result = http => served("HTTP", result.map(|r| r.map_err(|e| e.to_string()))),
+                        result = http => served("HTTP", result.map(Ok)),
                         result = grpc => served("OTLP/gRPC", result.map(|r| r.map_err(|e| e.to_string()))),
                     }
                 }
-                None => served("HTTP", http.await.map(|r| r.map_err(|e| e.to_string()))),
+                None => served("HTTP", http.await.map(Ok)),
             }
         };
         let outcome = tokio::select! {
@@ -576,12 +578,14 @@ async fn wait_for_stop(stop: Arc<AtomicBool>) {
 }
 
 async fn metrics(State(state): State<HttpState>) -> Response {
+    let mut out = state.registry.render();
+    state.http_stats.render(&mut out);
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.registry.render(),
+        out,
     )
         .into_response()
 }

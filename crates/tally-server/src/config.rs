@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tally_delivery::EgressConfig;
+use tally_http::HttpConfig;
 use tally_telemetry::PullOptions;
 use tally_telemetry::exporter::parse_duration;
 
@@ -62,6 +63,8 @@ pub struct ServeConfig {
     /// Where Exporter sinks and BillingSink providers may send: `allow`
     /// lists CIDRs they may reach although loopback, private, link-local...
     pub egress: EgressConfig,
+    /// Timeouts and the connection limit of the HTTP listener.
+    pub http: HttpConfig,
 }
 
 /// `victoriaMetrics:` in the config: every Exporter source is also pulled
@@ -186,6 +189,7 @@ impl Default for ServeConfig {
             grpc_listen: None,
             victoria_metrics: None,
             egress: EgressConfig::default(),
+            http: HttpConfig::default(),
         }
     }
 }
@@ -242,6 +246,9 @@ pub struct ExportConfig {
     pub victoria_metrics: Option<VictoriaMetricsConfig>,
     /// Where Exporter sinks may send, as in `tally serve`.
     pub egress: EgressConfig,
+    /// Timeouts and the connection limit of the HTTP listener, as in
+    /// `tally serve`.
+    pub http: HttpConfig,
 }
 
 impl Default for ExportConfig {
@@ -257,6 +264,7 @@ impl Default for ExportConfig {
             manifest_dirs: Vec::new(),
             victoria_metrics: None,
             egress: EgressConfig::default(),
+            http: HttpConfig::default(),
         }
     }
 }
@@ -298,10 +306,15 @@ grpcListen: 127.0.0.1:4317
         let export: ExportConfig = serde_norway::from_str(
             "dataDir: /var/lib/x
 manifestDirs: [/etc/x]
+http: {idleTimeout: 5s}
 ",
         )
         .unwrap();
         assert_eq!(export.listen, ExportConfig::default().listen);
+        let limits = export.http.limits().unwrap();
+        assert_eq!(limits.idle_timeout, Duration::from_secs(5));
+        assert_eq!(limits.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(config.http, HttpConfig::default());
         assert!(
             serde_norway::from_str::<ExportConfig>(
                 "dedupeHorizonDays: 3

@@ -141,6 +141,8 @@ struct ExportState {
     requests: Arc<Mutex<RequestCounts>>,
     registry: Registry,
     vital: crate::VitalTasks,
+    /// What the HTTP listener counts (`tally_http_connections_*`).
+    connections: tally_http::ConnectionStats,
 }
 
 impl FromRef<ExportState> for Telemetry {
@@ -257,6 +259,7 @@ async fn get_one(
 async fn metrics(State(state): State<ExportState>) -> impl IntoResponse {
     let mut out = state.registry.render();
     crate::render_requests(&state.requests, &mut out);
+    state.connections.render(&mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 
@@ -270,6 +273,10 @@ async fn readyz(State(state): State<ExportState>) -> Response {
 /// Runs `tally export` until SIGINT or SIGTERM.
 pub async fn export(config: ExportConfig) -> anyhow::Result<()> {
     let egress = config.egress.policy()?;
+    let limits = config
+        .http
+        .limits()
+        .context("the configuration's http section")?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating the data dir {}", config.data_dir.display()))?;
     let auth = Arc::new(
@@ -306,6 +313,7 @@ pub async fn export(config: ExportConfig) -> anyhow::Result<()> {
         requests: Arc::default(),
         registry,
         vital: crate::VitalTasks::default(),
+        connections: tally_http::ConnectionStats::new(),
     };
     state.vital.add(crate::EXPORTERS_TASK, follower);
     state.vital.add(WATCHER_TASK, watching);
@@ -321,7 +329,8 @@ pub async fn export(config: ExportConfig) -> anyhow::Result<()> {
     .await?;
     tracing::info!(address = %listeners.address, data_dir = %config.data_dir.display(),
         pulling = config.victoria_metrics.is_some(), "exporting");
-    listeners.serve(router(state)).await?;
+    let stats = state.connections.clone();
+    listeners.serve(router(state), limits, stats).await;
     for task in [WATCHER_TASK, crate::EXPORTERS_TASK] {
         if let Some(task) = vital.take(task) {
             task.abort();

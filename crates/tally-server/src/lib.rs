@@ -69,6 +69,8 @@ pub struct AppState {
     telemetry: Option<Arc<tally_telemetry::Pipeline>>,
     /// The billing forwarder's runtime, when it runs in this server.
     billing: Option<tally_billing::runtime::BillingHandle>,
+    /// What the HTTP listener counts (`tally_http_connections_*`).
+    connections: tally_http::ConnectionStats,
     /// Background tasks the process cannot do its job without.
     vital: VitalTasks,
 }
@@ -129,6 +131,7 @@ impl AppState {
             telemetry: None,
             billing: None,
             vital: VitalTasks::default(),
+            connections: tally_http::ConnectionStats::new(),
         }
     }
 
@@ -469,6 +472,7 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         out.push_str(&billing.render_status_metrics());
     }
     render_requests(&state.requests, &mut out);
+    state.connections.render(&mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
 }
 
@@ -537,11 +541,14 @@ async fn openapi_json() -> Response {
     }
 }
 
-/// Serves the API on a bound listener until the process ends.
-pub async fn serve_on(listener: tokio::net::TcpListener, state: AppState) -> anyhow::Result<()> {
-    axum::serve(listener, router(state))
-        .await
-        .context("serving HTTP")
+/// Serves the API on a bound listener, under the default HTTP limits,
+/// until the process ends.
+pub async fn serve_on(listener: tokio::net::TcpListener, state: AppState) {
+    let server = tally_http::Server::new(tally_http::Limits::default(), problem::body_timed_out)
+        .with_stats(state.connections.clone());
+    server
+        .serve(listener, router(state), std::future::pending())
+        .await;
 }
 
 /// [`VitalTasks`] names of `tally serve`'s background tasks.
@@ -551,6 +558,10 @@ const BILLING_TASK: &str = "the billing forwarder";
 /// Runs `tally serve` until SIGINT or SIGTERM.
 pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     let egress = config.egress.policy()?;
+    let limits = config
+        .http
+        .limits()
+        .context("the configuration's http section")?;
     if config
         .max_lateness_days
         .is_some_and(|late| late > config.dedupe_horizon_days)
@@ -635,7 +646,8 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         ))
     });
     let vital = state.vital.clone();
-    listeners.serve(router(state)).await?;
+    let stats = state.connections.clone();
+    listeners.serve(router(state), limits, stats).await;
     if let Some(watcher) = watcher {
         watcher.abort();
     }
@@ -710,12 +722,18 @@ impl Listeners {
         })
     }
 
-    /// Serves `app` until SIGINT or SIGTERM, then stops the gRPC receiver.
-    async fn serve(self, app: Router) -> anyhow::Result<()> {
-        axum::serve(self.http, app)
-            .with_graceful_shutdown(shutdown_signal())
-            .await
-            .context("serving HTTP")?;
+    /// Serves `app` under `limits`, counting into `stats`, until SIGINT or
+    /// SIGTERM; then drains it and stops the gRPC receiver.
+    async fn serve(
+        self,
+        app: Router,
+        limits: tally_http::Limits,
+        stats: tally_http::ConnectionStats,
+    ) {
+        tally_http::Server::new(limits, problem::body_timed_out)
+            .with_stats(stats)
+            .serve(self.http, app, shutdown_signal())
+            .await;
         let _ = self.stop_grpc.send(true);
         if let Some(task) = self.grpc {
             match task.await {
@@ -726,7 +744,6 @@ impl Listeners {
                 Err(e) => tracing::error!(error = %e, "OTLP/gRPC receiver task failed"),
             }
         }
-        Ok(())
     }
 }
 

@@ -67,6 +67,18 @@ impl Problem {
     }
 }
 
+/// The answer to a request whose body did not arrive whole within
+/// `timeout` (`tally_http`'s body-read timeout).
+pub(crate) fn body_timed_out(timeout: std::time::Duration) -> Response {
+    Problem::new(
+        StatusCode::REQUEST_TIMEOUT,
+        format!(
+            "the request body did not arrive whole within {timeout:?} of its headers (http.bodyReadTimeout); nothing of it was stored"
+        ),
+    )
+    .into_response()
+}
+
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);

@@ -22,8 +22,10 @@ pub struct CollectArgs {
     /// maxInFlight, maxBackoffSecs, requestTimeoutSecs, pollIntervalMs,
     /// resourcesPollSecs, diagnosticsEverySecs, envoyAdmin: {url,
     /// intervalSecs, listeners: [{listener | stat, route: NS/NAME,
-    /// project}]}, and connections: {enabled, graceSecs, dedupeHorizonSecs,
-    /// maxOutboxEvents, maxSpoolBytes}). Flags given here override it.
+    /// project}]}, connections: {enabled, graceSecs, dedupeHorizonSecs,
+    /// maxOutboxEvents, maxSpoolBytes}, and, in the file only, http:
+    /// {headerReadTimeout, idleTimeout, bodyReadTimeout, drainTimeout,
+    /// maxConnections}). Flags given here override it.
     #[arg(long, short = 'c', value_name = "FILE")]
     config: Option<PathBuf>,
 
@@ -238,6 +240,7 @@ impl CollectArgs {
             envoy_admin,
             connections,
             clock_file: self.clock_file,
+            http: None,
         };
         (self.config, options)
     }

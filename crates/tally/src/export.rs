@@ -44,7 +44,7 @@ Example config file (every key optional):
     allow: [10.0.0.0/8]  # sinks may reach these although private")]
 pub struct ExportArgs {
     /// YAML config file (camelCase keys: dataDir, listen, grpcListen, token,
-    /// tokens, maxBodyBytes, manifestDirs, victoriaMetrics, egress). Flags
+    /// tokens, maxBodyBytes, manifestDirs, victoriaMetrics, egress, http). Flags
     /// given here override it.
     #[arg(long, short = 'c', value_name = "FILE", env = "TALLY_EXPORT_CONFIG")]
     config: Option<PathBuf>,

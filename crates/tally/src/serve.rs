@@ -15,7 +15,7 @@ use tracing_subscriber::EnvFilter;
 pub struct ServeArgs {
     /// YAML config file (camelCase keys: dataDir, listen, grpcListen, token,
     /// tokens, maxBodyBytes, maxPendingEvents, dedupeHorizonDays,
-    /// maxLatenessDays, manifestDirs, billing, victoriaMetrics, egress). Flags
+    /// maxLatenessDays, manifestDirs, billing, victoriaMetrics, egress, http). Flags
     /// given here override it.
     #[arg(long, short = 'c', value_name = "FILE", env = "TALLY_CONFIG")]
     config: Option<PathBuf>,

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tally_delivery::Secret;
+use tally_http::{HttpConfig, Limits};
 
 use super::AgentError;
 use super::clock::Clock;
@@ -77,6 +78,9 @@ pub struct AgentOptions {
     /// Read "now" from this file (Unix ms or RFC 3339) instead of the
     /// system clock: for tests and replays of the lifecycle input.
     pub clock_file: Option<PathBuf>,
+    /// Timeouts and the connection limit of the HTTP listener (config
+    /// file only).
+    pub http: Option<HttpConfig>,
 }
 
 /// The `connections` section: the connection lifecycle receiver
@@ -269,6 +273,8 @@ pub struct AgentConfig {
     pub connections: Option<ConnectionsConfig>,
     /// Where "now" is read (the lifecycle input's clock).
     pub clock: Clock,
+    /// What the HTTP listener enforces.
+    pub http: Limits,
 }
 
 impl AgentOptions {
@@ -338,6 +344,7 @@ impl AgentOptions {
             envoy_admin: admin,
             connections,
             clock_file: flags.clock_file.or(self.clock_file),
+            http: flags.http.or(self.http),
         }
     }
 
@@ -385,6 +392,8 @@ impl AgentOptions {
         let secs = |value: Option<u64>, default: u64| Duration::from_secs(value.unwrap_or(default));
         let millis =
             |value: Option<u64>, default: u64| Duration::from_millis(value.unwrap_or(default));
+        let http = (self.http.unwrap_or_default().limits())
+            .map_err(|e| AgentError::Config(e.to_string()))?;
         let otlp_grpc_listen = (otlp && self.otlp_grpc.unwrap_or(true)).then(|| {
             self.otlp_grpc_listen
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 4317)))
@@ -418,6 +427,7 @@ impl AgentOptions {
             envoy_admin,
             connections,
             clock: self.clock_file.map_or(Clock::System, Clock::File),
+            http,
         })
     }
 }
@@ -504,6 +514,25 @@ mod tests {
         assert!(AgentOptions::default().resolve("http://x").is_err());
         assert_eq!(config.connections, None);
         assert_eq!(config.clock, Clock::System);
+    }
+
+    #[test]
+    fn the_http_section_is_read_and_checked() {
+        let options = |text: &str| -> AgentOptions { serde_norway::from_str(text).unwrap() };
+        let config = options("otlp: true\nhttp: {idleTimeout: 5s, maxConnections: 16}\n")
+            .overlay(AgentOptions::default())
+            .resolve("http://x")
+            .unwrap();
+        assert_eq!(config.http.idle_timeout, Duration::from_secs(5));
+        assert_eq!(config.http.max_connections, 16);
+        assert_eq!(config.http.header_read_timeout, Duration::from_secs(10));
+        let error = options("otlp: true\nhttp: {headerReadTimeout: 0s}\n")
+            .resolve("http://x")
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("http.headerReadTimeout"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -55,6 +55,19 @@ fn problem(status: StatusCode, detail: impl Into<String>, errors: Option<Value>)
     response
 }
 
+/// The answer to a request whose body did not arrive whole within
+/// `timeout` (`tally_http`'s body-read timeout), on every route of the
+/// agent's listener.
+pub(crate) fn body_timed_out(timeout: std::time::Duration) -> Response {
+    problem(
+        StatusCode::REQUEST_TIMEOUT,
+        format!(
+            "the request body did not arrive whole within {timeout:?} of its headers (http.bodyReadTimeout); nothing of it was stored"
+        ),
+        None,
+    )
+}
+
 /// `POST /v1/connections`.
 pub(crate) async fn receive(
     State(state): State<HttpState>,
@@ -187,6 +200,7 @@ mod tests {
             registry: Registry::new(),
             spool: None,
             connections: Some(Arc::new(receiver)),
+            http_stats: tally_http::ConnectionStats::new(),
         };
         (state, spool)
     }
