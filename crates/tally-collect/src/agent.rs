@@ -324,15 +324,17 @@ impl Agent {
         let http = tokio::spawn(server.serve(self.http, app, until_stopped(stopped.clone())));
         let grpc = match (self.grpc, &self.state.spool) {
             (Some((listener, _)), Some(spool)) => {
-                let incoming = tonic::transport::server::TcpIncoming::from(listener);
-                let service = grpc::LogsReceiver::service(spool.clone());
-                let signal = until_stopped(stopped.clone());
-                Some(tokio::spawn(async move {
-                    tonic::transport::Server::builder()
-                        .add_service(service)
-                        .serve_with_incoming_shutdown(incoming, signal)
-                        .await
-                }))
+                // Served under the same limits as HTTP: gRPC is HTTP/2.
+                let app = tonic::service::Routes::new(grpc::LogsReceiver::service(spool.clone()))
+                    .prepare()
+                    .into_axum_router();
+                let server = tally_http::Server::new(self.config.http, connections::body_timed_out)
+                    .with_stats(self.state.http_stats.clone());
+                Some(tokio::spawn(server.serve(
+                    listener,
+                    app,
+                    until_stopped(stopped.clone()),
+                )))
             }
             _ => None,
         };
@@ -369,7 +371,7 @@ impl Agent {
                 Some(grpc) => {
                     tokio::select! {
                         result = http => served("HTTP", result.map(Ok)),
-                        result = grpc => served("OTLP/gRPC", result.map(|r| r.map_err(|e| e.to_string()))),
+                        result = grpc => served("OTLP/gRPC", result.map(Ok)),
                     }
                 }
                 None => served("HTTP", http.await.map(Ok)),

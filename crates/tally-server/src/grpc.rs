@@ -11,7 +11,6 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use anyhow::Context;
 use axum::http::{Method, StatusCode};
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
     MetricsService, MetricsServiceServer,
@@ -73,17 +72,22 @@ impl MetricsService for MetricsReceiver {
     }
 }
 
-/// Serves `MetricsService/Export` on `listener` until `shutdown` completes.
+/// Serves `MetricsService/Export` on `listener` under `limits` (gRPC is
+/// HTTP/2: the same timeouts and connection limit as the HTTP listener),
+/// counting into `stats`, until `shutdown` completes.
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     telemetry: Telemetry,
     auth: Arc<Authenticator>,
+    limits: tally_http::Limits,
+    stats: tally_http::ConnectionStats,
     shutdown: impl Future<Output = ()> + Send,
-) -> anyhow::Result<()> {
-    let incoming = tonic::transport::server::TcpIncoming::from(listener);
-    tonic::transport::Server::builder()
-        .add_service(MetricsReceiver::service(telemetry, auth))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .context("serving OTLP/gRPC")
+) {
+    let app = tonic::service::Routes::new(MetricsReceiver::service(telemetry, auth))
+        .prepare()
+        .into_axum_router();
+    tally_http::Server::new(limits, crate::problem::body_timed_out)
+        .with_stats(stats)
+        .serve(listener, app, shutdown)
+        .await;
 }

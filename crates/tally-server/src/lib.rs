@@ -668,14 +668,18 @@ struct Listeners {
     http: tokio::net::TcpListener,
     /// Where HTTP is served.
     address: std::net::SocketAddr,
-    stop_grpc: tokio::sync::watch::Sender<bool>,
-    grpc: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    /// The OTLP/gRPC metrics receiver's listener, and what it serves.
+    grpc: Option<(
+        tokio::net::TcpListener,
+        telemetry::Telemetry,
+        Arc<auth::Authenticator>,
+    )>,
 }
 
 impl Listeners {
-    /// Binds `listen`, and starts the OTLP/gRPC metrics receiver on
-    /// `grpc_listen` if set; prints the line saying where `program` listens
-    /// (the only line on standard output).
+    /// Binds `listen`, and `grpc_listen` for the OTLP/gRPC metrics receiver
+    /// if set; prints the line saying where `program` listens (the only
+    /// line on standard output).
     async fn open(
         program: &str,
         listen: std::net::SocketAddr,
@@ -688,7 +692,6 @@ impl Listeners {
             .await
             .with_context(|| format!("listening on {listen}"))?;
         let address = http.local_addr().context("reading the listen address")?;
-        let (stop_grpc, mut stopped) = tokio::sync::watch::channel(false);
         let mut grpc_line = String::new();
         let grpc = match grpc_listen {
             None => None,
@@ -700,14 +703,7 @@ impl Listeners {
                     .local_addr()
                     .context("reading the gRPC listen address")?;
                 grpc_line = format!(" and grpc://{grpc_address}");
-                Some(tokio::spawn(grpc::serve(
-                    listener,
-                    telemetry,
-                    auth,
-                    async move {
-                        let _ = stopped.wait_for(|stop| *stop).await;
-                    },
-                )))
+                Some((listener, telemetry, auth))
             }
         };
         println!(
@@ -717,32 +713,41 @@ impl Listeners {
         Ok(Listeners {
             http,
             address,
-            stop_grpc,
             grpc,
         })
     }
 
-    /// Serves `app` under `limits`, counting into `stats`, until SIGINT or
-    /// SIGTERM; then drains it and stops the gRPC receiver.
+    /// Serves `app`, and the gRPC receiver, both under `limits` and
+    /// counting into `stats`, until SIGINT or SIGTERM; then drains both.
     async fn serve(
         self,
         app: Router,
         limits: tally_http::Limits,
         stats: tally_http::ConnectionStats,
     ) {
+        let (stop_grpc, mut stopped) = tokio::sync::watch::channel(false);
+        let grpc = self.grpc.map(|(listener, telemetry, auth)| {
+            let stopped = async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            };
+            tokio::spawn(grpc::serve(
+                listener,
+                telemetry,
+                auth,
+                limits,
+                stats.clone(),
+                stopped,
+            ))
+        });
         tally_http::Server::new(limits, problem::body_timed_out)
             .with_stats(stats)
             .serve(self.http, app, shutdown_signal())
             .await;
-        let _ = self.stop_grpc.send(true);
-        if let Some(task) = self.grpc {
-            match task.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::error!(error = %format!("{e:#}"), "OTLP/gRPC receiver failed")
-                }
-                Err(e) => tracing::error!(error = %e, "OTLP/gRPC receiver task failed"),
-            }
+        let _ = stop_grpc.send(true);
+        if let Some(task) = grpc
+            && let Err(e) = task.await
+        {
+            tracing::error!(error = %e, "OTLP/gRPC receiver task failed");
         }
     }
 }

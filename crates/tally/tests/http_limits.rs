@@ -15,8 +15,13 @@ mod common;
 
 /// Starts `tally serve` with `http` as its config's `http:` section.
 fn serve(dir: &Path, http: &str) -> common::Server {
+    serve_with(dir, &format!("http: {http}\n"))
+}
+
+/// Starts `tally serve` with `config` as its config file.
+fn serve_with(dir: &Path, config_text: &str) -> common::Server {
     let config = dir.join("tally.yaml");
-    std::fs::write(&config, format!("http: {http}\n")).unwrap();
+    std::fs::write(&config, config_text).unwrap();
     let mut command = Command::new(env!("CARGO_BIN_EXE_tally"));
     command
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
@@ -289,6 +294,32 @@ fn stalling_clients_are_closed_and_the_server_answers_throughout() {
         std::thread::sleep(Duration::from_millis(50));
     }
     drop(stream);
+}
+
+#[test]
+fn the_grpc_listener_has_the_same_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_with(
+        dir.path(),
+        "grpcListen: 127.0.0.1:0\nhttp: {headerReadTimeout: 1s, idleTimeout: 2s}\n",
+    );
+    let grpc = server.grpc.clone().expect("the gRPC receiver listens");
+    let mut idle = TcpStream::connect(grpc).unwrap();
+    let (sent, after) = until_closed(&mut idle, Duration::from_secs(10)).expect("closed in 10 s");
+    assert!(sent.is_empty(), "{sent:?}");
+    assert!(
+        after >= Duration::from_millis(900),
+        "closed after {after:?}"
+    );
+    let mut stream = connect(&server);
+    let metrics = exchange(&mut stream, &get("/metrics")).body;
+    assert!(
+        metric(
+            &metrics,
+            "tally_http_connections_timed_out_total{reason=\"header\"}"
+        ) >= 1,
+        "{metrics}"
+    );
 }
 
 #[test]
