@@ -7,7 +7,10 @@
 
 use std::io::Read;
 
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
 use crate::problem::Problem;
@@ -15,14 +18,7 @@ use crate::problem::Problem;
 /// The decoded body, refusing more than `limit` bytes after decompression.
 pub fn decode(headers: &HeaderMap, body: Bytes, limit: usize) -> Result<Bytes, Problem> {
     let encoding = content_encoding(headers).unwrap_or_else(|| "identity".to_owned());
-    let too_large = || {
-        Problem::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "the request body is larger than the limit of {limit} bytes (after decompression); send smaller batches"
-            ),
-        )
-    };
+    let too_large = || too_large(limit);
     let read_all = |reader: &mut dyn Read| -> Result<Bytes, Problem> {
         let mut out = Vec::new();
         reader
@@ -52,6 +48,34 @@ pub fn decode(headers: &HeaderMap, body: Bytes, limit: usize) -> Result<Bytes, P
             format!("Content-Encoding {other:?} is not supported; use gzip, zstd or none"),
         )),
     }
+}
+
+/// The answer to a body over `limit` bytes.
+fn too_large(limit: usize) -> Problem {
+    Problem::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!(
+            "the request body is larger than the limit of {limit} bytes (after decompression); send smaller batches"
+        ),
+    )
+}
+
+/// Middleware: a request whose `Content-Length` announces more than
+/// `limit` bytes is answered 413 at once, before any of its body is read.
+pub async fn refuse_announced_oversize(
+    State(limit): State<usize>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let announced = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limit as u64) {
+        return too_large(limit).into_response();
+    }
+    next.run(request).await
 }
 
 /// The `Content-Encoding` of a request, lower case, if it has one.

@@ -34,7 +34,7 @@ use crate::problem::Problem;
 use crate::resources::ListParams;
 use crate::telemetry::{self, Telemetry};
 use crate::watch::{Apply, POLL_INTERVAL, Watcher};
-use crate::{Principal, RequestCounts, StatusSource, exporters};
+use crate::{Principal, RequestCounts, StatusSource, body, exporters};
 
 /// A [`ResourceStore`] in memory, with the same rules as every other store
 /// ([`ResourceSet`]): what `tally export` reads its watched directories into.
@@ -179,6 +179,10 @@ fn router(state: ExportState) -> Router {
             crate::count_requests,
         ))
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::from_fn_with_state(
+            max_body_bytes,
+            body::refuse_announced_oversize,
+        ))
         .with_state(state)
 }
 

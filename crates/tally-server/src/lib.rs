@@ -82,7 +82,10 @@ pub struct AppState {
 /// **Never:** register a task a tenant can end (a customer's exporter sink):
 /// a tenant must not be able to fail the process's health.
 #[derive(Clone, Default)]
-pub(crate) struct VitalTasks(Arc<Mutex<Vec<(&'static str, tokio::task::JoinHandle<()>)>>>);
+pub(crate) struct VitalTasks(Arc<Mutex<Vec<VitalTask>>>);
+
+/// A vital task: its name for `/healthz`, and its handle.
+type VitalTask = (&'static str, tokio::task::JoinHandle<()>);
 
 impl VitalTasks {
     /// Watches `task`, named for `/healthz` (e.g. "the billing forwarder").
@@ -318,6 +321,10 @@ pub fn router(state: AppState) -> Router {
         ))
         // Compressed bodies may expand; the decoded size is checked again in `body::decode`.
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .layer(middleware::from_fn_with_state(
+            state.max_body_bytes,
+            body::refuse_announced_oversize,
+        ))
         .with_state(state)
 }
 

@@ -420,17 +420,55 @@ async fn compression_bombs_are_refused_within_the_body_limit() {
         .send(Method::POST, "/api/v1/write", Some(ADMIN), &headers, snappy)
         .await;
     assert_problem(&answer, 413, "snappy bomb");
-    // A plain body over the limit.
-    let answer = client
-        .post(
-            "/api/v1/events",
-            "application/json",
-            padded_batch(2 * MAX_BODY),
-        )
-        .await;
-    assert_problem(&answer, 413, "oversized plain body");
+    // A plain body over the limit is refused from its Content-Length,
+    // before it is read: the answer comes while the client would still be
+    // sending, so ask over a raw socket and send no body.
+    let (status, content_type) = announce_oversized_body(&server.base, "/api/v1/events");
+    assert_eq!(
+        (status, content_type.as_str()),
+        (413, "application/problem+json")
+    );
     client.assert_healthy(&server, "the bombs").await;
     assert_eq!(client.stored_events().await, 0);
+}
+
+/// Sends only the headers of a POST announcing a body twice the limit;
+/// the status and content type of the answer.
+fn announce_oversized_body(base: &str, path: &str) -> (u16, String) {
+    use std::io::{BufRead, BufReader};
+    let address = base.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: tally\r\nAuthorization: Bearer {ADMIN}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        2 * MAX_BODY
+    )
+    .unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let mut content_type = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap() == 0 || line.trim().is_empty() {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("content-type")
+        {
+            content_type = value.trim().to_owned();
+        }
+    }
+    (status, content_type)
 }
 
 fn event(id: &str) -> Value {
