@@ -29,6 +29,13 @@ pub const MAX_GROUP_BYTES: usize = 16 * 1024;
 /// one meter may declare.
 pub const MAX_METER_DIMENSIONS: usize = 32;
 
+/// The smallest key limit of the stores Tally runs on.
+const STORE_KEY_LIMIT: usize = 65_535;
+
+// The invariant above, checked when the crate is compiled.
+const _: () = assert!(2 * MAX_ATTRIBUTE_BYTES + 16 < STORE_KEY_LIMIT / 4);
+const _: () = assert!(MAX_GROUP_BYTES + 4 * MAX_METER_DIMENSIONS + 16 < STORE_KEY_LIMIT / 2);
+
 /// `field` is refused with [`error_code::VALUE_TOO_LONG`] if `value` is
 /// longer than `max` bytes.
 pub fn check_len(field: &str, value: &str, max: usize) -> Result<(), FieldError> {
@@ -57,12 +64,5 @@ mod tests {
             "{}",
             e.reason
         );
-    }
-
-    #[test]
-    fn keys_stay_far_below_the_stores_limit() {
-        const KEY_LIMIT: usize = 65_535;
-        assert!(2 * MAX_ATTRIBUTE_BYTES + 16 < KEY_LIMIT / 4);
-        assert!(MAX_GROUP_BYTES + 4 * MAX_METER_DIMENSIONS + 16 < KEY_LIMIT / 2);
     }
 }

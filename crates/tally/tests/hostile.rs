@@ -247,14 +247,14 @@ fn request_for(method: &Method, template: &str) -> (String, Vec<u8>, &'static st
 
 /// Whether `token` may pass `rule` (not refused with 401 or 403).
 fn admitted(rule: Rule, token: Option<&str>) -> bool {
-    match (rule, token) {
-        (Rule::Public, _) => true,
-        (_, Some(ADMIN)) => true,
-        (Rule::Ingest, Some(INGEST)) => true,
-        (Rule::Read, Some(ACME | GLOBEX)) => true,
-        (Rule::AcmeResource, Some(ACME)) => true,
-        _ => false,
-    }
+    matches!(
+        (rule, token),
+        (Rule::Public, _)
+            | (_, Some(ADMIN))
+            | (Rule::Ingest, Some(INGEST))
+            | (Rule::Read, Some(ACME | GLOBEX))
+            | (Rule::AcmeResource, Some(ACME))
+    )
 }
 
 /// Every (method, path) of the API document, `/openapi.json` itself too.
