@@ -88,6 +88,14 @@ pub trait Ledger: Send + Sync + 'static {
         })
     }
 
+    /// Where a meter's stored usage lies: from the start of the first day
+    /// (UTC) with usage to the end of the last, or `None` when it has none.
+    /// A query that names no `from` starts there.
+    fn usage_span(
+        &self,
+        meter: String,
+    ) -> BoxFuture<'_, Result<Option<(jiff::Timestamp, jiff::Timestamp)>, LedgerError>>;
+
     /// What [`Ledger::ingest`] checks of each event beyond its structure,
     /// so a caller can report every problem of a request at once.
     fn admission(&self) -> Admission;

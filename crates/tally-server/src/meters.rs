@@ -80,7 +80,7 @@ pub async fn delete(
 #[utoipa::path(get, path = "/api/v1/meters/{slug}/query", tag = "meters",
     params(
         ("slug" = String, Path, description = "Meter slug"),
-        ("from" = Option<String>, Query, description = "Start, inclusive, RFC 3339 on a whole minute (default: the Unix epoch)"),
+        ("from" = Option<String>, Query, description = "Start, inclusive, RFC 3339 on a whole minute (default: the start of the first day, UTC, with stored usage; with none, 30 days before `to`)"),
         ("to" = Option<String>, Query, description = "End, exclusive, RFC 3339 on a whole minute (default: now, rounded up to the minute)"),
         ("windowSize" = Option<String>, Query, description = "MINUTE, HOUR, DAY or MONTH; without it the whole range is one window"),
         ("windowTimeZone" = Option<String>, Query, description = "IANA time zone of the windows (default UTC)"),
@@ -133,9 +133,14 @@ pub async fn query(
         .unwrap_or(now);
     let mut subjects = p.all("subject");
     principal.restrict_subjects(&mut subjects)?;
+    let to = p.timestamp("to")?.unwrap_or(default_to);
+    let from = match p.timestamp("from")? {
+        Some(from) => from,
+        None => default_from(&state, &slug, to).await?,
+    };
     let query = MeterQuery {
-        from: p.timestamp("from")?.unwrap_or(Timestamp::UNIX_EPOCH),
-        to: p.timestamp("to")?.unwrap_or(default_to),
+        from,
+        to,
         window_size,
         time_zone,
         subjects,
@@ -175,6 +180,21 @@ pub async fn query(
         body,
     )
         .into_response())
+}
+
+/// Where a query without `from` starts: the first day (UTC) of the meter's
+/// stored usage, or, with none stored, 30 days before `to`; never after
+/// `to`. Never the Unix epoch, whose minute and hour windows no answer
+/// could hold.
+async fn default_from(state: &AppState, meter: &str, to: Timestamp) -> Result<Timestamp, Problem> {
+    let month_before = to
+        .checked_sub(jiff::SignedDuration::from_hours(30 * 24))
+        .unwrap_or(to);
+    let span = state.ledger.usage_span(meter.to_owned()).await?;
+    Ok(span
+        .map(|(first, _)| first)
+        .filter(|first| *first < to)
+        .unwrap_or(month_before))
 }
 
 fn encoding_failed(e: impl std::fmt::Display) -> Problem {

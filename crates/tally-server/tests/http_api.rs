@@ -602,3 +602,53 @@ async fn openapi_document_lists_the_routes() {
         assert!(doc["paths"].get(path).is_some(), "missing {path}");
     }
 }
+
+#[tokio::test]
+async fn a_query_without_from_starts_at_the_first_day_of_stored_usage() {
+    let s = start(None, 1 << 20).await;
+    s.post("/apis/apply", "application/yaml", METERS).await;
+    // No usage yet: the last 30 days, in hours, answer empty.
+    let (status, body) = s
+        .query("/api/v1/meters/api-calls/query?windowSize=HOUR")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"], json!([]));
+    let from: jiff::Timestamp = body["from"].as_str().unwrap().parse().unwrap();
+    let to: jiff::Timestamp = body["to"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        to.duration_since(from),
+        jiff::SignedDuration::from_hours(30 * 24)
+    );
+    let batch = json!([
+        event("a", "acme", "2026-03-02T10:15:00Z", json!({"calls": 2})),
+        event("b", "acme", "2026-03-04T23:59:00Z", json!({"calls": 3})),
+    ]);
+    let (status, body) = s
+        .post("/api/v1/events", "application/json", batch.to_string())
+        .await;
+    assert_eq!(status, 200, "{body}");
+    for window in ["MINUTE", "HOUR", "DAY"] {
+        let (status, body) = s
+            .query(&format!(
+                "/api/v1/meters/api-calls/query?windowSize={window}&to=2026-03-05T00:00:00Z"
+            ))
+            .await;
+        assert_eq!(status, 200, "{window}: {body}");
+        assert_eq!(body["from"], "2026-03-02T00:00:00Z", "{window}");
+        let rows = body["data"].as_array().unwrap();
+        let total: u64 = rows
+            .iter()
+            .map(|r| {
+                r["value"]
+                    .as_str()
+                    .map_or_else(|| r["value"].as_u64().unwrap(), |v| v.parse().unwrap())
+            })
+            .sum();
+        assert_eq!(total, 5, "{window}: {body}");
+        assert!(
+            rows.iter()
+                .all(|r| r["windowStart"].as_str().unwrap() >= "2026-03-02T00:00:00Z"),
+            "{window}: {body}"
+        );
+    }
+}

@@ -47,6 +47,12 @@ impl Ledger for GatedLedger {
     fn query(&self, m: String, q: MeterQuery) -> BoxFuture<'_, Result<QueryResult, LedgerError>> {
         self.inner.query(m, q)
     }
+    fn usage_span(
+        &self,
+        m: String,
+    ) -> BoxFuture<'_, Result<Option<(jiff::Timestamp, jiff::Timestamp)>, LedgerError>> {
+        self.inner.usage_span(m)
+    }
     fn list_events(&self, f: EventFilter) -> BoxFuture<'_, Result<EventPage, LedgerError>> {
         self.inner.list_events(f)
     }

@@ -471,6 +471,13 @@ impl Ledger for EmbeddedLedger {
         })
     }
 
+    fn usage_span(
+        &self,
+        meter: String,
+    ) -> BoxFuture<'_, Result<Option<(Timestamp, Timestamp)>, LedgerError>> {
+        Box::pin(self.read(move |shared| read::usage_span(shared, &meter)))
+    }
+
     fn list_events(&self, filter: EventFilter) -> BoxFuture<'_, Result<EventPage, LedgerError>> {
         Box::pin(async move {
             filter.validate()?;

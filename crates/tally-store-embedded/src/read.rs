@@ -28,11 +28,11 @@ use tally_ledger::{
     EventFilter, EventPage, LedgerError, MeterQuery, QuarantineFilter, QuarantinePage,
     QuarantinedEvent, QueryResult, QueryRow, StoredEvent, VoidPage, VoidRecord,
 };
-use tally_meter::{AggState, Level, QueryPlan, Window, window};
+use tally_meter::{AggState, CompiledMeter, Level, QueryPlan, Window, window};
 use tally_model::billing::{Attribution, Owner};
 
 use crate::dict::{self, ReaderDict};
-use crate::keys::{self, DictEntry, QuarantineEntry};
+use crate::keys::{self, DictEntry, MeterState, QuarantineEntry};
 use crate::{Shared, StoreError};
 
 /// Most rows or items one page may hold.
@@ -137,14 +137,12 @@ fn account_at(attribution: &Attribution, subject: &str, t: Timestamp) -> Option<
     }
 }
 
-/// `attribution` is needed when the query groups or filters by
-/// [`BILLING_ACCOUNT`].
-pub fn query(
+/// A meter that can answer now, with its state: not found, not compiling,
+/// still being built or backfilling are errors.
+fn ready_meter(
     shared: &Shared,
     meter_name: &str,
-    q: &MeterQuery,
-    attribution: Option<&Attribution>,
-) -> Result<QueryResult, LedgerError> {
+) -> Result<(CompiledMeter, MeterState), LedgerError> {
     let (meter, state) = {
         let read = shared.read_state();
         let meter = match read.catalog.compile(meter_name) {
@@ -175,6 +173,47 @@ pub fn query(
             retry_after_seconds: 2,
         });
     }
+    Ok((meter, state))
+}
+
+/// The days that hold a meter's stored usage: the start of the first and
+/// the end of the last (UTC), or `None` when it has none.
+pub fn usage_span(
+    shared: &Shared,
+    meter_name: &str,
+) -> Result<Option<(Timestamp, Timestamp)>, LedgerError> {
+    let (_, state) = ready_meter(shared, meter_name)?;
+    let snapshot = shared.db.snapshot();
+    let prefix = keys::rollup_level_prefix(state.generation, Level::Day)?;
+    let mut days = snapshot.prefix(&shared.keyspaces.rollups, prefix);
+    let day_of = |item: Option<fjall::Guard>| -> Result<Option<i64>, LedgerError> {
+        match item {
+            None => Ok(None),
+            Some(item) => Ok(Some(
+                keys::decode_rollup_key(&item.key().map_err(storage)?)?.bucket,
+            )),
+        }
+    };
+    let Some(first) = day_of(days.next())? else {
+        return Ok(None);
+    };
+    let last = day_of(days.next_back())?.unwrap_or(first);
+    let at = |second: i64| {
+        Timestamp::from_second(second)
+            .map_err(|e| LedgerError::Storage(format!("a day bucket out of range: {e}")))
+    };
+    Ok(Some((at(first)?, at(last + 86_400)?)))
+}
+
+/// `attribution` is needed when the query groups or filters by
+/// [`BILLING_ACCOUNT`].
+pub fn query(
+    shared: &Shared,
+    meter_name: &str,
+    q: &MeterQuery,
+    attribution: Option<&Attribution>,
+) -> Result<QueryResult, LedgerError> {
+    let (meter, state) = ready_meter(shared, meter_name)?;
     let dimensions: Vec<&str> = meter.dimensions().collect();
     let position = |name: &str| {
         dimensions.iter().position(|d| *d == name).ok_or_else(|| {
