@@ -117,13 +117,31 @@ fn count_source(pipeline: &Pipeline, id: &str, report: &IngestReport, native_his
     let unattributed = report.route.unattributed_points;
     source.add_received(report.points + native_histograms);
     source.add_sent(report.points - unattributed);
-    for (reason, n) in [
-        ("unattributed", unattributed),
-        ("native_histogram", native_histograms),
-    ] {
+    for (reason, n) in report.route.refused() {
         if n > 0 {
             source.add_dropped(reason, n);
+            warn_once(reason, n);
         }
+    }
+    if native_histograms > 0 {
+        source.add_dropped("native_histogram", native_histograms);
+    }
+}
+
+/// Logs the first refusal of each cause in this process; later ones are
+/// only counted (`tally_component_dropped_total{reason}`).
+fn warn_once(cause: &'static str, points: u64) {
+    static WARNED: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let Ok(mut warned) = WARNED.lock() else {
+        return;
+    };
+    if !warned.contains(&cause) {
+        warned.push(cause);
+        tracing::warn!(
+            cause,
+            points,
+            "refusing data points whose resource names no known namespace of its project (`namespace` or `k8s.namespace.name`); further refusals of this cause are only counted in tally_component_dropped_total"
+        );
     }
 }
 
@@ -133,7 +151,7 @@ pub(crate) fn partial_success(report: &IngestReport) -> Option<ExportMetricsPart
     (refused > 0).then(|| ExportMetricsPartialSuccess {
         rejected_data_points: i64::try_from(refused).unwrap_or(i64::MAX),
         error_message: format!(
-            "{refused} data point(s) refused: their resource has no `namespace` attribute ({}), a namespace Tally does not know ({}), or a `project` attribute that is not its namespace's ({})",
+            "{refused} data point(s) refused: their resource has no `namespace` or `k8s.namespace.name` attribute ({}), a namespace Tally does not know ({}), or a `project` attribute that is not its namespace's ({})",
             report.route.without_namespace,
             report.route.unknown_namespace,
             report.route.project_mismatch

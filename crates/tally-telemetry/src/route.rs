@@ -26,6 +26,10 @@ use crate::index::{NamespaceInfo, ResourceIndex, ResourceRef};
 use crate::selector::{IDENTITY_LABELS, LabelPlace, Labels, MatcherSet, PlacedMatcher};
 use crate::wire;
 
+/// The OpenTelemetry semantic-convention name of a resource's namespace,
+/// read when the resource has no `namespace` attribute.
+pub const K8S_NAMESPACE: &str = "k8s.namespace.name";
+
 const PROJECT: usize = 0;
 const NAMESPACE: usize = 1;
 const RESOURCE_GROUP: usize = 2;
@@ -42,7 +46,7 @@ pub struct Routed {
 /// Counts of resources no exporter could receive, for component metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RouteStats {
-    /// Resources without a `namespace` attribute.
+    /// Resources without a `namespace` (or `k8s.namespace.name`) attribute.
     pub without_namespace: u64,
     /// Resources whose namespace the index does not know.
     pub unknown_namespace: u64,
@@ -50,6 +54,33 @@ pub struct RouteStats {
     pub project_mismatch: u64,
     /// Data points of all those resources: no exporter may ever see them.
     pub unattributed_points: u64,
+    /// Of those, per cause, in the order of [`RouteStats::refused`].
+    refused_points: [u64; 3],
+}
+
+impl RouteStats {
+    /// Data points refused, by cause: `no_namespace`, `unknown_namespace`,
+    /// `project_mismatch`.
+    pub fn refused(&self) -> [(&'static str, u64); 3] {
+        let [none, unknown, mismatch] = self.refused_points;
+        [
+            ("no_namespace", none),
+            ("unknown_namespace", unknown),
+            ("project_mismatch", mismatch),
+        ]
+    }
+
+    /// Counts a refused resource of `points` data points under `cause`
+    /// (an index of [`RouteStats::refused`]).
+    fn refuse(&mut self, cause: usize, points: u64) {
+        match cause {
+            0 => self.without_namespace += 1,
+            1 => self.unknown_namespace += 1,
+            _ => self.project_mismatch += 1,
+        }
+        self.refused_points[cause.min(2)] += points;
+        self.unattributed_points += points;
+    }
 }
 
 /// Routes requests to a fixed set of exporters. Build a new router when
@@ -189,21 +220,18 @@ impl Router {
             let attrs = rm.resource.as_ref().map_or(&[][..], |r| &r.attributes[..]);
             let identity = Identity::of(attrs);
             let Some(namespace) = identity.get(NAMESPACE) else {
-                stats.without_namespace += 1;
-                stats.unattributed_points += resource_point_count(rm);
+                stats.refuse(0, resource_point_count(rm));
                 continue;
             };
             let Some(ns_info) = index.namespace(namespace) else {
-                stats.unknown_namespace += 1;
-                stats.unattributed_points += resource_point_count(rm);
+                stats.refuse(1, resource_point_count(rm));
                 continue;
             };
             if identity
                 .get(PROJECT)
                 .is_some_and(|p| p != &*ns_info.project)
             {
-                stats.project_mismatch += 1;
-                stats.unattributed_points += resource_point_count(rm);
+                stats.refuse(2, resource_point_count(rm));
                 continue;
             }
             candidates.clear();
@@ -270,12 +298,19 @@ struct Identity<'a> {
 impl<'a> Identity<'a> {
     fn of(attrs: &'a [KeyValue]) -> Identity<'a> {
         let mut values: [Option<Cow<'a, str>>; IDENTITY_LABELS.len()] = Default::default();
+        let mut k8s_namespace = None;
         for kv in attrs {
             if let Some(i) = IDENTITY_LABELS.iter().position(|l| label_eq(&kv.key, l))
                 && values[i].is_none()
             {
                 values[i] = Some(value_str(kv.value.as_ref()));
+            } else if kv.key == K8S_NAMESPACE && k8s_namespace.is_none() {
+                k8s_namespace = Some(value_str(kv.value.as_ref()));
             }
+        }
+        // `namespace` wins over the semantic-convention name.
+        if values[NAMESPACE].is_none() {
+            values[NAMESPACE] = k8s_namespace;
         }
         Identity { values }
     }

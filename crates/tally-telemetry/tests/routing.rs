@@ -318,3 +318,34 @@ fn decodes_the_otlp_json_encoding_written_by_others() {
     assert_eq!(routed.len(), 1);
     assert_eq!(routed[0].request, req);
 }
+
+#[test]
+fn the_semantic_convention_namespace_attribute_routes_too_and_refusals_count_by_cause() {
+    let router = Router::new([exporter("ns-a", "e", "{metricsql: ''}")]);
+    let point = || vec![gauge("g", vec![number_point(vec![], 0, 1, 1)])];
+    // The resource names its namespace only as `k8s.namespace.name`.
+    let mut conventional = resource_metrics(&gateway("ns-a", "gw-1"), point());
+    let resource = conventional.resource.as_mut().unwrap();
+    for kv in &mut resource.attributes {
+        if kv.key == "namespace" {
+            kv.key = "k8s.namespace.name".into();
+        }
+    }
+    // And one that names none at all.
+    let mut nameless = resource_metrics(&gateway("ns-a", "gw-1"), point());
+    let resource = nameless.resource.as_mut().unwrap();
+    resource.attributes.retain(|kv| kv.key != "namespace");
+    let unknown = resource_metrics(&gateway("ns-zzz", "gw"), point());
+    let (routed, stats) = router.route(&request(vec![conventional, nameless, unknown]), &index());
+    assert_eq!(routed.len(), 1);
+    assert_eq!(series(&routed[0].request).len(), 1);
+    assert_eq!(
+        stats.refused(),
+        [
+            ("no_namespace", 1),
+            ("unknown_namespace", 1),
+            ("project_mismatch", 0)
+        ]
+    );
+    assert_eq!(stats.unattributed_points, 2);
+}
