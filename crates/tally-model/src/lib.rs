@@ -6,6 +6,7 @@
 pub mod billing;
 pub mod event;
 pub mod meter;
+pub mod nesting;
 pub mod resource;
 pub mod secret;
 
@@ -14,7 +15,7 @@ pub use event::{
     media_type, parse_event, split_batch,
 };
 pub use meter::{
-    Aggregation, MeterDefinition, MeterEventMapping, MeterMeasurement, MeterPhase,
-    MonitoredResourceType, OpenMeterMeter, ResourceLabel,
+    Aggregation, MAX_JSON_PATH_DEPTH, MeterDefinition, MeterEventMapping, MeterMeasurement,
+    MeterPhase, MonitoredResourceType, OpenMeterMeter, ResourceLabel, parse_json_path,
 };
 pub use resource::{Kind, KindClass, Manifest, ObjectMeta, ResourceError, validate_name};
