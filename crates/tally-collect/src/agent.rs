@@ -78,7 +78,7 @@ pub use config::{
     AgentConfig, AgentOptions, ConnectionsConfig, ConnectionsOptions, EnvoyAdminConfig,
     EnvoyAdminOptions, ListenerMapping,
 };
-pub use otlp::record_line;
+pub use otlp::{LogsEncoding, access_log_lines, decode_logs_request, record_line};
 
 use crate::collector::CollectError;
 use envoy_admin::AdminSampler;

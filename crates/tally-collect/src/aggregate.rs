@@ -33,6 +33,9 @@
 //!   lifecycle input does so by its clock). A close at a time before what
 //!   was already accounted adds nothing and is counted
 //!   (`connection_closed_late`): the time between stays billed.
+//! - A record whose `duration` is past [`MAX_RECORD_DURATION_MILLIS`] (a
+//!   month) is refused and counted (`duration_too_long`): its time would
+//!   otherwise be spread over as many windows as it spans.
 //!
 //! Milliseconds are summed exactly; each route carries its sub-second
 //! remainder to its next emitted amount, so the seconds emitted for a route
@@ -43,7 +46,8 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 
 use crate::record::{
-    AccessRecord, LineDiagnostics, LineProblem, RecordKind, StartTimeParser, parse_access_line,
+    AccessRecord, LineDiagnostics, LineProblem, MAX_RECORD_DURATION_MILLIS, RecordKind,
+    StartTimeParser, parse_access_line,
 };
 use crate::route::{RouteKey, parse_route_name};
 
@@ -308,6 +312,13 @@ impl Aggregator {
         out: &mut Vec<WindowUsage>,
     ) -> Result<(), LineProblem> {
         let at = self.start_times.parse(record.start_time.as_deref())?;
+        if record
+            .duration
+            .0
+            .is_some_and(|d| d > MAX_RECORD_DURATION_MILLIS)
+        {
+            return Err(LineProblem::DurationTooLong);
+        }
         let kind = record.kind();
         if kind == RecordKind::NoUsage {
             return Err(LineProblem::NoUsageRecord);
@@ -345,6 +356,12 @@ impl Aggregator {
         record: &ConnectionRecord,
         out: &mut Vec<WindowUsage>,
     ) {
+        if record.duration_millis > MAX_RECORD_DURATION_MILLIS {
+            return self.diagnostics.record(
+                LineProblem::DurationTooLong,
+                record.connection_id.as_bytes(),
+            );
+        }
         let route = self.intern(&record.route);
         let now = Cumulative {
             duration: record.duration_millis,
@@ -934,6 +951,35 @@ mod tests {
             per_window,
             [(0, 60), (60_000, 60), (120_000, 60), (180_000, 20)]
         );
+    }
+
+    #[test]
+    fn records_longer_than_a_month_are_refused_not_spread() {
+        let mut agg = Aggregator::new(WindowConfig::default());
+        let mut out = Vec::new();
+        let line = |kind: &str, duration: u64| {
+            format!(
+                r#"{{"start_time":"2024-05-01T12:00:30Z","route_name":"{R}","access_log_type":"{kind}","x-request-id":"r","duration":{duration},"bytes_sent":1}}"#
+            )
+        };
+        for duration in [u64::MAX, MAX_RECORD_DURATION_MILLIS + 1] {
+            agg.push_line(line("DownstreamPeriodic", duration).as_bytes(), &mut out);
+        }
+        agg.push_line(
+            line("DownstreamEnd", MAX_RECORD_DURATION_MILLIS + 1).as_bytes(),
+            &mut out,
+        );
+        agg.push_line(
+            format!(
+                r#"{{"start_time":"2024-05-01T12:00:30Z","route_name":"{R}","duration":{}}}"#,
+                u64::MAX
+            )
+            .as_bytes(),
+            &mut out,
+        );
+        agg.flush(&mut out);
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(agg.diagnostics().counts[&LineProblem::DurationTooLong], 4);
     }
 
     #[test]

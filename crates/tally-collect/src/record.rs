@@ -265,7 +265,14 @@ pub enum LineProblem {
     /// up to (its window had closed before the close arrived): the time in
     /// between stays billed.
     ConnectionClosedLate,
+    /// A `duration` longer than [`MAX_RECORD_DURATION_MILLIS`]: no request
+    /// or connection record of the gateway lasts that long, and its time
+    /// would be spread over that many windows.
+    DurationTooLong,
 }
+
+/// The longest `duration` a record may carry: 31 days.
+pub const MAX_RECORD_DURATION_MILLIS: u64 = 31 * 24 * 3_600_000;
 
 impl LineProblem {
     pub fn as_str(self) -> &'static str {
@@ -282,6 +289,7 @@ impl LineProblem {
             LineProblem::DuplicateEvent => "duplicate_event",
             LineProblem::TooLate => "too_late",
             LineProblem::ConnectionClosedLate => "connection_closed_late",
+            LineProblem::DurationTooLong => "duration_too_long",
         }
     }
 
@@ -298,6 +306,7 @@ impl LineProblem {
         matches!(
             self,
             LineProblem::InvalidJson
+                | LineProblem::DurationTooLong
                 | LineProblem::MissingStartTime
                 | LineProblem::InvalidStartTime
                 | LineProblem::MissingStreamId
@@ -305,10 +314,29 @@ impl LineProblem {
     }
 }
 
+/// How deep arrays and objects may nest in a line. Envoy's lines are flat
+/// objects (metadata fields add a level or two); sonic-rs skips the values
+/// of unknown fields by recursion without a limit, so a deeper line could
+/// overflow the reading thread's stack and abort the agent.
+pub const MAX_LINE_DEPTH: usize = 16;
+
 /// Parses one line (without its newline) into a borrowed record, with
 /// sonic-rs (SIMD JSON; about twice serde_json's speed on these lines).
+/// Lines nested deeper than [`MAX_LINE_DEPTH`] are refused unread.
 pub fn parse_access_line(line: &[u8]) -> Result<AccessRecord<'_>, sonic_rs::Error> {
+    if nesting_depth_exceeds(line, MAX_LINE_DEPTH) {
+        return Err(<sonic_rs::Error as de::Error>::custom(format!(
+            "arrays and objects nest deeper than {MAX_LINE_DEPTH} levels"
+        )));
+    }
     sonic_rs::from_slice(line)
+}
+
+/// Whether brackets nest deeper than `limit`; a line with at most `limit`
+/// brackets in all (every Envoy line) is not scanned.
+fn nesting_depth_exceeds(line: &[u8], limit: usize) -> bool {
+    memchr::memchr2_iter(b'[', b'{', line).nth(limit).is_some()
+        && tally_model::nesting::nesting_exceeds(line, limit)
 }
 
 /// Parses an RFC 3339 `start_time` into Unix milliseconds.
@@ -504,6 +532,31 @@ mod tests {
             parse_start_time(Some("yesterday")),
             Err(LineProblem::InvalidStartTime)
         );
+    }
+
+    #[test]
+    fn deeply_nested_lines_are_refused_unread() {
+        let nested = |depth: usize| {
+            format!(
+                r#"{{"route_name":"httproute/a/b/rule/0","x":{}1{}}}"#,
+                "[".repeat(depth - 1),
+                "]".repeat(depth - 1)
+            )
+        };
+        assert!(parse_access_line(nested(MAX_LINE_DEPTH).as_bytes()).is_ok());
+        let too_deep = nested(MAX_LINE_DEPTH + 1);
+        let refused = parse_access_line(too_deep.as_bytes()).unwrap_err();
+        assert!(refused.to_string().contains("nest deeper"), "{refused}");
+        // A million levels would overflow any stack if read.
+        assert!(parse_access_line(nested(1_000_000).as_bytes()).is_err());
+        // Brackets inside strings do not count.
+        let quoted = format!(r#"{{"path":"{}","route_name":"r"}}"#, "[{".repeat(100));
+        assert_eq!(
+            parse_access_line(quoted.as_bytes()).unwrap().route(),
+            Some("r")
+        );
+        let escaped = format!(r#"{{"path":"\"{}","route_name":"r"}}"#, "[".repeat(100));
+        assert!(parse_access_line(escaped.as_bytes()).is_ok());
     }
 
     #[test]

@@ -114,7 +114,7 @@ pub struct CompiledMeter {
 }
 
 fn parse_path(path: &str) -> Result<JsonPath, String> {
-    JsonPath::parse(path).map_err(|e| format!("{path:?} is not JSONPath: {e}"))
+    tally_model::parse_json_path(path).map_err(|e| format!("{path:?} is not JSONPath: {e}"))
 }
 
 impl CompiledMeter {

@@ -16,7 +16,7 @@ pub use event::{
     media_type, parse_event, split_batch,
 };
 pub use meter::{
-    Aggregation, MeterDefinition, MeterEventMapping, MeterMeasurement, MeterPhase,
-    MonitoredResourceType, OpenMeterMeter, ResourceLabel,
+    Aggregation, MAX_JSON_PATH_DEPTH, MeterDefinition, MeterEventMapping, MeterMeasurement,
+    MeterPhase, MonitoredResourceType, OpenMeterMeter, ResourceLabel, parse_json_path,
 };
 pub use resource::{Kind, KindClass, Manifest, ObjectMeta, ResourceError, validate_name};

@@ -11,6 +11,54 @@ use serde_json_path::JsonPath;
 
 use crate::resource::{Kind, Manifest, ObjectMeta, ResourceError, validate_name};
 
+/// How deep brackets and parentheses may nest in a JSONPath: filters
+/// nested deeper take serde_json_path exponential time to parse, and a
+/// few hundred levels overflow the stack.
+pub const MAX_JSON_PATH_DEPTH: usize = 10;
+
+/// Parses a JSONPath (RFC 9535) of a meter or resource type, refusing one
+/// nested deeper than [`MAX_JSON_PATH_DEPTH`], or ending inside a `\u`
+/// escape, unread. The error is the reason alone; callers say which path
+/// it is.
+pub fn parse_json_path(path: &str) -> Result<JsonPath, String> {
+    if crate::nesting::nesting_exceeds(path.as_bytes(), MAX_JSON_PATH_DEPTH) {
+        return Err(format!(
+            "brackets and parentheses nest deeper than {MAX_JSON_PATH_DEPTH} levels"
+        ));
+    }
+    if ends_inside_unicode_escape(path) {
+        return Err("the path ends inside a \\u escape".into());
+    }
+    JsonPath::parse(path).map_err(|e| e.to_string())
+}
+
+/// Whether `path` ends within the four hex digits of a `\u` escape:
+/// serde_json_path 0.7 reads those with a streaming parser and panics
+/// ("we do not use streaming parsers") when the text ends there. Such a
+/// path is an unterminated string, never valid.
+fn ends_inside_unicode_escape(path: &str) -> bool {
+    path.rfind("\\u").is_some_and(|at| {
+        let rest = &path.as_bytes()[at + 2..];
+        rest.len() < 4 && rest.iter().all(u8::is_ascii_hexdigit)
+    })
+}
+
+/// The JSONPath of member `name` of the node at `parent`, whatever the
+/// name holds (RFC 9535 escapes in a single-quoted name).
+fn member_path(parent: &str, name: &str) -> String {
+    let mut path = format!("{parent}['");
+    for c in name.chars() {
+        match c {
+            '\\' => path.push_str("\\\\"),
+            '\'' => path.push_str("\\'"),
+            c if u32::from(c) < 0x20 => path.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => path.push(c),
+        }
+    }
+    path.push_str("']");
+    path
+}
+
 /// How a meter combines the values of its events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Aggregation {
@@ -193,7 +241,7 @@ impl MeterDefinition {
             ));
         }
         if let Some(path) = self.value_property() {
-            JsonPath::parse(path)
+            parse_json_path(path)
                 .map_err(|e| format!("spec.event.valueProperty {path:?} is not JSONPath: {e}"))?;
         } else if self.measurement.aggregation.needs_value() {
             return Err(format!(
@@ -210,7 +258,7 @@ impl MeterDefinition {
             {
                 return Err(format!("dimension name {name:?} is reserved or empty"));
             }
-            JsonPath::parse(&path)
+            parse_json_path(&path)
                 .map_err(|e| format!("dimension {name:?}: {path:?} is not JSONPath: {e}"))?;
         }
         Ok(())
@@ -237,7 +285,7 @@ impl MeterDefinition {
         for name in &self.measurement.dimensions {
             paths
                 .entry(name.clone())
-                .or_insert_with(|| format!("$.dimensions['{}']", name.replace('\'', "\\'")));
+                .or_insert_with(|| member_path("$.dimensions", name));
         }
         paths
     }
@@ -325,7 +373,7 @@ impl ResourceLabel {
     pub fn path(&self) -> String {
         self.path
             .clone()
-            .unwrap_or_else(|| format!("$.resource['{}']", self.name.replace('\'', "\\'")))
+            .unwrap_or_else(|| member_path("$.resource", &self.name))
     }
 }
 
@@ -373,7 +421,7 @@ impl MonitoredResourceType {
                 return Err(invalid("every label needs a name".into()));
             }
             let path = label.path();
-            JsonPath::parse(&path).map_err(|e| {
+            parse_json_path(&path).map_err(|e| {
                 invalid(format!(
                     "label {:?}: {path:?} is not JSONPath: {e}",
                     label.name
@@ -549,6 +597,78 @@ mod tests {
         })))
         .unwrap();
         assert_eq!(count.value_property(), None);
+    }
+
+    #[test]
+    fn declared_names_read_their_own_member() {
+        for name in [
+            "region",
+            "a'b",
+            "a\\",
+            "\\'",
+            "\\\\",
+            "new\nline\u{1}",
+            "é ]['",
+        ] {
+            let meter = MeterDefinition::from_manifest(&manifest(json!({
+                "meterName": "x", "measurement": {"aggregation": "COUNT", "dimensions": [name]}
+            })))
+            .unwrap();
+            let data = json!({"dimensions": {name: "v", "a": "w"}, "resource": {name: "r"}});
+            let path = parse_json_path(&meter.group_by()[name]).unwrap();
+            assert_eq!(
+                path.query(&data).exactly_one().ok(),
+                Some(&json!("v")),
+                "{name:?}"
+            );
+            let label = ResourceLabel {
+                name: name.into(),
+                required: true,
+                description: None,
+                path: None,
+            };
+            let path = parse_json_path(&label.path()).unwrap();
+            assert_eq!(
+                path.query(&data).exactly_one().ok(),
+                Some(&json!("r")),
+                "{name:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn refuses_deeply_nested_paths_unread() {
+        // Nested filters take serde_json_path time exponential in depth
+        // (20 levels: seconds); hundreds of levels overflow the stack.
+        let nested = |depth: usize| format!("$.a{}{}", "[?@".repeat(depth), "]".repeat(depth));
+        assert!(parse_json_path(&nested(3)).is_ok());
+        for path in [
+            nested(40),
+            format!("$[?{}@.x{}]", "(".repeat(100_000), ")".repeat(100_000)),
+        ] {
+            let err = MeterDefinition::from_manifest(&manifest(json!({
+                "meterName": "x", "measurement": {"aggregation": "SUM"}, "event": {"valueProperty": path}
+            })))
+            .unwrap_err();
+            assert!(err.to_string().contains("nest deeper than 10"), "{err}");
+        }
+        assert!(parse_json_path("$['[[[[[[[[[[[[[[[[[[[[[']").is_ok());
+    }
+
+    #[test]
+    fn refuses_paths_ending_inside_an_escape_without_panicking() {
+        for path in [
+            r"$['\u",
+            r"$['\uD",
+            r"$['\u00",
+            r"$['\uD800\u",
+            r"$['\uD800\uD",
+        ] {
+            let err = parse_json_path(path).unwrap_err();
+            assert!(err.contains("inside a \\u escape"), "{path}: {err}");
+        }
+        assert!(parse_json_path(r"$['\u00e9\uD83D\uDE00']").is_ok());
+        assert!(parse_json_path(r"$['\u00e").is_err());
     }
 
     #[test]

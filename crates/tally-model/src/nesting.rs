@@ -1,17 +1,24 @@
-//! A linear pre-scan of YAML (and JSON, which is YAML) text for how deeply
-//! it nests, before a parser sees it.
+//! How deep a text nests, measured by a linear scan before a parser reads
+//! it.
 //!
-//! The YAML parser's time grows faster than linearly with nesting (100,000
-//! levels in 586 KiB took 40 s), and its own recursion limit is checked only
-//! after the whole document has been parsed into events. This scan reads
-//! each byte once and answers an upper bound of the nesting depth:
-//! indentation levels of block collections, compact `- - x` sequences, and
-//! flow collections `[` `{`, outside quoted scalars, comments and block
-//! scalars (`|`, `>`). It may count a level a parser would not (a plain
-//! scalar's continuation line), never fewer.
+//! Parsers Tally uses recurse once per level of nesting without a limit of
+//! their own (sonic-rs skipping the value of an unknown field,
+//! serde_json_path's grammar, promql-parser), so a deep enough input
+//! overflows the thread's stack and aborts the process; serde_json_path
+//! also takes time exponential in how deep filters nest, and the YAML
+//! parser time that grows faster than linearly with nesting (100,000 levels
+//! in 586 KiB took 40 s), checking its own recursion limit only after the
+//! whole document has been parsed into events. Their callers measure first:
 //!
-//! **Invariant:** time and memory linear in the text; a `Some` answer means
-//! the text may nest deeper than the limit and must not be parsed.
+//! - [`nesting_exceeds`]: brackets and parentheses of JSON, JSONPath and
+//!   MetricsQL, outside quoted strings;
+//! - [`yaml_too_deep`]: YAML, counting indentation levels of block
+//!   collections, compact `- - x` sequences and flow collections `[` `{`,
+//!   outside quoted scalars, comments and block scalars (`|`, `>`). It may
+//!   count a level a parser would not (a plain scalar's continuation line).
+//!
+//! **Invariant:** both read each byte once and never under-count: a text
+//! nested deeper than the limit is always refused, unread by the parser.
 
 /// How deeply a manifest may nest. Kubernetes-style manifests nest about
 /// ten levels; the bound leaves room for over-counting.
@@ -27,6 +34,37 @@ pub fn yaml_too_deep(text: &str, max: usize) -> Option<usize> {
         }
     }
     None
+}
+
+/// Whether `[`, `{` or `(` outside quoted strings (`"…"` or `'…'`, with
+/// backslash escapes) nest deeper than `limit`.
+pub fn nesting_exceeds(text: &[u8], limit: usize) -> bool {
+    let mut depth = 0usize;
+    let mut quote: Option<u8> = None;
+    let mut escaped = false;
+    for &b in text {
+        if let Some(q) = quote {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                _ if b == q => quote = None,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' | b'\'' => quote = Some(b),
+            b'[' | b'{' | b'(' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' | b')' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 /// The columns where the items of the `- ` indicators a line's content
@@ -222,6 +260,17 @@ mod tests {
         assert_eq!(yaml_too_deep(&block, MAX_MANIFEST_DEPTH), Some(65));
         let manifest = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: s\n  namespace: n\nstringData:\n  token: abc\n";
         assert_eq!(yaml_too_deep(manifest, MAX_MANIFEST_DEPTH), None);
+    }
+
+    #[test]
+    fn counts_levels_outside_strings() {
+        assert!(!nesting_exceeds(b"[[{(x)}]]", 4));
+        assert!(nesting_exceeds(b"[[{(x)}]]", 3));
+        assert!(!nesting_exceeds(b"[1][2][3][4][5]", 1));
+        assert!(!nesting_exceeds(br#"{"a":"[[[[","b":'((((('}"#, 1));
+        assert!(!nesting_exceeds(br#"{"a":"\"[[[[","b":'\'((((('}"#, 1));
+        assert!(nesting_exceeds(br#"{"a":"\\"[[[[}"#, 2));
+        assert!(nesting_exceeds(&b"(".repeat(1_000_000), 64));
     }
 
     /// The nesting depth of a JSON value, counting each array and object.

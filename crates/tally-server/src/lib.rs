@@ -41,6 +41,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use utoipa::OpenApi;
 
 pub use auth::{Principal, Scope, TokenConfig};
+/// Request bodies as every route reads them: `Content-Encoding` (gzip,
+/// zstd or none) decoded, refused past a limit after decompression.
+pub use body::decode as decode_request_body;
 pub use config::{BillingServeConfig, ExportConfig, ServeConfig, VictoriaMetricsConfig};
 pub use problem::Problem;
 pub use resources::StatusSource;

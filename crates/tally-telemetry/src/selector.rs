@@ -48,6 +48,16 @@ pub(crate) struct MatcherSet {
     pub(crate) attribute: Vec<PlacedMatcher>,
 }
 
+/// The longest series selector parsed, in bytes. promql-parser recurses
+/// once per operator of a chain (`- - - x`, `x + x + x`), so a long enough
+/// text overflows the stack, and its time grows with the square of the
+/// chain; a plain selector is far shorter.
+pub const MAX_SELECTOR_LEN: usize = 8192;
+
+/// How deep brackets, braces and parentheses may nest in a selector text (a
+/// plain selector nests one level); deeper texts are refused unread.
+pub const MAX_SELECTOR_DEPTH: usize = 16;
+
 /// A compiled MetricsQL/PromQL series selector: a disjunction (`or`) of
 /// conjunctions of label matchers (`=`, `!=`, `=~`, `!~`).
 #[derive(Debug, Clone)]
@@ -61,7 +71,18 @@ impl SeriesSelector {
     /// Anything else (functions, aggregations, range or offset selectors,
     /// arithmetic) is refused with a reason fit for a status condition.
     pub fn parse(text: &str) -> Result<SeriesSelector, String> {
-        let expr = parser::parse(text.trim()).map_err(|e| format!("cannot parse: {e}"))?;
+        let text = text.trim();
+        if text.len() > MAX_SELECTOR_LEN {
+            return Err(format!(
+                "a series selector is at most {MAX_SELECTOR_LEN} bytes long"
+            ));
+        }
+        if tally_model::nesting::nesting_exceeds(text.as_bytes(), MAX_SELECTOR_DEPTH) {
+            return Err(format!(
+                "brackets nest deeper than {MAX_SELECTOR_DEPTH} levels; write a plain series selector"
+            ));
+        }
+        let expr = parser::parse(text).map_err(|e| format!("cannot parse: {e}"))?;
         let selector = match expr {
             Expr::VectorSelector(selector) => selector,
             Expr::MatrixSelector(_) => {
@@ -381,6 +402,27 @@ mod tests {
             let err = SeriesSelector::parse(text).unwrap_err();
             assert!(err.contains(needle), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn refuses_what_would_overflow_the_parser_unread() {
+        // Each of these, 100 000 levels or terms long, aborts the process
+        // inside promql-parser (stack overflow).
+        let long = [
+            format!("{}x{}", "(".repeat(100_000), ")".repeat(100_000)),
+            format!("{}x{}", "abs(".repeat(100_000), ")".repeat(100_000)),
+            format!("{}x", "-".repeat(100_000)),
+            vec!["x"; 100_000].join(" + "),
+        ];
+        for text in &long {
+            let err = SeriesSelector::parse(text).unwrap_err();
+            assert!(err.contains("at most 8192 bytes"), "{err}");
+        }
+        let deep = format!("{}x{}", "abs(".repeat(17), ")".repeat(17));
+        let err = SeriesSelector::parse(&deep).unwrap_err();
+        assert!(err.contains("nest deeper than 16"), "{err}");
+        let quoted = format!("{{a=\"{}\"}}", "(".repeat(100));
+        assert!(SeriesSelector::parse(&quoted).is_ok());
     }
 
     #[test]

@@ -37,7 +37,7 @@ pub(crate) async fn store(
     spool: &Arc<Spool>,
     request: &ExportLogsServiceRequest,
 ) -> Result<ExportLogsServiceResponse, Unavailable> {
-    let (text, rejected) = lines(request);
+    let (text, rejected) = access_log_lines(request);
     spool.store(text).await?;
     let partial_success = (rejected > 0).then(|| ExportLogsPartialSuccess {
         rejected_log_records: rejected,
@@ -48,26 +48,51 @@ pub(crate) async fn store(
     Ok(ExportLogsServiceResponse { partial_success })
 }
 
-/// How the request was encoded; the answer uses the same.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Encoding {
+/// How an OTLP/HTTP logs request is encoded; the answer uses the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogsEncoding {
     Protobuf,
     Json,
 }
 
+impl LogsEncoding {
+    /// The encoding a media type (lower case, without parameters) names.
+    pub fn of_media_type(media_type: &str) -> Option<LogsEncoding> {
+        match media_type {
+            "application/x-protobuf" | "application/protobuf" => Some(LogsEncoding::Protobuf),
+            "application/json" => Some(LogsEncoding::Json),
+            _ => None,
+        }
+    }
+}
+
+/// Decodes an OTLP/HTTP logs body (already decompressed), as `POST
+/// /v1/logs` does.
+pub fn decode_logs_request(
+    encoding: LogsEncoding,
+    body: &[u8],
+) -> Result<ExportLogsServiceRequest, String> {
+    match encoding {
+        LogsEncoding::Protobuf => ExportLogsServiceRequest::decode(body)
+            .map_err(|e| format!("not an ExportLogsServiceRequest: {e}")),
+        LogsEncoding::Json => serde_json::from_slice::<ExportLogsServiceRequest>(body)
+            .map_err(|e| format!("not an ExportLogsServiceRequest in OTLP/JSON: {e}")),
+    }
+}
+
 fn answer(
-    encoding: Encoding,
+    encoding: LogsEncoding,
     status: StatusCode,
     response: &ExportLogsServiceResponse,
 ) -> Response {
     match encoding {
-        Encoding::Protobuf => (
+        LogsEncoding::Protobuf => (
             status,
             [(header::CONTENT_TYPE, "application/x-protobuf")],
             response.encode_to_vec(),
         )
             .into_response(),
-        Encoding::Json => (
+        LogsEncoding::Json => (
             status,
             [(header::CONTENT_TYPE, "application/json")],
             serde_json::to_vec(response).unwrap_or_else(|_| b"{}".to_vec()),
@@ -92,29 +117,20 @@ pub(crate) async fn receive_logs(
             "the OTLP receiver is off; start tally collect with --otlp".to_owned(),
         );
     };
-    let encoding = match media_type(&headers).as_str() {
-        "application/x-protobuf" | "application/protobuf" => Encoding::Protobuf,
-        "application/json" => Encoding::Json,
-        other => {
-            return refuse(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                format!(
-                    "content type {other:?} is neither application/x-protobuf nor application/json"
-                ),
-            );
-        }
+    let media_type = media_type(&headers);
+    let Some(encoding) = LogsEncoding::of_media_type(&media_type) else {
+        return refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "content type {media_type:?} is neither application/x-protobuf nor application/json"
+            ),
+        );
     };
     let body = match decode_body(&headers, body, MAX_BODY_BYTES) {
         Ok(body) => body,
         Err(message) => return refuse(StatusCode::BAD_REQUEST, message),
     };
-    let request = match encoding {
-        Encoding::Protobuf => ExportLogsServiceRequest::decode(&body[..])
-            .map_err(|e| format!("not an ExportLogsServiceRequest: {e}")),
-        Encoding::Json => serde_json::from_slice::<ExportLogsServiceRequest>(&body)
-            .map_err(|e| format!("not an ExportLogsServiceRequest in OTLP/JSON: {e}")),
-    };
-    let request = match request {
+    let request = match decode_logs_request(encoding, &body) {
         Ok(request) => request,
         Err(message) => return refuse(StatusCode::BAD_REQUEST, message),
     };
@@ -130,9 +146,9 @@ pub(crate) async fn receive_logs(
     }
 }
 
-/// The access-log lines of a request, and how many records had nothing to
-/// make one of.
-fn lines(request: &ExportLogsServiceRequest) -> (Vec<u8>, i64) {
+/// The access-log lines of a request as the spool holds them (each ends in
+/// a newline), and how many records had nothing to make one of.
+pub fn access_log_lines(request: &ExportLogsServiceRequest) -> (Vec<u8>, i64) {
     let mut text = Vec::new();
     let mut rejected = 0;
     for resource in &request.resource_logs {
