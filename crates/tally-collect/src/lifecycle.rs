@@ -233,7 +233,7 @@ impl LifecycleRecord {
 
     /// Whether the event's time may be taken at `now_millis` (the agent's
     /// clock): not older than the deduplication horizon (`TOO_LATE`), not
-    /// more than [`MAX_AHEAD_MILLIS`] ahead (`INVALID_VALUE`).
+    /// more than [`MAX_AHEAD_MILLIS`] ahead (`TIME_IN_FUTURE`).
     pub fn check_time(&self, now_millis: i64, horizon_millis: i64) -> Result<(), FieldError> {
         if self.at_millis < now_millis.saturating_sub(horizon_millis) {
             return Err(field_error(
@@ -248,7 +248,7 @@ impl LifecycleRecord {
         if self.at_millis > now_millis.saturating_add(MAX_AHEAD_MILLIS) {
             return Err(field_error(
                 "time",
-                error_code::INVALID_VALUE,
+                error_code::TIME_IN_FUTURE,
                 format!(
                     "is more than {} s ahead of the agent's clock",
                     MAX_AHEAD_MILLIS / 1000
@@ -545,7 +545,7 @@ mod tests {
                 .check_time(T0 - MAX_AHEAD_MILLIS - 1, hour)
                 .unwrap_err()
                 .code,
-            error_code::INVALID_VALUE
+            error_code::TIME_IN_FUTURE
         );
     }
 

@@ -18,13 +18,15 @@ const JSON: &str = "application/json";
 const NDJSON: &str = "application/x-ndjson";
 const ACCEPTED: [&str; 5] = [SINGLE, BATCH, JSON, NDJSON, "application/jsonl"];
 
-const CODES: [&str; 6] = [
+const CODES: [&str; 8] = [
     error_code::INVALID_ULID,
     error_code::MISSING_REQUIRED_FIELD,
     error_code::INVALID_VALUE_TYPE,
     error_code::INVALID_DATACONTENTTYPE,
     error_code::INVALID_VALUE,
+    error_code::VALUE_TOO_LONG,
     error_code::TOO_LATE,
+    error_code::TIME_IN_FUTURE,
 ];
 
 fn received() -> Timestamp {

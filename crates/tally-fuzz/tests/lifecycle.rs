@@ -21,11 +21,14 @@ const MEDIA_TYPES: [&str; 4] = [
     "application/json",
     "application/x-ndjson",
 ];
-const CODES: [&str; 4] = [
+const CODES: [&str; 7] = [
     error_code::MISSING_REQUIRED_FIELD,
     error_code::INVALID_VALUE_TYPE,
     error_code::INVALID_VALUE,
     error_code::INVALID_DATACONTENTTYPE,
+    error_code::VALUE_TOO_LONG,
+    error_code::TOO_LATE,
+    error_code::TIME_IN_FUTURE,
 ];
 /// The agent's clock in these cases: 2024-05-01T12:00:00Z.
 const NOW_MILLIS: i64 = 1_714_564_800_000;

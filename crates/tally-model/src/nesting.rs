@@ -117,22 +117,26 @@ impl Scan {
         }
         let content = &bytes[indent..];
         if self.quote.is_none() && self.flow == 0 {
-            self.open_levels(indent, &item_columns(content, indent));
+            self.open_levels(indent, &item_columns(content, indent), content);
         }
         self.tokens(content, indent)
     }
 
     /// Closes the block collections a line at `indent` ends, and opens the
     /// ones it starts: its own, and one per `- ` it starts with, at the
-    /// column of that item's content (`items`).
-    fn open_levels(&mut self, indent: usize, items: &[usize]) {
+    /// column of that item's content (`items`); `content` is the line after
+    /// its indentation.
+    fn open_levels(&mut self, indent: usize, items: &[usize], content: &[u8]) {
         while self.levels.last().is_some_and(|&(top, _)| top > indent) {
             self.levels.pop();
         }
         if items.is_empty() && self.levels.last() == Some(&(indent, true)) {
             self.levels.pop();
         }
-        if self.levels.last().is_none_or(|&(top, _)| top < indent) {
+        // A line that is a flow collection (`{...}`, `[...]`) opens no block
+        // level of its own: its brackets count it.
+        let flow_node = items.is_empty() && matches!(content.first(), Some(b'{' | b'['));
+        if !flow_node && self.levels.last().is_none_or(|&(top, _)| top < indent) {
             self.levels.push((indent, false));
         }
         if !items.is_empty() && self.open_key == Some(indent) {
@@ -168,7 +172,8 @@ impl Scan {
             match b {
                 b'#' if token_start || i == 0 || bytes[i - 1] == b' ' => break,
                 b'\'' | b'"' if token_start => self.quote = Some(b),
-                b'[' | b'{' => self.flow += 1,
+                // Inside a plain scalar (`a: x[1]`) a bracket is text.
+                b'[' | b'{' if token_start => self.flow += 1,
                 b']' | b'}' => self.flow = self.flow.saturating_sub(1),
                 b'|' | b'>' if token_start && self.flow == 0 => {
                     self.block_scalar = Some(indent);
@@ -185,8 +190,13 @@ impl Scan {
             deepest = deepest.max(self.levels.len() + self.flow);
             token_start = match b {
                 b' ' | b'\t' => token_start,
-                b'[' | b'{' | b',' => true,
-                b'-' | b':' | b'?' => next_is_space,
+                // Only a bracket that opened a collection, or a comma
+                // between flow entries, starts a new scalar.
+                b'[' | b'{' => token_start,
+                b',' => self.flow > 0,
+                // In flow context (JSON) a value may follow `:` at once.
+                b':' => next_is_space || self.flow > 0,
+                b'-' | b'?' => token_start && next_is_space,
                 _ => false,
             };
             i += 1;
@@ -232,8 +242,8 @@ mod tests {
         assert_eq!(depth("a:\n  b:\n    c: 1\n"), 3);
         assert_eq!(depth("a: [1, [2, [3]]]\n"), 4);
         assert_eq!(depth("- - - x\n"), 4);
-        // A flow collection that opens a document is counted twice.
-        assert_eq!(depth("{\"a\": {\"b\": [1]}}"), 4);
+        assert_eq!(depth("{\"a\": {\"b\": [1]}}"), 3);
+        assert_eq!(depth("a:\n  {b: {c: 1}}\n"), 3);
         assert_eq!(depth("- a:\n    b: 1\n  c: 2\n- d\n"), 3);
         // An item that is a scalar counts as a level too.
         assert_eq!(depth("a:\n- b:\n  - 1\nc: 2\n"), 5);
@@ -242,7 +252,8 @@ mod tests {
     #[test]
     fn ignores_quotes_comments_and_block_scalars() {
         assert_eq!(depth("a: '[[[[['\nb: \"{{{\\\"{{\"\n"), 1);
-        assert_eq!(depth("a: it's [1]\n"), 2);
+        assert_eq!(depth("a: it's [1]\n"), 1);
+        assert_eq!(depth("a: a[\nb:\n  c:\n  - 1\n"), 4);
         assert_eq!(depth("a: 1 # [[[[[[\n"), 1);
         assert_eq!(depth("a: |\n      [[[[[[\n        [[[[\nb: 1\n"), 1);
         assert_eq!(depth("a: 'multi\n  [[[[ line'\nb: 1\n"), 1);
@@ -286,7 +297,7 @@ mod tests {
         let leaf = prop_oneof![
             Just(serde_json::Value::Null),
             any::<i64>().prop_map(serde_json::Value::from),
-            "[a-z'\\[\\]{}#|>\" -]{0,8}".prop_map(serde_json::Value::from),
+            "[a-z'\\[\\]{}#|>\" :,?-]{0,8}".prop_map(serde_json::Value::from),
         ];
         leaf.prop_recursive(12, 64, 4, |inner| {
             prop_oneof![
