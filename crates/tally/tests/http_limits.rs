@@ -15,22 +15,7 @@ mod common;
 
 /// Starts `tally serve` with `http` as its config's `http:` section.
 fn serve(dir: &Path, http: &str) -> common::Server {
-    serve_with(dir, &format!("http: {http}\n"))
-}
-
-/// Starts `tally serve` with `config` as its config file.
-fn serve_with(dir: &Path, config_text: &str) -> common::Server {
-    let config = dir.join("tally.yaml");
-    std::fs::write(&config, config_text).unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_tally"));
-    command
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .env("RUST_LOG", "warn")
-        .stderr(std::process::Stdio::inherit());
-    common::spawn(command)
+    common::serve_with_config(dir, &format!("http: {http}\n"))
 }
 
 fn address(server: &common::Server) -> String {
@@ -304,7 +289,7 @@ fn stalling_clients_are_closed_and_the_server_answers_throughout() {
 #[test]
 fn the_grpc_listener_has_the_same_limits() {
     let dir = tempfile::tempdir().unwrap();
-    let server = serve_with(
+    let server = common::serve_with_config(
         dir.path(),
         "grpcListen: 127.0.0.1:0\nhttp: {headerReadTimeout: 1s, idleTimeout: 2s}\n",
     );

@@ -34,6 +34,22 @@ pub fn serve(dir: &Path, env: &[(&str, &str)]) -> Server {
     spawn(command)
 }
 
+/// Starts `tally serve` on a free loopback port with `config_text` as its
+/// config file and its store in `dir/data`.
+pub fn serve_with_config(dir: &Path, config_text: &str) -> Server {
+    let config = dir.join("tally.yaml");
+    std::fs::write(&config, config_text).expect("write the config file");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tally"));
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::inherit());
+    spawn(command)
+}
+
 /// Starts `tally export` on a free loopback port with its data in `dir`,
 /// the extra arguments `args` and environment `env`.
 pub fn export(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
