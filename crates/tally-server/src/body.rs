@@ -100,15 +100,20 @@ pub fn media_type(headers: &HeaderMap) -> String {
 /// arrive: moving them would cost more than parsing them.
 const INLINE_BODY_BYTES: usize = 64 * 1024;
 
-/// Runs `parse` (decompression and parsing of a request body of `body_len`
-/// bytes, as `headers` describe it) on the blocking pool, unless the body
-/// is small and not compressed.
+/// Whether a request's body is compressed (`Content-Encoding` other than
+/// `identity`).
+pub fn is_compressed(headers: &HeaderMap) -> bool {
+    content_encoding(headers).is_some_and(|e| e != "identity" && !e.is_empty())
+}
+
+/// Runs `parse` (the parsing of a request body of `body_len` bytes,
+/// `compressed` or not) on the blocking pool, unless the body is small and
+/// not compressed.
 pub async fn off_workers<T: Send + 'static>(
-    headers: &HeaderMap,
+    compressed: bool,
     body_len: usize,
     parse: impl FnOnce() -> Result<T, Problem> + Send + 'static,
 ) -> Result<T, Problem> {
-    let compressed = content_encoding(headers).is_some_and(|e| e != "identity" && !e.is_empty());
     if body_len < INLINE_BODY_BYTES && !compressed {
         return parse();
     }
@@ -119,4 +124,19 @@ pub async fn off_workers<T: Send + 'static>(
             "the server failed to read this request; it has been logged",
         )
     })?
+}
+
+/// Decodes `body` as `headers` say ([`decode`], at most `limit` bytes) and
+/// hands it to `parse`, both [`off_workers`].
+pub async fn decoded_off_workers<T: Send + 'static>(
+    headers: HeaderMap,
+    body: Bytes,
+    limit: usize,
+    parse: impl FnOnce(&HeaderMap, Bytes) -> Result<T, Problem> + Send + 'static,
+) -> Result<T, Problem> {
+    off_workers(is_compressed(&headers), body.len(), move || {
+        let body = decode(&headers, body, limit)?;
+        parse(&headers, body)
+    })
+    .await
 }

@@ -51,9 +51,8 @@ pub async fn ingest(
 ) -> Result<Json<IngestOutcome>, Problem> {
     let limit = state.max_body_bytes;
     let admission = state.ledger.admission();
-    let events = body::off_workers(&headers.clone(), body.len(), move || {
-        let body = body::decode(&headers, body, limit)?;
-        parse_events(values(&body::media_type(&headers), &body)?, &admission)
+    let events = body::decoded_off_workers(headers, body, limit, move |headers, body| {
+        parse_events(values(&body::media_type(headers), &body)?, &admission)
     })
     .await?;
     let _permit = state.admit(events.len()).await?;

@@ -137,8 +137,7 @@ pub async fn apply(
     body: Bytes,
 ) -> Result<Json<ApplyResults>, Problem> {
     let limit = state.max_body_bytes;
-    let manifests = body::off_workers(&headers.clone(), body.len(), move || {
-        let body = body::decode(&headers, body, limit)?;
+    let manifests = body::decoded_off_workers(headers, body, limit, |_, body| {
         let text = std::str::from_utf8(&body)
             .map_err(|_| Problem::bad_request("manifests must be UTF-8"))?;
         Manifest::parse_documents(text).map_err(|e| Problem::bad_request(e.to_string()))
@@ -273,7 +272,7 @@ async fn put_key(
     if !principal.may_write(key.kind, project.as_deref()) {
         return Err(forbidden(principal, "write", &key));
     }
-    let manifest: Manifest = body::off_workers(&HeaderMap::new(), body.len(), move || {
+    let manifest: Manifest = body::off_workers(false, body.len(), move || {
         serde_json::from_slice(&body)
             .map_err(|e| Problem::bad_request(format!("the body is not a JSON manifest: {e}")))
     })

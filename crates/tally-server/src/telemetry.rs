@@ -229,8 +229,7 @@ async fn receive_metrics(
 ) -> Result<Response, Problem> {
     let pipeline = pipeline(state)?;
     let limit = state.max_body_bytes;
-    let request = body::off_workers(&headers.clone(), body.len(), move || {
-        let raw = body::decode(&headers, body, limit)?;
+    let request = body::decoded_off_workers(headers, body, limit, move |_, raw| {
         otlp::decode_metrics_request(&raw, encoding, None, limit)
             .map_err(|e| Problem::bad_request(e.to_string()))
     })
@@ -293,7 +292,7 @@ pub async fn remote_write(
     let limit = state.max_body_bytes;
     // Snappy expands a body at most about 21 times: a small one is read
     // where it arrives, like an uncompressed one.
-    let converted = body::off_workers(&headers, body.len(), move || {
+    let converted = body::off_workers(body::is_compressed(&headers), body.len(), move || {
         let write = remote_write::decode_write_request(&body, limit).map_err(|e| match e {
             remote_write::RemoteWriteError::TooLarge { .. } => {
                 Problem::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string())

@@ -78,8 +78,7 @@ pub async fn ingest_one(
     body: Bytes,
 ) -> Result<Response, Problem> {
     let limit = state.max_body_bytes;
-    let value: Value = body::off_workers(&headers.clone(), body.len(), move || {
-        let body = body::decode(&headers, body, limit)?;
+    let value: Value = body::decoded_off_workers(headers, body, limit, |_, body| {
         serde_json::from_slice(&body)
             .map_err(|e| Problem::bad_request(format!("the body is not valid JSON: {e}")))
     })
@@ -113,9 +112,8 @@ pub async fn ingest_batch(
     body: Bytes,
 ) -> Result<Response, Problem> {
     let limit = state.max_body_bytes;
-    let values = body::off_workers(&headers.clone(), body.len(), move || {
-        let body = body::decode(&headers, body, limit)?;
-        let media_type = body::media_type(&headers);
+    let values = body::decoded_off_workers(headers, body, limit, |headers, body| {
+        let media_type = body::media_type(headers);
         let media_type = if media_type.is_empty() {
             "application/json"
         } else {
