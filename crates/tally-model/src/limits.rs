@@ -29,6 +29,10 @@ pub const MAX_GROUP_BYTES: usize = 16 * 1024;
 /// one meter may declare.
 pub const MAX_METER_DIMENSIONS: usize = 32;
 
+/// A dimension's name (a meter's `groupBy` key): at most this many bytes.
+/// Names are query parameters, CSV headers and parts of stored keys.
+pub const MAX_DIMENSION_NAME_BYTES: usize = 256;
+
 /// The smallest key limit of the stores Tally runs on.
 const STORE_KEY_LIMIT: usize = 65_535;
 

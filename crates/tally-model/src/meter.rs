@@ -258,6 +258,13 @@ impl MeterDefinition {
             {
                 return Err(format!("dimension name {name:?} is reserved or empty"));
             }
+            if name.len() > crate::limits::MAX_DIMENSION_NAME_BYTES {
+                return Err(format!(
+                    "dimension name of {} bytes is longer than the limit of {} bytes",
+                    name.len(),
+                    crate::limits::MAX_DIMENSION_NAME_BYTES
+                ));
+            }
             parse_json_path(&path)
                 .map_err(|e| format!("dimension {name:?}: {path:?} is not JSONPath: {e}"))?;
         }

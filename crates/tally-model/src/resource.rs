@@ -268,17 +268,27 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    /// Parses a multi-document YAML (or JSON, which is YAML) text. Empty
-    /// documents are skipped; a `List` (`items: [...]`) is flattened.
+    /// Parses a multi-document YAML text, or one or more JSON documents.
+    /// Empty documents are skipped; a `List` (`items: [...]`) is flattened.
     ///
     /// Text that nests deeper than [`MAX_MANIFEST_DEPTH`] is refused before
-    /// it is parsed ([`crate::nesting`]).
+    /// it is parsed ([`crate::nesting`]). Text that reads as JSON is read as
+    /// JSON: JSON is nearly YAML, but YAML limits an implicit key to 1,024
+    /// characters, so a JSON document with a longer key (one `tally get -o
+    /// json` may print) would not read back through the YAML parser.
     pub fn parse_documents(text: &str) -> Result<Vec<Manifest>, ResourceError> {
         if let Some(line) = yaml_too_deep(text, MAX_MANIFEST_DEPTH) {
             return Err(ResourceError::TooDeep {
                 line,
                 max: MAX_MANIFEST_DEPTH,
             });
+        }
+        if let Some(values) = json_documents(text) {
+            let mut manifests = Vec::new();
+            for (index, value) in values.into_iter().enumerate() {
+                collect_manifests(value, index + 1, &mut manifests)?;
+            }
+            return Ok(manifests);
         }
         let mut manifests = Vec::new();
         for (index, document) in serde_norway::Deserializer::from_str(text).enumerate() {
@@ -324,6 +334,18 @@ impl Manifest {
         }
         Ok(kind)
     }
+}
+
+/// The JSON values `text` holds, when it is wholly one or more JSON
+/// documents (an object or array each); `None` when it is not JSON.
+fn json_documents(text: &str) -> Option<Vec<Value>> {
+    if !text.trim_start().starts_with(['{', '[']) {
+        return None;
+    }
+    serde_json::Deserializer::from_str(text)
+        .into_iter::<Value>()
+        .collect::<Result<Vec<_>, _>>()
+        .ok()
 }
 
 fn collect_manifests(
@@ -387,6 +409,23 @@ mod tests {
         assert_eq!(manifests.len(), 2);
         assert_eq!(manifests[0].typed_kind().unwrap(), Kind::MeterDefinition);
         assert_eq!(manifests[1].metadata.name, "b");
+    }
+
+    #[test]
+    fn reads_json_with_keys_longer_than_yaml_allows() {
+        let key = "k".repeat(2_000);
+        let text = format!(
+            r#"{{"apiVersion":"v1","kind":"Secret","metadata":{{"name":"a","labels":{{"{key}":"v"}}}}}}
+            {{"apiVersion":"v1","kind":"Secret","metadata":{{"name":"b"}}}}"#
+        );
+        let manifests = Manifest::parse_documents(&text).unwrap();
+        assert_eq!(manifests.len(), 2);
+        assert_eq!(manifests[0].metadata.labels[&key], "v");
+        assert_eq!(manifests[1].metadata.name, "b");
+        // Flow-style YAML that is not JSON still reads as YAML.
+        let flow = Manifest::parse_documents("{apiVersion: v1, kind: Secret, metadata: {name: c}}")
+            .unwrap();
+        assert_eq!(flow[0].metadata.name, "c");
     }
 
     #[test]
