@@ -131,7 +131,8 @@ async fn status(client: &TallyClient, args: StatusArgs) -> anyhow::Result<()> {
         "PENDING",
         "RETRIES",
         "DEAD LETTERS",
-    ]);
+    ])
+    .named();
     for sink in answer["sinks"].as_array().into_iter().flatten() {
         let ready = if sink["ready"].as_bool() == Some(true) {
             "True".to_owned()
@@ -172,7 +173,8 @@ async fn dead_letters(client: &TallyClient, args: DeadLettersArgs) -> anyhow::Re
         .await
         .context("listing billing dead letters")?;
     let wide = matches!(args.output, Format::Wide | Format::Csv);
-    let mut table = Table::new(["SINK", "ID", "AT", "STATUS", "RECORDS", "REASON", "ANSWER"]);
+    let mut table =
+        Table::new(["SINK", "ID", "AT", "STATUS", "RECORDS", "REASON", "ANSWER"]).named();
     for sink in answer["sinks"].as_array().into_iter().flatten() {
         for letter in sink["deadLetters"].as_array().into_iter().flatten() {
             let records = letter["records"].as_array().map_or(0, Vec::len);

@@ -32,7 +32,7 @@ const RECENT: usize = 10;
 #[derive(Debug, Args)]
 pub struct DescribeArgs {
     /// Resource kind, or KIND/NAME.
-    #[arg(value_name = "KIND", value_parser = KindRefParser, long_help = KINDS_HELP)]
+    #[arg(value_name = "KIND", value_parser = KindRefParser, long_help = KINDS_HELP, hide_possible_values = true)]
     kind: KindRef,
 
     /// Name of the resource (unless given as KIND/NAME).

@@ -165,7 +165,8 @@ fn void_table(records: &[VoidRecord]) -> Table {
         Column::new("ID"),
         Column::new("REASON"),
         Column::new("EVENT TIME").wide(),
-    ]);
+    ])
+    .named();
     for r in records {
         table.named_row(
             format!("void/{}", r.seq),
@@ -706,7 +707,8 @@ fn event_table(events: &[tally_client::StoredEvent]) -> Table {
         Column::new("ID"),
         Column::new("INGESTED AT").wide(),
         Column::new("VOIDED AT").wide(),
-    ]);
+    ])
+    .named();
     for stored in events {
         let e = &stored.event;
         table.named_row(
@@ -769,7 +771,8 @@ fn quarantine_table(items: &[tally_client::QuarantinedEvent]) -> Table {
         Column::new("MESSAGE"),
         Column::new("SOURCE").wide(),
         Column::new("INGESTED AT").wide(),
-    ]);
+    ])
+    .named();
     for q in items {
         let e = &q.event.event;
         table.named_row(

@@ -123,7 +123,8 @@ fn meter_table(meters: &[OpenMeterMeter]) -> Table {
         Column::new("GROUP BY"),
         Column::new("ID").wide(),
         Column::new("DESCRIPTION").wide(),
-    ]);
+    ])
+    .named();
     for meter in meters {
         let group_by: Vec<String> = meter
             .group_by

@@ -161,16 +161,23 @@ impl Table {
         Table::with_columns(headers.into_iter().map(|h| Column::new(h.as_ref())))
     }
 
-    /// A table of these columns.
+    /// A table of these columns, whose rows have no names.
     pub fn with_columns(columns: impl IntoIterator<Item = Column>) -> Table {
         Table {
             columns: columns.into_iter().collect(),
             rows: Vec::new(),
-            names: Some(Vec::new()),
+            names: None,
         }
     }
 
-    /// Adds a row without a name (such a table cannot print `-o name`).
+    /// The table with named rows ([`Table::named_row`]): `-o name` prints
+    /// them, and nothing for no rows.
+    pub fn named(mut self) -> Table {
+        self.names = Some(Vec::new());
+        self
+    }
+
+    /// Adds a row without a name: the table cannot print `-o name`.
     /// Missing cells at the end are blank.
     pub fn row<I, C>(&mut self, cells: I)
     where
@@ -404,7 +411,8 @@ mod tests {
             Column::new("meter name"),
             Column::new("ready"),
             Column::new("labels").wide(),
-        ]);
+        ])
+        .named();
         table.named_row(
             "md/requests".into(),
             [
@@ -480,7 +488,8 @@ mod tests {
         let mut table = Table::new(["value"]);
         table.row(["1"]);
         assert!(table.names().unwrap_err().to_string().contains("no names"));
-        assert_eq!(Table::new(["x"]).names().unwrap(), "");
+        assert!(Table::new(["x"]).names().is_err());
+        assert_eq!(Table::new(["x"]).named().names().unwrap(), "");
     }
 
     #[test]

@@ -21,7 +21,7 @@ pub struct ApplyArgs {
 }
 
 /// The kinds, as `--help` lists them.
-pub const KINDS_HELP: &str = "meterdefinitions (md), monitoredresourcetypes (mrt), billingaccounts (ba), \
+pub const KINDS_HELP: &str = "The kind, or KIND/NAME as `-o name` prints it. Kinds: meterdefinitions (md), monitoredresourcetypes (mrt), billingaccounts (ba), \
 billingaccountbindings (bab), billingsinks, exporters, telemetrypolicies, secrets, namespaces (ns), \
 gatewayclasses, gateways, httproutes, workloads, instances; singular, plural or short name, any case";
 
@@ -96,7 +96,7 @@ pub fn one_name(target: &KindRef, name: Option<&str>) -> anyhow::Result<Option<S
 #[derive(Debug, Args)]
 pub struct GetArgs {
     /// Resource kind, or KIND/NAME.
-    #[arg(value_name = "KIND", value_parser = KindRefParser, long_help = KINDS_HELP)]
+    #[arg(value_name = "KIND", value_parser = KindRefParser, long_help = KINDS_HELP, hide_possible_values = true)]
     kind: KindRef,
 
     /// Show only this resource; all of the kind when left out.
@@ -129,7 +129,7 @@ pub struct GetArgs {
 #[derive(Debug, Args)]
 pub struct DeleteArgs {
     /// Resource kind, or KIND/NAME.
-    #[arg(value_name = "KIND", value_parser = KindRefParser, long_help = KINDS_HELP)]
+    #[arg(value_name = "KIND", value_parser = KindRefParser, long_help = KINDS_HELP, hide_possible_values = true)]
     kind: KindRef,
 
     /// Name of the resource to delete (unless given as KIND/NAME).
@@ -310,7 +310,7 @@ pub fn resource_table(kind: Kind, manifests: &[Manifest]) -> Table {
         all.push(Column::new("CREATED").wide());
     }
     all.push(Column::new("LABELS").wide());
-    let mut table = Table::with_columns(all);
+    let mut table = Table::with_columns(all).named();
     for m in manifests {
         let value = serde_json::to_value(m).unwrap_or(Value::Null);
         let mut row = Vec::new();
