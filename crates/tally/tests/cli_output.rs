@@ -443,3 +443,84 @@ fn completion_scripts_complete_commands_and_kinds() {
     let kinds = complete("tally get me");
     assert_eq!(kinds.trim(), "meterdefinitions", "{kinds}");
 }
+
+/// A BillingSink whose provider refuses a batch: `billing status` and
+/// `billing deadletters` in the shared formats, and `describe` lists the
+/// dead letter (when, the provider's status, the retry command) and the
+/// last forwarding pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn describe_a_billing_sink_lists_its_dead_letters() {
+    use tally_billing::testing::{Fault, TestServer};
+    const API_KEY: &str = "af-describe-key-81d2";
+    let provider = TestServer::start(API_KEY).await;
+    provider.push_faults([Fault::Status(400, None)]);
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::serve_with_config(
+        dir.path(),
+        "billing: {passIntervalSeconds: 0.2}\negress: {allow: [127.0.0.0/8]}\n",
+    );
+    let base = server.base.clone();
+    let now = jiff::Timestamp::now();
+    let t0 = jiff::Timestamp::from_second(now.as_second().div_euclid(60) * 60 - 180).unwrap();
+    let bound = t0 - jiff::SignedDuration::from_hours(1);
+    let manifests = format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: amberflo-api, namespace: tally-system}}\n\
+         stringData: {{apiKey: {API_KEY}}}\n---\n\
+         apiVersion: billing.miloapis.com/v1alpha1\nkind: BillingSink\nmetadata: {{name: amberflo}}\n\
+         spec: {{provider: amberflo, endpoint: '{}', apiKeySecretRef: {{name: amberflo-api}},\n\
+         \x20 windowSize: 1m, allowedLateness: 2s, requestTimeout: 2s, startAt: '{t0}'}}\n---\n\
+         apiVersion: billing.miloapis.com/v1alpha1\nkind: BillingAccount\n\
+         metadata: {{name: acct, uid: uid-acct}}\nspec: {{currencyCode: USD}}\n---\n\
+         apiVersion: billing.miloapis.com/v1alpha1\nkind: BillingAccountBinding\n\
+         metadata: {{name: p1-acct}}\n\
+         spec: {{billingAccountRef: {{name: acct}}, projectRef: {{name: p1}}}}\n\
+         status: {{billingResponsibility: {{establishedAt: '{bound}'}}}}\n---\n\
+         apiVersion: billing.miloapis.com/v1alpha1\nkind: MeterDefinition\n\
+         metadata: {{name: requests}}\n\
+         spec: {{meterName: gw/requests, phase: Published,\n\
+         \x20 measurement: {{aggregation: Sum, unit: '1'}}, billing: {{meterApiName: gw-requests}}}}\n",
+        provider.url
+    );
+    ok(&base, &["apply", "-f", "-"], &manifests);
+    let time = t0 + jiff::SignedDuration::from_secs(3);
+    let event = format!(
+        r#"{{"specversion":"1.0","id":"b1","source":"cli","type":"gw/requests","subject":"projects/p1","time":"{time}","data":{{"value":"5"}}}}"#
+    );
+    ok(&base, &["events", "send", "-"], &event);
+
+    let mut names = String::new();
+    for _ in 0..300 {
+        names = ok(&base, &["billing", "deadletters", "-o", "name"], "");
+        if !names.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let id = names
+        .trim()
+        .strip_prefix("deadletter/amberflo/")
+        .unwrap_or_else(|| panic!("no dead letter: {names:?}"))
+        .to_owned();
+    let csv = csv_records(&ok(&base, &["billing", "deadletters", "-o", "csv"], ""));
+    assert_eq!(csv[0], ["sink", "id", "at", "status", "records", "reason", "answer"]);
+    assert_eq!((csv[1][1].as_str(), csv[1][3].as_str()), (id.as_str(), "400"));
+    let status = ok(&base, &["billing", "status", "-o", "name"], "");
+    assert_eq!(status, "billingsink/amberflo\n");
+
+    let text = ok(&base, &["describe", "billingsink/amberflo"], "");
+    assert!(text.contains("\nConditions:\n  TYPE    STATUS"), "{text}");
+    let events = text.split("Events:\n").nth(1).unwrap();
+    assert!(events.starts_with("  TIME "), "{text}");
+    let dead = events
+        .lines()
+        .find(|l| l.contains("Warning   DeadLetter"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(dead.contains("HTTP 400"), "{dead}");
+    assert!(dead.contains(&format!("tally billing retry amberflo {id}")), "{dead}");
+    assert!(
+        dead.trim_start().split_whitespace().next().unwrap().parse::<jiff::Timestamp>().is_ok(),
+        "{dead}"
+    );
+    assert!(events.contains("Normal    Forwarded"), "{text}");
+    assert!(!text.contains(API_KEY), "{text}");
+}
