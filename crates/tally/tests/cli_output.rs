@@ -117,20 +117,28 @@ fn every_listing_speaks_every_format() {
     ok(base, &["events", "send", "-"], &events);
     ok(
         base,
-        &["events", "void", "--source", "cli", "--id", "e1", "--reason", "test"],
+        &[
+            "events", "void", "--source", "cli", "--id", "e1", "--reason", "test",
+        ],
         "",
     );
 
     let listings: [(&[&str], Option<&str>); 9] = [
         (&["get", "md"], Some("meterdefinition/requests")),
-        (&["get", "mrt", "httproute"], Some("monitoredresourcetype/httproute")),
+        (
+            &["get", "mrt", "httproute"],
+            Some("monitoredresourcetype/httproute"),
+        ),
         (&["get", "namespaces"], Some("namespace/acme-web")),
         (&["get", "exporters"], Some("exporter/grafana")),
         (&["meters", "list"], Some("meter/requests")),
         (&["events", "list"], Some("event/")),
         (&["quarantine", "list"], Some("event/")),
         (&["events", "voids"], Some("void/")),
-        (&["meters", "query", "requests", "--group-by", "method"], None),
+        (
+            &["meters", "query", "requests", "--group-by", "method"],
+            None,
+        ),
     ];
     for (args, name) in listings {
         let with = |format: &'static str| [args, &["-o", format]].concat();
@@ -174,10 +182,21 @@ fn every_listing_speaks_every_format() {
     let row = table.lines().nth(1).unwrap();
     let time = row.split_whitespace().nth(1).unwrap();
     assert!(time.parse::<jiff::Timestamp>().is_ok(), "{row}");
-    assert!(row.split_whitespace().any(|c| c.parse::<jiff::Timestamp>().is_ok()));
+    assert!(
+        row.split_whitespace()
+            .any(|c| c.parse::<jiff::Timestamp>().is_ok())
+    );
     let csv = csv_records(&ok(
         base,
-        &["meters", "query", "requests", "--group-by", "method", "-o", "csv"],
+        &[
+            "meters",
+            "query",
+            "requests",
+            "--group-by",
+            "method",
+            "-o",
+            "csv",
+        ],
         "",
     ));
     assert_eq!(csv[0], ["windowStart", "windowEnd", "method", "value"]);
@@ -218,7 +237,11 @@ fn get_output_applies_again_unchanged() {
         );
     }
     let output = tally(base, &["get", "md/requests", "other"], "");
-    assert!(stderr(&output).contains("give the name once"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("give the name once"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 /// Lines a child prints, as they come.
@@ -273,11 +296,28 @@ fn watch_prints_changes_until_ctrl_c_or_the_server_goes_away() {
     let base = server.base.clone();
     ok(&base, &["apply", "-f", "-"], METERS);
 
-    let mut names = watch(&base, &["get", "md", "-w", "--interval", "100ms", "-o", "name"]);
+    let mut names = watch(
+        &base,
+        &["get", "md", "-w", "--interval", "100ms", "-o", "name"],
+    );
     let name_lines = lines_of(&mut names);
-    let mut table = watch(&base, &["get", "md", "requests", "-w", "--interval", "100ms"]);
+    let mut table = watch(
+        &base,
+        &["get", "md", "requests", "-w", "--interval", "100ms"],
+    );
     let table_lines = lines_of(&mut table);
-    let mut json = watch(&base, &["get", "md/requests", "-w", "--interval", "100ms", "-o", "json"]);
+    let mut json = watch(
+        &base,
+        &[
+            "get",
+            "md/requests",
+            "-w",
+            "--interval",
+            "100ms",
+            "-o",
+            "json",
+        ],
+    );
     let json_lines = lines_of(&mut json);
 
     assert_eq!(next_line(&name_lines), "ADDED meterdefinition/requests");
@@ -331,7 +371,11 @@ fn watch_prints_changes_until_ctrl_c_or_the_server_goes_away() {
     }
     // A watch of something that is not there fails at once.
     let output = tally(&base, &["get", "md", "-w"], "");
-    assert!(stderr(&output).contains("could not reach"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("could not reach"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 /// `describe`: metadata, spec, conditions, and the events the server keeps
@@ -345,27 +389,46 @@ fn describe_shows_spec_conditions_and_recorded_events() {
     ok(base, &["events", "send", "-"], &event("q1", "GET", None));
 
     let text = ok(base, &["describe", "md", "requests"], "");
-    assert!(text.starts_with("Name:        requests\nKind:        MeterDefinition\n"), "{text}");
+    assert!(
+        text.starts_with("Name:        requests\nKind:        MeterDefinition\n"),
+        "{text}"
+    );
     assert!(text.contains("\nLabels:      team=edge\n"), "{text}");
     assert!(text.contains("\nSpec:\n  measurement:\n"), "{text}");
     let conditions = text.split("Conditions:\n").nth(1).unwrap();
-    assert!(conditions.starts_with("  TYPE    STATUS   REASON"), "{text}");
-    assert!(conditions.contains("\n  Ready   True     Measuring"), "{text}");
+    assert!(
+        conditions.starts_with("  TYPE    STATUS   REASON"),
+        "{text}"
+    );
+    assert!(
+        conditions.contains("\n  Ready   True     Measuring"),
+        "{text}"
+    );
     let events = text.split("Events:\n").nth(1).unwrap();
     let row = events.lines().nth(1).unwrap();
     let time = row.split_whitespace().next().unwrap();
     assert!(time.parse::<jiff::Timestamp>().is_ok(), "{text}");
-    assert!(row.contains("Warning   Quarantined   MISSING_VALUE"), "{text}");
+    assert!(
+        row.contains("Warning   Quarantined   MISSING_VALUE"),
+        "{text}"
+    );
     assert!(row.contains("\"q1\""), "{text}");
 
     let text = ok(base, &["describe", "namespace/acme-web"], "");
-    assert!(text.contains("Labels:      resourcemanager.miloapis.com/project-name=acme"), "{text}");
+    assert!(
+        text.contains("Labels:      resourcemanager.miloapis.com/project-name=acme"),
+        "{text}"
+    );
     assert!(
         text.ends_with("Events:  <none>\n  The server keeps no event history for namespaces.\n"),
         "{text}"
     );
 
-    let text = ok(base, &["describe", "exporter", "grafana", "-n", "acme-web"], "");
+    let text = ok(
+        base,
+        &["describe", "exporter", "grafana", "-n", "acme-web"],
+        "",
+    );
     assert!(text.contains("Namespace:   acme-web\n"), "{text}");
     assert!(
         text.contains("  SinkHealthy (sink receiver)   False    SecretNotFound"),
@@ -380,7 +443,11 @@ fn describe_shows_spec_conditions_and_recorded_events() {
         stderr(&output)
     );
     let output = tally(base, &["describe", "exporter", "grafana"], "");
-    assert!(stderr(&output).contains("-n NAMESPACE"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("-n NAMESPACE"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 /// `version` names the client's build and the server's version;
@@ -391,8 +458,14 @@ fn version_names_client_and_server() {
     let server = serve(dir.path());
     let text = ok(&server.base, &["version"], "");
     let version = env!("CARGO_PKG_VERSION");
-    assert!(text.starts_with(&format!("Client Version: {version}\nGit Commit:     ")), "{text}");
-    assert!(text.contains(&format!("\nTarget:         {}-", std::env::consts::ARCH)), "{text}");
+    assert!(
+        text.starts_with(&format!("Client Version: {version}\nGit Commit:     ")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("\nTarget:         {}-", std::env::consts::ARCH)),
+        "{text}"
+    );
     assert!(
         text.ends_with(&format!("Server Version: {version} ({}/)\n", server.base)),
         "{text}"
@@ -404,11 +477,18 @@ fn version_names_client_and_server() {
     let output = tally("http://127.0.0.1:1", &["version"], "");
     assert!(output.status.success());
     assert!(!String::from_utf8_lossy(&output.stdout).contains("Server Version"));
-    assert!(stderr(&output).contains("warning: no server version"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("warning: no server version"),
+        "{}",
+        stderr(&output)
+    );
     let output = tally("http://127.0.0.1:1", &["version", "--client"], "");
     assert!(output.status.success() && stderr(&output).is_empty());
     let long = ok(&server.base, &["--version"], "");
-    assert!(long.starts_with(&format!("tally {version} (commit ")), "{long}");
+    assert!(
+        long.starts_with(&format!("tally {version} (commit ")),
+        "{long}"
+    );
 }
 
 /// Completion scripts for each shell; bash's completes subcommands and kinds.
@@ -434,12 +514,18 @@ fn completion_scripts_complete_commands_and_kinds() {
              _tally tally \"${{COMP_WORDS[-1]}}\" \"${{COMP_WORDS[-2]}}\"; echo \"${{COMPREPLY[*]}}\"",
             file.display()
         );
-        let output = Command::new("bash").args(["-c", &program]).output().unwrap();
+        let output = Command::new("bash")
+            .args(["-c", &program])
+            .output()
+            .unwrap();
         assert!(output.status.success(), "{}", stderr(&output));
         String::from_utf8(output.stdout).unwrap()
     };
     let commands = complete("tally de");
-    assert!(commands.contains("describe") && commands.contains("delete"), "{commands}");
+    assert!(
+        commands.contains("describe") && commands.contains("delete"),
+        "{commands}"
+    );
     let kinds = complete("tally get me");
     assert_eq!(kinds.trim(), "meterdefinitions", "{kinds}");
 }
@@ -502,8 +588,14 @@ async fn describe_a_billing_sink_lists_its_dead_letters() {
         .unwrap_or_else(|| panic!("no dead letter: {names:?}"))
         .to_owned();
     let csv = csv_records(&ok(&base, &["billing", "deadletters", "-o", "csv"], ""));
-    assert_eq!(csv[0], ["sink", "id", "at", "status", "records", "reason", "answer"]);
-    assert_eq!((csv[1][1].as_str(), csv[1][3].as_str()), (id.as_str(), "400"));
+    assert_eq!(
+        csv[0],
+        ["sink", "id", "at", "status", "records", "reason", "answer"]
+    );
+    assert_eq!(
+        (csv[1][1].as_str(), csv[1][3].as_str()),
+        (id.as_str(), "400")
+    );
     let status = ok(&base, &["billing", "status", "-o", "name"], "");
     assert_eq!(status, "billingsink/amberflo\n");
 
@@ -516,9 +608,16 @@ async fn describe_a_billing_sink_lists_its_dead_letters() {
         .find(|l| l.contains("Warning   DeadLetter"))
         .unwrap_or_else(|| panic!("{text}"));
     assert!(dead.contains("HTTP 400"), "{dead}");
-    assert!(dead.contains(&format!("tally billing retry amberflo {id}")), "{dead}");
     assert!(
-        dead.trim_start().split_whitespace().next().unwrap().parse::<jiff::Timestamp>().is_ok(),
+        dead.contains(&format!("tally billing retry amberflo {id}")),
+        "{dead}"
+    );
+    assert!(
+        dead.split_whitespace()
+            .next()
+            .unwrap()
+            .parse::<jiff::Timestamp>()
+            .is_ok(),
         "{dead}"
     );
     assert!(events.contains("Normal    Forwarded"), "{text}");
