@@ -557,4 +557,73 @@ mod tests {
         assert_eq!(age(t, later(5 * 86_400 + 7)), "5d");
         assert_eq!(age(later(10), t), "0s");
     }
+
+    proptest::proptest! {
+        /// Whatever the cells hold (commas, quotes, line breaks, control
+        /// characters, none), CSV reads back to the same fields, none as
+        /// empty, one record per row.
+        #[test]
+        fn csv_reads_back_every_cell(
+            rows in proptest::collection::vec(
+                proptest::collection::vec(proptest::option::of(".{0,12}"), 3), 0..6)
+        ) {
+            let mut table = Table::new(["a", "b c", "d"]);
+            for row in &rows {
+                table.row(row.iter().cloned().map(Cell::from));
+            }
+            let text = table.csv().unwrap();
+            let records: Vec<Vec<String>> = csv::ReaderBuilder::new()
+                .has_headers(true)
+                .from_reader(text.as_bytes())
+                .records()
+                .map(|r| r.unwrap().iter().map(str::to_owned).collect())
+                .collect();
+            let expected: Vec<Vec<String>> = rows
+                .iter()
+                .map(|row| row.iter().map(|c| c.clone().unwrap_or_default()).collect())
+                .collect();
+            proptest::prop_assert_eq!(records, expected);
+        }
+
+        /// The table has a line per row, none with a control character or
+        /// trailing blank, and every column starts at the same character
+        /// on every line.
+        #[test]
+        fn tables_keep_their_layout(
+            rows in proptest::collection::vec(
+                proptest::collection::vec("[a-z\\t\\n ]{1,8}", 2), 1..6)
+        ) {
+            let mut table = Table::new(["first", "second"]);
+            for row in &rows {
+                table.row(row.iter().map(|c| Cell::from(c.as_str())));
+            }
+            let text = table.render(false);
+            let lines: Vec<&str> = text.lines().collect();
+            proptest::prop_assert_eq!(lines.len(), rows.len() + 1);
+            let width = 1 + rows.iter().map(|r| r[0].chars().count()).max().unwrap_or(0).max(5);
+            for (line, row) in lines[1..].iter().zip(&rows) {
+                proptest::prop_assert!(!line.chars().any(char::is_control));
+                proptest::prop_assert!(!line.ends_with(' '));
+                let second: String = line.chars().skip(width + 2).collect();
+                proptest::prop_assert_eq!(second, printable(&row[1]).trim_end().to_owned());
+            }
+        }
+
+        /// `-o name` prints each name once, in the order first seen.
+        #[test]
+        fn names_are_listed_once_in_order(names in proptest::collection::vec("[a-c]/[x-z]", 0..12)) {
+            let mut table = Table::new(["n"]).named();
+            for name in &names {
+                table.named_row(name.clone(), [Cell::from(name.as_str())]);
+            }
+            let mut expected = String::new();
+            for (index, name) in names.iter().enumerate() {
+                if !names[..index].contains(name) {
+                    expected.push_str(name);
+                    expected.push('\n');
+                }
+            }
+            proptest::prop_assert_eq!(table.names().unwrap(), expected);
+        }
+    }
 }

@@ -366,4 +366,42 @@ mod tests {
         assert!(parse_interval("-1s").is_err());
         assert!(parse_interval("soon").is_err());
     }
+
+    proptest::proptest! {
+        /// Replaying the diff on the old state gives the new one, and a
+        /// resource is named only when it was added, removed or changed.
+        #[test]
+        fn the_diff_replays_to_the_new_state(
+            before in proptest::collection::btree_map("[a-e]", "[TF]", 0..5),
+            after in proptest::collection::btree_map("[a-e]", "[TF]", 0..5),
+        ) {
+            let state = |m: &BTreeMap<String, String>| -> Snapshot {
+                m.iter().map(|(n, r)| ((None, n.clone()), manifest(n, r))).collect()
+            };
+            let (old, new) = (state(&before), state(&after));
+            let changes = diff(&old, &new);
+            let mut replayed = old.clone();
+            for (change, m) in &changes {
+                let key = (None, m.metadata.name.clone());
+                match change {
+                    Change::Added => {
+                        proptest::prop_assert!(!old.contains_key(&key));
+                        replayed.insert(key, m.clone());
+                    }
+                    Change::Modified => {
+                        proptest::prop_assert!(old[&key] != new[&key]);
+                        replayed.insert(key, m.clone());
+                    }
+                    Change::Deleted => {
+                        proptest::prop_assert!(!new.contains_key(&key));
+                        replayed.remove(&key);
+                    }
+                }
+            }
+            proptest::prop_assert_eq!(&replayed, &new);
+            let changed = before.iter().filter(|(k, v)| after.get(*k) != Some(v)).count()
+                + after.keys().filter(|k| !before.contains_key(*k)).count();
+            proptest::prop_assert_eq!(changes.len(), changed);
+        }
+    }
 }
