@@ -264,40 +264,7 @@ pub async fn delete(client: &TallyClient, args: DeleteArgs) -> anyhow::Result<()
 /// for `-o wide` the Ready condition's reason, the creation time and the
 /// labels. Rows are named `kind/name`.
 pub fn resource_table(kind: Kind, manifests: &[Manifest]) -> Table {
-    let (columns, cells): (Vec<Column>, RowCells) = match kind {
-        Kind::MeterDefinition => (meter_definition_columns(), &meter_definition_row),
-        Kind::MonitoredResourceType => (
-            ["NAME", "RESOURCE TYPE", "LABELS"].map(Column::new).into(),
-            &resource_type_row,
-        ),
-        Kind::BillingAccount => (["NAME", "UID", "PHASE"].map(Column::new).into(), &|m, v| {
-            fields(m, v, &[&["metadata", "uid"], &["status", "phase"]])
-        }),
-        Kind::BillingAccountBinding => (
-            ["NAME", "PROJECT", "ACCOUNT", "EFFECTIVE FROM", "PHASE"]
-                .map(Column::new)
-                .into(),
-            &|m, v| {
-                fields(
-                    m,
-                    v,
-                    &[
-                        &["spec", "projectRef", "name"],
-                        &["spec", "billingAccountRef", "name"],
-                        &["status", "effectiveFrom"],
-                        &["status", "phase"],
-                    ],
-                )
-            },
-        ),
-        Kind::Namespace => (["NAME", "PROJECT"].map(Column::new).into(), &|m, v| {
-            fields(m, v, &[&["metadata", "labels", PROJECT_LABEL]])
-        }),
-        _ => (
-            ["NAME", "KIND", "READY", "CREATED"].map(Column::new).into(),
-            &generic_row,
-        ),
-    };
+    let (columns, cells) = kind_columns(kind);
     let namespaced = manifests.iter().any(|m| m.metadata.namespace.is_some());
     let has_created = columns.iter().any(|c| c.csv_name() == "created");
     let mut all = Vec::with_capacity(columns.len() + 4);
@@ -328,8 +295,71 @@ pub fn resource_table(kind: Kind, manifests: &[Manifest]) -> Table {
     table
 }
 
+/// A kind's own columns, and the cells of one row of them.
+fn kind_columns(kind: Kind) -> (Vec<Column>, RowCells) {
+    match kind {
+        Kind::MeterDefinition => (meter_definition_columns(), meter_definition_row),
+        Kind::MonitoredResourceType => (
+            ["NAME", "RESOURCE TYPE", "LABELS"].map(Column::new).into(),
+            resource_type_row,
+        ),
+        Kind::BillingAccount => (["NAME", "UID", "PHASE"].map(Column::new).into(), |m, v| {
+            fields(m, v, &[&["metadata", "uid"], &["status", "phase"]])
+        }),
+        Kind::BillingAccountBinding => (
+            ["NAME", "PROJECT", "ACCOUNT", "EFFECTIVE FROM", "PHASE"]
+                .map(Column::new)
+                .into(),
+            |m, v| {
+                fields(
+                    m,
+                    v,
+                    &[
+                        &["spec", "projectRef", "name"],
+                        &["spec", "billingAccountRef", "name"],
+                        &["status", "effectiveFrom"],
+                        &["status", "phase"],
+                    ],
+                )
+            },
+        ),
+        Kind::Namespace => (["NAME", "PROJECT"].map(Column::new).into(), |m, v| {
+            fields(m, v, &[&["metadata", "labels", PROJECT_LABEL]])
+        }),
+        Kind::BillingSink => (
+            ["NAME", "PROVIDER", "WINDOW", "READY", "LAST PASS"]
+                .map(Column::new)
+                .into(),
+            |m, v| {
+                let mut row = fields(m, v, &[&["spec", "provider"], &["spec", "windowSize"]]);
+                row.push(or_none(condition(m, "Ready", "status")));
+                row.push(or_none(text_at(v, &["status", "lastPass"])));
+                row
+            },
+        ),
+        Kind::Exporter => (
+            ["NAME", "SINKS", "READY", "CREATED"]
+                .map(Column::new)
+                .into(),
+            |m, _| {
+                let sinks = m.spec.get("sinks").and_then(Value::as_array);
+                vec![
+                    Cell::from(&m.metadata.name),
+                    Cell::from(sinks.map(|s| s.len().to_string())),
+                    or_none(condition(m, "Ready", "status")),
+                    output::time_cell(m.metadata.creation_timestamp),
+                ]
+            },
+        ),
+        _ => (
+            ["NAME", "KIND", "READY", "CREATED"].map(Column::new).into(),
+            generic_row,
+        ),
+    }
+}
+
 /// The cells of one row of a kind's own columns.
-type RowCells<'a> = &'a dyn Fn(&Manifest, &Value) -> Vec<Cell>;
+type RowCells = fn(&Manifest, &Value) -> Vec<Cell>;
 
 /// The label naming a namespace's project.
 const PROJECT_LABEL: &str = "resourcemanager.miloapis.com/project-name";
@@ -534,6 +564,28 @@ spec:
             "{csv}"
         );
         assert!(csv.contains("\n,requests,gw/requests,Published,SUM,{request},gw/requests,True,,2026-01-01T00:00:00Z,\n"), "{csv}");
+    }
+
+    #[test]
+    fn billing_sinks_and_exporters_have_their_own_columns() {
+        let manifests = Manifest::parse_documents(
+            "apiVersion: billing.miloapis.com/v1alpha1\nkind: BillingSink\nmetadata: {name: am}\n\
+             spec: {provider: amberflo, windowSize: 1h}\n\
+             status: {lastPass: '2026-01-01T00:00:00Z', conditions: [{type: Ready, status: 'True'}]}\n\
+             ---\napiVersion: telemetry.datumapis.com/v1alpha1\nkind: Exporter\n\
+             metadata: {name: g, namespace: web}\nspec: {sinks: [{name: a}, {name: b}]}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            resource_table(Kind::BillingSink, &manifests[..1]).render(false),
+            "NAME   PROVIDER   WINDOW   READY   LAST PASS\n\
+             am     amberflo   1h       True    2026-01-01T00:00:00Z\n"
+        );
+        assert_eq!(
+            resource_table(Kind::Exporter, &manifests[1..]).render(false),
+            "NAMESPACE   NAME   SINKS   READY    CREATED\n\
+             web         g      2       <none>   <none>\n"
+        );
     }
 
     #[test]
