@@ -249,35 +249,79 @@ impl CompiledMeter {
     }
 
     fn check_labels(&self, data: &Value) -> Result<(), Unmeterable> {
-        if self.resource_types.is_empty() {
-            return Ok(());
-        }
-        let resource = data.get("resource");
-        let field = |name: &str| resource.and_then(|r| r.get(name)).and_then(Value::as_str);
-        let (group, kind) = (field("group"), field("kind"));
-        let single = self.resource_types.len() == 1;
-        for t in &self.resource_types {
-            let applies =
-                single || (group.is_none_or(|g| g == t.group) && kind.is_none_or(|k| k == t.kind));
-            if !applies {
-                continue;
-            }
-            for label in &t.required {
-                let present = match single_node(&label.path, data, &label.path_text)? {
-                    None | Some(Value::Null) => false,
-                    Some(Value::String(s)) => !s.is_empty(),
-                    Some(_) => true,
-                };
-                if !present {
-                    return Err(Unmeterable::MissingRequiredLabel {
-                        label: label.name.clone(),
-                        resource_type: t.name.clone(),
-                    });
-                }
+        for (t, label) in self.applicable_labels(data) {
+            if !label_present(label, data)? {
+                return Err(Unmeterable::MissingRequiredLabel {
+                    label: label.name.clone(),
+                    resource_type: t.name.clone(),
+                });
             }
         }
         Ok(())
     }
+
+    /// The required labels that apply to an event with this `data`, with
+    /// their resource type, in declaration order.
+    fn applicable_labels<'a>(
+        &'a self,
+        data: &'a Value,
+    ) -> impl Iterator<Item = (&'a ResourceTypeCheck, &'a RequiredLabel)> + 'a {
+        let resource = data.get("resource");
+        let field = |name: &str| resource.and_then(|r| r.get(name)).and_then(Value::as_str);
+        let (group, kind) = (field("group"), field("kind"));
+        let single = self.resource_types.len() == 1;
+        self.resource_types
+            .iter()
+            .filter(move |t| {
+                single || (group.is_none_or(|g| g == t.group) && kind.is_none_or(|k| k == t.kind))
+            })
+            .flat_map(|t| t.required.iter().map(move |l| (t, l)))
+    }
+
+    /// Every required label an event lacks, as `<resource type>/<label>`
+    /// (a label whose path matches several nodes counts as present here;
+    /// [`CompiledMeter::sample`] refuses it as an invalid value).
+    pub fn missing_required_labels(&self, data: &Value) -> Vec<String> {
+        self.applicable_labels(data)
+            .filter(|(_, label)| matches!(label_present(label, data), Ok(false)))
+            .map(|(t, label)| format!("{}/{}", t.name, label.name))
+            .collect()
+    }
+
+    /// The node an event's value is read from: `None` when the meter reads
+    /// no value (`COUNT` without a path), `Some(Err)` when the path matches
+    /// several nodes.
+    pub fn value_node<'v>(
+        &self,
+        data: &'v Value,
+    ) -> Option<Result<Option<&'v Value>, Unmeterable>> {
+        let (text, path) = self.value_path.as_ref()?;
+        Some(single_node(path, data, text))
+    }
+
+    /// The value of each dimension an event carries, in
+    /// [`CompiledMeter::dimensions`] order (`None`: absent, null or ambiguous).
+    pub fn group_values(&self, data: &Value) -> Vec<Option<String>> {
+        self.dimensions
+            .iter()
+            .map(|(name, path)| {
+                single_node(path, data, name)
+                    .ok()
+                    .flatten()
+                    .and_then(group_value)
+            })
+            .collect()
+    }
+}
+
+/// Whether an event carries a required label: a non-empty string or any
+/// other non-null value.
+fn label_present(label: &RequiredLabel, data: &Value) -> Result<bool, Unmeterable> {
+    Ok(match single_node(&label.path, data, &label.path_text)? {
+        None | Some(Value::Null) => false,
+        Some(Value::String(s)) => !s.is_empty(),
+        Some(_) => true,
+    })
 }
 
 fn single_node<'v>(

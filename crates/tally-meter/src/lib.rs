@@ -7,10 +7,12 @@
 //! - [`window`] cuts `[from, to)` into MINUTE/HOUR/DAY/MONTH windows of an
 //!   IANA time zone, and [`QueryPlan`] maps each window onto the fewest
 //!   aligned rollup buckets (minute, hour, UTC day).
+//! - [`validate`] checks a meter against real traffic before it is published.
 
 mod extract;
 mod plan;
 mod state;
+pub mod validate;
 mod value;
 pub mod window;
 
