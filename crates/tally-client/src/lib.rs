@@ -25,6 +25,7 @@ mod types;
 use std::fmt;
 use std::time::Duration;
 
+use jiff::Timestamp;
 use reqwest::header::{CONTENT_TYPE, HeaderValue};
 use reqwest::{Method, RequestBuilder, Response, Url};
 use serde::de::DeserializeOwned;
@@ -267,6 +268,21 @@ impl TallyClient {
         self.send(self.request(Method::DELETE, &url), &url)
             .await
             .map(drop)
+    }
+
+    /// A meter checked against the events of its type in `[from, to)`
+    /// (`GET /api/v1/meters/{slug}/validate`; the server's defaults when
+    /// `None`).
+    pub async fn validate_meter(
+        &self,
+        slug: &str,
+        from: Option<Timestamp>,
+        to: Option<Timestamp>,
+    ) -> Result<tally_meter::validate::ValidationAnswer, ClientError> {
+        let mut pairs = optional_pair("from", from.map(|t| t.to_string()).as_deref());
+        pairs.extend(optional_pair("to", to.map(|t| t.to_string()).as_deref()));
+        let url = self.url(&["api", "v1", "meters", slug, "validate"], &pairs);
+        self.json(self.request(Method::GET, &url), &url).await
     }
 
     /// One page of quarantined events, newest first (`GET /api/v1/quarantine`).

@@ -37,6 +37,21 @@ pub const EXAMPLES: usize = 3;
 /// How many undeclared dimension names the report names.
 pub const MAX_UNDECLARED: usize = 20;
 
+/// The server's answer to a validation: the range, the report, and what
+/// the ledger already holds in quarantine for the meter.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ValidationAnswer {
+    pub from: jiff::Timestamp,
+    pub to: jiff::Timestamp,
+    #[serde(flatten)]
+    pub report: ValidationReport,
+    /// The ledger's quarantine for this meter (any event time), by reason.
+    pub stored_quarantine: Vec<ReasonCount>,
+    /// Whether the ledger holds more than were summed up.
+    pub stored_quarantine_more: bool,
+}
+
 /// What the caller scanned, besides the events themselves.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Scan {

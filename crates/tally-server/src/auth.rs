@@ -212,6 +212,8 @@ fn access(method: &Method, route: &str) -> Access {
             | "/api/v1/meters/{slug}"
             | "/openapi.json",
         ) => Access::Read,
+        // Validation reads every subject's events: the catalog's owners only.
+        (&Method::GET, "/api/v1/meters/{slug}/validate") => Access::Admin,
         // Resources: admins and projects; the handlers decide per kind and
         // project (`Principal::may_read`, `Principal::may_write`).
         (

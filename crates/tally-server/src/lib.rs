@@ -21,6 +21,7 @@ mod query;
 mod resources;
 mod telemetry;
 mod usage;
+mod validate;
 mod watch;
 
 use std::collections::BTreeMap;
@@ -235,7 +236,7 @@ pub const DEFAULT_MAX_PENDING_EVENTS: usize = 262_144;
     info(title = "Tally", description = "Usage metering: CloudEvents ingest with exact dedupe, meters and windowed queries (OpenMeter-compatible)."),
     paths(
         events::ingest, events::list, events::void, events::voids, usage::ingest_one, usage::ingest_batch,
-        meters::list, meters::get, meters::create, meters::delete, meters::query,
+        meters::list, meters::get, meters::create, meters::delete, meters::query, validate::validate,
         resources::apply, resources::list, resources::get, resources::put, resources::delete,
         resources::get_namespaced, resources::put_namespaced, resources::delete_namespaced,
         quarantine, metrics, healthz, readyz, telemetry::otlp_metrics, telemetry::remote_write,
@@ -280,6 +281,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/meters/{slug}/query", get(meters::query))
         .route("/api/v1/meters/{slug}/changes", get(billing::changes))
+        .route("/api/v1/meters/{slug}/validate", get(validate::validate))
         .route("/api/v1/billing/status", get(billing::status))
         .route("/api/v1/billing/deadletters", get(billing::dead_letters))
         .route(

@@ -14,6 +14,7 @@ mod meters;
 mod output;
 mod resources;
 mod serve;
+mod validate;
 mod version;
 mod watch;
 mod when;

@@ -1,4 +1,4 @@
-//! `tally meters list` and `tally meters query`.
+//! `tally meters list`, `tally meters query` (and `validate`, in `validate.rs`).
 
 use std::collections::BTreeMap;
 
@@ -17,6 +17,9 @@ pub enum MetersCommand {
     List(ListArgs),
     /// Aggregate a meter's usage over time windows.
     Query(QueryArgs),
+    /// Check a meter against the events of its type: value distribution,
+    /// dimensions, labels, quarantine, unit; and whether it is safe to publish.
+    Validate(crate::validate::ValidateArgs),
 }
 
 #[derive(Debug, Args)]
@@ -104,6 +107,7 @@ pub async fn run(client: &TallyClient, command: MetersCommand) -> anyhow::Result
     match command {
         MetersCommand::List(args) => list(client, args).await,
         MetersCommand::Query(args) => query(client, args).await,
+        MetersCommand::Validate(args) => crate::validate::run(client, args).await,
     }
 }
 

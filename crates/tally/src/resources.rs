@@ -179,6 +179,8 @@ pub fn name_of(manifest: &Manifest) -> String {
 pub async fn apply(client: &TallyClient, args: ApplyArgs) -> anyhow::Result<()> {
     for file in &args.files {
         let (label, text) = read_input(file)?;
+        let publishing = crate::validate::publishing(client, &text).await;
+        let verdicts = crate::validate::verdicts(client, &publishing).await;
         let results = client
             .apply(&text)
             .await
@@ -195,6 +197,7 @@ pub async fn apply(client: &TallyClient, args: ApplyArgs) -> anyhow::Result<()> 
                 reference(&result.kind, result.namespace.as_deref(), &result.name)
             ));
         }
+        out.push_str(&verdicts);
         print(&out)?;
     }
     Ok(())

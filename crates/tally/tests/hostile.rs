@@ -204,7 +204,8 @@ fn rule(method: &Method, path: &str) -> Option<Rule> {
             | "/api/v1/billing/status"
             | "/api/v1/billing/deadletters"
             | "/api/v1/billing/reconcile"
-            | "/api/v1/meters/{slug}/changes",
+            | "/api/v1/meters/{slug}/changes"
+            | "/api/v1/meters/{slug}/validate",
         ) => Admin,
         ("POST", "/api/v1/billing/deadletters/{sink}/{id}/retry") => Admin,
         _ => return None,
