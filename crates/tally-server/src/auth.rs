@@ -19,6 +19,8 @@
 //!
 //! **Invariant:** [`access`] names every route; a route it does not name is
 //! admin-only, so a new route is closed until it is opened on purpose.
+//! Outside it: `/healthz`, `/readyz` and the console's static files
+//! (`console.rs`), which hold no data.
 
 use std::fmt;
 use std::str::FromStr;

@@ -1,7 +1,8 @@
 //! Tally's HTTP API over any [`Ledger`].
 //!
-//! Routes: the OpenMeter-compatible `/api/v1/events` and `/api/v1/meters`,
-//! resources under `/apis`, `/api/v1/quarantine`, `/metrics`, `/healthz`,
+//! Routes: the OpenMeter-compatible `/api/v1/events` and `/api/v1/meters`
+//! (and `/api/v1/meters/{slug}/validate`), resources under `/apis`,
+//! `/api/v1/quarantine`, the web [`console`] at `/`, `/metrics`, `/healthz`,
 //! `/readyz` and `/openapi.json` (generated from the handlers' annotations);
 //! the metrics receivers (`/v1/metrics`, `/api/v1/write`, and OTLP/gRPC on
 //! its own listener). [`export`] is `tally export`: the exporters' pipeline
@@ -11,6 +12,7 @@ mod auth;
 pub mod billing;
 mod body;
 mod config;
+pub mod console;
 mod events;
 pub mod export;
 mod exporters;
@@ -316,6 +318,7 @@ pub fn router(state: AppState) -> Router {
         .merge(api)
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .merge(console::routes())
         .fallback(|| async {
             Problem::new(StatusCode::NOT_FOUND, "no such endpoint; see /openapi.json")
         });
