@@ -17,6 +17,10 @@
 //! Faults are injected per request, in order: a status (with optional
 //! `Retry-After`) answered before anything is stored, or a slow answer given
 //! after the records were stored (the client times out: a lost answer).
+//!
+//! [`venv`]: Python virtual environments for tests that drive real clients.
+
+pub mod venv;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::io::Read as _;

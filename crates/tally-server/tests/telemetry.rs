@@ -5,13 +5,12 @@
 
 #[path = "../../tally-telemetry/tests/support/otlp_receiver.rs"]
 mod receiver;
-#[path = "../../tally-billing/tests/support/venv.rs"]
-mod venv;
-
 use std::collections::BTreeMap;
 use std::io::Write as _;
+
 use std::sync::Arc;
 use std::time::Duration;
+use tally_billing::testing::venv;
 
 use prost::Message as _;
 use receiver::Receiver;

@@ -3,8 +3,6 @@
 
 #![allow(dead_code)]
 
-pub mod venv;
-
 use std::time::Duration;
 pub use tally_billing::testing::*;
 

@@ -1,15 +1,24 @@
-//! A Python virtual environment with some packages, made once in the
-//! temporary directory and reused by later runs. Shared by the tests that
-//! drive real peers' official Python clients and SDKs.
-#![allow(dead_code)]
+//! A Python virtual environment with some packages, made once and reused
+//! by later runs. Shared by the tests that drive real peers' official
+//! Python clients and SDKs (billing) and a real browser (the console).
 
 use std::path::Path;
 use std::process::Command;
 
-/// The venv `name`'s python once `import` works in it, after installing
-/// `packages` with pip if needed; or why it cannot be had.
+/// The venv `name` in the temporary directory: see [`python_in`].
 pub fn python_with(name: &str, packages: &[&str], import: &str) -> Result<String, String> {
-    let venv = std::env::temp_dir().join(name);
+    python_in(&std::env::temp_dir(), name, packages, import)
+}
+
+/// The python of the venv `root/name` once `import` works in it, after
+/// installing `packages` with pip if needed; or why it cannot be had.
+pub fn python_in(
+    root: &Path,
+    name: &str,
+    packages: &[&str],
+    import: &str,
+) -> Result<String, String> {
+    let venv = root.join(name);
     let python = venv.join("bin/python3");
     let importable = |python: &Path| {
         Command::new(python)
