@@ -64,3 +64,48 @@ fn asset(body: &'static str, content_type: &'static str) -> Response {
     }
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_answer_carries_the_policy() {
+        let response = asset(INDEX, "text/html; charset=utf-8");
+        let csp = response.headers()[header::CONTENT_SECURITY_POLICY]
+            .to_str()
+            .unwrap();
+        assert!(csp.starts_with("default-src 'none'; script-src 'self';"));
+        assert_eq!(response.headers()[header::X_FRAME_OPTIONS], "DENY");
+    }
+
+    /// What the policy would refuse, or what would load from elsewhere,
+    /// is not in the files: no inline script or style, no other origin.
+    #[test]
+    fn the_files_need_nothing_the_policy_refuses() {
+        for (name, text) in [
+            ("index.html", INDEX),
+            ("app.js", APP_JS),
+            ("app.css", APP_CSS),
+        ] {
+            // The SVG namespace is a name, never fetched.
+            let text = text.replace("http://www.w3.org/2000/svg", "");
+            for refused in [
+                "http://",
+                "https://",
+                "style=",
+                "<style",
+                "javascript:",
+                "eval(",
+            ] {
+                assert!(!text.contains(refused), "{name} contains {refused:?}");
+            }
+        }
+        assert_eq!(INDEX.matches("<script").count(), 1);
+        assert!(INDEX.contains("<script src=\"/console/app.js\" defer></script>"));
+        assert!(
+            !APP_JS.contains("innerHTML"),
+            "app.js builds the DOM, never parses HTML"
+        );
+    }
+}
