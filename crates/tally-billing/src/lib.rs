@@ -36,6 +36,8 @@
 
 pub mod config;
 mod forwarder;
+pub mod health;
+mod lanes;
 mod ledger_source;
 mod progress;
 pub mod provider;
@@ -44,6 +46,7 @@ pub mod runtime;
 mod source;
 #[cfg(feature = "test-server")]
 pub mod testing;
+pub mod usage;
 
 pub use config::{BillingSink, DEFAULT_SECRET_NAMESPACE, ForwardedMeter, Provider, SecretKeyRef};
 pub use forwarder::{
@@ -51,7 +54,8 @@ pub use forwarder::{
     compare_totals, parse_item_key,
 };
 pub use ledger_source::LedgerUsageSource;
-pub use progress::{DeadLetterRecord, ProgressError, RevisionState};
+pub use health::LastError;
+pub use progress::{Counters, DeadLetterRecord, MeterCounters, ProgressError, RevisionState};
 pub use record::{KeyError, RecordKey, UsageRecord};
 pub use source::{
     ChangeCursor, Changes, MemoryUsageSource, SourceError, UsageQuery, UsageSource, UsageTotal,

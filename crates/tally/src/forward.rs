@@ -66,9 +66,6 @@ pub struct ForwardArgs {
     egress: EgressArgs,
 }
 
-/// Subjects per query request (they go in the query string).
-const SUBJECTS_PER_REQUEST: usize = 200;
-
 /// Usage over the HTTP API.
 struct HttpUsageSource {
     client: TallyClient,
@@ -80,30 +77,27 @@ impl UsageSource for HttpUsageSource {
             let mut out = Vec::new();
             let mut group_by = vec!["subject".to_owned()];
             group_by.extend(query.dimensions.iter().cloned());
-            for chunk in query.projects.chunks(SUBJECTS_PER_REQUEST) {
-                let mut cursor = None;
-                loop {
-                    let params = MeterQueryParams {
-                        from: Some(query.from),
-                        to: Some(query.to),
-                        subjects: chunk.iter().map(|p| format!("projects/{p}")).collect(),
-                        group_by: group_by.clone(),
-                        limit: Some(10_000),
-                        cursor: cursor.take(),
-                        ..MeterQueryParams::default()
-                    };
-                    let page = self
-                        .client
-                        .query_meter(&query.meter, &params)
-                        .await
-                        .map_err(|e| SourceError(format!("meter {:?}: {e}", query.meter)))?;
-                    out.extend(page.data.into_iter().filter_map(|row| {
-                        UsageTotal::from_query_row(row.subject.as_deref(), row.group_by, row.value)
-                    }));
-                    match page.next_cursor {
-                        Some(next) => cursor = Some(next),
-                        None => break,
-                    }
+            let mut cursor = None;
+            loop {
+                let params = MeterQueryParams {
+                    from: Some(query.from),
+                    to: Some(query.to),
+                    group_by: group_by.clone(),
+                    limit: Some(10_000),
+                    cursor: cursor.take(),
+                    ..MeterQueryParams::default()
+                };
+                let page = self
+                    .client
+                    .query_meter(&query.meter, &params)
+                    .await
+                    .map_err(|e| SourceError(format!("meter {:?}: {e}", query.meter)))?;
+                out.extend(page.data.into_iter().filter_map(|row| {
+                    UsageTotal::from_query_row(row.subject.as_deref(), row.group_by, row.value)
+                }));
+                match page.next_cursor {
+                    Some(next) => cursor = Some(next),
+                    None => break,
                 }
             }
             Ok(out)

@@ -37,6 +37,9 @@ pub fn sink(url: &str, provider: Provider, lateness_secs: u64) -> BillingSink {
         batch_size: 50,
         request_timeout: Duration::from_secs(5),
         start_at: None,
+        max_in_flight: 4,
+        max_lag: Duration::from_secs(3600),
+        usage_endpoint: reqwest::Url::parse(url).unwrap(),
     }
 }
 
