@@ -182,7 +182,12 @@ async fn cost(window_minutes: i64) {
         .expect("start");
     let forwarding = Instant::now();
     forwarder.run_once(at(MINUTES * 60)).await.expect("pass");
-    assert!(forwarder.wait_idle(std::time::Duration::from_secs(600)).await.expect("idle"));
+    assert!(
+        forwarder
+            .wait_idle(std::time::Duration::from_secs(600))
+            .await
+            .expect("idle")
+    );
     let first = forwarding.elapsed();
     // 1 % late: into windows already sent, spread over projects and meters.
     let late: Vec<CloudEvent> = (0..events / 100)
@@ -193,14 +198,26 @@ async fn cost(window_minutes: i64) {
         .collect();
     let late_events = late.len();
     ingest(&ledger, late.into_iter()).await;
-    forwarder.run_once(at(MINUTES * 60 + 1)).await.expect("pass");
-    assert!(forwarder.wait_idle(std::time::Duration::from_secs(600)).await.expect("idle"));
+    forwarder
+        .run_once(at(MINUTES * 60 + 1))
+        .await
+        .expect("pass");
+    assert!(
+        forwarder
+            .wait_idle(std::time::Duration::from_secs(600))
+            .await
+            .expect("idle")
+    );
     let status = forwarder.status(at(MINUTES * 60 + 1));
     let read: u64 = status.meters.iter().map(|m| m.events_read).sum();
     let sent: u64 = status.meters.iter().map(|m| m.records_sent).sum();
     let corrections: u64 = status.meters.iter().map(|m| m.corrections_sent).sum();
     assert_eq!(read as usize, events + late_events);
-    assert_eq!(server.state().accepted_records, sent, "every record counted once");
+    assert_eq!(
+        server.state().accepted_records,
+        sent,
+        "every record counted once"
+    );
     println!(
         "{window_minutes}-minute windows: {read} events read ({late_events} late), {sent} records \
          acknowledged ({corrections} corrections) = {:.5} records per event; first pass \

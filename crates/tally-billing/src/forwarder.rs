@@ -16,7 +16,9 @@ use bytes::Bytes;
 use jiff::Timestamp;
 use rust_decimal::Decimal;
 use serde::Serialize;
-use tally_delivery::{BatchOutcome, BatchResult, EgressPolicy, Item, Registry, RetryConfig, Secret};
+use tally_delivery::{
+    BatchOutcome, BatchResult, EgressPolicy, Item, Registry, RetryConfig, Secret,
+};
 use tokio::sync::mpsc;
 
 use crate::attribution::{Attribution, Owner};
@@ -407,10 +409,7 @@ impl Forwarder {
 
     /// Queues every revision planned but not answered before the last stop.
     async fn requeue_pending(&mut self) -> Result<(), ForwardError> {
-        let pending = self
-            .store
-            .pending()
-            .map_err(|e| self.progress_error(e))?;
+        let pending = self.store.pending().map_err(|e| self.progress_error(e))?;
         let mut items = Vec::with_capacity(pending.len());
         for (key, record) in pending {
             self.note_pending(&record.meter_api_name, record.window_start_ms);
@@ -511,14 +510,14 @@ impl Forwarder {
         let mut answers = Vec::new();
         let mut records = Vec::new();
         for (lane, id, keys) in std::mem::take(&mut self.dead) {
-            let letter = self
-                .lanes
-                .dead_letter(lane, id)
-                .await
-                .map_err(|e| ForwardError::Delivery {
-                    sink: self.config.sink.name.clone(),
-                    message: format!("reading dead letters: {e}"),
-                })?;
+            let letter =
+                self.lanes
+                    .dead_letter(lane, id)
+                    .await
+                    .map_err(|e| ForwardError::Delivery {
+                        sink: self.config.sink.name.clone(),
+                        message: format!("reading dead letters: {e}"),
+                    })?;
             let letter = self.dead_letter_record(id, letter.as_ref());
             tracing::warn!(sink = %self.config.sink.name, dead_letter = id,
                 reason = %letter.reason, status = ?letter.status, records = keys.len(),
@@ -765,7 +764,9 @@ impl Forwarder {
                 if totals.unattributed.is_empty() {
                     state.unattributed.remove(&window);
                 } else {
-                    state.unattributed.insert(window, totals.unattributed.clone());
+                    state
+                        .unattributed
+                        .insert(window, totals.unattributed.clone());
                 }
                 plan.unattributed
                     .push((meter.api_name.clone(), window, totals.unattributed));
@@ -1034,7 +1035,12 @@ mod tests {
         let acked = BTreeMap::from([(k("a"), d(5)), (k("b"), d(3)), (k("c"), d(1))]);
         // b: the provider lost 1 (under-billing); z: it holds usage the
         // ledger has not (over-billing), though Tally never acknowledged it.
-        let provider = BTreeMap::from([(k("a"), d(5)), (k("b"), d(2)), (k("c"), d(1)), (k("z"), d(9))]);
+        let provider = BTreeMap::from([
+            (k("a"), d(5)),
+            (k("b"), d(2)),
+            (k("c"), d(1)),
+            (k("z"), d(9)),
+        ]);
         let rows = compare_totals(&ledger, &acked, &provider);
         let drifting: Vec<(String, Decimal)> = rows
             .iter()

@@ -140,7 +140,10 @@ mod tests {
         assert_eq!((error.since, error.status), (t(30), Some(401)));
         assert!(error.message.contains("API key"));
         assert!(!format!("{error:?}").contains("own words"));
-        health.observe(&report(Verdict::Delivered { rejected: 0 }, Some(200)), t(40));
+        health.observe(
+            &report(Verdict::Delivered { rejected: 0 }, Some(200)),
+            t(40),
+        );
         assert_eq!(health.last_error(), None, "cleared on recovery");
     }
 }

@@ -192,7 +192,11 @@ impl Lanes {
 
     /// Requests retried by every lane since start.
     pub fn retries(&self) -> u64 {
-        self.shared.sinks.iter().map(|s| s.metrics().retries()).sum()
+        self.shared
+            .sinks
+            .iter()
+            .map(|s| s.metrics().retries())
+            .sum()
     }
 
     /// Records in the backlog and in every lane, batches in flight included.
@@ -202,7 +206,11 @@ impl Lanes {
     }
 
     /// Lane `lane`'s dead letter `id`, if it still holds it.
-    pub async fn dead_letter(&self, lane: usize, id: u64) -> Result<Option<DeadLetter>, QueueError> {
+    pub async fn dead_letter(
+        &self,
+        lane: usize,
+        id: u64,
+    ) -> Result<Option<DeadLetter>, QueueError> {
         let Some(sink) = self.shared.sinks.get(lane) else {
             return Ok(None);
         };

@@ -748,7 +748,12 @@ impl BillingHandle {
 }
 
 /// A metric family: name, type, help, and the sample of one sink or meter.
-type Family<T> = (&'static str, &'static str, &'static str, fn(&T) -> Option<String>);
+type Family<T> = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&T) -> Option<String>,
+);
 
 const SINK_FAMILIES: [Family<SinkReport>; 4] = [
     (

@@ -332,11 +332,9 @@ fn parse_cloudevents_body(bytes: &[u8]) -> Result<Vec<Parsed>, String> {
             let value = event["data"]["value"]
                 .as_str()
                 .ok_or("data.value must be a string")?;
-            let time: jiff::Timestamp = field("time")?
-                .parse()
-                .map_err(|e| format!("time: {e}"))?;
-            let dimensions = serde_json::from_value(event["data"]["dimensions"].clone())
-                .unwrap_or_default();
+            let time: jiff::Timestamp = field("time")?.parse().map_err(|e| format!("time: {e}"))?;
+            let dimensions =
+                serde_json::from_value(event["data"]["dimensions"].clone()).unwrap_or_default();
             Ok(Parsed {
                 unique_id: Some(format!("{}\0{}", field("source")?, field("id")?)),
                 customer: field("subject")?,

@@ -329,6 +329,9 @@ mod tests {
             meter.group.as_ref().unwrap().group_info["customerId"].as_deref(),
             Some("xxx")
         );
-        assert_eq!(decimal(&meter.values[1].value), Some(Decimal::new(40405, 1)));
+        assert_eq!(
+            decimal(&meter.values[1].value),
+            Some(Decimal::new(40405, 1))
+        );
     }
 }

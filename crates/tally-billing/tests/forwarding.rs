@@ -426,7 +426,10 @@ async fn a_pass_coalesces_every_change_of_a_window_into_one_correction() {
     source.add("requests", "p0", at(20), dims("eu"), d(-2));
     source.add("requests", "p0", at(30), dims("eu"), d(-2));
     let report = forwarder.run_once(at(61)).await.unwrap();
-    assert_eq!(report.records, 1, "one correction per (customer, meter, window, dims)");
+    assert_eq!(
+        report.records, 1,
+        "one correction per (customer, meter, window, dims)"
+    );
     settle(&mut forwarder).await;
     assert_eq!(server.sums()[&key("a0", "requests")], d(97));
     assert_eq!(server.state().accepted_records, 2);
@@ -528,10 +531,7 @@ async fn reconcile_reads_the_providers_own_totals(provider: Provider) {
     );
     // Both readings ask about whole hours: a range inside the hour reads
     // the same totals.
-    assert_eq!(
-        forwarder.reconcile(at(30), at(90)).await.unwrap().len(),
-        2
-    );
+    assert_eq!(forwarder.reconcile(at(30), at(90)).await.unwrap().len(), 2);
 }
 
 #[tokio::test]
@@ -554,6 +554,12 @@ async fn reconcile_fails_with_the_status_and_tallys_words_when_the_provider_is_d
     fx.server.state().down = true;
     let error = forwarder.reconcile(at(0), at(60)).await.unwrap_err();
     let shown = error.to_string();
-    assert!(shown.contains("HTTP 503") && shown.contains("the provider failed"), "{shown}");
-    assert!(!shown.contains("maintenance"), "not the provider's words: {shown}");
+    assert!(
+        shown.contains("HTTP 503") && shown.contains("the provider failed"),
+        "{shown}"
+    );
+    assert!(
+        !shown.contains("maintenance"),
+        "not the provider's words: {shown}"
+    );
 }

@@ -139,7 +139,12 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         let mut per_key: BTreeMap<_, u64> = BTreeMap::new();
         for r in &server.state().records {
             *per_key
-                .entry((r.customer.clone(), r.meter.clone(), r.time_ms, r.dimensions.clone()))
+                .entry((
+                    r.customer.clone(),
+                    r.meter.clone(),
+                    r.time_ms,
+                    r.dimensions.clone(),
+                ))
                 .or_default() += 1;
         }
         prop_assert!(per_key.values().all(|n| *n <= passes), "{:?}", per_key);

@@ -170,7 +170,13 @@ async fn status_tells_the_truth_about_the_provider_and_clears_on_recovery() {
     let now = jiff::Timestamp::now();
     let start = jiff::Timestamp::from_second(now.as_second() / 60 * 60 - 300).unwrap();
     let minute = |m: i64| start + jiff::SignedDuration::from_secs(m * 60 + 5);
-    source.add("requests", "p0", minute(0), BTreeMap::new(), Decimal::from(3));
+    source.add(
+        "requests",
+        "p0",
+        minute(0),
+        BTreeMap::new(),
+        Decimal::from(3),
+    );
     let handle = runtime(dir.path(), &source);
 
     // The provider refuses the key: not Ready, with the status code and
@@ -198,13 +204,22 @@ async fn status_tells_the_truth_about_the_provider_and_clears_on_recovery() {
     let retried = handle.retry_all_dead_letters("af").await.unwrap();
     assert_eq!(retried.len(), 1);
     let report = step_until(&handle, &inputs, |r| r.ready).await;
-    assert_eq!((report.reason.as_str(), report.last_error), ("Forwarding", None));
+    assert_eq!(
+        (report.reason.as_str(), report.last_error),
+        ("Forwarding", None)
+    );
     assert_eq!(report.status.unwrap().dead_letters, 0);
 
     // The provider goes down while a correction is due: ProviderUnreachable
     // until it is back, then Ready, and the totals are exact.
     server.state().down = true;
-    source.add("requests", "p0", minute(1), BTreeMap::new(), Decimal::from(4));
+    source.add(
+        "requests",
+        "p0",
+        minute(1),
+        BTreeMap::new(),
+        Decimal::from(4),
+    );
     let report = step_until(&handle, &inputs, |r| r.reason == "ProviderUnreachable").await;
     assert_eq!(report.last_error.unwrap().status, Some(503));
     server.state().down = false;
@@ -226,12 +241,21 @@ async fn a_sink_far_behind_is_backlogged_until_it_caught_up() {
     let inputs = live_inputs(&server, "key", start);
     handle.step(Some(inputs.clone())).await;
     let report = handle.sink_status("af").unwrap();
-    assert_eq!((report.ready, report.reason.as_str()), (false, "Backlogged"));
-    assert!(report.message.contains("exceeds maxLag 3600s"), "{report:?}");
+    assert_eq!(
+        (report.ready, report.reason.as_str()),
+        (false, "Backlogged")
+    );
+    assert!(
+        report.message.contains("exceeds maxLag 3600s"),
+        "{report:?}"
+    );
     // Since the oldest forwarded-until time plus maxLag.
     let status = report.status.clone().unwrap();
     let behind = status.meters[0].forwarded_until.unwrap();
-    assert_eq!(report.since, Some(behind + jiff::SignedDuration::from_hours(1)));
+    assert_eq!(
+        report.since,
+        Some(behind + jiff::SignedDuration::from_hours(1))
+    );
     assert!(status.max_lag.unwrap() > Duration::from_secs(86_400));
     let report = step_until(&handle, &inputs, |r| r.ready).await;
     assert_eq!(report.reason, "Forwarding");

@@ -65,7 +65,11 @@ pub struct RetryArgs {
     #[arg(value_name = "SINK")]
     sink: String,
     /// The dead letter's id (see `tally billing deadletters`).
-    #[arg(value_name = "ID", required_unless_present = "all", conflicts_with = "all")]
+    #[arg(
+        value_name = "ID",
+        required_unless_present = "all",
+        conflicts_with = "all"
+    )]
     id: Option<u64>,
     /// Every dead letter of the sink.
     #[arg(long)]
@@ -197,7 +201,11 @@ async fn status(client: &TallyClient, args: StatusArgs) -> anyhow::Result<()> {
     for sink in answer["sinks"].as_array().into_iter().flatten() {
         let ready = readiness(sink);
         if sink["ready"].as_bool() != Some(true) {
-            notes.push_str(&format!("{}: {}\n", text(&sink["sink"]), text(&sink["message"])));
+            notes.push_str(&format!(
+                "{}: {}\n",
+                text(&sink["sink"]),
+                text(&sink["message"])
+            ));
         }
         let status = &sink["status"];
         let meters = status["meters"].as_array().cloned().unwrap_or_default();

@@ -228,7 +228,8 @@ fn amberflo_answer(query: &UsageQuery, records: &[StoredRecord]) -> Result<Value
                 })
                 .collect();
             let group = (!query.group_by.is_empty()).then(|| json!({"groupInfo": group}));
-            let meter = json!({"group": group, "groupValue": number(group_value), "values": values});
+            let meter =
+                json!({"group": group, "groupValue": number(group_value), "values": values});
             (group_value, meter)
         })
         .collect();
@@ -332,7 +333,12 @@ pub async fn openmeter_query(
         let dims = group_by
             .iter()
             .filter(|g| *g != "subject")
-            .map(|g| (g.clone(), record.dimensions.get(g).cloned().unwrap_or_default()))
+            .map(|g| {
+                (
+                    g.clone(),
+                    record.dimensions.get(g).cloned().unwrap_or_default(),
+                )
+            })
             .collect();
         *rows.entry((subject, dims)).or_default() += record.value;
     }
