@@ -331,6 +331,7 @@ impl Forwarder {
             source,
         };
         let store = ProgressStore::open(&config.data_dir).map_err(progress)?;
+        store.check_window(window_ms(&config)).map_err(progress)?;
         let counters = store.counters().map_err(progress)?;
         let dead_ids = Arc::new(AtomicU64::new(
             store.next_dead_letter_id().map_err(progress)?,

@@ -7,7 +7,9 @@
 //! - `pending`: record key + revision (u32 BE) → the queued [`UsageRecord`]
 //!   JSON, for revisions planned but not yet acknowledged or dead-lettered.
 //!   They are queued again after a restart, with the same `uniqueId`.
-//! - `meta`: `cursor/<meter>` → JSON [`MeterCursor`]; `attribution` → the
+//! - `meta`: `window_ms` → i64 BE, the window size the progress was made
+//!   with (a sink's window size never changes); `cursor/<meter>` → JSON
+//!   [`MeterCursor`]; `attribution` → the
 //!   attribution the cursors were planned with; `counters` → JSON
 //!   [`Counters`] (records sent, corrections, dead-lettered, events read,
 //!   retries: they survive restarts); `next_dead_letter_id` → u64 BE, the
@@ -42,6 +44,20 @@ pub enum ProgressError {
     /// Stored bytes do not decode.
     #[error("progress store is corrupt: {0}")]
     Corrupt(String),
+    /// The sink's window size differs from the one its progress was made
+    /// with: its records would be counted twice under other windows.
+    #[error(
+        "this sink's progress was made with {stored} windows, but spec.windowSize is now \
+         {configured}s; a sink's window size cannot change (its records would be counted \
+         twice): keep the old size, or forward under a new sink name"
+    )]
+    WindowChanged {
+        /// What the progress was made with (`Ns`, or `other` for a store
+        /// older than the stored size whose windows do not fit).
+        stored: String,
+        /// The configured size, in seconds.
+        configured: i64,
+    },
 }
 
 /// The fate of one revision.
@@ -231,6 +247,45 @@ impl ProgressStore {
             dead: db.keyspace("dead", KeyspaceCreateOptions::default)?,
             db,
         })
+    }
+
+    /// Checks that the progress was made with `window_ms` windows, and
+    /// records the size on a first start. A store written before the size
+    /// was kept is accepted only if its cursors and records all sit on
+    /// `window_ms` boundaries.
+    pub fn check_window(&self, window_ms: i64) -> Result<(), ProgressError> {
+        let changed = |stored: String| ProgressError::WindowChanged {
+            stored,
+            configured: window_ms / 1000,
+        };
+        if let Some(value) = self.meta.get("window_ms")? {
+            let bytes: [u8; 8] = value
+                .as_ref()
+                .try_into()
+                .map_err(|_| ProgressError::Corrupt("window_ms".into()))?;
+            let stored = i64::from_be_bytes(bytes);
+            return match stored == window_ms {
+                true => Ok(()),
+                false => Err(changed(format!("{}s", stored / 1000))),
+            };
+        }
+        let fits = |ms: i64| ms.rem_euclid(window_ms) == 0;
+        for guard in self.meta.prefix("cursor/") {
+            let (_, value) = guard.into_inner()?;
+            let cursor: MeterCursor = json(&value)?;
+            if !fits(cursor.planned_until_ms) || !fits(cursor.start_ms) {
+                return Err(changed("other".into()));
+            }
+        }
+        for guard in self.records.iter() {
+            let key = guard.key()?;
+            let key = RecordKey::decode(&key).map_err(|e| ProgressError::Corrupt(e.to_string()))?;
+            if !fits(key.window_start.as_millisecond()) {
+                return Err(changed("other".into()));
+            }
+        }
+        self.meta.insert("window_ms", window_ms.to_be_bytes())?;
+        Ok(())
     }
 
     pub fn cursor(&self, meter: &str) -> Result<Option<MeterCursor>, ProgressError> {
@@ -494,5 +549,40 @@ impl ProgressStore {
         batch.commit()?;
         *counters = updated;
         Ok(changed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cursor_at(ms: i64) -> MeterCursor {
+        MeterCursor {
+            planned_until_ms: ms,
+            start_ms: 0,
+            source_cursor: crate::source::ChangeCursor::default(),
+            rescan_from_ms: None,
+        }
+    }
+
+    #[test]
+    fn a_sinks_window_size_never_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ProgressStore::open(dir.path()).unwrap();
+        // A store from before the size was kept, at a minute boundary.
+        let plan = Plan {
+            cursors: vec![("requests".into(), cursor_at(120_000))],
+            ..Plan::default()
+        };
+        store.commit(&plan).unwrap();
+        assert!(matches!(
+            store.check_window(3_600_000),
+            Err(ProgressError::WindowChanged { .. })
+        ));
+        store.check_window(60_000).unwrap();
+        store.check_window(60_000).unwrap();
+        let refused = store.check_window(3_600_000).unwrap_err().to_string();
+        assert!(refused.contains("made with 60s windows"), "{refused}");
+        assert!(refused.contains("now 3600s"), "{refused}");
     }
 }

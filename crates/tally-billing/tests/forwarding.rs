@@ -563,3 +563,28 @@ async fn reconcile_fails_with_the_status_and_tallys_words_when_the_provider_is_d
         "not the provider's words: {shown}"
     );
 }
+
+#[tokio::test]
+async fn a_sink_refuses_to_restart_with_another_window_size() {
+    let fx = fixture(support::API_KEY).await;
+    fx.source.add("requests", "p0", at(10), dims("eu"), d(3));
+    let mut forwarder = fx
+        .start(Provider::Amberflo, one_account_per_project(1))
+        .await;
+    pass(&mut forwarder, at(120)).await;
+    forwarder.shutdown(Duration::from_secs(1)).await.unwrap();
+    let mut hourly = sink(&fx.server.url, Provider::Amberflo, 0);
+    hourly.window = Duration::from_secs(3600);
+    let config = config(hourly, meters(&["requests", "bytes"]), fx.dir.path());
+    let source: Arc<dyn UsageSource> = fx.source.clone();
+    let refused = Forwarder::start(config, source, one_account_per_project(1), &Registry::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("made with 60s windows"), "{refused}");
+    assert_eq!(
+        fx.server.sums()[&key("a0", "requests")],
+        d(3),
+        "nothing sent twice"
+    );
+}
