@@ -530,8 +530,13 @@ async fn reconcile_reads_the_providers_own_totals(provider: Provider) {
         ]
     );
     // Both readings ask about whole hours: a range inside the hour reads
-    // the same totals.
+    // the same totals; so does a whole day (Amberflo is asked in DAY
+    // buckets then).
     assert_eq!(forwarder.reconcile(at(30), at(90)).await.unwrap().len(), 2);
+    assert_eq!(
+        forwarder.reconcile(at(0), at(86_400)).await.unwrap().len(),
+        2
+    );
 }
 
 #[tokio::test]
