@@ -89,8 +89,12 @@ pub struct BillingSink {
     pub endpoint: reqwest::Url,
     /// Where the API key is.
     pub api_key_secret_ref: SecretKeyRef,
-    /// Window length (default one minute).
+    /// Window length (default one hour). A sink whose progress was made
+    /// with another size keeps that size unless `windowSize` is given
+    /// ([`crate::forwarder`]).
     pub window: Duration,
+    /// Whether `spec.windowSize` was given (rather than defaulted).
+    pub window_explicit: bool,
     /// How long after its end a window is first sent (default five minutes).
     pub allowed_lateness: Duration,
     /// Records per request (default 100).
@@ -224,6 +228,7 @@ impl BillingSink {
             endpoint,
             api_key_secret_ref: spec.api_key_secret_ref,
             window,
+            window_explicit: spec.window_size.is_some(),
             allowed_lateness,
             batch_size,
             request_timeout: duration(

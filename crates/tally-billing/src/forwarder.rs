@@ -320,7 +320,7 @@ impl Forwarder {
     /// Tokio runtime) and queues again every revision that was planned but
     /// not answered before the last stop.
     pub async fn start(
-        config: ForwarderConfig,
+        mut config: ForwarderConfig,
         source: Arc<dyn UsageSource>,
         attribution: Attribution,
         registry: &Registry,
@@ -331,7 +331,10 @@ impl Forwarder {
             source,
         };
         let store = ProgressStore::open(&config.data_dir).map_err(progress)?;
-        store.check_window(window_ms(&config)).map_err(progress)?;
+        let window = store
+            .settle_window(window_ms(&config), config.sink.window_explicit)
+            .map_err(progress)?;
+        config.sink.window = Duration::from_millis(window.unsigned_abs());
         let counters = store.counters().map_err(progress)?;
         let dead_ids = Arc::new(AtomicU64::new(
             store.next_dead_letter_id().map_err(progress)?,

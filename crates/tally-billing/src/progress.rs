@@ -35,6 +35,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::record::{RecordKey, UsageRecord, window_prefix};
 
+/// The window size sinks had before sizes were kept with their progress.
+const LEGACY_WINDOW_MS: i64 = 60_000;
+
 /// A failure of the progress store.
 #[derive(Debug, thiserror::Error)]
 pub enum ProgressError {
@@ -249,26 +252,29 @@ impl ProgressStore {
         })
     }
 
-    /// Checks that the progress was made with `window_ms` windows, and
-    /// records the size on a first start. A store written before the size
-    /// was kept is accepted only if its cursors and records all sit on
-    /// `window_ms` boundaries.
-    pub fn check_window(&self, window_ms: i64) -> Result<(), ProgressError> {
+    /// The window size this sink forwards with, recorded on a first start
+    /// and never changed after (its records would be counted twice under
+    /// other windows). `configured_ms` is the spec's size; when the spec
+    /// gives none (`explicit` false), a sink keeps the size its progress
+    /// was made with, and a store written before sizes were kept keeps the
+    /// former default of one minute. An explicit size that differs is
+    /// refused, as is an old store whose cursors and records do not all sit
+    /// on the size's boundaries.
+    pub fn settle_window(&self, configured_ms: i64, explicit: bool) -> Result<i64, ProgressError> {
         let changed = |stored: String| ProgressError::WindowChanged {
             stored,
-            configured: window_ms / 1000,
+            configured: configured_ms / 1000,
         };
-        if let Some(value) = self.meta.get("window_ms")? {
-            let bytes: [u8; 8] = value
-                .as_ref()
-                .try_into()
-                .map_err(|_| ProgressError::Corrupt("window_ms".into()))?;
-            let stored = i64::from_be_bytes(bytes);
-            return match stored == window_ms {
-                true => Ok(()),
+        if let Some(stored) = self.stored_window()? {
+            return match stored == configured_ms || !explicit {
+                true => Ok(stored),
                 false => Err(changed(format!("{}s", stored / 1000))),
             };
         }
+        let window_ms = match (self.has_progress()?, explicit) {
+            (true, false) => LEGACY_WINDOW_MS,
+            _ => configured_ms,
+        };
         let fits = |ms: i64| ms.rem_euclid(window_ms) == 0;
         for guard in self.meta.prefix("cursor/") {
             let (_, value) = guard.into_inner()?;
@@ -285,7 +291,31 @@ impl ProgressStore {
             }
         }
         self.meta.insert("window_ms", window_ms.to_be_bytes())?;
-        Ok(())
+        Ok(window_ms)
+    }
+
+    fn stored_window(&self) -> Result<Option<i64>, ProgressError> {
+        let Some(value) = self.meta.get("window_ms")? else {
+            return Ok(None);
+        };
+        let bytes: [u8; 8] = value
+            .as_ref()
+            .try_into()
+            .map_err(|_| ProgressError::Corrupt("window_ms".into()))?;
+        Ok(Some(i64::from_be_bytes(bytes)))
+    }
+
+    /// Whether any cursor or record was written.
+    fn has_progress(&self) -> Result<bool, ProgressError> {
+        if let Some(guard) = self.meta.prefix("cursor/").next() {
+            guard.into_inner()?;
+            return Ok(true);
+        }
+        if let Some(guard) = self.records.iter().next() {
+            guard.key()?;
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     pub fn cursor(&self, meter: &str) -> Result<Option<MeterCursor>, ProgressError> {
@@ -576,13 +606,27 @@ mod tests {
         };
         store.commit(&plan).unwrap();
         assert!(matches!(
-            store.check_window(3_600_000),
+            store.settle_window(3_600_000, true),
             Err(ProgressError::WindowChanged { .. })
         ));
-        store.check_window(60_000).unwrap();
-        store.check_window(60_000).unwrap();
-        let refused = store.check_window(3_600_000).unwrap_err().to_string();
+        // Without an explicit size it keeps the former default.
+        assert_eq!(store.settle_window(3_600_000, false).unwrap(), 60_000);
+        assert_eq!(store.settle_window(60_000, true).unwrap(), 60_000);
+        assert_eq!(store.settle_window(3_600_000, false).unwrap(), 60_000);
+        let refused = store
+            .settle_window(3_600_000, true)
+            .unwrap_err()
+            .to_string();
         assert!(refused.contains("made with 60s windows"), "{refused}");
         assert!(refused.contains("now 3600s"), "{refused}");
+    }
+
+    #[test]
+    fn a_new_sink_takes_the_configured_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ProgressStore::open(dir.path()).unwrap();
+        assert_eq!(store.settle_window(3_600_000, false).unwrap(), 3_600_000);
+        assert!(store.settle_window(60_000, true).is_err());
+        assert_eq!(store.settle_window(60_000, false).unwrap(), 3_600_000);
     }
 }
