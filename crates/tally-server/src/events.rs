@@ -143,6 +143,7 @@ pub async fn list(
         id: p.one("id")?,
         limit: p.number("limit")?.unwrap_or(100),
         cursor: p.one("cursor")?,
+        ..EventFilter::default()
     };
     Ok(Json(state.ledger.list_events(filter).await?))
 }

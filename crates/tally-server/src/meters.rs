@@ -80,8 +80,8 @@ pub async fn delete(
 #[utoipa::path(get, path = "/api/v1/meters/{slug}/query", tag = "meters",
     params(
         ("slug" = String, Path, description = "Meter slug"),
-        ("from" = Option<String>, Query, description = "Start, inclusive, RFC 3339 on a whole minute (default: the start of the first day, UTC, with stored usage; with none, 30 days before `to`)"),
-        ("to" = Option<String>, Query, description = "End, exclusive, RFC 3339 on a whole minute (default: now, rounded up to the minute)"),
+        ("from" = Option<String>, Query, description = "Start, inclusive, RFC 3339 of any precision (default: the start of the first day, UTC, with stored usage; with none, 30 days before `to`)"),
+        ("to" = Option<String>, Query, description = "End, exclusive, RFC 3339 of any precision (default: now, rounded up to the minute)"),
         ("windowSize" = Option<String>, Query, description = "MINUTE, HOUR, DAY or MONTH; without it the whole range is one window"),
         ("windowTimeZone" = Option<String>, Query, description = "IANA time zone of the windows (default UTC)"),
         ("subject" = Option<Vec<String>>, Query, description = "Only these subjects; rows are then per subject"),
@@ -150,7 +150,7 @@ pub async fn query(
         cursor: p.one("cursor")?,
     };
     let (from, to) = (query.from, query.to);
-    let result = state.ledger.query(slug, query).await?;
+    let result = tally_ledger::exact::query(state.ledger.as_ref(), slug, query).await?;
     let head = AnswerHead {
         from,
         to,

@@ -47,6 +47,13 @@ impl Ledger for GatedLedger {
     fn query(&self, m: String, q: MeterQuery) -> BoxFuture<'_, Result<QueryResult, LedgerError>> {
         self.inner.query(m, q)
     }
+    fn query_states(
+        &self,
+        m: String,
+        q: MeterQuery,
+    ) -> BoxFuture<'_, Result<tally_ledger::StatefulResult, LedgerError>> {
+        self.inner.query_states(m, q)
+    }
     fn usage_span(
         &self,
         m: String,
