@@ -33,6 +33,32 @@ impl Params {
         Ok(())
     }
 
+    /// The values of an array parameter in either of OpenMeter's
+    /// encodings: repeated (`subject=a&subject=b`) or comma-separated
+    /// (`subject=a,b`); empty items are dropped.
+    pub fn list(&self, key: &str) -> Vec<String> {
+        self.all(key)
+            .iter()
+            .flat_map(|v| v.split(','))
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Refuses a parameter this server knows but cannot honour, naming why.
+    pub fn refuse(&self, key: &str, why: &str) -> Result<(), Problem> {
+        match self
+            .0
+            .iter()
+            .find(|(k, _)| k == key || k.starts_with(&format!("{key}[")))
+        {
+            Some((k, _)) => Err(Problem::bad_request(format!(
+                "query parameter {k:?} is not supported: {why}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     pub fn all(&self, key: &str) -> Vec<String> {
         self.0
             .iter()
@@ -98,6 +124,11 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(p.all("subject"), ["a", "b"]);
+        let commas = Params::parse(Some("subject=a,b&subject=c&groupBy=x%2Cy")).unwrap();
+        assert_eq!(commas.list("subject"), ["a", "b", "c"]);
+        assert_eq!(commas.list("groupBy"), ["x", "y"]);
+        assert!(commas.refuse("groupBy", "no").is_err());
+        assert!(commas.refuse("filterCustomerId", "no").is_ok());
         assert_eq!(p.bracketed("filterGroupBy").unwrap()["method"], "GET");
         assert_eq!(p.number("limit").unwrap(), Some(5));
         assert!(p.one("subject").is_err());
