@@ -312,6 +312,13 @@ pub async fn list_v2(
     for (name, value) in p.bracketed("filter")? {
         apply_v2_filter(&mut filter, &name, value, &principal)?;
     }
+    // The filter as one JSON object, as OpenMeter documents it:
+    // `filter={"subject":{"eq":"acme"},"time":{"gte":"..."}}`.
+    if let Some(json) = p.one("filter")? {
+        for (name, value) in json_filter(&json)? {
+            apply_v2_filter(&mut filter, &name, value, &principal)?;
+        }
+    }
     check_ranges(&filter)?;
     let page = state.ledger.list_events(filter).await?;
     let page = IngestedEventPage {
@@ -321,6 +328,29 @@ pub async fn list_v2(
     serde_json::to_value(page)
         .map(Json)
         .map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+/// The (`field][op`, value) pairs of a JSON filter `{field: {op: value}}`.
+fn json_filter(json: &str) -> Result<Vec<(String, String)>, Problem> {
+    let bad =
+        |why: &str| Problem::bad_request(format!("filter is not {{field: {{op: value}}}}: {why}"));
+    let value: serde_json::Value = serde_json::from_str(json).map_err(|e| bad(&e.to_string()))?;
+    let fields = value.as_object().ok_or_else(|| bad("not an object"))?;
+    let mut out = Vec::new();
+    for (field, ops) in fields {
+        let ops = ops
+            .as_object()
+            .ok_or_else(|| bad(&format!("{field} is not an object")))?;
+        for (op, value) in ops {
+            let value = value.as_str().ok_or_else(|| {
+                Problem::bad_request(format!(
+                    "filter {field}.{op} is not supported: Tally compares with one string"
+                ))
+            })?;
+            out.push((format!("{field}][{op}"), value.to_owned()));
+        }
+    }
+    Ok(out)
 }
 
 /// Applies `filter[field][op]=value` (`name` is `field][op`).

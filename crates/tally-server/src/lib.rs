@@ -250,10 +250,13 @@ pub const DEFAULT_MAX_PENDING_EVENTS: usize = 262_144;
         schemas::WindowSize, schemas::MeterQueryRequest, schemas::MeterQueryResult, schemas::MeterQueryRow,
         schemas::Event, schemas::VoidRecord, schemas::IngestedEvent, schemas::IngestedEventPage,
         schemas::QuarantineNotice, schemas::IngestOutcome, schemas::Subject,
+        schemas::FieldProblem, schemas::EventProblem,
         billing::BillingStatus, billing::DeadLetters, billing::Reconciliation, Problem, resources::ApplyResult, resources::ApplyResults, usage::UsageAnswer, usage::Rejected, events::VoidBody)),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &UnservedDocument),
 )]
 struct ApiDoc;
+
+use unserved::Document as UnservedDocument;
 
 struct BearerAuth;
 

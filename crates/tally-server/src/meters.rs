@@ -41,14 +41,69 @@ async fn resolve(state: &AppState, id_or_slug: &str) -> Result<Manifest, Problem
 
 /// List meters (OpenMeter view of every `MeterDefinition`).
 #[utoipa::path(get, path = "/api/v1/meters", tag = "meters",
+    params(("page" = Option<usize>, Query, description = "Page, from 1 (with pageSize)"),
+           ("pageSize" = Option<usize>, Query, description = "Meters per page, at most 1000 (default: all)"),
+           ("order" = Option<String>, Query, description = "ASC (default) or DESC"),
+           ("orderBy" = Option<String>, Query, description = "key (default), name, aggregation, createdAt, updatedAt"),
+           ("includeDeleted" = Option<bool>, Query, description = "Only false: Tally keeps no deleted meters")),
     responses((status = 200, description = "Meters", body = Vec<crate::schemas::Meter>)))]
 pub async fn list(
     State(state): State<AppState>,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Vec<OpenMeterMeter>>, Problem> {
-    Params::parse(raw.as_deref())?.only(&[])?;
+    let p = Params::parse(raw.as_deref())?;
+    p.only(&["page", "pageSize", "order", "orderBy", "includeDeleted"])?;
+    if p.parsed::<bool>("includeDeleted", "true or false")? == Some(true) {
+        return Err(Problem::bad_request(
+            "includeDeleted=true is not supported: Tally keeps no deleted meters",
+        ));
+    }
     let manifests = state.ledger.list(Kind::MeterDefinition).await?;
-    Ok(Json(manifests.iter().map(view).collect::<Result<_, _>>()?))
+    let mut meters: Vec<OpenMeterMeter> = manifests.iter().map(view).collect::<Result<_, _>>()?;
+    sort_meters(&mut meters, &p)?;
+    let page = p.number("page")?.unwrap_or(1);
+    if page == 0 {
+        return Err(Problem::bad_request("page counts from 1"));
+    }
+    if let Some(size) = p.number("pageSize")? {
+        let size = size.clamp(1, 1000);
+        meters = meters
+            .into_iter()
+            .skip((page - 1).saturating_mul(size))
+            .take(size)
+            .collect();
+    } else if page > 1 {
+        meters.clear();
+    }
+    Ok(Json(meters))
+}
+
+/// Orders meters by `orderBy` (key, name, aggregation, createdAt,
+/// updatedAt; default key) and `order` (ASC, DESC).
+fn sort_meters(meters: &mut [OpenMeterMeter], p: &Params) -> Result<(), Problem> {
+    let by = p.one("orderBy")?.unwrap_or_else(|| "key".into());
+    match by.as_str() {
+        "key" => meters.sort_by(|a, b| a.slug.cmp(&b.slug)),
+        "name" => meters.sort_by(|a, b| (&a.name, &a.slug).cmp(&(&b.name, &b.slug))),
+        "aggregation" => meters.sort_by_key(|m| (m.aggregation.to_string(), m.slug.clone())),
+        "createdAt" => meters.sort_by_key(|m| (m.created_at, m.slug.clone())),
+        "updatedAt" => meters.sort_by_key(|m| (m.updated_at, m.slug.clone())),
+        other => {
+            return Err(Problem::bad_request(format!(
+                "orderBy={other:?}: use key, name, aggregation, createdAt or updatedAt"
+            )));
+        }
+    }
+    match p.one("order")?.map(|o| o.to_ascii_uppercase()).as_deref() {
+        None | Some("ASC") => {}
+        Some("DESC") => meters.reverse(),
+        Some(other) => {
+            return Err(Problem::bad_request(format!(
+                "order={other:?}: use ASC or DESC"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// One meter, by slug or id.
@@ -202,16 +257,28 @@ impl QueryInput {
             window_time_zone: p.one("windowTimeZone")?,
             subject: p.list("subject"),
             group_by: p.list("groupBy"),
-            filter_group_by: p
-                .bracketed("filterGroupBy")?
-                .into_iter()
-                .map(|(k, v)| (k, vec![v]))
-                .collect(),
+            filter_group_by: filter_group_by(p)?,
             filter_customer_id: p.list("filterCustomerId"),
             limit: p.number("limit")?,
             cursor: p.one("cursor")?,
         })
     }
+}
+
+/// `filterGroupBy[key]=value`, or one `filterGroupBy` holding the whole
+/// map ([`crate::query::string_map`]); a key given both ways is refused.
+fn filter_group_by(p: &Params) -> Result<std::collections::BTreeMap<String, Vec<String>>, Problem> {
+    let mut filters = p.bracketed("filterGroupBy")?;
+    if let Some(whole) = p.one("filterGroupBy")? {
+        for (key, value) in crate::query::string_map("filterGroupBy", &whole)? {
+            if filters.insert(key.clone(), value).is_some() {
+                return Err(Problem::bad_request(format!(
+                    "filterGroupBy names {key:?} twice"
+                )));
+            }
+        }
+    }
+    Ok(filters.into_iter().map(|(k, v)| (k, vec![v])).collect())
 }
 
 /// Query a meter over windows.

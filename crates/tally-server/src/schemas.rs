@@ -255,3 +255,22 @@ pub struct Subject {
     #[schema(format = DateTime)]
     updatedAt: String,
 }
+
+/// One problem with one attribute of an event.
+#[derive(ToSchema)]
+pub struct FieldProblem {
+    field: String,
+    /// A stable code: MISSING_REQUIRED_FIELD, INVALID_VALUE_TYPE, TOO_LATE, ...
+    code: String,
+    reason: String,
+}
+
+/// Every problem of one bad event of a request.
+#[derive(ToSchema)]
+pub struct EventProblem {
+    /// Its position in the request.
+    index: u64,
+    #[schema(nullable = false)]
+    id: Option<String>,
+    errors: Vec<FieldProblem>,
+}

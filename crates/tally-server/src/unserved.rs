@@ -42,6 +42,62 @@ pub fn is_unserved_route(route: &str) -> bool {
         .any(|(prefix, _)| route == *prefix || route.strip_prefix(prefix) == Some("/{*rest}"))
 }
 
+/// Documents every route of [`FAMILIES`] (and subject management) in
+/// `/openapi.json` as answering 501, so clients generated from it know.
+pub struct Document;
+
+impl utoipa::Modify for Document {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::path::{HttpMethod, OperationBuilder};
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder, ResponsesBuilder};
+        let operation = |feature: &str| {
+            let problem = ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("Problem")))
+                .build();
+            let answer = ResponseBuilder::new()
+                .description(format!(
+                    "Not served: Tally does not serve OpenMeter's {feature}"
+                ))
+                .content("application/problem+json", problem)
+                .build();
+            OperationBuilder::new()
+                .tag("not served")
+                .summary(Some(format!("OpenMeter's {feature} (not served)")))
+                .responses(ResponsesBuilder::new().response("501", answer).build())
+                .build()
+        };
+        let methods = || {
+            vec![
+                HttpMethod::Get,
+                HttpMethod::Post,
+                HttpMethod::Put,
+                HttpMethod::Patch,
+                HttpMethod::Delete,
+            ]
+        };
+        for (prefix, feature) in FAMILIES {
+            let op = operation(feature);
+            openapi
+                .paths
+                .add_path_operation(prefix, methods(), op.clone());
+            openapi
+                .paths
+                .add_path_operation(format!("{prefix}/{{rest}}"), methods(), op);
+        }
+        let management = operation("subject management");
+        openapi.paths.add_path_operation(
+            "/api/v1/subjects",
+            vec![HttpMethod::Post],
+            management.clone(),
+        );
+        openapi.paths.add_path_operation(
+            "/api/v1/subjects/{key}",
+            vec![HttpMethod::Delete],
+            management,
+        );
+    }
+}
+
 /// The answer to any request under a family of [`FAMILIES`].
 pub async fn not_served(OriginalUri(uri): OriginalUri) -> Problem {
     let path = uri.path();
