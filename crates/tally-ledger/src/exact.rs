@@ -12,6 +12,13 @@
 //! measurable, unvoided event with `from <= time < to`, whatever the
 //! precision of `from` and `to`.
 //!
+//! The log is read newest first, and only back to events stored
+//! `Admission::max_future` before the edge (no admitted event is dated
+//! further ahead of its storing), so an edge costs the events stored since
+//! then. (An event admitted under a larger `maxFutureHours` than today's
+//! could lie before that point and be missed at an edge.) Usage by billing
+//! account and Retired meters are answered for whole minutes only.
+//!
 //! Rows of such a query are ordered by (window, subject, group values) and
 //! paged by position (`cursor` = `x<offset>`), since the backend's cursor
 //! names rows of its own ranges.
