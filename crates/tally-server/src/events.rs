@@ -419,7 +419,7 @@ pub struct VoidBody {
     post, path = "/api/v1/events/void", tag = "events",
     request_body(content = VoidBody, content_type = "application/json"),
     responses(
-        (status = 200, description = "Voided (or voided before)", body = Object),
+        (status = 200, description = "Voided (or voided before)", body = crate::schemas::VoidOutcome),
         (status = 400, description = "Bad body", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No stored event has this source and id", body = Problem, content_type = "application/problem+json"),
     )
@@ -452,7 +452,7 @@ pub async fn void(
         ("limit" = Option<usize>, Query, description = "Page size, default 100"),
         ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page"),
     ),
-    responses((status = 200, description = "A page of void records", body = Object))
+    responses((status = 200, description = "A page of void records", body = crate::schemas::VoidPage))
 )]
 pub async fn voids(
     State(state): State<AppState>,

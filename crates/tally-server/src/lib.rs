@@ -250,7 +250,9 @@ pub const DEFAULT_MAX_PENDING_EVENTS: usize = 262_144;
         schemas::WindowSize, schemas::MeterQueryRequest, schemas::MeterQueryResult, schemas::MeterQueryRow,
         schemas::Event, schemas::VoidRecord, schemas::IngestedEvent, schemas::IngestedEventPage,
         schemas::QuarantineNotice, schemas::IngestOutcome, schemas::Subject,
-        schemas::FieldProblem, schemas::EventProblem,
+        schemas::FieldProblem, schemas::EventProblem, schemas::ObjectMeta, schemas::Resource,
+        schemas::ResourceList, schemas::VoidOutcome, schemas::VoidPage, schemas::QuarantinedEvent,
+        schemas::StoredEvent, schemas::QuarantinePage,
         billing::BillingStatus, billing::DeadLetters, billing::Reconciliation, Problem, resources::ApplyResult, resources::ApplyResults, usage::UsageAnswer, usage::Rejected, events::VoidBody)),
     modifiers(&BearerAuth, &UnservedDocument),
 )]
@@ -434,7 +436,7 @@ async fn count_requests(
     params(("meter" = Option<String>, Query, description = "Only this meter (empty string: events no meter reads)"),
            ("limit" = Option<usize>, Query, description = "Page size"),
            ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page")),
-    responses((status = 200, description = "A page of quarantined events", body = Object)))]
+    responses((status = 200, description = "A page of quarantined events", body = crate::schemas::QuarantinePage)))]
 async fn quarantine(
     State(state): State<AppState>,
     RawQuery(raw): RawQuery,

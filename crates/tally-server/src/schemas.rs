@@ -172,7 +172,7 @@ pub struct Event {
     datacontenttype: Option<String>,
     #[schema(nullable = false)]
     dataschema: Option<String>,
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Object>, nullable = false)]
     data: Option<Value>,
 }
 
@@ -273,4 +273,100 @@ pub struct EventProblem {
     #[schema(nullable = false)]
     id: Option<String>,
     errors: Vec<FieldProblem>,
+}
+
+/// A resource's `metadata`.
+#[derive(ToSchema)]
+#[allow(non_snake_case)]
+pub struct ObjectMeta {
+    name: String,
+    #[schema(nullable = false)]
+    namespace: Option<String>,
+    #[schema(nullable = false)]
+    labels: Option<BTreeMap<String, String>>,
+    #[schema(nullable = false)]
+    annotations: Option<BTreeMap<String, String>>,
+    #[schema(nullable = false)]
+    uid: Option<String>,
+    #[schema(nullable = false, format = DateTime)]
+    creationTimestamp: Option<String>,
+    #[schema(nullable = false)]
+    generation: Option<u64>,
+    #[schema(nullable = false, format = DateTime)]
+    updateTimestamp: Option<String>,
+}
+
+/// A resource of any kind; `spec` (and a Secret's `data`, `stringData`,
+/// `type`) follow its kind, `status` is written by Tally.
+#[derive(ToSchema)]
+#[allow(non_snake_case)]
+pub struct Resource {
+    apiVersion: String,
+    kind: String,
+    metadata: ObjectMeta,
+    #[schema(value_type = Option<Object>, nullable = false)]
+    spec: Option<Value>,
+    #[schema(value_type = Option<Object>, nullable = false)]
+    status: Option<Value>,
+}
+
+/// `GET /apis/{plural}`.
+#[derive(ToSchema)]
+#[allow(non_snake_case)]
+pub struct ResourceList {
+    /// `v1`.
+    apiVersion: String,
+    /// `List`.
+    kind: String,
+    items: Vec<Resource>,
+}
+
+/// The answer to a void.
+#[derive(ToSchema)]
+#[allow(non_snake_case)]
+pub struct VoidOutcome {
+    alreadyVoided: bool,
+    record: VoidRecord,
+    /// Retired meters that cannot take the event back out.
+    #[schema(nullable = false)]
+    stillCountedBy: Option<Vec<String>>,
+}
+
+/// A page of void records.
+#[derive(ToSchema)]
+#[allow(non_snake_case)]
+pub struct VoidPage {
+    items: Vec<VoidRecord>,
+    #[schema(nullable = false)]
+    nextCursor: Option<String>,
+}
+
+/// A stored event a meter cannot measure, and why.
+#[derive(ToSchema)]
+pub struct QuarantinedEvent {
+    meter: String,
+    reason: String,
+    message: String,
+    event: StoredEvent,
+}
+
+/// An event as the ledger keeps it.
+#[derive(ToSchema)]
+#[allow(non_snake_case)]
+pub struct StoredEvent {
+    seq: u64,
+    #[schema(format = DateTime)]
+    ingestedAt: String,
+    event: Event,
+    #[schema(nullable = false)]
+    voided: Option<VoidRecord>,
+}
+
+/// A page of quarantined events.
+#[derive(ToSchema)]
+#[allow(non_snake_case)]
+pub struct QuarantinePage {
+    items: Vec<QuarantinedEvent>,
+    #[schema(nullable = false)]
+    nextCursor: Option<String>,
 }

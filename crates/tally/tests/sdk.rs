@@ -93,7 +93,7 @@ fn the_official_js_sdk_works_unmodified() {
         .current_dir(&dir)
         .output()
         .unwrap();
-    let stdout = passed(&output, 16);
+    let stdout = passed(&output, 17);
     let validated: usize = stdout
         .lines()
         .find_map(|l| l.strip_prefix("validated "))

@@ -247,6 +247,45 @@ await check('meters.delete (a Draft meter)', async () => {
   await refused(om.meters.get('sdk_scratch'), 404)
 })
 
+// Tally's own routes beside OpenMeter's, recorded for the validation too.
+await check("Tally's resources, voids and quarantine", async () => {
+  const call = async (method, path, body, type = 'application/json') => {
+    const r = await recordingFetch(`${base}${path}`, {
+      method,
+      headers: { authorization: `Bearer ${token}`, 'content-type': type },
+      body,
+    })
+    const text = await r.text()
+    assert.ok(r.ok, `${method} ${path}: ${r.status} ${text}`)
+    return r.status === 204 ? null : JSON.parse(text)
+  }
+  const manifest = {
+    apiVersion: 'billing.miloapis.com/v1alpha1', kind: 'MeterDefinition',
+    metadata: { name: 'sdk-requests', labels: { team: 'sdk' } },
+    spec: { meterName: 'sdk/requests', measurement: { aggregation: 'Sum', unit: '{request}' } },
+  }
+  await call('POST', '/apis/apply', JSON.stringify(manifest))
+  const listed = await call('GET', '/apis/meterdefinitions')
+  assert.ok(listed.items.some((m) => m.metadata.name === 'sdk-requests'))
+  const one = await call('GET', '/apis/meterdefinitions/sdk-requests')
+  assert.ok(one.metadata.uid && one.metadata.creationTimestamp && one.metadata.updateTimestamp)
+  await call('PUT', '/apis/meterdefinitions/sdk-requests', JSON.stringify(manifest))
+  const voided = await call('POST', '/api/v1/events/void', JSON.stringify({ source: 'sdk-suite', id: 'js-3', reason: 'suite' }))
+  assert.equal(voided.record.id, 'js-3')
+  const voids = await call('GET', '/api/v1/events/voids')
+  assert.equal(voids.items.length, 1)
+  // An event of a type no meter reads is stored and quarantined.
+  await call('POST', '/api/v1/events', JSON.stringify({ specversion: '1.0', id: 'q-1', source: 'sdk-suite', type: 'sdk.unmetered', subject: 'c' }), 'application/cloudevents+json')
+  const quarantined = await call('GET', '/api/v1/quarantine')
+  assert.ok(quarantined.items.some((q) => q.event.event.id === 'q-1'), JSON.stringify(quarantined))
+  const withRepresentation = await recordingFetch(`${base}/api/v1/events`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${token}`, 'content-type': 'application/cloudevents+json', prefer: 'return=representation' },
+    body: JSON.stringify({ specversion: '1.0', id: 'q-2', source: 'sdk-suite', type: 'sdk.unmetered', subject: 'c' }),
+  })
+  assert.equal(withRepresentation.status, 200)
+})
+
 // Every recorded answer against /openapi.json.
 await check('every answer matches /openapi.json', async () => {
   const doc = await (await fetch(`${base}/openapi.json`, { headers: { authorization: `Bearer ${token}` } })).json()
