@@ -17,6 +17,14 @@ use crate::problem::Problem;
 /// Most `ce-*` headers one request may carry.
 const MAX_ATTRIBUTES: usize = 64;
 
+/// Whether a request is in the binary content mode: it names
+/// `ce-specversion` and its content type is not a structured one
+/// (`application/cloudevents*`).
+pub fn requested(headers: &HeaderMap) -> bool {
+    headers.contains_key("ce-specversion")
+        && !crate::body::media_type(headers).starts_with("application/cloudevents")
+}
+
 /// The structured form of the binary-mode event in `headers` and `body`.
 pub fn event(headers: &HeaderMap, body: &[u8]) -> Result<Value, Problem> {
     let mut object = Map::new();

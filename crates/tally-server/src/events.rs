@@ -59,7 +59,7 @@ pub async fn ingest(
     let admission = state.ledger.admission();
     let representation = wants_representation(&headers);
     let events = body::decoded_off_workers(headers, body, limit, move |headers, body| {
-        let values = match binary_mode(headers) {
+        let values = match binary::requested(headers) {
             true => vec![binary::event(headers, &body)?],
             false => values(&body::media_type(headers), &body)?,
         };
@@ -84,13 +84,6 @@ fn wants_representation(headers: &HeaderMap) -> bool {
                 .any(|p| p.trim().eq_ignore_ascii_case("return=representation"))
         })
     })
-}
-
-/// Whether a request is in the CloudEvents binary content mode: it names
-/// `ce-specversion` and its content type is not a structured one.
-fn binary_mode(headers: &HeaderMap) -> bool {
-    headers.contains_key("ce-specversion")
-        && !body::media_type(headers).starts_with("application/cloudevents")
 }
 
 /// The events of a request, or the problems of every bad one: its

@@ -247,6 +247,22 @@ async fn cloudevents_binary_mode_as_the_http_binding_defines_it() {
     assert_eq!(api.send(structured).await.0, 204);
     let (_, listed) = api.get("/api/v1/events?id=s-1").await;
     assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+    // The platform contract's single-event route takes binary mode too.
+    let platform = api
+        .post("/v1/usage/events")
+        .header("ce-specversion", "1.0")
+        .header("ce-id", "01JD0000000000000000000099")
+        .header("ce-source", "gateway")
+        .header("ce-type", "bin.t")
+        .header("ce-subject", "projects/acme")
+        .header("content-type", "application/json")
+        .body(r#"{"value": "3", "n": 3}"#);
+    let (status, _, body) = api.send(platform).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, listed) = api
+        .get("/api/v1/events?id=01JD0000000000000000000099")
+        .await;
+    assert_eq!(listed[0]["event"]["data"]["value"], "3", "{listed}");
 }
 
 #[tokio::test]
