@@ -15,7 +15,8 @@
 //!   `batch.timeout`, converts to delta if the sink asks for it, and queues
 //!   the batches in its `tally-delivery` sink, which sends, retries (OTLP
 //!   rules: 429/502/503/504 and transport errors, with `Retry-After`) and
-//!   gives up after `retry.maxAttempts`. What is given up is dropped and
+//!   gives up after `retry.maxAttempts` or `retry.maxElapsedTime` (default
+//!   5m, a budget for a few minutes of faults). What is given up is dropped and
 //!   counted with a reason; nothing is kept as a dead letter.
 //! - Endpoints are the customer's choice, so every sink sends through one
 //!   [`EgressGuard`] built from [`PipelineOptions::egress`]: no loopback,
@@ -313,9 +314,12 @@ pub struct SinkStatus {
     pub points_queued: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_success_time: Option<Timestamp>,
-    /// The last failure, free of secrets.
+    /// The last failure, free of secrets; cleared by the next success.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// When `last_error` happened.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error_time: Option<Timestamp>,
 }
 
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -338,7 +342,7 @@ struct SinkShared {
     points_retried: AtomicU64,
     failing: AtomicBool,
     last_success: Mutex<Option<Timestamp>>,
-    last_error: Mutex<Option<String>>,
+    last_error: Mutex<Option<(String, Timestamp)>>,
     start_error: Mutex<Option<String>>,
 }
 
@@ -410,11 +414,16 @@ impl SinkShared {
         let message = self.scrub(&message);
         tracing::debug!(sink = %self.metrics.id(), error = %message, "export failed");
         self.failing.store(true, Ordering::Relaxed);
-        *lock(&self.last_error) = Some(message);
+        *lock(&self.last_error) = Some((message, Timestamp::now()));
     }
 
-    fn succeed(&self) {
+    /// A delivered batch; `clean` if the endpoint refused none of its points
+    /// (a partial refusal stays the last error).
+    fn succeed(&self, clean: bool) {
         self.failing.store(false, Ordering::Relaxed);
+        if clean {
+            *lock(&self.last_error) = None;
+        }
         *lock(&self.last_success) = Some(Timestamp::now());
     }
 
@@ -427,6 +436,7 @@ impl SinkShared {
                 (n > 0).then(|| (r.as_str().to_owned(), n))
             })
             .collect();
+        let last_error = lock(&self.last_error).clone();
         SinkStatus {
             name: name.to_owned(),
             points_received: m.received(),
@@ -436,7 +446,8 @@ impl SinkShared {
             points_dropped,
             points_queued: u64::try_from(self.queued.load(Ordering::Relaxed)).unwrap_or(0),
             last_success_time: *lock(&self.last_success),
-            last_error: lock(&self.last_error).clone(),
+            last_error_time: last_error.as_ref().map(|(_, at)| *at),
+            last_error: last_error.map(|(message, _)| message),
         }
     }
 }
@@ -839,14 +850,11 @@ impl Pipeline {
                     not_ready.push(("SinkNotStarted", format!("sink {}: {error}", sink.name)));
                     (false, "SinkNotStarted", error)
                 }
-                _ if shared.failing.load(Ordering::Relaxed) => (
-                    false,
-                    "ExportFailing",
-                    format!(
-                        "last error: {}",
-                        status.last_error.as_deref().unwrap_or("unknown")
-                    ),
-                ),
+                _ if shared.failing.load(Ordering::Relaxed) => {
+                    let message = failing_message(&status);
+                    not_ready.push(("ExportFailing", format!("sink {}: {message}", sink.name)));
+                    (false, "ExportFailing", message)
+                }
                 _ => match status.last_success_time {
                     Some(at) => (true, "Exporting", format!("last export succeeded at {at}")),
                     None => (true, "Idle", "nothing exported yet".to_owned()),
@@ -974,6 +982,14 @@ impl Pipeline {
             tx,
             task: Mutex::new(Some(task)),
         })
+    }
+}
+
+/// The `SinkHealthy`/`Ready` message of a failing sink: its last error and when.
+fn failing_message(status: &SinkStatus) -> String {
+    match (&status.last_error, status.last_error_time) {
+        (Some(error), Some(at)) => format!("last error at {at}: {error}"),
+        _ => "last error: unknown".to_owned(),
     }
 }
 
@@ -1138,7 +1154,11 @@ impl Feeder {
         config.retry.initial_backoff = retry.backoff;
         config.retry.max_backoff = self.options.max_backoff.max(retry.backoff);
         config.retry.max_retry_after = self.options.max_retry_after;
-        config.retry.request_timeout = self.options.request_timeout;
+        config.retry.max_elapsed = Some(retry.max_elapsed);
+        config.retry.request_timeout = self
+            .config
+            .request_timeout
+            .unwrap_or(self.options.request_timeout);
         config.queue.max_items = self.options.queue_max_batches.max(1);
         config.queue.max_bytes = self.options.queue_max_bytes.max(1);
         config.queue.storage = match &self.options.storage {
@@ -1167,7 +1187,7 @@ impl Feeder {
                         shared.metrics.add_sent(points - rejected);
                         shared.queued_add(-((points - rejected) as i64));
                         shared.drop_points(DropReason::RejectedByReceiver, rejected, true);
-                        shared.succeed();
+                        shared.succeed(rejected == 0);
                     }
                     BatchResult::DeadLettered { id, reason: why } => {
                         let why = match why.as_str() {
