@@ -20,9 +20,8 @@ fn corpus_totals_reach_the_outbox_and_acknowledged_events_leave_it() {
         projects: 4,
         ..CorpusConfig::default()
     };
-    // All files are written before the collector starts: only the newest is
-    // at the path, so write without rotation here (the tail and crash tests
-    // cover rotation).
+    // One file, no rotation: the tail, logrotate and crash tests cover
+    // rotation.
     let (expected, _) = write_corpus(corpus, &log_path, None).unwrap();
     let config = CollectorConfig {
         max_read_bytes: 1 << 20,
