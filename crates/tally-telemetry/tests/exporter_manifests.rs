@@ -162,6 +162,7 @@ fn the_request_timeout_and_the_retry_budget_are_per_sink_and_bounded() {
     // Defaults: the server's timeout, no attempt limit, five minutes of retries.
     let e = sink_with("otlp_http: {endpoint: 'https://x'}").unwrap();
     let sink = &e.sinks[0];
+    assert_eq!(sink.batch.max_size, 8192);
     assert_eq!(sink.request_timeout, None);
     assert_eq!(sink.retry.max_attempts, u32::MAX);
     assert_eq!(sink.retry.max_elapsed, Duration::from_secs(300));
