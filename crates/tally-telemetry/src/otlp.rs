@@ -251,7 +251,11 @@ pub fn parse_export_response(
 fn json_partial_success(body: &[u8]) -> Option<ExportMetricsPartialSuccess> {
     let value: serde_json::Value = serde_json::from_slice(body).ok()?;
     let partial = value.get("partialSuccess")?;
-    let rejected = match partial.get("rejectedDataPoints") {
+    // Metrics, logs and traces answers name their count differently.
+    let count = ["rejectedDataPoints", "rejectedLogRecords", "rejectedSpans"]
+        .iter()
+        .find_map(|k| partial.get(*k));
+    let rejected = match count {
         Some(serde_json::Value::String(s)) => s.parse().ok()?,
         Some(v) => v.as_i64()?,
         None => 0,

@@ -17,6 +17,8 @@ pub(crate) struct Routing {
     pub(crate) index: Option<Arc<dyn ResourceIndex>>,
     /// Sinks of each of the router's exporters.
     pub(crate) sinks: Vec<Vec<Arc<SinkRuntime>>>,
+    /// Logs and traces sinks, with their exporter's project.
+    pub(crate) signals: Vec<(Arc<str>, Arc<SinkRuntime>)>,
     /// The router's position of each exporter.
     pub(crate) positions: HashMap<ExporterKey, usize>,
 }
