@@ -19,6 +19,7 @@ mod meters;
 mod problem;
 mod query;
 mod resources;
+mod signals;
 mod telemetry;
 mod usage;
 mod watch;
@@ -239,6 +240,7 @@ pub const DEFAULT_MAX_PENDING_EVENTS: usize = 262_144;
         resources::apply, resources::list, resources::get, resources::put, resources::delete,
         resources::get_namespaced, resources::put_namespaced, resources::delete_namespaced,
         quarantine, metrics, healthz, readyz, telemetry::otlp_metrics, telemetry::remote_write,
+        signals::otlp_logs, signals::otlp_traces,
         billing::status, billing::dead_letters, billing::retry_dead_letter, billing::reconcile, billing::changes,
     ),
     components(schemas(billing::BillingStatus, billing::DeadLetters, billing::Reconciliation, Problem, resources::ApplyResult, resources::ApplyResults, usage::UsageAnswer, usage::Rejected, events::VoidBody)),
@@ -289,6 +291,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/billing/reconcile", get(billing::reconcile))
         .route("/api/v1/quarantine", get(quarantine))
         .route("/v1/metrics", post(telemetry::otlp_metrics))
+        .route("/v1/logs", post(signals::otlp_logs))
+        .route("/v1/traces", post(signals::otlp_traces))
         .route("/api/v1/write", post(telemetry::remote_write))
         .route("/apis/apply", post(resources::apply))
         .route("/apis/{plural}", get(resources::list))
@@ -630,6 +634,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .with_status_source(Arc::new(exporters::ExporterStatusSource(Arc::clone(
             &pipeline,
         ))))
+        .with_status_source(Arc::new(exporters::PolicyStatusSource(Arc::clone(&pipeline))))
         .with_tokens(config.token.as_deref(), &config.tokens)
         .map_err(|e| anyhow::anyhow!("tokens: {e}"))?
         .with_max_pending_events(config.max_pending_events);

@@ -52,7 +52,7 @@ pub use opentelemetry_proto::tonic as proto;
 pub use options::PullOptions;
 pub use pipeline::{
     DropReason, ExporterStatus, IngestReport, Pipeline, PipelineError, PipelineOptions,
-    QueueStorage, Secrets, SinkStatus, Snapshot, UpdateReport,
+    QueueStorage, Secrets, ShapeReport, SinkStatus, Snapshot, UpdateReport,
 };
 pub use pull::SourceStatus;
 pub use route::{EncodedRoute, RouteStats, Routed, Router};

@@ -95,6 +95,18 @@ pub fn decode_metrics_request(
     }
 }
 
+/// Decodes an OTLP request of any signal (logs, traces) already
+/// decompressed, in `encoding`.
+pub fn decode_request<M>(raw: &[u8], encoding: Encoding) -> Result<M, DecodeError>
+where
+    M: prost::Message + Default + serde::de::DeserializeOwned,
+{
+    match encoding {
+        Encoding::Protobuf => Ok(M::decode(raw)?),
+        Encoding::Json => Ok(serde_json::from_slice(raw)?),
+    }
+}
+
 fn gunzip(body: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
     let mut out = Vec::new();
     let read_limit = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);

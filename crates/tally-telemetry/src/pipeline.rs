@@ -49,7 +49,12 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use prost::Message as _;
+use tally_policy::Resolution;
+use tally_policy::resolve::PolicyStatus;
 use serde::Serialize;
 use tally_delivery::{ComponentKind, ComponentMetrics, EgressGuard, Registry};
 use tally_model::Manifest;
@@ -66,6 +71,7 @@ use crate::otlp;
 use crate::pull::Puller;
 use crate::route::{RouteStats, Router};
 use crate::routing::{Routing, SharedRouting, current};
+use crate::shaping::{ExportLogsOrTraces, Shaped, Shaper};
 use crate::sink::{SinkRuntime, SinkShared, resolve};
 use crate::sync::{lock, write};
 use crate::victoria::PullError;
@@ -83,6 +89,27 @@ pub struct Snapshot {
     pub secrets: Secrets,
     /// Namespaces (project, labels) and resources' labels.
     pub index: Arc<dyn ResourceIndex>,
+    /// Every `TelemetryPolicy`, resolved against the namespaces and gateways.
+    pub policies: Arc<Resolution>,
+}
+
+/// What [`Pipeline::ingest_logs`] and [`Pipeline::ingest_traces`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShapeReport {
+    /// Log records or spans read.
+    pub read: u64,
+    /// Of no known project: they go nowhere.
+    pub unattributed: u64,
+    /// Governed by a policy that did not keep them.
+    pub filtered: u64,
+    /// Kept by a policy.
+    pub kept: u64,
+    /// Handed to sinks (counted once per sink).
+    pub handed: u64,
+    /// Refused at once by sinks (full, secret missing, stopped).
+    pub dropped: u64,
+    /// Metric data points the policies made, handed to sinks.
+    pub metric_points: u64,
 }
 
 /// What [`Pipeline::update`] did to the sinks.
@@ -202,6 +229,7 @@ fn routing_of(
         sinks,
         positions,
         signals,
+        shaper: None,
     }
 }
 
@@ -295,6 +323,58 @@ impl Pipeline {
         report
     }
 
+    /// Applies the policies in force to access-log records: what they keep
+    /// goes to the `logs` sinks of each record's project, their metrics to
+    /// the router. Never waits.
+    pub fn ingest_logs(&self, request: &ExportLogsServiceRequest) -> ShapeReport {
+        self.shaped(|s| s.shape_logs(request), Signal::Logs)
+    }
+
+    /// Applies the policies in force to spans (head sampling by trace id,
+    /// attributes): what they keep goes to the `traces` sinks of each
+    /// span's project. Never waits.
+    pub fn ingest_traces(&self, request: &ExportTraceServiceRequest) -> ShapeReport {
+        self.shaped(|s| s.shape_traces(request), Signal::Traces)
+    }
+
+    fn shaped(&self, shape: impl FnOnce(&Shaper) -> Shaped, signal: Signal) -> ShapeReport {
+        let routing = self.routing();
+        let Some(shaper) = &routing.shaper else {
+            return ShapeReport::default();
+        };
+        let shaped = shape(shaper);
+        let mut report = ShapeReport {
+            read: shaped.read,
+            unattributed: shaped.unattributed,
+            filtered: shaped.filtered,
+            ..ShapeReport::default()
+        };
+        for (project, (request, n)) in shaped.signals {
+            let bytes = match request {
+                ExportLogsOrTraces::Logs(r) => r.encode_to_vec(),
+                ExportLogsOrTraces::Traces(r) => r.encode_to_vec(),
+            };
+            let handed = self.ingest_signal(&project, signal, Bytes::from(bytes), n);
+            report.kept += n;
+            report.handed += handed.handed;
+            report.dropped += handed.dropped;
+        }
+        if !shaped.metrics.resource_metrics.is_empty() {
+            report.metric_points = self.ingest(&shaped.metrics).handed;
+        }
+        report
+    }
+
+    /// The status of `TelemetryPolicy` `namespace/name` as last resolved.
+    pub fn policy_status(&self, namespace: &str, name: &str) -> Option<PolicyStatus> {
+        self.routing().shaper.as_ref()?.resolution().status(namespace, name).cloned()
+    }
+
+    /// The policies as last resolved.
+    pub fn policies(&self) -> Option<Arc<Resolution>> {
+        self.routing().shaper.as_ref().map(|s| Arc::clone(s.resolution()))
+    }
+
     /// Hands an encoded OTLP logs or traces request (`items` log records or
     /// spans, all of `project`) to every logs or traces sink of the
     /// project's exporters, without waiting. Only exporters of `project`
@@ -381,7 +461,9 @@ impl Pipeline {
         for (id, _) in old {
             tracing::info!(sink = %id, "exporter sink removed");
         }
-        let routing = Arc::new(routing_of(valid, snapshot.index));
+        let mut routing = routing_of(valid, Arc::clone(&snapshot.index));
+        routing.shaper = Some(Shaper::new(Arc::clone(&snapshot.policies), snapshot.index));
+        let routing = Arc::new(routing);
         *exporters = next;
         *write(&self.routing) = Arc::clone(&routing);
         // After the routing, so a new pull task finds its exporter's sinks.

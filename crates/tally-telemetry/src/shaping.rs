@@ -115,6 +115,11 @@ impl Shaper {
         Shaper { resolution, index }
     }
 
+    /// The policies it applies.
+    pub fn resolution(&self) -> &Arc<Resolution> {
+        &self.resolution
+    }
+
     /// The project and namespace of `record`, if it has a known one.
     fn place(&self, record: &Record) -> Option<Place> {
         let text = |a: A| match record.get(a as usize) {
@@ -374,8 +379,11 @@ fn attribute(key: &str, value: AttrValue) -> KeyValue {
 /// attribute set.
 #[derive(Default)]
 struct MetricsBuilder {
-    series: BTreeMap<(String, &'static str), BTreeMap<Vec<(String, String)>, Hist>>,
+    series: BTreeMap<(String, &'static str), Series>,
 }
+
+/// A metric's histograms by attribute set.
+type Series = BTreeMap<Vec<(String, String)>, Hist>;
 
 struct Hist {
     bounds: &'static [f64],
