@@ -104,7 +104,9 @@ pub fn policies(set: &ResourceSet) -> Resolution {
         // The same rule as every other tenancy decision: the label, else the
         // namespace's own name.
         let project = set.project_of_namespace(&ns.metadata.name);
-        world.namespaces.insert(ns.metadata.name.clone(), Some(project));
+        world
+            .namespaces
+            .insert(ns.metadata.name.clone(), Some(project));
     }
     for gw in set.list(Kind::Gateway, None) {
         if let Some(namespace) = &gw.metadata.namespace {

@@ -13,17 +13,17 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::http::{Method, StatusCode};
-use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
-    MetricsService, MetricsServiceServer,
-};
-use opentelemetry_proto::tonic::collector::metrics::v1::{
-    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
-};
 use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{
     LogsService, LogsServiceServer,
 };
 use opentelemetry_proto::tonic::collector::logs::v1::{
     ExportLogsServiceRequest, ExportLogsServiceResponse,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
@@ -74,7 +74,11 @@ impl MetricsService for MetricsReceiver {
 impl MetricsReceiver {
     /// The pipeline, if the caller may use `route` (the HTTP route's rule:
     /// `ingest` or `admin`).
-    fn admit(&self, metadata: &tonic::metadata::MetadataMap, route: &str) -> Result<&tally_telemetry::Pipeline, Status> {
+    fn admit(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        route: &str,
+    ) -> Result<&tally_telemetry::Pipeline, Status> {
         let bearer = metadata
             .get("authorization")
             .and_then(|v| v.to_str().ok())
@@ -115,7 +119,9 @@ impl TraceService for MetricsReceiver {
     ) -> Result<Response<ExportTraceServiceResponse>, Status> {
         let pipeline = self.admit(request.metadata(), "/v1/traces")?;
         match signals::ingest_traces(pipeline, "otlp_grpc_traces", request.get_ref()) {
-            Ok(partial_success) => Ok(Response::new(ExportTraceServiceResponse { partial_success })),
+            Ok(partial_success) => Ok(Response::new(ExportTraceServiceResponse {
+                partial_success,
+            })),
             Err(unavailable) => Err(Status::unavailable(unavailable.message())),
         }
     }

@@ -634,7 +634,9 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .with_status_source(Arc::new(exporters::ExporterStatusSource(Arc::clone(
             &pipeline,
         ))))
-        .with_status_source(Arc::new(exporters::PolicyStatusSource(Arc::clone(&pipeline))))
+        .with_status_source(Arc::new(exporters::PolicyStatusSource(Arc::clone(
+            &pipeline,
+        ))))
         .with_tokens(config.token.as_deref(), &config.tokens)
         .map_err(|e| anyhow::anyhow!("tokens: {e}"))?
         .with_max_pending_events(config.max_pending_events);

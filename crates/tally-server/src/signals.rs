@@ -74,10 +74,12 @@ pub(crate) fn ingest_traces(
     }
     let report = pipeline.ingest_traces(request);
     count(pipeline, source_id, &report);
-    Ok((report.unattributed > 0).then(|| ExportTracePartialSuccess {
-        rejected_spans: i64::try_from(report.unattributed).unwrap_or(i64::MAX),
-        error_message: unattributed_message(report.unattributed, "span"),
-    }))
+    Ok(
+        (report.unattributed > 0).then(|| ExportTracePartialSuccess {
+            rejected_spans: i64::try_from(report.unattributed).unwrap_or(i64::MAX),
+            error_message: unattributed_message(report.unattributed, "span"),
+        }),
+    )
 }
 
 fn unattributed_message(n: u64, what: &str) -> String {

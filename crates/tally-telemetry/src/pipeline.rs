@@ -53,11 +53,11 @@ use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message as _;
-use tally_policy::Resolution;
-use tally_policy::resolve::PolicyStatus;
 use serde::Serialize;
 use tally_delivery::{ComponentKind, ComponentMetrics, EgressGuard, Registry};
 use tally_model::Manifest;
+use tally_policy::Resolution;
+use tally_policy::resolve::PolicyStatus;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -367,12 +367,20 @@ impl Pipeline {
 
     /// The status of `TelemetryPolicy` `namespace/name` as last resolved.
     pub fn policy_status(&self, namespace: &str, name: &str) -> Option<PolicyStatus> {
-        self.routing().shaper.as_ref()?.resolution().status(namespace, name).cloned()
+        self.routing()
+            .shaper
+            .as_ref()?
+            .resolution()
+            .status(namespace, name)
+            .cloned()
     }
 
     /// The policies as last resolved.
     pub fn policies(&self) -> Option<Arc<Resolution>> {
-        self.routing().shaper.as_ref().map(|s| Arc::clone(s.resolution()))
+        self.routing()
+            .shaper
+            .as_ref()
+            .map(|s| Arc::clone(s.resolution()))
     }
 
     /// Hands an encoded OTLP logs or traces request (`items` log records or

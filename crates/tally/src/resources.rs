@@ -213,8 +213,48 @@ pub fn resource_table(kind: Kind, manifests: &[Manifest]) -> Table {
                 ],
             )],
         ),
+        Kind::TelemetryPolicy => policy_table(manifests),
         _ => generic_table(manifests),
     }
+}
+
+/// A TelemetryPolicy per row: whether it is in force (its `Accepted`
+/// reason), what it governs and why not.
+fn policy_table(manifests: &[Manifest]) -> Table {
+    let mut table = Table::new(vec!["NAMESPACE", "NAME", "STATUS", "GOVERNS", "MESSAGE"]);
+    for m in manifests {
+        let status = m.status.as_ref();
+        let accepted = status
+            .and_then(|s| s.get("conditions"))
+            .and_then(Value::as_array)
+            .and_then(|c| c.iter().find(|c| text_at(c, &["type"]) == Some("Accepted")));
+        let governs: Vec<String> = status
+            .and_then(|s| s.get("governs"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|t| {
+                let kind = text_at(t, &["kind"])?;
+                let name = text_at(t, &["name"])?;
+                Some(match text_at(t, &["namespace"]) {
+                    Some(ns) => format!("{kind}/{ns}/{name}"),
+                    None => format!("{kind}/{name}"),
+                })
+            })
+            .collect();
+        table.row(vec![
+            or_none(m.metadata.namespace.as_deref()),
+            m.metadata.name.clone(),
+            or_none(accepted.and_then(|c| text_at(c, &["reason"]))),
+            if governs.is_empty() {
+                "<none>".into()
+            } else {
+                governs.join(",")
+            },
+            or_none(accepted.and_then(|c| text_at(c, &["message"]))),
+        ]);
+    }
+    table
 }
 
 /// NAME (and NAMESPACE when any resource has one), then the given fields.
