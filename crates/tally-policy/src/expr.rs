@@ -26,7 +26,12 @@ use crate::vocab::{ATTRIBUTES, Ty};
 /// Bytes an expression may have.
 pub const MAX_EXPRESSION_BYTES: usize = 1024;
 /// How deep brackets and parentheses may nest.
-pub const MAX_NESTING: usize = 16;
+pub const MAX_NESTING: usize = 12;
+/// The stack of the thread that parses: the `cel` crate's generated
+/// (ANTLR) parser takes hundreds of KiB of stack per level of brackets in
+/// a debug build, more than a worker thread has. Reserved, not committed:
+/// only what the parse touches is used.
+const PARSE_STACK_BYTES: usize = 128 << 20;
 /// The CEL parser's recursion limit (operator chains included).
 pub const MAX_RECURSION: u16 = 32;
 
@@ -59,17 +64,28 @@ impl CompiledExpr {
                 "the expression nests deeper than {MAX_NESTING} levels"
             ));
         }
-        let ast = Parser::new()
-            .max_recursion_depth(MAX_RECURSION)
-            .parse(source)
-            .map_err(|e| format!("does not parse: {}", first_line(&e.to_string())))?;
-        let (ty, checked) = check::check(&ast)?;
-        Ok(CompiledExpr {
-            source: source.to_owned(),
-            ast: Arc::new(ast),
-            ty,
-            checked,
-        })
+        let owned = source.to_owned();
+        // Parsed, checked and (if refused) dropped on a thread with room.
+        let parsed = std::thread::Builder::new()
+            .name("cel-compile".into())
+            .stack_size(PARSE_STACK_BYTES)
+            .spawn(move || {
+                let ast = Parser::new()
+                    .max_recursion_depth(MAX_RECURSION)
+                    .parse(&owned)
+                    .map_err(|e| format!("does not parse: {}", first_line(&e.to_string())))?;
+                let (ty, checked) = check::check(&ast)?;
+                Ok(CompiledExpr {
+                    source: owned,
+                    ast: Arc::new(ast),
+                    ty,
+                    checked,
+                })
+            })
+            .map_err(|e| format!("could not start the CEL compiler: {e}"))?;
+        parsed
+            .join()
+            .unwrap_or_else(|_| Err("the CEL compiler failed on this expression".into()))
     }
 
     /// Compiles a boolean expression (an access-log match).

@@ -112,9 +112,20 @@ enum RefOutcome {
     NotPermitted(String),
 }
 
+/// A manifest's compiled policy (or why it is invalid), kept with what it
+/// was compiled from, so an unchanged policy is never compiled again.
+#[derive(Debug, Clone)]
+struct Compiled {
+    spec: serde_json::Value,
+    created: Option<Timestamp>,
+    generation: Option<u64>,
+    policy: Result<Arc<Policy>, String>,
+}
+
 /// Policies resolved against a world.
 #[derive(Debug, Clone, Default)]
 pub struct Resolution {
+    compiled: BTreeMap<PolicyKey, Compiled>,
     valid: BTreeMap<PolicyKey, (Arc<Policy>, Option<String>)>,
     gateways: BTreeMap<(String, String), PolicyKey>,
     namespaces: BTreeMap<String, PolicyKey>,
@@ -127,24 +138,53 @@ impl Resolution {
         manifests: impl IntoIterator<Item = &'m Manifest>,
         world: &World,
     ) -> Resolution {
+        Resolution::resolve_again(manifests, world, &Resolution::default())
+    }
+
+    /// Like [`Resolution::resolve`], reusing what `previous` compiled of
+    /// every manifest whose spec, creation time and generation are the
+    /// same: a policy's CEL is compiled once per version.
+    pub fn resolve_again<'m>(
+        manifests: impl IntoIterator<Item = &'m Manifest>,
+        world: &World,
+        previous: &Resolution,
+    ) -> Resolution {
         let mut invalid = BTreeMap::new();
         let mut valid = BTreeMap::new();
+        let mut compiled = BTreeMap::new();
         for m in manifests {
-            match Policy::from_manifest(m) {
+            let key = PolicyKey {
+                namespace: m.metadata.namespace.clone().unwrap_or_default(),
+                name: m.metadata.name.clone(),
+            };
+            let c = match previous.compiled.get(&key) {
+                Some(c)
+                    if c.spec == m.spec
+                        && c.created == m.metadata.creation_timestamp
+                        && c.generation == m.metadata.generation =>
+                {
+                    c.clone()
+                }
+                _ => Compiled {
+                    spec: m.spec.clone(),
+                    created: m.metadata.creation_timestamp,
+                    generation: m.metadata.generation,
+                    policy: Policy::from_manifest(m).map(Arc::new),
+                },
+            };
+            match &c.policy {
                 Ok(p) => {
-                    let project = world.namespaces.get(&p.key.namespace).cloned().flatten();
-                    valid.insert(p.key.clone(), (Arc::new(p), project));
+                    let project = world.namespaces.get(&key.namespace).cloned().flatten();
+                    valid.insert(key.clone(), (Arc::clone(p), project));
                 }
                 Err(e) => {
-                    let key = PolicyKey {
-                        namespace: m.metadata.namespace.clone().unwrap_or_default(),
-                        name: m.metadata.name.clone(),
-                    };
-                    invalid.insert(key, (e, m.metadata.generation));
+                    invalid.insert(key.clone(), (e.clone(), m.metadata.generation));
                 }
             }
+            compiled.insert(key, c);
         }
         let mut r = Resolution {
+            compiled,
             valid,
             ..Resolution::default()
         };
@@ -241,6 +281,16 @@ impl Resolution {
             out.insert(key.clone(), status_of(policy, refs, governs));
         }
         out
+    }
+
+    /// The compiled policy `namespace/name`, if it is valid (the same `Arc`
+    /// as long as its version does not change).
+    pub fn policy(&self, namespace: &str, name: &str) -> Option<&Arc<Policy>> {
+        let key = PolicyKey {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        };
+        self.valid.get(&key).map(|(p, _)| p)
     }
 
     /// The status of policy `namespace/name`, if it was resolved.

@@ -261,3 +261,31 @@ fn a_policy_only_governs_records_of_its_own_project() {
     let r = Resolution::resolve(&loose, &world());
     assert_eq!(reason(&r, "loose", "l"), "TargetNotPermitted");
 }
+
+#[test]
+fn a_policy_is_compiled_once_per_version() {
+    let a = policy("shop", "a", T1, &["gw:edge"]);
+    let first = Resolution::resolve([&a], &world());
+    // The world changes, the policy does not: the same compiled policy.
+    let mut w = world();
+    w.gateways.insert(("shop".into(), "edge3".into()));
+    let second = Resolution::resolve_again([&a], &w, &first);
+    let same = std::sync::Arc::ptr_eq(
+        first.policy("shop", "a").unwrap(),
+        second.policy("shop", "a").unwrap(),
+    );
+    assert!(same, "recompiled an unchanged policy");
+    // A new version is compiled again.
+    let mut changed = a.clone();
+    changed.metadata.generation = Some(2);
+    changed.spec["accessLogs"] = serde_json::json!({"matches": [{"cel": "response.code >= 500"}]});
+    let third = Resolution::resolve_again([&changed], &w, &second);
+    assert!(!std::sync::Arc::ptr_eq(
+        second.policy("shop", "a").unwrap(),
+        third.policy("shop", "a").unwrap()
+    ));
+    assert_eq!(
+        third.status("shop", "a").unwrap().observed_generation,
+        Some(2)
+    );
+}

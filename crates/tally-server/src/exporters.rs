@@ -49,14 +49,16 @@ pub(crate) fn start_pipeline(
     };
     let pipeline =
         Pipeline::new(registry.clone(), options).context("starting the exporters' pipeline")?;
-    pipeline.update(snapshot(&store.snapshot()));
+    pipeline.update(snapshot(&store.snapshot(), &Resolution::default()));
     let pipeline = Arc::new(pipeline);
     let follower = tokio::spawn(follow(Arc::clone(store), Arc::clone(&pipeline)));
     Ok((pipeline, follower))
 }
 
 /// What the pipeline needs of the stored resources.
-pub fn snapshot(set: &ResourceSet) -> Snapshot {
+/// `previous`: the policies as last resolved, whose unchanged versions are
+/// not compiled again.
+pub fn snapshot(set: &ResourceSet, previous: &Resolution) -> Snapshot {
     let exporters: Vec<Manifest> = set
         .list(Kind::Exporter, None)
         .map(|m| (**m).clone())
@@ -92,13 +94,13 @@ pub fn snapshot(set: &ResourceSet) -> Snapshot {
         exporters,
         secrets,
         index: Arc::new(index),
-        policies: Arc::new(policies(set)),
+        policies: Arc::new(policies(set, previous)),
     }
 }
 
 /// Every `TelemetryPolicy`, resolved against the stored namespaces (and
 /// their projects) and gateways.
-pub fn policies(set: &ResourceSet) -> Resolution {
+pub fn policies(set: &ResourceSet, previous: &Resolution) -> Resolution {
     let mut world = World::default();
     for ns in set.list(Kind::Namespace, None) {
         // The same rule as every other tenancy decision: the label, else the
@@ -119,7 +121,7 @@ pub fn policies(set: &ResourceSet) -> Resolution {
         .list(Kind::TelemetryPolicy, None)
         .map(|m| &**m)
         .collect();
-    Resolution::resolve(manifests, &world)
+    Resolution::resolve_again(manifests, &world, previous)
 }
 
 /// A TelemetryPolicy's status: Accepted, Conflicted or Invalid and why,
@@ -142,7 +144,8 @@ impl StatusSource for PolicyStatusSource {
 pub async fn follow(store: Arc<dyn ResourceStore>, pipeline: Arc<Pipeline>) {
     let mut changes = store.subscribe();
     loop {
-        let report = pipeline.update(snapshot(&store.snapshot()));
+        let previous = pipeline.policies().unwrap_or_default();
+        let report = pipeline.update(snapshot(&store.snapshot(), &previous));
         tracing::debug!(?report, "exporters updated");
         if changes.changed().await.is_err() {
             return;

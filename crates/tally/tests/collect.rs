@@ -640,7 +640,11 @@ fn billing_counts_every_request_under_a_policy_that_drops_everything() {
             child.wait_with_output()
         })
         .unwrap();
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let (agent, grpc_port) = otlp_agent(&dir.path().join("state"), &server.base, &[]);
     let nanos = (jiff::Timestamp::now().as_millisecond() - 2 * 3_600_000) as u64 * 1_000_000;
     let records = || {
@@ -678,7 +682,14 @@ fn billing_counts_every_request_under_a_policy_that_drops_everything() {
     }
     assert_eq!(dropped % 5, 0);
     assert!(dropped >= 5, "the policy never applied");
-    assert_eq!(metric(&server.base, "sent_total", "component_id=\"otlp_http_logs\""), 0);
+    assert_eq!(
+        metric(
+            &server.base,
+            "sent_total",
+            "component_id=\"otlp_http_logs\""
+        ),
+        0
+    );
     agent.stop();
 }
 

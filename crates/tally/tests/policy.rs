@@ -158,7 +158,9 @@ fn shop_records() -> Vec<LogRecord> {
 }
 
 async fn post_logs(base: &str, request: &ExportLogsServiceRequest) -> ExportLogsServiceResponse {
-    let answer = tally_delivery::client_builder().build().unwrap()
+    let answer = tally_delivery::client_builder()
+        .build()
+        .unwrap()
         .post(format!("{base}/v1/logs"))
         .bearer_auth(TOKEN)
         .header("content-type", "application/x-protobuf")
@@ -372,7 +374,9 @@ async fn two_projects_receive_exactly_what_their_policies_keep() {
         })
         .count();
     assert!((5..=40).contains(&expected_shop), "{expected_shop}");
-    let answer = tally_delivery::client_builder().build().unwrap()
+    let answer = tally_delivery::client_builder()
+        .build()
+        .unwrap()
         .post(format!("{base}/v1/traces"))
         .bearer_auth(TOKEN)
         .header("content-type", "application/x-protobuf")
