@@ -341,6 +341,14 @@ impl TallyClient {
         self.json(self.request(Method::GET, &url), &url).await
     }
 
+    /// The server's version, as its API document states it
+    /// (`GET /openapi.json`, `info.version`).
+    pub async fn server_version(&self) -> Result<String, ClientError> {
+        let url = self.url(&["openapi.json"], &[]);
+        let document: types::ApiDocument = self.json(self.request(Method::GET, &url), &url).await?;
+        Ok(document.info.version)
+    }
+
     /// Whether the server process is up (`GET /healthz`).
     pub async fn health(&self) -> Result<(), ClientError> {
         let url = self.url(&["healthz"], &[]);

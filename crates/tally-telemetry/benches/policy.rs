@@ -56,25 +56,40 @@ fn request(n: usize) -> ExportLogsServiceRequest {
             let code = if i % 20 == 0 { 503 } else { 200 };
             let ms = if i % 50 == 0 { 2500 } else { (i % 300) as i64 };
             let mut attributes = vec![
-                attr("start_time", Value::StringValue("2026-03-01T10:00:00.123Z".into())),
+                attr(
+                    "start_time",
+                    Value::StringValue("2026-03-01T10:00:00.123Z".into()),
+                ),
                 attr("method", Value::StringValue(methods[i % 4].into())),
-                attr("path", Value::StringValue(format!("/api/v1/items/{}", i % 1000))),
+                attr(
+                    "path",
+                    Value::StringValue(format!("/api/v1/items/{}", i % 1000)),
+                ),
                 attr(":authority", Value::StringValue("shop.example.com".into())),
                 attr("protocol", Value::StringValue("HTTP/2".into())),
                 attr("response_code", Value::IntValue(code)),
                 attr("duration", Value::IntValue(ms)),
                 attr("bytes_received", Value::IntValue(120)),
                 attr("bytes_sent", Value::IntValue(4096)),
-                attr("route_name", Value::StringValue(format!("httproute/shop/r{}/rule/0", i % 10))),
+                attr(
+                    "route_name",
+                    Value::StringValue(format!("httproute/shop/r{}/rule/0", i % 10)),
+                ),
                 attr("gateway.namespace", Value::StringValue("shop".into())),
                 attr("gateway.name", Value::StringValue("edge".into())),
                 attr("x-request-id", Value::StringValue(format!("req-{i}"))),
-                attr("x-tenant-id", Value::StringValue(["acme", "globex"][i % 2].into())),
+                attr(
+                    "x-tenant-id",
+                    Value::StringValue(["acme", "globex"][i % 2].into()),
+                ),
             ];
             if i % 4 == 0 {
                 attributes.push(attr("gen_ai.usage.input_tokens", Value::IntValue(120)));
                 attributes.push(attr("gen_ai.usage.output_tokens", Value::IntValue(30)));
-                attributes.push(attr("gen_ai.request.model", Value::StringValue("gpt-4o".into())));
+                attributes.push(attr(
+                    "gen_ai.request.model",
+                    Value::StringValue("gpt-4o".into()),
+                ));
             }
             LogRecord {
                 attributes,
@@ -134,6 +149,12 @@ fn main() {
     let (base, _, _) = run(&without, &request, 5);
     let (rate, kept, bytes) = run(&with, &request, 5);
     println!("no policy (read + attribute):   {:>10.0} records/s", base);
-    println!("3 matches, 10 fields, 2 dims:   {:>10.0} records/s ({kept} of 100000 kept, {bytes} bytes encoded)", rate);
-    println!("added per record:               {:>10.0} ns", (1.0 / rate - 1.0 / base) * 1e9);
+    println!(
+        "3 matches, 10 fields, 2 dims:   {:>10.0} records/s ({kept} of 100000 kept, {bytes} bytes encoded)",
+        rate
+    );
+    println!(
+        "added per record:               {:>10.0} ns",
+        (1.0 / rate - 1.0 / base) * 1e9
+    );
 }

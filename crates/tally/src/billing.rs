@@ -2,12 +2,12 @@
 //! forwarder's state, its dead letters, and the ledger against the provider.
 
 use anyhow::Context;
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 use jiff::tz::TimeZone;
 use serde_json::Value;
 use tally_client::TallyClient;
 
-use crate::output::{self, NONE, Table};
+use crate::output::{self, Cell, Format, NONE, Table};
 use crate::print;
 use crate::when::parse_instant;
 
@@ -23,17 +23,6 @@ pub enum BillingCommand {
     /// Compare, per billing account and meter, the ledger's totals with what
     /// the provider acknowledged; exits non-zero when any differ.
     Reconcile(ReconcileArgs),
-}
-
-/// Output formats of the billing commands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Format {
-    /// Aligned columns.
-    Table,
-    /// The server's answer as JSON.
-    Json,
-    /// The server's answer as YAML.
-    Yaml,
 }
 
 #[derive(Debug, Args)]
@@ -90,20 +79,21 @@ fn text(value: &Value) -> String {
     }
 }
 
-fn dump(value: &Value, format: Format) -> anyhow::Result<Option<String>> {
-    Ok(match format {
-        Format::Table => None,
-        Format::Json => Some(output::to_json(value)?),
-        Format::Yaml => Some(output::to_yaml(value)?),
-    })
+/// A table cell: none for null.
+fn cell(value: &Value) -> Cell {
+    match value {
+        Value::Null => Cell::default(),
+        other => text(other).into(),
+    }
 }
 
 /// Seconds of a serialised `Duration` (`{"secs": n, "nanos": m}`).
-fn seconds(value: &Value) -> String {
-    match value.get("secs").and_then(Value::as_u64) {
-        Some(secs) => format!("{secs}s"),
-        None => NONE.to_owned(),
-    }
+fn seconds(value: &Value) -> Cell {
+    value
+        .get("secs")
+        .and_then(Value::as_u64)
+        .map(|secs| format!("{secs}s"))
+        .into()
 }
 
 pub async fn run(client: &TallyClient, command: BillingCommand) -> anyhow::Result<()> {
@@ -129,9 +119,6 @@ async fn status(client: &TallyClient, args: StatusArgs) -> anyhow::Result<()> {
         .billing_status(args.sink.as_deref())
         .await
         .context("reading the billing status")?;
-    if let Some(text) = dump(&answer, args.output)? {
-        return print(&text);
-    }
     let mut table = Table::new([
         "SINK",
         "READY",
@@ -144,7 +131,8 @@ async fn status(client: &TallyClient, args: StatusArgs) -> anyhow::Result<()> {
         "PENDING",
         "RETRIES",
         "DEAD LETTERS",
-    ]);
+    ])
+    .named();
     for sink in answer["sinks"].as_array().into_iter().flatten() {
         let ready = if sink["ready"].as_bool() == Some(true) {
             "True".to_owned()
@@ -153,26 +141,30 @@ async fn status(client: &TallyClient, args: StatusArgs) -> anyhow::Result<()> {
         };
         let status = &sink["status"];
         let meters = status["meters"].as_array().cloned().unwrap_or_default();
+        let name = format!("billingsink/{}", text(&sink["sink"]));
         if meters.is_empty() {
-            table.row([text(&sink["sink"]), ready.clone()]);
+            table.named_row(name.clone(), [cell(&sink["sink"]), ready.clone().into()]);
         }
         for meter in meters {
-            table.row([
-                text(&sink["sink"]),
-                ready.clone(),
-                text(&meter["meter"]),
-                text(&meter["meterApiName"]),
-                text(&meter["forwardedUntil"]),
-                seconds(&meter["lag"]),
-                text(&meter["recordsSent"]),
-                text(&meter["correctionsSent"]),
-                text(&meter["recordsPending"]),
-                text(&status["retries"]),
-                text(&status["deadLetters"]),
-            ]);
+            table.named_row(
+                name.clone(),
+                [
+                    cell(&sink["sink"]),
+                    ready.clone().into(),
+                    cell(&meter["meter"]),
+                    cell(&meter["meterApiName"]),
+                    cell(&meter["forwardedUntil"]),
+                    seconds(&meter["lag"]),
+                    cell(&meter["recordsSent"]),
+                    cell(&meter["correctionsSent"]),
+                    cell(&meter["recordsPending"]),
+                    cell(&status["retries"]),
+                    cell(&status["deadLetters"]),
+                ],
+            );
         }
     }
-    print(&table.render())
+    output::print_listing(args.output, &answer, "No billing sinks.", || table)
 }
 
 async fn dead_letters(client: &TallyClient, args: DeadLettersArgs) -> anyhow::Result<()> {
@@ -180,15 +172,14 @@ async fn dead_letters(client: &TallyClient, args: DeadLettersArgs) -> anyhow::Re
         .billing_dead_letters(args.sink.as_deref())
         .await
         .context("listing billing dead letters")?;
-    if let Some(text) = dump(&answer, args.output)? {
-        return print(&text);
-    }
-    let mut table = Table::new(["SINK", "ID", "AT", "STATUS", "RECORDS", "REASON", "ANSWER"]);
+    let wide = matches!(args.output, Format::Wide | Format::Csv);
+    let mut table =
+        Table::new(["SINK", "ID", "AT", "STATUS", "RECORDS", "REASON", "ANSWER"]).named();
     for sink in answer["sinks"].as_array().into_iter().flatten() {
         for letter in sink["deadLetters"].as_array().into_iter().flatten() {
             let records = letter["records"].as_array().map_or(0, Vec::len);
             let mut answer = text(&letter["answer"]);
-            if answer.len() > 80 {
+            if !wide && answer.len() > 80 {
                 let cut = (0..=80)
                     .rev()
                     .find(|i| answer.is_char_boundary(*i))
@@ -196,18 +187,21 @@ async fn dead_letters(client: &TallyClient, args: DeadLettersArgs) -> anyhow::Re
                 answer.truncate(cut);
                 answer.push('…');
             }
-            table.row([
-                text(&sink["sink"]),
-                text(&letter["id"]),
-                text(&letter["at"]),
-                text(&letter["status"]),
-                records.to_string(),
-                text(&letter["reason"]),
-                answer,
-            ]);
+            table.named_row(
+                format!("deadletter/{}/{}", text(&sink["sink"]), text(&letter["id"])),
+                [
+                    cell(&sink["sink"]),
+                    cell(&letter["id"]),
+                    cell(&letter["at"]),
+                    cell(&letter["status"]),
+                    records.to_string().into(),
+                    cell(&letter["reason"]),
+                    answer.into(),
+                ],
+            );
         }
     }
-    print(&table.render())
+    output::print_listing(args.output, &answer, "No dead letters.", || table)
 }
 
 async fn reconcile(client: &TallyClient, args: ReconcileArgs) -> anyhow::Result<()> {
@@ -218,42 +212,37 @@ async fn reconcile(client: &TallyClient, args: ReconcileArgs) -> anyhow::Result<
         .await
         .context("reconciling billing")?;
     let differences = answer["differences"].as_u64().unwrap_or(0);
-    match dump(&answer, args.output)? {
-        Some(text) => print(&text)?,
-        None => {
-            let mut table = Table::new([
-                "SINK",
-                "CUSTOMER",
-                "METER API NAME",
-                "LEDGER",
-                "ACKNOWLEDGED",
-                "DIFFERENCE",
+    let mut table = Table::new([
+        "SINK",
+        "CUSTOMER",
+        "METER API NAME",
+        "LEDGER",
+        "ACKNOWLEDGED",
+        "DIFFERENCE",
+    ]);
+    for sink in answer["sinks"].as_array().into_iter().flatten() {
+        for row in sink["totals"].as_array().into_iter().flatten() {
+            let ledger = text(&row["ledger"]);
+            let acknowledged = text(&row["acknowledged"]);
+            let difference = match (
+                ledger.parse::<rust_decimal::Decimal>(),
+                acknowledged.parse::<rust_decimal::Decimal>(),
+            ) {
+                (Ok(l), Ok(a)) if l == a => String::new(),
+                (Ok(l), Ok(a)) => (l - a).normalize().to_string(),
+                _ => "?".to_owned(),
+            };
+            table.row([
+                cell(&sink["sink"]),
+                cell(&row["customerId"]),
+                cell(&row["meterApiName"]),
+                ledger.into(),
+                acknowledged.into(),
+                difference.into(),
             ]);
-            for sink in answer["sinks"].as_array().into_iter().flatten() {
-                for row in sink["totals"].as_array().into_iter().flatten() {
-                    let ledger = text(&row["ledger"]);
-                    let acknowledged = text(&row["acknowledged"]);
-                    let difference = match (
-                        ledger.parse::<rust_decimal::Decimal>(),
-                        acknowledged.parse::<rust_decimal::Decimal>(),
-                    ) {
-                        (Ok(l), Ok(a)) if l == a => String::new(),
-                        (Ok(l), Ok(a)) => (l - a).normalize().to_string(),
-                        _ => "?".to_owned(),
-                    };
-                    table.row([
-                        text(&sink["sink"]),
-                        text(&row["customerId"]),
-                        text(&row["meterApiName"]),
-                        ledger,
-                        acknowledged,
-                        difference,
-                    ]);
-                }
-            }
-            print(&table.render())?;
         }
     }
+    output::print_listing(args.output, &answer, "Nothing to reconcile.", || table)?;
     if differences > 0 {
         anyhow::bail!("{differences} (billing account, meter) total(s) differ from the provider's");
     }
