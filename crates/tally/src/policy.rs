@@ -31,6 +31,7 @@ pub struct RenderArgs {
     /// Where the proxy sends access logs and spans over OTLP/gRPC (the collector).
     #[arg(long, default_value = "tally-collect.tally-system.svc.cluster.local")]
     otlp_host: String,
+    /// The collector's OTLP/gRPC port.
     #[arg(long, default_value_t = 4317)]
     otlp_port: u16,
 }
