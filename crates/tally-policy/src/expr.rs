@@ -129,8 +129,18 @@ impl CompiledExpr {
     /// The value of the expression for `record`, `None` if the record
     /// lacks what it needs or evaluation raised an error.
     pub fn eval(&self, record: &Record) -> Option<Value> {
-        let context = self.context(record);
-        Value::resolve(&self.ast, &context).ok()
+        self.eval_in(&context(self.checked.used, record))
+    }
+
+    /// The value in a context already built for the record (with at least
+    /// the attributes of [`CompiledExpr::used`]).
+    pub fn eval_in(&self, context: &Context<'_, '_>) -> Option<Value> {
+        Value::resolve(&self.ast, context).ok()
+    }
+
+    /// The attributes the expression reads, as a bit set of attribute ids.
+    pub fn used(&self) -> u64 {
+        self.checked.used
     }
 
     /// Whether `record` matches (a boolean expression that is `true`).
@@ -142,49 +152,6 @@ impl CompiledExpr {
     pub fn render(&self, record: &Record) -> Option<String> {
         render(&self.eval(record)?)
     }
-
-    /// The variables of the roots the expression reads, holding only the
-    /// attributes it reads that `record` has (namespaces always exist, so
-    /// `has()` answers instead of failing).
-    fn context(&self, record: &Record) -> Context<'static, 'static> {
-        let mut roots: Vec<(&'static str, Tree)> = Vec::new();
-        let mut bits = self.checked.used;
-        while bits != 0 {
-            let id = bits.trailing_zeros() as usize;
-            bits &= bits - 1;
-            let name = ATTRIBUTES[id].name;
-            let value = record.get(id).map(to_value);
-            let mut parts = name.split('.');
-            let root = parts.next().unwrap_or(name);
-            let rest: Vec<&str> = parts.collect();
-            if rest.is_empty() {
-                if let Some(v) = value {
-                    roots.push((root, Tree::Leaf(v)));
-                }
-                continue;
-            }
-            let tree = match roots.iter_mut().find(|(r, _)| *r == root) {
-                Some((_, t)) => t,
-                None => {
-                    roots.push((root, Tree::Node(Vec::new())));
-                    &mut roots.last_mut().expect("just pushed").1
-                }
-            };
-            tree.insert(&rest, value);
-        }
-        let mut context = Context::with_env(Arc::clone(stdlib()));
-        for (root, tree) in roots {
-            context.add_variable_from_value(root, tree.into_value());
-        }
-        context
-    }
-}
-
-/// CEL's standard library, built once: `Context::default()` builds it anew
-/// for every context, which cost ~100 µs per evaluated record.
-fn stdlib() -> &'static Arc<cel::Env> {
-    static STDLIB: std::sync::OnceLock<Arc<cel::Env>> = std::sync::OnceLock::new();
-    STDLIB.get_or_init(|| Arc::new(cel::Env::stdlib()))
 }
 
 fn first_line(text: &str) -> &str {
@@ -277,4 +244,47 @@ pub fn render(value: &Value) -> Option<String> {
         Value::Timestamp(t) => t.to_rfc3339(),
         _ => return None,
     })
+}
+
+/// The variables of the roots of the attributes in `used`, holding those
+/// `record` has (namespaces always exist, so `has()` answers instead of
+/// failing). One context serves every expression that reads no more.
+pub fn context(used: u64, record: &Record) -> Context<'static, 'static> {
+    let mut roots: Vec<(&'static str, Tree)> = Vec::new();
+    let mut bits = used;
+    while bits != 0 {
+        let id = bits.trailing_zeros() as usize;
+        bits &= bits - 1;
+        let name = ATTRIBUTES[id].name;
+        let value = record.get(id).map(to_value);
+        let mut parts = name.split('.');
+        let root = parts.next().unwrap_or(name);
+        let rest: Vec<&str> = parts.collect();
+        if rest.is_empty() {
+            if let Some(v) = value {
+                roots.push((root, Tree::Leaf(v)));
+            }
+            continue;
+        }
+        let at = match roots.iter().position(|(r, _)| *r == root) {
+            Some(i) => i,
+            None => {
+                roots.push((root, Tree::Node(Vec::new())));
+                roots.len() - 1
+            }
+        };
+        roots[at].1.insert(&rest, value);
+    }
+    let mut context = Context::with_env(Arc::clone(stdlib()));
+    for (root, tree) in roots {
+        context.add_variable_from_value(root, tree.into_value());
+    }
+    context
+}
+
+/// CEL's standard library, built once: `Context::default()` builds it anew
+/// for every context, which cost ~50 µs per evaluated record.
+fn stdlib() -> &'static Arc<cel::Env> {
+    static STDLIB: std::sync::OnceLock<Arc<cel::Env>> = std::sync::OnceLock::new();
+    STDLIB.get_or_init(|| Arc::new(cel::Env::stdlib()))
 }

@@ -90,6 +90,8 @@ pub struct Tracing {
 pub struct AccessLogs {
     /// OR-ed; none keeps every record.
     pub matches: Vec<CompiledExpr>,
+    /// Every attribute the matches read: one evaluation context per record.
+    pub used: u64,
     /// What a kept record carries; none: every attribute it has.
     pub fields: Vec<AttrId>,
 }
@@ -144,8 +146,15 @@ impl Policy {
     /// attribute name, value) pairs; `None` if the policy does not keep it.
     pub fn keep_log(&self, record: &Record) -> Option<Vec<(&'static str, AttrValue)>> {
         let logs = self.access_logs.as_ref()?;
-        if !logs.matches.is_empty() && !logs.matches.iter().any(|m| m.matches(record)) {
-            return None;
+        if !logs.matches.is_empty() {
+            let context = crate::expr::context(logs.used, record);
+            let kept = logs
+                .matches
+                .iter()
+                .any(|m| matches!(m.eval_in(&context), Some(cel::Value::Bool(true))));
+            if !kept {
+                return None;
+            }
         }
         let pick = |id: AttrId| record.get(id).map(|v| (ATTRIBUTES[id].otel, v.clone()));
         Some(if logs.fields.is_empty() {
@@ -273,7 +282,7 @@ fn access_logs(spec: &crate::spec::AccessLogsSpec) -> Result<AccessLogs, String>
     if spec.fields.len() > MAX_FIELDS {
         return Err(format!("spec.accessLogs.fields: at most {MAX_FIELDS}"));
     }
-    let matches = spec
+    let matches: Vec<CompiledExpr> = spec
         .matches
         .iter()
         .enumerate()
@@ -291,7 +300,12 @@ fn access_logs(spec: &crate::spec::AccessLogsSpec) -> Result<AccessLogs, String>
             fields.push(id);
         }
     }
-    Ok(AccessLogs { matches, fields })
+    let used = matches.iter().fold(0, |bits, m| bits | m.used());
+    Ok(AccessLogs {
+        matches,
+        used,
+        fields,
+    })
 }
 
 fn tracing(spec: &crate::spec::TracingSpec) -> Result<Tracing, String> {
