@@ -124,16 +124,18 @@ impl TallyClient {
         let url = self.url(&["api", "v1", "events"], &[]);
         let body = serde_json::to_vec(events)
             .map_err(|e| ClientError::InvalidRequest(format!("cannot encode events: {e}")))?;
+        // The server answers 204 unless asked for what it stored.
         let request = self
             .request(Method::POST, &url)
             .header(CONTENT_TYPE, CLOUDEVENTS_BATCH)
+            .header("prefer", "return=representation")
             .body(body);
         self.json(request, &url).await
     }
 
-    /// One page of stored events, newest first (`GET /api/v1/events`).
+    /// One page of stored events, newest first (`GET /api/v2/events`).
     pub async fn list_events(&self, params: &EventListParams) -> Result<EventPage, ClientError> {
-        let url = self.url(&["api", "v1", "events"], &params.to_pairs());
+        let url = self.url(&["api", "v2", "events"], &params.to_pairs());
         self.json(self.request(Method::GET, &url), &url).await
     }
 
@@ -309,8 +311,15 @@ impl TallyClient {
         self.json(self.request(Method::POST, &url), &url).await
     }
 
-    /// The ledger's totals against the provider's acknowledged ones per
-    /// billing account and meter (`GET /api/v1/billing/reconcile`).
+    /// Sends every dead letter of a sink again
+    /// (`POST /api/v1/billing/deadletters/{sink}/retry`).
+    pub async fn billing_retry_all_dead_letters(&self, sink: &str) -> Result<Value, ClientError> {
+        let url = self.url(&["api", "v1", "billing", "deadletters", sink, "retry"], &[]);
+        self.json(self.request(Method::POST, &url), &url).await
+    }
+
+    /// The ledger's totals against the acknowledged ones and the provider's
+    /// own per billing account and meter (`GET /api/v1/billing/reconcile`).
     pub async fn billing_reconcile(
         &self,
         from: jiff::Timestamp,

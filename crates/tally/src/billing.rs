@@ -13,15 +13,18 @@ use crate::when::parse_instant;
 
 #[derive(Debug, Subcommand)]
 pub enum BillingCommand {
-    /// Per sink and meter: last forwarded window, lag, records sent,
-    /// retries, dead letters.
+    /// Per sink and meter: readiness (and why not, since when), last
+    /// forwarded window, lag in seconds, records sent and pending, dead
+    /// letters, unattributed usage.
     Status(StatusArgs),
     /// Batches the provider refused for good, with its answer.
     Deadletters(DeadLettersArgs),
-    /// Send a dead letter's records again (same uniqueIds).
+    /// Send a dead letter's records again (same uniqueIds), or all of a
+    /// sink's with --all.
     Retry(RetryArgs),
-    /// Compare, per billing account and meter, the ledger's totals with what
-    /// the provider acknowledged; exits non-zero when any differ.
+    /// Compare, per billing account and meter, the ledger's totals with the
+    /// provider's own (its usage API) and with what it acknowledged; exits
+    /// non-zero when the provider's total drifts either way.
     Reconcile(ReconcileArgs),
 }
 
@@ -51,8 +54,15 @@ pub struct RetryArgs {
     #[arg(value_name = "SINK")]
     sink: String,
     /// The dead letter's id (see `tally billing deadletters`).
-    #[arg(value_name = "ID")]
-    id: u64,
+    #[arg(
+        value_name = "ID",
+        required_unless_present = "all",
+        conflicts_with = "all"
+    )]
+    id: Option<u64>,
+    /// Every dead letter of the sink.
+    #[arg(long)]
+    all: bool,
 }
 
 #[derive(Debug, Args)]
@@ -100,17 +110,58 @@ pub async fn run(client: &TallyClient, command: BillingCommand) -> anyhow::Resul
     match command {
         BillingCommand::Status(args) => status(client, args).await,
         BillingCommand::Deadletters(args) => dead_letters(client, args).await,
-        BillingCommand::Retry(args) => {
-            client
-                .billing_retry_dead_letter(&args.sink, args.id)
-                .await
-                .with_context(|| format!("retrying dead letter {} of {}", args.id, args.sink))?;
-            print(&format!(
-                "dead letter {} of billing sink {} queued again\n",
-                args.id, args.sink
-            ))
-        }
+        BillingCommand::Retry(args) => retry(client, args).await,
         BillingCommand::Reconcile(args) => reconcile(client, args).await,
+    }
+}
+
+async fn retry(client: &TallyClient, args: RetryArgs) -> anyhow::Result<()> {
+    let Some(id) = args.id else {
+        let answer = client
+            .billing_retry_all_dead_letters(&args.sink)
+            .await
+            .with_context(|| format!("retrying the dead letters of {}", args.sink))?;
+        let ids: Vec<String> = answer["ids"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(text)
+            .collect();
+        return print(&match ids.as_slice() {
+            [] => format!("billing sink {} has no dead letters\n", args.sink),
+            ids => format!(
+                "dead letters {} of billing sink {} queued again\n",
+                ids.join(", "),
+                args.sink
+            ),
+        });
+    };
+    client
+        .billing_retry_dead_letter(&args.sink, id)
+        .await
+        .with_context(|| format!("retrying dead letter {id} of {}", args.sink))?;
+    print(&format!(
+        "dead letter {id} of billing sink {} queued again\n",
+        args.sink
+    ))
+}
+
+/// A sink's readiness: `True`, or `False (Reason since T)`.
+fn readiness(sink: &Value) -> String {
+    if sink["ready"].as_bool() == Some(true) {
+        return "True".to_owned();
+    }
+    match sink["since"].as_str() {
+        Some(since) => format!("False ({} since {since})", text(&sink["reason"])),
+        None => format!("False ({})", text(&sink["reason"])),
+    }
+}
+
+/// Unattributed usage and how many projects it belongs to.
+fn unattributed(meter: &Value) -> String {
+    match meter["unattributedProjects"].as_u64() {
+        Some(0) | None => text(&meter["unattributed"]),
+        Some(n) => format!("{} ({n} projects)", text(&meter["unattributed"])),
     }
 }
 
@@ -131,14 +182,19 @@ async fn status(client: &TallyClient, args: StatusArgs) -> anyhow::Result<()> {
         "PENDING",
         "RETRIES",
         "DEAD LETTERS",
+        "UNATTRIBUTED",
     ])
     .named();
+    let mut notes = String::new();
     for sink in answer["sinks"].as_array().into_iter().flatten() {
-        let ready = if sink["ready"].as_bool() == Some(true) {
-            "True".to_owned()
-        } else {
-            format!("False ({})", text(&sink["reason"]))
-        };
+        let ready = readiness(sink);
+        if sink["ready"].as_bool() != Some(true) {
+            notes.push_str(&format!(
+                "{}: {}\n",
+                text(&sink["sink"]),
+                text(&sink["message"])
+            ));
+        }
         let status = &sink["status"];
         let meters = status["meters"].as_array().cloned().unwrap_or_default();
         let name = format!("billingsink/{}", text(&sink["sink"]));
@@ -160,11 +216,17 @@ async fn status(client: &TallyClient, args: StatusArgs) -> anyhow::Result<()> {
                     cell(&meter["recordsPending"]),
                     cell(&status["retries"]),
                     cell(&status["deadLetters"]),
+                    unattributed(&meter).into(),
                 ],
             );
         }
     }
-    output::print_listing(args.output, &answer, "No billing sinks.", || table)
+    output::print_listing(args.output, &answer, "No billing sinks.", || table)?;
+    // Why a sink is not ready, for people reading the table.
+    if matches!(args.output, Format::Table | Format::Wide) && !notes.is_empty() {
+        print(&notes)?;
+    }
+    Ok(())
 }
 
 async fn dead_letters(client: &TallyClient, args: DeadLettersArgs) -> anyhow::Result<()> {
@@ -218,33 +280,33 @@ async fn reconcile(client: &TallyClient, args: ReconcileArgs) -> anyhow::Result<
         "METER API NAME",
         "LEDGER",
         "ACKNOWLEDGED",
-        "DIFFERENCE",
+        "PROVIDER",
+        "DRIFT",
     ]);
     for sink in answer["sinks"].as_array().into_iter().flatten() {
         for row in sink["totals"].as_array().into_iter().flatten() {
-            let ledger = text(&row["ledger"]);
-            let acknowledged = text(&row["acknowledged"]);
-            let difference = match (
-                ledger.parse::<rust_decimal::Decimal>(),
-                acknowledged.parse::<rust_decimal::Decimal>(),
-            ) {
-                (Ok(l), Ok(a)) if l == a => String::new(),
-                (Ok(l), Ok(a)) => (l - a).normalize().to_string(),
-                _ => "?".to_owned(),
+            // Provider minus ledger: + over-billed, - under-billed.
+            let drift = match row["drift"].as_str() {
+                Some("0") | None => String::new(),
+                Some(d) if d.starts_with('-') => d.to_owned(),
+                Some(d) => format!("+{d}"),
             };
             table.row([
                 cell(&sink["sink"]),
                 cell(&row["customerId"]),
                 cell(&row["meterApiName"]),
-                ledger.into(),
-                acknowledged.into(),
-                difference.into(),
+                cell(&row["ledger"]),
+                cell(&row["acknowledged"]),
+                cell(&row["provider"]),
+                drift.into(),
             ]);
         }
     }
     output::print_listing(args.output, &answer, "Nothing to reconcile.", || table)?;
     if differences > 0 {
-        anyhow::bail!("{differences} (billing account, meter) total(s) differ from the provider's");
+        anyhow::bail!(
+            "{differences} (billing account, meter) total(s) at the provider drift from the ledger's"
+        );
     }
     Ok(())
 }
