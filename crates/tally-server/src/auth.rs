@@ -201,6 +201,8 @@ fn access(method: &Method, route: &str) -> Access {
             | "/v1/usage/events"
             | "/v1/usage/events:batchIngest"
             | "/v1/metrics"
+            | "/v1/logs"
+            | "/v1/traces"
             | "/api/v1/write",
         ) => Access::Ingest,
         // Usage (narrowed by the handler to the caller's projects), and the

@@ -155,6 +155,8 @@ fn router(state: ExportState) -> Router {
     let max_body_bytes = state.telemetry.max_body_bytes;
     let api = Router::new()
         .route("/v1/metrics", post(telemetry::otlp_metrics))
+        .route("/v1/logs", post(crate::signals::otlp_logs))
+        .route("/v1/traces", post(crate::signals::otlp_traces))
         .route("/api/v1/write", post(telemetry::remote_write))
         .route("/apis/{plural}", get(list))
         .route("/apis/{plural}/{namespace}/{name}", get(get_one))

@@ -1,7 +1,8 @@
-//! The OTLP/gRPC metrics receiver:
-//! `opentelemetry.proto.collector.metrics.v1.MetricsService/Export`, on its
-//! own listener (`grpcListen`). It shares everything with `POST /v1/metrics`
-//! but the transport: the bearer token in the `authorization` metadata
+//! The OTLP/gRPC receivers:
+//! `opentelemetry.proto.collector.metrics.v1.MetricsService/Export`,
+//! `...logs.v1.LogsService/Export` and `...trace.v1.TraceService/Export`, on
+//! their own listener (`grpcListen`). Each shares everything with its HTTP
+//! route (`/v1/metrics`, `/v1/logs`, `/v1/traces`) but the transport: the bearer token in the `authorization` metadata
 //! (same tokens, same `ingest`/`admin` scope), the ingest path
 //! ([`telemetry::ingest`]) and the answer (a partial success for data
 //! points no exporter may ever see). Per the OTLP specification, a request
@@ -12,19 +13,32 @@ use std::future::Future;
 use std::sync::Arc;
 
 use axum::http::{Method, StatusCode};
+use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{
+    LogsService, LogsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::logs::v1::{
+    ExportLogsServiceRequest, ExportLogsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
     MetricsService, MetricsServiceServer,
 };
 use opentelemetry_proto::tonic::collector::metrics::v1::{
     ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response, Status};
 
 use crate::auth::Authenticator;
+use crate::signals;
 use crate::telemetry::{self, NO_PIPELINE, Telemetry};
 
-/// Answers `Export` calls.
+/// Answers `Export` calls of the three services.
 pub(crate) struct MetricsReceiver {
     telemetry: Telemetry,
     auth: Arc<Authenticator>,
@@ -47,25 +61,66 @@ impl MetricsService for MetricsReceiver {
         &self,
         request: Request<ExportMetricsServiceRequest>,
     ) -> Result<Response<ExportMetricsServiceResponse>, Status> {
-        let bearer = request
-            .metadata()
+        let pipeline = self.admit(request.metadata(), "/v1/metrics")?;
+        match telemetry::ingest(pipeline, "otlp_grpc_metrics", request.get_ref(), 0) {
+            Ok(report) => Ok(Response::new(ExportMetricsServiceResponse {
+                partial_success: telemetry::partial_success(&report),
+            })),
+            Err(unavailable) => Err(Status::unavailable(unavailable.message())),
+        }
+    }
+}
+
+impl MetricsReceiver {
+    /// The pipeline, if the caller may use `route` (the HTTP route's rule:
+    /// `ingest` or `admin`).
+    fn admit(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        route: &str,
+    ) -> Result<&tally_telemetry::Pipeline, Status> {
+        let bearer = metadata
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        // The same rule as the HTTP route: `ingest` or `admin`.
-        if let Err(problem) = self.auth.check(bearer, &Method::POST, "/v1/metrics") {
+        if let Err(problem) = self.auth.check(bearer, &Method::POST, route) {
             return Err(if problem.status == StatusCode::UNAUTHORIZED.as_u16() {
                 Status::unauthenticated(problem.detail)
             } else {
                 Status::permission_denied(problem.detail)
             });
         }
-        let Some(pipeline) = self.telemetry.pipeline.as_deref() else {
-            return Err(Status::unimplemented(NO_PIPELINE));
-        };
-        match telemetry::ingest(pipeline, "otlp_grpc_metrics", request.get_ref(), 0) {
-            Ok(report) => Ok(Response::new(ExportMetricsServiceResponse {
-                partial_success: telemetry::partial_success(&report),
+        self.telemetry
+            .pipeline
+            .as_deref()
+            .ok_or_else(|| Status::unimplemented(NO_PIPELINE))
+    }
+}
+
+#[tonic::async_trait]
+impl LogsService for MetricsReceiver {
+    async fn export(
+        &self,
+        request: Request<ExportLogsServiceRequest>,
+    ) -> Result<Response<ExportLogsServiceResponse>, Status> {
+        let pipeline = self.admit(request.metadata(), "/v1/logs")?;
+        match signals::ingest_logs(pipeline, "otlp_grpc_logs", request.get_ref()) {
+            Ok(partial_success) => Ok(Response::new(ExportLogsServiceResponse { partial_success })),
+            Err(unavailable) => Err(Status::unavailable(unavailable.message())),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl TraceService for MetricsReceiver {
+    async fn export(
+        &self,
+        request: Request<ExportTraceServiceRequest>,
+    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        let pipeline = self.admit(request.metadata(), "/v1/traces")?;
+        match signals::ingest_traces(pipeline, "otlp_grpc_traces", request.get_ref()) {
+            Ok(partial_success) => Ok(Response::new(ExportTraceServiceResponse {
+                partial_success,
             })),
             Err(unavailable) => Err(Status::unavailable(unavailable.message())),
         }
@@ -83,7 +138,20 @@ pub(crate) async fn serve(
     stats: tally_http::ConnectionStats,
     shutdown: impl Future<Output = ()> + Send,
 ) {
+    let limit = telemetry.max_body_bytes;
+    let receiver = || MetricsReceiver {
+        telemetry: telemetry.clone(),
+        auth: Arc::clone(&auth),
+    };
+    let logs = LogsServiceServer::new(receiver())
+        .accept_compressed(CompressionEncoding::Gzip)
+        .max_decoding_message_size(limit);
+    let traces = TraceServiceServer::new(receiver())
+        .accept_compressed(CompressionEncoding::Gzip)
+        .max_decoding_message_size(limit);
     let app = tonic::service::Routes::new(MetricsReceiver::service(telemetry, auth))
+        .add_service(logs)
+        .add_service(traces)
         .prepare()
         .into_axum_router();
     tally_http::Server::new(limits, crate::problem::body_timed_out)

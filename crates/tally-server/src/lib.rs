@@ -23,6 +23,7 @@ mod problem;
 mod query;
 mod resources;
 mod schemas;
+mod signals;
 mod subjects;
 mod telemetry;
 mod unserved;
@@ -247,6 +248,7 @@ pub const DEFAULT_MAX_PENDING_EVENTS: usize = 262_144;
         resources::apply, resources::list, resources::get, resources::put, resources::delete,
         resources::get_namespaced, resources::put_namespaced, resources::delete_namespaced,
         quarantine, metrics, healthz, readyz, telemetry::otlp_metrics, telemetry::remote_write,
+        signals::otlp_logs, signals::otlp_traces,
         billing::status, billing::dead_letters, billing::retry_dead_letter, billing::retry_all_dead_letters, billing::reconcile, billing::changes,
     ),
     components(schemas(schemas::Meter, schemas::MeterCreate, schemas::MeterUpdate, schemas::MeterAggregation,
@@ -328,6 +330,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/billing/reconcile", get(billing::reconcile))
         .route("/api/v1/quarantine", get(quarantine))
         .route("/v1/metrics", post(telemetry::otlp_metrics))
+        .route("/v1/logs", post(signals::otlp_logs))
+        .route("/v1/traces", post(signals::otlp_traces))
         .route("/api/v1/write", post(telemetry::remote_write))
         .route("/apis/apply", post(resources::apply))
         .route("/apis/{plural}", get(resources::list))
@@ -674,6 +678,9 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .with_resources(resources)
         .with_telemetry(Arc::clone(&pipeline))
         .with_status_source(Arc::new(exporters::ExporterStatusSource(Arc::clone(
+            &pipeline,
+        ))))
+        .with_status_source(Arc::new(exporters::PolicyStatusSource(Arc::clone(
             &pipeline,
         ))))
         .with_tokens(config.token.as_deref(), &config.tokens)

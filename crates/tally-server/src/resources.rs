@@ -158,6 +158,7 @@ pub async fn apply(
         ) {
             return Err(forbidden(&principal, "write", &key));
         }
+        policy_targets_allowed(&set, &principal, &manifest)?;
         typed.push((manifest, kind));
     }
     let mut results = Vec::with_capacity(typed.len());
@@ -277,6 +278,7 @@ async fn put_key(
             .map_err(|e| Problem::bad_request(format!("the body is not a JSON manifest: {e}")))
     })
     .await?;
+    policy_targets_allowed(&set, principal, &manifest)?;
     let meta = &manifest.metadata;
     if meta.name != key.name
         || manifest.kind != key.kind.as_str()
@@ -297,6 +299,43 @@ async fn put_key(
             .await?
             .manifest,
     ))
+}
+
+/// A project's `TelemetryPolicy` targets only its own gateways (its
+/// namespace's, by construction) and namespaces: a Namespace target that
+/// belongs to another project is refused. (Operators may write any policy;
+/// the resolution still never lets it govern another project.)
+fn policy_targets_allowed(
+    set: &ResourceSet,
+    principal: &Principal,
+    manifest: &Manifest,
+) -> Result<(), Problem> {
+    if manifest.kind != Kind::TelemetryPolicy.as_str() || principal.is_admin() {
+        return Ok(());
+    }
+    let refs = manifest.spec.get("targetRefs").and_then(Value::as_array);
+    for target in refs.into_iter().flatten() {
+        if target.get("kind").and_then(Value::as_str) != Some("Namespace") {
+            continue;
+        }
+        let Some(name) = target.get("name").and_then(Value::as_str) else {
+            continue;
+        };
+        let owner = project_of(set, Kind::Namespace, None, name);
+        if let Some(owner) = owner
+            && !principal.projects().any(|mine| mine == owner)
+        {
+            return Err(Problem::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "TelemetryPolicy {}/{} targets Namespace {name}, which belongs to another project: a project's policies may target only its own gateways and namespaces",
+                    manifest.metadata.namespace.as_deref().unwrap_or_default(),
+                    manifest.metadata.name
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 async fn delete_key(

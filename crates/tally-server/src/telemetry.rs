@@ -197,28 +197,32 @@ pub async fn otlp_metrics(
     // request's encoding (with `Retry-After` kept on a 503).
     match receive_metrics(&state, headers, body, encoding).await {
         Ok(response) => Ok(response),
-        Err(problem) => {
-            let status =
-                StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            let content_type = match encoding {
-                Encoding::Protobuf => PROTOBUF_CONTENT_TYPE,
-                Encoding::Json => JSON_CONTENT_TYPE,
-            };
-            let body = otlp::encode_error_status(encoding, problem.status, &problem.detail);
-            let mut response = (
-                status,
-                [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
-                body,
-            )
-                .into_response();
-            if let Some(seconds) = problem.retry_after() {
-                response
-                    .headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-            }
-            Ok(response)
-        }
+        Err(problem) => Ok(otlp_error(encoding, &problem)),
     }
+}
+
+/// An error of a request that speaks OTLP, as the OTLP/HTTP specification
+/// says: a `google.rpc.Status` in the request's encoding (with
+/// `Retry-After` kept on a 503).
+pub(crate) fn otlp_error(encoding: Encoding, problem: &Problem) -> Response {
+    let status = StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let content_type = match encoding {
+        Encoding::Protobuf => PROTOBUF_CONTENT_TYPE,
+        Encoding::Json => JSON_CONTENT_TYPE,
+    };
+    let body = otlp::encode_error_status(encoding, problem.status, &problem.detail);
+    let mut response = (
+        status,
+        [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
+        body,
+    )
+        .into_response();
+    if let Some(seconds) = problem.retry_after() {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    response
 }
 
 async fn receive_metrics(

@@ -93,6 +93,7 @@ async fn start(with_pipeline: bool) -> Server {
             exporters: Manifest::parse_documents(&exporter).unwrap(),
             secrets,
             index,
+            policies: Default::default(),
         });
         state = state.with_telemetry(Arc::new(pipeline));
     }

@@ -126,6 +126,7 @@ fn snapshot(endpoint: &str, max_size: Option<u64>) -> Snapshot {
         exporters: Manifest::parse_documents(&text).expect("manifest"),
         secrets: Secrets::new(),
         index,
+        policies: Default::default(),
     }
 }
 

@@ -389,6 +389,7 @@ fn pipeline_snapshot(exporters: Vec<Manifest>) -> Snapshot {
         exporters,
         secrets: Secrets::new(),
         index,
+        policies: Default::default(),
     }
 }
 

@@ -9,12 +9,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
-use prost::Message as _;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use reqwest::header::{CONTENT_TYPE, HeaderValue};
 use tally_delivery::{Answer, EncodeError, Encoder, HttpRequest, Item, Verdict};
 
-use crate::exporter::Encoding;
+use crate::exporter::{Encoding, Signal};
 use crate::otlp::{self, ExportOutcome};
 use crate::sink::SinkShared;
 
@@ -34,6 +35,7 @@ pub(crate) fn points_of(keys: &[Bytes]) -> u64 {
 /// Turns a batch (concatenated protobuf shares) into an OTLP/HTTP request,
 /// and reads answers per the OTLP spec.
 pub(crate) struct OtlpEncoder {
+    pub(crate) signal: Signal,
     pub(crate) url: url::Url,
     pub(crate) encoding: Encoding,
     pub(crate) gzip: bool,
@@ -67,13 +69,10 @@ impl Encoder for OtlpEncoder {
         };
         let (body, content_type) = match self.encoding {
             Encoding::Protobuf => (protobuf, otlp::PROTOBUF_CONTENT_TYPE),
-            Encoding::Json => {
-                let request = ExportMetricsServiceRequest::decode(&protobuf[..])
-                    .map_err(|e| EncodeError::new(format!("re-reading a batch: {e}")))?;
-                let json = serde_json::to_vec(&request)
-                    .map_err(|e| EncodeError::new(format!("OTLP JSON encoding: {e}")))?;
-                (Bytes::from(json), otlp::JSON_CONTENT_TYPE)
-            }
+            Encoding::Json => (
+                Bytes::from(to_json(self.signal, &protobuf)?),
+                otlp::JSON_CONTENT_TYPE,
+            ),
         };
         let url = reqwest::Url::parse(self.url.as_str())
             .map_err(|e| EncodeError::new(format!("endpoint URL: {e}")))?;
@@ -132,5 +131,22 @@ impl Encoder for OtlpEncoder {
                 }
             }
         }
+    }
+}
+
+/// A batch (protobuf) of `signal` as OTLP JSON.
+fn to_json(signal: Signal, protobuf: &[u8]) -> Result<Vec<u8>, EncodeError> {
+    fn json<M: prost::Message + Default + serde::Serialize>(
+        protobuf: &[u8],
+    ) -> Result<Vec<u8>, EncodeError> {
+        let request = M::decode(protobuf)
+            .map_err(|e| EncodeError::new(format!("re-reading a batch: {e}")))?;
+        serde_json::to_vec(&request)
+            .map_err(|e| EncodeError::new(format!("OTLP JSON encoding: {e}")))
+    }
+    match signal {
+        Signal::Metrics => json::<ExportMetricsServiceRequest>(protobuf),
+        Signal::Logs => json::<ExportLogsServiceRequest>(protobuf),
+        Signal::Traces => json::<ExportTraceServiceRequest>(protobuf),
     }
 }

@@ -32,8 +32,33 @@ impl fmt::Display for ExporterKey {
 pub struct Exporter {
     pub key: ExporterKey,
     pub generation: Option<u64>,
+    /// The metrics sources.
     pub sources: Vec<Source>,
+    /// Whether a source takes the project's policy-kept access logs.
+    pub logs: bool,
+    /// Whether a source takes the project's policy-sampled spans.
+    pub traces: bool,
     pub sinks: Vec<SinkConfig>,
+}
+
+/// What a sink carries: each signal has its own OTLP path and its own
+/// delivery sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Signal {
+    Metrics,
+    Logs,
+    Traces,
+}
+
+impl Signal {
+    /// `metrics`, `logs`, `traces`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Signal::Metrics => "metrics",
+            Signal::Logs => "logs",
+            Signal::Traces => "traces",
+        }
+    }
 }
 
 /// A compiled source.
@@ -180,6 +205,10 @@ pub struct SinkConfig {
     pub name: String,
     /// The full metrics URL (`.../v1/metrics`).
     pub metrics_url: Url,
+    /// The full logs URL (`.../v1/logs`).
+    pub logs_url: Url,
+    /// The full traces URL (`.../v1/traces`).
+    pub traces_url: Url,
     pub authentication: Authentication,
     pub headers: Vec<HeaderConfig>,
     pub temporality: Temporality,
@@ -353,7 +382,7 @@ impl Exporter {
                 });
             }
         };
-        let sources = compile_sources(&spec, &mut problems);
+        let (sources, logs, traces) = compile_sources(&spec, &mut problems);
         let sinks = compile_sinks(&spec, &mut problems);
         if !problems.0.is_empty() {
             return Err(InvalidExporter {
@@ -367,6 +396,8 @@ impl Exporter {
             },
             generation: manifest.metadata.generation,
             sources,
+            logs,
+            traces,
             sinks,
         })
     }
@@ -391,7 +422,7 @@ fn check_names<'a>(names: impl Iterator<Item = &'a str>, what: &str, problems: &
     }
 }
 
-fn compile_sources(spec: &ExporterSpec, problems: &mut Problems) -> Vec<Source> {
+fn compile_sources(spec: &ExporterSpec, problems: &mut Problems) -> (Vec<Source>, bool, bool) {
     if spec.sources.is_empty() {
         problems.add(
             "spec.sources",
@@ -405,10 +436,25 @@ fn compile_sources(spec: &ExporterSpec, problems: &mut Problems) -> Vec<Source> 
         problems,
     );
     let mut sources = Vec::new();
+    let (mut logs, mut traces) = (false, false);
     for (i, source) in spec.sources.iter().enumerate() {
         let path = format!("spec.sources[{i}].metrics");
+        let signals = [
+            source.metrics.is_some(),
+            source.logs.is_some(),
+            source.traces.is_some(),
+        ];
+        if signals.iter().filter(|s| **s).count() != 1 {
+            problems.add(
+                format!("spec.sources[{i}]"),
+                Reason::InvalidSpec,
+                "a source has exactly one of `metrics`, `logs` or `traces`",
+            );
+            continue;
+        }
+        logs |= source.logs.is_some();
+        traces |= source.traces.is_some();
         let Some(metrics) = &source.metrics else {
-            problems.add(path, Reason::InvalidSpec, "a source needs `metrics`");
             continue;
         };
         if let Some(selection) = compile_selection(metrics, &path, problems) {
@@ -418,7 +464,7 @@ fn compile_sources(spec: &ExporterSpec, problems: &mut Problems) -> Vec<Source> 
             });
         }
     }
-    sources
+    (sources, logs, traces)
 }
 
 fn compile_selection(
@@ -593,9 +639,12 @@ fn compile_sink(sink: &SinkSpec, path: &str, problems: &mut Problems) -> Option<
     if problems.0.len() != before {
         return None;
     }
+    let metrics_url = metrics_url?;
     Some(SinkConfig {
         name: sink.name.clone(),
-        metrics_url: metrics_url?,
+        logs_url: signal_url(&metrics_url, "logs"),
+        traces_url: signal_url(&metrics_url, "traces"),
+        metrics_url,
         authentication,
         headers,
         temporality,
@@ -634,6 +683,14 @@ fn one_of<'a>(a: Option<&'a str>, b: Option<&'a str>) -> Result<Option<&'a str>,
         (Some(_), Some(_)) => Err(()),
         (a, b) => Ok(a.or(b)),
     }
+}
+
+/// The URL of `signal` beside a metrics URL (`.../v1/metrics` → `.../v1/logs`).
+pub fn signal_url(metrics_url: &Url, signal: &str) -> Url {
+    let mut url = metrics_url.clone();
+    let base = metrics_url.path().trim_end_matches("metrics");
+    url.set_path(&format!("{base}{signal}"));
+    url
 }
 
 /// Parses an OTLP/HTTP base endpoint into the metrics URL.

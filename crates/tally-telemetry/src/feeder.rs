@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 
 use crate::delta::DeltaConverter;
 use crate::encoder::{InFlight, OtlpEncoder, points_of};
-use crate::exporter::{Compression, SinkConfig};
+use crate::exporter::{Compression, Signal, SinkConfig};
 use crate::options::{PipelineOptions, QueueStorage};
 use crate::otlp;
 use crate::sink::{DropReason, Fragment, Message, Refusal, SinkShared, mark_key};
@@ -31,6 +31,7 @@ use crate::victoria::Checkpoint;
 /// The task of one sink: batches shares, converts to delta, and queues
 /// batches in its delivery sink.
 pub(crate) struct Feeder {
+    pub(crate) signal: Signal,
     pub(crate) id: String,
     pub(crate) config: SinkConfig,
     pub(crate) shared: Arc<SinkShared>,
@@ -147,7 +148,12 @@ impl Feeder {
         };
         let in_flight = Arc::new(InFlight::default());
         let encoder = OtlpEncoder {
-            url: self.config.metrics_url.clone(),
+            signal: self.signal,
+            url: match self.signal {
+                Signal::Metrics => self.config.metrics_url.clone(),
+                Signal::Logs => self.config.logs_url.clone(),
+                Signal::Traces => self.config.traces_url.clone(),
+            },
             encoding: self.config.encoding,
             gzip: self.config.compression == Compression::Gzip,
             shared: Arc::clone(&self.shared),
@@ -285,7 +291,9 @@ impl Feeder {
     async fn add(&mut self, sink: &Sink, fragment: Fragment) {
         let max = self.config.batch.max_size.max(1) as u64;
         let batching = self.config.batch.enabled;
-        if self.delta.is_none() && (!batching || fragment.points <= max) {
+        // Logs and spans are never converted nor cut: a share is one batch at most.
+        let whole = self.signal != Signal::Metrics;
+        if whole || (self.delta.is_none() && (!batching || fragment.points <= max)) {
             return self.add_part(sink, &fragment.bytes, fragment.points).await;
         }
         // The slow path: decode our own encoding to convert or split it.

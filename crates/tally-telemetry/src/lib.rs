@@ -33,6 +33,7 @@ pub mod route;
 mod routing;
 pub mod secret;
 pub mod selector;
+pub mod shaping;
 mod sink;
 pub mod spec;
 mod split;
@@ -43,14 +44,15 @@ mod wire;
 pub use delta::DeltaConverter;
 pub use exporter::{
     Authentication, BatchConfig, Compression, Condition, Encoding, Exporter, ExporterKey,
-    InvalidExporter, Problem, Reason, RetryConfig, SinkConfig, Temporality, accepted_condition,
+    InvalidExporter, Problem, Reason, RetryConfig, Signal, SinkConfig, Temporality,
+    accepted_condition,
 };
 pub use index::{InMemoryResourceIndex, NamespaceInfo, ResourceIndex, ResourceRef};
 pub use opentelemetry_proto::tonic as proto;
 pub use options::PullOptions;
 pub use pipeline::{
     DropReason, ExporterStatus, IngestReport, Pipeline, PipelineError, PipelineOptions,
-    QueueStorage, Secrets, SinkStatus, Snapshot, UpdateReport,
+    QueueStorage, Secrets, ShapeReport, SinkStatus, Snapshot, UpdateReport,
 };
 pub use pull::SourceStatus;
 pub use route::{EncodedRoute, RouteStats, Routed, Router};

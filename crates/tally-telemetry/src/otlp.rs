@@ -95,6 +95,18 @@ pub fn decode_metrics_request(
     }
 }
 
+/// Decodes an OTLP request of any signal (logs, traces) already
+/// decompressed, in `encoding`.
+pub fn decode_request<M>(raw: &[u8], encoding: Encoding) -> Result<M, DecodeError>
+where
+    M: prost::Message + Default + serde::de::DeserializeOwned,
+{
+    match encoding {
+        Encoding::Protobuf => Ok(M::decode(raw)?),
+        Encoding::Json => Ok(serde_json::from_slice(raw)?),
+    }
+}
+
 fn gunzip(body: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
     let mut out = Vec::new();
     let read_limit = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
@@ -251,7 +263,11 @@ pub fn parse_export_response(
 fn json_partial_success(body: &[u8]) -> Option<ExportMetricsPartialSuccess> {
     let value: serde_json::Value = serde_json::from_slice(body).ok()?;
     let partial = value.get("partialSuccess")?;
-    let rejected = match partial.get("rejectedDataPoints") {
+    // Metrics, logs and traces answers name their count differently.
+    let count = ["rejectedDataPoints", "rejectedLogRecords", "rejectedSpans"]
+        .iter()
+        .find_map(|k| partial.get(*k));
+    let rejected = match count {
         Some(serde_json::Value::String(s)) => s.parse().ok()?,
         Some(v) => v.as_i64()?,
         None => 0,

@@ -50,16 +50,21 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use prost::Message as _;
 use serde::Serialize;
 use tally_delivery::{ComponentKind, ComponentMetrics, EgressGuard, Registry};
 use tally_model::Manifest;
+use tally_policy::Resolution;
+use tally_policy::resolve::PolicyStatus;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::delta::DeltaConverter;
 use crate::exporter::{
-    Condition, Exporter, ExporterKey, SinkConfig, Temporality, accepted_condition,
+    Condition, Exporter, ExporterKey, Signal, SinkConfig, Temporality, accepted_condition,
 };
 use crate::feeder::{Feeder, now_unix_nano};
 use crate::index::ResourceIndex;
@@ -67,6 +72,7 @@ use crate::otlp;
 use crate::pull::Puller;
 use crate::route::{RouteStats, Router};
 use crate::routing::{Routing, SharedRouting, current};
+use crate::shaping::{ExportLogsOrTraces, Shaped, Shaper};
 use crate::sink::{SinkRuntime, SinkShared, resolve};
 use crate::sync::{lock, write};
 use crate::victoria::PullError;
@@ -84,6 +90,27 @@ pub struct Snapshot {
     pub secrets: Secrets,
     /// Namespaces (project, labels) and resources' labels.
     pub index: Arc<dyn ResourceIndex>,
+    /// Every `TelemetryPolicy`, resolved against the namespaces and gateways.
+    pub policies: Arc<Resolution>,
+}
+
+/// What [`Pipeline::ingest_logs`] and [`Pipeline::ingest_traces`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShapeReport {
+    /// Log records or spans read.
+    pub read: u64,
+    /// Of no known project: they go nowhere.
+    pub unattributed: u64,
+    /// Governed by a policy that did not keep them.
+    pub filtered: u64,
+    /// Kept by a policy.
+    pub kept: u64,
+    /// Handed to sinks (counted once per sink).
+    pub handed: u64,
+    /// Refused at once by sinks (full, secret missing, stopped).
+    pub dropped: u64,
+    /// Metric data points the policies made, handed to sinks.
+    pub metric_points: u64,
 }
 
 /// What [`Pipeline::update`] did to the sinks.
@@ -166,6 +193,45 @@ pub enum PipelineError {
     Client(#[source] reqwest::Error),
     #[error("the VictoriaMetrics pull source: {0}")]
     Pull(#[source] PullError),
+}
+
+/// The component id of an exporter's sink for `signal`: metrics keep the
+/// sink's own id, logs and traces add `/logs` or `/traces`.
+pub fn runtime_id(exporter: &ExporterKey, sink: &str, signal: Signal) -> String {
+    match signal {
+        Signal::Metrics => sink_component_id(exporter, sink),
+        other => format!("{}/{}", sink_component_id(exporter, sink), other.as_str()),
+    }
+}
+
+/// What `ingest`, `ingest_logs` and `ingest_traces` route with, from the
+/// valid exporters and their running sinks.
+fn routing_of(
+    valid: Vec<(Exporter, Vec<Arc<SinkRuntime>>)>,
+    index: Arc<dyn ResourceIndex>,
+) -> Routing {
+    let mut sinks = Vec::with_capacity(valid.len());
+    let mut positions = HashMap::with_capacity(valid.len());
+    let mut signals = Vec::new();
+    let router = Router::new(valid.into_iter().enumerate().map(|(i, (exporter, s))| {
+        let project = index.namespace(&exporter.key.namespace).map(|n| n.project);
+        let (metrics, others): (Vec<_>, Vec<_>) =
+            s.into_iter().partition(|r| r.signal == Signal::Metrics);
+        if let Some(project) = project {
+            signals.extend(others.into_iter().map(|r| (Arc::clone(&project), r)));
+        }
+        sinks.push(metrics);
+        positions.insert(exporter.key.clone(), i);
+        exporter
+    }));
+    Routing {
+        router,
+        index: Some(index),
+        sinks,
+        positions,
+        signals,
+        shaper: None,
+    }
 }
 
 /// The component id of an exporter's sink.
@@ -258,6 +324,103 @@ impl Pipeline {
         report
     }
 
+    /// Applies the policies in force to access-log records: what they keep
+    /// goes to the `logs` sinks of each record's project, their metrics to
+    /// the router. Never waits.
+    pub fn ingest_logs(&self, request: &ExportLogsServiceRequest) -> ShapeReport {
+        self.shaped(|s| s.shape_logs(request), Signal::Logs)
+    }
+
+    /// Applies the policies in force to spans (head sampling by trace id,
+    /// attributes): what they keep goes to the `traces` sinks of each
+    /// span's project. Never waits.
+    pub fn ingest_traces(&self, request: &ExportTraceServiceRequest) -> ShapeReport {
+        self.shaped(|s| s.shape_traces(request), Signal::Traces)
+    }
+
+    fn shaped(&self, shape: impl FnOnce(&Shaper) -> Shaped, signal: Signal) -> ShapeReport {
+        let routing = self.routing();
+        let Some(shaper) = &routing.shaper else {
+            return ShapeReport::default();
+        };
+        let shaped = shape(shaper);
+        let mut report = ShapeReport {
+            read: shaped.read,
+            unattributed: shaped.unattributed,
+            filtered: shaped.filtered,
+            ..ShapeReport::default()
+        };
+        for (project, (request, n)) in shaped.signals {
+            let bytes = match request {
+                ExportLogsOrTraces::Logs(r) => r.encode_to_vec(),
+                ExportLogsOrTraces::Traces(r) => r.encode_to_vec(),
+            };
+            let handed = self.ingest_signal(&project, signal, Bytes::from(bytes), n);
+            report.kept += n;
+            report.handed += handed.handed;
+            report.dropped += handed.dropped;
+        }
+        if !shaped.metrics.resource_metrics.is_empty() {
+            report.metric_points = self.ingest(&shaped.metrics).handed;
+        }
+        report
+    }
+
+    /// The status of `TelemetryPolicy` `namespace/name` as last resolved.
+    pub fn policy_status(&self, namespace: &str, name: &str) -> Option<PolicyStatus> {
+        self.routing()
+            .shaper
+            .as_ref()?
+            .resolution()
+            .status(namespace, name)
+            .cloned()
+    }
+
+    /// The policies as last resolved.
+    pub fn policies(&self) -> Option<Arc<Resolution>> {
+        self.routing()
+            .shaper
+            .as_ref()
+            .map(|s| Arc::clone(s.resolution()))
+    }
+
+    /// Hands an encoded OTLP logs or traces request (`items` log records or
+    /// spans, all of `project`) to every logs or traces sink of the
+    /// project's exporters, without waiting. Only exporters of `project`
+    /// ever see it.
+    pub fn ingest_signal(
+        &self,
+        project: &str,
+        signal: Signal,
+        request: Bytes,
+        items: u64,
+    ) -> IngestReport {
+        let routing = self.routing();
+        let mut report = IngestReport {
+            points: items,
+            ..IngestReport::default()
+        };
+        let mut refused_full = 0;
+        for (owner, sink) in &routing.signals {
+            if sink.signal != signal || &**owner != project {
+                continue;
+            }
+            report.exporters += 1;
+            match sink.offer(&request, items) {
+                None => report.handed += items,
+                Some(why) => {
+                    report.dropped += items;
+                    if why == DropReason::QueueFull {
+                        refused_full += items;
+                    }
+                }
+            }
+        }
+        report.overloaded =
+            report.handed == 0 && refused_full > 0 && refused_full == report.dropped;
+        report
+    }
+
     /// Makes the running exporters those of `snapshot`. Must be called
     /// inside a Tokio runtime (sinks start tasks).
     pub fn update(&self, snapshot: Snapshot) -> UpdateReport {
@@ -266,7 +429,10 @@ impl Pipeline {
         let mut old: HashMap<String, Arc<SinkRuntime>> = HashMap::new();
         for (key, entry) in exporters.iter() {
             for sink in &entry.sinks {
-                old.insert(sink_component_id(key, &sink.name), Arc::clone(sink));
+                old.insert(
+                    runtime_id(key, &sink.config.name, sink.signal),
+                    Arc::clone(sink),
+                );
             }
         }
         let mut next = BTreeMap::new();
@@ -286,26 +452,8 @@ impl Pipeline {
                     tracing::info!(exporter = %key, error = %invalid, "exporter refused");
                 }
                 Ok(exporter) => {
-                    for config in &exporter.sinks {
-                        let id = sink_component_id(&key, &config.name);
-                        let headers = resolve(config, &key.namespace, &snapshot.secrets);
-                        let previous = old.remove(&id);
-                        let runtime = match previous {
-                            Some(running) if running.config == *config => {
-                                report.kept += 1;
-                                running
-                            }
-                            previous => {
-                                if previous.is_some() {
-                                    report.stopped += 1;
-                                }
-                                report.started += 1;
-                                self.start_sink(&key, config, previous)
-                            }
-                        };
-                        runtime.shared.set_headers(headers.0, headers.1);
-                        sinks.push(runtime);
-                    }
+                    sinks =
+                        self.exporter_sinks(&exporter, &snapshot.secrets, &mut old, &mut report);
                     valid.push((exporter, sinks.clone()));
                 }
             }
@@ -322,19 +470,9 @@ impl Pipeline {
         for (id, _) in old {
             tracing::info!(sink = %id, "exporter sink removed");
         }
-        let mut sinks = Vec::with_capacity(valid.len());
-        let mut positions = HashMap::with_capacity(valid.len());
-        let router = Router::new(valid.into_iter().enumerate().map(|(i, (exporter, s))| {
-            sinks.push(s);
-            positions.insert(exporter.key.clone(), i);
-            exporter
-        }));
-        let routing = Arc::new(Routing {
-            router,
-            index: Some(snapshot.index),
-            sinks,
-            positions,
-        });
+        let mut routing = routing_of(valid, Arc::clone(&snapshot.index));
+        routing.shaper = Some(Shaper::new(Arc::clone(&snapshot.policies), snapshot.index));
+        let routing = Arc::new(routing);
         *exporters = next;
         *write(&self.routing) = Arc::clone(&routing);
         // After the routing, so a new pull task finds its exporter's sinks.
@@ -470,13 +608,58 @@ impl Pipeline {
             .clone()
     }
 
+    /// The running sinks of `exporter`, one per (sink, signal): kept when
+    /// unchanged (taken out of `old`), else started.
+    fn exporter_sinks(
+        &self,
+        exporter: &Exporter,
+        secrets: &crate::secret::Secrets,
+        old: &mut HashMap<String, Arc<SinkRuntime>>,
+        report: &mut UpdateReport,
+    ) -> Vec<Arc<SinkRuntime>> {
+        let key = &exporter.key;
+        let mut signals = vec![Signal::Metrics];
+        if exporter.logs {
+            signals.push(Signal::Logs);
+        }
+        if exporter.traces {
+            signals.push(Signal::Traces);
+        }
+        let mut sinks = Vec::new();
+        for config in &exporter.sinks {
+            let headers = resolve(config, &key.namespace, secrets);
+            for &signal in &signals {
+                let id = runtime_id(key, &config.name, signal);
+                let runtime = match old.remove(&id) {
+                    Some(running) if running.config == *config => {
+                        report.kept += 1;
+                        running
+                    }
+                    previous => {
+                        if previous.is_some() {
+                            report.stopped += 1;
+                        }
+                        report.started += 1;
+                        self.start_sink(key, config, signal, previous)
+                    }
+                };
+                runtime
+                    .shared
+                    .set_headers(headers.0.clone(), headers.1.clone());
+                sinks.push(runtime);
+            }
+        }
+        sinks
+    }
+
     fn start_sink(
         &self,
         exporter: &ExporterKey,
         config: &SinkConfig,
+        signal: Signal,
         previous: Option<Arc<SinkRuntime>>,
     ) -> Arc<SinkRuntime> {
-        let id = sink_component_id(exporter, &config.name);
+        let id = runtime_id(exporter, &config.name, signal);
         let shared = self.shared(&id);
         *lock(&shared.start_error) = None;
         let (tx, rx) = mpsc::channel(self.options.handoff_capacity.max(1));
@@ -487,12 +670,13 @@ impl Pipeline {
             _ => None,
         };
         let feeder = Feeder {
+            signal,
             id: id.clone(),
             config: config.clone(),
             shared: Arc::clone(&shared),
             options: self.options.clone(),
             egress: self.egress.clone(),
-            delta: (config.temporality == Temporality::Delta)
+            delta: (signal == Signal::Metrics && config.temporality == Temporality::Delta)
                 .then(|| DeltaConverter::new(now_unix_nano())),
             batch: Vec::new(),
             batch_points: 0,
@@ -501,7 +685,11 @@ impl Pipeline {
         let task = tokio::spawn(feeder.run(rx, wait_for));
         tracing::info!(sink = %id, endpoint = %config.metrics_url, "exporter sink started");
         Arc::new(SinkRuntime {
-            name: config.name.clone(),
+            signal,
+            name: match signal {
+                Signal::Metrics => config.name.clone(),
+                other => format!("{}/{}", config.name, other.as_str()),
+            },
             config: config.clone(),
             shared,
             tx,

@@ -7,6 +7,7 @@ use std::sync::{Arc, RwLock};
 use crate::exporter::ExporterKey;
 use crate::index::ResourceIndex;
 use crate::route::Router;
+use crate::shaping::Shaper;
 use crate::sink::SinkRuntime;
 use crate::sync::read;
 
@@ -17,6 +18,10 @@ pub(crate) struct Routing {
     pub(crate) index: Option<Arc<dyn ResourceIndex>>,
     /// Sinks of each of the router's exporters.
     pub(crate) sinks: Vec<Vec<Arc<SinkRuntime>>>,
+    /// Logs and traces sinks, with their exporter's project.
+    pub(crate) signals: Vec<(Arc<str>, Arc<SinkRuntime>)>,
+    /// The policies in force, applied to logs and spans.
+    pub(crate) shaper: Option<Shaper>,
     /// The router's position of each exporter.
     pub(crate) positions: HashMap<ExporterKey, usize>,
 }

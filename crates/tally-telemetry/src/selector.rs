@@ -82,7 +82,11 @@ impl SeriesSelector {
                 "brackets nest deeper than {MAX_SELECTOR_DEPTH} levels; write a plain series selector"
             ));
         }
-        let expr = parser::parse(text).map_err(|e| format!("cannot parse: {e}"))?;
+        // promql-parser panics on some inputs (`offset 1e400`: a float
+        // duration out of range); a tenant's selector must not end a task.
+        let parsed = std::panic::catch_unwind(|| parser::parse(text))
+            .map_err(|_| "cannot parse: a number or duration is out of range".to_owned())?;
+        let expr = parsed.map_err(|e| format!("cannot parse: {e}"))?;
         let selector = match expr {
             Expr::VectorSelector(selector) => selector,
             Expr::MatrixSelector(_) => {

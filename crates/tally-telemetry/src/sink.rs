@@ -18,7 +18,7 @@ use tally_delivery::{ComponentMetrics, Secret};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::exporter::{Authentication, HeaderValueSource, SinkConfig};
+use crate::exporter::{Authentication, HeaderValueSource, Signal, SinkConfig};
 use crate::secret::{SecretStore, Secrets, resolve_headers};
 use crate::sync::{lock, read, write};
 
@@ -284,6 +284,7 @@ pub(crate) fn mark_key(source: &str) -> Bytes {
 
 /// A running (exporter, sink).
 pub(crate) struct SinkRuntime {
+    pub(crate) signal: Signal,
     pub(crate) name: String,
     pub(crate) config: SinkConfig,
     pub(crate) shared: Arc<SinkShared>,

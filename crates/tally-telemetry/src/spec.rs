@@ -29,7 +29,21 @@ pub struct SourceSpec {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<MetricsSourceSpec>,
+    /// The gateways' access logs a `TelemetryPolicy` keeps, of every
+    /// namespace of the exporter's project.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logs: Option<SignalSourceSpec>,
+    /// The spans a `TelemetryPolicy` samples, of every namespace of the
+    /// exporter's project.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traces: Option<SignalSourceSpec>,
 }
+
+/// A `logs` or `traces` source: what the project's policies keep (no
+/// selector of its own yet).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SignalSourceSpec {}
 
 /// Which metrics a source takes: a MetricsQL series selector, or resource
 /// selectors (mutually exclusive). Neither means every metric the exporter may see.

@@ -12,6 +12,7 @@ mod export;
 mod forward;
 mod meters;
 mod output;
+mod policy;
 mod resources;
 mod serve;
 mod validate;
@@ -131,6 +132,10 @@ enum Command {
     /// Billing forwarder state: status, dead letters, reconciliation.
     #[command(subcommand)]
     Billing(billing::BillingCommand),
+    /// TelemetryPolicy tools: render the proxy configuration of the
+    /// policies in force.
+    #[command(subcommand)]
+    Policy(policy::PolicyCommand),
     /// Run the billing forwarder of one BillingSink on its own, against a
     /// server over HTTP (turn off the server's own: billing.enabled: false).
     Forward(forward::ForwardArgs),
@@ -214,6 +219,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Version(args) => ClientCommand::Version(args),
         Command::Describe(args) => ClientCommand::Describe(args),
         Command::Billing(command) => ClientCommand::Billing(command),
+        Command::Policy(command) => ClientCommand::Policy(command),
         Command::Apply(args) => ClientCommand::Apply(args),
         Command::Get(args) => ClientCommand::Get(args),
         Command::Delete(args) => ClientCommand::Delete(args),
@@ -237,6 +243,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ClientCommand::Meters(command) => meters::run(&client, command).await,
             ClientCommand::Quarantine(command) => events::run_quarantine(&client, command).await,
             ClientCommand::Billing(command) => billing::run(&client, command).await,
+            ClientCommand::Policy(command) => policy::run(&client, command).await,
         }
     })
 }
@@ -282,6 +289,7 @@ enum ClientCommand {
     Meters(meters::MetersCommand),
     Quarantine(events::QuarantineCommand),
     Billing(billing::BillingCommand),
+    Policy(policy::PolicyCommand),
 }
 
 /// Writes a completion script for `shell` to standard output.

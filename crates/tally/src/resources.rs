@@ -354,11 +354,42 @@ fn kind_columns(kind: Kind) -> (Vec<Column>, RowCells) {
                 ]
             },
         ),
+        Kind::TelemetryPolicy => (
+            ["NAME", "STATUS", "GOVERNS", "MESSAGE"]
+                .map(Column::new)
+                .into(),
+            policy_row,
+        ),
         _ => (
             ["NAME", "KIND", "READY", "CREATED"].map(Column::new).into(),
             generic_row,
         ),
     }
+}
+
+/// A TelemetryPolicy: whether it is in force (its `Accepted` reason:
+/// Accepted, Conflicted, Invalid...), what it governs, and why not.
+fn policy_row(m: &Manifest, v: &Value) -> Vec<Cell> {
+    let governs: Vec<String> = v
+        .pointer("/status/governs")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|t| {
+            let kind = text_at(t, &["kind"])?;
+            let name = text_at(t, &["name"])?;
+            Some(match text_at(t, &["namespace"]) {
+                Some(ns) => format!("{kind}/{ns}/{name}"),
+                None => format!("{kind}/{name}"),
+            })
+        })
+        .collect();
+    vec![
+        Cell::from(&m.metadata.name),
+        or_none(condition(m, "Accepted", "reason")),
+        or_none((!governs.is_empty()).then(|| governs.join(",")).as_deref()),
+        or_none(condition(m, "Accepted", "message")),
+    ]
 }
 
 /// The cells of one row of a kind's own columns.

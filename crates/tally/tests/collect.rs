@@ -642,6 +642,83 @@ fn otlp_log_records_are_metered_like_file_lines() {
     agent.stop();
 }
 
+/// Billing is never filtered: with a TelemetryPolicy that keeps nothing on
+/// the route's namespace, the agent still meters every request; the same
+/// records sent to the server's own access-log receiver are all dropped by
+/// the policy (counted as `policy`), none exported.
+#[test]
+fn billing_counts_every_request_under_a_policy_that_drops_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _) = ledger(dir.path());
+    let policy = "apiVersion: v1\nkind: Namespace\nmetadata: {name: ns-otlp}\n---\n\
+                  apiVersion: telemetry.datumapis.com/v1alpha1\nkind: TelemetryPolicy\n\
+                  metadata: {name: nothing, namespace: ns-otlp}\nspec:\n  \
+                  targetRefs: [{group: '', kind: Namespace, name: ns-otlp}]\n  \
+                  accessLogs: {matches: [{cel: 'false'}]}\n  tracing: {mode: Disabled}\n";
+    let output = Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["apply", "--server", &server.base, "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            child.stdin.take().unwrap().write_all(policy.as_bytes())?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let (agent, grpc_port) = otlp_agent(&dir.path().join("state"), &server.base, &[]);
+    let nanos = (jiff::Timestamp::now().as_millisecond() - 2 * 3_600_000) as u64 * 1_000_000;
+    let records = || {
+        (0..5)
+            .map(|i| envoy_log_record(nanos, "httproute/ns-otlp/api/rule/0", i, "10"))
+            .collect::<Vec<_>>()
+    };
+    grpc_export(grpc_port, export_request(records())).unwrap();
+    let expected = one_route_totals(
+        "ns-otlp",
+        "api",
+        tally_collect::Totals {
+            requests: 5,
+            ingress_bytes: 500,
+            egress_bytes: 10,
+            connection_millis: 50,
+        },
+    );
+    assert_metered(&server.base, &expected, Duration::from_secs(120));
+    // The server's own receiver applies the policy: every record dropped.
+    let mut dropped = 0;
+    for _ in 0..100 {
+        let (status, _) = post(
+            &format!("{}/v1/logs", server.base),
+            "application/x-protobuf",
+            false,
+            prost::Message::encode_to_vec(&export_request(records())),
+        );
+        assert_eq!(status, 200);
+        dropped = metric(&server.base, "dropped_total", "reason=\"policy\"");
+        if dropped > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(dropped % 5, 0);
+    assert!(dropped >= 5, "the policy never applied");
+    assert_eq!(
+        metric(
+            &server.base,
+            "sent_total",
+            "component_id=\"otlp_http_logs\""
+        ),
+        0
+    );
+    agent.stop();
+}
+
 /// Runs `future` on a fresh current-thread runtime.
 fn block_on<F: std::future::Future>(future: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()

@@ -179,6 +179,8 @@ fn rule(method: &Method, path: &str) -> Option<Rule> {
             | "/v1/usage/events"
             | "/v1/usage/events:batchIngest"
             | "/v1/metrics"
+            | "/v1/logs"
+            | "/v1/traces"
             | "/api/v1/write",
         ) => Ingest,
         (
@@ -275,7 +277,9 @@ fn request_for(method: &Method, template: &str) -> (String, Vec<u8>, &'static st
         ("POST", "/apis/apply") | ("PUT", "/apis/{plural}/{namespace}/{name}") => {
             (path, secret.to_string().into_bytes(), "application/json")
         }
-        ("POST", "/v1/metrics" | "/api/v1/write") => (path, vec![], "application/x-protobuf"),
+        ("POST", "/v1/metrics" | "/v1/logs" | "/v1/traces" | "/api/v1/write") => {
+            (path, vec![], "application/x-protobuf")
+        }
         _ => (path, b"{}".to_vec(), "application/json"),
     }
 }
@@ -350,7 +354,8 @@ async fn every_route_answers_every_token_as_the_scope_rules_say() {
                 };
                 assert_eq!(answer.status, expected, "{what}: {}", answer.body);
             }
-            let otlp = template == "/v1/metrics" && !refused;
+            let otlp =
+                matches!(template.as_str(), "/v1/metrics" | "/v1/logs" | "/v1/traces") && !refused;
             if answer.status.as_u16() >= 400 && !otlp {
                 assert_eq!(
                     answer.content_type, "application/problem+json",

@@ -49,6 +49,7 @@ pub fn snapshot(exporters: Vec<Manifest>, secrets: Secrets) -> Snapshot {
         exporters,
         secrets,
         index,
+        policies: Default::default(),
     }
 }
 

@@ -1,4 +1,4 @@
-//! An OTLP/HTTP metrics receiver for tests, built on the official protobuf
+//! An OTLP/HTTP metrics, logs and traces receiver for tests, built on the official protobuf
 //! definitions (opentelemetry-proto's types, generated from the
 //! opentelemetry-proto `.proto` files) and decoded with prost directly: it
 //! never calls Tally's own decoder. Each path prefix (`/a`, `/b`...) is its
@@ -71,6 +71,10 @@ pub struct Endpoint {
     /// Once `faults` is empty: this share of requests (per mille) answers
     /// 503, drawn from a seeded xorshift (reproducible).
     pub fault_rate: Option<(u64, u64)>,
+    /// Every accepted log record: resource attributes, then the record's.
+    pub logs: Vec<LogEntry>,
+    /// Every accepted span.
+    pub spans: Vec<SpanEntry>,
 }
 
 impl Endpoint {
@@ -85,6 +89,133 @@ impl Endpoint {
         *state ^= *state << 17;
         (*state % 1000 < *per_mille).then_some(Fault::Status(503, None))
     }
+}
+
+/// One log record as received.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogEntry {
+    pub resource: BTreeMap<String, String>,
+    pub scope: String,
+    pub time: u64,
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// One span as received.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpanEntry {
+    pub trace_id: Vec<u8>,
+    pub name: String,
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// Decodes an OTLP body (protobuf or JSON, maybe gzip) with the official types.
+fn decode<M: prost::Message + Default + serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<M, String> {
+    let header = |name: header::HeaderName| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let raw = if header(header::CONTENT_ENCODING) == "gzip" {
+        let mut out = Vec::new();
+        flate2::read::GzDecoder::new(body)
+            .read_to_end(&mut out)
+            .map_err(|e| e.to_string())?;
+        out
+    } else {
+        body.to_vec()
+    };
+    if header(header::CONTENT_TYPE).starts_with("application/json") {
+        serde_json::from_slice(&raw).map_err(|e| e.to_string())
+    } else {
+        M::decode(&raw[..]).map_err(|e| e.to_string())
+    }
+}
+
+async fn handle_logs(
+    State(receiver): State<Receiver>,
+    Path(prefix): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    use tally_telemetry::proto::collector::logs::v1::{
+        ExportLogsServiceRequest, ExportLogsServiceResponse,
+    };
+    let request: ExportLogsServiceRequest = match decode(&headers, &body) {
+        Ok(r) => r,
+        Err(e) => return (StatusCode::BAD_REQUEST, e).into_response(),
+    };
+    let mut endpoints = receiver.endpoints.lock().unwrap();
+    let endpoint = endpoints.entry(prefix).or_default();
+    endpoint.requests += 1;
+    endpoint.authorizations.push(
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned(),
+    );
+    for rl in &request.resource_logs {
+        let resource = map(rl.resource.as_ref().map_or(&[][..], |r| &r.attributes));
+        for sl in &rl.scope_logs {
+            let scope = sl
+                .scope
+                .as_ref()
+                .map(|s| s.name.clone())
+                .unwrap_or_default();
+            for log in &sl.log_records {
+                endpoint.logs.push(LogEntry {
+                    resource: resource.clone(),
+                    scope: scope.clone(),
+                    time: log.time_unix_nano,
+                    attributes: map(&log.attributes),
+                });
+            }
+        }
+    }
+    (
+        [(header::CONTENT_TYPE, "application/x-protobuf")],
+        ExportLogsServiceResponse::default().encode_to_vec(),
+    )
+        .into_response()
+}
+
+async fn handle_traces(
+    State(receiver): State<Receiver>,
+    Path(prefix): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    use tally_telemetry::proto::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    let request: ExportTraceServiceRequest = match decode(&headers, &body) {
+        Ok(r) => r,
+        Err(e) => return (StatusCode::BAD_REQUEST, e).into_response(),
+    };
+    let mut endpoints = receiver.endpoints.lock().unwrap();
+    let endpoint = endpoints.entry(prefix).or_default();
+    endpoint.requests += 1;
+    for rs in &request.resource_spans {
+        for ss in &rs.scope_spans {
+            for span in &ss.spans {
+                endpoint.spans.push(SpanEntry {
+                    trace_id: span.trace_id.clone(),
+                    name: span.name.clone(),
+                    attributes: map(&span.attributes),
+                });
+            }
+        }
+    }
+    (
+        [(header::CONTENT_TYPE, "application/x-protobuf")],
+        ExportTraceServiceResponse::default().encode_to_vec(),
+    )
+        .into_response()
 }
 
 #[derive(Clone, Default)]
@@ -298,6 +429,8 @@ impl Receiver {
         };
         let app = axum::Router::new()
             .route("/{prefix}/v1/metrics", axum::routing::post(handle))
+            .route("/{prefix}/v1/logs", axum::routing::post(handle_logs))
+            .route("/{prefix}/v1/traces", axum::routing::post(handle_traces))
             .with_state(receiver.clone());
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -336,6 +469,24 @@ impl Receiver {
     pub fn with<T>(&self, name: &str, f: impl FnOnce(&Endpoint) -> T) -> T {
         let mut endpoints = self.endpoints.lock().unwrap();
         f(endpoints.entry(name.to_owned()).or_default())
+    }
+
+    /// Waits (up to `limit`) until `count` of endpoint `name` reaches `n`.
+    pub async fn wait_until(
+        &self,
+        name: &str,
+        n: usize,
+        limit: Duration,
+        count: impl Fn(&Endpoint) -> usize,
+    ) -> usize {
+        let started = std::time::Instant::now();
+        loop {
+            let got = self.with(name, &count);
+            if got >= n || started.elapsed() > limit {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Waits (up to `limit`) until endpoint `name` holds at least `n` points.

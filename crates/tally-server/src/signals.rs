@@ -1,0 +1,210 @@
+//! Access-log and span receivers: OTLP/HTTP `POST /v1/logs` and
+//! `POST /v1/traces` (protobuf or JSON, gzip or zstd) and OTLP/gRPC
+//! `LogsService/Export` and `TraceService/Export` ([`crate::grpc`]), all
+//! through [`ingest_logs`] / [`ingest_traces`]: each record or span goes
+//! through the `TelemetryPolicy` in force on its gateway
+//! ([`tally_telemetry::shaping`]) to its own project's `logs`/`traces`
+//! exporters; the metrics the policies ask for go to the router.
+//!
+//! They need the `ingest` or `admin` scope, like the metrics receivers, and
+//! answer `404` without a pipeline. Records of no known project are
+//! answered as a partial success (rejected); records a policy does not
+//! keep are accepted (they were received; the policy chose not to export
+//! them). Usage metering never sees these receivers: billing is fed by the
+//! ledger, so no policy can filter it.
+
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use opentelemetry_proto::tonic::collector::logs::v1::{
+    ExportLogsPartialSuccess, ExportLogsServiceRequest, ExportLogsServiceResponse,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use tally_delivery::ComponentKind;
+use tally_telemetry::otlp::{self, JSON_CONTENT_TYPE, PROTOBUF_CONTENT_TYPE};
+use tally_telemetry::{Encoding, Pipeline, ShapeReport};
+
+use crate::body;
+use crate::problem::Problem;
+use crate::telemetry::{NO_PIPELINE, Telemetry, Unavailable};
+
+/// Counts a shaped request in the receiver's `source` component.
+fn count(pipeline: &Pipeline, source_id: &str, report: &ShapeReport) {
+    let source = pipeline
+        .registry()
+        .component(ComponentKind::Source, source_id);
+    source.add_received(report.read);
+    source.add_sent(report.kept);
+    if report.unattributed > 0 {
+        source.add_dropped("unattributed", report.unattributed);
+    }
+    if report.filtered > 0 {
+        source.add_dropped("policy", report.filtered);
+    }
+}
+
+/// The one path of every access-log receiver.
+pub(crate) fn ingest_logs(
+    pipeline: &Pipeline,
+    source_id: &str,
+    request: &ExportLogsServiceRequest,
+) -> Result<Option<ExportLogsPartialSuccess>, Unavailable> {
+    if !pipeline.ready() {
+        return Err(Unavailable::NotReady);
+    }
+    let report = pipeline.ingest_logs(request);
+    count(pipeline, source_id, &report);
+    Ok((report.unattributed > 0).then(|| ExportLogsPartialSuccess {
+        rejected_log_records: i64::try_from(report.unattributed).unwrap_or(i64::MAX),
+        error_message: unattributed_message(report.unattributed, "log record"),
+    }))
+}
+
+/// The one path of every span receiver.
+pub(crate) fn ingest_traces(
+    pipeline: &Pipeline,
+    source_id: &str,
+    request: &ExportTraceServiceRequest,
+) -> Result<Option<ExportTracePartialSuccess>, Unavailable> {
+    if !pipeline.ready() {
+        return Err(Unavailable::NotReady);
+    }
+    let report = pipeline.ingest_traces(request);
+    count(pipeline, source_id, &report);
+    Ok(
+        (report.unattributed > 0).then(|| ExportTracePartialSuccess {
+            rejected_spans: i64::try_from(report.unattributed).unwrap_or(i64::MAX),
+            error_message: unattributed_message(report.unattributed, "span"),
+        }),
+    )
+}
+
+fn unattributed_message(n: u64, what: &str) -> String {
+    format!(
+        "{n} {what}(s) refused: no route namespace Tally knows (`route_name` httproute/<namespace>/..., or `gateway.namespace`), or a `project_name` that is not the namespace's project"
+    )
+}
+
+/// Receive OTLP access logs.
+///
+/// The OTLP/HTTP logs receiver for gateway access logs: an
+/// `ExportLogsServiceRequest` (protobuf or JSON). Each record goes through
+/// the `TelemetryPolicy` in force on its gateway to its project's `logs`
+/// exporters.
+#[utoipa::path(
+    post, path = "/v1/logs", tag = "telemetry",
+    request_body(description = "OTLP ExportLogsServiceRequest",
+        content((String = "application/x-protobuf"), (Object = "application/json"))),
+    responses(
+        (status = 200, description = "Accepted (see `partialSuccess` for refused records)",
+            content((String = "application/x-protobuf"), (Object = "application/json"))),
+        (status = 400, description = "Not an OTLP logs request: a `google.rpc.Status`",
+            content((String = "application/x-protobuf"), (Object = "application/json"))),
+        (status = 404, description = "No telemetry pipeline on this server: a `google.rpc.Status`",
+            content((String = "application/x-protobuf"), (Object = "application/json"))),
+        (status = 415, description = "Unsupported Content-Type", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Not running yet; retry after `Retry-After`: a `google.rpc.Status`",
+            content((String = "application/x-protobuf"), (Object = "application/json"))),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn otlp_logs(
+    State(state): State<Telemetry>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, Problem> {
+    receive(state, headers, body, |pipeline, raw, encoding| {
+        let request: ExportLogsServiceRequest =
+            otlp::decode_request(raw, encoding).map_err(|e| Problem::bad_request(e.to_string()))?;
+        let partial_success = ingest_logs(pipeline, "otlp_http_logs", &request)?;
+        answer(encoding, &ExportLogsServiceResponse { partial_success })
+    })
+    .await
+}
+
+/// Receive OTLP spans.
+///
+/// The OTLP/HTTP traces receiver: an `ExportTraceServiceRequest` (protobuf
+/// or JSON). Spans are head-sampled by trace id at the rate of the
+/// `TelemetryPolicy` in force on their gateway and go to their project's
+/// `traces` exporters.
+#[utoipa::path(
+    post, path = "/v1/traces", tag = "telemetry",
+    request_body(description = "OTLP ExportTraceServiceRequest",
+        content((String = "application/x-protobuf"), (Object = "application/json"))),
+    responses(
+        (status = 200, description = "Accepted (see `partialSuccess` for refused spans)",
+            content((String = "application/x-protobuf"), (Object = "application/json"))),
+        (status = 400, description = "Not an OTLP traces request: a `google.rpc.Status`",
+            content((String = "application/x-protobuf"), (Object = "application/json"))),
+        (status = 404, description = "No telemetry pipeline on this server: a `google.rpc.Status`",
+            content((String = "application/x-protobuf"), (Object = "application/json"))),
+        (status = 415, description = "Unsupported Content-Type", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Not running yet; retry after `Retry-After`: a `google.rpc.Status`",
+            content((String = "application/x-protobuf"), (Object = "application/json"))),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn otlp_traces(
+    State(state): State<Telemetry>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, Problem> {
+    receive(state, headers, body, |pipeline, raw, encoding| {
+        let request: ExportTraceServiceRequest =
+            otlp::decode_request(raw, encoding).map_err(|e| Problem::bad_request(e.to_string()))?;
+        let partial_success = ingest_traces(pipeline, "otlp_http_traces", &request)?;
+        answer(encoding, &ExportTraceServiceResponse { partial_success })
+    })
+    .await
+}
+
+fn answer<M: prost::Message + serde::Serialize>(
+    encoding: Encoding,
+    message: &M,
+) -> Result<Response, Problem> {
+    let (content_type, body) = match encoding {
+        Encoding::Protobuf => (PROTOBUF_CONTENT_TYPE, message.encode_to_vec()),
+        Encoding::Json => (
+            JSON_CONTENT_TYPE,
+            serde_json::to_vec(message).map_err(|e| {
+                Problem::new(StatusCode::INTERNAL_SERVER_ERROR, format!("answer: {e}"))
+            })?,
+        ),
+    };
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
+        body,
+    )
+        .into_response())
+}
+
+/// Decodes the body off the async workers and hands it to `handle`;
+/// errors past the media type are OTLP `google.rpc.Status` answers.
+async fn receive(
+    state: Telemetry,
+    headers: HeaderMap,
+    body: Bytes,
+    handle: impl FnOnce(&Pipeline, &[u8], Encoding) -> Result<Response, Problem> + Send + 'static,
+) -> Result<Response, Problem> {
+    let media_type = body::media_type(&headers);
+    let encoding = otlp::encoding_of_content_type(&media_type)
+        .map_err(|e| Problem::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, e.to_string()))?;
+    let outcome = async {
+        let pipeline = state
+            .pipeline
+            .clone()
+            .ok_or_else(|| Problem::new(StatusCode::NOT_FOUND, NO_PIPELINE))?;
+        let limit = state.max_body_bytes;
+        body::decoded_off_workers(headers, body, limit, move |_, raw| {
+            handle(&pipeline, &raw, encoding)
+        })
+        .await
+    }
+    .await;
+    Ok(outcome.unwrap_or_else(|problem| crate::telemetry::otlp_error(encoding, &problem)))
+}
