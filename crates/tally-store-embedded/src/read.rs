@@ -1,5 +1,7 @@
-//! Queries over committed state. Each runs on one snapshot, so a query never
-//! sees half of a group commit.
+//! Queries over acknowledged state. Each runs on one snapshot of the store
+//! and the tail chunks that snapshot does not include ([`crate::tail`]), so
+//! a query never sees half of a group commit, and sees every acknowledged
+//! event whether or not it is materialised yet.
 //!
 //! The shape of [`query`]:
 //! - Day buckets (all groups merged, laid out by day) answer a question
@@ -33,6 +35,7 @@ use tally_model::billing::{Attribution, Owner};
 
 use crate::dict::{self, ReaderDict};
 use crate::keys::{self, DictEntry, MeterState, QuarantineEntry};
+use crate::tail::TailChunk;
 use crate::{Shared, StoreError};
 
 /// Most rows or items one page may hold.
@@ -183,7 +186,7 @@ pub fn usage_span(
     meter_name: &str,
 ) -> Result<Option<(Timestamp, Timestamp)>, LedgerError> {
     let (_, state) = ready_meter(shared, meter_name)?;
-    let snapshot = shared.db.snapshot();
+    let (snapshot, tail) = shared.tail.view(&shared.db, &shared.keyspaces.meta)?;
     let prefix = keys::rollup_level_prefix(state.generation, Level::Day)?;
     let mut days = snapshot.prefix(&shared.keyspaces.rollups, prefix);
     let day_of = |item: Option<fjall::Guard>| -> Result<Option<i64>, LedgerError> {
@@ -194,10 +197,22 @@ pub fn usage_span(
             )),
         }
     };
-    let Some(first) = day_of(days.next())? else {
+    let mut first = day_of(days.next())?;
+    let mut last = day_of(days.next_back())?.or(first);
+    for chunk in &tail {
+        let in_tail = chunk.rollups_with_prefix(&prefix);
+        if let (Some((lo, _)), Some((hi, _))) = (in_tail.first(), in_tail.last()) {
+            let (lo, hi) = (
+                keys::decode_rollup_key(lo)?.bucket,
+                keys::decode_rollup_key(hi)?.bucket,
+            );
+            first = Some(first.map_or(lo, |f| f.min(lo)));
+            last = Some(last.map_or(hi, |l| l.max(hi)));
+        }
+    }
+    let (Some(first), Some(last)) = (first, last) else {
         return Ok(None);
     };
-    let last = day_of(days.next_back())?.unwrap_or(first);
     let at = |second: i64| {
         Timestamp::from_second(second)
             .map_err(|e| LedgerError::Storage(format!("a day bucket out of range: {e}")))
@@ -273,9 +288,13 @@ pub fn query(
     let plan = QueryPlan::new(pieces, q.from, q.to, coarsest)
         .map_err(|e| LedgerError::Invalid(e.to_string()))?;
 
-    let snapshot = shared.db.snapshot();
-    let rollups = &shared.keyspaces.rollups;
     let meta = &shared.keyspaces.meta;
+    let (snapshot, tail) = shared.tail.view(&shared.db, meta)?;
+    let view = RollupView {
+        snapshot: &snapshot,
+        rollups: &shared.keyspaces.rollups,
+        tail: &tail,
+    };
     let names = Names::new(shared, &snapshot, meta);
     let ctx = FoldContext {
         plan: &plan,
@@ -326,9 +345,10 @@ pub fn query(
         let mut seen = BTreeSet::new();
         for (lo, hi) in days {
             let (start, end) = keys::rollup_day_range(generation, lo, hi)?;
-            for item in snapshot.range(rollups, start..end) {
-                seen.insert(keys::decode_rollup_key(&item.key().map_err(storage)?)?.subject);
-            }
+            view.each(&start, &end, |key, _| {
+                seen.insert(keys::decode_rollup_key(key)?.subject);
+                Ok(())
+            })?;
         }
         subject_ids = seen.into_iter().collect();
     }
@@ -349,19 +369,17 @@ pub fn query(
         let mut folder = Folder::with_capacity(capacity);
         for (lo, hi) in day_shares.get(share).map(Vec::as_slice).unwrap_or_default() {
             let (start, end) = keys::rollup_day_range(generation, *lo, *hi)?;
-            for item in snapshot.range(rollups, start..end) {
-                let (key, value) = item.into_inner().map_err(storage)?;
-                folder.fold(&ctx, &key, &value, Level::Day)?;
-            }
+            view.each(&start, &end, |key, value| {
+                folder.fold(&ctx, key, value, Level::Day)
+            })?;
         }
         for subject in subject_shares.get(share).copied().unwrap_or_default() {
             for (level, lo, hi) in &fine {
                 let (start, end) =
                     keys::rollup_subject_range(generation, *level, *subject, *lo, *hi)?;
-                for item in snapshot.range(rollups, start..end) {
-                    let (key, value) = item.into_inner().map_err(storage)?;
-                    folder.fold(&ctx, &key, &value, *level)?;
-                }
+                view.each(&start, &end, |key, value| {
+                    folder.fold(&ctx, key, value, *level)
+                })?;
             }
         }
         Ok(folder)
@@ -530,6 +548,54 @@ fn share_spans(spans: &[(i64, i64)], shares: usize) -> Vec<Vec<(i64, i64)>> {
     out
 }
 
+/// The rollups a query reads: a snapshot of the store, and the tail chunks
+/// it does not include.
+struct RollupView<'a> {
+    snapshot: &'a fjall::Snapshot,
+    rollups: &'a fjall::Keyspace,
+    tail: &'a [std::sync::Arc<TailChunk>],
+}
+
+/// A bucket's state as read: encoded in the store, or a tail delta.
+/// Decoded (or copied) only when folded.
+#[derive(Clone, Copy)]
+enum Value<'a> {
+    Stored(&'a [u8]),
+    Tail(&'a AggState),
+}
+
+impl Value<'_> {
+    fn state(self) -> Result<AggState, LedgerError> {
+        match self {
+            Value::Stored(raw) => AggState::decode(raw).map_err(storage),
+            Value::Tail(state) => Ok(state.clone()),
+        }
+    }
+}
+
+impl RollupView<'_> {
+    /// Calls `f` with every bucket whose key is in `[start, end)`: the
+    /// store's, then the tail's. A key may come more than once (stored and
+    /// in the tail, or in two chunks); its states add up.
+    fn each(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        mut f: impl FnMut(&[u8], Value) -> Result<(), LedgerError>,
+    ) -> Result<(), LedgerError> {
+        for item in self.snapshot.range(self.rollups, start..end) {
+            let (key, value) = item.into_inner().map_err(storage)?;
+            f(&key, Value::Stored(&value))?;
+        }
+        for chunk in self.tail {
+            for (key, state) in chunk.rollups_in(start, end) {
+                f(key, Value::Tail(state))?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What folding a bucket needs to know of the query.
 struct FoldContext<'a> {
     plan: &'a QueryPlan,
@@ -601,7 +667,7 @@ impl Folder {
         &mut self,
         ctx: &FoldContext,
         key: &[u8],
-        value: &[u8],
+        value: Value,
         level: Level,
     ) -> Result<(), LedgerError> {
         let k = keys::decode_rollup_key(key)?;
@@ -652,7 +718,7 @@ impl Folder {
         let Some(projected) = projected else {
             return Ok(());
         };
-        let state = AggState::decode(value).map_err(storage)?;
+        let state = value.state()?;
         let subject = if ctx.by_subject {
             k.subject
         } else {
@@ -1026,7 +1092,7 @@ pub fn list_quarantine(
 ) -> Result<QuarantinePage, LedgerError> {
     let limit = page_limit(f.limit);
     let ks = &shared.keyspaces;
-    let snapshot = shared.db.snapshot();
+    let (snapshot, tail) = shared.tail.view(&shared.db, &ks.meta)?;
     let start: Vec<u8> = match &f.cursor {
         Some(c) => {
             let (meter, seq) = c
@@ -1051,11 +1117,8 @@ pub fn list_quarantine(
         .transpose()?;
     let mut items = Vec::new();
     let mut next_cursor = None;
-    for item in snapshot.range(&ks.quarantine, start..) {
-        let (key, value) = item.into_inner().map_err(storage)?;
-        if prefix.as_ref().is_some_and(|p| !key.starts_with(p)) {
-            break;
-        }
+    for entry in quarantine_entries(&snapshot, &ks.quarantine, &tail, start, prefix) {
+        let (key, value) = entry?;
         let (meter, seq) = keys::decode_quarantine_key(&key)?;
         if items.len() == limit {
             next_cursor = items
@@ -1086,11 +1149,66 @@ pub fn list_quarantine(
     Ok(QuarantinePage { items, next_cursor })
 }
 
+/// Quarantine entries from `start` on (those within `prefix`), in key
+/// order: the store's and the tail's, merged.
+fn quarantine_entries<'a>(
+    snapshot: &'a fjall::Snapshot,
+    keyspace: &'a fjall::Keyspace,
+    tail: &[std::sync::Arc<TailChunk>],
+    start: Vec<u8>,
+    prefix: Option<Vec<u8>>,
+) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), LedgerError>> + 'a {
+    let within = move |key: &[u8]| prefix.as_ref().is_none_or(|p| key.starts_with(p));
+    let mut from_tail: Vec<(Vec<u8>, Vec<u8>)> = tail
+        .iter()
+        .flat_map(|chunk| chunk.quarantine.iter())
+        .filter(|(key, _)| key.as_slice() >= start.as_slice() && within(key))
+        .cloned()
+        .collect();
+    from_tail.sort_unstable();
+    let stored = snapshot
+        .range(keyspace, start..)
+        .map(|item| {
+            item.into_inner()
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .map_err(storage)
+        })
+        .take_while(move |entry| entry.as_ref().map_or(true, |(key, _)| within(key)));
+    merge_sorted(stored, from_tail.into_iter())
+}
+
+/// Two sequences sorted by key, merged in key order (an error first).
+fn merge_sorted<K: Ord, V>(
+    a: impl Iterator<Item = Result<(K, V), LedgerError>>,
+    b: impl Iterator<Item = (K, V)>,
+) -> impl Iterator<Item = Result<(K, V), LedgerError>> {
+    let (mut a, mut b) = (a.peekable(), b.peekable());
+    std::iter::from_fn(move || {
+        let take_b = match (a.peek(), b.peek()) {
+            (_, None) | (Some(Err(_)), _) => false,
+            (None, Some(_)) => true,
+            (Some(Ok((ka, _))), Some((kb, _))) => kb < ka,
+        };
+        if take_b { b.next().map(Ok) } else { a.next() }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const DAY: i64 = 86_400;
+
+    #[test]
+    fn merged_sequences_are_in_key_order() {
+        let a = vec![Ok((1, 'a')), Ok((4, 'a')), Ok((6, 'a'))];
+        let b = vec![(0, 'b'), (2, 'b'), (5, 'b'), (9, 'b')];
+        let merged: Vec<(i32, char)> = merge_sorted(a.into_iter(), b.into_iter())
+            .map(Result::unwrap)
+            .collect();
+        let keys: Vec<i32> = merged.iter().map(|(k, _)| *k).collect();
+        assert_eq!(keys, vec![0, 1, 2, 4, 5, 6, 9]);
+    }
 
     /// Every day of every span, in order.
     fn days(spans: &[(i64, i64)]) -> Vec<i64> {
