@@ -11,9 +11,10 @@
 //! depend on the filter, only the cost does.
 //!
 //! No false negatives holds because every key the keyspace can hold is in
-//! the filter: the writer (the only one that writes these keyspaces) adds
-//! each key it writes, and a scan adds the keys that were there when the
-//! store opened. Until that scan has finished, the filter answers "maybe"
+//! the filter: a key is added before it can be written (the dedupe filter
+//! learns each key when the writer hands it to the tail; the rollup filter
+//! each key the holder of the derived store's lock writes), and a scan adds
+//! the keys that were there when the store opened. Until that scan has finished, the filter answers "maybe"
 //! to everything. Removed keys stay in the filter (they only cost a read).
 //!
 //! The filter is a blocked Bloom filter (one 512-bit block per key, 8 bits

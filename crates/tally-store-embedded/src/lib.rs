@@ -2,10 +2,10 @@
 //!
 //! One fjall database holds the event log, the exact dedupe index, the
 //! per-meter rollups, the quarantine and the catalog. The log is the truth:
-//! one writer thread ([`writer`]) appends each group commit's events with
-//! their dedupe entries in one fsync'd batch and answers; rollups,
-//! quarantine and dictionary entries are derived from the log behind the
-//! answer, in bulk, by the materialiser ([`materialise`]), which records the
+//! one writer thread ([`writer`]) decides which events are duplicates,
+//! appends the others in one fsync'd batch and answers; rollups, the dedupe
+//! index, quarantine and dictionary entries are derived from the log behind
+//! the answer, in bulk, by the materialiser ([`materialise`]), which records the
 //! log position it included. What is acknowledged but not yet materialised
 //! waits in memory ([`tail`]); reads merge a snapshot of the store with it,
 //! so an acknowledged event is in the very next answer. After `kill -9` the

@@ -11,8 +11,8 @@
 //! - a [`DerivedStore`]: takes consecutive tail chunks and folds them in
 //!   atomically with the position they end at. [`FjallDerived`] merges the
 //!   chunks' deltas in key order, reads each bucket's stored state once,
-//!   and writes rollups, quarantine, dictionary entries and the position in
-//!   one batch.
+//!   and writes rollups, dedupe, quarantine and dictionary entries and the
+//!   position in one batch.
 //!
 //! [`run`] is the materialiser thread: it waits for a bulk of chunks (or
 //! for the oldest to have waited a little), folds them in, and trims the
@@ -222,6 +222,9 @@ impl DerivedStore for FjallDerived {
         for chunk in chunks {
             for (key, value) in &chunk.quarantine {
                 batch.insert(&ks.quarantine, key.as_slice(), value.as_slice());
+            }
+            for (key, value) in &chunk.dedupe {
+                batch.insert(&ks.dedupe, key.as_slice(), value.as_slice());
             }
             dict::write_entries(&mut batch, &ks.meta, &chunk.dict);
         }

@@ -990,25 +990,31 @@ pub fn list_events(shared: &Shared, f: &EventFilter) -> Result<EventPage, Ledger
     };
     let mut items = Vec::new();
     let mut next_cursor = None;
-    // With both source and id the dedupe index finds the event directly.
+    // With both source and id the dedupe index finds the event directly:
+    // the tail's entry, the newest, else the store's.
     if let (Some(source), Some(id)) = (&f.source, &f.id) {
-        if let Some(d) = snapshot
-            .get(&shared.keyspaces.dedupe, keys::dedupe_key(source, id))
-            .map_err(storage)?
+        let (snapshot, tail) = shared.tail.view(&shared.db, &shared.keyspaces.meta)?;
+        let key = keys::dedupe_key(source, id);
+        let entry = match tail.iter().rev().find_map(|chunk| chunk.dedupe_entry(&key)) {
+            Some(value) => Some(keys::decode_dedupe(value)?),
+            None => snapshot
+                .get(&shared.keyspaces.dedupe, &key)
+                .map_err(storage)?
+                .map(|stored| keys::decode_dedupe(&stored))
+                .transpose()?,
+        };
+        if let Some((seq, _)) = entry
+            && seq < end
+            && let Some(raw) = snapshot.get(events, keys::seq_key(seq)).map_err(storage)?
         {
-            let (seq, _) = keys::decode_dedupe(&d)?;
-            if seq < end
-                && let Some(raw) = snapshot.get(events, keys::seq_key(seq)).map_err(storage)?
-            {
-                let (ingested_at, event) = keys::decode_event(&raw)?;
-                if matches(&event) {
-                    items.push(StoredEvent {
-                        seq,
-                        ingested_at,
-                        event,
-                        voided: void_record(shared, &snapshot, seq)?,
-                    });
-                }
+            let (ingested_at, event) = keys::decode_event(&raw)?;
+            if matches(&event) {
+                items.push(StoredEvent {
+                    seq,
+                    ingested_at,
+                    event,
+                    voided: void_record(shared, &snapshot, seq)?,
+                });
             }
         }
         return Ok(EventPage { items, next_cursor });

@@ -2,8 +2,8 @@
 //!
 //! A group commit appends its events to the log and is answered; what it
 //! means for the rollups (each meter's deltas, merged and sorted by key),
-//! its quarantine entries and the dictionary entries it introduced wait
-//! here, as one [`TailChunk`], until the materialiser (see
+//! its dedupe entries, its quarantine entries and the dictionary entries it
+//! introduced wait here, as one [`TailChunk`], until the materialiser (see
 //! [`crate::materialise`]) folds them into the store in bulk and records
 //! the log position it included (`meta` key `materialised`).
 //!
@@ -40,6 +40,8 @@ pub(crate) struct TailChunk {
     pub acked_at: Instant,
     /// Rollup deltas, each key once, in key order.
     pub rollups: Vec<(RollupKey, AggState)>,
+    /// Dedupe entries (key, value), in key order.
+    pub dedupe: Vec<(Vec<u8>, [u8; 16])>,
     /// Quarantine entries (key, value), in key order.
     pub quarantine: Vec<(Vec<u8>, Vec<u8>)>,
     /// Dictionary entries first named by this chunk.
@@ -52,6 +54,14 @@ impl TailChunk {
         let lo = self.rollups.partition_point(|(k, _)| k.as_slice() < start);
         let hi = self.rollups.partition_point(|(k, _)| k.as_slice() < end);
         &self.rollups[lo..hi.max(lo)]
+    }
+
+    /// The dedupe entry of `key`, if this chunk holds it.
+    pub fn dedupe_entry(&self, key: &[u8]) -> Option<&[u8; 16]> {
+        self.dedupe
+            .binary_search_by(|(k, _)| k.as_slice().cmp(key))
+            .ok()
+            .map(|at| &self.dedupe[at].1)
     }
 
     /// The deltas whose keys start with `prefix`.
@@ -67,6 +77,8 @@ struct TailState {
     chunks: VecDeque<Arc<TailChunk>>,
     events: u64,
     closed: bool,
+    /// The last materialised position trimmed to.
+    position: u64,
 }
 
 /// The chunks not yet materialised; shared by the writer (which pushes),
@@ -91,10 +103,10 @@ impl Tail {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    pub fn push(&self, chunk: TailChunk) {
+    pub fn push(&self, chunk: Arc<TailChunk>) {
         let mut state = self.lock();
         state.events += chunk.events;
-        state.chunks.push_back(Arc::new(chunk));
+        state.chunks.push_back(chunk);
         drop(state);
         self.work.notify_all();
     }
@@ -123,6 +135,7 @@ impl Tail {
     /// Removes the chunks that end at or before `position`, now materialised.
     pub fn trim(&self, position: u64) {
         let mut state = self.lock();
+        state.position = state.position.max(position);
         while state
             .chunks
             .front()
@@ -176,6 +189,12 @@ impl Tail {
             .wait_timeout_while(state, timeout, |s| s.events >= max_events)
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         state.events < max_events
+    }
+
+    /// The position the tail was last trimmed to: everything before it is
+    /// in the store.
+    pub fn position(&self) -> u64 {
+        self.lock().position
     }
 
     /// No more chunks will come: the materialiser finishes what is left.
@@ -240,6 +259,7 @@ mod tests {
                 .iter()
                 .map(|k| ([*k; keys::ROLLUP_KEY_LEN], AggState::Count(1)))
                 .collect(),
+            dedupe: keys.iter().map(|k| (vec![*k], [*k; 16])).collect(),
             quarantine: Vec::new(),
             dict: Vec::new(),
         }
@@ -254,18 +274,21 @@ mod tests {
         assert_eq!(firsts(c.rollups_in(&[7], &[2])), Vec::<u8>::new());
         assert_eq!(firsts(c.rollups_with_prefix(&[5, 5])), vec![5]);
         assert_eq!(firsts(c.rollups_with_prefix(&[4])), Vec::<u8>::new());
+        assert_eq!(c.dedupe_entry(&[5]), Some(&[5; 16]));
+        assert_eq!(c.dedupe_entry(&[4]), None);
     }
 
     #[test]
     fn trimming_keeps_what_is_not_materialised_and_makes_room() {
         let tail = Tail::default();
-        tail.push(chunk(0, 3, &[]));
-        tail.push(chunk(3, 5, &[]));
+        tail.push(Arc::new(chunk(0, 3, &[])));
+        tail.push(Arc::new(chunk(3, 5, &[])));
         assert_eq!(tail.lag().0, 5);
         assert!(!tail.wait_for_room(5, Duration::ZERO));
         assert_eq!(tail.oldest(1).len(), 1, "at least one chunk");
         assert_eq!(tail.oldest(5).len(), 2);
         tail.trim(3);
+        assert_eq!(tail.position(), 3);
         assert_eq!(tail.lag().0, 2);
         assert!(tail.wait_for_room(5, Duration::ZERO));
         assert_eq!(tail.all()[0].first_seq, 3);

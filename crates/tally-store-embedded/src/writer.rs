@@ -1,13 +1,15 @@
-//! The single writer. Every change to the log, the dedupe index and the
-//! catalog goes through this thread, so dedupe decisions and catalog
-//! changes are serialised without locks on the data itself.
+//! The single writer. Every change to the log and the catalog, and every
+//! dedupe decision, goes through this thread, so they are serialised
+//! without locks on the data itself.
 //!
 //! Ingest requests that queue up while a commit is in flight are taken
-//! together as one *group*: its new events and their dedupe entries in one
-//! fjall batch, one fsync; what the events mean for the rollups (deltas
-//! sorted and merged once), their quarantine entries and the dictionary
-//! entries they introduce become one [`TailChunk`] handed to the tail;
-//! then every request in the group is answered. Rollups are not written
+//! together as one *group*: each event is decided new or a duplicate
+//! (against the group, the tail's dedupe entries, then the store's), the
+//! new ones appended to the log in one fjall batch, one fsync; what they
+//! mean for derived state (rollup deltas sorted and merged once, dedupe
+//! and quarantine entries, new dictionary entries) becomes one
+//! [`TailChunk`] handed to the tail; then every request in the group is
+//! answered. Rollups are not written
 //! here but by the materialiser ([`crate::materialise`]), behind the
 //! answer. When the tail holds more than `max_unmaterialised_events`, the
 //! writer waits for it before taking the next group (backpressure).
@@ -30,7 +32,8 @@
 
 use std::collections::HashMap;
 
-use rustc_hash::FxHashSet;
+use rustc_hash::{FxHashMap, FxHashSet};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -82,6 +85,7 @@ type IngestRequest = (Vec<Prepared>, IngestReply);
 pub(crate) struct Prepared {
     pub event: CloudEvent,
     pub dedupe_key: Vec<u8>,
+    pub ingested_at: Timestamp,
     pub record: Vec<u8>,
     /// The meters the samples were taken with; the writer samples again if
     /// its meters have changed since.
@@ -103,6 +107,7 @@ impl Prepared {
         Ok(Prepared {
             dedupe_key: keys::dedupe_key(&event.source, &event.id),
             record: keys::encode_event(ingested_at, &event)?,
+            ingested_at,
             event,
             meters: Arc::clone(meters),
             samples,
@@ -158,6 +163,11 @@ pub(crate) struct Writer {
     dict: WriterDict,
     /// A filter of the dedupe keys the store holds.
     known_dedupe: KnownKeys,
+    /// Dedupe entries acknowledged but not yet in the store: key → expiry
+    /// (seconds). A key leaves once the store holds it.
+    tail_dedupe: FxHashMap<Vec<u8>, i64>,
+    /// The chunks pushed whose dedupe entries are in `tail_dedupe`.
+    pushed: VecDeque<Arc<TailChunk>>,
     /// The rollups; shared with the materialiser thread.
     derived: Arc<Mutex<FjallDerived>>,
     /// Most events acknowledged but not yet materialised; ingest waits
@@ -173,6 +183,7 @@ struct ChunkBuilder {
     first_seq: u64,
     events: u64,
     deltas: Deltas,
+    dedupe: Vec<(Vec<u8>, [u8; 16])>,
     quarantine: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
@@ -182,6 +193,7 @@ impl ChunkBuilder {
             first_seq,
             events: 0,
             deltas: Deltas::default(),
+            dedupe: Vec::new(),
             quarantine: Vec::new(),
         }
     }
@@ -215,6 +227,8 @@ impl Writer {
             last_prune: Timestamp::UNIX_EPOCH,
             dict,
             known_dedupe,
+            tail_dedupe: FxHashMap::default(),
+            pushed: VecDeque::new(),
             derived,
             max_tail_events: config.max_unmaterialised_events.max(1),
             rollups_scanned: false,
@@ -226,7 +240,33 @@ impl Writer {
     fn drain(&mut self) -> Result<(), StoreError> {
         let derived = Arc::clone(&self.derived);
         let mut derived = materialise::lock(&derived);
-        materialise::drain(&self.shared.tail, &mut *derived)
+        materialise::drain(&self.shared.tail, &mut *derived)?;
+        drop(derived);
+        self.forget_materialised();
+        Ok(())
+    }
+
+    /// Drops the tail's dedupe entries the store now holds.
+    fn forget_materialised(&mut self) {
+        let position = self.shared.tail.position();
+        while self
+            .pushed
+            .front()
+            .is_some_and(|chunk| chunk.end_seq <= position)
+        {
+            if let Some(chunk) = self.pushed.pop_front() {
+                for (key, _) in &chunk.dedupe {
+                    self.tail_dedupe.remove(key);
+                }
+            }
+        }
+    }
+
+    /// The expiry (seconds) an event's dedupe entry gets: the horizon from
+    /// its ingest or its time, whichever is later. Computed from what the
+    /// log holds, so a replay gives the same.
+    fn dedupe_expiry(&self, ingested_at: Timestamp, event: &CloudEvent) -> i64 {
+        ingested_at.as_second().max(event.time.as_second()) + self.horizon_seconds
     }
 
     pub(crate) fn run(mut self) {
@@ -341,9 +381,9 @@ impl Writer {
         Ok(())
     }
 
-    /// Appends a group's new events to the log with their dedupe entries,
-    /// syncs, and hands what they mean for derived state to the tail. Only
-    /// then are the requests answered.
+    /// Decides which of a group's events are new, appends them to the log,
+    /// syncs, and hands what they mean for derived state (their dedupe
+    /// entries among it) to the tail. Only then are the requests answered.
     fn write_group(&mut self, group: &[IngestRequest]) -> Result<Vec<IngestOutcome>, StoreError> {
         let shared = Arc::clone(&self.shared);
         let ks = &shared.keyspaces;
@@ -353,6 +393,7 @@ impl Writer {
         let mut seen: FxHashSet<&[u8]> = FxHashSet::default();
         let mut outcomes = Vec::with_capacity(group.len());
         let generations = self.generations();
+        self.forget_materialised();
         for (events, _) in group {
             let mut outcome = IngestOutcome::default();
             for (index, prepared) in events.iter().enumerate() {
@@ -363,10 +404,11 @@ impl Writer {
                 }
                 let seq = self.next_seq;
                 self.next_seq += 1;
-                let expires = now.as_second().max(event.time.as_second()) + self.horizon_seconds;
+                let expires = self.dedupe_expiry(prepared.ingested_at, event);
                 batch.insert(&ks.events, keys::seq_key(seq), prepared.record.as_slice());
-                batch.insert(&ks.dedupe, dkey, keys::dedupe_value(seq, expires));
-                self.known_dedupe.insert(dkey);
+                chunk
+                    .dedupe
+                    .push((dkey.to_vec(), keys::dedupe_value(seq, expires)));
                 seen.insert(dkey);
                 outcome.accepted += 1;
                 self.measure_accepted(
@@ -496,15 +538,26 @@ impl Writer {
         }
         let mut quarantine = chunk.quarantine;
         quarantine.sort_unstable();
-        self.shared.tail.push(TailChunk {
+        let mut dedupe = chunk.dedupe;
+        for (key, value) in &dedupe {
+            // The filter learns every key before the store can hold it.
+            self.known_dedupe.insert(key);
+            self.tail_dedupe
+                .insert(key.clone(), keys::decode_dedupe(value)?.1);
+        }
+        dedupe.sort_unstable();
+        let chunk = Arc::new(TailChunk {
             first_seq: chunk.first_seq,
             end_seq: self.next_seq,
             events: chunk.events,
             acked_at: Instant::now(),
             rollups: chunk.deltas.merged()?,
+            dedupe,
             quarantine,
             dict,
         });
+        self.pushed.push_back(Arc::clone(&chunk));
+        self.shared.tail.push(chunk);
         Ok(())
     }
 
@@ -525,7 +578,12 @@ impl Writer {
         {
             let (key, value) = item.into_inner()?;
             let seq = keys::read_u64(&key)?;
-            let (_, event) = keys::decode_event(&value)?;
+            let (ingested_at, event) = keys::decode_event(&value)?;
+            let expires = self.dedupe_expiry(ingested_at, &event);
+            chunk.dedupe.push((
+                keys::dedupe_key(&event.source, &event.id),
+                keys::dedupe_value(seq, expires),
+            ));
             self.measure_accepted(&event, seq, None, &generations, &mut chunk, |_, _| {})?;
             if chunk.events as usize == REPLAY_CHUNK {
                 let next = seq + 1;
@@ -544,6 +602,9 @@ impl Writer {
     }
 
     fn is_duplicate(&self, dkey: &[u8], now: Timestamp) -> Result<bool, StoreError> {
+        if let Some(expires) = self.tail_dedupe.get(dkey) {
+            return Ok(*expires > now.as_second());
+        }
         if !self.known_dedupe.may_contain(dkey) {
             return Ok(false);
         }

@@ -1,7 +1,7 @@
 //! Derived state lags the log but never the answers: acknowledged events are
 //! answered (queries, usage span, quarantine) before they are materialised,
-//! the answers do not change when they are, and rollups and quarantine that
-//! are lost are rebuilt from the log when the store opens.
+//! the answers do not change when they are, and rollups, dedupe entries and
+//! quarantine that are lost are rebuilt from the log when the store opens.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -66,8 +66,13 @@ fn expected_by_subject() -> BTreeMap<String, i64> {
 }
 
 async fn query(ledger: &EmbeddedLedger, q: MeterQuery) -> QueryResult {
+    query_meter(ledger, "requests", q).await
+}
+
+/// A meter's answer, once it is built.
+async fn query_meter(ledger: &EmbeddedLedger, meter: &str, q: MeterQuery) -> QueryResult {
     loop {
-        match ledger.query("requests".into(), q.clone()).await {
+        match ledger.query(meter.into(), q.clone()).await {
             Err(LedgerError::NotReady { .. }) => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -156,10 +161,34 @@ async fn ingested(dir: &Path) -> (EmbeddedLedger, Answers) {
         .await
         .unwrap();
     assert_eq!(ledger.stats().materialise_lag_events, 0);
-    let outcome = ledger.ingest(second).await.unwrap();
+    // Its backfill (which materialises first as well) is done.
+    let whenever = MeterQuery {
+        from: jiff::Timestamp::from_second(START).unwrap(),
+        to: jiff::Timestamp::from_second(START + 60).unwrap(),
+        window_size: None,
+        time_zone: jiff::tz::TimeZone::UTC,
+        subjects: vec![],
+        group_by: vec![],
+        filter_group_by: Default::default(),
+        limit: None,
+        cursor: None,
+    };
+    query_meter(&ledger, "other-meter", whenever).await;
+    let outcome = ledger.ingest(second.clone()).await.unwrap();
     assert_eq!(outcome.accepted, 180);
     assert!(!outcome.quarantined.is_empty());
+    // Events not yet materialised are known to dedupe, and found by id.
+    let again = ledger.ingest(second).await.unwrap();
+    assert_eq!((again.accepted, again.duplicates), (0, 180));
     assert_eq!(ledger.stats().materialise_lag_events, 180);
+    let by_id = tally_ledger::EventFilter {
+        source: Some("s".into()),
+        id: Some("e250".into()),
+        ..Default::default()
+    };
+    let found = ledger.list_events(by_id).await.unwrap();
+    assert_eq!(found.items.len(), 1);
+    assert_eq!(found.items[0].event.id, "e250");
     let before = answers(&ledger).await;
     assert_eq!(totals(&before.queries[0]), expected_by_subject());
     assert_eq!(
@@ -206,7 +235,7 @@ async fn lost_derived_state_is_rebuilt_from_the_log() {
             db.keyspace(name, fjall::KeyspaceCreateOptions::default)
                 .unwrap()
         };
-        for name in ["rollups", "quarantine"] {
+        for name in ["rollups", "quarantine", "dedupe"] {
             let keyspace = ks(name);
             let keys: Vec<_> = keyspace.iter().map(|item| item.key().unwrap()).collect();
             assert!(!keys.is_empty(), "{name} was materialised at shutdown");
@@ -221,6 +250,8 @@ async fn lost_derived_state_is_rebuilt_from_the_log() {
     }
     let ledger = EmbeddedLedger::open(config(dir.path(), Duration::from_millis(10))).unwrap();
     assert_eq!(answers(&ledger).await, before);
+    let again = ledger.ingest(events()).await.unwrap();
+    assert_eq!((again.accepted, again.duplicates), (0, 300));
     // Once materialised, the same.
     for _ in 0..500 {
         if ledger.stats().materialise_lag_events == 0 {
