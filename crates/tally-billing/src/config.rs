@@ -12,13 +12,25 @@
 //!   # A BillingSink is cluster-scoped and a Secret namespaced: the Secret is
 //!   # read from `namespace` (default `tally-system`); key defaults to apiKey.
 //!   apiKeySecretRef: {name: amberflo-api, key: apiKey, namespace: tally-system}
-//!   windowSize: 1m                # default 1m; a whole number of seconds dividing a day
+//!   windowSize: 1h                # default 1h; a whole number of seconds dividing a day
 //!                                 # (reading from the ledger: a whole number of minutes)
 //!   startAt: 2025-01-01T00:00:00Z # first window forwarded; default: the sink's creation
 //!   allowedLateness: 5m           # a window is sent this long after it ends; default 5m
 //!   batchSize: 100                # records per request; default 100
 //!   requestTimeout: 30s           # default 30s
+//!   maxInFlight: 4                # requests in flight at once; default 4 (1..=64)
+//!   maxLag: 2h5m                  # lag past this is `Backlogged`; default 2 windows + allowedLateness
+//!   usageEndpoint: https://app.amberflo.io  # where the provider's usage is queried
+//!                                 # (reconcile); default: for Amberflo, `endpoint` with
+//!                                 # a leading `ingest.` host label replaced by `app.`,
+//!                                 # else `endpoint` itself
 //! ```
+//!
+//! Windows are hourly by default because every record costs money:
+//! Amberflo prices plans by meter events (records) ingested, so a record
+//! per customer, meter and dimension values per hour is 60 times cheaper
+//! than per minute, at the price of up to an hour (plus `allowedLateness`)
+//! of delay before the provider sees usage.
 //!
 //! Durations take ISO 8601 (`PT1M`) or jiff's friendly form (`1m`, `90s`).
 
@@ -77,14 +89,26 @@ pub struct BillingSink {
     pub endpoint: reqwest::Url,
     /// Where the API key is.
     pub api_key_secret_ref: SecretKeyRef,
-    /// Window length (default one minute).
+    /// Window length (default one hour). A sink whose progress was made
+    /// with another size keeps that size unless `windowSize` is given
+    /// ([`crate::forwarder`]).
     pub window: Duration,
+    /// Whether `spec.windowSize` was given (rather than defaulted).
+    pub window_explicit: bool,
     /// How long after its end a window is first sent (default five minutes).
     pub allowed_lateness: Duration,
     /// Records per request (default 100).
     pub batch_size: usize,
     /// Timeout of one request (default 30 s).
     pub request_timeout: Duration,
+    /// Requests in flight at once (default 4): a stalled request holds only
+    /// its own batch.
+    pub max_in_flight: usize,
+    /// A lag past this makes the sink `Backlogged` (default: two windows
+    /// plus the allowed lateness).
+    pub max_lag: Duration,
+    /// Where the provider's own usage totals are read (reconciliation).
+    pub usage_endpoint: reqwest::Url,
     /// The first window forwarded on a first start: `spec.startAt`, else the
     /// sink's `metadata.creationTimestamp`; `None`: when the forwarder first
     /// starts.
@@ -110,9 +134,36 @@ struct SinkSpec {
     batch_size: Option<usize>,
     request_timeout: Option<String>,
     start_at: Option<jiff::Timestamp>,
+    max_in_flight: Option<usize>,
+    max_lag: Option<String>,
+    usage_endpoint: Option<String>,
 }
 
 const SECONDS_PER_DAY: u64 = 86_400;
+/// Most requests in flight per sink.
+pub const MAX_IN_FLIGHT: usize = 64;
+
+/// The default usage endpoint: Amberflo ingests at `ingest.amberflo.io`
+/// and answers usage queries at `app.amberflo.io`; any other endpoint (a
+/// proxy, a test server, OpenMeter) answers both itself.
+fn default_usage_endpoint(provider: Provider, endpoint: &reqwest::Url) -> reqwest::Url {
+    let mut usage = endpoint.clone();
+    if provider == Provider::Amberflo
+        && let Some(rest) = endpoint.host_str().and_then(|h| h.strip_prefix("ingest."))
+        && usage.set_host(Some(&format!("app.{rest}"))).is_err()
+    {
+        return endpoint.clone();
+    }
+    usage
+}
+
+fn http_url(field: &str, text: &str) -> Result<reqwest::Url, String> {
+    let url = reqwest::Url::parse(text).map_err(|e| format!("spec.{field} {text:?}: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(format!("spec.{field} must be http or https"));
+    }
+    Ok(url)
+}
 
 impl BillingSink {
     /// Reads and checks a `BillingSink` manifest.
@@ -131,11 +182,11 @@ impl BillingSink {
         };
         let spec: SinkSpec = serde_json::from_value(manifest.spec.clone())
             .map_err(|e| invalid(format!("spec: {e}")))?;
-        let endpoint = reqwest::Url::parse(&spec.endpoint)
-            .map_err(|e| invalid(format!("spec.endpoint {:?}: {e}", spec.endpoint)))?;
-        if !matches!(endpoint.scheme(), "http" | "https") {
-            return Err(invalid("spec.endpoint must be http or https".into()));
-        }
+        let endpoint = http_url("endpoint", &spec.endpoint).map_err(invalid)?;
+        let usage_endpoint = match &spec.usage_endpoint {
+            Some(text) => http_url("usageEndpoint", text).map_err(invalid)?,
+            None => default_usage_endpoint(spec.provider, &endpoint),
+        };
         let duration = |field: &str, text: Option<&String>, default: Duration| match text {
             None => Ok(default),
             Some(text) => parse_duration(text).map_err(|e| invalid(format!("spec.{field}: {e}"))),
@@ -143,7 +194,7 @@ impl BillingSink {
         let window = duration(
             "windowSize",
             spec.window_size.as_ref(),
-            Duration::from_secs(60),
+            Duration::from_secs(3600),
         )?;
         let secs = window.as_secs();
         if window.subsec_nanos() != 0 || secs == 0 || !SECONDS_PER_DAY.is_multiple_of(secs) {
@@ -155,17 +206,30 @@ impl BillingSink {
         if batch_size == 0 {
             return Err(invalid("spec.batchSize must be at least 1".into()));
         }
+        let max_in_flight = spec.max_in_flight.unwrap_or(4);
+        if !(1..=MAX_IN_FLIGHT).contains(&max_in_flight) {
+            return Err(invalid(format!(
+                "spec.maxInFlight must be 1 to {MAX_IN_FLIGHT}"
+            )));
+        }
+        let allowed_lateness = duration(
+            "allowedLateness",
+            spec.allowed_lateness.as_ref(),
+            Duration::from_secs(300),
+        )?;
+        let max_lag = duration(
+            "maxLag",
+            spec.max_lag.as_ref(),
+            window.saturating_mul(2).saturating_add(allowed_lateness),
+        )?;
         Ok(BillingSink {
             name: manifest.metadata.name.clone(),
             provider: spec.provider,
             endpoint,
             api_key_secret_ref: spec.api_key_secret_ref,
             window,
-            allowed_lateness: duration(
-                "allowedLateness",
-                spec.allowed_lateness.as_ref(),
-                Duration::from_secs(300),
-            )?,
+            window_explicit: spec.window_size.is_some(),
+            allowed_lateness,
             batch_size,
             request_timeout: duration(
                 "requestTimeout",
@@ -173,6 +237,9 @@ impl BillingSink {
                 Duration::from_secs(30),
             )?,
             start_at: spec.start_at.or(manifest.metadata.creation_timestamp),
+            max_in_flight,
+            max_lag,
+            usage_endpoint,
         })
     }
 }
@@ -258,7 +325,10 @@ spec:
         ))
         .unwrap();
         assert_eq!(sink.provider, Provider::Amberflo);
-        assert_eq!(sink.window, Duration::from_secs(60));
+        assert_eq!(sink.window, Duration::from_secs(3600), "hourly by default");
+        assert_eq!(sink.max_in_flight, 4);
+        assert_eq!(sink.max_lag, Duration::from_secs(2 * 3600 + 300));
+        assert_eq!(sink.usage_endpoint.as_str(), "https://app.amberflo.io/");
         assert_eq!(sink.allowed_lateness, Duration::from_secs(300));
         assert_eq!(sink.batch_size, 100);
         assert_eq!(sink.api_key_secret_ref.key, "apiKey");
@@ -269,7 +339,8 @@ apiVersion: billing.miloapis.com/v1alpha1
 kind: BillingSink
 metadata: {name: om}
 spec: {provider: openmeter, endpoint: "http://127.0.0.1:1", apiKeySecretRef: {name: s, key: token},
-       windowSize: PT5M, allowedLateness: 90s, batchSize: 7, requestTimeout: 2s}
+       windowSize: PT5M, allowedLateness: 90s, batchSize: 7, requestTimeout: 2s,
+       maxInFlight: 2, maxLag: 1h}
 "#,
         ))
         .unwrap();
@@ -277,6 +348,9 @@ spec: {provider: openmeter, endpoint: "http://127.0.0.1:1", apiKeySecretRef: {na
         assert_eq!(sink.window, Duration::from_secs(300));
         assert_eq!(sink.allowed_lateness, Duration::from_secs(90));
         assert_eq!(sink.batch_size, 7);
+        assert_eq!(sink.max_in_flight, 2);
+        assert_eq!(sink.max_lag, Duration::from_secs(3600));
+        assert_eq!(sink.usage_endpoint.as_str(), "http://127.0.0.1:1/");
     }
 
     #[test]
@@ -289,6 +363,9 @@ spec: {provider: openmeter, endpoint: "http://127.0.0.1:1", apiKeySecretRef: {na
             "{provider: amberflo, endpoint: 'http://a', apiKeySecretRef: {name: s}, batchSize: 0}",
             "{provider: amberflo, endpoint: 'http://a', apiKeySecretRef: {name: s}, allowedLateness: soon}",
             "{provider: amberflo, endpoint: 'http://a'}",
+            "{provider: amberflo, endpoint: 'http://a', apiKeySecretRef: {name: s}, maxInFlight: 0}",
+            "{provider: amberflo, endpoint: 'http://a', apiKeySecretRef: {name: s}, maxInFlight: 65}",
+            "{provider: amberflo, endpoint: 'http://a', apiKeySecretRef: {name: s}, usageEndpoint: 'x:y'}",
         ] {
             assert!(
                 BillingSink::from_manifest(&parse(&format!("{base}{spec}"))).is_err(),

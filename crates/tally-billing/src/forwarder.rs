@@ -1,10 +1,15 @@
 //! The forwarder: plans window totals per (meter, account, window,
-//! dimensions), records the plan durably, hands the records to a
-//! `tally-delivery` sink, and checkpoints what the provider acknowledged.
+//! dimensions), records the plan durably, hands the records to its lanes
+//! (`tally-delivery` sinks, `maxInFlight` requests at once), and
+//! checkpoints what the provider acknowledged. One pass plans at most one
+//! new revision per (customer, meter, window, dimension values): every late
+//! event and void that touched a window since the last pass is coalesced
+//! into that one correction, since every record is billed by the provider.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -12,23 +17,21 @@ use jiff::Timestamp;
 use rust_decimal::Decimal;
 use serde::Serialize;
 use tally_delivery::{
-    BatchOutcome, BatchResult, EgressGuard, EgressPolicy, EncodeError, Item, Registry, RetryConfig,
-    Secret, Sink, SinkConfig, StartError,
+    BatchOutcome, BatchResult, EgressPolicy, Item, Registry, RetryConfig, Secret,
 };
 use tokio::sync::mpsc;
 
 use crate::attribution::{Attribution, Owner};
 use crate::config::{BillingSink, ForwardedMeter};
+use crate::health::{Health, LastError};
+use crate::lanes::{LaneHooks, Lanes};
 use crate::progress::{
-    DeadLetterRecord, MeterCursor, Plan, ProgressError, ProgressStore, RecordProgress, Revision,
-    RevisionState, revision_key, split_revision_key,
+    Counters, DeadLetterRecord, MeterCursor, Plan, ProgressError, ProgressStore, RecordProgress,
+    Revision, RevisionState, Unattributed, revision_key, split_revision_key,
 };
-use crate::provider::ProviderEncoder;
 use crate::record::{RecordKey, UsageRecord};
 use crate::source::{ChangeCursor, SourceError, UsageQuery, UsageSource};
-
-/// Records handed to the sink in one `enqueue_all`.
-const ENQUEUE_CHUNK: usize = 1000;
+use crate::usage::{UsageQueryError, UsageReader};
 
 /// Why forwarding failed. Never carries the API key.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +61,14 @@ pub enum ForwardError {
         sink: String,
         /// What went wrong.
         message: String,
+    },
+    /// The provider's own usage could not be read (reconciliation).
+    #[error("billing sink {sink}: {source}")]
+    ProviderUsage {
+        /// The sink's name.
+        sink: String,
+        /// The failure (status and Tally's words, never the answer).
+        source: UsageQueryError,
     },
 }
 
@@ -138,16 +149,23 @@ pub struct MeterStatus {
     pub forwarded_until: Option<Timestamp>,
     /// `now − forwarded_until`.
     pub lag: Option<Duration>,
-    /// Records acknowledged (corrections included) since this process started.
+    /// Records acknowledged (corrections included), over the sink's life
+    /// (kept across restarts).
     pub records_sent: u64,
     /// Of which corrections (revision > 0).
     pub corrections_sent: u64,
     /// Records queued, not yet answered.
     pub records_pending: u64,
-    /// Records the provider refused for good since this process started.
+    /// Records the provider refused for good, over the sink's life.
     pub records_dead_lettered: u64,
-    /// Usage in the windows planned by this process that no binding covers.
+    /// Events (and voids) of the meter read from the ledger, over the
+    /// sink's life: `recordsSent / eventsRead` is what forwarding costs.
+    pub events_read: u64,
+    /// Usage in the planned windows that no binding covered at its time
+    /// (every project with usage counts; kept across restarts).
     pub unattributed: Decimal,
+    /// How many projects that usage belongs to.
+    pub unattributed_projects: u64,
 }
 
 /// A sink's status.
@@ -158,15 +176,20 @@ pub struct SinkStatus {
     pub sink: String,
     /// Its provider.
     pub provider: crate::config::Provider,
-    /// Retried requests since start.
+    /// Retried requests, over the sink's life.
     pub retries: u64,
     /// Batches in the dead-letter list (kept across restarts until retried).
     pub dead_letters: u64,
+    /// The error the sink is in (until a batch is delivered again).
+    pub last_error: Option<LastError>,
+    /// The largest lag of its meters.
+    pub max_lag: Option<Duration>,
     /// Per meter.
     pub meters: Vec<MeterStatus>,
 }
 
-/// One (billing account, meter) whose provider total differs from the ledger's.
+/// One (billing account, meter): the ledger's total, what Tally recorded
+/// as acknowledged, and what the provider itself holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Difference {
@@ -176,31 +199,51 @@ pub struct Difference {
     pub meter_api_name: String,
     /// What the ledger holds (attributed to this account).
     pub ledger: Decimal,
-    /// What the provider acknowledged.
+    /// What the provider acknowledged, by Tally's checkpoints.
     pub acknowledged: Decimal,
+    /// What the provider's own usage API answers.
+    pub provider: Decimal,
+    /// `provider − ledger`: positive, the provider holds more (over-billing);
+    /// negative, less (under-billing).
+    pub drift: Decimal,
+}
+
+impl Difference {
+    /// Whether the provider's total differs from the ledger's.
+    pub fn drifts(&self) -> bool {
+        !self.drift.is_zero()
+    }
 }
 
 /// Totals per (customer id, meter api name).
 type CustomerTotals = BTreeMap<(String, String), Decimal>;
 
-/// Compares per-(customer, meter) totals; lists every pair that differs
-/// (a pair missing on one side counts as zero there).
+/// Every (customer, meter) pair of any of the three totals (a pair missing
+/// on one side counts as zero there).
 pub fn compare_totals(
-    ledger: &BTreeMap<(String, String), Decimal>,
-    acknowledged: &BTreeMap<(String, String), Decimal>,
+    ledger: &CustomerTotals,
+    acknowledged: &CustomerTotals,
+    provider: &CustomerTotals,
 ) -> Vec<Difference> {
-    let keys: BTreeSet<&(String, String)> = ledger.keys().chain(acknowledged.keys()).collect();
+    let keys: BTreeSet<&(String, String)> = ledger
+        .keys()
+        .chain(acknowledged.keys())
+        .chain(provider.keys())
+        .collect();
+    let get = |map: &CustomerTotals, key| map.get(key).copied().unwrap_or_default();
     keys.into_iter()
-        .filter_map(|key| {
-            let l = ledger.get(key).copied().unwrap_or_default();
-            let a = acknowledged.get(key).copied().unwrap_or_default();
-            (l != a).then(|| Difference {
+        .map(|key| {
+            let (ledger, provider) = (get(ledger, key), get(provider, key));
+            Difference {
                 customer_id: key.0.clone(),
                 meter_api_name: key.1.clone(),
-                ledger: l,
-                acknowledged: a,
-            })
+                ledger,
+                acknowledged: get(acknowledged, key),
+                provider,
+                drift: (provider - ledger).normalize(),
+            }
         })
+        .filter(|d| !(d.ledger.is_zero() && d.acknowledged.is_zero() && d.provider.is_zero()))
         .collect()
 }
 
@@ -209,17 +252,17 @@ struct MeterState {
     cursor: Option<MeterCursor>,
     /// window start ms → pending records.
     pending: BTreeMap<i64, u64>,
-    sent: u64,
-    corrections: u64,
-    dead: u64,
-    unattributed: BTreeMap<i64, Decimal>,
+    /// window start ms → unattributed usage per project.
+    unattributed: BTreeMap<i64, Unattributed>,
 }
 
 /// One window's totals per (customer, dims), and what no account owns.
 struct WindowTotals {
     owned: BTreeMap<(String, BTreeMap<String, String>), Decimal>,
-    unattributed: Decimal,
+    unattributed: Unattributed,
 }
+
+const HOUR_MS: i64 = 3_600_000;
 
 /// A running forwarder for one billing sink.
 pub struct Forwarder {
@@ -227,15 +270,19 @@ pub struct Forwarder {
     source: Arc<dyn UsageSource>,
     attribution: Attribution,
     store: ProgressStore,
-    sink: Sink,
-    outcomes: mpsc::UnboundedReceiver<BatchOutcome>,
+    lanes: Lanes,
+    outcomes: mpsc::UnboundedReceiver<(usize, BatchOutcome)>,
     meters: BTreeMap<String, MeterState>,
-    /// The projects some binding names (what the source is asked about).
-    projects: Arc<[String]>,
-    /// Dead-lettered batches (delivery ids and item keys) not yet stored.
-    dead: Vec<(u64, Vec<Vec<u8>>)>,
+    /// Dead-lettered batches (lane, dead-letter id, item keys) not yet stored.
+    dead: Vec<(usize, u64, Vec<Vec<u8>>)>,
     /// Batches in the stored dead-letter list.
     dead_letters: u64,
+    /// Counters over the sink's life, as stored.
+    counters: Counters,
+    /// Retries stored before this process started.
+    retries_before: u64,
+    health: Arc<Health>,
+    usage: UsageReader,
 }
 
 impl std::fmt::Debug for Forwarder {
@@ -255,16 +302,25 @@ fn floor_ms(t: i64, size: i64) -> i64 {
     t.div_euclid(size) * size
 }
 
+/// `[from, to)` widened to whole UTC hours: the providers answer usage in
+/// hourly buckets, the one that contains a range's start first.
+fn whole_hours(from: Timestamp, to: Timestamp) -> (Timestamp, Timestamp) {
+    let from_ms = floor_ms(from.as_millisecond(), HOUR_MS);
+    let to_ms = to.as_millisecond();
+    let to_ms = floor_ms(to_ms, HOUR_MS) + if to_ms % HOUR_MS == 0 { 0 } else { HOUR_MS };
+    (ts(from_ms), ts(to_ms))
+}
+
 fn ts(ms: i64) -> Timestamp {
     Timestamp::from_millisecond(ms).unwrap_or(Timestamp::MIN)
 }
 
 impl Forwarder {
-    /// Opens the sink's progress store, starts its delivery sink (on the
-    /// current Tokio runtime) and queues again every revision that was
-    /// planned but not answered before the last stop.
+    /// Opens the sink's progress store, starts its lanes (on the current
+    /// Tokio runtime) and queues again every revision that was planned but
+    /// not answered before the last stop.
     pub async fn start(
-        config: ForwarderConfig,
+        mut config: ForwarderConfig,
         source: Arc<dyn UsageSource>,
         attribution: Attribution,
         registry: &Registry,
@@ -274,54 +330,52 @@ impl Forwarder {
             sink: name.clone(),
             source,
         };
-        let delivery = |message: String| ForwardError::Delivery {
-            sink: name.clone(),
-            message,
-        };
         let store = ProgressStore::open(&config.data_dir).map_err(progress)?;
-        let encoder = ProviderEncoder::new(
-            config.sink.provider,
-            &config.sink.endpoint,
-            config.api_key.clone(),
-            &format!("tally/billing/{name}"),
-        )
-        .map_err(|e: EncodeError| delivery(e.to_string()))?;
-        let mut sink_config = SinkConfig::new(format!("billing-{name}"));
-        sink_config.batch.max_items = config.sink.batch_size;
-        sink_config.batch.timeout = Duration::from_millis(200);
-        sink_config.retry = config.retry.clone();
-        sink_config.queue.max_items = config.max_queued_records.max(ENQUEUE_CHUNK as u64);
-        let guard = EgressGuard::new(config.egress.clone())
-            .map_err(|e| delivery(format!("building the HTTP client: {e}")))?;
+        let window = store
+            .settle_window(window_ms(&config), config.sink.window_explicit)
+            .map_err(progress)?;
+        config.sink.window = Duration::from_millis(window.unsigned_abs());
+        let counters = store.counters().map_err(progress)?;
+        let dead_ids = Arc::new(AtomicU64::new(
+            store.next_dead_letter_id().map_err(progress)?,
+        ));
+        let health = Arc::new(Health::default());
         let (tx, outcomes) = mpsc::unbounded_channel();
-        let sink = Sink::builder(sink_config, encoder)
-            .egress(guard)
-            .registry(registry)
-            .on_outcome(move |outcome| {
-                let _ = tx.send(outcome.clone());
-            })
-            .start()
-            .map_err(|e: StartError| delivery(e.to_string()))?;
-        let mut meters = BTreeMap::new();
-        for meter in &config.meters {
-            let state = MeterState {
-                cursor: store.cursor(&meter.meter).map_err(progress)?,
-                ..MeterState::default()
-            };
-            meters.insert(meter.api_name.clone(), state);
-        }
+        let observed = Arc::clone(&health);
+        let hooks = LaneHooks {
+            outcomes: tx,
+            attempt: Arc::new(move |report| observed.observe(report, Timestamp::now())),
+            dead_ids,
+        };
+        let (lanes, guard) =
+            Lanes::start(&config, registry, hooks).map_err(|e| ForwardError::Delivery {
+                sink: name.clone(),
+                message: e.to_string(),
+            })?;
+        let usage = UsageReader::new(
+            config.sink.provider,
+            config.sink.usage_endpoint.clone(),
+            config.api_key.clone(),
+            guard.client().clone(),
+            guard.policy().clone(),
+            config.sink.request_timeout,
+        );
+        let meters = Self::meter_states(&config, &store).map_err(progress)?;
         let dead_letters = store.dead_letter_count().map_err(progress)?;
         let mut forwarder = Forwarder {
             source,
             attribution: Attribution::default(),
             store,
-            sink,
+            lanes,
             outcomes,
             meters,
             config,
-            projects: Arc::from(Vec::new()),
             dead: Vec::new(),
             dead_letters,
+            retries_before: counters.retries,
+            counters,
+            health,
+            usage,
         };
         // Bindings may have changed while we were stopped.
         let planned_with = match forwarder.store.attribution().map_err(progress)? {
@@ -332,22 +386,44 @@ impl Forwarder {
         };
         forwarder.attribution = planned_with;
         forwarder.set_attribution(attribution)?;
-        forwarder.projects = forwarder
-            .attribution
-            .projects()
-            .map(str::to_owned)
-            .collect();
-        let pending = forwarder.store.pending().map_err(progress)?;
+        forwarder.requeue_pending().await?;
+        Ok(forwarder)
+    }
+
+    /// Each forwarded meter's cursor and stored unattributed usage.
+    fn meter_states(
+        config: &ForwarderConfig,
+        store: &ProgressStore,
+    ) -> Result<BTreeMap<String, MeterState>, ProgressError> {
+        let mut meters = BTreeMap::new();
+        for meter in &config.meters {
+            let state = MeterState {
+                cursor: store.cursor(&meter.meter)?,
+                ..MeterState::default()
+            };
+            meters.insert(meter.api_name.clone(), state);
+        }
+        for (api_name, window, projects) in store.unattributed()? {
+            if let Some(state) = meters.get_mut(&api_name) {
+                state.unattributed.insert(window, projects);
+            }
+        }
+        Ok(meters)
+    }
+
+    /// Queues every revision planned but not answered before the last stop.
+    async fn requeue_pending(&mut self) -> Result<(), ForwardError> {
+        let pending = self.store.pending().map_err(|e| self.progress_error(e))?;
         let mut items = Vec::with_capacity(pending.len());
         for (key, record) in pending {
-            forwarder.note_pending(&record.meter_api_name, record.window_start_ms);
+            self.note_pending(&record.meter_api_name, record.window_start_ms);
             items.push(record_item(key, &record));
         }
         if !items.is_empty() {
-            tracing::info!(sink = %name, records = items.len(), "re-queueing unanswered billing records");
+            tracing::info!(sink = %self.config.sink.name, records = items.len(),
+                "re-queueing unanswered billing records");
         }
-        forwarder.enqueue(items).await?;
-        Ok(forwarder)
+        self.enqueue(items).await
     }
 
     fn progress_error(&self, source: ProgressError) -> ForwardError {
@@ -364,18 +440,13 @@ impl Forwarder {
     }
 
     async fn enqueue(&self, items: Vec<Item>) -> Result<(), ForwardError> {
-        let mut items = items.into_iter().peekable();
-        while items.peek().is_some() {
-            let chunk: Vec<Item> = items.by_ref().take(ENQUEUE_CHUNK).collect();
-            self.sink
-                .enqueue_all(chunk)
-                .await
-                .map_err(|e| ForwardError::Delivery {
-                    sink: self.config.sink.name.clone(),
-                    message: e.to_string(),
-                })?;
-        }
-        Ok(())
+        self.lanes
+            .enqueue(items)
+            .await
+            .map_err(|e| ForwardError::Delivery {
+                sink: self.config.sink.name.clone(),
+                message: e.to_string(),
+            })
     }
 
     /// Replaces the attribution (bindings or accounts changed). Windows
@@ -383,7 +454,6 @@ impl Forwarder {
     /// by the next pass, so usage that became attributed is sent. Durable:
     /// a crash before that pass still re-plans them.
     pub fn set_attribution(&mut self, attribution: Attribution) -> Result<(), ForwardError> {
-        self.projects = attribution.projects().map(str::to_owned).collect();
         let Some(from) = self.attribution.first_difference(&attribution) else {
             self.attribution = attribution;
             return Ok(());
@@ -415,7 +485,7 @@ impl Forwarder {
     /// keeps the provider's answer.
     pub fn apply_outcomes(&mut self) -> Result<(), ForwardError> {
         let mut answers = Vec::new();
-        while let Ok(outcome) = self.outcomes.try_recv() {
+        while let Ok((lane, outcome)) = self.outcomes.try_recv() {
             match outcome.result {
                 BatchResult::Delivered { .. } => answers.extend(
                     outcome
@@ -423,11 +493,9 @@ impl Forwarder {
                         .iter()
                         .map(|k| (k.to_vec(), RevisionState::Acked)),
                 ),
-                BatchResult::DeadLettered { ref reason, id } => {
-                    tracing::warn!(sink = %self.config.sink.name, dead_letter = id, %reason,
-                        records = outcome.keys.len(), "billing records dead-lettered");
-                    self.dead
-                        .push((id, outcome.keys.iter().map(|k| k.to_vec()).collect()));
+                BatchResult::DeadLettered { id, .. } => {
+                    let keys = outcome.keys.iter().map(|k| k.to_vec()).collect();
+                    self.dead.push((lane, id, keys));
                 }
             }
         }
@@ -435,59 +503,66 @@ impl Forwarder {
     }
 
     /// Checkpoints every answer received so far, dead letters included:
-    /// a refused batch is stored with the provider's answer in the same
-    /// batch that marks its records dead-lettered.
+    /// a refused batch is stored, under the id its lane logged, with the
+    /// provider's answer in the same batch that marks its records
+    /// dead-lettered.
     pub async fn checkpoint(&mut self) -> Result<(), ForwardError> {
         self.apply_outcomes()?;
         if self.dead.is_empty() {
             return Ok(());
         }
-        let letters = self
-            .sink
-            .dead_letters()
-            .await
-            .map_err(|e| ForwardError::Delivery {
-                sink: self.config.sink.name.clone(),
-                message: format!("reading dead letters: {e}"),
-            })?;
-        let first_id = self
-            .store
-            .next_dead_letter_id()
-            .map_err(|e| self.progress_error(e))?;
         let mut answers = Vec::new();
         let mut records = Vec::new();
-        let mut delivered_ids = Vec::new();
-        for (letter_id, (id, keys)) in (first_id..).zip(std::mem::take(&mut self.dead)) {
-            let letter = letters.iter().find(|l| l.id == id);
-            let items: Vec<UsageRecord> = letter
+        for (lane, id, keys) in std::mem::take(&mut self.dead) {
+            let letter =
+                self.lanes
+                    .dead_letter(lane, id)
+                    .await
+                    .map_err(|e| ForwardError::Delivery {
+                        sink: self.config.sink.name.clone(),
+                        message: format!("reading dead letters: {e}"),
+                    })?;
+            let letter = self.dead_letter_record(id, letter.as_ref());
+            tracing::warn!(sink = %self.config.sink.name, dead_letter = id,
+                reason = %letter.reason, status = ?letter.status, records = keys.len(),
+                "billing records dead-lettered");
+            records.push((lane, letter));
+            answers.extend(keys.into_iter().map(|k| (k, RevisionState::DeadLettered)));
+        }
+        let letters: Vec<DeadLetterRecord> = records.iter().map(|(_, l)| l.clone()).collect();
+        self.settle(&answers, &letters)?;
+        self.dead_letters += letters.len() as u64;
+        for (lane, letter) in records {
+            // Kept by us now; the lane's in-memory copy can go.
+            self.lanes.forget_dead_letter(lane, letter.id).await;
+        }
+        Ok(())
+    }
+
+    /// The stored form of dead letter `id` (the lane's copy, if it has it).
+    fn dead_letter_record(
+        &self,
+        id: u64,
+        letter: Option<&tally_delivery::DeadLetter>,
+    ) -> DeadLetterRecord {
+        DeadLetterRecord {
+            id,
+            at: letter.map_or_else(Timestamp::now, |l| l.at),
+            reason: letter.map_or_else(|| "refused".to_owned(), |l| l.reason.clone()),
+            status: letter.and_then(|l| l.status),
+            answer: letter.map_or_else(String::new, |l| {
+                l.body.replace(self.config.api_key.expose(), "<redacted>")
+            }),
+            attempts: letter.map_or(0, |l| l.attempts),
+            records: letter
                 .map(|l| {
                     l.items
                         .iter()
                         .filter_map(|i| serde_json::from_slice(&i.data).ok())
                         .collect()
                 })
-                .unwrap_or_default();
-            records.push(DeadLetterRecord {
-                id: letter_id,
-                at: letter.map_or_else(Timestamp::now, |l| l.at),
-                reason: letter.map_or_else(|| "refused".to_owned(), |l| l.reason.clone()),
-                status: letter.and_then(|l| l.status),
-                answer: letter.map_or_else(String::new, |l| {
-                    l.body.replace(self.config.api_key.expose(), "<redacted>")
-                }),
-                attempts: letter.map_or(0, |l| l.attempts),
-                records: items,
-            });
-            delivered_ids.push(id);
-            answers.extend(keys.into_iter().map(|k| (k, RevisionState::DeadLettered)));
+                .unwrap_or_default(),
         }
-        self.settle(&answers, &records)?;
-        self.dead_letters += records.len() as u64;
-        for id in delivered_ids {
-            // Kept by us now; the delivery sink's in-memory copy can go.
-            let _ = self.sink.delete_dead_letter(id).await;
-        }
-        Ok(())
     }
 
     fn settle(
@@ -498,11 +573,12 @@ impl Forwarder {
         if answers.is_empty() && letters.is_empty() {
             return Ok(());
         }
-        let changed = self
-            .store
-            .settle(answers, letters)
-            .map_err(|e| self.progress_error(e))?;
-        for (record, revision) in changed {
+        let mut counters = std::mem::take(&mut self.counters);
+        counters.retries = self.retries_before + self.lanes.retries();
+        let settled = self.store.settle(answers, letters, &mut counters);
+        self.counters = counters;
+        let changed = settled.map_err(|e| self.progress_error(e))?;
+        for (record, _) in changed {
             let Some(state) = self.meters.get_mut(&record.meter_api_name) else {
                 continue;
             };
@@ -512,14 +588,6 @@ impl Forwarder {
                 if *count == 0 {
                     state.pending.remove(&window);
                 }
-            }
-            match revision.state {
-                RevisionState::Acked => {
-                    state.sent += 1;
-                    state.corrections += u64::from(revision.revision > 0);
-                }
-                RevisionState::DeadLettered => state.dead += 1,
-                RevisionState::Pending => {}
             }
         }
         Ok(())
@@ -574,6 +642,11 @@ impl Forwarder {
                 .changes_since(&meter.meter, cursor.source_cursor)
                 .await
                 .map_err(|source| self.source_error(&meter, source))?;
+            self.counters
+                .meters
+                .entry(meter.api_name.clone())
+                .or_default()
+                .events_read += changes.times.len() as u64;
             let mut windows: BTreeSet<i64> = changes
                 .times
                 .iter()
@@ -615,6 +688,8 @@ impl Forwarder {
             .iter()
             .map(|i| (i.key.to_vec(), i.data.to_vec()))
             .collect();
+        self.counters.retries = self.retries_before + self.lanes.retries();
+        plan.counters = Some(self.counters.clone());
         self.store
             .commit(&plan)
             .map_err(|e| self.progress_error(e))?;
@@ -646,13 +721,12 @@ impl Forwarder {
         cuts.push(end);
         let mut totals = WindowTotals {
             owned: BTreeMap::new(),
-            unattributed: Decimal::ZERO,
+            unattributed: Unattributed::new(),
         };
         for piece in cuts.windows(2) {
             let query = UsageQuery {
                 meter: meter.meter.clone(),
                 dimensions: meter.dimensions.iter().cloned().collect(),
-                projects: Arc::clone(&self.projects),
                 from: piece[0],
                 to: piece[1],
             };
@@ -670,7 +744,7 @@ impl Forwarder {
                             .or_default() += row.value;
                     }
                     Owner::Unattributed | Owner::UnknownAccount(_) => {
-                        totals.unattributed += row.value
+                        *totals.unattributed.entry(row.project).or_default() += row.value;
                     }
                 }
             }
@@ -686,12 +760,20 @@ impl Forwarder {
         window: i64,
         plan: &mut Plan,
     ) -> Result<Vec<(Vec<u8>, UsageRecord)>, ForwardError> {
-        let totals = self.window_totals(meter, window).await?;
+        let mut totals = self.window_totals(meter, window).await?;
+        totals.unattributed.retain(|_, value| !value.is_zero());
         if let Some(state) = self.meters.get_mut(&meter.api_name) {
-            if totals.unattributed.is_zero() {
-                state.unattributed.remove(&window);
-            } else {
-                state.unattributed.insert(window, totals.unattributed);
+            let before = state.unattributed.get(&window);
+            if before.is_some() || !totals.unattributed.is_empty() {
+                if totals.unattributed.is_empty() {
+                    state.unattributed.remove(&window);
+                } else {
+                    state
+                        .unattributed
+                        .insert(window, totals.unattributed.clone());
+                }
+                plan.unattributed
+                    .push((meter.api_name.clone(), window, totals.unattributed));
             }
         }
         let mut stored = self
@@ -739,90 +821,122 @@ impl Forwarder {
 
     /// Where forwarding stands, per meter, at `now`.
     pub fn status(&self, now: Timestamp) -> SinkStatus {
-        let size = window_ms(&self.config);
-        let meters = self
+        let meters: Vec<MeterStatus> = self
             .config
             .meters
             .iter()
-            .map(|meter| {
-                let state = self.meters.get(&meter.api_name);
-                let planned = state.and_then(|s| s.cursor).map(|c| c.planned_until_ms);
-                let oldest_pending = state.and_then(|s| s.pending.keys().next().copied());
-                let forwarded_until = match (planned, oldest_pending) {
-                    (Some(p), Some(o)) => Some(p.min(o)),
-                    (p, _) => p,
-                }
-                .map(|ms| ts(ms.min(i64::MAX - size)));
-                MeterStatus {
-                    meter: meter.meter.clone(),
-                    meter_api_name: meter.api_name.clone(),
-                    forwarded_until,
-                    lag: forwarded_until.map(|f| {
-                        Duration::try_from(now.duration_since(f)).unwrap_or(Duration::ZERO)
-                    }),
-                    records_sent: state.map_or(0, |s| s.sent),
-                    corrections_sent: state.map_or(0, |s| s.corrections),
-                    records_pending: state.map_or(0, |s| s.pending.values().sum()),
-                    records_dead_lettered: state.map_or(0, |s| s.dead),
-                    unattributed: state.map_or(Decimal::ZERO, |s| s.unattributed.values().sum()),
-                }
-            })
-            .collect::<Vec<_>>();
-        let metrics = self.sink.metrics();
+            .map(|meter| self.meter_status(meter, now))
+            .collect();
         SinkStatus {
             sink: self.config.sink.name.clone(),
             provider: self.config.sink.provider,
-            retries: metrics.retries(),
+            retries: self.retries_before + self.lanes.retries(),
             dead_letters: self.dead_letters,
+            last_error: self.health.last_error(),
+            max_lag: meters.iter().filter_map(|m| m.lag).max(),
             meters,
         }
     }
 
-    /// Compares, per (billing account, meter), the ledger's attributed totals
-    /// over the windows starting in `[from, to)` with what the provider
-    /// acknowledged; lists the pairs that differ.
+    fn meter_status(&self, meter: &ForwardedMeter, now: Timestamp) -> MeterStatus {
+        let size = window_ms(&self.config);
+        let state = self.meters.get(&meter.api_name);
+        let planned = state.and_then(|s| s.cursor).map(|c| c.planned_until_ms);
+        let oldest_pending = state.and_then(|s| s.pending.keys().next().copied());
+        let forwarded_until = match (planned, oldest_pending) {
+            (Some(p), Some(o)) => Some(p.min(o)),
+            (p, _) => p,
+        }
+        .map(|ms| ts(ms.min(i64::MAX - size)));
+        let counters = self
+            .counters
+            .meters
+            .get(&meter.api_name)
+            .copied()
+            .unwrap_or_default();
+        let unattributed = state.map(|s| &s.unattributed);
+        let projects: BTreeSet<&String> = unattributed
+            .into_iter()
+            .flat_map(|windows| windows.values().flat_map(|p| p.keys()))
+            .collect();
+        MeterStatus {
+            meter: meter.meter.clone(),
+            meter_api_name: meter.api_name.clone(),
+            forwarded_until,
+            lag: forwarded_until
+                .map(|f| Duration::try_from(now.duration_since(f)).unwrap_or(Duration::ZERO)),
+            records_sent: counters.sent,
+            corrections_sent: counters.corrections,
+            records_pending: state.map_or(0, |s| s.pending.values().sum()),
+            records_dead_lettered: counters.dead_lettered,
+            events_read: counters.events_read,
+            unattributed: unattributed
+                .into_iter()
+                .flat_map(|windows| windows.values().flat_map(|p| p.values()))
+                .sum(),
+            unattributed_projects: projects.len() as u64,
+        }
+    }
+
+    /// Per (billing account, meter) that differs, over the windows starting
+    /// in `[from, to)` widened to whole UTC hours: the ledger's total, the
+    /// acknowledged one, and the provider's own (read from its usage API),
+    /// with the drift `provider − ledger`. Lists only pairs that drift.
     pub async fn reconcile(
         &self,
         from: Timestamp,
         to: Timestamp,
     ) -> Result<Vec<Difference>, ForwardError> {
-        let (ledger, acknowledged) = self.totals_between(from, to).await?;
-        Ok(compare_totals(&ledger, &acknowledged))
+        let mut all = self.compare(from, to).await?;
+        all.retain(Difference::drifts);
+        Ok(all)
     }
 
-    /// Every (billing account, meter) pair with usage in the windows starting
-    /// in `[from, to)`: the ledger's total and the acknowledged one, equal or
+    /// Like [`Forwarder::reconcile`], but every pair with usage, drifting or
     /// not.
     pub async fn compare(
         &self,
         from: Timestamp,
         to: Timestamp,
     ) -> Result<Vec<Difference>, ForwardError> {
+        let (from, to) = whole_hours(from, to);
         let (ledger, acknowledged) = self.totals_between(from, to).await?;
-        let keys: BTreeSet<&(String, String)> = ledger.keys().chain(acknowledged.keys()).collect();
-        Ok(keys
-            .into_iter()
-            .map(|key| Difference {
-                customer_id: key.0.clone(),
-                meter_api_name: key.1.clone(),
-                ledger: ledger.get(key).copied().unwrap_or_default(),
-                acknowledged: acknowledged.get(key).copied().unwrap_or_default(),
-            })
-            .collect())
+        let api_names: Vec<String> = self
+            .config
+            .meters
+            .iter()
+            .map(|m| m.api_name.clone())
+            .collect();
+        let provider = self
+            .usage
+            .totals(&api_names, from, to)
+            .await
+            .map_err(|source| ForwardError::ProviderUsage {
+                sink: self.config.sink.name.clone(),
+                source,
+            })?;
+        Ok(compare_totals(&ledger, &acknowledged, &provider))
     }
 
     /// Per (customer, meter api name): the ledger's attributed totals and the
-    /// acknowledged ones, over the windows starting in `[from, to)`.
+    /// acknowledged ones, over the windows starting in `[from, to)` (and not
+    /// before the sink's first window: earlier usage is never forwarded).
     async fn totals_between(
         &self,
         from: Timestamp,
         to: Timestamp,
     ) -> Result<(CustomerTotals, CustomerTotals), ForwardError> {
         let size = window_ms(&self.config);
-        let mut ledger: BTreeMap<(String, String), Decimal> = BTreeMap::new();
-        let mut acknowledged: BTreeMap<(String, String), Decimal> = BTreeMap::new();
-        let (from_ms, to_ms) = (floor_ms(from.as_millisecond(), size), to.as_millisecond());
+        let mut ledger: CustomerTotals = BTreeMap::new();
+        let mut acknowledged: CustomerTotals = BTreeMap::new();
+        let to_ms = to.as_millisecond();
         for meter in &self.config.meters {
+            let start = self
+                .meters
+                .get(&meter.api_name)
+                .and_then(|s| s.cursor)
+                .map_or(self.config.start_at.as_millisecond(), |c| c.start_ms);
+            let from_ms = floor_ms(from.as_millisecond().max(start), size);
             let mut w = from_ms;
             while w < to_ms {
                 for ((customer, _), value) in self.window_totals(meter, w).await?.owned {
@@ -845,9 +959,9 @@ impl Forwarder {
         Ok((ledger, acknowledged))
     }
 
-    /// The delivery sink (metrics, queue depth).
-    pub fn sink(&self) -> &Sink {
-        &self.sink
+    /// Records queued in the lanes, batches in flight included.
+    pub fn queue_depth(&self) -> u64 {
+        self.lanes.queue_depth()
     }
 
     /// The stored dead-letter list, oldest first.
@@ -883,11 +997,20 @@ impl Forwarder {
         Ok(true)
     }
 
+    /// Sends every stored dead letter again; returns their ids.
+    pub async fn retry_all_dead_letters(&mut self) -> Result<Vec<u64>, ForwardError> {
+        let ids: Vec<u64> = self.dead_letters()?.iter().map(|l| l.id).collect();
+        for id in &ids {
+            self.retry_dead_letter(*id).await?;
+        }
+        Ok(ids)
+    }
+
     /// Checkpoints answers, then stops the delivery sink after at most
     /// `grace`; unanswered records are sent again after the next start.
     pub async fn shutdown(mut self, grace: Duration) -> Result<(), ForwardError> {
         let _ = self.wait_idle(grace).await?;
-        self.sink.shutdown(Duration::from_millis(100)).await;
+        self.lanes.shutdown(Duration::from_millis(100)).await;
         self.checkpoint().await
     }
 }
@@ -909,32 +1032,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn compare_lists_only_differences() {
+    fn compare_shows_drift_in_either_direction() {
         let d = |n: i64| Decimal::from(n);
-        let k = |c: &str, m: &str| (c.to_string(), m.to_string());
-        let ledger = BTreeMap::from([
-            (k("a", "m"), d(5)),
-            (k("b", "m"), d(3)),
-            (k("c", "m"), d(1)),
+        let k = |c: &str| (c.to_string(), "m".to_string());
+        let ledger = BTreeMap::from([(k("a"), d(5)), (k("b"), d(3)), (k("c"), d(1))]);
+        let acked = BTreeMap::from([(k("a"), d(5)), (k("b"), d(3)), (k("c"), d(1))]);
+        // b: the provider lost 1 (under-billing); z: it holds usage the
+        // ledger has not (over-billing), though Tally never acknowledged it.
+        let provider = BTreeMap::from([
+            (k("a"), d(5)),
+            (k("b"), d(2)),
+            (k("c"), d(1)),
+            (k("z"), d(9)),
         ]);
-        let acked = BTreeMap::from([
-            (k("a", "m"), d(5)),
-            (k("b", "m"), d(2)),
-            (k("z", "m"), d(9)),
-        ]);
-        let diffs = compare_totals(&ledger, &acked);
-        let shown: Vec<(String, Decimal, Decimal)> = diffs
-            .into_iter()
-            .map(|d| (d.customer_id, d.ledger, d.acknowledged))
+        let rows = compare_totals(&ledger, &acked, &provider);
+        let drifting: Vec<(String, Decimal)> = rows
+            .iter()
+            .filter(|r| r.drifts())
+            .map(|r| (r.customer_id.clone(), r.drift))
             .collect();
-        assert_eq!(
-            shown,
-            vec![
-                ("b".into(), d(3), d(2)),
-                ("c".into(), d(1), d(0)),
-                ("z".into(), d(0), d(9))
-            ]
-        );
+        assert_eq!(drifting, vec![("b".into(), d(-1)), ("z".into(), d(9))]);
+        assert_eq!(rows.len(), 4);
+    }
+
+    #[test]
+    fn ranges_widen_to_whole_hours() {
+        let t = |s: i64| Timestamp::from_second(s).unwrap();
+        assert_eq!(whole_hours(t(3600), t(7200)), (t(3600), t(7200)));
+        assert_eq!(whole_hours(t(3660), t(7201)), (t(3600), t(10800)));
     }
 
     #[test]

@@ -24,9 +24,8 @@ fn source_error(meter: &str, e: LedgerError) -> SourceError {
 }
 
 /// Reads usage from a ledger. Subjects are `projects/<project>`; a query
-/// asks only for the projects some binding names (the ledger reads those
-/// subjects' buckets directly), so usage of projects that no binding ever
-/// named is not read (it has no billing account to go to).
+/// reads every subject, so usage of a project no binding names is seen
+/// (and counted as unattributed), not silently skipped.
 #[derive(Clone)]
 pub struct LedgerUsageSource {
     ledger: Arc<dyn Ledger>,
@@ -48,9 +47,6 @@ impl LedgerUsageSource {
 impl UsageSource for LedgerUsageSource {
     fn totals(&self, query: UsageQuery) -> BoxFuture<'_, Result<Vec<UsageTotal>, SourceError>> {
         Box::pin(async move {
-            if query.projects.is_empty() {
-                return Ok(Vec::new());
-            }
             let mut group_by = vec!["subject".to_owned()];
             group_by.extend(query.dimensions.iter().cloned());
             let mut out = Vec::new();
@@ -61,11 +57,7 @@ impl UsageSource for LedgerUsageSource {
                     to: query.to,
                     window_size: None,
                     time_zone: TimeZone::UTC,
-                    subjects: query
-                        .projects
-                        .iter()
-                        .map(|p| format!("projects/{p}"))
-                        .collect(),
+                    subjects: Vec::new(),
                     group_by: group_by.clone(),
                     filter_group_by: BTreeMap::new(),
                     limit: Some(PAGE),

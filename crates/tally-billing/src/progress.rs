@@ -7,8 +7,15 @@
 //! - `pending`: record key + revision (u32 BE) → the queued [`UsageRecord`]
 //!   JSON, for revisions planned but not yet acknowledged or dead-lettered.
 //!   They are queued again after a restart, with the same `uniqueId`.
-//! - `meta`: `cursor/<meter>` → JSON [`MeterCursor`]; `attribution` → the
-//!   attribution the cursors were planned with.
+//! - `meta`: `window_ms` → i64 BE, the window size the progress was made
+//!   with (a sink's window size never changes); `cursor/<meter>` → JSON
+//!   [`MeterCursor`]; `attribution` → the
+//!   attribution the cursors were planned with; `counters` → JSON
+//!   [`Counters`] (records sent, corrections, dead-lettered, events read,
+//!   retries: they survive restarts); `next_dead_letter_id` → u64 BE, the
+//!   id the next dead letter gets (ids are never reused);
+//!   `unattributed/` + meter api name + NUL + window start (i64 BE, sign
+//!   flipped) → JSON map project → usage of that window no binding covers.
 //! - `dead`: dead-letter id (u64 BE) → JSON [`DeadLetterRecord`]: a batch the
 //!   provider refused for good, with its answer. Stored in the same batch
 //!   that marks its revisions dead-lettered; a retry moves them back to
@@ -28,6 +35,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::record::{RecordKey, UsageRecord, window_prefix};
 
+/// The window size sinks had before sizes were kept with their progress.
+const LEGACY_WINDOW_MS: i64 = 60_000;
+
 /// A failure of the progress store.
 #[derive(Debug, thiserror::Error)]
 pub enum ProgressError {
@@ -37,6 +47,20 @@ pub enum ProgressError {
     /// Stored bytes do not decode.
     #[error("progress store is corrupt: {0}")]
     Corrupt(String),
+    /// The sink's window size differs from the one its progress was made
+    /// with: its records would be counted twice under other windows.
+    #[error(
+        "this sink's progress was made with {stored} windows, but spec.windowSize is now \
+         {configured}s; a sink's window size cannot change (its records would be counted \
+         twice): keep the old size, or forward under a new sink name"
+    )]
+    WindowChanged {
+        /// What the progress was made with (`Ns`, or `other` for a store
+        /// older than the stored size whose windows do not fit).
+        stored: String,
+        /// The configured size, in seconds.
+        configured: i64,
+    },
 }
 
 /// The fate of one revision.
@@ -112,6 +136,47 @@ pub(crate) struct Plan {
     pub pending: Vec<(Vec<u8>, Vec<u8>)>,
     pub cursors: Vec<(String, MeterCursor)>,
     pub attribution: Option<Vec<u8>>,
+    pub counters: Option<Counters>,
+    /// (meter api name, window start ms) → unattributed usage per project
+    /// (empty: none, the entry is removed).
+    pub unattributed: Vec<(String, i64, Unattributed)>,
+}
+
+/// Usage of one window that no binding covers, per project.
+pub(crate) type Unattributed = BTreeMap<String, Decimal>;
+
+/// One meter's counters, kept across restarts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeterCounters {
+    /// Records acknowledged (corrections included).
+    pub sent: u64,
+    /// Of which corrections (revision > 0).
+    pub corrections: u64,
+    /// Records the provider refused for good.
+    pub dead_lettered: u64,
+    /// Events (and voids) of the meter read from the ledger's change feed.
+    pub events_read: u64,
+}
+
+/// A sink's counters, kept across restarts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    /// Per meter api name.
+    pub meters: BTreeMap<String, MeterCounters>,
+    /// Requests retried.
+    pub retries: u64,
+}
+
+const UNATTRIBUTED: &[u8] = b"unattributed/";
+
+fn unattributed_key(meter_api_name: &str, window_ms: i64) -> Vec<u8> {
+    let mut key = UNATTRIBUTED.to_vec();
+    key.extend_from_slice(&window_prefix(meter_api_name, ts(window_ms)));
+    key
+}
+
+fn ts(ms: i64) -> Timestamp {
+    Timestamp::from_millisecond(ms).unwrap_or(Timestamp::MIN)
 }
 
 /// The key of a revision in `pending` and in queued items.
@@ -187,6 +252,72 @@ impl ProgressStore {
         })
     }
 
+    /// The window size this sink forwards with, recorded on a first start
+    /// and never changed after (its records would be counted twice under
+    /// other windows). `configured_ms` is the spec's size; when the spec
+    /// gives none (`explicit` false), a sink keeps the size its progress
+    /// was made with, and a store written before sizes were kept keeps the
+    /// former default of one minute. An explicit size that differs is
+    /// refused, as is an old store whose cursors and records do not all sit
+    /// on the size's boundaries.
+    pub fn settle_window(&self, configured_ms: i64, explicit: bool) -> Result<i64, ProgressError> {
+        let changed = |stored: String| ProgressError::WindowChanged {
+            stored,
+            configured: configured_ms / 1000,
+        };
+        if let Some(stored) = self.stored_window()? {
+            return match stored == configured_ms || !explicit {
+                true => Ok(stored),
+                false => Err(changed(format!("{}s", stored / 1000))),
+            };
+        }
+        let window_ms = match (self.has_progress()?, explicit) {
+            (true, false) => LEGACY_WINDOW_MS,
+            _ => configured_ms,
+        };
+        let fits = |ms: i64| ms.rem_euclid(window_ms) == 0;
+        for guard in self.meta.prefix("cursor/") {
+            let (_, value) = guard.into_inner()?;
+            let cursor: MeterCursor = json(&value)?;
+            if !fits(cursor.planned_until_ms) || !fits(cursor.start_ms) {
+                return Err(changed("other".into()));
+            }
+        }
+        for guard in self.records.iter() {
+            let key = guard.key()?;
+            let key = RecordKey::decode(&key).map_err(|e| ProgressError::Corrupt(e.to_string()))?;
+            if !fits(key.window_start.as_millisecond()) {
+                return Err(changed("other".into()));
+            }
+        }
+        self.meta.insert("window_ms", window_ms.to_be_bytes())?;
+        Ok(window_ms)
+    }
+
+    fn stored_window(&self) -> Result<Option<i64>, ProgressError> {
+        let Some(value) = self.meta.get("window_ms")? else {
+            return Ok(None);
+        };
+        let bytes: [u8; 8] = value
+            .as_ref()
+            .try_into()
+            .map_err(|_| ProgressError::Corrupt("window_ms".into()))?;
+        Ok(Some(i64::from_be_bytes(bytes)))
+    }
+
+    /// Whether any cursor or record was written.
+    fn has_progress(&self) -> Result<bool, ProgressError> {
+        if let Some(guard) = self.meta.prefix("cursor/").next() {
+            guard.into_inner()?;
+            return Ok(true);
+        }
+        if let Some(guard) = self.records.iter().next() {
+            guard.key()?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
     pub fn cursor(&self, meter: &str) -> Result<Option<MeterCursor>, ProgressError> {
         self.meta
             .get(format!("cursor/{meter}"))?
@@ -248,8 +379,43 @@ impl ProgressStore {
         if let Some(attribution) = &plan.attribution {
             batch.insert(&self.meta, "attribution", attribution.as_slice());
         }
+        if let Some(counters) = &plan.counters {
+            batch.insert(&self.meta, "counters", to_json(counters));
+        }
+        for (meter, window, projects) in &plan.unattributed {
+            let key = unattributed_key(meter, *window);
+            if projects.is_empty() {
+                batch.remove(&self.meta, key);
+            } else {
+                batch.insert(&self.meta, key, to_json(projects));
+            }
+        }
         batch.commit()?;
         Ok(())
+    }
+
+    /// The stored counters (zero on a first start).
+    pub fn counters(&self) -> Result<Counters, ProgressError> {
+        self.meta
+            .get("counters")?
+            .map_or(Ok(Counters::default()), |v| json(&v))
+    }
+
+    /// Every stored window's unattributed usage: (meter api name, window
+    /// start ms) → per project.
+    pub fn unattributed(&self) -> Result<Vec<(String, i64, Unattributed)>, ProgressError> {
+        let mut out = Vec::new();
+        for guard in self.meta.prefix(UNATTRIBUTED) {
+            let (key, value) = guard.into_inner()?;
+            let rest = &key[UNATTRIBUTED.len()..];
+            let corrupt = || ProgressError::Corrupt("unattributed key".into());
+            let nul = rest.iter().position(|b| *b == 0).ok_or_else(corrupt)?;
+            let meter = std::str::from_utf8(&rest[..nul]).map_err(|_| corrupt())?;
+            let window: [u8; 8] = rest[nul + 1..].try_into().map_err(|_| corrupt())?;
+            let window = (u64::from_be_bytes(window) ^ (1 << 63)) as i64;
+            out.push((meter.to_owned(), window, json(&value)?));
+        }
+        Ok(out)
     }
 
     /// Every pending revision, as queued.
@@ -277,19 +443,26 @@ impl ProgressStore {
         Ok(self.dead.len()? as u64)
     }
 
-    /// The id the next dead letter gets.
+    /// The id the next dead letter gets: past every id ever stored (a
+    /// retried letter's id is not given again), at least 1.
     pub fn next_dead_letter_id(&self) -> Result<u64, ProgressError> {
-        match self.dead.last_key_value() {
+        let corrupt = || ProgressError::Corrupt("dead letter id".into());
+        let last = match self.dead.last_key_value() {
             Some(guard) => {
                 let key = guard.key()?;
-                let bytes: [u8; 8] = key
-                    .as_ref()
-                    .try_into()
-                    .map_err(|_| ProgressError::Corrupt("dead letter id".into()))?;
-                Ok(u64::from_be_bytes(bytes) + 1)
+                let bytes: [u8; 8] = key.as_ref().try_into().map_err(|_| corrupt())?;
+                u64::from_be_bytes(bytes) + 1
             }
-            None => Ok(1),
-        }
+            None => 1,
+        };
+        let stored = match self.meta.get("next_dead_letter_id")? {
+            Some(value) => {
+                let bytes: [u8; 8] = value.as_ref().try_into().map_err(|_| corrupt())?;
+                u64::from_be_bytes(bytes)
+            }
+            None => 1,
+        };
+        Ok(last.max(stored))
     }
 
     /// Takes a dead letter out and makes its revisions pending again, in
@@ -338,10 +511,13 @@ impl ProgressStore {
     /// Records the answers for revisions (by revision key) and stores dead
     /// letters, in one batch; returns the revisions whose state changed,
     /// with their new state.
+    /// `counters` are brought up to date with the changes and written in
+    /// the same batch (left as they were if the write fails).
     pub fn settle(
         &self,
         answers: &[(Vec<u8>, RevisionState)],
         letters: &[DeadLetterRecord],
+        counters: &mut Counters,
     ) -> Result<Vec<(RecordKey, Revision)>, ProgressError> {
         let mut changed = Vec::new();
         let mut touched: BTreeMap<Vec<u8>, RecordProgress> = BTreeMap::new();
@@ -351,6 +527,10 @@ impl ProgressStore {
         }
         for letter in letters {
             batch.insert(&self.dead, letter.id.to_be_bytes(), to_json(letter));
+        }
+        if let Some(next) = letters.iter().map(|l| l.id + 1).max() {
+            let next = next.max(self.next_dead_letter_id()?);
+            batch.insert(&self.meta, "next_dead_letter_id", next.to_be_bytes());
         }
         for (revision_key, state) in answers {
             let (record, revision) = split_revision_key(revision_key)?;
@@ -380,7 +560,73 @@ impl ProgressStore {
         for (key, progress) in &touched {
             batch.insert(&self.records, key.as_slice(), to_json(progress));
         }
+        let mut updated = counters.clone();
+        for (record, revision) in &changed {
+            let meter = updated
+                .meters
+                .entry(record.meter_api_name.clone())
+                .or_default();
+            match revision.state {
+                RevisionState::Acked => {
+                    meter.sent += 1;
+                    meter.corrections += u64::from(revision.revision > 0);
+                }
+                RevisionState::DeadLettered => meter.dead_lettered += 1,
+                RevisionState::Pending => {}
+            }
+        }
+        batch.insert(&self.meta, "counters", to_json(&updated));
         batch.commit()?;
+        *counters = updated;
         Ok(changed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cursor_at(ms: i64) -> MeterCursor {
+        MeterCursor {
+            planned_until_ms: ms,
+            start_ms: 0,
+            source_cursor: crate::source::ChangeCursor::default(),
+            rescan_from_ms: None,
+        }
+    }
+
+    #[test]
+    fn a_sinks_window_size_never_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ProgressStore::open(dir.path()).unwrap();
+        // A store from before the size was kept, at a minute boundary.
+        let plan = Plan {
+            cursors: vec![("requests".into(), cursor_at(120_000))],
+            ..Plan::default()
+        };
+        store.commit(&plan).unwrap();
+        assert!(matches!(
+            store.settle_window(3_600_000, true),
+            Err(ProgressError::WindowChanged { .. })
+        ));
+        // Without an explicit size it keeps the former default.
+        assert_eq!(store.settle_window(3_600_000, false).unwrap(), 60_000);
+        assert_eq!(store.settle_window(60_000, true).unwrap(), 60_000);
+        assert_eq!(store.settle_window(3_600_000, false).unwrap(), 60_000);
+        let refused = store
+            .settle_window(3_600_000, true)
+            .unwrap_err()
+            .to_string();
+        assert!(refused.contains("made with 60s windows"), "{refused}");
+        assert!(refused.contains("now 3600s"), "{refused}");
+    }
+
+    #[test]
+    fn a_new_sink_takes_the_configured_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ProgressStore::open(dir.path()).unwrap();
+        assert_eq!(store.settle_window(3_600_000, false).unwrap(), 3_600_000);
+        assert!(store.settle_window(60_000, true).is_err());
+        assert_eq!(store.settle_window(60_000, false).unwrap(), 3_600_000);
     }
 }

@@ -23,6 +23,7 @@ use tokio::sync::{Mutex, watch};
 use crate::attribution::Attribution;
 use crate::config::{BillingSink, ForwardedMeter, Provider};
 use crate::forwarder::{Difference, ForwardError, Forwarder, ForwarderConfig, SinkStatus};
+use crate::health::LastError;
 use crate::progress::DeadLetterRecord;
 use crate::source::UsageSource;
 
@@ -180,6 +181,15 @@ pub struct SinkReport {
     pub reason: String,
     /// Details.
     pub message: String,
+    /// Since when the sink is in its current condition, where known (the
+    /// first failed attempt of an error; when the lag passed `maxLag`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub since: Option<Timestamp>,
+    /// The provider error the sink is in: the answer's status and Tally's
+    /// words (never the provider's answer), cleared once a batch is
+    /// delivered again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<LastError>,
     /// When the last pass ended.
     pub last_pass: Option<Timestamp>,
     /// Where forwarding stands, per meter.
@@ -203,9 +213,10 @@ pub struct SinkDeadLetters {
 pub struct SinkReconciliation {
     /// The BillingSink's name.
     pub sink: String,
-    /// Every (billing account, meter) pair with usage, equal or not.
+    /// Every (billing account, meter) pair with usage: the ledger's total,
+    /// the acknowledged one and the provider's own, and the drift.
     pub totals: Vec<Difference>,
-    /// How many of them differ.
+    /// How many of them drift (the provider's total is not the ledger's).
     pub differences: usize,
 }
 
@@ -447,14 +458,20 @@ impl BillingRuntime {
     pub fn report(&self, now: Timestamp) -> Vec<SinkReport> {
         self.sinks
             .iter()
-            .map(|(name, runtime)| SinkReport {
-                sink: name.clone(),
-                provider: runtime.sink.as_ref().map(|s| s.provider),
-                ready: runtime.forwarder.is_some() && runtime.condition.reason == "Forwarding",
-                reason: runtime.condition.reason.clone(),
-                message: runtime.condition.message.clone(),
-                last_pass: runtime.last_pass,
-                status: runtime.forwarder.as_ref().map(|f| f.status(now)),
+            .map(|(name, runtime)| {
+                let status = runtime.forwarder.as_ref().map(|f| f.status(now));
+                let (ready, condition, since) = readiness(runtime, status.as_ref());
+                SinkReport {
+                    sink: name.clone(),
+                    provider: runtime.sink.as_ref().map(|s| s.provider),
+                    ready,
+                    reason: condition.reason,
+                    message: condition.message,
+                    since,
+                    last_error: status.as_ref().and_then(|s| s.last_error.clone()),
+                    last_pass: runtime.last_pass,
+                    status,
+                }
             })
             .collect()
     }
@@ -490,6 +507,16 @@ impl BillingRuntime {
         Ok(out)
     }
 
+    /// Sends every dead letter of a sink again; returns their ids.
+    pub async fn retry_all_dead_letters(&mut self, sink: &str) -> Result<Vec<u64>, RuntimeError> {
+        let forwarder = self
+            .sinks
+            .get_mut(sink)
+            .and_then(|r| r.forwarder.as_mut())
+            .ok_or_else(|| RuntimeError::NoSink(sink.to_owned()))?;
+        Ok(forwarder.retry_all_dead_letters().await?)
+    }
+
     /// Sends a dead letter again; false if the sink has no such letter.
     pub async fn retry_dead_letter(&mut self, sink: &str, id: u64) -> Result<bool, RuntimeError> {
         let forwarder = self
@@ -500,8 +527,9 @@ impl BillingRuntime {
         Ok(forwarder.retry_dead_letter(id).await?)
     }
 
-    /// Compares the ledger's totals with the acknowledged ones over the
-    /// windows starting in `[from, to)`, for one sink or all.
+    /// Compares the ledger's totals with the acknowledged ones and with the
+    /// provider's own (its usage API) over the windows starting in
+    /// `[from, to)` widened to whole UTC hours, for one sink or all.
     pub async fn reconcile(
         &self,
         sink: Option<&str>,
@@ -511,7 +539,7 @@ impl BillingRuntime {
         let mut out = Vec::new();
         for name in self.selected(sink)? {
             let totals = self.forwarder(name)?.compare(from, to).await?;
-            let differences = totals.iter().filter(|d| d.ledger != d.acknowledged).count();
+            let differences = totals.iter().filter(|d| d.drifts()).count();
             out.push(SinkReconciliation {
                 sink: name.to_owned(),
                 totals,
@@ -588,6 +616,14 @@ impl BillingHandle {
         sink: Option<&str>,
     ) -> Result<Vec<SinkDeadLetters>, RuntimeError> {
         self.runtime.lock().await.dead_letters(sink)
+    }
+
+    /// See [`BillingRuntime::retry_all_dead_letters`].
+    pub async fn retry_all_dead_letters(&self, sink: &str) -> Result<Vec<u64>, RuntimeError> {
+        let mut runtime = self.runtime.lock().await;
+        let retried = runtime.retry_all_dead_letters(sink).await?;
+        self.publish(&runtime).await;
+        Ok(retried)
     }
 
     /// See [`BillingRuntime::retry_dead_letter`].
@@ -677,88 +713,171 @@ impl BillingHandle {
     }
 
     /// The `tally_billing_*` families alone: for a process whose component
-    /// registry (shared with this runtime) is rendered elsewhere.
+    /// registry (shared with this runtime) is rendered elsewhere. Counters
+    /// are kept across restarts.
     pub fn render_status_metrics(&self) -> String {
         use std::fmt::Write as _;
         let reports = self.status();
         let mut out = String::new();
-        let families: [(&str, &str, &str); 6] = [
-            (
-                "tally_billing_sink_ready",
-                "gauge",
-                "1 when the billing sink forwards.",
-            ),
-            (
-                "tally_billing_forwarded_until_seconds",
-                "gauge",
-                "Every window ending at or before this Unix time is acknowledged by the provider.",
-            ),
-            (
-                "tally_billing_lag_seconds",
-                "gauge",
-                "Now minus the forwarded-until time.",
-            ),
-            (
-                "tally_billing_records_sent_total",
-                "counter",
-                "Records acknowledged by the provider (corrections included) since start.",
-            ),
-            (
-                "tally_billing_retries_total",
-                "counter",
-                "Requests to the provider retried since start.",
-            ),
-            (
-                "tally_billing_dead_letters",
-                "gauge",
-                "Batches in the dead-letter list.",
-            ),
-        ];
-        for (name, kind, help) in families {
+        for (name, kind, help, value) in SINK_FAMILIES {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for report in &reports {
-                let sink = escape(&report.sink);
-                match name {
-                    "tally_billing_sink_ready" => {
-                        let _ =
-                            writeln!(out, "{name}{{sink=\"{sink}\"}} {}", u8::from(report.ready));
-                    }
-                    "tally_billing_retries_total" | "tally_billing_dead_letters" => {
-                        if let Some(status) = &report.status {
-                            let value = if name == "tally_billing_retries_total" {
-                                status.retries
-                            } else {
-                                status.dead_letters
-                            };
-                            let _ = writeln!(out, "{name}{{sink=\"{sink}\"}} {value}");
-                        }
-                    }
-                    _ => {
-                        for meter in report.status.iter().flat_map(|s| &s.meters) {
-                            let value = match name {
-                                "tally_billing_forwarded_until_seconds" => {
-                                    meter.forwarded_until.map(|t| t.as_second().to_string())
-                                }
-                                "tally_billing_lag_seconds" => {
-                                    meter.lag.map(|l| l.as_secs().to_string())
-                                }
-                                _ => Some(meter.records_sent.to_string()),
-                            };
-                            if let Some(value) = value {
-                                let _ = writeln!(
-                                    out,
-                                    "{name}{{sink=\"{sink}\",meter=\"{}\",meter_api_name=\"{}\"}} {value}",
-                                    escape(&meter.meter),
-                                    escape(&meter.meter_api_name)
-                                );
-                            }
-                        }
+                if let Some(value) = value(report) {
+                    let _ = writeln!(out, "{name}{{sink=\"{}\"}} {value}", escape(&report.sink));
+                }
+            }
+        }
+        for (name, kind, help, value) in METER_FAMILIES {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for report in &reports {
+                for meter in report.status.iter().flat_map(|s| &s.meters) {
+                    if let Some(value) = value(meter) {
+                        let _ = writeln!(
+                            out,
+                            "{name}{{sink=\"{}\",meter=\"{}\",meter_api_name=\"{}\"}} {value}",
+                            escape(&report.sink),
+                            escape(&meter.meter),
+                            escape(&meter.meter_api_name)
+                        );
                     }
                 }
             }
         }
         out
     }
+}
+
+/// A metric family: name, type, help, and the sample of one sink or meter.
+type Family<T> = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&T) -> Option<String>,
+);
+
+const SINK_FAMILIES: [Family<SinkReport>; 4] = [
+    (
+        "tally_billing_sink_ready",
+        "gauge",
+        "1 when the billing sink forwards and the provider accepts what it sends.",
+        |r| Some(u8::from(r.ready).to_string()),
+    ),
+    (
+        "tally_billing_retries_total",
+        "counter",
+        "Requests to the provider retried.",
+        |r| r.status.as_ref().map(|s| s.retries.to_string()),
+    ),
+    (
+        "tally_billing_dead_letters",
+        "gauge",
+        "Batches in the dead-letter list.",
+        |r| r.status.as_ref().map(|s| s.dead_letters.to_string()),
+    ),
+    (
+        "tally_billing_records_per_event",
+        "gauge",
+        "Records acknowledged by the provider per event read from the ledger (each record is billed by the provider).",
+        |r| {
+            let meters = &r.status.as_ref()?.meters;
+            let sent: u64 = meters.iter().map(|m| m.records_sent).sum();
+            let events: u64 = meters.iter().map(|m| m.events_read).sum();
+            (events > 0).then(|| format!("{:.6}", sent as f64 / events as f64))
+        },
+    ),
+];
+
+const METER_FAMILIES: [Family<crate::forwarder::MeterStatus>; 8] = [
+    (
+        "tally_billing_forwarded_until_seconds",
+        "gauge",
+        "Every window ending at or before this Unix time is acknowledged by the provider.",
+        |m| m.forwarded_until.map(|t| t.as_second().to_string()),
+    ),
+    (
+        "tally_billing_lag_seconds",
+        "gauge",
+        "Now minus the forwarded-until time.",
+        |m| m.lag.map(|l| l.as_secs().to_string()),
+    ),
+    (
+        "tally_billing_records_sent_total",
+        "counter",
+        "Records acknowledged by the provider (corrections included).",
+        |m| Some(m.records_sent.to_string()),
+    ),
+    (
+        "tally_billing_corrections_sent_total",
+        "counter",
+        "Correction records (revisions after the first) acknowledged by the provider.",
+        |m| Some(m.corrections_sent.to_string()),
+    ),
+    (
+        "tally_billing_records_pending",
+        "gauge",
+        "Records sent or queued, not yet answered.",
+        |m| Some(m.records_pending.to_string()),
+    ),
+    (
+        "tally_billing_events_read_total",
+        "counter",
+        "Events and voids of the meter read from the ledger.",
+        |m| Some(m.events_read.to_string()),
+    ),
+    (
+        "tally_billing_unattributed",
+        "gauge",
+        "Usage in planned windows that no binding covered at its time.",
+        |m| Some(m.unattributed.normalize().to_string()),
+    ),
+    (
+        "tally_billing_unattributed_projects",
+        "gauge",
+        "Projects with usage that no binding covered at its time.",
+        |m| Some(m.unattributed_projects.to_string()),
+    ),
+];
+
+/// Whether a sink is Ready, its condition, and since when: not while its
+/// forwarder does not run or its last pass failed, nor while the provider
+/// refuses it (`ProviderRejected`) or cannot be reached (`ProviderUnreachable`,
+/// both until a batch is delivered again), nor while a meter's lag exceeds
+/// `maxLag` (`Backlogged`).
+fn readiness(
+    runtime: &SinkRuntime,
+    status: Option<&SinkStatus>,
+) -> (bool, Condition, Option<Timestamp>) {
+    let condition = runtime.condition.clone();
+    let (Some(status), Some(sink)) = (status, runtime.sink.as_ref()) else {
+        return (false, condition, None);
+    };
+    if runtime.forwarder.is_none() || condition.reason != "Forwarding" {
+        return (false, condition, None);
+    }
+    if let Some(error) = &status.last_error {
+        let message = format!("{} (last seen {})", error.message, error.at);
+        return (
+            false,
+            Condition::new(&error.reason, message),
+            Some(error.since),
+        );
+    }
+    if let Some(lag) = status.max_lag.filter(|lag| *lag > sink.max_lag) {
+        let pending: u64 = status.meters.iter().map(|m| m.records_pending).sum();
+        let behind = status.meters.iter().filter_map(|m| m.forwarded_until).min();
+        let since = behind.and_then(|t| {
+            jiff::SignedDuration::try_from(sink.max_lag)
+                .ok()
+                .and_then(|d| t.checked_add(d).ok())
+        });
+        let message = format!(
+            "lag {}s exceeds maxLag {}s; {pending} records pending",
+            lag.as_secs(),
+            sink.max_lag.as_secs()
+        );
+        return (false, Condition::new("Backlogged", message), since);
+    }
+    (true, condition, None)
 }
 
 fn escape(value: &str) -> String {

@@ -60,9 +60,6 @@ pub struct UsageQuery {
     pub meter: String,
     /// The meter's dimensions (the group values of each total).
     pub dimensions: Arc<[String]>,
-    /// The projects whose usage is wanted (those some binding names); a
-    /// source may return others too.
-    pub projects: Arc<[String]>,
     /// Inclusive.
     pub from: Timestamp,
     /// Exclusive.
@@ -78,7 +75,9 @@ pub struct SourceError(pub String);
 /// one direction: anything reported by `changes_since` is already included
 /// in a `totals` asked afterwards.
 pub trait UsageSource: Send + Sync + 'static {
-    /// Per (project, group values), the meter's total over `[from, to)`.
+    /// Per (project, group values), the meter's total over `[from, to)`, for
+    /// every project with usage (bound to an account or not: usage no binding
+    /// covers is counted as unattributed).
     fn totals(&self, query: UsageQuery) -> BoxFuture<'_, Result<Vec<UsageTotal>, SourceError>>;
 
     /// The times of the meter's usage that arrived (or was voided) after
@@ -240,7 +239,6 @@ mod tests {
         let query = UsageQuery {
             meter: "m".into(),
             dimensions: Arc::from(vec!["r".to_string()]),
-            projects: Arc::from(Vec::<String>::new()),
             from: t(0),
             to: t(60),
         };

@@ -14,6 +14,12 @@
 //! OpenMeter (`POST /api/v1/events`): bearer token, a CloudEvents batch;
 //! deduplicated by (source, id); `data.value` summed per (subject, type).
 //!
+//! Usage queries, answered from the stored records (see [`usage`]):
+//! Amberflo's `POST /usage` and OpenMeter's
+//! `GET /api/v1/meters/{slug}/query`.
+//!
+//! [`ServerState::down`] makes every request answer 503 (a provider outage).
+//!
 //! Faults are injected per request, in order: a status (with optional
 //! `Retry-After`) answered before anything is stored, or a slow answer given
 //! after the records were stored (the client times out: a lost answer).
@@ -29,9 +35,11 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use rust_decimal::Decimal;
 use serde_json::Value;
+
+pub mod usage;
 
 /// One injected fault.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +63,20 @@ pub struct ServerState {
     pub requests: u64,
     pub accepted_records: u64,
     pub refused: Vec<String>,
+    /// Every accepted (not duplicate) record, in arrival order.
+    pub records: Vec<StoredRecord>,
+    /// Answer 503 to every request.
+    pub down: bool,
+}
+
+/// A record as stored: what the usage queries read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRecord {
+    pub customer: String,
+    pub meter: String,
+    pub time_ms: i64,
+    pub dimensions: BTreeMap<String, String>,
+    pub value: Decimal,
 }
 
 #[derive(Clone)]
@@ -73,6 +95,11 @@ impl TestServer {
             .route("/ingest", post(amberflo_ingest))
             .route("/ingest/", post(amberflo_ingest))
             .route("/api/v1/events", post(openmeter_events))
+            .route("/usage", post(crate::testing::usage::amberflo_usage))
+            .route(
+                "/api/v1/meters/{slug}/query",
+                get(crate::testing::usage::openmeter_query),
+            )
             .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
@@ -121,6 +148,11 @@ fn admit(
     expected: impl Fn(&ServerState) -> String,
 ) -> Result<Duration, Box<Response>> {
     state.requests += 1;
+    if state.down {
+        return Err(Box::new(
+            (StatusCode::SERVICE_UNAVAILABLE, "down for maintenance").into_response(),
+        ));
+    }
     if credential != Some(expected(state).as_str()) {
         return Err(Box::new(refuse(
             state,
@@ -157,6 +189,8 @@ struct Parsed {
     unique_id: Option<String>,
     customer: String,
     meter: String,
+    time_ms: i64,
+    dimensions: BTreeMap<String, String>,
     value: Decimal,
 }
 
@@ -175,21 +209,26 @@ fn parse_amberflo_record(raw: &Value, raw_text: &str) -> Result<Parsed, String> 
     let record = raw.as_object().ok_or("a record must be an object")?;
     let customer = non_empty_string(record, "customerId")?;
     let meter = non_empty_string(record, "meterApiName")?;
-    match record.get("meterTimeInMillis") {
-        Some(Value::Number(n)) if n.as_u64().is_some_and(|v| v > 0) => {}
+    let time_ms = match record.get("meterTimeInMillis") {
+        Some(Value::Number(n)) if n.as_u64().is_some_and(|v| v > 0) => {
+            n.as_i64().ok_or("meterTimeInMillis is too large")?
+        }
         Some(_) => return Err("meterTimeInMillis must be a positive integer".into()),
         None => return Err("meterTimeInMillis is required".into()),
-    }
+    };
     let unique_id = match record.get("uniqueId") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s.clone()),
         Some(_) => return Err("uniqueId must be a string".into()),
     };
-    match record.get("dimensions") {
-        None | Some(Value::Null) => {}
-        Some(Value::Object(map)) if map.values().all(Value::is_string) => {}
+    let dimensions = match record.get("dimensions") {
+        None | Some(Value::Null) => BTreeMap::new(),
+        Some(Value::Object(map)) if map.values().all(Value::is_string) => map
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+            .collect(),
         Some(_) => return Err("dimensions must be an object of strings".into()),
-    }
+    };
     if !matches!(record.get("meterValue"), Some(Value::Number(_))) {
         return Err("meterValue must be a number".into());
     }
@@ -204,6 +243,8 @@ fn parse_amberflo_record(raw: &Value, raw_text: &str) -> Result<Parsed, String> 
         unique_id,
         customer,
         meter,
+        time_ms,
+        dimensions,
         value,
     })
 }
@@ -219,8 +260,15 @@ fn store(state: &mut ServerState, records: Vec<Parsed>) {
         state.accepted_records += 1;
         *state
             .sums
-            .entry((record.customer, record.meter))
+            .entry((record.customer.clone(), record.meter.clone()))
             .or_default() += record.value;
+        state.records.push(StoredRecord {
+            customer: record.customer,
+            meter: record.meter,
+            time_ms: record.time_ms,
+            dimensions: record.dimensions,
+            value: record.value,
+        });
     }
 }
 
@@ -284,10 +332,15 @@ fn parse_cloudevents_body(bytes: &[u8]) -> Result<Vec<Parsed>, String> {
             let value = event["data"]["value"]
                 .as_str()
                 .ok_or("data.value must be a string")?;
+            let time: jiff::Timestamp = field("time")?.parse().map_err(|e| format!("time: {e}"))?;
+            let dimensions =
+                serde_json::from_value(event["data"]["dimensions"].clone()).unwrap_or_default();
             Ok(Parsed {
                 unique_id: Some(format!("{}\0{}", field("source")?, field("id")?)),
                 customer: field("subject")?,
                 meter: field("type")?,
+                time_ms: time.as_millisecond(),
+                dimensions,
                 value: Decimal::from_str(value).map_err(|e| e.to_string())?,
             })
         })

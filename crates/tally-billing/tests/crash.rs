@@ -1,6 +1,6 @@
 //! kill -9 crash test of the forwarder.
 //!
-//! The parent runs the Amberflo test server (30 ms per answer, some 503s)
+//! The parent runs the Amberflo test server (120 ms per answer, some 503s)
 //! and re-runs this test binary as a child (`crash_child`, selected by
 //! `TALLY_BILLING_CRASH_DIR`) that forwards a deterministic ledger to it
 //! from a progress store in that directory, in small batches. Phase 1 holds
@@ -128,7 +128,8 @@ async fn sums_are_exact_after_repeated_kill_9() {
         return;
     }
     let server = TestServer::start(support::API_KEY).await;
-    server.state().delay = Duration::from_millis(30);
+    // Slow enough that the kills land while the four lanes are sending.
+    server.state().delay = Duration::from_millis(120);
     server.push_faults((0..20).map(|i| {
         if i % 4 == 0 {
             Fault::Status(503, None)

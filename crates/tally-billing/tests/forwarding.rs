@@ -409,3 +409,187 @@ async fn a_wrong_api_key_dead_letters_without_showing_the_key() {
     );
     assert!(!shown.contains(support::API_KEY), "{shown}");
 }
+
+#[tokio::test]
+async fn a_pass_coalesces_every_change_of_a_window_into_one_correction() {
+    let fx = fixture(support::API_KEY).await;
+    let (server, source) = (&fx.server, &fx.source);
+    source.add("requests", "p0", at(10), dims("eu"), d(1));
+    let mut forwarder = fx
+        .start(Provider::Amberflo, one_account_per_project(1))
+        .await;
+    pass(&mut forwarder, at(60)).await;
+    // Fifty late events and two voids in the same window, one pass later.
+    for i in 0..50 {
+        source.add("requests", "p0", at(i), dims("eu"), d(2));
+    }
+    source.add("requests", "p0", at(20), dims("eu"), d(-2));
+    source.add("requests", "p0", at(30), dims("eu"), d(-2));
+    let report = forwarder.run_once(at(61)).await.unwrap();
+    assert_eq!(
+        report.records, 1,
+        "one correction per (customer, meter, window, dims)"
+    );
+    settle(&mut forwarder).await;
+    assert_eq!(server.sums()[&key("a0", "requests")], d(97));
+    assert_eq!(server.state().accepted_records, 2);
+    let status = forwarder.status(at(61));
+    let requests = &status.meters[0];
+    assert_eq!((requests.records_sent, requests.corrections_sent), (2, 1));
+    assert_eq!(requests.events_read, 53);
+}
+
+#[tokio::test]
+async fn one_stalled_request_does_not_hold_the_sink() {
+    let fx = fixture(support::API_KEY).await;
+    let (server, source) = (&fx.server, &fx.source);
+    for p in 0..40 {
+        source.add("requests", &format!("p{p}"), at(10), dims("eu"), d(1));
+    }
+    // The first request is stored but answered only after 20 s.
+    server.push_faults([Fault::SlowAnswer(Duration::from_secs(20))]);
+    let mut sink = sink(&server.url, Provider::Amberflo, 0);
+    sink.batch_size = 5;
+    sink.request_timeout = Duration::from_secs(30);
+    let config = config(sink, meters(&["requests"]), fx.dir.path());
+    let mut forwarder = Forwarder::start(
+        config,
+        source.clone(),
+        one_account_per_project(40),
+        &Registry::new(),
+    )
+    .await
+    .unwrap();
+    forwarder.run_once(at(60)).await.unwrap();
+    // Everything but the stalled batch is acknowledged well before 20 s.
+    assert!(!forwarder.wait_idle(Duration::from_secs(3)).await.unwrap());
+    let status = forwarder.status(at(60));
+    assert_eq!(status.meters[0].records_sent, 35, "{status:?}");
+    assert_eq!(status.meters[0].records_pending, 5);
+    forwarder.shutdown(Duration::from_millis(10)).await.unwrap();
+}
+
+#[tokio::test]
+async fn counters_and_unattributed_usage_survive_restarts() {
+    let fx = fixture(support::API_KEY).await;
+    let source = &fx.source;
+    source.add("requests", "p0", at(10), dims("eu"), d(3));
+    source.add("requests", "p0", at(70), dims("eu"), d(4));
+    // p7 and p8 have usage but no binding.
+    source.add("requests", "p7", at(11), dims("eu"), d(5));
+    source.add("requests", "p8", at(71), dims("us"), d(6));
+    let mut forwarder = fx
+        .start(Provider::Amberflo, one_account_per_project(1))
+        .await;
+    pass(&mut forwarder, at(120)).await;
+    source.add("requests", "p0", at(20), dims("eu"), d(1));
+    pass(&mut forwarder, at(121)).await;
+    let before = forwarder.status(at(121)).meters[0].clone();
+    assert_eq!((before.records_sent, before.corrections_sent), (3, 1));
+    assert_eq!(before.unattributed, d(11));
+    assert_eq!(before.unattributed_projects, 2);
+    assert_eq!(before.events_read, 5);
+    forwarder.shutdown(Duration::from_secs(1)).await.unwrap();
+
+    let forwarder = fx
+        .start(Provider::Amberflo, one_account_per_project(1))
+        .await;
+    let after = forwarder.status(at(121)).meters[0].clone();
+    assert_eq!(after, before, "the same counters after a restart");
+}
+
+/// The provider's own totals, not Tally's acknowledgements: records lost
+/// or added at the provider show as drift in either direction.
+async fn reconcile_reads_the_providers_own_totals(provider: Provider) {
+    let fx = fixture(support::API_KEY).await;
+    let (server, source) = (&fx.server, &fx.source);
+    source.add("requests", "p0", at(10), dims("eu"), d(3));
+    source.add("requests", "p1", at(70), dims("eu"), d(4));
+    let mut forwarder = fx.start(provider, one_account_per_project(2)).await;
+    pass(&mut forwarder, at(180)).await;
+    assert_reconciled(&forwarder, at(180)).await;
+
+    // The provider loses a0's record and someone else adds usage to a1.
+    {
+        let mut state = server.state();
+        state.records.retain(|r| r.customer != "uid-a0");
+        let mut extra = state.records[0].clone();
+        extra.value = d(10);
+        state.records.push(extra);
+    }
+    let drift = forwarder.reconcile(at(0), at(180)).await.unwrap();
+    let shown: Vec<(String, Decimal, Decimal, Decimal, Decimal)> = drift
+        .into_iter()
+        .map(|d| (d.customer_id, d.ledger, d.acknowledged, d.provider, d.drift))
+        .collect();
+    assert_eq!(
+        shown,
+        vec![
+            ("uid-a0".into(), d(3), d(3), d(0), d(-3)),
+            ("uid-a1".into(), d(4), d(4), d(14), d(10)),
+        ]
+    );
+    // Both readings ask about whole hours: a range inside the hour reads
+    // the same totals; so does a whole day (Amberflo is asked in DAY
+    // buckets then).
+    assert_eq!(forwarder.reconcile(at(30), at(90)).await.unwrap().len(), 2);
+    assert_eq!(
+        forwarder.reconcile(at(0), at(86_400)).await.unwrap().len(),
+        2
+    );
+}
+
+#[tokio::test]
+async fn reconcile_reads_amberflos_usage_api() {
+    reconcile_reads_the_providers_own_totals(Provider::Amberflo).await;
+}
+
+#[tokio::test]
+async fn reconcile_reads_openmeters_query_api() {
+    reconcile_reads_the_providers_own_totals(Provider::Openmeter).await;
+}
+
+#[tokio::test]
+async fn reconcile_fails_with_the_status_and_tallys_words_when_the_provider_is_down() {
+    let fx = fixture(support::API_KEY).await;
+    fx.source.add("requests", "p0", at(10), dims("eu"), d(3));
+    let forwarder = fx
+        .start(Provider::Amberflo, one_account_per_project(1))
+        .await;
+    fx.server.state().down = true;
+    let error = forwarder.reconcile(at(0), at(60)).await.unwrap_err();
+    let shown = error.to_string();
+    assert!(
+        shown.contains("HTTP 503") && shown.contains("the provider failed"),
+        "{shown}"
+    );
+    assert!(
+        !shown.contains("maintenance"),
+        "not the provider's words: {shown}"
+    );
+}
+
+#[tokio::test]
+async fn a_sink_refuses_to_restart_with_another_window_size() {
+    let fx = fixture(support::API_KEY).await;
+    fx.source.add("requests", "p0", at(10), dims("eu"), d(3));
+    let mut forwarder = fx
+        .start(Provider::Amberflo, one_account_per_project(1))
+        .await;
+    pass(&mut forwarder, at(120)).await;
+    forwarder.shutdown(Duration::from_secs(1)).await.unwrap();
+    let mut hourly = sink(&fx.server.url, Provider::Amberflo, 0);
+    hourly.window = Duration::from_secs(3600);
+    let config = config(hourly, meters(&["requests", "bytes"]), fx.dir.path());
+    let source: Arc<dyn UsageSource> = fx.source.clone();
+    let refused = Forwarder::start(config, source, one_account_per_project(1), &Registry::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("made with 60s windows"), "{refused}");
+    assert_eq!(
+        fx.server.sums()[&key("a0", "requests")],
+        d(3),
+        "nothing sent twice"
+    );
+}

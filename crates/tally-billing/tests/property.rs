@@ -1,7 +1,10 @@
 //! Random usage (late events and voids included), random bindings (moves and
 //! retroactive ones), forwarding passes with injected 429/5xx/timeouts: the
 //! provider's per-(account, meter) sums must equal a naive model of the
-//! ledger, and every acknowledged revision must be counted exactly once.
+//! ledger, every acknowledged revision must be counted exactly once, no
+//! pass sends more than one record per (customer, meter, window, dimension
+//! values), and the unattributed usage equals the model's usage of
+//! projects no binding covered.
 
 mod support;
 
@@ -88,6 +91,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         .await
         .unwrap();
         let mut now = 0;
+        let mut passes = 1u64;
         for op in ops {
             match op {
                 Op::Use(m, p, s, r, v) => {
@@ -106,6 +110,7 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     now += advance;
                     server.push_faults(faults);
                     forwarder.run_once(at(now)).await.unwrap();
+                    passes += 1;
                 }
             }
         }
@@ -122,6 +127,27 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
         }
         model.retain(|_, v| !v.is_zero());
+        let unattributed: Decimal = events
+            .iter()
+            .filter(|(_, project, s, _)| model_owner(&bindings, project, *s).is_none())
+            .map(|(_, _, _, v)| *v)
+            .sum();
+        let status = forwarder.status(at(10_000));
+        let shown: Decimal = status.meters.iter().map(|m| m.unattributed).sum();
+        prop_assert_eq!(shown, unattributed);
+        // Coalescing: at most one record per key and pass.
+        let mut per_key: BTreeMap<_, u64> = BTreeMap::new();
+        for r in &server.state().records {
+            *per_key
+                .entry((
+                    r.customer.clone(),
+                    r.meter.clone(),
+                    r.time_ms,
+                    r.dimensions.clone(),
+                ))
+                .or_default() += 1;
+        }
+        prop_assert!(per_key.values().all(|n| *n <= passes), "{:?}", per_key);
         let mut provider = server.sums();
         provider.retain(|_, v| !v.is_zero());
         prop_assert_eq!(&provider, &model);

@@ -309,8 +309,15 @@ impl TallyClient {
         self.json(self.request(Method::POST, &url), &url).await
     }
 
-    /// The ledger's totals against the provider's acknowledged ones per
-    /// billing account and meter (`GET /api/v1/billing/reconcile`).
+    /// Sends every dead letter of a sink again
+    /// (`POST /api/v1/billing/deadletters/{sink}/retry`).
+    pub async fn billing_retry_all_dead_letters(&self, sink: &str) -> Result<Value, ClientError> {
+        let url = self.url(&["api", "v1", "billing", "deadletters", sink, "retry"], &[]);
+        self.json(self.request(Method::POST, &url), &url).await
+    }
+
+    /// The ledger's totals against the acknowledged ones and the provider's
+    /// own per billing account and meter (`GET /api/v1/billing/reconcile`).
     pub async fn billing_reconcile(
         &self,
         from: jiff::Timestamp,
@@ -339,6 +346,14 @@ impl TallyClient {
         ];
         let url = self.url(&["api", "v1", "meters", slug, "changes"], &pairs);
         self.json(self.request(Method::GET, &url), &url).await
+    }
+
+    /// The server's version, as its API document states it
+    /// (`GET /openapi.json`, `info.version`).
+    pub async fn server_version(&self) -> Result<String, ClientError> {
+        let url = self.url(&["openapi.json"], &[]);
+        let document: types::ApiDocument = self.json(self.request(Method::GET, &url), &url).await?;
+        Ok(document.info.version)
     }
 
     /// Whether the server process is up (`GET /healthz`).

@@ -341,3 +341,15 @@ mod tests {
         .is_err());
     }
 }
+
+/// The part of `/openapi.json` the client reads.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ApiDocument {
+    pub info: ApiInfo,
+}
+
+/// `info` of an OpenAPI document.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ApiInfo {
+    pub version: String,
+}

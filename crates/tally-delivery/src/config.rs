@@ -2,6 +2,8 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 /// Everything the delivery machinery needs to know about one sink.
@@ -104,6 +106,12 @@ pub struct QueueConfig {
     pub max_bytes: u64,
     /// Memory or disk.
     pub storage: Storage,
+    /// Where dead-letter ids come from: `None` (default), the queue's own
+    /// sequence; `Some(counter)`, a counter the caller owns (and may share
+    /// between sinks that feed one dead-letter list), so the id this crate
+    /// logs and reports is the id the caller keeps and shows. A disk queue
+    /// raises the counter past the ids it already holds.
+    pub dead_letter_ids: Option<Arc<AtomicU64>>,
 }
 
 impl Default for QueueConfig {
@@ -112,6 +120,7 @@ impl Default for QueueConfig {
             max_items: 100_000,
             max_bytes: 256 << 20,
             storage: Storage::Memory,
+            dead_letter_ids: None,
         }
     }
 }

@@ -80,7 +80,7 @@ pub use metrics::{ComponentKind, ComponentMetrics, Registry};
 pub use queue::{DeadLetter, EnqueueError, QueueError};
 pub use sink::{
     AttemptHook, AttemptReport, BatchOutcome, BatchResult, DESTINATION_REFUSED, OutcomeHook,
-    ShutdownReport, Sink, SinkBuilder, StartError,
+    ShutdownReport, Sink, SinkBuilder, StartError, read_capped,
 };
 
 /// Installs the process-wide TLS crypto provider (`ring`) once.

@@ -16,7 +16,8 @@
 
 use std::collections::HashMap;
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -155,6 +156,8 @@ struct State {
     memory_dead: BTreeMap<u64, DeadLetter>,
     memory_marks: BTreeMap<Bytes, Bytes>,
     next_dead_id: u64,
+    /// The caller's dead-letter id counter ([`QueueConfig::dead_letter_ids`]).
+    dead_ids: Option<Arc<AtomicU64>>,
 }
 
 /// An append waiting for its group's write.
@@ -312,7 +315,10 @@ fn last_key(keyspace: &Keyspace) -> Result<Option<u64>, QueueError> {
 impl Queue {
     /// Opens the queue; a disk queue gets back what it held.
     pub fn open(config: &QueueConfig) -> Result<Queue, QueueError> {
-        let mut state = State::default();
+        let mut state = State {
+            dead_ids: config.dead_letter_ids.clone(),
+            ..State::default()
+        };
         let disk = match &config.storage {
             Storage::Memory => None,
             Storage::Disk { path, sync } => {
@@ -334,6 +340,9 @@ impl Queue {
                 }
                 state.head = first.unwrap_or(state.next_seq);
                 state.next_dead_id = last_key(&dead)?.map_or(0, |id| id + 1);
+                if let Some(ids) = &state.dead_ids {
+                    ids.fetch_max(state.next_dead_id, Ordering::SeqCst);
+                }
                 Some(Disk {
                     db,
                     queue,
@@ -596,6 +605,9 @@ impl Queue {
         let bytes: u64 = entries.iter().map(|e| e.item.size() as u64).sum();
         let dead_id = dead.as_ref().map(|_| {
             let mut state = lock(&self.state);
+            if let Some(ids) = &state.dead_ids {
+                return ids.fetch_add(1, Ordering::SeqCst);
+            }
             let id = state.next_dead_id;
             state.next_dead_id += 1;
             id
@@ -714,6 +726,45 @@ mod tests {
     }
 
     #[test]
+    fn dead_letter_ids_come_from_the_callers_counter() {
+        let ids = Arc::new(AtomicU64::new(41));
+        let dir = tempfile::tempdir().unwrap();
+        for storage in [
+            Storage::Memory,
+            Storage::Disk {
+                path: dir.path().to_path_buf(),
+                sync: false,
+            },
+        ] {
+            let queue = Queue::open(&QueueConfig {
+                storage,
+                dead_letter_ids: Some(ids.clone()),
+                ..QueueConfig::default()
+            })
+            .unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            rt.block_on(queue.reserve(1, item(1, 3).size() as u64, false))
+                .unwrap();
+            queue.append(vec![item(1, 3)], None, Vec::new()).unwrap();
+            let entries = queue.peek(10, 1 << 20).unwrap().entries;
+            let letter = DeadLetter {
+                id: 0,
+                reason: "permanent error".into(),
+                status: Some(400),
+                body: String::new(),
+                attempts: 1,
+                at: jiff::Timestamp::UNIX_EPOCH,
+                items: vec![item(1, 3)],
+            };
+            let id = queue.take(&entries, Some(letter)).unwrap().unwrap();
+            assert_eq!(queue.dead_letters().unwrap()[0].id, id);
+        }
+        assert_eq!(ids.load(Ordering::SeqCst), 43, "41 and 42 were handed out");
+    }
+
+    #[test]
     fn concurrent_disk_appends_are_group_committed_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let config = QueueConfig {
@@ -723,6 +774,7 @@ mod tests {
                 path: dir.path().to_path_buf(),
                 sync: true,
             },
+            dead_letter_ids: None,
         };
         let queue = Queue::open(&config).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -817,6 +869,7 @@ mod tests {
             } else {
                 Storage::Memory
             },
+            dead_letter_ids: None,
         };
         let rt = tokio::runtime::Builder::new_current_thread()
             .build()

@@ -489,7 +489,9 @@ fn scrub_secrets(text: &str, headers: &reqwest::header::HeaderMap) -> String {
     text
 }
 
-async fn read_capped(
+/// The first `cap` bytes of an answer's body (the rest is not read): for
+/// every reader of a remote answer, so none is read unbounded.
+pub async fn read_capped(
     mut response: reqwest::Response,
     cap: usize,
 ) -> Result<Vec<u8>, reqwest::Error> {

@@ -2,7 +2,12 @@
 //! resource store (BillingSinks, Secrets, BillingAccounts, bindings) and the
 //! ledger's catalog (forwarded meters), and its API is
 //! `/api/v1/billing/{status,deadletters,reconcile}` (admin only). The change
-//! feed `/api/v1/meters/{slug}/changes` serves `tally forward`.
+//! feed `/api/v1/meters/{slug}/changes` serves `tally forward`. A
+//! BillingSink's `status` has a `Ready` condition that is `False` while the
+//! provider refuses the sink (`ProviderRejected`), cannot be reached
+//! (`ProviderUnreachable`) or the lag passed `maxLag` (`Backlogged`), with
+//! `lastTransitionTime` (since when) and `lastError` (status code and
+//! Tally's words, never the provider's answer).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -123,14 +128,19 @@ pub fn start(
 
 /// A BillingSink's status: a `Ready` condition and where forwarding stands.
 pub fn sink_status(report: &SinkReport) -> Value {
-    let mut status = json!({
-        "conditions": [{
-            "type": "Ready",
-            "status": if report.ready { "True" } else { "False" },
-            "reason": report.reason,
-            "message": report.message,
-        }],
+    let mut condition = json!({
+        "type": "Ready",
+        "status": if report.ready { "True" } else { "False" },
+        "reason": report.reason,
+        "message": report.message,
     });
+    if let Some(since) = report.since {
+        condition["lastTransitionTime"] = json!(since);
+    }
+    let mut status = json!({"conditions": [condition]});
+    if let Some(error) = &report.last_error {
+        status["lastError"] = json!(error);
+    }
     if let Some(s) = &report.status {
         status["retries"] = json!(s.retries);
         status["deadLetters"] = json!(s.dead_letters);
@@ -237,6 +247,22 @@ pub async fn retry_dead_letter(
     }
 }
 
+/// Sends every dead letter of a sink again, with the same `uniqueId`s.
+#[utoipa::path(post, path = "/api/v1/billing/deadletters/{sink}/retry", tag = "billing",
+    params(("sink" = String, Path, description = "The BillingSink")),
+    responses((status = 202, description = "The ids queued again (possibly none)"),
+              (status = 404, description = "No such running sink", body = Problem, content_type = "application/problem+json")))]
+pub async fn retry_all_dead_letters(
+    State(state): State<AppState>,
+    Path(sink): Path<String>,
+) -> Result<(StatusCode, Json<Value>), Problem> {
+    let ids = billing(&state)?.retry_all_dead_letters(&sink).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"sink": sink, "ids": ids, "queued": ids.len()})),
+    ))
+}
+
 /// A reconciliation report.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
@@ -249,8 +275,9 @@ pub struct Reconciliation {
     pub to: Timestamp,
     /// Pairs whose totals differ, over every sink.
     pub differences: usize,
-    /// Per sink, every (billing account, meter) pair: the ledger's total and
-    /// the provider's acknowledged total.
+    /// Per sink, every (billing account, meter) pair: the ledger's total,
+    /// the acknowledged one, the provider's own (its usage API) and the
+    /// drift `provider − ledger`.
     #[schema(value_type = Vec<Object>)]
     pub sinks: Vec<SinkReconciliation>,
 }
@@ -261,7 +288,9 @@ fn time(p: &Params, name: &str) -> Result<Timestamp, Problem> {
 }
 
 /// Compares, per billing account and meter, the ledger's totals with what
-/// the provider acknowledged, over the windows starting in `[from, to)`.
+/// the provider acknowledged and with the provider's own usage totals (its
+/// usage API), over the windows starting in `[from, to)` widened to whole
+/// UTC hours; 503 with the provider's status when it cannot be read.
 #[utoipa::path(get, path = "/api/v1/billing/reconcile", tag = "billing",
     params(("from" = String, Query, description = "Start, inclusive, RFC 3339"),
            ("to" = String, Query, description = "End, exclusive, RFC 3339"),

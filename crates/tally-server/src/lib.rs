@@ -239,7 +239,7 @@ pub const DEFAULT_MAX_PENDING_EVENTS: usize = 262_144;
         resources::apply, resources::list, resources::get, resources::put, resources::delete,
         resources::get_namespaced, resources::put_namespaced, resources::delete_namespaced,
         quarantine, metrics, healthz, readyz, telemetry::otlp_metrics, telemetry::remote_write,
-        billing::status, billing::dead_letters, billing::retry_dead_letter, billing::reconcile, billing::changes,
+        billing::status, billing::dead_letters, billing::retry_dead_letter, billing::retry_all_dead_letters, billing::reconcile, billing::changes,
     ),
     components(schemas(billing::BillingStatus, billing::DeadLetters, billing::Reconciliation, Problem, resources::ApplyResult, resources::ApplyResults, usage::UsageAnswer, usage::Rejected, events::VoidBody)),
     modifiers(&BearerAuth),
@@ -285,6 +285,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/v1/billing/deadletters/{sink}/{id}/retry",
             post(billing::retry_dead_letter),
+        )
+        .route(
+            "/api/v1/billing/deadletters/{sink}/retry",
+            post(billing::retry_all_dead_letters),
         )
         .route("/api/v1/billing/reconcile", get(billing::reconcile))
         .route("/api/v1/quarantine", get(quarantine))

@@ -120,7 +120,7 @@ impl DeltaConverter {
                 sm.metrics.retain(|m| {
                     m.data
                         .as_ref()
-                        .is_some_and(|d| crate::route::data_point_count(d) > 0)
+                        .is_some_and(|d| crate::otlp::data_point_count_of(d) > 0)
                 });
             }
             rm.scope_metrics.retain(|sm| !sm.metrics.is_empty());

@@ -20,16 +20,23 @@
 //! or queue deliveries (that is `tally-delivery`'s job).
 
 pub mod delta;
+mod encoder;
 pub mod exporter;
+mod feeder;
 pub mod index;
+mod options;
 pub mod otlp;
 pub mod pipeline;
 pub mod pull;
 pub mod remote_write;
 pub mod route;
+mod routing;
 pub mod secret;
 pub mod selector;
+mod sink;
 pub mod spec;
+mod split;
+mod sync;
 pub mod victoria;
 mod wire;
 
@@ -40,10 +47,11 @@ pub use exporter::{
 };
 pub use index::{InMemoryResourceIndex, NamespaceInfo, ResourceIndex, ResourceRef};
 pub use opentelemetry_proto::tonic as proto;
+pub use options::PullOptions;
 pub use pipeline::{
     DropReason, ExporterStatus, IngestReport, Pipeline, PipelineError, PipelineOptions,
     QueueStorage, Secrets, SinkStatus, Snapshot, UpdateReport,
 };
-pub use pull::{PullOptions, SourceStatus};
+pub use pull::SourceStatus;
 pub use route::{EncodedRoute, RouteStats, Routed, Router};
 pub use secret::{SecretStore, SecretValue, resolve_headers};

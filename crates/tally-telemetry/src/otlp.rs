@@ -297,8 +297,23 @@ pub fn data_point_count(request: &ExportMetricsServiceRequest) -> usize {
         .flat_map(|rm| &rm.scope_metrics)
         .flat_map(|sm| &sm.metrics)
         .filter_map(|m| m.data.as_ref())
-        .map(crate::route::data_point_count)
+        .map(crate::otlp::data_point_count_of)
         .sum()
+}
+
+/// How many data points one metric's `data` holds.
+pub(crate) fn data_point_count_of(
+    data: &opentelemetry_proto::tonic::metrics::v1::metric::Data,
+) -> usize {
+    match data {
+        opentelemetry_proto::tonic::metrics::v1::metric::Data::Gauge(g) => g.data_points.len(),
+        opentelemetry_proto::tonic::metrics::v1::metric::Data::Sum(s) => s.data_points.len(),
+        opentelemetry_proto::tonic::metrics::v1::metric::Data::Histogram(h) => h.data_points.len(),
+        opentelemetry_proto::tonic::metrics::v1::metric::Data::ExponentialHistogram(h) => {
+            h.data_points.len()
+        }
+        opentelemetry_proto::tonic::metrics::v1::metric::Data::Summary(s) => s.data_points.len(),
+    }
 }
 
 #[cfg(test)]

@@ -40,37 +40,12 @@ use tokio::task::JoinHandle;
 
 use crate::exporter::{Condition, Exporter, ExporterKey, Selection, Source};
 use crate::index::ResourceIndex;
-use crate::pipeline::{Refusal, SharedRouting, SinkRuntime, current, lock};
+use crate::options::PullOptions;
 use crate::route::Router;
+use crate::routing::{SharedRouting, current};
+use crate::sink::{Refusal, SinkRuntime};
+use crate::sync::lock;
 use crate::victoria::{PullError, VictoriaMetricsSource, series_to_request, window_end};
-
-/// How sources are pulled.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PullOptions {
-    /// The VictoriaMetrics base URL (single node, or a vmselect tenant prefix).
-    pub url: String,
-    /// Time between pulls once a source has caught up.
-    pub interval: Duration,
-    /// How far behind now windows end, so samples that arrive late are still read.
-    pub lag: Duration,
-    /// The longest window one request reads.
-    pub window: Duration,
-    /// How far back a source seen for the first time starts.
-    pub backfill: Duration,
-}
-
-impl PullOptions {
-    /// Defaults: every 10 s, 30 s behind now, windows of at most 5 min, no backfill.
-    pub fn new(url: impl Into<String>) -> PullOptions {
-        PullOptions {
-            url: url.into(),
-            interval: Duration::from_secs(10),
-            lag: Duration::from_secs(30),
-            window: Duration::from_secs(300),
-            backfill: Duration::ZERO,
-        }
-    }
-}
 
 /// The pull part of an exporter's status.
 #[derive(Debug, Clone, PartialEq, Serialize)]

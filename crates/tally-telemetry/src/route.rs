@@ -23,8 +23,9 @@ use opentelemetry_proto::tonic::metrics::v1::{
 
 use crate::exporter::{Exporter, ResourceSelector, Selection};
 use crate::index::{NamespaceInfo, ResourceIndex, ResourceRef};
+use crate::otlp::data_point_count_of;
 use crate::selector::{IDENTITY_LABELS, LabelPlace, Labels, MatcherSet, PlacedMatcher};
-use crate::wire;
+use crate::wire::{self, MetricSelection};
 
 /// The OpenTelemetry semantic-convention name of a resource's namespace,
 /// read when the resource has no `namespace` attribute.
@@ -286,7 +287,7 @@ fn resource_point_count(rm: &ResourceMetrics) -> u64 {
         .iter()
         .flat_map(|sm| &sm.metrics)
         .filter_map(|m| m.data.as_ref())
-        .map(|d| data_point_count(d) as u64)
+        .map(|d| data_point_count_of(d) as u64)
         .sum()
 }
 
@@ -409,16 +410,6 @@ impl ResourceView<'_> {
             None => selector.labels.matches(&Labels::new()),
         }
     }
-}
-
-/// What an exporter takes of one metric.
-pub(crate) enum MetricSelection<K> {
-    /// Nothing.
-    None,
-    /// Every data point.
-    All,
-    /// The data points whose attributes pass the filter.
-    Points(K),
 }
 
 /// What the alternatives select of `metric` (of a resource with `resource_attrs`).
@@ -562,18 +553,7 @@ fn filter_data(data: &Data, keep: impl Fn(&[KeyValue]) -> bool) -> Option<Data> 
             data_points: points(&s.data_points, |p| &p.attributes, keep),
         }),
     };
-    (data_point_count(&data) > 0).then_some(data)
-}
-
-/// How many data points `data` holds.
-pub(crate) fn data_point_count(data: &Data) -> usize {
-    match data {
-        Data::Gauge(g) => g.data_points.len(),
-        Data::Sum(s) => s.data_points.len(),
-        Data::Histogram(h) => h.data_points.len(),
-        Data::ExponentialHistogram(h) => h.data_points.len(),
-        Data::Summary(s) => s.data_points.len(),
-    }
+    (data_point_count_of(&data) > 0).then_some(data)
 }
 
 /// A label's value for a data point: its attributes first, then the

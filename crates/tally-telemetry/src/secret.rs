@@ -1,6 +1,7 @@
 //! Secret values and their resolution into request headers. A secret value
 //! never reaches a log line, an error message, a Debug print or API output.
 
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 use base64::Engine as _;
@@ -112,4 +113,36 @@ pub fn resolve_headers(
         });
     }
     Ok(headers)
+}
+
+/// Secret values by (namespace, secret name) and key.
+#[derive(Debug, Clone, Default)]
+pub struct Secrets {
+    secrets: HashMap<(String, String), BTreeMap<String, SecretValue>>,
+}
+
+impl Secrets {
+    /// No secrets.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds or replaces the secret `name` of `namespace`.
+    pub fn insert(
+        &mut self,
+        namespace: impl Into<String>,
+        name: impl Into<String>,
+        data: BTreeMap<String, SecretValue>,
+    ) {
+        self.secrets.insert((namespace.into(), name.into()), data);
+    }
+}
+
+impl SecretStore for Secrets {
+    fn secret_value(&self, namespace: &str, name: &str, key: &str) -> Option<SecretValue> {
+        self.secrets
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .and_then(|data| data.get(key))
+            .cloned()
+    }
 }

@@ -16,7 +16,7 @@ use opentelemetry_proto::tonic::metrics::v1::{Metric, ResourceMetrics, metric::D
 use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
 
-use crate::route::{MetricSelection, data_point_count};
+use crate::otlp::data_point_count_of;
 
 /// Field numbers of the OTLP metrics protos.
 const REQUEST_RESOURCE_METRICS: u32 = 1;
@@ -38,6 +38,16 @@ const METRIC_METADATA: u32 = 12;
 const DATA_POINTS: u32 = 1;
 const DATA_TEMPORALITY: u32 = 2;
 const SUM_IS_MONOTONIC: u32 = 3;
+
+/// What an exporter takes of one metric.
+pub(crate) enum MetricSelection<K> {
+    /// Nothing.
+    None,
+    /// Every data point.
+    All,
+    /// The data points whose attributes pass the filter.
+    Points(K),
+}
 
 /// Encodings of one resource's parts shared by every exporter that selects
 /// them. [`ResourceCache::reset`] before moving to the next resource.
@@ -81,7 +91,7 @@ impl ResourceCache {
                 .iter()
                 .flat_map(|sm| &sm.metrics)
                 .filter_map(|m| m.data.as_ref())
-                .map(|d| data_point_count(d) as u64)
+                .map(|d| data_point_count_of(d) as u64)
                 .sum();
             (bytes, points)
         });
@@ -118,7 +128,7 @@ impl ResourceCache {
                                 metric,
                                 metric_bytes,
                             );
-                            let n = metric.data.as_ref().map_or(0, data_point_count) as u64;
+                            let n = metric.data.as_ref().map_or(0, data_point_count_of) as u64;
                             (start..metric_bytes.len(), n)
                         });
                         scratch

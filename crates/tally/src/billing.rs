@@ -2,38 +2,30 @@
 //! forwarder's state, its dead letters, and the ledger against the provider.
 
 use anyhow::Context;
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 use jiff::tz::TimeZone;
 use serde_json::Value;
 use tally_client::TallyClient;
 
-use crate::output::{self, NONE, Table};
+use crate::output::{self, Cell, Format, NONE, Table};
 use crate::print;
 use crate::when::parse_instant;
 
 #[derive(Debug, Subcommand)]
 pub enum BillingCommand {
-    /// Per sink and meter: last forwarded window, lag, records sent,
-    /// retries, dead letters.
+    /// Per sink and meter: readiness (and why not, since when), last
+    /// forwarded window, lag in seconds, records sent and pending, dead
+    /// letters, unattributed usage.
     Status(StatusArgs),
     /// Batches the provider refused for good, with its answer.
     Deadletters(DeadLettersArgs),
-    /// Send a dead letter's records again (same uniqueIds).
+    /// Send a dead letter's records again (same uniqueIds), or all of a
+    /// sink's with --all.
     Retry(RetryArgs),
-    /// Compare, per billing account and meter, the ledger's totals with what
-    /// the provider acknowledged; exits non-zero when any differ.
+    /// Compare, per billing account and meter, the ledger's totals with the
+    /// provider's own (its usage API) and with what it acknowledged; exits
+    /// non-zero when the provider's total drifts either way.
     Reconcile(ReconcileArgs),
-}
-
-/// Output formats of the billing commands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Format {
-    /// Aligned columns.
-    Table,
-    /// The server's answer as JSON.
-    Json,
-    /// The server's answer as YAML.
-    Yaml,
 }
 
 #[derive(Debug, Args)]
@@ -62,8 +54,15 @@ pub struct RetryArgs {
     #[arg(value_name = "SINK")]
     sink: String,
     /// The dead letter's id (see `tally billing deadletters`).
-    #[arg(value_name = "ID")]
-    id: u64,
+    #[arg(
+        value_name = "ID",
+        required_unless_present = "all",
+        conflicts_with = "all"
+    )]
+    id: Option<u64>,
+    /// Every dead letter of the sink.
+    #[arg(long)]
+    all: bool,
 }
 
 #[derive(Debug, Args)]
@@ -90,37 +89,79 @@ fn text(value: &Value) -> String {
     }
 }
 
-fn dump(value: &Value, format: Format) -> anyhow::Result<Option<String>> {
-    Ok(match format {
-        Format::Table => None,
-        Format::Json => Some(output::to_json(value)?),
-        Format::Yaml => Some(output::to_yaml(value)?),
-    })
+/// A table cell: none for null.
+fn cell(value: &Value) -> Cell {
+    match value {
+        Value::Null => Cell::default(),
+        other => text(other).into(),
+    }
 }
 
 /// Seconds of a serialised `Duration` (`{"secs": n, "nanos": m}`).
-fn seconds(value: &Value) -> String {
-    match value.get("secs").and_then(Value::as_u64) {
-        Some(secs) => format!("{secs}s"),
-        None => NONE.to_owned(),
-    }
+fn seconds(value: &Value) -> Cell {
+    value
+        .get("secs")
+        .and_then(Value::as_u64)
+        .map(|secs| format!("{secs}s"))
+        .into()
 }
 
 pub async fn run(client: &TallyClient, command: BillingCommand) -> anyhow::Result<()> {
     match command {
         BillingCommand::Status(args) => status(client, args).await,
         BillingCommand::Deadletters(args) => dead_letters(client, args).await,
-        BillingCommand::Retry(args) => {
-            client
-                .billing_retry_dead_letter(&args.sink, args.id)
-                .await
-                .with_context(|| format!("retrying dead letter {} of {}", args.id, args.sink))?;
-            print(&format!(
-                "dead letter {} of billing sink {} queued again\n",
-                args.id, args.sink
-            ))
-        }
+        BillingCommand::Retry(args) => retry(client, args).await,
         BillingCommand::Reconcile(args) => reconcile(client, args).await,
+    }
+}
+
+async fn retry(client: &TallyClient, args: RetryArgs) -> anyhow::Result<()> {
+    let Some(id) = args.id else {
+        let answer = client
+            .billing_retry_all_dead_letters(&args.sink)
+            .await
+            .with_context(|| format!("retrying the dead letters of {}", args.sink))?;
+        let ids: Vec<String> = answer["ids"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(text)
+            .collect();
+        return print(&match ids.as_slice() {
+            [] => format!("billing sink {} has no dead letters\n", args.sink),
+            ids => format!(
+                "dead letters {} of billing sink {} queued again\n",
+                ids.join(", "),
+                args.sink
+            ),
+        });
+    };
+    client
+        .billing_retry_dead_letter(&args.sink, id)
+        .await
+        .with_context(|| format!("retrying dead letter {id} of {}", args.sink))?;
+    print(&format!(
+        "dead letter {id} of billing sink {} queued again\n",
+        args.sink
+    ))
+}
+
+/// A sink's readiness: `True`, or `False (Reason since T)`.
+fn readiness(sink: &Value) -> String {
+    if sink["ready"].as_bool() == Some(true) {
+        return "True".to_owned();
+    }
+    match sink["since"].as_str() {
+        Some(since) => format!("False ({} since {since})", text(&sink["reason"])),
+        None => format!("False ({})", text(&sink["reason"])),
+    }
+}
+
+/// Unattributed usage and how many projects it belongs to.
+fn unattributed(meter: &Value) -> String {
+    match meter["unattributedProjects"].as_u64() {
+        Some(0) | None => text(&meter["unattributed"]),
+        Some(n) => format!("{} ({n} projects)", text(&meter["unattributed"])),
     }
 }
 
@@ -129,9 +170,6 @@ async fn status(client: &TallyClient, args: StatusArgs) -> anyhow::Result<()> {
         .billing_status(args.sink.as_deref())
         .await
         .context("reading the billing status")?;
-    if let Some(text) = dump(&answer, args.output)? {
-        return print(&text);
-    }
     let mut table = Table::new([
         "SINK",
         "READY",
@@ -144,35 +182,51 @@ async fn status(client: &TallyClient, args: StatusArgs) -> anyhow::Result<()> {
         "PENDING",
         "RETRIES",
         "DEAD LETTERS",
-    ]);
+        "UNATTRIBUTED",
+    ])
+    .named();
+    let mut notes = String::new();
     for sink in answer["sinks"].as_array().into_iter().flatten() {
-        let ready = if sink["ready"].as_bool() == Some(true) {
-            "True".to_owned()
-        } else {
-            format!("False ({})", text(&sink["reason"]))
-        };
+        let ready = readiness(sink);
+        if sink["ready"].as_bool() != Some(true) {
+            notes.push_str(&format!(
+                "{}: {}\n",
+                text(&sink["sink"]),
+                text(&sink["message"])
+            ));
+        }
         let status = &sink["status"];
         let meters = status["meters"].as_array().cloned().unwrap_or_default();
+        let name = format!("billingsink/{}", text(&sink["sink"]));
         if meters.is_empty() {
-            table.row([text(&sink["sink"]), ready.clone()]);
+            table.named_row(name.clone(), [cell(&sink["sink"]), ready.clone().into()]);
         }
         for meter in meters {
-            table.row([
-                text(&sink["sink"]),
-                ready.clone(),
-                text(&meter["meter"]),
-                text(&meter["meterApiName"]),
-                text(&meter["forwardedUntil"]),
-                seconds(&meter["lag"]),
-                text(&meter["recordsSent"]),
-                text(&meter["correctionsSent"]),
-                text(&meter["recordsPending"]),
-                text(&status["retries"]),
-                text(&status["deadLetters"]),
-            ]);
+            table.named_row(
+                name.clone(),
+                [
+                    cell(&sink["sink"]),
+                    ready.clone().into(),
+                    cell(&meter["meter"]),
+                    cell(&meter["meterApiName"]),
+                    cell(&meter["forwardedUntil"]),
+                    seconds(&meter["lag"]),
+                    cell(&meter["recordsSent"]),
+                    cell(&meter["correctionsSent"]),
+                    cell(&meter["recordsPending"]),
+                    cell(&status["retries"]),
+                    cell(&status["deadLetters"]),
+                    unattributed(&meter).into(),
+                ],
+            );
         }
     }
-    print(&table.render())
+    output::print_listing(args.output, &answer, "No billing sinks.", || table)?;
+    // Why a sink is not ready, for people reading the table.
+    if matches!(args.output, Format::Table | Format::Wide) && !notes.is_empty() {
+        print(&notes)?;
+    }
+    Ok(())
 }
 
 async fn dead_letters(client: &TallyClient, args: DeadLettersArgs) -> anyhow::Result<()> {
@@ -180,15 +234,14 @@ async fn dead_letters(client: &TallyClient, args: DeadLettersArgs) -> anyhow::Re
         .billing_dead_letters(args.sink.as_deref())
         .await
         .context("listing billing dead letters")?;
-    if let Some(text) = dump(&answer, args.output)? {
-        return print(&text);
-    }
-    let mut table = Table::new(["SINK", "ID", "AT", "STATUS", "RECORDS", "REASON", "ANSWER"]);
+    let wide = matches!(args.output, Format::Wide | Format::Csv);
+    let mut table =
+        Table::new(["SINK", "ID", "AT", "STATUS", "RECORDS", "REASON", "ANSWER"]).named();
     for sink in answer["sinks"].as_array().into_iter().flatten() {
         for letter in sink["deadLetters"].as_array().into_iter().flatten() {
             let records = letter["records"].as_array().map_or(0, Vec::len);
             let mut answer = text(&letter["answer"]);
-            if answer.len() > 80 {
+            if !wide && answer.len() > 80 {
                 let cut = (0..=80)
                     .rev()
                     .find(|i| answer.is_char_boundary(*i))
@@ -196,18 +249,21 @@ async fn dead_letters(client: &TallyClient, args: DeadLettersArgs) -> anyhow::Re
                 answer.truncate(cut);
                 answer.push('…');
             }
-            table.row([
-                text(&sink["sink"]),
-                text(&letter["id"]),
-                text(&letter["at"]),
-                text(&letter["status"]),
-                records.to_string(),
-                text(&letter["reason"]),
-                answer,
-            ]);
+            table.named_row(
+                format!("deadletter/{}/{}", text(&sink["sink"]), text(&letter["id"])),
+                [
+                    cell(&sink["sink"]),
+                    cell(&letter["id"]),
+                    cell(&letter["at"]),
+                    cell(&letter["status"]),
+                    records.to_string().into(),
+                    cell(&letter["reason"]),
+                    answer.into(),
+                ],
+            );
         }
     }
-    print(&table.render())
+    output::print_listing(args.output, &answer, "No dead letters.", || table)
 }
 
 async fn reconcile(client: &TallyClient, args: ReconcileArgs) -> anyhow::Result<()> {
@@ -218,44 +274,39 @@ async fn reconcile(client: &TallyClient, args: ReconcileArgs) -> anyhow::Result<
         .await
         .context("reconciling billing")?;
     let differences = answer["differences"].as_u64().unwrap_or(0);
-    match dump(&answer, args.output)? {
-        Some(text) => print(&text)?,
-        None => {
-            let mut table = Table::new([
-                "SINK",
-                "CUSTOMER",
-                "METER API NAME",
-                "LEDGER",
-                "ACKNOWLEDGED",
-                "DIFFERENCE",
+    let mut table = Table::new([
+        "SINK",
+        "CUSTOMER",
+        "METER API NAME",
+        "LEDGER",
+        "ACKNOWLEDGED",
+        "PROVIDER",
+        "DRIFT",
+    ]);
+    for sink in answer["sinks"].as_array().into_iter().flatten() {
+        for row in sink["totals"].as_array().into_iter().flatten() {
+            // Provider minus ledger: + over-billed, - under-billed.
+            let drift = match row["drift"].as_str() {
+                Some("0") | None => String::new(),
+                Some(d) if d.starts_with('-') => d.to_owned(),
+                Some(d) => format!("+{d}"),
+            };
+            table.row([
+                cell(&sink["sink"]),
+                cell(&row["customerId"]),
+                cell(&row["meterApiName"]),
+                cell(&row["ledger"]),
+                cell(&row["acknowledged"]),
+                cell(&row["provider"]),
+                drift.into(),
             ]);
-            for sink in answer["sinks"].as_array().into_iter().flatten() {
-                for row in sink["totals"].as_array().into_iter().flatten() {
-                    let ledger = text(&row["ledger"]);
-                    let acknowledged = text(&row["acknowledged"]);
-                    let difference = match (
-                        ledger.parse::<rust_decimal::Decimal>(),
-                        acknowledged.parse::<rust_decimal::Decimal>(),
-                    ) {
-                        (Ok(l), Ok(a)) if l == a => String::new(),
-                        (Ok(l), Ok(a)) => (l - a).normalize().to_string(),
-                        _ => "?".to_owned(),
-                    };
-                    table.row([
-                        text(&sink["sink"]),
-                        text(&row["customerId"]),
-                        text(&row["meterApiName"]),
-                        ledger,
-                        acknowledged,
-                        difference,
-                    ]);
-                }
-            }
-            print(&table.render())?;
         }
     }
+    output::print_listing(args.output, &answer, "Nothing to reconcile.", || table)?;
     if differences > 0 {
-        anyhow::bail!("{differences} (billing account, meter) total(s) differ from the provider's");
+        anyhow::bail!(
+            "{differences} (billing account, meter) total(s) at the provider drift from the ledger's"
+        );
     }
     Ok(())
 }

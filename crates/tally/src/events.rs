@@ -15,8 +15,7 @@ use tally_client::{
     QuarantinePage, TallyClient, VoidPage, VoidRecord,
 };
 
-use crate::meters::ListFormat;
-use crate::output::{self, Table};
+use crate::output::{self, Cell, Column, Format, Table, time_cell};
 use crate::{print, when};
 
 #[derive(Debug, Subcommand)]
@@ -48,8 +47,8 @@ pub struct VoidArgs {
     reason: String,
 
     /// Output format.
-    #[arg(short = 'o', long, value_enum, default_value_t = ListFormat::Table, value_name = "FORMAT")]
-    output: ListFormat,
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Table, value_name = "FORMAT")]
+    output: Format,
 }
 
 #[derive(Debug, Args)]
@@ -63,8 +62,8 @@ pub struct VoidsArgs {
     all: bool,
 
     /// Output format.
-    #[arg(short = 'o', long, value_enum, default_value_t = ListFormat::Table, value_name = "FORMAT")]
-    output: ListFormat,
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Table, value_name = "FORMAT")]
+    output: Format,
 }
 
 #[derive(Debug, Subcommand)]
@@ -122,8 +121,8 @@ pub struct ListArgs {
     all: bool,
 
     /// Output format.
-    #[arg(short = 'o', long, value_enum, default_value_t = ListFormat::Table, value_name = "FORMAT")]
-    output: ListFormat,
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Table, value_name = "FORMAT")]
+    output: Format,
 }
 
 #[derive(Debug, Args)]
@@ -141,8 +140,8 @@ pub struct QuarantineArgs {
     all: bool,
 
     /// Output format.
-    #[arg(short = 'o', long, value_enum, default_value_t = ListFormat::Table, value_name = "FORMAT")]
-    output: ListFormat,
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Table, value_name = "FORMAT")]
+    output: Format,
 }
 
 pub async fn run(client: &TallyClient, command: EventsCommand) -> anyhow::Result<()> {
@@ -154,28 +153,35 @@ pub async fn run(client: &TallyClient, command: EventsCommand) -> anyhow::Result
     }
 }
 
+/// Voids, named `void/SEQ`.
 fn void_table(records: &[VoidRecord]) -> Table {
-    let mut table = Table::new([
-        "SEQ",
-        "VOIDED AT",
-        "BY",
-        "TYPE",
-        "SUBJECT",
-        "SOURCE",
-        "ID",
-        "REASON",
-    ]);
+    let mut table = Table::with_columns([
+        Column::new("SEQ"),
+        Column::new("VOIDED AT"),
+        Column::new("BY"),
+        Column::new("TYPE"),
+        Column::new("SUBJECT"),
+        Column::new("SOURCE"),
+        Column::new("ID"),
+        Column::new("REASON"),
+        Column::new("EVENT TIME").wide(),
+    ])
+    .named();
     for r in records {
-        table.row([
-            r.seq.to_string(),
-            r.voided_at.to_string(),
-            r.voided_by.clone(),
-            r.event_type.clone(),
-            r.subject.clone(),
-            r.source.clone(),
-            r.id.clone(),
-            r.reason.clone(),
-        ]);
+        table.named_row(
+            format!("void/{}", r.seq),
+            [
+                Cell::from(r.seq.to_string()),
+                time_cell(Some(r.voided_at)),
+                Cell::from(&r.voided_by),
+                Cell::from(&r.event_type),
+                Cell::from(&r.subject),
+                Cell::from(&r.source),
+                Cell::from(&r.id),
+                Cell::from(&r.reason),
+                time_cell(Some(r.event_time)),
+            ],
+        );
     }
     table
 }
@@ -185,15 +191,12 @@ async fn void(client: &TallyClient, args: VoidArgs) -> anyhow::Result<()> {
         .void_event(&args.source, &args.id, &args.reason)
         .await
         .with_context(|| format!("voiding event {:?} from {:?}", args.id, args.source))?;
-    match args.output {
-        ListFormat::Json => print(&output::to_json(&outcome)?),
-        ListFormat::Table => {
-            if outcome.already_voided {
-                eprintln!("The event was voided before; nothing changed.");
-            }
-            print(&void_table(std::slice::from_ref(&outcome.record)).render())
-        }
+    if outcome.already_voided && matches!(args.output, Format::Table | Format::Wide) {
+        eprintln!("The event was voided before; nothing changed.");
     }
+    output::print_listing(args.output, &outcome, "", || {
+        void_table(std::slice::from_ref(&outcome.record))
+    })
 }
 
 async fn voids(client: &TallyClient, args: VoidsArgs) -> anyhow::Result<()> {
@@ -204,20 +207,13 @@ async fn voids(client: &TallyClient, args: VoidsArgs) -> anyhow::Result<()> {
             .context("listing voided events")
     })
     .await?;
-    match args.output {
-        ListFormat::Json => print(&output::to_json(&page)?),
-        ListFormat::Table if page.items.is_empty() => {
-            eprintln!("No voided events.");
-            Ok(())
-        }
-        ListFormat::Table => {
-            print(&void_table(&page.items).render())?;
-            if page.next_cursor.is_some() {
-                eprintln!("(more voided events: use --all to list them all)");
-            }
-            Ok(())
-        }
+    output::print_listing(args.output, &page, "No voided events.", || {
+        void_table(&page.items)
+    })?;
+    if page.next_cursor.is_some() {
+        eprintln!("(more voided events: use --all to list them all)");
     }
+    Ok(())
 }
 
 /// One page of a cursor-paged listing.
@@ -691,32 +687,45 @@ async fn list(client: &TallyClient, args: ListArgs) -> anyhow::Result<()> {
         async move { client.list_events(&params).await.context("listing events") }
     })
     .await?;
-    match args.output {
-        ListFormat::Json => print(&output::to_json(&page)?),
-        ListFormat::Table if page.items.is_empty() => {
-            eprintln!("No events found.");
-            Ok(())
-        }
-        ListFormat::Table => {
-            let mut table = Table::new(["SEQ", "TIME", "TYPE", "SUBJECT", "SOURCE", "ID"]);
-            for stored in &page.items {
-                let e = &stored.event;
-                table.row([
-                    stored.seq.to_string(),
-                    e.time.to_string(),
-                    e.kind.clone(),
-                    e.subject.clone(),
-                    e.source.clone(),
-                    e.id.clone(),
-                ]);
-            }
-            print(&table.render())?;
-            if page.next_cursor.is_some() {
-                eprintln!("(more events: use --all to list them all)");
-            }
-            Ok(())
-        }
+    output::print_listing(args.output, &page, "No events found.", || {
+        event_table(&page.items)
+    })?;
+    if page.next_cursor.is_some() {
+        eprintln!("(more events: use --all to list them all)");
     }
+    Ok(())
+}
+
+/// Stored events, named `event/SEQ`.
+fn event_table(events: &[tally_client::StoredEvent]) -> Table {
+    let mut table = Table::with_columns([
+        Column::new("SEQ"),
+        Column::new("TIME"),
+        Column::new("TYPE"),
+        Column::new("SUBJECT"),
+        Column::new("SOURCE"),
+        Column::new("ID"),
+        Column::new("INGESTED AT").wide(),
+        Column::new("VOIDED AT").wide(),
+    ])
+    .named();
+    for stored in events {
+        let e = &stored.event;
+        table.named_row(
+            format!("event/{}", stored.seq),
+            [
+                Cell::from(stored.seq.to_string()),
+                time_cell(Some(e.time)),
+                Cell::from(&e.kind),
+                Cell::from(&e.subject),
+                Cell::from(&e.source),
+                Cell::from(&e.id),
+                time_cell(Some(stored.ingested_at)),
+                time_cell(stored.voided.as_ref().map(|v| v.voided_at)),
+            ],
+        );
+    }
+    table
 }
 
 pub async fn run_quarantine(
@@ -740,36 +749,49 @@ pub async fn run_quarantine(
         }
     })
     .await?;
-    match args.output {
-        ListFormat::Json => print(&output::to_json(&page)?),
-        ListFormat::Table if page.items.is_empty() => {
-            eprintln!("No quarantined events.");
-            Ok(())
-        }
-        ListFormat::Table => {
-            let mut table = Table::new([
-                "SEQ", "METER", "REASON", "TIME", "TYPE", "SUBJECT", "ID", "MESSAGE",
-            ]);
-            for q in &page.items {
-                let e = &q.event.event;
-                table.row([
-                    q.event.seq.to_string(),
-                    q.meter.clone(),
-                    q.reason.clone(),
-                    e.time.to_string(),
-                    e.kind.clone(),
-                    e.subject.clone(),
-                    e.id.clone(),
-                    q.message.clone(),
-                ]);
-            }
-            print(&table.render())?;
-            if page.next_cursor.is_some() {
-                eprintln!("(more quarantined events: use --all to list them all)");
-            }
-            Ok(())
-        }
+    output::print_listing(args.output, &page, "No quarantined events.", || {
+        quarantine_table(&page.items)
+    })?;
+    if page.next_cursor.is_some() {
+        eprintln!("(more quarantined events: use --all to list them all)");
     }
+    Ok(())
+}
+
+/// Quarantined events, named `event/SEQ`.
+fn quarantine_table(items: &[tally_client::QuarantinedEvent]) -> Table {
+    let mut table = Table::with_columns([
+        Column::new("SEQ"),
+        Column::new("METER"),
+        Column::new("REASON"),
+        Column::new("TIME"),
+        Column::new("TYPE"),
+        Column::new("SUBJECT"),
+        Column::new("ID"),
+        Column::new("MESSAGE"),
+        Column::new("SOURCE").wide(),
+        Column::new("INGESTED AT").wide(),
+    ])
+    .named();
+    for q in items {
+        let e = &q.event.event;
+        table.named_row(
+            format!("event/{}", q.event.seq),
+            [
+                Cell::from(q.event.seq.to_string()),
+                Cell::from(&q.meter),
+                Cell::from(&q.reason),
+                time_cell(Some(e.time)),
+                Cell::from(&e.kind),
+                Cell::from(&e.subject),
+                Cell::from(&e.id),
+                Cell::from(&q.message),
+                Cell::from(&e.source),
+                time_cell(Some(q.event.ingested_at)),
+            ],
+        );
+    }
+    table
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 
 mod billing;
 mod collect;
+mod describe;
 mod events;
 mod export;
 mod forward;
@@ -13,6 +14,8 @@ mod meters;
 mod output;
 mod resources;
 mod serve;
+mod version;
+mod watch;
 mod when;
 
 use std::io::Write as _;
@@ -60,6 +63,7 @@ fn keep_freed_memory_a_second() {
 #[command(
     name = "tally",
     version,
+    long_version = version::long(),
     propagate_version = true,
     max_term_width = 100
 )]
@@ -100,8 +104,11 @@ enum Command {
     Export(Box<export::ExportArgs>),
     /// Create or update resources from YAML or JSON manifests, like `kubectl apply`.
     Apply(resources::ApplyArgs),
-    /// Show resources of one kind as a table, or as YAML or JSON (`-o`).
+    /// Show resources of one kind (`-o table|wide|json|yaml|csv|name`);
+    /// `-w` watches for changes.
     Get(resources::GetArgs),
+    /// Show one resource for people: spec, status conditions and recent events.
+    Describe(describe::DescribeArgs),
     /// Delete a resource.
     Delete(resources::DeleteArgs),
     /// Send and list usage events.
@@ -126,6 +133,17 @@ enum Command {
     /// Run the billing forwarder of one BillingSink on its own, against a
     /// server over HTTP (turn off the server's own: billing.enabled: false).
     Forward(forward::ForwardArgs),
+    /// Print the client's version, commit and target, and the server's version.
+    Version(version::VersionArgs),
+    /// Print a shell completion script (see README: Shell completion).
+    Completion(CompletionArgs),
+}
+
+#[derive(clap::Args)]
+struct CompletionArgs {
+    /// The shell to complete in.
+    #[arg(value_enum, value_name = "SHELL")]
+    shell: clap_complete::Shell,
 }
 
 #[derive(clap::Args)]
@@ -190,6 +208,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(args) => return bench(args),
         Command::Collect(args) => return collect::run(*args, cli.server, cli.token),
         Command::Forward(args) => return forward::run(args, cli.server, cli.token),
+        Command::Completion(args) => return completion(args.shell),
+        Command::Version(args) if args.client => return version::print_client(args.output),
+        Command::Version(args) => ClientCommand::Version(args),
+        Command::Describe(args) => ClientCommand::Describe(args),
         Command::Billing(command) => ClientCommand::Billing(command),
         Command::Apply(args) => ClientCommand::Apply(args),
         Command::Get(args) => ClientCommand::Get(args),
@@ -207,6 +229,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         match client_command {
             ClientCommand::Apply(args) => resources::apply(&client, args).await,
             ClientCommand::Get(args) => resources::get(&client, args).await,
+            ClientCommand::Describe(args) => describe::run(&client, args).await,
+            ClientCommand::Version(args) => version::run(&client, args).await,
             ClientCommand::Delete(args) => resources::delete(&client, args).await,
             ClientCommand::Events(command) => events::run(&client, command).await,
             ClientCommand::Meters(command) => meters::run(&client, command).await,
@@ -250,23 +274,39 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
 enum ClientCommand {
     Apply(resources::ApplyArgs),
     Get(resources::GetArgs),
+    Describe(describe::DescribeArgs),
     Delete(resources::DeleteArgs),
+    Version(version::VersionArgs),
     Events(events::EventsCommand),
     Meters(meters::MetersCommand),
     Quarantine(events::QuarantineCommand),
     Billing(billing::BillingCommand),
 }
 
+/// Writes a completion script for `shell` to standard output.
+fn completion(shell: clap_complete::Shell) -> anyhow::Result<()> {
+    use clap::CommandFactory;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "tally", &mut script);
+    print(&String::from_utf8_lossy(&script))
+}
+
 /// Writes text to standard output; a closed pipe (`tally ... | head`) is not
 /// an error worth a message.
 fn print(text: &str) -> anyhow::Result<()> {
+    print_open(text).map(drop)
+}
+
+/// Writes text to standard output; false when it is closed (a reader
+/// such as `head` went away), so a command that keeps printing can stop.
+fn print_open(text: &str) -> anyhow::Result<bool> {
     let mut stdout = std::io::stdout().lock();
     match stdout
         .write_all(text.as_bytes())
         .and_then(|()| stdout.flush())
     {
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => other.context("writing to standard output"),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        other => other.context("writing to standard output").map(|()| true),
     }
 }
 

@@ -8,8 +8,8 @@ use jiff::tz::TimeZone;
 use tally_client::{MeterQueryParams, MeterQueryResponse, MeterQueryRow, TallyClient, WindowSize};
 use tally_model::OpenMeterMeter;
 
-use crate::output::{self, Table, csv_record, time_in};
-use crate::{print, when};
+use crate::output::{self, Cell, Column, Format, Table, or_none, time_in};
+use crate::when;
 
 #[derive(Debug, Subcommand)]
 pub enum MetersCommand {
@@ -21,18 +21,9 @@ pub enum MetersCommand {
 
 #[derive(Debug, Args)]
 pub struct ListArgs {
-    /// Output format.
-    #[arg(short = 'o', long, value_enum, default_value_t = ListFormat::Table, value_name = "FORMAT")]
-    output: ListFormat,
-}
-
-/// Output formats of list commands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ListFormat {
-    /// Aligned columns.
-    Table,
-    /// The server's answer as JSON.
-    Json,
+    /// Output format; `name` prints `meter/SLUG`.
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Table, value_name = "FORMAT")]
+    output: Format,
 }
 
 #[derive(Debug, Args)]
@@ -76,9 +67,10 @@ pub struct QueryArgs {
     #[arg(long, value_name = "N")]
     limit: Option<usize>,
 
-    /// Output format. Table and CSV print times in --tz; CSV values are exact decimals.
-    #[arg(short = 'o', long, value_enum, default_value_t = QueryFormat::Table, value_name = "FORMAT")]
-    output: QueryFormat,
+    /// Output format (rows have no names, so not `name`). Table and CSV
+    /// print times in --tz; CSV values are exact decimals.
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Table, value_name = "FORMAT")]
+    output: Format,
 }
 
 /// Window sizes, as typed on the command line.
@@ -101,17 +93,6 @@ impl From<Window> for WindowSize {
     }
 }
 
-/// Output formats of `tally meters query`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum QueryFormat {
-    /// Aligned columns, times in --tz.
-    Table,
-    /// Comma-separated values with a header row.
-    Csv,
-    /// The answer as JSON, all pages combined.
-    Json,
-}
-
 fn parse_filter(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
@@ -128,41 +109,40 @@ pub async fn run(client: &TallyClient, command: MetersCommand) -> anyhow::Result
 
 async fn list(client: &TallyClient, args: ListArgs) -> anyhow::Result<()> {
     let meters = client.list_meters().await.context("listing meters")?;
-    match args.output {
-        ListFormat::Json => print(&output::to_json(&meters)?),
-        ListFormat::Table if meters.is_empty() => {
-            eprintln!("No meters found.");
-            Ok(())
-        }
-        ListFormat::Table => print(&meter_table(&meters).render()),
-    }
+    output::print_listing(args.output, &meters, "No meters found.", || {
+        meter_table(&meters)
+    })
 }
 
 fn meter_table(meters: &[OpenMeterMeter]) -> Table {
-    let mut table = Table::new([
-        "SLUG",
-        "EVENT TYPE",
-        "AGGREGATION",
-        "VALUE PROPERTY",
-        "GROUP BY",
-    ]);
+    let mut table = Table::with_columns([
+        Column::new("SLUG"),
+        Column::new("EVENT TYPE"),
+        Column::new("AGGREGATION"),
+        Column::new("VALUE PROPERTY"),
+        Column::new("GROUP BY"),
+        Column::new("ID").wide(),
+        Column::new("DESCRIPTION").wide(),
+    ])
+    .named();
     for meter in meters {
         let group_by: Vec<String> = meter
             .group_by
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
-        table.row([
-            meter.slug.clone(),
-            meter.event_type.clone(),
-            meter.aggregation.to_string(),
-            output::or_none(meter.value_property.as_deref()),
-            if group_by.is_empty() {
-                output::NONE.to_owned()
-            } else {
-                group_by.join(",")
-            },
-        ]);
+        table.named_row(
+            format!("meter/{}", meter.slug),
+            [
+                Cell::from(&meter.slug),
+                Cell::from(&meter.event_type),
+                Cell::from(meter.aggregation.to_string()),
+                or_none(meter.value_property.as_deref()),
+                or_none(Some(&group_by.join(","))),
+                or_none(meter.id.as_deref()),
+                or_none(meter.description.as_deref()),
+            ],
+        );
     }
     table
 }
@@ -214,18 +194,9 @@ async fn query(client: &TallyClient, args: QueryArgs) -> anyhow::Result<()> {
             answer.next_cursor = page.next_cursor;
         }
     }
-    let text = match args.output {
-        QueryFormat::Json => output::to_json(&answer)?,
-        QueryFormat::Csv => query_csv(&answer, &args.group_by, &tz),
-        QueryFormat::Table => {
-            if answer.data.is_empty() {
-                eprintln!("No usage in this range.");
-                return Ok(());
-            }
-            query_table(&answer, &args.group_by, &tz).render()
-        }
-    };
-    print(&text)?;
+    output::print_listing(args.output, &answer, "No usage in this range.", || {
+        query_table(&answer, &args.group_by, &tz)
+    })?;
     if answer.next_cursor.is_some() {
         eprintln!("(more rows: run without --limit to fetch them all)");
     }
@@ -253,49 +224,30 @@ fn group_value<'a>(row: &'a MeterQueryRow, key: &str) -> Option<&'a str> {
     row.group_by.get(key).and_then(Option::as_deref)
 }
 
+/// One row per window (and subject, and group): times in `tz`, a column
+/// per dimension (its CSV name the dimension's own), exact values.
 fn query_table(answer: &MeterQueryResponse, requested: &[String], tz: &TimeZone) -> Table {
     let (with_subject, keys) = columns(answer, requested);
-    let mut headers = vec!["WINDOW START".to_owned(), "WINDOW END".to_owned()];
+    let mut headers = vec![Column::new("WINDOW START"), Column::new("WINDOW END")];
     if with_subject {
-        headers.push("SUBJECT".into());
+        headers.push(Column::new("SUBJECT"));
     }
-    headers.extend(keys.iter().map(|k| k.to_uppercase()));
-    headers.push("VALUE".into());
-    let mut table = Table::new(headers);
+    headers.extend(keys.iter().map(|k| Column::new(&k.to_uppercase()).csv(k)));
+    headers.push(Column::new("VALUE"));
+    let mut table = Table::with_columns(headers);
     for row in &answer.data {
-        let mut cells = vec![time_in(row.window_start, tz), time_in(row.window_end, tz)];
+        let mut cells: Vec<Cell> = vec![
+            time_in(row.window_start, tz).into(),
+            time_in(row.window_end, tz).into(),
+        ];
         if with_subject {
-            cells.push(output::or_none(row.subject.as_deref()));
+            cells.push(or_none(row.subject.as_deref()));
         }
-        cells.extend(keys.iter().map(|k| output::or_none(group_value(row, k))));
-        cells.push(row.value.to_string());
+        cells.extend(keys.iter().map(|k| or_none(group_value(row, k))));
+        cells.push(row.value.to_string().into());
         table.row(cells);
     }
     table
-}
-
-fn query_csv(answer: &MeterQueryResponse, requested: &[String], tz: &TimeZone) -> String {
-    let (with_subject, keys) = columns(answer, requested);
-    let mut header = vec!["windowStart".to_owned(), "windowEnd".to_owned()];
-    if with_subject {
-        header.push("subject".into());
-    }
-    header.extend(keys.iter().cloned());
-    header.push("value".into());
-    let mut out = csv_record(&header);
-    for row in &answer.data {
-        let mut cells = vec![time_in(row.window_start, tz), time_in(row.window_end, tz)];
-        if with_subject {
-            cells.push(row.subject.clone().unwrap_or_default());
-        }
-        cells.extend(
-            keys.iter()
-                .map(|k| group_value(row, k).unwrap_or_default().to_owned()),
-        );
-        cells.push(row.value.to_string());
-        out.push_str(&csv_record(&cells));
-    }
-    out
 }
 
 #[cfg(test)]
@@ -317,7 +269,7 @@ mod tests {
     #[test]
     fn tables_print_times_in_the_zone_and_one_column_per_dimension() {
         let tz = when::parse_zone("Europe/Berlin").unwrap();
-        let table = query_table(&answer(), &["method".into()], &tz).render();
+        let table = query_table(&answer(), &["method".into()], &tz).render(false);
         assert_eq!(
             table,
             "WINDOW START                WINDOW END                  SUBJECT   METHOD   PATH     VALUE\n\
@@ -328,7 +280,9 @@ mod tests {
 
     #[test]
     fn csv_is_exact_and_escaped() {
-        let csv = query_csv(&answer(), &["method".into()], &TimeZone::UTC);
+        let csv = query_table(&answer(), &["method".into()], &TimeZone::UTC)
+            .csv()
+            .unwrap();
         assert_eq!(
             csv,
             "windowStart,windowEnd,subject,method,path,value\n\
@@ -371,11 +325,16 @@ mod tests {
                 {"slug": "calls", "aggregation": "COUNT", "eventType": "call"}]"#,
         )
         .unwrap();
+        let table = meter_table(&meters);
         assert_eq!(
-            meter_table(&meters).render(),
+            table.render(false),
             "SLUG     EVENT TYPE   AGGREGATION   VALUE PROPERTY   GROUP BY\n\
              tokens   prompt       SUM           $.tokens         model=$.model,team=$.team\n\
              calls    call         COUNT         <none>           <none>\n"
         );
+        assert_eq!(table.names().unwrap(), "meter/tokens\nmeter/calls\n");
+        assert!(table.render(true).starts_with(
+            "SLUG     EVENT TYPE   AGGREGATION   VALUE PROPERTY   GROUP BY                    ID       DESCRIPTION\n"
+        ));
     }
 }

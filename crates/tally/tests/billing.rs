@@ -196,6 +196,24 @@ async fn wait_equal(api: &Api, base: &str, server: &TestServer, from: Timestamp,
     }
 }
 
+/// `text` without ANSI colour sequences (`ESC [ ... m`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// One sink's entry in a `sinks` list (null when absent).
 fn sink_of(answer: &Value, name: &str) -> Value {
     answer["sinks"]
@@ -321,11 +339,11 @@ async fn forwarding_is_exact_through_faults_kills_late_events_and_voids() {
         !ok,
         "reconcile must fail while a dead letter is unsent: {text}"
     );
-    let (ok, text) = cli(
-        &server.base,
-        &["billing", "retry", "amberflo", &ids[0].to_string()],
+    let (ok, text) = cli(&server.base, &["billing", "retry", "amberflo", "--all"]);
+    assert!(
+        ok && text.contains(&format!("dead letters {} of billing sink amberflo", ids[0])),
+        "{text}"
     );
-    assert!(ok, "{text}");
     outputs.push_str(&text);
     wait_equal(&api, &server.base, &provider, t0, end).await;
     assert!(dead_letter_ids(&api, &server.base).await.is_empty());
@@ -378,6 +396,44 @@ async fn forwarding_is_exact_through_faults_kills_late_events_and_voids() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(amberflo["ready"], true, "{amberflo}");
+    // p4 has usage and no binding: it is counted, and the same after a
+    // restart; so are the counters.
+    let unattributed = |sink: &Value| -> Vec<(String, String, u64, u64)> {
+        sink["status"]["meters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| {
+                (
+                    m["unattributed"].as_str().unwrap_or_default().to_owned(),
+                    m["unattributedProjects"].to_string(),
+                    m["recordsSent"].as_u64().unwrap_or_default(),
+                    m["eventsRead"].as_u64().unwrap_or_default(),
+                )
+            })
+            .collect()
+    };
+    let before = unattributed(&amberflo);
+    assert!(
+        before
+            .iter()
+            .all(|(u, p, _, _)| u != "0" && !u.is_empty() && p == "1"),
+        "{amberflo}"
+    );
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+    server = serve(&data, &config, &log);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, body) = api.get(&server.base, "/api/v1/billing/status").await;
+        let report: Value = serde_json::from_str(&body).unwrap_or_default();
+        let after = unattributed(&sink_of(&report, "amberflo"));
+        if after == before {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{after:?} != {before:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let odd = sink_of(&report, "odd-window");
     assert_eq!(odd["ready"], false);
     assert_eq!(odd["reason"], "UnsupportedWindowSize");
@@ -436,6 +492,10 @@ async fn forwarding_is_exact_through_faults_kills_late_events_and_voids() {
         metrics.contains("tally_billing_records_sent_total{sink=\"amberflo\""),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("tally_billing_records_per_event{sink=\"amberflo\"}"),
+        "{metrics}"
+    );
     // Every family once (a valid exposition), the sinks' components in it.
     let mut families = std::collections::BTreeSet::new();
     for line in metrics.lines().filter(|l| l.starts_with("# TYPE ")) {
@@ -446,8 +506,12 @@ async fn forwarding_is_exact_through_faults_kills_late_events_and_voids() {
         "{metrics}"
     );
     drop(server);
-    let logs = std::fs::read_to_string(&log).unwrap();
+    let logs = strip_ansi(&std::fs::read_to_string(&log).unwrap());
     assert!(logs.contains("dead-lettered"), "the log was captured");
+    // The dead letter's id in the log is the one the CLI showed and retried.
+    for line in logs.lines().filter(|l| l.contains("dead-lettered")) {
+        assert!(line.contains(&format!("dead_letter={}", ids[0])), "{line}");
+    }
     // A kill landed while records were planned and unanswered.
     assert!(
         logs.contains("re-queueing unanswered billing records"),

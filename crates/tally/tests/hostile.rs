@@ -206,7 +206,11 @@ fn rule(method: &Method, path: &str) -> Option<Rule> {
             | "/api/v1/billing/reconcile"
             | "/api/v1/meters/{slug}/changes",
         ) => Admin,
-        ("POST", "/api/v1/billing/deadletters/{sink}/{id}/retry") => Admin,
+        (
+            "POST",
+            "/api/v1/billing/deadletters/{sink}/{id}/retry"
+            | "/api/v1/billing/deadletters/{sink}/retry",
+        ) => Admin,
         _ => return None,
     })
 }

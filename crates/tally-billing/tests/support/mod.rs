@@ -33,10 +33,14 @@ pub fn sink(url: &str, provider: Provider, lateness_secs: u64) -> BillingSink {
             namespace: tally_billing::DEFAULT_SECRET_NAMESPACE.into(),
         },
         window: Duration::from_secs(60),
+        window_explicit: true,
         allowed_lateness: Duration::from_secs(lateness_secs),
         batch_size: 50,
         request_timeout: Duration::from_secs(5),
         start_at: None,
+        max_in_flight: 4,
+        max_lag: Duration::from_secs(3600),
+        usage_endpoint: reqwest::Url::parse(url).unwrap(),
     }
 }
 
