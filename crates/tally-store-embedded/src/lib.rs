@@ -81,8 +81,9 @@ pub struct StoreConfig {
     /// read-modify-writes of rollup buckets read (and checksum) blocks from
     /// disk, which is what bounds ingest at a few million events.
     pub cache_bytes: u64,
-    /// Most events acknowledged but not yet materialised (about 250 bytes
-    /// of memory each). Past it, ingest waits for the materialiser.
+    /// Most events acknowledged but not yet materialised (a few hundred
+    /// bytes of memory each: rollup deltas and the dedupe entry). Past it,
+    /// ingest waits for the materialiser.
     pub max_unmaterialised_events: u64,
     /// How long acknowledged events may wait for a bulk worth
     /// materialising to gather.
@@ -92,7 +93,7 @@ pub struct StoreConfig {
 /// The default block cache: 256 MiB.
 pub const DEFAULT_CACHE_BYTES: u64 = 256 << 20;
 
-/// The default bound of the tail: 500,000 events, about 125 MiB.
+/// The default bound of the tail: 500,000 events (under 200 MiB).
 pub const DEFAULT_MAX_UNMATERIALISED_EVENTS: u64 = 500_000;
 
 impl StoreConfig {
