@@ -88,10 +88,18 @@ pub struct StoreConfig {
     /// How long acknowledged events may wait for a bulk worth
     /// materialising to gather.
     pub materialise_patience: std::time::Duration,
+    /// Most bytes each in-memory key filter (dedupe keys, rollup keys) may
+    /// take; past it the filter steps aside and reads go to the store. With
+    /// the tail's bound, this bounds the dedupe decision's memory whatever
+    /// the horizon holds.
+    pub key_filter_bytes: u64,
 }
 
 /// The default block cache: 256 MiB.
 pub const DEFAULT_CACHE_BYTES: u64 = 256 << 20;
+
+/// The default budget of each key filter: 256 MiB (about 170 M keys).
+pub const DEFAULT_KEY_FILTER_BYTES: u64 = 256 << 20;
 
 /// The default bound of the tail: 500,000 events (under 200 MiB).
 pub const DEFAULT_MAX_UNMATERIALISED_EVENTS: u64 = 500_000;
@@ -106,6 +114,7 @@ impl StoreConfig {
             cache_bytes: DEFAULT_CACHE_BYTES,
             max_unmaterialised_events: DEFAULT_MAX_UNMATERIALISED_EVENTS,
             materialise_patience: std::time::Duration::from_millis(100),
+            key_filter_bytes: DEFAULT_KEY_FILTER_BYTES,
         }
     }
 }
@@ -326,9 +335,11 @@ impl EmbeddedLedger {
             materialiser_alive: AtomicBool::new(true),
             tail: tail::Tail::default(),
         });
-        let derived = Arc::new(Mutex::new(materialise::FjallDerived::new(Arc::clone(
-            &shared,
-        ))));
+        let filter_budget = usize::try_from(config.key_filter_bytes).unwrap_or(usize::MAX);
+        let derived = Arc::new(Mutex::new(materialise::FjallDerived::new(
+            Arc::clone(&shared),
+            filter_budget,
+        )));
         let (tx, rx) = mpsc::channel(1024);
         let mut writer = Writer::new(
             Arc::clone(&shared),

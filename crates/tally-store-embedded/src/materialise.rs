@@ -115,9 +115,13 @@ pub(crate) fn lock<D>(derived: &Mutex<D>) -> MutexGuard<'_, D> {
 }
 
 impl FjallDerived {
-    pub fn new(shared: Arc<Shared>) -> FjallDerived {
-        let known_rollups =
-            KnownKeys::new(shared.keyspaces.rollups.approximate_len(), known::hash_key);
+    /// `filter_budget`: most bytes the rollup key filter may take.
+    pub fn new(shared: Arc<Shared>, filter_budget: usize) -> FjallDerived {
+        let known_rollups = KnownKeys::new(
+            shared.keyspaces.rollups.approximate_len(),
+            known::hash_key,
+            filter_budget,
+        );
         FjallDerived {
             shared,
             cache: FxHashMap::default(),

@@ -1570,6 +1570,10 @@ mod tests {
         ledger.ingest((0..30).map(event).collect()).await.unwrap();
         // A catalog change materialises the first 30; the rest stay in the tail.
         apply(manifest("unused", "nothing")).await.unwrap();
+        // Its backfill (which materialises first as well) is done.
+        while ledger.usage_span("unused".into()).await.is_err() {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         ledger.ingest((30..60).map(event).collect()).await.unwrap();
         assert_eq!(ledger.stats().materialise_lag_events, 30);
         let shared = &ledger.shared;

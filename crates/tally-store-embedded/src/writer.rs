@@ -216,6 +216,7 @@ impl Writer {
         let known_dedupe = KnownKeys::new(
             shared.keyspaces.dedupe.approximate_len(),
             known::hash_prefix,
+            usize::try_from(config.key_filter_bytes).unwrap_or(usize::MAX),
         );
         Writer {
             shared,
@@ -1267,7 +1268,12 @@ fn scan_step(
         }
         _ => {
             known.set_scan(Scan::Done);
-            info!(keyspace = name, bytes = known.bytes(), "key filter ready");
+            info!(
+                keyspace = name,
+                bytes = known.bytes(),
+                saturated = known.saturated(),
+                "key filter ready"
+            );
         }
     }
     Ok(())

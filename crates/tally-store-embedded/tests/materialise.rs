@@ -262,3 +262,20 @@ async fn lost_derived_state_is_rebuilt_from_the_log() {
     assert_eq!(ledger.stats().materialise_lag_events, 0);
     assert_eq!(answers(&ledger).await, before);
 }
+
+#[tokio::test]
+async fn key_filters_past_their_budget_change_no_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = config(dir.path(), Duration::from_millis(10));
+    config.key_filter_bytes = 1;
+    let ledger = EmbeddedLedger::open(config).unwrap();
+    ledger
+        .apply(meter("requests", "req"), ApplyMode::Upsert)
+        .await
+        .unwrap();
+    assert_eq!(ledger.ingest(events()).await.unwrap().accepted, 300);
+    let again = ledger.ingest(events()).await.unwrap();
+    assert_eq!((again.accepted, again.duplicates), (0, 300));
+    let answers = answers(&ledger).await;
+    assert_eq!(totals(&answers.queries[0]), expected_by_subject());
+}
