@@ -124,16 +124,18 @@ impl TallyClient {
         let url = self.url(&["api", "v1", "events"], &[]);
         let body = serde_json::to_vec(events)
             .map_err(|e| ClientError::InvalidRequest(format!("cannot encode events: {e}")))?;
+        // The server answers 204 unless asked for what it stored.
         let request = self
             .request(Method::POST, &url)
             .header(CONTENT_TYPE, CLOUDEVENTS_BATCH)
+            .header("prefer", "return=representation")
             .body(body);
         self.json(request, &url).await
     }
 
-    /// One page of stored events, newest first (`GET /api/v1/events`).
+    /// One page of stored events, newest first (`GET /api/v2/events`).
     pub async fn list_events(&self, params: &EventListParams) -> Result<EventPage, ClientError> {
-        let url = self.url(&["api", "v1", "events"], &params.to_pairs());
+        let url = self.url(&["api", "v2", "events"], &params.to_pairs());
         self.json(self.request(Method::GET, &url), &url).await
     }
 

@@ -193,7 +193,8 @@ async fn broken() -> Response {
 async fn start() -> (String, Shared) {
     let seen = Shared::default();
     let app = Router::new()
-        .route("/api/v1/events", post(ingest).get(events))
+        .route("/api/v1/events", post(ingest))
+        .route("/api/v2/events", get(events))
         .route("/api/v1/meters/{slug}/query", get(query))
         .route("/apis/apply", post(apply))
         .route("/apis/{plural}", get(list))

@@ -599,8 +599,9 @@ impl Aggregator {
         if let Some(cached) = self.route_cache.get(self.cache_key.as_str()) {
             return cached.ok_or(LineProblem::UnknownRouteName);
         }
-        let id =
-            parse_route_name(route_name).map(|name| self.intern(&RouteKey::new(&name, project)));
+        let id = parse_route_name(route_name)
+            .and_then(|name| RouteKey::new(&name, project))
+            .map(|key| self.intern(&key));
         if self.route_cache.len() >= ROUTE_CACHE_LIMIT {
             self.route_cache.clear();
         }

@@ -264,18 +264,15 @@ impl LifecycleRecord {
     pub fn route(&self) -> Result<RouteKey, LineProblem> {
         let project = self.project_name.as_deref();
         if let (Some(namespace), Some(name)) = (&self.httproute_namespace, &self.httproute_name) {
-            return Ok(RouteKey {
-                project: project.unwrap_or(namespace).to_owned(),
-                namespace: namespace.clone(),
-                name: name.clone(),
-            });
+            return RouteKey::from_parts(project, namespace, name)
+                .ok_or(LineProblem::UnknownRouteName);
         }
         let route_name = self
             .route_name
             .as_deref()
             .ok_or(LineProblem::MissingRouteName)?;
         let parsed = parse_route_name(route_name).ok_or(LineProblem::UnknownRouteName)?;
-        Ok(RouteKey::new(&parsed, project))
+        RouteKey::new(&parsed, project).ok_or(LineProblem::UnknownRouteName)
     }
 
     /// The aggregator's form of the event; `Err` if an opened connection

@@ -26,8 +26,8 @@ pub struct RouteName<'a> {
 pub fn parse_route_name(route_name: &str) -> Option<RouteName<'_>> {
     let rest = route_name.strip_prefix("httproute/")?;
     let mut parts = rest.splitn(7, '/');
-    let namespace = non_empty(parts.next())?;
-    let name = non_empty(parts.next())?;
+    let namespace = resource_name(parts.next())?;
+    let name = resource_name(parts.next())?;
     if parts.next()? != "rule" {
         return None;
     }
@@ -54,6 +54,13 @@ fn non_empty(part: Option<&str>) -> Option<&str> {
     part.filter(|p| !p.is_empty())
 }
 
+/// A namespace, name or project as Kubernetes names them (at most 253
+/// characters; [`tally_model::validate_name`]), so the usage event naming it
+/// stays within the ledger's attribute limits.
+fn resource_name(part: Option<&str>) -> Option<&str> {
+    part.filter(|p| tally_model::validate_name(p).is_ok())
+}
+
 /// What usage is aggregated by: one HTTPRoute and the project it bills to.
 /// The project is the route's namespace unless the record names one.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -68,16 +75,27 @@ pub struct RouteKey {
 
 impl RouteKey {
     /// Builds the key from a parsed route name and an optional
-    /// `project_name` (absent, empty or `-` means "the namespace").
-    pub fn new(route: &RouteName<'_>, project_name: Option<&str>) -> Self {
-        let project = project_name
-            .filter(|p| !p.is_empty() && *p != "-")
-            .unwrap_or(route.namespace);
-        RouteKey {
+    /// `project_name` (absent, empty or `-` means "the namespace"); `None`
+    /// when the project named is not a valid resource name.
+    pub fn new(route: &RouteName<'_>, project_name: Option<&str>) -> Option<Self> {
+        Self::from_parts(project_name, route.namespace, route.name)
+    }
+
+    /// The key of HTTPRoute `namespace`/`name` billed to `project_name`
+    /// (absent, empty or `-` means "the namespace"); `None` unless each is
+    /// a valid resource name.
+    pub fn from_parts(project_name: Option<&str>, namespace: &str, name: &str) -> Option<Self> {
+        let namespace = resource_name(Some(namespace))?;
+        let name = resource_name(Some(name))?;
+        let project = match project_name.filter(|p| !p.is_empty() && *p != "-") {
+            Some(project) => resource_name(Some(project))?,
+            None => namespace,
+        };
+        Some(RouteKey {
             project: project.to_owned(),
-            namespace: route.namespace.to_owned(),
-            name: route.name.to_owned(),
-        }
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        })
     }
 }
 
@@ -132,8 +150,13 @@ mod tests {
     #[test]
     fn project_defaults_to_namespace() {
         let r = parse_route_name("httproute/ns/web/rule/0").unwrap();
-        assert_eq!(RouteKey::new(&r, None).project, "ns");
-        assert_eq!(RouteKey::new(&r, Some("-")).project, "ns");
-        assert_eq!(RouteKey::new(&r, Some("p1")).project, "p1");
+        assert_eq!(RouteKey::new(&r, None).unwrap().project, "ns");
+        assert_eq!(RouteKey::new(&r, Some("-")).unwrap().project, "ns");
+        assert_eq!(RouteKey::new(&r, Some("p1")).unwrap().project, "p1");
+        let long = "p".repeat(254);
+        assert_eq!(RouteKey::new(&r, Some(long.as_str())), None);
+        assert_eq!(RouteKey::new(&r, Some("Shop")), None);
+        let long_namespace = format!("httproute/{}/web/rule/0", "n".repeat(254));
+        assert_eq!(parse_route_name(&long_namespace), None);
     }
 }

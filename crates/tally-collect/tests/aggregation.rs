@@ -52,7 +52,9 @@ fn naive_windows(lines: &[String], window: i64) -> BTreeMap<(RouteKey, i64, Mete
             continue;
         };
         let project = o.get("project_name").and_then(Value::as_str);
-        let key = RouteKey::new(&route, project);
+        let Some(key) = RouteKey::new(&route, project) else {
+            continue;
+        };
         let mut at = at.as_millisecond();
         let mut ingress = number("downstream_wire_bytes_received").or(number("bytes_received"));
         let mut egress = number("downstream_wire_bytes_sent").or(number("bytes_sent"));

@@ -6,6 +6,7 @@
 
 pub mod admission;
 mod catalog;
+pub mod exact;
 pub mod resources;
 mod types;
 
@@ -49,7 +50,18 @@ pub trait Ledger: Send + Sync + 'static {
         query: MeterQuery,
     ) -> BoxFuture<'_, Result<QueryResult, LedgerError>>;
 
-    /// Stored events, newest first.
+    /// [`Ledger::query`], each row with its mergeable state, so that usage
+    /// the rollups do not hold (the partial minutes at the edges of a range,
+    /// read from the log by [`exact::query`]) can be merged into it.
+    fn query_states(
+        &self,
+        meter: String,
+        query: MeterQuery,
+    ) -> BoxFuture<'_, Result<StatefulResult, LedgerError>>;
+
+    /// Stored events, newest first (in the order they were stored). With
+    /// `ingested_from`, a backend may stop reading at events stored well
+    /// before it.
     fn list_events(&self, filter: EventFilter) -> BoxFuture<'_, Result<EventPage, LedgerError>>;
 
     /// Quarantined events, newest first.

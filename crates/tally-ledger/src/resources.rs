@@ -393,8 +393,8 @@ impl ResourceSet {
     }
 }
 
-/// Sets `uid`, `creationTimestamp` and `generation` from the previous
-/// version, and says whether anything changed.
+/// Sets `uid`, `creationTimestamp`, `generation` and `updateTimestamp`
+/// from the previous version, and says whether anything changed.
 pub(crate) fn stamp(
     manifest: &mut Manifest,
     previous: Option<&Manifest>,
@@ -414,6 +414,7 @@ pub(crate) fn stamp(
                     Some(ulid::Ulid::generate().to_string().to_ascii_lowercase());
             }
             manifest.metadata.creation_timestamp = Some(now);
+            manifest.metadata.update_timestamp = Some(now);
             manifest.metadata.generation = Some(1);
             ApplyAction::Created
         }
@@ -428,8 +429,10 @@ pub(crate) fn stamp(
                 && old.status == manifest.status
             {
                 manifest.metadata.generation = Some(generation);
+                manifest.metadata.update_timestamp = old.metadata.update_timestamp;
                 return ApplyAction::Unchanged;
             }
+            manifest.metadata.update_timestamp = Some(now);
             manifest.metadata.generation = Some(if same_spec {
                 generation
             } else {

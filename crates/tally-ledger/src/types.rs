@@ -99,7 +99,8 @@ pub struct Applied {
     pub manifest: Manifest,
 }
 
-/// A meter query. `from` inclusive, `to` exclusive, both whole minutes.
+/// A meter query. `from` inclusive, `to` exclusive. [`crate::Ledger::query`]
+/// takes whole minutes; [`crate::exact::query`] takes any precision.
 #[derive(Debug, Clone)]
 pub struct MeterQuery {
     pub from: Timestamp,
@@ -129,6 +130,15 @@ pub struct QueryRow {
     pub value: Decimal,
 }
 
+/// The answer of [`crate::Ledger::query_states`]: the rows, each with the
+/// mergeable state its value is the result of (`states[i]` is `rows[i]`'s).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StatefulResult {
+    pub rows: Vec<QueryRow>,
+    pub states: Vec<tally_meter::AggState>,
+    pub next_cursor: Option<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct QueryResult {
@@ -148,6 +158,10 @@ pub struct EventFilter {
     pub subject: Option<String>,
     pub source: Option<String>,
     pub id: Option<String>,
+    /// Time stored, inclusive.
+    pub ingested_from: Option<Timestamp>,
+    /// Time stored, exclusive.
+    pub ingested_to: Option<Timestamp>,
     pub limit: usize,
     pub cursor: Option<String>,
 }

@@ -444,13 +444,18 @@ impl MonitoredResourceType {
     }
 }
 
-/// The OpenMeter API's view of a meter (`/api/v1/meters`).
+/// The OpenMeter API's view of a meter (`/api/v1/meters`): what
+/// `POST /api/v1/meters` takes and what every meter route answers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OpenMeterMeter {
     pub slug: String,
+    /// The MeterDefinition's uid (read-only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+    /// A human-readable name (`spec.displayName`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     pub aggregation: Aggregation,
@@ -462,14 +467,43 @@ pub struct OpenMeterMeter {
     /// Accepted for compatibility; every meter can be queried in every window size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window_size: Option<String>,
+    /// When the meter was created (read-only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created_at: Option<jiff::Timestamp>,
+    /// When the meter last changed (read-only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<jiff::Timestamp>,
+    /// OpenMeter's `eventFrom` (events before it are not metered) and
+    /// `metadata`: not kept, so refused when given (see
+    /// [`OpenMeterMeter::unsupported`]).
+    #[serde(default, skip_serializing)]
+    pub event_from: Option<Value>,
+    #[serde(default, skip_serializing)]
+    pub metadata: Option<Value>,
 }
 
 impl OpenMeterMeter {
+    /// The first field given that Tally does not keep, if any.
+    pub fn unsupported(&self) -> Option<&'static str> {
+        let given = |v: &Option<Value>| {
+            v.as_ref().is_some_and(|v| {
+                !(v.is_null() || v.as_object().is_some_and(serde_json::Map::is_empty))
+            })
+        };
+        if given(&self.event_from) {
+            Some("eventFrom")
+        } else if given(&self.metadata) {
+            Some("metadata")
+        } else {
+            None
+        }
+    }
+
     /// The `MeterDefinition` manifest this OpenMeter meter stands for.
     pub fn to_manifest(&self) -> Manifest {
         let spec = MeterDefinition {
             meter_name: self.slug.clone(),
-            display_name: None,
+            display_name: self.name.clone(),
             description: self.description.clone(),
             phase: MeterPhase::Draft,
             monitored_resource_types: vec![],
@@ -503,12 +537,17 @@ impl OpenMeterMeter {
         OpenMeterMeter {
             slug: metadata.name.clone(),
             id: metadata.uid.clone(),
+            name: meter.display_name.clone(),
             description: meter.description.clone(),
             aggregation: meter.measurement.aggregation,
             event_type: meter.event_type().to_owned(),
             value_property: meter.value_property().map(str::to_owned),
             group_by: meter.group_by(),
             window_size: None,
+            created_at: metadata.creation_timestamp,
+            updated_at: metadata.update_timestamp.or(metadata.creation_timestamp),
+            event_from: None,
+            metadata: None,
         }
     }
 }

@@ -247,6 +247,9 @@ pub struct ObjectMeta {
     pub creation_timestamp: Option<Timestamp>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<u64>,
+    /// When the resource was last created or changed (set by the store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_timestamp: Option<Timestamp>,
 }
 
 /// A resource as written by people: `apiVersion`, `kind`, `metadata`, `spec`,

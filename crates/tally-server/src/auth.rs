@@ -207,11 +207,21 @@ fn access(method: &Method, route: &str) -> Access {
         (
             &Method::GET,
             "/api/v1/events"
+            | "/api/v2/events"
             | "/api/v1/meters/{slug}/query"
+            | "/api/v1/meters/{slug}/group-by/{key}/values"
+            | "/api/v1/meters/{slug}/subjects"
             | "/api/v1/meters"
             | "/api/v1/meters/{slug}"
+            | "/api/v1/subjects"
+            | "/api/v1/subjects/{key}"
             | "/openapi.json",
         ) => Access::Read,
+        // A query with its parameters in the body reads like the GET.
+        (&Method::POST, "/api/v1/meters/{slug}/query") => Access::Read,
+        // OpenMeter features Tally does not serve: every caller that may
+        // read learns so (501).
+        (_, route) if crate::unserved::is_unserved_route(route) => Access::Read,
         // Resources: admins and projects; the handlers decide per kind and
         // project (`Principal::may_read`, `Principal::may_write`).
         (

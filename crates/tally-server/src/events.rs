@@ -2,15 +2,15 @@
 
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use bytes::Bytes;
 use jiff::Timestamp;
 use serde_json::Value;
-use tally_ledger::{
-    Admission, EventFilter, EventPage, IngestOutcome, VoidOutcome, VoidPage, VoidRequest,
-};
+use tally_ledger::{Admission, EventFilter, StoredEvent, VoidOutcome, VoidPage, VoidRequest};
 use tally_model::{BatchError, CloudEvent, EventError, parse_event, split_batch};
 
+use crate::binary;
 use crate::body;
 use crate::problem::Problem;
 use crate::query::Params;
@@ -32,13 +32,19 @@ pub(crate) fn values(media_type: &str, body: &[u8]) -> Result<Vec<Value>, Proble
 /// The request is validated whole: if any event is malformed nothing is
 /// stored and the answer lists every bad event. The answer is sent only
 /// after the events are durable. Duplicates (same `source` and `id`) are
-/// acknowledged and counted, never stored twice.
+/// acknowledged and counted, never stored twice. Structured mode (the event
+/// or a batch in the body) and binary mode (`ce-*` headers, the body is
+/// `data`) as the CloudEvents HTTP binding defines them. The answer is
+/// `204`, as OpenMeter's; with `Prefer: return=representation` it is `200`
+/// with what was stored (accepted, duplicates, quarantined, warnings).
 #[utoipa::path(
     post, path = "/api/v1/events", tag = "events",
-    request_body(description = "One event, an array of events, or NDJSON; gzip or zstd Content-Encoding accepted",
-        content((Object = "application/cloudevents+json"), (Vec<Object> = "application/cloudevents-batch+json"), (Object = "application/json"), (String = "application/x-ndjson"))),
+    request_body(description = "One event, an array of events, or NDJSON; gzip or zstd Content-Encoding accepted. With a `ce-specversion` header and another content type, the body is one event's `data` (binary mode)",
+        content((crate::schemas::Event = "application/cloudevents+json"), (Vec<crate::schemas::Event> = "application/cloudevents-batch+json"), (crate::schemas::Event = "application/json"), (String = "application/x-ndjson"))),
+    params(("Prefer" = Option<String>, Header, description = "`return=representation`: answer 200 with what was stored")),
     responses(
-        (status = 200, description = "Durably stored (or recognised as duplicates)", body = Object),
+        (status = 204, description = "Durably stored (or recognised as duplicates)"),
+        (status = 200, description = "Durably stored, with `Prefer: return=representation`", body = crate::schemas::IngestOutcome),
         (status = 400, description = "Malformed request; nothing stored", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Unsupported Content-Type or Content-Encoding", body = Problem, content_type = "application/problem+json"),
@@ -48,16 +54,36 @@ pub async fn ingest(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<Json<IngestOutcome>, Problem> {
+) -> Result<Response, Problem> {
     let limit = state.max_body_bytes;
     let admission = state.ledger.admission();
+    let representation = wants_representation(&headers);
     let events = body::decoded_off_workers(headers, body, limit, move |headers, body| {
-        parse_events(values(&body::media_type(headers), &body)?, &admission)
+        let values = match binary::requested(headers) {
+            true => vec![binary::event(headers, &body)?],
+            false => values(&body::media_type(headers), &body)?,
+        };
+        parse_events(values, &admission)
     })
     .await?;
     let _permit = state.admit(events.len()).await?;
     let outcome = state.ledger.ingest(events).await?;
-    Ok(Json(outcome))
+    Ok(if representation {
+        Json(outcome).into_response()
+    } else {
+        StatusCode::NO_CONTENT.into_response()
+    })
+}
+
+/// Whether the request asks for the stored result (`Prefer:
+/// return=representation`, RFC 7240).
+fn wants_representation(headers: &HeaderMap) -> bool {
+    headers.get_all("prefer").iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split([',', ';'])
+                .any(|p| p.trim().eq_ignore_ascii_case("return=representation"))
+        })
+    })
 }
 
 /// The events of a request, or the problems of every bad one: its
@@ -91,33 +117,41 @@ fn parse_events(values: Vec<Value>, admission: &Admission) -> Result<Vec<CloudEv
     Ok(events)
 }
 
-/// List stored events, newest first.
-#[utoipa::path(
-    get, path = "/api/v1/events", tag = "events",
-    params(
-        ("from" = Option<String>, Query, description = "Event time, inclusive (RFC 3339)"),
-        ("to" = Option<String>, Query, description = "Event time, exclusive (RFC 3339)"),
-        ("type" = Option<String>, Query, description = "Event type"),
-        ("subject" = Option<String>, Query, description = "Subject"),
-        ("source" = Option<String>, Query, description = "Source"),
-        ("id" = Option<String>, Query, description = "Event id"),
-        ("limit" = Option<usize>, Query, description = "Page size, default 100, at most 10000"),
-        ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page"),
-    ),
-    responses(
-        (status = 200, description = "A page of events", body = Object),
-        (status = 400, description = "Bad parameters", body = Problem, content_type = "application/problem+json"),
-    )
-)]
-pub async fn list(
-    State(state): State<AppState>,
-    Extension(principal): Extension<Principal>,
-    RawQuery(query): RawQuery,
-) -> Result<Json<EventPage>, Problem> {
-    let p = Params::parse(query.as_deref())?;
-    p.only(&[
-        "from", "to", "type", "subject", "source", "id", "limit", "cursor",
-    ])?;
+/// A stored event as OpenMeter lists it (`IngestedEvent`), with Tally's
+/// log position and void record.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct IngestedEvent {
+    #[serde(flatten)]
+    stored: StoredEvent,
+    /// Tally stores an event when it takes it.
+    stored_at: Timestamp,
+}
+
+impl From<StoredEvent> for IngestedEvent {
+    fn from(stored: StoredEvent) -> Self {
+        IngestedEvent {
+            stored_at: stored.ingested_at,
+            stored,
+        }
+    }
+}
+
+/// A page of [`IngestedEvent`]s.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct IngestedEventPage {
+    items: Vec<IngestedEvent>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next_cursor: Option<String>,
+}
+
+/// Filters both listings share, from their plain parameters.
+fn plain_filter(p: &Params, principal: &Principal) -> Result<EventFilter, Problem> {
+    p.refuse(
+        "customerId",
+        "Tally does not serve OpenMeter customers; filter by `subject`",
+    )?;
     // A project token reads its own subjects only; with several, name one.
     let mut subjects: Vec<String> = p.one("subject")?.into_iter().collect();
     principal.restrict_subjects(&mut subjects)?;
@@ -126,25 +160,234 @@ pub async fn list(
             "this token reads several projects; choose one with `subject`",
         ));
     }
-    let (from, to) = (p.timestamp("from")?, p.timestamp("to")?);
-    if let (Some(from), Some(to)) = (from, to)
-        && from >= to
-    {
-        return Err(Problem::bad_request(format!(
-            "`from` ({from}) must be before `to` ({to})"
-        )));
-    }
-    let filter = EventFilter {
-        from,
-        to,
+    Ok(EventFilter {
+        from: p.timestamp("from")?,
+        to: p.timestamp("to")?,
         event_type: p.one("type")?,
         subject: subjects.pop(),
         source: p.one("source")?,
         id: p.one("id")?,
+        ingested_from: p.timestamp("ingestedAtFrom")?,
+        ingested_to: p.timestamp("ingestedAtTo")?,
         limit: p.number("limit")?.unwrap_or(100),
         cursor: p.one("cursor")?,
+    })
+}
+
+/// Refuses empty ranges, as a query does.
+fn check_ranges(filter: &EventFilter) -> Result<(), Problem> {
+    for (what, from, to) in [
+        ("", filter.from, filter.to),
+        ("ingestedAt", filter.ingested_from, filter.ingested_to),
+    ] {
+        if let (Some(from), Some(to)) = (from, to)
+            && from >= to
+        {
+            let (f, t) = if what.is_empty() {
+                ("from".to_owned(), "to".to_owned())
+            } else {
+                (format!("{what}From"), format!("{what}To"))
+            };
+            return Err(Problem::bad_request(format!(
+                "`{f}` ({from}) must be before `{t}` ({to})"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether the caller asks only for events that failed validation (Tally
+/// stores none: a bad event is refused at ingest).
+fn only_errors(p: &Params) -> Result<bool, Problem> {
+    Ok(p.parsed::<bool>("hasError", "true or false")?
+        .unwrap_or(false))
+}
+
+/// List stored events, newest first (OpenMeter's v1 listing: an array).
+#[utoipa::path(
+    get, path = "/api/v1/events", tag = "events",
+    params(
+        ("from" = Option<String>, Query, description = "Event time, inclusive (RFC 3339)"),
+        ("to" = Option<String>, Query, description = "Event time, exclusive (RFC 3339)"),
+        ("ingestedAtFrom" = Option<String>, Query, description = "Time stored, inclusive (RFC 3339)"),
+        ("ingestedAtTo" = Option<String>, Query, description = "Time stored, exclusive (RFC 3339)"),
+        ("type" = Option<String>, Query, description = "Event type"),
+        ("subject" = Option<String>, Query, description = "Subject"),
+        ("source" = Option<String>, Query, description = "Source"),
+        ("id" = Option<String>, Query, description = "Event id"),
+        ("hasError" = Option<bool>, Query, description = "Only events that failed validation (Tally stores none)"),
+        ("clientId" = Option<String>, Query, description = "Accepted and ignored"),
+        ("limit" = Option<usize>, Query, description = "Most events, default 100, at most 10000"),
+    ),
+    responses(
+        (status = 200, description = "Events, newest first", body = Vec<crate::schemas::IngestedEvent>),
+        (status = 400, description = "Bad parameters", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, Problem> {
+    let p = Params::parse(query.as_deref())?;
+    p.only(&[
+        "from",
+        "to",
+        "ingestedAtFrom",
+        "ingestedAtTo",
+        "type",
+        "subject",
+        "source",
+        "id",
+        "hasError",
+        "clientId",
+        "customerId",
+        "limit",
+    ])?;
+    let filter = plain_filter(&p, &principal)?;
+    check_ranges(&filter)?;
+    if only_errors(&p)? {
+        return Ok(Json(Vec::<IngestedEvent>::new()).into_response());
+    }
+    let page = state.ledger.list_events(filter).await?;
+    let items: Vec<IngestedEvent> = page.items.into_iter().map(IngestedEvent::from).collect();
+    Ok(Json(items).into_response())
+}
+
+/// List stored events, newest first, a page at a time (OpenMeter's v2).
+///
+/// `filter[FIELD][OP]=VALUE` takes `id`, `source`, `subject`, `type` with
+/// `eq`, and `time`, `ingestedAt` with `gte`, `gt`, `lt`, `lte`; any other
+/// filter is refused. Tally's plain parameters work too.
+#[utoipa::path(
+    get, path = "/api/v2/events", tag = "events",
+    params(
+        ("filter[field][op]" = Option<String>, Query, description = "`id`, `source`, `subject`, `type` with `eq`; `time`, `ingestedAt` with `gte`, `gt`, `lt`, `lte`"),
+        ("from" = Option<String>, Query, description = "Event time, inclusive (RFC 3339)"),
+        ("to" = Option<String>, Query, description = "Event time, exclusive (RFC 3339)"),
+        ("ingestedAtFrom" = Option<String>, Query, description = "Time stored, inclusive"),
+        ("ingestedAtTo" = Option<String>, Query, description = "Time stored, exclusive"),
+        ("type" = Option<String>, Query, description = "Event type"),
+        ("subject" = Option<String>, Query, description = "Subject"),
+        ("source" = Option<String>, Query, description = "Source"),
+        ("id" = Option<String>, Query, description = "Event id"),
+        ("clientId" = Option<String>, Query, description = "Accepted and ignored"),
+        ("limit" = Option<usize>, Query, description = "Page size, default 100, at most 10000"),
+        ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "A page of events", body = crate::schemas::IngestedEventPage),
+        (status = 400, description = "Bad parameters", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn list_v2(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<serde_json::Value>, Problem> {
+    let p = Params::parse(query.as_deref())?;
+    p.only(&[
+        "filter",
+        "from",
+        "to",
+        "ingestedAtFrom",
+        "ingestedAtTo",
+        "type",
+        "subject",
+        "source",
+        "id",
+        "clientId",
+        "customerId",
+        "limit",
+        "cursor",
+    ])?;
+    let mut filter = plain_filter(&p, &principal)?;
+    for (name, value) in p.bracketed("filter")? {
+        apply_v2_filter(&mut filter, &name, value, &principal)?;
+    }
+    // The filter as one JSON object, as OpenMeter documents it:
+    // `filter={"subject":{"eq":"acme"},"time":{"gte":"..."}}`.
+    if let Some(json) = p.one("filter")? {
+        for (name, value) in json_filter(&json)? {
+            apply_v2_filter(&mut filter, &name, value, &principal)?;
+        }
+    }
+    check_ranges(&filter)?;
+    let page = state.ledger.list_events(filter).await?;
+    let page = IngestedEventPage {
+        items: page.items.into_iter().map(IngestedEvent::from).collect(),
+        next_cursor: page.next_cursor,
     };
-    Ok(Json(state.ledger.list_events(filter).await?))
+    serde_json::to_value(page)
+        .map(Json)
+        .map_err(|e| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+/// The (`field][op`, value) pairs of a JSON filter `{field: {op: value}}`.
+fn json_filter(json: &str) -> Result<Vec<(String, String)>, Problem> {
+    let bad =
+        |why: &str| Problem::bad_request(format!("filter is not {{field: {{op: value}}}}: {why}"));
+    let value: serde_json::Value = serde_json::from_str(json).map_err(|e| bad(&e.to_string()))?;
+    let fields = value.as_object().ok_or_else(|| bad("not an object"))?;
+    let mut out = Vec::new();
+    for (field, ops) in fields {
+        let ops = ops
+            .as_object()
+            .ok_or_else(|| bad(&format!("{field} is not an object")))?;
+        for (op, value) in ops {
+            let value = value.as_str().ok_or_else(|| {
+                Problem::bad_request(format!(
+                    "filter {field}.{op} is not supported: Tally compares with one string"
+                ))
+            })?;
+            out.push((format!("{field}][{op}"), value.to_owned()));
+        }
+    }
+    Ok(out)
+}
+
+/// Applies `filter[field][op]=value` (`name` is `field][op`).
+fn apply_v2_filter(
+    filter: &mut EventFilter,
+    name: &str,
+    value: String,
+    principal: &Principal,
+) -> Result<(), Problem> {
+    let unsupported = || {
+        Problem::bad_request(format!(
+            "filter[{name}] is not supported; Tally filters id, source, subject and type with eq, and time and ingestedAt with gte, gt, lt and lte"
+        ))
+    };
+    let (field, op) = name.split_once("][").ok_or_else(unsupported)?;
+    let at = |value: &str| {
+        value.parse::<Timestamp>().map_err(|e| {
+            Problem::bad_request(format!("filter[{name}]={value:?} is not RFC 3339: {e}"))
+        })
+    };
+    let just_after = |t: Timestamp| {
+        t.checked_add(jiff::SignedDuration::from_nanos(1))
+            .unwrap_or(t)
+    };
+    match (field, op) {
+        ("id", "eq") => filter.id = Some(value),
+        ("source", "eq") => filter.source = Some(value),
+        ("type", "eq") => filter.event_type = Some(value),
+        ("subject", "eq") => {
+            let mut subjects = vec![value];
+            principal.restrict_subjects(&mut subjects)?;
+            filter.subject = subjects.pop();
+        }
+        ("time", "gte") => filter.from = Some(at(&value)?),
+        ("time", "gt") => filter.from = Some(just_after(at(&value)?)),
+        ("time", "lt") => filter.to = Some(at(&value)?),
+        ("time", "lte") => filter.to = Some(just_after(at(&value)?)),
+        ("ingestedAt", "gte") => filter.ingested_from = Some(at(&value)?),
+        ("ingestedAt", "gt") => filter.ingested_from = Some(just_after(at(&value)?)),
+        ("ingestedAt", "lt") => filter.ingested_to = Some(at(&value)?),
+        ("ingestedAt", "lte") => filter.ingested_to = Some(just_after(at(&value)?)),
+        _ => return Err(unsupported()),
+    }
+    Ok(())
 }
 
 /// What `POST /api/v1/events/void` takes.
@@ -169,7 +412,7 @@ pub struct VoidBody {
     post, path = "/api/v1/events/void", tag = "events",
     request_body(content = VoidBody, content_type = "application/json"),
     responses(
-        (status = 200, description = "Voided (or voided before)", body = Object),
+        (status = 200, description = "Voided (or voided before)", body = crate::schemas::VoidOutcome),
         (status = 400, description = "Bad body", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No stored event has this source and id", body = Problem, content_type = "application/problem+json"),
     )
@@ -202,7 +445,7 @@ pub async fn void(
         ("limit" = Option<usize>, Query, description = "Page size, default 100"),
         ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page"),
     ),
-    responses((status = 200, description = "A page of void records", body = Object))
+    responses((status = 200, description = "A page of void records", body = crate::schemas::VoidPage))
 )]
 pub async fn voids(
     State(state): State<AppState>,

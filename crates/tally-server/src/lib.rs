@@ -9,6 +9,7 @@
 
 mod auth;
 pub mod billing;
+mod binary;
 mod body;
 mod config;
 mod events;
@@ -19,7 +20,10 @@ mod meters;
 mod problem;
 mod query;
 mod resources;
+mod schemas;
+mod subjects;
 mod telemetry;
+mod unserved;
 mod usage;
 mod watch;
 
@@ -32,7 +36,7 @@ use axum::extract::{DefaultBodyLimit, FromRef, MatchedPath, RawQuery, Request, S
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use tally_delivery::{ComponentKind, Registry};
 use tally_ledger::{Ledger, QuarantineFilter, QuarantinePage, ResourceStore};
@@ -234,17 +238,27 @@ pub const DEFAULT_MAX_PENDING_EVENTS: usize = 262_144;
 #[openapi(
     info(title = "Tally", description = "Usage metering: CloudEvents ingest with exact dedupe, meters and windowed queries (OpenMeter-compatible)."),
     paths(
-        events::ingest, events::list, events::void, events::voids, usage::ingest_one, usage::ingest_batch,
-        meters::list, meters::get, meters::create, meters::delete, meters::query,
+        events::ingest, events::list, events::list_v2, events::void, events::voids, usage::ingest_one, usage::ingest_batch,
+        meters::list, meters::get, meters::create, meters::update, meters::delete, meters::query, meters::query_post,
+        meters::group_by_values, meters::subjects, subjects::list, subjects::get,
         resources::apply, resources::list, resources::get, resources::put, resources::delete,
         resources::get_namespaced, resources::put_namespaced, resources::delete_namespaced,
         quarantine, metrics, healthz, readyz, telemetry::otlp_metrics, telemetry::remote_write,
         billing::status, billing::dead_letters, billing::retry_dead_letter, billing::retry_all_dead_letters, billing::reconcile, billing::changes,
     ),
-    components(schemas(billing::BillingStatus, billing::DeadLetters, billing::Reconciliation, Problem, resources::ApplyResult, resources::ApplyResults, usage::UsageAnswer, usage::Rejected, events::VoidBody)),
-    modifiers(&BearerAuth),
+    components(schemas(schemas::Meter, schemas::MeterCreate, schemas::MeterUpdate, schemas::MeterAggregation,
+        schemas::WindowSize, schemas::MeterQueryRequest, schemas::MeterQueryResult, schemas::MeterQueryRow,
+        schemas::Event, schemas::VoidRecord, schemas::IngestedEvent, schemas::IngestedEventPage,
+        schemas::QuarantineNotice, schemas::IngestOutcome, schemas::Subject,
+        schemas::FieldProblem, schemas::EventProblem, schemas::ObjectMeta, schemas::Resource,
+        schemas::ResourceList, schemas::VoidOutcome, schemas::VoidPage, schemas::QuarantinedEvent,
+        schemas::StoredEvent, schemas::QuarantinePage,
+        billing::BillingStatus, billing::DeadLetters, billing::Reconciliation, Problem, resources::ApplyResult, resources::ApplyResults, usage::UsageAnswer, usage::Rejected, events::VoidBody)),
+    modifiers(&BearerAuth, &UnservedDocument),
 )]
 struct ApiDoc;
+
+use unserved::Document as UnservedDocument;
 
 struct BearerAuth;
 
@@ -273,12 +287,29 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/events/voids", get(events::voids))
         .route("/v1/usage/events", post(usage::ingest_one))
         .route("/v1/usage/events:batchIngest", post(usage::ingest_batch))
+        .route("/api/v2/events", get(events::list_v2))
         .route("/api/v1/meters", get(meters::list).post(meters::create))
         .route(
             "/api/v1/meters/{slug}",
-            get(meters::get).delete(meters::delete),
+            get(meters::get).put(meters::update).delete(meters::delete),
         )
-        .route("/api/v1/meters/{slug}/query", get(meters::query))
+        .route(
+            "/api/v1/meters/{slug}/query",
+            get(meters::query).post(meters::query_post),
+        )
+        .route(
+            "/api/v1/meters/{slug}/group-by/{key}/values",
+            get(meters::group_by_values),
+        )
+        .route("/api/v1/meters/{slug}/subjects", get(meters::subjects))
+        .route(
+            "/api/v1/subjects",
+            get(subjects::list).post(unserved::not_served),
+        )
+        .route(
+            "/api/v1/subjects/{key}",
+            get(subjects::get).delete(unserved::not_served),
+        )
         .route("/api/v1/meters/{slug}/changes", get(billing::changes))
         .route("/api/v1/billing/status", get(billing::status))
         .route("/api/v1/billing/deadletters", get(billing::dead_letters))
@@ -309,7 +340,13 @@ pub fn router(state: AppState) -> Router {
                 .delete(resources::delete_namespaced),
         )
         .route("/metrics", get(metrics))
-        .route("/openapi.json", get(openapi_json))
+        .route("/openapi.json", get(openapi_json));
+    let api = unserved::FAMILIES
+        .iter()
+        .fold(api, |api, (prefix, _)| {
+            api.route(prefix, any(unserved::not_served))
+                .route(&format!("{prefix}/{{*rest}}"), any(unserved::not_served))
+        })
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state.auth),
             authenticate,
@@ -403,7 +440,7 @@ async fn count_requests(
     params(("meter" = Option<String>, Query, description = "Only this meter (empty string: events no meter reads)"),
            ("limit" = Option<usize>, Query, description = "Page size"),
            ("cursor" = Option<String>, Query, description = "`nextCursor` of the previous page")),
-    responses((status = 200, description = "A page of quarantined events", body = Object)))]
+    responses((status = 200, description = "A page of quarantined events", body = crate::schemas::QuarantinePage)))]
 async fn quarantine(
     State(state): State<AppState>,
     RawQuery(raw): RawQuery,

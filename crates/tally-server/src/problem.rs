@@ -28,7 +28,7 @@ pub struct Problem {
     /// Every bad event of a rejected ingest request: index, id, and the
     /// problems with its fields.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<Vec<crate::schemas::EventProblem>>, nullable = false)]
     pub errors: Option<Box<Value>>,
     #[serde(skip)]
     retry_after: Option<u64>,

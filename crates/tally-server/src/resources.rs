@@ -185,7 +185,7 @@ pub struct ListParams {
 /// List resources of a kind that the caller may see.
 #[utoipa::path(get, path = "/apis/{plural}", tag = "resources",
     params(("plural" = String, Path, description = "The kind's plural, e.g. meterdefinitions, exporters, secrets"), ListParams),
-    responses((status = 200, description = "A List", body = Object)))]
+    responses((status = 200, description = "A List", body = crate::schemas::ResourceList)))]
 pub async fn list(
     State(state): State<AppState>,
     Extension(principal): Extension<Principal>,
@@ -324,7 +324,7 @@ async fn delete_key(
 /// One cluster-scoped resource, with status.
 #[utoipa::path(get, path = "/apis/{plural}/{name}", tag = "resources",
     params(("plural" = String, Path, description = "Resource kind, plural"), ("name" = String, Path, description = "Name")),
-    responses((status = 200, description = "The resource", body = Object),
+    responses((status = 200, description = "The resource", body = crate::schemas::Resource),
               (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json")))]
 pub async fn get(
     State(state): State<AppState>,
@@ -337,7 +337,7 @@ pub async fn get(
 /// One namespaced resource, with status.
 #[utoipa::path(get, path = "/apis/{plural}/{namespace}/{name}", tag = "resources",
     params(("plural" = String, Path, description = "Resource kind, plural"), ("namespace" = String, Path, description = "Namespace"), ("name" = String, Path, description = "Name")),
-    responses((status = 200, description = "The resource", body = Object),
+    responses((status = 200, description = "The resource", body = crate::schemas::Resource),
               (status = 404, description = "Not found", body = Problem, content_type = "application/problem+json")))]
 pub async fn get_namespaced(
     State(state): State<AppState>,
@@ -350,8 +350,8 @@ pub async fn get_namespaced(
 /// Create or replace one cluster-scoped resource.
 #[utoipa::path(put, path = "/apis/{plural}/{name}", tag = "resources",
     params(("plural" = String, Path, description = "Resource kind, plural"), ("name" = String, Path, description = "Name")),
-    request_body(content = Object, description = "The manifest (JSON)"),
-    responses((status = 200, description = "Applied", body = Object),
+    request_body(content = crate::schemas::Resource, description = "The manifest (JSON)"),
+    responses((status = 200, description = "Applied", body = crate::schemas::Resource),
               (status = 400, description = "Invalid", body = Problem, content_type = "application/problem+json"),
               (status = 409, description = "Change not allowed", body = Problem, content_type = "application/problem+json")))]
 pub async fn put(
@@ -366,8 +366,8 @@ pub async fn put(
 /// Create or replace one namespaced resource.
 #[utoipa::path(put, path = "/apis/{plural}/{namespace}/{name}", tag = "resources",
     params(("plural" = String, Path, description = "Resource kind, plural"), ("namespace" = String, Path, description = "Namespace"), ("name" = String, Path, description = "Name")),
-    request_body(content = Object, description = "The manifest (JSON)"),
-    responses((status = 200, description = "Applied", body = Object),
+    request_body(content = crate::schemas::Resource, description = "The manifest (JSON)"),
+    responses((status = 200, description = "Applied", body = crate::schemas::Resource),
               (status = 400, description = "Invalid", body = Problem, content_type = "application/problem+json"),
               (status = 409, description = "Change not allowed", body = Problem, content_type = "application/problem+json")))]
 pub async fn put_namespaced(

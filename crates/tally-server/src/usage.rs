@@ -61,7 +61,8 @@ pub struct UsageAnswer {
 
 /// Ingest one platform usage event.
 ///
-/// Same rules as the batch form; the body is one CloudEvent.
+/// Same rules as the batch form; the body is one CloudEvent, or, in the
+/// CloudEvents binary mode (`ce-*` headers), its `data`.
 #[utoipa::path(
     post, path = "/v1/usage/events", tag = "events",
     request_body(description = "One platform usage event (CloudEvents 1.0, `id` a ULID, `data.value` an int64 as a string)",
@@ -78,7 +79,10 @@ pub async fn ingest_one(
     body: Bytes,
 ) -> Result<Response, Problem> {
     let limit = state.max_body_bytes;
-    let value: Value = body::decoded_off_workers(headers, body, limit, |_, body| {
+    let value: Value = body::decoded_off_workers(headers, body, limit, |headers, body| {
+        if crate::binary::requested(headers) {
+            return crate::binary::event(headers, &body);
+        }
         serde_json::from_slice(&body)
             .map_err(|e| Problem::bad_request(format!("the body is not valid JSON: {e}")))
     })

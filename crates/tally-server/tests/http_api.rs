@@ -49,6 +49,8 @@ impl Server {
             .client
             .post(self.url(path))
             .header("content-type", content_type)
+            // Ingest answers what it stored only when asked (else 204).
+            .header("prefer", "return=representation")
             .body(body)
             .send()
             .await
@@ -170,6 +172,7 @@ async fn ingest_in_every_content_type_and_query() {
         .post(s.url("/api/v1/events"))
         .header("content-type", "application/x-ndjson")
         .header("content-encoding", "gzip")
+        .header("prefer", "return=representation")
         .body(gz.finish().unwrap())
         .send()
         .await
@@ -225,7 +228,7 @@ async fn ingest_in_every_content_type_and_query() {
     let body = r.bytes().await.unwrap();
     assert_eq!(length, Some(body.len() as u64));
 
-    let (_, events) = s.get("/api/v1/events?subject=acme").await;
+    let (_, events) = s.get("/api/v2/events?subject=acme").await;
     assert_eq!(events["items"].as_array().unwrap().len(), 3);
     let (_, metrics) = (
         StatusCode::OK,
@@ -294,7 +297,7 @@ async fn a_bad_event_rejects_the_whole_request() {
     assert_eq!(errors[0]["errors"][0]["field"], "source");
     assert_eq!(errors[1]["index"], 2);
     assert_eq!(errors[1]["errors"][0]["field"], "time");
-    let (_, events) = s.get("/api/v1/events").await;
+    let (_, events) = s.get("/api/v2/events").await;
     assert_eq!(
         events["items"].as_array().unwrap().len(),
         0,
@@ -537,7 +540,7 @@ async fn events_older_than_the_lateness_are_refused() {
             .unwrap()
             .contains("lateness")
     );
-    let (_, events) = s.get("/api/v1/events").await;
+    let (_, events) = s.get("/api/v2/events").await;
     assert_eq!(
         events["items"].as_array().unwrap().len(),
         0,

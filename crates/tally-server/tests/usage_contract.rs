@@ -47,6 +47,13 @@ impl Ledger for GatedLedger {
     fn query(&self, m: String, q: MeterQuery) -> BoxFuture<'_, Result<QueryResult, LedgerError>> {
         self.inner.query(m, q)
     }
+    fn query_states(
+        &self,
+        m: String,
+        q: MeterQuery,
+    ) -> BoxFuture<'_, Result<tally_ledger::StatefulResult, LedgerError>> {
+        self.inner.query_states(m, q)
+    }
     fn usage_span(
         &self,
         m: String,
@@ -283,7 +290,7 @@ async fn overload_answers_429_with_retry_after_and_stores_nothing() {
     assert_eq!(body["status"], 429);
     drop(held);
     assert_eq!(first.await.unwrap(), 200);
-    let (_, events) = s.get(&format!("/api/v1/events?id={second_id}"), None).await;
+    let (_, events) = s.get(&format!("/api/v2/events?id={second_id}"), None).await;
     assert_eq!(
         events["items"].as_array().unwrap().len(),
         0,
@@ -371,7 +378,7 @@ async fn scoped_tokens_limit_what_each_caller_does_and_sees() {
     let (_, all) = s.get(query, Some("root")).await;
     assert_eq!(all["data"][0]["value"], 43, "{all}");
 
-    let (status, events) = s.get("/api/v1/events", Some("acme-secret")).await;
+    let (status, events) = s.get("/api/v2/events", Some("acme-secret")).await;
     assert_eq!(status, 200, "{events}");
     let subjects: Vec<&str> = events["items"]
         .as_array()
@@ -419,7 +426,7 @@ async fn voiding_takes_an_event_out_of_its_meters_with_an_audit_record() {
 
     // The event stays listed, marked; a re-send is a duplicate, not a comeback.
     let (_, listed) = s
-        .get(&format!("/api/v1/events?source=gateway&id={wrong}"), None)
+        .get(&format!("/api/v2/events?source=gateway&id={wrong}"), None)
         .await;
     assert_eq!(
         listed["items"][0]["voided"]["reason"],

@@ -75,6 +75,12 @@ pub fn event_type_of(value: &[u8]) -> Result<&str, StoreError> {
     take_str16(&mut rest)
 }
 
+/// The time an encoded event was stored, without parsing its JSON.
+pub fn ingested_at_of(value: &[u8]) -> Result<Timestamp, StoreError> {
+    Timestamp::from_nanosecond(i128::from(read_i64(value)?))
+        .map_err(|_| StoreError::Corrupt("ingest time"))
+}
+
 pub fn decode_event(value: &[u8]) -> Result<(Timestamp, CloudEvent), StoreError> {
     let ingested = Timestamp::from_nanosecond(i128::from(read_i64(value)?))
         .map_err(|_| StoreError::Corrupt("ingest time"))?;

@@ -35,7 +35,7 @@ use serde_json::json;
 use tally_ledger::{
     Admission, Applied, ApplyMode, Catalog, ChangeCursor, ChangePage, EventFilter, EventPage,
     IngestOutcome, Ledger, LedgerError, LedgerStats, MeterQuery, QuarantineFilter, QuarantinePage,
-    QueryResult, ResourceStore, VoidOutcome, VoidPage, VoidRequest,
+    QueryResult, ResourceStore, StatefulResult, VoidOutcome, VoidPage, VoidRequest,
 };
 use tally_model::{CloudEvent, Kind, KindClass, Manifest};
 use tokio::sync::{mpsc, oneshot};
@@ -460,6 +460,19 @@ impl Drop for WriterStopped {
     }
 }
 
+impl EmbeddedLedger {
+    /// The attribution of usage to billing accounts, when `query` needs it.
+    fn attribution_for(&self, query: &MeterQuery) -> Option<tally_model::billing::Attribution> {
+        let attributes = [
+            query.group_by.iter().any(|g| g == read::BILLING_ACCOUNT),
+            query.filter_group_by.contains_key(read::BILLING_ACCOUNT),
+        ];
+        attributes
+            .contains(&true)
+            .then(|| self.resources.snapshot().attribution())
+    }
+}
+
 impl Ledger for EmbeddedLedger {
     fn admission(&self) -> Admission {
         Admission {
@@ -540,17 +553,26 @@ impl Ledger for EmbeddedLedger {
         meter: String,
         query: MeterQuery,
     ) -> BoxFuture<'_, Result<QueryResult, LedgerError>> {
-        let attributes = [
-            query.group_by.iter().any(|g| g == read::BILLING_ACCOUNT),
-            query.filter_group_by.contains_key(read::BILLING_ACCOUNT),
-        ];
-        let attribution = attributes
-            .contains(&true)
-            .then(|| self.resources.snapshot().attribution());
+        let attribution = self.attribution_for(&query);
         Box::pin(async move {
             query.validate()?;
             self.read(move |shared| read::query(shared, &meter, &query, attribution.as_ref()))
                 .await
+        })
+    }
+
+    fn query_states(
+        &self,
+        meter: String,
+        query: MeterQuery,
+    ) -> BoxFuture<'_, Result<StatefulResult, LedgerError>> {
+        let attribution = self.attribution_for(&query);
+        Box::pin(async move {
+            query.validate()?;
+            self.read(move |shared| {
+                read::query_states(shared, &meter, &query, attribution.as_ref())
+            })
+            .await
         })
     }
 

@@ -29,7 +29,7 @@ use jiff::Timestamp;
 use rustc_hash::FxHashMap;
 use tally_ledger::{
     EventFilter, EventPage, LedgerError, MeterQuery, QuarantineFilter, QuarantinePage,
-    QuarantinedEvent, QueryResult, QueryRow, StoredEvent, VoidPage, VoidRecord,
+    QuarantinedEvent, QueryResult, QueryRow, StatefulResult, StoredEvent, VoidPage, VoidRecord,
 };
 use tally_meter::{AggState, CompiledMeter, Level, QueryPlan, Window, window};
 use tally_model::billing::{Attribution, Owner};
@@ -232,6 +232,33 @@ pub fn query(
     q: &MeterQuery,
     attribution: Option<&Attribution>,
 ) -> Result<QueryResult, LedgerError> {
+    let (result, _) = query_rows(shared, meter_name, q, attribution, false)?;
+    Ok(result)
+}
+
+/// [`query`], with each row's state (`Ledger::query_states`).
+pub fn query_states(
+    shared: &Shared,
+    meter_name: &str,
+    q: &MeterQuery,
+    attribution: Option<&Attribution>,
+) -> Result<StatefulResult, LedgerError> {
+    let (result, states) = query_rows(shared, meter_name, q, attribution, true)?;
+    Ok(StatefulResult {
+        rows: result.rows,
+        states,
+        next_cursor: result.next_cursor,
+    })
+}
+
+/// The rows of `q`, and their states when `keep_states`.
+fn query_rows(
+    shared: &Shared,
+    meter_name: &str,
+    q: &MeterQuery,
+    attribution: Option<&Attribution>,
+    keep_states: bool,
+) -> Result<(QueryResult, Vec<AggState>), LedgerError> {
     let (meter, state) = ready_meter(shared, meter_name)?;
     let planned = plan(&meter, state.generation, q, attribution)?;
     let meta = &shared.keyspaces.meta;
@@ -244,7 +271,13 @@ pub fn query(
     let names = Names::new(shared, &snapshot, meta);
     let folded = fold(&planned, &view, &names)?;
     let ordered = order(folded, planned.by_account, |id| names.subject(id))?;
-    page(&ordered, &planned, q.cursor.as_deref(), q.limit)
+    page(
+        &ordered,
+        &planned,
+        q.cursor.as_deref(),
+        q.limit,
+        keep_states,
+    )
 }
 
 /// What a query reads and how its rows are keyed.
@@ -585,14 +618,16 @@ fn order(
 }
 
 /// Stage 4: the rows after the cursor, at most `limit` of them, and the
-/// cursor to the next page when there are more. Rows (and their strings)
-/// are built only for the page answered.
+/// cursor to the next page when there are more; with `keep_states`, each
+/// row's state too. Rows (and their strings) are built only for the page
+/// answered.
 fn page(
     ordered: &Ordered,
     p: &Planned,
     cursor: Option<&str>,
     limit: Option<usize>,
-) -> Result<QueryResult, LedgerError> {
+    keep_states: bool,
+) -> Result<(QueryResult, Vec<AggState>), LedgerError> {
     let entries = &ordered.entries;
     let first = match cursor.map(decode_cursor).transpose()? {
         None => 0,
@@ -626,7 +661,12 @@ fn page(
         Some((key, _)) if more => Some(encode_cursor(&ordered.group_key(*key))),
         _ => None,
     };
-    Ok(QueryResult { rows, next_cursor })
+    let states = if keep_states {
+        page.iter().map(|(_, state)| state.clone()).collect()
+    } else {
+        Vec::new()
+    };
+    Ok((QueryResult { rows, next_cursor }, states))
 }
 
 /// Threads a query across all subjects is shared out between.
@@ -1081,6 +1121,11 @@ fn page_limit(limit: usize) -> usize {
     if limit == 0 { 100 } else { limit.min(MAX_PAGE) }
 }
 
+/// How far the log's order (of storing) may stray from the order of the
+/// events' `ingested_at` (taken before the writer orders them): reading
+/// newest first, events stored this long before `ingested_from` end the scan.
+const INGEST_ORDER_SLACK: jiff::SignedDuration = jiff::SignedDuration::from_secs(600);
+
 pub fn list_events(shared: &Shared, f: &EventFilter) -> Result<EventPage, LedgerError> {
     let limit = page_limit(f.limit);
     let events = &shared.keyspaces.events;
@@ -1099,6 +1144,12 @@ pub fn list_events(shared: &Shared, f: &EventFilter) -> Result<EventPage, Ledger
             && f.source.as_ref().is_none_or(|s| *s == e.source)
             && f.id.as_ref().is_none_or(|i| *i == e.id)
     };
+    let stored_in = |at: Timestamp| {
+        f.ingested_from.is_none_or(|from| at >= from) && f.ingested_to.is_none_or(|to| at < to)
+    };
+    let scan_until = f
+        .ingested_from
+        .and_then(|from| from.checked_sub(INGEST_ORDER_SLACK).ok());
     let mut items = Vec::new();
     let mut next_cursor = None;
     // With both source and id the dedupe index finds the event directly:
@@ -1119,7 +1170,7 @@ pub fn list_events(shared: &Shared, f: &EventFilter) -> Result<EventPage, Ledger
             && let Some(raw) = snapshot.get(events, keys::seq_key(seq)).map_err(storage)?
         {
             let (ingested_at, event) = keys::decode_event(&raw)?;
-            if matches(&event) {
+            if matches(&event) && stored_in(ingested_at) {
                 items.push(StoredEvent {
                     seq,
                     ingested_at,
@@ -1133,6 +1184,11 @@ pub fn list_events(shared: &Shared, f: &EventFilter) -> Result<EventPage, Ledger
     for item in snapshot.range(events, ..keys::seq_key(end)).rev() {
         let (key, value) = item.into_inner().map_err(storage)?;
         let seq = keys::read_u64(&key)?;
+        if let Some(until) = scan_until
+            && keys::ingested_at_of(&value)? < until
+        {
+            break;
+        }
         if f.event_type
             .as_ref()
             .is_some_and(|t| keys::event_type_of(&value).is_ok_and(|v| v != t))
@@ -1140,7 +1196,7 @@ pub fn list_events(shared: &Shared, f: &EventFilter) -> Result<EventPage, Ledger
             continue;
         }
         let (ingested_at, event) = keys::decode_event(&value)?;
-        if !matches(&event) {
+        if !matches(&event) || !stored_in(ingested_at) {
             continue;
         }
         if items.len() == limit {
@@ -1512,13 +1568,16 @@ mod tests {
         let q = question(2, &["subject", "method"], &[]);
         let p = plan(&meter, 7, &q, None).unwrap();
         let ordered = order(folded(), false, names).unwrap();
-        let whole = page(&ordered, &p, None, None).unwrap();
+        let (whole, states) = page(&ordered, &p, None, None, true).unwrap();
+        let merged: Vec<&AggState> = ordered.entries.iter().map(|(_, state)| state).collect();
+        assert_eq!(states.iter().collect::<Vec<_>>(), merged);
         assert_eq!(whole.rows.len(), 4);
         assert_eq!(whole.next_cursor, None);
         let mut rows = Vec::new();
         let mut cursor = None;
         loop {
-            let part = page(&ordered, &p, cursor.as_deref(), Some(3)).unwrap();
+            let (part, states) = page(&ordered, &p, cursor.as_deref(), Some(3), false).unwrap();
+            assert!(states.is_empty());
             assert!(part.rows.len() <= 3);
             rows.extend(part.rows);
             match part.next_cursor {
@@ -1534,7 +1593,7 @@ mod tests {
             Some(&Some("GET".to_owned()))
         );
         assert!(matches!(
-            page(&ordered, &p, Some("zz"), None),
+            page(&ordered, &p, Some("zz"), None, false),
             Err(LedgerError::Invalid(_))
         ));
     }

@@ -9,7 +9,9 @@
 //! and dimension filters, and each answer is compared row by row with a
 //! reference that keeps the first event per (source, id) in a `Vec` and
 //! aggregates it by brute force. Windows are computed here directly with
-//! jiff; nothing of `tally_meter::window` or `QueryPlan` is used.
+//! jiff; nothing of `tally_meter::window` or `QueryPlan` is used. Half of
+//! the bounds are not on whole minutes (milliseconds off), so the partial
+//! minutes at their edges come from the log (`tally_ledger::exact`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
@@ -180,6 +182,10 @@ struct GenQuery {
     /// Minutes before the first anchor (`from`) and after the last (`to`).
     m1: i64,
     m2: i64,
+    /// Milliseconds added to `from` and to `to`: bounds of any precision,
+    /// whose partial minutes are read from the log (`tally_ledger::exact`).
+    ms1: i64,
+    ms2: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -266,8 +272,14 @@ fn query_strategy() -> impl Strategy<Value = GenQuery> {
             prop_oneof![1 => 0i64..3, 2 => 0i64..5000],
             prop_oneof![1 => 0i64..3, 2 => 0i64..5000],
         ),
+        (
+            prop_oneof![1 => Just(0i64), 1 => -59_999i64..60_000],
+            prop_oneof![1 => Just(0i64), 1 => -59_999i64..60_000],
+        ),
     )
-        .prop_map(|(window, zone, subjects, group_by, filter_get, whole, (c1, c2, m1, m2))| GenQuery {
+        .prop_map(|(window, zone, subjects, group_by, filter_get, whole, (c1, c2, m1, m2), (ms1, ms2))| GenQuery {
+            ms1,
+            ms2,
             window,
             zone,
             subjects,
@@ -691,6 +703,10 @@ fn meter_query(g: &GenQuery) -> MeterQuery {
             (from, to)
         }
     };
+    let (from, to) = (
+        from + SignedDuration::from_millis(g.ms1),
+        to + SignedDuration::from_millis(g.ms2),
+    );
     let to = if to > from { to } else { from + minutes(1) };
     let group_by: Vec<String> = match g.group_by {
         0 => vec![],
@@ -796,7 +812,8 @@ fn show_events(
     out
 }
 
-/// Queries, waiting while the meter is still being built.
+/// Queries (through `tally_ledger::exact`, so bounds of any precision are
+/// answered exactly), waiting while the meter is still being built.
 async fn query_ready(
     ledger: &EmbeddedLedger,
     meter: &str,
@@ -804,7 +821,8 @@ async fn query_ready(
 ) -> Result<QueryResult, LedgerError> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        match ledger.query(meter.to_owned(), q.clone()).await {
+        // Whole minutes go to `Ledger::query` as they are.
+        match tally_ledger::exact::query(ledger, meter.to_owned(), q.clone()).await {
             Err(LedgerError::NotReady { .. }) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }

@@ -135,6 +135,8 @@ impl Api {
             .http
             .post(format!("{base}{path}"))
             .bearer_auth(TOKEN)
+            // Ingest answers what it stored (200) only when asked; else 204.
+            .header("prefer", "return=representation")
             .json(body)
             .send()
             .await

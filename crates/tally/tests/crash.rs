@@ -83,7 +83,7 @@ async fn stored(base: &str) -> HashMap<String, u64> {
     let mut out = HashMap::new();
     let mut cursor: Option<String> = None;
     loop {
-        let mut url = format!("{base}/api/v1/events?source=crash-test&limit=10000");
+        let mut url = format!("{base}/api/v2/events?source=crash-test&limit=10000");
         if let Some(c) = &cursor {
             url.push_str(&format!("&cursor={c}"));
         }

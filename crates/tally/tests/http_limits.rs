@@ -136,7 +136,7 @@ fn event(id: &str) -> String {
 
 fn post_event(body: &str) -> String {
     format!(
-        "POST /api/v1/events HTTP/1.1\r\nHost: tally\r\nContent-Type: application/cloudevents+json\r\nContent-Length: {}\r\n\r\n",
+        "POST /api/v1/events HTTP/1.1\r\nHost: tally\r\nContent-Type: application/cloudevents+json\r\nPrefer: return=representation\r\nContent-Length: {}\r\n\r\n",
         body.len()
     )
 }
