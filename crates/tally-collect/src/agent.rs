@@ -83,7 +83,7 @@ pub use otlp::{LogsEncoding, access_log_lines, decode_logs_request, record_line}
 use crate::collector::CollectError;
 use envoy_admin::AdminSampler;
 use input::{InputKind, InputRunner, InputSpec, input_dir};
-use ledger::{Ack, LedgerEncoder, route_outcome};
+use ledger::{Ack, LedgerEncoder, WarnOnce, route_outcome};
 use resources::{SharedIndex, load_resources, watch_resources};
 use spool::{Limits, Spool};
 
@@ -132,8 +132,8 @@ Connection seconds (networking.datumapis.com/gateway/connection-seconds) come fr
     lines or admin gauges for the same connections, and note that request lines of the
     same connections (a WebSocket's upgrade request logs its whole duration) would add
     their time again.
-Milliseconds are summed exactly; each route carries its sub-second remainder, so the
-seconds of a route always add up to floor(total ms / 1000).
+Milliseconds are summed exactly and sent exactly, as decimal seconds (1.5, 0.035); the
+ledger sums decimals exactly, so no sub-second remainder waits for more traffic.
 
 Exactly once: event ids are derived from (agent id, input, route, window, meter, closing
 round), so reading the same input again from its start yields the same ids and the
@@ -564,6 +564,7 @@ fn start_sink(
         url,
         token: config.token.clone(),
         rejected: registry.component(ComponentKind::Sink, "ledger"),
+        warnings: WarnOnce::new(config.diagnostics_every),
     };
     let sink = Sink::builder(sink_config, encoder)
         .registry(registry)

@@ -37,9 +37,12 @@
 //!   month) is refused and counted (`duration_too_long`): its time would
 //!   otherwise be spread over as many windows as it spans.
 //!
-//! Milliseconds are summed exactly; each route carries its sub-second
-//! remainder to its next emitted amount, so the seconds emitted for a route
-//! always add up to `floor(total_ms / 1000)`.
+//! Milliseconds are summed exactly and emitted exactly: a connection-seconds
+//! amount is its window's milliseconds, sent as a decimal number of seconds
+//! ([`WindowUsage::amount`], `1.5`, `0.035`), which the ledger sums exactly.
+//! Nothing waits for more traffic to make a whole second. (A checkpoint of
+//! an older agent may hold a route's sub-second carry: it is added to that
+//! route's next amount.)
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -102,7 +105,7 @@ pub struct Totals {
     pub ingress_bytes: u128,
     /// Bytes sent to clients.
     pub egress_bytes: u128,
-    /// Connection time in milliseconds (emitted as whole seconds).
+    /// Connection time in milliseconds (emitted exactly, as decimal seconds).
     pub connection_millis: u128,
 }
 
@@ -157,11 +160,54 @@ pub struct WindowUsage {
     pub window_start_millis: i64,
     /// Which of the four meters.
     pub meter: Meter,
-    /// Exact amount: requests, bytes or whole seconds.
+    /// Exact amount: requests, bytes, or for connection seconds
+    /// milliseconds (see [`WindowUsage::amount`]).
     pub value: u128,
     /// The closing round that emitted it; distinct amounts of the same
     /// (route, window, meter) always have distinct rounds.
     pub round: u64,
+}
+
+impl WindowUsage {
+    /// The amount in the meter's unit, as the event's `value`: an integer,
+    /// or for connection seconds the exact decimal of the milliseconds
+    /// (`2`, `1.5`, `0.035`).
+    pub fn amount(&self) -> String {
+        match self.meter {
+            Meter::ConnectionSeconds => millis_as_seconds(self.value),
+            _ => self.value.to_string(),
+        }
+    }
+}
+
+/// `millis` as an exact decimal number of seconds, without trailing zeros.
+pub fn millis_as_seconds(millis: u128) -> String {
+    let (seconds, fraction) = (millis / 1000, millis % 1000);
+    if fraction == 0 {
+        return seconds.to_string();
+    }
+    let digits = format!("{fraction:03}");
+    format!("{seconds}.{}", digits.trim_end_matches('0'))
+}
+
+/// The milliseconds of a decimal number of seconds with at most three
+/// fractional digits (the inverse of [`millis_as_seconds`]); `None` for
+/// anything else.
+pub fn seconds_as_millis(text: &str) -> Option<u128> {
+    let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+    let digits = |t: &str| t.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty() || !digits(whole) || fraction.len() > 3 || !digits(fraction) {
+        return None;
+    }
+    if text.ends_with('.') {
+        return None;
+    }
+    let millis: u128 = format!("{fraction:0<3}").parse().ok()?;
+    whole
+        .parse::<u128>()
+        .ok()?
+        .checked_mul(1000)?
+        .checked_add(millis)
 }
 
 /// A periodic record of a long-lived connection (Envoy's
@@ -294,7 +340,7 @@ impl Aggregator {
     pub fn push_line(&mut self, line: &[u8], out: &mut Vec<WindowUsage>) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.iter().all(u8::is_ascii_whitespace) {
-            return;
+            return self.diagnostics.record(LineProblem::EmptyLine, line);
         }
         let record = match parse_access_line(line) {
             Ok(record) => record,
@@ -695,14 +741,14 @@ impl Aggregator {
     }
 
     fn emit(&mut self, route: RouteId, window: i64, totals: &Totals, out: &mut Vec<WindowUsage>) {
-        let carry = self.carry_millis.entry(route).or_default();
-        let millis = totals.connection_millis + u128::from(*carry);
-        *carry = (millis % 1000) as u64;
+        // Only a checkpoint of an older agent carries milliseconds.
+        let carried = self.carry_millis.remove(&route).unwrap_or(0);
+        let millis = totals.connection_millis + u128::from(carried);
         let values = [
             (Meter::Requests, u128::from(totals.requests)),
             (Meter::IngressBytes, totals.ingress_bytes),
             (Meter::EgressBytes, totals.egress_bytes),
-            (Meter::ConnectionSeconds, millis / 1000),
+            (Meter::ConnectionSeconds, millis),
         ];
         for (meter, value) in values {
             if value > 0 {
@@ -755,7 +801,7 @@ mod tests {
         agg.push_line(&line("2024-05-01T12:02:00Z", R, 5, 0), &mut out);
         assert_eq!(sum(&out, Meter::Requests), 1);
         assert_eq!(sum(&out, Meter::EgressBytes), 5);
-        assert_eq!(sum(&out, Meter::ConnectionSeconds), 1);
+        assert_eq!(sum(&out, Meter::ConnectionSeconds), 1500);
         assert!(
             out.iter()
                 .all(|u| u.window_start_millis == 1_714_564_800_000)
@@ -801,7 +847,7 @@ mod tests {
     }
 
     #[test]
-    fn seconds_carry_their_remainder() {
+    fn seconds_are_exact_and_nothing_waits_for_a_whole_second() {
         let mut agg = Aggregator::new(WindowConfig::default());
         let mut out = Vec::new();
         for minute in 0..5 {
@@ -811,7 +857,32 @@ mod tests {
             );
         }
         agg.flush(&mut out);
-        assert_eq!(sum(&out, Meter::ConnectionSeconds), 3, "3500 ms");
+        let seconds: Vec<String> = out
+            .iter()
+            .filter(|u| u.meter == Meter::ConnectionSeconds)
+            .map(WindowUsage::amount)
+            .collect();
+        assert_eq!(seconds, ["0.7"; 5], "each window's 700 ms, as they close");
+        assert!(agg.state().carry_millis.is_empty());
+    }
+
+    #[test]
+    fn an_older_checkpoints_carry_is_sent_once_with_the_next_amount() {
+        let mut agg = Aggregator::new(WindowConfig::default());
+        let mut out = Vec::new();
+        agg.push_line(&line("2024-05-01T12:00:00Z", R, 0, 250), &mut out);
+        let mut state = agg.state();
+        state.carry_millis = vec![(0, 900)];
+        let mut agg = Aggregator::from_state(WindowConfig::default(), state);
+        agg.flush(&mut out);
+        agg.push_line(&line("2024-05-01T12:03:00Z", R, 0, 100), &mut out);
+        agg.flush(&mut out);
+        let seconds: Vec<String> = out
+            .iter()
+            .filter(|u| u.meter == Meter::ConnectionSeconds)
+            .map(WindowUsage::amount)
+            .collect();
+        assert_eq!(seconds, ["1.15", "0.1"]);
     }
 
     #[test]
@@ -830,12 +901,38 @@ mod tests {
         agg.push_line(b"{oops", &mut out);
         agg.push_line(&line("soon", R, 1, 1), &mut out);
         agg.push_line(b"  ", &mut out);
+        agg.push_line(b"", &mut out);
         let d = agg.diagnostics();
+        assert_eq!(d.counts[&LineProblem::EmptyLine], 2);
         assert_eq!(d.counts[&LineProblem::MissingRouteName], 1);
         assert_eq!(d.counts[&LineProblem::UnknownRouteName], 2);
         assert_eq!(d.counts[&LineProblem::InvalidJson], 1);
         assert_eq!(d.counts[&LineProblem::InvalidStartTime], 1);
-        assert_eq!((d.malformed(), d.unattributable()), (2, 3));
+        assert_eq!((d.malformed(), d.unattributable()), (4, 3));
+    }
+
+    #[test]
+    fn milliseconds_are_written_as_exact_decimal_seconds() {
+        for (millis, text) in [
+            (0, "0"),
+            (35, "0.035"),
+            (1500, "1.5"),
+            (60_000, "60"),
+            (1_001, "1.001"),
+        ] {
+            assert_eq!(millis_as_seconds(millis), text);
+            assert_eq!(seconds_as_millis(text), Some(millis));
+        }
+        for bad in ["", ".5", "1.", "1.0001", "-1", "1e3", "a"] {
+            assert_eq!(seconds_as_millis(bad), None, "{bad}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decimal_seconds_round_trip(millis in 0u128..u128::MAX / 1000) {
+            proptest::prop_assert_eq!(seconds_as_millis(&millis_as_seconds(millis)), Some(millis));
+        }
     }
 
     fn key(name: &str) -> RouteKey {
@@ -875,8 +972,8 @@ mod tests {
         }
         let ws: Vec<_> = out.iter().filter(|u| u.route.name == "ws").collect();
         assert_eq!(ws.len(), 9, "windows 0..9 closed while still open");
-        assert_eq!(ws[0].value, 30);
-        assert!(ws[1..].iter().all(|u| u.value == 60));
+        assert_eq!(ws[0].value, 30_000);
+        assert!(ws[1..].iter().all(|u| u.value == 60_000));
         agg.push_connection_event(
             &ConnectionEvent::Closed {
                 connection_id: "c1".into(),
@@ -890,7 +987,7 @@ mod tests {
             .filter(|u| u.route.name == "ws")
             .map(|u| u.value)
             .sum();
-        assert_eq!(total, 570);
+        assert_eq!(total, 570_000);
     }
 
     #[test]
@@ -909,9 +1006,9 @@ mod tests {
             .collect();
         // Watermark 3:00 less a minute of lateness: windows 0 and 1 close;
         // window 1 has 3 × 10 s and 2 × 40 s.
-        assert_eq!(closed, vec![(0, 30), (60_000, 110)]);
+        assert_eq!(closed, vec![(0, 30_000), (60_000, 110_000)]);
         agg.flush(&mut out);
-        assert_eq!(sum(&out, Meter::ConnectionSeconds), 30 + 30 + 200);
+        assert_eq!(sum(&out, Meter::ConnectionSeconds), 260_000);
         assert_eq!(sum(&out, Meter::Requests), 0);
     }
 
@@ -937,7 +1034,7 @@ mod tests {
             agg.push_connection_record(&record, &mut out);
         }
         agg.flush(&mut out);
-        assert_eq!(sum(&out, Meter::ConnectionSeconds), 200);
+        assert_eq!(sum(&out, Meter::ConnectionSeconds), 200_000);
         assert_eq!(sum(&out, Meter::Requests), 1);
         assert_eq!(
             agg.diagnostics().counts[&LineProblem::ConnectionOutOfOrder],
@@ -950,7 +1047,12 @@ mod tests {
             .collect();
         assert_eq!(
             per_window,
-            [(0, 60), (60_000, 60), (120_000, 60), (180_000, 20)]
+            [
+                (0, 60_000),
+                (60_000, 60_000),
+                (120_000, 60_000),
+                (180_000, 20_000)
+            ]
         );
     }
 
@@ -1012,7 +1114,7 @@ mod tests {
         );
         assert_eq!(sum(&out, Meter::EgressBytes), 3_525);
         assert_eq!(sum(&out, Meter::IngressBytes), 10);
-        assert_eq!(sum(&out, Meter::ConnectionSeconds), 170);
+        assert_eq!(sum(&out, Meter::ConnectionSeconds), 170_000);
         let d = agg.diagnostics();
         assert_eq!(d.counts[&LineProblem::MissingStreamId], 1);
         assert_eq!(d.counts[&LineProblem::NoUsageRecord], 2);
@@ -1050,8 +1152,9 @@ mod tests {
         agg.flush(&mut out);
         agg.push_line(&line("2024-05-01T12:05:10Z", R, 5, 0), &mut out);
         let state = agg.state();
-        // `api` has an open bucket, `other` carries 500 ms.
-        assert_eq!(state.routes.len(), 2);
+        // `api` has an open bucket; `other` carries nothing (its 1.5 s
+        // were sent exactly).
+        assert_eq!(state.routes.len(), 1);
         agg.push_line(&line("2024-05-01T12:05:10Z", other, 0, 500), &mut out);
         agg.flush(&mut out);
         assert_eq!(agg.state().routes.len(), 0);

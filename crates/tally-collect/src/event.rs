@@ -88,7 +88,7 @@ pub fn usage_event(
         datacontenttype: Some("application/json".into()),
         dataschema: None,
         data: Some(json!({
-            "value": usage.value.to_string(),
+            "value": usage.amount(),
             "dimensions": dimensions,
             "resource": resource,
         })),

@@ -33,15 +33,16 @@
 //!     .iter()
 //!     .map(|usage| usage_event(&agent, usage, &EnrichmentIndex::default()))
 //!     .collect();
-//! assert_eq!(events.len(), 3); // requests, ingress and egress bytes (35 ms is under a second)
+//! assert_eq!(events.len(), 4); // requests, ingress and egress bytes, connection seconds
 //! assert_eq!(events[0].subject, "projects/shop");
+//! assert_eq!(events[3].data.as_ref().unwrap()["value"], "0.035"); // 35 ms, exactly
 //! assert_eq!(aggregator.diagnostics().unattributable(), 1);
 //! assert_eq!(aggregator.diagnostics().malformed(), 1);
 //! ```
 //!
 //! # Exactly-once invariant
 //! The collector's checkpoint — file positions, the aggregator state (open
-//! window sums, watermark, closing round, sub-second carries, open
+//! window sums, watermark, closing round, open
 //! connections), for lifecycle inputs the (`source`, `id`) pairs applied —
 //! and every event emitted since the previous checkpoint are
 //! written in **one** fjall batch committed with `PersistMode::SyncAll`.
@@ -102,7 +103,7 @@ pub mod tail;
 
 pub use aggregate::{
     Aggregator, AggregatorState, ConnectionEvent, ConnectionRecord, Meter, Totals, WindowConfig,
-    WindowUsage,
+    WindowUsage, millis_as_seconds, seconds_as_millis,
 };
 pub use collector::{
     CollectError, Collector, CollectorConfig, CollectorStats, GaugeSample, PollReport,

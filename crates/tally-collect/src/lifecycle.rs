@@ -334,7 +334,7 @@ impl LifecycleApplier {
     ) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.iter().all(u8::is_ascii_whitespace) {
-            return;
+            return aggregator.note(LineProblem::EmptyLine, line);
         }
         match serde_json::from_slice::<LifecycleRecord>(line) {
             Ok(record) => self.push_record(aggregator, &record, line, out),
@@ -582,7 +582,7 @@ mod tests {
         applier.push_line(&mut aggregator, b"{oops", &mut out);
         aggregator.advance_to(T0 + 600_000, &mut out);
         aggregator.flush(&mut out);
-        assert_eq!(seconds(&out), 60, "60.5 s, whole seconds");
+        assert_eq!(seconds(&out), 60_500, "60.5 s, exactly");
         let counts = &aggregator.diagnostics().counts;
         assert_eq!(counts[&LineProblem::DuplicateEvent], 3);
         assert_eq!(counts[&LineProblem::UnknownRouteName], 1);

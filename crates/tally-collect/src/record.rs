@@ -269,6 +269,8 @@ pub enum LineProblem {
     /// or connection record of the gateway lasts that long, and its time
     /// would be spread over that many windows.
     DurationTooLong,
+    /// An empty line, or one of whitespace only.
+    EmptyLine,
 }
 
 /// The longest `duration` a record may carry: 31 days.
@@ -290,6 +292,7 @@ impl LineProblem {
             LineProblem::TooLate => "too_late",
             LineProblem::ConnectionClosedLate => "connection_closed_late",
             LineProblem::DurationTooLong => "duration_too_long",
+            LineProblem::EmptyLine => "empty_line",
         }
     }
 
@@ -306,6 +309,7 @@ impl LineProblem {
         matches!(
             self,
             LineProblem::InvalidJson
+                | LineProblem::EmptyLine
                 | LineProblem::DurationTooLong
                 | LineProblem::MissingStartTime
                 | LineProblem::InvalidStartTime

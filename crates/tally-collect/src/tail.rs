@@ -12,6 +12,16 @@
 //! rotated file is let go). Positions are a [`TailCheckpoint`]: restoring
 //! one finds each file again by identity in the directory of the path, even
 //! if it was renamed while the agent was down.
+//!
+//! At the first start (no checkpoint), rotated siblings already on disk are
+//! read before the file at the path, oldest first: by modification time,
+//! then `FILE.N` before `FILE.N-1` (logrotate's numbering) — see
+//! [`rotated_sibling`] for which names count. Compressed rotations
+//! (`FILE.2.gz`...) are **skipped**, logged, never decompressed: they were
+//! compressed after their rotation, so an agent that was running has read
+//! them already, and at a first start only the uncompressed ones
+//! (logrotate's `delaycompress` keeps `FILE.1`) are taken. Each is then
+//! known by identity, so logrotate renaming it later does not read it again.
 
 use std::fs::{self, File};
 use std::io;
@@ -84,6 +94,9 @@ impl FileTailer {
             finished: Vec::new(),
         };
         let candidates = tailer.candidates()?;
+        if checkpoint.is_empty() {
+            tailer.adopt_existing(&candidates);
+        }
         for position in checkpoint {
             if position.finished {
                 tailer.finished.push(position.clone());
@@ -97,11 +110,11 @@ impl FileTailer {
                     || fingerprint(&file, meta.len()).ok()? == position.fingerprint;
                 (same_inode && same_content).then_some(file)
             });
+            let found = found
+                .map(|file| (file, position.clone()))
+                .or_else(|| tailer.copy_of(&candidates, position));
             match found {
-                Some(file) => tailer.files.push(TailedFile {
-                    file,
-                    position: position.clone(),
-                }),
+                Some((file, position)) => tailer.files.push(TailedFile { file, position }),
                 None => {
                     tracing::warn!(path = %path.display(), inode = position.inode, offset = position.offset,
                         "a checkpointed log file is gone; its unread lines are lost");
@@ -110,6 +123,35 @@ impl FileTailer {
             }
         }
         Ok(tailer)
+    }
+
+    /// A checkpointed file truncated while the agent was down
+    /// (copytruncate): its copy, a rotated sibling with its fingerprint and
+    /// at least its offset, is read on from that offset.
+    fn copy_of(
+        &self,
+        candidates: &[PathBuf],
+        position: &FilePosition,
+    ) -> Option<(File, FilePosition)> {
+        let wanted = position.fingerprint?;
+        candidates.iter().find_map(|candidate| {
+            if *candidate == self.path || !self.is_plain_rotation(candidate) {
+                return None;
+            }
+            let file = File::open(candidate).ok()?;
+            let meta = file.metadata().ok()?;
+            let same = fingerprint(&file, meta.len()).ok()? == Some(wanted);
+            (same && meta.is_file() && meta.len() >= position.offset).then(|| {
+                tracing::info!(path = %candidate.display(), offset = position.offset,
+                    "a checkpointed log file was copied and truncated while down: reading on in its copy");
+                let position = FilePosition {
+                    device: meta.dev(),
+                    inode: meta.ino(),
+                    ..position.clone()
+                };
+                (file, position)
+            })
+        })
     }
 
     /// Checkpointed files that were not found when opening.
@@ -220,6 +262,72 @@ impl FileTailer {
         Ok(candidates)
     }
 
+    /// At a first start: the rotated siblings on disk, oldest first, are
+    /// read before the file at the path.
+    fn adopt_existing(&mut self, candidates: &[PathBuf]) {
+        let at_path = fs::metadata(&self.path).ok().map(|m| (m.dev(), m.ino()));
+        let mut found = Vec::new();
+        let mut compressed = Vec::new();
+        for candidate in candidates.iter().filter(|c| **c != self.path) {
+            let Some(order) = self.rotation_order(candidate) else {
+                continue;
+            };
+            let Some(number) = order else {
+                compressed.push(candidate.display().to_string());
+                continue;
+            };
+            let Ok(file) = File::open(candidate) else {
+                continue;
+            };
+            let Ok(meta) = file.metadata() else {
+                continue;
+            };
+            if !meta.is_file() || Some((meta.dev(), meta.ino())) == at_path {
+                continue;
+            }
+            let modified = meta.modified().ok();
+            found.push((
+                (modified, std::cmp::Reverse(number)),
+                candidate.clone(),
+                file,
+                meta,
+            ));
+        }
+        if !compressed.is_empty() {
+            tracing::info!(path = %self.path.display(), files = ?compressed,
+                "compressed rotated log files are not read");
+        }
+        found.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
+        for (_, candidate, file, meta) in found {
+            tracing::info!(path = %candidate.display(), inode = meta.ino(),
+                "reading a rotated log file found at the first start");
+            self.files.push(TailedFile {
+                file,
+                position: FilePosition {
+                    device: meta.dev(),
+                    inode: meta.ino(),
+                    fingerprint: None,
+                    offset: 0,
+                    finished: false,
+                },
+            });
+        }
+    }
+
+    /// How `candidate` sorts among rotations: `None` if its name is not a
+    /// rotation of the path, `Some(None)` if it is a compressed one,
+    /// `Some(Some(n))` otherwise (`n`: logrotate's number, 0 if none).
+    fn rotation_order(&self, candidate: &Path) -> Option<Option<u64>> {
+        let name = candidate.file_name()?.to_str()?;
+        let prefix = self.path.file_name()?.to_str()?;
+        rotated_sibling(name.strip_prefix(prefix)?)
+    }
+
+    /// Whether `candidate` is an uncompressed rotation of the path.
+    fn is_plain_rotation(&self, candidate: &Path) -> bool {
+        matches!(self.rotation_order(candidate), Some(Some(_)))
+    }
+
     /// Starts reading the file at the path if it is not one being read.
     fn discover(&mut self) -> Result<(), TailError> {
         let file = match File::open(&self.path) {
@@ -284,11 +392,14 @@ impl FileTailer {
             };
             let is_known = (meta.dev() == device && meta.ino() == inode)
                 || self.seen(meta.dev(), meta.ino(), &file, meta.len());
+            // Only uncompressed rotations (a `.gz` made of a file read
+            // already has its time, and is not text).
+            let is_rotation = self.is_plain_rotation(&candidate);
             // Not older: file times are coarse (a clock tick), so a file
             // rotated within the tick of the newest one's last write has the
             // same time. Files already read are excluded by identity instead.
             let newer = meta.modified().is_ok_and(|m| m >= newest_modified);
-            if !is_known && newer && meta.is_file() {
+            if !is_known && newer && is_rotation && meta.is_file() {
                 let modified = meta.modified().ok();
                 adopted.push((modified, meta.ino(), candidate, file, meta.dev()));
             }
@@ -319,9 +430,8 @@ impl FileTailer {
         lines: &mut u64,
         on_line: &mut impl FnMut(&[u8]),
     ) -> Result<u64, TailError> {
-        let path = &self.path;
         let io = |source| TailError::Io {
-            path: path.clone(),
+            path: self.path.clone(),
             source,
         };
         let tailed = &mut self.files[index];
@@ -330,11 +440,20 @@ impl FileTailer {
         let replaced =
             matches!((tailed.position.fingerprint, current), (Some(old), Some(new)) if old != new);
         if len < tailed.position.offset || replaced {
-            tracing::info!(path = %path.display(), offset = tailed.position.offset, len,
+            tracing::info!(path = %self.path.display(), offset = tailed.position.offset, len,
                 "log file truncated (copytruncate): reading it from the start");
+            let before = tailed.position.clone();
             tailed.position.offset = 0;
-            tailed.position.fingerprint = None;
+            tailed.position.fingerprint = current;
+            // What the copy holds past where we were comes first.
+            self.read_copy(&before, lines, on_line)?;
         }
+        let path = &self.path;
+        let io = |source| TailError::Io {
+            path: path.clone(),
+            source,
+        };
+        let tailed = &mut self.files[index];
         if tailed.position.fingerprint.is_none() {
             tailed.position.fingerprint = current;
         }
@@ -369,6 +488,137 @@ impl FileTailer {
         tailed.position.offset = start + consumed;
         Ok(consumed)
     }
+}
+
+/// Suffixes of compressed rotations, which are never read.
+const COMPRESSED: [&str; 7] = [".gz", ".bz2", ".xz", ".zst", ".lz4", ".Z", ".zip"];
+
+/// Whether `suffix` (a sibling's name after the path's file name) names a
+/// rotation: a separator (`.`, `-`, `_`) then a digit, then only digits and
+/// separators (`.1`, `-20240501`, `.2024-05-01`), possibly compressed.
+/// `None`: not a rotation; `Some(None)`: a compressed one; `Some(Some(n))`
+/// an uncompressed one, `n` being logrotate's number (`.N`) or 0.
+pub fn rotated_sibling(suffix: &str) -> Option<Option<u64>> {
+    let (plain, compressed) = match COMPRESSED.iter().find_map(|c| suffix.strip_suffix(c)) {
+        Some(plain) => (plain, true),
+        None => (suffix, false),
+    };
+    let mut chars = plain.chars();
+    let separator = chars.next()?;
+    let rest = chars.as_str();
+    let is_separator = |c: char| matches!(c, '.' | '-' | '_');
+    if !is_separator(separator)
+        || !rest.starts_with(|c: char| c.is_ascii_digit())
+        || !rest.chars().all(|c| c.is_ascii_digit() || is_separator(c))
+    {
+        return None;
+    }
+    if compressed {
+        return Some(None);
+    }
+    let number = match separator {
+        '.' => rest.parse().unwrap_or(0),
+        _ => 0,
+    };
+    Some(Some(number))
+}
+
+impl FileTailer {
+    /// After copytruncate: the lines the copy (a rotated sibling starting
+    /// with the same [`FINGERPRINT_BYTES`]) holds past `before.offset` were
+    /// written before the truncation and not read yet: hands them out (the
+    /// last one even without its newline: the copy is complete) and
+    /// remembers the copy as finished. A file shorter than the fingerprint
+    /// has no fingerprint to find its copy by: its unread lines are lost.
+    fn read_copy(
+        &mut self,
+        before: &FilePosition,
+        lines: &mut u64,
+        on_line: &mut impl FnMut(&[u8]),
+    ) -> Result<(), TailError> {
+        let Some(wanted) = before.fingerprint else {
+            return Ok(());
+        };
+        for candidate in self.candidates()? {
+            if candidate == self.path || !self.is_plain_rotation(&candidate) {
+                continue;
+            }
+            let Ok(file) = File::open(&candidate) else {
+                continue;
+            };
+            let Ok(meta) = file.metadata() else {
+                continue;
+            };
+            let same_start = fingerprint(&file, meta.len()).ok().flatten() == Some(wanted);
+            if !meta.is_file()
+                || !same_start
+                || meta.len() < before.offset
+                || self.seen(meta.dev(), meta.ino(), &file, meta.len())
+            {
+                continue;
+            }
+            tracing::info!(path = %candidate.display(), from = before.offset, to = meta.len(),
+                "reading the end of a copytruncate copy");
+            let read =
+                read_lines_to_end(&file, before.offset, meta.len(), &mut self.buffer, on_line)
+                    .map_err(|source| TailError::Io {
+                        path: candidate.clone(),
+                        source,
+                    })?;
+            *lines += read;
+            self.finished.push(FilePosition {
+                device: meta.dev(),
+                inode: meta.ino(),
+                fingerprint: Some(wanted),
+                offset: meta.len(),
+                finished: true,
+            });
+            if self.finished.len() > FINISHED_REMEMBERED {
+                self.finished.remove(0);
+            }
+            return Ok(());
+        }
+        Ok(())
+    }
+}
+
+/// Hands out every line of `file` in `[from, to)`, the last one even
+/// without a newline, reading a chunk (doubled for a longer line) at a time.
+fn read_lines_to_end(
+    file: &File,
+    from: u64,
+    to: u64,
+    buffer: &mut Vec<u8>,
+    on_line: &mut impl FnMut(&[u8]),
+) -> io::Result<u64> {
+    let (mut at, mut lines, mut chunk) = (from, 0, READ_CHUNK);
+    while at < to {
+        let end = to.min(at.saturating_add(chunk as u64));
+        read_at(file, at, end, buffer)?;
+        let cut = match memchr::memrchr(b'\n', buffer) {
+            _ if end == to => buffer.len(),
+            Some(newline) => newline + 1,
+            None => {
+                chunk = chunk.saturating_mul(2);
+                continue;
+            }
+        };
+        if cut == 0 {
+            break; // the file is shorter than it was
+        }
+        let body = &buffer[..cut];
+        for line in body
+            .strip_suffix(b"\n")
+            .unwrap_or(body)
+            .split(|b| *b == b'\n')
+        {
+            on_line(line);
+            lines += 1;
+        }
+        at += cut as u64;
+    }
+    buffer.clear();
+    Ok(lines)
 }
 
 fn has_data(file: &File) -> bool {

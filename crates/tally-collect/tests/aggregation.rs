@@ -119,7 +119,7 @@ fn check_route_totals(out: &[WindowUsage], expected: &ExpectedTotals) {
         assert_eq!(g[Meter::EgressBytes as usize], t.egress_bytes, "{route}");
         assert_eq!(
             g[Meter::ConnectionSeconds as usize],
-            t.connection_millis / 1000,
+            t.connection_millis,
             "{route}"
         );
     }

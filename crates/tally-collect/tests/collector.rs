@@ -20,9 +20,8 @@ fn corpus_totals_reach_the_outbox_and_acknowledged_events_leave_it() {
         projects: 4,
         ..CorpusConfig::default()
     };
-    // All files are written before the collector starts: only the newest is
-    // at the path, so write without rotation here (the tail and crash tests
-    // cover rotation).
+    // One file, no rotation: the tail, logrotate and crash tests cover
+    // rotation.
     let (expected, _) = write_corpus(corpus, &log_path, None).unwrap();
     let config = CollectorConfig {
         max_read_bytes: 1 << 20,
@@ -127,7 +126,9 @@ fn a_state_directory_keeps_its_window_size() {
     assert!(Collector::open(later).is_ok());
 }
 
-fn connection_seconds(collector: &Collector) -> BTreeMap<(String, i64), u64> {
+/// Connection time per (route, window), in milliseconds: the events carry
+/// exact decimal seconds.
+fn connection_seconds(collector: &Collector) -> BTreeMap<(String, i64), u128> {
     let mut seconds = BTreeMap::new();
     for event in collector.pending(usize::MAX).unwrap() {
         assert_eq!(
@@ -139,7 +140,7 @@ fn connection_seconds(collector: &Collector) -> BTreeMap<(String, i64), u64> {
             .as_str()
             .unwrap()
             .to_owned();
-        let value: u64 = data["value"].as_str().unwrap().parse().unwrap();
+        let value = tally_collect::seconds_as_millis(data["value"].as_str().unwrap()).unwrap();
         *seconds
             .entry((route, event.time.as_millisecond()))
             .or_default() += value;
@@ -190,16 +191,16 @@ fn gauge_samples_are_integrated_once_across_reopening() {
         collector.push_gauges(next, max_gap).unwrap();
     }
     collector.flush().unwrap();
-    let want: BTreeMap<(String, i64), u64> = [
+    let want: BTreeMap<(String, i64), u128> = [
         // web: 3 × [5, 10), 3 × [10, 15) + 2 × [15, 20), 2 × [20, 25), 1 × [65, 70)
-        (("web".to_owned(), 0), 15),
-        (("web".to_owned(), 10_000), 25),
-        (("web".to_owned(), 20_000), 10),
-        (("web".to_owned(), 60_000), 5),
+        (("web".to_owned(), 0), 15_000),
+        (("web".to_owned(), 10_000), 25_000),
+        (("web".to_owned(), 20_000), 10_000),
+        (("web".to_owned(), 60_000), 5_000),
         // api: 1 × [5, 15), 1 × [65, 70)
-        (("api".to_owned(), 0), 5),
-        (("api".to_owned(), 10_000), 5),
-        (("api".to_owned(), 60_000), 5),
+        (("api".to_owned(), 0), 5_000),
+        (("api".to_owned(), 10_000), 5_000),
+        (("api".to_owned(), 60_000), 5_000),
     ]
     .into_iter()
     .collect();
@@ -256,11 +257,12 @@ fn lifecycle_records_apply_once_and_open_connections_survive_reopening() {
     // No event moves time past 3:00; the clock does: c1 is still open and
     // billed up to the end of every closed window.
     collector.advance_to(180_000).unwrap();
-    let want: BTreeMap<(String, i64), u64> = [
-        (("ws".to_owned(), 0), 50),
-        (("ws".to_owned(), 60_000), 60),
-        (("ws".to_owned(), 120_000), 60),
-        (("api".to_owned(), 0), 30),
+    let want: BTreeMap<(String, i64), u128> = [
+        (("ws".to_owned(), 0), 50_000),
+        (("ws".to_owned(), 60_000), 60_000),
+        (("ws".to_owned(), 120_000), 60_000),
+        // 30.5 s, sent at once: nothing waits for more traffic.
+        (("api".to_owned(), 0), 30_500),
     ]
     .into_iter()
     .collect();
@@ -284,8 +286,8 @@ fn lifecycle_records_apply_once_and_open_connections_survive_reopening() {
     let mut collector = Collector::open_lifecycle(config, horizon).unwrap();
     assert_eq!(collector.poll().unwrap().lines, 3);
     collector.advance_to(300_000).unwrap();
-    let want: BTreeMap<(String, i64), u64> =
-        [(("ws".to_owned(), 180_000), 20)].into_iter().collect();
+    let want: BTreeMap<(String, i64), u128> =
+        [(("ws".to_owned(), 180_000), 20_250)].into_iter().collect();
     assert_eq!(
         connection_seconds(&collector),
         want,

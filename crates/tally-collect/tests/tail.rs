@@ -237,3 +237,102 @@ fn a_copytruncate_copy_is_not_read_again() {
     assert_eq!(lines.len(), 1);
     assert!(lines[0].starts_with("line-0002"));
 }
+
+#[test]
+fn a_first_start_reads_rotated_siblings_oldest_first_and_skips_compressed_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let sibling = |suffix: &str| dir.path().join(format!("access.log{suffix}"));
+    // Written oldest first, as logrotate leaves them; all within one clock
+    // tick possibly: the numbers then order them.
+    fs::write(sibling(".3"), long(1)).unwrap();
+    fs::write(sibling(".2"), long(2) + &long(3)).unwrap();
+    fs::write(sibling(".1"), long(4)).unwrap();
+    append(&path, &long(5));
+    // Not read: compressed rotations and files that are not rotations.
+    fs::write(sibling(".4.gz"), b"\x1f\x8b compressed\n").unwrap();
+    fs::write(sibling(".bak"), long(90)).unwrap();
+    fs::write(dir.path().join("other.log.1"), long(91)).unwrap();
+    let mut tailer = FileTailer::open(&path, &[]).unwrap();
+    let lines = drain(&mut tailer);
+    let ids: Vec<_> = lines.iter().map(|l| &l[..9]).collect();
+    assert_eq!(
+        ids,
+        [
+            "line-0001",
+            "line-0002",
+            "line-0003",
+            "line-0004",
+            "line-0005"
+        ]
+    );
+    // logrotate (create) renames every file one up and starts a new one:
+    // nothing is read twice, and the new lines are read once.
+    fs::rename(sibling(".3"), sibling(".4")).unwrap();
+    fs::rename(sibling(".2"), sibling(".3")).unwrap();
+    fs::rename(sibling(".1"), sibling(".2")).unwrap();
+    fs::rename(&path, sibling(".1")).unwrap();
+    append(&path, &long(6));
+    let lines = drain(&mut tailer);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].starts_with("line-0006"));
+    // And after a restart from the checkpoint, nothing either.
+    let mut tailer = FileTailer::open(&path, &tailer.checkpoint()).unwrap();
+    assert!(drain(&mut tailer).is_empty());
+}
+
+#[test]
+fn rotation_names() {
+    use tally_collect::tail::rotated_sibling;
+    for (suffix, want) in [
+        (".1", Some(Some(1))),
+        (".12", Some(Some(12))),
+        ("-20240501", Some(Some(0))),
+        (".2024-05-01", Some(Some(0))),
+        ("_1", Some(Some(0))),
+        (".1.gz", Some(None)),
+        ("-20240501.xz", Some(None)),
+        (".bak", None),
+        ("", None),
+        (".", None),
+        ("1", None),
+        (".1a", None),
+        (".gz", None),
+    ] {
+        assert_eq!(rotated_sibling(suffix), want, "{suffix:?}");
+    }
+}
+
+#[test]
+fn copytruncate_reads_what_the_copy_holds_past_the_position_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    append(&path, &(long(1) + &long(2)));
+    let mut tailer = FileTailer::open(&path, &[]).unwrap();
+    assert_eq!(drain(&mut tailer).len(), 2);
+    // Written after the last poll, then copied and truncated before the
+    // next one (the race copytruncate always has): the copy still holds it.
+    append(&path, &(long(3) + "tail-no-newline"));
+    fs::copy(&path, dir.path().join("access.log.1")).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    append(&path, &long(4));
+    let lines = drain(&mut tailer);
+    let ids: Vec<_> = lines.iter().map(|l| &l[..9]).collect();
+    assert_eq!(ids, ["line-0003", "tail-no-n", "line-0004"]);
+    // The copy is remembered: a later rename rotation does not read it again.
+    fs::rename(
+        dir.path().join("access.log.1"),
+        dir.path().join("access.log.2"),
+    )
+    .unwrap();
+    fs::rename(&path, dir.path().join("access.log.1")).unwrap();
+    append(&path, &long(5));
+    let lines = drain(&mut tailer);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert!(lines[0].starts_with("line-0005"));
+}

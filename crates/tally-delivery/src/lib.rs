@@ -13,7 +13,9 @@
 //!   batch was delivered or dead-lettered (so it survives kill -9);
 //! - batching by [`BatchConfig`] `max_items`, `max_bytes` and `timeout`;
 //! - retries with exponential backoff and full jitter, `Retry-After`
-//!   (delta-seconds or HTTP-date, capped), attempt and time limits;
+//!   (delta-seconds or HTTP-date, capped; it throttles the whole sink, so the
+//!   next batch waits it out too, even if the one it answered is given up),
+//!   attempt and time limits, a request timeout;
 //! - a dead-letter list (status, first 4 KiB of the answer, attempts, time)
 //!   to list, re-queue or delete;
 //! - an outcome hook per batch carrying the items' keys, so a caller can

@@ -207,6 +207,7 @@ impl<E: Encoder> SinkBuilder<E> {
             attempt_hook: self.attempt_hook,
             shutdown: shutdown_rx,
             draining: false,
+            throttled_until: None,
         };
         let task = runtime.spawn(driver.run());
         Ok(Sink {
@@ -433,6 +434,9 @@ struct Driver<E> {
     attempt_hook: Option<AttemptHook>,
     shutdown: watch::Receiver<bool>,
     draining: bool,
+    /// The end of the last `Retry-After` the endpoint asked for: no request
+    /// of any batch leaves before it.
+    throttled_until: Option<tokio::time::Instant>,
 }
 
 /// One attempt's result.
@@ -661,7 +665,18 @@ impl<E: Encoder> Driver<E> {
         }
     }
 
-    async fn deliver(&self, entries: Vec<Entry>) {
+    /// Waits out the endpoint's last `Retry-After`, whichever batch it
+    /// answered.
+    async fn wait_throttle(&mut self) {
+        if let Some(until) = self.throttled_until.take()
+            && until > tokio::time::Instant::now()
+        {
+            tracing::debug!(sink = %self.config.id, "throttled by Retry-After");
+            tokio::time::sleep_until(until).await;
+        }
+    }
+
+    async fn deliver(&mut self, entries: Vec<Entry>) {
         let items: Vec<Item> = entries.iter().map(|e| e.item.clone()).collect();
         let encoded = self.encoder.encode(&items).and_then(|request| {
             let body = if request.gzip {
@@ -690,15 +705,21 @@ impl<E: Encoder> Driver<E> {
                     .await;
             }
         };
-        let retry = &self.config.retry;
         let started = Instant::now();
         let mut attempts = 0u32;
         loop {
             attempts += 1;
+            self.wait_throttle().await;
             let attempt = self.attempt(&request, &body).await;
+            let retry = &self.config.retry;
             let delay = match attempt.retry_after {
-                Some(asked) => asked.min(retry.max_retry_after),
-                None => full_jitter(backoff_ceiling(retry, attempts)),
+                Some(asked) if !matches!(attempt.verdict, Verdict::Delivered { .. }) => {
+                    let asked = asked.min(retry.max_retry_after);
+                    // The whole sink waits, not only this batch.
+                    self.throttled_until = Some(tokio::time::Instant::now() + asked);
+                    asked
+                }
+                _ => full_jitter(backoff_ceiling(retry, attempts)),
             };
             let give_up = if attempts >= retry.max_attempts.max(1) {
                 "out of attempts"

@@ -277,6 +277,58 @@ async fn retry_after_is_honoured_in_both_forms_and_capped() {
 }
 
 #[tokio::test]
+async fn retry_after_throttles_the_next_batch_too() {
+    // One attempt per batch: the 429's batch is given up at once, and the
+    // next batch still waits out the Retry-After the endpoint asked for.
+    let receiver = Receiver::start().await;
+    receiver.push_faults([Fault::retry_after(429, "1")]);
+    let mut config = quick("throttle");
+    config.batch.max_items = 1;
+    config.retry.max_attempts = 1;
+    let sink = start_with_items(Sink::builder(config, Lines::new(receiver.url())), 2, 10).await;
+    receiver.wait_for_unique(1, LIMIT).await;
+    let seen = receiver.seen();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen[0].status, 429);
+    let gap = seen[1].at - seen[0].at;
+    assert!(gap >= Duration::from_millis(1000), "{gap:?}");
+    assert!(gap < Duration::from_millis(2500), "{gap:?}");
+    assert_eq!(wait_for_dead_letters(&sink).await.len(), 1);
+
+    // Without Retry-After, the next batch does not wait for the backoff.
+    let receiver = Receiver::start().await;
+    receiver.push_faults([Fault::status(429)]);
+    let mut config = quick("no-throttle");
+    config.batch.max_items = 1;
+    config.retry.max_attempts = 1;
+    config.retry.initial_backoff = Duration::from_secs(5);
+    config.retry.max_backoff = Duration::from_secs(5);
+    let _sink = start_with_items(Sink::builder(config, Lines::new(receiver.url())), 2, 10).await;
+    receiver.wait_for_unique(1, LIMIT).await;
+    let seen = receiver.seen();
+    let gap = seen[1].at - seen[0].at;
+    assert!(gap < Duration::from_millis(900), "{gap:?}");
+}
+
+#[tokio::test]
+async fn a_request_timeout_is_retried_and_configurable() {
+    let receiver = Receiver::start().await;
+    receiver.push_faults([Fault::Hang(Duration::from_secs(3))]);
+    let mut config = quick("timeout");
+    config.retry.request_timeout = Duration::from_millis(200);
+    let started = Instant::now();
+    let _sink = start_with_items(Sink::builder(config, Lines::new(receiver.url())), 1, 10).await;
+    receiver.wait_for_unique(1, LIMIT).await;
+    // The hung request was abandoned after 200 ms and retried, well before
+    // the receiver would have answered it.
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
 async fn permanent_errors_dead_letter_and_do_not_block_later_batches() {
     let receiver = Receiver::start().await;
     receiver.push_faults([Fault::with_body(400, &"bad event ".repeat(1000))]);

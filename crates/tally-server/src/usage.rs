@@ -65,7 +65,7 @@ pub struct UsageAnswer {
 /// CloudEvents binary mode (`ce-*` headers), its `data`.
 #[utoipa::path(
     post, path = "/v1/usage/events", tag = "events",
-    request_body(description = "One platform usage event (CloudEvents 1.0, `id` a ULID, `data.value` an int64 as a string)",
+    request_body(description = "One platform usage event (CloudEvents 1.0, `id` a ULID, `data.value` an int64 as a string, or an exact decimal string with at most 9 fractional digits)",
         content((Object = "application/json"), (Object = "application/cloudevents+json"))),
     responses(
         (status = 200, description = "Stored durably (or recognised as a duplicate)", body = UsageAnswer),
@@ -250,7 +250,10 @@ fn rejection(index: usize, id: Option<String>, errors: &[FieldError]) -> Rejecte
 }
 
 /// The checks the platform contract adds to CloudEvents: `id` is a ULID and
-/// `data.value` is an int64 (as a string, or a JSON integer).
+/// `data.value` is an int64 (as a string, or a JSON integer), or — Tally's
+/// extension, for amounts finer than the unit such as the edge agent's
+/// connection seconds — a decimal string of an int64 and at most
+/// [`MAX_FRACTION_DIGITS`] fractional digits, summed exactly.
 fn platform_errors(event: &Value) -> Vec<FieldError> {
     let mut errors = Vec::new();
     if let Some(id) = event.get("id").and_then(Value::as_str)
@@ -280,15 +283,32 @@ fn platform_errors(event: &Value) -> Vec<FieldError> {
             error_code::MISSING_REQUIRED_FIELD,
             "is required",
         )),
-        Some(Value::String(s)) if s.parse::<i64>().is_ok() => {}
+        Some(Value::String(s)) if s.parse::<i64>().is_ok() || is_exact_decimal(s) => {}
         Some(Value::Number(n)) if n.is_i64() => {}
         Some(other) => errors.push(field_error(
             "data.value",
             error_code::INVALID_VALUE_TYPE,
-            format!("must be an int64 as a string, got {other}"),
+            format!("must be an int64 (or an exact decimal) as a string, got {other}"),
         )),
     }
     errors
+}
+
+/// Fractional digits a platform `data.value` may carry (nanoseconds of a
+/// second); the ledger's decimals hold them exactly.
+const MAX_FRACTION_DIGITS: usize = 9;
+
+/// `<int64>.<1 to 9 digits>`, no exponent, no `+`.
+fn is_exact_decimal(text: &str) -> bool {
+    let Some((whole, fraction)) = text.split_once('.') else {
+        return false;
+    };
+    let digits = whole.strip_prefix('-').unwrap_or(whole);
+    !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && whole.parse::<i64>().is_ok()
+        && (1..=MAX_FRACTION_DIGITS).contains(&fraction.len())
+        && fraction.bytes().all(|b| b.is_ascii_digit())
 }
 
 #[cfg(test)]
@@ -308,8 +328,32 @@ mod tests {
         let codes =
             |v: &Value| -> Vec<String> { platform_errors(v).into_iter().map(|e| e.code).collect() };
         assert_eq!(codes(&event("nope", json!("1"))), ["INVALID_ULID"]);
+        // Exact decimals (the edge agent's connection seconds) are taken;
+        // floats, exponents and more than nanoseconds are not.
+        for exact in ["1.5", "0.035", "-2.000000001", "9223372036854775807.5"] {
+            assert!(
+                platform_errors(&event("01JD4ZQ7Y9T5X3W2V1S0R9Q8P7", json!(exact))).is_empty(),
+                "{exact}"
+            );
+        }
+        for inexact in [
+            "1.",
+            ".5",
+            "1.5.5",
+            "1e3",
+            "1.0000000001",
+            "+1.5",
+            "9223372036854775808.5",
+            "- 1.5",
+        ] {
+            assert_eq!(
+                codes(&event("01JD4ZQ7Y9T5X3W2V1S0R9Q8P7", json!(inexact))),
+                ["INVALID_VALUE_TYPE"],
+                "{inexact}"
+            );
+        }
         assert_eq!(
-            codes(&event("01JD4ZQ7Y9T5X3W2V1S0R9Q8P7", json!("1.5"))),
+            codes(&event("01JD4ZQ7Y9T5X3W2V1S0R9Q8P7", json!(1.5))),
             ["INVALID_VALUE_TYPE"]
         );
         assert_eq!(

@@ -206,15 +206,18 @@ async fn valid_events_are_stored_and_invalid_ones_listed_in_a_207() {
     let batch = json!([
         usage(&good, "acme", json!("7")),
         usage("not-a-ulid", "acme", json!("1")),
-        usage(&ulid(), "acme", json!("1.5")),
+        // An exponent is not an exact decimal string.
+        usage(&ulid(), "acme", json!("1.5e1")),
         missing,
         bad_type,
         too_old,
         usage(&ok, "acme", json!("5")),
+        // Tally's extension: an exact decimal (the edge agent's seconds).
+        usage(&ulid(), "acme", json!("0.25")),
     ]);
     let (status, body) = s.post("/v1/usage/events:batchIngest", None, batch).await;
     assert_eq!(status, 207, "{body}");
-    assert_eq!(body["accepted"], 1, "{body}");
+    assert_eq!(body["accepted"], 2, "{body}");
     assert_eq!(body["duplicates"], 1, "{body}");
     let reasons: Vec<(u64, &str)> = body["rejected"]
         .as_array()
@@ -239,9 +242,9 @@ async fn valid_events_are_stored_and_invalid_ones_listed_in_a_207() {
             .contains("source")
     );
 
-    // Exactly the two valid events count.
+    // Exactly the three valid events count, the decimal exactly.
     let (_, q) = s.get("/api/v1/meters/gateway-requests/query", None).await;
-    assert_eq!(q["data"][0]["value"], 12, "{q}");
+    assert_eq!(q["data"][0]["value"], 12.25, "{q}");
 
     // A lone invalid event is refused in a 207 too.
     let (status, body) = s

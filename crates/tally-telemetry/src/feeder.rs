@@ -131,7 +131,11 @@ impl Feeder {
         config.retry.initial_backoff = retry.backoff;
         config.retry.max_backoff = self.options.max_backoff.max(retry.backoff);
         config.retry.max_retry_after = self.options.max_retry_after;
-        config.retry.request_timeout = self.options.request_timeout;
+        config.retry.max_elapsed = Some(retry.max_elapsed);
+        config.retry.request_timeout = self
+            .config
+            .request_timeout
+            .unwrap_or(self.options.request_timeout);
         config.queue.max_items = self.options.queue_max_batches.max(1);
         config.queue.max_bytes = self.options.queue_max_bytes.max(1);
         config.queue.storage = match &self.options.storage {
@@ -160,7 +164,7 @@ impl Feeder {
                         shared.metrics.add_sent(points - rejected);
                         shared.queued_add(-((points - rejected) as i64));
                         shared.drop_points(DropReason::RejectedByReceiver, rejected, true);
-                        shared.succeed();
+                        shared.succeed(rejected == 0);
                     }
                     BatchResult::DeadLettered { id, reason: why } => {
                         let why = match why.as_str() {

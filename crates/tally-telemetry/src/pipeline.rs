@@ -15,7 +15,8 @@
 //!   `batch.timeout`, converts to delta if the sink asks for it, and queues
 //!   the batches in its `tally-delivery` sink, which sends, retries (OTLP
 //!   rules: 429/502/503/504 and transport errors, with `Retry-After`) and
-//!   gives up after `retry.maxAttempts`. What is given up is dropped and
+//!   gives up after `retry.maxAttempts` or `retry.maxElapsedTime` (default
+//!   5m, a budget for a few minutes of faults). What is given up is dropped and
 //!   counted with a reason; nothing is kept as a dead letter.
 //! - Endpoints are the customer's choice, so every sink sends through one
 //!   [`EgressGuard`](tally_delivery::EgressGuard) built from [`PipelineOptions::egress`]: no loopback,
@@ -377,14 +378,11 @@ impl Pipeline {
                     not_ready.push(("SinkNotStarted", format!("sink {}: {error}", sink.name)));
                     (false, "SinkNotStarted", error)
                 }
-                _ if shared.failing.load(Ordering::Relaxed) => (
-                    false,
-                    "ExportFailing",
-                    format!(
-                        "last error: {}",
-                        status.last_error.as_deref().unwrap_or("unknown")
-                    ),
-                ),
+                _ if shared.failing.load(Ordering::Relaxed) => {
+                    let message = status.failing_message();
+                    not_ready.push(("ExportFailing", format!("sink {}: {message}", sink.name)));
+                    (false, "ExportFailing", message)
+                }
                 _ => match status.last_success_time {
                     Some(at) => (true, "Exporting", format!("last export succeeded at {at}")),
                     None => (true, "Idle", "nothing exported yet".to_owned()),

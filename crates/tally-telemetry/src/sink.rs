@@ -108,9 +108,23 @@ pub struct SinkStatus {
     pub points_queued: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_success_time: Option<Timestamp>,
-    /// The last failure, free of secrets.
+    /// The last failure, free of secrets; cleared by the next clean export.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// When `last_error` happened.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error_time: Option<Timestamp>,
+}
+
+impl SinkStatus {
+    /// The `SinkHealthy`/`Ready` message of a failing sink: its last error
+    /// and when.
+    pub(crate) fn failing_message(&self) -> String {
+        match (&self.last_error, self.last_error_time) {
+            (Some(error), Some(at)) => format!("last error at {at}: {error}"),
+            _ => "last error: unknown".to_owned(),
+        }
+    }
 }
 
 /// Headers of a sink, resolved from secrets: ready, or why not.
@@ -127,7 +141,7 @@ pub(crate) struct SinkShared {
     pub(crate) points_retried: AtomicU64,
     pub(crate) failing: AtomicBool,
     pub(crate) last_success: Mutex<Option<Timestamp>>,
-    pub(crate) last_error: Mutex<Option<String>>,
+    pub(crate) last_error: Mutex<Option<(String, Timestamp)>>,
     pub(crate) start_error: Mutex<Option<String>>,
 }
 
@@ -187,11 +201,16 @@ impl SinkShared {
         let message = self.scrub(&message);
         tracing::debug!(sink = %self.metrics.id(), error = %message, "export failed");
         self.failing.store(true, Ordering::Relaxed);
-        *lock(&self.last_error) = Some(message);
+        *lock(&self.last_error) = Some((message, Timestamp::now()));
     }
 
-    pub(crate) fn succeed(&self) {
+    /// A delivered batch; `clean` if the endpoint refused none of its points
+    /// (a partial refusal stays the last error).
+    pub(crate) fn succeed(&self, clean: bool) {
         self.failing.store(false, Ordering::Relaxed);
+        if clean {
+            *lock(&self.last_error) = None;
+        }
         *lock(&self.last_success) = Some(Timestamp::now());
     }
 
@@ -204,6 +223,7 @@ impl SinkShared {
                 (n > 0).then(|| (r.as_str().to_owned(), n))
             })
             .collect();
+        let last_error = lock(&self.last_error).clone();
         SinkStatus {
             name: name.to_owned(),
             points_received: m.received(),
@@ -213,7 +233,8 @@ impl SinkShared {
             points_dropped,
             points_queued: u64::try_from(self.queued.load(Ordering::Relaxed)).unwrap_or(0),
             last_success_time: *lock(&self.last_success),
-            last_error: lock(&self.last_error).clone(),
+            last_error_time: last_error.as_ref().map(|(_, at)| *at),
+            last_error: last_error.map(|(message, _)| message),
         }
     }
 }

@@ -127,6 +127,10 @@ pub struct OtlpHttpSpec {
     /// `gzip` (default) or `none`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<String>,
+    /// Timeout of one request, from sending to the end of the answer
+    /// (default: the server's, 10s; at most 5m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
 }
 
 /// How the sink authenticates.
@@ -180,8 +184,16 @@ pub struct BatchSpec {
 pub struct RetrySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
+    /// Attempts per batch, the first included (default: no limit but
+    /// `maxElapsedTime`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
+    /// The first backoff (default 2s); it doubles up to the server's
+    /// longest backoff (30s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff: Option<String>,
+    /// No retry starts later than this after a batch's first attempt
+    /// (default 5m, at most 24h): the budget of a fault.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_elapsed_time: Option<String>,
 }

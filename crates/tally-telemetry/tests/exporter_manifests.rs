@@ -42,6 +42,7 @@ fn the_metricsql_shape_parses() {
     assert_eq!(sink.batch.max_size, 500);
     assert!(sink.batch.enabled && sink.retry.enabled);
     assert_eq!(sink.retry.max_attempts, 3);
+    assert_eq!(sink.retry.max_elapsed, Duration::from_secs(300));
     assert_eq!(sink.retry.backoff, Duration::from_secs(2));
     assert_eq!(sink.temporality, Temporality::Cumulative);
     assert_eq!(
@@ -147,6 +148,45 @@ spec:
             "InvalidDuration"
         ]
     );
+}
+
+fn sink_with(fields: &str) -> Result<Exporter, tally_telemetry::InvalidExporter> {
+    let text = format!(
+        "apiVersion: telemetry.datumapis.com/v1alpha1\nkind: Exporter\nmetadata: {{name: t, namespace: ns-a}}\nspec:\n  sources: [{{name: s, metrics: {{metricsql: ''}}}}]\n  sinks: [{{name: k, {fields}}}]\n"
+    );
+    Exporter::from_manifest(&Manifest::parse_documents(&text).unwrap()[0])
+}
+
+#[test]
+fn the_request_timeout_and_the_retry_budget_are_per_sink_and_bounded() {
+    // Defaults: the server's timeout, no attempt limit, five minutes of retries.
+    let e = sink_with("otlp_http: {endpoint: 'https://x'}").unwrap();
+    let sink = &e.sinks[0];
+    assert_eq!(sink.batch.max_size, 8192);
+    assert_eq!(sink.request_timeout, None);
+    assert_eq!(sink.retry.max_attempts, u32::MAX);
+    assert_eq!(sink.retry.max_elapsed, Duration::from_secs(300));
+    let e = sink_with(
+        "otlp_http: {endpoint: 'https://x', timeout: 2500ms}, retry: {maxElapsedTime: 20m, maxAttempts: 50}",
+    )
+    .unwrap();
+    let sink = &e.sinks[0];
+    assert_eq!(sink.request_timeout, Some(Duration::from_millis(2500)));
+    assert_eq!(sink.retry.max_elapsed, Duration::from_secs(1200));
+    assert_eq!(sink.retry.max_attempts, 50);
+    // Bounded: a request of an hour or a budget of two days is refused.
+    let err =
+        sink_with("otlp_http: {endpoint: 'https://x', timeout: 1h}, retry: {maxElapsedTime: 48h}")
+            .unwrap_err();
+    let paths: Vec<_> = err.problems.iter().map(|p| p.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "spec.sinks[0].retry.maxElapsedTime",
+            "spec.sinks[0].otlp_http.timeout"
+        ]
+    );
+    assert!(sink_with("otlp_http: {endpoint: 'https://x', timeout: 0s}").is_err());
 }
 
 struct Secrets(HashMap<(String, String, String), String>);

@@ -184,8 +184,9 @@ pub struct CollectArgs {
     #[arg(long, value_name = "N")]
     resources_poll_secs: Option<u64>,
 
-    /// How often unattributable and malformed lines are summarised in the
-    /// log, with examples, in seconds [default: 60].
+    /// How often unusable lines (one warning per cause) and events the
+    /// ledger rejected (one per reason) are summarised in the log, in
+    /// seconds [default: 60].
     #[arg(long, value_name = "N")]
     diagnostics_every_secs: Option<u64>,
 }

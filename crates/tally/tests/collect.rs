@@ -229,7 +229,7 @@ impl LiveWriter {
     }
 }
 
-/// (namespace, name) → [requests, ingress, egress, seconds].
+/// (namespace, name) → [requests, ingress, egress, connection milliseconds].
 type PerRoute = BTreeMap<(String, String), [u128; 4]>;
 
 fn expected_per_route(expected: &ExpectedTotals) -> PerRoute {
@@ -243,11 +243,37 @@ fn expected_per_route(expected: &ExpectedTotals) -> PerRoute {
                     u128::from(t.requests),
                     t.ingress_bytes,
                     t.egress_bytes,
-                    t.connection_millis / 1000,
+                    t.connection_millis,
                 ],
             )
         })
         .collect()
+}
+
+/// An exact decimal number of seconds as milliseconds (the ledger may
+/// write more fractional digits; past the third they must be zeros).
+fn millis(value: &Value) -> u128 {
+    let text = match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let (whole, fraction) = text.split_once('.').unwrap_or((&text, ""));
+    let (kept, rest) = fraction.split_at(fraction.len().min(3));
+    assert!(
+        rest.bytes().all(|b| b == b'0'),
+        "finer than a millisecond: {text}"
+    );
+    tally_collect::seconds_as_millis(&format!("{whole}.{kept:0<3}"))
+        .unwrap_or_else(|| panic!("not a decimal: {text}"))
+}
+
+/// Column `index` of a [`PerRoute`] from a ledger value.
+fn amount(index: usize, value: &Value) -> u128 {
+    if index == 3 {
+        millis(value)
+    } else {
+        number(value)
+    }
 }
 
 fn number(value: &Value) -> u128 {
@@ -294,7 +320,7 @@ fn metered(base: &str) -> Option<PerRoute> {
                 group["httproute_namespace"].as_str()?.to_owned(),
                 group["httproute_name"].as_str()?.to_owned(),
             );
-            per_route.entry(key).or_default()[index] += number(&row["value"]);
+            per_route.entry(key).or_default()[index] += amount(index, &row["value"]);
         }
     }
     Some(per_route)
@@ -416,7 +442,7 @@ fn assert_metered_by_account(base: &str, expected: &ExpectedTotals) {
             let account = row["groupBy"]["billing_account"]
                 .as_str()
                 .map(str::to_owned);
-            got.entry(account).or_default()[index] += number(&row["value"]);
+            got.entry(account).or_default()[index] += amount(index, &row["value"]);
         }
     }
     assert_eq!(got, want, "usage per billing account");
@@ -1005,25 +1031,25 @@ fn envoy_admin_gauges_become_connection_seconds_once_across_a_kill() {
     std::thread::sleep(Duration::from_secs(3));
     envoy.set_down();
     let millis = envoy.integrated_millis(3_000);
-    let seconds =
-        |gauge: &str| u128::try_from(millis.get(gauge).copied().unwrap_or(0) / 1000).unwrap();
+    let seconds = |gauge: &str| u128::try_from(millis.get(gauge).copied().unwrap_or(0)).unwrap();
     let want = [
         (("ns-web".to_owned(), "site".to_owned()), seconds(WEB)),
         (("ns-api".to_owned(), "api".to_owned()), seconds(API)),
     ];
     assert!(
-        want.iter().all(|(_, s)| *s > 10),
+        want.iter().all(|(_, ms)| *ms > 10_000),
         "the gauges were sampled: {want:?}"
     );
     // Agent and stand-in read the clock a few ms apart per sample, so the
-    // billed seconds may differ from the stand-in's integral by one.
+    // billed milliseconds may differ from the stand-in's integral by a
+    // little (at most a second).
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut got = PerRoute::new();
     while Instant::now() < deadline {
         got = metered(&server.base).unwrap_or_default();
         let close = want.iter().all(|(route, seconds)| {
             got.get(route)
-                .is_some_and(|v| v[3].abs_diff(*seconds) <= 1 && v[..3] == [0, 0, 0])
+                .is_some_and(|v| v[3].abs_diff(*seconds) <= 1_000 && v[..3] == [0, 0, 0])
         });
         if close && got.len() == want.len() {
             break;
@@ -1033,8 +1059,8 @@ fn envoy_admin_gauges_become_connection_seconds_once_across_a_kill() {
     for (route, seconds) in &want {
         let billed = got.get(route).map(|v| v[3]);
         assert!(
-            billed.is_some_and(|b| b.abs_diff(*seconds) <= 1),
-            "{route:?}: want {seconds} s (±1), got {billed:?}; all: {got:?}"
+            billed.is_some_and(|b| b.abs_diff(*seconds) <= 1_000),
+            "{route:?}: want {seconds} ms (±1 s), got {billed:?}; all: {got:?}"
         );
     }
     assert_eq!(got.len(), 2, "only mapped listeners are billed: {got:?}");
@@ -1082,9 +1108,8 @@ struct Connection {
 
 /// What the ledger must hold once the agent accounted connections up to
 /// `until` (ms after the start minute): per route, the exact milliseconds
-/// of its connections, as whole seconds rounded down (the aggregator
-/// carries each route's remainder, so its seconds always add up to
-/// floor(total ms / 1000)).
+/// of its connections (sent as exact decimal seconds, summed exactly by
+/// the ledger: no remainder waits for more traffic).
 fn lifecycle_expected(connections: &[Connection], until: i64) -> ExpectedTotals {
     let mut expected = ExpectedTotals::default();
     for connection in connections {
@@ -1290,7 +1315,7 @@ fn connection_lifecycle_events_bill_open_connections_every_minute_once_across_a_
             .values()
             .map(|v| v[3])
             .collect::<Vec<_>>(),
-        [399, 425, 535]
+        [399_999, 425_750, 535_000]
     );
     assert_metered(&server.base, &expected, within);
 
@@ -1309,9 +1334,14 @@ fn connection_lifecycle_events_bill_open_connections_every_minute_once_across_a_
         .unwrap()
         .iter()
         .filter(|row| row["groupBy"]["httproute_name"] == "feed")
-        .map(|row| number(&row["value"]))
+        .map(|row| millis(&row["value"]))
         .collect();
-    assert_eq!(feed_minutes, [55, 60, 60, 60, 60, 60, 60, 60, 60]);
+    assert_eq!(
+        feed_minutes,
+        [
+            55_000, 60_000, 60_000, 60_000, 60_000, 60_000, 60_000, 60_000, 60_000
+        ]
+    );
     // Retries: five, two, then two after the restart (the applied pairs
     // are checkpointed); the TCPRoute connection is reported.
     let dropped = |reason: &str| {

@@ -89,7 +89,8 @@ struct Reported {
     lines: u64,
     events: u64,
     problems: HashMap<LineProblem, u64>,
-    summarised: u64,
+    /// Counts per cause at the last summary.
+    summarised: HashMap<LineProblem, u64>,
 }
 
 /// When the admin input samples next.
@@ -411,33 +412,31 @@ impl InputRunner {
         }
     }
 
-    /// The periodic log line about lines that could not be used.
+    /// The periodic log lines about lines that could not be used: one
+    /// warning per cause seen since the last summary (never one per line),
+    /// with how many, the total, and for unattributable ones an example. Every line is also counted in
+    /// `tally_component_dropped_total{reason}` as it is read.
     fn summarise(&self, collector: &Collector, reported: &mut Reported) {
         let diagnostics = collector.diagnostics();
-        let total = diagnostics.malformed() + diagnostics.unattributable();
-        if total == reported.summarised {
-            return;
+        for (problem, total) in &diagnostics.counts {
+            let before = reported.summarised.insert(*problem, *total).unwrap_or(0);
+            if *total <= before {
+                continue;
+            }
+            let example = diagnostics
+                .examples
+                .get(problem)
+                .filter(|_| problem.is_unattributable())
+                .and_then(|lines| lines.first())
+                .map(String::as_str);
+            tracing::warn!(
+                input = %self.spec.name,
+                reason = problem.as_str(),
+                lines = total - before,
+                total,
+                example = example.unwrap_or("-"),
+                "input lines that could not be used"
+            );
         }
-        reported.summarised = total;
-        let examples: Vec<&str> = diagnostics
-            .examples
-            .iter()
-            .filter(|(problem, _)| problem.is_unattributable())
-            .flat_map(|(_, lines)| lines.iter().map(String::as_str))
-            .take(3)
-            .collect();
-        let counts: Vec<String> = diagnostics
-            .counts
-            .iter()
-            .map(|(problem, n)| format!("{}={n}", problem.as_str()))
-            .collect();
-        tracing::warn!(
-            input = %self.spec.name,
-            unattributable = diagnostics.unattributable(),
-            malformed = diagnostics.malformed(),
-            counts = %counts.join(","),
-            examples = ?examples,
-            "lines that could not be attributed to an HTTPRoute or parsed"
-        );
     }
 }

@@ -2,8 +2,9 @@
 //! (`POST /v1/usage/events:batchIngest`) and the routing of its outcomes
 //! back to the inputs whose outboxes hold the events.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
 
 use axum::http::{StatusCode, header};
 use serde::Deserialize;
@@ -54,6 +55,45 @@ pub(crate) struct LedgerEncoder {
     pub(crate) url: reqwest::Url,
     pub(crate) token: Option<Secret>,
     pub(crate) rejected: Arc<ComponentMetrics>,
+    pub(crate) warnings: WarnOnce,
+}
+
+/// One warning per cause per interval: the first occurrence of a cause is
+/// logged at once, later ones are counted and logged (with how many) once
+/// the interval since the last warning of that cause has passed.
+pub(crate) struct WarnOnce {
+    every: Duration,
+    /// Per cause: when it was last logged, and occurrences since.
+    causes: Mutex<HashMap<String, (Instant, u64)>>,
+}
+
+impl WarnOnce {
+    pub(crate) fn new(every: Duration) -> Self {
+        WarnOnce {
+            every,
+            causes: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Counts `n` occurrences of `cause`; `Some(count)` when a warning is
+    /// due now, with the occurrences it covers.
+    pub(crate) fn due(&self, cause: &str, n: u64, now: Instant) -> Option<u64> {
+        let mut causes = self.causes.lock().unwrap_or_else(|p| p.into_inner());
+        match causes.get_mut(cause) {
+            None => {
+                causes.insert(cause.to_owned(), (now, 0));
+                Some(n)
+            }
+            Some((last, pending)) => {
+                *pending += n;
+                if now.duration_since(*last) < self.every {
+                    return None;
+                }
+                *last = now;
+                Some(std::mem::take(pending))
+            }
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -109,18 +149,51 @@ impl Encoder for LedgerEncoder {
                 Vec::new()
             }
         };
+        let mut by_reason: BTreeMap<&str, (u64, &RejectedEvent)> = BTreeMap::new();
         for event in &rejected {
-            tracing::warn!(
-                id = event.id.as_deref().unwrap_or("-"),
-                reason = %event.reason,
-                detail = %event.detail,
-                "the ledger rejected a usage event; it is not sent again"
-            );
             self.rejected
                 .add_error(&format!("rejected_{}", event.reason));
+            by_reason.entry(&event.reason).or_insert((0, event)).0 += 1;
+        }
+        let now = Instant::now();
+        for (reason, (n, example)) in by_reason {
+            if let Some(events) = self.warnings.due(reason, n, now) {
+                tracing::warn!(
+                    reason,
+                    events,
+                    example_id = example.id.as_deref().unwrap_or("-"),
+                    detail = %example.detail,
+                    "the ledger rejected usage events; they are not sent again"
+                );
+            }
         }
         Verdict::Delivered {
             rejected: rejected.len() as u64,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_warning_per_cause_per_interval() {
+        let warn = WarnOnce::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        assert_eq!(warn.due("TOO_LATE", 2, t0), Some(2), "the first at once");
+        assert_eq!(warn.due("TOO_LATE", 5, t0 + Duration::from_secs(1)), None);
+        assert_eq!(
+            warn.due("INVALID", 1, t0 + Duration::from_secs(2)),
+            Some(1),
+            "per cause"
+        );
+        assert_eq!(warn.due("TOO_LATE", 1, t0 + Duration::from_secs(59)), None);
+        // The next warning covers every occurrence since the last one.
+        assert_eq!(
+            warn.due("TOO_LATE", 1, t0 + Duration::from_secs(61)),
+            Some(7)
+        );
+        assert_eq!(warn.due("TOO_LATE", 1, t0 + Duration::from_secs(62)), None);
     }
 }

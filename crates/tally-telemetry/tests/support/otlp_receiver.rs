@@ -68,6 +68,23 @@ pub struct Endpoint {
     /// Data points per accepted request.
     pub batch_sizes: Vec<usize>,
     pub refused: Vec<String>,
+    /// Once `faults` is empty: this share of requests (per mille) answers
+    /// 503, drawn from a seeded xorshift (reproducible).
+    pub fault_rate: Option<(u64, u64)>,
+}
+
+impl Endpoint {
+    /// The next fault: a queued one, else a random one at `fault_rate`.
+    fn next_fault(&mut self) -> Option<Fault> {
+        if let Some(fault) = self.faults.pop_front() {
+            return Some(fault);
+        }
+        let (per_mille, state) = self.fault_rate.as_mut()?;
+        *state ^= *state << 13;
+        *state ^= *state >> 7;
+        *state ^= *state << 17;
+        (*state % 1000 < *per_mille).then_some(Fault::Status(503, None))
+    }
 }
 
 #[derive(Clone, Default)]
@@ -194,7 +211,7 @@ async fn handle(
         endpoint
             .content
             .push((content_type.clone(), encoding.clone()));
-        endpoint.faults.pop_front()
+        endpoint.next_fault()
     };
     let partial = match fault {
         Some(Fault::Status(status, retry_after)) => {
@@ -302,6 +319,17 @@ impl Receiver {
             .or_default()
             .faults
             .extend(faults);
+    }
+
+    /// Fails `per_mille` of endpoint `name`'s requests with a 503, at random
+    /// from `seed` (non-zero), after any queued faults.
+    pub fn fail_at_random(&self, name: &str, per_mille: u64, seed: u64) {
+        self.endpoints
+            .lock()
+            .unwrap()
+            .entry(name.to_owned())
+            .or_default()
+            .fault_rate = Some((per_mille, seed.max(1)));
     }
 
     /// Runs `f` on what endpoint `name` saw.
