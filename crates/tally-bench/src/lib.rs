@@ -11,9 +11,12 @@
 //! The load generator runs in the server's process by default, sharing its
 //! cores; `load_process` runs it as a child process (`tally bench
 //! --load-only-to URL`), so the server's own CPU use can be told apart. The
-//! report gives CPU time per event (the writer thread's and the server
-//! process's, from `/proc/self/task/*/schedstat`) and how long the writer
-//! waited for a core: on a shared machine the rate alone says little.
+//! report gives CPU time per event (the writer thread's, the materialiser's
+//! and the server process's, from `/proc/self/task/*/schedstat`) and how
+//! long the writer waited for a core: on a shared machine the rate alone
+//! says little. Ingest is timed twice: until the last event is acknowledged,
+//! and until it is also materialised (rollups written, no tail left); the
+//! second is the figure that counts.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -297,6 +300,7 @@ struct Cpu {
     process_ns: u64,
     writer_ns: u64,
     writer_wait_ns: u64,
+    materialiser_ns: u64,
 }
 
 fn cpu() -> Cpu {
@@ -313,9 +317,13 @@ fn cpu() -> Cpu {
             .map(|f| f.parse::<u64>().unwrap_or(0));
         let (on_cpu, waiting) = (fields.next().unwrap_or(0), fields.next().unwrap_or(0));
         total.process_ns += on_cpu;
-        if comm.trim() == "tally-writer" {
-            total.writer_ns += on_cpu;
-            total.writer_wait_ns += waiting;
+        match comm.trim() {
+            "tally-writer" => {
+                total.writer_ns += on_cpu;
+                total.writer_wait_ns += waiting;
+            }
+            "tally-material" => total.materialiser_ns += on_cpu,
+            _ => {}
         }
     }
     total
@@ -376,7 +384,12 @@ async fn timed_queries(
 
 /// What the ingest phase measured.
 struct Ingested {
+    /// Until the last event was acknowledged.
     elapsed: Duration,
+    /// Until the last event was also materialised.
+    materialised: Duration,
+    /// The oldest unmaterialised event's age, sampled while ingesting.
+    lag_samples: Vec<Duration>,
     group_commits: u64,
     cpu: Cpu,
     /// Resident memory before sending: the load generator's bodies.
@@ -422,12 +435,21 @@ async fn ingest(
     eprintln!("ingesting over {} connections...", o.connections);
     let cpu_before = cpu();
     let start = Instant::now();
+    let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sampler = tokio::spawn(sample_lag(ledger.clone(), Arc::clone(&samples)));
     match (&mut child, bodies_in_process.take()) {
         (Some(child), _) => child.go().await?,
         (None, Some(bodies)) => send_all(client, base, bodies, o.connections).await?,
         (None, None) => bail!("no load generator"),
     }
     let elapsed = start.elapsed();
+    while ledger.stats().materialise_lag_events > 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let materialised = start.elapsed();
+    sampler.abort();
+    let mut lag_samples = samples.lock().map(|s| s.clone()).unwrap_or_default();
+    lag_samples.sort();
     let cpu_after = cpu();
     let stats = ledger.stats();
     if stats.events_accepted_total != o.events as u64 {
@@ -439,8 +461,13 @@ async fn ingest(
     }
     Ok(Ingested {
         elapsed,
+        materialised,
+        lag_samples,
         group_commits: stats.group_commits_total,
         cpu: Cpu {
+            materialiser_ns: cpu_after
+                .materialiser_ns
+                .saturating_sub(cpu_before.materialiser_ns),
             writer_ns: cpu_after.writer_ns.saturating_sub(cpu_before.writer_ns),
             writer_wait_ns: cpu_after
                 .writer_wait_ns
@@ -449,6 +476,18 @@ async fn ingest(
         },
         rss_before_kib,
     })
+}
+
+/// Samples into `samples`, every 20 ms until aborted, how long the oldest
+/// acknowledged but unmaterialised event has waited.
+async fn sample_lag(ledger: EmbeddedLedger, samples: Arc<std::sync::Mutex<Vec<Duration>>>) {
+    loop {
+        let lag = ledger.stats().materialise_lag_seconds;
+        if let Ok(mut s) = samples.lock() {
+            s.push(Duration::from_secs_f64(lag));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Waits (up to twenty minutes) until the writer thread used under 2 % of
@@ -556,15 +595,29 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<()> {
         None => println!("ingest: skipped (--queries-only on the store of an earlier run)"),
         Some(i) => {
             println!(
-                "ingest: {:.0} events/s ({:.1} s, durable + deduplicated, {} group commits)",
+                "ingest: {:.0} events/s acknowledged and materialised ({:.1} s); {:.0} events/s acknowledged ({:.1} s, durable + deduplicated, {} group commits)",
+                o.events as f64 / i.materialised.as_secs_f64(),
+                i.materialised.as_secs_f64(),
                 o.events as f64 / i.elapsed.as_secs_f64(),
                 i.elapsed.as_secs_f64(),
                 i.group_commits
             );
             println!(
-                "cpu: writer thread {:.1} µs/event (+{:.1} µs/event waiting for a core), server process {:.1} µs/event{}",
+                "ack to materialised (oldest unmaterialised event's age, sampled every 20 ms): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+                percentile(&i.lag_samples, 0.5).as_secs_f64() * 1e3,
+                percentile(&i.lag_samples, 0.99).as_secs_f64() * 1e3,
+                i.lag_samples
+                    .last()
+                    .copied()
+                    .unwrap_or_default()
+                    .as_secs_f64()
+                    * 1e3
+            );
+            println!(
+                "cpu: writer thread {:.1} µs/event (+{:.1} µs/event waiting for a core), materialiser thread {:.1} µs/event, server process {:.1} µs/event{}",
                 i.cpu.writer_ns as f64 / 1e3 / events,
                 i.cpu.writer_wait_ns as f64 / 1e3 / events,
+                i.cpu.materialiser_ns as f64 / 1e3 / events,
                 i.cpu.process_ns as f64 / 1e3 / events,
                 if o.load_process {
                     " (load generator in its own process, not counted)"
@@ -612,6 +665,10 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<()> {
         },
         stats.disk_bytes as f64 / 1_048_576.0 / millions,
         stats.journal_bytes as f64 / 1_048_576.0 / millions,
+    );
+    println!(
+        "disk without the journal: {:.0} bytes per event",
+        stats.disk_bytes.saturating_sub(stats.journal_bytes) as f64 / events
     );
     Ok(())
 }

@@ -278,6 +278,13 @@ pub struct LedgerStats {
     /// given back as memtables are flushed to tables.
     #[serde(default)]
     pub journal_bytes: u64,
+    /// Acknowledged events whose derived state (rollups, quarantine) is
+    /// not yet materialised; queries count them all the same.
+    #[serde(default)]
+    pub materialise_lag_events: u64,
+    /// How long ago the oldest of them was acknowledged.
+    #[serde(default)]
+    pub materialise_lag_seconds: f64,
     pub kinds: BTreeMap<String, u64>,
 }
 

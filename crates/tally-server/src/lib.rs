@@ -512,6 +512,17 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         "gauge",
         s.journal_bytes,
     );
+    counter(
+        "tally_materialise_lag_events",
+        "Acknowledged events not yet materialised into rollups (queries count them all the same).",
+        "gauge",
+        s.materialise_lag_events,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP tally_materialise_lag_seconds Age of the oldest acknowledged event not yet materialised.\n# TYPE tally_materialise_lag_seconds gauge\ntally_materialise_lag_seconds {:.3}",
+        s.materialise_lag_seconds
+    );
     let _ = writeln!(
         out,
         "# HELP tally_resources Resources in the catalog.\n# TYPE tally_resources gauge"

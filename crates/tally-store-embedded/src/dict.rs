@@ -2,14 +2,16 @@
 //! rollup key is 18 bytes (see [`crate::keys`]).
 //!
 //! Entries live in `meta` (`dict/i/<id>` → entry, `dict/n/<entry>` → id) and
-//! are written in the same batch as the first rollup that uses them, so a
-//! stored key never names an id the store does not hold. Entries are never
+//! are written in the same batch as the first rollup that uses them (for
+//! ingest, the materialiser's batch of the tail chunk that introduced them),
+//! so a stored key never names an id the store does not hold. Entries are never
 //! removed: subjects and group values are few next to events.
 //!
 //! The writer keeps its own maps ([`WriterDict`]); ids it hands out are
 //! *fresh* until their batch commits, and handed out again if it does not.
 //! Readers use [`ReaderDict`], which the writer extends after each commit
-//! and before it answers; a reader whose snapshot is newer than its copy
+//! (for ingest: before it pushes the tail chunk naming the new ids) and
+//! before it answers; a reader whose snapshot is newer than its copy
 //! reads the missing entries from the snapshot.
 
 use std::collections::HashMap;
@@ -77,11 +79,7 @@ impl WriterDict {
 
     /// Adds the fresh entries to a batch that is about to be committed.
     pub fn write_fresh(&self, batch: &mut fjall::OwnedWriteBatch, meta: &fjall::Keyspace) {
-        for (id, entry) in &self.fresh {
-            let encoded = entry.encode();
-            batch.insert(meta, keys::dict_name_key(&encoded), id.to_be_bytes());
-            batch.insert(meta, keys::dict_id_key(*id), encoded);
-        }
+        write_entries(batch, meta, &self.fresh);
     }
 
     /// The fresh entries were committed: they are ordinary entries now.
@@ -105,6 +103,19 @@ impl WriterDict {
             }
         }
         self.next_id = first;
+    }
+}
+
+/// Adds entries to a batch: both directions of each.
+pub(crate) fn write_entries(
+    batch: &mut fjall::OwnedWriteBatch,
+    meta: &fjall::Keyspace,
+    entries: &[(u32, DictEntry)],
+) {
+    for (id, entry) in entries {
+        let encoded = entry.encode();
+        batch.insert(meta, keys::dict_name_key(&encoded), id.to_be_bytes());
+        batch.insert(meta, keys::dict_id_key(*id), encoded);
     }
 }
 

@@ -11,6 +11,7 @@
 //! | `void_order` | void ordinal (u64 BE, 0, 1, ... in recording order)        | seq (u64 BE) of the voided event |
 //! | `catalog`    | kind `/` name                                              | manifest JSON |
 //! | `meta`       | `meter/<name>`                                             | JSON [`MeterState`] |
+//! | `meta`       | `materialised`                                             | log position (u64 BE): rollups, dedupe, quarantine and dictionary hold every event below it |
 //! | `meta`       | `dict/i/` id (u32 BE)                                      | dictionary entry: `s` + subject, or `g` + count (u32 BE) + groups |
 //! | `meta`       | `dict/n/` dictionary entry                                 | id (u32 BE) |
 
@@ -479,9 +480,11 @@ pub const FORMAT_KEY: &str = "format";
 /// their event count (`AggState::Sum { sum, count }`). 3: rollup keys are
 /// 18 bytes, with subjects and group values interned in the dictionary. 4:
 /// day buckets are time-major and merge all groups; dedupe keys begin with
-/// a hash (a format-3 store is upgraded when opened: see
-/// [`crate::upgrade`]).
-pub const FORMAT: u64 = 4;
+/// a hash. 5: rollups, dedupe, quarantine and dictionary entries may lag
+/// the log;
+/// `meta` `materialised` (u64 BE) is the log position they include (format
+/// 3 and 4 stores are upgraded when opened: see `writer/upgrade.rs`).
+pub const FORMAT: u64 = 5;
 pub const GARBAGE_PREFIX: &str = "garbage/";
 
 #[cfg(test)]

@@ -11,15 +11,20 @@
 //! depend on the filter, only the cost does.
 //!
 //! No false negatives holds because every key the keyspace can hold is in
-//! the filter: the writer (the only one that writes these keyspaces) adds
-//! each key it writes, and a scan adds the keys that were there when the
-//! store opened. Until that scan has finished, the filter answers "maybe"
+//! the filter: a key is added before it can be written (the dedupe filter
+//! learns each key when the writer hands it to the tail; the rollup filter
+//! each key the holder of the derived store's lock writes), and a scan adds
+//! the keys that were there when the store opened. Until that scan has finished, the filter answers "maybe"
 //! to everything. Removed keys stay in the filter (they only cost a read).
 //!
 //! The filter is a blocked Bloom filter (one 512-bit block per key, 8 bits
 //! set in it; about 1–2 % false positives at 12 bits per key). When more
 //! keys arrive than it was sized for, a layer twice as large is added, so
-//! the false-positive rate stays bounded as the store grows.
+//! the false-positive rate stays bounded as the store grows, up to a memory
+//! budget: a layer that would pass it is not added; the filter is
+//! *saturated* instead (its layers freed) and answers "maybe" from then on,
+//! so every read goes to the store and its own filters. Memory is bounded
+//! by the budget, never by how many keys the store holds.
 
 /// Bits of filter per key a layer is sized for.
 const BITS_PER_KEY: usize = 12;
@@ -88,20 +93,43 @@ pub(crate) struct KnownKeys {
     layers: Vec<Layer>,
     scan: Scan,
     hash: fn(&[u8]) -> u64,
+    /// Most bytes the layers may take.
+    budget: usize,
+    saturated: bool,
 }
 
 impl KnownKeys {
-    /// A filter sized for about `expected` keys, whose scan has not begun.
-    /// `hash` must spread keys evenly over 64 bits.
-    pub fn new(expected: usize, hash: fn(&[u8]) -> u64) -> KnownKeys {
-        KnownKeys {
-            layers: vec![Layer::new(expected.saturating_mul(2).max(MIN_CAPACITY))],
+    /// A filter sized for about `expected` keys (within `budget` bytes),
+    /// whose scan has not begun. `hash` must spread keys evenly over 64
+    /// bits.
+    pub fn new(expected: usize, hash: fn(&[u8]) -> u64, budget: usize) -> KnownKeys {
+        let mut known = KnownKeys {
+            layers: Vec::new(),
             scan: Scan::From(None),
             hash,
+            budget,
+            saturated: false,
+        };
+        known.add_layer(expected.saturating_mul(2).max(MIN_CAPACITY));
+        known
+    }
+
+    /// Adds a layer for `capacity` keys, or saturates the filter when it
+    /// would pass the budget.
+    fn add_layer(&mut self, capacity: usize) {
+        let bytes = (capacity * BITS_PER_KEY).div_ceil(512).max(1) * 64;
+        if self.bytes() + bytes > self.budget {
+            self.saturated = true;
+            self.layers = Vec::new();
+            return;
         }
+        self.layers.push(Layer::new(capacity));
     }
 
     pub fn insert(&mut self, key: &[u8]) {
+        if self.saturated {
+            return;
+        }
         let hash = (self.hash)(key);
         let full = self
             .layers
@@ -112,16 +140,21 @@ impl KnownKeys {
                 .layers
                 .last()
                 .map_or(MIN_CAPACITY, |layer| layer.capacity * 2);
-            self.layers.push(Layer::new(capacity));
+            self.add_layer(capacity);
         }
         if let Some(layer) = self.layers.last_mut() {
             layer.insert(hash);
         }
     }
 
+    /// Whether the budget was reached: the filter answers "maybe" for good.
+    pub fn saturated(&self) -> bool {
+        self.saturated
+    }
+
     /// False only when the keyspace certainly does not hold `key`.
     pub fn may_contain(&self, key: &[u8]) -> bool {
-        if self.scan != Scan::Done {
+        if self.scan != Scan::Done || self.saturated {
             return true;
         }
         let hash = (self.hash)(key);
@@ -160,15 +193,17 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    const UNBOUNDED: usize = usize::MAX / 2;
+
     fn ready(expected: usize) -> KnownKeys {
-        let mut known = KnownKeys::new(expected, hash_key);
+        let mut known = KnownKeys::new(expected, hash_key, UNBOUNDED);
         known.set_scan(Scan::Done);
         known
     }
 
     #[test]
     fn says_maybe_to_everything_until_the_scan_is_done() {
-        let mut known = KnownKeys::new(10, hash_key);
+        let mut known = KnownKeys::new(10, hash_key, UNBOUNDED);
         assert!(known.may_contain(b"anything"));
         known.set_scan(Scan::Done);
         assert!(!known.may_contain(b"anything"));
@@ -186,6 +221,28 @@ mod tests {
             .filter(|i| known.may_contain(&i.to_be_bytes()))
             .count();
         assert!(false_positives < 5_000, "{false_positives} of 100000");
+    }
+
+    #[test]
+    fn a_filter_at_its_budget_saturates_and_says_maybe() {
+        // Room for the first layer (1 Mi keys, 1.5 MiB), not a second.
+        let mut known = KnownKeys::new(0, hash_key, 2 << 20);
+        known.set_scan(Scan::Done);
+        let first = Layer::new(MIN_CAPACITY).blocks.len() * 64;
+        assert_eq!(known.bytes(), first);
+        assert!(!known.may_contain(b"absent"));
+        for i in 0..(MIN_CAPACITY + 1) as u64 {
+            known.insert(&i.to_be_bytes());
+        }
+        assert!(known.saturated());
+        assert_eq!(known.bytes(), 0);
+        assert!(
+            known.may_contain(b"absent"),
+            "a saturated filter says maybe"
+        );
+        // Too small for even one layer: saturated from the start.
+        let tiny = KnownKeys::new(0, hash_key, 1);
+        assert!(tiny.saturated());
     }
 
     proptest! {

@@ -1,18 +1,24 @@
 //! The embedded usage ledger.
 //!
 //! One fjall database holds the event log, the exact dedupe index, the
-//! per-meter rollups, the quarantine and the catalog. One writer thread
-//! ([`writer`]) changes them, in atomic batches that are fsync'd before any
-//! request is answered, so the log, the dedupe index and the rollups never
-//! disagree, even after `kill -9`. Reads run concurrently on snapshots of the
-//! committed state.
+//! per-meter rollups, the quarantine and the catalog. The log is the truth:
+//! one writer thread ([`writer`]) decides which events are duplicates,
+//! appends the others in one fsync'd batch and answers; rollups, the dedupe
+//! index, quarantine and dictionary entries are derived from the log behind
+//! the answer, in bulk, by the materialiser ([`materialise`]), which records the
+//! log position it included. What is acknowledged but not yet materialised
+//! waits in memory ([`tail`]); reads merge a snapshot of the store with it,
+//! so an acknowledged event is in the very next answer. After `kill -9` the
+//! store opens at its recorded position and replays the rest of the log.
 
 mod changes;
 mod dict;
 mod keys;
 mod known;
+mod materialise;
 mod read;
 mod resources;
+mod tail;
 mod writer;
 
 pub use resources::EmbeddedResources;
@@ -20,7 +26,7 @@ pub use resources::EmbeddedResources;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions};
 use futures::future::BoxFuture;
@@ -75,10 +81,28 @@ pub struct StoreConfig {
     /// read-modify-writes of rollup buckets read (and checksum) blocks from
     /// disk, which is what bounds ingest at a few million events.
     pub cache_bytes: u64,
+    /// Most events acknowledged but not yet materialised (a few hundred
+    /// bytes of memory each: rollup deltas and the dedupe entry). Past it,
+    /// ingest waits for the materialiser.
+    pub max_unmaterialised_events: u64,
+    /// How long acknowledged events may wait for a bulk worth
+    /// materialising to gather.
+    pub materialise_patience: std::time::Duration,
+    /// Most bytes each in-memory key filter (dedupe keys, rollup keys) may
+    /// take; past it the filter steps aside and reads go to the store. With
+    /// the tail's bound, this bounds the dedupe decision's memory whatever
+    /// the horizon holds.
+    pub key_filter_bytes: u64,
 }
 
 /// The default block cache: 256 MiB.
 pub const DEFAULT_CACHE_BYTES: u64 = 256 << 20;
+
+/// The default budget of each key filter: 256 MiB (about 170 M keys).
+pub const DEFAULT_KEY_FILTER_BYTES: u64 = 256 << 20;
+
+/// The default bound of the tail: 500,000 events (under 200 MiB).
+pub const DEFAULT_MAX_UNMATERIALISED_EVENTS: u64 = 500_000;
 
 impl StoreConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> StoreConfig {
@@ -88,6 +112,9 @@ impl StoreConfig {
             max_lateness: SignedDuration::from_hours(32 * 24),
             max_future: tally_ledger::DEFAULT_MAX_FUTURE,
             cache_bytes: DEFAULT_CACHE_BYTES,
+            max_unmaterialised_events: DEFAULT_MAX_UNMATERIALISED_EVENTS,
+            materialise_patience: std::time::Duration::from_millis(100),
+            key_filter_bytes: DEFAULT_KEY_FILTER_BYTES,
         }
     }
 }
@@ -137,6 +164,9 @@ pub(crate) struct Shared {
     state: RwLock<ReadState>,
     pub stats: Stats,
     pub writer_alive: AtomicBool,
+    pub materialiser_alive: AtomicBool,
+    /// Acknowledged events not yet materialised.
+    pub tail: tail::Tail,
     /// Sequence numbers of voided events (rare; kept in memory so log scans
     /// skip them without a lookup). Changed only by the writer.
     pub voided: RwLock<HashSet<u64>>,
@@ -196,8 +226,8 @@ impl Shared {
     }
 }
 
-/// The format of the store: ours, or format 3, which the writer upgrades
-/// when it starts. Refuses any other; marks a new store with ours.
+/// The format of the store: ours, or format 3 or 4, which are upgraded when
+/// the store opens. Refuses any other; marks a new store with ours.
 fn check_format(db: &Database, keyspaces: &Keyspaces, next_seq: u64) -> Result<u64, StoreError> {
     let found = match keyspaces.meta.get(keys::FORMAT_KEY)? {
         Some(raw) => keys::read_u64(&raw)?,
@@ -208,12 +238,13 @@ fn check_format(db: &Database, keyspaces: &Keyspaces, next_seq: u64) -> Result<u
                 keys::FORMAT_KEY,
                 keys::FORMAT.to_be_bytes(),
             );
+            batch.insert(&keyspaces.meta, tail::MATERIALISED_KEY, 0u64.to_be_bytes());
             batch.commit()?;
             return Ok(keys::FORMAT);
         }
         None => 1,
     };
-    if found == keys::FORMAT || found == 3 {
+    if found == keys::FORMAT || found == 3 || found == 4 {
         Ok(found)
     } else {
         Err(StoreError::Format {
@@ -279,6 +310,9 @@ impl EmbeddedLedger {
             None => 0,
         };
         let format = check_format(&db, &keyspaces, next_seq)?;
+        if format != keys::FORMAT {
+            writer::upgrade::record_materialised(&db, &keyspaces, next_seq, format)?;
+        }
         let mut voided = HashSet::new();
         for item in keyspaces.voids.iter() {
             voided.insert(keys::read_u64(&item.key()?)?);
@@ -298,26 +332,34 @@ impl EmbeddedLedger {
             }),
             stats: Stats::default(),
             writer_alive: AtomicBool::new(true),
+            materialiser_alive: AtomicBool::new(true),
+            tail: tail::Tail::default(),
         });
+        let filter_budget = usize::try_from(config.key_filter_bytes).unwrap_or(usize::MAX);
+        let derived = Arc::new(Mutex::new(materialise::FjallDerived::new(
+            Arc::clone(&shared),
+            filter_budget,
+        )));
         let (tx, rx) = mpsc::channel(1024);
         let mut writer = Writer::new(
             Arc::clone(&shared),
             rx,
             next_seq,
-            config.dedupe_horizon.as_secs(),
+            &config,
             writer_dict,
+            Arc::clone(&derived),
         );
         if format == 3 {
             writer.upgrade_from_format_3()?;
         }
-        let stopped = WriterStopped(Arc::clone(&shared));
-        std::thread::Builder::new()
-            .name("tally-writer".into())
-            .spawn(move || {
-                let _stopped = stopped;
-                writer.run();
-            })
-            .map_err(|e| StoreError::Encode(format!("starting the writer thread: {e}")))?;
+        let replayed = writer.replay_tail()?;
+        if replayed > 0 {
+            tracing::info!(
+                events = replayed,
+                "replayed the log past the materialised position"
+            );
+        }
+        start_threads(&shared, writer, derived, config.materialise_patience)?;
         Ok(EmbeddedLedger {
             shared,
             tx,
@@ -358,6 +400,47 @@ impl EmbeddedLedger {
         tokio::task::spawn_blocking(move || f(&shared))
             .await
             .map_err(|e| LedgerError::Storage(format!("read task failed: {e}")))?
+    }
+}
+
+/// Starts the writer and the materialiser threads.
+fn start_threads(
+    shared: &Arc<Shared>,
+    writer: Writer,
+    derived: Arc<Mutex<materialise::FjallDerived>>,
+    patience: std::time::Duration,
+) -> Result<(), StoreError> {
+    let stopped = WriterStopped(Arc::clone(shared));
+    std::thread::Builder::new()
+        .name("tally-writer".into())
+        .spawn(move || {
+            let _stopped = stopped;
+            writer.run();
+        })
+        .map_err(|e| StoreError::Encode(format!("starting the writer thread: {e}")))?;
+    let materialiser = Arc::clone(shared);
+    std::thread::Builder::new()
+        .name("tally-material".into())
+        .spawn(move || {
+            let _stopped = MaterialiserStopped(Arc::clone(&materialiser));
+            materialise::run(&materialiser.tail, &derived, patience);
+        })
+        .map_err(|e| StoreError::Encode(format!("starting the materialiser thread: {e}")))?;
+    Ok(())
+}
+
+/// Marks the materialiser stopped when its thread ends; the writer then
+/// refuses events it could not bound, and [`Ledger::ready`] is false.
+struct MaterialiserStopped(Arc<Shared>);
+
+impl Drop for MaterialiserStopped {
+    fn drop(&mut self) {
+        self.0.materialiser_alive.store(false, Ordering::SeqCst);
+        if std::thread::panicking() {
+            tracing::error!(
+                "the ledger's materialiser panicked; the ledger takes no more writes until the process restarts"
+            );
+        }
     }
 }
 
@@ -546,7 +629,10 @@ impl Ledger for EmbeddedLedger {
         // Read before the total, so that a write in between (which grows
         // both) cannot leave the journal larger than the total.
         let journal_bytes = self.shared.db.journal_disk_space().unwrap_or(0);
+        let (lag_events, lag) = self.shared.tail.lag();
         LedgerStats {
+            materialise_lag_events: lag_events,
+            materialise_lag_seconds: lag.as_secs_f64(),
             events_accepted_total: s.accepted.load(Ordering::Relaxed),
             events_duplicate_total: s.duplicates.load(Ordering::Relaxed),
             events_quarantined_total: s.quarantined.load(Ordering::Relaxed),
@@ -570,7 +656,9 @@ impl Ledger for EmbeddedLedger {
     }
 
     fn ready(&self) -> bool {
-        self.shared.writer_alive.load(Ordering::SeqCst) && !self.tx.is_closed()
+        self.shared.writer_alive.load(Ordering::SeqCst)
+            && self.shared.materialiser_alive.load(Ordering::SeqCst)
+            && !self.tx.is_closed()
     }
 }
 

@@ -1,18 +1,27 @@
-//! The single writer. Every change to the store goes through this thread, so
-//! dedupe decisions, rollup read-modify-writes and catalog changes are
-//! serialised without locks on the data itself.
+//! The single writer. Every change to the log and the catalog, and every
+//! dedupe decision, goes through this thread, so they are serialised
+//! without locks on the data itself.
 //!
 //! Ingest requests that queue up while a commit is in flight are taken
-//! together as one *group*: one fjall batch, one fsync, then every request
-//! in the group is answered.
+//! together as one *group*: each event is decided new or a duplicate
+//! (against the group, the tail's dedupe entries, then the store's), the
+//! new ones appended to the log in one fjall batch, one fsync; what they
+//! mean for derived state (rollup deltas sorted and merged once, dedupe
+//! and quarantine entries, new dictionary entries) becomes one
+//! [`TailChunk`] handed to the tail; then every request in the group is
+//! answered. Rollups are not written
+//! here but by the materialiser ([`crate::materialise`]), behind the
+//! answer. When the tail holds more than `max_unmaterialised_events`, the
+//! writer waits for it before taking the next group (backpressure).
 //!
-//! Catalog changes and voids are commands like ingest. When no command
-//! waits, the thread runs one step of backfill, garbage collection or
-//! dedupe pruning, so a long rebuild never holds up ingest. What needs no
-//! serialising is done off the thread: events arrive [`Prepared`] and go
-//! back with the answer to be freed by the caller; the thread only decides
-//! and merges. A batch's rollup deltas are sorted once and folded into the
-//! store in key order.
+//! Catalog changes and voids are commands like ingest; each first drains
+//! the tail (materialises it here, under the derived store's lock), so it
+//! sees a materialised store and every acknowledged event is measured with
+//! the catalog it was acknowledged under. When no command waits, the
+//! thread runs one step of backfill, garbage collection or dedupe pruning,
+//! so a long rebuild never holds up ingest. What needs no serialising is
+//! done off the thread: events arrive [`Prepared`] and go back with the
+//! answer to be freed by the caller; the thread only decides and merges.
 //!
 //! A void retracts the event from SUM, COUNT and AVG buckets and rebuilds
 //! meters of other aggregations from the log, each under a generation of
@@ -24,8 +33,10 @@
 use std::collections::HashMap;
 
 use rustc_hash::{FxHashMap, FxHashSet};
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use fjall::PersistMode;
 use jiff::Timestamp;
@@ -39,11 +50,13 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use crate::dict::WriterDict;
-use crate::keys::{self, MeterState, QuarantineEntry, RollupKey};
+use crate::keys::{self, MeterState, QuarantineEntry};
 use crate::known::{self, KnownKeys, Scan};
+use crate::materialise::{self, Deltas, FjallDerived};
+use crate::tail::TailChunk;
 use crate::{Shared, StoreError};
 
-mod upgrade;
+pub(crate) mod upgrade;
 
 /// Most events taken into one group commit.
 const MAX_GROUP_EVENTS: usize = 64 * 1024;
@@ -51,9 +64,8 @@ const MAX_GROUP_EVENTS: usize = 64 * 1024;
 const BACKFILL_CHUNK: usize = 50_000;
 /// Dedupe entries examined per pruning step.
 const PRUNE_CHUNK: usize = 50_000;
-/// Rollup states the writer keeps in memory (about 150 bytes each); the
-/// cache is emptied when it would grow past this.
-const ROLLUP_CACHE_ENTRIES: usize = 500_000;
+/// Events per tail chunk when the log is replayed at open.
+const REPLAY_CHUNK: usize = 50_000;
 /// Keys removed per garbage-collection step.
 const GARBAGE_CHUNK: usize = 50_000;
 /// Keys added to a [`KnownKeys`] filter per step of its opening scan.
@@ -73,6 +85,7 @@ type IngestRequest = (Vec<Prepared>, IngestReply);
 pub(crate) struct Prepared {
     pub event: CloudEvent,
     pub dedupe_key: Vec<u8>,
+    pub ingested_at: Timestamp,
     pub record: Vec<u8>,
     /// The meters the samples were taken with; the writer samples again if
     /// its meters have changed since.
@@ -94,6 +107,7 @@ impl Prepared {
         Ok(Prepared {
             dedupe_key: keys::dedupe_key(&event.source, &event.id),
             record: keys::encode_event(ingested_at, &event)?,
+            ingested_at,
             event,
             meters: Arc::clone(meters),
             samples,
@@ -145,52 +159,42 @@ pub(crate) struct Writer {
     horizon_seconds: i64,
     prune_cursor: Option<Vec<u8>>,
     last_prune: Timestamp,
-    /// Recently merged rollup states by key; see [`Writer::commit_with_deltas`].
-    cache: FxHashMap<RollupKey, AggState>,
     /// Interned subjects and group values.
     dict: WriterDict,
-    /// Filters of the dedupe and rollup keys the store holds.
+    /// A filter of the dedupe keys the store holds.
     known_dedupe: KnownKeys,
-    known_rollups: KnownKeys,
+    /// Dedupe entries acknowledged but not yet in the store: key → expiry
+    /// (seconds). A key leaves once the store holds it.
+    tail_dedupe: FxHashMap<Vec<u8>, i64>,
+    /// The chunks pushed whose dedupe entries are in `tail_dedupe`.
+    pushed: VecDeque<Arc<TailChunk>>,
+    /// The rollups; shared with the materialiser thread.
+    derived: Arc<Mutex<FjallDerived>>,
+    /// Most events acknowledged but not yet materialised; ingest waits
+    /// beyond it.
+    max_tail_events: u64,
+    /// Whether the rollup key filter's opening scan is done.
+    rollups_scanned: bool,
 }
 
-/// Rollup deltas of one batch, merged before touching the store. They are
-/// collected as they come, then sorted once and neighbours merged: cheaper
-/// than a hash map when, as under most loads, few of a batch's keys repeat.
-#[derive(Default)]
-struct Deltas(Vec<(RollupKey, AggState)>);
+/// What a group commit (or a stretch of the log replayed at open) means for
+/// derived state, gathered for its [`TailChunk`].
+struct ChunkBuilder {
+    first_seq: u64,
+    events: u64,
+    deltas: Deltas,
+    dedupe: Vec<(Vec<u8>, [u8; 16])>,
+    quarantine: Vec<(Vec<u8>, Vec<u8>)>,
+}
 
-impl Deltas {
-    fn add(&mut self, key: RollupKey, state: AggState) -> Result<(), StoreError> {
-        match self.0.last_mut() {
-            // An event's bucket repeated by the next event: merged at once.
-            Some((last, existing)) if *last == key => {
-                existing.merge(&state).map_err(StoreError::State)
-            }
-            _ => {
-                self.0.push((key, state));
-                Ok(())
-            }
-        }
-    }
-
-    /// Every key once, in key order, with its deltas merged.
-    fn merged(self) -> Result<Vec<(RollupKey, AggState)>, StoreError> {
-        let mut deltas = self.0;
-        deltas.sort_unstable_by_key(|(key, _)| *key);
-        let mut failed = None;
-        deltas.dedup_by(|later, earlier| {
-            if later.0 != earlier.0 {
-                return false;
-            }
-            if let Err(e) = earlier.1.merge(&later.1) {
-                failed.get_or_insert(e);
-            }
-            true
-        });
-        match failed {
-            Some(e) => Err(StoreError::State(e)),
-            None => Ok(deltas),
+impl ChunkBuilder {
+    fn new(first_seq: u64) -> ChunkBuilder {
+        ChunkBuilder {
+            first_seq,
+            events: 0,
+            deltas: Deltas::default(),
+            dedupe: Vec::new(),
+            quarantine: Vec::new(),
         }
     }
 }
@@ -204,29 +208,66 @@ impl Writer {
         shared: Arc<Shared>,
         rx: mpsc::Receiver<Command>,
         next_seq: u64,
-        horizon_seconds: i64,
+        config: &crate::StoreConfig,
         dict: WriterDict,
+        derived: Arc<Mutex<FjallDerived>>,
     ) -> Writer {
         let meters = Arc::clone(&shared.read_state().meters_by_type);
         let known_dedupe = KnownKeys::new(
             shared.keyspaces.dedupe.approximate_len(),
             known::hash_prefix,
+            usize::try_from(config.key_filter_bytes).unwrap_or(usize::MAX),
         );
-        let known_rollups =
-            KnownKeys::new(shared.keyspaces.rollups.approximate_len(), known::hash_key);
         Writer {
             shared,
             rx,
             next_seq,
             meters,
-            horizon_seconds,
+            horizon_seconds: config.dedupe_horizon.as_secs(),
             prune_cursor: None,
             last_prune: Timestamp::UNIX_EPOCH,
-            cache: FxHashMap::default(),
             dict,
             known_dedupe,
-            known_rollups,
+            tail_dedupe: FxHashMap::default(),
+            pushed: VecDeque::new(),
+            derived,
+            max_tail_events: config.max_unmaterialised_events.max(1),
+            rollups_scanned: false,
         }
+    }
+
+    /// Folds every acknowledged event into the store (on this thread, under
+    /// the derived store's lock), so what follows sees a materialised store.
+    fn drain(&mut self) -> Result<(), StoreError> {
+        let derived = Arc::clone(&self.derived);
+        let mut derived = materialise::lock(&derived);
+        materialise::drain(&self.shared.tail, &mut *derived)?;
+        drop(derived);
+        self.forget_materialised();
+        Ok(())
+    }
+
+    /// Drops the tail's dedupe entries the store now holds.
+    fn forget_materialised(&mut self) {
+        let position = self.shared.tail.position();
+        while self
+            .pushed
+            .front()
+            .is_some_and(|chunk| chunk.end_seq <= position)
+        {
+            if let Some(chunk) = self.pushed.pop_front() {
+                for (key, _) in &chunk.dedupe {
+                    self.tail_dedupe.remove(key);
+                }
+            }
+        }
+    }
+
+    /// The expiry (seconds) an event's dedupe entry gets: the horizon from
+    /// its ingest or its time, whichever is later. Computed from what the
+    /// log holds, so a replay gives the same.
+    fn dedupe_expiry(&self, ingested_at: Timestamp, event: &CloudEvent) -> i64 {
+        ingested_at.as_second().max(event.time.as_second()) + self.horizon_seconds
     }
 
     pub(crate) fn run(mut self) {
@@ -296,6 +337,11 @@ impl Writer {
                 Command::Panic => panic!("the writer was asked to panic"),
             }
         }
+        // What was acknowledged is folded in before the store is let go.
+        if let Err(e) = self.drain() {
+            warn!(error = %e, "materialising the tail at shutdown failed; it is replayed from the log when the store opens");
+        }
+        self.shared.tail.close();
         if let Err(e) = self.shared.db.persist(PersistMode::SyncAll) {
             warn!(error = %e, "final persist failed");
         }
@@ -305,34 +351,52 @@ impl Writer {
 
     fn ingest_group(&mut self, group: Vec<IngestRequest>) {
         let start_seq = self.next_seq;
-        let results: Vec<Result<IngestOutcome, LedgerError>> = match self.write_group(&group) {
-            Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
-            Err(e) => {
-                self.next_seq = start_seq;
-                self.dict.roll_back();
-                warn!(error = %e, "group commit failed; requests answered with an error");
-                let err = storage(e);
-                group.iter().map(|_| Err(err.clone())).collect()
-            }
-        };
+        let results: Vec<Result<IngestOutcome, LedgerError>> =
+            match self.wait_for_room().and_then(|()| self.write_group(&group)) {
+                Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
+                Err(e) => {
+                    self.next_seq = start_seq;
+                    self.dict.roll_back();
+                    warn!(error = %e, "group commit failed; requests answered with an error");
+                    let err = storage(e);
+                    group.iter().map(|_| Err(err.clone())).collect()
+                }
+            };
         for (result, (events, reply)) in results.into_iter().zip(group) {
             let _ = reply.send((result, events));
         }
     }
 
+    /// Backpressure: waits while the materialiser is too far behind, so
+    /// the tail's memory stays bounded. Requests queue meanwhile (and the
+    /// server's admission budget answers `429` on the platform contract).
+    fn wait_for_room(&self) -> Result<(), StoreError> {
+        let tail = &self.shared.tail;
+        while !tail.wait_for_room(self.max_tail_events, Duration::from_secs(1)) {
+            if !self.shared.materialiser_alive.load(Ordering::SeqCst) {
+                return Err(StoreError::Corrupt(
+                    "the materialiser has stopped; the ledger takes no more events",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Decides which of a group's events are new, appends them to the log,
+    /// syncs, and hands what they mean for derived state (their dedupe
+    /// entries among it) to the tail. Only then are the requests answered.
     fn write_group(&mut self, group: &[IngestRequest]) -> Result<Vec<IngestOutcome>, StoreError> {
         let shared = Arc::clone(&self.shared);
         let ks = &shared.keyspaces;
         let now = Timestamp::now();
         let mut batch = shared.db.batch().durability(Some(PersistMode::SyncAll));
-        let mut deltas = Deltas::default();
+        let mut chunk = ChunkBuilder::new(self.next_seq);
         let mut seen: FxHashSet<&[u8]> = FxHashSet::default();
         let mut outcomes = Vec::with_capacity(group.len());
         let generations = self.generations();
+        self.forget_materialised();
         for (events, _) in group {
             let mut outcome = IngestOutcome::default();
-            // Deprecated meters this request fed; warned about once each.
-            let mut deprecated: Vec<Arc<CompiledMeter>> = Vec::new();
             for (index, prepared) in events.iter().enumerate() {
                 let (event, dkey) = (&prepared.event, prepared.dedupe_key.as_slice());
                 if seen.contains(dkey) || self.is_duplicate(dkey, now)? {
@@ -341,79 +405,29 @@ impl Writer {
                 }
                 let seq = self.next_seq;
                 self.next_seq += 1;
-                let expires = now.as_second().max(event.time.as_second()) + self.horizon_seconds;
+                let expires = self.dedupe_expiry(prepared.ingested_at, event);
                 batch.insert(&ks.events, keys::seq_key(seq), prepared.record.as_slice());
-                batch.insert(&ks.dedupe, dkey, keys::dedupe_value(seq, expires));
-                self.known_dedupe.insert(dkey);
+                chunk
+                    .dedupe
+                    .push((dkey.to_vec(), keys::dedupe_value(seq, expires)));
                 seen.insert(dkey);
                 outcome.accepted += 1;
-                match self.meters.get(&event.kind) {
-                    None => {
-                        let entry = QuarantineEntry {
-                            reason: "UNKNOWN_METER".into(),
-                            message: format!("no meter reads events of type {:?}", event.kind),
-                            event_type: event.kind.clone(),
-                        };
-                        batch.insert(
-                            &ks.quarantine,
-                            keys::quarantine_key("", seq)?,
-                            json(&entry)?,
-                        );
-                        outcome.quarantined.push(notice(index, event, "", &entry));
-                    }
-                    Some(meters) => {
-                        for (meter_index, meter) in meters.iter().enumerate() {
-                            if meter.phase() == MeterPhase::Deprecated
-                                && !deprecated.iter().any(|m| Arc::ptr_eq(m, meter))
-                            {
-                                deprecated.push(Arc::clone(meter));
-                            }
-                            let Some(generation) = generations.get(meter.key.as_str()) else {
-                                continue;
-                            };
-                            let sampled_now;
-                            let sampled = match prepared.sample(&self.meters, meter_index) {
-                                Some(sampled) => sampled,
-                                None => {
-                                    sampled_now = meter.sample(event);
-                                    &sampled_now
-                                }
-                            };
-                            if let Some(entry) = measure_sample(
-                                sampled,
-                                meter,
-                                *generation,
-                                event,
-                                seq,
-                                &mut deltas,
-                                &mut self.dict,
-                            )? {
-                                batch.insert(
-                                    &ks.quarantine,
-                                    keys::quarantine_key(&meter.key, seq)?,
-                                    json(&entry)?,
-                                );
-                                outcome
-                                    .quarantined
-                                    .push(notice(index, event, &meter.key, &entry));
-                            }
-                        }
-                    }
-                }
+                self.measure_accepted(
+                    event,
+                    seq,
+                    Some(prepared),
+                    &generations,
+                    &mut chunk,
+                    |meter, entry| {
+                        outcome.quarantined.push(notice(index, event, meter, entry));
+                    },
+                )?;
             }
-            outcome.warnings = deprecated
-                .iter()
-                .map(|meter| {
-                    format!(
-                        "meter {:?} is Deprecated: it still measures events of type {:?}, but will be retired",
-                        meter.key,
-                        meter.event_type()
-                    )
-                })
-                .collect();
+            outcome.warnings = self.deprecation_warnings(events);
             outcomes.push(outcome);
         }
-        self.commit_with_deltas(batch, deltas)?;
+        batch.commit()?;
+        self.push_chunk(chunk)?;
         let stats = &shared.stats;
         let mut counters = (0, 0, 0);
         for o in &outcomes {
@@ -428,7 +442,170 @@ impl Writer {
         Ok(outcomes)
     }
 
+    /// Warnings for the Deprecated meters a request's events feed, one per
+    /// meter.
+    fn deprecation_warnings(&self, events: &[Prepared]) -> Vec<String> {
+        let mut deprecated: Vec<&Arc<CompiledMeter>> = Vec::new();
+        for prepared in events {
+            for meter in self.meters.get(&prepared.event.kind).into_iter().flatten() {
+                if meter.phase() == MeterPhase::Deprecated
+                    && !deprecated.iter().any(|m| Arc::ptr_eq(m, meter))
+                {
+                    deprecated.push(meter);
+                }
+            }
+        }
+        deprecated
+            .iter()
+            .map(|meter| {
+                format!(
+                    "meter {:?} is Deprecated: it still measures events of type {:?}, but will be retired",
+                    meter.key,
+                    meter.event_type()
+                )
+            })
+            .collect()
+    }
+
+    /// Measures an event just appended at `seq` with every meter of its
+    /// type, into `chunk`; `quarantined` is told each (meter, entry) the
+    /// event is quarantined with (meter "" when no meter reads its type).
+    /// Uses the samples taken beforehand when `prepared` has them.
+    fn measure_accepted(
+        &mut self,
+        event: &CloudEvent,
+        seq: u64,
+        prepared: Option<&Prepared>,
+        generations: &HashMap<String, u64>,
+        chunk: &mut ChunkBuilder,
+        mut quarantined: impl FnMut(&str, &QuarantineEntry),
+    ) -> Result<(), StoreError> {
+        chunk.events += 1;
+        let Some(meters) = self.meters.get(&event.kind) else {
+            let entry = QuarantineEntry {
+                reason: "UNKNOWN_METER".into(),
+                message: format!("no meter reads events of type {:?}", event.kind),
+                event_type: event.kind.clone(),
+            };
+            chunk
+                .quarantine
+                .push((keys::quarantine_key("", seq)?, json(&entry)?));
+            quarantined("", &entry);
+            return Ok(());
+        };
+        for (meter_index, meter) in meters.iter().enumerate() {
+            let Some(generation) = generations.get(meter.key.as_str()) else {
+                continue;
+            };
+            let sampled_now;
+            let sampled = match prepared.and_then(|p| p.sample(&self.meters, meter_index)) {
+                Some(sampled) => sampled,
+                None => {
+                    sampled_now = meter.sample(event);
+                    &sampled_now
+                }
+            };
+            if let Some(entry) = measure_sample(
+                sampled,
+                meter,
+                *generation,
+                event,
+                seq,
+                &mut chunk.deltas,
+                &mut self.dict,
+            )? {
+                chunk
+                    .quarantine
+                    .push((keys::quarantine_key(&meter.key, seq)?, json(&entry)?));
+                quarantined(&meter.key, &entry);
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands a chunk to the tail, with the dictionary entries it introduced
+    /// (readers learn them first). Nothing is pushed for no events.
+    fn push_chunk(&mut self, chunk: ChunkBuilder) -> Result<(), StoreError> {
+        if chunk.events == 0 {
+            return Ok(());
+        }
+        let dict = self.dict.take_committed();
+        if !dict.is_empty() {
+            self.shared
+                .dict
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .extend(dict.clone());
+        }
+        let mut quarantine = chunk.quarantine;
+        quarantine.sort_unstable();
+        let mut dedupe = chunk.dedupe;
+        for (key, value) in &dedupe {
+            // The filter learns every key before the store can hold it.
+            self.known_dedupe.insert(key);
+            self.tail_dedupe
+                .insert(key.clone(), keys::decode_dedupe(value)?.1);
+        }
+        dedupe.sort_unstable();
+        let chunk = Arc::new(TailChunk {
+            first_seq: chunk.first_seq,
+            end_seq: self.next_seq,
+            events: chunk.events,
+            acked_at: Instant::now(),
+            rollups: chunk.deltas.merged()?,
+            dedupe,
+            quarantine,
+            dict,
+        });
+        self.pushed.push_back(Arc::clone(&chunk));
+        self.shared.tail.push(chunk);
+        Ok(())
+    }
+
+    /// Puts the log past the materialised position back into the tail, as
+    /// the group commits that wrote it did (when the store opens). Every
+    /// event there was acknowledged under the catalog the store holds:
+    /// catalog changes and voids materialise the whole tail first.
+    pub(crate) fn replay_tail(&mut self) -> Result<u64, StoreError> {
+        let shared = Arc::clone(&self.shared);
+        let from = crate::tail::materialised(&shared.db.snapshot(), &shared.keyspaces.meta)?;
+        let generations = self.generations();
+        let end = self.next_seq;
+        let mut chunk = ChunkBuilder::new(from);
+        for item in shared
+            .keyspaces
+            .events
+            .range(keys::seq_key(from)..keys::seq_key(end))
+        {
+            let (key, value) = item.into_inner()?;
+            let seq = keys::read_u64(&key)?;
+            let (ingested_at, event) = keys::decode_event(&value)?;
+            let expires = self.dedupe_expiry(ingested_at, &event);
+            chunk.dedupe.push((
+                keys::dedupe_key(&event.source, &event.id),
+                keys::dedupe_value(seq, expires),
+            ));
+            self.measure_accepted(&event, seq, None, &generations, &mut chunk, |_, _| {})?;
+            if chunk.events as usize == REPLAY_CHUNK {
+                let next = seq + 1;
+                self.push_replayed(std::mem::replace(&mut chunk, ChunkBuilder::new(next)), next)?;
+            }
+        }
+        self.push_replayed(chunk, end)?;
+        Ok(end - from)
+    }
+
+    fn push_replayed(&mut self, chunk: ChunkBuilder, end_seq: u64) -> Result<(), StoreError> {
+        let next_seq = std::mem::replace(&mut self.next_seq, end_seq);
+        let pushed = self.push_chunk(chunk);
+        self.next_seq = next_seq;
+        pushed
+    }
+
     fn is_duplicate(&self, dkey: &[u8], now: Timestamp) -> Result<bool, StoreError> {
+        if let Some(expires) = self.tail_dedupe.get(dkey) {
+            return Ok(*expires > now.as_second());
+        }
         if !self.known_dedupe.may_contain(dkey) {
             return Ok(false);
         }
@@ -447,35 +624,19 @@ impl Writer {
             .collect()
     }
 
-    /// Folds rollup deltas into their stored states, commits the batch, and
-    /// then remembers the merged states, so the next read-modify-write of a
-    /// hot bucket needs no store read. Only this thread writes rollups and
-    /// the cache changes only after a successful commit, so it never holds a
-    /// state the store does not.
-    ///
-    /// Keys are visited in order, so consecutive memtable searches share
-    /// most of their path.
+    /// Folds rollup deltas into their stored states (see
+    /// [`FjallDerived::fold`]) and commits the batch. The tail must have
+    /// been drained: the batch may name dictionary ids.
     fn commit_with_deltas(
         &mut self,
         mut batch: fjall::OwnedWriteBatch,
         deltas: Deltas,
     ) -> Result<(), StoreError> {
-        let rollups = self.shared.keyspaces.rollups.clone();
-        let deltas = deltas.merged()?;
-        let mut merged_states = Vec::with_capacity(deltas.len());
-        for (key, delta) in deltas {
-            let Some(mut state) = self.current_state(&key)? else {
-                batch.insert(&rollups, key, delta.to_bytes());
-                self.known_rollups.insert(&key);
-                merged_states.push((key, delta));
-                continue;
-            };
-            state.merge(&delta).map_err(StoreError::State)?;
-            batch.insert(&rollups, key, state.to_bytes());
-            merged_states.push((key, state));
-        }
+        let derived = Arc::clone(&self.derived);
+        let mut derived = materialise::lock(&derived);
+        let merged_states = derived.fold(&mut batch, deltas.merged()?)?;
         self.commit(batch)?;
-        self.remember(merged_states);
+        derived.remember(merged_states);
         Ok(())
     }
 
@@ -496,38 +657,13 @@ impl Writer {
         Ok(())
     }
 
-    /// A bucket's current state: the cached one, else the stored one. Takes
-    /// it out of the cache; [`Writer::remember`] puts it back after commit.
-    fn current_state(&mut self, key: &RollupKey) -> Result<Option<AggState>, StoreError> {
-        // A key the store has never held is not cached either (the cache
-        // only holds committed states): most keys are new, and the filter
-        // answers sooner than the cache.
-        if !self.known_rollups.may_contain(key) {
-            return Ok(None);
-        }
-        if let Some(cached) = self.cache.remove(key) {
-            return Ok(Some(cached));
-        }
-        self.shared
-            .keyspaces
-            .rollups
-            .get(key)?
-            .map(|raw| AggState::decode(&raw).map_err(StoreError::State))
-            .transpose()
-    }
-
-    /// Caches states just committed, within the cache's bound.
-    fn remember(&mut self, states: Vec<(RollupKey, AggState)>) {
-        if self.cache.len() + states.len() > ROLLUP_CACHE_ENTRIES {
-            self.cache.clear();
-        }
-        self.cache.extend(states);
-    }
-
     // ---- catalog ----------------------------------------------------------
 
     fn apply(&mut self, manifest: Manifest, mode: ApplyMode) -> Result<Applied, LedgerError> {
         let shared = Arc::clone(&self.shared);
+        // Every acknowledged event is measured with the catalog it was
+        // acknowledged under, and what follows sees a materialised store.
+        self.drain().map_err(storage)?;
         let ks = &shared.keyspaces;
         let plan = shared
             .read_state()
@@ -607,6 +743,7 @@ impl Writer {
 
     fn delete(&mut self, kind: Kind, name: &str) -> Result<(), LedgerError> {
         let shared = Arc::clone(&self.shared);
+        self.drain().map_err(storage)?;
         let ks = &shared.keyspaces;
         shared.read_state().catalog.plan_delete(kind, name)?;
         let mut batch = shared.db.batch().durability(Some(PersistMode::SyncAll));
@@ -673,6 +810,8 @@ impl Writer {
     /// another aggregation is rebuilt from the log, which skips voided events.
     fn void(&mut self, request: VoidRequest) -> Result<VoidOutcome, LedgerError> {
         let shared = Arc::clone(&self.shared);
+        // The event's buckets and quarantine entries are in the store.
+        self.drain().map_err(storage)?;
         let ks = &shared.keyspaces;
         let not_found = || {
             LedgerError::not_found(
@@ -817,22 +956,11 @@ impl Writer {
         mut batch: fjall::OwnedWriteBatch,
         retractions: Deltas,
     ) -> Result<(), StoreError> {
-        let rollups = self.shared.keyspaces.rollups.clone();
-        let retractions = retractions.merged()?;
-        let mut updated = Vec::with_capacity(retractions.len());
-        for (key, retraction) in retractions {
-            let mut state = self.current_state(&key)?.ok_or(StoreError::Corrupt(
-                "a voided event's rollup bucket is missing",
-            ))?;
-            if state.retract(&retraction).map_err(StoreError::State)? {
-                batch.remove(&rollups, key);
-            } else {
-                batch.insert(&rollups, key, state.to_bytes());
-                updated.push((key, state));
-            }
-        }
+        let derived = Arc::clone(&self.derived);
+        let mut derived = materialise::lock(&derived);
+        let updated = derived.retract(&mut batch, retractions.merged()?)?;
         self.commit(batch)?;
-        self.remember(updated);
+        derived.remember(updated);
         Ok(())
     }
 
@@ -967,37 +1095,15 @@ impl Writer {
     fn known_step(&mut self) -> Result<bool, StoreError> {
         let shared = Arc::clone(&self.shared);
         let ks = &shared.keyspaces;
-        for (name, keyspace, known) in [
-            ("dedupe", &ks.dedupe, &mut self.known_dedupe),
-            ("rollups", &ks.rollups, &mut self.known_rollups),
-        ] {
-            let Scan::From(cursor) = known.scan().clone() else {
-                continue;
-            };
-            let keys = match cursor {
-                None => keyspace.iter(),
-                Some(from) => keyspace.range(from..),
-            };
-            let mut last = None;
-            let mut read = 0;
-            for item in keys.take(KNOWN_SCAN_CHUNK) {
-                let key = item.key()?;
-                known.insert(&key);
-                last = Some(key);
-                read += 1;
-            }
-            match last {
-                Some(last) if read == KNOWN_SCAN_CHUNK => {
-                    // The first key after `last`.
-                    let mut next = last.to_vec();
-                    next.push(0);
-                    known.set_scan(Scan::From(Some(next)));
-                }
-                _ => {
-                    known.set_scan(Scan::Done);
-                    info!(keyspace = name, bytes = known.bytes(), "key filter ready");
-                }
-            }
+        if *self.known_dedupe.scan() != Scan::Done {
+            scan_step("dedupe", &ks.dedupe, &mut self.known_dedupe)?;
+            return Ok(true);
+        }
+        if !self.rollups_scanned {
+            let derived = Arc::clone(&self.derived);
+            let mut derived = materialise::lock(&derived);
+            scan_step("rollups", &ks.rollups, &mut derived.known_rollups)?;
+            self.rollups_scanned = *derived.known_rollups.scan() == Scan::Done;
             return Ok(true);
         }
         Ok(false)
@@ -1018,6 +1124,8 @@ impl Writer {
         let Some(meter) = self.compiled(&name) else {
             return Ok(false);
         };
+        // The batch may name dictionary ids the tail introduced.
+        self.drain()?;
         let mut batch = shared.db.batch();
         let mut deltas = Deltas::default();
         let mut next = state.backfill_until;
@@ -1128,6 +1236,47 @@ impl Writer {
             }
         }
     }
+}
+
+/// Adds the next keys of `keyspace` to `known`, past its scan's cursor.
+fn scan_step(
+    name: &str,
+    keyspace: &fjall::Keyspace,
+    known: &mut KnownKeys,
+) -> Result<(), StoreError> {
+    let Scan::From(cursor) = known.scan().clone() else {
+        return Ok(());
+    };
+    let keys = match cursor {
+        None => keyspace.iter(),
+        Some(from) => keyspace.range(from..),
+    };
+    let mut last = None;
+    let mut read = 0;
+    for item in keys.take(KNOWN_SCAN_CHUNK) {
+        let key = item.key()?;
+        known.insert(&key);
+        last = Some(key);
+        read += 1;
+    }
+    match last {
+        Some(last) if read == KNOWN_SCAN_CHUNK => {
+            // The first key after `last`.
+            let mut next = last.to_vec();
+            next.push(0);
+            known.set_scan(Scan::From(Some(next)));
+        }
+        _ => {
+            known.set_scan(Scan::Done);
+            info!(
+                keyspace = name,
+                bytes = known.bytes(),
+                saturated = known.saturated(),
+                "key filter ready"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Measures one event with one meter: adds its rollup deltas, or returns

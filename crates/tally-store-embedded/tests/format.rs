@@ -145,3 +145,58 @@ async fn a_format_3_store_is_upgraded_when_opened() {
     let ledger = open(dir.path());
     assert_eq!(answers(&ledger).await, before);
 }
+
+#[tokio::test]
+async fn a_format_4_store_is_upgraded_when_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let before = {
+        let ledger = open(dir.path());
+        let yaml = "apiVersion: billing.miloapis.com/v1alpha1\nkind: MeterDefinition\n\
+                    metadata: {name: requests}\nspec: {meterName: requests, \
+                    measurement: {aggregation: Sum, unit: '{request}'}, \
+                    event: {type: req, valueProperty: $.value, dimensions: {method: $.method}}}\n";
+        let meter = tally_model::Manifest::parse_documents(yaml)
+            .unwrap()
+            .remove(0);
+        ledger
+            .apply(meter, tally_ledger::ApplyMode::Upsert)
+            .await
+            .unwrap();
+        assert_eq!(ledger.ingest(events()).await.unwrap().accepted, 240);
+        answers(&ledger).await
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let raw_meta = |f: &dyn Fn(&fjall::Keyspace)| {
+        let db = fjall::Database::builder(dir.path().join("fjall"))
+            .open()
+            .unwrap();
+        let meta = db
+            .keyspace("meta", fjall::KeyspaceCreateOptions::default)
+            .unwrap();
+        f(&meta);
+        db.persist(fjall::PersistMode::SyncAll).unwrap();
+    };
+    // What format 4 wrote: rollups with the log, so no materialised
+    // position (format 4 materialised everything in the acknowledged batch).
+    raw_meta(&|meta| {
+        assert!(meta.get("materialised").unwrap().is_some());
+        meta.remove("materialised").unwrap();
+        meta.insert("format", 4u64.to_be_bytes()).unwrap();
+    });
+    {
+        let ledger = open(dir.path());
+        assert_eq!(ledger.stats().materialise_lag_events, 0);
+        assert_eq!(answers(&ledger).await, before);
+        let again = ledger.ingest(events()).await.unwrap();
+        assert_eq!((again.accepted, again.duplicates), (0, 240));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    raw_meta(&|meta| {
+        let format = meta.get("format").unwrap().unwrap();
+        assert_eq!(u64::from_be_bytes(format[..].try_into().unwrap()), 5);
+        let position = meta.get("materialised").unwrap().unwrap();
+        assert_eq!(u64::from_be_bytes(position[..].try_into().unwrap()), 240);
+    });
+    let ledger = open(dir.path());
+    assert_eq!(answers(&ledger).await, before);
+}

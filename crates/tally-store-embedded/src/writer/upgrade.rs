@@ -1,4 +1,9 @@
-//! Upgrading a format-3 store to format 4 when it is opened.
+//! Upgrading stores of older formats when they are opened.
+//!
+//! Format 5 lets derived state lag the log: `meta` records the materialised
+//! position. A format-3 or 4 store wrote its rollups with its log, so all of
+//! its log is materialised: the position is set to the end of the log
+//! ([`record_materialised`]), in the batch that marks a format-4 store 5.
 //!
 //! Format 4 changed two derived layouts, never the log: dedupe keys gained a
 //! hash prefix, and day rollups became time-major with all groups merged.
@@ -13,7 +18,34 @@ use fjall::PersistMode;
 use tracing::info;
 
 use super::Writer;
-use crate::{StoreError, keys};
+use crate::tail::MATERIALISED_KEY;
+use crate::{Keyspaces, StoreError, keys};
+
+/// Records that a format-3 or 4 store's whole log (`next_seq` events) is
+/// materialised, unless a position is already recorded; marks a format-4
+/// store as ours. (A format-3 store is marked by
+/// [`Writer::upgrade_from_format_3`], once its meters are rebuilt.)
+pub(crate) fn record_materialised(
+    db: &fjall::Database,
+    keyspaces: &Keyspaces,
+    next_seq: u64,
+    format: u64,
+) -> Result<(), StoreError> {
+    let mut batch = db.batch().durability(Some(PersistMode::SyncAll));
+    if keyspaces.meta.get(MATERIALISED_KEY)?.is_none() {
+        batch.insert(&keyspaces.meta, MATERIALISED_KEY, next_seq.to_be_bytes());
+    }
+    if format == 4 {
+        batch.insert(
+            &keyspaces.meta,
+            keys::FORMAT_KEY,
+            keys::FORMAT.to_be_bytes(),
+        );
+        info!(events = next_seq, "store upgraded from format 4 to 5");
+    }
+    batch.commit()?;
+    Ok(())
+}
 
 /// Dedupe keys rewritten per batch.
 const DEDUPE_CHUNK: usize = 50_000;
