@@ -383,21 +383,10 @@ fn group_value(v: &Value) -> Option<String> {
 mod tests {
     use super::*;
     use serde_json::json;
-    use tally_model::{Manifest, parse_event};
+    use tally_model::parse_event;
 
     fn meter(spec: Value) -> MeterDefinition {
-        let m = Manifest {
-            api_version: "billing.miloapis.com/v1alpha1".into(),
-            kind: "MeterDefinition".into(),
-            metadata: tally_model::ObjectMeta {
-                name: "m".into(),
-                ..Default::default()
-            },
-            spec,
-            status: None,
-            extra: Default::default(),
-        };
-        MeterDefinition::from_manifest(&m).unwrap()
+        crate::test_meter::definition(spec)
     }
 
     fn event(data: Value) -> CloudEvent {

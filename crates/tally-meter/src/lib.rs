@@ -12,6 +12,8 @@
 mod extract;
 mod plan;
 mod state;
+#[cfg(test)]
+mod test_meter;
 pub mod validate;
 mod value;
 pub mod window;

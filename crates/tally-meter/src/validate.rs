@@ -435,23 +435,12 @@ mod tests {
 
     use proptest::prelude::*;
     use serde_json::json;
-    use tally_model::{Manifest, MeterDefinition, MonitoredResourceType, parse_event};
+    use tally_model::{MonitoredResourceType, parse_event};
 
     use super::*;
 
     fn meter(spec: Value) -> CompiledMeter {
-        let m = Manifest {
-            api_version: "billing.miloapis.com/v1alpha1".into(),
-            kind: "MeterDefinition".into(),
-            metadata: tally_model::ObjectMeta {
-                name: "m".into(),
-                ..Default::default()
-            },
-            spec,
-            status: None,
-            extra: Default::default(),
-        };
-        let def = MeterDefinition::from_manifest(&m).unwrap();
+        let def = crate::test_meter::definition(spec);
         let route: MonitoredResourceType = serde_json::from_value(json!({
             "resourceTypeName": "r/Route",
             "gvk": {"group": "r", "kind": "Route"},
