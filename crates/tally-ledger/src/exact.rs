@@ -169,19 +169,7 @@ struct Shape {
 
 impl Shape {
     fn of(meter: &CompiledMeter, q: &MeterQuery) -> Result<Shape, LedgerError> {
-        let dimensions: Vec<&str> = meter.dimensions().collect();
-        let position = |name: &str| {
-            dimensions.iter().position(|d| *d == name).ok_or_else(|| {
-                LedgerError::Invalid(format!(
-                    "meter {:?} has no dimension {name:?}; it has: subject{}",
-                    meter.key,
-                    dimensions
-                        .iter()
-                        .map(|d| format!(", {d}"))
-                        .collect::<String>()
-                ))
-            })
-        };
+        let position = |name: &str| meter.dimension_position(name).map_err(LedgerError::Invalid);
         let mut groups: Vec<(String, usize)> = Vec::new();
         for g in &q.group_by {
             if g != "subject" && !groups.iter().any(|(name, _)| name == g) {

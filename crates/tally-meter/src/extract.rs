@@ -190,6 +190,20 @@ impl CompiledMeter {
         self.dimensions.iter().map(|(name, _)| name.as_str())
     }
 
+    /// The position of dimension `name` among [`Self::dimensions`]; the
+    /// error names the dimensions the meter has.
+    pub fn dimension_position(&self, name: &str) -> Result<usize, String> {
+        self.dimensions().position(|d| d == name).ok_or_else(|| {
+            format!(
+                "meter {:?} has no dimension {name:?}; it has: subject{}",
+                self.key,
+                self.dimensions()
+                    .map(|d| format!(", {d}"))
+                    .collect::<String>()
+            )
+        })
+    }
+
     /// Evaluates one event.
     pub fn sample(&self, event: &CloudEvent) -> Result<Sample, Unmeterable> {
         if self.definition.phase == MeterPhase::Retired {

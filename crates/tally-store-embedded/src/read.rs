@@ -314,19 +314,7 @@ fn plan<'q>(
     q: &'q MeterQuery,
     attribution: Option<&'q Attribution>,
 ) -> Result<Planned<'q>, LedgerError> {
-    let dimensions: Vec<&str> = meter.dimensions().collect();
-    let position = |name: &str| {
-        dimensions.iter().position(|d| *d == name).ok_or_else(|| {
-            LedgerError::Invalid(format!(
-                "meter {:?} has no dimension {name:?}; it has: subject{}",
-                meter.key,
-                dimensions
-                    .iter()
-                    .map(|d| format!(", {d}"))
-                    .collect::<String>()
-            ))
-        })
-    };
+    let position = |name: &str| meter.dimension_position(name).map_err(LedgerError::Invalid);
     let mut group_names: Vec<&str> = Vec::new();
     for g in &q.group_by {
         if g != "subject" && g != BILLING_ACCOUNT && !group_names.contains(&g.as_str()) {
@@ -375,7 +363,7 @@ fn plan<'q>(
         group_names,
         group_positions,
         filters,
-        dimensions: dimensions.len(),
+        dimensions: meter.dimensions().len(),
         by_subject: !q.subjects.is_empty() || q.group_by.iter().any(|g| g == "subject"),
         by_account,
         account_filter,
