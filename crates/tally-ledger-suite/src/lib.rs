@@ -1,0 +1,293 @@
+//! Dev-only: the ledger's behavioural suite, written once against
+//! [`tally_ledger::Ledger`] and run by each backend's tests through a
+//! [`Backend`] (a ledger and a way to wait until what it acknowledged is in
+//! its answers), and the real peer servers ([`peers`]) the cluster
+//! backend's tests start.
+//!
+//! Each suite function takes a `prefix` that its meter names and event
+//! types start with, so several run against one ledger without seeing
+//! each other's events.
+
+pub mod peers;
+mod reference;
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use jiff::{SignedDuration, Timestamp};
+use rust_decimal::Decimal;
+use serde_json::{Value, json};
+use tally_ledger::{
+    ApplyMode, ChangeCursor, EventFilter, Ledger, LedgerError, MeterQuery, QuarantineFilter,
+    QueryResult, VoidRequest,
+};
+use tally_model::{CloudEvent, Manifest};
+
+pub use reference::aggregations_match_the_reference;
+
+/// A backend under test.
+pub trait Backend: Sync {
+    fn ledger(&self) -> &dyn Ledger;
+    /// Resolves once every event acknowledged so far is in answers.
+    fn settle(&self) -> BoxFuture<'_, ()>;
+}
+
+/// A `MeterDefinition` named `name` over events of `event_type`: the value
+/// at `$.value` (none for COUNT), dimension `region` at `$.region`.
+pub fn meter(name: &str, event_type: &str, aggregation: &str) -> Manifest {
+    let value = if aggregation == "COUNT" {
+        String::new()
+    } else {
+        ", valueProperty: $.value".to_owned()
+    };
+    let yaml = format!(
+        "apiVersion: billing.miloapis.com/v1alpha1\n\
+         kind: MeterDefinition\n\
+         metadata: {{name: {name}}}\n\
+         spec: {{meterName: {name}, measurement: {{aggregation: {aggregation}}}, \
+         event: {{type: {event_type}{value}, dimensions: {{region: $.region}}}}}}\n"
+    );
+    Manifest::parse_documents(&yaml)
+        .unwrap_or_else(|e| panic!("{yaml}\n{e}"))
+        .remove(0)
+}
+
+/// A structurally valid event.
+pub fn event(
+    source: &str,
+    id: &str,
+    event_type: &str,
+    subject: &str,
+    time: Timestamp,
+    data: Value,
+) -> CloudEvent {
+    tally_model::parse_event(
+        json!({"specversion": "1.0", "id": id, "source": source, "type": event_type,
+               "subject": subject, "time": time.to_string(), "data": data}),
+        Timestamp::now(),
+    )
+    .unwrap_or_else(|e| panic!("{e:?}"))
+}
+
+/// The start of the UTC day two days ago: events around it are admitted
+/// by every backend's default lateness.
+pub fn base_time() -> Timestamp {
+    let now = Timestamp::now().as_second();
+    Timestamp::from_second(now - now.rem_euclid(86_400) - 2 * 86_400).expect("a recent day")
+}
+
+/// A whole-range query without windows.
+pub fn total(from: Timestamp, to: Timestamp) -> MeterQuery {
+    MeterQuery {
+        from,
+        to,
+        window_size: None,
+        time_zone: jiff::tz::TimeZone::UTC,
+        subjects: vec![],
+        group_by: vec![],
+        filter_group_by: Default::default(),
+        limit: None,
+        cursor: None,
+    }
+}
+
+/// Queries, retrying while the meter is not ready (backfilling).
+pub async fn query_ready(ledger: &dyn Ledger, meter: &str, q: MeterQuery) -> QueryResult {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match ledger.query(meter.to_owned(), q.clone()).await {
+            Err(LedgerError::NotReady { .. }) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => return other.unwrap_or_else(|e| panic!("query {meter}: {e}")),
+        }
+    }
+}
+
+/// The single value of a whole-range query (zero when it has no row).
+pub async fn value(ledger: &dyn Ledger, meter: &str, from: Timestamp, to: Timestamp) -> Decimal {
+    let answer = query_ready(ledger, meter, total(from, to)).await;
+    assert!(answer.rows.len() <= 1, "{answer:?}");
+    answer.rows.first().map_or(Decimal::ZERO, |r| r.value)
+}
+
+fn day_after(t: Timestamp) -> Timestamp {
+    t + SignedDuration::from_hours(24)
+}
+
+/// A re-sent (source, id) is stored once, within a request and across
+/// requests, with the first copy's value, and answered as a duplicate.
+pub async fn duplicates_are_counted_once(b: &dyn Backend, prefix: &str) {
+    let ledger = b.ledger();
+    let (kind, name) = (format!("{prefix}.dup"), format!("{prefix}-dup"));
+    ledger
+        .apply(meter(&name, &kind, "SUM"), ApplyMode::Upsert)
+        .await
+        .unwrap();
+    let t = base_time() + SignedDuration::from_mins(90);
+    let first = ledger
+        .ingest(vec![
+            event("s", "1", &kind, "c", t, json!({"value": 5})),
+            event("s", "1", &kind, "c", t, json!({"value": 7})),
+            event("s", "2", &kind, "c", t, json!({"value": 1})),
+        ])
+        .await
+        .unwrap();
+    assert_eq!((first.accepted, first.duplicates), (2, 1), "{first:?}");
+    b.settle().await;
+    let again = ledger
+        .ingest(vec![event("s", "1", &kind, "c", t, json!({"value": 100}))])
+        .await
+        .unwrap();
+    assert_eq!((again.accepted, again.duplicates), (0, 1), "{again:?}");
+    b.settle().await;
+    assert_eq!(
+        value(ledger, &name, base_time(), day_after(base_time())).await,
+        Decimal::from(6)
+    );
+    let page = ledger
+        .list_events(EventFilter {
+            source: Some("s".into()),
+            id: Some("1".into()),
+            event_type: Some(kind.clone()),
+            limit: 10,
+            ..EventFilter::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(page.items.len(), 1);
+    assert_eq!(page.items[0].event.data, Some(json!({"value": 5})));
+}
+
+/// A voided event stops counting; voiding again answers the first record;
+/// the audit trail and the change feed show it.
+pub async fn voided_events_stop_counting(b: &dyn Backend, prefix: &str) {
+    let ledger = b.ledger();
+    let (kind, name) = (format!("{prefix}.void"), format!("{prefix}-void"));
+    ledger
+        .apply(meter(&name, &kind, "SUM"), ApplyMode::Upsert)
+        .await
+        .unwrap();
+    let t = base_time() + SignedDuration::from_hours(3);
+    let events: Vec<_> = (1..=3)
+        .map(|i| {
+            event(
+                "v",
+                &format!("{prefix}-{i}"),
+                &kind,
+                "c",
+                t,
+                json!({"value": i * 10}),
+            )
+        })
+        .collect();
+    ledger.ingest(events).await.unwrap();
+    b.settle().await;
+    let (from, to) = (base_time(), day_after(base_time()));
+    assert_eq!(value(ledger, &name, from, to).await, Decimal::from(60));
+    let request = VoidRequest {
+        source: "v".into(),
+        id: format!("{prefix}-2"),
+        reason: "double billed".into(),
+        voided_by: "suite".into(),
+    };
+    let first = ledger.void(request.clone()).await.unwrap();
+    assert!(!first.already_voided);
+    assert_eq!(first.record.event_type, kind);
+    let second = ledger.void(request).await.unwrap();
+    assert!(second.already_voided);
+    assert_eq!(second.record, first.record);
+    assert_eq!(value(ledger, &name, from, to).await, Decimal::from(40));
+    let voids = ledger.list_voids(1000, None).await.unwrap();
+    assert!(voids.items.contains(&first.record));
+    let missing = ledger
+        .void(VoidRequest {
+            source: "v".into(),
+            id: "never-stored".into(),
+            reason: "r".into(),
+            voided_by: "suite".into(),
+        })
+        .await;
+    assert!(
+        matches!(missing, Err(LedgerError::NotFound { .. })),
+        "{missing:?}"
+    );
+    let mut cursor = ChangeCursor::default();
+    let mut times = Vec::new();
+    loop {
+        let page = ledger.changes(name.clone(), cursor, 1000).await.unwrap();
+        times.extend(page.times);
+        cursor = page.next;
+        if !page.more {
+            break;
+        }
+    }
+    // Three stored events and one void, all at `t`.
+    assert_eq!(times.iter().filter(|x| **x == t).count(), 4, "{times:?}");
+}
+
+/// An event no meter reads is quarantined; a meter applied afterwards
+/// counts it (backfill), and lists the events it cannot measure.
+pub async fn late_meters_backfill_and_quarantine(b: &dyn Backend, prefix: &str) {
+    let ledger = b.ledger();
+    let (kind, name) = (format!("{prefix}.late"), format!("{prefix}-late"));
+    let t = base_time() + SignedDuration::from_hours(5);
+    let outcome = ledger
+        .ingest(vec![
+            event("l", "1", &kind, "c", t, json!({"value": 2})),
+            event("l", "2", &kind, "c", t, json!({"value": 3})),
+            event("l", "3", &kind, "c", t, json!({"other": 1})),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(outcome.accepted, 3);
+    assert!(
+        outcome
+            .quarantined
+            .iter()
+            .all(|q| q.reason == "UNKNOWN_METER"),
+        "{outcome:?}"
+    );
+    b.settle().await;
+    ledger
+        .apply(meter(&name, &kind, "SUM"), ApplyMode::Upsert)
+        .await
+        .unwrap();
+    let (from, to) = (base_time(), day_after(base_time()));
+    assert_eq!(value(ledger, &name, from, to).await, Decimal::from(5));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let page = ledger
+            .list_quarantine(QuarantineFilter {
+                meter: Some(name.clone()),
+                limit: 100,
+                cursor: None,
+            })
+            .await
+            .unwrap();
+        let ids: Vec<_> = page
+            .items
+            .iter()
+            .map(|q| q.event.event.id.as_str())
+            .collect();
+        if ids == ["3"] {
+            assert_eq!(page.items[0].reason, "MISSING_VALUE");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "quarantine: {ids:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let got = ledger
+        .get(tally_model::Kind::MeterDefinition, name.clone())
+        .await
+        .unwrap();
+    assert_eq!(got.metadata.name, name);
+}
+
+/// Every suite function, one after another, each with its own prefix.
+pub async fn run_all(b: &dyn Backend, prefix: &str) {
+    duplicates_are_counted_once(b, &format!("{prefix}a")).await;
+    voided_events_stop_counting(b, &format!("{prefix}b")).await;
+    late_meters_backfill_and_quarantine(b, &format!("{prefix}c")).await;
+    aggregations_match_the_reference(b, &format!("{prefix}d"), 12).await;
+}
