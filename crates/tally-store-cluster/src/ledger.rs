@@ -50,6 +50,10 @@ pub struct ClusterLedgerConfig {
     pub workers: usize,
     /// Messages a worker takes per batch.
     pub batch: usize,
+    /// How long a delivered message may stay unacknowledged before it is
+    /// delivered again (to any worker): how soon the work of a worker that
+    /// died is taken over. Set by whichever node creates the consumer.
+    pub ack_wait: Duration,
     pub max_lateness: SignedDuration,
     pub max_future: SignedDuration,
     /// Longest a ClickHouse request may take.
@@ -67,6 +71,7 @@ impl ClusterLedgerConfig {
             stream_max_age: Duration::from_secs(7 * 24 * 3600),
             workers: 1,
             batch: 2_000,
+            ack_wait: Duration::from_secs(30),
             max_lateness: SignedDuration::from_hours(32 * 24),
             max_future: tally_ledger::DEFAULT_MAX_FUTURE,
             clickhouse_timeout: Duration::from_secs(30),
@@ -264,6 +269,11 @@ impl ClusterLedger {
     /// so in every node's answers).
     pub fn materialised_below(&self) -> u64 {
         self.inner.stats.materialised_below.load(Ordering::Relaxed)
+    }
+
+    /// Batches this process's workers failed to insert into ClickHouse.
+    pub fn insert_errors(&self) -> u64 {
+        self.inner.stats.ch_insert_errors.load(Ordering::Relaxed)
     }
 
     /// Waits until the workers have materialised everything published so

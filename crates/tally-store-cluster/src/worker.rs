@@ -30,8 +30,6 @@ use crate::measure;
 
 /// How long a worker waits before asking again when nothing was pending.
 const IDLE: Duration = Duration::from_millis(20);
-/// How long a message may stay unacknowledged before redelivery.
-const ACK_WAIT: Duration = Duration::from_secs(30);
 /// How long to wait after ClickHouse refused a batch.
 const RETRY: Duration = Duration::from_secs(1);
 
@@ -48,7 +46,7 @@ async fn consumer(inner: &Inner) -> Result<PullConsumer, String> {
                 durable_name: Some(CONSUMER.into()),
                 filter_subject: "billing.usage.*.ingest".into(),
                 ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: ACK_WAIT,
+                ack_wait: inner.config.ack_wait,
                 max_ack_pending: 100_000,
                 ..Default::default()
             },
