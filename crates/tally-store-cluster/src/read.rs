@@ -165,7 +165,7 @@ pub(crate) fn list_voids(
         .filter(|r| r.seq < end)
         .cloned()
         .collect();
-    records.sort_by(|a, b| b.seq.cmp(&a.seq));
+    records.sort_by_key(|r| std::cmp::Reverse(r.seq));
     let more = records.len() > limit;
     records.truncate(limit);
     let next_cursor = more

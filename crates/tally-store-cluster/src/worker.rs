@@ -292,19 +292,15 @@ async fn earlier_copies<'a>(
         list.join(",")
     );
     let found: Vec<Found> = inner.ch.select(&sql).await.map_err(|e| e.to_string())?;
+    let by_key: HashMap<String, &Decoded> = decoded
+        .iter()
+        .map(|d| (keys::dedupe_key(&d.envelope.event.source, &d.envelope.event.id), d))
+        .collect();
     let mut out = HashMap::new();
     for f in found {
-        if let Some(d) = decoded
-            .iter()
-            .find(|d| d.envelope.event.source == f.source && d.envelope.event.id == f.id)
-        {
-            out.insert(
-                (
-                    d.envelope.event.source.as_str(),
-                    d.envelope.event.id.as_str(),
-                ),
-                f.seq,
-            );
+        if let Some(d) = by_key.get(&keys::dedupe_key(&f.source, &f.id)) {
+            let e = &d.envelope.event;
+            out.insert((e.source.as_str(), e.id.as_str()), f.seq);
         }
     }
     // Within the batch, the first copy is the earlier one.
