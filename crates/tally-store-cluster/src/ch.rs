@@ -116,15 +116,12 @@ impl Ch {
     }
 
     async fn send(&self, query: Option<&str>, body: Vec<u8>) -> Result<reqwest::Response, ChError> {
-        let mut request = self
-            .http
-            .post(format!("{}/", self.url))
-            .query(&[
-                ("output_format_json_quote_64bit_integers", "0"),
-                // Statements name up to a batch of keys (bounded by ingest's
-                // request limits); ClickHouse's default is 256 KiB.
-                ("max_query_size", "67108864"),
-            ]);
+        let mut request = self.http.post(format!("{}/", self.url)).query(&[
+            ("output_format_json_quote_64bit_integers", "0"),
+            // Statements name up to a batch of keys (bounded by ingest's
+            // request limits); ClickHouse's default is 256 KiB.
+            ("max_query_size", "67108864"),
+        ]);
         if let Some(query) = query {
             request = request.query(&[("query", query)]);
         }

@@ -23,7 +23,8 @@
 //!   [`ClusterLedger::spawn_workers`]) and per cluster. They write raw
 //!   events to ClickHouse idempotently ([`ch`]: keyed by (source, id), the
 //!   lowest stream sequence wins, read `FINAL`), publish quarantined events
-//!   on `billing.usage.<project>.quarantine.<reason>`, then acknowledge.
+//!   on `billing.usage.<project>.quarantine.<reason>` (stream
+//!   `billing-usage-quarantine`), then acknowledge.
 //! - **Reads** ([`read`]): meters are evaluated at read time over the
 //!   materialised events with `tally-meter`'s own sampling and mergeable
 //!   states, so every aggregation and window answers as the embedded
@@ -47,6 +48,6 @@ mod read;
 mod worker;
 
 pub use ledger::{
-    CATALOG_BUCKET, CONSUMER, ClusterLedger, ClusterLedgerConfig, ConnectError, STREAM,
-    VOIDS_BUCKET,
+    CATALOG_BUCKET, CONSUMER, ClusterLedger, ClusterLedgerConfig, ConnectError, QUARANTINE_STREAM,
+    STREAM, VOIDS_BUCKET,
 };

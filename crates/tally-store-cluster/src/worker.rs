@@ -1,6 +1,5 @@
-//! Workers: pull subscribers of one durable consumer (`tally-materialiser`,
-//! subjects `billing.usage.*.ingest`) that materialise the stream into
-//! ClickHouse. A batch is handled in four steps: decode; drop what
+//! Workers: pull subscribers of one durable consumer (`tally-materialiser`)
+//! of stream `billing-usage` that materialise it into ClickHouse. A batch is handled in four steps: decode; drop what
 //! ClickHouse already holds under a lower stream sequence (a duplicate
 //! beyond JetStream's window); insert the rest into `events`; publish each
 //! new event's quarantine verdicts on `billing.usage.<project>.quarantine.
@@ -44,7 +43,6 @@ async fn consumer(inner: &Inner) -> Result<PullConsumer, String> {
             CONSUMER,
             consumer::pull::Config {
                 durable_name: Some(CONSUMER.into()),
-                filter_subject: "billing.usage.*.ingest".into(),
                 ack_policy: consumer::AckPolicy::Explicit,
                 ack_wait: inner.config.ack_wait,
                 max_ack_pending: 100_000,
@@ -294,7 +292,12 @@ async fn earlier_copies<'a>(
     let found: Vec<Found> = inner.ch.select(&sql).await.map_err(|e| e.to_string())?;
     let by_key: HashMap<String, &Decoded> = decoded
         .iter()
-        .map(|d| (keys::dedupe_key(&d.envelope.event.source, &d.envelope.event.id), d))
+        .map(|d| {
+            (
+                keys::dedupe_key(&d.envelope.event.source, &d.envelope.event.id),
+                d,
+            )
+        })
         .collect();
     let mut out = HashMap::new();
     for f in found {

@@ -9,7 +9,7 @@ use futures::future::BoxFuture;
 use tally_ledger::Ledger;
 use tally_ledger_suite::peers::{ClickHouse, Nats};
 use tally_ledger_suite::{Backend, run_all};
-use tally_store_cluster::{ClusterLedger, ClusterLedgerConfig};
+use tally_store_cluster::{ClusterLedger, ClusterLedgerConfig, QUARANTINE_STREAM};
 
 struct Cluster(ClusterLedger);
 
@@ -42,4 +42,16 @@ async fn the_ledger_suite_passes_on_the_cluster() {
     };
     let ledger = ClusterLedger::connect(config(&nats, &ch)).await.unwrap();
     run_all(&Cluster(ledger), "c").await;
+    // The workers published the quarantined events, each on its reason.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let mut stream = js.get_stream(QUARANTINE_STREAM).await.unwrap();
+    let subjects = stream.info().await.unwrap().state.subjects_count;
+    assert!(subjects >= 2, "{subjects} quarantine subjects");
+    let missing = stream
+        .get_last_raw_message_by_subject("billing.usage.default.quarantine.MISSING_VALUE")
+        .await
+        .unwrap();
+    let message: serde_json::Value = serde_json::from_slice(&missing.payload).unwrap();
+    assert_eq!(message["reason"], "MISSING_VALUE", "{message}");
+    assert!(message["event"]["id"].is_string(), "{message}");
 }
