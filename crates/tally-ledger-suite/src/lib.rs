@@ -249,6 +249,25 @@ pub async fn late_meters_backfill_and_quarantine(b: &dyn Backend, prefix: &str) 
         "{outcome:?}"
     );
     b.settle().await;
+    let unknown = ledger
+        .list_quarantine(QuarantineFilter {
+            meter: Some(String::new()),
+            limit: 1_000,
+            cursor: None,
+        })
+        .await
+        .unwrap();
+    let mut ids: Vec<_> = unknown
+        .items
+        .iter()
+        .filter(|q| q.event.event.kind == kind)
+        .map(|q| (q.event.event.id.as_str(), q.reason.as_str()))
+        .collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        [("1", "UNKNOWN_METER"), ("2", "UNKNOWN_METER"), ("3", "UNKNOWN_METER")]
+    );
     ledger
         .apply(meter(&name, &kind, "SUM"), ApplyMode::Upsert)
         .await

@@ -86,8 +86,9 @@ pub fn valid_identifier(name: &str) -> bool {
 
 impl Ch {
     pub fn new(url: &str, database: &str, timeout: Duration) -> Result<Ch, ChError> {
+        // A long scan streams its rows: bound each read, not the whole answer.
         let http = tally_delivery::client_builder()
-            .timeout(timeout)
+            .read_timeout(timeout)
             .connect_timeout(Duration::from_secs(2))
             .build()
             .map_err(|e| ChError::Unreachable {

@@ -62,7 +62,7 @@ pub struct ClusterLedgerConfig {
     pub ack_wait: Duration,
     pub max_lateness: SignedDuration,
     pub max_future: SignedDuration,
-    /// Longest a ClickHouse request may take.
+    /// Longest ClickHouse may stay silent within a request.
     pub clickhouse_timeout: Duration,
 }
 
@@ -406,26 +406,13 @@ impl ClusterLedger {
             Err(_) => Default::default(),
         };
         let mut outcome = IngestOutcome::default();
-        let mut acks = Vec::with_capacity(events.len());
-        for (index, event) in events.iter().enumerate() {
-            let key = keys::dedupe_key(&event.source, &event.id);
-            if known.contains(&key) {
-                outcome.duplicates += 1;
-                continue;
-            }
-            let project = keys::project_token(event, &self.inner.config.default_project);
-            let payload = serde_json::to_vec(&Envelope {
-                ingested_at: now,
-                event: event.clone(),
-            })
-            .map_err(storage)?;
-            let publish = jetstream::message::PublishMessage::build()
-                .payload(Bytes::from(payload))
-                .message_id(key);
+        let messages = self.envelopes(&events, &known, now, &mut outcome)?;
+        let mut acks = Vec::with_capacity(messages.len());
+        for (index, subject, publish) in messages {
             let ack = self
                 .inner
                 .js
-                .send_publish(keys::ingest_subject(&project), publish)
+                .send_publish(subject, publish)
                 .await
                 .map_err(|e| storage(format!("publishing to {STREAM}: {e}")))?;
             acks.push((index, ack));
@@ -470,6 +457,44 @@ impl ClusterLedger {
             .quarantined
             .fetch_add(outcome.quarantined.len() as u64, Ordering::Relaxed);
         Ok(outcome)
+    }
+
+    /// The message of each event to publish (those ClickHouse holds are
+    /// counted as duplicates instead). Refuses the whole request, before
+    /// anything is published, if an event exceeds the server's payload limit.
+    fn envelopes(
+        &self,
+        events: &[CloudEvent],
+        known: &std::collections::HashSet<String>,
+        now: Timestamp,
+        outcome: &mut IngestOutcome,
+    ) -> Result<Vec<(usize, String, jetstream::message::PublishMessage)>, LedgerError> {
+        let max_payload = self.inner.nats.server_info().max_payload;
+        let mut out = Vec::with_capacity(events.len());
+        for (index, event) in events.iter().enumerate() {
+            let key = keys::dedupe_key(&event.source, &event.id);
+            if known.contains(&key) {
+                outcome.duplicates += 1;
+                continue;
+            }
+            let payload = serde_json::to_vec(&Envelope {
+                ingested_at: now,
+                event: event.clone(),
+            })
+            .map_err(storage)?;
+            // Headers (the dedupe key) travel in the same message.
+            if payload.len() + key.len() + 64 > max_payload {
+                return Err(LedgerError::Invalid(format!(
+                    "event {index} is larger than the NATS server's max_payload ({max_payload} bytes)"
+                )));
+            }
+            let project = keys::project_token(event, &self.inner.config.default_project);
+            let publish = jetstream::message::PublishMessage::build()
+                .payload(Bytes::from(payload))
+                .message_id(key);
+            out.push((index, keys::ingest_subject(&project), publish));
+        }
+        Ok(out)
     }
 
     /// The dedupe keys among `events` that ClickHouse already holds.

@@ -484,10 +484,10 @@ fn decode_cursor(cursor: &str) -> Result<RowKey, LedgerError> {
     serde_json::from_slice(&bytes).map_err(|_| bad_cursor(cursor))
 }
 
-/// Quarantined events by (meter, seq): each meter's events it cannot
-/// measure now. A page reads at most [`QUARANTINE_SCAN`] events and then
-/// answers what it found with a cursor (`<meter>:<seq>`), so a page may be
-/// short.
+/// Quarantined events by (meter, seq): first those no meter reads (meter
+/// `""`, `UNKNOWN_METER`), then each meter's events it cannot measure now.
+/// A page reads at most [`QUARANTINE_SCAN`] events and then answers what it
+/// found with a cursor (`<meter>:<seq>`), so a page may be short.
 pub(crate) async fn list_quarantine(
     inner: &Inner,
     f: &QuarantineFilter,
@@ -503,40 +503,59 @@ pub(crate) async fn list_quarantine(
         }
         None => (String::new(), 0),
     };
-    let meters: Vec<(String, String)> = {
+    let (types, mut meters): (Vec<String>, Vec<String>) = {
         let catalog = inner.catalog();
         catalog
             .catalog
             .meters()
-            .filter(|(name, _)| f.meter.as_deref().is_none_or(|m| m == *name))
-            .filter(|(name, _)| *name >= start_meter.as_str())
-            .map(|(name, def)| (name.to_owned(), def.event_type().to_owned()))
-            .collect()
+            .map(|(name, def)| (lit(def.event_type()), name.to_owned()))
+            .unzip()
     };
+    meters.insert(0, String::new());
+    meters.retain(|name| f.meter.as_deref().is_none_or(|m| m == name) && *name >= start_meter);
     let mut items = Vec::new();
     let mut scanned = 0;
-    for (name, event_type) in meters {
+    for name in meters {
         let from_seq = if name == start_meter { start_seq } else { 0 };
-        let (meter, retired_at) = meter_of(inner, &name)?;
+        let (which, meter) = if name.is_empty() {
+            let which = match types.is_empty() {
+                true => "1".to_owned(),
+                false => format!("type NOT IN ({})", types.join(",")),
+            };
+            (which, None)
+        } else {
+            let (meter, retired_at) = meter_of(inner, &name)?;
+            (
+                format!("type = {}", lit(meter.event_type())),
+                Some((meter, retired_at)),
+            )
+        };
         let sql = format!(
-            "SELECT seq, ingested_ms, event FROM {}.events FINAL WHERE type = {} AND seq >= {from_seq} ORDER BY seq LIMIT {}",
+            "SELECT seq, ingested_ms, event FROM {}.events FINAL WHERE {which} AND seq >= {from_seq} ORDER BY seq LIMIT {}",
             inner.ch.database,
-            lit(&event_type),
             QUARANTINE_SCAN - scanned
         );
         let rows: Vec<EventRow> = inner.ch.select(&sql).await.map_err(ch_error)?;
-        let read = rows.len();
-        scanned += read;
+        scanned += rows.len();
         for row in rows {
             let stored = row.stored(inner)?;
             let seq = stored.seq;
-            if let Err(reason) =
-                measure::sample(&meter, &stored.event, stored.ingested_at, retired_at)
-            {
+            let verdict = match &meter {
+                None => Some((
+                    measure::UNKNOWN_METER.to_owned(),
+                    format!("no meter reads events of type {:?}", stored.event.kind),
+                )),
+                Some((meter, retired_at)) => {
+                    measure::sample(meter, &stored.event, stored.ingested_at, *retired_at)
+                        .err()
+                        .map(|reason| (reason.code().to_owned(), reason.to_string()))
+                }
+            };
+            if let Some((reason, message)) = verdict {
                 items.push(QuarantinedEvent {
                     meter: name.clone(),
-                    reason: reason.code().into(),
-                    message: reason.to_string(),
+                    reason,
+                    message,
                     event: stored,
                 });
             }
