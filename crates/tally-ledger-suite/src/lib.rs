@@ -266,7 +266,11 @@ pub async fn late_meters_backfill_and_quarantine(b: &dyn Backend, prefix: &str) 
     ids.sort();
     assert_eq!(
         ids,
-        [("1", "UNKNOWN_METER"), ("2", "UNKNOWN_METER"), ("3", "UNKNOWN_METER")]
+        [
+            ("1", "UNKNOWN_METER"),
+            ("2", "UNKNOWN_METER"),
+            ("3", "UNKNOWN_METER")
+        ]
     );
     ledger
         .apply(meter(&name, &kind, "SUM"), ApplyMode::Upsert)
@@ -301,6 +305,111 @@ pub async fn late_meters_backfill_and_quarantine(b: &dyn Backend, prefix: &str) 
         .await
         .unwrap();
     assert_eq!(got.metadata.name, name);
+}
+
+fn binding(name: &str, account: &str, project: &str, established: Timestamp) -> Manifest {
+    Manifest::parse_documents(&format!(
+        "apiVersion: billing.miloapis.com/v1alpha1\nkind: BillingAccountBinding\n\
+         metadata: {{name: {name}}}\nspec: {{billingAccountRef: {{name: {account}}}, \
+         projectRef: {{name: {project}}}}}\n\
+         status: {{billingResponsibility: {{establishedAt: '{established}'}}}}\n"
+    ))
+    .unwrap_or_else(|e| panic!("{e}"))
+    .remove(0)
+}
+
+/// Usage grouped and filtered by billing account: a project bound to one
+/// account, then (from a binding established mid-minute, effective at the
+/// next whole minute) to another; a project never bound is unattributed.
+pub async fn usage_is_attributed_to_billing_accounts(
+    b: &dyn Backend,
+    resources: &dyn tally_ledger::ResourceStore,
+    prefix: &str,
+) {
+    let ledger = b.ledger();
+    let (kind, name) = (format!("{prefix}.attr"), format!("{prefix}-attr"));
+    let (pa, pb) = (format!("{prefix}-pa"), format!("{prefix}-pb"));
+    ledger
+        .apply(meter(&name, &kind, "SUM"), ApplyMode::Upsert)
+        .await
+        .unwrap();
+    let base = base_time();
+    let at = |minutes: i64, seconds: i64| {
+        base + SignedDuration::from_mins(minutes) + SignedDuration::from_secs(seconds)
+    };
+    let events = vec![
+        event(
+            "a",
+            "1",
+            &kind,
+            &format!("projects/{pa}"),
+            at(10, 0),
+            json!({"value": 1}),
+        ),
+        event(
+            "a",
+            "2",
+            &kind,
+            &format!("projects/{pa}"),
+            at(750, 20),
+            json!({"value": 2}),
+        ),
+        event(
+            "a",
+            "3",
+            &kind,
+            &format!("projects/{pa}"),
+            at(751, 0),
+            json!({"value": 4}),
+        ),
+        event(
+            "a",
+            "4",
+            &kind,
+            &format!("projects/{pb}"),
+            at(751, 0),
+            json!({"value": 8}),
+        ),
+    ];
+    ledger.ingest(events).await.unwrap();
+    b.settle().await;
+    for (n, (account, established)) in [("a1", at(0, 0)), ("a2", at(750, 15))].iter().enumerate() {
+        resources
+            .apply(
+                binding(&format!("{prefix}-b{n}"), account, &pa, *established),
+                ApplyMode::Upsert,
+            )
+            .await
+            .unwrap();
+    }
+    let mut q = total(base, day_after(base));
+    q.window_size = Some(tally_meter::WindowSize::Day);
+    q.group_by = vec!["billing_account".into()];
+    let rows: Vec<(Option<String>, Decimal)> = query_ready(ledger, &name, q.clone())
+        .await
+        .rows
+        .into_iter()
+        .map(|r| {
+            (
+                r.group_by.get("billing_account").cloned().flatten(),
+                r.value,
+            )
+        })
+        .collect();
+    // 12:30:15 takes effect at 12:31: the event at 12:30:20 is still a1's.
+    let want = vec![
+        (None, Decimal::from(8)),
+        (Some("a1".to_owned()), Decimal::from(3)),
+        (Some("a2".to_owned()), Decimal::from(4)),
+    ];
+    let mut sorted = rows.clone();
+    sorted.sort();
+    assert_eq!(sorted, want, "{rows:?}");
+    q.group_by = vec![];
+    q.filter_group_by = [("billing_account".to_owned(), "a2".to_owned())].into();
+    let only = query_ready(ledger, &name, q).await;
+    assert_eq!(only.rows.len(), 1, "{only:?}");
+    assert_eq!(only.rows[0].value, Decimal::from(4));
 }
 
 /// Every suite function, one after another, each with its own prefix.

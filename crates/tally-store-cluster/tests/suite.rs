@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tally_ledger::Ledger;
 use tally_ledger_suite::peers::{ClickHouse, Nats};
-use tally_ledger_suite::{Backend, run_all};
+use tally_ledger_suite::{Backend, run_all, usage_is_attributed_to_billing_accounts};
 use tally_store_cluster::{ClusterLedger, ClusterLedgerConfig, QUARANTINE_STREAM};
 
 struct Cluster(ClusterLedger);
@@ -41,7 +41,18 @@ async fn the_ledger_suite_passes_on_the_cluster() {
         return;
     };
     let ledger = ClusterLedger::connect(config(&nats, &ch)).await.unwrap();
-    run_all(&Cluster(ledger), "c").await;
+    // Billing accounts and bindings come from a resource store; the
+    // embedded one stands in for the cluster's here.
+    let dir = tempfile::tempdir().unwrap();
+    let store = tally_store_embedded::EmbeddedLedger::open(tally_store_embedded::StoreConfig::new(
+        dir.path(),
+    ))
+    .unwrap();
+    let resources = store.resources();
+    ledger.set_resources(std::sync::Arc::new(resources.clone()));
+    let backend = Cluster(ledger);
+    run_all(&backend, "c").await;
+    usage_is_attributed_to_billing_accounts(&backend, &resources, "c").await;
     // The workers published the quarantined events, each on its reason.
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     let mut stream = js.get_stream(QUARANTINE_STREAM).await.unwrap();

@@ -3,7 +3,7 @@
 
 use futures::future::BoxFuture;
 use tally_ledger::Ledger;
-use tally_ledger_suite::{Backend, run_all};
+use tally_ledger_suite::{Backend, run_all, usage_is_attributed_to_billing_accounts};
 use tally_store_embedded::{EmbeddedLedger, StoreConfig};
 
 struct Embedded(EmbeddedLedger);
@@ -23,5 +23,8 @@ impl Backend for Embedded {
 async fn the_ledger_suite_passes_on_the_embedded_store() {
     let dir = tempfile::tempdir().unwrap();
     let ledger = EmbeddedLedger::open(StoreConfig::new(dir.path())).unwrap();
-    run_all(&Embedded(ledger), "e").await;
+    let resources = ledger.resources();
+    let backend = Embedded(ledger);
+    run_all(&backend, "e").await;
+    usage_is_attributed_to_billing_accounts(&backend, &resources, "e").await;
 }
