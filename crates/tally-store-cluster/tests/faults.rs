@@ -6,6 +6,9 @@
 //! - nats-server killed (`kill -9`) and restarted: the ledger reconnects.
 //! - A worker process killed (`kill -9`) while materialising: another
 //!   worker takes over its unacknowledged messages.
+//! - An ingest node process killed (`kill -9`) under load: what it
+//!   acknowledged is counted, and the client's re-send of everything
+//!   counts nothing twice.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -199,4 +202,95 @@ async fn stored_rows(ch: &Ch) -> u64 {
         .ok()
         .and_then(|rows| rows.first().map(|c| c.n))
         .unwrap_or(0)
+}
+
+/// Set in the child process that ingests until it is killed.
+const INGEST_CHILD: &str = "TALLY_CLUSTER_FAULTS_INGEST";
+
+/// Not a test of its own: the ingest node that
+/// `an_ingest_node_killed_under_load_loses_nothing_acknowledged` kills.
+/// Prints `acked <n>` after each acknowledged request.
+#[tokio::test]
+#[ignore = "run as a child process by an_ingest_node_killed_under_load_loses_nothing_acknowledged"]
+async fn ingest_process() {
+    let Ok(urls) = std::env::var(INGEST_CHILD) else {
+        return;
+    };
+    let (nats, ch) = urls.split_once(' ').expect("two urls");
+    let ledger = ClusterLedger::connect(config(nats.into(), ch.into(), 0))
+        .await
+        .unwrap();
+    for start in (0..INGESTED).step_by(500) {
+        ledger
+            .ingest(events("node.usage", start..start + 500))
+            .await
+            .unwrap();
+        println!("acked {}", start + 500);
+    }
+    tokio::time::sleep(Duration::from_secs(600)).await;
+}
+
+const INGESTED: u32 = 50_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ingest_node_killed_under_load_loses_nothing_acknowledged() {
+    use std::io::BufRead;
+    let (Some(nats), Some(ch)) = (Nats::start(), ClickHouse::start()) else {
+        return;
+    };
+    let ledger = ClusterLedger::connect(config(nats.url(), ch.url(), 1))
+        .await
+        .unwrap();
+    ledger
+        .apply(meter("node", "node.usage", "COUNT"), ApplyMode::Upsert)
+        .await
+        .unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["ingest_process", "--exact", "--ignored", "--nocapture"])
+        .env(INGEST_CHILD, format!("{} {}", nats.url(), ch.url()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let acked = tokio::task::spawn_blocking(move || {
+        let mut acked = 0;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if let Some(n) = line.strip_prefix("acked ") {
+                acked = n.parse().unwrap();
+                if acked >= 5_000 {
+                    break;
+                }
+            }
+        }
+        acked
+    })
+    .await
+    .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        acked >= 5_000 && acked < INGESTED,
+        "killed mid-load at {acked}"
+    );
+    ledger.settle(Duration::from_secs(120)).await.unwrap();
+    let (from, to) = day();
+    let counted = value(&ledger, "node", from, to).await;
+    assert!(
+        counted >= Decimal::from(acked),
+        "{counted} < {acked} acknowledged"
+    );
+    // The client re-sends everything; nothing is counted twice.
+    for start in (0..INGESTED).step_by(2_500) {
+        ledger
+            .ingest(events("node.usage", start..start + 2_500))
+            .await
+            .unwrap();
+    }
+    ledger.settle(Duration::from_secs(120)).await.unwrap();
+    assert_eq!(
+        value(&ledger, "node", from, to).await,
+        Decimal::from(INGESTED)
+    );
 }
