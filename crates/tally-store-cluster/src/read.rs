@@ -641,3 +641,24 @@ pub(crate) fn lag(inner: &Inner) -> SignedDuration {
             .load(std::sync::atomic::Ordering::Relaxed) as i64,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_refuse_garbage() {
+        let key: RowKey = (3, Some("projects/p".into()), vec![None, Some("eu".into())], None);
+        assert_eq!(decode_cursor(&encode_cursor(&key)).unwrap(), key);
+        for bad in ["", "zz", "abc", "ü0", "7b7d"] {
+            assert!(decode_cursor(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn nanoseconds_saturate() {
+        assert_eq!(ns(Timestamp::MAX), i64::MAX);
+        assert_eq!(ns(Timestamp::MIN), i64::MIN);
+        assert_eq!(ns(Timestamp::UNIX_EPOCH), 0);
+    }
+}
