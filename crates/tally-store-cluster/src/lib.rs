@@ -18,14 +18,14 @@
 //!   while ClickHouse is down) is answered `accepted` — but stored and
 //!   counted once all the same: the dedupe decision that counts is the
 //!   workers' and ClickHouse's, exact over the whole horizon.
-//! - **Workers** ([`worker`]): pull subscribers of one durable consumer,
+//! - **Workers** (`worker.rs`): pull subscribers of one durable consumer,
 //!   any number per process ([`ClusterLedgerConfig::workers`],
 //!   [`ClusterLedger::spawn_workers`]) and per cluster. They write raw
 //!   events to ClickHouse idempotently ([`ch`]: keyed by (source, id), the
 //!   lowest stream sequence wins, read `FINAL`), publish quarantined events
 //!   on `billing.usage.<project>.quarantine.<reason>` (stream
 //!   `billing-usage-quarantine`), then acknowledge.
-//! - **Reads** ([`read`]): meters are evaluated at read time over the
+//! - **Reads** (`read.rs`): meters are evaluated at read time over the
 //!   materialised events with `tally-meter`'s own sampling and mergeable
 //!   states, so every aggregation and window answers as the embedded
 //!   backend's, and a meter applied late is backfilled at once. An answer
@@ -33,6 +33,17 @@
 //!   (a stream sequence) and `LedgerStats::materialise_lag_*` say how far.
 //!   While ClickHouse is down, ingest keeps acknowledging (the stream
 //!   buffers) and reads answer `NotReady` (503) naming ClickHouse.
+//!
+//! Known differences from the embedded backend: there are no rollup tables
+//! yet, so a query costs the events in its range (BENCHMARKS.md); a Retired
+//! meter measures the events stored before the catalog entry that retired
+//! it was written (a later edit of the Retired meter moves that point);
+//! `still_counted_by` is always empty (read-time evaluation takes a void out
+//! of every meter); a void needs its event materialised (`NotFound` before);
+//! `usage_span` spans every materialised event of the meter's type.
+//! Quarantined events are published to a stream of their own, because
+//! nats-server 2.9 scans its store on each fetch of a wildcard-filtered
+//! consumer; valid events are not republished on `.valid`.
 //!
 //! Entry point: [`ClusterLedger::connect`] with a [`ClusterLedgerConfig`]
 //! (starts `workers` workers in-process); [`ClusterLedger::set_resources`]

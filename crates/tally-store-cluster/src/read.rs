@@ -648,7 +648,12 @@ mod tests {
 
     #[test]
     fn cursors_round_trip_and_refuse_garbage() {
-        let key: RowKey = (3, Some("projects/p".into()), vec![None, Some("eu".into())], None);
+        let key: RowKey = (
+            3,
+            Some("projects/p".into()),
+            vec![None, Some("eu".into())],
+            None,
+        );
         assert_eq!(decode_cursor(&encode_cursor(&key)).unwrap(), key);
         for bad in ["", "zz", "abc", "ü0", "7b7d"] {
             assert!(decode_cursor(bad).is_err(), "{bad}");
