@@ -54,6 +54,8 @@ const MAX_ROW_BYTES: usize = 8 << 20;
 pub struct Ch {
     http: reqwest::Client,
     url: String,
+    /// `url` without credentials, for errors and logs.
+    shown: String,
     pub database: String,
 }
 
@@ -76,6 +78,17 @@ pub fn lit(s: &str) -> String {
     out
 }
 
+/// `url` with any `user:password@` removed, for errors and logs.
+pub fn without_credentials(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) if scheme.is_empty() => rest[at + 1..].to_owned(),
+        Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
 /// Whether `name` may be used as a database name unquoted.
 pub fn valid_identifier(name: &str) -> bool {
     !name.is_empty()
@@ -87,16 +100,18 @@ pub fn valid_identifier(name: &str) -> bool {
 impl Ch {
     pub fn new(url: &str, database: &str, timeout: Duration) -> Result<Ch, ChError> {
         // A long scan streams its rows: bound each read, not the whole answer.
+        let shown = without_credentials(url);
         let http = tally_delivery::client_builder()
             .read_timeout(timeout)
             .connect_timeout(Duration::from_secs(2))
             .build()
             .map_err(|e| ChError::Unreachable {
-                url: url.to_owned(),
-                message: e.to_string(),
+                url: shown.clone(),
+                message: e.without_url().to_string(),
             })?;
         Ok(Ch {
             http,
+            shown,
             url: url.trim_end_matches('/').to_owned(),
             database: database.to_owned(),
         })
@@ -131,8 +146,8 @@ impl Ch {
             .send()
             .await
             .map_err(|e| ChError::Unreachable {
-                url: self.url.clone(),
-                message: e.to_string(),
+                url: self.shown.clone(),
+                message: e.without_url().to_string(),
             })?;
         let status = response.status();
         if status.is_success() {
@@ -168,8 +183,8 @@ impl Ch {
         let mut response = self.send(None, sql.into_bytes()).await?;
         let mut pending: Vec<u8> = Vec::new();
         let unreachable = |e: reqwest::Error| ChError::Unreachable {
-            url: self.url.clone(),
-            message: e.to_string(),
+            url: self.shown.clone(),
+            message: e.without_url().to_string(),
         };
         while let Some(chunk) = response.chunk().await.map_err(unreachable)? {
             pending.extend_from_slice(&chunk);
@@ -217,6 +232,16 @@ mod tests {
         assert_eq!(lit("a'b\\c"), "'a\\'b\\\\c'");
         assert_eq!(lit("x\ny\0"), "'x\\x0Ay\\x00'");
         assert_eq!(lit("ü"), "'ü'");
+    }
+
+    #[test]
+    fn credentials_never_reach_errors() {
+        assert_eq!(
+            without_credentials("http://u:secret@ch:8123/x@y"),
+            "http://ch:8123/x@y"
+        );
+        assert_eq!(without_credentials("nats://tok@n:4222"), "nats://n:4222");
+        assert_eq!(without_credentials("http://ch:8123"), "http://ch:8123");
     }
 
     #[test]

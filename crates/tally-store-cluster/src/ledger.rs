@@ -203,11 +203,11 @@ impl ClusterLedger {
                 config.default_project
             )));
         }
-        let url = config.nats_url.clone();
+        let url = crate::ch::without_credentials(&config.nats_url);
         let err = nats_error(&url);
         let nats = async_nats::connect(&config.nats_url)
             .await
-            .map_err(|e| err(e.to_string()))?;
+            .map_err(|e| err(e.kind().to_string()))?;
         let js = jetstream::new(nats.clone());
         for (name, subject) in [
             (STREAM, "billing.usage.*.ingest"),
@@ -367,6 +367,15 @@ pub(crate) fn storage(e: impl std::fmt::Display) -> LedgerError {
     LedgerError::Storage(e.to_string())
 }
 
+/// NATS not answering is temporary: 503 with the reason. What the request
+/// published before is deduplicated when the client sends it again.
+fn unavailable(message: String) -> LedgerError {
+    LedgerError::NotReady {
+        message: format!("the event stream is unavailable: {message}"),
+        retry_after_seconds: 1,
+    }
+}
+
 /// ClickHouse being unreachable is temporary: 503 with the reason.
 pub(crate) fn ch_error(e: ChError) -> LedgerError {
     match e {
@@ -414,7 +423,7 @@ impl ClusterLedger {
                 .js
                 .send_publish(subject, publish)
                 .await
-                .map_err(|e| storage(format!("publishing to {STREAM}: {e}")))?;
+                .map_err(|e| unavailable(format!("publishing to {STREAM}: {e}")))?;
             acks.push((index, ack));
         }
         let mut warned = Vec::new();
@@ -427,7 +436,7 @@ impl ClusterLedger {
         for (index, ack) in acks {
             let ack = ack
                 .await
-                .map_err(|e| storage(format!("no acknowledgement from {STREAM}: {e}")))?;
+                .map_err(|e| unavailable(format!("no acknowledgement from {STREAM}: {e}")))?;
             if ack.duplicate {
                 outcome.duplicates += 1;
                 continue;

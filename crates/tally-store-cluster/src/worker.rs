@@ -135,8 +135,11 @@ async fn run(
         let batch = match fetch(&consumer, inner.config.batch).await {
             Ok(batch) => batch,
             Err(e) => {
-                tracing::warn!(error = %e, "a worker could not fetch; retrying");
-                Vec::new()
+                tracing::warn!(error = %e, "a worker could not fetch; retrying in a second");
+                tokio::select! {
+                    _ = stopped.changed() => return,
+                    _ = tokio::time::sleep(RETRY) => continue,
+                }
             }
         };
         if batch.is_empty() {
