@@ -203,7 +203,8 @@ fn access(method: &Method, route: &str) -> Access {
             | "/v1/metrics"
             | "/v1/logs"
             | "/v1/traces"
-            | "/api/v1/write",
+            | "/api/v1/write"
+            | "/api/v1/instances/events",
         ) => Access::Ingest,
         // Usage (narrowed by the handler to the caller's projects), and the
         // catalog (meter definitions, resource types), cluster-scoped and
@@ -219,6 +220,8 @@ fn access(method: &Method, route: &str) -> Access {
             | "/api/v1/meters/{slug}"
             | "/api/v1/subjects"
             | "/api/v1/subjects/{key}"
+            | "/api/v1/instances"
+            | "/api/v1/instances/{instance}/events"
             | "/openapi.json",
         ) => Access::Read,
         // A query with its parameters in the body reads like the GET.

@@ -12,6 +12,7 @@ mod auth;
 pub mod billing;
 mod binary;
 mod body;
+pub mod compute;
 mod config;
 pub mod console;
 mod events;
@@ -80,6 +81,8 @@ pub struct AppState {
     telemetry: Option<Arc<tally_telemetry::Pipeline>>,
     /// The billing forwarder's runtime, when it runs in this server.
     billing: Option<tally_billing::runtime::BillingHandle>,
+    /// Instance lifecycle events (`/api/v1/instances`), when kept.
+    compute: Option<compute::Compute>,
     /// What the HTTP listener counts (`tally_http_connections_*`).
     connections: tally_http::ConnectionStats,
     /// Background tasks the process cannot do its job without.
@@ -144,6 +147,7 @@ impl AppState {
             ledger_seen: Arc::default(),
             telemetry: None,
             billing: None,
+            compute: None,
             vital: VitalTasks::default(),
             connections: tally_http::ConnectionStats::new(),
         }
@@ -171,6 +175,12 @@ impl AppState {
 
     /// Keeps the resources outside the meter catalog (billing, exporters,
     /// secrets, namespaces, platform resources) in `store`.
+    /// Serves instance lifecycle events from `compute`.
+    pub fn with_compute(mut self, compute: compute::Compute) -> AppState {
+        self.compute = Some(compute);
+        self
+    }
+
     pub fn with_resources(mut self, store: Arc<dyn ResourceStore>) -> AppState {
         self.resources = Some(store);
         self
@@ -249,6 +259,7 @@ pub const DEFAULT_MAX_PENDING_EVENTS: usize = 262_144;
         resources::get_namespaced, resources::put_namespaced, resources::delete_namespaced,
         quarantine, metrics, healthz, readyz, telemetry::otlp_metrics, telemetry::remote_write,
         signals::otlp_logs, signals::otlp_traces,
+        compute::ingest, compute::list, compute::events,
         billing::status, billing::dead_letters, billing::retry_dead_letter, billing::retry_all_dead_letters, billing::reconcile, billing::changes,
     ),
     components(schemas(schemas::Meter, schemas::MeterCreate, schemas::MeterUpdate, schemas::MeterAggregation,
@@ -258,7 +269,8 @@ pub const DEFAULT_MAX_PENDING_EVENTS: usize = 262_144;
         schemas::FieldProblem, schemas::EventProblem, schemas::ObjectMeta, schemas::Resource,
         schemas::ResourceList, schemas::VoidOutcome, schemas::VoidPage, schemas::QuarantinedEvent,
         schemas::StoredEvent, schemas::QuarantinePage,
-        billing::BillingStatus, billing::DeadLetters, billing::Reconciliation, Problem, resources::ApplyResult, resources::ApplyResults, usage::UsageAnswer, usage::Rejected, events::VoidBody)),
+        billing::BillingStatus, billing::DeadLetters, billing::Reconciliation, Problem, resources::ApplyResult, resources::ApplyResults, usage::UsageAnswer, usage::Rejected, events::VoidBody,
+        compute::LifecycleIngested, schemas::InstancePage, schemas::InstanceSummary, schemas::LifecycleEventPage, schemas::LifecycleEvent)),
     modifiers(&BearerAuth, &UnservedDocument),
 )]
 struct ApiDoc;
@@ -329,6 +341,9 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/billing/reconcile", get(billing::reconcile))
         .route("/api/v1/quarantine", get(quarantine))
+        .route("/api/v1/instances", get(compute::list))
+        .route("/api/v1/instances/events", post(compute::ingest))
+        .route("/api/v1/instances/{instance}/events", get(compute::events))
         .route("/v1/metrics", post(telemetry::otlp_metrics))
         .route("/v1/logs", post(signals::otlp_logs))
         .route("/v1/traces", post(signals::otlp_traces))
@@ -542,6 +557,9 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     if let Some(billing) = &state.billing {
         out.push_str(&billing.render_status_metrics());
     }
+    if let Some(compute) = &state.compute {
+        compute.render_metrics(&mut out);
+    }
     render_requests(&state.requests, &mut out);
     state.connections.render(&mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
@@ -698,6 +716,14 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("tokens: {e}"))?
         .with_max_pending_events(config.max_pending_events);
     state.vital.add(EXPORTERS_TASK, exporters);
+    let compute = compute::Compute::open(&config.data_dir.join("compute")).with_context(|| {
+        format!(
+            "opening the lifecycle store in {}",
+            config.data_dir.display()
+        )
+    })?;
+    state = state.with_compute(compute.clone());
+    let derive = tokio::spawn(compute::derive_from_instances(state.clone(), compute));
     if let Some((handle, task)) = billing {
         state = state.clone().with_billing(handle);
         state.vital.add(BILLING_TASK, task);
@@ -725,6 +751,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     if let Some(watcher) = watcher {
         watcher.abort();
     }
+    derive.abort();
     if let Some(exporters) = vital.take(EXPORTERS_TASK) {
         exporters.abort();
     }

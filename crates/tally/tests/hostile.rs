@@ -181,7 +181,8 @@ fn rule(method: &Method, path: &str) -> Option<Rule> {
             | "/v1/metrics"
             | "/v1/logs"
             | "/v1/traces"
-            | "/api/v1/write",
+            | "/api/v1/write"
+            | "/api/v1/instances/events",
         ) => Ingest,
         (
             "GET",
@@ -196,7 +197,9 @@ fn rule(method: &Method, path: &str) -> Option<Rule> {
             | "/api/v1/subjects/{key}"
             | "/openapi.json"
             | "/apis/{plural}"
-            | "/apis/{plural}/{name}",
+            | "/apis/{plural}/{name}"
+            | "/api/v1/instances"
+            | "/api/v1/instances/{instance}/events",
         ) => Read,
         ("POST", "/api/v1/meters/{slug}/query") => Read,
         // OpenMeter features not served: 501 for every caller that reads.
@@ -271,6 +274,7 @@ fn request_for(method: &Method, template: &str) -> (String, Vec<u8>, &'static st
             .replace("{sink}", "none")
             .replace("{id}", "1")
             .replace("{key}", "model")
+            .replace("{instance}", "web-0")
             .replace("{rest}", "x/y"),
     };
     match (method.as_str(), template) {
