@@ -10,14 +10,16 @@
 //! | `tally_compute_lifecycle_errors_total` | counter | — (transitions whose reason is an error) |
 //! | `tally_compute_scheduling_latency_seconds` | histogram | — (`scheduled` → next `started` of the same instance) |
 //! | `tally_compute_scheduling_pending` | gauge | — (scheduled, not yet started, remembered) |
+//! | `tally_compute_crashlooping_instances` | gauge | — (instances with [`CRASHLOOP_CRASHES`] crashes or OOM kills within [`CRASHLOOP_WINDOW`] before the time rendered) |
 //!
 //! Labels come only from the closed vocabularies of `LifecycleKind` and
 //! `Reason`, never from a tenant's names, so the series count is bounded.
-//! At most [`MAX_PENDING`] scheduled-not-started instances are remembered;
+//! At most [`MAX_PENDING`] scheduled-not-started instances, and as many
+//! instances' recent crash times, are remembered;
 //! beyond it a `scheduled` is not timed (counted in
 //! `tally_compute_scheduling_untimed_total`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::Mutex;
 
@@ -31,6 +33,10 @@ pub const LATENCY_BUCKETS: [f64; 12] = [
 ];
 /// Most scheduled-not-started instances remembered for timing.
 pub const MAX_PENDING: usize = 100_000;
+/// Crashes within [`CRASHLOOP_WINDOW`] that make an instance crash-looping.
+pub const CRASHLOOP_CRASHES: usize = 3;
+/// The window of [`CRASHLOOP_CRASHES`].
+pub const CRASHLOOP_WINDOW: jiff::SignedDuration = jiff::SignedDuration::from_mins(10);
 
 #[derive(Default)]
 struct State {
@@ -41,6 +47,8 @@ struct State {
     latency_sum: f64,
     pending: HashMap<(String, String), Timestamp>,
     untimed: u64,
+    /// The latest crash times (at most `CRASHLOOP_CRASHES`) per instance.
+    crashes: HashMap<(String, String), VecDeque<Timestamp>>,
 }
 
 #[derive(Default)]
@@ -81,16 +89,36 @@ impl FleetMetrics {
                     }
                 }
             }
+            LifecycleKind::Crashed | LifecycleKind::OomKilled => {
+                if s.crashes.len() < MAX_PENDING || s.crashes.contains_key(&key) {
+                    let times = s.crashes.entry(key).or_default();
+                    times.push_back(event.time);
+                    times.make_contiguous().sort();
+                    if times.len() > CRASHLOOP_CRASHES {
+                        times.pop_front();
+                    }
+                }
+            }
             LifecycleKind::Terminated => {
                 s.pending.remove(&key);
+                s.crashes.remove(&key);
             }
             _ => {}
         }
     }
 
-    /// Appends the families to a Prometheus text exposition.
-    pub fn render(&self, out: &mut String) {
+    /// Appends the families to a Prometheus text exposition; `now` is the
+    /// end of the crash-loop window.
+    pub fn render(&self, out: &mut String, now: Timestamp) {
         let Ok(s) = self.state.lock() else { return };
+        let since = now - CRASHLOOP_WINDOW;
+        let looping = s
+            .crashes
+            .values()
+            .filter(|t| {
+                t.len() == CRASHLOOP_CRASHES && t.front().is_some_and(|first| *first >= since)
+            })
+            .count() as u64;
         let _ = writeln!(
             out,
             "# HELP tally_compute_lifecycle_transitions_total Instance lifecycle events stored, by kind and reason.\n# TYPE tally_compute_lifecycle_transitions_total counter"
@@ -138,6 +166,12 @@ impl FleetMetrics {
             "Instances scheduled and not yet started.",
             "gauge",
             s.pending.len() as u64,
+        );
+        counter(
+            "tally_compute_crashlooping_instances",
+            "Instances that crashed (or were OOM-killed) 3 times within the last 10 minutes.",
+            "gauge",
+            looping,
         );
         counter(
             "tally_compute_scheduling_untimed_total",
@@ -219,7 +253,7 @@ mod tests {
             "2026-01-01T00:02:00Z",
         ));
         let mut out = String::new();
-        m.render(&mut out);
+        m.render(&mut out, "2026-01-01T00:05:00Z".parse().unwrap());
         for line in [
             "tally_compute_lifecycle_transitions_total{kind=\"started\",reason=\"Available\"} 1",
             "tally_compute_lifecycle_transitions_total{kind=\"scheduled\",reason=\"\"} 2",
@@ -232,8 +266,37 @@ mod tests {
             "tally_compute_scheduling_latency_seconds_bucket{le=\"+Inf\"} 1",
             "tally_compute_scheduling_latency_seconds_sum 3",
             "tally_compute_scheduling_latency_seconds_count 1",
+            "tally_compute_crashlooping_instances 0",
         ] {
             assert!(out.lines().any(|l| l == line), "{line} missing from\n{out}");
         }
+    }
+
+    #[test]
+    fn three_crashes_in_ten_minutes_is_a_crash_loop_until_it_ages_out() {
+        let m = FleetMetrics::new();
+        let looping = |at: &str| {
+            let mut out = String::new();
+            m.render(&mut out, at.parse().unwrap());
+            out.lines()
+                .any(|l| l == "tally_compute_crashlooping_instances 1")
+        };
+        for at in ["2026-01-01T00:00:00Z", "2026-01-01T00:04:00Z"] {
+            m.observe(&event(
+                LifecycleKind::Crashed,
+                Some(Reason::InstanceCrashing),
+                "a",
+                at,
+            ));
+        }
+        assert!(!looping("2026-01-01T00:05:00Z"));
+        m.observe(&event(
+            LifecycleKind::OomKilled,
+            Some(Reason::InstanceCrashing),
+            "a",
+            "2026-01-01T00:08:00Z",
+        ));
+        assert!(looping("2026-01-01T00:09:00Z"));
+        assert!(!looping("2026-01-01T00:10:01Z"));
     }
 }

@@ -226,6 +226,8 @@ fn access(method: &Method, route: &str) -> Access {
         ) => Access::Read,
         // A query with its parameters in the body reads like the GET.
         (&Method::POST, "/api/v1/meters/{slug}/query") => Access::Read,
+        // The Prometheus query API, held to the caller's project (`promql`).
+        (method, route) if crate::promql::is_route(method, route) => Access::Read,
         // OpenMeter features Tally does not serve: every caller that may
         // read learns so (501).
         (_, route) if crate::unserved::is_unserved_route(route) => Access::Read,

@@ -73,7 +73,7 @@ impl Compute {
     }
 
     pub fn render_metrics(&self, out: &mut String) {
-        self.metrics.render(out);
+        self.metrics.render(out, Timestamp::now());
     }
 }
 

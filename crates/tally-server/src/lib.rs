@@ -21,6 +21,7 @@ mod exporters;
 mod grpc;
 mod meters;
 mod problem;
+mod promql;
 mod query;
 mod resources;
 mod schemas;
@@ -83,6 +84,8 @@ pub struct AppState {
     billing: Option<tally_billing::runtime::BillingHandle>,
     /// Instance lifecycle events (`/api/v1/instances`), when kept.
     compute: Option<compute::Compute>,
+    /// The VictoriaMetrics answering the Prometheus query API, if configured.
+    metrics_query: Option<promql::MetricsQuery>,
     /// What the HTTP listener counts (`tally_http_connections_*`).
     connections: tally_http::ConnectionStats,
     /// Background tasks the process cannot do its job without.
@@ -148,6 +151,7 @@ impl AppState {
             telemetry: None,
             billing: None,
             compute: None,
+            metrics_query: None,
             vital: VitalTasks::default(),
             connections: tally_http::ConnectionStats::new(),
         }
@@ -179,6 +183,12 @@ impl AppState {
     pub fn with_compute(mut self, compute: compute::Compute) -> AppState {
         self.compute = Some(compute);
         self
+    }
+
+    /// Answers the Prometheus query API from the VictoriaMetrics at `url`.
+    pub fn with_metrics_query(mut self, url: &str) -> anyhow::Result<AppState> {
+        self.metrics_query = Some(promql::MetricsQuery::new(url)?);
+        Ok(self)
     }
 
     pub fn with_resources(mut self, store: Arc<dyn ResourceStore>) -> AppState {
@@ -260,6 +270,8 @@ pub const DEFAULT_MAX_PENDING_EVENTS: usize = 262_144;
         quarantine, metrics, healthz, readyz, telemetry::otlp_metrics, telemetry::remote_write,
         signals::otlp_logs, signals::otlp_traces,
         compute::ingest, compute::list, compute::events,
+        promql::query_get, promql::query_post, promql::range_get, promql::range_post,
+        promql::labels_get, promql::labels_post, promql::series_get, promql::series_post, promql::label_values,
         billing::status, billing::dead_letters, billing::retry_dead_letter, billing::retry_all_dead_letters, billing::reconcile, billing::changes,
     ),
     components(schemas(schemas::Meter, schemas::MeterCreate, schemas::MeterUpdate, schemas::MeterAggregation,
@@ -344,6 +356,23 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/instances", get(compute::list))
         .route("/api/v1/instances/events", post(compute::ingest))
         .route("/api/v1/instances/{instance}/events", get(compute::events))
+        .route(
+            "/api/v1/query",
+            get(promql::query_get).post(promql::query_post),
+        )
+        .route(
+            "/api/v1/query_range",
+            get(promql::range_get).post(promql::range_post),
+        )
+        .route(
+            "/api/v1/labels",
+            get(promql::labels_get).post(promql::labels_post),
+        )
+        .route(
+            "/api/v1/series",
+            get(promql::series_get).post(promql::series_post),
+        )
+        .route("/api/v1/label/{name}/values", get(promql::label_values))
         .route("/v1/metrics", post(telemetry::otlp_metrics))
         .route("/v1/logs", post(signals::otlp_logs))
         .route("/v1/traces", post(signals::otlp_traces))
@@ -723,6 +752,9 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         )
     })?;
     state = state.with_compute(compute.clone());
+    if let Some(vm) = &config.victoria_metrics {
+        state = state.with_metrics_query(&vm.url)?;
+    }
     let derive = tokio::spawn(compute::derive_from_instances(state.clone(), compute));
     if let Some((handle, task)) = billing {
         state = state.clone().with_billing(handle);
