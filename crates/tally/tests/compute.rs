@@ -197,6 +197,31 @@ async fn a_project_reads_only_its_own_instances() {
     .await;
     assert_eq!(kinds(&rest), ["crashed"]);
     assert!(rest.get("nextCursor").is_none());
+    // The CLI, with a customer's token.
+    let out = common::cli(base, ACME, &["instances", "list"], "");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        table.contains("web-0") && table.contains("crashed"),
+        "{table}"
+    );
+    assert!(!table.contains("db-0"), "{table}");
+    let out = common::cli(
+        base,
+        ACME,
+        &["instances", "events", "web-0", "-o", "json"],
+        "",
+    );
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(kinds(&listed), ["scheduled", "started", "crashed"]);
+    assert_eq!(listed["items"][2]["reason"], "InstanceCrashing");
+    let out = common::cli(base, ACME, &["instances", "events", "db-0"], "");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
 }
 
 #[tokio::test]

@@ -202,6 +202,12 @@ fn rule(method: &Method, path: &str) -> Option<Rule> {
             | "/api/v1/instances/{instance}/events",
         ) => Read,
         ("POST", "/api/v1/meters/{slug}/query") => Read,
+        // The Prometheus query API, held to the caller's project.
+        (
+            "GET" | "POST",
+            "/api/v1/query" | "/api/v1/query_range" | "/api/v1/labels" | "/api/v1/series",
+        )
+        | ("GET", "/api/v1/label/{name}/values") => Read,
         // OpenMeter features not served: 501 for every caller that reads.
         (_, p) if p.starts_with("/api/v") && not_served(p) => Read,
         ("POST", "/api/v1/subjects") | ("DELETE", "/api/v1/subjects/{key}") => Admin,
@@ -275,6 +281,7 @@ fn request_for(method: &Method, template: &str) -> (String, Vec<u8>, &'static st
             .replace("{id}", "1")
             .replace("{key}", "model")
             .replace("{instance}", "web-0")
+            .replace("{name}", "job")
             .replace("{rest}", "x/y"),
     };
     match (method.as_str(), template) {
