@@ -42,7 +42,10 @@ fn main() {
         })
         .collect();
     let secs = started.elapsed().as_secs_f64();
-    println!("parse+validate: {n} events in {secs:.3} s = {:.0} events/s", n as f64 / secs);
+    println!(
+        "parse+validate: {n} events in {secs:.3} s = {:.0} events/s",
+        n as f64 / secs
+    );
 
     for batch in [1usize, 100, 1000] {
         let dir = tempfile::tempdir().expect("tempdir");
