@@ -89,14 +89,14 @@ impl FleetMetrics {
                     }
                 }
             }
-            LifecycleKind::Crashed | LifecycleKind::OomKilled => {
-                if s.crashes.len() < MAX_PENDING || s.crashes.contains_key(&key) {
-                    let times = s.crashes.entry(key).or_default();
-                    times.push_back(event.time);
-                    times.make_contiguous().sort();
-                    if times.len() > CRASHLOOP_CRASHES {
-                        times.pop_front();
-                    }
+            LifecycleKind::Crashed | LifecycleKind::OomKilled
+                if s.crashes.len() < MAX_PENDING || s.crashes.contains_key(&key) =>
+            {
+                let times = s.crashes.entry(key).or_default();
+                times.push_back(event.time);
+                times.make_contiguous().sort();
+                if times.len() > CRASHLOOP_CRASHES {
+                    times.pop_front();
                 }
             }
             LifecycleKind::Terminated => {

@@ -332,7 +332,9 @@ fn hex(bytes: &[u8]) -> String {
 
 fn cursor_key(cursor: &str) -> Result<Vec<u8>, StoreError> {
     let bad = || StoreError::BadCursor(cursor.to_owned());
-    if cursor.len() % 2 != 0 || cursor.len() > 2 * (2 * crate::lifecycle::MAX_NAME_BYTES + 1) {
+    if !cursor.len().is_multiple_of(2)
+        || cursor.len() > 2 * (2 * crate::lifecycle::MAX_NAME_BYTES + 1)
+    {
         return Err(bad());
     }
     (0..cursor.len())
