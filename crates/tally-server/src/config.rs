@@ -219,9 +219,14 @@ impl ServeConfig {
         read_config(path)
     }
 
-    /// Checks what serde cannot: settings that contradict each other, and
-    /// the cluster section.
+    /// Checks what serde cannot (the egress list, the http section, settings
+    /// that contradict each other, the cluster section), before anything is
+    /// opened.
     pub fn check(&self) -> anyhow::Result<()> {
+        self.egress.policy()?;
+        self.http
+            .limits()
+            .context("the configuration's http section")?;
         if let Some(late) = self.max_lateness_days
             && late > self.dedupe_horizon_days
         {
