@@ -7,6 +7,9 @@
 //! the metrics receivers (`/v1/metrics`, `/api/v1/write`, and OTLP/gRPC on
 //! its own listener). [`export`] is `tally export`: the exporters' pipeline
 //! alone, without a ledger.
+//!
+//! **Never:** open a store: [`serve`] runs on the [`Backend`] (ledger,
+//! resource store, vital tasks) that the `tally` binary chose and opened.
 
 mod auth;
 pub mod billing;
@@ -46,7 +49,6 @@ use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use tally_delivery::{ComponentKind, Registry};
 use tally_ledger::{Ledger, QuarantineFilter, QuarantinePage, ResourceStore};
-use tally_store_embedded::{EmbeddedLedger, StoreConfig};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use utoipa::OpenApi;
 
@@ -54,7 +56,9 @@ pub use auth::{Principal, Scope, TokenConfig};
 /// Request bodies as every route reads them: `Content-Encoding` (gzip,
 /// zstd or none) decoded, refused past a limit after decompression.
 pub use body::decode as decode_request_body;
-pub use config::{BillingServeConfig, ExportConfig, ServeConfig, VictoriaMetricsConfig};
+pub use config::{
+    BillingServeConfig, ClusterConfig, ExportConfig, ServeConfig, VictoriaMetricsConfig,
+};
 pub use problem::Problem;
 pub use resources::StatusSource;
 
@@ -102,7 +106,7 @@ pub struct AppState {
 pub(crate) struct VitalTasks(Arc<Mutex<Vec<VitalTask>>>);
 
 /// A vital task: its name for `/healthz`, and its handle.
-type VitalTask = (&'static str, tokio::task::JoinHandle<()>);
+pub type VitalTask = (&'static str, tokio::task::JoinHandle<()>);
 
 impl VitalTasks {
     /// Watches `task`, named for `/healthz` (e.g. "the billing forwarder").
@@ -673,40 +677,31 @@ pub async fn serve_on(listener: tokio::net::TcpListener, state: AppState) {
 const EXPORTERS_TASK: &str = "the exporters' pipeline";
 const BILLING_TASK: &str = "the billing forwarder";
 
-/// Runs `tally serve` until SIGINT or SIGTERM.
-pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+/// What `tally serve` runs on: the backend the binary chose and opened.
+/// The server never opens a store itself, so it depends on no backend.
+pub struct Backend {
+    pub ledger: Arc<dyn Ledger>,
+    pub resources: Arc<dyn ResourceStore>,
+    /// The backend's background tasks (name for `/healthz`, task) whose end
+    /// means this process can no longer do its job, e.g. a watch of shared
+    /// resources; `/healthz` fails once one has ended.
+    pub vital: Vec<VitalTask>,
+}
+
+/// Runs `tally serve` on `backend` until SIGINT or SIGTERM. `config.data_dir`
+/// holds this process's own state (billing progress, exporter queues).
+pub async fn serve(config: ServeConfig, backend: Backend) -> anyhow::Result<()> {
     let egress = config.egress.policy()?;
     let limits = config
         .http
         .limits()
         .context("the configuration's http section")?;
-    if config
-        .max_lateness_days
-        .is_some_and(|late| late > config.dedupe_horizon_days)
-    {
-        anyhow::bail!(
-            "maxLatenessDays ({}) must not exceed dedupeHorizonDays ({}): events older than the dedupe horizon could be stored twice",
-            config.max_lateness_days.unwrap_or_default(),
-            config.dedupe_horizon_days
-        );
-    }
-    let mut store = StoreConfig::new(&config.data_dir);
-    store.cache_bytes = config.store_cache_mib.saturating_mul(1 << 20);
-    store.dedupe_horizon =
-        jiff::SignedDuration::from_hours(i64::from(config.dedupe_horizon_days) * 24);
-    store.max_lateness = jiff::SignedDuration::from_hours(
-        i64::from(
-            config
-                .max_lateness_days
-                .unwrap_or(config.dedupe_horizon_days),
-        ) * 24,
-    );
-    store.max_future = jiff::SignedDuration::from_hours(i64::from(config.max_future_hours));
-    let ledger = tokio::task::spawn_blocking(move || EmbeddedLedger::open(store))
-        .await
-        .context("opening the store")?
-        .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
-    let resources: Arc<dyn ResourceStore> = Arc::new(ledger.resources());
+    config.check()?;
+    let Backend {
+        ledger,
+        resources,
+        vital: backend_tasks,
+    } = backend;
     let registry = Registry::new();
     let (pipeline, exporters) = exporters::start_pipeline(
         &config.data_dir,
@@ -715,8 +710,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         &registry,
         &resources,
     )?;
-    let billing_dir = ledger.data_dir().join("billing");
-    let ledger: Arc<dyn Ledger> = Arc::new(ledger);
+    let billing_dir = config.data_dir.join("billing");
     let (stop_billing, billing_stopped) = tokio::sync::watch::channel(false);
     let billing = config.billing.enabled.then(|| {
         billing::start(
@@ -756,6 +750,9 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         state = state.with_metrics_query(&vm.url)?;
     }
     let derive = tokio::spawn(compute::derive_from_instances(state.clone(), compute));
+    for (name, task) in backend_tasks {
+        state.vital.add(name, task);
+    }
     if let Some((handle, task)) = billing {
         state = state.clone().with_billing(handle);
         state.vital.add(BILLING_TASK, task);

@@ -4,6 +4,7 @@
 //! every other command talks to one over HTTP (`--server`, `TALLY_SERVER`)
 //! with an optional bearer token (`--token`, `TALLY_TOKEN`).
 
+mod backend;
 mod billing;
 mod collect;
 mod describe;
@@ -99,7 +100,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the Tally server with its embedded store.
+    /// Run the Tally server: on its embedded store, or as a cluster node (--cluster).
     Serve(serve::ServeArgs),
     /// Run the telemetry exporters alone (no ledger): metrics in over OTLP
     /// and remote-write, pulled from VictoriaMetrics, out to each Exporter's
