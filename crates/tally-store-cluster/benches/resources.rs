@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tally_ledger::{ApplyMode, ResourceKey, ResourceStore};
 use tally_model::{Kind, Manifest};
-use tally_store_cluster::testing::NatsServer;
+use tally_ledger_suite::peers::Nats;
 use tally_store_cluster::{KvResources, KvResourcesConfig};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -33,7 +33,7 @@ async fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(500);
-    let Some(nats) = NatsServer::start_or_skip() else {
+    let Some(nats) = Nats::start() else {
         return;
     };
     let config = KvResourcesConfig::new(nats.url(), "bench");

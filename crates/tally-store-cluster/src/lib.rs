@@ -3,8 +3,7 @@
 //! NATS JetStream is the log, workers are the materialisers, ClickHouse is
 //! the derived store, and JetStream key-value buckets hold the catalog and
 //! the voids ([`mirror`]) and the resources ([`resources`]: [`KvResources`],
-//! every node watches the bucket). [`testing`] (feature `testing`, dev
-//! only) starts a real `nats-server -js` for a test.
+//! every node watches the bucket).
 //!
 //! - **Ingest** ([`ClusterLedger`]): a node validates events on the one
 //!   path every backend shares ([`tally_ledger::Admission`]) and publishes
@@ -59,8 +58,6 @@ mod measure;
 pub mod mirror;
 mod read;
 pub mod resources;
-#[cfg(feature = "testing")]
-pub mod testing;
 mod worker;
 
 pub use ledger::{

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tally_server::AppState;
-use tally_store_cluster::testing::NatsServer;
+use tally_ledger_suite::peers::Nats;
 use tally_store_cluster::{KvResources, KvResourcesConfig};
 use tally_store_embedded::{EmbeddedLedger, StoreConfig};
 
@@ -18,7 +18,7 @@ struct Node {
     _dir: tempfile::TempDir,
 }
 
-async fn node(nats: &NatsServer) -> Node {
+async fn node(nats: &Nats) -> Node {
     let dir = tempfile::tempdir().unwrap();
     let ledger = EmbeddedLedger::open(StoreConfig::new(dir.path())).unwrap();
     let (resources, _watch) =
@@ -77,7 +77,7 @@ stringData: {key: hunter2}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resource_applied_on_one_node_is_served_by_the_other() {
-    let Some(nats) = NatsServer::start_or_skip() else {
+    let Some(nats) = Nats::start() else {
         return;
     };
     let (a, b) = (node(&nats).await, node(&nats).await);

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tally_ledger::{ApplyAction, ApplyMode, LedgerError, ResourceKey, ResourceStore};
 use tally_model::{Kind, Manifest};
-use tally_store_cluster::testing::NatsServer;
+use tally_ledger_suite::peers::Nats;
 use tally_store_cluster::{KvResources, KvResourcesConfig};
 
 fn manifest(text: &str) -> Manifest {
@@ -38,7 +38,7 @@ fn binding(name: &str, account: &str, project: &str, at: &str) -> Manifest {
 }
 
 /// A node: a store on `bucket` of `nats`.
-async fn node(nats: &NatsServer, bucket: &str) -> KvResources {
+async fn node(nats: &Nats, bucket: &str) -> KvResources {
     let (store, _follower) = KvResources::connect(&KvResourcesConfig::new(nats.url(), bucket))
         .await
         .unwrap();
@@ -63,7 +63,7 @@ fn has(store: &KvResources, key: &ResourceKey) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_one_node_applies_or_deletes_every_node_sees() {
-    let Some(nats) = NatsServer::start_or_skip() else {
+    let Some(nats) = Nats::start() else {
         return;
     };
     let a = node(&nats, "tally-resources").await;
@@ -135,7 +135,7 @@ async fn what_one_node_applies_or_deletes_every_node_sees() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rules_hold_across_nodes() {
-    let Some(nats) = NatsServer::start_or_skip() else {
+    let Some(nats) = Nats::start() else {
         return;
     };
     let a = node(&nats, "rules").await;
@@ -209,7 +209,7 @@ async fn the_rules_hold_across_nodes() {
 /// project's history none lands inside another's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_writes_from_two_nodes_are_serialised() {
-    let Some(nats) = NatsServer::start_or_skip() else {
+    let Some(nats) = Nats::start() else {
         return;
     };
     let a = Arc::new(node(&nats, "race").await);
@@ -260,7 +260,7 @@ async fn racing_writes_from_two_nodes_are_serialised() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_carry_on_after_nats_server_restarts() {
-    let Some(mut nats) = NatsServer::start_or_skip() else {
+    let Some(mut nats) = Nats::start() else {
         return;
     };
     let a = node(&nats, "restart").await;
@@ -268,7 +268,8 @@ async fn nodes_carry_on_after_nats_server_restarts() {
     a.apply(namespace("before", "p"), ApplyMode::Upsert)
         .await
         .unwrap();
-    nats.restart();
+    nats.kill();
+    nats.resume();
     let after = ResourceKey::new(Kind::Namespace, None, "after");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
