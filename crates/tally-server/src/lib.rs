@@ -9,6 +9,7 @@
 //! alone, without a ledger.
 
 mod auth;
+mod backpressure;
 pub mod billing;
 mod binary;
 mod body;
@@ -52,6 +53,7 @@ pub use auth::{Principal, Scope, TokenConfig};
 /// Request bodies as every route reads them: `Content-Encoding` (gzip,
 /// zstd or none) decoded, refused past a limit after decompression.
 pub use body::decode as decode_request_body;
+pub use backpressure::DEFAULT_INGEST_WAIT;
 pub use config::{BillingServeConfig, ExportConfig, ServeConfig, VictoriaMetricsConfig};
 pub use problem::Problem;
 pub use resources::StatusSource;
@@ -69,6 +71,8 @@ pub struct AppState {
     /// Events accepted by a handler and not yet answered by the ledger.
     pending_events: Arc<Semaphore>,
     max_pending_events: usize,
+    /// How long `/api/v1/events` waits for room in the ledger's backlog.
+    ingest_wait: std::time::Duration,
     /// Every kind outside the meter catalog; `None`: only the catalog is kept.
     resources: Option<Arc<dyn ResourceStore>>,
     status_sources: Arc<Vec<Arc<dyn StatusSource>>>,
@@ -138,6 +142,7 @@ impl AppState {
             requests: Arc::default(),
             pending_events: Arc::new(Semaphore::new(DEFAULT_MAX_PENDING_EVENTS)),
             max_pending_events: DEFAULT_MAX_PENDING_EVENTS,
+            ingest_wait: DEFAULT_INGEST_WAIT,
             resources: None,
             status_sources: Arc::default(),
             registry: Registry::new(),
@@ -655,6 +660,8 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         ) * 24,
     );
     store.max_future = jiff::SignedDuration::from_hours(i64::from(config.max_future_hours));
+    store.max_unmaterialised_events = config.max_unmaterialised_events;
+    store.materialise_patience = config.materialise_patience();
     let ledger = tokio::task::spawn_blocking(move || EmbeddedLedger::open(store))
         .await
         .context("opening the store")?
@@ -696,7 +703,8 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         ))))
         .with_tokens(config.token.as_deref(), &config.tokens)
         .map_err(|e| anyhow::anyhow!("tokens: {e}"))?
-        .with_max_pending_events(config.max_pending_events);
+        .with_max_pending_events(config.max_pending_events)
+        .with_ingest_wait(config.ingest_wait());
     state.vital.add(EXPORTERS_TASK, exporters);
     if let Some((handle, task)) = billing {
         state = state.clone().with_billing(handle);

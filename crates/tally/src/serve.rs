@@ -53,6 +53,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MIB")]
     store_cache_mib: Option<u64>,
 
+    /// Most acknowledged events not yet materialised into rollups
+    /// [default: 500000]. At the bound /v1/usage/events* answers 429 and
+    /// /api/v1/events waits (ingestWaitSeconds), then answers 503.
+    #[arg(long, value_name = "N")]
+    max_unmaterialised_events: Option<u64>,
+
     /// A directory of manifests (*.yaml, *.yml, *.json) applied at start and
     /// whenever a file changes, as by `tally apply`; removing a file deletes
     /// nothing. Repeat for several; adds to the config file's manifestDirs.
@@ -168,7 +174,8 @@ pub fn config(args: &ServeArgs, token: Option<String>) -> anyhow::Result<ServeCo
             max_body_bytes,
             dedupe_horizon_days,
             max_future_hours,
-            store_cache_mib
+            store_cache_mib,
+            max_unmaterialised_events
         ]
     );
     if let Some(days) = args.max_lateness_days {
