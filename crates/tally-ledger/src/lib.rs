@@ -8,6 +8,7 @@ pub mod admission;
 mod catalog;
 pub mod exact;
 pub mod resources;
+pub mod top;
 mod types;
 
 pub use admission::{Admission, DEFAULT_MAX_FUTURE};
