@@ -32,8 +32,9 @@ pub(crate) const RETRY_AFTER_SECONDS: u64 = 1;
 const POLL: Duration = Duration::from_millis(20);
 
 /// Default of `ingestWaitSeconds`: how long `/api/v1/events` waits for room
-/// in a full backlog.
-pub const DEFAULT_INGEST_WAIT: Duration = Duration::from_secs(10);
+/// in a full backlog: longer than one bulk of materialisation takes on a
+/// loaded host, so a steady sender does not see it.
+pub const DEFAULT_INGEST_WAIT: Duration = Duration::from_secs(30);
 
 /// The platform contract's refusal: `429`, `Retry-After`, nothing stored.
 pub(crate) fn overloaded(why: &str) -> Problem {
