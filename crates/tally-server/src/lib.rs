@@ -50,10 +50,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use utoipa::OpenApi;
 
 pub use auth::{Principal, Scope, TokenConfig};
+pub use backpressure::DEFAULT_INGEST_WAIT;
 /// Request bodies as every route reads them: `Content-Encoding` (gzip,
 /// zstd or none) decoded, refused past a limit after decompression.
 pub use body::decode as decode_request_body;
-pub use backpressure::DEFAULT_INGEST_WAIT;
 pub use config::{BillingServeConfig, ExportConfig, ServeConfig, VictoriaMetricsConfig};
 pub use problem::Problem;
 pub use resources::StatusSource;

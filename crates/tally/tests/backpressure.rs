@@ -15,7 +15,8 @@ mod common;
 
 /// The tail's bound and how long acknowledged events wait for a bulk
 /// (far more events than a test sends) before they are materialised anyway.
-const CONFIG: &str = "maxUnmaterialisedEvents: 3\nmaterialisePatienceMs: 3000\ningestWaitSeconds: 60\n";
+const CONFIG: &str =
+    "maxUnmaterialisedEvents: 3\nmaterialisePatienceMs: 3000\ningestWaitSeconds: 60\n";
 const PATIENCE: Duration = Duration::from_millis(3000);
 
 fn platform_event(id: &str) -> Value {
@@ -112,7 +113,11 @@ async fn a_full_tail_answers_429_stores_nothing_and_accepts_the_retry() {
     );
     let mut expected = first.clone();
     expected.sort();
-    assert_eq!(stored(&http, base).await, expected, "nothing refused is stored");
+    assert_eq!(
+        stored(&http, base).await,
+        expected,
+        "nothing refused is stored"
+    );
 
     // The OpenMeter API waits for room instead: it can only be answered
     // once the materialiser has folded the tail in, which it does when the
@@ -121,13 +126,18 @@ async fn a_full_tail_answers_429_stores_nothing_and_accepts_the_retry() {
     let waited = http
         .post(format!("{base}/api/v1/events"))
         .header("content-type", "application/cloudevents+json")
-        .json(&json!({"specversion": "1.0", "id": openmeter_id, "source": "openmeter",
-            "type": "api.calls", "subject": "acme", "data": {"value": 1}}))
+        .json(
+            &json!({"specversion": "1.0", "id": openmeter_id, "source": "openmeter",
+            "type": "api.calls", "subject": "acme", "data": {"value": 1}}),
+        )
         .send()
         .await
         .unwrap();
     assert_eq!(waited.status(), StatusCode::NO_CONTENT);
-    assert!(sent_at.elapsed() >= PATIENCE, "answered before the tail could be folded in");
+    assert!(
+        sent_at.elapsed() >= PATIENCE,
+        "answered before the tail could be folded in"
+    );
 
     // The materialiser has caught up: the same request is accepted, as
     // sent, after following Retry-After as often as needed.
@@ -138,12 +148,19 @@ async fn a_full_tail_answers_429_stores_nothing_and_accepts_the_retry() {
             break retried;
         }
         assert!(Instant::now() < deadline, "still refused after 60 s");
-        let wait: u64 = retried.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+        let wait: u64 = retried.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
         tokio::time::sleep(Duration::from_secs(wait)).await;
     };
     assert_eq!(accepted.status(), StatusCode::OK);
     let answer: Value = accepted.json().await.unwrap();
-    assert_eq!((&answer["accepted"], &answer["duplicates"]), (&json!(2), &json!(0)));
+    assert_eq!(
+        (&answer["accepted"], &answer["duplicates"]),
+        (&json!(2), &json!(0))
+    );
     let mut expected = [first, refused_ids, vec![openmeter_id]].concat();
     expected.sort();
     assert_eq!(stored(&http, base).await, expected);
