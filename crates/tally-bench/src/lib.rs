@@ -256,14 +256,27 @@ async fn send_all(
                 let Some(body) = bodies.get(i) else {
                     return Ok::<_, anyhow::Error>(());
                 };
-                let r = client
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await?;
-                if !r.status().is_success() {
-                    bail!("ingest failed: {}", r.text().await?);
+                // A full backlog answers 503 after a bounded wait: retry as
+                // asked, as a real sender does.
+                loop {
+                    let r = client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .body(body.clone())
+                        .send()
+                        .await?;
+                    if r.status().is_success() {
+                        break;
+                    }
+                    if r.status() != reqwest::StatusCode::SERVICE_UNAVAILABLE {
+                        bail!("ingest failed: {}", r.text().await?);
+                    }
+                    let wait = r
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok()?.parse().ok())
+                        .unwrap_or(1);
+                    tokio::time::sleep(Duration::from_secs(wait)).await;
                 }
             }
         }));

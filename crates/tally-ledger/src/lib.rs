@@ -8,6 +8,7 @@ pub mod admission;
 mod catalog;
 pub mod exact;
 pub mod resources;
+pub mod top;
 mod types;
 
 pub use admission::{Admission, DEFAULT_MAX_FUTURE};
@@ -114,6 +115,13 @@ pub trait Ledger: Send + Sync + 'static {
 
     /// Counters for `/metrics`.
     fn stats(&self) -> LedgerStats;
+
+    /// The materialisation backlog, cheap enough to ask on every ingest
+    /// request: the server answers `429` on the platform contract when it
+    /// is full rather than queue behind it. The default has none.
+    fn backlog(&self) -> Backlog {
+        Backlog::NONE
+    }
 
     /// Whether the ledger can take writes (for `/readyz`).
     fn ready(&self) -> bool;

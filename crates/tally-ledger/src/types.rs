@@ -265,6 +265,29 @@ pub struct QuarantinePage {
     pub next_cursor: Option<String>,
 }
 
+/// How far a ledger's derived state lags its log, against the bound past
+/// which ingest waits for it ([`crate::Ledger::backlog`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlog {
+    /// Acknowledged events not yet materialised.
+    pub events: u64,
+    /// At or past this many, a new ingest waits for the backlog to shrink.
+    pub max_events: u64,
+}
+
+impl Backlog {
+    /// A ledger with nothing behind its acknowledgement.
+    pub const NONE: Backlog = Backlog {
+        events: 0,
+        max_events: u64::MAX,
+    };
+
+    /// Whether an ingest now would wait for room.
+    pub fn is_full(&self) -> bool {
+        self.events >= self.max_events
+    }
+}
+
 /// Counters a ledger exports on `/metrics`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct LedgerStats {

@@ -130,6 +130,16 @@ async function loadUsage() {
     const [k, ...v] = part.split('=');
     if (k.trim() && v.length) q.append(`filterGroupBy[${k.trim()}]`, v.join('=').trim());
   }
+  const notes = [`${window.toLowerCase()} windows, aggregated by the server`];
+  const rows = group === 'subject' ? await topSubjects(slug, q, notes) : await allRows(slug, q, notes);
+  state.rows = rows;
+  if (window !== $('u-window').value && $('u-window').value !== 'auto') notes.push(`coarsened to stay under ${MAX_POINTS} points`);
+  $('u-note').textContent = '(' + notes.join('; ') + ')';
+  drawUsage(rows, group);
+}
+
+// Every row, in pages (at most MAX_PAGES of them).
+async function allRows(slug, q, notes) {
   let rows = [];
   let answer = { nextCursor: null };
   for (let page = 0; page < MAX_PAGES; page += 1) {
@@ -138,12 +148,22 @@ async function loadUsage() {
     rows = rows.concat(answer.data);
     if (!answer.nextCursor) break;
   }
-  state.rows = rows;
-  const notes = [`${window.toLowerCase()} windows, aggregated by the server`];
-  if (window !== $('u-window').value && $('u-window').value !== 'auto') notes.push(`coarsened to stay under ${MAX_POINTS} points`);
   if (answer.nextCursor) notes.push(`first ${rows.length} rows only`);
-  $('u-note').textContent = '(' + notes.join('; ') + ')';
-  drawUsage(rows, group);
+  return rows;
+}
+
+// By subject: the server ranks every subject and sends the largest ones'
+// rows, and the rest merged per window ("other"), however many there are.
+async function topSubjects(slug, q, notes) {
+  q.delete('limit');
+  q.set('top', String(MAX_SERIES - 1));
+  const answer = await api(`/api/v1/meters/${encodeURIComponent(slug)}/query?${q}`);
+  const shown = new Set(answer.data.map((r) => r.subject)).size;
+  if (answer.subjects > shown) {
+    notes.push(answer.other ? `the ${shown} largest of ${answer.subjects} subjects, the rest as "other"`
+      : `the ${shown} largest of ${answer.subjects} subjects; this aggregation cannot sum up the rest`);
+  }
+  return answer.data.concat((answer.other || []).map((r) => ({ ...r, subject: 'other' })));
 }
 
 const groupOf = (r, group) => (!group ? 'total' : group === 'subject' ? r.subject : (r.groupBy || {})[group]) ?? '(none)';

@@ -52,6 +52,18 @@ pub struct ServeConfig {
     /// on the embedded store; `tally serve --cluster` requires it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterConfig>,
+    /// Most acknowledged events whose rollups are not yet materialised (a
+    /// few hundred bytes of memory each); absent: the embedded store's
+    /// default (500,000). At the bound, `/v1/usage/events*` answers 429 and
+    /// `/api/v1/events` waits up to `ingestWaitSeconds`, then answers 503.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_unmaterialised_events: Option<u64>,
+    /// How long acknowledged events may wait for a bulk worth
+    /// materialising to gather, in milliseconds.
+    pub materialise_patience_ms: u64,
+    /// How long `/api/v1/events` waits for room in a full backlog (see
+    /// `maxUnmaterialisedEvents`) before answering 503, in seconds.
+    pub ingest_wait_seconds: f64,
     /// Directories whose `*.yaml`, `*.yml` and `*.json` manifests are applied
     /// at start and whenever a file changes (every 5 s), as by `tally apply`.
     /// Removing a file deletes nothing.
@@ -191,6 +203,9 @@ impl Default for ServeConfig {
             max_future_hours: 24,
             store_cache_mib: None,
             cluster: None,
+            max_unmaterialised_events: None,
+            materialise_patience_ms: 100,
+            ingest_wait_seconds: crate::DEFAULT_INGEST_WAIT.as_secs_f64(),
             manifest_dirs: Vec::new(),
             billing: BillingServeConfig::default(),
             grpc_listen: None,
@@ -198,6 +213,20 @@ impl Default for ServeConfig {
             egress: EgressConfig::default(),
             http: HttpConfig::default(),
         }
+    }
+}
+
+impl ServeConfig {
+    /// `materialisePatienceMs`, at most a minute.
+    pub fn materialise_patience(&self) -> Duration {
+        Duration::from_millis(self.materialise_patience_ms.min(60_000))
+    }
+
+    /// `ingestWaitSeconds`, between 0 and 5 minutes (a bad value: the default).
+    pub fn ingest_wait(&self) -> Duration {
+        Duration::try_from_secs_f64(self.ingest_wait_seconds)
+            .unwrap_or(crate::DEFAULT_INGEST_WAIT)
+            .min(Duration::from_secs(300))
     }
 }
 

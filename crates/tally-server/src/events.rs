@@ -37,6 +37,7 @@ pub(crate) fn values(media_type: &str, body: &[u8]) -> Result<Vec<Value>, Proble
 /// `data`) as the CloudEvents HTTP binding defines them. The answer is
 /// `204`, as OpenMeter's; with `Prefer: return=representation` it is `200`
 /// with what was stored (accepted, duplicates, quarantined, warnings).
+/// While the ledger's backlog is full the request waits, a bounded time.
 #[utoipa::path(
     post, path = "/api/v1/events", tag = "events",
     request_body(description = "One event, an array of events, or NDJSON; gzip or zstd Content-Encoding accepted. With a `ce-specversion` header and another content type, the body is one event's `data` (binary mode)",
@@ -48,6 +49,7 @@ pub(crate) fn values(media_type: &str, body: &[u8]) -> Result<Vec<Value>, Proble
         (status = 400, description = "Malformed request; nothing stored", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Body too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "Unsupported Content-Type or Content-Encoding", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The ledger's materialisation backlog stayed full for `ingestWaitSeconds`; nothing stored, retry after `Retry-After`", body = Problem, content_type = "application/problem+json"),
     )
 )]
 pub async fn ingest(
@@ -67,6 +69,7 @@ pub async fn ingest(
     })
     .await?;
     let _permit = state.admit(events.len()).await?;
+    state.wait_for_backlog().await?;
     let outcome = state.ledger.ingest(events).await?;
     Ok(if representation {
         Json(outcome).into_response()

@@ -12,6 +12,7 @@
 //! resource store, vital tasks) that the `tally` binary chose and opened.
 
 mod auth;
+mod backpressure;
 pub mod billing;
 mod binary;
 mod body;
@@ -53,6 +54,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use utoipa::OpenApi;
 
 pub use auth::{Principal, Scope, TokenConfig};
+pub use backpressure::DEFAULT_INGEST_WAIT;
 /// Request bodies as every route reads them: `Content-Encoding` (gzip,
 /// zstd or none) decoded, refused past a limit after decompression.
 pub use body::decode as decode_request_body;
@@ -75,6 +77,8 @@ pub struct AppState {
     /// Events accepted by a handler and not yet answered by the ledger.
     pending_events: Arc<Semaphore>,
     max_pending_events: usize,
+    /// How long `/api/v1/events` waits for room in the ledger's backlog.
+    ingest_wait: std::time::Duration,
     /// Every kind outside the meter catalog; `None`: only the catalog is kept.
     resources: Option<Arc<dyn ResourceStore>>,
     status_sources: Arc<Vec<Arc<dyn StatusSource>>>,
@@ -148,6 +152,7 @@ impl AppState {
             requests: Arc::default(),
             pending_events: Arc::new(Semaphore::new(DEFAULT_MAX_PENDING_EVENTS)),
             max_pending_events: DEFAULT_MAX_PENDING_EVENTS,
+            ingest_wait: DEFAULT_INGEST_WAIT,
             resources: None,
             status_sources: Arc::default(),
             registry: Registry::new(),
@@ -737,7 +742,8 @@ pub async fn serve(config: ServeConfig, backend: Backend) -> anyhow::Result<()> 
         ))))
         .with_tokens(config.token.as_deref(), &config.tokens)
         .map_err(|e| anyhow::anyhow!("tokens: {e}"))?
-        .with_max_pending_events(config.max_pending_events);
+        .with_max_pending_events(config.max_pending_events)
+        .with_ingest_wait(config.ingest_wait());
     state.vital.add(EXPORTERS_TASK, exporters);
     let compute = compute::Compute::open(&config.data_dir.join("compute")).with_context(|| {
         format!(

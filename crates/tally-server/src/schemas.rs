@@ -124,6 +124,10 @@ pub struct MeterQueryRequest {
     limit: Option<u64>,
     #[schema(nullable = false)]
     cursor: Option<String>,
+    /// Tally's extension: with `groupBy: [subject]`, only the `top`
+    /// subjects of largest total, and the rest merged in `other`.
+    #[schema(nullable = false)]
+    top: Option<u64>,
 }
 
 /// One row of a meter query.
@@ -154,6 +158,14 @@ pub struct MeterQueryResult {
     data: Vec<MeterQueryRow>,
     #[schema(nullable = false)]
     nextCursor: Option<String>,
+    /// With `top`: per window, every other subject's usage merged
+    /// (`subject` null); absent when the aggregation cannot be split so
+    /// (MIN, MAX, UNIQUE_COUNT, LATEST).
+    #[schema(nullable = false)]
+    other: Option<Vec<MeterQueryRow>>,
+    /// With `top`: how many subjects have usage in the range.
+    #[schema(nullable = false)]
+    subjects: Option<u64>,
 }
 
 /// A CloudEvents 1.0 event as stored.

@@ -5,12 +5,13 @@
 //! structurally valid events are stored and the invalid ones are listed in a
 //! `207` answer, because the agents that speak this contract (Vector's http
 //! sink, the emission SDK) retry whole batches and must not loop on one bad
-//! event. Under overload the answer is `429` with `Retry-After`, and nothing
-//! of that request is stored.
+//! event. Under overload (the server's ingest budget, or the ledger's
+//! materialisation backlog, full) the answer is `429` with `Retry-After`,
+//! and nothing of that request is stored ([`crate::backpressure`]).
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use jiff::Timestamp;
@@ -20,6 +21,7 @@ use tally_ledger::{IngestOutcome, LedgerError, QuarantineNotice};
 use tally_model::{CloudEvent, FieldError, error_code, field_error, parse_event};
 
 use crate::AppState;
+use crate::backpressure;
 use crate::body;
 use crate::problem::Problem;
 
@@ -150,23 +152,17 @@ async fn ingest(state: &AppState, values: Vec<Value>) -> Result<Response, Proble
         }
     }
 
-    // A request with nothing to store needs no room in the ledger.
-    let permit = if valid.is_empty() {
+    // A request with nothing to store needs no room in the ledger; one that
+    // has is refused whole rather than queued (see `backpressure`).
+    let _permit = if valid.is_empty() {
         None
     } else {
-        state.try_admit(valid.len())
+        state.refuse_if_backlogged()?;
+        let permit = state.try_admit(valid.len()).ok_or_else(|| {
+            backpressure::overloaded("the server's ingest budget is full (maxPendingEvents)")
+        })?;
+        Some(permit)
     };
-    if permit.is_none() && !valid.is_empty() {
-        let mut response = Problem::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "the ledger is overloaded; nothing of this request was stored, retry later",
-        )
-        .into_response();
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        return Ok(response);
-    }
 
     let mut answer = UsageAnswer::default();
     while !valid.is_empty() {

@@ -7,8 +7,8 @@
 use std::time::{Duration, Instant};
 
 use tally_ledger::{ApplyMode, ResourceKey, ResourceStore};
-use tally_model::{Kind, Manifest};
 use tally_ledger_suite::peers::Nats;
+use tally_model::{Kind, Manifest};
 use tally_store_cluster::{KvResources, KvResourcesConfig};
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use tally_server::AppState;
 use tally_ledger_suite::peers::Nats;
+use tally_server::AppState;
 use tally_store_cluster::{KvResources, KvResourcesConfig};
 use tally_store_embedded::{EmbeddedLedger, StoreConfig};
 

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tally_ledger::{ApplyAction, ApplyMode, LedgerError, ResourceKey, ResourceStore};
-use tally_model::{Kind, Manifest};
 use tally_ledger_suite::peers::Nats;
+use tally_model::{Kind, Manifest};
 use tally_store_cluster::{KvResources, KvResourcesConfig};
 
 fn manifest(text: &str) -> Manifest {

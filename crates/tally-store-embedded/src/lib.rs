@@ -655,6 +655,14 @@ impl Ledger for EmbeddedLedger {
         }
     }
 
+    fn backlog(&self) -> tally_ledger::Backlog {
+        tally_ledger::Backlog {
+            events: self.shared.tail.lag().0,
+            // The writer waits while the tail holds this many (at least 1).
+            max_events: self.config.max_unmaterialised_events.max(1),
+        }
+    }
+
     fn ready(&self) -> bool {
         self.shared.writer_alive.load(Ordering::SeqCst)
             && self.shared.materialiser_alive.load(Ordering::SeqCst)

@@ -37,6 +37,10 @@ async fn open_embedded(config: &ServeConfig) -> anyhow::Result<Backend> {
             .unwrap_or(config.dedupe_horizon_days),
     );
     store.max_future = jiff::SignedDuration::from_hours(i64::from(config.max_future_hours));
+    if let Some(events) = config.max_unmaterialised_events {
+        store.max_unmaterialised_events = events;
+    }
+    store.materialise_patience = config.materialise_patience();
     let ledger = tokio::task::spawn_blocking(move || EmbeddedLedger::open(store))
         .await
         .context("opening the store")?

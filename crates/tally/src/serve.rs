@@ -60,6 +60,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "MIB")]
     store_cache_mib: Option<u64>,
 
+    /// Most acknowledged events not yet materialised into rollups
+    /// [default: 500000]. At the bound /v1/usage/events* answers 429 and
+    /// /api/v1/events waits (ingestWaitSeconds), then answers 503.
+    #[arg(long, value_name = "N")]
+    max_unmaterialised_events: Option<u64>,
+
     /// A directory of manifests (*.yaml, *.yml, *.json) applied at start and
     /// whenever a file changes, as by `tally apply`; removing a file deletes
     /// nothing. Repeat for several; adds to the config file's manifestDirs.
@@ -182,6 +188,9 @@ pub fn config(args: &ServeArgs, token: Option<String>) -> anyhow::Result<ServeCo
     }
     if let Some(mib) = args.store_cache_mib {
         config.store_cache_mib = Some(mib);
+    }
+    if let Some(events) = args.max_unmaterialised_events {
+        config.max_unmaterialised_events = Some(events);
     }
     if args.cluster && config.cluster.is_none() {
         anyhow::bail!(

@@ -51,27 +51,6 @@ spec:
   event: {type: gpu}
 ";
 
-fn start(dir: &Path) -> common::Server {
-    common::serve_with_config(
-        dir,
-        &format!(
-            "token: {ADMIN}\ntokens:\n\
-             - {{name: acme, token: {ACME}, scopes: [\"project:acme\"]}}\n\
-             - {{name: globex, token: {GLOBEX}, scopes: [\"project:globex\"]}}\n"
-        ),
-    )
-}
-
-fn ok(output: std::process::Output) -> String {
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "failed: {}\n{stdout}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
-}
-
 /// One NDJSON event an hour ago.
 fn event(id: &str, kind: &str, subject: &str, value: u64, dims: &str) -> String {
     let hour_ago = (jiff::Timestamp::now() - jiff::SignedDuration::from_hours(1)).to_string();
@@ -85,7 +64,7 @@ fn event(id: &str, kind: &str, subject: &str, value: u64, dims: &str) -> String 
 /// The catalog and a known set of events: acme used 3 + 4 calls, globex
 /// 100; three GPU events carry a `zone` the Draft meter does not declare.
 fn load(server: &common::Server, dir: &Path) {
-    ok(common::cli(
+    common::ok(common::cli(
         &server.base,
         ADMIN,
         &["apply", "-f", "-"],
@@ -120,7 +99,7 @@ fn load(server: &common::Server, dir: &Path) {
     .concat();
     let file = dir.join("events.ndjson");
     std::fs::write(&file, events).unwrap();
-    ok(common::cli(
+    common::ok(common::cli(
         &server.base,
         ADMIN,
         &["events", "send", file.to_str().unwrap()],
@@ -158,7 +137,8 @@ fn the_console_shows_the_right_usage_to_each_token() {
     };
     let (python, chromium) = found.split_once('\n').unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path());
+    let server =
+        common::serve_with_tokens(dir.path(), ADMIN, &[("acme", ACME), ("globex", GLOBEX)]);
     load(&server, dir.path());
     let shots = screenshots();
     let tokens = serde_json::json!({"admin": ADMIN, "acme": ACME, "globex": GLOBEX});
@@ -169,7 +149,7 @@ fn the_console_shows_the_right_usage_to_each_token() {
         .args([&tokens.to_string(), GPU_FIX])
         .output()
         .unwrap();
-    let page: Value = serde_json::from_str(&ok(output)).unwrap();
+    let page: Value = serde_json::from_str(&common::ok(output)).unwrap();
     check(&page);
     for name in [
         "usage",

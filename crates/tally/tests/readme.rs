@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Output;
 
 use serde_json::Value;
 
@@ -17,21 +16,11 @@ fn repo(path: &str) -> String {
         .into_owned()
 }
 
-fn ok(output: Output) -> String {
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "failed: {}\n{stdout}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
-}
-
 #[tokio::test]
 async fn the_readme_tour_works_as_written() {
     let dir = tempfile::tempdir().unwrap();
     let server = common::serve(dir.path(), &[]);
-    let tally = |args: &[&str]| ok(common::cli(&server.base, "", args, ""));
+    let tally = |args: &[&str]| common::ok(common::cli(&server.base, "", args, ""));
     tally(&["apply", "-f", &repo("examples/meters.yaml")]);
     let sent = tally(&["events", "send", &repo("examples/events.ndjson")]);
     assert!(sent.contains("accepted 4"), "{sent}");

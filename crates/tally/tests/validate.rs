@@ -3,7 +3,6 @@
 //! published with traffic that does not fit its unit is said to be unsafe.
 
 use std::path::Path;
-use std::process::Output;
 
 use serde_json::Value;
 
@@ -11,25 +10,6 @@ mod common;
 
 const ADMIN: &str = "root-token";
 const ACME: &str = "acme-token";
-
-fn start(dir: &Path) -> common::Server {
-    common::serve_with_config(
-        dir,
-        &format!(
-            "token: {ADMIN}\ntokens:\n- {{name: acme, token: {ACME}, scopes: [\"project:acme\"]}}\n"
-        ),
-    )
-}
-
-fn ok(output: Output) -> String {
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "failed: {}\n{stdout}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
-}
 
 fn meter(phase: &str) -> String {
     format!(
@@ -59,7 +39,7 @@ fn events(prefix: &str, values: &[(u64, &str)]) -> String {
 fn send(server: &common::Server, dir: &Path, name: &str, text: &str) {
     let file = dir.join(name);
     std::fs::write(&file, text).unwrap();
-    ok(common::cli(
+    common::ok(common::cli(
         &server.base,
         ADMIN,
         &["events", "send", file.to_str().unwrap()],
@@ -68,7 +48,7 @@ fn send(server: &common::Server, dir: &Path, name: &str, text: &str) {
 }
 
 fn validate(server: &common::Server) -> Value {
-    let out = ok(common::cli(
+    let out = common::ok(common::cli(
         &server.base,
         ADMIN,
         &["meters", "validate", "cpu-seconds", "-o", "json"],
@@ -80,8 +60,8 @@ fn validate(server: &common::Server) -> Value {
 #[test]
 fn a_draft_meter_is_validated_against_real_traffic() {
     let dir = tempfile::tempdir().unwrap();
-    let server = start(dir.path());
-    ok(common::cli(
+    let server = common::serve_with_tokens(dir.path(), ADMIN, &[("acme", ACME)]);
+    common::ok(common::cli(
         &server.base,
         ADMIN,
         &["apply", "-f", "-"],
@@ -136,7 +116,7 @@ fn a_draft_meter_is_validated_against_real_traffic() {
             .contains("look like bytes"),
         "{r:#}"
     );
-    let table = ok(common::cli(
+    let table = common::ok(common::cli(
         &server.base,
         ADMIN,
         &["meters", "validate", "cpu-seconds"],
@@ -145,7 +125,7 @@ fn a_draft_meter_is_validated_against_real_traffic() {
     assert!(table.contains("dimension region"), "{table}");
     assert!(table.contains("NOT safe to publish"), "{table}");
 
-    let applied = ok(common::cli(
+    let applied = common::ok(common::cli(
         &server.base,
         ADMIN,
         &["apply", "-f", "-"],
@@ -158,7 +138,7 @@ fn a_draft_meter_is_validated_against_real_traffic() {
     );
     assert!(applied.contains("look like bytes"), "{applied}");
     // Once Published, applying it again validates nothing.
-    let again = ok(common::cli(
+    let again = common::ok(common::cli(
         &server.base,
         ADMIN,
         &["apply", "-f", "-"],

@@ -50,6 +50,18 @@ pub fn serve_with_config(dir: &Path, config_text: &str) -> Server {
     spawn(command)
 }
 
+/// Starts `tally serve` with `admin` as its admin token and a
+/// `project:<name>` token for each (name, token) of `projects`.
+pub fn serve_with_tokens(dir: &Path, admin: &str, projects: &[(&str, &str)]) -> Server {
+    let mut config = format!("token: {admin}\ntokens:\n");
+    for (name, token) in projects {
+        config.push_str(&format!(
+            "- {{name: {name}, token: {token}, scopes: [\"project:{name}\"]}}\n"
+        ));
+    }
+    serve_with_config(dir, &config)
+}
+
 /// Starts `tally export` on a free loopback port with its data in `dir`,
 /// the extra arguments `args` and environment `env`.
 pub fn export(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
@@ -88,6 +100,18 @@ pub fn spawn(mut command: Command) -> Server {
         .find_map(|w| w.strip_prefix("grpc://"))
         .map(str::to_owned);
     Server { child, base, grpc }
+}
+
+/// The standard output of a command that must have succeeded (else the
+/// test fails, showing its standard error).
+pub fn ok(output: Output) -> String {
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "failed: {}\n{stdout}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
 }
 
 /// Runs the `tally` CLI against the server at `base` with `token`, feeding

@@ -4,7 +4,8 @@ Usage: first_chart.py BASE CHROMIUM TOKEN METER [RUNS]
 
 Against a running `tally serve` (e.g. over a store that `tally bench`
 filled), signs in, then per run: asks for METER over the 30 days before
-now in HOUR windows (one series, then grouped by `region`) and times from
+now in HOUR windows (one series, then grouped by `region`, then by
+`subject`: the server's top 7 and "other") and times from
 the click on Show until the chart's bars are drawn (server query + page).
 Also reports the console's page weight (the bytes of its three files).
 Prints one JSON object. See BENCHMARKS.md.
@@ -57,7 +58,7 @@ def main():
         page.get_by_role("button", name="Sign in").click()
         expect(page.locator("#who")).to_contain_text("Signed in")
         page.locator("#live").uncheck()
-        for group in ["", "region"]:
+        for group in ["", "region", "subject"]:
             times, bars, total = [], 0, ""
             for _ in range(RUNS):
                 t, bars, total = first_chart(page, group)
