@@ -242,6 +242,7 @@ impl CollectArgs {
             connections,
             clock_file: self.clock_file,
             http: None,
+            egress: None,
         };
         (self.config, options)
     }
