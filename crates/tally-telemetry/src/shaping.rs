@@ -283,8 +283,10 @@ fn field(value: &AnyValue) -> Option<Field<'_>> {
 }
 
 /// A log record as a record: resource attributes, then the body's fields
-/// (a key/value list, or a JSON object as text), then its attributes.
-fn record_of_log(resource: &[KeyValue], log: &LogRecord) -> Record {
+/// (a key/value list, or a JSON object as text), then its attributes. The
+/// one reading of an OTLP access-log record (`tally serve`, `tally export`
+/// and `tally collect`, whose lines arrive as JSON text bodies).
+pub fn record_of_log(resource: &[KeyValue], log: &LogRecord) -> Record {
     let mut all = fields(resource.iter());
     let json: Option<serde_json::Map<String, serde_json::Value>> =
         match log.body.as_ref().and_then(|b| b.value.as_ref()) {

@@ -1,10 +1,23 @@
-//! The corpus of Envoy access-log records against a table of policies, with
-//! expectations computed by hand (record ids are the lines' `x-request-id`).
+//! The corpus of Envoy access-log records against a table of policies,
+//! with expectations computed by hand (record ids are the records'
+//! `x-request-id`). The same eight records come as JSON lines
+//! (`fixtures/access.ndjson`, what files and `tally collect` read) and as
+//! one OTLP logs request (`fixtures/access.otlp.json`: r0–r3 with the
+//! fields as attributes, as Envoy's OpenTelemetry sink sends them, r4–r5
+//! as a key/value body, r6–r7 as a JSON text body), decoded from OTLP/JSON
+//! and from protobuf by the receivers' decoder; every case must keep the
+//! same records in all three.
 
+use prost::Message as _;
 use tally_model::Manifest;
 use tally_policy::{AttrValue, Policy, Record};
+use tally_telemetry::Encoding;
+use tally_telemetry::otlp::decode_request;
+use tally_telemetry::proto::collector::logs::v1::ExportLogsServiceRequest;
+use tally_telemetry::shaping::record_of_log;
 
-const CORPUS: &str = include_str!("corpus/access.ndjson");
+const CORPUS: &str = include_str!("fixtures/access.ndjson");
+const OTLP_JSON: &str = include_str!("fixtures/access.otlp.json");
 
 fn records() -> Vec<(String, Record)> {
     CORPUS
@@ -18,20 +31,72 @@ fn records() -> Vec<(String, Record)> {
         .collect()
 }
 
+/// The corpus as OTLP records, decoded from `encoding`.
+fn otlp_records(encoding: Encoding) -> Vec<(String, Record)> {
+    let raw = match encoding {
+        Encoding::Json => OTLP_JSON.as_bytes().to_vec(),
+        Encoding::Protobuf => {
+            let request: ExportLogsServiceRequest =
+                decode_request(OTLP_JSON.as_bytes(), Encoding::Json).unwrap();
+            request.encode_to_vec()
+        }
+    };
+    let request: ExportLogsServiceRequest = decode_request(&raw, encoding).unwrap();
+    let mut out = Vec::new();
+    for rl in &request.resource_logs {
+        let resource = &rl.resource.as_ref().unwrap().attributes;
+        for log in rl.scope_logs.iter().flat_map(|s| &s.log_records) {
+            let record = record_of_log(resource, log);
+            let Some(AttrValue::Str(id)) = record.get(tally_policy::vocab::A::RequestId as usize)
+            else {
+                panic!("no x-request-id in {log:?}");
+            };
+            out.push((id.clone(), record));
+        }
+    }
+    out
+}
+
+/// The corpus in each of its encodings.
+fn encodings() -> [(&'static str, Vec<(String, Record)>); 3] {
+    [
+        ("JSON lines", records()),
+        ("OTLP/JSON", otlp_records(Encoding::Json)),
+        ("OTLP protobuf", otlp_records(Encoding::Protobuf)),
+    ]
+}
+
+#[test]
+fn the_three_encodings_read_the_same_records() {
+    let [(_, lines), (_, json), (_, protobuf)] = encodings();
+    assert_eq!(lines.len(), 8);
+    assert_eq!(lines, json);
+    assert_eq!(lines, protobuf);
+}
+
+/// The ids of the records `p` keeps, the same in every encoding.
+fn kept(p: &Policy) -> Vec<String> {
+    let [(_, lines), others @ ..] = encodings();
+    let keep = |records: Vec<(String, Record)>| -> Vec<String> {
+        records
+            .into_iter()
+            .filter(|(_, r)| p.keep_log(r).is_some())
+            .map(|(id, _)| id)
+            .collect()
+    };
+    let kept = keep(lines);
+    for (name, records) in others {
+        assert_eq!(keep(records), kept, "{name}");
+    }
+    kept
+}
+
 fn policy(spec: &str) -> Policy {
     let text = format!(
         "apiVersion: telemetry.datumapis.com/v1alpha1\nkind: TelemetryPolicy\nmetadata: {{name: p, namespace: shop}}\nspec:\n{spec}"
     );
     let manifest: Manifest = serde_norway::from_str(&text).unwrap();
     Policy::from_manifest(&manifest).unwrap()
-}
-
-fn kept(p: &Policy) -> Vec<String> {
-    records()
-        .into_iter()
-        .filter(|(_, r)| p.keep_log(r).is_some())
-        .map(|(id, _)| id)
-        .collect()
 }
 
 const TARGET: &str =
