@@ -216,3 +216,124 @@ fn token_usage_sums_equal_the_corpus_and_input_includes_cached_tokens() {
             .all(|(_, r)| without.gen_ai_usage(r).is_empty())
     );
 }
+
+/// `examples/llm-token-meters.yaml` meters the corpus's AI records (each
+/// sent as a CloudEvent whose data is the JSON line) to the same sums, per
+/// HTTPRoute, model and token type, as a policy's
+/// `gen_ai.client.token.usage` shaped from the same records over OTLP.
+#[test]
+fn the_example_llm_token_meters_sum_what_the_exporter_sends() {
+    use std::collections::BTreeMap;
+    use tally_meter::{CompiledMeter, SampleValue};
+    use tally_model::{CloudEvent, MeterDefinition};
+
+    type Sums = BTreeMap<(String, String, String), i64>;
+    let text = include_str!("../../../examples/llm-token-meters.yaml");
+    let mut metered = Sums::new();
+    for manifest in Manifest::parse_documents(text).unwrap() {
+        let definition = MeterDefinition::from_manifest(&manifest).unwrap();
+        let meter = CompiledMeter::compile(&manifest.metadata.name, &definition, &[]).unwrap();
+        let token_type = match manifest.metadata.name.as_str() {
+            "llm-input-tokens" => "input",
+            "llm-output-tokens" => "output",
+            other => panic!("{other}"),
+        };
+        let names: Vec<&str> = meter.dimensions().collect();
+        for line in CORPUS.lines().filter(|l| l.contains("gen_ai.usage")) {
+            let event = CloudEvent {
+                specversion: "1.0".into(),
+                id: "e".into(),
+                source: "test".into(),
+                kind: "gateway.envoyproxy.io/ai-gateway/access-log".into(),
+                subject: "projects/shop".into(),
+                time: "2026-03-01T10:00:00Z".parse().unwrap(),
+                datacontenttype: None,
+                dataschema: None,
+                data: Some(serde_json::from_str(line).unwrap()),
+                extensions: Default::default(),
+            };
+            let sample = meter.sample(&event).unwrap();
+            let group = |name: &str| {
+                let at = names.iter().position(|n| *n == name).unwrap();
+                sample.groups[at].clone().unwrap()
+            };
+            // The route as logged: httproute/<namespace>/<name>/rule/<n>.
+            let route = group("route").split('/').nth(2).unwrap().to_owned();
+            let SampleValue::Number(n) = sample.value else {
+                panic!("{:?}", sample.value)
+            };
+            *metered
+                .entry((route, group("model"), token_type.to_owned()))
+                .or_default() += n.to_string().parse::<i64>().unwrap();
+        }
+    }
+    let exported = exported_token_usage();
+    assert_eq!(metered, exported);
+    let total = |t: &str| -> i64 {
+        exported
+            .iter()
+            .filter(|(k, _)| k.2 == t)
+            .map(|(_, v)| v)
+            .sum()
+    };
+    assert_eq!((total("input"), total("output")), (185, 35));
+}
+
+/// Σ `gen_ai.client.token.usage` by (HTTPRoute, model, token type), as a
+/// policy with `genAI` shapes it from the OTLP corpus.
+fn exported_token_usage() -> std::collections::BTreeMap<(String, String, String), i64> {
+    use std::sync::Arc;
+    use tally_policy::{Resolution, World};
+    use tally_telemetry::InMemoryResourceIndex;
+    use tally_telemetry::proto::metrics::v1::metric::Data;
+    use tally_telemetry::shaping::Shaper;
+
+    let manifest: Manifest = serde_norway::from_str(
+        "apiVersion: telemetry.datumapis.com/v1alpha1\nkind: TelemetryPolicy\nmetadata: {name: p, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Namespace, name: shop}]\n  genAI: {}\n",
+    )
+    .unwrap();
+    let mut world = World::default();
+    world.namespaces.insert("shop".into(), Some("shop".into()));
+    let resolution = Resolution::resolve([&manifest], &world);
+    let mut index = InMemoryResourceIndex::new();
+    index.set_namespace("shop", "shop", Default::default());
+    let shaper = Shaper::new(Arc::new(resolution), Arc::new(index));
+    let request: ExportLogsServiceRequest =
+        decode_request(OTLP_JSON.as_bytes(), Encoding::Json).unwrap();
+    let shaped = shaper.shape_logs(&request);
+    let mut sums = std::collections::BTreeMap::new();
+    let metrics = shaped.metrics.resource_metrics.iter();
+    for metric in metrics
+        .flat_map(|r| &r.scope_metrics)
+        .flat_map(|s| &s.metrics)
+    {
+        let (name, Some(Data::Histogram(h))) = (&metric.name, &metric.data) else {
+            continue;
+        };
+        if name != "gen_ai.client.token.usage" {
+            continue;
+        }
+        for point in &h.data_points {
+            let attr = |key: &str| {
+                point
+                    .attributes
+                    .iter()
+                    .find(|a| a.key == key)
+                    .and_then(|a| match a.value.as_ref()?.value.as_ref()? {
+                        tally_telemetry::proto::common::v1::any_value::Value::StringValue(s) => {
+                            Some(s.clone())
+                        }
+                        _ => None,
+                    })
+                    .unwrap()
+            };
+            let key = (
+                attr("gateway.httproute.name"),
+                attr("gen_ai.request.model"),
+                attr("gen_ai.token.type"),
+            );
+            *sums.entry(key).or_default() += point.sum.unwrap() as i64;
+        }
+    }
+    sums
+}
