@@ -378,10 +378,10 @@ fn attribute(key: &str, value: AttrValue) -> KeyValue {
 }
 
 /// Delta histograms of one request's records, by namespace, metric and
-/// attribute set.
+/// attribute set. A record whose series exists allocates nothing here.
 #[derive(Default)]
 struct MetricsBuilder {
-    series: BTreeMap<(String, &'static str), Series>,
+    series: BTreeMap<String, BTreeMap<&'static str, Series>>,
 }
 
 /// A metric's histograms by attribute set.
@@ -422,13 +422,21 @@ const UNITS: &[(&str, &str, &[f64])] = &[
 
 impl MetricsBuilder {
     fn observe(&mut self, ns: &str, name: &'static str, attrs: &[(String, String)], value: f64) {
+        if !self.series.contains_key(ns) {
+            self.series.insert(ns.to_owned(), BTreeMap::new());
+        }
+        let Some(by_name) = self.series.get_mut(ns) else {
+            return;
+        };
+        let series = by_name.entry(name).or_default();
+        if let Some(hist) = series.get_mut(attrs) {
+            hist.record(value);
+            return;
+        }
         let bounds = UNITS.iter().find(|u| u.0 == name).map_or(SECONDS, |u| u.2);
-        self.series
-            .entry((ns.to_owned(), name))
-            .or_default()
-            .entry(attrs.to_vec())
-            .or_insert_with(|| Hist::new(bounds))
-            .record(value);
+        let mut hist = Hist::new(bounds);
+        hist.record(value);
+        series.insert(attrs.to_vec(), hist);
     }
 
     fn add(&mut self, policy: &Policy, record: &Record, place: &Place) {
@@ -514,7 +522,12 @@ impl MetricsBuilder {
     fn finish(self) -> ExportMetricsServiceRequest {
         let now = u64::try_from(jiff::Timestamp::now().as_nanosecond()).unwrap_or(0);
         let mut by_ns: BTreeMap<String, Vec<Metric>> = BTreeMap::new();
-        for ((ns, name), series) in self.series {
+        let all = self.series.into_iter().flat_map(|(ns, by_name)| {
+            by_name
+                .into_iter()
+                .map(move |(name, series)| (ns.clone(), name, series))
+        });
+        for (ns, name, series) in all {
             let unit = UNITS.iter().find(|u| u.0 == name).map_or("", |u| u.1);
             let data_points = series
                 .into_iter()
