@@ -105,9 +105,9 @@ impl std::fmt::Debug for Shaper {
 }
 
 /// Where a record belongs.
-struct Place {
-    project: String,
-    namespace: String,
+struct Place<'r> {
+    project: Arc<str>,
+    namespace: &'r str,
 }
 
 impl Shaper {
@@ -121,7 +121,7 @@ impl Shaper {
     }
 
     /// The project and namespace of `record`, if it has a known one.
-    fn place(&self, record: &Record) -> Option<Place> {
+    fn place<'r>(&self, record: &'r Record) -> Option<Place<'r>> {
         let text = |a: A| match record.get(a as usize) {
             Some(AttrValue::Str(s)) => Some(s.as_str()),
             _ => None,
@@ -134,19 +134,19 @@ impl Shaper {
             return None;
         }
         Some(Place {
-            project: info.project.to_string(),
-            namespace: namespace.to_owned(),
+            project: info.project,
+            namespace,
         })
     }
 
-    fn policy(&self, record: &Record, place: &Place) -> Option<&Arc<Policy>> {
+    fn policy(&self, record: &Record, place: &Place<'_>) -> Option<&Arc<Policy>> {
         let text = |a: A| match record.get(a as usize) {
             Some(AttrValue::Str(s)) => Some(s.as_str()),
             _ => None,
         };
         let gateway = text(A::RouteGatewayNamespace).zip(text(A::RouteGateway));
         self.resolution
-            .policy_for(&place.project, gateway, Some(&place.namespace))
+            .policy_for(&place.project, gateway, Some(place.namespace))
     }
 
     /// Applies the policies to access-log records.
@@ -174,12 +174,14 @@ impl Shaper {
                     metrics.add(policy, &record, &place);
                     match policy.keep_log(&record) {
                         Some(fields) => {
-                            let out = logs
-                                .entry(place.project.clone())
-                                .or_insert_with(|| resource_logs(&place));
-                            out.scope_logs[0]
-                                .log_records
-                                .push(log_record(log, &record, fields));
+                            if !logs.contains_key(&*place.project) {
+                                logs.insert(place.project.to_string(), resource_logs(&place));
+                            }
+                            if let Some(out) = logs.get_mut(&*place.project) {
+                                out.scope_logs[0]
+                                    .log_records
+                                    .push(log_record(log, &record, fields));
+                            }
                         }
                         None => shaped.filtered += 1,
                     }
@@ -230,7 +232,7 @@ impl Shaper {
                         kept.attributes.retain(|a| a.key != k);
                         kept.attributes.push(string_attribute(&k, &v));
                     }
-                    let list = out.entry(place.project.clone()).or_default();
+                    let list = out.entry(place.project.to_string()).or_default();
                     let same = list.last().is_some_and(|last: &ResourceSpans| {
                         last.resource == rs.resource && last.scope_spans[0].scope == ss.scope
                     });
@@ -316,11 +318,11 @@ pub fn record_of_log(resource: &[KeyValue], log: &LogRecord) -> Record {
     Record::from_fields(all)
 }
 
-fn resource_logs(place: &Place) -> ResourceLogs {
+fn resource_logs(place: &Place<'_>) -> ResourceLogs {
     ResourceLogs {
         resource: Some(Resource {
             attributes: vec![
-                string_attribute(K8S_NAMESPACE, &place.namespace),
+                string_attribute(K8S_NAMESPACE, place.namespace),
                 string_attribute("tally.project.name", &place.project),
             ],
             ..Resource::default()
@@ -439,7 +441,7 @@ impl MetricsBuilder {
         series.insert(attrs.to_vec(), hist);
     }
 
-    fn add(&mut self, policy: &Policy, record: &Record, place: &Place) {
+    fn add(&mut self, policy: &Policy, record: &Record, place: &Place<'_>) {
         let text = |a: A| record.get(a as usize).map(AttrValue::render);
         let int = |a: A| match record.get(a as usize) {
             Some(AttrValue::Int(i)) => Some(*i as f64),
@@ -471,18 +473,13 @@ impl MetricsBuilder {
             }
             attrs.extend(policy.dimensions(record));
             if let Some(d) = duration {
-                self.observe(&place.namespace, "http.server.request.duration", &attrs, d);
+                self.observe(place.namespace, "http.server.request.duration", &attrs, d);
             }
             if let Some(n) = int(A::RequestSize) {
-                self.observe(&place.namespace, "http.server.request.body.size", &attrs, n);
+                self.observe(place.namespace, "http.server.request.body.size", &attrs, n);
             }
             if let Some(n) = int(A::ResponseSize) {
-                self.observe(
-                    &place.namespace,
-                    "http.server.response.body.size",
-                    &attrs,
-                    n,
-                );
+                self.observe(place.namespace, "http.server.response.body.size", &attrs, n);
             }
         }
         let usage = policy.gen_ai_usage(record);
@@ -503,7 +500,7 @@ impl MetricsBuilder {
             let mut a = attrs.clone();
             a.push(("gen_ai.token.type".into(), point.token_type.into()));
             self.observe(
-                &place.namespace,
+                place.namespace,
                 "gen_ai.client.token.usage",
                 &a,
                 point.tokens as f64,
@@ -511,7 +508,7 @@ impl MetricsBuilder {
         }
         if let Some(d) = duration {
             self.observe(
-                &place.namespace,
+                place.namespace,
                 "gen_ai.client.operation.duration",
                 &attrs,
                 d,
