@@ -56,6 +56,7 @@ mod grpc;
 mod input;
 mod ledger;
 mod otlp;
+mod policies;
 mod resources;
 mod spool;
 
@@ -71,6 +72,7 @@ use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tally_delivery::{ComponentKind, Registry, Sink, SinkConfig};
+use tally_telemetry::{Pipeline, PipelineOptions, QueueStorage};
 use tokio::sync::watch;
 
 pub use clock::Clock;
@@ -84,7 +86,7 @@ use crate::collector::CollectError;
 use envoy_admin::AdminSampler;
 use input::{InputKind, InputRunner, InputSpec, input_dir};
 use ledger::{Ack, LedgerEncoder, WarnOnce, route_outcome};
-use resources::{SharedIndex, load_resources, watch_resources};
+use resources::{SharedIndex, load_resources, update_pipeline, watch_resources};
 use spool::{Limits, Spool};
 
 /// What each way of metering connection seconds attributes, and when to
@@ -208,6 +210,8 @@ pub struct Agent {
     grpc: Option<(tokio::net::TcpListener, SocketAddr)>,
     state: HttpState,
     sink: Arc<Sink>,
+    /// The telemetry pipeline, when `resources` is given.
+    pipeline: Option<Arc<Pipeline>>,
     stop: Arc<AtomicBool>,
     threads: Vec<(String, std::thread::JoinHandle<Result<(), AgentError>>)>,
 }
@@ -226,14 +230,19 @@ impl Agent {
         })?;
         let registry = Registry::new();
         let index = Arc::new(SharedIndex::default());
+        let mut pipeline = None;
         if let Some(dir) = &config.resources {
             let (loaded, stamp) = load_resources(dir);
-            index.replace(loaded);
+            index.replace(loaded.index);
+            let started = start_pipeline(&config, &registry)?;
+            update_pipeline(&started, &loaded.set);
+            pipeline = Some(started);
             tokio::spawn(watch_resources(
                 dir.clone(),
                 stamp,
                 config.resources_poll,
                 index.clone(),
+                pipeline.clone(),
             ));
         }
         let Inputs {
@@ -265,6 +274,7 @@ impl Agent {
                 registry: registry.clone(),
                 index: index.clone(),
                 sink: sink.clone(),
+                pipeline: pipeline.clone(),
                 runtime: tokio::runtime::Handle::current(),
                 acks: rx,
                 stop: stop.clone(),
@@ -290,6 +300,7 @@ impl Agent {
                 http_stats: tally_http::ConnectionStats::new(),
             },
             sink,
+            pipeline,
             stop,
             threads,
         })
@@ -389,6 +400,9 @@ impl Agent {
         let _ = stopping.send(true);
         let _ = watcher.await;
         let report = self.sink.shutdown(Duration::from_secs(5)).await;
+        if let Some(pipeline) = &self.pipeline {
+            pipeline.shutdown().await;
+        }
         tracing::info!(
             left_in_queue = report.left_in_queue,
             "stopped; unacknowledged events stay in the outbox"
@@ -572,6 +586,22 @@ fn start_sink(
         .start()
         .map_err(|e| AgentError::Sink(e.to_string()))?;
     Ok((sink, senders))
+}
+
+/// The telemetry pipeline: sinks queue on disk under
+/// `state_dir/exporter-queues` and reach only what `egress` allows.
+fn start_pipeline(config: &AgentConfig, registry: &Registry) -> Result<Arc<Pipeline>, AgentError> {
+    let options = PipelineOptions {
+        storage: QueueStorage::Disk {
+            dir: config.state_dir.join("exporter-queues"),
+            sync: false,
+        },
+        egress: config.egress.clone(),
+        ..PipelineOptions::default()
+    };
+    Pipeline::new(registry.clone(), options)
+        .map(Arc::new)
+        .map_err(|e| AgentError::Sink(format!("starting the exporters' pipeline: {e}")))
 }
 
 async fn wait_for_stop(stop: Arc<AtomicBool>) {

@@ -316,6 +316,16 @@ impl Collector {
     /// Reads what the log has (about `max_read_bytes`), aggregates it, and
     /// commits the events of closed windows with the new checkpoint.
     pub fn poll(&mut self) -> Result<PollReport, CollectError> {
+        self.poll_observed(|_| {})
+    }
+
+    /// [`Collector::poll`], showing each access-log line read to `observe`
+    /// as well (the agent's telemetry policies see every line the meters
+    /// see; lifecycle lines are not shown).
+    pub fn poll_observed(
+        &mut self,
+        mut observe: impl FnMut(&[u8]),
+    ) -> Result<PollReport, CollectError> {
         self.check()?;
         let mut closed = Vec::new();
         let aggregator = &mut self.aggregator;
@@ -324,9 +334,10 @@ impl Collector {
             (Some(tailer), Input::Lifecycle { applier, .. }) => {
                 tailer.read_lines(max, |line| applier.push_line(aggregator, line, &mut closed))?
             }
-            (Some(tailer), _) => {
-                tailer.read_lines(max, |line| aggregator.push_line(line, &mut closed))?
-            }
+            (Some(tailer), _) => tailer.read_lines(max, |line| {
+                observe(line);
+                aggregator.push_line(line, &mut closed)
+            })?,
             (None, _) => 0,
         };
         self.uncommitted_lines += lines;

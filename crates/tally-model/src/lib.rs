@@ -4,6 +4,7 @@
 //! This crate performs no I/O. It parses and validates; it never stores.
 
 pub mod billing;
+pub mod condition;
 pub mod event;
 pub mod limits;
 pub mod meter;
@@ -11,6 +12,7 @@ pub mod nesting;
 pub mod resource;
 pub mod secret;
 
+pub use condition::Condition;
 pub use event::{
     BatchError, CloudEvent, EVENT_MEDIA_TYPES, EventError, FieldError, error_code, field_error,
     media_type, parse_event, split_batch,

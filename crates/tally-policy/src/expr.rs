@@ -20,6 +20,7 @@ use cel::parser::{Expression, Parser};
 use cel::{Context, Value};
 
 use crate::check::{self, Checked};
+use crate::fast::Fast;
 use crate::record::{AttrValue, Record};
 use crate::vocab::{ATTRIBUTES, Ty};
 
@@ -42,6 +43,8 @@ pub struct CompiledExpr {
     ast: Arc<Expression>,
     ty: Ty,
     checked: Checked,
+    /// The native form, when the expression has its shape.
+    fast: Option<Arc<Fast>>,
 }
 
 impl PartialEq for CompiledExpr {
@@ -75,11 +78,13 @@ impl CompiledExpr {
                     .parse(&owned)
                     .map_err(|e| format!("does not parse: {}", first_line(&e.to_string())))?;
                 let (ty, checked) = check::check(&ast)?;
+                let fast = Fast::compile(&ast).map(Arc::new);
                 Ok(CompiledExpr {
                     source: owned,
                     ast: Arc::new(ast),
                     ty,
                     checked,
+                    fast,
                 })
             })
             .map_err(|e| format!("could not start the CEL compiler: {e}"))?;
@@ -145,7 +150,24 @@ impl CompiledExpr {
 
     /// Whether `record` matches (a boolean expression that is `true`).
     pub fn matches(&self, record: &Record) -> bool {
+        self.fast_matches(record)
+            .unwrap_or_else(|| self.interpreted_matches(record))
+    }
+
+    /// Whether `record` matches, by the native evaluator ([`crate::fast`]);
+    /// `None` if the expression does not have its shape.
+    pub fn fast_matches(&self, record: &Record) -> Option<bool> {
+        self.fast.as_ref().map(|f| f.matches(record))
+    }
+
+    /// Whether `record` matches, by the CEL interpreter.
+    pub fn interpreted_matches(&self, record: &Record) -> bool {
         matches!(self.eval(record), Some(Value::Bool(true)))
+    }
+
+    /// Whether the native evaluator evaluates this expression.
+    pub fn is_fast(&self) -> bool {
+        self.fast.is_some()
     }
 
     /// The expression's value for `record` as text (`None`: no value).

@@ -7,7 +7,9 @@
 //!   and Tally's `route.*`, `project`, `gen_ai.*`) and their types.
 //! - [`CompiledExpr`]: a CEL expression bounded, parsed and type-checked
 //!   once per policy version ([`check`]); evaluation never fails a record,
-//!   and a record missing an attribute does not match.
+//!   and a record missing an attribute does not match. Comparisons joined
+//!   by `&&`/`||`/`!` are evaluated natively on the record (`fast`), the
+//!   rest by the `cel` interpreter, with the same results.
 //! - [`Policy::from_manifest`]: a manifest's spec validated into a policy;
 //!   the error is the `Invalid` message.
 //! - [`Resolution::resolve`]: which policy governs which Gateway or
@@ -22,6 +24,7 @@
 
 pub mod check;
 pub mod expr;
+mod fast;
 pub mod policy;
 pub mod record;
 pub mod render;

@@ -147,11 +147,15 @@ impl Policy {
     pub fn keep_log(&self, record: &Record) -> Option<Vec<(&'static str, AttrValue)>> {
         let logs = self.access_logs.as_ref()?;
         if !logs.matches.is_empty() {
-            let context = crate::expr::context(logs.used, record);
-            let kept = logs
-                .matches
-                .iter()
-                .any(|m| matches!(m.eval_in(&context), Some(cel::Value::Bool(true))));
+            // One interpreter context, built only if a match needs it.
+            let mut context = None;
+            let kept = logs.matches.iter().any(|m| {
+                m.fast_matches(record).unwrap_or_else(|| {
+                    let context =
+                        context.get_or_insert_with(|| crate::expr::context(logs.used, record));
+                    matches!(m.eval_in(context), Some(cel::Value::Bool(true)))
+                })
+            });
             if !kept {
                 return None;
             }

@@ -47,18 +47,7 @@ impl std::fmt::Display for Target {
     }
 }
 
-/// A condition as Kubernetes writes them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Condition {
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub status: String,
-    pub reason: String,
-    pub message: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub observed_generation: Option<u64>,
-}
+pub use tally_model::Condition;
 
 /// `status.ancestors[]`, as in Gateway API policies.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -404,6 +393,8 @@ fn condition(ok: bool, reason: &str, message: String, generation: Option<u64>) -
         reason: reason.into(),
         message,
         observed_generation: generation,
+        sink: None,
+        source: None,
     }
 }
 

@@ -15,12 +15,9 @@ use anyhow::Context;
 use serde_json::Value;
 use tally_delivery::{EgressPolicy, Registry};
 use tally_ledger::{ResourceSet, ResourceStore};
-use tally_model::secret::secret_data;
-use tally_model::{Kind, KindClass, Manifest};
-use tally_policy::{Resolution, World};
-use tally_telemetry::{
-    InMemoryResourceIndex, Pipeline, PipelineOptions, QueueStorage, SecretValue, Secrets, Snapshot,
-};
+use tally_model::{Kind, Manifest};
+use tally_policy::Resolution;
+use tally_telemetry::{Pipeline, PipelineOptions, QueueStorage, Snapshot};
 
 use crate::StatusSource;
 use crate::config::VictoriaMetricsConfig;
@@ -55,73 +52,10 @@ pub(crate) fn start_pipeline(
     Ok((pipeline, follower))
 }
 
-/// What the pipeline needs of the stored resources.
-/// `previous`: the policies as last resolved, whose unchanged versions are
-/// not compiled again.
+/// What the pipeline needs of the stored resources
+/// ([`Snapshot::of`], shared with `tally collect`).
 pub fn snapshot(set: &ResourceSet, previous: &Resolution) -> Snapshot {
-    let exporters: Vec<Manifest> = set
-        .list(Kind::Exporter, None)
-        .map(|m| (**m).clone())
-        .collect();
-    let mut secrets = Secrets::new();
-    for manifest in set.list(Kind::Secret, None) {
-        let (Some(namespace), Ok(data)) = (&manifest.metadata.namespace, secret_data(manifest))
-        else {
-            continue;
-        };
-        secrets.insert(
-            namespace.clone(),
-            manifest.metadata.name.clone(),
-            data.into_iter()
-                .map(|(key, value)| (key, SecretValue::new(value)))
-                .collect(),
-        );
-    }
-    let mut index = InMemoryResourceIndex::new();
-    for kind in Kind::ALL
-        .into_iter()
-        .filter(|k| k.class() == KindClass::Platform)
-    {
-        for manifest in set.list(kind, None) {
-            // Only namespaces and namespaced resources are indexed; a
-            // cluster-scoped one (GatewayClass) has no project.
-            if let Err(e) = index.apply(manifest) {
-                tracing::debug!(error = %e, "not indexed for exporters");
-            }
-        }
-    }
-    Snapshot {
-        exporters,
-        secrets,
-        index: Arc::new(index),
-        policies: Arc::new(policies(set, previous)),
-    }
-}
-
-/// Every `TelemetryPolicy`, resolved against the stored namespaces (and
-/// their projects) and gateways.
-pub fn policies(set: &ResourceSet, previous: &Resolution) -> Resolution {
-    let mut world = World::default();
-    for ns in set.list(Kind::Namespace, None) {
-        // The same rule as every other tenancy decision: the label, else the
-        // namespace's own name.
-        let project = set.project_of_namespace(&ns.metadata.name);
-        world
-            .namespaces
-            .insert(ns.metadata.name.clone(), Some(project));
-    }
-    for gw in set.list(Kind::Gateway, None) {
-        if let Some(namespace) = &gw.metadata.namespace {
-            world
-                .gateways
-                .insert((namespace.clone(), gw.metadata.name.clone()));
-        }
-    }
-    let manifests: Vec<&Manifest> = set
-        .list(Kind::TelemetryPolicy, None)
-        .map(|m| &**m)
-        .collect();
-    Resolution::resolve_again(manifests, &world, previous)
+    Snapshot::of(set, previous)
 }
 
 /// A TelemetryPolicy's status: Accepted, Conflicted or Invalid and why,

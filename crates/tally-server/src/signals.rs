@@ -23,7 +23,6 @@ use opentelemetry_proto::tonic::collector::logs::v1::{
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
-use tally_delivery::ComponentKind;
 use tally_telemetry::otlp::{self, JSON_CONTENT_TYPE, PROTOBUF_CONTENT_TYPE};
 use tally_telemetry::{Encoding, Pipeline, ShapeReport};
 
@@ -33,17 +32,7 @@ use crate::telemetry::{NO_PIPELINE, Telemetry, Unavailable};
 
 /// Counts a shaped request in the receiver's `source` component.
 fn count(pipeline: &Pipeline, source_id: &str, report: &ShapeReport) {
-    let source = pipeline
-        .registry()
-        .component(ComponentKind::Source, source_id);
-    source.add_received(report.read);
-    source.add_sent(report.kept);
-    if report.unattributed > 0 {
-        source.add_dropped("unattributed", report.unattributed);
-    }
-    if report.filtered > 0 {
-        source.add_dropped("policy", report.filtered);
-    }
+    pipeline.count_shaped(source_id, report);
 }
 
 /// The one path of every access-log receiver.

@@ -29,6 +29,7 @@ pub mod otlp;
 pub mod pipeline;
 pub mod pull;
 pub mod remote_write;
+pub mod resources;
 pub mod route;
 mod routing;
 pub mod secret;

@@ -366,6 +366,22 @@ impl Pipeline {
         report
     }
 
+    /// Counts what shaping did in the `source_id` source component: read,
+    /// kept (sent), and dropped as `unattributed` or by `policy`.
+    pub fn count_shaped(&self, source_id: &str, report: &ShapeReport) {
+        let source = self
+            .registry
+            .component(tally_delivery::ComponentKind::Source, source_id);
+        source.add_received(report.read);
+        source.add_sent(report.kept);
+        if report.unattributed > 0 {
+            source.add_dropped("unattributed", report.unattributed);
+        }
+        if report.filtered > 0 {
+            source.add_dropped("policy", report.filtered);
+        }
+    }
+
     /// The status of `TelemetryPolicy` `namespace/name` as last resolved.
     pub fn policy_status(&self, namespace: &str, name: &str) -> Option<PolicyStatus> {
         self.routing()

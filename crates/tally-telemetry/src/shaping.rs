@@ -105,9 +105,9 @@ impl std::fmt::Debug for Shaper {
 }
 
 /// Where a record belongs.
-struct Place {
-    project: String,
-    namespace: String,
+struct Place<'r> {
+    project: Arc<str>,
+    namespace: &'r str,
 }
 
 impl Shaper {
@@ -121,7 +121,7 @@ impl Shaper {
     }
 
     /// The project and namespace of `record`, if it has a known one.
-    fn place(&self, record: &Record) -> Option<Place> {
+    fn place<'r>(&self, record: &'r Record) -> Option<Place<'r>> {
         let text = |a: A| match record.get(a as usize) {
             Some(AttrValue::Str(s)) => Some(s.as_str()),
             _ => None,
@@ -134,19 +134,19 @@ impl Shaper {
             return None;
         }
         Some(Place {
-            project: info.project.to_string(),
-            namespace: namespace.to_owned(),
+            project: info.project,
+            namespace,
         })
     }
 
-    fn policy(&self, record: &Record, place: &Place) -> Option<&Arc<Policy>> {
+    fn policy(&self, record: &Record, place: &Place<'_>) -> Option<&Arc<Policy>> {
         let text = |a: A| match record.get(a as usize) {
             Some(AttrValue::Str(s)) => Some(s.as_str()),
             _ => None,
         };
         let gateway = text(A::RouteGatewayNamespace).zip(text(A::RouteGateway));
         self.resolution
-            .policy_for(&place.project, gateway, Some(&place.namespace))
+            .policy_for(&place.project, gateway, Some(place.namespace))
     }
 
     /// Applies the policies to access-log records.
@@ -174,12 +174,14 @@ impl Shaper {
                     metrics.add(policy, &record, &place);
                     match policy.keep_log(&record) {
                         Some(fields) => {
-                            let out = logs
-                                .entry(place.project.clone())
-                                .or_insert_with(|| resource_logs(&place));
-                            out.scope_logs[0]
-                                .log_records
-                                .push(log_record(log, &record, fields));
+                            if !logs.contains_key(&*place.project) {
+                                logs.insert(place.project.to_string(), resource_logs(&place));
+                            }
+                            if let Some(out) = logs.get_mut(&*place.project) {
+                                out.scope_logs[0]
+                                    .log_records
+                                    .push(log_record(log, &record, fields));
+                            }
                         }
                         None => shaped.filtered += 1,
                     }
@@ -230,7 +232,7 @@ impl Shaper {
                         kept.attributes.retain(|a| a.key != k);
                         kept.attributes.push(string_attribute(&k, &v));
                     }
-                    let list = out.entry(place.project.clone()).or_default();
+                    let list = out.entry(place.project.to_string()).or_default();
                     let same = list.last().is_some_and(|last: &ResourceSpans| {
                         last.resource == rs.resource && last.scope_spans[0].scope == ss.scope
                     });
@@ -283,8 +285,10 @@ fn field(value: &AnyValue) -> Option<Field<'_>> {
 }
 
 /// A log record as a record: resource attributes, then the body's fields
-/// (a key/value list, or a JSON object as text), then its attributes.
-fn record_of_log(resource: &[KeyValue], log: &LogRecord) -> Record {
+/// (a key/value list, or a JSON object as text), then its attributes. The
+/// one reading of an OTLP access-log record (`tally serve`, `tally export`
+/// and `tally collect`, whose lines arrive as JSON text bodies).
+pub fn record_of_log(resource: &[KeyValue], log: &LogRecord) -> Record {
     let mut all = fields(resource.iter());
     let json: Option<serde_json::Map<String, serde_json::Value>> =
         match log.body.as_ref().and_then(|b| b.value.as_ref()) {
@@ -314,11 +318,11 @@ fn record_of_log(resource: &[KeyValue], log: &LogRecord) -> Record {
     Record::from_fields(all)
 }
 
-fn resource_logs(place: &Place) -> ResourceLogs {
+fn resource_logs(place: &Place<'_>) -> ResourceLogs {
     ResourceLogs {
         resource: Some(Resource {
             attributes: vec![
-                string_attribute(K8S_NAMESPACE, &place.namespace),
+                string_attribute(K8S_NAMESPACE, place.namespace),
                 string_attribute("tally.project.name", &place.project),
             ],
             ..Resource::default()
@@ -376,10 +380,10 @@ fn attribute(key: &str, value: AttrValue) -> KeyValue {
 }
 
 /// Delta histograms of one request's records, by namespace, metric and
-/// attribute set.
+/// attribute set. A record whose series exists allocates nothing here.
 #[derive(Default)]
 struct MetricsBuilder {
-    series: BTreeMap<(String, &'static str), Series>,
+    series: BTreeMap<String, BTreeMap<&'static str, Series>>,
 }
 
 /// A metric's histograms by attribute set.
@@ -420,16 +424,24 @@ const UNITS: &[(&str, &str, &[f64])] = &[
 
 impl MetricsBuilder {
     fn observe(&mut self, ns: &str, name: &'static str, attrs: &[(String, String)], value: f64) {
+        if !self.series.contains_key(ns) {
+            self.series.insert(ns.to_owned(), BTreeMap::new());
+        }
+        let Some(by_name) = self.series.get_mut(ns) else {
+            return;
+        };
+        let series = by_name.entry(name).or_default();
+        if let Some(hist) = series.get_mut(attrs) {
+            hist.record(value);
+            return;
+        }
         let bounds = UNITS.iter().find(|u| u.0 == name).map_or(SECONDS, |u| u.2);
-        self.series
-            .entry((ns.to_owned(), name))
-            .or_default()
-            .entry(attrs.to_vec())
-            .or_insert_with(|| Hist::new(bounds))
-            .record(value);
+        let mut hist = Hist::new(bounds);
+        hist.record(value);
+        series.insert(attrs.to_vec(), hist);
     }
 
-    fn add(&mut self, policy: &Policy, record: &Record, place: &Place) {
+    fn add(&mut self, policy: &Policy, record: &Record, place: &Place<'_>) {
         let text = |a: A| record.get(a as usize).map(AttrValue::render);
         let int = |a: A| match record.get(a as usize) {
             Some(AttrValue::Int(i)) => Some(*i as f64),
@@ -461,18 +473,13 @@ impl MetricsBuilder {
             }
             attrs.extend(policy.dimensions(record));
             if let Some(d) = duration {
-                self.observe(&place.namespace, "http.server.request.duration", &attrs, d);
+                self.observe(place.namespace, "http.server.request.duration", &attrs, d);
             }
             if let Some(n) = int(A::RequestSize) {
-                self.observe(&place.namespace, "http.server.request.body.size", &attrs, n);
+                self.observe(place.namespace, "http.server.request.body.size", &attrs, n);
             }
             if let Some(n) = int(A::ResponseSize) {
-                self.observe(
-                    &place.namespace,
-                    "http.server.response.body.size",
-                    &attrs,
-                    n,
-                );
+                self.observe(place.namespace, "http.server.response.body.size", &attrs, n);
             }
         }
         let usage = policy.gen_ai_usage(record);
@@ -493,7 +500,7 @@ impl MetricsBuilder {
             let mut a = attrs.clone();
             a.push(("gen_ai.token.type".into(), point.token_type.into()));
             self.observe(
-                &place.namespace,
+                place.namespace,
                 "gen_ai.client.token.usage",
                 &a,
                 point.tokens as f64,
@@ -501,7 +508,7 @@ impl MetricsBuilder {
         }
         if let Some(d) = duration {
             self.observe(
-                &place.namespace,
+                place.namespace,
                 "gen_ai.client.operation.duration",
                 &attrs,
                 d,
@@ -512,7 +519,12 @@ impl MetricsBuilder {
     fn finish(self) -> ExportMetricsServiceRequest {
         let now = u64::try_from(jiff::Timestamp::now().as_nanosecond()).unwrap_or(0);
         let mut by_ns: BTreeMap<String, Vec<Metric>> = BTreeMap::new();
-        for ((ns, name), series) in self.series {
+        let all = self.series.into_iter().flat_map(|(ns, by_name)| {
+            by_name
+                .into_iter()
+                .map(move |(name, series)| (ns.clone(), name, series))
+        });
+        for (ns, name, series) in all {
             let unit = UNITS.iter().find(|u| u.0 == name).map_or("", |u| u.1);
             let data_points = series
                 .into_iter()

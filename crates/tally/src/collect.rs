@@ -25,7 +25,9 @@ pub struct CollectArgs {
     /// project}]}, connections: {enabled, graceSecs, dedupeHorizonSecs,
     /// maxOutboxEvents, maxSpoolBytes}, and, in the file only, http:
     /// {headerReadTimeout, idleTimeout, bodyReadTimeout, drainTimeout,
-    /// maxConnections}). Flags given here override it.
+    /// maxConnections} and egress: {allow: [CIDR...]}, what exporters'
+    /// sinks may reach besides public addresses). Flags given here override
+    /// it.
     #[arg(long, short = 'c', value_name = "FILE")]
     config: Option<PathBuf>,
 
@@ -135,9 +137,12 @@ pub struct CollectArgs {
     #[arg(long, value_name = "FILE", hide = true)]
     clock_file: Option<PathBuf>,
 
-    /// Directory of Kubernetes manifests (`HTTPRoute`, `Gateway`,
-    /// `GatewayClass`; *.yaml, *.yml, *.json) that give events their region,
-    /// gateway and gateway class dimensions; reloaded when files change.
+    /// Directory of Kubernetes manifests (*.yaml, *.yml, *.json), reloaded
+    /// when files change: `HTTPRoute`, `Gateway` and `GatewayClass` give
+    /// events their region, gateway and gateway class dimensions;
+    /// `Namespace`, `TelemetryPolicy`, `Exporter` and `Secret` send the
+    /// access-log lines read, shaped by the policies, to the exporters
+    /// (metering still counts every line).
     #[arg(long, value_name = "DIR")]
     resources: Option<PathBuf>,
 
@@ -242,6 +247,7 @@ impl CollectArgs {
             connections,
             clock_file: self.clock_file,
             http: None,
+            egress: None,
         };
         (self.config, options)
     }

@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tally_collect::{CorpusConfig, CorpusGenerator, ExpectedTotals};
 
+#[path = "../../tally-telemetry/tests/support/otlp_receiver.rs"]
+mod receiver;
+
 const METERS: [&str; 4] = [
     "gateway-requests",
     "gateway-ingress-bytes",
@@ -642,14 +645,24 @@ fn otlp_log_records_are_metered_like_file_lines() {
     agent.stop();
 }
 
-/// Billing is never filtered: with a TelemetryPolicy that keeps nothing on
-/// the route's namespace, the agent still meters every request; the same
-/// records sent to the server's own access-log receiver are all dropped by
-/// the policy (counted as `policy`), none exported.
+/// Billing is never filtered, and `tally collect` shapes what it reads by
+/// the policies of its resource directory, on the same path as `tally
+/// serve`: ns-otlp's policy keeps nothing, ns-keep's keeps the 5xx records
+/// with two fields. The agent still meters every record of both routes;
+/// its exporters receive exactly ns-keep's two 5xx records, and nothing of
+/// ns-otlp (counted as dropped by `policy`). The same records sent to the
+/// server's own receiver under the same drop-everything policy are all
+/// dropped there too.
 #[test]
 fn billing_counts_every_request_under_a_policy_that_drops_everything() {
     let dir = tempfile::tempdir().unwrap();
     let (server, _) = ledger(dir.path());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let receiver = runtime.block_on(receiver::Receiver::start());
     let policy = "apiVersion: v1\nkind: Namespace\nmetadata: {name: ns-otlp}\n---\n\
                   apiVersion: telemetry.datumapis.com/v1alpha1\nkind: TelemetryPolicy\n\
                   metadata: {name: nothing, namespace: ns-otlp}\nspec:\n  \
@@ -671,25 +684,68 @@ fn billing_counts_every_request_under_a_policy_that_drops_everything() {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let (agent, grpc_port) = otlp_agent(&dir.path().join("state"), &server.base, &[]);
+    let resources = dir.path().join("resources");
+    fs::create_dir_all(&resources).unwrap();
+    fs::write(
+        resources.join("policies.yaml"),
+        agent_policies(policy, &receiver),
+    )
+    .unwrap();
+    let config = dir.path().join("collect.yaml");
+    fs::write(&config, "egress: {allow: [127.0.0.0/8]}\n").unwrap();
+    let (config, resources) = (config.to_str().unwrap(), resources.to_str().unwrap());
+    let (agent, grpc_port) = otlp_agent(
+        &dir.path().join("state"),
+        &server.base,
+        &["--config", config, "--resources", resources],
+    );
     let nanos = (jiff::Timestamp::now().as_millisecond() - 2 * 3_600_000) as u64 * 1_000_000;
-    let records = || {
+    let records = |route: &str| {
         (0..5)
-            .map(|i| envoy_log_record(nanos, "httproute/ns-otlp/api/rule/0", i, "10"))
+            .map(|i| {
+                let mut record = envoy_log_record(nanos, route, i, "10");
+                record.attributes.push(attribute_int(
+                    "response_code",
+                    [200, 503, 200, 500, 404][i as usize],
+                ));
+                record
+            })
             .collect::<Vec<_>>()
     };
-    grpc_export(grpc_port, export_request(records())).unwrap();
-    let expected = one_route_totals(
-        "ns-otlp",
-        "api",
-        tally_collect::Totals {
-            requests: 5,
-            ingress_bytes: 500,
-            egress_bytes: 10,
-            connection_millis: 50,
-        },
-    );
+    let mut both = records("httproute/ns-otlp/api/rule/0");
+    both.extend(records("httproute/ns-keep/api/rule/0"));
+    grpc_export(grpc_port, export_request(both)).unwrap();
+    let totals = tally_collect::Totals {
+        requests: 5,
+        ingress_bytes: 500,
+        egress_bytes: 10,
+        connection_millis: 50,
+    };
+    let mut expected = one_route_totals("ns-otlp", "api", totals);
+    expected
+        .per_route
+        .extend(one_route_totals("ns-keep", "api", totals).per_route);
     assert_metered(&server.base, &expected, Duration::from_secs(120));
+    // The agent's exporters: exactly ns-keep's two 5xx records, two fields each.
+    let kept = runtime
+        .block_on(receiver.wait_until("ns-keep", 2, Duration::from_secs(30), |e| e.logs.len()));
+    assert_eq!(kept, 2);
+    let codes: Vec<_> = receiver.with("ns-keep", |e| {
+        e.logs
+            .iter()
+            .map(|l| {
+                assert_eq!(l.attributes.len(), 2, "{l:?}");
+                l.attributes["http.response.status_code"].clone()
+            })
+            .collect()
+    });
+    assert_eq!(codes, ["503", "500"]);
+    let agent_base = agent.base.clone();
+    assert_eq!(
+        metric(&agent_base, "dropped_total", "component_id=\"policy:otlp\""),
+        8
+    );
+    assert_eq!(receiver.with("ns-otlp", |e| e.logs.len()), 0);
     // The server's own receiver applies the policy: every record dropped.
     let mut dropped = 0;
     for _ in 0..100 {
@@ -697,7 +753,7 @@ fn billing_counts_every_request_under_a_policy_that_drops_everything() {
             &format!("{}/v1/logs", server.base),
             "application/x-protobuf",
             false,
-            prost::Message::encode_to_vec(&export_request(records())),
+            prost::Message::encode_to_vec(&export_request(records("httproute/ns-otlp/api/rule/0"))),
         );
         assert_eq!(status, 200);
         dropped = metric(&server.base, "dropped_total", "reason=\"policy\"");
@@ -717,6 +773,38 @@ fn billing_counts_every_request_under_a_policy_that_drops_everything() {
         0
     );
     agent.stop();
+}
+
+/// The agent's resource directory: `ns_otlp` (the server's drop-everything
+/// policy and its namespace), ns-keep with a policy keeping 5xx records,
+/// and an Exporter with a `logs` source in each namespace.
+fn agent_policies(ns_otlp: &str, receiver: &receiver::Receiver) -> String {
+    let mut text = format!("{ns_otlp}---\n");
+    text += "apiVersion: v1\nkind: Namespace\nmetadata: {name: ns-keep}\n---\n\
+             apiVersion: telemetry.datumapis.com/v1alpha1\nkind: TelemetryPolicy\n\
+             metadata: {name: errors, namespace: ns-keep}\nspec:\n  \
+             targetRefs: [{group: '', kind: Namespace, name: ns-keep}]\n  \
+             accessLogs: {matches: [{cel: 'response.code >= 500'}], fields: [response.code, route.httproute]}\n";
+    for ns in ["ns-otlp", "ns-keep"] {
+        text += &format!(
+            "---\napiVersion: telemetry.datumapis.com/v1alpha1\nkind: Exporter\nmetadata: {{name: otlp, namespace: {ns}}}\n\
+             spec:\n  sources: [{{name: logs, logs: {{}}}}]\n  \
+             sinks: [{{name: r, otlp_http: {{endpoint: '{}'}}, batch: {{timeout: 50ms}}}}]\n",
+            receiver.endpoint(ns)
+        );
+    }
+    text
+}
+
+fn attribute_int(key: &str, value: i64) -> opentelemetry_proto::tonic::common::v1::KeyValue {
+    use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value as V};
+    KeyValue {
+        key: key.into(),
+        value: Some(AnyValue {
+            value: Some(V::IntValue(value)),
+        }),
+        ..Default::default()
+    }
 }
 
 /// Runs `future` on a fresh current-thread runtime.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use tally_delivery::Secret;
+use tally_delivery::{EgressConfig, EgressPolicy, Secret};
 use tally_http::{HttpConfig, Limits};
 
 use super::AgentError;
@@ -46,7 +46,9 @@ pub struct AgentOptions {
     /// OTLP exports are refused (retryably) while more than this many
     /// received bytes are not yet read into the outbox.
     pub otlp_max_spool_bytes: Option<u64>,
-    /// Directory of HTTPRoute/Gateway/GatewayClass manifests.
+    /// Directory of manifests: HTTPRoutes, Gateways and GatewayClasses
+    /// (enrichment), and Namespaces, `TelemetryPolicy`s, `Exporter`s and
+    /// their `Secret`s (access logs through the policies to exporters).
     pub resources: Option<PathBuf>,
     /// Window size, seconds.
     pub window_secs: Option<u64>,
@@ -81,6 +83,9 @@ pub struct AgentOptions {
     /// Timeouts and the connection limit of the HTTP listener (config
     /// file only).
     pub http: Option<HttpConfig>,
+    /// Addresses exporters may reach besides global unicast ones, as in
+    /// `tally serve`'s config (config file only).
+    pub egress: Option<EgressConfig>,
 }
 
 /// The `connections` section: the connection lifecycle receiver
@@ -275,6 +280,8 @@ pub struct AgentConfig {
     pub clock: Clock,
     /// What the HTTP listener enforces.
     pub http: Limits,
+    /// What exporters' sinks may reach.
+    pub egress: EgressPolicy,
 }
 
 impl AgentOptions {
@@ -345,6 +352,7 @@ impl AgentOptions {
             connections,
             clock_file: flags.clock_file.or(self.clock_file),
             http: flags.http.or(self.http),
+            egress: flags.egress.or(self.egress),
         }
     }
 
@@ -394,6 +402,8 @@ impl AgentOptions {
             |value: Option<u64>, default: u64| Duration::from_millis(value.unwrap_or(default));
         let http = (self.http.unwrap_or_default().limits())
             .map_err(|e| AgentError::Config(e.to_string()))?;
+        let egress = (self.egress.unwrap_or_default().policy())
+            .map_err(|e| AgentError::Config(e.to_string()))?;
         let otlp_grpc_listen = (otlp && self.otlp_grpc.unwrap_or(true)).then(|| {
             self.otlp_grpc_listen
                 .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 4317)))
@@ -428,6 +438,7 @@ impl AgentOptions {
             connections,
             clock: self.clock_file.map_or(Clock::System, Clock::File),
             http,
+            egress,
         })
     }
 }

@@ -18,11 +18,13 @@ use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use tally_delivery::{ComponentKind, ComponentMetrics, Item, Registry, Sink};
+use tally_telemetry::Pipeline;
 
 use super::AgentError;
 use super::config::AgentConfig;
 use super::envoy_admin::AdminSampler;
 use super::ledger::Ack;
+use super::policies::PolicyFeed;
 use super::resources::SharedIndex;
 use super::spool::Spool;
 use crate::collector::{CollectError, Collector, CollectorConfig, PollReport};
@@ -78,6 +80,8 @@ pub(crate) struct InputRunner {
     pub(crate) registry: Registry,
     pub(crate) index: Arc<SharedIndex>,
     pub(crate) sink: Arc<Sink>,
+    /// The telemetry pipeline access-log lines go through, if any.
+    pub(crate) pipeline: Option<Arc<Pipeline>>,
     pub(crate) runtime: tokio::runtime::Handle,
     pub(crate) acks: mpsc::Receiver<Ack>,
     pub(crate) stop: Arc<AtomicBool>,
@@ -169,6 +173,12 @@ impl InputRunner {
             failing: false,
         };
         let ticks = matches!(self.spec.kind, InputKind::Connections(_));
+        let mut feed = match (&self.pipeline, &self.spec.kind) {
+            (Some(pipeline), InputKind::File(_) | InputKind::Otlp(_)) => {
+                Some(PolicyFeed::new(pipeline.clone(), &self.spec.name))
+            }
+            _ => None,
+        };
         let mut clock_failing = false;
         while !self.stop.load(Ordering::SeqCst) {
             while let Ok(ack) = self.acks.try_recv() {
@@ -186,8 +196,17 @@ impl InputRunner {
                 InputKind::EnvoyAdmin(sampler) => {
                     self.sample(sampler, &mut collector, &mut sampling, &source)?
                 }
-                _ => match collector.poll() {
-                    Ok(report) => report,
+                _ => match collector.poll_observed(|line| {
+                    if let Some(feed) = feed.as_mut() {
+                        feed.push(line);
+                    }
+                }) {
+                    Ok(report) => {
+                        if let Some(feed) = feed.as_mut() {
+                            feed.flush();
+                        }
+                        report
+                    }
                     Err(CollectError::Tail(e)) => {
                         tracing::warn!(input = %self.spec.name, error = %e, "reading the log failed; trying again");
                         std::thread::sleep(config.poll_interval);
