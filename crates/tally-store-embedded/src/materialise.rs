@@ -3,8 +3,9 @@
 //!
 //! Three parts, each behind its own seam so another backend can supply it
 //! (a broker's stream as the log, a column store as the derived store):
-//! - the log: the `events` keyspace, appended and synced by the writer
-//!   before it answers ([`crate::writer`]);
+//! - the log ([`crate::log::EventLog`]; here event blocks in the `log`
+//!   keyspace), appended and synced by the writer before it answers
+//!   ([`crate::writer`]), read by the replay at open and by backfill;
 //! - the tail ([`crate::tail`]): what the log holds past the materialised
 //!   position, already turned into rollup deltas, quarantine and dictionary
 //!   entries, in memory;

@@ -1,0 +1,253 @@
+//! The log: the truth every other part of the store is derived from.
+//!
+//! [`EventLog`] is what the writer, the replay at open, backfill, voids and
+//! quarantine re-evaluation need of a log: append one group commit's
+//! events durably, say where it ends, and read positions in order. A
+//! cluster backend can put a broker's stream behind it; [`BlockLog`] is the
+//! embedded one, keeping events in compressed columnar blocks
+//! ([`crate::block`]) in the `log` keyspace. Readers that must see the log
+//! and other keyspaces at one instant (event listings, change feeds) read
+//! [`BlockLog`] through a fjall snapshot ([`BlockLog::scan`]).
+//!
+//! **Invariants:** positions are dense and start at 0: an append at
+//! position `p` follows one that ended at `p`, and nothing is ever
+//! rewritten or removed (retention is not offered: dedupe, voids and
+//! rebuilds read old events). When [`EventLog::append`] returns, the events
+//! survive a crash (`kill -9`, power loss).
+//! **Never** answer an event at a position the log does not hold.
+
+use std::ops::ControlFlow;
+
+use fjall::{PersistMode, Readable};
+use jiff::Timestamp;
+use tally_model::CloudEvent;
+
+use crate::StoreError;
+use crate::block::{self, Block, Record};
+
+/// A position in the log: the sequence number of an event, from 0.
+pub type LogPosition = u64;
+
+/// One event as the log holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoggedEvent {
+    pub seq: LogPosition,
+    pub ingested_at: Timestamp,
+    pub event: CloudEvent,
+}
+
+/// An append-only, durable log of events; see the module docs.
+pub trait EventLog: Send + Sync {
+    /// Appends `records` at positions `first ..`, and returns once they
+    /// are synced to stable storage. `first` is where the log ends.
+    fn append(&self, first: LogPosition, records: &[&Record]) -> Result<(), StoreError>;
+
+    /// One past the last position held (0 for an empty log).
+    fn end(&self) -> Result<LogPosition, StoreError>;
+
+    /// Visits the events at positions `from .. to`, in order, until `visit`
+    /// breaks; only those of `event_type` when it is given.
+    fn read(
+        &self,
+        from: LogPosition,
+        to: LogPosition,
+        event_type: Option<&str>,
+        visit: &mut dyn FnMut(LoggedEvent) -> Result<ControlFlow<()>, StoreError>,
+    ) -> Result<(), StoreError>;
+
+    /// The event at `seq`, if the log holds it.
+    fn get(&self, seq: LogPosition) -> Result<Option<LoggedEvent>, StoreError>;
+}
+
+/// The embedded log: event blocks in a fjall keyspace.
+#[derive(Clone)]
+pub struct BlockLog {
+    db: fjall::Database,
+    keyspace: fjall::Keyspace,
+}
+
+/// A cursor over one snapshot of the log that keeps the last block it
+/// decoded, so neighbouring lookups decode it once.
+pub(crate) struct BlockReader<'a, R: Readable> {
+    log: &'a BlockLog,
+    view: &'a R,
+    last: Option<Block>,
+}
+
+impl<R: Readable> BlockReader<'_, R> {
+    /// The block holding `seq`, if any.
+    pub fn block(&mut self, seq: LogPosition) -> Result<Option<&Block>, StoreError> {
+        if !self.last.as_ref().is_some_and(|b| b.holds(seq)) {
+            self.last = self.log.block_at(self.view, seq)?;
+        }
+        Ok(self.last.as_ref().filter(|b| b.holds(seq)))
+    }
+
+    /// The event at `seq`, if the log holds it.
+    pub fn get(&mut self, seq: LogPosition) -> Result<Option<LoggedEvent>, StoreError> {
+        let Some(block) = self.block(seq)? else {
+            return Ok(None);
+        };
+        let i = (seq - block.first) as usize;
+        Ok(Some(LoggedEvent {
+            seq,
+            ingested_at: block.ingested_at(i),
+            event: block.event(i)?,
+        }))
+    }
+}
+
+impl BlockLog {
+    pub(crate) fn new(db: fjall::Database, keyspace: fjall::Keyspace) -> BlockLog {
+        BlockLog { db, keyspace }
+    }
+
+    /// A reader of `view` (a snapshot of the database).
+    pub(crate) fn reader<'a, R: Readable>(&'a self, view: &'a R) -> BlockReader<'a, R> {
+        BlockReader {
+            log: self,
+            view,
+            last: None,
+        }
+    }
+
+    /// The block whose first position is at or before `seq`.
+    fn block_at(
+        &self,
+        view: &impl Readable,
+        seq: LogPosition,
+    ) -> Result<Option<Block>, StoreError> {
+        let Some(item) = view.range(&self.keyspace, ..=seq.to_be_bytes()).next_back() else {
+            return Ok(None);
+        };
+        let (key, value) = item.into_inner()?;
+        Ok(Some(Block::decode(crate::keys::read_u64(&key)?, &value)?))
+    }
+
+    /// Visits, in `view`, the blocks holding positions `from .. to`: in
+    /// order, or newest first when `reverse`, until `visit` breaks. Blocks
+    /// are decoded whole; the visitor picks the events it wants.
+    pub(crate) fn scan(
+        &self,
+        view: &impl Readable,
+        from: LogPosition,
+        to: LogPosition,
+        reverse: bool,
+        visit: &mut dyn FnMut(&Block) -> Result<ControlFlow<()>, StoreError>,
+    ) -> Result<(), StoreError> {
+        if from >= to {
+            return Ok(());
+        }
+        // The block holding `from` may begin before it.
+        let start = match view
+            .range(&self.keyspace, ..=from.to_be_bytes())
+            .next_back()
+        {
+            Some(item) => item.key()?.to_vec(),
+            None => from.to_be_bytes().to_vec(),
+        };
+        let range = view.range(&self.keyspace, start..to.to_be_bytes().to_vec());
+        let mut step = |item: fjall::Guard| -> Result<ControlFlow<()>, StoreError> {
+            let (key, value) = item.into_inner()?;
+            let block = Block::decode(crate::keys::read_u64(&key)?, &value)?;
+            if block.end() <= from {
+                return Ok(ControlFlow::Continue(()));
+            }
+            visit(&block)
+        };
+        if reverse {
+            for item in range.rev() {
+                if step(item)?.is_break() {
+                    break;
+                }
+            }
+        } else {
+            for item in range {
+                if step(item)?.is_break() {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends blocks to `batch` for `records` at positions `first ..`.
+    pub(crate) fn append_to(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        first: LogPosition,
+        records: &[&Record],
+    ) -> Result<(), StoreError> {
+        let mut at = first;
+        let mut start = 0;
+        let mut bytes = 0;
+        for (i, record) in records.iter().enumerate() {
+            bytes += record.size();
+            let full = i + 1 - start == block::MAX_BLOCK_EVENTS || bytes >= block::MAX_BLOCK_BYTES;
+            if full || i + 1 == records.len() {
+                let value = block::encode(&records[start..=i])?;
+                batch.insert(&self.keyspace, at.to_be_bytes(), value);
+                at += (i + 1 - start) as u64;
+                start = i + 1;
+                bytes = 0;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl EventLog for BlockLog {
+    fn append(&self, first: LogPosition, records: &[&Record]) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut batch = self.db.batch().durability(Some(PersistMode::SyncAll));
+        self.append_to(&mut batch, first, records)?;
+        batch.commit()?;
+        Ok(())
+    }
+
+    fn end(&self) -> Result<LogPosition, StoreError> {
+        match self.keyspace.last_key_value() {
+            Some(item) => {
+                let (key, value) = item.into_inner()?;
+                Ok(crate::keys::read_u64(&key)? + block::count_of(&value)?)
+            }
+            None => Ok(0),
+        }
+    }
+
+    fn read(
+        &self,
+        from: LogPosition,
+        to: LogPosition,
+        event_type: Option<&str>,
+        visit: &mut dyn FnMut(LoggedEvent) -> Result<ControlFlow<()>, StoreError>,
+    ) -> Result<(), StoreError> {
+        let snapshot = self.db.snapshot();
+        self.scan(&snapshot, from, to, false, &mut |block| {
+            let lo = from.max(block.first);
+            let hi = to.min(block.end());
+            for seq in lo..hi {
+                let i = (seq - block.first) as usize;
+                if event_type.is_some_and(|t| t != block.event_type(i)) {
+                    continue;
+                }
+                let event = LoggedEvent {
+                    seq,
+                    ingested_at: block.ingested_at(i),
+                    event: block.event(i)?,
+                };
+                if visit(event)?.is_break() {
+                    return Ok(ControlFlow::Break(()));
+                }
+            }
+            Ok(ControlFlow::Continue(()))
+        })
+    }
+
+    fn get(&self, seq: LogPosition) -> Result<Option<LoggedEvent>, StoreError> {
+        let snapshot = self.db.snapshot();
+        self.reader(&snapshot).get(seq)
+    }
+}
