@@ -4,6 +4,7 @@
 //! |--------------|------------------------------------------------------------|-------|
 //! | `log`        | first seq of the block (u64 BE)                            | an event block: see [`crate::block`] |
 //! | `dedupe`     | xxh3-64 of the rest (u64 BE), source (u32 len + bytes), id | seq (u64 BE), expires_at s (i64 BE) |
+//! | `dedupe`     | [`DEDUPE_MARK`] (9 bytes; shorter than any entry's key)     | log position (u64 BE) the entries include |
 //! | `rollups`    | minute and hour: meter generation (u32 BE), level (u8), subject id (u32 BE), bucket start in minutes (40 bits, offset 2^39, BE), groups id (u32 BE): 18 bytes | [`tally_meter::AggState`] |
 //! | `rollups`    | day: meter generation (u32 BE), level (u8), bucket start (40 bits), subject id (u32 BE), [`ALL_GROUPS`] (u32 BE): 18 bytes | [`tally_meter::AggState`] of every group |
 //! | `quarantine` | meter (u16 len + bytes; empty = no meter), seq (u64 BE)    | JSON [`QuarantineEntry`] |
@@ -104,6 +105,11 @@ pub fn upgrade_dedupe_key(key: &[u8]) -> Option<Vec<u8>> {
     out.extend_from_slice(key);
     Some(out)
 }
+
+/// The key, in `dedupe`, of the log position its entries include (see
+/// `writer/dedupe.rs`). At 9 bytes it is no entry's key (those are at
+/// least 12); scans of the entries skip it.
+pub const DEDUPE_MARK: &[u8] = b"\0position";
 
 pub fn dedupe_value(seq: u64, expires_at: i64) -> [u8; 16] {
     let mut out = [0; 16];

@@ -367,6 +367,7 @@ impl EmbeddedLedger {
         if format == 3 {
             writer.upgrade_from_format_3()?;
         }
+        writer.rebuild_dedupe_if_lost()?;
         let replayed = writer.replay_tail()?;
         if replayed > 0 {
             tracing::info!(

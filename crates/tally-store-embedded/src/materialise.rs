@@ -234,6 +234,12 @@ impl DerivedStore for FjallDerived {
             dict::write_entries(&mut batch, &ks.meta, &chunk.dict);
         }
         batch.insert(&ks.meta, MATERIALISED_KEY, last.end_seq.to_be_bytes());
+        // The dedupe index says what it includes (see `writer/dedupe.rs`).
+        batch.insert(
+            &ks.dedupe,
+            crate::keys::DEDUPE_MARK,
+            last.end_seq.to_be_bytes(),
+        );
         batch.commit()?;
         self.remember(states);
         Ok(last.end_seq)

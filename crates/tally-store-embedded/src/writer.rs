@@ -59,6 +59,7 @@ use crate::materialise::{self, Deltas, FjallDerived};
 use crate::tail::TailChunk;
 use crate::{Shared, StoreError};
 
+mod dedupe;
 pub(crate) mod upgrade;
 
 /// Most events taken into one group commit.
@@ -1217,7 +1218,7 @@ impl Writer {
         for item in ks.dedupe.range(start..) {
             let (key, value) = item.into_inner()?;
             examined += 1;
-            if keys::decode_dedupe(&value)?.1 <= now.as_second() {
+            if &*key != keys::DEDUPE_MARK && keys::decode_dedupe(&value)?.1 <= now.as_second() {
                 batch.remove(&ks.dedupe, key.clone());
             }
             if examined == PRUNE_CHUNK {

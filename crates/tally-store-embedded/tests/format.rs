@@ -123,6 +123,9 @@ async fn a_format_3_store_is_upgraded_when_opened() {
                 .unwrap()
         };
         let (meta, dedupe) = (ks("meta"), ks("dedupe"));
+        // Format 3 kept no mark of the position its dedupe entries include.
+        assert!(dedupe.get(b"\0position").unwrap().is_some());
+        dedupe.remove(b"\0position").unwrap();
         let keys: Vec<_> = dedupe
             .iter()
             .map(|item| item.into_inner().unwrap())

@@ -42,8 +42,16 @@ pub(crate) fn record_materialised(
     format: u64,
 ) -> Result<(), StoreError> {
     let mut batch = db.batch().durability(Some(PersistMode::SyncAll));
-    if keyspaces.meta.get(MATERIALISED_KEY)?.is_none() {
-        batch.insert(&keyspaces.meta, MATERIALISED_KEY, next_seq.to_be_bytes());
+    let position = match keyspaces.meta.get(MATERIALISED_KEY)? {
+        Some(raw) => keys::read_u64(&raw)?,
+        None => {
+            batch.insert(&keyspaces.meta, MATERIALISED_KEY, next_seq.to_be_bytes());
+            next_seq
+        }
+    };
+    // Older formats kept no dedupe mark; their index is trusted as it is.
+    if keyspaces.dedupe.get(keys::DEDUPE_MARK)?.is_none() {
+        batch.insert(&keyspaces.dedupe, keys::DEDUPE_MARK, position.to_be_bytes());
     }
     if format == 4 || format == 5 {
         batch.insert(
@@ -129,6 +137,9 @@ impl Writer {
         let mut pending = 0;
         for item in fjall::Readable::iter(&snapshot, &ks.dedupe) {
             let (key, value) = item.into_inner()?;
+            if &*key == keys::DEDUPE_MARK {
+                continue;
+            }
             let Some(new_key) = keys::upgrade_dedupe_key(&key) else {
                 continue;
             };
