@@ -234,10 +234,10 @@ impl Shared {
 
 /// The format of the store: ours, or format 3, 4 or 5, which are upgraded
 /// when the store opens. Refuses any other; marks a new store with ours.
-fn check_format(db: &Database, keyspaces: &Keyspaces, next_seq: u64) -> Result<u64, StoreError> {
+fn check_format(db: &Database, keyspaces: &Keyspaces, empty_log: bool) -> Result<u64, StoreError> {
     let found = match keyspaces.meta.get(keys::FORMAT_KEY)? {
         Some(raw) => keys::read_u64(&raw)?,
-        None if next_seq == 0 && keyspaces.catalog.is_empty()? => {
+        None if empty_log && keyspaces.catalog.is_empty()? => {
             let mut batch = db.batch().durability(Some(fjall::PersistMode::SyncAll));
             batch.insert(
                 &keyspaces.meta,
@@ -320,10 +320,14 @@ impl EmbeddedLedger {
             }
         }
         let log = BlockLog::new(db.clone(), open_log_keyspace(&db)?);
+        let old_log = writer::upgrade::old_log(&db)?;
+        let empty = log.end()? == 0 && old_log.as_ref().is_none_or(|(_, len)| *len == 0);
+        let format = check_format(&db, &keyspaces, empty)?;
         // A store of format 5 or older keeps one key per event: into blocks.
-        writer::upgrade::log_into_blocks(&db, &log)?;
+        if let Some((old_log, _)) = old_log {
+            writer::upgrade::log_into_blocks(&db, &log, old_log)?;
+        }
         let next_seq = log.end()?;
-        let format = check_format(&db, &keyspaces, next_seq)?;
         if format != keys::FORMAT {
             writer::upgrade::record_materialised(&db, &keyspaces, next_seq, format)?;
         }
@@ -392,6 +396,42 @@ impl EmbeddedLedger {
     /// The data directory.
     pub fn data_dir(&self) -> &Path {
         &self.config.data_dir
+    }
+
+    /// The keyspaces, by name.
+    fn named_keyspaces(&self) -> [(&'static str, &Keyspace); 9] {
+        let ks = &self.shared.keyspaces;
+        [
+            ("log", self.shared.log.keyspace()),
+            ("dedupe", &ks.dedupe),
+            ("rollups", &ks.rollups),
+            ("quarantine", &ks.quarantine),
+            ("voids", &ks.voids),
+            ("void_order", &ks.void_order),
+            ("catalog", &ks.catalog),
+            ("meta", &ks.meta),
+            ("resources", self.resources.keyspace()),
+        ]
+    }
+
+    /// Bytes of tables on disk by keyspace (the journal and memtables not
+    /// counted), for benchmarks and diagnostics.
+    pub fn disk_by_keyspace(&self) -> Vec<(&'static str, u64)> {
+        self.named_keyspaces()
+            .into_iter()
+            .map(|(name, keyspace)| (name, keyspace.disk_space()))
+            .collect()
+    }
+
+    /// Flushes every keyspace's memtable to tables and compacts each into
+    /// one run, waiting for both: what the store takes once compaction has
+    /// caught up. For benchmarks: it rewrites every table.
+    pub fn compact(&self) -> Result<(), StoreError> {
+        for (_, keyspace) in self.named_keyspaces() {
+            keyspace.rotate_memtable_and_wait()?;
+            keyspace.major_compact()?;
+        }
+        Ok(())
     }
 
     async fn call<T>(

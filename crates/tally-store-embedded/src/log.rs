@@ -102,6 +102,10 @@ impl BlockLog {
         BlockLog { db, keyspace }
     }
 
+    pub(crate) fn keyspace(&self) -> &fjall::Keyspace {
+        &self.keyspace
+    }
+
     /// A reader of `view` (a snapshot of the database).
     pub(crate) fn reader<'a, R: Readable>(&'a self, view: &'a R) -> BlockReader<'a, R> {
         BlockReader {
@@ -179,18 +183,28 @@ impl BlockLog {
         records: &[&Record],
     ) -> Result<(), StoreError> {
         let mut at = first;
+        let mut flush = |part: &[&Record]| -> Result<(), StoreError> {
+            batch.insert(&self.keyspace, at.to_be_bytes(), block::encode(part)?);
+            at += part.len() as u64;
+            Ok(())
+        };
+        // A block closes before the event that would take it past either
+        // bound, so a large event never drags a full block with it.
         let mut start = 0;
         let mut bytes = 0;
         for (i, record) in records.iter().enumerate() {
-            bytes += record.size();
-            let full = i + 1 - start == block::MAX_BLOCK_EVENTS || bytes >= block::MAX_BLOCK_BYTES;
-            if full || i + 1 == records.len() {
-                let value = block::encode(&records[start..=i])?;
-                batch.insert(&self.keyspace, at.to_be_bytes(), value);
-                at += (i + 1 - start) as u64;
-                start = i + 1;
+            let size = record.size();
+            if i > start
+                && (i - start == block::MAX_BLOCK_EVENTS || bytes + size > block::MAX_BLOCK_BYTES)
+            {
+                flush(&records[start..i])?;
+                start = i;
                 bytes = 0;
             }
+            bytes += size;
+        }
+        if start < records.len() {
+            flush(&records[start..])?;
         }
         Ok(())
     }
@@ -249,5 +263,65 @@ impl EventLog for BlockLog {
     fn get(&self, seq: LogPosition) -> Result<Option<LoggedEvent>, StoreError> {
         let snapshot = self.db.snapshot();
         self.reader(&snapshot).get(seq)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(i: u64, data_bytes: usize) -> Record {
+        let event = serde_json::json!({"specversion": "1.0", "id": format!("e{i}"),
+            "source": "s", "type": if i % 3 == 0 { "a" } else { "b" }, "subject": "p",
+            "time": "2026-01-01T00:00:00Z", "data": {"pad": "x".repeat(data_bytes)}});
+        let event = tally_model::parse_event(event, Timestamp::now()).unwrap();
+        Record::new(Timestamp::now(), &event).unwrap()
+    }
+
+    #[test]
+    fn groups_split_into_bounded_blocks_and_read_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = fjall::Database::builder(dir.path()).open().unwrap();
+        let keyspace = db
+            .keyspace("log", fjall::KeyspaceCreateOptions::default)
+            .unwrap();
+        let log = BlockLog::new(db.clone(), keyspace);
+        assert_eq!(log.end().unwrap(), 0);
+        // Many small events, then a few larger than a block's byte bound.
+        let mut records: Vec<Record> = (0..10_000).map(|i| record(i, 10)).collect();
+        records.extend((10_000..10_003).map(|i| record(i, block::MAX_BLOCK_BYTES)));
+        log.append(0, &records[..5].iter().collect::<Vec<_>>()).unwrap();
+        log.append(5, &records[5..].iter().collect::<Vec<_>>()).unwrap();
+        assert_eq!(log.end().unwrap(), 10_003);
+        let snapshot = db.snapshot();
+        let mut sizes = Vec::new();
+        log.scan(&snapshot, 0, u64::MAX, false, &mut |b| {
+            sizes.push(b.len());
+            Ok(ControlFlow::Continue(()))
+        })
+        .unwrap();
+        assert_eq!(sizes, vec![5, 4096, 4096, 1803, 1, 1, 1]);
+        // In order, from the middle of a block, filtered by type.
+        let mut seen = Vec::new();
+        log.read(4000, 9000, Some("a"), &mut |e| {
+            assert_eq!(e.event.id, format!("e{}", e.seq));
+            seen.push(e.seq);
+            Ok(ControlFlow::Continue(()))
+        })
+        .unwrap();
+        let expected: Vec<u64> = (4000..9000).filter(|i| i % 3 == 0).collect();
+        assert_eq!(seen, expected);
+        // Newest first, and single events.
+        let mut newest = None;
+        log.scan(&snapshot, 0, 10_002, true, &mut |b| {
+            newest = Some(b.end());
+            Ok(ControlFlow::Break(()))
+        })
+        .unwrap();
+        assert_eq!(newest, Some(10_002));
+        for seq in [0, 4, 5, 4100, 10_002] {
+            assert_eq!(log.get(seq).unwrap().unwrap().event.id, format!("e{seq}"));
+        }
+        assert!(log.get(10_003).unwrap().is_none());
     }
 }

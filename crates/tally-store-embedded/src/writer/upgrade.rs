@@ -73,31 +73,47 @@ pub(crate) fn record_materialised(
 /// Events moved into blocks per batch.
 const MOVE_CHUNK: usize = 64 * 1024;
 
-/// Moves a format-5 (or older) log, one key per event in the `events`
-/// keyspace, into blocks; see the module docs. Does nothing for a store
-/// without that keyspace.
-pub(crate) fn log_into_blocks(db: &fjall::Database, log: &BlockLog) -> Result<(), StoreError> {
+/// The log of a store of format 5 or older (one key per event in the
+/// `events` keyspace), with how many events it holds about; `None` for a
+/// store without one. Opening it does not create it.
+pub(crate) fn old_log(db: &fjall::Database) -> Result<Option<(fjall::Keyspace, usize)>, StoreError> {
     if !db.keyspace_exists(OLD_EVENTS) {
-        return Ok(());
+        return Ok(None);
     }
     let old = db.keyspace(OLD_EVENTS, fjall::KeyspaceCreateOptions::default)?;
+    let len = if old.is_empty()? {
+        0
+    } else {
+        old.approximate_len().max(1)
+    };
+    Ok(Some((old, len)))
+}
+
+/// Moves the log of a store of format 5 or older ([`old_log`]) into
+/// blocks; see the module docs. The store's format was checked first.
+pub(crate) fn log_into_blocks(
+    db: &fjall::Database,
+    log: &BlockLog,
+    old: fjall::Keyspace,
+) -> Result<(), StoreError> {
     let mut moved = 0u64;
+    // Read on from the last key moved, not from the start: the removed
+    // keys are tombstones until compaction.
+    let mut next = 0u64;
     loop {
         let mut first = None;
-        let mut keys = Vec::new();
+        let mut old_keys = Vec::new();
         let mut records = Vec::new();
-        for item in old.iter().take(MOVE_CHUNK) {
+        for item in old.range(next.to_be_bytes()..).take(MOVE_CHUNK) {
             let (key, value) = item.into_inner()?;
             let seq = keys::read_u64(&key)?;
-            if first.is_none() {
-                first = Some(seq);
-            }
-            if Some(seq) != first.map(|f| f + keys.len() as u64) {
+            let first = *first.get_or_insert(seq);
+            if seq != first + old_keys.len() as u64 {
                 return Err(StoreError::Corrupt("the format-5 log has a gap"));
             }
             let (ingested_at, event) = keys::decode_event(&value)?;
             records.push(Record::new(ingested_at, &event)?);
-            keys.push(key);
+            old_keys.push(key);
         }
         let Some(first) = first else { break };
         if first != log.end()? {
@@ -107,11 +123,12 @@ pub(crate) fn log_into_blocks(db: &fjall::Database, log: &BlockLog) -> Result<()
         }
         let mut batch = db.batch().durability(Some(PersistMode::SyncAll));
         log.append_to(&mut batch, first, &records.iter().collect::<Vec<_>>())?;
-        for key in keys {
+        for key in old_keys {
             batch.remove(&old, key);
         }
         batch.commit()?;
         moved += records.len() as u64;
+        next = first + records.len() as u64;
     }
     db.delete_keyspace(old)?;
     if moved > 0 {
