@@ -290,8 +290,10 @@ mod tests {
         // Many small events, then a few larger than a block's byte bound.
         let mut records: Vec<Record> = (0..10_000).map(|i| record(i, 10)).collect();
         records.extend((10_000..10_003).map(|i| record(i, block::MAX_BLOCK_BYTES)));
-        log.append(0, &records[..5].iter().collect::<Vec<_>>()).unwrap();
-        log.append(5, &records[5..].iter().collect::<Vec<_>>()).unwrap();
+        log.append(0, &records[..5].iter().collect::<Vec<_>>())
+            .unwrap();
+        log.append(5, &records[5..].iter().collect::<Vec<_>>())
+            .unwrap();
         assert_eq!(log.end().unwrap(), 10_003);
         let snapshot = db.snapshot();
         let mut sizes = Vec::new();

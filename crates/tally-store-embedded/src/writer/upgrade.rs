@@ -76,7 +76,9 @@ const MOVE_CHUNK: usize = 64 * 1024;
 /// The log of a store of format 5 or older (one key per event in the
 /// `events` keyspace), with how many events it holds about; `None` for a
 /// store without one. Opening it does not create it.
-pub(crate) fn old_log(db: &fjall::Database) -> Result<Option<(fjall::Keyspace, usize)>, StoreError> {
+pub(crate) fn old_log(
+    db: &fjall::Database,
+) -> Result<Option<(fjall::Keyspace, usize)>, StoreError> {
     if !db.keyspace_exists(OLD_EVENTS) {
         return Ok(None);
     }
