@@ -272,7 +272,7 @@ mod tests {
 
     fn record(i: u64, data_bytes: usize) -> Record {
         let event = serde_json::json!({"specversion": "1.0", "id": format!("e{i}"),
-            "source": "s", "type": if i % 3 == 0 { "a" } else { "b" }, "subject": "p",
+            "source": "s", "type": if i.is_multiple_of(3) { "a" } else { "b" }, "subject": "p",
             "time": "2026-01-01T00:00:00Z", "data": {"pad": "x".repeat(data_bytes)}});
         let event = tally_model::parse_event(event, Timestamp::now()).unwrap();
         Record::new(Timestamp::now(), &event).unwrap()
@@ -311,7 +311,7 @@ mod tests {
             Ok(ControlFlow::Continue(()))
         })
         .unwrap();
-        let expected: Vec<u64> = (4000..9000).filter(|i| i % 3 == 0).collect();
+        let expected: Vec<u64> = (4000u64..9000).filter(|i| i.is_multiple_of(3)).collect();
         assert_eq!(seen, expected);
         // Newest first, and single events.
         let mut newest = None;
