@@ -12,6 +12,7 @@ mod auth;
 pub mod billing;
 mod binary;
 mod body;
+pub mod compute;
 mod config;
 pub mod console;
 mod events;
@@ -20,6 +21,7 @@ mod exporters;
 mod grpc;
 mod meters;
 mod problem;
+mod promql;
 mod query;
 mod resources;
 mod schemas;
@@ -80,6 +82,10 @@ pub struct AppState {
     telemetry: Option<Arc<tally_telemetry::Pipeline>>,
     /// The billing forwarder's runtime, when it runs in this server.
     billing: Option<tally_billing::runtime::BillingHandle>,
+    /// Instance lifecycle events (`/api/v1/instances`), when kept.
+    compute: Option<compute::Compute>,
+    /// The VictoriaMetrics answering the Prometheus query API, if configured.
+    metrics_query: Option<promql::MetricsQuery>,
     /// What the HTTP listener counts (`tally_http_connections_*`).
     connections: tally_http::ConnectionStats,
     /// Background tasks the process cannot do its job without.
@@ -144,6 +150,8 @@ impl AppState {
             ledger_seen: Arc::default(),
             telemetry: None,
             billing: None,
+            compute: None,
+            metrics_query: None,
             vital: VitalTasks::default(),
             connections: tally_http::ConnectionStats::new(),
         }
@@ -171,6 +179,18 @@ impl AppState {
 
     /// Keeps the resources outside the meter catalog (billing, exporters,
     /// secrets, namespaces, platform resources) in `store`.
+    /// Serves instance lifecycle events from `compute`.
+    pub fn with_compute(mut self, compute: compute::Compute) -> AppState {
+        self.compute = Some(compute);
+        self
+    }
+
+    /// Answers the Prometheus query API from the VictoriaMetrics at `url`.
+    pub fn with_metrics_query(mut self, url: &str) -> anyhow::Result<AppState> {
+        self.metrics_query = Some(promql::MetricsQuery::new(url)?);
+        Ok(self)
+    }
+
     pub fn with_resources(mut self, store: Arc<dyn ResourceStore>) -> AppState {
         self.resources = Some(store);
         self
@@ -249,6 +269,9 @@ pub const DEFAULT_MAX_PENDING_EVENTS: usize = 262_144;
         resources::get_namespaced, resources::put_namespaced, resources::delete_namespaced,
         quarantine, metrics, healthz, readyz, telemetry::otlp_metrics, telemetry::remote_write,
         signals::otlp_logs, signals::otlp_traces,
+        compute::ingest, compute::list, compute::events,
+        promql::query_get, promql::query_post, promql::range_get, promql::range_post,
+        promql::labels_get, promql::labels_post, promql::series_get, promql::series_post, promql::label_values,
         billing::status, billing::dead_letters, billing::retry_dead_letter, billing::retry_all_dead_letters, billing::reconcile, billing::changes,
     ),
     components(schemas(schemas::Meter, schemas::MeterCreate, schemas::MeterUpdate, schemas::MeterAggregation,
@@ -258,7 +281,8 @@ pub const DEFAULT_MAX_PENDING_EVENTS: usize = 262_144;
         schemas::FieldProblem, schemas::EventProblem, schemas::ObjectMeta, schemas::Resource,
         schemas::ResourceList, schemas::VoidOutcome, schemas::VoidPage, schemas::QuarantinedEvent,
         schemas::StoredEvent, schemas::QuarantinePage,
-        billing::BillingStatus, billing::DeadLetters, billing::Reconciliation, Problem, resources::ApplyResult, resources::ApplyResults, usage::UsageAnswer, usage::Rejected, events::VoidBody)),
+        billing::BillingStatus, billing::DeadLetters, billing::Reconciliation, Problem, resources::ApplyResult, resources::ApplyResults, usage::UsageAnswer, usage::Rejected, events::VoidBody,
+        compute::LifecycleIngested, schemas::InstancePage, schemas::InstanceSummary, schemas::LifecycleEventPage, schemas::LifecycleEvent)),
     modifiers(&BearerAuth, &UnservedDocument),
 )]
 struct ApiDoc;
@@ -329,6 +353,26 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/billing/reconcile", get(billing::reconcile))
         .route("/api/v1/quarantine", get(quarantine))
+        .route("/api/v1/instances", get(compute::list))
+        .route("/api/v1/instances/events", post(compute::ingest))
+        .route("/api/v1/instances/{instance}/events", get(compute::events))
+        .route(
+            "/api/v1/query",
+            get(promql::query_get).post(promql::query_post),
+        )
+        .route(
+            "/api/v1/query_range",
+            get(promql::range_get).post(promql::range_post),
+        )
+        .route(
+            "/api/v1/labels",
+            get(promql::labels_get).post(promql::labels_post),
+        )
+        .route(
+            "/api/v1/series",
+            get(promql::series_get).post(promql::series_post),
+        )
+        .route("/api/v1/label/{name}/values", get(promql::label_values))
         .route("/v1/metrics", post(telemetry::otlp_metrics))
         .route("/v1/logs", post(signals::otlp_logs))
         .route("/v1/traces", post(signals::otlp_traces))
@@ -542,6 +586,9 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     if let Some(billing) = &state.billing {
         out.push_str(&billing.render_status_metrics());
     }
+    if let Some(compute) = &state.compute {
+        compute.render_metrics(&mut out);
+    }
     render_requests(&state.requests, &mut out);
     state.connections.render(&mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
@@ -698,6 +745,17 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("tokens: {e}"))?
         .with_max_pending_events(config.max_pending_events);
     state.vital.add(EXPORTERS_TASK, exporters);
+    let compute = compute::Compute::open(&config.data_dir.join("compute")).with_context(|| {
+        format!(
+            "opening the lifecycle store in {}",
+            config.data_dir.display()
+        )
+    })?;
+    state = state.with_compute(compute.clone());
+    if let Some(vm) = &config.victoria_metrics {
+        state = state.with_metrics_query(&vm.url)?;
+    }
+    let derive = tokio::spawn(compute::derive_from_instances(state.clone(), compute));
     if let Some((handle, task)) = billing {
         state = state.clone().with_billing(handle);
         state.vital.add(BILLING_TASK, task);
@@ -725,6 +783,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     if let Some(watcher) = watcher {
         watcher.abort();
     }
+    derive.abort();
     if let Some(exporters) = vital.take(EXPORTERS_TASK) {
         exporters.abort();
     }

@@ -10,6 +10,7 @@ mod describe;
 mod events;
 mod export;
 mod forward;
+mod instances;
 mod meters;
 mod output;
 mod policy;
@@ -136,6 +137,10 @@ enum Command {
     /// policies in force.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// Compute instances: their latest state and lifecycle events
+    /// (created, scheduled, started, stopped, crashed, OOM-killed, terminated).
+    #[command(subcommand)]
+    Instances(instances::InstancesCommand),
     /// Run the billing forwarder of one BillingSink on its own, against a
     /// server over HTTP (turn off the server's own: billing.enabled: false).
     Forward(forward::ForwardArgs),
@@ -226,6 +231,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Events(command) => ClientCommand::Events(command),
         Command::Meters(command) => ClientCommand::Meters(command),
         Command::Quarantine(command) => ClientCommand::Quarantine(command),
+        Command::Instances(command) => ClientCommand::Instances(command),
     };
     let client = TallyClient::new(&cli.server, cli.token).context("setting up the client")?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -244,6 +250,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ClientCommand::Quarantine(command) => events::run_quarantine(&client, command).await,
             ClientCommand::Billing(command) => billing::run(&client, command).await,
             ClientCommand::Policy(command) => policy::run(&client, command).await,
+            ClientCommand::Instances(command) => instances::run(&client, command).await,
         }
     })
 }
@@ -290,6 +297,7 @@ enum ClientCommand {
     Quarantine(events::QuarantineCommand),
     Billing(billing::BillingCommand),
     Policy(policy::PolicyCommand),
+    Instances(instances::InstancesCommand),
 }
 
 /// Writes a completion script for `shell` to standard output.
