@@ -2,7 +2,7 @@
 //! changed after a reader's cursor, for readers that keep their own
 //! checkpoint (the billing forwarder re-reads those windows).
 //!
-//! Two orders make the cursor: the log (`events`, by seq) for stored events,
+//! Two orders make the cursor: the log (by seq) for stored events,
 //! and `void_order` for voids, which touch old events. **Invariant:** the
 //! writer inserts `void_order[n] = seq` in the same batch as `voids[seq]`,
 //! with `n` one past the last ordinal, and only the writer writes; so every
@@ -10,9 +10,9 @@
 //! snapshot sees a prefix of both orders, each already reflected in the
 //! rollups of that snapshot.
 
+use std::ops::ControlFlow;
+
 use fjall::Readable;
-use jiff::Timestamp;
-use serde::Deserialize;
 use tally_ledger::{ChangeCursor, ChangePage, LedgerError, VoidRecord};
 
 use crate::keys;
@@ -55,11 +55,6 @@ pub fn order_unordered_voids(
     Ok(())
 }
 
-#[derive(Deserialize)]
-struct TimeOnly {
-    time: Timestamp,
-}
-
 /// The times of `meter`'s input that changed after `cursor`.
 pub fn changes(
     shared: &Shared,
@@ -88,23 +83,24 @@ pub fn changes(
         more: false,
     };
     let mut read = 0;
-    for item in snapshot.range(&ks.events, keys::seq_key(cursor.log)..) {
-        if read == limit {
-            page.more = true;
-            break;
-        }
-        let (key, value) = item.into_inner().map_err(storage)?;
-        read += 1;
-        page.next.log = keys::read_u64(&key)? + 1;
-        if keys::event_type_of(&value)? != event_type {
-            continue;
-        }
-        let json = value
-            .get(10 + event_type.len()..)
-            .ok_or_else(|| storage("short event"))?;
-        let event: TimeOnly = serde_json::from_slice(json).map_err(storage)?;
-        page.times.push(event.time);
-    }
+    shared
+        .log
+        .scan(&snapshot, cursor.log, u64::MAX, false, &mut |block| {
+            for seq in cursor.log.max(block.first)..block.end() {
+                if read == limit {
+                    page.more = true;
+                    return Ok(ControlFlow::Break(()));
+                }
+                read += 1;
+                page.next.log = seq + 1;
+                let i = (seq - block.first) as usize;
+                if block.event_type(i) == event_type {
+                    page.times.push(block.time(i));
+                }
+            }
+            Ok(ControlFlow::Continue(()))
+        })
+        .map_err(storage)?;
     for item in snapshot.range(&ks.void_order, keys::seq_key(cursor.voids)..) {
         if read == limit {
             page.more = true;

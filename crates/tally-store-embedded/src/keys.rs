@@ -2,8 +2,9 @@
 //!
 //! | keyspace     | key                                                        | value |
 //! |--------------|------------------------------------------------------------|-------|
-//! | `events`     | seq (u64 BE)                                               | ingested_at ns (i64 BE), type (u16 len + bytes), event JSON |
+//! | `log`        | first seq of the block (u64 BE)                            | an event block: see [`crate::block`] |
 //! | `dedupe`     | xxh3-64 of the rest (u64 BE), source (u32 len + bytes), id | seq (u64 BE), expires_at s (i64 BE) |
+//! | `dedupe`     | [`DEDUPE_MARK`] (9 bytes; shorter than any entry's key)     | log position (u64 BE) the entries include |
 //! | `rollups`    | minute and hour: meter generation (u32 BE), level (u8), subject id (u32 BE), bucket start in minutes (40 bits, offset 2^39, BE), groups id (u32 BE): 18 bytes | [`tally_meter::AggState`] |
 //! | `rollups`    | day: meter generation (u32 BE), level (u8), bucket start (40 bits), subject id (u32 BE), [`ALL_GROUPS`] (u32 BE): 18 bytes | [`tally_meter::AggState`] of every group |
 //! | `quarantine` | meter (u16 len + bytes; empty = no meter), seq (u64 BE)    | JSON [`QuarantineEntry`] |
@@ -58,33 +59,16 @@ fn take_str16<'a>(bytes: &mut &'a [u8]) -> Result<&'a str, StoreError> {
     std::str::from_utf8(s).map_err(|_| StoreError::Corrupt("utf-8"))
 }
 
-// ---- events ---------------------------------------------------------------
-
-pub fn encode_event(ingested_at: Timestamp, event: &CloudEvent) -> Result<Vec<u8>, StoreError> {
-    let json = serde_json::to_vec(event).map_err(|e| StoreError::Encode(e.to_string()))?;
-    let mut out = Vec::with_capacity(10 + event.kind.len() + json.len());
-    out.extend_from_slice(&(ingested_at.as_nanosecond() as i64).to_be_bytes());
-    push_str16(&mut out, &event.kind)?;
-    out.extend_from_slice(&json);
-    Ok(out)
-}
-
-/// The event type of an encoded event, without parsing its JSON.
-pub fn event_type_of(value: &[u8]) -> Result<&str, StoreError> {
-    let mut rest = value.get(8..).ok_or(StoreError::Corrupt("short event"))?;
-    take_str16(&mut rest)
-}
-
-/// The time an encoded event was stored, without parsing its JSON.
-pub fn ingested_at_of(value: &[u8]) -> Result<Timestamp, StoreError> {
-    Timestamp::from_nanosecond(i128::from(read_i64(value)?))
-        .map_err(|_| StoreError::Corrupt("ingest time"))
-}
+// ---- events (format 5 and before) -------------------------------------------
+//
+// Up to format 5 the log was one key per event in the `events` keyspace:
+// seq (u64 BE) → ingested_at ns (i64 BE), type (u16 len + bytes), event
+// JSON. Read only to move such a log into blocks (`writer/upgrade.rs`).
 
 pub fn decode_event(value: &[u8]) -> Result<(Timestamp, CloudEvent), StoreError> {
     let ingested = Timestamp::from_nanosecond(i128::from(read_i64(value)?))
         .map_err(|_| StoreError::Corrupt("ingest time"))?;
-    let mut rest = &value[8..];
+    let mut rest = value.get(8..).ok_or(StoreError::Corrupt("short event"))?;
     take_str16(&mut rest)?;
     let event = serde_json::from_slice(rest).map_err(|e| StoreError::Decode(e.to_string()))?;
     Ok((ingested, event))
@@ -121,6 +105,11 @@ pub fn upgrade_dedupe_key(key: &[u8]) -> Option<Vec<u8>> {
     out.extend_from_slice(key);
     Some(out)
 }
+
+/// The key, in `dedupe`, of the log position its entries include (see
+/// `writer/dedupe.rs`). At 9 bytes it is no entry's key (those are at
+/// least 12); scans of the entries skip it.
+pub const DEDUPE_MARK: &[u8] = b"\0position";
 
 pub fn dedupe_value(seq: u64, expires_at: i64) -> [u8; 16] {
     let mut out = [0; 16];
@@ -481,10 +470,10 @@ pub const FORMAT_KEY: &str = "format";
 /// 18 bytes, with subjects and group values interned in the dictionary. 4:
 /// day buckets are time-major and merge all groups; dedupe keys begin with
 /// a hash. 5: rollups, dedupe, quarantine and dictionary entries may lag
-/// the log;
-/// `meta` `materialised` (u64 BE) is the log position they include (format
-/// 3 and 4 stores are upgraded when opened: see `writer/upgrade.rs`).
-pub const FORMAT: u64 = 5;
+/// the log; `meta` `materialised` (u64 BE) is the log position they
+/// include. 6: the log is event blocks in `log` (format 3, 4 and 5 stores
+/// are upgraded when opened: see `writer/upgrade.rs`).
+pub const FORMAT: u64 = 6;
 pub const GARBAGE_PREFIX: &str = "garbage/";
 
 #[cfg(test)]

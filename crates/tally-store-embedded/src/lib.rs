@@ -1,6 +1,7 @@
 //! The embedded usage ledger.
 //!
-//! One fjall database holds the event log, the exact dedupe index, the
+//! One fjall database holds the event log (compressed columnar blocks
+//! behind the [`EventLog`] trait, see [`log`]), the exact dedupe index, the
 //! per-meter rollups, the quarantine and the catalog. The log is the truth:
 //! one writer thread ([`writer`]) decides which events are duplicates,
 //! appends the others in one fsync'd batch and answers; rollups, the dedupe
@@ -11,16 +12,20 @@
 //! so an acknowledged event is in the very next answer. After `kill -9` the
 //! store opens at its recorded position and replays the rest of the log.
 
+mod block;
 mod changes;
 mod dict;
 mod keys;
 mod known;
+pub mod log;
 mod materialise;
 mod read;
 mod resources;
 mod tail;
 mod writer;
 
+pub use block::Record as LogRecord;
+pub use log::{BlockLog, EventLog, LogPosition, LoggedEvent};
 pub use resources::EmbeddedResources;
 
 use std::collections::{HashMap, HashSet};
@@ -120,7 +125,6 @@ impl StoreConfig {
 }
 
 pub(crate) struct Keyspaces {
-    pub events: Keyspace,
     pub dedupe: Keyspace,
     pub rollups: Keyspace,
     pub quarantine: Keyspace,
@@ -161,6 +165,8 @@ impl ReadState {
 pub(crate) struct Shared {
     pub db: Database,
     pub keyspaces: Keyspaces,
+    /// The log: event blocks.
+    pub log: BlockLog,
     state: RwLock<ReadState>,
     pub stats: Stats,
     pub writer_alive: AtomicBool,
@@ -226,12 +232,12 @@ impl Shared {
     }
 }
 
-/// The format of the store: ours, or format 3 or 4, which are upgraded when
-/// the store opens. Refuses any other; marks a new store with ours.
-fn check_format(db: &Database, keyspaces: &Keyspaces, next_seq: u64) -> Result<u64, StoreError> {
+/// The format of the store: ours, or format 3, 4 or 5, which are upgraded
+/// when the store opens. Refuses any other; marks a new store with ours.
+fn check_format(db: &Database, keyspaces: &Keyspaces, empty_log: bool) -> Result<u64, StoreError> {
     let found = match keyspaces.meta.get(keys::FORMAT_KEY)? {
         Some(raw) => keys::read_u64(&raw)?,
-        None if next_seq == 0 && keyspaces.catalog.is_empty()? => {
+        None if empty_log && keyspaces.catalog.is_empty()? => {
             let mut batch = db.batch().durability(Some(fjall::PersistMode::SyncAll));
             batch.insert(
                 &keyspaces.meta,
@@ -244,7 +250,7 @@ fn check_format(db: &Database, keyspaces: &Keyspaces, next_seq: u64) -> Result<u
         }
         None => 1,
     };
-    if found == keys::FORMAT || found == 3 || found == 4 {
+    if found == keys::FORMAT || (3..=5).contains(&found) {
         Ok(found)
     } else {
         Err(StoreError::Format {
@@ -267,6 +273,15 @@ fn open_keyspace(db: &Database, name: &str) -> Result<Keyspace, StoreError> {
     Ok(db.keyspace(name, KeyspaceCreateOptions::default)?)
 }
 
+/// The `log` keyspace: its values are compressed blocks already, so fjall
+/// does not compress them again.
+fn open_log_keyspace(db: &Database) -> Result<Keyspace, StoreError> {
+    let none = fjall::config::CompressionPolicy::all(fjall::CompressionType::None);
+    Ok(db.keyspace("log", || {
+        KeyspaceCreateOptions::default().data_block_compression_policy(none)
+    })?)
+}
+
 impl EmbeddedLedger {
     /// Opens (or creates) the store in `config.data_dir`, recovers it, and
     /// starts its writer thread.
@@ -278,7 +293,6 @@ impl EmbeddedLedger {
             .cache_size(config.cache_bytes)
             .open()?;
         let keyspaces = Keyspaces {
-            events: open_keyspace(&db, "events")?,
             dedupe: open_keyspace(&db, "dedupe")?,
             rollups: open_keyspace(&db, "rollups")?,
             quarantine: open_keyspace(&db, "quarantine")?,
@@ -305,11 +319,15 @@ impl EmbeddedLedger {
                 meters.insert(name.to_owned(), state);
             }
         }
-        let next_seq = match keyspaces.events.last_key_value() {
-            Some(item) => keys::read_u64(&item.key()?)? + 1,
-            None => 0,
-        };
-        let format = check_format(&db, &keyspaces, next_seq)?;
+        let log = BlockLog::new(db.clone(), open_log_keyspace(&db)?);
+        let old_log = writer::upgrade::old_log(&db)?;
+        let empty = log.end()? == 0 && old_log.as_ref().is_none_or(|(_, len)| *len == 0);
+        let format = check_format(&db, &keyspaces, empty)?;
+        // A store of format 5 or older keeps one key per event: into blocks.
+        if let Some((old_log, _)) = old_log {
+            writer::upgrade::log_into_blocks(&db, &log, old_log)?;
+        }
+        let next_seq = log.end()?;
         if format != keys::FORMAT {
             writer::upgrade::record_materialised(&db, &keyspaces, next_seq, format)?;
         }
@@ -325,6 +343,7 @@ impl EmbeddedLedger {
             dict: RwLock::new(dict::ReaderDict::new(dict_entries)),
             db,
             keyspaces,
+            log,
             state: RwLock::new(ReadState {
                 meters_by_type: Arc::new(catalog.meters_by_type()),
                 catalog,
@@ -352,6 +371,7 @@ impl EmbeddedLedger {
         if format == 3 {
             writer.upgrade_from_format_3()?;
         }
+        writer.rebuild_dedupe_if_lost()?;
         let replayed = writer.replay_tail()?;
         if replayed > 0 {
             tracing::info!(
@@ -376,6 +396,42 @@ impl EmbeddedLedger {
     /// The data directory.
     pub fn data_dir(&self) -> &Path {
         &self.config.data_dir
+    }
+
+    /// The keyspaces, by name.
+    fn named_keyspaces(&self) -> [(&'static str, &Keyspace); 9] {
+        let ks = &self.shared.keyspaces;
+        [
+            ("log", self.shared.log.keyspace()),
+            ("dedupe", &ks.dedupe),
+            ("rollups", &ks.rollups),
+            ("quarantine", &ks.quarantine),
+            ("voids", &ks.voids),
+            ("void_order", &ks.void_order),
+            ("catalog", &ks.catalog),
+            ("meta", &ks.meta),
+            ("resources", self.resources.keyspace()),
+        ]
+    }
+
+    /// Bytes of tables on disk by keyspace (the journal and memtables not
+    /// counted), for benchmarks and diagnostics.
+    pub fn disk_by_keyspace(&self) -> Vec<(&'static str, u64)> {
+        self.named_keyspaces()
+            .into_iter()
+            .map(|(name, keyspace)| (name, keyspace.disk_space()))
+            .collect()
+    }
+
+    /// Flushes every keyspace's memtable to tables and compacts each into
+    /// one run, waiting for both: what the store takes once compaction has
+    /// caught up. For benchmarks: it rewrites every table.
+    pub fn compact(&self) -> Result<(), StoreError> {
+        for (_, keyspace) in self.named_keyspaces() {
+            keyspace.rotate_memtable_and_wait()?;
+            keyspace.major_compact()?;
+        }
+        Ok(())
     }
 
     async fn call<T>(

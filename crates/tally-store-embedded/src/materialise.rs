@@ -3,8 +3,9 @@
 //!
 //! Three parts, each behind its own seam so another backend can supply it
 //! (a broker's stream as the log, a column store as the derived store):
-//! - the log: the `events` keyspace, appended and synced by the writer
-//!   before it answers ([`crate::writer`]);
+//! - the log ([`crate::log::EventLog`]; here event blocks in the `log`
+//!   keyspace), appended and synced by the writer before it answers
+//!   ([`crate::writer`]), read by the replay at open and by backfill;
 //! - the tail ([`crate::tail`]): what the log holds past the materialised
 //!   position, already turned into rollup deltas, quarantine and dictionary
 //!   entries, in memory;
@@ -233,6 +234,12 @@ impl DerivedStore for FjallDerived {
             dict::write_entries(&mut batch, &ks.meta, &chunk.dict);
         }
         batch.insert(&ks.meta, MATERIALISED_KEY, last.end_seq.to_be_bytes());
+        // The dedupe index says what it includes (see `writer/dedupe.rs`).
+        batch.insert(
+            &ks.dedupe,
+            crate::keys::DEDUPE_MARK,
+            last.end_seq.to_be_bytes(),
+        );
         batch.commit()?;
         self.remember(states);
         Ok(last.end_seq)

@@ -22,7 +22,7 @@
 //!   time: a binding that appears later attributes usage that had none.
 
 use std::collections::{BTreeSet, HashMap};
-use std::ops::Bound;
+use std::ops::{Bound, ControlFlow};
 
 use fjall::Readable;
 use jiff::Timestamp;
@@ -34,8 +34,10 @@ use tally_ledger::{
 use tally_meter::{AggState, CompiledMeter, Level, QueryPlan, Window, window};
 use tally_model::billing::{Attribution, Owner};
 
+use crate::block::Block;
 use crate::dict::{self, ReaderDict};
 use crate::keys::{self, DictEntry, MeterState, QuarantineEntry};
+use crate::log::LoggedEvent;
 use crate::tail::TailChunk;
 use crate::{Shared, StoreError};
 
@@ -1115,89 +1117,110 @@ fn page_limit(limit: usize) -> usize {
 const INGEST_ORDER_SLACK: jiff::SignedDuration = jiff::SignedDuration::from_secs(600);
 
 pub fn list_events(shared: &Shared, f: &EventFilter) -> Result<EventPage, LedgerError> {
-    let limit = page_limit(f.limit);
-    let events = &shared.keyspaces.events;
-    let snapshot = shared.db.snapshot();
     let end = match &f.cursor {
         Some(c) => c.parse::<u64>().map_err(|_| {
             LedgerError::Invalid(format!("cursor {c:?} is not one this server issued"))
         })?,
         None => u64::MAX,
     };
-    let matches = |e: &tally_model::CloudEvent| {
-        f.from.is_none_or(|from| e.time >= from)
-            && f.to.is_none_or(|to| e.time < to)
-            && f.event_type.as_ref().is_none_or(|t| *t == e.kind)
-            && f.subject.as_ref().is_none_or(|s| *s == e.subject)
-            && f.source.as_ref().is_none_or(|s| *s == e.source)
-            && f.id.as_ref().is_none_or(|i| *i == e.id)
+    // With both source and id the dedupe index finds the event directly.
+    if let (Some(source), Some(id)) = (&f.source, &f.id) {
+        return event_by_id(shared, f, source, id, end);
+    }
+    scan_events(shared, f, end)
+}
+
+/// Whether a stored event passes the filter's attribute tests.
+fn event_matches(f: &EventFilter, block: &Block, i: usize) -> bool {
+    let time = block.time(i);
+    let at = block.ingested_at(i);
+    f.from.is_none_or(|from| time >= from)
+        && f.to.is_none_or(|to| time < to)
+        && f.ingested_from.is_none_or(|from| at >= from)
+        && f.ingested_to.is_none_or(|to| at < to)
+        && f.event_type
+            .as_ref()
+            .is_none_or(|t| t == block.event_type(i))
+        && f.subject.as_ref().is_none_or(|s| s == block.subject(i))
+        && f.source.as_ref().is_none_or(|s| s == block.source(i))
+        && f.id.as_ref().is_none_or(|id| id == block.id(i))
+}
+
+/// The one event stored under (source, id), found through the dedupe
+/// entry: the tail's, the newest, else the store's.
+fn event_by_id(
+    shared: &Shared,
+    f: &EventFilter,
+    source: &str,
+    id: &str,
+    end: u64,
+) -> Result<EventPage, LedgerError> {
+    let (snapshot, tail) = shared.tail.view(&shared.db, &shared.keyspaces.meta)?;
+    let key = keys::dedupe_key(source, id);
+    let entry = match tail.iter().rev().find_map(|chunk| chunk.dedupe_entry(&key)) {
+        Some(value) => Some(keys::decode_dedupe(value)?),
+        None => snapshot
+            .get(&shared.keyspaces.dedupe, &key)
+            .map_err(storage)?
+            .map(|stored| keys::decode_dedupe(&stored))
+            .transpose()?,
     };
-    let stored_in = |at: Timestamp| {
-        f.ingested_from.is_none_or(|from| at >= from) && f.ingested_to.is_none_or(|to| at < to)
-    };
+    let mut items = Vec::new();
+    let mut log = shared.log.reader(&snapshot);
+    if let Some((seq, _)) = entry
+        && seq < end
+        && let Some(block) = log.block(seq)?
+    {
+        let i = (seq - block.first) as usize;
+        if event_matches(f, block, i) {
+            items.push(StoredEvent {
+                seq,
+                ingested_at: block.ingested_at(i),
+                event: block.event(i)?,
+                voided: void_record(shared, &snapshot, seq)?,
+            });
+        }
+    }
+    Ok(EventPage {
+        items,
+        next_cursor: None,
+    })
+}
+
+/// Events before `end` that pass the filter, newest first, a page of them.
+fn scan_events(shared: &Shared, f: &EventFilter, end: u64) -> Result<EventPage, LedgerError> {
+    let limit = page_limit(f.limit);
+    let snapshot = shared.db.snapshot();
     let scan_until = f
         .ingested_from
         .and_then(|from| from.checked_sub(INGEST_ORDER_SLACK).ok());
-    let mut items = Vec::new();
+    let mut items: Vec<StoredEvent> = Vec::new();
     let mut next_cursor = None;
-    // With both source and id the dedupe index finds the event directly:
-    // the tail's entry, the newest, else the store's.
-    if let (Some(source), Some(id)) = (&f.source, &f.id) {
-        let (snapshot, tail) = shared.tail.view(&shared.db, &shared.keyspaces.meta)?;
-        let key = keys::dedupe_key(source, id);
-        let entry = match tail.iter().rev().find_map(|chunk| chunk.dedupe_entry(&key)) {
-            Some(value) => Some(keys::decode_dedupe(value)?),
-            None => snapshot
-                .get(&shared.keyspaces.dedupe, &key)
-                .map_err(storage)?
-                .map(|stored| keys::decode_dedupe(&stored))
-                .transpose()?,
-        };
-        if let Some((seq, _)) = entry
-            && seq < end
-            && let Some(raw) = snapshot.get(events, keys::seq_key(seq)).map_err(storage)?
-        {
-            let (ingested_at, event) = keys::decode_event(&raw)?;
-            if matches(&event) && stored_in(ingested_at) {
+    shared
+        .log
+        .scan(&snapshot, 0, end, true, &mut |block| {
+            for seq in (block.first..block.end().min(end)).rev() {
+                let i = (seq - block.first) as usize;
+                if scan_until.is_some_and(|until| block.ingested_at(i) < until) {
+                    return Ok(ControlFlow::Break(()));
+                }
+                if !event_matches(f, block, i) {
+                    continue;
+                }
+                if items.len() == limit {
+                    next_cursor = items.last().map(|e| e.seq.to_string());
+                    return Ok(ControlFlow::Break(()));
+                }
                 items.push(StoredEvent {
                     seq,
-                    ingested_at,
-                    event,
+                    ingested_at: block.ingested_at(i),
+                    event: block.event(i)?,
                     voided: void_record(shared, &snapshot, seq)?,
                 });
             }
-        }
-        return Ok(EventPage { items, next_cursor });
-    }
-    for item in snapshot.range(events, ..keys::seq_key(end)).rev() {
-        let (key, value) = item.into_inner().map_err(storage)?;
-        let seq = keys::read_u64(&key)?;
-        if let Some(until) = scan_until
-            && keys::ingested_at_of(&value)? < until
-        {
-            break;
-        }
-        if f.event_type
-            .as_ref()
-            .is_some_and(|t| keys::event_type_of(&value).is_ok_and(|v| v != t))
-        {
-            continue;
-        }
-        let (ingested_at, event) = keys::decode_event(&value)?;
-        if !matches(&event) || !stored_in(ingested_at) {
-            continue;
-        }
-        if items.len() == limit {
-            next_cursor = items.last().map(|e: &StoredEvent| e.seq.to_string());
-            break;
-        }
-        items.push(StoredEvent {
-            seq,
-            ingested_at,
-            event,
-            voided: void_record(shared, &snapshot, seq)?,
-        });
-    }
+            Ok(ControlFlow::Continue(()))
+        })
+        .map_err(storage)?;
     Ok(EventPage { items, next_cursor })
 }
 
@@ -1278,6 +1301,7 @@ pub fn list_quarantine(
         .transpose()?;
     let mut items = Vec::new();
     let mut next_cursor = None;
+    let mut log = shared.log.reader(&snapshot);
     for entry in quarantine_entries(&snapshot, &ks.quarantine, &tail, start, prefix) {
         let (key, value) = entry?;
         let (meter, seq) = keys::decode_quarantine_key(&key)?;
@@ -1288,13 +1312,12 @@ pub fn list_quarantine(
             break;
         }
         let entry: QuarantineEntry = serde_json::from_slice(&value).map_err(storage)?;
-        let Some(raw) = snapshot
-            .get(&ks.events, keys::seq_key(seq))
-            .map_err(storage)?
+        let Some(LoggedEvent {
+            ingested_at, event, ..
+        }) = log.get(seq)?
         else {
             continue;
         };
-        let (ingested_at, event) = keys::decode_event(&raw)?;
         items.push(QuarantinedEvent {
             meter: meter.to_owned(),
             reason: entry.reason,

@@ -45,6 +45,10 @@ fn key_bytes(key: &ResourceKey) -> Vec<u8> {
 }
 
 impl EmbeddedResources {
+    pub(crate) fn keyspace(&self) -> &Keyspace {
+        &self.inner.keyspace
+    }
+
     pub(crate) fn open(db: Database, keyspace: Keyspace) -> Result<EmbeddedResources, StoreError> {
         let mut manifests = Vec::new();
         for item in keyspace.iter() {

@@ -31,6 +31,7 @@
 //! the answer names it (`still_counted_by`).
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::collections::VecDeque;
@@ -49,19 +50,22 @@ use tally_model::{CloudEvent, Kind, Manifest, MeterPhase};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
+use crate::block::Record;
 use crate::dict::WriterDict;
 use crate::keys::{self, MeterState, QuarantineEntry};
 use crate::known::{self, KnownKeys, Scan};
+use crate::log::EventLog;
 use crate::materialise::{self, Deltas, FjallDerived};
 use crate::tail::TailChunk;
 use crate::{Shared, StoreError};
 
+mod dedupe;
 pub(crate) mod upgrade;
 
 /// Most events taken into one group commit.
 const MAX_GROUP_EVENTS: usize = 64 * 1024;
-/// Events read per backfill step; ingest requests run between steps.
-const BACKFILL_CHUNK: usize = 50_000;
+/// Log positions read per backfill step; ingest requests run between steps.
+const BACKFILL_SPAN: u64 = 100_000;
 /// Dedupe entries examined per pruning step.
 const PRUNE_CHUNK: usize = 50_000;
 /// Events per tail chunk when the log is replayed at open.
@@ -86,7 +90,7 @@ pub(crate) struct Prepared {
     pub event: CloudEvent,
     pub dedupe_key: Vec<u8>,
     pub ingested_at: Timestamp,
-    pub record: Vec<u8>,
+    pub record: Record,
     /// The meters the samples were taken with; the writer samples again if
     /// its meters have changed since.
     pub meters: Arc<MetersByType>,
@@ -106,7 +110,7 @@ impl Prepared {
             .unwrap_or_default();
         Ok(Prepared {
             dedupe_key: keys::dedupe_key(&event.source, &event.id),
-            record: keys::encode_event(ingested_at, &event)?,
+            record: Record::new(ingested_at, &event)?,
             ingested_at,
             event,
             meters: Arc::clone(meters),
@@ -387,9 +391,8 @@ impl Writer {
     /// entries among it) to the tail. Only then are the requests answered.
     fn write_group(&mut self, group: &[IngestRequest]) -> Result<Vec<IngestOutcome>, StoreError> {
         let shared = Arc::clone(&self.shared);
-        let ks = &shared.keyspaces;
         let now = Timestamp::now();
-        let mut batch = shared.db.batch().durability(Some(PersistMode::SyncAll));
+        let mut records: Vec<&Record> = Vec::new();
         let mut chunk = ChunkBuilder::new(self.next_seq);
         let mut seen: FxHashSet<&[u8]> = FxHashSet::default();
         let mut outcomes = Vec::with_capacity(group.len());
@@ -406,7 +409,7 @@ impl Writer {
                 let seq = self.next_seq;
                 self.next_seq += 1;
                 let expires = self.dedupe_expiry(prepared.ingested_at, event);
-                batch.insert(&ks.events, keys::seq_key(seq), prepared.record.as_slice());
+                records.push(&prepared.record);
                 chunk
                     .dedupe
                     .push((dkey.to_vec(), keys::dedupe_value(seq, expires)));
@@ -426,7 +429,7 @@ impl Writer {
             outcome.warnings = self.deprecation_warnings(events);
             outcomes.push(outcome);
         }
-        batch.commit()?;
+        shared.log.append(chunk.first_seq, &records)?;
         self.push_chunk(chunk)?;
         let stats = &shared.stats;
         let mut counters = (0, 0, 0);
@@ -572,25 +575,20 @@ impl Writer {
         let generations = self.generations();
         let end = self.next_seq;
         let mut chunk = ChunkBuilder::new(from);
-        for item in shared
-            .keyspaces
-            .events
-            .range(keys::seq_key(from)..keys::seq_key(end))
-        {
-            let (key, value) = item.into_inner()?;
-            let seq = keys::read_u64(&key)?;
-            let (ingested_at, event) = keys::decode_event(&value)?;
-            let expires = self.dedupe_expiry(ingested_at, &event);
+        shared.log.read(from, end, None, &mut |logged| {
+            let (seq, event) = (logged.seq, &logged.event);
+            let expires = self.dedupe_expiry(logged.ingested_at, event);
             chunk.dedupe.push((
                 keys::dedupe_key(&event.source, &event.id),
                 keys::dedupe_value(seq, expires),
             ));
-            self.measure_accepted(&event, seq, None, &generations, &mut chunk, |_, _| {})?;
+            self.measure_accepted(event, seq, None, &generations, &mut chunk, |_, _| {})?;
             if chunk.events as usize == REPLAY_CHUNK {
                 let next = seq + 1;
                 self.push_replayed(std::mem::replace(&mut chunk, ChunkBuilder::new(next)), next)?;
             }
-        }
+            Ok(ControlFlow::Continue(()))
+        })?;
         self.push_replayed(chunk, end)?;
         Ok(end - from)
     }
@@ -833,12 +831,12 @@ impl Writer {
                 still_counted_by: Vec::new(),
             });
         }
-        let raw = ks
-            .events
-            .get(keys::seq_key(seq))
+        let event = shared
+            .log
+            .get(seq)
             .map_err(storage)?
-            .ok_or_else(not_found)?;
-        let (_, event) = keys::decode_event(&raw).map_err(storage)?;
+            .ok_or_else(not_found)?
+            .event;
         let record = VoidRecord {
             seq,
             source: event.source.clone(),
@@ -1033,13 +1031,16 @@ impl Writer {
         let mut batch = shared.db.batch().durability(Some(PersistMode::SyncAll));
         let mut deltas = Deltas::default();
         let mut released = 0u64;
+        // Quarantine keys sort by seq within a meter: neighbours share blocks.
+        let snapshot = shared.db.snapshot();
+        let mut log = shared.log.reader(&snapshot);
         for item in ks.quarantine.prefix(keys::quarantine_prefix(meter_name)?) {
             let (key, value) = item.into_inner()?;
             let (_, seq) = keys::decode_quarantine_key(&key)?;
-            let Some(raw) = ks.events.get(keys::seq_key(seq))? else {
+            let Some(logged) = log.get(seq)? else {
                 continue;
             };
-            let (_, event) = keys::decode_event(&raw)?;
+            let event = logged.event;
             match measure(&meter, generation, &event, seq, &mut deltas, &mut self.dict)? {
                 None => {
                     batch.remove(&ks.quarantine, key);
@@ -1128,41 +1129,44 @@ impl Writer {
         self.drain()?;
         let mut batch = shared.db.batch();
         let mut deltas = Deltas::default();
-        let mut next = state.backfill_until;
-        let range = keys::seq_key(state.backfilled_to)..keys::seq_key(state.backfill_until);
-        for (n, item) in ks.events.range(range).enumerate() {
-            let (key, value) = item.into_inner()?;
-            let seq = keys::read_u64(&key)?;
-            if n == BACKFILL_CHUNK {
-                next = seq;
-                break;
-            }
-            if keys::event_type_of(&value)? != meter.event_type() || shared.is_voided(seq) {
-                continue;
-            }
-            let (_, event) = keys::decode_event(&value)?;
-            // Before the meter was Retired, it measured events in any phase.
-            let sampled = if state.retired_from.is_some_and(|from| seq < from) {
-                meter.sample_in_any_phase(&event)
-            } else {
-                meter.sample(&event)
-            };
-            let entry = measure_sample(
-                &sampled,
-                &meter,
-                state.generation,
-                &event,
-                seq,
-                &mut deltas,
-                &mut self.dict,
-            )?;
-            if let Some(entry) = entry {
-                batch.insert(
-                    &ks.quarantine,
-                    keys::quarantine_key(&name, seq)?,
-                    json(&entry)?,
-                );
-            }
+        // A step reads a bounded stretch of the log, whatever share of it
+        // is the meter's type.
+        let next = state
+            .backfill_until
+            .min(state.backfilled_to.saturating_add(BACKFILL_SPAN));
+        let mut quarantined = Vec::new();
+        shared.log.read(
+            state.backfilled_to,
+            next,
+            Some(meter.event_type()),
+            &mut |logged| {
+                let (seq, event) = (logged.seq, &logged.event);
+                if shared.is_voided(seq) {
+                    return Ok(ControlFlow::Continue(()));
+                }
+                // Before the meter was Retired, it measured events in any phase.
+                let sampled = if state.retired_from.is_some_and(|from| seq < from) {
+                    meter.sample_in_any_phase(event)
+                } else {
+                    meter.sample(event)
+                };
+                let entry = measure_sample(
+                    &sampled,
+                    &meter,
+                    state.generation,
+                    event,
+                    seq,
+                    &mut deltas,
+                    &mut self.dict,
+                )?;
+                if let Some(entry) = entry {
+                    quarantined.push((keys::quarantine_key(&name, seq)?, json(&entry)?));
+                }
+                Ok(ControlFlow::Continue(()))
+            },
+        )?;
+        for (key, value) in quarantined {
+            batch.insert(&ks.quarantine, key, value);
         }
         state.backfilled_to = next;
         batch.insert(&ks.meta, keys::meter_state_key(&name), json(&state)?);
@@ -1214,7 +1218,7 @@ impl Writer {
         for item in ks.dedupe.range(start..) {
             let (key, value) = item.into_inner()?;
             examined += 1;
-            if keys::decode_dedupe(&value)?.1 <= now.as_second() {
+            if &*key != keys::DEDUPE_MARK && keys::decode_dedupe(&value)?.1 <= now.as_second() {
                 batch.remove(&ks.dedupe, key.clone());
             }
             if examined == PRUNE_CHUNK {

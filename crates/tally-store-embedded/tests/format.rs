@@ -123,6 +123,9 @@ async fn a_format_3_store_is_upgraded_when_opened() {
                 .unwrap()
         };
         let (meta, dedupe) = (ks("meta"), ks("dedupe"));
+        // Format 3 kept no mark of the position its dedupe entries include.
+        assert!(dedupe.get(b"\0position").unwrap().is_some());
+        dedupe.remove(b"\0position").unwrap();
         let keys: Vec<_> = dedupe
             .iter()
             .map(|item| item.into_inner().unwrap())
@@ -141,7 +144,7 @@ async fn a_format_3_store_is_upgraded_when_opened() {
     let again = ledger.ingest(events()).await.unwrap();
     assert_eq!((again.accepted, again.duplicates), (0, 240));
     drop(ledger);
-    // The upgrade happened once; the store now opens as format 4.
+    // The upgrade happened once; the store now opens in the current format.
     let ledger = open(dir.path());
     assert_eq!(answers(&ledger).await, before);
 }
@@ -193,10 +196,141 @@ async fn a_format_4_store_is_upgraded_when_opened() {
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     raw_meta(&|meta| {
         let format = meta.get("format").unwrap().unwrap();
-        assert_eq!(u64::from_be_bytes(format[..].try_into().unwrap()), 5);
+        assert_eq!(u64::from_be_bytes(format[..].try_into().unwrap()), 6);
         let position = meta.get("materialised").unwrap().unwrap();
         assert_eq!(u64::from_be_bytes(position[..].try_into().unwrap()), 240);
     });
     let ledger = open(dir.path());
     assert_eq!(answers(&ledger).await, before);
+}
+
+/// The events the format-5 fixture holds (see `fixtures/format-5/README.md`).
+fn format_5_events(part: i64) -> Vec<tally_model::CloudEvent> {
+    (part * 80..part * 80 + 80)
+        .map(|i: i64| {
+            let at = jiff::Timestamp::from_second(1_767_268_800 + i * 1_499).unwrap();
+            let (kind, value) = match i {
+                _ if i % 17 == 0 => ("req", json!("not a number")),
+                _ if i % 50 == 1 => ("other", json!(i)),
+                _ => ("req", json!(i)),
+            };
+            let mut event = json!({"specversion": "1.0", "id": format!("e{i}"), "source": "s",
+                "type": kind, "subject": format!("projects/p{}", i % 3), "time": at.to_string(),
+                "data": {"value": value, "method": if i % 2 == 0 { "GET" } else { "PUT" }}});
+            if i % 7 == 0 {
+                event["datacontenttype"] = json!("application/json");
+                event["traceparent"] = json!(format!("00-{i:032x}-{i:016x}-01"));
+            }
+            parse_event(event, jiff::Timestamp::now()).unwrap()
+        })
+        .collect()
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// What a store answers that the upgrade must keep: the meter's answers,
+/// every event (newest first, with its void), and the quarantine.
+async fn everything(
+    ledger: &EmbeddedLedger,
+) -> (
+    Vec<tally_ledger::QueryResult>,
+    Vec<(tally_model::CloudEvent, bool)>,
+    Vec<(String, String, String)>,
+) {
+    let page = ledger
+        .list_events(tally_ledger::EventFilter {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let events = page
+        .items
+        .into_iter()
+        .map(|e| (e.event, e.voided.is_some()))
+        .collect();
+    let quarantine = ledger
+        .list_quarantine(tally_ledger::QuarantineFilter {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|q| (q.meter, q.reason, q.event.event.id))
+        .collect();
+    (answers(ledger).await, events, quarantine)
+}
+
+#[tokio::test]
+async fn a_format_5_store_is_moved_into_event_blocks_when_opened() {
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format-5");
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&fixture.join("fjall"), &dir.path().join("fjall"));
+    // The same history written by this build, for comparison.
+    let fresh_dir = tempfile::tempdir().unwrap();
+    let expected = {
+        let ledger = open(fresh_dir.path());
+        let yaml = "apiVersion: billing.miloapis.com/v1alpha1\nkind: MeterDefinition\n\
+                    metadata: {name: requests}\nspec: {meterName: requests, \
+                    measurement: {aggregation: Sum, unit: '{request}'}, \
+                    event: {type: req, valueProperty: $.value, dimensions: {method: $.method}}}\n";
+        let meter = tally_model::Manifest::parse_documents(yaml)
+            .unwrap()
+            .remove(0);
+        ledger
+            .apply(meter, tally_ledger::ApplyMode::Upsert)
+            .await
+            .unwrap();
+        for part in 0..3 {
+            ledger.ingest(format_5_events(part)).await.unwrap();
+        }
+        let void = tally_ledger::VoidRequest {
+            source: "s".into(),
+            id: "e4".into(),
+            reason: "test".into(),
+            voided_by: "fixture".into(),
+        };
+        ledger.void(void).await.unwrap();
+        everything(&ledger).await
+    };
+    assert_eq!(expected.1.len(), 240);
+    assert!(!expected.2.is_empty(), "the history has quarantined events");
+    let ledger = open(dir.path());
+    assert_eq!(everything(&ledger).await, expected);
+    // Every event is still known to dedupe.
+    for part in 0..3 {
+        let again = ledger.ingest(format_5_events(part)).await.unwrap();
+        assert_eq!((again.accepted, again.duplicates), (0, 80));
+    }
+    drop(ledger);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    {
+        let db = fjall::Database::builder(dir.path().join("fjall"))
+            .open()
+            .unwrap();
+        assert!(!db.keyspace_exists("events"), "the old log is dropped");
+        let meta = db
+            .keyspace("meta", fjall::KeyspaceCreateOptions::default)
+            .unwrap();
+        let format = meta.get("format").unwrap().unwrap();
+        assert_eq!(u64::from_be_bytes(format[..].try_into().unwrap()), 6);
+    }
+    // Opened again, in the new format, the same.
+    let ledger = open(dir.path());
+    assert_eq!(everything(&ledger).await, expected);
+    let more = ledger.ingest(events()).await.unwrap();
+    assert_eq!(more.accepted + more.duplicates, 240);
 }

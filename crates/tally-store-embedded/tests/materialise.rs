@@ -263,6 +263,66 @@ async fn lost_derived_state_is_rebuilt_from_the_log() {
     assert_eq!(answers(&ledger).await, before);
 }
 
+/// Changes the closed store's `dedupe` keyspace with `f`.
+fn with_dedupe(dir: &Path, f: impl FnOnce(&fjall::Keyspace)) {
+    let db = fjall::Database::builder(dir.join("fjall")).open().unwrap();
+    let dedupe = db
+        .keyspace("dedupe", fjall::KeyspaceCreateOptions::default)
+        .unwrap();
+    f(&dedupe);
+    db.persist(fjall::PersistMode::SyncAll).unwrap();
+}
+
+/// Opens the store and checks that every event of [`events`] is refused
+/// as a duplicate and can still be found and voided by (source, id).
+async fn refuses_every_event_again(dir: &Path, void_id: &str) {
+    let ledger = EmbeddedLedger::open(config(dir, Duration::from_millis(10))).unwrap();
+    let again = ledger.ingest(events()).await.unwrap();
+    assert_eq!((again.accepted, again.duplicates), (0, 300));
+    let void = tally_ledger::VoidRequest {
+        source: "s".into(),
+        id: void_id.into(),
+        reason: "test".into(),
+        voided_by: "test".into(),
+    };
+    let outcome = ledger.void(void).await.unwrap();
+    assert_eq!(outcome.record.id, void_id);
+    assert!(!outcome.already_voided);
+}
+
+#[tokio::test]
+async fn a_lost_or_damaged_dedupe_index_is_rebuilt_from_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(ingested(dir.path()).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let count = |dedupe: &fjall::Keyspace| dedupe.iter().count();
+    // Lost: every entry gone, the mark with them.
+    let mut stored = 0;
+    with_dedupe(dir.path(), |dedupe| {
+        stored = count(dedupe);
+        assert_eq!(stored, 301, "300 entries and the mark");
+        let keys: Vec<_> = dedupe.iter().map(|item| item.key().unwrap()).collect();
+        for key in keys {
+            dedupe.remove(key).unwrap();
+        }
+    });
+    refuses_every_event_again(dir.path(), "e10").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Damaged: a third of the entries gone, the mark naming another
+    // position than the log's materialised one.
+    with_dedupe(dir.path(), |dedupe| {
+        assert_eq!(count(dedupe), stored, "rebuilt in full");
+        let keys: Vec<_> = dedupe.iter().map(|item| item.key().unwrap()).collect();
+        for key in keys.iter().step_by(3) {
+            dedupe.remove(key.clone()).unwrap();
+        }
+        dedupe.insert(b"\0position", 7u64.to_be_bytes()).unwrap();
+    });
+    refuses_every_event_again(dir.path(), "e11").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    with_dedupe(dir.path(), |dedupe| assert_eq!(count(dedupe), stored));
+}
+
 #[tokio::test]
 async fn key_filters_past_their_budget_change_no_answer() {
     let dir = tempfile::tempdir().unwrap();

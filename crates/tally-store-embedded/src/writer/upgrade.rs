@@ -1,5 +1,13 @@
 //! Upgrading stores of older formats when they are opened.
 //!
+//! Format 6 keeps the log in event blocks ([`crate::block`]) in the `log`
+//! keyspace; formats up to 5 kept one key per event in `events` (key: seq
+//! u64 BE; value: ingest time ns i64 BE, type as u16 length + bytes, the
+//! event's JSON). [`log_into_blocks`] moves them over in batches, each
+//! removing the old keys it wrote blocks for, so a move cut short by a
+//! crash resumes where it stopped; the emptied keyspace is then dropped.
+//! Nothing derived changes: positions stay as they were.
+//!
 //! Format 5 lets derived state lag the log: `meta` records the materialised
 //! position. A format-3 or 4 store wrote its rollups with its log, so all of
 //! its log is materialised: the position is set to the end of the log
@@ -18,12 +26,14 @@ use fjall::PersistMode;
 use tracing::info;
 
 use super::Writer;
+use crate::block::Record;
+use crate::log::{BlockLog, EventLog};
 use crate::tail::MATERIALISED_KEY;
 use crate::{Keyspaces, StoreError, keys};
 
 /// Records that a format-3 or 4 store's whole log (`next_seq` events) is
-/// materialised, unless a position is already recorded; marks a format-4
-/// store as ours. (A format-3 store is marked by
+/// materialised, unless a position is already recorded (format 5 has one);
+/// marks a format-4 or 5 store as ours. (A format-3 store is marked by
 /// [`Writer::upgrade_from_format_3`], once its meters are rebuilt.)
 pub(crate) fn record_materialised(
     db: &fjall::Database,
@@ -32,20 +42,105 @@ pub(crate) fn record_materialised(
     format: u64,
 ) -> Result<(), StoreError> {
     let mut batch = db.batch().durability(Some(PersistMode::SyncAll));
-    if keyspaces.meta.get(MATERIALISED_KEY)?.is_none() {
-        batch.insert(&keyspaces.meta, MATERIALISED_KEY, next_seq.to_be_bytes());
+    let position = match keyspaces.meta.get(MATERIALISED_KEY)? {
+        Some(raw) => keys::read_u64(&raw)?,
+        None => {
+            batch.insert(&keyspaces.meta, MATERIALISED_KEY, next_seq.to_be_bytes());
+            next_seq
+        }
+    };
+    // Older formats kept no dedupe mark; their index is trusted as it is.
+    if keyspaces.dedupe.get(keys::DEDUPE_MARK)?.is_none() {
+        batch.insert(&keyspaces.dedupe, keys::DEDUPE_MARK, position.to_be_bytes());
     }
-    if format == 4 {
+    if format == 4 || format == 5 {
         batch.insert(
             &keyspaces.meta,
             keys::FORMAT_KEY,
             keys::FORMAT.to_be_bytes(),
         );
-        info!(events = next_seq, "store upgraded from format 4 to 5");
+        info!(
+            events = next_seq,
+            from = format,
+            to = keys::FORMAT,
+            "store format upgraded"
+        );
     }
     batch.commit()?;
     Ok(())
 }
+
+/// Events moved into blocks per batch.
+const MOVE_CHUNK: usize = 64 * 1024;
+
+/// The log of a store of format 5 or older (one key per event in the
+/// `events` keyspace), with how many events it holds about; `None` for a
+/// store without one. Opening it does not create it.
+pub(crate) fn old_log(
+    db: &fjall::Database,
+) -> Result<Option<(fjall::Keyspace, usize)>, StoreError> {
+    if !db.keyspace_exists(OLD_EVENTS) {
+        return Ok(None);
+    }
+    let old = db.keyspace(OLD_EVENTS, fjall::KeyspaceCreateOptions::default)?;
+    let len = if old.is_empty()? {
+        0
+    } else {
+        old.approximate_len().max(1)
+    };
+    Ok(Some((old, len)))
+}
+
+/// Moves the log of a store of format 5 or older ([`old_log`]) into
+/// blocks; see the module docs. The store's format was checked first.
+pub(crate) fn log_into_blocks(
+    db: &fjall::Database,
+    log: &BlockLog,
+    old: fjall::Keyspace,
+) -> Result<(), StoreError> {
+    let mut moved = 0u64;
+    // Read on from the last key moved, not from the start: the removed
+    // keys are tombstones until compaction.
+    let mut next = 0u64;
+    loop {
+        let mut first = None;
+        let mut old_keys = Vec::new();
+        let mut records = Vec::new();
+        for item in old.range(next.to_be_bytes()..).take(MOVE_CHUNK) {
+            let (key, value) = item.into_inner()?;
+            let seq = keys::read_u64(&key)?;
+            let first = *first.get_or_insert(seq);
+            if seq != first + old_keys.len() as u64 {
+                return Err(StoreError::Corrupt("the format-5 log has a gap"));
+            }
+            let (ingested_at, event) = keys::decode_event(&value)?;
+            records.push(Record::new(ingested_at, &event)?);
+            old_keys.push(key);
+        }
+        let Some(first) = first else { break };
+        if first != log.end()? {
+            return Err(StoreError::Corrupt(
+                "the format-5 log does not continue the blocks moved so far",
+            ));
+        }
+        let mut batch = db.batch().durability(Some(PersistMode::SyncAll));
+        log.append_to(&mut batch, first, &records.iter().collect::<Vec<_>>())?;
+        for key in old_keys {
+            batch.remove(&old, key);
+        }
+        batch.commit()?;
+        moved += records.len() as u64;
+        next = first + records.len() as u64;
+    }
+    db.delete_keyspace(old)?;
+    if moved > 0 {
+        info!(events = moved, "the log was moved into event blocks");
+    }
+    Ok(())
+}
+
+/// The keyspace of the log up to format 5.
+const OLD_EVENTS: &str = "events";
 
 /// Dedupe keys rewritten per batch.
 const DEDUPE_CHUNK: usize = 50_000;
@@ -61,6 +156,9 @@ impl Writer {
         let mut pending = 0;
         for item in fjall::Readable::iter(&snapshot, &ks.dedupe) {
             let (key, value) = item.into_inner()?;
+            if &*key == keys::DEDUPE_MARK {
+                continue;
+            }
             let Some(new_key) = keys::upgrade_dedupe_key(&key) else {
                 continue;
             };

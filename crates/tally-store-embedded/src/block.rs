@@ -1,0 +1,631 @@
+//! Event blocks: a run of consecutive log positions stored as one
+//! compressed, columnar value (one key per block, not one per event).
+//!
+//! The writer turns a group commit's accepted events into one block, or a
+//! few when the group is large ([`MAX_BLOCK_EVENTS`] events, or
+//! [`MAX_BLOCK_BYTES`] of uncompressed columns, whichever comes first), so
+//! that reading one event never decompresses more than a bounded block.
+//!
+//! ## Byte layout
+//!
+//! Key (`log` keyspace): the block's first log position (u64 BE). A block
+//! holds positions `first .. first + count`, consecutive and never
+//! overlapping another block's.
+//!
+//! Value: a 10-byte header, then the body.
+//!
+//! | bytes | field |
+//! |---|---|
+//! | 1 | layout version, [`BLOCK_VERSION`] |
+//! | 4 | `count`: events in the block (u32 BE, 1 ..= [`MAX_BLOCK_EVENTS`]) |
+//! | 4 | `raw_len`: body length before compression (u32 BE, ≤ [`MAX_RAW_BYTES`]) |
+//! | 1 | codec: 0 = stored as is, 1 = LZ4 block format (`lz4_flex`) |
+//! | … | the body, compressed with the codec |
+//!
+//! The body is columns, one after the other; every integer is an unsigned
+//! LEB128 varint, signed ones zigzag-coded first; `n` is `count`:
+//!
+//! | column | content |
+//! |---|---|
+//! | strings | `m`, then `m` × (length, UTF-8 bytes): the block's distinct specversion, source, type and subject values |
+//! | specversion, source, type, subject | 4 × `n` indexes into strings |
+//! | time seconds | `n` × zigzag(seconds − the previous event's), the first against 0 |
+//! | time nanoseconds | `n` × zigzag(signed sub-second nanoseconds, as jiff keeps them) |
+//! | ingested | `n` × zigzag(ingest time in ns − the previous event's), the first against 0 |
+//! | id lengths | `n` × length |
+//! | data lengths | `n` × (length + 1); 0 = the event has no `data` |
+//! | attribute lengths | `n` × length; 0 = no other attributes |
+//! | ids | the ids' bytes, concatenated |
+//! | data | each event's `data` as JSON, concatenated |
+//! | attributes | each event's other attributes (`datacontenttype`, `dataschema`, extensions) as one JSON object, concatenated |
+//!
+//! Lengths precede the bytes they measure so that like sits beside like
+//! (ids with ids, JSON with JSON), which is what the compressor feeds on.
+//!
+//! **Invariant:** decoding a block gives back exactly the events encoded
+//! (every attribute, the same JSON values) and their ingest times.
+//! **Never** trust a stored length: every count, length and index is
+//! checked against the bounds above and the bytes present before use.
+
+use std::ops::Range;
+
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tally_model::CloudEvent;
+
+use crate::StoreError;
+
+/// The layout version written in each block's first byte.
+pub const BLOCK_VERSION: u8 = 1;
+/// Most events in one block.
+pub const MAX_BLOCK_EVENTS: usize = 4096;
+/// Uncompressed bytes past which a block is closed (one event may take it
+/// past; the writer closes the block after it).
+pub const MAX_BLOCK_BYTES: usize = 1 << 20;
+/// Most uncompressed bytes a stored block may declare: a full block plus
+/// one event of the largest size the server admits, with room to spare.
+pub const MAX_RAW_BYTES: usize = 64 << 20;
+
+const HEADER_LEN: usize = 10;
+const CODEC_NONE: u8 = 0;
+const CODEC_LZ4: u8 = 1;
+
+/// What the log needs of one event, encoded on the caller's thread before
+/// the writer takes it (JSON serialisation is most of the work).
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub ingested_at: Timestamp,
+    pub specversion: String,
+    pub id: String,
+    pub source: String,
+    pub kind: String,
+    pub subject: String,
+    pub time: Timestamp,
+    /// `data` as JSON; `None` when the event has none.
+    pub data: Option<Vec<u8>>,
+    /// The other attributes as one JSON object; empty when there are none.
+    pub attributes: Vec<u8>,
+}
+
+/// The attributes of an event that have no column of their own.
+#[derive(Serialize, Deserialize, Default)]
+struct Attributes<'a> {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    datacontenttype: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    dataschema: Option<std::borrow::Cow<'a, str>>,
+    #[serde(flatten)]
+    extensions: std::borrow::Cow<'a, Map<String, Value>>,
+}
+
+fn encode_error(e: serde_json::Error) -> StoreError {
+    StoreError::Encode(e.to_string())
+}
+
+impl Record {
+    pub fn new(ingested_at: Timestamp, event: &CloudEvent) -> Result<Record, StoreError> {
+        let data = event
+            .data
+            .as_ref()
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(encode_error)?;
+        let attributes = if event.datacontenttype.is_none()
+            && event.dataschema.is_none()
+            && event.extensions.is_empty()
+        {
+            Vec::new()
+        } else {
+            serde_json::to_vec(&Attributes {
+                datacontenttype: event.datacontenttype.as_deref().map(Into::into),
+                dataschema: event.dataschema.as_deref().map(Into::into),
+                extensions: std::borrow::Cow::Borrowed(&event.extensions),
+            })
+            .map_err(encode_error)?
+        };
+        Ok(Record {
+            ingested_at,
+            specversion: event.specversion.clone(),
+            id: event.id.clone(),
+            source: event.source.clone(),
+            kind: event.kind.clone(),
+            subject: event.subject.clone(),
+            time: event.time,
+            data,
+            attributes,
+        })
+    }
+
+    /// Bytes the record adds to a block's body, about.
+    pub fn size(&self) -> usize {
+        self.id.len() + self.data.as_ref().map_or(0, Vec::len) + self.attributes.len() + 24
+    }
+}
+
+// ---- varints ----------------------------------------------------------------
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(v: u64) -> i64 {
+    ((v >> 1) as i64) ^ -((v & 1) as i64)
+}
+
+/// A reader of the body that refuses to run past its end.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn varint(&mut self) -> Result<u64, StoreError> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let byte = *self
+                .bytes
+                .get(self.at)
+                .ok_or(StoreError::Corrupt("block: short varint"))?;
+            self.at += 1;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte < 0x80 {
+                return Ok(v);
+            }
+        }
+        Err(StoreError::Corrupt("block: varint too long"))
+    }
+
+    fn len(&mut self) -> Result<usize, StoreError> {
+        usize::try_from(self.varint()?).map_err(|_| StoreError::Corrupt("block: length"))
+    }
+
+    fn take(&mut self, len: usize) -> Result<Range<usize>, StoreError> {
+        let end = self
+            .at
+            .checked_add(len)
+            .filter(|end| *end <= self.bytes.len())
+            .ok_or(StoreError::Corrupt("block: short bytes"))?;
+        let range = self.at..end;
+        self.at = end;
+        Ok(range)
+    }
+}
+
+// ---- encoding ---------------------------------------------------------------
+
+/// Encodes `records` (1 ..= [`MAX_BLOCK_EVENTS`]) as one block value.
+pub fn encode(records: &[&Record]) -> Result<Vec<u8>, StoreError> {
+    if records.is_empty() || records.len() > MAX_BLOCK_EVENTS {
+        return Err(StoreError::Encode(format!(
+            "a block holds 1 to {MAX_BLOCK_EVENTS} events, not {}",
+            records.len()
+        )));
+    }
+    let body = encode_body(records);
+    let raw_len = u32::try_from(body.len())
+        .ok()
+        .filter(|len| *len as usize <= MAX_RAW_BYTES)
+        .ok_or(StoreError::TooLong("an event block", MAX_RAW_BYTES))?;
+    let compressed = lz4_flex::block::compress(&body);
+    let mut out = Vec::with_capacity(HEADER_LEN + compressed.len().min(body.len()));
+    out.push(BLOCK_VERSION);
+    out.extend_from_slice(&(records.len() as u32).to_be_bytes());
+    out.extend_from_slice(&raw_len.to_be_bytes());
+    if compressed.len() < body.len() {
+        out.push(CODEC_LZ4);
+        out.extend_from_slice(&compressed);
+    } else {
+        out.push(CODEC_NONE);
+        out.extend_from_slice(&body);
+    }
+    Ok(out)
+}
+
+fn encode_body(records: &[&Record]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(records.iter().map(|r| r.size()).sum::<usize>() + 64);
+    // The string dictionary and each event's indexes into it.
+    let mut strings: rustc_hash::FxHashMap<&str, u64> = rustc_hash::FxHashMap::default();
+    let mut order: Vec<&str> = Vec::new();
+    let mut indexes: [Vec<u64>; 4] = Default::default();
+    for r in records {
+        for (column, s) in [&r.specversion, &r.source, &r.kind, &r.subject]
+            .into_iter()
+            .enumerate()
+        {
+            let next = order.len() as u64;
+            let index = *strings.entry(s.as_str()).or_insert_with(|| {
+                order.push(s.as_str());
+                next
+            });
+            indexes[column].push(index);
+        }
+    }
+    put_varint(&mut out, order.len() as u64);
+    for s in &order {
+        put_varint(&mut out, s.len() as u64);
+        out.extend_from_slice(s.as_bytes());
+    }
+    for column in &indexes {
+        for index in column {
+            put_varint(&mut out, *index);
+        }
+    }
+    let mut previous = 0i64;
+    for r in records {
+        let seconds = r.time.as_second();
+        put_varint(&mut out, zigzag(seconds.wrapping_sub(previous)));
+        previous = seconds;
+    }
+    for r in records {
+        put_varint(&mut out, zigzag(i64::from(r.time.subsec_nanosecond())));
+    }
+    let mut previous = 0i64;
+    for r in records {
+        let ns = ingest_ns(r.ingested_at);
+        put_varint(&mut out, zigzag(ns.wrapping_sub(previous)));
+        previous = ns;
+    }
+    for r in records {
+        put_varint(&mut out, r.id.len() as u64);
+    }
+    for r in records {
+        put_varint(&mut out, r.data.as_ref().map_or(0, |d| d.len() as u64 + 1));
+    }
+    for r in records {
+        put_varint(&mut out, r.attributes.len() as u64);
+    }
+    for r in records {
+        out.extend_from_slice(r.id.as_bytes());
+    }
+    for r in records {
+        out.extend_from_slice(r.data.as_deref().unwrap_or_default());
+    }
+    for r in records {
+        out.extend_from_slice(&r.attributes);
+    }
+    out
+}
+
+/// Ingest times are the server's clock: within i64 nanoseconds (years
+/// 1678 to 2262) for any clock this code runs under.
+fn ingest_ns(at: Timestamp) -> i64 {
+    i64::try_from(at.as_nanosecond()).unwrap_or(if at < Timestamp::UNIX_EPOCH {
+        i64::MIN
+    } else {
+        i64::MAX
+    })
+}
+
+// ---- decoding ---------------------------------------------------------------
+
+/// The number of events a block value holds, from its header alone.
+pub fn count_of(value: &[u8]) -> Result<u64, StoreError> {
+    let header = value
+        .get(..HEADER_LEN)
+        .ok_or(StoreError::Corrupt("block: short header"))?;
+    if header[0] != BLOCK_VERSION {
+        return Err(StoreError::Corrupt("block: unknown layout version"));
+    }
+    let count = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if count == 0 || count > MAX_BLOCK_EVENTS {
+        return Err(StoreError::Corrupt("block: event count out of bounds"));
+    }
+    Ok(count as u64)
+}
+
+/// A decoded block: its columns, with JSON left as bytes until an event is
+/// asked for.
+pub struct Block {
+    /// The block's first log position.
+    pub first: u64,
+    body: Vec<u8>,
+    strings: Vec<Range<usize>>,
+    /// specversion, source, type, subject: indexes into `strings`.
+    indexes: [Vec<u32>; 4],
+    times: Vec<Timestamp>,
+    ingested: Vec<Timestamp>,
+    ids: Vec<Range<usize>>,
+    data: Vec<Option<Range<usize>>>,
+    attributes: Vec<Range<usize>>,
+}
+
+const SPECVERSION: usize = 0;
+const SOURCE: usize = 1;
+const TYPE: usize = 2;
+const SUBJECT: usize = 3;
+
+impl Block {
+    /// Decodes the block stored under position `first`.
+    pub fn decode(first: u64, value: &[u8]) -> Result<Block, StoreError> {
+        let count = count_of(value)? as usize;
+        let raw_len = u32::from_be_bytes([value[5], value[6], value[7], value[8]]) as usize;
+        if raw_len > MAX_RAW_BYTES {
+            return Err(StoreError::Corrupt("block: declared size out of bounds"));
+        }
+        let stored = &value[HEADER_LEN..];
+        let body = match value[9] {
+            CODEC_NONE if stored.len() == raw_len => stored.to_vec(),
+            CODEC_LZ4 => {
+                let mut body = vec![0; raw_len];
+                let n = lz4_flex::block::decompress_into(stored, &mut body)
+                    .map_err(|_| StoreError::Corrupt("block: lz4"))?;
+                if n != raw_len {
+                    return Err(StoreError::Corrupt("block: size differs from its header"));
+                }
+                body
+            }
+            _ => return Err(StoreError::Corrupt("block: codec")),
+        };
+        Block::columns(first, count, body)
+    }
+
+    fn columns(first: u64, count: usize, body: Vec<u8>) -> Result<Block, StoreError> {
+        let mut r = Reader {
+            bytes: &body,
+            at: 0,
+        };
+        let m = r.len()?;
+        if m > 4 * count {
+            return Err(StoreError::Corrupt("block: too many strings"));
+        }
+        let mut strings = Vec::with_capacity(m);
+        for _ in 0..m {
+            let len = r.len()?;
+            let range = r.take(len)?;
+            std::str::from_utf8(&body[range.clone()])
+                .map_err(|_| StoreError::Corrupt("block: utf-8"))?;
+            strings.push(range);
+        }
+        let mut indexes: [Vec<u32>; 4] = Default::default();
+        for column in &mut indexes {
+            column.reserve(count);
+            for _ in 0..count {
+                let index = r.len()?;
+                if index >= m {
+                    return Err(StoreError::Corrupt("block: string index"));
+                }
+                column.push(index as u32);
+            }
+        }
+        let times = decode_times(&mut r, count)?;
+        let ingested = decode_ingested(&mut r, count)?;
+        let lengths = |r: &mut Reader| (0..count).map(|_| r.len()).collect::<Result<Vec<_>, _>>();
+        let (id_lens, data_lens, attr_lens) =
+            (lengths(&mut r)?, lengths(&mut r)?, lengths(&mut r)?);
+        let ids = id_lens
+            .into_iter()
+            .map(|len| {
+                let range = r.take(len)?;
+                std::str::from_utf8(&body[range.clone()])
+                    .map_err(|_| StoreError::Corrupt("block: utf-8"))?;
+                Ok(range)
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let data = data_lens
+            .into_iter()
+            .map(|len| len.checked_sub(1).map(|len| r.take(len)).transpose())
+            .collect::<Result<Vec<_>, _>>()?;
+        let attributes = attr_lens
+            .into_iter()
+            .map(|len| r.take(len))
+            .collect::<Result<Vec<_>, _>>()?;
+        if r.at != body.len() {
+            return Err(StoreError::Corrupt("block: trailing bytes"));
+        }
+        Ok(Block {
+            first,
+            strings,
+            indexes,
+            times,
+            ingested,
+            ids,
+            data,
+            attributes,
+            body,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.times.len()
+    }
+
+    /// One past the block's last log position.
+    pub fn end(&self) -> u64 {
+        self.first + self.len() as u64
+    }
+
+    /// Whether the block holds log position `seq`.
+    pub fn holds(&self, seq: u64) -> bool {
+        (self.first..self.end()).contains(&seq)
+    }
+
+    fn string(&self, column: usize, i: usize) -> &str {
+        let range = &self.strings[self.indexes[column][i] as usize];
+        // Checked to be UTF-8 when decoded.
+        std::str::from_utf8(&self.body[range.clone()]).unwrap_or_default()
+    }
+
+    /// The type of the `i`th event.
+    pub fn event_type(&self, i: usize) -> &str {
+        self.string(TYPE, i)
+    }
+
+    /// The subject of the `i`th event.
+    pub fn subject(&self, i: usize) -> &str {
+        self.string(SUBJECT, i)
+    }
+
+    /// The source of the `i`th event.
+    pub fn source(&self, i: usize) -> &str {
+        self.string(SOURCE, i)
+    }
+
+    /// The id of the `i`th event.
+    pub fn id(&self, i: usize) -> &str {
+        // Checked to be UTF-8 when decoded.
+        std::str::from_utf8(&self.body[self.ids[i].clone()]).unwrap_or_default()
+    }
+
+    /// The time of the `i`th event.
+    pub fn time(&self, i: usize) -> Timestamp {
+        self.times[i]
+    }
+
+    /// When the `i`th event was stored.
+    pub fn ingested_at(&self, i: usize) -> Timestamp {
+        self.ingested[i]
+    }
+
+    /// The `i`th event, whole.
+    pub fn event(&self, i: usize) -> Result<CloudEvent, StoreError> {
+        let decode_error = |e: serde_json::Error| StoreError::Decode(e.to_string());
+        let data = self.data[i]
+            .clone()
+            .map(|range| serde_json::from_slice(&self.body[range]))
+            .transpose()
+            .map_err(decode_error)?;
+        let attributes: Attributes = if self.attributes[i].is_empty() {
+            Attributes::default()
+        } else {
+            serde_json::from_slice(&self.body[self.attributes[i].clone()]).map_err(decode_error)?
+        };
+        Ok(CloudEvent {
+            specversion: self.string(SPECVERSION, i).to_owned(),
+            id: self.id(i).to_owned(),
+            source: self.string(SOURCE, i).to_owned(),
+            kind: self.string(TYPE, i).to_owned(),
+            subject: self.string(SUBJECT, i).to_owned(),
+            time: self.times[i],
+            datacontenttype: attributes.datacontenttype.map(Into::into),
+            dataschema: attributes.dataschema.map(Into::into),
+            data,
+            extensions: attributes.extensions.into_owned(),
+        })
+    }
+}
+
+fn decode_times(r: &mut Reader, count: usize) -> Result<Vec<Timestamp>, StoreError> {
+    let mut seconds = Vec::with_capacity(count);
+    let mut previous = 0i64;
+    for _ in 0..count {
+        previous = previous.wrapping_add(unzigzag(r.varint()?));
+        seconds.push(previous);
+    }
+    seconds
+        .into_iter()
+        .map(|s| {
+            let nanos = i32::try_from(unzigzag(r.varint()?))
+                .map_err(|_| StoreError::Corrupt("block: nanoseconds"))?;
+            Timestamp::new(s, nanos).map_err(|_| StoreError::Corrupt("block: event time"))
+        })
+        .collect()
+}
+
+fn decode_ingested(r: &mut Reader, count: usize) -> Result<Vec<Timestamp>, StoreError> {
+    let mut previous = 0i64;
+    (0..count)
+        .map(|_| {
+            previous = previous.wrapping_add(unzigzag(r.varint()?));
+            Timestamp::from_nanosecond(i128::from(previous))
+                .map_err(|_| StoreError::Corrupt("block: ingest time"))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn event(i: i64) -> CloudEvent {
+        let mut e = json!({"specversion": "1.0", "id": format!("id-{i}"), "source": "gw",
+            "type": if i % 2 == 0 { "req" } else { "tok" }, "subject": format!("p{}", i % 3),
+            "time": Timestamp::from_second(1_767_268_800 + i * 37).unwrap().to_string(),
+            "data": {"value": i, "method": "GET", "big": 1e300}});
+        if i % 3 == 0 {
+            e["datacontenttype"] = json!("application/json");
+            e["traceparent"] = json!("00-abc-def-01");
+            e["nested"] = json!({"a": [1, 2, {"b": null}]});
+        }
+        if i % 5 == 0 {
+            e.as_object_mut().unwrap().remove("data");
+        }
+        tally_model::parse_event(e, Timestamp::now()).unwrap()
+    }
+
+    #[test]
+    fn blocks_give_back_every_event_exactly() {
+        let base = Timestamp::now();
+        let events: Vec<CloudEvent> = (0..200).map(event).collect();
+        let records: Vec<Record> = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let at = base - jiff::SignedDuration::from_millis(i as i64 % 7);
+                Record::new(at, e).unwrap()
+            })
+            .collect();
+        let value = encode(&records.iter().collect::<Vec<_>>()).unwrap();
+        assert_eq!(count_of(&value).unwrap(), 200);
+        let block = Block::decode(1000, &value).unwrap();
+        assert_eq!((block.first, block.end(), block.len()), (1000, 1200, 200));
+        assert!(block.holds(1199) && !block.holds(1200) && !block.holds(999));
+        for (i, (e, r)) in events.iter().zip(&records).enumerate() {
+            assert_eq!(&block.event(i).unwrap(), e);
+            assert_eq!(block.event_type(i), e.kind);
+            assert_eq!(
+                (block.subject(i), block.source(i), block.id(i)),
+                (e.subject.as_str(), e.source.as_str(), e.id.as_str())
+            );
+            assert_eq!(block.time(i), e.time);
+            assert_eq!(block.ingested_at(i), r.ingested_at);
+        }
+    }
+
+    #[test]
+    fn times_before_1970_and_subsecond_parts_round_trip() {
+        let mut e = event(1);
+        for t in [
+            "1969-12-31T23:59:59.25Z",
+            "1900-01-01T00:00:00.000000001Z",
+            "2300-06-01T00:00:00.5Z",
+        ] {
+            e.time = t.parse().unwrap();
+            let r = Record::new(Timestamp::now(), &e).unwrap();
+            let block = Block::decode(0, &encode(&[&r]).unwrap()).unwrap();
+            assert_eq!(block.event(0).unwrap().time, e.time, "{t}");
+        }
+    }
+
+    #[test]
+    fn damaged_blocks_are_refused_not_misread() {
+        let records: Vec<Record> = (0..50)
+            .map(|i| Record::new(Timestamp::now(), &event(i)).unwrap())
+            .collect();
+        let value = encode(&records.iter().collect::<Vec<_>>()).unwrap();
+        // Every truncation is refused.
+        for len in 0..value.len() {
+            assert!(Block::decode(0, &value[..len]).is_err(), "{len}");
+        }
+        // A header that lies about its count or size is refused.
+        let mut lying = value.clone();
+        lying[1..5].copy_from_slice(&(MAX_BLOCK_EVENTS as u32 + 1).to_be_bytes());
+        assert!(Block::decode(0, &lying).is_err());
+        let mut lying = value.clone();
+        lying[5..9].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(Block::decode(0, &lying).is_err());
+        let mut lying = value;
+        lying[0] = 9;
+        assert!(Block::decode(0, &lying).is_err());
+        assert!(encode(&[]).is_err());
+    }
+}
