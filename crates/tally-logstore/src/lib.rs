@@ -40,6 +40,8 @@ pub mod block;
 mod embedded;
 pub mod filter;
 mod keys;
+pub mod limits;
+pub mod logql;
 
 use std::time::Duration;
 
