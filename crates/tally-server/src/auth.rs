@@ -221,6 +221,15 @@ fn access(method: &Method, route: &str) -> Access {
             | "/api/v1/subjects/{key}"
             | "/openapi.json",
         ) => Access::Read,
+        // Instance logs: admins and projects; the handlers narrow to the
+        // caller's projects (another project answers 404).
+        (
+            &Method::GET,
+            "/api/v1/projects/{project}/instances/{instance}/logs"
+            | "/loki/api/v1/query_range"
+            | "/loki/api/v1/labels"
+            | "/loki/api/v1/label/{name}/values",
+        ) => Access::Read,
         // A query with its parameters in the body reads like the GET.
         (&Method::POST, "/api/v1/meters/{slug}/query") => Access::Read,
         // OpenMeter features Tally does not serve: every caller that may

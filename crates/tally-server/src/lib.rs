@@ -26,6 +26,8 @@ mod schemas;
 mod signals;
 mod subjects;
 mod telemetry;
+pub mod instance_logs;
+mod logs_api;
 mod unserved;
 mod usage;
 mod validate;
@@ -78,6 +80,8 @@ pub struct AppState {
     ledger_seen: Arc<Mutex<(u64, u64)>>,
     /// The exporters' pipeline fed by `/v1/metrics` and `/api/v1/write`.
     telemetry: Option<Arc<tally_telemetry::Pipeline>>,
+    /// Instance logs (`instance_logs`, `logs_api`); `None`: not kept.
+    logs: Option<instance_logs::InstanceLogs>,
     /// The billing forwarder's runtime, when it runs in this server.
     billing: Option<tally_billing::runtime::BillingHandle>,
     /// What the HTTP listener counts (`tally_http_connections_*`).
@@ -143,6 +147,7 @@ impl AppState {
             registry: Registry::new(),
             ledger_seen: Arc::default(),
             telemetry: None,
+            logs: None,
             billing: None,
             vital: VitalTasks::default(),
             connections: tally_http::ConnectionStats::new(),
@@ -189,6 +194,13 @@ impl AppState {
     /// `pipeline`, and shows its counters on `/metrics`: the pipeline's
     /// registry becomes the server's (build the pipeline with
     /// [`AppState::registry`] to share one).
+    /// Keeps instance logs in `logs` (OTLP logs with an `instance`
+    /// resource attribute) and serves them.
+    pub fn with_logs(mut self, logs: instance_logs::InstanceLogs) -> AppState {
+        self.logs = Some(logs);
+        self
+    }
+
     pub fn with_telemetry(mut self, pipeline: Arc<tally_telemetry::Pipeline>) -> AppState {
         self.registry = pipeline.registry().clone();
         self.telemetry = Some(pipeline);
@@ -249,6 +261,7 @@ pub const DEFAULT_MAX_PENDING_EVENTS: usize = 262_144;
         resources::get_namespaced, resources::put_namespaced, resources::delete_namespaced,
         quarantine, metrics, healthz, readyz, telemetry::otlp_metrics, telemetry::remote_write,
         signals::otlp_logs, signals::otlp_traces,
+        logs_api::instance_logs, logs_api::loki_query_range, logs_api::loki_labels, logs_api::loki_label_values,
         billing::status, billing::dead_letters, billing::retry_dead_letter, billing::retry_all_dead_letters, billing::reconcile, billing::changes,
     ),
     components(schemas(schemas::Meter, schemas::MeterCreate, schemas::MeterUpdate, schemas::MeterAggregation,
@@ -347,6 +360,13 @@ pub fn router(state: AppState) -> Router {
                 .put(resources::put_namespaced)
                 .delete(resources::delete_namespaced),
         )
+        .route(
+            "/api/v1/projects/{project}/instances/{instance}/logs",
+            get(logs_api::instance_logs),
+        )
+        .route("/loki/api/v1/query_range", get(logs_api::loki_query_range))
+        .route("/loki/api/v1/labels", get(logs_api::loki_labels))
+        .route("/loki/api/v1/label/{name}/values", get(logs_api::loki_label_values))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi_json));
     let api = unserved::FAMILIES
@@ -542,9 +562,28 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     if let Some(billing) = &state.billing {
         out.push_str(&billing.render_status_metrics());
     }
+    if let Some(logs) = &state.logs {
+        render_log_store(&logs.store.stats(), &mut out);
+    }
     render_requests(&state.requests, &mut out);
     state.connections.render(&mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// The instance log store's gauges and counters.
+fn render_log_store(s: &tally_logstore::Stats, out: &mut String) {
+    for (name, help, kind, value) in [
+        ("tally_logs_disk_bytes", "Bytes the instance log store occupies on disk.", "gauge", s.disk_bytes),
+        ("tally_logs_raw_bytes", "Bytes of raw text of the instance log lines retained.", "gauge", s.raw_bytes),
+        ("tally_logs_block_bytes", "Bytes of the compressed blocks holding the retained lines.", "gauge", s.block_bytes),
+        ("tally_logs_lines", "Instance log lines retained.", "gauge", s.lines),
+        ("tally_logs_appended_lines_total", "Instance log lines stored.", "counter", s.appended_lines),
+        ("tally_logs_duplicate_lines_total", "Instance log records not stored again: their record id was stored.", "counter", s.duplicates),
+        ("tally_logs_truncated_lines_total", "Instance log lines cut to the longest line kept.", "counter", s.truncated),
+        ("tally_logs_swept_blocks_total", "Blocks deleted past their project's retention.", "counter", s.swept_blocks),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+    }
 }
 
 /// `tally_http_requests_total`.
@@ -698,6 +737,12 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("tokens: {e}"))?
         .with_max_pending_events(config.max_pending_events);
     state.vital.add(EXPORTERS_TASK, exporters);
+    let mut sweeper = None;
+    if config.logs.enabled {
+        let (logs, task) = open_logs(&config).await?;
+        state = state.with_logs(logs);
+        sweeper = Some(task);
+    }
     if let Some((handle, task)) = billing {
         state = state.clone().with_billing(handle);
         state.vital.add(BILLING_TASK, task);
@@ -725,6 +770,9 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     if let Some(watcher) = watcher {
         watcher.abort();
     }
+    if let Some(sweeper) = sweeper {
+        sweeper.abort();
+    }
     if let Some(exporters) = vital.take(EXPORTERS_TASK) {
         exporters.abort();
     }
@@ -735,6 +783,36 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Opens the instance log store and starts its retention sweeps.
+async fn open_logs(
+    config: &ServeConfig,
+) -> anyhow::Result<(instance_logs::InstanceLogs, tokio::task::JoinHandle<()>)> {
+    let store_config = config.logs.store_config(&config.data_dir);
+    let dir = store_config.dir.clone();
+    let store = tokio::task::spawn_blocking(move || tally_logstore::EmbeddedLogStore::open(store_config))
+        .await
+        .context("opening the instance log store")?
+        .with_context(|| format!("opening the instance log store in {}", dir.display()))?;
+    let store: Arc<dyn tally_logstore::LogStore> = Arc::new(store);
+    let every = std::time::Duration::from_secs(config.logs.sweep_interval_seconds.max(1));
+    let sweeping = Arc::clone(&store);
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let store = Arc::clone(&sweeping);
+            let now = i64::try_from(jiff::Timestamp::now().as_nanosecond()).unwrap_or(i64::MAX);
+            match tokio::task::spawn_blocking(move || store.sweep(now)).await {
+                Ok(Ok(n)) if n > 0 => tracing::info!(blocks = n, "instance logs past retention deleted"),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "sweeping instance logs failed; retried at the next sweep"),
+                Err(e) => tracing::warn!(error = %e, "sweeping instance logs failed"),
+            }
+        }
+    });
+    Ok((instance_logs::InstanceLogs::new(store, config.logs.limiter()), task))
 }
 
 /// The listeners of a server process: HTTP, and OTLP/gRPC when configured.
