@@ -199,6 +199,14 @@ fn rule(method: &Method, path: &str) -> Option<Rule> {
             | "/apis/{plural}/{name}",
         ) => Read,
         ("POST", "/api/v1/meters/{slug}/query") => Read,
+        // Instance logs: narrowed to the caller's projects (another: 404).
+        (
+            "GET",
+            "/api/v1/projects/{project}/instances/{instance}/logs"
+            | "/loki/api/v1/query_range"
+            | "/loki/api/v1/labels"
+            | "/loki/api/v1/label/{name}/values",
+        ) => Read,
         // OpenMeter features not served: 501 for every caller that reads.
         (_, p) if p.starts_with("/api/v") && not_served(p) => Read,
         ("POST", "/api/v1/subjects") | ("DELETE", "/api/v1/subjects/{key}") => Admin,
@@ -271,7 +279,10 @@ fn request_for(method: &Method, template: &str) -> (String, Vec<u8>, &'static st
             .replace("{sink}", "none")
             .replace("{id}", "1")
             .replace("{key}", "model")
-            .replace("{rest}", "x/y"),
+            .replace("{rest}", "x/y")
+            .replace("{project}", "acme")
+            .replace("{instance}", "web-0")
+            .replace("{name}", "instance"),
     };
     match (method.as_str(), template) {
         ("POST", "/apis/apply") | ("PUT", "/apis/{plural}/{namespace}/{name}") => {
