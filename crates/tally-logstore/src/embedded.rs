@@ -168,7 +168,10 @@ fn open_spaces(dir: &Path) -> Result<Spaces, LogError> {
     let plain = KeyspaceCreateOptions::default;
     let blocks = db
         .keyspace("blocks", || {
-            KeyspaceCreateOptions::default().with_kv_separation(Some(KvSeparationOptions::default()))
+            // Blocks are zstd already: fjall stores them as they are.
+            KeyspaceCreateOptions::default().with_kv_separation(Some(
+                KvSeparationOptions::default().compression(fjall::CompressionType::None),
+            ))
         })
         .map_err(&err)?;
     Ok(Spaces {
