@@ -228,6 +228,7 @@ fn access(method: &Method, route: &str) -> Access {
             "/api/v1/projects/{project}/instances/{instance}/logs"
             | "/loki/api/v1/query_range"
             | "/loki/api/v1/labels"
+            | "/loki/api/v1/tail"
             | "/loki/api/v1/label/{name}/values",
         ) => Access::Read,
         // A query with its parameters in the body reads like the GET.

@@ -261,7 +261,7 @@ pub const DEFAULT_MAX_PENDING_EVENTS: usize = 262_144;
         resources::get_namespaced, resources::put_namespaced, resources::delete_namespaced,
         quarantine, metrics, healthz, readyz, telemetry::otlp_metrics, telemetry::remote_write,
         signals::otlp_logs, signals::otlp_traces,
-        logs_api::instance_logs, logs_api::loki_query_range, logs_api::loki_labels, logs_api::loki_label_values,
+        logs_api::instance_logs, logs_api::loki_query_range, logs_api::loki_labels, logs_api::loki_label_values, logs_api::loki_tail,
         billing::status, billing::dead_letters, billing::retry_dead_letter, billing::retry_all_dead_letters, billing::reconcile, billing::changes,
     ),
     components(schemas(schemas::Meter, schemas::MeterCreate, schemas::MeterUpdate, schemas::MeterAggregation,
@@ -366,6 +366,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/loki/api/v1/query_range", get(logs_api::loki_query_range))
         .route("/loki/api/v1/labels", get(logs_api::loki_labels))
+        .route("/loki/api/v1/tail", get(logs_api::loki_tail))
         .route("/loki/api/v1/label/{name}/values", get(logs_api::loki_label_values))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi_json));

@@ -315,27 +315,7 @@ pub async fn loki_query_range(
         .transpose()?
         .unwrap_or(end.saturating_sub(3_600_000_000_000));
     let backward = p.one("direction")?.is_none_or(|d| d != "forward");
-    let store = std::sync::Arc::clone(&logs.store);
-    let scoped = project.clone();
-    let instances = tokio::task::spawn_blocking(move || store.instances(Some(&scoped)))
-        .await
-        .map_err(|_| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "a log read failed"))?
-        .map_err(problem)?;
-    let selected: Vec<String> = instances
-        .iter()
-        .filter(|(_, i)| {
-            let w = i.workload.as_deref().unwrap_or("");
-            // Streams are told apart below; any stream may match here.
-            ["stdout", "stderr"]
-                .iter()
-                .any(|s| selector.selects(&labels(&project, &i.instance, w, s)))
-        })
-        .map(|(_, i)| i.instance.clone())
-        .collect();
-    let workloads: BTreeMap<String, String> = instances
-        .into_iter()
-        .map(|(_, i)| (i.instance, i.workload.unwrap_or_default()))
-        .collect();
+    let (selected, workloads) = select(&logs, &project, &selector).await?;
     let page = if selected.is_empty() {
         LogPage::default()
     } else {
@@ -358,6 +338,37 @@ pub async fn loki_query_range(
         "data": {"resultType": "streams", "result": result, "stats": {}},
     }))
     .into_response())
+}
+
+/// The instances of `project` the selector may match, and each one's
+/// workload.
+async fn select(
+    logs: &InstanceLogs,
+    project: &str,
+    selector: &LogQl,
+) -> Result<(Vec<String>, BTreeMap<String, String>), Problem> {
+    let store = std::sync::Arc::clone(&logs.store);
+    let scoped = project.to_owned();
+    let instances = tokio::task::spawn_blocking(move || store.instances(Some(&scoped)))
+        .await
+        .map_err(|_| Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "a log read failed"))?
+        .map_err(problem)?;
+    let selected = instances
+        .iter()
+        .filter(|(_, i)| {
+            let w = i.workload.as_deref().unwrap_or("");
+            // Streams are told apart line by line; any stream may match here.
+            ["stdout", "stderr"]
+                .iter()
+                .any(|s| selector.selects(&labels(project, &i.instance, w, s)))
+        })
+        .map(|(_, i)| i.instance.clone())
+        .collect();
+    let workloads = instances
+        .into_iter()
+        .map(|(_, i)| (i.instance, i.workload.unwrap_or_default()))
+        .collect();
+    Ok((selected, workloads))
 }
 
 /// Lines grouped into Loki streams (one per label set), in the order given.
@@ -459,6 +470,141 @@ pub async fn loki_label_values(
         }
     }
     Ok(axum::Json(json!({"status": "success", "data": values})).into_response())
+}
+
+/// Tail logs (Loki, websocket).
+///
+/// Loki's live tail as Grafana opens it: a websocket upgrade of
+/// `GET /loki/api/v1/tail?query=...&start=...&limit=...`; each message is
+/// `{"streams": [{"stream": {labels}, "values": [[ns, line]]}]}`: first
+/// the lines since `start` (default: the last hour; at most `limit`,
+/// default 100), then new ones as they are stored.
+#[utoipa::path(
+    get, path = "/loki/api/v1/tail", tag = "logs",
+    params(
+        ("query" = String, Query, description = "LogQL subset: selector and line filters"),
+        ("start" = Option<String>, Query, description = "Start (ns, s or RFC 3339)"),
+        ("limit" = Option<usize>, Query, description = "Most lines of the first message"),
+        ("delay_for" = Option<String>, Query, description = "Accepted and ignored: lines are sent once durable"),
+    ),
+    responses(
+        (status = 101, description = "A websocket of Loki tail messages"),
+        (status = 400, description = "Not in the subset, or a bad parameter", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "A project this token may not read", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Too many followers; retry after `Retry-After`", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn loki_tail(
+    State(state): State<AppState>,
+    Extension(principal): Extension<Principal>,
+    RawQuery(raw): RawQuery,
+    upgrade: axum::extract::ws::WebSocketUpgrade,
+) -> Result<Response, Problem> {
+    let logs = logs(&state)?.clone();
+    let p = Params::parse(raw.as_deref())?;
+    let text = p
+        .one("query")?
+        .ok_or_else(|| Problem::bad_request("query is required"))?;
+    let selector = parse_logql(&text)?;
+    let project = loki_project(&principal, Some(&selector))?;
+    let now = nanos(Timestamp::now());
+    let start = p
+        .one("start")?
+        .map(|t| loki_time(&t))
+        .transpose()?
+        .unwrap_or(now.saturating_sub(3_600_000_000_000));
+    let limit = p.number("limit")?.unwrap_or(100).min(MAX_LIMIT);
+    let permit = std::sync::Arc::clone(&logs.followers)
+        .try_acquire_owned()
+        .map_err(|_| {
+            Problem::new(StatusCode::TOO_MANY_REQUESTS, "too many log followers at once")
+                .with_retry_after(5)
+        })?;
+    let tail = Tail { logs, project, selector, start, limit };
+    Ok(upgrade.on_upgrade(move |socket| async move {
+        let _permit = permit;
+        if let Err(e) = tail.run(socket).await {
+            tracing::debug!(error = %e.detail, "a log tail ended");
+        }
+    }))
+}
+
+/// One live tail.
+struct Tail {
+    logs: InstanceLogs,
+    project: String,
+    selector: LogQl,
+    start: i64,
+    limit: usize,
+}
+
+impl Tail {
+    async fn run(self, mut socket: axum::extract::ws::WebSocket) -> Result<(), Problem> {
+        use axum::extract::ws::Message;
+        let mut changes = self.logs.store.subscribe();
+        changes.borrow_and_update();
+        let (instances, workloads) = select(&self.logs, &self.project, &self.selector).await?;
+        let mut query = LogQuery {
+            project: self.project.clone(),
+            instances,
+            stream: None,
+            since_nanos: self.start,
+            until_nanos: i64::MAX,
+            after: None,
+            filters: self.selector.filters.clone(),
+            limit: self.limit,
+            newest_first: true,
+        };
+        let mut page = if query.instances.is_empty() { LogPage::default() } else { read(&self.logs, query.clone()).await? };
+        page.lines.reverse();
+        let mut after = page.lines.iter().map(|l| l.position).max().unwrap_or_default();
+        let mut workloads = workloads;
+        let mut lines = page.lines;
+        query.newest_first = false;
+        query.limit = MAX_LIMIT;
+        query.since_nanos = i64::MIN;
+        loop {
+            if !lines.is_empty() {
+                let result = streams(&self.project, &self.selector, &workloads, &lines);
+                let message = json!({"streams": result, "dropped_entries": null}).to_string();
+                let sent = socket.send(Message::Text(message.into())).await;
+                if sent.is_err() {
+                    return Ok(());
+                }
+            }
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                }
+                incoming = socket.recv() => match incoming {
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Ok(()),
+                    Some(Ok(_)) => {
+                        lines = Vec::new();
+                        continue;
+                    }
+                },
+                () = tokio::time::sleep(HEARTBEAT) => {
+                    if socket.send(Message::Ping(Vec::new().into())).await.is_err() {
+                        return Ok(());
+                    }
+                    lines = Vec::new();
+                    continue;
+                }
+            }
+            // Instances that appeared since are followed too.
+            let (instances, now_workloads) = select(&self.logs, &self.project, &self.selector).await?;
+            query.instances = instances;
+            workloads = now_workloads;
+            query.after = Some(after);
+            lines = if query.instances.is_empty() { Vec::new() } else { read(&self.logs, query.clone()).await?.lines };
+            if let Some(last) = lines.iter().map(|l| l.position).max() {
+                after = after.max(last);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

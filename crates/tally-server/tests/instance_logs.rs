@@ -278,3 +278,50 @@ async fn grafana_loki_datasource_requests() {
     let (_, globex) = s.get("root", &query(r#"{project="globex"}"#)).await;
     assert_eq!(globex["data"]["result"][0]["values"][0][1], "globex only");
 }
+
+/// Grafana's live tail: a websocket to `/loki/api/v1/tail` with the
+/// datasource's `Authorization` header; the backlog first, then each new
+/// line as a Loki tail message.
+#[tokio::test]
+async fn loki_tail_over_a_websocket() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let s = start(IngestLimit::default()).await;
+    s.post("ingest-secret", &otlp(&[("acme", "web-0", &[("stdout", "backlog line")])])).await;
+    let query: String = form_urlencoded::byte_serialize(br#"{instance="web-0"} != "noise""#).collect();
+    let url = format!("{}/loki/api/v1/tail?query={query}&limit=100", s.base.replace("http://", "ws://"));
+    let mut request = url.clone().into_client_request().unwrap();
+    request.headers_mut().insert("authorization", "Bearer acme-secret".parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let first = next_message(&mut socket).await;
+    assert_eq!(first["streams"][0]["values"][0][1], "backlog line");
+    assert_eq!(first["streams"][0]["stream"]["instance"], "web-0");
+    s.post("ingest-secret", &otlp(&[("acme", "web-0", &[("stdout", "noise"), ("stderr", "live line")]), ("globex", "web-0", &[("stdout", "not yours")])])).await;
+    let second = next_message(&mut socket).await;
+    assert_eq!(second["streams"].as_array().unwrap().len(), 1, "{second}");
+    assert_eq!(second["streams"][0]["values"][0][1], "live line");
+    assert_eq!(second["streams"][0]["stream"]["stream"], "stderr");
+
+    // Another project's selector is refused before the upgrade.
+    let query: String = form_urlencoded::byte_serialize(br#"{project="globex"}"#).collect();
+    let mut request = format!("{}/loki/api/v1/tail?query={query}", s.base.replace("http://", "ws://")).into_client_request().unwrap();
+    request.headers_mut().insert("authorization", "Bearer acme-secret".parse().unwrap());
+    let refused = tokio_tungstenite::connect_async(request).await.unwrap_err();
+    assert!(refused.to_string().contains("404"), "{refused}");
+}
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The next text message of a tail, as JSON.
+async fn next_message(socket: &mut Socket) -> Value {
+    use futures::StreamExt as _;
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(30), socket.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let tokio_tungstenite::tungstenite::Message::Text(text) = message {
+            return serde_json::from_str(&text).unwrap();
+        }
+    }
+}

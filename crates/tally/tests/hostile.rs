@@ -205,6 +205,7 @@ fn rule(method: &Method, path: &str) -> Option<Rule> {
             "/api/v1/projects/{project}/instances/{instance}/logs"
             | "/loki/api/v1/query_range"
             | "/loki/api/v1/labels"
+            | "/loki/api/v1/tail"
             | "/loki/api/v1/label/{name}/values",
         ) => Read,
         // OpenMeter features not served: 501 for every caller that reads.
