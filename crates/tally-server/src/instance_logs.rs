@@ -19,6 +19,9 @@
 //! A record whose project or instance is missing or not a Kubernetes name
 //! (at most 253 of `[a-z0-9.-]`) is rejected (partial success).
 //!
+//! Once stored, each project's instance logs go, as received, to the
+//! `logs` sinks of its exporters ([`export`]), like its access logs.
+//!
 //! The answer waits until the records are durable
 //! ([`tally_logstore::LogStore::append`]). A project over its ingest limit,
 //! or an instance over its share of the writer's queue, is answered 429 +
@@ -69,6 +72,9 @@ pub(crate) struct Split {
     pub rejected: u64,
     /// What is not instance logs: the access-log path's.
     pub rest: ExportLogsServiceRequest,
+    /// The instance logs as received, per project: what the project's
+    /// `logs` exporters are handed once they are stored.
+    pub exports: std::collections::BTreeMap<String, (ExportLogsServiceRequest, u64)>,
 }
 
 fn attr<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a str> {
@@ -125,9 +131,28 @@ pub(crate) fn split(request: ExportLogsServiceRequest, now_nanos: i64) -> Split 
         }
         let workload = attr(attributes, "workload").filter(|w| is_name(w));
         let resource_stream = attr(attributes, "log.iostream");
+        let before = out.records.len();
         push_records(&mut out, &resource_logs, project, instance, workload, resource_stream, now_nanos);
+        let added = (out.records.len() - before) as u64;
+        let export = out.exports.entry(project.to_owned()).or_default();
+        export.0.resource_logs.push(resource_logs);
+        export.1 += added;
     }
     out
+}
+
+/// Hands stored instance logs to the `logs` sinks of each project's
+/// exporters (the access-log path's sinks: one mechanism), without
+/// waiting; a full sink drops and counts them, as for access logs.
+pub(crate) fn export(
+    pipeline: &tally_telemetry::Pipeline,
+    exports: std::collections::BTreeMap<String, (ExportLogsServiceRequest, u64)>,
+) {
+    use prost::Message as _;
+    for (project, (request, records)) in exports {
+        let bytes = bytes::Bytes::from(request.encode_to_vec());
+        pipeline.ingest_signal(&project, tally_telemetry::Signal::Logs, bytes, records);
+    }
 }
 
 fn push_records(

@@ -152,7 +152,8 @@ pub(crate) async fn receive_logs(
     let now = i64::try_from(now).unwrap_or(i64::MAX);
     let split = instance_logs::split(request, now);
     let pipeline = match (&state.pipeline, split.rest.resource_logs.is_empty()) {
-        (_, true) => None,
+        (Some(p), true) => Some(p).filter(|p| p.ready()),
+        (None, true) => None,
         (Some(p), false) if !p.ready() => return Err(Unavailable::NotReady.into()),
         (Some(p), false) => Some(p),
         (None, false) => return Err(Problem::new(StatusCode::NOT_FOUND, NO_PIPELINE)),
@@ -169,6 +170,9 @@ pub(crate) async fn receive_logs(
         match &state.logs {
             Some(logs) => {
                 instance_logs::store(logs, split.records).await?;
+                if let Some(pipeline) = pipeline {
+                    instance_logs::export(pipeline, split.exports);
+                }
             }
             None => {
                 rejected += split.records.len() as u64;
@@ -179,7 +183,7 @@ pub(crate) async fn receive_logs(
             }
         }
     }
-    if let Some(pipeline) = pipeline
+    if let Some(pipeline) = pipeline.filter(|_| !split.rest.resource_logs.is_empty())
         && let Some(partial) = ingest_logs(pipeline, source_id, &split.rest)?
     {
         rejected += u64::try_from(partial.rejected_log_records).unwrap_or(0);

@@ -181,3 +181,73 @@ async fn a_killed_server_loses_and_duplicates_no_record_of_an_at_least_once_send
     assert!(next > 0, "nothing was acknowledged before the kills; the test did not test");
     assert!(cut_short > 0, "every kill came after the last batch; the test did not test");
 }
+
+/// What an OTLP/HTTP logs endpoint received: the bodies of each path.
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, ExportLogsServiceRequest)>>>;
+
+/// A loopback OTLP/HTTP logs receiver (protobuf), one path per project.
+async fn otlp_receiver() -> (String, Received) {
+    use axum::extract::{Path, State};
+    use prost::Message as _;
+    let received: Received = Default::default();
+    let app = axum::Router::new()
+        .route(
+            "/{project}/v1/logs",
+            axum::routing::post(
+                |State(r): State<Received>, Path(project): Path<String>, headers: axum::http::HeaderMap, body: axum::body::Bytes| async move {
+                    let mut raw = Vec::new();
+                    if headers.get("content-encoding").is_some_and(|v| v == "gzip") {
+                        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&body[..]), &mut raw).unwrap();
+                    } else {
+                        raw = body.to_vec();
+                    }
+                    let request = ExportLogsServiceRequest::decode(&raw[..]).unwrap();
+                    r.lock().unwrap().push((project, request));
+                    axum::http::StatusCode::OK
+                },
+            ),
+        )
+        .with_state(received.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (base, received)
+}
+
+/// An Exporter with a `logs` source ships its project's instance logs, and
+/// only its project's, to its OTLP endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exporters_with_a_logs_source_ship_their_projects_instance_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::serve_with_config(dir.path(), &format!("{CONFIG}egress: {{allow: [127.0.0.0/8]}}\n"));
+    let (receiver, received) = otlp_receiver().await;
+    let mut manifests = String::new();
+    for project in ["acme", "globex"] {
+        manifests += &format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {project}, labels: {{resourcemanager.miloapis.com/project-name: {project}}}}}\n---\n\
+             apiVersion: telemetry.datumapis.com/v1alpha1\nkind: Exporter\nmetadata: {{name: otlp, namespace: {project}}}\nspec:\n  sources:\n  - {{name: logs, logs: {{}}}}\n  sinks: [{{name: r, otlp_http: {{endpoint: '{receiver}/{project}'}}, batch: {{timeout: 50ms}}}}]\n---\n"
+        );
+    }
+    let out = common::cli(&server.base, ADMIN, &["apply", "-f", "-"], &manifests);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let http = tally_delivery::client_builder().build().unwrap();
+    // Until the exporters run, lines are stored but not shipped: keep
+    // sending (with ids, so the store keeps each once).
+    for i in 0..300 {
+        let line = ("stdout", format!("shipped {i}"), Some(format!("ship-{i}")));
+        assert_eq!(post(&http, &server.base, &request("web-0", &[line])).await.unwrap(), 200);
+        if !received.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = received.lock().unwrap().clone();
+    assert!(!got.is_empty(), "nothing reached the exporter");
+    for (project, request) in &got {
+        assert_eq!(project, "acme", "only acme's exporter receives acme's lines");
+        let resource = request.resource_logs[0].resource.as_ref().unwrap();
+        assert!(resource.attributes.iter().any(|kv| kv.key == "instance"));
+        let body = format!("{:?}", request.resource_logs[0].scope_logs[0].log_records[0].body);
+        assert!(body.contains("shipped"), "{body}");
+    }
+}
