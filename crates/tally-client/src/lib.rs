@@ -441,7 +441,15 @@ impl TallyClient {
             add("follow", "true".into());
         }
         self.url(
-            &["api", "v1", "projects", project, "instances", instance, "logs"],
+            &[
+                "api",
+                "v1",
+                "projects",
+                project,
+                "instances",
+                instance,
+                "logs",
+            ],
             &pairs,
         )
     }

@@ -26,22 +26,39 @@ fn check(bytes: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-const LABELS: &[&str] = &["instance", "project", "stream", "workload", "a_b", "é", "0bad", ""];
+const LABELS: &[&str] = &[
+    "instance", "project", "stream", "workload", "a_b", "é", "0bad", "",
+];
 const OPS: &[&str] = &["=", "!=", "=~", "!~", "==", "~"];
-const VALUES: &[&str] = &["web-0", "", "a\\\"b", "\\\\", "a\\nb", "(unclosed", ".*", "a|b", "\\p{L}+", "x{1000}{1000}", "é"];
+const VALUES: &[&str] = &[
+    "web-0",
+    "",
+    "a\\\"b",
+    "\\\\",
+    "a\\nb",
+    "(unclosed",
+    ".*",
+    "a|b",
+    "\\p{L}+",
+    "x{1000}{1000}",
+    "é",
+];
 const FILTERS: &[&str] = &["|=", "!=", "|~", "!~", "|", "| json", "|= |="];
 
 fn query() -> BoxedStrategy<Input> {
     let quote = select(&["\"", "`", "'"][..]);
     let matcher = (select(LABELS), select(OPS), quote.clone(), select(VALUES))
         .prop_map(|(l, op, q, v)| format!("{l}{op}{q}{v}{q}"));
-    let filter = (select(FILTERS), quote, select(VALUES)).prop_map(|(f, q, v)| format!(" {f} {q}{v}{q}"));
+    let filter =
+        (select(FILTERS), quote, select(VALUES)).prop_map(|(f, q, v)| format!(" {f} {q}{v}{q}"));
     (
         proptest::collection::vec(matcher, 0..4),
         select(&[",", ""][..]),
         proptest::collection::vec(filter, 0..4),
     )
-        .prop_map(|(m, trailing, f)| Input(format!("{{{}{trailing}}}{}", m.join(", "), f.concat()).into_bytes()))
+        .prop_map(|(m, trailing, f)| {
+            Input(format!("{{{}{trailing}}}{}", m.join(", "), f.concat()).into_bytes())
+        })
         .boxed()
 }
 

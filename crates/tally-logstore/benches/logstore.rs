@@ -31,7 +31,12 @@ fn cpu_seconds() -> f64 {
     let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
     let after = stat.rsplit(')').next().unwrap_or("");
     let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     // Fields 14 and 15 of stat; 12 and 13 after the command name.
     (ticks(11) + ticks(12)) / 100.0
 }
@@ -39,10 +44,48 @@ fn cpu_seconds() -> f64 {
 /// A 200-byte line like a web server's: a few templates, varying values.
 fn line(n: usize) -> String {
     let mut l = match n % 4 {
-        0 => format!("2026-12-06T18:{:02}:{:02}.{:03}Z INFO  http request method=GET path=/api/v1/items/{} status=200 duration_ms={} bytes={} user_agent=\"Mozilla/5.0\" trace={:016x}", n / 60 % 60, n % 60, n % 1000, n % 5000, n % 97, 512 + n % 4096, n.wrapping_mul(2654435761)),
-        1 => format!("2026-12-06T18:{:02}:{:02}.{:03}Z WARN  cache miss key=session:{:08x} backend=redis-{} retry={} latency_ms={} pool_in_use={} pool_max=64 request_id={:016x}", n / 60 % 60, n % 60, n % 1000, n.wrapping_mul(40503), n % 3, n % 5, n % 250, n % 64, n.wrapping_mul(11400714819323198485)),
-        2 => format!("2026-12-06T18:{:02}:{:02}.{:03}Z INFO  job finished queue=emails job_id={} attempts={} elapsed_ms={} worker=worker-{} result=ok next_run_in_s={} tenant=tenant-{}", n / 60 % 60, n % 60, n % 1000, n, n % 4, n % 10_000, n % 8, n % 3600, n % 300),
-        _ => format!("2026-12-06T18:{:02}:{:02}.{:03}Z ERROR upstream failed service=payments endpoint=/v2/charge status=503 error=\"connection reset by peer\" attempt={} circuit=half-open id={:016x}", n / 60 % 60, n % 60, n % 1000, n % 5, n.wrapping_mul(6364136223846793005)),
+        0 => format!(
+            "2026-12-06T18:{:02}:{:02}.{:03}Z INFO  http request method=GET path=/api/v1/items/{} status=200 duration_ms={} bytes={} user_agent=\"Mozilla/5.0\" trace={:016x}",
+            n / 60 % 60,
+            n % 60,
+            n % 1000,
+            n % 5000,
+            n % 97,
+            512 + n % 4096,
+            n.wrapping_mul(2654435761)
+        ),
+        1 => format!(
+            "2026-12-06T18:{:02}:{:02}.{:03}Z WARN  cache miss key=session:{:08x} backend=redis-{} retry={} latency_ms={} pool_in_use={} pool_max=64 request_id={:016x}",
+            n / 60 % 60,
+            n % 60,
+            n % 1000,
+            n.wrapping_mul(40503),
+            n % 3,
+            n % 5,
+            n % 250,
+            n % 64,
+            n.wrapping_mul(11400714819323198485)
+        ),
+        2 => format!(
+            "2026-12-06T18:{:02}:{:02}.{:03}Z INFO  job finished queue=emails job_id={} attempts={} elapsed_ms={} worker=worker-{} result=ok next_run_in_s={} tenant=tenant-{}",
+            n / 60 % 60,
+            n % 60,
+            n % 1000,
+            n,
+            n % 4,
+            n % 10_000,
+            n % 8,
+            n % 3600,
+            n % 300
+        ),
+        _ => format!(
+            "2026-12-06T18:{:02}:{:02}.{:03}Z ERROR upstream failed service=payments endpoint=/v2/charge status=503 error=\"connection reset by peer\" attempt={} circuit=half-open id={:016x}",
+            n / 60 % 60,
+            n % 60,
+            n % 1000,
+            n % 5,
+            n.wrapping_mul(6364136223846793005)
+        ),
     };
     l.truncate(200);
     while l.len() < 200 {
@@ -57,7 +100,11 @@ fn batch(start: usize, total: usize) -> Vec<LogRecord> {
             project: "acme".into(),
             instance: format!("web-{}", n / 7 % INSTANCES),
             workload: Some("web".into()),
-            stream: if n % 10 == 0 { Stream::Stderr } else { Stream::Stdout },
+            stream: if n % 10 == 0 {
+                Stream::Stderr
+            } else {
+                Stream::Stdout
+            },
             time_nanos: (n as i64).saturating_mul(SPAN_NANOS / total.max(1) as i64),
             id: None,
             line: line(n),
@@ -72,22 +119,24 @@ fn ingest(store: &Arc<EmbeddedLogStore>, total: usize) {
     let threads: Vec<_> = (0..APPENDERS)
         .map(|_| {
             let (store, next) = (Arc::clone(store), Arc::clone(&next));
-            std::thread::spawn(move || loop {
-                let b = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if b >= batches {
-                    return;
-                }
-                let records = batch(b * BATCH, total);
+            std::thread::spawn(move || {
                 loop {
-                    match store.append(records.clone()) {
-                        Ok(ticket) => {
-                            ticket.blocking_recv().unwrap().unwrap();
-                            break;
+                    let b = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if b >= batches {
+                        return;
+                    }
+                    let records = batch(b * BATCH, total);
+                    loop {
+                        match store.append(records.clone()) {
+                            Ok(ticket) => {
+                                ticket.blocking_recv().unwrap().unwrap();
+                                break;
+                            }
+                            Err(tally_logstore::LogError::Busy { .. }) => {
+                                std::thread::sleep(Duration::from_millis(1))
+                            }
+                            Err(e) => panic!("{e}"),
                         }
-                        Err(tally_logstore::LogError::Busy { .. }) => {
-                            std::thread::sleep(Duration::from_millis(1))
-                        }
-                        Err(e) => panic!("{e}"),
                     }
                 }
             })
@@ -98,8 +147,16 @@ fn ingest(store: &Arc<EmbeddedLogStore>, total: usize) {
     }
     let (wall, cpu) = (t0.elapsed().as_secs_f64(), cpu_seconds() - cpu0);
     let lines = (batches * BATCH) as f64;
-    println!("ingest: {} lines of 200 B in {wall:.2} s wall, {cpu:.2} CPU-s", batches * BATCH);
-    println!("  {:.0} lines/s wall, {:.0} lines/s per CPU-second ({:.1} MB/s of text per core)", lines / wall, lines / cpu, lines * 200.0 / cpu / 1e6);
+    println!(
+        "ingest: {} lines of 200 B in {wall:.2} s wall, {cpu:.2} CPU-s",
+        batches * BATCH
+    );
+    println!(
+        "  {:.0} lines/s wall, {:.0} lines/s per CPU-second ({:.1} MB/s of text per core)",
+        lines / wall,
+        lines / cpu,
+        lines * 200.0 / cpu / 1e6
+    );
 }
 
 fn grep(store: &EmbeddedLogStore, instances: Vec<String>, text: &str, what: &str) {
@@ -133,7 +190,10 @@ fn grep(store: &EmbeddedLogStore, instances: Vec<String>, text: &str, what: &str
 }
 
 fn follow_latency(store: Arc<EmbeddedLogStore>) {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let busy = {
         let (store, stop) = (Arc::clone(&store), Arc::clone(&stop));
@@ -150,19 +210,51 @@ fn follow_latency(store: Arc<EmbeddedLogStore>) {
     let mut latencies = runtime.block_on(async {
         let mut changes = store.subscribe();
         changes.borrow_and_update();
-        let mut after = Position { block: u64::MAX - 1, index: 0 };
+        let mut after = Position {
+            block: u64::MAX - 1,
+            index: 0,
+        };
         // Start after what is stored now.
-        let page = store.read(&LogQuery { project: "follow".into(), since_nanos: i64::MIN, until_nanos: i64::MAX, limit: usize::MAX, ..LogQuery::default() }).unwrap();
-        if let Some(l) = page.lines.last() { after = l.position; } else { after.block = 0; }
+        let page = store
+            .read(&LogQuery {
+                project: "follow".into(),
+                since_nanos: i64::MIN,
+                until_nanos: i64::MAX,
+                limit: usize::MAX,
+                ..LogQuery::default()
+            })
+            .unwrap();
+        if let Some(l) = page.lines.last() {
+            after = l.position;
+        } else {
+            after.block = 0;
+        }
         let mut latencies = Vec::new();
         for i in 0..2000 {
             tokio::time::sleep(Duration::from_millis(5)).await;
             let sent = Instant::now();
-            let record = LogRecord { project: "follow".into(), instance: "f-0".into(), workload: None, stream: Stream::Stdout, time_nanos: i, id: None, line: format!("follow {i}") };
+            let record = LogRecord {
+                project: "follow".into(),
+                instance: "f-0".into(),
+                workload: None,
+                stream: Stream::Stdout,
+                time_nanos: i,
+                id: None,
+                line: format!("follow {i}"),
+            };
             let _ticket = store.append(vec![record]).unwrap();
             loop {
                 changes.changed().await.unwrap();
-                let page = store.read(&LogQuery { project: "follow".into(), after: Some(after), since_nanos: i64::MIN, until_nanos: i64::MAX, limit: usize::MAX, ..LogQuery::default() }).unwrap();
+                let page = store
+                    .read(&LogQuery {
+                        project: "follow".into(),
+                        after: Some(after),
+                        since_nanos: i64::MIN,
+                        until_nanos: i64::MAX,
+                        limit: usize::MAX,
+                        ..LogQuery::default()
+                    })
+                    .unwrap();
                 if let Some(l) = page.lines.last() {
                     after = l.position;
                     latencies.push(sent.elapsed());
@@ -175,8 +267,16 @@ fn follow_latency(store: Arc<EmbeddedLogStore>) {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     busy.join().unwrap();
     latencies.sort();
-    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)].as_secs_f64() * 1e3;
-    println!("follow: append → follower has the line: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (writer busy with 1000-line batches)", at(0.5), at(0.99), at(1.0));
+    let at = |q: f64| {
+        latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)].as_secs_f64()
+            * 1e3
+    };
+    println!(
+        "follow: append → follower has the line: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (writer busy with 1000-line batches)",
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    );
 }
 
 fn main() {
@@ -184,7 +284,9 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(5_000_000);
-    let dir = std::env::var("TALLY_BENCH_DIR").map(std::path::PathBuf::from).unwrap_or_else(|_| std::env::temp_dir());
+    let dir = std::env::var("TALLY_BENCH_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| std::env::temp_dir());
     let dir = tempfile::tempdir_in(dir).unwrap();
     let store = Arc::new(EmbeddedLogStore::open(StoreConfig::new(dir.path())).unwrap());
     ingest(&store, total);

@@ -68,8 +68,10 @@ pub fn encode(entries: &[Entry<'_>]) -> Vec<u8> {
     for e in entries {
         payload.extend_from_slice(e.line.as_bytes());
     }
-    let compressed =
-        ruzstd::encoding::compress_to_vec(&payload[..], ruzstd::encoding::CompressionLevel::Fastest);
+    let compressed = ruzstd::encoding::compress_to_vec(
+        &payload[..],
+        ruzstd::encoding::CompressionLevel::Fastest,
+    );
     let (codec, body) = if compressed.len() < payload.len() {
         (CODEC_ZSTD, compressed)
     } else {
@@ -197,7 +199,11 @@ mod tests {
         let entries: Vec<Entry<'_>> = lines
             .iter()
             .enumerate()
-            .map(|(i, l)| Entry { time_nanos: 1_000_000 * i as i64, stream: Stream::Stdout, line: l })
+            .map(|(i, l)| Entry {
+                time_nanos: 1_000_000 * i as i64,
+                stream: Stream::Stdout,
+                line: l,
+            })
             .collect();
         let raw: usize = lines.iter().map(String::len).sum();
         let block = encode(&entries);

@@ -27,8 +27,8 @@ mod sweep;
 
 use crate::keys::{self, TimeEntry};
 use crate::{
-    AppendReport, AppendTicket, DEFAULT_RETENTION, InstanceInfo, LogError, LogPage,
-    LogQuery, LogRecord, LogStore, Stats, admit, block,
+    AppendReport, AppendTicket, DEFAULT_RETENTION, InstanceInfo, LogError, LogPage, LogQuery,
+    LogRecord, LogStore, Stats, admit, block,
 };
 
 /// How the embedded store is opened.
@@ -434,9 +434,10 @@ impl Inner {
         let old = known.as_deref().and_then(decode_instance);
         let newest = old.as_ref().map_or(max, |o| o.newest_nanos.max(max));
         let workload = workload.or(old.as_ref().and_then(|o| o.workload.as_deref()));
-        if old.as_ref().is_some_and(|o| {
-            o.newest_nanos == newest && o.workload.as_deref() == workload
-        }) {
+        if old
+            .as_ref()
+            .is_some_and(|o| o.newest_nanos == newest && o.workload.as_deref() == workload)
+        {
             return Ok(());
         }
         let mut v = newest.to_le_bytes().to_vec();

@@ -83,7 +83,11 @@ mod tests {
         let line = "GET /healthz 200";
         assert!(LineFilter::text("healthz", false).unwrap().keeps(line));
         assert!(!LineFilter::text("healthz", true).unwrap().keeps(line));
-        assert!(LineFilter::regex("^GET .* 2\\d\\d$", false).unwrap().keeps(line));
+        assert!(
+            LineFilter::regex("^GET .* 2\\d\\d$", false)
+                .unwrap()
+                .keeps(line)
+        );
         assert!(!LineFilter::regex("5\\d\\d", false).unwrap().keeps(line));
         assert!(LineFilter::regex("5\\d\\d", true).unwrap().keeps(line));
     }

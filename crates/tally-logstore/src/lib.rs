@@ -224,10 +224,7 @@ pub enum LogError {
     Invalid(String),
     /// Too much is pending: the caller should retry after `retry_after`.
     #[error("{why}; retry in {} s", retry_after.as_secs().max(1))]
-    Busy {
-        why: String,
-        retry_after: Duration,
-    },
+    Busy { why: String, retry_after: Duration },
     #[error("the log store's writer has stopped")]
     Stopped,
 }

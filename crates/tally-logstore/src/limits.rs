@@ -104,7 +104,11 @@ mod tests {
         assert!(limiter.take(&noisy, t0).is_ok());
         let wait = limiter.take(&noisy, t0).unwrap_err();
         assert_eq!(wait, Duration::from_secs(1));
-        assert!(limiter.take(&HashMap::from([("quiet", 150u64)]), t0).is_ok());
+        assert!(
+            limiter
+                .take(&HashMap::from([("quiet", 150u64)]), t0)
+                .is_ok()
+        );
         // Refilled after the wait.
         assert!(limiter.take(&noisy, t0 + wait).is_ok());
         // A request bigger than the burst fits once the bucket is full.

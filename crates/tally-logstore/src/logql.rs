@@ -85,7 +85,9 @@ impl LogQl {
 
 /// Why a query was refused.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("LogQL: {0} (Tally answers a stream selector `{{label=\"value\", ...}}` with line filters `|=`, `!=`, `|~`, `!~`)")]
+#[error(
+    "LogQL: {0} (Tally answers a stream selector `{{label=\"value\", ...}}` with line filters `|=`, `!=`, `|~`, `!~`)"
+)]
 pub struct LogQlError(String);
 
 impl From<FilterError> for LogQlError {
@@ -133,7 +135,9 @@ impl Cursor<'_> {
         self.skip_space();
         let rest = &self.s[self.at..];
         if let Some(body) = rest.strip_prefix('`') {
-            let end = body.find('`').ok_or_else(|| self.error("a closing backtick"))?;
+            let end = body
+                .find('`')
+                .ok_or_else(|| self.error("a closing backtick"))?;
             self.at += end + 2;
             return Ok(body[..end].to_owned());
         }
@@ -173,7 +177,9 @@ impl Cursor<'_> {
 /// Parses a query of the subset.
 pub fn parse(query: &str) -> Result<LogQl, LogQlError> {
     if query.len() > MAX_QUERY_BYTES {
-        return Err(LogQlError(format!("a query is at most {MAX_QUERY_BYTES} bytes")));
+        return Err(LogQlError(format!(
+            "a query is at most {MAX_QUERY_BYTES} bytes"
+        )));
     }
     let mut c = Cursor { s: query, at: 0 };
     let mut out = LogQl::default();
@@ -243,7 +249,10 @@ mod tests {
 
     #[test]
     fn grafana_shaped_queries_parse() {
-        let q = parse(r#"{instance="web-0", stream=~"std(out|err)"} |= "error" != `healthz` |~ "5\d\d""#).unwrap();
+        let q = parse(
+            r#"{instance="web-0", stream=~"std(out|err)"} |= "error" != `healthz` |~ "5\d\d""#,
+        )
+        .unwrap();
         assert_eq!(q.matchers.len(), 2);
         assert_eq!(q.equal("instance"), Some("web-0"));
         assert!(q.selects(&[("instance", "web-0"), ("stream", "stderr")]));

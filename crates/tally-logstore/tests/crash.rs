@@ -43,7 +43,12 @@ fn crash_child_process() {
     let from: u64 = std::env::var(CHILD_FROM).unwrap().parse().unwrap();
     let store = EmbeddedLogStore::open(StoreConfig::new(dir)).expect("open");
     for k in from..BATCHES {
-        let report = store.append(batch(k)).unwrap().blocking_recv().unwrap().unwrap();
+        let report = store
+            .append(batch(k))
+            .unwrap()
+            .blocking_recv()
+            .unwrap()
+            .unwrap();
         assert_eq!(report.stored + report.duplicates, PER_BATCH);
         println!("acked {k}");
     }
@@ -52,7 +57,13 @@ fn crash_child_process() {
 
 fn spawn(dir: &Path, from: u64) -> (Child, mpsc::Receiver<String>) {
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--ignored", "--exact", "crash_child_process", "--nocapture", "--test-threads=1"])
+        .args([
+            "--ignored",
+            "--exact",
+            "crash_child_process",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_DIR, dir)
         .env(CHILD_FROM, from.to_string())
         .stdout(Stdio::piped())
@@ -111,5 +122,8 @@ fn a_killed_store_loses_and_duplicates_nothing() {
             .collect();
         assert_eq!(got, want, "{instance}: every record once, in order");
     }
-    assert!(acked.is_some(), "no batch was acknowledged before the kills; the test did not test");
+    assert!(
+        acked.is_some(),
+        "no batch was acknowledged before the kills; the test did not test"
+    );
 }

@@ -30,7 +30,12 @@ fn record() -> impl Strategy<Value = LogRecord> {
         any::<bool>(),
         0i64..1000,
         prop::option::of(0u8..20),
-        prop::sample::select(vec!["GET / 200", "POST /x 500", "panic: boom\n  at main.rs:1", ""]),
+        prop::sample::select(vec![
+            "GET / 200",
+            "POST /x 500",
+            "panic: boom\n  at main.rs:1",
+            "",
+        ]),
     )
         .prop_map(|(p, i, err, t, id, line)| LogRecord {
             project: p.into(),
@@ -78,7 +83,10 @@ impl Model {
             if dup {
                 continue;
             }
-            match round.iter_mut().find(|(p, i, _)| *p == r.project && *i == r.instance) {
+            match round
+                .iter_mut()
+                .find(|(p, i, _)| *p == r.project && *i == r.instance)
+            {
                 Some((_, _, rs)) => rs.push(r.clone()),
                 None => round.push((r.project.clone(), r.instance.clone(), vec![r.clone()])),
             }
@@ -91,7 +99,13 @@ impl Model {
             .retain(|(_, _, rs)| rs.iter().map(|r| r.time_nanos).max().unwrap_or(0) >= cutoff);
     }
 
-    fn read(&self, project: &str, instance: &str, q: &LogQuery, grep: Option<&str>) -> Vec<(i64, Stream, String)> {
+    fn read(
+        &self,
+        project: &str,
+        instance: &str,
+        q: &LogQuery,
+        grep: Option<&str>,
+    ) -> Vec<(i64, Stream, String)> {
         self.blocks
             .iter()
             .filter(|(p, i, _)| p == project && i == instance)
@@ -123,14 +137,23 @@ fn run(ops: Vec<Op>) {
                 model.sweep(now - RETENTION);
                 store.sweep(now).unwrap();
             }
-            Op::Read { project, instance, since, until, stream, grep } => {
+            Op::Read {
+                project,
+                instance,
+                since,
+                until,
+                stream,
+                grep,
+            } => {
                 let query = LogQuery {
                     project: project.into(),
                     instances: instance.map(|i| vec![i.to_owned()]).unwrap_or_default(),
                     stream,
                     since_nanos: since,
                     until_nanos: until,
-                    filters: grep.map(|g| vec![LineFilter::text(g, false).unwrap()]).unwrap_or_default(),
+                    filters: grep
+                        .map(|g| vec![LineFilter::text(g, false).unwrap()])
+                        .unwrap_or_default(),
                     limit: usize::MAX,
                     ..LogQuery::default()
                 };

@@ -87,7 +87,11 @@ impl MetricsReceiver {
     }
 
     /// Whether the caller may use `route` (the HTTP route's rule).
-    fn authorize(&self, metadata: &tonic::metadata::MetadataMap, route: &str) -> Result<(), Status> {
+    fn authorize(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        route: &str,
+    ) -> Result<(), Status> {
         let bearer = metadata
             .get("authorization")
             .and_then(|v| v.to_str().ok())

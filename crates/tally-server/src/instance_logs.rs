@@ -132,7 +132,15 @@ pub(crate) fn split(request: ExportLogsServiceRequest, now_nanos: i64) -> Split 
         let workload = attr(attributes, "workload").filter(|w| is_name(w));
         let resource_stream = attr(attributes, "log.iostream");
         let before = out.records.len();
-        push_records(&mut out, &resource_logs, project, instance, workload, resource_stream, now_nanos);
+        push_records(
+            &mut out,
+            &resource_logs,
+            project,
+            instance,
+            workload,
+            resource_stream,
+            now_nanos,
+        );
         let added = (out.records.len() - before) as u64;
         let export = out.exports.entry(project.to_owned()).or_default();
         export.0.resource_logs.push(resource_logs);
@@ -280,15 +288,32 @@ mod tests {
         let request = ExportLogsServiceRequest {
             resource_logs: vec![
                 resource(
-                    vec![kv("project", "acme"), kv("instance", "web-0"), kv("workload", "web")],
+                    vec![
+                        kv("project", "acme"),
+                        kv("instance", "web-0"),
+                        kv("workload", "web"),
+                    ],
                     vec![
                         record("hello", vec![], 5),
-                        record("boom\n at x", vec![kv("log.iostream", "stderr"), kv("log.record.uid", "u1")], 0),
+                        record(
+                            "boom\n at x",
+                            vec![kv("log.iostream", "stderr"), kv("log.record.uid", "u1")],
+                            0,
+                        ),
                     ],
                 ),
-                resource(vec![kv("route_name", "httproute/ns/r/rule/0")], vec![record("GET /", vec![], 1)]),
-                resource(vec![kv("instance", "web-1")], vec![record("no project", vec![], 1)]),
-                resource(vec![kv("project", "Acme"), kv("instance", "web-1")], vec![record("bad name", vec![], 1)]),
+                resource(
+                    vec![kv("route_name", "httproute/ns/r/rule/0")],
+                    vec![record("GET /", vec![], 1)],
+                ),
+                resource(
+                    vec![kv("instance", "web-1")],
+                    vec![record("no project", vec![], 1)],
+                ),
+                resource(
+                    vec![kv("project", "Acme"), kv("instance", "web-1")],
+                    vec![record("bad name", vec![], 1)],
+                ),
             ],
         };
         let split = split(request, 99);
@@ -296,9 +321,22 @@ mod tests {
         assert_eq!(split.rejected, 2);
         assert_eq!(split.records.len(), 2);
         let (a, b) = (&split.records[0], &split.records[1]);
-        assert_eq!((a.project.as_str(), a.instance.as_str(), a.workload.as_deref()), ("acme", "web-0", Some("web")));
-        assert_eq!((a.stream, a.time_nanos, a.id.as_deref()), (Stream::Stdout, 5, None));
-        assert_eq!((b.stream, b.time_nanos, b.id.as_deref()), (Stream::Stderr, 99, Some("u1")));
+        assert_eq!(
+            (
+                a.project.as_str(),
+                a.instance.as_str(),
+                a.workload.as_deref()
+            ),
+            ("acme", "web-0", Some("web"))
+        );
+        assert_eq!(
+            (a.stream, a.time_nanos, a.id.as_deref()),
+            (Stream::Stdout, 5, None)
+        );
+        assert_eq!(
+            (b.stream, b.time_nanos, b.id.as_deref()),
+            (Stream::Stderr, 99, Some("u1"))
+        );
         assert_eq!(b.line, "boom\n at x");
     }
 }

@@ -18,6 +18,8 @@ mod events;
 pub mod export;
 mod exporters;
 mod grpc;
+pub mod instance_logs;
+mod logs_api;
 mod meters;
 mod problem;
 mod query;
@@ -26,8 +28,6 @@ mod schemas;
 mod signals;
 mod subjects;
 mod telemetry;
-pub mod instance_logs;
-mod logs_api;
 mod unserved;
 mod usage;
 mod validate;
@@ -367,7 +367,10 @@ pub fn router(state: AppState) -> Router {
         .route("/loki/api/v1/query_range", get(logs_api::loki_query_range))
         .route("/loki/api/v1/labels", get(logs_api::loki_labels))
         .route("/loki/api/v1/tail", get(logs_api::loki_tail))
-        .route("/loki/api/v1/label/{name}/values", get(logs_api::loki_label_values))
+        .route(
+            "/loki/api/v1/label/{name}/values",
+            get(logs_api::loki_label_values),
+        )
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi_json));
     let api = unserved::FAMILIES
@@ -574,16 +577,59 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
 /// The instance log store's gauges and counters.
 fn render_log_store(s: &tally_logstore::Stats, out: &mut String) {
     for (name, help, kind, value) in [
-        ("tally_logs_disk_bytes", "Bytes the instance log store occupies on disk.", "gauge", s.disk_bytes),
-        ("tally_logs_raw_bytes", "Bytes of raw text of the instance log lines retained.", "gauge", s.raw_bytes),
-        ("tally_logs_block_bytes", "Bytes of the compressed blocks holding the retained lines.", "gauge", s.block_bytes),
-        ("tally_logs_lines", "Instance log lines retained.", "gauge", s.lines),
-        ("tally_logs_appended_lines_total", "Instance log lines stored.", "counter", s.appended_lines),
-        ("tally_logs_duplicate_lines_total", "Instance log records not stored again: their record id was stored.", "counter", s.duplicates),
-        ("tally_logs_truncated_lines_total", "Instance log lines cut to the longest line kept.", "counter", s.truncated),
-        ("tally_logs_swept_blocks_total", "Blocks deleted past their project's retention.", "counter", s.swept_blocks),
+        (
+            "tally_logs_disk_bytes",
+            "Bytes the instance log store occupies on disk.",
+            "gauge",
+            s.disk_bytes,
+        ),
+        (
+            "tally_logs_raw_bytes",
+            "Bytes of raw text of the instance log lines retained.",
+            "gauge",
+            s.raw_bytes,
+        ),
+        (
+            "tally_logs_block_bytes",
+            "Bytes of the compressed blocks holding the retained lines.",
+            "gauge",
+            s.block_bytes,
+        ),
+        (
+            "tally_logs_lines",
+            "Instance log lines retained.",
+            "gauge",
+            s.lines,
+        ),
+        (
+            "tally_logs_appended_lines_total",
+            "Instance log lines stored.",
+            "counter",
+            s.appended_lines,
+        ),
+        (
+            "tally_logs_duplicate_lines_total",
+            "Instance log records not stored again: their record id was stored.",
+            "counter",
+            s.duplicates,
+        ),
+        (
+            "tally_logs_truncated_lines_total",
+            "Instance log lines cut to the longest line kept.",
+            "counter",
+            s.truncated,
+        ),
+        (
+            "tally_logs_swept_blocks_total",
+            "Blocks deleted past their project's retention.",
+            "counter",
+            s.swept_blocks,
+        ),
     ] {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
     }
 }
 
@@ -792,10 +838,11 @@ async fn open_logs(
 ) -> anyhow::Result<(instance_logs::InstanceLogs, tokio::task::JoinHandle<()>)> {
     let store_config = config.logs.store_config(&config.data_dir);
     let dir = store_config.dir.clone();
-    let store = tokio::task::spawn_blocking(move || tally_logstore::EmbeddedLogStore::open(store_config))
-        .await
-        .context("opening the instance log store")?
-        .with_context(|| format!("opening the instance log store in {}", dir.display()))?;
+    let store =
+        tokio::task::spawn_blocking(move || tally_logstore::EmbeddedLogStore::open(store_config))
+            .await
+            .context("opening the instance log store")?
+            .with_context(|| format!("opening the instance log store in {}", dir.display()))?;
     let store: Arc<dyn tally_logstore::LogStore> = Arc::new(store);
     let every = std::time::Duration::from_secs(config.logs.sweep_interval_seconds.max(1));
     let sweeping = Arc::clone(&store);
@@ -806,14 +853,21 @@ async fn open_logs(
             let store = Arc::clone(&sweeping);
             let now = i64::try_from(jiff::Timestamp::now().as_nanosecond()).unwrap_or(i64::MAX);
             match tokio::task::spawn_blocking(move || store.sweep(now)).await {
-                Ok(Ok(n)) if n > 0 => tracing::info!(blocks = n, "instance logs past retention deleted"),
+                Ok(Ok(n)) if n > 0 => {
+                    tracing::info!(blocks = n, "instance logs past retention deleted")
+                }
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "sweeping instance logs failed; retried at the next sweep"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "sweeping instance logs failed; retried at the next sweep")
+                }
                 Err(e) => tracing::warn!(error = %e, "sweeping instance logs failed"),
             }
         }
     });
-    Ok((instance_logs::InstanceLogs::new(store, config.logs.limiter()), task))
+    Ok((
+        instance_logs::InstanceLogs::new(store, config.logs.limiter()),
+        task,
+    ))
 }
 
 /// The listeners of a server process: HTTP, and OTLP/gRPC when configured.

@@ -37,9 +37,10 @@ const DEFAULT_LIMIT: usize = 1000;
 const HEARTBEAT: Duration = Duration::from_secs(10);
 
 fn logs(state: &AppState) -> Result<&InstanceLogs, Problem> {
-    state.logs.as_ref().ok_or_else(|| {
-        Problem::new(StatusCode::NOT_FOUND, "this server keeps no instance logs")
-    })
+    state
+        .logs
+        .as_ref()
+        .ok_or_else(|| Problem::new(StatusCode::NOT_FOUND, "this server keeps no instance logs"))
 }
 
 fn may_read(principal: &Principal, project: &str) -> bool {
@@ -113,17 +114,23 @@ pub async fn instance_logs(
     let p = Params::parse(raw.as_deref())?;
     p.only(&["since", "until", "stream", "grep", "limit", "follow"])?;
     let now = Timestamp::now();
-    let follow = p.parsed::<bool>("follow", "true or false")?.unwrap_or(false);
+    let follow = p
+        .parsed::<bool>("follow", "true or false")?
+        .unwrap_or(false);
     let query = LogQuery {
         project,
         instances: vec![instance],
         stream: p
             .one("stream")?
-            .map(|s| Stream::parse(&s).ok_or_else(|| Problem::bad_request("stream is stdout or stderr")))
+            .map(|s| {
+                Stream::parse(&s).ok_or_else(|| Problem::bad_request("stream is stdout or stderr"))
+            })
             .transpose()?,
         since_nanos: since(p.one("since")?.as_deref().unwrap_or("1h"), now)?,
         until_nanos: match p.timestamp("until")? {
-            Some(_) if follow => return Err(Problem::bad_request("until and follow exclude each other")),
+            Some(_) if follow => {
+                return Err(Problem::bad_request("until and follow exclude each other"));
+            }
             Some(t) => nanos(t),
             None => i64::MAX,
         },
@@ -165,19 +172,28 @@ pub(crate) async fn read(logs: &InstanceLogs, query: LogQuery) -> Result<LogPage
 }
 
 /// A follower: the backlog, then new lines after the last position sent.
-fn follow_response(logs: InstanceLogs, mut query: LogQuery, backlog: LogPage) -> Result<Response, Problem> {
+fn follow_response(
+    logs: InstanceLogs,
+    mut query: LogQuery,
+    backlog: LogPage,
+) -> Result<Response, Problem> {
     let permit = std::sync::Arc::clone(&logs.followers)
         .try_acquire_owned()
         .map_err(|_| {
-            Problem::new(StatusCode::TOO_MANY_REQUESTS, "too many log followers at once")
-                .with_retry_after(5)
+            Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many log followers at once",
+            )
+            .with_retry_after(5)
         })?;
     let mut changes = logs.store.subscribe();
     changes.borrow_and_update();
-    query.after = Some(backlog.lines.last().map_or(
-        Position { block: 0, index: 0 },
-        |l| l.position,
-    ));
+    query.after = Some(
+        backlog
+            .lines
+            .last()
+            .map_or(Position { block: 0, index: 0 }, |l| l.position),
+    );
     query.newest_first = false;
     query.limit = MAX_LIMIT;
     let first = ndjson(&backlog.lines);
@@ -185,7 +201,10 @@ fn follow_response(logs: InstanceLogs, mut query: LogQuery, backlog: LogPage) ->
         (Some(first), logs, query, changes, permit),
         |(pending, logs, mut query, mut changes, permit)| async move {
             if let Some(first) = pending {
-                return Some((Ok::<_, std::io::Error>(first), (None, logs, query, changes, permit)));
+                return Some((
+                    Ok::<_, std::io::Error>(first),
+                    (None, logs, query, changes, permit),
+                ));
             }
             let woken = tokio::time::timeout(HEARTBEAT, changes.changed()).await;
             if matches!(woken, Ok(Err(_))) {
@@ -200,7 +219,11 @@ fn follow_response(logs: InstanceLogs, mut query: LogQuery, backlog: LogPage) ->
                 }
                 Err(_) => return None,
             };
-            let chunk = if chunk.is_empty() { "\n".to_owned() } else { chunk };
+            let chunk = if chunk.is_empty() {
+                "\n".to_owned()
+            } else {
+                chunk
+            };
             Some((Ok(chunk), (None, logs, query, changes, permit)))
         },
     );
@@ -267,8 +290,18 @@ fn loki_project(principal: &Principal, selector: Option<&LogQl>) -> Result<Strin
 }
 
 /// The labels of an instance's streams.
-fn labels<'a>(project: &'a str, instance: &'a str, workload: &'a str, stream: &'a str) -> [(&'a str, &'a str); 4] {
-    [("project", project), ("instance", instance), ("workload", workload), ("stream", stream)]
+fn labels<'a>(
+    project: &'a str,
+    instance: &'a str,
+    workload: &'a str,
+    stream: &'a str,
+) -> [(&'a str, &'a str); 4] {
+    [
+        ("project", project),
+        ("instance", instance),
+        ("workload", workload),
+        ("stream", stream),
+    ]
 }
 
 /// Query logs (Loki).
@@ -308,7 +341,11 @@ pub async fn loki_query_range(
     let selector = parse_logql(&text)?;
     let project = loki_project(&principal, Some(&selector))?;
     let now = nanos(Timestamp::now());
-    let end = p.one("end")?.map(|t| loki_time(&t)).transpose()?.unwrap_or(now);
+    let end = p
+        .one("end")?
+        .map(|t| loki_time(&t))
+        .transpose()?
+        .unwrap_or(now);
     let start = p
         .one("start")?
         .map(|t| loki_time(&t))
@@ -319,17 +356,20 @@ pub async fn loki_query_range(
     let page = if selected.is_empty() {
         LogPage::default()
     } else {
-        read(&logs, LogQuery {
-            project: project.clone(),
-            instances: selected,
-            stream: None,
-            since_nanos: start,
-            until_nanos: end,
-            after: None,
-            filters: selector.filters.clone(),
-            limit: p.number("limit")?.unwrap_or(100).min(MAX_LIMIT),
-            newest_first: backward,
-        })
+        read(
+            &logs,
+            LogQuery {
+                project: project.clone(),
+                instances: selected,
+                stream: None,
+                since_nanos: start,
+                until_nanos: end,
+                after: None,
+                filters: selector.filters.clone(),
+                limit: p.number("limit")?.unwrap_or(100).min(MAX_LIMIT),
+                newest_first: backward,
+            },
+        )
         .await?
     };
     let result = streams(&project, &selector, &workloads, &page.lines);
@@ -372,7 +412,12 @@ async fn select(
 }
 
 /// Lines grouped into Loki streams (one per label set), in the order given.
-fn streams(project: &str, selector: &LogQl, workloads: &BTreeMap<String, String>, lines: &[LogLine]) -> Vec<Value> {
+fn streams(
+    project: &str,
+    selector: &LogQl,
+    workloads: &BTreeMap<String, String>,
+    lines: &[LogLine],
+) -> Vec<Value> {
     let mut order: Vec<(String, Stream)> = Vec::new();
     let mut values: BTreeMap<(String, Stream), Vec<Value>> = BTreeMap::new();
     for l in lines {
@@ -391,7 +436,8 @@ fn streams(project: &str, selector: &LogQl, workloads: &BTreeMap<String, String>
         .into_iter()
         .map(|key| {
             let workload = workloads.get(&key.0).map_or("", String::as_str);
-            let mut stream = json!({"project": project, "instance": key.0, "stream": key.1.as_str()});
+            let mut stream =
+                json!({"project": project, "instance": key.0, "stream": key.1.as_str()});
             if !workload.is_empty() {
                 stream["workload"] = json!(workload);
             }
@@ -518,10 +564,19 @@ pub async fn loki_tail(
     let permit = std::sync::Arc::clone(&logs.followers)
         .try_acquire_owned()
         .map_err(|_| {
-            Problem::new(StatusCode::TOO_MANY_REQUESTS, "too many log followers at once")
-                .with_retry_after(5)
+            Problem::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many log followers at once",
+            )
+            .with_retry_after(5)
         })?;
-    let tail = Tail { logs, project, selector, start, limit };
+    let tail = Tail {
+        logs,
+        project,
+        selector,
+        start,
+        limit,
+    };
     Ok(upgrade.on_upgrade(move |socket| async move {
         let _permit = permit;
         if let Err(e) = tail.run(socket).await {
@@ -556,9 +611,18 @@ impl Tail {
             limit: self.limit,
             newest_first: true,
         };
-        let mut page = if query.instances.is_empty() { LogPage::default() } else { read(&self.logs, query.clone()).await? };
+        let mut page = if query.instances.is_empty() {
+            LogPage::default()
+        } else {
+            read(&self.logs, query.clone()).await?
+        };
         page.lines.reverse();
-        let mut after = page.lines.iter().map(|l| l.position).max().unwrap_or_default();
+        let mut after = page
+            .lines
+            .iter()
+            .map(|l| l.position)
+            .max()
+            .unwrap_or_default();
         let mut workloads = workloads;
         let mut lines = page.lines;
         query.newest_first = false;
@@ -595,11 +659,16 @@ impl Tail {
                 }
             }
             // Instances that appeared since are followed too.
-            let (instances, now_workloads) = select(&self.logs, &self.project, &self.selector).await?;
+            let (instances, now_workloads) =
+                select(&self.logs, &self.project, &self.selector).await?;
             query.instances = instances;
             workloads = now_workloads;
             query.after = Some(after);
-            lines = if query.instances.is_empty() { Vec::new() } else { read(&self.logs, query.clone()).await?.lines };
+            lines = if query.instances.is_empty() {
+                Vec::new()
+            } else {
+                read(&self.logs, query.clone()).await?.lines
+            };
             if let Some(last) = lines.iter().map(|l| l.position).max() {
                 after = after.max(last);
             }
@@ -614,9 +683,18 @@ mod tests {
     #[test]
     fn loki_times_read_like_loki() {
         assert_eq!(loki_time("1700000000").unwrap(), 1_700_000_000_000_000_000);
-        assert_eq!(loki_time("1700000000000000000").unwrap(), 1_700_000_000_000_000_000);
-        assert_eq!(loki_time("1700000000.5").unwrap(), 1_700_000_000_500_000_000);
-        assert_eq!(loki_time("2023-11-14T22:13:20Z").unwrap(), 1_700_000_000_000_000_000);
+        assert_eq!(
+            loki_time("1700000000000000000").unwrap(),
+            1_700_000_000_000_000_000
+        );
+        assert_eq!(
+            loki_time("1700000000.5").unwrap(),
+            1_700_000_000_500_000_000
+        );
+        assert_eq!(
+            loki_time("2023-11-14T22:13:20Z").unwrap(),
+            1_700_000_000_000_000_000
+        );
         assert!(loki_time("yesterday").is_err());
     }
 }

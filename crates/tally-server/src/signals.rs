@@ -131,7 +131,8 @@ pub async fn otlp_logs(
         let limit = state.max_body_bytes;
         let request: ExportLogsServiceRequest =
             body::decoded_off_workers(headers, body, limit, move |_, raw| {
-                otlp::decode_request(&raw, encoding).map_err(|e| Problem::bad_request(e.to_string()))
+                otlp::decode_request(&raw, encoding)
+                    .map_err(|e| Problem::bad_request(e.to_string()))
             })
             .await?;
         let partial_success = receive_logs(&state, "otlp_http_logs", request).await?;

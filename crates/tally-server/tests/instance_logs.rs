@@ -44,7 +44,10 @@ async fn start(limit: IngestLimit) -> Server {
     ];
     let state = AppState::new(Arc::new(ledger), 1 << 20, None)
         .with_resources(resources)
-        .with_logs(InstanceLogs::new(store, ProjectLimiter::new(limit, HashMap::new())))
+        .with_logs(InstanceLogs::new(
+            store,
+            ProjectLimiter::new(limit, HashMap::new()),
+        ))
         .with_tokens(Some("root"), &tokens)
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -124,7 +127,15 @@ async fn instance_logs_are_stored_read_filtered_and_scoped() {
         .post(
             "ingest-secret",
             &otlp(&[
-                ("acme", "web-0", &[("stdout", "GET / 200"), ("stderr", trace), ("stdout", "GET /x 500")]),
+                (
+                    "acme",
+                    "web-0",
+                    &[
+                        ("stdout", "GET / 200"),
+                        ("stderr", trace),
+                        ("stdout", "GET /x 500"),
+                    ],
+                ),
                 ("globex", "web-0", &[("stdout", "globex secret line")]),
             ]),
         )
@@ -136,7 +147,9 @@ async fn instance_logs_are_stored_read_filtered_and_scoped() {
     assert_eq!(lines(&all), ["GET / 200", trace, "GET /x 500"]);
     let (_, err) = s.get("acme-secret", &format!("{path}?stream=stderr")).await;
     assert_eq!(lines(&err), [trace]);
-    let (_, grep) = s.get("acme-secret", &format!("{path}?grep=500&since=5m")).await;
+    let (_, grep) = s
+        .get("acme-secret", &format!("{path}?grep=500&since=5m"))
+        .await;
     assert_eq!(lines(&grep), ["GET /x 500"]);
     let (_, tail) = s.get("acme-secret", &format!("{path}?limit=1")).await;
     assert_eq!(lines(&tail), ["GET /x 500"]);
@@ -153,15 +166,27 @@ async fn instance_logs_are_stored_read_filtered_and_scoped() {
         ("wrong", "acme", 401),
     ] {
         let (status, body) = s
-            .get(token, &format!("/api/v1/projects/{project}/instances/web-0/logs"))
+            .get(
+                token,
+                &format!("/api/v1/projects/{project}/instances/web-0/logs"),
+            )
             .await;
         assert_eq!(status.as_u16(), want, "{token} reading {project}: {body}");
         if want == 200 {
-            assert!(lines(&body).iter().all(|l| !l.contains("secret") || project == "globex"));
+            assert!(
+                lines(&body)
+                    .iter()
+                    .all(|l| !l.contains("secret") || project == "globex")
+            );
         }
     }
     // A project token may not write logs.
-    assert_eq!(s.post("acme-secret", &otlp(&[("acme", "web-0", &[])])).await.status(), 403);
+    assert_eq!(
+        s.post("acme-secret", &otlp(&[("acme", "web-0", &[])]))
+            .await
+            .status(),
+        403
+    );
 }
 
 #[tokio::test]
@@ -186,22 +211,35 @@ async fn a_project_over_its_ingest_limit_gets_429_with_retry_after_others_do_not
     assert_eq!(s.post("ingest-secret", &noisy).await.status(), 200);
     let r = s.post("ingest-secret", &noisy).await;
     assert_eq!(r.status(), 429);
-    let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
     assert!(retry >= 1);
     let quiet = otlp(&[("quiet", "web-0", &[("stdout", "hello")])]);
     assert_eq!(s.post("ingest-secret", &quiet).await.status(), 200);
     // Nothing of the refused request was stored.
-    let (_, got) = s.get("root", "/api/v1/projects/noisy/instances/web-0/logs").await;
+    let (_, got) = s
+        .get("root", "/api/v1/projects/noisy/instances/web-0/logs")
+        .await;
     assert_eq!(lines(&got).len(), 1);
 }
 
 #[tokio::test]
 async fn follow_streams_new_lines_as_ndjson() {
     let s = start(IngestLimit::default()).await;
-    s.post("ingest-secret", &otlp(&[("acme", "web-0", &[("stdout", "before")])])).await;
+    s.post(
+        "ingest-secret",
+        &otlp(&[("acme", "web-0", &[("stdout", "before")])]),
+    )
+    .await;
     let mut r = s
         .http
-        .get(format!("{}/api/v1/projects/acme/instances/web-0/logs?follow=true", s.base))
+        .get(format!(
+            "{}/api/v1/projects/acme/instances/web-0/logs?follow=true",
+            s.base
+        ))
         .bearer_auth("acme-secret")
         .send()
         .await
@@ -210,11 +248,25 @@ async fn follow_streams_new_lines_as_ndjson() {
     assert_eq!(r.headers()["content-type"], "application/x-ndjson");
     let first = String::from_utf8(r.chunk().await.unwrap().unwrap().to_vec()).unwrap();
     assert!(first.contains("\"before\""), "{first}");
-    s.post("ingest-secret", &otlp(&[("acme", "web-0", &[("stderr", "after")]), ("acme", "web-1", &[("stdout", "other instance")])])).await;
-    let next = tokio::time::timeout(Duration::from_secs(30), r.chunk()).await.unwrap().unwrap().unwrap();
+    s.post(
+        "ingest-secret",
+        &otlp(&[
+            ("acme", "web-0", &[("stderr", "after")]),
+            ("acme", "web-1", &[("stdout", "other instance")]),
+        ]),
+    )
+    .await;
+    let next = tokio::time::timeout(Duration::from_secs(30), r.chunk())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     let next = String::from_utf8(next.to_vec()).unwrap();
     let line: Value = serde_json::from_str(next.trim()).unwrap();
-    assert_eq!((line["line"].as_str(), line["stream"].as_str()), (Some("after"), Some("stderr")));
+    assert_eq!(
+        (line["line"].as_str(), line["stream"].as_str()),
+        (Some("after"), Some("stderr"))
+    );
 }
 
 /// The requests Grafana's Loki datasource sends (Grafana 10/11): the
@@ -227,7 +279,11 @@ async fn grafana_loki_datasource_requests() {
     s.post(
         "ingest-secret",
         &otlp(&[
-            ("acme", "web-0", &[("stdout", "GET / 200"), ("stderr", "error: db timeout")]),
+            (
+                "acme",
+                "web-0",
+                &[("stdout", "GET / 200"), ("stderr", "error: db timeout")],
+            ),
             ("acme", "worker-0", &[("stdout", "job done")]),
             ("globex", "web-0", &[("stdout", "globex only")]),
         ]),
@@ -236,21 +292,36 @@ async fn grafana_loki_datasource_requests() {
     let end = now_nanos() + 1_000_000_000;
     let start_ns = end - 3_600_000_000_000;
     let (status, labels) = s
-        .get("acme-secret", &format!("/loki/api/v1/labels?start={start_ns}&end={end}"))
+        .get(
+            "acme-secret",
+            &format!("/loki/api/v1/labels?start={start_ns}&end={end}"),
+        )
         .await;
     assert_eq!(status, 200);
     assert_eq!(labels["status"], "success");
-    assert!(labels["data"].as_array().unwrap().contains(&json!("instance")));
+    assert!(
+        labels["data"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("instance"))
+    );
     let (_, values) = s
-        .get("acme-secret", &format!("/loki/api/v1/label/instance/values?start={start_ns}&end={end}"))
+        .get(
+            "acme-secret",
+            &format!("/loki/api/v1/label/instance/values?start={start_ns}&end={end}"),
+        )
         .await;
     assert_eq!(values["data"], json!(["web-0", "worker-0"]));
 
     let query = |q: &str| {
         let q: String = form_urlencoded::byte_serialize(q.as_bytes()).collect();
-        format!("/loki/api/v1/query_range?direction=backward&end={end}&limit=1000&query={q}&start={start_ns}&step=2000ms")
+        format!(
+            "/loki/api/v1/query_range?direction=backward&end={end}&limit=1000&query={q}&start={start_ns}&step=2000ms"
+        )
     };
-    let (status, answer) = s.get("acme-secret", &query(r#"{instance="web-0"} |= "error""#)).await;
+    let (status, answer) = s
+        .get("acme-secret", &query(r#"{instance="web-0"} |= "error""#))
+        .await;
     assert_eq!(status, 200, "{answer}");
     assert_eq!(answer["data"]["resultType"], "streams");
     let result = answer["data"]["result"].as_array().unwrap();
@@ -258,21 +329,40 @@ async fn grafana_loki_datasource_requests() {
     assert_eq!(result[0]["stream"]["stream"], "stderr");
     assert_eq!(result[0]["stream"]["project"], "acme");
     assert_eq!(result[0]["values"][0][1], "error: db timeout");
-    assert!(result[0]["values"][0][0].as_str().unwrap().parse::<u64>().is_ok());
+    assert!(
+        result[0]["values"][0][0]
+            .as_str()
+            .unwrap()
+            .parse::<u64>()
+            .is_ok()
+    );
 
-    let (_, every) = s.get("acme-secret", &query(r#"{workload="web"} != "error""#)).await;
+    let (_, every) = s
+        .get("acme-secret", &query(r#"{workload="web"} != "error""#))
+        .await;
     let mut got: Vec<&str> = every["data"]["result"]
         .as_array()
         .unwrap()
         .iter()
-        .flat_map(|s| s["values"].as_array().unwrap().iter().map(|v| v[1].as_str().unwrap()))
+        .flat_map(|s| {
+            s["values"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v[1].as_str().unwrap())
+        })
         .collect();
     got.sort();
     assert_eq!(got, ["GET / 200", "job done"]);
     // Another project's selector: 404; LogQL outside the subset: 400.
     let (status, _) = s.get("acme-secret", &query(r#"{project="globex"}"#)).await;
     assert_eq!(status, 404);
-    let (status, _) = s.get("acme-secret", &query(r#"sum(rate({instance="web-0"}[1m]))"#)).await;
+    let (status, _) = s
+        .get(
+            "acme-secret",
+            &query(r#"sum(rate({instance="web-0"}[1m]))"#),
+        )
+        .await;
     assert_eq!(status, 400);
     // An operator names the project.
     let (_, globex) = s.get("root", &query(r#"{project="globex"}"#)).await;
@@ -286,16 +376,37 @@ async fn grafana_loki_datasource_requests() {
 async fn loki_tail_over_a_websocket() {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
     let s = start(IngestLimit::default()).await;
-    s.post("ingest-secret", &otlp(&[("acme", "web-0", &[("stdout", "backlog line")])])).await;
-    let query: String = form_urlencoded::byte_serialize(br#"{instance="web-0"} != "noise""#).collect();
-    let url = format!("{}/loki/api/v1/tail?query={query}&limit=100", s.base.replace("http://", "ws://"));
+    s.post(
+        "ingest-secret",
+        &otlp(&[("acme", "web-0", &[("stdout", "backlog line")])]),
+    )
+    .await;
+    let query: String =
+        form_urlencoded::byte_serialize(br#"{instance="web-0"} != "noise""#).collect();
+    let url = format!(
+        "{}/loki/api/v1/tail?query={query}&limit=100",
+        s.base.replace("http://", "ws://")
+    );
     let mut request = url.clone().into_client_request().unwrap();
-    request.headers_mut().insert("authorization", "Bearer acme-secret".parse().unwrap());
+    request
+        .headers_mut()
+        .insert("authorization", "Bearer acme-secret".parse().unwrap());
     let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
     let first = next_message(&mut socket).await;
     assert_eq!(first["streams"][0]["values"][0][1], "backlog line");
     assert_eq!(first["streams"][0]["stream"]["instance"], "web-0");
-    s.post("ingest-secret", &otlp(&[("acme", "web-0", &[("stdout", "noise"), ("stderr", "live line")]), ("globex", "web-0", &[("stdout", "not yours")])])).await;
+    s.post(
+        "ingest-secret",
+        &otlp(&[
+            (
+                "acme",
+                "web-0",
+                &[("stdout", "noise"), ("stderr", "live line")],
+            ),
+            ("globex", "web-0", &[("stdout", "not yours")]),
+        ]),
+    )
+    .await;
     let second = next_message(&mut socket).await;
     assert_eq!(second["streams"].as_array().unwrap().len(), 1, "{second}");
     assert_eq!(second["streams"][0]["values"][0][1], "live line");
@@ -303,13 +414,21 @@ async fn loki_tail_over_a_websocket() {
 
     // Another project's selector is refused before the upgrade.
     let query: String = form_urlencoded::byte_serialize(br#"{project="globex"}"#).collect();
-    let mut request = format!("{}/loki/api/v1/tail?query={query}", s.base.replace("http://", "ws://")).into_client_request().unwrap();
-    request.headers_mut().insert("authorization", "Bearer acme-secret".parse().unwrap());
+    let mut request = format!(
+        "{}/loki/api/v1/tail?query={query}",
+        s.base.replace("http://", "ws://")
+    )
+    .into_client_request()
+    .unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", "Bearer acme-secret".parse().unwrap());
     let refused = tokio_tungstenite::connect_async(request).await.unwrap_err();
     assert!(refused.to_string().contains("404"), "{refused}");
 }
 
-type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// The next text message of a tail, as JSON.
 async fn next_message(socket: &mut Socket) -> Value {

@@ -41,7 +41,11 @@ fn request(instance: &str, lines: &[(&str, String, Option<String>)]) -> Value {
     }]})
 }
 
-async fn post(http: &reqwest::Client, base: &str, body: &Value) -> Result<reqwest::StatusCode, reqwest::Error> {
+async fn post(
+    http: &reqwest::Client,
+    base: &str,
+    body: &Value,
+) -> Result<reqwest::StatusCode, reqwest::Error> {
     Ok(http
         .post(format!("{base}/v1/logs"))
         .bearer_auth("ingest-token")
@@ -56,30 +60,88 @@ async fn tally_logs_reads_greps_and_follows_what_grpc_and_http_sent() {
     let dir = tempfile::tempdir().unwrap();
     let server = common::serve_with_config(dir.path(), CONFIG);
     let http = tally_delivery::client_builder().build().unwrap();
-    let lines = [("stdout", "listening on :8080".to_owned(), None), ("stderr", "warn: slow query\n  took 3s".to_owned(), None)];
-    assert_eq!(post(&http, &server.base, &request("web-0", &lines)).await.unwrap(), 200);
+    let lines = [
+        ("stdout", "listening on :8080".to_owned(), None),
+        ("stderr", "warn: slow query\n  took 3s".to_owned(), None),
+    ];
+    assert_eq!(
+        post(&http, &server.base, &request("web-0", &lines))
+            .await
+            .unwrap(),
+        200
+    );
     // The same path over gRPC.
-    let grpc: ExportLogsServiceRequest =
-        serde_json::from_value(request("web-0", &[("stdout", "GET /healthz 200".to_owned(), None)])).unwrap();
-    let mut client = LogsServiceClient::connect(format!("http://{}", server.grpc.clone().unwrap())).await.unwrap();
+    let grpc: ExportLogsServiceRequest = serde_json::from_value(request(
+        "web-0",
+        &[("stdout", "GET /healthz 200".to_owned(), None)],
+    ))
+    .unwrap();
+    let mut client = LogsServiceClient::connect(format!("http://{}", server.grpc.clone().unwrap()))
+        .await
+        .unwrap();
     let mut call = tonic::Request::new(grpc);
-    call.metadata_mut().insert("authorization", "Bearer ingest-token".parse().unwrap());
+    call.metadata_mut()
+        .insert("authorization", "Bearer ingest-token".parse().unwrap());
     client.export(call).await.unwrap();
 
-    let out = common::cli(&server.base, "acme-token", &["logs", "web-0", "--project", "acme", "--raw"], "");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8(out.stdout).unwrap(), "listening on :8080\nwarn: slow query\n  took 3s\nGET /healthz 200\n");
-    let out = common::cli(&server.base, "acme-token", &["logs", "web-0", "--project", "acme", "--grep", "slow", "--stream", "stderr"], "");
+    let out = common::cli(
+        &server.base,
+        "acme-token",
+        &["logs", "web-0", "--project", "acme", "--raw"],
+        "",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        "listening on :8080\nwarn: slow query\n  took 3s\nGET /healthz 200\n"
+    );
+    let out = common::cli(
+        &server.base,
+        "acme-token",
+        &[
+            "logs",
+            "web-0",
+            "--project",
+            "acme",
+            "--grep",
+            "slow",
+            "--stream",
+            "stderr",
+        ],
+        "",
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains(" stderr warn: slow query"), "{text}");
     assert_eq!(text.lines().count(), 2);
     // Another project's token: not found.
-    let out = common::cli(&server.base, "acme-token", &["logs", "web-0", "--project", "globex"], "");
+    let out = common::cli(
+        &server.base,
+        "acme-token",
+        &["logs", "web-0", "--project", "globex"],
+        "",
+    );
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("404"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("404"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let mut follow = Command::new(env!("CARGO_BIN_EXE_tally"))
-        .args(["logs", "web-0", "--project", "acme", "--follow", "--raw", "--since", "1s"])
+        .args([
+            "logs",
+            "web-0",
+            "--project",
+            "acme",
+            "--follow",
+            "--raw",
+            "--since",
+            "1s",
+        ])
         .env("TALLY_SERVER", &server.base)
         .env("TALLY_TOKEN", "acme-token")
         .stdout(Stdio::piped())
@@ -108,7 +170,10 @@ async fn tally_logs_reads_greps_and_follows_what_grpc_and_http_sent() {
             }
         }
     });
-    let got = tokio::time::timeout(Duration::from_secs(60), got).await.unwrap().unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(60), got)
+        .await
+        .unwrap()
+        .unwrap();
     sender.abort();
     let _ = follow.kill();
     let _ = follow.wait();
@@ -163,9 +228,15 @@ async fn a_killed_server_loses_and_duplicates_no_record_of_an_at_least_once_send
         cut_short += usize::from(next < BATCHES);
     }
     let server = common::serve_with_config(dir.path(), CONFIG);
-    assert_eq!(send_until_error(&http, &server.base, next.saturating_sub(1)).await, BATCHES);
+    assert_eq!(
+        send_until_error(&http, &server.base, next.saturating_sub(1)).await,
+        BATCHES
+    );
     let page: Value = http
-        .get(format!("{}/api/v1/projects/acme/instances/web-0/logs?limit=10000", server.base))
+        .get(format!(
+            "{}/api/v1/projects/acme/instances/web-0/logs?limit=10000",
+            server.base
+        ))
         .bearer_auth(ADMIN)
         .send()
         .await
@@ -173,13 +244,26 @@ async fn a_killed_server_loses_and_duplicates_no_record_of_an_at_least_once_send
         .json()
         .await
         .unwrap();
-    let got: Vec<&str> = page["lines"].as_array().unwrap().iter().map(|l| l["line"].as_str().unwrap()).collect();
-    let want: Vec<String> = (0..BATCHES * PER_BATCH).map(|n| format!("record {n:06}")).collect();
+    let got: Vec<&str> = page["lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["line"].as_str().unwrap())
+        .collect();
+    let want: Vec<String> = (0..BATCHES * PER_BATCH)
+        .map(|n| format!("record {n:06}"))
+        .collect();
     assert_eq!(got.len(), want.len(), "every record exactly once");
     let first_wrong = got.iter().zip(&want).position(|(g, w)| g != w);
     assert_eq!(first_wrong, None, "records out of order");
-    assert!(next > 0, "nothing was acknowledged before the kills; the test did not test");
-    assert!(cut_short > 0, "every kill came after the last batch; the test did not test");
+    assert!(
+        next > 0,
+        "nothing was acknowledged before the kills; the test did not test"
+    );
+    assert!(
+        cut_short > 0,
+        "every kill came after the last batch; the test did not test"
+    );
 }
 
 /// What an OTLP/HTTP logs endpoint received: the bodies of each path.
@@ -194,10 +278,17 @@ async fn otlp_receiver() -> (String, Received) {
         .route(
             "/{project}/v1/logs",
             axum::routing::post(
-                |State(r): State<Received>, Path(project): Path<String>, headers: axum::http::HeaderMap, body: axum::body::Bytes| async move {
+                |State(r): State<Received>,
+                 Path(project): Path<String>,
+                 headers: axum::http::HeaderMap,
+                 body: axum::body::Bytes| async move {
                     let mut raw = Vec::new();
                     if headers.get("content-encoding").is_some_and(|v| v == "gzip") {
-                        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&body[..]), &mut raw).unwrap();
+                        std::io::Read::read_to_end(
+                            &mut flate2::read::GzDecoder::new(&body[..]),
+                            &mut raw,
+                        )
+                        .unwrap();
                     } else {
                         raw = body.to_vec();
                     }
@@ -219,7 +310,10 @@ async fn otlp_receiver() -> (String, Received) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exporters_with_a_logs_source_ship_their_projects_instance_logs() {
     let dir = tempfile::tempdir().unwrap();
-    let server = common::serve_with_config(dir.path(), &format!("{CONFIG}egress: {{allow: [127.0.0.0/8]}}\n"));
+    let server = common::serve_with_config(
+        dir.path(),
+        &format!("{CONFIG}egress: {{allow: [127.0.0.0/8]}}\n"),
+    );
     let (receiver, received) = otlp_receiver().await;
     let mut manifests = String::new();
     for project in ["acme", "globex"] {
@@ -229,13 +323,22 @@ async fn exporters_with_a_logs_source_ship_their_projects_instance_logs() {
         );
     }
     let out = common::cli(&server.base, ADMIN, &["apply", "-f", "-"], &manifests);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let http = tally_delivery::client_builder().build().unwrap();
     // Until the exporters run, lines are stored but not shipped: keep
     // sending (with ids, so the store keeps each once).
     for i in 0..300 {
         let line = ("stdout", format!("shipped {i}"), Some(format!("ship-{i}")));
-        assert_eq!(post(&http, &server.base, &request("web-0", &[line])).await.unwrap(), 200);
+        assert_eq!(
+            post(&http, &server.base, &request("web-0", &[line]))
+                .await
+                .unwrap(),
+            200
+        );
         if !received.lock().unwrap().is_empty() {
             break;
         }
@@ -244,10 +347,16 @@ async fn exporters_with_a_logs_source_ship_their_projects_instance_logs() {
     let got = received.lock().unwrap().clone();
     assert!(!got.is_empty(), "nothing reached the exporter");
     for (project, request) in &got {
-        assert_eq!(project, "acme", "only acme's exporter receives acme's lines");
+        assert_eq!(
+            project, "acme",
+            "only acme's exporter receives acme's lines"
+        );
         let resource = request.resource_logs[0].resource.as_ref().unwrap();
         assert!(resource.attributes.iter().any(|kv| kv.key == "instance"));
-        let body = format!("{:?}", request.resource_logs[0].scope_logs[0].log_records[0].body);
+        let body = format!(
+            "{:?}",
+            request.resource_logs[0].scope_logs[0].log_records[0].body
+        );
         assert!(body.contains("shipped"), "{body}");
     }
 }

@@ -2,8 +2,8 @@
 //! the `times` index, or from a position on when following), decoded and
 //! filtered; instances merged by time, each in its append order.
 
-use std::collections::BinaryHeap;
 use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 
 use super::Inner;
 use crate::keys::{self, TimeEntry};
@@ -166,7 +166,13 @@ fn merge(lists: Vec<Vec<LogLine>>, newest_first: bool, limit: usize) -> Vec<LogL
     let mut heads: Vec<Option<LogLine>> = iters.iter_mut().map(Iterator::next).collect();
     // Ordered by (time, list): ties keep a stable order.
     let mut heap: BinaryHeap<Reverse<(i64, usize)>> = BinaryHeap::new();
-    let key = |t: i64| if newest_first { -(t.saturating_add(1)) } else { t };
+    let key = |t: i64| {
+        if newest_first {
+            -(t.saturating_add(1))
+        } else {
+            t
+        }
+    };
     for (i, h) in heads.iter().enumerate() {
         if let Some(l) = h {
             heap.push(Reverse((key(l.time_nanos), i)));

@@ -99,9 +99,10 @@ impl Inner {
         let mut out = Vec::new();
         for item in iter {
             let (key, value) = item.into_inner().map_err(self.err())?;
-            let (Some((project, instance)), Some(mut info)) =
-                (keys::split_instance_key(&key), super::decode_instance(&value))
-            else {
+            let (Some((project, instance)), Some(mut info)) = (
+                keys::split_instance_key(&key),
+                super::decode_instance(&value),
+            ) else {
                 continue;
             };
             info.instance = instance;
