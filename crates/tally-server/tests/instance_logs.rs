@@ -70,7 +70,10 @@ fn now_nanos() -> u64 {
 }
 
 /// An OTLP/JSON logs request: one resource per (project, instance).
-fn otlp(resources: &[(&str, &str, &[(&str, &str)])]) -> Value {
+/// (project, instance, [(stream, line)]).
+type Resource<'a> = (&'a str, &'a str, &'a [(&'a str, &'a str)]);
+
+fn otlp(resources: &[Resource<'_>]) -> Value {
     let t = now_nanos();
     json!({"resourceLogs": resources.iter().map(|(project, instance, lines)| json!({
         "resource": {"attributes": [
