@@ -33,6 +33,13 @@ use serde_json::Value;
 use tally_model::{Kind, Manifest, OpenMeterMeter};
 
 pub use error::ClientError;
+pub use tally_compute::lifecycle::{LifecycleEvent, LifecycleKind, Reason};
+pub use tally_compute::store::InstanceSummary;
+
+/// A page of `GET /api/v1/instances`.
+pub type InstancePage = tally_compute::store::Page<InstanceSummary>;
+/// A page of `GET /api/v1/instances/{instance}/events`.
+pub type LifecycleEventPage = tally_compute::store::Page<LifecycleEvent>;
 pub use tally_ledger::{
     ApplyAction, EventPage, IngestOutcome, QuarantineNotice, QuarantinePage, QuarantinedEvent,
     StoredEvent, VoidOutcome, VoidPage, VoidRecord,
@@ -293,6 +300,37 @@ impl TallyClient {
         params: &QuarantineListParams,
     ) -> Result<QuarantinePage, ClientError> {
         let url = self.url(&["api", "v1", "quarantine"], &params.to_pairs());
+        self.json(self.request(Method::GET, &url), &url).await
+    }
+
+    /// One page of instances with lifecycle events (`GET /api/v1/instances`),
+    /// of `project` (default: the token's only project).
+    pub async fn list_instances(
+        &self,
+        project: Option<&str>,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<InstancePage, ClientError> {
+        let mut pairs = optional_pair("project", project);
+        pairs.push(("limit".to_owned(), limit.to_string()));
+        pairs.extend(optional_pair("cursor", cursor));
+        let url = self.url(&["api", "v1", "instances"], &pairs);
+        self.json(self.request(Method::GET, &url), &url).await
+    }
+
+    /// One page of an instance's lifecycle events, in arrival order
+    /// (`GET /api/v1/instances/{instance}/events`).
+    pub async fn instance_events(
+        &self,
+        instance: &str,
+        project: Option<&str>,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<LifecycleEventPage, ClientError> {
+        let mut pairs = optional_pair("project", project);
+        pairs.push(("limit".to_owned(), limit.to_string()));
+        pairs.extend(optional_pair("cursor", cursor));
+        let url = self.url(&["api", "v1", "instances", instance, "events"], &pairs);
         self.json(self.request(Method::GET, &url), &url).await
     }
 

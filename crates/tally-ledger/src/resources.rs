@@ -11,6 +11,9 @@
 //!   stored as `data`, and never shown again ([`ResourceSet::shown`]);
 //! - a `BillingAccount` keeps the `metadata.uid` it was created with (the
 //!   provider's customer id);
+//! - a `Workload` or `Instance` keeps the `status` it is applied with (the
+//!   compute service's; lifecycle events are derived from it), or its
+//!   previous one when applied without;
 //! - a `BillingAccountBinding`'s spec is immutable, its
 //!   `status.billingResponsibility.establishedAt` is taken from the manifest
 //!   (to import history) or set when it is created, and it may not move usage
@@ -280,6 +283,9 @@ impl ResourceSet {
                         old.metadata.uid.as_deref().unwrap_or_default()
                     )));
                 }
+            }
+            Kind::Workload | Kind::Instance => {
+                manifest.status = given_status.or_else(|| previous.and_then(|p| p.status.clone()));
             }
             Kind::BillingAccountBinding => {
                 self.plan_binding(&key, &mut manifest, given_status, previous, now)?;
@@ -609,5 +615,33 @@ mod tests {
         .unwrap();
         assert_eq!(set.project_of_namespace("web"), "acme");
         assert_eq!(set.project_of_namespace("other"), "other");
+    }
+
+    #[test]
+    fn an_instance_keeps_the_status_the_platform_gives() {
+        let mut set = ResourceSet::default();
+        let text = |status: &str| {
+            format!(
+                "apiVersion: compute.datumapis.com/v1alpha1\nkind: Instance\nmetadata: {{name: web-0, namespace: web}}\n{status}"
+            )
+        };
+        let key = ResourceKey::new(Kind::Instance, Some("web"), "web-0");
+        let status = |set: &ResourceSet| set.get(&key).and_then(|m| m.status.clone());
+        apply(
+            &mut set,
+            manifest(&text("status: {nodeName: n1}\n")),
+            "2025-01-01T00:00:00Z",
+        )
+        .unwrap();
+        assert_eq!(status(&set), Some(json!({"nodeName": "n1"})));
+        apply(&mut set, manifest(&text("")), "2025-01-01T00:00:01Z").unwrap();
+        assert_eq!(status(&set), Some(json!({"nodeName": "n1"})));
+        apply(
+            &mut set,
+            manifest(&text("status: {nodeName: n2}\n")),
+            "2025-01-01T00:00:02Z",
+        )
+        .unwrap();
+        assert_eq!(status(&set), Some(json!({"nodeName": "n2"})));
     }
 }

@@ -203,7 +203,8 @@ fn access(method: &Method, route: &str) -> Access {
             | "/v1/metrics"
             | "/v1/logs"
             | "/v1/traces"
-            | "/api/v1/write",
+            | "/api/v1/write"
+            | "/api/v1/instances/events",
         ) => Access::Ingest,
         // Usage (narrowed by the handler to the caller's projects), and the
         // catalog (meter definitions, resource types), cluster-scoped and
@@ -219,6 +220,8 @@ fn access(method: &Method, route: &str) -> Access {
             | "/api/v1/meters/{slug}"
             | "/api/v1/subjects"
             | "/api/v1/subjects/{key}"
+            | "/api/v1/instances"
+            | "/api/v1/instances/{instance}/events"
             | "/openapi.json",
         ) => Access::Read,
         // Instance logs: admins and projects; the handlers narrow to the
@@ -233,6 +236,8 @@ fn access(method: &Method, route: &str) -> Access {
         ) => Access::Read,
         // A query with its parameters in the body reads like the GET.
         (&Method::POST, "/api/v1/meters/{slug}/query") => Access::Read,
+        // The Prometheus query API, held to the caller's project (`promql`).
+        (method, route) if crate::promql::is_route(method, route) => Access::Read,
         // OpenMeter features Tally does not serve: every caller that may
         // read learns so (501).
         (_, route) if crate::unserved::is_unserved_route(route) => Access::Read,

@@ -19,7 +19,8 @@ use crate::auth::TokenConfig;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", default, deny_unknown_fields)]
 pub struct ServeConfig {
-    /// Where the embedded store keeps its files.
+    /// Where this process keeps its files: the embedded store's, and on a
+    /// cluster node its own state (billing progress, exporter queues).
     pub data_dir: PathBuf,
     /// Address to listen on.
     pub listen: SocketAddr,
@@ -44,8 +45,13 @@ pub struct ServeConfig {
     /// How far ahead of the server's clock an event's time may be, in
     /// hours; later events are refused (`TIME_IN_FUTURE`).
     pub max_future_hours: u32,
-    /// The embedded store's block cache, in MiB.
-    pub store_cache_mib: u64,
+    /// The embedded store's block cache, in MiB; absent: the store's default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_cache_mib: Option<u64>,
+    /// Run as a node of a cluster (NATS JetStream and ClickHouse) instead of
+    /// on the embedded store; `tally serve --cluster` requires it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
     /// Directories whose `*.yaml`, `*.yml` and `*.json` manifests are applied
     /// at start and whenever a file changes (every 5 s), as by `tally apply`.
     /// Removing a file deletes nothing.
@@ -254,7 +260,8 @@ impl Default for ServeConfig {
             dedupe_horizon_days: 32,
             max_lateness_days: None,
             max_future_hours: 24,
-            store_cache_mib: tally_store_embedded::DEFAULT_CACHE_BYTES >> 20,
+            store_cache_mib: None,
+            cluster: None,
             manifest_dirs: Vec::new(),
             billing: BillingServeConfig::default(),
             grpc_listen: None,
@@ -282,6 +289,153 @@ impl ServeConfig {
     /// Reads a YAML config file.
     pub fn from_file(path: &std::path::Path) -> anyhow::Result<ServeConfig> {
         read_config(path)
+    }
+
+    /// Checks what serde cannot (the egress list, the http section, settings
+    /// that contradict each other, the cluster section), before anything is
+    /// opened.
+    pub fn check(&self) -> anyhow::Result<()> {
+        self.egress.policy()?;
+        self.http
+            .limits()
+            .context("the configuration's http section")?;
+        if let Some(late) = self.max_lateness_days
+            && late > self.dedupe_horizon_days
+        {
+            anyhow::bail!(
+                "maxLatenessDays ({late}) must not exceed dedupeHorizonDays ({}): events older \
+                 than the dedupe horizon could be stored twice",
+                self.dedupe_horizon_days
+            );
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.check()?;
+            if self.billing.enabled {
+                anyhow::bail!(
+                    "cluster: every node would forward usage to the billing providers; set \
+                     billing.enabled: false and run one `tally forward` for the cluster"
+                );
+            }
+            if self.store_cache_mib.is_some() {
+                anyhow::bail!("storeCacheMib is a setting of the embedded store, not of a cluster");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `cluster:` in the serve config: this node shares its ledger and
+/// resources with every other node through NATS JetStream (the log, and a
+/// key-value bucket of resources) and ClickHouse (what queries read).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// NATS server URL(s), comma-separated: `nats://host:4222`.
+    pub nats: String,
+    /// ClickHouse's HTTP interface: `http://host:8123`.
+    pub clickhouse: String,
+    /// The ClickHouse database of the ledger's tables (default `tally`).
+    #[serde(default = "ClusterConfig::default_database")]
+    pub database: String,
+    /// The project of an event whose subject names none (`projects/<p>`)
+    /// (default `default`).
+    #[serde(default = "ClusterConfig::default_project")]
+    pub default_project: String,
+    /// The JetStream key-value bucket of resources (default
+    /// `tally-resources`); every node of one cluster names the same.
+    #[serde(default = "ClusterConfig::default_resources_bucket")]
+    pub resources_bucket: String,
+    /// Workers this node runs to materialise the stream into ClickHouse
+    /// (default 1; 0 leaves it to other nodes). At most 64.
+    #[serde(default = "ClusterConfig::default_workers")]
+    pub workers: usize,
+}
+
+impl ClusterConfig {
+    fn default_database() -> String {
+        "tally".into()
+    }
+
+    fn default_project() -> String {
+        "default".into()
+    }
+
+    fn default_resources_bucket() -> String {
+        "tally-resources".into()
+    }
+
+    fn default_workers() -> usize {
+        1
+    }
+
+    /// A cluster on these servers, every other setting at its default.
+    pub fn new(nats: impl Into<String>, clickhouse: impl Into<String>) -> ClusterConfig {
+        ClusterConfig {
+            nats: nats.into(),
+            clickhouse: clickhouse.into(),
+            database: Self::default_database(),
+            default_project: Self::default_project(),
+            resources_bucket: Self::default_resources_bucket(),
+            workers: Self::default_workers(),
+        }
+    }
+
+    /// Refuses what the servers would refuse later, or misread.
+    pub fn check(&self) -> anyhow::Result<()> {
+        for url in self.nats.split(',').map(str::trim) {
+            let scheme_ok = ["nats://", "tls://", "ws://", "wss://"]
+                .iter()
+                .any(|scheme| url.starts_with(scheme));
+            if !scheme_ok || url.len() > 2048 {
+                anyhow::bail!(
+                    "cluster.nats: {url:?} is not a NATS URL (nats://host:4222, tls://..., \
+                     comma-separated for several)"
+                );
+            }
+        }
+        if !(self.clickhouse.starts_with("http://") || self.clickhouse.starts_with("https://"))
+            || self.clickhouse.len() > 2048
+        {
+            anyhow::bail!(
+                "cluster.clickhouse: {:?} is not ClickHouse's HTTP interface \
+                 (http://host:8123)",
+                self.clickhouse
+            );
+        }
+        let identifier = |s: &str| {
+            s.len() <= 64
+                && s.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        };
+        if !identifier(&self.database) {
+            anyhow::bail!(
+                "cluster.database: {:?} must be a plain identifier ([A-Za-z_][A-Za-z0-9_]*, \
+                 at most 64 characters)",
+                self.database
+            );
+        }
+        if self.workers > 64 {
+            anyhow::bail!("cluster.workers: {} is more than 64", self.workers);
+        }
+        tally_model::validate_name(&self.default_project).map_err(|e| {
+            anyhow::anyhow!(
+                "cluster.defaultProject: {}",
+                e.replace("metadata.name", "the name")
+            )
+        })?;
+        let bucket_ok = !self.resources_bucket.is_empty()
+            && self.resources_bucket.len() <= 64
+            && self
+                .resources_bucket
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !bucket_ok {
+            anyhow::bail!(
+                "cluster.resourcesBucket: {:?} must be 1 to 64 letters, digits, '-' or '_'",
+                self.resources_bucket
+            );
+        }
+        Ok(())
     }
 }
 

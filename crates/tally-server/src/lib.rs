@@ -7,11 +7,15 @@
 //! the metrics receivers (`/v1/metrics`, `/api/v1/write`, and OTLP/gRPC on
 //! its own listener). [`export`] is `tally export`: the exporters' pipeline
 //! alone, without a ledger.
+//!
+//! **Never:** open a store: [`serve`] runs on the [`Backend`] (ledger,
+//! resource store, vital tasks) that the `tally` binary chose and opened.
 
 mod auth;
 pub mod billing;
 mod binary;
 mod body;
+pub mod compute;
 mod config;
 pub mod console;
 mod events;
@@ -22,6 +26,7 @@ pub mod instance_logs;
 mod logs_api;
 mod meters;
 mod problem;
+mod promql;
 mod query;
 mod resources;
 mod schemas;
@@ -46,7 +51,6 @@ use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use tally_delivery::{ComponentKind, Registry};
 use tally_ledger::{Ledger, QuarantineFilter, QuarantinePage, ResourceStore};
-use tally_store_embedded::{EmbeddedLedger, StoreConfig};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use utoipa::OpenApi;
 
@@ -54,7 +58,9 @@ pub use auth::{Principal, Scope, TokenConfig};
 /// Request bodies as every route reads them: `Content-Encoding` (gzip,
 /// zstd or none) decoded, refused past a limit after decompression.
 pub use body::decode as decode_request_body;
-pub use config::{BillingServeConfig, ExportConfig, ServeConfig, VictoriaMetricsConfig};
+pub use config::{
+    BillingServeConfig, ClusterConfig, ExportConfig, ServeConfig, VictoriaMetricsConfig,
+};
 pub use problem::Problem;
 pub use resources::StatusSource;
 
@@ -84,6 +90,10 @@ pub struct AppState {
     logs: Option<instance_logs::InstanceLogs>,
     /// The billing forwarder's runtime, when it runs in this server.
     billing: Option<tally_billing::runtime::BillingHandle>,
+    /// Instance lifecycle events (`/api/v1/instances`), when kept.
+    compute: Option<compute::Compute>,
+    /// The VictoriaMetrics answering the Prometheus query API, if configured.
+    metrics_query: Option<promql::MetricsQuery>,
     /// What the HTTP listener counts (`tally_http_connections_*`).
     connections: tally_http::ConnectionStats,
     /// Background tasks the process cannot do its job without.
@@ -100,7 +110,7 @@ pub struct AppState {
 pub(crate) struct VitalTasks(Arc<Mutex<Vec<VitalTask>>>);
 
 /// A vital task: its name for `/healthz`, and its handle.
-type VitalTask = (&'static str, tokio::task::JoinHandle<()>);
+pub type VitalTask = (&'static str, tokio::task::JoinHandle<()>);
 
 impl VitalTasks {
     /// Watches `task`, named for `/healthz` (e.g. "the billing forwarder").
@@ -149,6 +159,8 @@ impl AppState {
             telemetry: None,
             logs: None,
             billing: None,
+            compute: None,
+            metrics_query: None,
             vital: VitalTasks::default(),
             connections: tally_http::ConnectionStats::new(),
         }
@@ -176,6 +188,18 @@ impl AppState {
 
     /// Keeps the resources outside the meter catalog (billing, exporters,
     /// secrets, namespaces, platform resources) in `store`.
+    /// Serves instance lifecycle events from `compute`.
+    pub fn with_compute(mut self, compute: compute::Compute) -> AppState {
+        self.compute = Some(compute);
+        self
+    }
+
+    /// Answers the Prometheus query API from the VictoriaMetrics at `url`.
+    pub fn with_metrics_query(mut self, url: &str) -> anyhow::Result<AppState> {
+        self.metrics_query = Some(promql::MetricsQuery::new(url)?);
+        Ok(self)
+    }
+
     pub fn with_resources(mut self, store: Arc<dyn ResourceStore>) -> AppState {
         self.resources = Some(store);
         self
@@ -262,6 +286,9 @@ pub const DEFAULT_MAX_PENDING_EVENTS: usize = 262_144;
         quarantine, metrics, healthz, readyz, telemetry::otlp_metrics, telemetry::remote_write,
         signals::otlp_logs, signals::otlp_traces,
         logs_api::instance_logs, logs_api::loki_query_range, logs_api::loki_labels, logs_api::loki_label_values, logs_api::loki_tail,
+        compute::ingest, compute::list, compute::events,
+        promql::query_get, promql::query_post, promql::range_get, promql::range_post,
+        promql::labels_get, promql::labels_post, promql::series_get, promql::series_post, promql::label_values,
         billing::status, billing::dead_letters, billing::retry_dead_letter, billing::retry_all_dead_letters, billing::reconcile, billing::changes,
     ),
     components(schemas(schemas::Meter, schemas::MeterCreate, schemas::MeterUpdate, schemas::MeterAggregation,
@@ -271,7 +298,8 @@ pub const DEFAULT_MAX_PENDING_EVENTS: usize = 262_144;
         schemas::FieldProblem, schemas::EventProblem, schemas::ObjectMeta, schemas::Resource,
         schemas::ResourceList, schemas::VoidOutcome, schemas::VoidPage, schemas::QuarantinedEvent,
         schemas::StoredEvent, schemas::QuarantinePage,
-        billing::BillingStatus, billing::DeadLetters, billing::Reconciliation, Problem, resources::ApplyResult, resources::ApplyResults, usage::UsageAnswer, usage::Rejected, events::VoidBody)),
+        billing::BillingStatus, billing::DeadLetters, billing::Reconciliation, Problem, resources::ApplyResult, resources::ApplyResults, usage::UsageAnswer, usage::Rejected, events::VoidBody,
+        compute::LifecycleIngested, schemas::InstancePage, schemas::InstanceSummary, schemas::LifecycleEventPage, schemas::LifecycleEvent)),
     modifiers(&BearerAuth, &UnservedDocument),
 )]
 struct ApiDoc;
@@ -342,6 +370,26 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/billing/reconcile", get(billing::reconcile))
         .route("/api/v1/quarantine", get(quarantine))
+        .route("/api/v1/instances", get(compute::list))
+        .route("/api/v1/instances/events", post(compute::ingest))
+        .route("/api/v1/instances/{instance}/events", get(compute::events))
+        .route(
+            "/api/v1/query",
+            get(promql::query_get).post(promql::query_post),
+        )
+        .route(
+            "/api/v1/query_range",
+            get(promql::range_get).post(promql::range_post),
+        )
+        .route(
+            "/api/v1/labels",
+            get(promql::labels_get).post(promql::labels_post),
+        )
+        .route(
+            "/api/v1/series",
+            get(promql::series_get).post(promql::series_post),
+        )
+        .route("/api/v1/label/{name}/values", get(promql::label_values))
         .route("/v1/metrics", post(telemetry::otlp_metrics))
         .route("/v1/logs", post(signals::otlp_logs))
         .route("/v1/traces", post(signals::otlp_traces))
@@ -569,6 +617,9 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     if let Some(logs) = &state.logs {
         render_log_store(&logs.store.stats(), &mut out);
     }
+    if let Some(compute) = &state.compute {
+        compute.render_metrics(&mut out);
+    }
     render_requests(&state.requests, &mut out);
     state.connections.render(&mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
@@ -712,40 +763,31 @@ pub async fn serve_on(listener: tokio::net::TcpListener, state: AppState) {
 const EXPORTERS_TASK: &str = "the exporters' pipeline";
 const BILLING_TASK: &str = "the billing forwarder";
 
-/// Runs `tally serve` until SIGINT or SIGTERM.
-pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
+/// What `tally serve` runs on: the backend the binary chose and opened.
+/// The server never opens a store itself, so it depends on no backend.
+pub struct Backend {
+    pub ledger: Arc<dyn Ledger>,
+    pub resources: Arc<dyn ResourceStore>,
+    /// The backend's background tasks (name for `/healthz`, task) whose end
+    /// means this process can no longer do its job, e.g. a watch of shared
+    /// resources; `/healthz` fails once one has ended.
+    pub vital: Vec<VitalTask>,
+}
+
+/// Runs `tally serve` on `backend` until SIGINT or SIGTERM. `config.data_dir`
+/// holds this process's own state (billing progress, exporter queues).
+pub async fn serve(config: ServeConfig, backend: Backend) -> anyhow::Result<()> {
     let egress = config.egress.policy()?;
     let limits = config
         .http
         .limits()
         .context("the configuration's http section")?;
-    if config
-        .max_lateness_days
-        .is_some_and(|late| late > config.dedupe_horizon_days)
-    {
-        anyhow::bail!(
-            "maxLatenessDays ({}) must not exceed dedupeHorizonDays ({}): events older than the dedupe horizon could be stored twice",
-            config.max_lateness_days.unwrap_or_default(),
-            config.dedupe_horizon_days
-        );
-    }
-    let mut store = StoreConfig::new(&config.data_dir);
-    store.cache_bytes = config.store_cache_mib.saturating_mul(1 << 20);
-    store.dedupe_horizon =
-        jiff::SignedDuration::from_hours(i64::from(config.dedupe_horizon_days) * 24);
-    store.max_lateness = jiff::SignedDuration::from_hours(
-        i64::from(
-            config
-                .max_lateness_days
-                .unwrap_or(config.dedupe_horizon_days),
-        ) * 24,
-    );
-    store.max_future = jiff::SignedDuration::from_hours(i64::from(config.max_future_hours));
-    let ledger = tokio::task::spawn_blocking(move || EmbeddedLedger::open(store))
-        .await
-        .context("opening the store")?
-        .with_context(|| format!("opening the store in {}", config.data_dir.display()))?;
-    let resources: Arc<dyn ResourceStore> = Arc::new(ledger.resources());
+    config.check()?;
+    let Backend {
+        ledger,
+        resources,
+        vital: backend_tasks,
+    } = backend;
     let registry = Registry::new();
     let (pipeline, exporters) = exporters::start_pipeline(
         &config.data_dir,
@@ -754,8 +796,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         &registry,
         &resources,
     )?;
-    let billing_dir = ledger.data_dir().join("billing");
-    let ledger: Arc<dyn Ledger> = Arc::new(ledger);
+    let billing_dir = config.data_dir.join("billing");
     let (stop_billing, billing_stopped) = tokio::sync::watch::channel(false);
     let billing = config.billing.enabled.then(|| {
         billing::start(
@@ -790,6 +831,20 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
         state = state.with_logs(logs);
         sweeper = Some(task);
     }
+    let compute = compute::Compute::open(&config.data_dir.join("compute")).with_context(|| {
+        format!(
+            "opening the lifecycle store in {}",
+            config.data_dir.display()
+        )
+    })?;
+    state = state.with_compute(compute.clone());
+    if let Some(vm) = &config.victoria_metrics {
+        state = state.with_metrics_query(&vm.url)?;
+    }
+    let derive = tokio::spawn(compute::derive_from_instances(state.clone(), compute));
+    for (name, task) in backend_tasks {
+        state.vital.add(name, task);
+    }
     if let Some((handle, task)) = billing {
         state = state.clone().with_billing(handle);
         state.vital.add(BILLING_TASK, task);
@@ -820,6 +875,7 @@ pub async fn serve(config: ServeConfig) -> anyhow::Result<()> {
     if let Some(sweeper) = sweeper {
         sweeper.abort();
     }
+    derive.abort();
     if let Some(exporters) = vital.take(EXPORTERS_TASK) {
         exporters.abort();
     }

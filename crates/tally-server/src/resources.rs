@@ -46,7 +46,7 @@ impl AppState {
         })
     }
 
-    fn snapshot(&self) -> Arc<ResourceSet> {
+    pub(crate) fn snapshot(&self) -> Arc<ResourceSet> {
         self.resources
             .as_ref()
             .map_or_else(Arc::default, |r| r.snapshot())

@@ -370,3 +370,69 @@ pub struct QuarantinePage {
     #[schema(nullable = false)]
     nextCursor: Option<String>,
 }
+
+/// An instance with lifecycle events, and its latest state.
+#[derive(ToSchema)]
+#[allow(non_snake_case)]
+pub struct InstanceSummary {
+    project: String,
+    instance: String,
+    #[schema(nullable = false)]
+    namespace: Option<String>,
+    #[schema(nullable = false)]
+    workload: Option<String>,
+    #[schema(nullable = false)]
+    node: Option<String>,
+    /// The kind of the latest event: created, scheduled, started, stopped, crashed, oom_killed, terminated.
+    state: String,
+    #[schema(nullable = false)]
+    reason: Option<String>,
+    #[schema(format = DateTime)]
+    since: String,
+    events: u64,
+}
+
+/// A page of instances.
+#[derive(ToSchema)]
+#[allow(non_snake_case)]
+pub struct InstancePage {
+    items: Vec<InstanceSummary>,
+    #[schema(nullable = false)]
+    nextCursor: Option<String>,
+}
+
+/// One lifecycle event of an instance.
+#[derive(ToSchema)]
+#[allow(non_snake_case)]
+pub struct LifecycleEvent {
+    source: String,
+    id: String,
+    /// created, scheduled, started, stopped, crashed, oom_killed or terminated.
+    kind: String,
+    /// Available, Stopping, ImageUnavailable, ConfigurationError, InstanceCrashing, Failed or Terminating.
+    #[schema(nullable = false)]
+    reason: Option<String>,
+    #[schema(format = DateTime)]
+    time: String,
+    project: String,
+    instance: String,
+    #[schema(nullable = false)]
+    namespace: Option<String>,
+    #[schema(nullable = false)]
+    workload: Option<String>,
+    #[schema(nullable = false)]
+    uid: Option<String>,
+    #[schema(nullable = false)]
+    node: Option<String>,
+    #[schema(nullable = false)]
+    message: Option<String>,
+}
+
+/// A page of lifecycle events.
+#[derive(ToSchema)]
+#[allow(non_snake_case)]
+pub struct LifecycleEventPage {
+    items: Vec<LifecycleEvent>,
+    #[schema(nullable = false)]
+    nextCursor: Option<String>,
+}

@@ -217,7 +217,7 @@ async fn voids(client: &TallyClient, args: VoidsArgs) -> anyhow::Result<()> {
 }
 
 /// One page of a cursor-paged listing.
-trait Page {
+pub(crate) trait Page {
     type Item;
     fn parts(&mut self) -> (&mut Vec<Self::Item>, &mut Option<String>);
 }
@@ -241,7 +241,7 @@ page!(
 
 /// The first page of a listing (`fetch(None)`) and, with `all`, every page
 /// after it, following `nextCursor`.
-async fn pages<P, F, Fut>(all: bool, mut fetch: F) -> anyhow::Result<P>
+pub(crate) async fn pages<P, F, Fut>(all: bool, mut fetch: F) -> anyhow::Result<P>
 where
     P: Page,
     F: FnMut(Option<String>) -> Fut,

@@ -4,12 +4,14 @@
 //! every other command talks to one over HTTP (`--server`, `TALLY_SERVER`)
 //! with an optional bearer token (`--token`, `TALLY_TOKEN`).
 
+mod backend;
 mod billing;
 mod collect;
 mod describe;
 mod events;
 mod export;
 mod forward;
+mod instances;
 mod logs;
 mod meters;
 mod output;
@@ -99,7 +101,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the Tally server with its embedded store.
+    /// Run the Tally server: on its embedded store, or as a cluster node (--cluster).
     Serve(serve::ServeArgs),
     /// Run the telemetry exporters alone (no ledger): metrics in over OTLP
     /// and remote-write, pulled from VictoriaMetrics, out to each Exporter's
@@ -139,6 +141,10 @@ enum Command {
     /// policies in force.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// Compute instances: their latest state and lifecycle events
+    /// (created, scheduled, started, stopped, crashed, OOM-killed, terminated).
+    #[command(subcommand)]
+    Instances(instances::InstancesCommand),
     /// Run the billing forwarder of one BillingSink on its own, against a
     /// server over HTTP (turn off the server's own: billing.enabled: false).
     Forward(forward::ForwardArgs),
@@ -230,6 +236,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Meters(command) => ClientCommand::Meters(command),
         Command::Quarantine(command) => ClientCommand::Quarantine(command),
         Command::Logs(args) => ClientCommand::Logs(args),
+        Command::Instances(command) => ClientCommand::Instances(command),
     };
     let client = TallyClient::new(&cli.server, cli.token).context("setting up the client")?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -249,6 +256,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ClientCommand::Logs(args) => logs::run(&client, args).await,
             ClientCommand::Billing(command) => billing::run(&client, command).await,
             ClientCommand::Policy(command) => policy::run(&client, command).await,
+            ClientCommand::Instances(command) => instances::run(&client, command).await,
         }
     })
 }
@@ -296,6 +304,7 @@ enum ClientCommand {
     Billing(billing::BillingCommand),
     Policy(policy::PolicyCommand),
     Logs(logs::LogsArgs),
+    Instances(instances::InstancesCommand),
 }
 
 /// Writes a completion script for `shell` to standard output.

@@ -15,18 +15,25 @@ use tracing_subscriber::EnvFilter;
 pub struct ServeArgs {
     /// YAML config file (camelCase keys: dataDir, listen, grpcListen, token,
     /// tokens, maxBodyBytes, maxPendingEvents, dedupeHorizonDays,
-    /// maxLatenessDays, manifestDirs, billing, victoriaMetrics, egress, http). Flags
-    /// given here override it.
+    /// maxLatenessDays, manifestDirs, billing, victoriaMetrics, egress, http,
+    /// cluster). Flags given here override it.
     #[arg(long, short = 'c', value_name = "FILE", env = "TALLY_CONFIG")]
     config: Option<PathBuf>,
 
-    /// Directory where the embedded store keeps its files [default: ./tally-data].
+    /// Directory where the embedded store keeps its files (a cluster node: its
+    /// own state, billing progress and exporter queues) [default: ./tally-data].
     #[arg(long, value_name = "DIR", env = "TALLY_DATA_DIR")]
     data_dir: Option<PathBuf>,
 
     /// Address and port to listen on, e.g. 0.0.0.0:8080 [default: 127.0.0.1:8080].
     #[arg(long, value_name = "ADDR", env = "TALLY_LISTEN")]
     listen: Option<SocketAddr>,
+
+    /// Run as a node of a cluster (NATS JetStream and ClickHouse), as the
+    /// config file's `cluster:` section says (nats, clickhouse, database,
+    /// defaultProject, resourcesBucket), instead of on the embedded store.
+    #[arg(long, env = "TALLY_CLUSTER")]
+    cluster: bool,
 
     #[command(flatten)]
     telemetry: TelemetryArgs,
@@ -167,20 +174,33 @@ pub fn config(args: &ServeArgs, token: Option<String>) -> anyhow::Result<ServeCo
             listen,
             max_body_bytes,
             dedupe_horizon_days,
-            max_future_hours,
-            store_cache_mib
+            max_future_hours
         ]
     );
     if let Some(days) = args.max_lateness_days {
         config.max_lateness_days = Some(days);
     }
+    if let Some(mib) = args.store_cache_mib {
+        config.store_cache_mib = Some(mib);
+    }
+    if args.cluster && config.cluster.is_none() {
+        anyhow::bail!(
+            "--cluster: the config file has no `cluster:` section; give one with --config, e.g. \
+             cluster: {{nats: nats://127.0.0.1:4222, clickhouse: http://127.0.0.1:8123, \
+             database: tally}}"
+        );
+    }
+    config.check()?;
     Ok(config)
 }
 
 /// Runs the server until it is stopped (SIGINT or SIGTERM).
 pub fn run(args: ServeArgs, token: Option<String>) -> anyhow::Result<()> {
     let config = config(&args, token)?;
-    run_logged(args.log_format, tally_server::serve(config))
+    run_logged(args.log_format, async move {
+        let backend = crate::backend::open(&config).await?;
+        tally_server::serve(config, backend).await
+    })
 }
 
 /// Runs a server process's work on a multi-threaded runtime, logging in `format`.
@@ -304,6 +324,66 @@ pub(crate) mod tests {
             format!("{err:#}").contains("/nonexistent/tally.yaml"),
             "{err:#}"
         );
+    }
+
+    #[test]
+    fn the_cluster_section_is_read_and_its_errors_are_clear() {
+        let err = |flags: &[&str]| format!("{:#}", config(&args(flags), None).unwrap_err());
+        let no_section = err(&["--cluster"]);
+        assert!(no_section.contains("no `cluster:` section"), "{no_section}");
+        let (_dir, file) = config_file(
+            "cluster: {nats: 'nats://a:4222,nats://b:4222', clickhouse: 'http://ch:8123'}\n\
+             billing: {enabled: false}\n",
+        );
+        let cluster = config(&args(&["--config", &file, "--cluster"]), None)
+            .unwrap()
+            .cluster
+            .unwrap();
+        assert_eq!(
+            (cluster.database.as_str(), cluster.default_project.as_str()),
+            ("tally", "default")
+        );
+        assert_eq!(cluster.resources_bucket, "tally-resources");
+        let cases = [
+            (
+                "cluster: {nats: 'http://a', clickhouse: 'http://ch'}\nbilling: {enabled: false}\n",
+                "cluster.nats",
+            ),
+            (
+                "cluster: {nats: 'nats://a', clickhouse: 'ch:8123'}\nbilling: {enabled: false}\n",
+                "cluster.clickhouse",
+            ),
+            (
+                "cluster: {nats: 'nats://a', clickhouse: 'http://ch', database: 'a;b'}\nbilling: {enabled: false}\n",
+                "cluster.database",
+            ),
+            (
+                "cluster: {nats: 'nats://a', clickhouse: 'http://ch', defaultProject: 'A'}\nbilling: {enabled: false}\n",
+                "cluster.defaultProject",
+            ),
+            (
+                "cluster: {nats: 'nats://a', clickhouse: 'http://ch', resourcesBucket: 'a.b'}\nbilling: {enabled: false}\n",
+                "cluster.resourcesBucket",
+            ),
+            (
+                "cluster: {nats: 'nats://a', clickhouse: 'http://ch'}\n",
+                "tally forward",
+            ),
+            (
+                "cluster: {nats: 'nats://a', clickhouse: 'http://ch'}\nbilling: {enabled: false}\nstoreCacheMib: 64\n",
+                "storeCacheMib",
+            ),
+            ("cluster: {nats: 'nats://a'}\n", "clickhouse"),
+            (
+                "cluster: {nats: 'nats://a', clickhouse: 'http://ch', stream: x}\n",
+                "stream",
+            ),
+        ];
+        for (text, named) in cases {
+            std::fs::write(&file, text).unwrap();
+            let message = err(&["--config", &file]);
+            assert!(message.contains(named), "{text}: {message}");
+        }
     }
 
     #[test]

@@ -181,7 +181,8 @@ fn rule(method: &Method, path: &str) -> Option<Rule> {
             | "/v1/metrics"
             | "/v1/logs"
             | "/v1/traces"
-            | "/api/v1/write",
+            | "/api/v1/write"
+            | "/api/v1/instances/events",
         ) => Ingest,
         (
             "GET",
@@ -196,7 +197,9 @@ fn rule(method: &Method, path: &str) -> Option<Rule> {
             | "/api/v1/subjects/{key}"
             | "/openapi.json"
             | "/apis/{plural}"
-            | "/apis/{plural}/{name}",
+            | "/apis/{plural}/{name}"
+            | "/api/v1/instances"
+            | "/api/v1/instances/{instance}/events",
         ) => Read,
         ("POST", "/api/v1/meters/{slug}/query") => Read,
         // Instance logs: narrowed to the caller's projects (another: 404).
@@ -208,6 +211,12 @@ fn rule(method: &Method, path: &str) -> Option<Rule> {
             | "/loki/api/v1/tail"
             | "/loki/api/v1/label/{name}/values",
         ) => Read,
+        // The Prometheus query API, held to the caller's project.
+        (
+            "GET" | "POST",
+            "/api/v1/query" | "/api/v1/query_range" | "/api/v1/labels" | "/api/v1/series",
+        )
+        | ("GET", "/api/v1/label/{name}/values") => Read,
         // OpenMeter features not served: 501 for every caller that reads.
         (_, p) if p.starts_with("/api/v") && not_served(p) => Read,
         ("POST", "/api/v1/subjects") | ("DELETE", "/api/v1/subjects/{key}") => Admin,
@@ -280,10 +289,10 @@ fn request_for(method: &Method, template: &str) -> (String, Vec<u8>, &'static st
             .replace("{sink}", "none")
             .replace("{id}", "1")
             .replace("{key}", "model")
-            .replace("{rest}", "x/y")
             .replace("{project}", "acme")
             .replace("{instance}", "web-0")
-            .replace("{name}", "instance"),
+            .replace("{name}", "job")
+            .replace("{rest}", "x/y"),
     };
     match (method.as_str(), template) {
         ("POST", "/apis/apply") | ("PUT", "/apis/{plural}/{namespace}/{name}") => {

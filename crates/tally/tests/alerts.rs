@@ -1,0 +1,64 @@
+//! `deploy/alerts/compute.yaml` is valid Prometheus rule YAML
+//! (`promtool check rules`) and each alert fires on the synthetic series of
+//! `deploy/alerts/compute_test.yaml` (`promtool test rules`). promtool comes
+//! with Debian's `prometheus` package; without it the test skips, unless
+//! `TALLY_REQUIRE_PEERS` is set (CI), where it fails.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn promtool() -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("promtool"))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("TALLY_REQUIRE_PEERS").is_none(),
+            "promtool is not installed (apt-get install -y prometheus)"
+        );
+        eprintln!("SKIPPED: promtool is not installed (apt-get install -y prometheus)");
+    }
+    found
+}
+
+fn alerts_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/alerts")
+}
+
+fn run(promtool: &Path, args: &[&str]) -> String {
+    let output = Command::new(promtool)
+        .args(args)
+        .current_dir(alerts_dir())
+        .output()
+        .expect("run promtool");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "promtool {args:?}:\n{text}");
+    text
+}
+
+#[test]
+fn compute_alert_rules_are_valid_and_each_fires_in_its_unit_test() {
+    let Some(promtool) = promtool() else { return };
+    let checked = run(&promtool, &["check", "rules", "compute.yaml"]);
+    assert!(checked.contains("4 rules found"), "{checked}");
+    run(&promtool, &["test", "rules", "compute_test.yaml"]);
+    // Every alert of the rules file has a unit test that expects it to fire.
+    let rules = std::fs::read_to_string(alerts_dir().join("compute.yaml")).unwrap();
+    let tests = std::fs::read_to_string(alerts_dir().join("compute_test.yaml")).unwrap();
+    for alert in rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+    {
+        let fired = tests
+            .split("alertname: ")
+            .skip(1)
+            .any(|t| t.starts_with(alert) && t.contains("exp_labels"));
+        assert!(fired, "no promtool unit test fires {alert}");
+    }
+}
