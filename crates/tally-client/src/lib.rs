@@ -431,6 +431,67 @@ impl TallyClient {
 
     /// The base URL with `segments` appended (each percent-encoded) and the
     /// query `pairs`.
+    /// The lines of one instance (`GET /api/v1/projects/{project}/instances/{instance}/logs`):
+    /// `{lines: [{time, instance, stream, line}], truncated}`, oldest first.
+    pub async fn instance_logs(
+        &self,
+        project: &str,
+        instance: &str,
+        params: &LogParams,
+    ) -> Result<Value, ClientError> {
+        let url = self.logs_url(project, instance, params, false);
+        self.json(self.request(Method::GET, &url), &url).await
+    }
+
+    /// Follows one instance's lines: those `params` select, then each new
+    /// line as the server stores it.
+    pub async fn follow_instance_logs(
+        &self,
+        project: &str,
+        instance: &str,
+        params: &LogParams,
+    ) -> Result<LogFollower, ClientError> {
+        let url = self.logs_url(project, instance, params, true);
+        let response = self.send(self.request(Method::GET, &url), &url).await?;
+        Ok(LogFollower {
+            response,
+            url,
+            buffer: Vec::new(),
+        })
+    }
+
+    fn logs_url(&self, project: &str, instance: &str, params: &LogParams, follow: bool) -> Url {
+        let mut pairs = Vec::new();
+        let mut add = |k: &str, v: String| pairs.push((k.to_owned(), v));
+        if let Some(since) = &params.since {
+            add("since", since.clone());
+        }
+        if let Some(stream) = &params.stream {
+            add("stream", stream.clone());
+        }
+        for grep in &params.grep {
+            add("grep", grep.clone());
+        }
+        if let Some(limit) = params.limit {
+            add("limit", limit.to_string());
+        }
+        if follow {
+            add("follow", "true".into());
+        }
+        self.url(
+            &[
+                "api",
+                "v1",
+                "projects",
+                project,
+                "instances",
+                instance,
+                "logs",
+            ],
+            &pairs,
+        )
+    }
+
     fn url(&self, segments: &[&str], pairs: &[(String, String)]) -> Url {
         let mut url = self.base.clone();
         // `new` refused URLs that cannot be a base, so this always succeeds.
@@ -548,5 +609,63 @@ mod tests {
         }
         let err = TallyClient::new("http://x", Some("bad\ntoken".into())).unwrap_err();
         assert!(!err.to_string().contains("bad\ntoken"));
+    }
+}
+
+/// What `tally logs` asks for.
+#[derive(Debug, Clone, Default)]
+pub struct LogParams {
+    /// A duration back from now (`1h`) or an RFC 3339 time.
+    pub since: Option<String>,
+    /// `stdout` or `stderr`.
+    pub stream: Option<String>,
+    /// Every text a line must contain.
+    pub grep: Vec<String>,
+    /// At most this many lines (the newest).
+    pub limit: Option<usize>,
+}
+
+/// An open follow of an instance's logs (NDJSON, one line each).
+pub struct LogFollower {
+    response: Response,
+    url: Url,
+    buffer: Vec<u8>,
+}
+
+/// The longest NDJSON line a follower accepts.
+const MAX_FOLLOW_LINE: usize = 1 << 20;
+
+impl LogFollower {
+    /// The next lines (`{time, instance, stream, line}`), waiting for them;
+    /// `None` once the server ends the stream.
+    pub async fn next(&mut self) -> Result<Option<Vec<Value>>, ClientError> {
+        loop {
+            if let Some(end) = self.buffer.iter().rposition(|b| *b == b'\n') {
+                let rest = self.buffer.split_off(end + 1);
+                let complete = std::mem::replace(&mut self.buffer, rest);
+                let lines: Vec<Value> = complete
+                    .split(|b| *b == b'\n')
+                    .filter(|l| !l.is_empty())
+                    .filter_map(|l| serde_json::from_slice(l).ok())
+                    .collect();
+                if !lines.is_empty() {
+                    return Ok(Some(lines));
+                }
+            }
+            if self.buffer.len() > MAX_FOLLOW_LINE {
+                return Err(ClientError::InvalidRequest(
+                    "the server sent a log line longer than 1 MiB".into(),
+                ));
+            }
+            match self
+                .response
+                .chunk()
+                .await
+                .map_err(|e| transport_error(&self.url, &e))?
+            {
+                Some(chunk) => self.buffer.extend_from_slice(&chunk),
+                None => return Ok(None),
+            }
+        }
     }
 }

@@ -224,6 +224,16 @@ fn access(method: &Method, route: &str) -> Access {
             | "/api/v1/instances/{instance}/events"
             | "/openapi.json",
         ) => Access::Read,
+        // Instance logs: admins and projects; the handlers narrow to the
+        // caller's projects (another project answers 404).
+        (
+            &Method::GET,
+            "/api/v1/projects/{project}/instances/{instance}/logs"
+            | "/loki/api/v1/query_range"
+            | "/loki/api/v1/labels"
+            | "/loki/api/v1/tail"
+            | "/loki/api/v1/label/{name}/values",
+        ) => Access::Read,
         // A query with its parameters in the body reads like the GET.
         (&Method::POST, "/api/v1/meters/{slug}/query") => Access::Read,
         // The Prometheus query API, held to the caller's project (`promql`).

@@ -83,6 +83,77 @@ pub struct ServeConfig {
     pub egress: EgressConfig,
     /// Timeouts and the connection limit of the HTTP listener.
     pub http: HttpConfig,
+    /// Instance logs (stdout/stderr of compute instances).
+    pub logs: LogsConfig,
+}
+
+/// `logs:` in the serve config: the instance log store in
+/// `<dataDir>/logs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", default, deny_unknown_fields)]
+pub struct LogsConfig {
+    /// Whether instance logs are kept (off: they are refused).
+    pub enabled: bool,
+    /// Days a project's lines are kept (default 7).
+    pub retention_days: u32,
+    /// Days kept, per project, where it differs.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub project_retention_days: std::collections::BTreeMap<String, u32>,
+    /// Raw text one project may send per second, and its burst (429 +
+    /// `Retry-After` beyond).
+    pub ingest_bytes_per_second: u64,
+    pub ingest_burst_bytes: u64,
+    /// Text queued for the log writer for one instance, and for all; an
+    /// append beyond either answers 429.
+    pub max_pending_instance_bytes: usize,
+    pub max_pending_bytes: usize,
+    /// Seconds between retention sweeps.
+    pub sweep_interval_seconds: u64,
+}
+
+impl Default for LogsConfig {
+    fn default() -> Self {
+        let limit = tally_logstore::limits::IngestLimit::default();
+        let store = tally_logstore::StoreConfig::new("");
+        LogsConfig {
+            enabled: true,
+            retention_days: 7,
+            project_retention_days: std::collections::BTreeMap::new(),
+            ingest_bytes_per_second: limit.bytes_per_second,
+            ingest_burst_bytes: limit.burst_bytes,
+            max_pending_instance_bytes: store.max_pending_instance_bytes,
+            max_pending_bytes: store.max_pending_bytes,
+            sweep_interval_seconds: 600,
+        }
+    }
+}
+
+impl LogsConfig {
+    /// The store's configuration under `data_dir`.
+    pub fn store_config(&self, data_dir: &std::path::Path) -> tally_logstore::StoreConfig {
+        let days = |d: u32| Duration::from_secs(u64::from(d) * 86_400);
+        let mut store = tally_logstore::StoreConfig::new(data_dir.join("logs"));
+        store.default_retention = days(self.retention_days);
+        store.retention = self
+            .project_retention_days
+            .iter()
+            .map(|(p, d)| (p.clone(), days(*d)))
+            .collect();
+        store.max_pending_bytes = self.max_pending_bytes;
+        store.max_pending_instance_bytes = self.max_pending_instance_bytes;
+        store
+    }
+
+    /// The per-project ingest limiter.
+    pub fn limiter(&self) -> tally_logstore::limits::ProjectLimiter {
+        tally_logstore::limits::ProjectLimiter::new(
+            tally_logstore::limits::IngestLimit {
+                bytes_per_second: self.ingest_bytes_per_second,
+                burst_bytes: self.ingest_burst_bytes,
+            },
+            std::collections::HashMap::new(),
+        )
+    }
 }
 
 /// `victoriaMetrics:` in the config: every Exporter source is also pulled
@@ -212,6 +283,7 @@ impl Default for ServeConfig {
             victoria_metrics: None,
             egress: EgressConfig::default(),
             http: HttpConfig::default(),
+            logs: LogsConfig::default(),
         }
     }
 }

@@ -309,6 +309,8 @@ pub async fn export(config: ExportConfig) -> anyhow::Result<()> {
     let telemetry = Telemetry {
         pipeline: Some(Arc::clone(&pipeline)),
         max_body_bytes: config.max_body_bytes,
+        // `tally export` keeps nothing: instance logs are refused.
+        logs: None,
     };
     let state = ExportState {
         telemetry: telemetry.clone(),

@@ -79,6 +79,19 @@ impl MetricsReceiver {
         metadata: &tonic::metadata::MetadataMap,
         route: &str,
     ) -> Result<&tally_telemetry::Pipeline, Status> {
+        self.authorize(metadata, route)?;
+        self.telemetry
+            .pipeline
+            .as_deref()
+            .ok_or_else(|| Status::unimplemented(NO_PIPELINE))
+    }
+
+    /// Whether the caller may use `route` (the HTTP route's rule).
+    fn authorize(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        route: &str,
+    ) -> Result<(), Status> {
         let bearer = metadata
             .get("authorization")
             .and_then(|v| v.to_str().ok())
@@ -90,10 +103,18 @@ impl MetricsReceiver {
                 Status::permission_denied(problem.detail)
             });
         }
-        self.telemetry
-            .pipeline
-            .as_deref()
-            .ok_or_else(|| Status::unimplemented(NO_PIPELINE))
+        Ok(())
+    }
+}
+
+/// The gRPC status of an HTTP problem, as the OTLP specification maps
+/// them: what may be retried (429, 503) is `UNAVAILABLE`.
+fn status_of(problem: &crate::problem::Problem) -> Status {
+    match problem.status {
+        429 | 503 => Status::unavailable(problem.detail.clone()),
+        404 => Status::unimplemented(problem.detail.clone()),
+        400 | 413 => Status::invalid_argument(problem.detail.clone()),
+        _ => Status::internal(problem.detail.clone()),
     }
 }
 
@@ -103,10 +124,10 @@ impl LogsService for MetricsReceiver {
         &self,
         request: Request<ExportLogsServiceRequest>,
     ) -> Result<Response<ExportLogsServiceResponse>, Status> {
-        let pipeline = self.admit(request.metadata(), "/v1/logs")?;
-        match signals::ingest_logs(pipeline, "otlp_grpc_logs", request.get_ref()) {
+        self.authorize(request.metadata(), "/v1/logs")?;
+        match signals::receive_logs(&self.telemetry, "otlp_grpc_logs", request.into_inner()).await {
             Ok(partial_success) => Ok(Response::new(ExportLogsServiceResponse { partial_success })),
-            Err(unavailable) => Err(Status::unavailable(unavailable.message())),
+            Err(problem) => Err(status_of(&problem)),
         }
     }
 }

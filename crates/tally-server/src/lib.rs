@@ -23,6 +23,8 @@ mod events;
 pub mod export;
 mod exporters;
 mod grpc;
+pub mod instance_logs;
+mod logs_api;
 mod meters;
 mod problem;
 mod promql;
@@ -88,6 +90,8 @@ pub struct AppState {
     ledger_seen: Arc<Mutex<(u64, u64)>>,
     /// The exporters' pipeline fed by `/v1/metrics` and `/api/v1/write`.
     telemetry: Option<Arc<tally_telemetry::Pipeline>>,
+    /// Instance logs (`instance_logs`, `logs_api`); `None`: not kept.
+    logs: Option<instance_logs::InstanceLogs>,
     /// The billing forwarder's runtime, when it runs in this server.
     billing: Option<tally_billing::runtime::BillingHandle>,
     /// Instance lifecycle events (`/api/v1/instances`), when kept.
@@ -158,6 +162,7 @@ impl AppState {
             registry: Registry::new(),
             ledger_seen: Arc::default(),
             telemetry: None,
+            logs: None,
             billing: None,
             compute: None,
             metrics_query: None,
@@ -218,6 +223,13 @@ impl AppState {
     /// `pipeline`, and shows its counters on `/metrics`: the pipeline's
     /// registry becomes the server's (build the pipeline with
     /// [`AppState::registry`] to share one).
+    /// Keeps instance logs in `logs` (OTLP logs with an `instance`
+    /// resource attribute) and serves them.
+    pub fn with_logs(mut self, logs: instance_logs::InstanceLogs) -> AppState {
+        self.logs = Some(logs);
+        self
+    }
+
     pub fn with_telemetry(mut self, pipeline: Arc<tally_telemetry::Pipeline>) -> AppState {
         self.registry = pipeline.registry().clone();
         self.telemetry = Some(pipeline);
@@ -278,6 +290,7 @@ pub const DEFAULT_MAX_PENDING_EVENTS: usize = 262_144;
         resources::get_namespaced, resources::put_namespaced, resources::delete_namespaced,
         quarantine, metrics, healthz, readyz, telemetry::otlp_metrics, telemetry::remote_write,
         signals::otlp_logs, signals::otlp_traces,
+        logs_api::instance_logs, logs_api::loki_query_range, logs_api::loki_labels, logs_api::loki_label_values, logs_api::loki_tail,
         compute::ingest, compute::list, compute::events,
         promql::query_get, promql::query_post, promql::range_get, promql::range_post,
         promql::labels_get, promql::labels_post, promql::series_get, promql::series_post, promql::label_values,
@@ -399,6 +412,17 @@ pub fn router(state: AppState) -> Router {
             get(resources::get_namespaced)
                 .put(resources::put_namespaced)
                 .delete(resources::delete_namespaced),
+        )
+        .route(
+            "/api/v1/projects/{project}/instances/{instance}/logs",
+            get(logs_api::instance_logs),
+        )
+        .route("/loki/api/v1/query_range", get(logs_api::loki_query_range))
+        .route("/loki/api/v1/labels", get(logs_api::loki_labels))
+        .route("/loki/api/v1/tail", get(logs_api::loki_tail))
+        .route(
+            "/loki/api/v1/label/{name}/values",
+            get(logs_api::loki_label_values),
         )
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi_json));
@@ -595,12 +619,74 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     if let Some(billing) = &state.billing {
         out.push_str(&billing.render_status_metrics());
     }
+    if let Some(logs) = &state.logs {
+        render_log_store(&logs.store.stats(), &mut out);
+    }
     if let Some(compute) = &state.compute {
         compute.render_metrics(&mut out);
     }
     render_requests(&state.requests, &mut out);
     state.connections.render(&mut out);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+}
+
+/// The instance log store's gauges and counters.
+fn render_log_store(s: &tally_logstore::Stats, out: &mut String) {
+    for (name, help, kind, value) in [
+        (
+            "tally_logs_disk_bytes",
+            "Bytes the instance log store occupies on disk.",
+            "gauge",
+            s.disk_bytes,
+        ),
+        (
+            "tally_logs_raw_bytes",
+            "Bytes of raw text of the instance log lines retained.",
+            "gauge",
+            s.raw_bytes,
+        ),
+        (
+            "tally_logs_block_bytes",
+            "Bytes of the compressed blocks holding the retained lines.",
+            "gauge",
+            s.block_bytes,
+        ),
+        (
+            "tally_logs_lines",
+            "Instance log lines retained.",
+            "gauge",
+            s.lines,
+        ),
+        (
+            "tally_logs_appended_lines_total",
+            "Instance log lines stored.",
+            "counter",
+            s.appended_lines,
+        ),
+        (
+            "tally_logs_duplicate_lines_total",
+            "Instance log records not stored again: their record id was stored.",
+            "counter",
+            s.duplicates,
+        ),
+        (
+            "tally_logs_truncated_lines_total",
+            "Instance log lines cut to the longest line kept.",
+            "counter",
+            s.truncated,
+        ),
+        (
+            "tally_logs_swept_blocks_total",
+            "Blocks deleted past their project's retention.",
+            "counter",
+            s.swept_blocks,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    }
 }
 
 /// `tally_http_requests_total`.
@@ -745,6 +831,12 @@ pub async fn serve(config: ServeConfig, backend: Backend) -> anyhow::Result<()> 
         .with_max_pending_events(config.max_pending_events)
         .with_ingest_wait(config.ingest_wait());
     state.vital.add(EXPORTERS_TASK, exporters);
+    let mut sweeper = None;
+    if config.logs.enabled {
+        let (logs, task) = open_logs(&config).await?;
+        state = state.with_logs(logs);
+        sweeper = Some(task);
+    }
     let compute = compute::Compute::open(&config.data_dir.join("compute")).with_context(|| {
         format!(
             "opening the lifecycle store in {}",
@@ -786,6 +878,9 @@ pub async fn serve(config: ServeConfig, backend: Backend) -> anyhow::Result<()> 
     if let Some(watcher) = watcher {
         watcher.abort();
     }
+    if let Some(sweeper) = sweeper {
+        sweeper.abort();
+    }
     derive.abort();
     if let Some(exporters) = vital.take(EXPORTERS_TASK) {
         exporters.abort();
@@ -797,6 +892,44 @@ pub async fn serve(config: ServeConfig, backend: Backend) -> anyhow::Result<()> 
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Opens the instance log store and starts its retention sweeps.
+async fn open_logs(
+    config: &ServeConfig,
+) -> anyhow::Result<(instance_logs::InstanceLogs, tokio::task::JoinHandle<()>)> {
+    let store_config = config.logs.store_config(&config.data_dir);
+    let dir = store_config.dir.clone();
+    let store =
+        tokio::task::spawn_blocking(move || tally_logstore::EmbeddedLogStore::open(store_config))
+            .await
+            .context("opening the instance log store")?
+            .with_context(|| format!("opening the instance log store in {}", dir.display()))?;
+    let store: Arc<dyn tally_logstore::LogStore> = Arc::new(store);
+    let every = std::time::Duration::from_secs(config.logs.sweep_interval_seconds.max(1));
+    let sweeping = Arc::clone(&store);
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            let store = Arc::clone(&sweeping);
+            let now = i64::try_from(jiff::Timestamp::now().as_nanosecond()).unwrap_or(i64::MAX);
+            match tokio::task::spawn_blocking(move || store.sweep(now)).await {
+                Ok(Ok(n)) if n > 0 => {
+                    tracing::info!(blocks = n, "instance logs past retention deleted")
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "sweeping instance logs failed; retried at the next sweep")
+                }
+                Err(e) => tracing::warn!(error = %e, "sweeping instance logs failed"),
+            }
+        }
+    });
+    Ok((
+        instance_logs::InstanceLogs::new(store, config.logs.limiter()),
+        task,
+    ))
 }
 
 /// The listeners of a server process: HTTP, and OTLP/gRPC when configured.

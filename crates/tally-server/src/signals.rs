@@ -1,10 +1,12 @@
-//! Access-log and span receivers: OTLP/HTTP `POST /v1/logs` and
+//! Access-log, instance-log and span receivers: OTLP/HTTP `POST /v1/logs` and
 //! `POST /v1/traces` (protobuf or JSON, gzip or zstd) and OTLP/gRPC
 //! `LogsService/Export` and `TraceService/Export` ([`crate::grpc`]), all
 //! through [`ingest_logs`] / [`ingest_traces`]: each record or span goes
 //! through the `TelemetryPolicy` in force on its gateway
 //! ([`tally_telemetry::shaping`]) to its own project's `logs`/`traces`
-//! exporters; the metrics the policies ask for go to the router.
+//! exporters; the metrics the policies ask for go to the router. Instance
+//! logs (a resource with an `instance` attribute) are split off first and
+//! stored ([`crate::instance_logs`]) before the answer.
 //!
 //! They need the `ingest` or `admin` scope, like the metrics receivers, and
 //! answer `404` without a pipeline. Records of no known project are
@@ -27,6 +29,7 @@ use tally_telemetry::otlp::{self, JSON_CONTENT_TYPE, PROTOBUF_CONTENT_TYPE};
 use tally_telemetry::{Encoding, Pipeline, ShapeReport};
 
 use crate::body;
+use crate::instance_logs;
 use crate::problem::Problem;
 use crate::telemetry::{NO_PIPELINE, Telemetry, Unavailable};
 
@@ -79,9 +82,12 @@ fn unattributed_message(n: u64, what: &str) -> String {
 
 /// Receive OTLP access logs.
 ///
-/// The OTLP/HTTP logs receiver for gateway access logs: an
-/// `ExportLogsServiceRequest` (protobuf or JSON). Each record goes through
-/// the `TelemetryPolicy` in force on its gateway to its project's `logs`
+/// The OTLP/HTTP logs receiver: an `ExportLogsServiceRequest` (protobuf
+/// or JSON). Records of a resource with an `instance` attribute are
+/// instance stdout/stderr, stored for `GET .../instances/{instance}/logs`
+/// before the answer (429 + `Retry-After` over a project's ingest limit);
+/// the rest are gateway access logs: each goes through the
+/// `TelemetryPolicy` in force on its gateway to its project's `logs`
 /// exporters.
 #[utoipa::path(
     post, path = "/v1/logs", tag = "telemetry",
@@ -95,6 +101,8 @@ fn unattributed_message(n: u64, what: &str) -> String {
         (status = 404, description = "No telemetry pipeline on this server: a `google.rpc.Status`",
             content((String = "application/x-protobuf"), (Object = "application/json"))),
         (status = 415, description = "Unsupported Content-Type", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "A project is over its instance-log ingest limit; nothing was taken, retry after `Retry-After`: a `google.rpc.Status`",
+            content((String = "application/x-protobuf"), (Object = "application/json"))),
         (status = 503, description = "Not running yet; retry after `Retry-After`: a `google.rpc.Status`",
             content((String = "application/x-protobuf"), (Object = "application/json"))),
     ),
@@ -105,13 +113,76 @@ pub async fn otlp_logs(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, Problem> {
-    receive(state, headers, body, |pipeline, raw, encoding| {
+    let media_type = body::media_type(&headers);
+    let encoding = otlp::encoding_of_content_type(&media_type)
+        .map_err(|e| Problem::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, e.to_string()))?;
+    let outcome = async {
+        let limit = state.max_body_bytes;
         let request: ExportLogsServiceRequest =
-            otlp::decode_request(raw, encoding).map_err(|e| Problem::bad_request(e.to_string()))?;
-        let partial_success = ingest_logs(pipeline, "otlp_http_logs", &request)?;
+            body::decoded_off_workers(headers, body, limit, move |_, raw| {
+                otlp::decode_request(&raw, encoding)
+                    .map_err(|e| Problem::bad_request(e.to_string()))
+            })
+            .await?;
+        let partial_success = receive_logs(&state, "otlp_http_logs", request).await?;
         answer(encoding, &ExportLogsServiceResponse { partial_success })
-    })
-    .await
+    }
+    .await;
+    Ok(outcome.unwrap_or_else(|problem| crate::telemetry::otlp_error(encoding, &problem)))
+}
+
+/// The one path of every logs receiver: instance logs to the log store
+/// (answered once durable), the rest to the access-log path.
+pub(crate) async fn receive_logs(
+    state: &Telemetry,
+    source_id: &str,
+    request: ExportLogsServiceRequest,
+) -> Result<Option<ExportLogsPartialSuccess>, Problem> {
+    let now = jiff::Timestamp::now().as_nanosecond();
+    let now = i64::try_from(now).unwrap_or(i64::MAX);
+    let split = instance_logs::split(request, now);
+    let pipeline = match (&state.pipeline, split.rest.resource_logs.is_empty()) {
+        (Some(p), true) => Some(p).filter(|p| p.ready()),
+        (None, true) => None,
+        (Some(p), false) if !p.ready() => return Err(Unavailable::NotReady.into()),
+        (Some(p), false) => Some(p),
+        (None, false) => return Err(Problem::new(StatusCode::NOT_FOUND, NO_PIPELINE)),
+    };
+    let mut rejected = split.rejected;
+    let mut messages = Vec::new();
+    if split.rejected > 0 {
+        messages.push(format!(
+            "{} instance log record(s) refused: their resource needs `project` and `instance` attributes that are Kubernetes names",
+            split.rejected
+        ));
+    }
+    if !split.records.is_empty() {
+        match &state.logs {
+            Some(logs) => {
+                instance_logs::store(logs, split.records).await?;
+                if let Some(pipeline) = pipeline {
+                    instance_logs::export(pipeline, split.exports);
+                }
+            }
+            None => {
+                rejected += split.records.len() as u64;
+                messages.push(format!(
+                    "{} instance log record(s) refused: this server keeps no instance logs",
+                    split.records.len()
+                ));
+            }
+        }
+    }
+    if let Some(pipeline) = pipeline.filter(|_| !split.rest.resource_logs.is_empty())
+        && let Some(partial) = ingest_logs(pipeline, source_id, &split.rest)?
+    {
+        rejected += u64::try_from(partial.rejected_log_records).unwrap_or(0);
+        messages.push(partial.error_message);
+    }
+    Ok((rejected > 0).then(|| ExportLogsPartialSuccess {
+        rejected_log_records: i64::try_from(rejected).unwrap_or(i64::MAX),
+        error_message: messages.join("; "),
+    }))
 }
 
 /// Receive OTLP spans.

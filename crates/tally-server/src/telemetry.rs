@@ -37,6 +37,8 @@ use crate::problem::Problem;
 pub(crate) struct Telemetry {
     pub(crate) pipeline: Option<Arc<Pipeline>>,
     pub(crate) max_body_bytes: usize,
+    /// Where instance logs go (`crate::instance_logs`).
+    pub(crate) logs: Option<crate::instance_logs::InstanceLogs>,
 }
 
 impl FromRef<AppState> for Telemetry {
@@ -44,6 +46,7 @@ impl FromRef<AppState> for Telemetry {
         Telemetry {
             pipeline: state.telemetry.clone(),
             max_body_bytes: state.max_body_bytes,
+            logs: state.logs.clone(),
         }
     }
 }

@@ -12,6 +12,7 @@ mod events;
 mod export;
 mod forward;
 mod instances;
+mod logs;
 mod meters;
 mod output;
 mod policy;
@@ -121,6 +122,8 @@ enum Command {
     /// List meters and query their usage.
     #[command(subcommand)]
     Meters(meters::MetersCommand),
+    /// Print (and follow) the stdout/stderr of a compute instance.
+    Logs(logs::LogsArgs),
     /// Inspect events that a meter could not measure yet.
     #[command(subcommand)]
     Quarantine(events::QuarantineCommand),
@@ -232,6 +235,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Events(command) => ClientCommand::Events(command),
         Command::Meters(command) => ClientCommand::Meters(command),
         Command::Quarantine(command) => ClientCommand::Quarantine(command),
+        Command::Logs(args) => ClientCommand::Logs(args),
         Command::Instances(command) => ClientCommand::Instances(command),
     };
     let client = TallyClient::new(&cli.server, cli.token).context("setting up the client")?;
@@ -249,6 +253,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ClientCommand::Events(command) => events::run(&client, command).await,
             ClientCommand::Meters(command) => meters::run(&client, command).await,
             ClientCommand::Quarantine(command) => events::run_quarantine(&client, command).await,
+            ClientCommand::Logs(args) => logs::run(&client, args).await,
             ClientCommand::Billing(command) => billing::run(&client, command).await,
             ClientCommand::Policy(command) => policy::run(&client, command).await,
             ClientCommand::Instances(command) => instances::run(&client, command).await,
@@ -298,6 +303,7 @@ enum ClientCommand {
     Quarantine(events::QuarantineCommand),
     Billing(billing::BillingCommand),
     Policy(policy::PolicyCommand),
+    Logs(logs::LogsArgs),
     Instances(instances::InstancesCommand),
 }
 

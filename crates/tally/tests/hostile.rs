@@ -202,6 +202,15 @@ fn rule(method: &Method, path: &str) -> Option<Rule> {
             | "/api/v1/instances/{instance}/events",
         ) => Read,
         ("POST", "/api/v1/meters/{slug}/query") => Read,
+        // Instance logs: narrowed to the caller's projects (another: 404).
+        (
+            "GET",
+            "/api/v1/projects/{project}/instances/{instance}/logs"
+            | "/loki/api/v1/query_range"
+            | "/loki/api/v1/labels"
+            | "/loki/api/v1/tail"
+            | "/loki/api/v1/label/{name}/values",
+        ) => Read,
         // The Prometheus query API, held to the caller's project.
         (
             "GET" | "POST",
@@ -280,6 +289,7 @@ fn request_for(method: &Method, template: &str) -> (String, Vec<u8>, &'static st
             .replace("{sink}", "none")
             .replace("{id}", "1")
             .replace("{key}", "model")
+            .replace("{project}", "acme")
             .replace("{instance}", "web-0")
             .replace("{name}", "job")
             .replace("{rest}", "x/y"),
