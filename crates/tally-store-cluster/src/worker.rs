@@ -31,6 +31,9 @@ use crate::measure;
 const IDLE: Duration = Duration::from_millis(20);
 /// How long to wait after ClickHouse refused a batch.
 const RETRY: Duration = Duration::from_secs(1);
+/// Longest a fetch may take: a pull request lost while the connection to
+/// NATS was down is never answered, and would hold the worker forever.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 
 async fn consumer(inner: &Inner) -> Result<PullConsumer, String> {
     let stream = inner
@@ -132,7 +135,10 @@ async fn run(
         if *stopped.borrow() {
             return;
         }
-        let batch = match fetch(&consumer, inner.config.batch).await {
+        let fetched = tokio::time::timeout(FETCH_TIMEOUT, fetch(&consumer, inner.config.batch))
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {FETCH_TIMEOUT:?}")));
+        let batch = match fetched {
             Ok(batch) => batch,
             Err(e) => {
                 tracing::warn!(error = %e, "a worker could not fetch; retrying in a second");
