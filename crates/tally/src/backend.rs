@@ -25,18 +25,12 @@ pub async fn open(config: &ServeConfig) -> anyhow::Result<Backend> {
 
 /// The embedded store in `config.data_dir`.
 async fn open_embedded(config: &ServeConfig) -> anyhow::Result<Backend> {
-    let days = |days: u32| jiff::SignedDuration::from_hours(i64::from(days) * 24);
     let mut store = StoreConfig::new(&config.data_dir);
     if let Some(mib) = config.store_cache_mib {
         store.cache_bytes = mib.saturating_mul(1 << 20);
     }
     store.dedupe_horizon = days(config.dedupe_horizon_days);
-    store.max_lateness = days(
-        config
-            .max_lateness_days
-            .unwrap_or(config.dedupe_horizon_days),
-    );
-    store.max_future = jiff::SignedDuration::from_hours(i64::from(config.max_future_hours));
+    (store.max_lateness, store.max_future) = admission_bounds(config);
     if let Some(events) = config.max_unmaterialised_events {
         store.max_unmaterialised_events = events;
     }
@@ -80,16 +74,24 @@ async fn cluster_ledger(
     ledger.database = cluster.database.clone();
     ledger.default_project = cluster.default_project.clone();
     ledger.workers = cluster.workers;
-    ledger.max_lateness = jiff::SignedDuration::from_hours(
-        i64::from(
-            config
-                .max_lateness_days
-                .unwrap_or(config.dedupe_horizon_days),
-        ) * 24,
-    );
-    ledger.max_future = jiff::SignedDuration::from_hours(i64::from(config.max_future_hours));
+    (ledger.max_lateness, ledger.max_future) = admission_bounds(config);
     let ledger = ClusterLedger::connect(ledger)
         .await
         .context("cluster: the ledger (JetStream and ClickHouse)")?;
     Ok(Arc::new(ledger))
+}
+
+fn days(days: u32) -> jiff::SignedDuration {
+    jiff::SignedDuration::from_hours(i64::from(days) * 24)
+}
+
+/// How late and how far ahead of the clock an event may be, as every
+/// backend admits it: `maxLatenessDays` (default the dedupe horizon) and
+/// `maxFutureHours`.
+fn admission_bounds(config: &ServeConfig) -> (jiff::SignedDuration, jiff::SignedDuration) {
+    let lateness = config
+        .max_lateness_days
+        .unwrap_or(config.dedupe_horizon_days);
+    let future = jiff::SignedDuration::from_hours(i64::from(config.max_future_hours));
+    (days(lateness), future)
 }
