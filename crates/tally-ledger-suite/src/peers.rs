@@ -4,6 +4,7 @@
 //! start answers `None` (and prints SKIPPED), unless `TALLY_REQUIRE_PEERS`
 //! is set (CI sets it), where it fails.
 
+use std::ffi::OsString;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -42,12 +43,59 @@ fn wait_for_port(port: u16, what: &str, child: &mut Child) {
     }
 }
 
-/// A running `nats-server -js`.
-pub struct Nats {
+/// A peer server process on a port of its own, with its own temporary
+/// directory; killed when dropped.
+struct Process {
     binary: PathBuf,
     child: Option<Child>,
-    pub port: u16,
+    port: u16,
     dir: tempfile::TempDir,
+}
+
+impl Process {
+    fn new(binary: PathBuf) -> Process {
+        Process {
+            binary,
+            child: None,
+            port: free_port(),
+            dir: tempfile::tempdir().expect("a temporary directory"),
+        }
+    }
+
+    /// Starts the binary with `args` and waits until it listens on `port`.
+    fn spawn(&mut self, args: &[OsString], what: &str) {
+        let mut child = Command::new(&self.binary)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{what} starts: {e}"));
+        wait_for_port(self.port, what, &mut child);
+        self.child = Some(child);
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A running `nats-server -js`.
+pub struct Nats {
+    process: Process,
+    pub port: u16,
 }
 
 impl Nats {
@@ -56,11 +104,10 @@ impl Nats {
             &["/usr/sbin/nats-server", "/usr/bin/nats-server"],
             "nats-server",
         )?;
+        let process = Process::new(binary);
         let mut nats = Nats {
-            binary,
-            child: None,
-            port: free_port(),
-            dir: tempfile::tempdir().expect("a temporary directory"),
+            port: process.port,
+            process,
         };
         nats.resume();
         Some(nats)
@@ -72,44 +119,36 @@ impl Nats {
 
     /// The server's process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.process.pid()
     }
 
     /// Kills the server (`kill -9`): what it acknowledged is on disk.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.kill();
     }
 
     /// Starts the server again on the same port and store.
     pub fn resume(&mut self) {
-        let mut child = Command::new(&self.binary)
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string()])
-            .arg("-sd")
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server starts");
-        wait_for_port(self.port, "nats-server", &mut child);
-        self.child = Some(child);
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        self.kill();
+        let mut args: Vec<OsString> = [
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-sd",
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect();
+        args.push(self.process.dir.path().into());
+        self.process.spawn(&args, "nats-server");
     }
 }
 
 /// A running `clickhouse-server` with its HTTP interface on `http_port`.
 pub struct ClickHouse {
-    binary: PathBuf,
-    child: Option<Child>,
+    process: Process,
     pub http_port: u16,
-    dir: tempfile::TempDir,
 }
 
 fn clickhouse_config(dir: &Path, http_port: u16) -> String {
@@ -140,14 +179,13 @@ impl ClickHouse {
             &["/usr/sbin/clickhouse-server", "/usr/bin/clickhouse-server"],
             "clickhouse-server",
         )?;
+        let process = Process::new(binary);
+        let config = clickhouse_config(process.dir.path(), process.port);
+        std::fs::write(process.dir.path().join("config.xml"), config).expect("writing config.xml");
         let mut ch = ClickHouse {
-            binary,
-            child: None,
-            http_port: free_port(),
-            dir: tempfile::tempdir().expect("a temporary directory"),
+            http_port: process.port,
+            process,
         };
-        let config = clickhouse_config(ch.dir.path(), ch.http_port);
-        std::fs::write(ch.dir.path().join("config.xml"), config).expect("writing config.xml");
         ch.resume();
         Some(ch)
     }
@@ -158,35 +196,18 @@ impl ClickHouse {
 
     /// The server's process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.process.pid()
     }
 
     /// Kills the server (`kill -9`).
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.kill();
     }
 
     /// Starts the server again on the same port and data.
     pub fn resume(&mut self) {
-        let mut child = Command::new(&self.binary)
-            .arg(format!(
-                "--config-file={}",
-                self.dir.path().join("config.xml").display()
-            ))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("clickhouse-server starts");
-        wait_for_port(self.http_port, "clickhouse-server", &mut child);
-        self.child = Some(child);
-    }
-}
-
-impl Drop for ClickHouse {
-    fn drop(&mut self) {
-        self.kill();
+        let config = self.process.dir.path().join("config.xml");
+        let arg = OsString::from(format!("--config-file={}", config.display()));
+        self.process.spawn(&[arg], "clickhouse-server");
     }
 }
