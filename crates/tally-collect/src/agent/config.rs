@@ -624,7 +624,9 @@ fn resolve_instance_logs(
         sources,
         url,
         max_files: options.max_files.unwrap_or(10_000).max(1),
-        max_queued_bytes: options.max_queued_bytes.unwrap_or(256 << 20).max(1 << 20),
+        // At least 64 MiB: one read (256 KiB of text, at worst 128 Ki
+        // one-byte records of about 170 bytes queued) always fits.
+        max_queued_bytes: options.max_queued_bytes.unwrap_or(256 << 20).max(64 << 20),
     })
 }
 

@@ -23,9 +23,12 @@
 //! Records of one file keep file order (one reader, one sink sending
 //! batches in queue order); an instance's files are read in path order
 //! each turn. At most `maxFiles` files are followed (the rest are logged
-//! and skipped until others go away).
+//! and skipped until others go away). A file that stops matching (its
+//! pod's directory was removed) is let go once it has nothing more to read,
+//! and a file that cannot be read is let go with a warning: neither stops
+//! the agent.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,7 +53,7 @@ use crate::instance_log::{Assembler, PathLabels, Record};
 use crate::tail::{FileTailer, TailCheckpoint};
 
 /// Most bytes read from one file per turn.
-const READ_BYTES: usize = 1 << 20;
+const READ_BYTES: usize = 256 << 10;
 
 /// What is saved with each read, per file (the mark's value, JSON).
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -160,26 +163,43 @@ impl InstanceLogs {
         Ok(())
     }
 
-    /// One look at every file; whether any had something to read.
+    /// One look at every file; whether any had something to read. A file
+    /// that no longer matches (its pod's directory went away) is let go
+    /// once a look finds nothing more in it, or it cannot be read.
     fn turn(&mut self) -> Result<bool, AgentError> {
-        self.discover()?;
+        let matched = self.discover()?;
         let mut paths: Vec<PathBuf> = self.files.keys().cloned().collect();
         paths.sort();
         let mut busy = false;
         for path in paths {
-            busy |= self.read_file(&path)?;
+            let read = match self.read_file(&path) {
+                Ok(read) => read,
+                Err(ReadError::Agent(e)) => return Err(e),
+                Err(ReadError::File(e)) => {
+                    tracing::warn!(path = %path.display(), error = %e,
+                        "an instance log file cannot be read; it is let go");
+                    self.files.remove(&path);
+                    continue;
+                }
+            };
+            if !read && !matched.contains(&path) {
+                self.files.remove(&path);
+            }
+            busy |= read;
         }
         Ok(busy)
     }
 
-    /// Follows files that newly match a pattern, from their marks.
-    fn discover(&mut self) -> Result<(), AgentError> {
+    /// Follows files that newly match a pattern, from their marks; returns
+    /// every path matching now.
+    fn discover(&mut self) -> Result<HashSet<PathBuf>, AgentError> {
         let mut seen = Vec::new();
         for (source, log_source) in self.config.sources.iter().enumerate() {
             for (path, labels) in log_source.pattern.files(self.config.max_files) {
                 seen.push((path, labels, source));
             }
         }
+        let matched = seen.iter().map(|(path, _, _)| path.clone()).collect();
         for (path, labels, source) in seen {
             if self.files.contains_key(&path) {
                 continue;
@@ -193,7 +213,14 @@ impl InstanceLogs {
                 continue;
             }
             let saved = self.load_mark(&path)?;
-            let tailer = FileTailer::open(&path, &saved.checkpoint).map_err(|e| io(&path, e))?;
+            let tailer = match FileTailer::open(&path, &saved.checkpoint) {
+                Ok(tailer) => tailer,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e,
+                        "an instance log file cannot be opened; trying again later");
+                    continue;
+                }
+            };
             self.files.insert(
                 path,
                 Followed {
@@ -204,7 +231,7 @@ impl InstanceLogs {
                 },
             );
         }
-        Ok(())
+        Ok(matched)
     }
 
     fn load_mark(&self, path: &std::path::Path) -> Result<FileMark, AgentError> {
@@ -220,7 +247,7 @@ impl InstanceLogs {
 
     /// Reads one file on and queues what it read with its mark; whether
     /// it read anything.
-    fn read_file(&mut self, path: &PathBuf) -> Result<bool, AgentError> {
+    fn read_file(&mut self, path: &PathBuf) -> Result<bool, ReadError> {
         let Some(file) = self.files.get_mut(path) else {
             return Ok(false);
         };
@@ -233,7 +260,7 @@ impl InstanceLogs {
             .read_lines(READ_BYTES, |line| {
                 assembler.push(source.format, plain_stream, line, &mut records)
             })
-            .map_err(|e| io(path, e))?;
+            .map_err(ReadError::File)?;
         if lines == 0 {
             return Ok(false);
         }
@@ -246,10 +273,10 @@ impl InstanceLogs {
         };
         let items = items(path, &file.saved, &project, &file.labels.instance, records)?;
         let value = serde_json::to_vec(&mark).map_err(AgentError::Encode)?;
-        let queued = self.runtime.block_on(
-            self.sink
-                .try_enqueue_marked(items, vec![(mark_key(path), Bytes::from(value))]),
-        );
+        let mark_value = vec![(mark_key(path), Bytes::from(value))];
+        let queued = self
+            .runtime
+            .block_on(self.sink.try_enqueue_marked(items, mark_value));
         match queued {
             Ok(()) => {
                 file.saved = mark;
@@ -258,21 +285,27 @@ impl InstanceLogs {
             Err(EnqueueError::Full { .. }) => {
                 // Read again from the last mark once the queue drains.
                 file.tailer =
-                    FileTailer::open(path, &file.saved.checkpoint).map_err(|e| io(path, e))?;
+                    FileTailer::open(path, &file.saved.checkpoint).map_err(ReadError::File)?;
                 Ok(false)
             }
-            Err(e) => Err(AgentError::Sink(format!(
+            Err(e) => Err(ReadError::Agent(AgentError::Sink(format!(
                 "queueing the records of {}: {e}",
                 path.display()
-            ))),
+            )))),
         }
     }
 }
 
-fn io(path: &std::path::Path, error: crate::tail::TailError) -> AgentError {
-    AgentError::Input {
-        input: format!("instance log {}", path.display()),
-        message: error.to_string(),
+/// Why a file's read failed: the file (it is let go) or the agent (it
+/// stops).
+enum ReadError {
+    File(crate::tail::TailError),
+    Agent(AgentError),
+}
+
+impl From<AgentError> for ReadError {
+    fn from(e: AgentError) -> ReadError {
+        ReadError::Agent(e)
     }
 }
 
