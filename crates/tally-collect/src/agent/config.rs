@@ -781,6 +781,27 @@ mod tests {
     }
 
     #[test]
+    fn instance_log_patterns_are_checked_when_resolved() {
+        let options = |text: &str| -> AgentOptions { serde_norway::from_str(text).unwrap() };
+        let config = options(
+            "ledger: http://serve:1\ninstanceLogs:\n  files:\n  - path: /var/log/pods/{project}_{instance}_*/*/*.log\n  - {path: '/srv/{instance}.log', format: plain, project: acme}\n",
+        )
+        .resolve("http://x")
+        .unwrap();
+        let logs = config.instance_logs.unwrap();
+        assert_eq!(logs.url.as_str(), "http://serve:1/");
+        assert_eq!(logs.sources[1].format, LogFormat::Plain);
+        assert_eq!(logs.max_queued_bytes, 256 << 20);
+        for bad in [
+            "instanceLogs:\n  files:\n  - path: /srv/{instance}.log\n",
+            "instanceLogs:\n  files:\n  - path: 'relative/{project}/{instance}'\n",
+            "instanceLogs:\n  files:\n  - path: /srv/{project}.log\n",
+        ] {
+            assert!(options(bad).resolve("http://x").is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn listener_flags_name_a_listener_or_a_whole_gauge() {
         let listener = ListenerMapping::parse_flag("0.0.0.0_443=shop/api@acme").unwrap();
         let (stat, route) = listener.resolve().unwrap();

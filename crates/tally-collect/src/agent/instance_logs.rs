@@ -422,3 +422,69 @@ impl Encoder for OtlpEncoder {
         Ok(request)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(project: &str, instance: &str, body: &str, id: &str) -> Item {
+        let record = QueuedRecord {
+            project: project.into(),
+            instance: instance.into(),
+            stream: "stderr".into(),
+            time_unix_nano: 7,
+            id: id.into(),
+            body: body.into(),
+        };
+        Item::new(id.to_owned(), serde_json::to_vec(&record).unwrap())
+    }
+
+    #[test]
+    fn a_batch_becomes_one_resource_per_instance_in_queue_order() {
+        let request = export_request(&[
+            item("acme", "web-0", "a", "1"),
+            item("acme", "web-1", "b", "2"),
+            item("acme", "web-0", "c", "3"),
+        ]);
+        let got: Vec<(String, Vec<String>)> = request
+            .resource_logs
+            .iter()
+            .map(|r| {
+                let attributes = &r.resource.as_ref().unwrap().attributes;
+                let instance = attributes
+                    .iter()
+                    .find(|kv| kv.key == "instance")
+                    .and_then(|kv| kv.value.clone())
+                    .and_then(|v| v.value);
+                let Some(any_value::Value::StringValue(instance)) = instance else {
+                    panic!("no instance attribute");
+                };
+                let bodies = r.scope_logs[0]
+                    .log_records
+                    .iter()
+                    .map(|l| match l.body.clone().and_then(|b| b.value) {
+                        Some(any_value::Value::StringValue(s)) => s,
+                        other => panic!("{other:?}"),
+                    })
+                    .collect();
+                (instance, bodies)
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("web-0".to_owned(), vec!["a".to_owned(), "c".to_owned()]),
+                ("web-1".to_owned(), vec!["b".to_owned()]),
+            ]
+        );
+        let record = &request.resource_logs[0].scope_logs[0].log_records[1];
+        let keys: Vec<(&str, String)> = record
+            .attributes
+            .iter()
+            .map(|kv| (kv.key.as_str(), format!("{:?}", kv.value)))
+            .collect();
+        assert_eq!(keys[0].0, "log.iostream");
+        assert!(keys[1].0 == "log.record.uid" && keys[1].1.contains("\"3\""));
+        assert_eq!(record.time_unix_nano, 7);
+    }
+}
