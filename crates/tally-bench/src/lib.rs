@@ -17,6 +17,11 @@
 //! says little. Ingest is timed twice: until the last event is acknowledged,
 //! and until it is also materialised (rollups written, no tail left); the
 //! second is the figure that counts.
+//!
+//! For the side-by-side with other stores (`bench/compare-storage.py`),
+//! `--write-events` writes the same events as NDJSON ([`write_events`]),
+//! `--events-file` sends such a file instead of generated events, and
+//! `--report-json` writes the report with both query answers in full.
 
 use std::path::PathBuf;
 use std::sync::Arc;
