@@ -3,8 +3,7 @@
 //! test receiver built on the official protobuf definitions; scopes; and
 //! the OpenTelemetry Python SDK's own OTLP/HTTP exporter as the sender.
 
-#[path = "../../tally-telemetry/tests/support/otlp_receiver.rs"]
-mod receiver;
+use tally_testkit::otlp_receiver as receiver;
 use std::collections::BTreeMap;
 use std::io::Write as _;
 

@@ -2,11 +2,10 @@
 //! series, whatever the exporters, namespaces, labels and (spoofed) resource
 //! attributes; and what it receives equals a naive model of visibility.
 
-mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use common::*;
+use tally_testkit::otlp_metrics::*;
 use proptest::prelude::*;
 use prost::Message as _;
 use tally_model::Manifest;

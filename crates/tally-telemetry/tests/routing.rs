@@ -1,9 +1,8 @@
 //! Selection semantics through the router, and OTLP decode → select → encode
 //! round trips checked by decoding with the prost types.
 
-mod common;
 
-use common::*;
+use tally_testkit::otlp_metrics::*;
 use prost::Message as _;
 use tally_model::Manifest;
 use tally_telemetry::otlp::{decode_metrics_request, encode_metrics_request};
