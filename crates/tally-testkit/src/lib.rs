@@ -11,9 +11,11 @@
 //!   tests.
 //! - [`line_receiver`]: the delivery tests' loopback receiver (one line per
 //!   item, deduplicated by key) with injected faults, and its encoder.
+//! - [`progress`]: waits that fail on a stall, not on a wall-clock bound.
 
 pub mod exporters;
 pub mod line_receiver;
 pub mod otlp_metrics;
 pub mod otlp_receiver;
+pub mod progress;
 pub mod victoria_metrics;
