@@ -5,8 +5,8 @@
 //! another exporter's selection never arrive; a VictoriaMetrics that does
 //! not answer shows in the status and the component metrics.
 
-use tally_testkit::{exporters, otlp_receiver as receiver};
 use tally_testkit::victoria_metrics;
+use tally_testkit::{exporters, otlp_receiver as receiver};
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

@@ -62,7 +62,9 @@ impl<T: PartialEq + Debug> Progress<T> {
         }
         let ceiling = stall * CEILING_STALLS;
         if self.started.elapsed() >= ceiling {
-            return Err(format!("waiting for {what}: still moving after {ceiling:?}"));
+            return Err(format!(
+                "waiting for {what}: still moving after {ceiling:?}"
+            ));
         }
         Ok(())
     }
