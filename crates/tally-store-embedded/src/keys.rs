@@ -3,8 +3,7 @@
 //! | keyspace     | key                                                        | value |
 //! |--------------|------------------------------------------------------------|-------|
 //! | `log`        | first seq of the block (u64 BE)                            | an event block: see [`crate::block`] |
-//! | `dedupe`     | xxh3-64 of the rest (u64 BE), source (u32 len + bytes), id | seq (u64 BE), expires_at s (i64 BE) |
-//! | `dedupe`     | [`DEDUPE_MARK`] (9 bytes; shorter than any entry's key)     | log position (u64 BE) the entries include |
+//! | `dedupe`     | sorted runs of 32-bit key hashes with log positions, and their marks: see [`crate::dedupe`] | |
 //! | `rollups`    | minute and hour: meter generation (u32 BE), level (u8), subject id (u32 BE), bucket start in minutes (40 bits, offset 2^39, BE), groups id (u32 BE): 18 bytes | [`tally_meter::AggState`] |
 //! | `rollups`    | day: meter generation (u32 BE), level (u8), bucket start (40 bits), subject id (u32 BE), [`ALL_GROUPS`] (u32 BE): 18 bytes | [`tally_meter::AggState`] of every group |
 //! | `quarantine` | meter (u16 len + bytes; empty = no meter), seq (u64 BE)    | JSON [`QuarantineEntry`] |
@@ -12,7 +11,7 @@
 //! | `void_order` | void ordinal (u64 BE, 0, 1, ... in recording order)        | seq (u64 BE) of the voided event |
 //! | `catalog`    | kind `/` name                                              | manifest JSON |
 //! | `meta`       | `meter/<name>`                                             | JSON [`MeterState`] |
-//! | `meta`       | `materialised`                                             | log position (u64 BE): rollups, dedupe, quarantine and dictionary hold every event below it |
+//! | `meta`       | `materialised`                                             | log position (u64 BE): rollups, quarantine and dictionary hold every event below it |
 //! | `meta`       | `dict/i/` id (u32 BE)                                      | dictionary entry: `s` + subject, or `g` + count (u32 BE) + groups |
 //! | `meta`       | `dict/n/` dictionary entry                                 | id (u32 BE) |
 
@@ -106,9 +105,8 @@ pub fn upgrade_dedupe_key(key: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// The key, in `dedupe`, of the log position its entries include (see
-/// `writer/dedupe.rs`). At 9 bytes it is no entry's key (those are at
-/// least 12); scans of the entries skip it.
+/// The key, in `dedupe`, of the log position its runs include (see
+/// [`crate::dedupe`]).
 pub const DEDUPE_MARK: &[u8] = b"\0position";
 
 pub fn dedupe_value(seq: u64, expires_at: i64) -> [u8; 16] {

@@ -14,6 +14,7 @@
 
 mod block;
 mod changes;
+mod dedupe;
 mod dict;
 mod keys;
 mod known;
@@ -178,6 +179,8 @@ pub(crate) struct Shared {
     pub voided: RwLock<HashSet<u64>>,
     /// Interned subjects and group values; extended only by the writer.
     pub dict: RwLock<dict::ReaderDict>,
+    /// The dedupe index; changed only by the writer.
+    pub dedupe: RwLock<dedupe::DedupeIndex>,
 }
 
 impl Shared {
@@ -353,6 +356,10 @@ impl EmbeddedLedger {
             writer_alive: AtomicBool::new(true),
             materialiser_alive: AtomicBool::new(true),
             tail: tail::Tail::default(),
+            dedupe: RwLock::new(dedupe::DedupeIndex::new(
+                0,
+                usize::try_from(config.key_filter_bytes).unwrap_or(usize::MAX),
+            )),
         });
         let filter_budget = usize::try_from(config.key_filter_bytes).unwrap_or(usize::MAX);
         let derived = Arc::new(Mutex::new(materialise::FjallDerived::new(
