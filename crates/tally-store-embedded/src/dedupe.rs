@@ -430,6 +430,15 @@ impl DedupeIndex {
             self.dropped = end;
         }
         self.mark = end;
+        let (recent, in_runs, filters) = self.sizes();
+        tracing::debug!(
+            written = recent,
+            runs = self.runs.len(),
+            in_runs,
+            filter_bytes = filters,
+            mark = end,
+            "dedupe keys written as a run"
+        );
         self.recent.clear();
         self.recent
             .shrink_to(self.recent_budget / RECENT_ENTRY_BYTES / 4);

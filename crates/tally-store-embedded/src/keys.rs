@@ -91,20 +91,6 @@ pub fn dedupe_key(source: &str, id: &str) -> Vec<u8> {
     out
 }
 
-/// A format-3 dedupe key (the bare pair) in this format; `None` when `key`
-/// is already a format-4 key.
-pub fn upgrade_dedupe_key(key: &[u8]) -> Option<Vec<u8>> {
-    if let Some((hash, rest)) = key.split_first_chunk::<8>()
-        && u64::from_be_bytes(*hash) == xxhash_rust::xxh3::xxh3_64(rest)
-    {
-        return None;
-    }
-    let mut out = Vec::with_capacity(8 + key.len());
-    out.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(key).to_be_bytes());
-    out.extend_from_slice(key);
-    Some(out)
-}
-
 /// The key, in `dedupe`, of the log position its runs include (see
 /// [`crate::dedupe`]).
 pub const DEDUPE_MARK: &[u8] = b"\0position";
@@ -545,13 +531,5 @@ mod tests {
     #[test]
     fn dedupe_keys_do_not_collide_across_the_boundary() {
         assert_ne!(dedupe_key("ab", "c"), dedupe_key("a", "bc"));
-    }
-
-    #[test]
-    fn format_3_dedupe_keys_upgrade_once() {
-        let key = dedupe_key("gateway", "e-1");
-        let old = &key[8..];
-        assert_eq!(upgrade_dedupe_key(old).as_deref(), Some(key.as_slice()));
-        assert_eq!(upgrade_dedupe_key(&key), None);
     }
 }

@@ -3,9 +3,11 @@
 //! One fjall database holds the event log (compressed columnar blocks
 //! behind the [`EventLog`] trait, see [`log`]), the exact dedupe index, the
 //! per-meter rollups, the quarantine and the catalog. The log is the truth:
-//! one writer thread ([`writer`]) decides which events are duplicates,
-//! appends the others in one fsync'd batch and answers; rollups, the dedupe
-//! index, quarantine and dictionary entries are derived from the log behind
+//! one writer thread ([`writer`]) decides which events are duplicates
+//! (against the dedupe index, [`dedupe`]: recent keys in memory, older ones
+//! in immutable sorted runs written in bulk), appends the others in one
+//! fsync'd batch and answers; rollups, quarantine and dictionary entries
+//! are derived from the log behind
 //! the answer, in bulk, by the materialiser ([`materialise`]), which records the
 //! log position it included. What is acknowledged but not yet materialised
 //! waits in memory ([`tail`]); reads merge a snapshot of the store with it,
@@ -94,10 +96,11 @@ pub struct StoreConfig {
     /// How long acknowledged events may wait for a bulk worth
     /// materialising to gather.
     pub materialise_patience: std::time::Duration,
-    /// Most bytes each in-memory key filter (dedupe keys, rollup keys) may
-    /// take; past it the filter steps aside and reads go to the store. With
-    /// the tail's bound, this bounds the dedupe decision's memory whatever
-    /// the horizon holds.
+    /// Most bytes each in-memory key filter (dedupe run filters, rollup
+    /// keys) may take; past it the filter steps aside and reads go to the
+    /// store. A quarter of it bounds the dedupe keys kept exactly in memory
+    /// before they are written as a run, so the dedupe decision's memory
+    /// is bounded whatever the horizon holds.
     pub key_filter_bytes: u64,
 }
 
