@@ -436,6 +436,22 @@ impl EmbeddedLedger {
     /// Flushes every keyspace's memtable to tables and compacts each into
     /// one run, waiting for both: what the store takes once compaction has
     /// caught up. For benchmarks: it rewrites every table.
+    /// Writes the dedupe keys held in memory as a run now (they are
+    /// otherwise written when memory reaches its budget, and at shutdown).
+    pub async fn flush_dedupe(&self) -> Result<(), LedgerError> {
+        self.call(|reply| Command::FlushDedupe { reply }).await
+    }
+
+    /// The dedupe index's keys held in memory and in runs, and the bytes
+    /// of the runs' filters.
+    pub fn dedupe_sizes(&self) -> (usize, u64, usize) {
+        self.shared
+            .dedupe
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .sizes()
+    }
+
     pub fn compact(&self) -> Result<(), StoreError> {
         for (_, keyspace) in self.named_keyspaces() {
             keyspace.rotate_memtable_and_wait()?;

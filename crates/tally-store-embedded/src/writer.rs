@@ -148,6 +148,10 @@ pub(crate) enum Command {
         name: String,
         reply: oneshot::Sender<Result<(), LedgerError>>,
     },
+    /// Writes the dedupe keys held in memory as a run now.
+    FlushDedupe {
+        reply: oneshot::Sender<Result<(), LedgerError>>,
+    },
     /// Panics the writer thread: how tests stand in for a writer bug.
     #[cfg(test)]
     Panic,
@@ -330,6 +334,14 @@ impl Writer {
                 }
                 Command::Delete { kind, name, reply } => {
                     let _ = reply.send(self.delete(kind, &name));
+                }
+                Command::FlushDedupe { reply } => {
+                    let shared = Arc::clone(&self.shared);
+                    let (end, now) = (self.next_seq, Timestamp::now().as_second());
+                    let flushed =
+                        self.dedupe_index()
+                            .flush(&shared.db, &shared.keyspaces.dedupe, end, now);
+                    let _ = reply.send(flushed.map_err(storage));
                 }
                 #[cfg(test)]
                 Command::Panic => panic!("the writer was asked to panic"),
