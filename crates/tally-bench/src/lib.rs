@@ -698,6 +698,12 @@ async fn disk_after_compaction(
     ledger: &Arc<EmbeddedLedger>,
     events: f64,
 ) -> anyhow::Result<Vec<(String, u64)>> {
+    let (in_memory, in_runs, filters) = ledger.dedupe_sizes();
+    println!(
+        "dedupe index before its last run: {in_memory} keys in memory, {in_runs} in runs, {:.1} MiB of run filters",
+        filters as f64 / 1_048_576.0
+    );
+    ledger.flush_dedupe().await?;
     let start = Instant::now();
     let compacting = Arc::clone(ledger);
     tokio::task::spawn_blocking(move || compacting.compact()).await??;
