@@ -56,8 +56,10 @@ pub mod keys;
 mod ledger;
 mod measure;
 pub mod mirror;
+mod plan;
 mod read;
 pub mod resources;
+mod rollup;
 mod worker;
 
 pub use ledger::{
