@@ -40,9 +40,10 @@
 //! | `scale`         | UInt8                   | the value's decimal scale                 |
 //! | `text`          | String                  | the value as text (UNIQUE_COUNT, MIN...)  |
 //!
-//! Engine `ReplacingMergeTree`, `ORDER BY (meter, gen, time_ns, source,
-//! id)`: every copy of a row is computed from the same stored event, so a
-//! re-rolled range replaces itself. `rollup_marks (meter, gen, below)`,
+//! Engine `ReplacingMergeTree`, `ORDER BY (meter, gen, subject, time_ns,
+//! source, id)` (a query of some subjects reads only theirs): every copy of
+//! a row is computed from the same stored event, so a re-rolled range
+//! replaces itself. `rollup_marks (meter, gen, below)`,
 //! `ReplacingMergeTree(below)`: every event with `seq < below` is rolled up.
 //!
 //! **Invariant:** every read of `events` says `FINAL`, so each (source, id)
@@ -168,7 +169,7 @@ impl Ch {
              subject String, groups Array(Nullable(String)), exact UInt8, num Decimal128(12), \
              scale UInt8, text String) \
              ENGINE = ReplacingMergeTree PARTITION BY tuple() \
-             ORDER BY (meter, gen, time_ns, source, id)"
+             ORDER BY (meter, gen, subject, time_ns, source, id)"
         ))
         .await?;
         self.execute(&format!(
