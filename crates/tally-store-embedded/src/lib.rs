@@ -721,6 +721,8 @@ impl Ledger for EmbeddedLedger {
             group_commits_total: s.group_commits.load(Ordering::Relaxed),
             disk_bytes: self.shared.db.disk_space().unwrap_or(0),
             journal_bytes,
+            // No derived store outside this one: nothing to fail inserting.
+            insert_errors: Default::default(),
             kinds: {
                 let resources = self.resources.snapshot();
                 Kind::ALL
