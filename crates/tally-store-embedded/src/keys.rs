@@ -258,6 +258,11 @@ pub fn rollup_key(
     Ok(out)
 }
 
+/// Whether a rollup key is a day bucket's.
+pub fn is_day_key(key: &RollupKey) -> bool {
+    key[4] == Level::Day.as_u8()
+}
+
 /// A decoded rollup key (after the generation and level).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DecodedRollupKey {
