@@ -176,7 +176,7 @@ impl FjallDerived {
         state: &AggState,
     ) {
         self.encoded.clear();
-        state.encode(&mut self.encoded);
+        keys::encode_rollup_value(state, &mut self.encoded);
         batch.insert(rollups, key, self.encoded.as_slice());
     }
 
@@ -219,7 +219,7 @@ impl FjallDerived {
             .keyspaces
             .rollups
             .get(key)?
-            .map(|raw| AggState::decode(&raw).map_err(StoreError::State))
+            .map(|raw| keys::decode_rollup_value(&raw))
             .transpose()
     }
 
