@@ -11,9 +11,11 @@
 //!   entries, in memory;
 //! - a [`DerivedStore`]: takes consecutive tail chunks and folds them in
 //!   atomically with the position they end at. [`FjallDerived`] merges the
-//!   chunks' deltas in key order, reads each bucket's stored state once,
-//!   and writes rollups, dedupe, quarantine and dictionary entries and the
-//!   position in one batch.
+//!   chunks' deltas in key order (a k-way merge of their sorted runs),
+//!   reads each bucket's stored state once (skipped for keys the filter
+//!   knows are new; a bounded cache keeps day buckets and buckets read
+//!   again), and writes rollups, dedupe, quarantine and dictionary entries
+//!   and the position in one batch.
 //!
 //! [`run`] is the materialiser thread: it waits for a bulk of chunks (or
 //! for the oldest to have waited a little), folds them in, and trims the
