@@ -238,8 +238,9 @@ impl Shared {
     }
 }
 
-/// The format of the store: ours, or format 3, 4 or 5, which are upgraded
-/// when the store opens. Refuses any other; marks a new store with ours.
+/// The format of the store: ours, or format 3, 4, 5 or 6, which are
+/// upgraded when the store opens. Refuses any other; marks a new store with
+/// ours.
 fn check_format(db: &Database, keyspaces: &Keyspaces, empty_log: bool) -> Result<u64, StoreError> {
     let found = match keyspaces.meta.get(keys::FORMAT_KEY)? {
         Some(raw) => keys::read_u64(&raw)?,
@@ -256,7 +257,7 @@ fn check_format(db: &Database, keyspaces: &Keyspaces, empty_log: bool) -> Result
         }
         None => 1,
     };
-    if found == keys::FORMAT || (3..=5).contains(&found) {
+    if found == keys::FORMAT || (3..=6).contains(&found) {
         Ok(found)
     } else {
         Err(StoreError::Format {
@@ -286,6 +287,20 @@ fn open_log_keyspace(db: &Database) -> Result<Keyspace, StoreError> {
     Ok(db.keyspace("log", || {
         KeyspaceCreateOptions::default().data_block_compression_policy(none)
     })?)
+}
+
+/// Format 7 writes rollup values compactly and still reads format-6 values
+/// (see [`keys::encode_rollup_value`]): a format-6 store only needs its
+/// mark. Its values are rewritten as their buckets are written again.
+fn upgrade_from_format_6(db: &Database, keyspaces: &Keyspaces) -> Result<(), StoreError> {
+    let mut batch = db.batch().durability(Some(fjall::PersistMode::SyncAll));
+    batch.insert(
+        &keyspaces.meta,
+        keys::FORMAT_KEY,
+        keys::FORMAT.to_be_bytes(),
+    );
+    batch.commit()?;
+    Ok(())
 }
 
 impl EmbeddedLedger {
@@ -336,6 +351,9 @@ impl EmbeddedLedger {
         let next_seq = log.end()?;
         if format != keys::FORMAT {
             writer::upgrade::record_materialised(&db, &keyspaces, next_seq, format)?;
+        }
+        if format == 6 {
+            upgrade_from_format_6(&db, &keyspaces)?;
         }
         let mut voided = HashSet::new();
         for item in keyspaces.voids.iter() {

@@ -708,7 +708,7 @@ enum Value<'a> {
 impl Value<'_> {
     fn state(self) -> Result<AggState, LedgerError> {
         match self {
-            Value::Stored(raw) => AggState::decode(raw).map_err(storage),
+            Value::Stored(raw) => Ok(keys::decode_rollup_value(raw)?),
             Value::Tail(state) => Ok(state.clone()),
         }
     }
