@@ -37,7 +37,11 @@ pub(crate) struct Receiver {
 }
 
 /// An `application/problem+json` (RFC 9457) answer.
-fn problem(status: StatusCode, detail: impl Into<String>, errors: Option<Value>) -> Response {
+pub(crate) fn problem(
+    status: StatusCode,
+    detail: impl Into<String>,
+    errors: Option<Value>,
+) -> Response {
     let mut body = json!({
         "type": "about:blank",
         "title": status.canonical_reason().unwrap_or("Error"),
