@@ -3,5 +3,7 @@
 //! binary (only `[dev-dependencies]` name it).
 //!
 //! - [`victoria_metrics`]: a real VictoriaMetrics on loopback.
+//! - [`cpu::cpu_seconds`]: this process's CPU time, for benchmarks.
 
+pub mod cpu;
 pub mod victoria_metrics;
