@@ -967,6 +967,24 @@ fn otlp_grpc_exports_are_metered_like_file_lines() {
         },
     );
     assert_metered(&server.base, &expected, Duration::from_secs(120));
+    // Without --resources there is nowhere to send spans: 404 with an
+    // OTLP status over HTTP, UNIMPLEMENTED over gRPC.
+    let spans = gateway_spans("ns-grpc", 0..1);
+    let (status, _) = post(
+        &format!("{}/v1/traces", agent.base),
+        "application/x-protobuf",
+        false,
+        prost::Message::encode_to_vec(&spans),
+    );
+    assert_eq!(status, 404);
+    let code = block_on(async move {
+        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+        let mut client = TraceServiceClient::connect(format!("http://127.0.0.1:{grpc_port}"))
+            .await
+            .unwrap();
+        client.export(spans).await.unwrap_err().code()
+    });
+    assert_eq!(code, tonic::Code::Unimplemented);
     agent.stop();
 }
 
