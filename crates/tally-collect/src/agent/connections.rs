@@ -171,7 +171,7 @@ fn validate(
     }
 }
 
-fn unavailable(reason: String) -> Response {
+pub(crate) fn unavailable(reason: String) -> Response {
     let mut response = problem(StatusCode::SERVICE_UNAVAILABLE, reason, None);
     response
         .headers_mut()
@@ -205,6 +205,7 @@ mod tests {
             spool: None,
             connections: Some(Arc::new(receiver)),
             traces: None,
+            instances: None,
             http_stats: tally_http::ConnectionStats::new(),
         };
         (state, spool)
