@@ -31,6 +31,12 @@
 //! path. While the OTLP input's outbox or unread spool is over its limit,
 //! exports get a retryable refusal (HTTP 503, gRPC `UNAVAILABLE`).
 //!
+//! The OTLP traces receivers (HTTP `POST /v1/traces` and gRPC
+//! `TraceService/Export`, with `--otlp` and `--resources`) take no spool:
+//! spans feed no meter, so they go straight through the policies' head
+//! sampling to the projects' `traces` exporters, on `tally serve`'s path
+//! (`traces.rs`).
+//!
 //! The Envoy admin input samples `GET /stats` every interval and integrates
 //! each mapped listener's `downstream_cx_active` gauge over time
 //! ([`Collector::push_gauges`](crate::Collector::push_gauges)); the last
@@ -68,6 +74,7 @@ mod otlp;
 mod policies;
 mod resources;
 mod spool;
+mod traces;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -208,6 +215,9 @@ pub(crate) struct HttpState {
     spool: Option<Arc<Spool>>,
     /// The lifecycle receiver, when `--connections`.
     connections: Option<Arc<connections::Receiver>>,
+    /// Where the OTLP traces receivers send spans, when `--otlp` and
+    /// `--resources`.
+    traces: Option<Arc<Pipeline>>,
     /// The instance lifecycle forwarder, when `--instances`.
     instances: Option<instances::SharedForwarder>,
     /// What the HTTP listener counts (`tally_http_connections_*`).
@@ -325,6 +335,7 @@ impl Agent {
             grpc,
             state: HttpState {
                 registry,
+                traces: pipeline.clone().filter(|_| spool.is_some()),
                 spool,
                 connections,
                 instances,
@@ -337,8 +348,8 @@ impl Agent {
         })
     }
 
-    /// Where `/metrics`, `/healthz`, OTLP/HTTP `/v1/logs` and
-    /// `/v1/connections` are served.
+    /// Where `/metrics`, `/healthz`, OTLP/HTTP `/v1/logs` and `/v1/traces`
+    /// and `/v1/connections` are served.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
     }
@@ -359,6 +370,7 @@ impl Agent {
             .route("/metrics", get(metrics))
             .route("/healthz", get(|| async { "ok" }))
             .route("/v1/logs", post(otlp::receive_logs))
+            .route("/v1/traces", post(traces::receive_traces))
             .route("/v1/connections", post(connections::receive))
             .route("/v1/instances/events", post(instances::receive))
             .with_state(self.state.clone());
@@ -369,6 +381,7 @@ impl Agent {
             (Some((listener, _)), Some(spool)) => {
                 // Served under the same limits as HTTP: gRPC is HTTP/2.
                 let app = tonic::service::Routes::new(grpc::LogsReceiver::service(spool.clone()))
+                    .add_service(traces::TracesReceiver::service(self.state.traces.clone()))
                     .prepare()
                     .into_axum_router();
                 let server = tally_http::Server::new(self.config.http, connections::body_timed_out)

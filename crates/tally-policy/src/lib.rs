@@ -15,6 +15,8 @@
 //! - [`Resolution::resolve`]: which policy governs which Gateway or
 //!   Namespace (Gateway over Namespace, then the oldest, then
 //!   namespace/name) and every policy's status.
+//! - [`JsonFields`]: a JSON access-log line's fields, borrowed from its
+//!   text (no `serde_json::Value`).
 //! - [`render`]: the Envoy Gateway `EnvoyProxy` `spec.telemetry` equivalent
 //!   to the policies in force.
 //!
@@ -25,6 +27,7 @@
 pub mod check;
 pub mod expr;
 mod fast;
+pub mod json;
 pub mod policy;
 pub mod record;
 pub mod render;
@@ -33,6 +36,7 @@ pub mod spec;
 pub mod vocab;
 
 pub use expr::CompiledExpr;
+pub use json::JsonFields;
 pub use policy::{GenAiPoint, KeyValue, Policy, PolicyKey, Source, TracingMode, keep_trace};
 pub use record::{AttrValue, Field, Record};
 pub use resolve::{Resolution, Target, World};

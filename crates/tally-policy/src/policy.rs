@@ -170,12 +170,20 @@ impl Policy {
 
     /// The policy's extra metric dimensions for `record` (those with a value).
     pub fn dimensions(&self, record: &Record) -> Vec<(String, String)> {
-        let Some(dims) = &self.dimensions else {
-            return Vec::new();
-        };
-        dims.iter()
-            .filter_map(|kv| kv.value(record).map(|v| (kv.name.clone(), v)))
+        self.dimension_values(record)
+            .map(|(name, v)| (name.to_owned(), v))
             .collect()
+    }
+
+    /// [`Policy::dimensions`], names borrowed from the policy.
+    pub fn dimension_values<'p>(
+        &'p self,
+        record: &Record,
+    ) -> impl Iterator<Item = (&'p str, String)> {
+        self.dimensions
+            .iter()
+            .flatten()
+            .filter_map(|kv| kv.value(record).map(|v| (kv.name.as_str(), v)))
     }
 
     /// Whether a trace is kept: tracing enabled and the trace id sampled.

@@ -265,8 +265,8 @@ impl Record {
 
     /// Reads an Envoy Gateway JSON access-log line.
     pub fn from_json_line(line: &[u8]) -> Result<Record, serde_json::Error> {
-        let object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(line)?;
-        Ok(Record::from_json(&object))
+        let fields = crate::JsonFields::parse_slice(line)?;
+        Ok(Record::from_fields(fields.iter()))
     }
 
     /// Reads a parsed JSON object.

@@ -26,58 +26,35 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTracePartialSuccess, ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use tally_telemetry::otlp::{self, JSON_CONTENT_TYPE, PROTOBUF_CONTENT_TYPE};
-use tally_telemetry::{Encoding, Pipeline, ShapeReport};
+use tally_telemetry::{Encoding, NotReady, Pipeline};
 
 use crate::body;
 use crate::instance_logs;
 use crate::problem::Problem;
 use crate::telemetry::{NO_PIPELINE, Telemetry, Unavailable};
 
-/// Counts a shaped request in the receiver's `source` component.
-fn count(pipeline: &Pipeline, source_id: &str, report: &ShapeReport) {
-    pipeline.count_shaped(source_id, report);
-}
-
-/// The one path of every access-log receiver.
+/// The one path of every access-log receiver
+/// ([`Pipeline::receive_logs`], shared with `tally collect`).
 pub(crate) fn ingest_logs(
     pipeline: &Pipeline,
     source_id: &str,
     request: &ExportLogsServiceRequest,
 ) -> Result<Option<ExportLogsPartialSuccess>, Unavailable> {
-    if !pipeline.ready() {
-        return Err(Unavailable::NotReady);
-    }
-    let report = pipeline.ingest_logs(request);
-    count(pipeline, source_id, &report);
-    Ok((report.unattributed > 0).then(|| ExportLogsPartialSuccess {
-        rejected_log_records: i64::try_from(report.unattributed).unwrap_or(i64::MAX),
-        error_message: unattributed_message(report.unattributed, "log record"),
-    }))
+    pipeline
+        .receive_logs(source_id, request)
+        .map_err(|NotReady| Unavailable::NotReady)
 }
 
-/// The one path of every span receiver.
+/// The one path of every span receiver ([`Pipeline::receive_traces`],
+/// shared with `tally collect`).
 pub(crate) fn ingest_traces(
     pipeline: &Pipeline,
     source_id: &str,
     request: &ExportTraceServiceRequest,
 ) -> Result<Option<ExportTracePartialSuccess>, Unavailable> {
-    if !pipeline.ready() {
-        return Err(Unavailable::NotReady);
-    }
-    let report = pipeline.ingest_traces(request);
-    count(pipeline, source_id, &report);
-    Ok(
-        (report.unattributed > 0).then(|| ExportTracePartialSuccess {
-            rejected_spans: i64::try_from(report.unattributed).unwrap_or(i64::MAX),
-            error_message: unattributed_message(report.unattributed, "span"),
-        }),
-    )
-}
-
-fn unattributed_message(n: u64, what: &str) -> String {
-    format!(
-        "{n} {what}(s) refused: no route namespace Tally knows (`route_name` httproute/<namespace>/..., or `gateway.namespace`), or a `project_name` that is not the namespace's project"
-    )
+    pipeline
+        .receive_traces(source_id, request)
+        .map_err(|NotReady| Unavailable::NotReady)
 }
 
 /// Receive OTLP access logs.

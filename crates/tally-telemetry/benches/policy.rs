@@ -6,6 +6,12 @@
 //! policy (records read and attributed only), and the difference per
 //! record.
 //!
+//! The second part is `tally collect`'s path: the same records as Envoy
+//! Gateway JSON access-log lines, each wrapped as the agent's policy feed
+//! wraps a line (an OTLP log record whose body is the line), shaped and
+//! encoded; it reports records per CPU-second of this process (insensitive
+//! to other processes' load), with and without the policy.
+//!
 //! Run: `cargo bench -p tally-telemetry --bench policy`
 
 use std::collections::BTreeMap;
@@ -141,6 +147,67 @@ fn run(shaper: &Shaper, request: &ExportLogsServiceRequest, rounds: usize) -> (f
     (n as f64 / best, kept, bytes)
 }
 
+/// The records as the JSON access-log lines Envoy Gateway writes.
+fn lines(request: &ExportLogsServiceRequest) -> Vec<String> {
+    request.resource_logs[0].scope_logs[0]
+        .log_records
+        .iter()
+        .map(|r| {
+            let object: serde_json::Map<String, serde_json::Value> = r
+                .attributes
+                .iter()
+                .map(|kv| {
+                    let value = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                        Some(Value::StringValue(s)) => serde_json::Value::from(s.as_str()),
+                        Some(Value::IntValue(i)) => serde_json::Value::from(*i),
+                        _ => serde_json::Value::Null,
+                    };
+                    (kv.key.clone(), value)
+                })
+                .collect();
+            serde_json::Value::Object(object).to_string()
+        })
+        .collect()
+}
+
+/// `tally collect`'s policy feed: each line an OTLP log record whose body
+/// is the line, shaped, kept records and metrics encoded. Records per
+/// CPU-second over `rounds` passes.
+fn run_lines(shaper: &Shaper, lines: &[String], rounds: usize) -> f64 {
+    let started = tally_testkit::cpu::cpu_seconds();
+    for _ in 0..rounds {
+        let log_records = lines
+            .iter()
+            .map(|line| LogRecord {
+                body: Some(AnyValue {
+                    value: Some(Value::StringValue(line.trim_end().to_owned())),
+                }),
+                ..LogRecord::default()
+            })
+            .collect();
+        let request = ExportLogsServiceRequest {
+            resource_logs: vec![ResourceLogs {
+                scope_logs: vec![ScopeLogs {
+                    log_records,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        };
+        let shaped = shaper.shape_logs(&request);
+        let mut bytes = shaped.metrics.encode_to_vec().len();
+        for (request, _) in shaped.signals.values() {
+            bytes += match request {
+                ExportLogsOrTraces::Logs(r) => r.encode_to_vec().len(),
+                ExportLogsOrTraces::Traces(r) => r.encode_to_vec().len(),
+            };
+        }
+        std::hint::black_box(bytes);
+    }
+    let cpu = tally_testkit::cpu::cpu_seconds() - started;
+    (lines.len() * rounds) as f64 / cpu.max(0.01)
+}
+
 fn main() {
     let request = request(100_000);
     let policy: Manifest = serde_norway::from_str(POLICY).expect("the policy parses");
@@ -155,6 +222,19 @@ fn main() {
     );
     println!(
         "added per record:               {:>10.0} ns",
+        (1.0 / rate - 1.0 / base) * 1e9
+    );
+    let lines = lines(&request);
+    let rounds = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(10);
+    let base = run_lines(&without, &lines, rounds);
+    let rate = run_lines(&with, &lines, rounds);
+    println!("collect lines, no policy:       {base:>10.0} records per CPU-second");
+    println!("collect lines, the policy:      {rate:>10.0} records per CPU-second");
+    println!(
+        "added per record:               {:>10.0} ns of CPU",
         (1.0 / rate - 1.0 / base) * 1e9
     );
 }

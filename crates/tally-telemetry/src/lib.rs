@@ -28,6 +28,7 @@ mod options;
 pub mod otlp;
 pub mod pipeline;
 pub mod pull;
+mod receive;
 pub mod remote_write;
 pub mod resources;
 pub mod route;
@@ -56,5 +57,6 @@ pub use pipeline::{
     QueueStorage, Secrets, ShapeReport, SinkStatus, Snapshot, UpdateReport,
 };
 pub use pull::SourceStatus;
+pub use receive::NotReady;
 pub use route::{EncodedRoute, RouteStats, Routed, Router};
 pub use secret::{SecretStore, SecretValue, resolve_headers};

@@ -39,7 +39,7 @@ use opentelemetry_proto::tonic::metrics::v1::{
 use opentelemetry_proto::tonic::resource::v1::Resource;
 use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans};
 use tally_policy::vocab::A;
-use tally_policy::{AttrValue, Field, Policy, Record, Resolution};
+use tally_policy::{AttrValue, Field, JsonFields, Policy, Record, Resolution};
 
 use crate::index::ResourceIndex;
 use crate::otlp::string_attribute;
@@ -290,29 +290,16 @@ fn field(value: &AnyValue) -> Option<Field<'_>> {
 /// and `tally collect`, whose lines arrive as JSON text bodies).
 pub fn record_of_log(resource: &[KeyValue], log: &LogRecord) -> Record {
     let mut all = fields(resource.iter());
-    let json: Option<serde_json::Map<String, serde_json::Value>> =
-        match log.body.as_ref().and_then(|b| b.value.as_ref()) {
-            Some(Any::StringValue(s)) if s.trim_start().starts_with('{') => {
-                serde_json::from_str(s).ok()
-            }
-            _ => None,
-        };
-    if let Some(Any::KvlistValue(list)) = log.body.as_ref().and_then(|b| b.value.as_ref()) {
+    let body = log.body.as_ref().and_then(|b| b.value.as_ref());
+    let json = match body {
+        Some(Any::StringValue(s)) if s.trim_start().starts_with('{') => JsonFields::parse(s).ok(),
+        _ => None,
+    };
+    if let Some(Any::KvlistValue(list)) = body {
         all.extend(fields(list.values.iter()));
     }
     if let Some(object) = &json {
-        all.extend(object.iter().filter_map(|(k, v)| {
-            let f = match v {
-                serde_json::Value::String(s) => Field::Str(s),
-                serde_json::Value::Number(n) => match n.as_i64() {
-                    Some(i) => Field::Int(i),
-                    None => Field::Double(n.as_f64()?),
-                },
-                serde_json::Value::Bool(b) => Field::Bool(*b),
-                _ => return None,
-            };
-            Some((k.as_str(), f))
-        }));
+        all.extend(object.iter().filter(|(_, f)| *f != Field::Null));
     }
     all.extend(fields(log.attributes.iter()));
     Record::from_fields(all)
@@ -380,14 +367,14 @@ fn attribute(key: &str, value: AttrValue) -> KeyValue {
 }
 
 /// Delta histograms of one request's records, by namespace, metric and
-/// attribute set. A record whose series exists allocates nothing here.
+/// attribute set; attribute names are borrowed from the policies (`'p`).
 #[derive(Default)]
-struct MetricsBuilder {
-    series: BTreeMap<String, BTreeMap<&'static str, Series>>,
+struct MetricsBuilder<'p> {
+    series: BTreeMap<String, BTreeMap<&'static str, Series<'p>>>,
 }
 
 /// A metric's histograms by attribute set.
-type Series = BTreeMap<Vec<(String, String)>, Hist>;
+type Series<'p> = BTreeMap<Vec<(&'p str, String)>, Hist>;
 
 struct Hist {
     bounds: &'static [f64],
@@ -422,8 +409,8 @@ const UNITS: &[(&str, &str, &[f64])] = &[
     ("gen_ai.client.operation.duration", "s", SECONDS),
 ];
 
-impl MetricsBuilder {
-    fn observe(&mut self, ns: &str, name: &'static str, attrs: &[(String, String)], value: f64) {
+impl<'p> MetricsBuilder<'p> {
+    fn observe(&mut self, ns: &str, name: &'static str, attrs: &[(&'p str, String)], value: f64) {
         if !self.series.contains_key(ns) {
             self.series.insert(ns.to_owned(), BTreeMap::new());
         }
@@ -441,7 +428,7 @@ impl MetricsBuilder {
         series.insert(attrs.to_vec(), hist);
     }
 
-    fn add(&mut self, policy: &Policy, record: &Record, place: &Place<'_>) {
+    fn add(&mut self, policy: &'p Policy, record: &Record, place: &Place<'_>) {
         let text = |a: A| record.get(a as usize).map(AttrValue::render);
         let int = |a: A| match record.get(a as usize) {
             Some(AttrValue::Int(i)) => Some(*i as f64),
@@ -451,14 +438,14 @@ impl MetricsBuilder {
             Some(AttrValue::Duration(ns)) => Some(*ns as f64 / 1e9),
             _ => None,
         };
-        let mut base: Vec<(String, String)> = Vec::new();
+        let mut base: Vec<(&'p str, String)> = Vec::with_capacity(8);
         for (key, a) in [
             ("gateway.name", A::RouteGateway),
             ("gateway.namespace", A::RouteGatewayNamespace),
             ("gateway.httproute.name", A::RouteHttproute),
         ] {
             if let Some(v) = text(a) {
-                base.push((key.into(), v));
+                base.push((key, v));
             }
         }
         if policy.dimensions.is_some() {
@@ -468,10 +455,10 @@ impl MetricsBuilder {
                 ("http.response.status_code", A::ResponseCode),
             ] {
                 if let Some(v) = text(a) {
-                    attrs.push((key.into(), v));
+                    attrs.push((key, v));
                 }
             }
-            attrs.extend(policy.dimensions(record));
+            attrs.extend(policy.dimension_values(record));
             if let Some(d) = duration {
                 self.observe(place.namespace, "http.server.request.duration", &attrs, d);
             }
@@ -493,12 +480,12 @@ impl MetricsBuilder {
             ("gen_ai.operation.name", A::GenAiOperationName),
         ] {
             if let Some(v) = text(a) {
-                attrs.push((key.into(), v));
+                attrs.push((key, v));
             }
         }
         for point in usage {
             let mut a = attrs.clone();
-            a.push(("gen_ai.token.type".into(), point.token_type.into()));
+            a.push(("gen_ai.token.type", point.token_type.into()));
             self.observe(
                 place.namespace,
                 "gen_ai.client.token.usage",

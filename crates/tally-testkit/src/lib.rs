@@ -12,7 +12,9 @@
 //! - [`line_receiver`]: the delivery tests' loopback receiver (one line per
 //!   item, deduplicated by key) with injected faults, and its encoder.
 //! - [`progress`]: waits that fail on a stall, not on a wall-clock bound.
+//! - [`cpu::cpu_seconds`]: this process's CPU time, for benchmarks.
 
+pub mod cpu;
 pub mod exporters;
 pub mod line_receiver;
 pub mod otlp_metrics;

@@ -56,9 +56,10 @@ pub struct CollectArgs {
     #[arg(long, value_name = "ID")]
     agent_id: Option<String>,
 
-    /// Address of the HTTP listener: `POST /v1/logs` (OTLP/HTTP, when --otlp),
-    /// `POST /v1/connections` (when --connections), `POST
-    /// /v1/instances/events` (when --instances), `GET /metrics`,
+    /// Address of the HTTP listener: `POST /v1/logs` and `POST /v1/traces`
+    /// (OTLP/HTTP, when --otlp), `POST /v1/connections` (when
+    /// --connections), `POST /v1/instances/events` (when --instances),
+    /// `GET /metrics`,
     /// `GET /healthz` [default: 127.0.0.1:4318].
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
@@ -66,7 +67,9 @@ pub struct CollectArgs {
     /// Receive Envoy's OpenTelemetry access logs: OTLP/gRPC
     /// `LogsService/Export` on --otlp-grpc-listen (what Envoy Gateway's
     /// OpenTelemetry sink speaks) and OTLP/HTTP `POST /v1/logs` on --listen
-    /// (protobuf or JSON, optionally gzip).
+    /// (protobuf or JSON, optionally gzip). With --resources, spans too
+    /// (`TraceService/Export`, `POST /v1/traces`): sampled by the
+    /// TelemetryPolicies and sent to the Exporters' `traces` sources.
     #[arg(long)]
     otlp: bool,
 

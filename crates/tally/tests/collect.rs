@@ -972,6 +972,24 @@ fn otlp_grpc_exports_are_metered_like_file_lines() {
         },
     );
     assert_metered(&server.base, &expected, Duration::from_secs(120));
+    // Without --resources there is nowhere to send spans: 404 with an
+    // OTLP status over HTTP, UNIMPLEMENTED over gRPC.
+    let spans = gateway_spans("ns-grpc", 0..1);
+    let (status, _) = post(
+        &format!("{}/v1/traces", agent.base),
+        "application/x-protobuf",
+        false,
+        prost::Message::encode_to_vec(&spans),
+    );
+    assert_eq!(status, 404);
+    let code = block_on(async move {
+        use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+        let mut client = TraceServiceClient::connect(format!("http://127.0.0.1:{grpc_port}"))
+            .await
+            .unwrap();
+        client.export(spans).await.unwrap_err().code()
+    });
+    assert_eq!(code, tonic::Code::Unimplemented);
     agent.stop();
 }
 
@@ -1525,5 +1543,202 @@ fn connection_lifecycle_events_bill_open_connections_every_minute_once_across_a_
     assert_eq!(dropped("unknown_route_name"), 1);
     assert_eq!(dropped("connection_unknown"), 0);
     assert_eq!(dropped("connection_closed_late"), 0);
+    agent.stop();
+}
+
+/// The agent's resources for spans: ns-a's policy samples 1 in 4 traces of
+/// its Gateway `edge` and adds the model as a span attribute; ns-b's
+/// samples 3 in 5 of its Namespace's; an Exporter with a `traces` source
+/// in each.
+fn span_policies(receiver: &receiver::Receiver) -> String {
+    let mut text = String::from(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: ns-a}\n---\n\
+         apiVersion: v1\nkind: Namespace\nmetadata: {name: ns-b}\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: edge, namespace: ns-a}\n---\n\
+         apiVersion: telemetry.datumapis.com/v1alpha1\nkind: TelemetryPolicy\n\
+         metadata: {name: quarter, namespace: ns-a}\nspec:\n  \
+         targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: edge}]\n  \
+         tracing:\n    mode: Enabled\n    samplingRate: {numerator: 1, denominator: 4}\n    \
+         attributes: [{name: llm.model, from: Attribute, value: gen_ai.request.model}]\n---\n\
+         apiVersion: telemetry.datumapis.com/v1alpha1\nkind: TelemetryPolicy\n\
+         metadata: {name: most, namespace: ns-b}\nspec:\n  \
+         targetRefs: [{group: '', kind: Namespace, name: ns-b}]\n  \
+         tracing: {samplingRate: {numerator: 3, denominator: 5}}\n",
+    );
+    for ns in ["ns-a", "ns-b"] {
+        text += &format!(
+            "---\napiVersion: telemetry.datumapis.com/v1alpha1\nkind: Exporter\nmetadata: {{name: otlp, namespace: {ns}}}\n\
+             spec:\n  sources: [{{name: traces, traces: {{}}}}]\n  \
+             sinks: [{{name: r, otlp_http: {{endpoint: '{}'}}, batch: {{timeout: 50ms}}}}]\n",
+            receiver.endpoint(ns)
+        );
+    }
+    text
+}
+
+/// The trace id of trace `i` of a namespace: distinct per namespace.
+fn trace_id(namespace: &str, i: u64) -> Vec<u8> {
+    let mut id = [0u8; 16];
+    id[0] = namespace.len() as u8;
+    id[1] = namespace.as_bytes().last().copied().unwrap_or(0);
+    id[8..].copy_from_slice(&i.wrapping_mul(0x9E37_79B9_7F4A_7C15).to_be_bytes());
+    id.to_vec()
+}
+
+/// Two spans (a server span and its child) of each trace in `ids`, from
+/// Gateway `edge` of `namespace`.
+fn gateway_spans(
+    namespace: &str,
+    ids: std::ops::Range<u64>,
+) -> opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest {
+    use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value::Value as V};
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+    let attr = |key: &str, value: &str| KeyValue {
+        key: key.into(),
+        value: Some(AnyValue {
+            value: Some(V::StringValue(value.into())),
+        }),
+        ..Default::default()
+    };
+    let spans = ids
+        .flat_map(|i| (0..2u64).map(move |part| (i, part)))
+        .map(|(i, part)| Span {
+            trace_id: trace_id(namespace, i),
+            span_id: (i * 2 + part + 1).to_be_bytes().to_vec(),
+            name: format!("{namespace}-{i}-{part}"),
+            attributes: vec![
+                attr("route_name", &format!("httproute/{namespace}/llm/rule/0")),
+                attr("gateway.namespace", namespace),
+                attr("gateway.name", "edge"),
+                attr("gen_ai.request.model", "gpt-4o"),
+            ],
+            ..Default::default()
+        })
+        .collect();
+    opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest {
+        resource_spans: vec![ResourceSpans {
+            scope_spans: vec![ScopeSpans {
+                spans,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+}
+
+/// Spans on `tally collect`: two projects, each with a policy and an
+/// Exporter to a test OTLP receiver, spans over OTLP/HTTP (protobuf and
+/// JSON) and gRPC. Each project's receiver gets exactly the traces its
+/// sampling rate keeps (whole: both spans of a kept trace), with the
+/// policy's attributes, and nothing of the other project's; spans of no
+/// known project are answered as a partial success.
+#[test]
+fn spans_on_the_agent_are_sampled_by_each_projects_policy() {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+    use prost::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let (server, _) = ledger(dir.path());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let receiver = runtime.block_on(receiver::Receiver::start());
+    let resources = dir.path().join("resources");
+    fs::create_dir_all(&resources).unwrap();
+    fs::write(resources.join("policies.yaml"), span_policies(&receiver)).unwrap();
+    let config = dir.path().join("collect.yaml");
+    fs::write(&config, "egress: {allow: [127.0.0.0/8]}\n").unwrap();
+    let (config, resources) = (config.to_str().unwrap(), resources.to_str().unwrap());
+    let (agent, grpc_port) = otlp_agent(
+        &dir.path().join("state"),
+        &server.base,
+        &["--config", config, "--resources", resources],
+    );
+    let url = format!("{}/v1/traces", agent.base);
+    // OTLP/HTTP protobuf: ns-a traces 0..120 and ns-b 0..40, one request.
+    let mut request = gateway_spans("ns-a", 0..120);
+    request
+        .resource_spans
+        .extend(gateway_spans("ns-b", 0..40).resource_spans);
+    let (status, body) = post(
+        &url,
+        "application/x-protobuf",
+        false,
+        request.encode_to_vec(),
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let answer = ExportTraceServiceResponse::decode(&body[..]).unwrap();
+    assert_eq!(answer.partial_success, None);
+    // OTLP/HTTP JSON: ns-b 40..60 and two spans of a namespace nobody knows.
+    let mut request = gateway_spans("ns-b", 40..60);
+    request
+        .resource_spans
+        .extend(gateway_spans("ns-x", 0..1).resource_spans);
+    let (status, body) = post(
+        &url,
+        "application/json",
+        false,
+        serde_json::to_vec(&request).unwrap(),
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let answer: ExportTraceServiceResponse = serde_json::from_slice(&body).unwrap();
+    assert_eq!(answer.partial_success.unwrap().rejected_spans, 2);
+    // gRPC: ns-a 120..200 and ns-b 60..100.
+    let mut request = gateway_spans("ns-a", 120..200);
+    request
+        .resource_spans
+        .extend(gateway_spans("ns-b", 60..100).resource_spans);
+    let answer = block_on(async move {
+        let mut client = TraceServiceClient::connect(format!("http://127.0.0.1:{grpc_port}"))
+            .await
+            .unwrap();
+        client.export(request).await.unwrap().into_inner()
+    });
+    assert_eq!(answer.partial_success, None);
+    // Exactly the kept traces, both spans each, per project.
+    let mut kept = 0;
+    for (ns, traces, (numerator, denominator)) in [("ns-a", 200, (1, 4)), ("ns-b", 100, (3, 5))] {
+        let want: std::collections::BTreeSet<(Vec<u8>, String)> = (0..traces)
+            .filter(|i| tally_policy::keep_trace(&trace_id(ns, *i), numerator, denominator))
+            .flat_map(|i| (0..2).map(move |part| (trace_id(ns, i), format!("{ns}-{i}-{part}"))))
+            .collect();
+        let share = want.len() as u64 * denominator as u64 / 2;
+        assert!(
+            share > traces * numerator as u64 / 2 && share < traces * numerator as u64 * 2,
+            "{ns}: {} spans kept of {traces} traces",
+            want.len()
+        );
+        let got =
+            runtime.block_on(
+                receiver.wait_until(ns, want.len(), Duration::from_secs(30), |e| e.spans.len()),
+            );
+        assert_eq!(got, want.len(), "{ns}");
+        std::thread::sleep(Duration::from_millis(300));
+        let spans = receiver.with(ns, |e| e.spans.clone());
+        let got: std::collections::BTreeSet<_> = spans
+            .iter()
+            .map(|s| (s.trace_id.clone(), s.name.clone()))
+            .collect();
+        assert_eq!(spans.len(), want.len(), "{ns}: a span arrived twice");
+        assert_eq!(got, want, "{ns}");
+        kept += spans.len() as u64;
+        for span in &spans {
+            assert!(span.name.starts_with(ns), "{ns} got {}", span.name);
+            let model = span.attributes.get("llm.model").map(String::as_str);
+            assert_eq!(model, (ns == "ns-a").then_some("gpt-4o"), "{ns}");
+        }
+    }
+    // What the policies dropped is counted per receiver.
+    let read = metric(&agent.base, "received_total", "component_id=\"otlp_");
+    assert_eq!(read, 2 * (300 + 1));
+    let sent = metric(&agent.base, "sent_total", "component_id=\"otlp_");
+    assert_eq!(sent, kept);
+    let dropped = metric(&agent.base, "dropped_total", "reason=\"policy\"");
+    assert_eq!(dropped, 2 * 300 - kept);
+    let unattributed = metric(&agent.base, "dropped_total", "reason=\"unattributed\"");
+    assert_eq!(unattributed, 2);
+    assert_eq!(receiver.with("ns-x", |e| e.spans.len()), 0);
     agent.stop();
 }

@@ -204,6 +204,7 @@ mod tests {
             registry: Registry::new(),
             spool: None,
             connections: Some(Arc::new(receiver)),
+            traces: None,
             instances: None,
             http_stats: tally_http::ConnectionStats::new(),
         };
