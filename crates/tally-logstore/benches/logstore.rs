@@ -26,20 +26,7 @@ const BATCH: usize = 1000;
 const APPENDERS: usize = 16;
 const SPAN_NANOS: i64 = 10 * 3600 * 1_000_000_000;
 
-/// CPU time of this process (user + system), from /proc/self/stat.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // Fields 14 and 15 of stat; 12 and 13 after the command name.
-    (ticks(11) + ticks(12)) / 100.0
-}
+use tally_testkit::cpu::cpu_seconds;
 
 /// A 200-byte line like a web server's: a few templates, varying values.
 fn line(n: usize) -> String {

@@ -52,21 +52,7 @@ fn receiver() {
     });
 }
 
-/// CPU seconds (user + system) this process used so far.
-fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // Fields 14 and 15 of stat(5); `rest` starts at field 3.
-    (ticks(11) + ticks(12)) / 100.0
-}
+use tally_testkit::cpu::cpu_seconds;
 
 /// A request of 100 resources × 10 counters × 5 points, in namespace ns-a.
 fn request(seed: u64) -> Vec<u8> {
