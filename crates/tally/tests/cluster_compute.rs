@@ -161,7 +161,7 @@ async fn lifecycle_across_nodes(a: &str, b: &str) {
     let matrix = [
         (ACME, "/api/v1/instances", 200, vec!["web-0"]),
         (GLOBEX, "/api/v1/instances", 200, vec!["db-0"]),
-        (ADMIN, "/api/v1/instances", 200, vec!["db-0", "web-0"]),
+        (ADMIN, "/api/v1/instances", 200, vec!["web-0", "db-0"]),
         (ACME, "/api/v1/instances?project=globex", 404, vec![]),
         (
             GLOBEX,
@@ -207,8 +207,9 @@ async fn lifecycle_across_nodes(a: &str, b: &str) {
         &format!("/api/v1/instances?limit=1&cursor={cursor}"),
     )
     .await;
-    assert_eq!(items(&first, "instance"), ["db-0"]);
-    assert_eq!(items(&second, "instance"), ["web-0"]);
+    // By project, then instance: acme's before globex's.
+    assert_eq!(items(&first, "instance"), ["web-0"]);
+    assert_eq!(items(&second, "instance"), ["db-0"]);
     assert!(second["nextCursor"].is_null(), "{second}");
 }
 
@@ -335,7 +336,7 @@ async fn a_killed_node_loses_and_duplicates_nothing_it_acknowledged() {
         return;
     };
     let config = config(&nats, &clickhouse, "tally_compute_kill");
-    let mut next = 0;
+    let mut next: usize = 0;
     let mut cut_short = 0;
     let mut dirs = Vec::new();
     for round in 0..3u64 {
