@@ -71,19 +71,17 @@ async fn open_cluster(config: &ServeConfig, cluster: &ClusterConfig) -> anyhow::
     )
     .context("cluster: ClickHouse for lifecycle events and instance logs")?;
     let lifecycle = ClusterLifecycle::open(ch.clone()).await;
-    let logs = match config.logs.enabled {
-        true => Some(ClusterLogStore::open(ch, config.logs.store_config(&config.data_dir)).await),
-        false => None,
+    let logs = if config.logs.enabled {
+        Some(ClusterLogStore::open(ch, config.logs.store_config(&config.data_dir)).await)
+    } else {
+        None
     };
     Ok(Backend {
         ledger,
         resources,
         vital: vec![(RESOURCES_WATCH, watch)],
         lifecycle: Some(Arc::new(lifecycle)),
-        logs: match logs {
-            Some(store) => Some(Arc::new(store)),
-            None => None,
-        },
+        logs: logs.map(|store| Arc::new(store) as _),
     })
 }
 
