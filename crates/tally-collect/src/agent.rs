@@ -47,6 +47,13 @@
 //! moves time on by the agent's [`Clock`]: a window closes once the clock is
 //! the grace past its end, with open connections billed up to it, so long
 //! connections are billed every window without new events.
+//!
+//! Compute instances (issue 18): `--instances` takes the node controllers'
+//! instance lifecycle CloudEvents (`POST /v1/instances/events`) and
+//! forwards them to `tally serve` through a durable `tally-delivery` queue
+//! ([`instances`]); `--instance-log PATTERN` tails the instances' log files
+//! and ships them as OTLP logs ([`instance_logs`]). Neither goes through a
+//! collector: serve stores them, deduplicated by id.
 
 mod clock;
 mod config;
@@ -54,6 +61,8 @@ mod connections;
 mod envoy_admin;
 mod grpc;
 mod input;
+mod instance_logs;
+mod instances;
 mod ledger;
 mod otlp;
 mod policies;
@@ -78,7 +87,8 @@ use tokio::sync::watch;
 pub use clock::Clock;
 pub use config::{
     AgentConfig, AgentOptions, ConnectionsConfig, ConnectionsOptions, EnvoyAdminConfig,
-    EnvoyAdminOptions, ListenerMapping,
+    EnvoyAdminOptions, InstanceLogsConfig, InstanceLogsOptions, InstancesConfig, InstancesOptions,
+    ListenerMapping, LogFilesOptions, LogSource,
 };
 pub use otlp::{LogsEncoding, access_log_lines, decode_logs_request, record_line};
 
@@ -198,6 +208,8 @@ pub(crate) struct HttpState {
     spool: Option<Arc<Spool>>,
     /// The lifecycle receiver, when `--connections`.
     connections: Option<Arc<connections::Receiver>>,
+    /// The instance lifecycle forwarder, when `--instances`.
+    instances: Option<instances::SharedForwarder>,
     /// What the HTTP listener counts (`tally_http_connections_*`).
     http_stats: tally_http::ConnectionStats,
 }
@@ -257,6 +269,12 @@ impl Agent {
             _ => None,
         };
         let (sink, senders) = start_sink(&config, &registry, specs.len())?;
+        let instances = match &config.instances {
+            Some(instances) => Some(Arc::new(instances::Forwarder::start(
+                &config, instances, &registry,
+            )?)),
+            None => None,
+        };
         let sink = Arc::new(sink);
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
@@ -288,6 +306,18 @@ impl Agent {
                 })?;
             threads.push((name, thread));
         }
+        if let Some(logs) = &config.instance_logs {
+            let reader = instance_logs::InstanceLogs::start(&config, logs, &registry)?;
+            let stop = stop.clone();
+            let thread = std::thread::Builder::new()
+                .name("instance-logs".to_owned())
+                .spawn(move || reader.run(stop))
+                .map_err(|error| AgentError::Io {
+                    context: "starting the instance log reader".to_owned(),
+                    error,
+                })?;
+            threads.push(("instance-logs".to_owned(), thread));
+        }
         Ok(Agent {
             config,
             http,
@@ -297,6 +327,7 @@ impl Agent {
                 registry,
                 spool,
                 connections,
+                instances,
                 http_stats: tally_http::ConnectionStats::new(),
             },
             sink,
@@ -329,6 +360,7 @@ impl Agent {
             .route("/healthz", get(|| async { "ok" }))
             .route("/v1/logs", post(otlp::receive_logs))
             .route("/v1/connections", post(connections::receive))
+            .route("/v1/instances/events", post(instances::receive))
             .with_state(self.state.clone());
         let server = tally_http::Server::new(self.config.http, connections::body_timed_out)
             .with_stats(self.state.http_stats.clone());
@@ -400,6 +432,9 @@ impl Agent {
         let _ = stopping.send(true);
         let _ = watcher.await;
         let report = self.sink.shutdown(Duration::from_secs(5)).await;
+        if let Some(instances) = &self.state.instances {
+            instances.shutdown(Duration::from_secs(5)).await;
+        }
         if let Some(pipeline) = &self.pipeline {
             pipeline.shutdown().await;
         }

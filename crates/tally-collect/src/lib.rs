@@ -8,7 +8,9 @@
 //! dimensions ([`enrich`]) → [`collector::Collector`] keeps them in a durable
 //! outbox until the shipper acknowledges them. [`lifecycle`] validates the
 //! gateway controller's connection lifecycle CloudEvents and applies them
-//! once per (`source`, `id`). [`generate`] writes realistic
+//! once per (`source`, `id`). [`instance_log`] maps compute instances'
+//! log files to instances by path pattern and joins CRI partial lines into
+//! whole records. [`generate`] writes realistic
 //! corpora with their exact expected totals. [`agent`] is the runtime of
 //! `tally collect` built on them: config, OTLP logs receivers (gRPC and
 //! HTTP), the connection lifecycle receiver, the Envoy admin gauge sampler
@@ -96,6 +98,7 @@ pub mod collector;
 pub mod enrich;
 pub mod event;
 pub mod generate;
+pub mod instance_log;
 pub mod lifecycle;
 pub mod record;
 pub mod route;

@@ -48,7 +48,7 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tally_model::event::{FieldError, error_code, field_error};
-use tally_model::{CloudEvent, Manifest};
+use tally_model::{CloudEvent, EventError, Manifest, parse_event};
 
 /// Every lifecycle CloudEvent type starts with this.
 pub const TYPE_PREFIX: &str = "com.datumapis.compute.instance.";
@@ -306,6 +306,72 @@ pub fn from_cloud_event(event: &CloudEvent) -> Result<LifecycleEvent, Vec<FieldE
         node: data.node,
         message: data.message,
     })
+}
+
+/// A request's CloudEvents as lifecycle events, validated whole: every
+/// event, or every problem of every bad event (by index, with its `id`).
+/// `received` stands in for a missing `time`. The one validation of
+/// lifecycle ingest, shared by `tally serve` and the node agent
+/// (`tally collect`), so the agent takes exactly what serve would.
+pub fn from_values(
+    values: Vec<Value>,
+    received: Timestamp,
+) -> Result<Vec<LifecycleEvent>, Vec<EventError>> {
+    let mut events = Vec::with_capacity(values.len());
+    let mut errors = Vec::new();
+    for (index, value) in values.into_iter().enumerate() {
+        let id = value.get("id").and_then(Value::as_str).map(str::to_owned);
+        match parse_event(value, received).and_then(|e| from_cloud_event(&e)) {
+            Ok(event) => events.push(event),
+            Err(field_errors) => errors.push(EventError {
+                index,
+                id,
+                errors: field_errors,
+            }),
+        }
+    }
+    if errors.is_empty() {
+        Ok(events)
+    } else {
+        Err(errors)
+    }
+}
+
+impl LifecycleEvent {
+    /// The event as a lifecycle CloudEvent that [`from_values`] reads back
+    /// as this same event: `source`, `id`, `type`, `time` and `data` carry
+    /// every field; `subject` is `projects/<project>/instances/<instance>`
+    /// (a CloudEvent needs one; Tally keeps none). What the node agent
+    /// forwards, so a retry carries the time the agent first took.
+    pub fn to_cloud_event(&self) -> Value {
+        let mut data = serde_json::Map::new();
+        data.insert("project".into(), self.project.clone().into());
+        data.insert("instance".into(), self.instance.clone().into());
+        let optional = [
+            ("namespace", &self.namespace),
+            ("workload", &self.workload),
+            ("uid", &self.uid),
+            ("node", &self.node),
+            ("message", &self.message),
+        ];
+        for (field, value) in optional {
+            if let Some(value) = value {
+                data.insert(field.into(), value.clone().into());
+            }
+        }
+        if let Some(reason) = self.reason {
+            data.insert("reason".into(), reason.as_str().into());
+        }
+        serde_json::json!({
+            "specversion": "1.0",
+            "id": self.id,
+            "source": self.source,
+            "type": self.kind.event_type(),
+            "subject": format!("projects/{}/instances/{}", self.project, self.instance),
+            "time": self.time.to_string(),
+            "data": data,
+        })
+    }
 }
 
 fn validate_data(data: &Data, problems: &mut Vec<FieldError>) -> Option<Reason> {
@@ -584,6 +650,37 @@ mod tests {
             LifecycleKind::from_event_type("com.datumapis.compute.instance."),
             None
         );
+    }
+
+    #[test]
+    fn a_request_is_validated_whole_and_the_canonical_form_reads_back_the_same() {
+        let received: Timestamp = "2026-12-06T11:00:00Z".parse().unwrap();
+        let good = json!({"specversion": "1.0", "id": "e1", "source": "ctrl",
+            "type": "com.datumapis.compute.instance.crashed", "subject": "x",
+            "data": {"project": "acme", "instance": "web-0", "reason": "InstanceCrashing",
+                     "node": "n1", "uid": "u-1", "message": "exit 1", "namespace": "ns",
+                     "workload": "web"}});
+        let bad = json!({"specversion": "1.0", "id": "e2", "source": "ctrl",
+            "type": "com.datumapis.compute.instance.started", "subject": "x",
+            "data": {"project": "Acme"}});
+        let errors = from_values(vec![good.clone(), bad], received).unwrap_err();
+        assert_eq!(errors.len(), 1);
+        assert_eq!((errors[0].index, errors[0].id.as_deref()), (1, Some("e2")));
+        let events = from_values(vec![good], received).unwrap();
+        assert_eq!(
+            events[0].time, received,
+            "a missing time is the receive time"
+        );
+        // The form the agent forwards is read back as the very same event,
+        // whenever it arrives.
+        let later: Timestamp = "2026-12-06T12:00:00Z".parse().unwrap();
+        let again = from_values(vec![events[0].to_cloud_event()], later).unwrap();
+        assert_eq!(again, events);
+        let mut minimal = events[0].clone();
+        (minimal.reason, minimal.node, minimal.uid, minimal.message) = (None, None, None, None);
+        (minimal.namespace, minimal.workload) = (None, None);
+        let again = from_values(vec![minimal.to_cloud_event()], later).unwrap();
+        assert_eq!(again, vec![minimal]);
     }
 
     fn instance(status: Value) -> Manifest {

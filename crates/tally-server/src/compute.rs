@@ -27,7 +27,7 @@ use tally_compute::lifecycle::{self, LifecycleEvent};
 use tally_compute::store::{InstanceSummary, Page};
 use tally_compute::{FleetMetrics, LifecycleEvents, LifecycleStore};
 use tally_ledger::ResourceKey;
-use tally_model::{EventError, Kind, Manifest, parse_event};
+use tally_model::{Kind, Manifest};
 
 use crate::body;
 use crate::problem::Problem;
@@ -140,28 +140,8 @@ pub async fn ingest(
 }
 
 fn parse_lifecycle(values: Vec<serde_json::Value>) -> Result<Vec<LifecycleEvent>, Problem> {
-    let received = Timestamp::now();
-    let mut events = Vec::with_capacity(values.len());
-    let mut errors = Vec::new();
-    for (index, value) in values.into_iter().enumerate() {
-        let id = value
-            .get("id")
-            .and_then(serde_json::Value::as_str)
-            .map(str::to_owned);
-        let parsed = parse_event(value, received).and_then(|e| lifecycle::from_cloud_event(&e));
-        match parsed {
-            Ok(event) => events.push(event),
-            Err(field_errors) => errors.push(EventError {
-                index,
-                id,
-                errors: field_errors,
-            }),
-        }
-    }
-    if !errors.is_empty() {
-        return Err(tally_ledger::LedgerError::Rejected(errors).into());
-    }
-    Ok(events)
+    lifecycle::from_values(values, Timestamp::now())
+        .map_err(|errors| tally_ledger::LedgerError::Rejected(errors).into())
 }
 
 /// The project a read names: `?project=`, or the token's only project.

@@ -3,8 +3,7 @@
 //! | keyspace     | key                                                        | value |
 //! |--------------|------------------------------------------------------------|-------|
 //! | `log`        | first seq of the block (u64 BE)                            | an event block: see [`crate::block`] |
-//! | `dedupe`     | xxh3-64 of the rest (u64 BE), source (u32 len + bytes), id | seq (u64 BE), expires_at s (i64 BE) |
-//! | `dedupe`     | [`DEDUPE_MARK`] (9 bytes; shorter than any entry's key)     | log position (u64 BE) the entries include |
+//! | `dedupe`     | sorted runs of 32-bit key hashes with log positions, and their marks: see [`crate::dedupe`] | |
 //! | `rollups`    | minute and hour: meter generation (u32 BE), level (u8), subject id (u32 BE), bucket start in minutes (40 bits, offset 2^39, BE), groups id (u32 BE): 18 bytes | [`tally_meter::AggState`] |
 //! | `rollups`    | day: meter generation (u32 BE), level (u8), bucket start (40 bits), subject id (u32 BE), [`ALL_GROUPS`] (u32 BE): 18 bytes | [`tally_meter::AggState`] of every group |
 //! | `quarantine` | meter (u16 len + bytes; empty = no meter), seq (u64 BE)    | JSON [`QuarantineEntry`] |
@@ -12,7 +11,7 @@
 //! | `void_order` | void ordinal (u64 BE, 0, 1, ... in recording order)        | seq (u64 BE) of the voided event |
 //! | `catalog`    | kind `/` name                                              | manifest JSON |
 //! | `meta`       | `meter/<name>`                                             | JSON [`MeterState`] |
-//! | `meta`       | `materialised`                                             | log position (u64 BE): rollups, dedupe, quarantine and dictionary hold every event below it |
+//! | `meta`       | `materialised`                                             | log position (u64 BE): rollups, quarantine and dictionary hold every event below it |
 //! | `meta`       | `dict/i/` id (u32 BE)                                      | dictionary entry: `s` + subject, or `g` + count (u32 BE) + groups |
 //! | `meta`       | `dict/n/` dictionary entry                                 | id (u32 BE) |
 
@@ -92,23 +91,8 @@ pub fn dedupe_key(source: &str, id: &str) -> Vec<u8> {
     out
 }
 
-/// A format-3 dedupe key (the bare pair) in this format; `None` when `key`
-/// is already a format-4 key.
-pub fn upgrade_dedupe_key(key: &[u8]) -> Option<Vec<u8>> {
-    if let Some((hash, rest)) = key.split_first_chunk::<8>()
-        && u64::from_be_bytes(*hash) == xxhash_rust::xxh3::xxh3_64(rest)
-    {
-        return None;
-    }
-    let mut out = Vec::with_capacity(8 + key.len());
-    out.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(key).to_be_bytes());
-    out.extend_from_slice(key);
-    Some(out)
-}
-
-/// The key, in `dedupe`, of the log position its entries include (see
-/// `writer/dedupe.rs`). At 9 bytes it is no entry's key (those are at
-/// least 12); scans of the entries skip it.
+/// The key, in `dedupe`, of the log position its runs include (see
+/// [`crate::dedupe`]).
 pub const DEDUPE_MARK: &[u8] = b"\0position";
 
 pub fn dedupe_value(seq: u64, expires_at: i64) -> [u8; 16] {
@@ -547,13 +531,5 @@ mod tests {
     #[test]
     fn dedupe_keys_do_not_collide_across_the_boundary() {
         assert_ne!(dedupe_key("ab", "c"), dedupe_key("a", "bc"));
-    }
-
-    #[test]
-    fn format_3_dedupe_keys_upgrade_once() {
-        let key = dedupe_key("gateway", "e-1");
-        let old = &key[8..];
-        assert_eq!(upgrade_dedupe_key(old).as_deref(), Some(key.as_slice()));
-        assert_eq!(upgrade_dedupe_key(&key), None);
     }
 }

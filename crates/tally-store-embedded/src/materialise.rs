@@ -12,8 +12,8 @@
 //! - a [`DerivedStore`]: takes consecutive tail chunks and folds them in
 //!   atomically with the position they end at. [`FjallDerived`] merges the
 //!   chunks' deltas in key order, reads each bucket's stored state once,
-//!   and writes rollups, dedupe, quarantine and dictionary entries and the
-//!   position in one batch.
+//!   and writes rollups, quarantine and dictionary entries and the
+//!   position in one batch (dedupe keys are the writer's: `crate::dedupe`).
 //!
 //! [`run`] is the materialiser thread: it waits for a bulk of chunks (or
 //! for the oldest to have waited a little), folds them in, and trims the
@@ -228,18 +228,9 @@ impl DerivedStore for FjallDerived {
             for (key, value) in &chunk.quarantine {
                 batch.insert(&ks.quarantine, key.as_slice(), value.as_slice());
             }
-            for (key, value) in &chunk.dedupe {
-                batch.insert(&ks.dedupe, key.as_slice(), value.as_slice());
-            }
             dict::write_entries(&mut batch, &ks.meta, &chunk.dict);
         }
         batch.insert(&ks.meta, MATERIALISED_KEY, last.end_seq.to_be_bytes());
-        // The dedupe index says what it includes (see `writer/dedupe.rs`).
-        batch.insert(
-            &ks.dedupe,
-            crate::keys::DEDUPE_MARK,
-            last.end_seq.to_be_bytes(),
-        );
         batch.commit()?;
         self.remember(states);
         Ok(last.end_seq)

@@ -123,17 +123,21 @@ async fn a_format_3_store_is_upgraded_when_opened() {
                 .unwrap()
         };
         let (meta, dedupe) = (ks("meta"), ks("dedupe"));
-        // Format 3 kept no mark of the position its dedupe entries include.
-        assert!(dedupe.get(b"\0position").unwrap().is_some());
-        dedupe.remove(b"\0position").unwrap();
-        let keys: Vec<_> = dedupe
-            .iter()
-            .map(|item| item.into_inner().unwrap())
-            .collect();
-        assert_eq!(keys.len(), 240);
-        for (key, value) in keys {
-            dedupe.remove(key.clone()).unwrap();
-            dedupe.insert(key[8..].to_vec(), value).unwrap();
+        // Format 3 kept one entry per event under the bare (source, id),
+        // and no mark of the position they include.
+        let keys: Vec<_> = dedupe.iter().map(|item| item.key().unwrap()).collect();
+        assert!(!keys.is_empty());
+        for key in keys {
+            dedupe.remove(key).unwrap();
+        }
+        let far = i64::MAX / 2;
+        for (seq, event) in events().iter().enumerate() {
+            let mut key = (event.source.len() as u32).to_be_bytes().to_vec();
+            key.extend_from_slice(event.source.as_bytes());
+            key.extend_from_slice(event.id.as_bytes());
+            let mut value = (seq as u64).to_be_bytes().to_vec();
+            value.extend_from_slice(&far.to_be_bytes());
+            dedupe.insert(key, value).unwrap();
         }
         meta.insert("format", 3u64.to_be_bytes()).unwrap();
         db.persist(fjall::PersistMode::SyncAll).unwrap();

@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use tally_collect::agent::{
-    self, Agent, AgentOptions, ConnectionsOptions, EnvoyAdminOptions, ListenerMapping,
+    self, Agent, AgentOptions, ConnectionsOptions, EnvoyAdminOptions, InstanceLogsOptions,
+    InstancesOptions, ListenerMapping, LogFilesOptions,
 };
 
 /// Options of `tally collect`. Flags override the config file, which
@@ -23,7 +24,10 @@ pub struct CollectArgs {
     /// resourcesPollSecs, diagnosticsEverySecs, envoyAdmin: {url,
     /// intervalSecs, listeners: [{listener | stat, route: NS/NAME,
     /// project}]}, connections: {enabled, graceSecs, dedupeHorizonSecs,
-    /// maxOutboxEvents, maxSpoolBytes}, and, in the file only, http:
+    /// maxOutboxEvents, maxSpoolBytes}, instances: {enabled, url,
+    /// maxQueuedEvents, maxQueuedBytes}, instanceLogs: {files: [{path,
+    /// format: cri|plain, project}], url, maxFiles, maxQueuedBytes}, and,
+    /// in the file only, http:
     /// {headerReadTimeout, idleTimeout, bodyReadTimeout, drainTimeout,
     /// maxConnections} and egress: {allow: [CIDR...]}, what exporters'
     /// sinks may reach besides public addresses). Flags given here override
@@ -53,7 +57,8 @@ pub struct CollectArgs {
     agent_id: Option<String>,
 
     /// Address of the HTTP listener: `POST /v1/logs` (OTLP/HTTP, when --otlp),
-    /// `POST /v1/connections` (when --connections), `GET /metrics`,
+    /// `POST /v1/connections` (when --connections), `POST
+    /// /v1/instances/events` (when --instances), `GET /metrics`,
     /// `GET /healthz` [default: 127.0.0.1:4318].
     #[arg(long, value_name = "ADDR")]
     listen: Option<SocketAddr>,
@@ -131,6 +136,33 @@ pub struct CollectArgs {
     /// applied [default: 268435456].
     #[arg(long, value_name = "BYTES")]
     connections_max_spool_bytes: Option<u64>,
+
+    /// Receive compute instance lifecycle CloudEvents from the node's
+    /// controllers on `POST /v1/instances/events` (validated as `tally serve`
+    /// validates them; 202 once fsync'd) and forward them to
+    /// `{--instances-url}/api/v1/instances/events`, retrying until serve
+    /// takes them (implied by the other --instances-* flags).
+    #[arg(long)]
+    instances: bool,
+
+    /// Base URL of `tally serve` for lifecycle events [default: --ledger].
+    #[arg(long, value_name = "URL")]
+    instances_url: Option<String>,
+
+    /// Lifecycle requests are refused with 503 while this many events wait
+    /// on disk to be forwarded [default: 100000].
+    #[arg(long, value_name = "N")]
+    instances_max_queued_events: Option<u64>,
+
+    /// Tail instance log files matching PATTERN and ship them to `tally
+    /// serve` (`{--ledger}/v1/logs`, OTLP) as the logs of the instance the
+    /// path names: captures {project}, {instance}, {stream}, wildcard `*`,
+    /// e.g. /var/log/pods/{project}_{instance}_*/*/*.log (kubelet's layout,
+    /// CRI lines; `P` pieces are joined into one record). Repeat for
+    /// several; the config file's instanceLogs section also takes plain
+    /// files and a fixed project.
+    #[arg(long = "instance-log", value_name = "PATTERN")]
+    instance_logs: Vec<String>,
 
     /// Read "now" from this file (Unix ms or RFC 3339, read again on every
     /// look) instead of the system clock: for tests and replays.
@@ -219,6 +251,27 @@ impl CollectArgs {
             max_outbox_events: self.connections_max_outbox_events,
             max_spool_bytes: self.connections_max_spool_bytes,
         });
+        let instances_given = self.instances
+            || self.instances_url.is_some()
+            || self.instances_max_queued_events.is_some();
+        let instances = instances_given.then_some(InstancesOptions {
+            enabled: self.instances.then_some(true),
+            url: self.instances_url,
+            max_queued_events: self.instances_max_queued_events,
+            max_queued_bytes: None,
+        });
+        let instance_logs = (!self.instance_logs.is_empty()).then(|| InstanceLogsOptions {
+            files: self
+                .instance_logs
+                .into_iter()
+                .map(|path| LogFilesOptions {
+                    path,
+                    format: None,
+                    project: None,
+                })
+                .collect(),
+            ..InstanceLogsOptions::default()
+        });
         let options = AgentOptions {
             logs: self.logs,
             state_dir: self.state_dir,
@@ -245,6 +298,8 @@ impl CollectArgs {
             diagnostics_every_secs: self.diagnostics_every_secs,
             envoy_admin,
             connections,
+            instances,
+            instance_logs,
             clock_file: self.clock_file,
             http: None,
             egress: None,

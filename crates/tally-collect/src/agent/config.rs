@@ -12,6 +12,7 @@ use tally_http::{HttpConfig, Limits};
 use super::AgentError;
 use super::clock::Clock;
 use crate::aggregate::WindowConfig;
+use crate::instance_log::{LogFormat, PathPattern};
 use crate::route::RouteKey;
 
 /// Every option of the agent, each optional: what a config file or the
@@ -77,6 +78,12 @@ pub struct AgentOptions {
     /// Connection seconds from the gateway controller's connection
     /// lifecycle events (`POST /v1/connections`).
     pub connections: Option<ConnectionsOptions>,
+    /// Forward compute instance lifecycle CloudEvents, which controllers on
+    /// the node post to `POST /v1/instances/events`, to `tally serve`.
+    pub instances: Option<InstancesOptions>,
+    /// Tail instance log files (stdout/stderr of compute instances) and ship
+    /// them to `tally serve` as OTLP logs.
+    pub instance_logs: Option<InstanceLogsOptions>,
     /// Read "now" from this file (Unix ms or RFC 3339) instead of the
     /// system clock: for tests and replays of the lifecycle input.
     pub clock_file: Option<PathBuf>,
@@ -124,6 +131,84 @@ pub struct ConnectionsConfig {
     pub max_outbox_events: u64,
     /// Back-pressure threshold on received but unread bytes.
     pub max_spool_bytes: u64,
+}
+
+/// The `instances` section: the compute instance lifecycle receiver
+/// (`POST /v1/instances/events`) and its forwarding to `tally serve`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InstancesOptions {
+    /// Receive and forward lifecycle events (default true when the section
+    /// is given).
+    pub enabled: Option<bool>,
+    /// Base URL of `tally serve`; events go to
+    /// `{URL}/api/v1/instances/events` (default: the ledger URL).
+    pub url: Option<String>,
+    /// Requests are refused (503) while this many events wait on disk to be
+    /// forwarded (default 100,000).
+    pub max_queued_events: Option<u64>,
+    /// Requests are refused (503) while this many bytes of events wait on
+    /// disk to be forwarded (default 64 MiB).
+    pub max_queued_bytes: Option<u64>,
+}
+
+/// The resolved lifecycle forwarding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstancesConfig {
+    /// `tally serve`'s base URL.
+    pub url: reqwest::Url,
+    /// Back-pressure threshold on the forwarding queue, events.
+    pub max_queued_events: u64,
+    /// Back-pressure threshold on the forwarding queue, bytes.
+    pub max_queued_bytes: u64,
+}
+
+/// The `instanceLogs` section: which files hold which instance's logs,
+/// and where they go.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InstanceLogsOptions {
+    /// Path patterns ([`crate::instance_log`]), each with its format.
+    #[serde(default)]
+    pub files: Vec<LogFilesOptions>,
+    /// Base URL of `tally serve`; records go to `{URL}/v1/logs` (default:
+    /// the ledger URL).
+    pub url: Option<String>,
+    /// Most files followed at once (default 10,000).
+    pub max_files: Option<usize>,
+    /// Reading pauses while this many bytes of records wait on disk to be
+    /// sent (default 256 MiB).
+    pub max_queued_bytes: Option<u64>,
+}
+
+/// One pattern of the `instanceLogs` section.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LogFilesOptions {
+    /// e.g. `/var/log/pods/{project}_{instance}_*/*/*.log`.
+    pub path: String,
+    /// `cri` (default) or `plain`.
+    pub format: Option<LogFormat>,
+    /// The project, when the path has no `{project}`.
+    pub project: Option<String>,
+}
+
+/// One resolved pattern.
+#[derive(Debug, Clone)]
+pub struct LogSource {
+    pub pattern: PathPattern,
+    pub format: LogFormat,
+    pub project: Option<String>,
+}
+
+/// The resolved `instanceLogs` section.
+#[derive(Debug, Clone)]
+pub struct InstanceLogsConfig {
+    pub sources: Vec<LogSource>,
+    /// `tally serve`'s base URL.
+    pub url: reqwest::Url,
+    pub max_files: usize,
+    pub max_queued_bytes: u64,
 }
 
 /// The `envoyAdmin` section: which admin endpoint to sample and how its
@@ -276,6 +361,10 @@ pub struct AgentConfig {
     pub envoy_admin: Option<EnvoyAdminConfig>,
     /// Connection seconds from lifecycle events, when received.
     pub connections: Option<ConnectionsConfig>,
+    /// Lifecycle events forwarded to `tally serve`, when received.
+    pub instances: Option<InstancesConfig>,
+    /// Instance log files shipped to `tally serve`, when configured.
+    pub instance_logs: Option<InstanceLogsConfig>,
     /// Where "now" is read (the lifecycle input's clock).
     pub clock: Clock,
     /// What the HTTP listener enforces.
@@ -320,6 +409,28 @@ impl AgentOptions {
             }),
             (file, flags) => flags.or(file),
         };
+        let instances = match (self.instances, flags.instances) {
+            (Some(file), Some(flags)) => Some(InstancesOptions {
+                enabled: flags.enabled.or(file.enabled),
+                url: flags.url.or(file.url),
+                max_queued_events: flags.max_queued_events.or(file.max_queued_events),
+                max_queued_bytes: flags.max_queued_bytes.or(file.max_queued_bytes),
+            }),
+            (file, flags) => flags.or(file),
+        };
+        let instance_logs = match (self.instance_logs, flags.instance_logs) {
+            (Some(file), Some(flags)) => Some(InstanceLogsOptions {
+                files: if flags.files.is_empty() {
+                    file.files
+                } else {
+                    flags.files
+                },
+                url: flags.url.or(file.url),
+                max_files: flags.max_files.or(file.max_files),
+                max_queued_bytes: flags.max_queued_bytes.or(file.max_queued_bytes),
+            }),
+            (file, flags) => flags.or(file),
+        };
         AgentOptions {
             logs: if flags.logs.is_empty() {
                 self.logs
@@ -350,6 +461,8 @@ impl AgentOptions {
             diagnostics_every_secs: flags.diagnostics_every_secs.or(self.diagnostics_every_secs),
             envoy_admin: admin,
             connections,
+            instances,
+            instance_logs,
             clock_file: flags.clock_file.or(self.clock_file),
             http: flags.http.or(self.http),
             egress: flags.egress.or(self.egress),
@@ -382,15 +495,31 @@ impl AgentOptions {
                 max_outbox_events: c.max_outbox_events.unwrap_or(1_000_000).max(1),
                 max_spool_bytes: c.max_spool_bytes.unwrap_or(256 << 20).max(1),
             });
-        if self.logs.is_empty() && !otlp && envoy_admin.is_none() && connections.is_none() {
-            return Err(AgentError::Config(
-                "nothing to collect: give --log FILE (one or more), --otlp, --envoy-admin URL or --connections"
-                    .to_owned(),
-            ));
-        }
         let ledger = self.ledger.unwrap_or_else(|| default_ledger.to_owned());
         let ledger = reqwest::Url::parse(ledger.trim_end_matches('/'))
             .map_err(|e| AgentError::Config(format!("the ledger URL {ledger:?}: {e}")))?;
+        let instances = self
+            .instances
+            .filter(|i| i.enabled.unwrap_or(true))
+            .map(|i| resolve_instances(i, &ledger))
+            .transpose()?;
+        let instance_logs = self
+            .instance_logs
+            .filter(|l| !l.files.is_empty())
+            .map(|l| resolve_instance_logs(l, &ledger))
+            .transpose()?;
+        if self.logs.is_empty()
+            && !otlp
+            && envoy_admin.is_none()
+            && connections.is_none()
+            && instances.is_none()
+            && instance_logs.is_none()
+        {
+            return Err(AgentError::Config(
+                "nothing to collect: give --log FILE (one or more), --otlp, --envoy-admin URL, --connections, --instances or --instance-logs"
+                    .to_owned(),
+            ));
+        }
         let agent_id = self
             .agent_id
             .or_else(|| std::env::var("NODE_NAME").ok())
@@ -436,6 +565,8 @@ impl AgentOptions {
             diagnostics_every: secs(self.diagnostics_every_secs, 60),
             envoy_admin,
             connections,
+            instances,
+            instance_logs,
             clock: self.clock_file.map_or(Clock::System, Clock::File),
             http,
             egress,
@@ -446,6 +577,57 @@ impl AgentOptions {
 /// Seconds as milliseconds, saturating.
 fn millis_of(secs: u64) -> i64 {
     i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX)
+}
+
+fn resolve_instances(
+    options: InstancesOptions,
+    ledger: &reqwest::Url,
+) -> Result<InstancesConfig, AgentError> {
+    let url = match options.url {
+        Some(url) => reqwest::Url::parse(url.trim_end_matches('/'))
+            .map_err(|e| AgentError::Config(format!("the tally serve URL {url:?}: {e}")))?,
+        None => ledger.clone(),
+    };
+    Ok(InstancesConfig {
+        url,
+        max_queued_events: options.max_queued_events.unwrap_or(100_000).max(1),
+        max_queued_bytes: options.max_queued_bytes.unwrap_or(64 << 20).max(1),
+    })
+}
+
+fn resolve_instance_logs(
+    options: InstanceLogsOptions,
+    ledger: &reqwest::Url,
+) -> Result<InstanceLogsConfig, AgentError> {
+    let url = match options.url {
+        Some(url) => reqwest::Url::parse(url.trim_end_matches('/'))
+            .map_err(|e| AgentError::Config(format!("the instance logs URL {url:?}: {e}")))?,
+        None => ledger.clone(),
+    };
+    let mut sources = Vec::new();
+    for files in options.files {
+        let pattern = PathPattern::new(&files.path).map_err(AgentError::Config)?;
+        let project = files.project.filter(|p| !p.is_empty());
+        if !files.path.contains("{project}") && project.is_none() {
+            return Err(AgentError::Config(format!(
+                "the log path pattern {:?} has no {{project}}: give its project",
+                files.path
+            )));
+        }
+        sources.push(LogSource {
+            pattern,
+            format: files.format.unwrap_or_default(),
+            project,
+        });
+    }
+    Ok(InstanceLogsConfig {
+        sources,
+        url,
+        max_files: options.max_files.unwrap_or(10_000).max(1),
+        // At least 64 MiB: one read (256 KiB of text, at worst 128 Ki
+        // one-byte records of about 170 bytes queued) always fits.
+        max_queued_bytes: options.max_queued_bytes.unwrap_or(256 << 20).max(64 << 20),
+    })
 }
 
 fn resolve_admin(options: EnvoyAdminOptions) -> Result<EnvoyAdminConfig, AgentError> {
@@ -579,7 +761,44 @@ mod tests {
         assert_eq!(connections.dedupe_horizon_millis, 7_200_000);
         assert_eq!(config.clock, Clock::File(PathBuf::from("/tmp/now")));
         let off: AgentOptions = serde_norway::from_str("connections:\n  enabled: false\n").unwrap();
+        assert!(
+            off.clone().resolve("http://x").is_err(),
+            "nothing to collect"
+        );
+        let instances: AgentOptions =
+            serde_norway::from_str("instances:\n  maxQueuedEvents: 7\n").unwrap();
+        let resolved = instances.resolve("http://serve:1/").unwrap().instances;
+        assert_eq!(
+            resolved,
+            Some(InstancesConfig {
+                url: reqwest::Url::parse("http://serve:1").unwrap(),
+                max_queued_events: 7,
+                max_queued_bytes: 64 << 20,
+            }),
+            "forwarded to the ledger URL by default"
+        );
         assert!(off.resolve("http://x").is_err(), "nothing to collect");
+    }
+
+    #[test]
+    fn instance_log_patterns_are_checked_when_resolved() {
+        let options = |text: &str| -> AgentOptions { serde_norway::from_str(text).unwrap() };
+        let config = options(
+            "ledger: http://serve:1\ninstanceLogs:\n  files:\n  - path: /var/log/pods/{project}_{instance}_*/*/*.log\n  - {path: '/srv/{instance}.log', format: plain, project: acme}\n",
+        )
+        .resolve("http://x")
+        .unwrap();
+        let logs = config.instance_logs.unwrap();
+        assert_eq!(logs.url.as_str(), "http://serve:1/");
+        assert_eq!(logs.sources[1].format, LogFormat::Plain);
+        assert_eq!(logs.max_queued_bytes, 256 << 20);
+        for bad in [
+            "instanceLogs:\n  files:\n  - path: /srv/{instance}.log\n",
+            "instanceLogs:\n  files:\n  - path: 'relative/{project}/{instance}'\n",
+            "instanceLogs:\n  files:\n  - path: /srv/{project}.log\n",
+        ] {
+            assert!(options(bad).resolve("http://x").is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -37,7 +37,11 @@ pub(crate) struct Receiver {
 }
 
 /// An `application/problem+json` (RFC 9457) answer.
-fn problem(status: StatusCode, detail: impl Into<String>, errors: Option<Value>) -> Response {
+pub(crate) fn problem(
+    status: StatusCode,
+    detail: impl Into<String>,
+    errors: Option<Value>,
+) -> Response {
     let mut body = json!({
         "type": "about:blank",
         "title": status.canonical_reason().unwrap_or("Error"),
@@ -167,7 +171,7 @@ fn validate(
     }
 }
 
-fn unavailable(reason: String) -> Response {
+pub(crate) fn unavailable(reason: String) -> Response {
     let mut response = problem(StatusCode::SERVICE_UNAVAILABLE, reason, None);
     response
         .headers_mut()
@@ -200,6 +204,7 @@ mod tests {
             registry: Registry::new(),
             spool: None,
             connections: Some(Arc::new(receiver)),
+            instances: None,
             http_stats: tally_http::ConnectionStats::new(),
         };
         (state, spool)
