@@ -5,8 +5,10 @@
 //!   `LifecycleEvent` read from a CloudEvent (validated and bounded), and
 //!   `derive` — the transitions an `Instance` resource's status change
 //!   implies, with deterministic ids so a re-applied status is a duplicate.
-//! - [`store`]: `LifecycleStore`, the durable, deduplicated home of
-//!   lifecycle events (its own fjall database; byte layout beside the code).
+//! - [`store`]: the `LifecycleEvents` contract, and `LifecycleStore`, its
+//!   embedded implementation: the durable, deduplicated home of lifecycle
+//!   events (its own fjall database; byte layout beside the code). A
+//!   cluster implements the same trait (`tally-store-cluster`).
 //! - [`metrics`]: `FleetMetrics`, the operator's counters and scheduling
 //!   latency histogram, rendered as Prometheus text.
 //!
@@ -19,4 +21,4 @@ pub mod store;
 
 pub use lifecycle::{LifecycleEvent, LifecycleKind, Reason};
 pub use metrics::FleetMetrics;
-pub use store::{LifecycleStore, StoreError};
+pub use store::{LifecycleEvents, LifecycleStore, StoreError};

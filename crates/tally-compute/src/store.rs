@@ -48,6 +48,63 @@ pub enum StoreError {
     Poisoned,
     #[error("cursor {0:?} is not one this server issued")]
     BadCursor(String),
+    /// A store on other servers (a cluster's) did not answer.
+    #[error("lifecycle store: {0}")]
+    Unavailable(String),
+}
+
+/// The contract of a lifecycle backend: [`LifecycleStore`] here (one
+/// process), a cluster's shared store in `tally-store-cluster`. Both give
+/// the same answers: dedupe by (`source`, `id`), listings by project then
+/// instance (cursor [`hex`] of `project · 0x00 · instance`), events in
+/// arrival order, summaries made by [`summarise`]. Calls block (run them
+/// off the async workers).
+pub trait LifecycleEvents: Send + Sync {
+    /// Stores the events not stored before, durably, before answering;
+    /// per event whether it was new.
+    fn append(&self, events: &[LifecycleEvent]) -> Result<Vec<bool>, StoreError>;
+    /// Instances with any lifecycle event, by project then name; only
+    /// `project`'s when given.
+    fn instances(
+        &self,
+        project: Option<&str>,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<Page<InstanceSummary>, StoreError>;
+    /// One instance's events in arrival order; `None` when the project has
+    /// no such instance.
+    fn events(
+        &self,
+        project: &str,
+        instance: &str,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<Option<Page<LifecycleEvent>>, StoreError>;
+}
+
+impl LifecycleEvents for LifecycleStore {
+    fn append(&self, events: &[LifecycleEvent]) -> Result<Vec<bool>, StoreError> {
+        LifecycleStore::append(self, events)
+    }
+
+    fn instances(
+        &self,
+        project: Option<&str>,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<Page<InstanceSummary>, StoreError> {
+        LifecycleStore::instances(self, project, limit, cursor)
+    }
+
+    fn events(
+        &self,
+        project: &str,
+        instance: &str,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> Result<Option<Page<LifecycleEvent>>, StoreError> {
+        LifecycleStore::events(self, project, instance, limit, cursor)
+    }
 }
 
 /// What is known of one instance: its latest lifecycle event.
@@ -100,7 +157,9 @@ fn seen_key(source: &str, id: &str) -> Vec<u8> {
     k
 }
 
-fn instance_key(project: &str, instance: &str) -> Vec<u8> {
+/// `project · 0x00 · instance`: the key of an instance, and (in [`hex`])
+/// the cursor of an instance listing.
+pub fn instance_key(project: &str, instance: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(project.len() + instance.len() + 1);
     k.extend_from_slice(project.as_bytes());
     k.push(0);
@@ -326,11 +385,14 @@ fn last_key(items: &[InstanceSummary]) -> Vec<u8> {
         .unwrap_or_default()
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex of `bytes` (listing cursors).
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn cursor_key(cursor: &str) -> Result<Vec<u8>, StoreError> {
+/// The instance key a listing cursor names; [`StoreError::BadCursor`] for
+/// anything [`hex`] of an instance key cannot be.
+pub fn cursor_key(cursor: &str) -> Result<Vec<u8>, StoreError> {
     let bad = || StoreError::BadCursor(cursor.to_owned());
     if !cursor.len().is_multiple_of(2)
         || cursor.len() > 2 * (2 * crate::lifecycle::MAX_NAME_BYTES + 1)
@@ -344,8 +406,9 @@ fn cursor_key(cursor: &str) -> Result<Vec<u8>, StoreError> {
 }
 
 /// The summary after `event`: the latest event by time decides the state
-/// (ties: the later arrival).
-fn summarise(current: Option<InstanceSummary>, event: &LifecycleEvent) -> InstanceSummary {
+/// (ties: the later arrival). Every backend folds an instance's events in
+/// arrival order through this.
+pub fn summarise(current: Option<InstanceSummary>, event: &LifecycleEvent) -> InstanceSummary {
     let mut s = current.unwrap_or_else(|| InstanceSummary {
         project: event.project.clone(),
         instance: event.instance.clone(),

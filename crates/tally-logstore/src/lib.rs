@@ -2,9 +2,10 @@
 //! per (project, instance) for a retention per project, read by the owning
 //! project (`tally logs`, the HTTP and Loki-compatible APIs) and followed.
 //!
-//! The store is reached through [`LogStore`], so a cluster backend
-//! (ClickHouse) can implement the same contract; [`EmbeddedLogStore`] is the
-//! default: one fjall database, the same shape as the ledger's log.
+//! The store is reached through [`LogStore`]: [`EmbeddedLogStore`] is the
+//! default (one fjall database, the same shape as the ledger's log); a
+//! cluster's store (ClickHouse, `tally-store-cluster`) implements the same
+//! contract and admits records through the same [`admit`].
 //!
 //! - **Log first, in compressed blocks.** The writer takes every pending
 //!   append, groups the lines per (project, instance) into one block each
@@ -227,13 +228,17 @@ pub enum LogError {
     Busy { why: String, retry_after: Duration },
     #[error("the log store's writer has stopped")]
     Stopped,
+    /// A store on other servers (a cluster's ClickHouse) did not answer.
+    #[error("log store: {0}")]
+    Unavailable(String),
 }
 
 /// Waits for an append's answer.
 pub type AppendTicket = tokio::sync::oneshot::Receiver<Result<AppendReport, LogError>>;
 
-/// The contract of a log backend: the embedded store here, a cluster one
-/// (ClickHouse) later. Reads block (run them off the async workers).
+/// The contract of a log backend: the embedded store here, a cluster's
+/// (ClickHouse) in `tally-store-cluster`. Reads block (run them off the
+/// async workers).
 pub trait LogStore: Send + Sync {
     /// Queues `records` for the writer; the ticket answers once they are
     /// durable (or refused). Refuses at once with [`LogError::Busy`] when
@@ -254,7 +259,8 @@ pub trait LogStore: Send + Sync {
 }
 
 /// Checks a record's bounds; cuts a long line. Returns whether it was cut.
-pub(crate) fn admit(record: &mut LogRecord) -> Result<bool, LogError> {
+/// Every backend admits records through this, so the bounds are one.
+pub fn admit(record: &mut LogRecord) -> Result<bool, LogError> {
     for (what, value) in [
         ("project", Some(record.project.as_str())),
         ("instance", Some(record.instance.as_str())),

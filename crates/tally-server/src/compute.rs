@@ -4,8 +4,10 @@
 //! task that derives lifecycle events from `Instance` status changes
 //! (applied through `/apis` or a watched directory).
 //!
-//! Events are stored in `tally_compute::LifecycleStore` (durable before the
-//! answer, deduplicated by source and id) and each new one is counted in
+//! Events are stored in a `tally_compute::LifecycleEvents` store (durable
+//! before the answer, deduplicated by source and id): the embedded
+//! `LifecycleStore` in the data directory, or the one the backend gives
+//! (a cluster's, shared by every node) and each new one is counted in
 //! `FleetMetrics` for `/metrics`.
 //!
 //! Tenancy: a project token reads only its projects' instances; naming
@@ -23,7 +25,7 @@ use jiff::Timestamp;
 use serde::Serialize;
 use tally_compute::lifecycle::{self, LifecycleEvent};
 use tally_compute::store::{InstanceSummary, Page};
-use tally_compute::{FleetMetrics, LifecycleStore};
+use tally_compute::{FleetMetrics, LifecycleEvents, LifecycleStore};
 use tally_ledger::ResourceKey;
 use tally_model::{Kind, Manifest};
 
@@ -35,18 +37,23 @@ use crate::{AppState, Principal};
 /// Where lifecycle events live and how they are counted.
 #[derive(Clone)]
 pub struct Compute {
-    store: Arc<LifecycleStore>,
+    store: Arc<dyn LifecycleEvents>,
     metrics: Arc<FleetMetrics>,
 }
 
 impl Compute {
-    /// Opens (or creates) the lifecycle store in `dir`.
+    /// Opens (or creates) the embedded lifecycle store in `dir`.
     pub fn open(dir: &std::path::Path) -> anyhow::Result<Compute> {
         std::fs::create_dir_all(dir)?;
-        Ok(Compute {
-            store: Arc::new(LifecycleStore::open(dir)?),
+        Ok(Compute::new(Arc::new(LifecycleStore::open(dir)?)))
+    }
+
+    /// Lifecycle events in `store` (e.g. a cluster's).
+    pub fn new(store: Arc<dyn LifecycleEvents>) -> Compute {
+        Compute {
+            store,
             metrics: Arc::new(FleetMetrics::new()),
-        })
+        }
     }
 
     /// Stores `events` durably; counts and returns (new, duplicates).
@@ -61,7 +68,7 @@ impl Compute {
         })
         .await
         .map_err(|e| internal(&e))?;
-        let fresh = fresh.map_err(|e| internal(&e))?;
+        let fresh = fresh.map_err(store_error)?;
         let mut new = 0;
         for (event, fresh) in events.iter().zip(&fresh) {
             if *fresh {
@@ -164,6 +171,10 @@ fn project_to_read(principal: &Principal, p: &Params) -> Result<Option<String>, 
 fn store_error(e: tally_compute::StoreError) -> Problem {
     match e {
         tally_compute::StoreError::BadCursor(_) => Problem::bad_request(e.to_string()),
+        tally_compute::StoreError::Unavailable(_) => {
+            tracing::warn!(error = %e, "lifecycle store");
+            Problem::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).with_retry_after(1)
+        }
         other => internal(&other),
     }
 }

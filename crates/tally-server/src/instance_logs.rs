@@ -230,7 +230,7 @@ pub(crate) fn problem(e: LogError) -> Problem {
                 .with_retry_after(retry_after.as_secs().max(1))
         }
         LogError::Invalid(_) => Problem::bad_request(e.to_string()),
-        LogError::Stopped => {
+        LogError::Stopped | LogError::Unavailable(_) => {
             Problem::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).with_retry_after(1)
         }
         LogError::Store { .. } | LogError::Corrupt { .. } => {

@@ -789,6 +789,12 @@ pub struct Backend {
     /// means this process can no longer do its job, e.g. a watch of shared
     /// resources; `/healthz` fails once one has ended.
     pub vital: Vec<VitalTask>,
+    /// Where instance lifecycle events live; `None`: the embedded store in
+    /// the data directory.
+    pub lifecycle: Option<Arc<dyn tally_compute::LifecycleEvents>>,
+    /// Where instance logs live (when `logs.enabled`); `None`: the
+    /// embedded store in the data directory.
+    pub logs: Option<Arc<dyn tally_logstore::LogStore>>,
 }
 
 /// Runs `tally serve` on `backend` until SIGINT or SIGTERM. `config.data_dir`
@@ -804,6 +810,8 @@ pub async fn serve(config: ServeConfig, backend: Backend) -> anyhow::Result<()> 
         ledger,
         resources,
         vital: backend_tasks,
+        lifecycle,
+        logs: logs_store,
     } = backend;
     let registry = Registry::new();
     let (pipeline, exporters) = exporters::start_pipeline(
@@ -845,16 +853,19 @@ pub async fn serve(config: ServeConfig, backend: Backend) -> anyhow::Result<()> 
     state.vital.add(EXPORTERS_TASK, exporters);
     let mut sweeper = None;
     if config.logs.enabled {
-        let (logs, task) = open_logs(&config).await?;
+        let (logs, task) = open_logs(&config, logs_store).await?;
         state = state.with_logs(logs);
         sweeper = Some(task);
     }
-    let compute = compute::Compute::open(&config.data_dir.join("compute")).with_context(|| {
-        format!(
-            "opening the lifecycle store in {}",
-            config.data_dir.display()
-        )
-    })?;
+    let compute = match lifecycle {
+        Some(store) => compute::Compute::new(store),
+        None => compute::Compute::open(&config.data_dir.join("compute")).with_context(|| {
+            format!(
+                "opening the lifecycle store in {}",
+                config.data_dir.display()
+            )
+        })?,
+    };
     state = state.with_compute(compute.clone());
     if let Some(vm) = &config.victoria_metrics {
         state = state.with_metrics_query(&vm.url)?;
@@ -906,18 +917,16 @@ pub async fn serve(config: ServeConfig, backend: Backend) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Opens the instance log store and starts its retention sweeps.
+/// Opens the instance log store (the embedded one unless the backend gave
+/// one) and starts its retention sweeps.
 async fn open_logs(
     config: &ServeConfig,
+    given: Option<Arc<dyn tally_logstore::LogStore>>,
 ) -> anyhow::Result<(instance_logs::InstanceLogs, tokio::task::JoinHandle<()>)> {
-    let store_config = config.logs.store_config(&config.data_dir);
-    let dir = store_config.dir.clone();
-    let store =
-        tokio::task::spawn_blocking(move || tally_logstore::EmbeddedLogStore::open(store_config))
-            .await
-            .context("opening the instance log store")?
-            .with_context(|| format!("opening the instance log store in {}", dir.display()))?;
-    let store: Arc<dyn tally_logstore::LogStore> = Arc::new(store);
+    let store = match given {
+        Some(store) => store,
+        None => open_embedded_logs(config).await?,
+    };
     let every = std::time::Duration::from_secs(config.logs.sweep_interval_seconds.max(1));
     let sweeping = Arc::clone(&store);
     let task = tokio::spawn(async move {
@@ -942,6 +951,19 @@ async fn open_logs(
         instance_logs::InstanceLogs::new(store, config.logs.limiter()),
         task,
     ))
+}
+
+async fn open_embedded_logs(
+    config: &ServeConfig,
+) -> anyhow::Result<Arc<dyn tally_logstore::LogStore>> {
+    let store_config = config.logs.store_config(&config.data_dir);
+    let dir = store_config.dir.clone();
+    let store =
+        tokio::task::spawn_blocking(move || tally_logstore::EmbeddedLogStore::open(store_config))
+            .await
+            .context("opening the instance log store")?
+            .with_context(|| format!("opening the instance log store in {}", dir.display()))?;
+    Ok(Arc::new(store))
 }
 
 /// The listeners of a server process: HTTP, and OTLP/gRPC when configured.

@@ -54,6 +54,12 @@
 //! nats-server 2.9 scans its store on each fetch of a wildcard-filtered
 //! consumer; valid events are not republished on `.valid`.
 //!
+//! Compute observability on a cluster: [`ClusterLifecycle`] (instance
+//! lifecycle events, `tally_compute::LifecycleEvents`) and
+//! [`ClusterLogStore`] (instance logs, `tally_logstore::LogStore`) keep
+//! their data in the same ClickHouse database, so every node answers
+//! what any node received (tables and guarantees in their module docs).
+//!
 //! Entry point: [`ClusterLedger::connect`] with a [`ClusterLedgerConfig`]
 //! (starts `workers` workers in-process); [`ClusterLedger::set_resources`]
 //! gives it the resource store that attributes usage to billing accounts.
@@ -62,16 +68,21 @@ mod api;
 pub mod ch;
 pub mod keys;
 mod ledger;
+pub mod lifecycle;
+pub mod logs;
 mod measure;
 pub mod mirror;
 mod plan;
 mod read;
 pub mod resources;
 mod rollup;
+mod stamp;
 mod worker;
 
 pub use ledger::{
     CATALOG_BUCKET, CONSUMER, ClusterLedger, ClusterLedgerConfig, ConnectError, QUARANTINE_STREAM,
     STREAM, VOIDS_BUCKET,
 };
+pub use lifecycle::ClusterLifecycle;
+pub use logs::ClusterLogStore;
 pub use resources::{KvResources, KvResourcesConfig, KvResourcesError};

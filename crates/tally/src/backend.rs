@@ -1,14 +1,19 @@
 //! The composition root of `tally serve`: chooses the backend from the
 //! config (the embedded store, or a cluster node with `cluster:`), opens
-//! it, and hands the server a `dyn Ledger` and a `dyn ResourceStore`.
-//! `tally-server` itself opens no store.
+//! it, and hands the server a `dyn Ledger` and a `dyn ResourceStore` — and
+//! on a cluster the shared lifecycle and instance log stores (ClickHouse);
+//! without them the server keeps those in its data directory.
 
 use std::sync::Arc;
 
 use anyhow::Context;
 use tally_ledger::ResourceStore;
 use tally_server::{Backend, ClusterConfig, ServeConfig};
-use tally_store_cluster::{ClusterLedger, ClusterLedgerConfig, KvResources, KvResourcesConfig};
+use tally_store_cluster::ch::Ch;
+use tally_store_cluster::{
+    ClusterLedger, ClusterLedgerConfig, ClusterLifecycle, ClusterLogStore, KvResources,
+    KvResourcesConfig,
+};
 use tally_store_embedded::{EmbeddedLedger, StoreConfig};
 
 /// [`Backend::vital`] name of the watch of a cluster's resources bucket.
@@ -44,6 +49,8 @@ async fn open_embedded(config: &ServeConfig) -> anyhow::Result<Backend> {
         ledger: Arc::new(ledger),
         resources,
         vital: Vec::new(),
+        lifecycle: None,
+        logs: None,
     })
 }
 
@@ -57,10 +64,24 @@ async fn open_cluster(config: &ServeConfig, cluster: &ClusterConfig) -> anyhow::
     let resources: Arc<dyn ResourceStore> = Arc::new(resources);
     let ledger = cluster_ledger(config, cluster).await?;
     ledger.set_resources(resources.clone());
+    let ch = Ch::new(
+        &cluster.clickhouse,
+        &cluster.database,
+        ClusterLedgerConfig::new(String::new(), String::new()).clickhouse_timeout,
+    )
+    .context("cluster: ClickHouse for lifecycle events and instance logs")?;
+    let lifecycle = ClusterLifecycle::open(ch.clone()).await;
+    let logs = if config.logs.enabled {
+        Some(ClusterLogStore::open(ch, config.logs.store_config(&config.data_dir)).await)
+    } else {
+        None
+    };
     Ok(Backend {
         ledger,
         resources,
         vital: vec![(RESOURCES_WATCH, watch)],
+        lifecycle: Some(Arc::new(lifecycle)),
+        logs: logs.map(|store| Arc::new(store) as _),
     })
 }
 

@@ -1742,3 +1742,72 @@ fn spans_on_the_agent_are_sampled_by_each_projects_policy() {
     assert_eq!(receiver.with("ns-x", |e| e.spans.len()), 0);
     agent.stop();
 }
+
+/// A cluster node (`cluster:` over `nats` and `clickhouse`) on `port`,
+/// with its own data in `dir`.
+fn cluster_node(dir: &Path, cluster: &str, port: u16) -> Process {
+    fs::create_dir_all(dir).unwrap();
+    let config = dir.join("tally.yaml");
+    fs::write(&config, cluster).unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let data = dir.join("data");
+    let args = ["serve", "--listen", &listen, "--config"];
+    spawn(&args, &[&config, Path::new("--data-dir"), &data], port)
+}
+
+#[test]
+fn an_agent_shipping_to_one_cluster_node_is_metered_exactly_by_another() {
+    use tally_ledger_suite::peers::{ClickHouse, Nats};
+    let Some(nats) = Nats::start() else { return };
+    let Some(clickhouse) = ClickHouse::start() else {
+        return;
+    };
+    let cluster = format!(
+        "cluster: {{nats: \"{}\", clickhouse: \"{}\", database: tally_collect}}\n\
+         billing: {{enabled: false}}\n",
+        nats.url(),
+        clickhouse.url()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let a = cluster_node(&dir.path().join("a"), &cluster, free_port());
+    let b = cluster_node(&dir.path().join("b"), &cluster, free_port());
+    apply_gateway_meters(&a.base);
+    let log = dir.path().join("access.log");
+    let state = dir.path().join("state");
+    let mut writer = LiveWriter::new(&log, corpus_config(20_000), Some(8_000));
+    let mut agent = collect(&state, &[&log], &a.base);
+    let mut chunks = 0;
+    while writer.write(1_000) {
+        chunks += 1;
+        std::thread::sleep(Duration::from_millis(40));
+        if chunks == 7 {
+            agent.kill();
+            agent = collect(&state, &[&log], &a.base);
+        }
+    }
+    let expected = writer.expected();
+    assert_metered(&b.base, &expected, Duration::from_secs(120));
+    agent.stop();
+    // The whole file again, from a fresh state, through node b: the same
+    // event ids, so the cluster counts nothing twice.
+    let again = collect(&dir.path().join("state-2"), &[&log], &b.base);
+    let started = Instant::now();
+    let (mut emitted, mut shipped) = (0, 0);
+    while started.elapsed() < Duration::from_secs(60) {
+        emitted = metric(&again.base, "sent_total", "component_id=\"aggregate:");
+        shipped = metric(&again.base, "sent_total", "component_kind=\"sink\"");
+        if started.elapsed() > Duration::from_secs(5) && emitted > 0 && shipped == emitted {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        emitted > 0 && shipped == emitted,
+        "the second agent shipped all it emitted: {shipped} of {emitted}"
+    );
+    // Past the workers' materialisation, still the naive totals on both.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_metered(&a.base, &expected, Duration::from_secs(5));
+    assert_metered(&b.base, &expected, Duration::from_secs(5));
+    again.stop();
+}
