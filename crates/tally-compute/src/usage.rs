@@ -1,7 +1,8 @@
 //! `InstanceUsage`: per-instance vCPU and memory use, from the node metrics
 //! the platform exposes (`datum_compute_instance_cpu_usage_seconds_total`,
 //! `datum_compute_instance_memory_working_set_bytes`), rendered as gauges
-//! for `/metrics`.
+//! for `/metrics`. `tally serve`'s metrics receivers (OTLP and remote-write,
+//! present when a telemetry pipeline is configured) feed it.
 //!
 //! | family | type | labels |
 //! |---|---|---|

@@ -23,7 +23,7 @@ use jiff::Timestamp;
 use serde::Serialize;
 use tally_compute::lifecycle::{self, LifecycleEvent};
 use tally_compute::store::{InstanceSummary, Page};
-use tally_compute::{FleetMetrics, LifecycleStore};
+use tally_compute::{FleetMetrics, InstanceUsage, LifecycleStore};
 use tally_ledger::ResourceKey;
 use tally_model::{Kind, Manifest};
 
@@ -37,6 +37,8 @@ use crate::{AppState, Principal};
 pub struct Compute {
     store: Arc<LifecycleStore>,
     metrics: Arc<FleetMetrics>,
+    /// Per-instance vCPU and memory use, fed by the metrics receivers.
+    usage: Arc<InstanceUsage>,
 }
 
 impl Compute {
@@ -46,6 +48,7 @@ impl Compute {
         Ok(Compute {
             store: Arc::new(LifecycleStore::open(dir)?),
             metrics: Arc::new(FleetMetrics::new()),
+            usage: Arc::new(InstanceUsage::default()),
         })
     }
 
@@ -74,6 +77,12 @@ impl Compute {
 
     pub fn render_metrics(&self, out: &mut String) {
         self.metrics.render(out, Timestamp::now());
+        self.usage.render(out);
+    }
+
+    /// Where the metrics receivers put instances' vCPU and memory use.
+    pub(crate) fn usage(&self) -> Arc<InstanceUsage> {
+        Arc::clone(&self.usage)
     }
 }
 

@@ -77,7 +77,7 @@ pub(crate) struct Split {
     pub exports: std::collections::BTreeMap<String, (ExportLogsServiceRequest, u64)>,
 }
 
-fn attr<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a str> {
+pub(crate) fn attr<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a str> {
     attributes
         .iter()
         .find(|kv| kv.key == key)
