@@ -17,6 +17,11 @@
 //! says little. Ingest is timed twice: until the last event is acknowledged,
 //! and until it is also materialised (rollups written, no tail left); the
 //! second is the figure that counts.
+//!
+//! For the side-by-side with other stores (`bench/compare-storage.py`),
+//! `--write-events` writes the same events as NDJSON ([`write_events`]),
+//! `--events-file` sends such a file instead of generated events, and
+//! `--report-json` writes the report with both query answers in full.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -27,6 +32,11 @@ use jiff::{SignedDuration, Timestamp};
 use tally_ledger::Ledger;
 use tally_server::AppState;
 use tally_store_embedded::{EmbeddedLedger, StoreConfig};
+
+mod events_file;
+mod report;
+
+pub use events_file::write as write_events;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -50,6 +60,13 @@ pub struct BenchOptions {
     /// Skip ingest and time the queries on the store in `data_dir`, left
     /// by an earlier run of as many `events`.
     pub queries_only: bool,
+    /// Event times are spread over the 30 days before this; now when `None`.
+    pub now: Option<Timestamp>,
+    /// Send the events of this NDJSON file (one CloudEvent a line, as
+    /// [`write_events`] writes them) instead of generating them.
+    pub events_file: Option<PathBuf>,
+    /// Also write the report, with the answers of both queries, as JSON here.
+    pub report_json: Option<PathBuf>,
 }
 
 impl Default for BenchOptions {
@@ -64,6 +81,9 @@ impl Default for BenchOptions {
             load_process: false,
             order: Order::Random,
             queries_only: false,
+            now: None,
+            events_file: None,
+            report_json: None,
         }
     }
 }
@@ -147,12 +167,31 @@ const LATENESS: u64 = 300;
 /// Request `b` of the load: the same bytes on every run, whichever task
 /// or process makes it.
 fn body(o: &LoadOptions, b: usize) -> Vec<u8> {
+    let n = o.batch.min(o.events - b * o.batch);
+    let mut out = Vec::with_capacity(n * 260);
+    out.push(b'[');
+    for_each_event(o, b, &mut out, |out, i| {
+        if i > 0 {
+            out.push(b',');
+        }
+    });
+    out.push(b']');
+    out
+}
+
+/// Writes the events of request `b` to `out`, calling `before(out, i)`
+/// ahead of event `i`: the one generator of both the HTTP bodies and the
+/// events file of [`write_events`].
+fn for_each_event(
+    o: &LoadOptions,
+    b: usize,
+    out: &mut Vec<u8>,
+    mut before: impl FnMut(&mut Vec<u8>, usize),
+) {
     use std::io::Write;
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (b as u64 + 1).wrapping_mul(0xff51_afd7_ed55_8ccd));
     let n = o.batch.min(o.events - b * o.batch);
     let start = o.now - SignedDuration::from_secs(SPAN as i64 + 60);
-    let mut out = Vec::with_capacity(n * 260);
-    out.push(b'[');
     for i in 0..n {
         let kind = TYPES[rng.below(TYPES.len())];
         let offset = match o.order {
@@ -163,9 +202,7 @@ fn body(o: &LoadOptions, b: usize) -> Vec<u8> {
             }
         };
         let time = start + SignedDuration::from_secs(offset as i64);
-        if i > 0 {
-            out.push(b',');
-        }
+        before(out, i);
         // Written by hand: at 50 M events the generator shares the cores.
         let _ = write!(
             out,
@@ -176,12 +213,10 @@ fn body(o: &LoadOptions, b: usize) -> Vec<u8> {
             METHODS[rng.below(METHODS.len())],
         );
     }
-    out.push(b']');
-    out
 }
 
 /// The requests of a load, made before the clock starts or as they are sent.
-enum Bodies {
+pub(crate) enum Bodies {
     Made(Vec<Vec<u8>>),
     OnTheFly(LoadOptions),
 }
@@ -362,18 +397,18 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[index.min(sorted.len() - 1)]
 }
 
+/// Times `runs` GETs of `url`, and returns the rows of the last answer.
 async fn timed_queries(
     client: &reqwest::Client,
     url: &str,
     runs: usize,
-) -> anyhow::Result<(Vec<Duration>, usize)> {
-    /// Only the row count; the rows themselves are skipped over.
+) -> anyhow::Result<(Vec<Duration>, Vec<serde_json::Value>)> {
     #[derive(serde::Deserialize)]
     struct Answer {
-        data: Vec<serde::de::IgnoredAny>,
+        data: Vec<serde_json::Value>,
     }
     let mut times = Vec::with_capacity(runs);
-    let mut rows = 0;
+    let mut last = None;
     for _ in 0..runs {
         // Timed: the request and its whole answer, as bytes. Parsing the
         // answer is the client's work, not the ledger's.
@@ -388,21 +423,24 @@ async fn timed_queries(
                 String::from_utf8_lossy(&body)
             );
         }
-        let answer: Answer = serde_json::from_slice(&body).context("query answer")?;
-        rows = answer.data.len();
+        last = Some(body);
     }
     times.sort();
-    Ok((times, rows))
+    let last = last.as_deref().unwrap_or(b"{\"data\":[]}");
+    let answer: Answer = serde_json::from_slice(last).context("query answer")?;
+    Ok((times, answer.data))
 }
 
 /// What the ingest phase measured.
-struct Ingested {
+pub(crate) struct Ingested {
     /// Until the last event was acknowledged.
     elapsed: Duration,
     /// Until the last event was also materialised.
     materialised: Duration,
     /// The oldest unmaterialised event's age, sampled while ingesting.
     lag_samples: Vec<Duration>,
+    /// (time since the start, events materialised), sampled while ingesting.
+    progress: Vec<(Duration, u64)>,
     group_commits: u64,
     cpu: Cpu,
     /// Resident memory before sending: the load generator's bodies.
@@ -416,6 +454,7 @@ async fn ingest(
     client: &reqwest::Client,
     base: &str,
     now: Timestamp,
+    from_file: Option<Bodies>,
 ) -> anyhow::Result<Ingested> {
     let r = client
         .post(format!("{base}/apis/apply"))
@@ -442,14 +481,14 @@ async fn ingest(
     if o.load_process {
         child = Some(LoadProcess::start(&load, base).await?);
     } else {
-        bodies_in_process = Some(Arc::new(Bodies::new(&load)));
+        bodies_in_process = Some(Arc::new(from_file.unwrap_or_else(|| Bodies::new(&load))));
     }
     let rss_before_kib = rss_kib("VmRSS:");
     eprintln!("ingesting over {} connections...", o.connections);
     let cpu_before = cpu();
     let start = Instant::now();
     let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let sampler = tokio::spawn(sample_lag(ledger.clone(), Arc::clone(&samples)));
+    let sampler = tokio::spawn(sample_lag(ledger.clone(), start, Arc::clone(&samples)));
     match (&mut child, bodies_in_process.take()) {
         (Some(child), _) => child.go().await?,
         (None, Some(bodies)) => send_all(client, base, bodies, o.connections).await?,
@@ -461,8 +500,14 @@ async fn ingest(
     }
     let materialised = start.elapsed();
     sampler.abort();
-    let mut lag_samples = samples.lock().map(|s| s.clone()).unwrap_or_default();
+    let sampled = samples.lock().map(|s| s.clone()).unwrap_or_default();
+    let mut lag_samples: Vec<Duration> = sampled.iter().map(|s| s.2).collect();
     lag_samples.sort();
+    let mut progress: Vec<(Duration, u64)> = sampled
+        .into_iter()
+        .map(|(at, done, _)| (at, done))
+        .collect();
+    progress.push((materialised, o.events as u64));
     let cpu_after = cpu();
     let stats = ledger.stats();
     if stats.events_accepted_total != o.events as u64 {
@@ -476,6 +521,7 @@ async fn ingest(
         elapsed,
         materialised,
         lag_samples,
+        progress,
         group_commits: stats.group_commits_total,
         cpu: Cpu {
             materialiser_ns: cpu_after
@@ -491,13 +537,22 @@ async fn ingest(
     })
 }
 
-/// Samples into `samples`, every 20 ms until aborted, how long the oldest
-/// acknowledged but unmaterialised event has waited.
-async fn sample_lag(ledger: EmbeddedLedger, samples: Arc<std::sync::Mutex<Vec<Duration>>>) {
+/// Samples into `samples`, every 20 ms until aborted, the time since
+/// `start`, the events materialised, and how long the oldest acknowledged
+/// but unmaterialised event has waited.
+async fn sample_lag(
+    ledger: EmbeddedLedger,
+    start: Instant,
+    samples: Arc<std::sync::Mutex<Vec<(Duration, u64, Duration)>>>,
+) {
     loop {
-        let lag = ledger.stats().materialise_lag_seconds;
+        let stats = ledger.stats();
+        let done = stats
+            .events_accepted_total
+            .saturating_sub(stats.materialise_lag_events);
+        let lag = Duration::from_secs_f64(stats.materialise_lag_seconds.max(0.0));
         if let Ok(mut s) = samples.lock() {
-            s.push(Duration::from_secs_f64(lag));
+            s.push((start.elapsed(), done, lag));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -517,13 +572,25 @@ async fn wait_for_an_idle_writer() {
     }
 }
 
-/// Runs the benchmark and prints a report.
-pub async fn run(o: BenchOptions) -> anyhow::Result<()> {
+/// Runs the benchmark and prints a report (and writes it as JSON to
+/// `report_json` when given).
+pub async fn run(mut o: BenchOptions) -> anyhow::Result<()> {
     let temp = tempfile::tempdir().context("creating a temporary directory")?;
     let dir = match (&o.data_dir, o.queries_only) {
         (Some(dir), _) => dir.clone(),
         (None, false) => temp.path().to_owned(),
         (None, true) => bail!("--queries-only needs the --data-dir of an earlier run"),
+    };
+    let from_file = match &o.events_file {
+        Some(_) if o.load_process => {
+            bail!("--events-file is sent in process, not with --load-process")
+        }
+        Some(path) => {
+            let (bodies, events) = events_file::read(path, o.batch)?;
+            o.events = events;
+            Some(bodies)
+        }
+        None => None,
     };
     let ledger = Arc::new(
         tokio::task::spawn_blocking({
@@ -537,22 +604,36 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<()> {
     let base = format!("http://{}", listener.local_addr()?);
     tokio::spawn(tally_server::serve_on(listener, state));
     let client = tally_delivery::client_builder().build()?;
-    let now = Timestamp::now();
+    let now = o.now.unwrap_or_else(Timestamp::now);
     let ingested = if o.queries_only {
         // A store just opened scans its keys into filters in the
         // background; time the queries after that, as after ingest.
         wait_for_an_idle_writer().await;
         None
     } else {
-        Some(ingest(&o, &ledger, &client, &base, now).await?)
+        Some(ingest(&o, &ledger, &client, &base, now, from_file).await?)
     };
+    let queries = time_queries(&o, &ledger, &client, &base, now).await?;
+    let stats = ledger.stats();
+    report::print(&o, ingested.as_ref(), &queries, &stats);
+    let disk = disk_after_compaction(&ledger, o.events.max(1) as f64).await?;
+    if let Some(path) = &o.report_json {
+        let json = report::json(&o, ingested.as_ref(), &queries, &stats, &disk)?;
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
 
-    let day = |d: i64| {
-        (now - SignedDuration::from_hours(24 * d))
-            .round(jiff::Unit::Hour)
-            .unwrap_or(now)
-    };
-    let (from, to) = (day(31), day(-1));
+/// Q1 and Q2 of the issue, timed over HTTP (and Q2 also on the ledger
+/// itself), with the answer of the last run of each.
+async fn time_queries(
+    o: &BenchOptions,
+    ledger: &EmbeddedLedger,
+    client: &reqwest::Client,
+    base: &str,
+    now: Timestamp,
+) -> anyhow::Result<report::Queries> {
+    let (from, to) = query_range(now);
     let hourly = format!(
         "{base}/api/v1/meters/gateway-requests/query?from={from}&to={to}&windowSize=HOUR&subject=projects/p42"
     );
@@ -560,8 +641,8 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<()> {
         "{base}/api/v1/meters/gateway-requests/query?from={from}&to={to}&windowSize=DAY&groupBy=subject"
     );
     // Wait for nothing: meters existed before the events, so they are ready.
-    let (hourly_times, hourly_rows) = timed_queries(&client, &hourly, o.query_runs).await?;
-    let (daily_times, daily_rows) = timed_queries(&client, &daily, o.query_runs.min(10)).await?;
+    let (hourly_times, hourly_rows) = timed_queries(client, &hourly, o.query_runs).await?;
+    let (daily_times, daily_rows) = timed_queries(client, &daily, o.query_runs).await?;
     // The same grouped query on the ledger itself: what the store takes,
     // without the JSON answer and HTTP.
     let mut store_times = Vec::new();
@@ -580,119 +661,57 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<()> {
         let started = Instant::now();
         let result = ledger.query("gateway-requests".to_owned(), query).await?;
         store_times.push(started.elapsed());
-        if result.rows.len() != daily_rows {
+        if result.rows.len() != daily_rows.len() {
             bail!(
-                "the store answered {} rows, HTTP {daily_rows}",
-                result.rows.len()
+                "the store answered {} rows, HTTP {}",
+                result.rows.len(),
+                daily_rows.len()
             );
         }
     }
     store_times.sort();
-    let stats = ledger.stats();
-    let millions = o.events as f64 / 1e6;
-    println!(
-        "tally bench: {} events in {} order, batches of {}, {} connections, {} subjects{}",
-        o.events,
-        o.order,
-        o.batch,
-        o.connections,
-        o.subjects,
-        if o.events > PREGENERATED_EVENTS {
-            " (bodies generated while sending)"
-        } else {
-            ""
-        }
-    );
-    let events = o.events.max(1) as f64;
-    match &ingested {
-        None => println!("ingest: skipped (--queries-only on the store of an earlier run)"),
-        Some(i) => {
-            println!(
-                "ingest: {:.0} events/s acknowledged and materialised ({:.1} s); {:.0} events/s acknowledged ({:.1} s, durable + deduplicated, {} group commits)",
-                o.events as f64 / i.materialised.as_secs_f64(),
-                i.materialised.as_secs_f64(),
-                o.events as f64 / i.elapsed.as_secs_f64(),
-                i.elapsed.as_secs_f64(),
-                i.group_commits
-            );
-            println!(
-                "ack to materialised (oldest unmaterialised event's age, sampled every 20 ms): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
-                percentile(&i.lag_samples, 0.5).as_secs_f64() * 1e3,
-                percentile(&i.lag_samples, 0.99).as_secs_f64() * 1e3,
-                i.lag_samples
-                    .last()
-                    .copied()
-                    .unwrap_or_default()
-                    .as_secs_f64()
-                    * 1e3
-            );
-            println!(
-                "cpu: writer thread {:.1} µs/event (+{:.1} µs/event waiting for a core), materialiser thread {:.1} µs/event, server process {:.1} µs/event{}",
-                i.cpu.writer_ns as f64 / 1e3 / events,
-                i.cpu.writer_wait_ns as f64 / 1e3 / events,
-                i.cpu.materialiser_ns as f64 / 1e3 / events,
-                i.cpu.process_ns as f64 / 1e3 / events,
-                if o.load_process {
-                    " (load generator in its own process, not counted)"
-                } else {
-                    " (includes the load generator)"
-                }
-            );
-        }
-    }
-    println!(
-        "query 30-day hourly, one subject ({hourly_rows} rows): p50 {:.2} ms, p99 {:.2} ms",
-        percentile(&hourly_times, 0.5).as_secs_f64() * 1e3,
-        percentile(&hourly_times, 0.99).as_secs_f64() * 1e3
-    );
-    println!(
-        "query 30-day daily grouped by subject ({daily_rows} rows): p50 {:.1} ms, max {:.1} ms",
-        percentile(&daily_times, 0.5).as_secs_f64() * 1e3,
-        daily_times
-            .last()
-            .copied()
-            .unwrap_or_default()
-            .as_secs_f64()
-            * 1e3
-    );
-    println!(
-        "  the same on the ledger, without HTTP and JSON: p50 {:.1} ms, max {:.1} ms",
-        percentile(&store_times, 0.5).as_secs_f64() * 1e3,
-        store_times
-            .last()
-            .copied()
-            .unwrap_or_default()
-            .as_secs_f64()
-            * 1e3
-    );
-    println!(
-        "memory: peak RSS {} MiB (server process{}); disk: {:.1} MiB per million events ({:.1} MiB of it write-ahead journal, bounded and given back as memtables flush)",
-        rss_kib("VmHWM:") / 1024,
-        if o.load_process {
-            String::new()
-        } else {
-            format!(
-                ", includes the load generator's {} MiB of request bodies",
-                ingested.as_ref().map_or(0, |i| i.rss_before_kib) / 1024
-            )
-        },
-        stats.disk_bytes as f64 / 1_048_576.0 / millions,
-        stats.journal_bytes as f64 / 1_048_576.0 / millions,
-    );
-    println!(
-        "disk without the journal: {:.0} bytes per event",
-        stats.disk_bytes.saturating_sub(stats.journal_bytes) as f64 / events
-    );
-    disk_after_compaction(&ledger, events).await
+    Ok(report::Queries {
+        from,
+        to,
+        hourly_times,
+        hourly_rows,
+        daily_times,
+        daily_rows,
+        store_times,
+    })
+}
+
+/// The range of both queries: from 31 days before `now` to a day after,
+/// on whole hours (the events lie in the 30 days before `now`).
+pub fn query_range(now: Timestamp) -> (Timestamp, Timestamp) {
+    let day = |d: i64| {
+        (now - SignedDuration::from_hours(24 * d))
+            .round(jiff::Unit::Hour)
+            .unwrap_or(now)
+    };
+    (day(31), day(-1))
 }
 
 /// Flushes and compacts every keyspace, then prints the tables' bytes per
 /// event, by keyspace: what the store keeps once compaction caught up.
-async fn disk_after_compaction(ledger: &Arc<EmbeddedLedger>, events: f64) -> anyhow::Result<()> {
+async fn disk_after_compaction(
+    ledger: &Arc<EmbeddedLedger>,
+    events: f64,
+) -> anyhow::Result<Vec<(String, u64)>> {
+    let (in_memory, in_runs, filters) = ledger.dedupe_sizes();
+    println!(
+        "dedupe index before its last run: {in_memory} keys in memory, {in_runs} in runs, {:.1} MiB of run filters",
+        filters as f64 / 1_048_576.0
+    );
+    ledger.flush_dedupe().await?;
     let start = Instant::now();
     let compacting = Arc::clone(ledger);
     tokio::task::spawn_blocking(move || compacting.compact()).await??;
-    let by_keyspace = ledger.disk_by_keyspace();
+    let by_keyspace: Vec<(String, u64)> = ledger
+        .disk_by_keyspace()
+        .into_iter()
+        .map(|(name, bytes)| (name.to_string(), bytes))
+        .collect();
     let total: u64 = by_keyspace.iter().map(|(_, bytes)| bytes).sum();
     let parts: Vec<String> = by_keyspace
         .iter()
@@ -705,7 +724,7 @@ async fn disk_after_compaction(ledger: &Arc<EmbeddedLedger>, events: f64) -> any
         total as f64 / events,
         parts.join(", ")
     );
-    Ok(())
+    Ok(by_keyspace)
 }
 
 /// The load generator as a child process (`tally bench --load-only-to`).

@@ -15,8 +15,7 @@
 //! pass. Prints events read, records acknowledged, corrections, and
 //! records per event.
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+use tally_billing::testing as support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

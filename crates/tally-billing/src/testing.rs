@@ -25,8 +25,13 @@
 //! after the records were stored (the client times out: a lost answer).
 //!
 //! [`venv`]: Python virtual environments for tests that drive real clients.
+//! [`forwarder`]: forwarder fixtures for this crate's tests and benchmark
+//! (re-exported here).
 
+pub mod forwarder;
 pub mod venv;
+
+pub use forwarder::*;
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::io::Read as _;

@@ -1,7 +1,7 @@
 //! The test server accepts what Amberflo's official Python client sends,
 //! unchanged; and the API key never reaches a log line.
 
-mod support;
+use tally_billing::testing as support;
 
 use std::collections::BTreeMap;
 use std::io::Write as _;

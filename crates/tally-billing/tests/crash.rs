@@ -9,7 +9,7 @@
 //! phase, then lets one finish: the server's sums must equal the ledger's
 //! exactly.
 
-mod support;
+use tally_billing::testing as support;
 
 use std::collections::BTreeMap;
 use std::process::Stdio;

@@ -1,6 +1,6 @@
 //! The forwarder over real HTTP on loopback against the provider test servers.
 
-mod support;
+use tally_billing::testing as support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -6,7 +6,7 @@
 //! values), and the unattributed usage equals the model's usage of
 //! projects no binding covered.
 
-mod support;
+use tally_billing::testing as support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

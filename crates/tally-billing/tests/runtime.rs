@@ -6,7 +6,7 @@
 //! lag exceeds `maxLag`, with the last error and since when, cleared on
 //! recovery.
 
-mod support;
+use tally_billing::testing as support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -10,8 +10,7 @@
 //! items are queued for a receiver that never answers, and the growth of the
 //! heap (counted by a wrapping global allocator) is divided by the item count.
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+use tally_testkit::line_receiver as support;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;

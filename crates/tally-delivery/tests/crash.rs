@@ -8,7 +8,7 @@
 //! parent SIGKILLs it mid-run several times and restarts it; a last child
 //! only drains. Every acknowledged item must have reached the receiver.
 
-mod support;
+use tally_testkit::line_receiver as support;
 
 use std::collections::BTreeSet;
 use std::process::Stdio;

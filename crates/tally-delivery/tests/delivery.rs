@@ -1,7 +1,7 @@
 //! The delivery machinery over real HTTP on loopback, against a receiver
 //! with injected faults.
 
-mod support;
+use tally_testkit::line_receiver as support;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};

@@ -3,7 +3,7 @@
 //! connected to and dead-letters its batch at once with a Tally-written
 //! reason; an allow-list entry lets it through; a redirect is never followed.
 
-mod support;
+use tally_testkit::line_receiver as support;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};

@@ -1,7 +1,7 @@
 //! Secrets in headers never reach logs, errors, dead letters or Debug output.
 //! (Alone in its binary: it installs the process's tracing subscriber.)
 
-mod support;
+use tally_testkit::line_receiver as support;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

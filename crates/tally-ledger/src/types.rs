@@ -308,6 +308,10 @@ pub struct LedgerStats {
     /// How long ago the oldest of them was acknowledged.
     #[serde(default)]
     pub materialise_lag_seconds: f64,
+    /// Failed inserts into a derived store (ClickHouse on a cluster), by
+    /// table and then by reason; empty for the embedded backend.
+    #[serde(default)]
+    pub insert_errors: BTreeMap<String, BTreeMap<String, u64>>,
     pub kinds: BTreeMap<String, u64>,
 }
 

@@ -328,6 +328,13 @@ fn tracing(spec: &crate::spec::TracingSpec) -> Result<Tracing, String> {
         Some(f) if f.denominator == 0 => {
             return Err("spec.tracing.samplingRate.denominator: must be at least 1".into());
         }
+        // Envoy Gateway's `samplingFraction` fields are int32.
+        Some(f) if f.denominator > i32::MAX as u32 => {
+            return Err(format!(
+                "spec.tracing.samplingRate.denominator: at most {}",
+                i32::MAX
+            ));
+        }
         Some(f) if f.numerator > f.denominator => {
             return Err("spec.tracing.samplingRate: the numerator exceeds the denominator".into());
         }

@@ -12,9 +12,19 @@
 //! What Envoy cannot express is widened, never narrowed, so the proxy sends
 //! at least what the policy keeps and Tally's own evaluation decides: a
 //! match reading an attribute Tally derives (`route.*`, `project`,
-//! `gen_ai.*`, `xds.*`) drops every match of that policy (the proxy logs
-//! everything), and an `Attribute` tag (a CEL expression) is applied by
-//! Tally, not rendered. Each omission is listed in `notes`.
+//! `gen_ai.*`, `xds.*`) or types differently from Envoy (`response.flags`
+//! is a string here, an integer bit set in Envoy's CEL) drops every match
+//! of that policy (the proxy logs everything), and an `Attribute` tag (a
+//! CEL expression) is applied by Tally, not rendered. Each omission is
+//! listed in `notes`.
+//!
+//! Checked field by field against the `EnvoyProxy` API of Envoy Gateway
+//! 1.7–1.9: `matches` holds at most [`ENVOY_MAX_MATCHES`] expressions (a
+//! policy may have more; they are joined with `||`, which is what a list
+//! means to both), sampling fractions are int32 (the policy refuses larger).
+//! The collector is named by `host`/`port` and tags by `customTags`: both
+//! are deprecated in current releases (for `backendRefs` and `tags`) but
+//! accepted, and they also work on releases before 1.7.
 
 use serde::Serialize;
 use serde_json::{Map, Value, json};
@@ -131,10 +141,16 @@ fn operator(id: AttrId) -> Option<(&'static str, &'static str)> {
         .map(|(_, key, op)| (*key, *op))
 }
 
-/// Whether Envoy knows every attribute an expression reads (its own CEL
-/// vocabulary: `request`, `response`, `connection`, `source`, `destination`).
+/// Most expressions in one access-log setting's `matches` (the CRD's
+/// `maxItems`).
+pub const ENVOY_MAX_MATCHES: usize = 10;
+
+/// Whether Envoy knows every attribute an expression reads, with the type
+/// Tally gives it (its own CEL vocabulary: `request`, `response`,
+/// `connection`, `source`, `destination`; `response.flags` is an integer
+/// there).
 fn envoy_expressible(source: &str) -> bool {
-    let derived = ["route.", "project", "gen_ai.", "xds."];
+    let derived = ["route.", "project", "gen_ai.", "xds.", "response.flags"];
     !derived.iter().any(|d| source.contains(d))
 }
 
@@ -219,7 +235,10 @@ fn access_log(
     });
     let matches: Vec<&str> = logs.matches.iter().map(|m| m.source()).collect();
     if matches.iter().all(|m| envoy_expressible(m)) {
-        if !matches.is_empty() {
+        if matches.len() > ENVOY_MAX_MATCHES {
+            let joined: Vec<String> = matches.iter().map(|m| format!("({m})")).collect();
+            setting["matches"] = json!([joined.join(" || ")]);
+        } else if !matches.is_empty() {
             setting["matches"] = json!(matches);
         }
     } else {

@@ -144,6 +144,79 @@ fn a_match_envoy_cannot_evaluate_widens_the_proxy_to_log_everything() {
     );
 }
 
+/// The policy in force for `policy_text` on the test world.
+fn rendered(policy_text: &str) -> tally_policy::render::Rendered {
+    let manifest: Manifest = serde_norway::from_str(policy_text).unwrap();
+    let w = world();
+    let r = Resolution::resolve([&manifest], &w);
+    let (target, policy) = &r.in_force(&w)[0];
+    let collector = Collector {
+        host: "c".into(),
+        port: 4317,
+    };
+    render(target, policy, &collector).unwrap()
+}
+
+#[test]
+fn more_matches_than_envoy_allows_are_joined_into_one() {
+    let many: Vec<String> = (0..12)
+        .map(|i| format!("{{cel: \"response.code == {}\"}}", 500 + i))
+        .collect();
+    let text = POLICY.replace(
+        "[{cel: \"response.code >= 500 || request.duration > duration('2s')\"}]",
+        &format!("[{}]", many.join(", ")),
+    );
+    let out = rendered(&text);
+    let s = &out.manifest["spec"]["telemetry"]["accessLog"]["settings"][0];
+    let matches = s["matches"].as_array().unwrap();
+    assert!(matches.len() <= tally_policy::render::ENVOY_MAX_MATCHES);
+    let expected: Vec<String> = (0..12)
+        .map(|i| format!("(response.code == {})", 500 + i))
+        .collect();
+    assert_eq!(matches, &[serde_json::json!(expected.join(" || "))]);
+    // At the limit the list is kept as it is.
+    let ten = POLICY.replace(
+        "[{cel: \"response.code >= 500 || request.duration > duration('2s')\"}]",
+        &format!("[{}]", many[..10].join(", ")),
+    );
+    let s = &rendered(&ten).manifest["spec"]["telemetry"]["accessLog"]["settings"][0];
+    assert_eq!(s["matches"].as_array().unwrap().len(), 10);
+}
+
+#[test]
+fn a_match_on_response_flags_is_left_to_tally() {
+    // Envoy's CEL has `response.flags` as an integer bit set; Tally's is the
+    // flags' text, so the proxy must not evaluate it.
+    let text = POLICY.replace(
+        "response.code >= 500 || request.duration > duration('2s')",
+        "response.flags == 'UH'",
+    );
+    let out = rendered(&text);
+    let s = &out.manifest["spec"]["telemetry"]["accessLog"]["settings"][0];
+    assert!(s.get("matches").is_none(), "{s}");
+}
+
+#[test]
+fn a_sampling_denominator_past_int32_is_refused() {
+    let text = POLICY.replace(
+        "samplingRate: {numerator: 1, denominator: 10}",
+        "samplingRate: {numerator: 1, denominator: 2147483648}",
+    );
+    let manifest: Manifest = serde_norway::from_str(&text).unwrap();
+    let w = world();
+    let r = Resolution::resolve([&manifest], &w);
+    assert!(r.in_force(&w).is_empty());
+    let ok = POLICY.replace(
+        "samplingRate: {numerator: 1, denominator: 10}",
+        "samplingRate: {numerator: 1, denominator: 2147483647}",
+    );
+    let out = rendered(&ok);
+    assert_eq!(
+        out.manifest["spec"]["telemetry"]["tracing"]["samplingFraction"]["denominator"],
+        2147483647
+    );
+}
+
 #[test]
 fn head_sampling_keeps_whole_traces_at_the_rate() {
     let id = |tail: [u8; 7]| {

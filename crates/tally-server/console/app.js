@@ -8,7 +8,11 @@ const POLL_MS = 10000;
 const MAX_POINTS = 1000;
 const MAX_SERIES = 8;
 const MAX_PAGES = 5;
-const state = { page: 'usage', admin: false, meters: [], rows: [], quarantineBefore: null };
+const MAX_LOG_LINES = 1000;
+const INSTANCES_PAGE = 50;
+const MAX_EVENTS = 500;
+const state = { page: 'usage', admin: false, meters: [], rows: [], quarantineBefore: null,
+  instances: { cursors: [null], at: 0, next: null, selected: null, follow: null } };
 
 class ApiError extends Error {
   constructor(status, detail) { super(detail); this.status = status; }
@@ -84,7 +88,8 @@ function show(page) {
 }
 
 async function refresh() {
-  const run = { usage: loadUsage, catalog: loadCatalog, billing: loadBilling, telemetry: loadTelemetry }[state.page];
+  if (state.page !== 'instances') stopFollowing();
+  const run = { usage: loadUsage, catalog: loadCatalog, billing: loadBilling, telemetry: loadTelemetry, instances: loadInstances }[state.page];
   if (!run) return;
   try { await run(); } catch (e) { say(`${state.page}: ${e.message}`); }
 }
@@ -362,6 +367,155 @@ async function loadTelemetry() {
   }
 }
 
+// ---- instances -----------------------------------------------------------
+// A page of instances (cursor paging), one instance's lifecycle events, and
+// its logs: a bounded read, or a follow (NDJSON) that appends as lines are
+// stored, keeping at most MAX_LOG_LINES in the DOM.
+const ist = state.instances;
+const instancePath = (project, instance) => `/api/v1/projects/${encodeURIComponent(project)}/instances/${encodeURIComponent(instance)}`;
+const whyNot = (e, what) => (e.status === 501 || e.status === 404 && /keeps no/.test(e.message) ? `This server keeps no ${what}.` : e.message);
+
+async function loadInstances() {
+  const q = new URLSearchParams({ limit: String(INSTANCES_PAGE) });
+  if (ist.cursors[ist.at]) q.set('cursor', ist.cursors[ist.at]);
+  let page;
+  try { page = await api('/api/v1/instances?' + q); } catch (e) {
+    fill($('i-table').tBodies[0], [el('tr', {}, el('td', { colspan: '8', class: 'bad' }, whyNot(e, 'compute instances')))]);
+    return;
+  }
+  ist.next = page.nextCursor || null;
+  $('i-prev').disabled = ist.at === 0;
+  $('i-next').disabled = !ist.next;
+  $('i-note').textContent = `page ${ist.at + 1}${ist.next ? '' : ' (last)'}`;
+  fill($('i-table').tBodies[0], page.items.length ? page.items.map(instanceRow) : [el('tr', {}, el('td', { colspan: '8' }, 'No instances with lifecycle events yet.'))]);
+  if (ist.selected) await loadEvents();
+  if (ist.selected && !ist.follow) await loadLogs();
+}
+
+function instanceRow(i) {
+  const show = el('button', { type: 'button', 'aria-label': `Show ${i.project}/${i.instance}`, onclick: () => selectInstance(i.project, i.instance) }, 'Show');
+  return el('tr', {}, td(i.project), td(i.instance), td(i.reason ? `${i.state} (${i.reason})` : i.state, i.state === 'crashed' || i.state === 'oom_killed' ? 'bad' : ''),
+    td(i.since), td(i.events, 'num'), td(i.workload), td(i.node), el('td', {}, show));
+}
+
+function turnPage(d) {
+  if (d > 0 && ist.next) { ist.cursors[ist.at + 1] = ist.next; ist.at += 1; }
+  if (d < 0 && ist.at > 0) ist.at -= 1;
+  refresh();
+}
+
+async function selectInstance(project, instance) {
+  stopFollowing();
+  ist.selected = { project, instance };
+  $('i-detail').hidden = false;
+  $('i-detail-h').textContent = `${project}/${instance}`;
+  $('i-logs').replaceChildren();
+  try { await loadEvents(); await showLogs(); } catch (e) { say('instances: ' + e.message); }
+}
+
+// Lifecycle events in arrival order, in pages, at most MAX_EVENTS of them.
+async function loadEvents() {
+  const { project, instance } = ist.selected;
+  let items = [];
+  let cursor = null;
+  try {
+    do {
+      const q = new URLSearchParams({ project, limit: '100' });
+      if (cursor) q.set('cursor', cursor);
+      const page = await api(`/api/v1/instances/${encodeURIComponent(instance)}/events?${q}`);
+      items = items.concat(page.items);
+      cursor = page.nextCursor;
+    } while (cursor && items.length < MAX_EVENTS);
+  } catch (e) {
+    fill($('i-events').tBodies[0], [el('tr', {}, el('td', { colspan: '5', class: 'bad' }, whyNot(e, 'compute instances')))]);
+    return;
+  }
+  fill($('i-events').tBodies[0], items.map((v) => el('tr', {}, td(v.time), td(v.kind), td(v.reason), td(v.node), td(v.message))));
+  $('i-events-note').textContent = cursor ? `the first ${items.length} events only` : '';
+}
+
+function logQuery() {
+  const q = new URLSearchParams({ since: $('i-since').value.trim() || '1h', limit: String(MAX_LOG_LINES) });
+  if ($('i-stream').value) q.set('stream', $('i-stream').value);
+  if ($('i-grep').value) q.set('grep', $('i-grep').value);
+  return q;
+}
+
+function logNote(text, bad) {
+  $('i-logs-note').textContent = text;
+  $('i-logs-note').className = bad ? 'bad' : 'hint';
+}
+
+async function showLogs() {
+  stopFollowing();
+  if (!ist.selected) return;
+  if ($('i-follow').checked) follow(); else await loadLogs();
+}
+
+async function loadLogs() {
+  const { project, instance } = ist.selected;
+  let page;
+  try { page = await api(`${instancePath(project, instance)}/logs?${logQuery()}`); } catch (e) {
+    logNote(whyNot(e, 'instance logs'), true);
+    return;
+  }
+  $('i-logs').replaceChildren();
+  appendLines(page.lines);
+  logNote(`${page.lines.length} lines${page.truncated ? ' (the read stopped at its budget: narrow the range)' : ''}`);
+}
+
+function appendLines(lines) {
+  const list = $('i-logs');
+  const atEnd = list.scrollTop + list.clientHeight >= list.scrollHeight - 4;
+  list.append(...lines.map((l) => el('li', { class: l.stream }, el('time', {}, l.time), el('span', { class: 'stream' }, l.stream), l.line)));
+  while (list.childElementCount > MAX_LOG_LINES) list.firstElementChild.remove();
+  if (atEnd) list.scrollTop = list.scrollHeight;
+}
+
+// Follow: the server sends the recent lines, then each new one as it is
+// stored (an empty line now and then keeps the connection alive).
+async function follow() {
+  const { project, instance } = ist.selected;
+  const abort = new AbortController();
+  ist.follow = abort;
+  $('i-logs').replaceChildren();
+  logNote('Connecting…');
+  try {
+    const headers = { Authorization: 'Bearer ' + sessionStorage.getItem(KEY), Accept: 'application/x-ndjson' };
+    const res = await fetch(`${instancePath(project, instance)}/logs?${logQuery()}&follow=true`, { headers, cache: 'no-store', signal: abort.signal });
+    if (!res.ok) {
+      let detail = await res.text();
+      try { detail = JSON.parse(detail).detail || detail; } catch (_) { /* not JSON */ }
+      throw new ApiError(res.status, detail);
+    }
+    logNote('Following: new lines appear as they are stored.');
+    const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
+    let rest = '';
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      const parts = (rest + value).split('\n');
+      rest = parts.pop();
+      if (rest.length > 1 << 20) throw new Error('a log line over 1 MiB: stopped following');
+      appendLines(parts.filter((p) => p.trim()).map((p) => JSON.parse(p)));
+    }
+    if (ist.follow === abort) logNote('The server ended the follow.', true);
+  } catch (e) {
+    if (abort.signal.aborted) return;
+    logNote(e.status === 429 ? 'Too many log followers on this server; try again shortly.' : whyNot(e, 'instance logs'), true);
+  } finally {
+    if (ist.follow === abort) { ist.follow = null; $('i-follow').checked = false; }
+  }
+}
+
+function stopFollowing() {
+  if (!ist.follow) return;
+  const abort = ist.follow;
+  ist.follow = null;
+  abort.abort();
+  logNote('Stopped following.');
+}
+
 // ---- wiring --------------------------------------------------------------
 document.addEventListener('DOMContentLoaded', () => {
   const to = new Date(Math.ceil(Date.now() / 36e5) * 36e5);
@@ -374,6 +528,10 @@ document.addEventListener('DOMContentLoaded', () => {
   $('c-search').addEventListener('input', () => refresh());
   $('q-recheck').addEventListener('click', recheck);
   $('b-reconcile').addEventListener('click', reconcile);
+  $('i-prev').addEventListener('click', () => turnPage(-1));
+  $('i-next').addEventListener('click', () => turnPage(1));
+  $('i-logs-form').addEventListener('submit', (e) => { e.preventDefault(); showLogs(); });
+  $('i-follow').addEventListener('change', showLogs);
   const nav = [...document.querySelectorAll('nav button')];
   nav.forEach((b, i) => {
     b.addEventListener('click', () => show(b.dataset.page));

@@ -602,6 +602,18 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     );
     let _ = writeln!(
         out,
+        "# HELP tally_store_insert_errors_total Failed inserts into the derived store (ClickHouse on a cluster), by table and reason.\n# TYPE tally_store_insert_errors_total counter"
+    );
+    for (table, reasons) in &s.insert_errors {
+        for (reason, n) in reasons {
+            let _ = writeln!(
+                out,
+                "tally_store_insert_errors_total{{table=\"{table}\",reason=\"{reason}\"}} {n}"
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
         "# HELP tally_resources Resources in the catalog.\n# TYPE tally_resources gauge"
     );
     for (kind, n) in &s.kinds {

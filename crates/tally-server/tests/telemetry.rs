@@ -3,10 +3,9 @@
 //! test receiver built on the official protobuf definitions; scopes; and
 //! the OpenTelemetry Python SDK's own OTLP/HTTP exporter as the sender.
 
-#[path = "../../tally-telemetry/tests/support/otlp_receiver.rs"]
-mod receiver;
 use std::collections::BTreeMap;
 use std::io::Write as _;
+use tally_testkit::otlp_receiver as receiver;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -151,6 +151,8 @@ async fn main() {
         let mut config = ClusterLedgerConfig::new(nats.url(), ch.url());
         config.database = "bench".into();
         config.max_lateness = SignedDuration::from_hours(24 * 32);
+        // Q1/Q2 are timed over the events first, then over the rollups.
+        config.rollups = false;
         nodes.push(ClusterLedger::connect(config).await.expect("connect"));
     }
     nodes[0]
@@ -220,26 +222,54 @@ async fn main() {
         limit: None,
         cursor: None,
     };
-    let (q1, rows1) = timed(
-        &nodes[0],
-        q(WindowSize::Hour, vec!["projects/p7".into()], vec![]),
-        10,
-    )
-    .await;
-    println!(
-        "Q1 30-day hourly, one subject ({rows1} rows): p50 {:.1?}, p99 {:.1?}",
-        percentile(&q1, 0.5),
-        percentile(&q1, 0.99)
+    let q1 = q(WindowSize::Hour, vec!["projects/p7".into()], vec![]);
+    let q2 = q(WindowSize::Day, vec![], vec!["subject".into()]);
+    let raw = (
+        queries(&nodes[0], &q1, &q2, "events").await,
+        nodes[0].queries_from_rollups(),
     );
-    let (q2, rows2) = timed(
-        &nodes[0],
-        q(WindowSize::Day, vec![], vec!["subject".into()]),
-        3,
-    )
-    .await;
+    let started = Instant::now();
+    nodes[0].roll_up().await.expect("roll up");
     println!(
-        "Q2 30-day daily by subject ({rows2} rows): p50 {:.1?}, max {:.1?}",
-        percentile(&q2, 0.5),
-        percentile(&q2, 1.0)
+        "rolled {} events up in {:.1?}",
+        events + events / 4 + 50,
+        started.elapsed()
     );
+    let rolled = queries(&nodes[0], &q1, &q2, "rollups").await;
+    assert_eq!(raw.1, 0, "the first answers read the events");
+    assert!(nodes[0].queries_from_rollups() > 0, "then the rollups");
+    assert_eq!(raw.0, rolled, "the same answers from events and rollups");
+}
+
+/// Times Q1 and Q2 and answers their rows.
+async fn queries(
+    node: &ClusterLedger,
+    q1: &MeterQuery,
+    q2: &MeterQuery,
+    what: &str,
+) -> Vec<tally_ledger::QueryRow> {
+    let (t1, rows1) = timed(node, q1.clone(), 10).await;
+    println!(
+        "Q1 30-day hourly, one subject, from {what} ({rows1} rows): p50 {:.1?}, p99 {:.1?}",
+        percentile(&t1, 0.5),
+        percentile(&t1, 0.99)
+    );
+    let (t2, rows2) = timed(node, q2.clone(), 3).await;
+    println!(
+        "Q2 30-day daily by subject, from {what} ({rows2} rows): p50 {:.1?}, max {:.1?}",
+        percentile(&t2, 0.5),
+        percentile(&t2, 1.0)
+    );
+    let mut rows = node
+        .query("bench".into(), q1.clone())
+        .await
+        .expect("q1")
+        .rows;
+    rows.extend(
+        node.query("bench".into(), q2.clone())
+            .await
+            .expect("q2")
+            .rows,
+    );
+    rows
 }

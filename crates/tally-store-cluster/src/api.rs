@@ -124,6 +124,7 @@ impl Ledger for ClusterLedger {
             group_commits_total: s.batches.load(Ordering::Relaxed),
             materialise_lag_events: s.pending.load(Ordering::Relaxed),
             materialise_lag_seconds: read::lag(&self.inner).as_secs_f64(),
+            insert_errors: s.insert_errors_by_table(),
             kinds: Kind::ALL
                 .into_iter()
                 .filter(|k| k.class() == KindClass::Catalog)

@@ -23,6 +23,29 @@
 //! Engine `ReplacingMergeTree(version)`, `ORDER BY (source, id)`, one
 //! partition (rows of one key must share a partition to be replaced).
 //!
+//! `samples`: the rollup of each meter — one row per (meter generation,
+//! event) the meter measures, written by the roller (`rollup.rs`); queries
+//! sum, count and pick over it in ClickHouse per minute, hour or day.
+//!
+//! | column          | type                    | meaning                                   |
+//! |-----------------|-------------------------|-------------------------------------------|
+//! | `meter`,`gen`   | String                  | meter name; hash of its definition        |
+//! | `time_ns`       | Int64                   | the event's time                          |
+//! | `source`,`id`   | String                  | the event's dedupe key                    |
+//! | `seq`           | UInt64                  | the event's stream sequence               |
+//! | `subject`       | String                  | CloudEvent `subject`                      |
+//! | `groups`        | Array(Nullable(String)) | the meter's dimensions, in its order      |
+//! | `exact`         | UInt8                   | 1 when `num` holds the value exactly      |
+//! | `num`           | Decimal128(12)          | the numeric value (0 when not `exact`)    |
+//! | `scale`         | UInt8                   | the value's decimal scale                 |
+//! | `text`          | String                  | the value as text (UNIQUE_COUNT, MIN...)  |
+//!
+//! Engine `ReplacingMergeTree`, `ORDER BY (meter, gen, subject, time_ns,
+//! source, id)` (a query of some subjects reads only theirs): every copy of
+//! a row is computed from the same stored event, so a re-rolled range
+//! replaces itself. `rollup_marks (meter, gen, below)`,
+//! `ReplacingMergeTree(below)`: every event with `seq < below` is rolled up.
+//!
 //! **Invariant:** every read of `events` says `FINAL`, so each (source, id)
 //! counts once — the copy with the lowest stream sequence — whether a
 //! duplicate came days later through another node or a worker inserted the
@@ -41,6 +64,17 @@ pub enum ChError {
     Refused { status: u16, message: String },
     #[error("ClickHouse answered a row this build cannot read: {0}")]
     Decode(String),
+}
+
+impl ChError {
+    /// A short, bounded name of the failure for metrics labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ChError::Unreachable { .. } => "unreachable",
+            ChError::Refused { .. } => "refused",
+            ChError::Decode(_) => "decode",
+        }
+    }
 }
 
 /// Longest ClickHouse error text kept in an error.
@@ -128,6 +162,20 @@ impl Ch {
              type String, subject String, time_ns Int64, ingested_ms Int64, event String) \
              ENGINE = ReplacingMergeTree(version) PARTITION BY tuple() ORDER BY (source, id)"
         ))
+        .await?;
+        self.execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {db}.samples (\
+             meter String, gen String, time_ns Int64, source String, id String, seq UInt64, \
+             subject String, groups Array(Nullable(String)), exact UInt8, num Decimal128(12), \
+             scale UInt8, text String) \
+             ENGINE = ReplacingMergeTree PARTITION BY tuple() \
+             ORDER BY (meter, gen, subject, time_ns, source, id)"
+        ))
+        .await?;
+        self.execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {db}.rollup_marks (meter String, gen String, below UInt64) \
+             ENGINE = ReplacingMergeTree(below) ORDER BY (meter, gen)"
+        ))
         .await
     }
 
@@ -137,6 +185,9 @@ impl Ch {
             // Statements name up to a batch of keys (bounded by ingest's
             // request limits); ClickHouse's default is 256 KiB.
             ("max_query_size", "67108864"),
+            // ... and a rollup read may name every voided key of a type.
+            ("max_ast_elements", "4000000"),
+            ("max_expanded_ast_elements", "4000000"),
         ]);
         if let Some(query) = query {
             request = request.query(&[("query", query)]);

@@ -64,6 +64,9 @@ pub struct ClusterLedgerConfig {
     pub max_future: SignedDuration,
     /// Longest ClickHouse may stay silent within a request.
     pub clickhouse_timeout: Duration,
+    /// Whether this process rolls meters up (`rollup.rs`) when it runs
+    /// workers; off, queries read the events unless another node rolls.
+    pub rollups: bool,
 }
 
 impl ClusterLedgerConfig {
@@ -81,6 +84,7 @@ impl ClusterLedgerConfig {
             max_lateness: SignedDuration::from_hours(32 * 24),
             max_future: tally_ledger::DEFAULT_MAX_FUTURE,
             clickhouse_timeout: Duration::from_secs(30),
+            rollups: true,
         }
     }
 }
@@ -118,6 +122,35 @@ pub(crate) struct Stats {
     pub lag_ms: AtomicU64,
     /// The stream sequence below which every event is materialised.
     pub materialised_below: AtomicU64,
+    /// Meter queries answered partly from `samples`.
+    pub rolled_queries: AtomicU64,
+    /// Failed ClickHouse inserts by (table, reason).
+    pub insert_errors: std::sync::Mutex<std::collections::BTreeMap<(String, String), u64>>,
+}
+
+impl Stats {
+    /// Counts a failed insert into `table` (and in `ch_insert_errors`).
+    pub fn insert_error(&self, table: &str, error: &ChError) {
+        self.ch_insert_errors.fetch_add(1, Ordering::Relaxed);
+        let mut by = self.insert_errors.lock().unwrap_or_else(|p| p.into_inner());
+        *by.entry((table.to_owned(), error.reason().to_owned()))
+            .or_default() += 1;
+    }
+
+    /// [`Stats::insert_errors`] as `LedgerStats` holds them.
+    pub fn insert_errors_by_table(
+        &self,
+    ) -> std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>> {
+        let by = self.insert_errors.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out: std::collections::BTreeMap<_, std::collections::BTreeMap<_, _>> =
+            Default::default();
+        for ((table, reason), n) in by.iter() {
+            out.entry(table.clone())
+                .or_default()
+                .insert(reason.clone(), *n);
+        }
+        out
+    }
 }
 
 pub(crate) struct Inner {
@@ -251,6 +284,9 @@ impl ClusterLedger {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         start_mirrors(&inner, &stopped).await.map_err(&err)?;
         crate::worker::start(&inner, &stopped).await.map_err(&err)?;
+        if inner.config.workers > 0 && inner.config.rollups {
+            crate::rollup::start(&inner, stopped.clone());
+        }
         Ok(ClusterLedger {
             inner,
             stop: Arc::new(StopOnDrop(stop)),
@@ -280,6 +316,17 @@ impl ClusterLedger {
     /// so in every node's answers).
     pub fn materialised_below(&self) -> u64 {
         self.inner.stats.materialised_below.load(Ordering::Relaxed)
+    }
+
+    /// Rolls every meter up to what the workers materialised, now (nodes
+    /// that run workers also do this every half second).
+    pub async fn roll_up(&self) -> Result<(), LedgerError> {
+        crate::rollup::roll_all(&self.inner).await.map_err(ch_error)
+    }
+
+    /// Meter queries this process answered partly from the rollups.
+    pub fn queries_from_rollups(&self) -> u64 {
+        self.inner.stats.rolled_queries.load(Ordering::Relaxed)
     }
 
     /// Batches this process's workers failed to insert into ClickHouse.

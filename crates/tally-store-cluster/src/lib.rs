@@ -26,17 +26,25 @@
 //!   lowest stream sequence wins, read `FINAL`), publish quarantined events
 //!   on `billing.usage.<project>.quarantine.<reason>` (stream
 //!   `billing-usage-quarantine`), then acknowledge.
-//! - **Reads** (`read.rs`): meters are evaluated at read time over the
+//! - **Rollups** (`rollup.rs`): a roller on each node that runs workers
+//!   measures the materialised events of every meter into ClickHouse's
+//!   `samples` (exact `Decimal128`, one row per meter generation and
+//!   event, idempotent), up to a per-generation mark; a meter applied or
+//!   edited later is backfilled as a new generation.
+//! - **Reads** (`read.rs`): below the mark, ClickHouse sums, counts and
+//!   picks `samples` per day, hour or minute; above it (and where a value
+//!   cannot be held exactly) meters are evaluated at read time over the
 //!   materialised events with `tally-meter`'s own sampling and mergeable
 //!   states, so every aggregation and window answers as the embedded
-//!   backend's, and a meter applied late is backfilled at once. An answer
+//!   backend's, and a meter applied late answers for its events at once. An answer
 //!   includes what workers materialised: [`ClusterLedger::materialised_below`]
 //!   (a stream sequence) and `LedgerStats::materialise_lag_*` say how far.
 //!   While ClickHouse is down, ingest keeps acknowledging (the stream
-//!   buffers) and reads answer `NotReady` (503) naming ClickHouse.
+//!   buffers) and reads answer `NotReady` (503) naming ClickHouse; failed
+//!   inserts are counted by table and reason (`LedgerStats::insert_errors`,
+//!   `tally_store_insert_errors_total` on `/metrics`).
 //!
-//! Known differences from the embedded backend: there are no rollup tables
-//! yet, so a query costs the events in its range (BENCHMARKS.md); a Retired
+//! Known differences from the embedded backend: a Retired
 //! meter measures the events stored before the catalog entry that retired
 //! it was written (a later edit of the Retired meter moves that point);
 //! `still_counted_by` is always empty (read-time evaluation takes a void out
@@ -56,8 +64,10 @@ pub mod keys;
 mod ledger;
 mod measure;
 pub mod mirror;
+mod plan;
 mod read;
 pub mod resources;
+mod rollup;
 mod worker;
 
 pub use ledger::{

@@ -19,19 +19,16 @@ use jiff::{SignedDuration, Timestamp};
 use serde::Deserialize;
 use tally_ledger::{
     ChangeCursor, ChangePage, EventFilter, EventPage, LedgerError, MeterQuery, QuarantineFilter,
-    QuarantinePage, QuarantinedEvent, QueryRow, StatefulResult, StoredEvent, VoidPage,
+    QuarantinePage, QuarantinedEvent, StatefulResult, StoredEvent, VoidPage,
 };
-use tally_meter::{AggState, CompiledMeter, window};
+use tally_meter::{AggState, CompiledMeter};
 use tally_model::CloudEvent;
-use tally_model::billing::{Attribution, Owner};
 
 use crate::ch::lit;
 use crate::keys;
 use crate::ledger::{Inner, ch_error, storage};
 use crate::measure;
-
-/// The group key that attributes usage to billing accounts.
-const BILLING_ACCOUNT: &str = "billing_account";
+use crate::plan::{Plan, RowKey, plan};
 
 /// Most rows one page of a listing holds.
 const MAX_PAGE: usize = 1_000;
@@ -72,7 +69,7 @@ impl EventRow {
     }
 }
 
-fn ns(t: Timestamp) -> i64 {
+pub(crate) fn ns(t: Timestamp) -> i64 {
     i64::try_from(t.as_nanosecond()).unwrap_or(if t < Timestamp::UNIX_EPOCH {
         i64::MIN
     } else {
@@ -218,133 +215,6 @@ pub(crate) async fn usage_span(
     Ok(Some((start, end)))
 }
 
-/// Where a query's rows go and what they are keyed by.
-struct Plan {
-    windows: Vec<window::Window>,
-    /// (name, position in the meter's dimensions) of each group, in the
-    /// query's order, `billing_account` excluded.
-    groups: Vec<(String, usize)>,
-    filters: Vec<(usize, String)>,
-    by_subject: bool,
-    by_account: bool,
-    account_filter: Option<String>,
-    attribution: Option<Attribution>,
-}
-
-/// (window index, subject, group values, billing account).
-type RowKey = (usize, Option<String>, Vec<Option<String>>, Option<String>);
-
-fn plan(inner: &Inner, meter: &CompiledMeter, q: &MeterQuery) -> Result<Plan, LedgerError> {
-    let position = |name: &str| meter.dimension_position(name).map_err(LedgerError::Invalid);
-    let mut groups: Vec<(String, usize)> = Vec::new();
-    for g in &q.group_by {
-        if g != "subject" && g != BILLING_ACCOUNT && !groups.iter().any(|(n, _)| n == g) {
-            groups.push((g.clone(), position(g)?));
-        }
-    }
-    let filters = q
-        .filter_group_by
-        .iter()
-        .filter(|(k, _)| *k != BILLING_ACCOUNT)
-        .map(|(k, v)| position(k).map(|p| (p, v.clone())))
-        .collect::<Result<_, _>>()?;
-    let by_account = q.group_by.iter().any(|g| g == BILLING_ACCOUNT);
-    let account_filter = q.filter_group_by.get(BILLING_ACCOUNT).cloned();
-    let attribution = if by_account || account_filter.is_some() {
-        let resources = inner
-            .resources
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or_else(|| {
-                LedgerError::Invalid(
-                    "this ledger cannot attribute usage to billing accounts".into(),
-                )
-            })?;
-        Some(resources.snapshot().attribution())
-    } else {
-        None
-    };
-    let windows = window::windows(q.from, q.to, q.window_size, &q.time_zone)
-        .map_err(|e| LedgerError::Invalid(e.to_string()))?;
-    Ok(Plan {
-        windows,
-        groups,
-        filters,
-        by_subject: !q.subjects.is_empty() || q.group_by.iter().any(|g| g == "subject"),
-        by_account,
-        account_filter,
-        attribution,
-    })
-}
-
-/// The account owning a subject's usage at `t`.
-fn account_at(attribution: &Attribution, subject: &str, t: Timestamp) -> Option<String> {
-    let project = subject.strip_prefix("projects/")?;
-    match attribution.owner_at(project, t) {
-        Owner::Account { name, .. } | Owner::UnknownAccount(name) => Some(name.to_owned()),
-        Owner::Unattributed => None,
-    }
-}
-
-impl Plan {
-    /// The row one measured event belongs to, or `None` when the query
-    /// leaves it out.
-    fn key(&self, event: &CloudEvent, groups: &[Option<String>]) -> Option<RowKey> {
-        if self
-            .filters
-            .iter()
-            .any(|(p, v)| groups.get(*p).cloned().flatten().as_ref() != Some(v))
-        {
-            return None;
-        }
-        let window = self.windows.partition_point(|w| w.end <= event.time);
-        let w = self.windows.get(window)?;
-        if event.time < w.start {
-            return None;
-        }
-        let account = match &self.attribution {
-            Some(a) => account_at(a, &event.subject, event.time),
-            None => None,
-        };
-        if let Some(wanted) = &self.account_filter
-            && account.as_ref() != Some(wanted)
-        {
-            return None;
-        }
-        Some((
-            window,
-            self.by_subject.then(|| event.subject.clone()),
-            self.groups
-                .iter()
-                .map(|(_, p)| groups.get(*p).cloned().flatten())
-                .collect(),
-            if self.by_account { account } else { None },
-        ))
-    }
-
-    fn row(&self, key: &RowKey, state: &AggState) -> QueryRow {
-        let (window, subject, groups, account) = key;
-        let w = self.windows[*window];
-        let mut group_by: BTreeMap<String, Option<String>> = self
-            .groups
-            .iter()
-            .zip(groups)
-            .map(|((name, _), v)| (name.clone(), v.clone()))
-            .collect();
-        if self.by_account {
-            group_by.insert(BILLING_ACCOUNT.into(), account.clone());
-        }
-        QueryRow {
-            window_start: w.start,
-            window_end: w.end,
-            subject: subject.clone(),
-            group_by,
-            value: state.result(),
-        }
-    }
-}
-
 /// Answers a meter query with each row's state (see the module docs).
 pub(crate) async fn query_states(
     inner: &Inner,
@@ -360,10 +230,14 @@ pub(crate) async fn query_states(
     }
     let (meter, retired_at) = meter_of(inner, name)?;
     let plan = plan(inner, &meter, q)?;
+    let mut rows: BTreeMap<RowKey, AggState> = BTreeMap::new();
+    // Below the rollup mark from `samples`, the rest from `events`.
+    let mark = crate::rollup::fold(inner, &meter, retired_at, &plan, q, &mut rows).await?;
     let mut clauses = vec![
         format!("type = {}", lit(meter.event_type())),
         format!("time_ns >= {}", ns(q.from)),
         format!("time_ns < {}", ns(q.to)),
+        format!("seq >= {mark}"),
     ];
     if !q.subjects.is_empty() {
         let list: Vec<String> = q.subjects.iter().map(|s| lit(s)).collect();
@@ -380,7 +254,6 @@ pub(crate) async fn query_states(
         .keys()
         .cloned()
         .collect::<std::collections::HashSet<_>>();
-    let mut rows: BTreeMap<RowKey, AggState> = BTreeMap::new();
     let mut failure: Option<LedgerError> = None;
     inner
         .ch
@@ -428,15 +301,7 @@ fn fold_one(
     ) else {
         return Ok(());
     };
-    match rows.get_mut(&key) {
-        Some(merged) => merged
-            .merge(&state)
-            .map_err(|e| storage(format!("merging a query row: {e}")))?,
-        None => {
-            rows.insert(key, state);
-        }
-    }
-    Ok(())
+    crate::rollup::merge(rows, key, state)
 }
 
 fn page(

@@ -22,7 +22,7 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tally_ledger::LedgerError;
 
-use crate::ch::lit;
+use crate::ch::{ChError, lit};
 use crate::keys;
 use crate::ledger::{CONSUMER, Envelope, Inner, STREAM, storage};
 use crate::measure;
@@ -155,7 +155,9 @@ async fn run(
             }
         }
         if let Err(e) = materialise(&inner, &batch).await {
-            inner.stats.ch_insert_errors.fetch_add(1, Ordering::Relaxed);
+            if let BatchError::ClickHouse(e) = &e {
+                inner.stats.insert_error("events", e);
+            }
             tracing::warn!(error = %e, events = batch.len(), "materialising a batch failed; it will be delivered again");
             for message in &batch {
                 let _ = message.ack_with(AckKind::Nak(Some(RETRY))).await;
@@ -212,11 +214,21 @@ struct Decoded {
     envelope: Envelope,
 }
 
+/// Why a batch was not materialised.
+#[derive(Debug, thiserror::Error)]
+enum BatchError {
+    /// Counted on `/metrics` as a failed insert into `events`.
+    #[error(transparent)]
+    ClickHouse(#[from] ChError),
+    #[error("{0}")]
+    Nats(String),
+}
+
 /// Handles one batch (the module docs' four steps); acknowledges it only
 /// when every step succeeded.
-async fn materialise(inner: &Inner, batch: &[Message]) -> Result<(), String> {
+async fn materialise(inner: &Inner, batch: &[Message]) -> Result<(), BatchError> {
     let decoded = decode(batch).await;
-    inner.ensure_schema().await.map_err(|e| e.to_string())?;
+    inner.ensure_schema().await?;
     let earlier = earlier_copies(inner, &decoded).await?;
     let fresh: Vec<&Decoded> = decoded
         .iter()
@@ -229,12 +241,14 @@ async fn materialise(inner: &Inner, batch: &[Message]) -> Result<(), String> {
         })
         .collect();
     insert(inner, &fresh).await?;
-    publish_quarantine(inner, &fresh).await?;
+    publish_quarantine(inner, &fresh)
+        .await
+        .map_err(BatchError::Nats)?;
     for message in batch {
         message
             .ack()
             .await
-            .map_err(|e| format!("acknowledging: {e}"))?;
+            .map_err(|e| BatchError::Nats(format!("acknowledging: {e}")))?;
     }
     inner.stats.batches.fetch_add(1, Ordering::Relaxed);
     Ok(())
@@ -273,7 +287,7 @@ async fn decode(batch: &[Message]) -> Vec<Decoded> {
 async fn earlier_copies<'a>(
     inner: &Inner,
     decoded: &'a [Decoded],
-) -> Result<HashMap<(&'a str, &'a str), u64>, String> {
+) -> Result<HashMap<(&'a str, &'a str), u64>, ChError> {
     #[derive(Deserialize)]
     struct Found {
         source: String,
@@ -298,7 +312,7 @@ async fn earlier_copies<'a>(
         inner.ch.database,
         list.join(",")
     );
-    let found: Vec<Found> = inner.ch.select(&sql).await.map_err(|e| e.to_string())?;
+    let found: Vec<Found> = inner.ch.select(&sql).await?;
     let by_key: HashMap<String, &Decoded> = decoded
         .iter()
         .map(|d| {
@@ -327,7 +341,7 @@ async fn earlier_copies<'a>(
     Ok(out)
 }
 
-async fn insert(inner: &Inner, fresh: &[&Decoded]) -> Result<(), String> {
+async fn insert(inner: &Inner, fresh: &[&Decoded]) -> Result<(), BatchError> {
     if fresh.is_empty() {
         return Ok(());
     }
@@ -344,16 +358,16 @@ async fn insert(inner: &Inner, fresh: &[&Decoded]) -> Result<(), String> {
             subject: &e.subject,
             time_ns: i64::try_from(e.time.as_nanosecond()).unwrap_or(i64::MAX),
             ingested_ms: d.envelope.ingested_at.as_millisecond(),
-            event: serde_json::to_string(e).map_err(|e| e.to_string())?,
+            event: serde_json::to_string(e).map_err(|e| ChError::Decode(e.to_string()))?,
         };
-        serde_json::to_writer(&mut body, &row).map_err(|e| e.to_string())?;
+        serde_json::to_writer(&mut body, &row).map_err(|e| ChError::Decode(e.to_string()))?;
         body.push(b'\n');
     }
     inner
         .ch
         .insert("events", body)
         .await
-        .map_err(|e| e.to_string())
+        .map_err(BatchError::ClickHouse)
 }
 
 async fn publish_quarantine(inner: &Inner, fresh: &[&Decoded]) -> Result<(), String> {

@@ -87,6 +87,14 @@ async fn with_clickhouse_down_ingest_acknowledges_and_queries_say_why() {
     ledger.settle(Duration::from_secs(60)).await.unwrap();
     assert_eq!(value(&ledger, "down", from, to).await, Decimal::from(1_000));
     assert!(ledger.insert_errors() > 0, "the failed inserts are counted");
+    // ... on /metrics too, by table and reason.
+    let by_table = ledger.stats().insert_errors;
+    let unreachable = by_table
+        .get("events")
+        .and_then(|reasons| reasons.get("unreachable"))
+        .copied()
+        .unwrap_or(0);
+    assert!(unreachable > 0, "{by_table:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,6 +197,22 @@ async fn a_worker_killed_mid_batch_double_counts_nothing() {
     ledger.spawn_workers(1).await.unwrap();
     ledger.settle(Duration::from_secs(120)).await.unwrap();
     assert_eq!(value(&ledger, "kill", from, to).await, Decimal::from(N));
+    // The rollups count each event once too: the child's roller may have
+    // died mid-range; rolling again, and even every row rolled twice (as a
+    // roller killed before its mark would), changes nothing.
+    ledger.roll_up().await.unwrap();
+    let rolled = ledger.queries_from_rollups();
+    assert_eq!(value(&ledger, "kill", from, to).await, Decimal::from(N));
+    client
+        .execute("INSERT INTO faults.samples SELECT * FROM faults.samples")
+        .await
+        .unwrap();
+    assert_eq!(value(&ledger, "kill", from, to).await, Decimal::from(N));
+    assert_eq!(
+        ledger.queries_from_rollups(),
+        rolled + 2,
+        "answered from the rollups"
+    );
 }
 
 /// The rows of `faults.events` as stored (before `FINAL`).

@@ -24,6 +24,8 @@ impl Backend for Cluster {
                 .settle(Duration::from_secs(60))
                 .await
                 .expect("workers materialise what was acknowledged");
+            // Queries then read rollups below the mark and events above.
+            self.0.roll_up().await.expect("rolling up");
         })
     }
 }
@@ -53,6 +55,10 @@ async fn the_ledger_suite_passes_on_the_cluster() {
     let backend = Cluster(ledger);
     run_all(&backend, "c").await;
     usage_is_attributed_to_billing_accounts(&backend, &resources, "c").await;
+    assert!(
+        backend.0.queries_from_rollups() > 0,
+        "the suite's queries read the rollups"
+    );
     // The workers published the quarantined events, each on its reason.
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
     let mut stream = js.get_stream(QUARANTINE_STREAM).await.unwrap();

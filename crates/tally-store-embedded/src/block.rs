@@ -145,7 +145,7 @@ impl Record {
 
 // ---- varints ----------------------------------------------------------------
 
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+pub(crate) fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;
@@ -162,13 +162,17 @@ fn unzigzag(v: u64) -> i64 {
 }
 
 /// A reader of the body that refuses to run past its end.
-struct Reader<'a> {
+pub(crate) struct Reader<'a> {
     bytes: &'a [u8],
     at: usize,
 }
 
-impl Reader<'_> {
-    fn varint(&mut self) -> Result<u64, StoreError> {
+impl<'a> Reader<'a> {
+    pub(crate) fn new(bytes: &'a [u8]) -> Reader<'a> {
+        Reader { bytes, at: 0 }
+    }
+
+    pub(crate) fn varint(&mut self) -> Result<u64, StoreError> {
         let mut v = 0u64;
         for shift in (0..64).step_by(7) {
             let byte = *self
@@ -188,7 +192,7 @@ impl Reader<'_> {
         usize::try_from(self.varint()?).map_err(|_| StoreError::Corrupt("block: length"))
     }
 
-    fn take(&mut self, len: usize) -> Result<Range<usize>, StoreError> {
+    pub(crate) fn take(&mut self, len: usize) -> Result<Range<usize>, StoreError> {
         let end = self
             .at
             .checked_add(len)

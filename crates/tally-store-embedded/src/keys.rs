@@ -3,22 +3,22 @@
 //! | keyspace     | key                                                        | value |
 //! |--------------|------------------------------------------------------------|-------|
 //! | `log`        | first seq of the block (u64 BE)                            | an event block: see [`crate::block`] |
-//! | `dedupe`     | xxh3-64 of the rest (u64 BE), source (u32 len + bytes), id | seq (u64 BE), expires_at s (i64 BE) |
-//! | `dedupe`     | [`DEDUPE_MARK`] (9 bytes; shorter than any entry's key)     | log position (u64 BE) the entries include |
-//! | `rollups`    | minute and hour: meter generation (u32 BE), level (u8), subject id (u32 BE), bucket start in minutes (40 bits, offset 2^39, BE), groups id (u32 BE): 18 bytes | [`tally_meter::AggState`] |
-//! | `rollups`    | day: meter generation (u32 BE), level (u8), bucket start (40 bits), subject id (u32 BE), [`ALL_GROUPS`] (u32 BE): 18 bytes | [`tally_meter::AggState`] of every group |
+//! | `dedupe`     | sorted runs of 32-bit key hashes with log positions, and their marks: see [`crate::dedupe`] | |
+//! | `rollups`    | minute and hour: meter generation (u32 BE), level (u8), subject id (u32 BE), bucket start in minutes (40 bits, offset 2^39, BE), groups id (u32 BE): 18 bytes | the bucket's state: see [`encode_rollup_value`] |
+//! | `rollups`    | day: meter generation (u32 BE), level (u8), bucket start (40 bits), subject id (u32 BE), [`ALL_GROUPS`] (u32 BE): 18 bytes | the state of every group: see [`encode_rollup_value`] |
 //! | `quarantine` | meter (u16 len + bytes; empty = no meter), seq (u64 BE)    | JSON [`QuarantineEntry`] |
 //! | `voids`      | seq (u64 BE) of the voided event                           | JSON [`tally_ledger::VoidRecord`] |
 //! | `void_order` | void ordinal (u64 BE, 0, 1, ... in recording order)        | seq (u64 BE) of the voided event |
 //! | `catalog`    | kind `/` name                                              | manifest JSON |
 //! | `meta`       | `meter/<name>`                                             | JSON [`MeterState`] |
-//! | `meta`       | `materialised`                                             | log position (u64 BE): rollups, dedupe, quarantine and dictionary hold every event below it |
+//! | `meta`       | `materialised`                                             | log position (u64 BE): rollups, quarantine and dictionary hold every event below it |
 //! | `meta`       | `dict/i/` id (u32 BE)                                      | dictionary entry: `s` + subject, or `g` + count (u32 BE) + groups |
 //! | `meta`       | `dict/n/` dictionary entry                                 | id (u32 BE) |
 
 use jiff::Timestamp;
+use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
-use tally_meter::Level;
+use tally_meter::{AggState, Level};
 use tally_model::{CloudEvent, Kind};
 
 use crate::StoreError;
@@ -92,23 +92,8 @@ pub fn dedupe_key(source: &str, id: &str) -> Vec<u8> {
     out
 }
 
-/// A format-3 dedupe key (the bare pair) in this format; `None` when `key`
-/// is already a format-4 key.
-pub fn upgrade_dedupe_key(key: &[u8]) -> Option<Vec<u8>> {
-    if let Some((hash, rest)) = key.split_first_chunk::<8>()
-        && u64::from_be_bytes(*hash) == xxhash_rust::xxh3::xxh3_64(rest)
-    {
-        return None;
-    }
-    let mut out = Vec::with_capacity(8 + key.len());
-    out.extend_from_slice(&xxhash_rust::xxh3::xxh3_64(key).to_be_bytes());
-    out.extend_from_slice(key);
-    Some(out)
-}
-
-/// The key, in `dedupe`, of the log position its entries include (see
-/// `writer/dedupe.rs`). At 9 bytes it is no entry's key (those are at
-/// least 12); scans of the entries skip it.
+/// The key, in `dedupe`, of the log position its runs include (see
+/// [`crate::dedupe`]).
 pub const DEDUPE_MARK: &[u8] = b"\0position";
 
 pub fn dedupe_value(seq: u64, expires_at: i64) -> [u8; 16] {
@@ -258,6 +243,11 @@ pub fn rollup_key(
     Ok(out)
 }
 
+/// Whether a rollup key is a day bucket's.
+pub fn is_day_key(key: &RollupKey) -> bool {
+    key[4] == Level::Day.as_u8()
+}
+
 /// A decoded rollup key (after the generation and level).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DecodedRollupKey {
@@ -284,6 +274,127 @@ pub fn decode_rollup_key(key: &[u8]) -> Result<DecodedRollupKey, StoreError> {
             groups,
         })
     }
+}
+
+// ---- rollup values ----------------------------------------------------------
+//
+// A rollup value is its bucket's [`AggState`]. Format 7 writes the common
+// states compactly (varint: LEB128, 7 bits a byte, low first; zigzag:
+// 0, -1, 1, -2, ... as 0, 1, 2, 3, ...):
+//
+// | tag    | state              | then |
+// |--------|--------------------|------|
+// | `0x11` | SUM                | scale (u8), zigzag varint mantissa (i128), varint count |
+// | `0x12` | COUNT              | varint count |
+// | `0x14` | AVG                | scale (u8), zigzag varint mantissa (i128), varint count |
+// | `0x15` | MIN                | scale (u8), zigzag varint mantissa (i128) |
+// | `0x16` | MAX                | scale (u8), zigzag varint mantissa (i128) |
+// | 1–7    | any (format 6 and before; still written for UNIQUE_COUNT and LATEST) | [`AggState::encode`] |
+//
+// Both are read: a value written before format 7 keeps its layout until its
+// bucket is written again.
+
+const SUM_TAG: u8 = 0x11;
+const COUNT_TAG: u8 = 0x12;
+const AVG_TAG: u8 = 0x14;
+const MIN_TAG: u8 = 0x15;
+const MAX_TAG: u8 = 0x16;
+/// A varint of a u128 is at most this long.
+const MAX_VARINT_LEN: usize = 19;
+
+fn push_varint(out: &mut Vec<u8>, mut v: u128) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn take_varint(bytes: &mut &[u8]) -> Result<u128, StoreError> {
+    let mut v: u128 = 0;
+    for (i, &b) in bytes.iter().take(MAX_VARINT_LEN).enumerate() {
+        v |= u128::from(b & 0x7f) << (7 * i);
+        if b < 0x80 {
+            *bytes = &bytes[i + 1..];
+            return Ok(v);
+        }
+    }
+    Err(StoreError::Corrupt("rollup value varint"))
+}
+
+fn push_decimal(out: &mut Vec<u8>, d: &Decimal) {
+    let m = d.mantissa();
+    // Scales are 0..=28.
+    out.push(d.scale() as u8);
+    push_varint(out, ((m << 1) ^ (m >> 127)) as u128);
+}
+
+fn take_decimal(bytes: &mut &[u8]) -> Result<Decimal, StoreError> {
+    let (&scale, rest) = bytes
+        .split_first()
+        .ok_or(StoreError::Corrupt("short rollup value"))?;
+    *bytes = rest;
+    let z = take_varint(bytes)?;
+    let m = ((z >> 1) as i128) ^ -((z & 1) as i128);
+    Decimal::try_from_i128_with_scale(m, u32::from(scale))
+        .map_err(|_| StoreError::Corrupt("rollup value decimal"))
+}
+
+fn take_count(bytes: &mut &[u8]) -> Result<u64, StoreError> {
+    u64::try_from(take_varint(bytes)?).map_err(|_| StoreError::Corrupt("rollup value count"))
+}
+
+/// Appends a rollup value (see the table above).
+pub fn encode_rollup_value(state: &AggState, out: &mut Vec<u8>) {
+    match state {
+        AggState::Sum { sum, count } | AggState::Avg { sum, count } => {
+            out.push(if matches!(state, AggState::Sum { .. }) {
+                SUM_TAG
+            } else {
+                AVG_TAG
+            });
+            push_decimal(out, sum);
+            push_varint(out, u128::from(*count));
+        }
+        AggState::Count(n) => {
+            out.push(COUNT_TAG);
+            push_varint(out, u128::from(*n));
+        }
+        AggState::Min(d) => {
+            out.push(MIN_TAG);
+            push_decimal(out, d);
+        }
+        AggState::Max(d) => {
+            out.push(MAX_TAG);
+            push_decimal(out, d);
+        }
+        AggState::UniqueCount(_) | AggState::Latest { .. } => state.encode(out),
+    }
+}
+
+/// Reads a rollup value of either layout.
+pub fn decode_rollup_value(bytes: &[u8]) -> Result<AggState, StoreError> {
+    let (&tag, mut rest) = bytes
+        .split_first()
+        .ok_or(StoreError::Corrupt("empty rollup value"))?;
+    let state = match tag {
+        SUM_TAG => AggState::Sum {
+            sum: take_decimal(&mut rest)?,
+            count: take_count(&mut rest)?,
+        },
+        AVG_TAG => AggState::Avg {
+            sum: take_decimal(&mut rest)?,
+            count: take_count(&mut rest)?,
+        },
+        COUNT_TAG => AggState::Count(take_count(&mut rest)?),
+        MIN_TAG => AggState::Min(take_decimal(&mut rest)?),
+        MAX_TAG => AggState::Max(take_decimal(&mut rest)?),
+        _ => return AggState::decode(bytes).map_err(StoreError::State),
+    };
+    if !rest.is_empty() {
+        return Err(StoreError::Corrupt("trailing rollup value bytes"));
+    }
+    Ok(state)
 }
 
 // ---- dictionary -------------------------------------------------------------
@@ -472,8 +583,10 @@ pub const FORMAT_KEY: &str = "format";
 /// a hash. 5: rollups, dedupe, quarantine and dictionary entries may lag
 /// the log; `meta` `materialised` (u64 BE) is the log position they
 /// include. 6: the log is event blocks in `log` (format 3, 4 and 5 stores
-/// are upgraded when opened: see `writer/upgrade.rs`).
-pub const FORMAT: u64 = 6;
+/// are upgraded when opened: see `writer/upgrade.rs`). 7: rollup values
+/// are compact (see [`encode_rollup_value`]); format-6 values stay readable,
+/// so a format-6 store is only marked 7 when opened.
+pub const FORMAT: u64 = 7;
 pub const GARBAGE_PREFIX: &str = "garbage/";
 
 #[cfg(test)]
@@ -528,6 +641,67 @@ mod tests {
     }
 
     #[test]
+    fn rollup_values_round_trip_in_either_layout() {
+        use std::collections::BTreeSet;
+        let d = |s: &str| s.parse::<Decimal>().unwrap();
+        for state in [
+            AggState::Sum {
+                sum: d("99999"),
+                count: 1,
+            },
+            AggState::Sum {
+                sum: d("-0.000000000000000000000000001"),
+                count: u64::MAX,
+            },
+            AggState::Sum {
+                sum: Decimal::MAX,
+                count: 3,
+            },
+            AggState::Avg {
+                sum: Decimal::MIN,
+                count: 0,
+            },
+            AggState::Count(0),
+            AggState::Count(u64::MAX),
+            AggState::Min(d("-12.5")),
+            AggState::Max(d("79228162514264337593543950335")),
+            AggState::UniqueCount(BTreeSet::from(["a".to_owned(), String::new()])),
+            AggState::Latest {
+                time_ns: -5,
+                seq: 9,
+                value: d("1.25"),
+            },
+        ] {
+            let mut compact = Vec::new();
+            encode_rollup_value(&state, &mut compact);
+            assert_eq!(decode_rollup_value(&compact).unwrap(), state);
+            // Values written before format 7 read the same.
+            assert_eq!(decode_rollup_value(&state.to_bytes()).unwrap(), state);
+            // Every cut is refused, never misread.
+            for cut in 0..compact.len() {
+                assert!(
+                    decode_rollup_value(&compact[..cut]).is_err(),
+                    "{state:?} cut at {cut}"
+                );
+            }
+        }
+        let mut small = Vec::new();
+        encode_rollup_value(
+            &AggState::Sum {
+                sum: d("99999"),
+                count: 1,
+            },
+            &mut small,
+        );
+        assert_eq!(small.len(), 6, "a small SUM takes 6 bytes, not 25");
+        assert!(
+            decode_rollup_value(&[SUM_TAG, 0, 0, 1, 0]).is_err(),
+            "trailing bytes"
+        );
+        assert!(decode_rollup_value(&[COUNT_TAG, 0xff, 0xff, 0xff]).is_err());
+    }
+
+    #[test]
     fn dictionary_entries_round_trip() {
         for entry in [
             DictEntry::Subject("projects/p1".into()),
@@ -547,13 +721,5 @@ mod tests {
     #[test]
     fn dedupe_keys_do_not_collide_across_the_boundary() {
         assert_ne!(dedupe_key("ab", "c"), dedupe_key("a", "bc"));
-    }
-
-    #[test]
-    fn format_3_dedupe_keys_upgrade_once() {
-        let key = dedupe_key("gateway", "e-1");
-        let old = &key[8..];
-        assert_eq!(upgrade_dedupe_key(old).as_deref(), Some(key.as_slice()));
-        assert_eq!(upgrade_dedupe_key(&key), None);
     }
 }

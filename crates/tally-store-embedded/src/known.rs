@@ -180,14 +180,6 @@ pub(crate) fn hash_key(key: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(key)
 }
 
-/// The hash of a dedupe key: its first 8 bytes already are one.
-pub(crate) fn hash_prefix(key: &[u8]) -> u64 {
-    match key.first_chunk::<8>() {
-        Some(prefix) => u64::from_be_bytes(*prefix),
-        None => hash_key(key),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

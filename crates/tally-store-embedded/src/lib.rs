@@ -3,9 +3,11 @@
 //! One fjall database holds the event log (compressed columnar blocks
 //! behind the [`EventLog`] trait, see [`log`]), the exact dedupe index, the
 //! per-meter rollups, the quarantine and the catalog. The log is the truth:
-//! one writer thread ([`writer`]) decides which events are duplicates,
-//! appends the others in one fsync'd batch and answers; rollups, the dedupe
-//! index, quarantine and dictionary entries are derived from the log behind
+//! one writer thread ([`writer`]) decides which events are duplicates
+//! (against the dedupe index, [`dedupe`]: recent keys in memory, older ones
+//! in immutable sorted runs written in bulk), appends the others in one
+//! fsync'd batch and answers; rollups, quarantine and dictionary entries
+//! are derived from the log behind
 //! the answer, in bulk, by the materialiser ([`materialise`]), which records the
 //! log position it included. What is acknowledged but not yet materialised
 //! waits in memory ([`tail`]); reads merge a snapshot of the store with it,
@@ -14,6 +16,7 @@
 
 mod block;
 mod changes;
+mod dedupe;
 mod dict;
 mod keys;
 mod known;
@@ -93,10 +96,11 @@ pub struct StoreConfig {
     /// How long acknowledged events may wait for a bulk worth
     /// materialising to gather.
     pub materialise_patience: std::time::Duration,
-    /// Most bytes each in-memory key filter (dedupe keys, rollup keys) may
-    /// take; past it the filter steps aside and reads go to the store. With
-    /// the tail's bound, this bounds the dedupe decision's memory whatever
-    /// the horizon holds.
+    /// Most bytes each in-memory key filter (dedupe run filters, rollup
+    /// keys) may take; past it the filter steps aside and reads go to the
+    /// store. A quarter of it bounds the dedupe keys kept exactly in memory
+    /// before they are written as a run, so the dedupe decision's memory
+    /// is bounded whatever the horizon holds.
     pub key_filter_bytes: u64,
 }
 
@@ -178,6 +182,8 @@ pub(crate) struct Shared {
     pub voided: RwLock<HashSet<u64>>,
     /// Interned subjects and group values; extended only by the writer.
     pub dict: RwLock<dict::ReaderDict>,
+    /// The dedupe index; changed only by the writer.
+    pub dedupe: RwLock<dedupe::DedupeIndex>,
 }
 
 impl Shared {
@@ -232,8 +238,9 @@ impl Shared {
     }
 }
 
-/// The format of the store: ours, or format 3, 4 or 5, which are upgraded
-/// when the store opens. Refuses any other; marks a new store with ours.
+/// The format of the store: ours, or format 3, 4, 5 or 6, which are
+/// upgraded when the store opens. Refuses any other; marks a new store with
+/// ours.
 fn check_format(db: &Database, keyspaces: &Keyspaces, empty_log: bool) -> Result<u64, StoreError> {
     let found = match keyspaces.meta.get(keys::FORMAT_KEY)? {
         Some(raw) => keys::read_u64(&raw)?,
@@ -250,7 +257,7 @@ fn check_format(db: &Database, keyspaces: &Keyspaces, empty_log: bool) -> Result
         }
         None => 1,
     };
-    if found == keys::FORMAT || (3..=5).contains(&found) {
+    if found == keys::FORMAT || (3..=6).contains(&found) {
         Ok(found)
     } else {
         Err(StoreError::Format {
@@ -280,6 +287,20 @@ fn open_log_keyspace(db: &Database) -> Result<Keyspace, StoreError> {
     Ok(db.keyspace("log", || {
         KeyspaceCreateOptions::default().data_block_compression_policy(none)
     })?)
+}
+
+/// Format 7 writes rollup values compactly and still reads format-6 values
+/// (see [`keys::encode_rollup_value`]): a format-6 store only needs its
+/// mark. Its values are rewritten as their buckets are written again.
+fn upgrade_from_format_6(db: &Database, keyspaces: &Keyspaces) -> Result<(), StoreError> {
+    let mut batch = db.batch().durability(Some(fjall::PersistMode::SyncAll));
+    batch.insert(
+        &keyspaces.meta,
+        keys::FORMAT_KEY,
+        keys::FORMAT.to_be_bytes(),
+    );
+    batch.commit()?;
+    Ok(())
 }
 
 impl EmbeddedLedger {
@@ -331,6 +352,9 @@ impl EmbeddedLedger {
         if format != keys::FORMAT {
             writer::upgrade::record_materialised(&db, &keyspaces, next_seq, format)?;
         }
+        if format == 6 {
+            upgrade_from_format_6(&db, &keyspaces)?;
+        }
         let mut voided = HashSet::new();
         for item in keyspaces.voids.iter() {
             voided.insert(keys::read_u64(&item.key()?)?);
@@ -353,6 +377,10 @@ impl EmbeddedLedger {
             writer_alive: AtomicBool::new(true),
             materialiser_alive: AtomicBool::new(true),
             tail: tail::Tail::default(),
+            dedupe: RwLock::new(dedupe::DedupeIndex::new(
+                0,
+                usize::try_from(config.key_filter_bytes).unwrap_or(usize::MAX),
+            )),
         });
         let filter_budget = usize::try_from(config.key_filter_bytes).unwrap_or(usize::MAX);
         let derived = Arc::new(Mutex::new(materialise::FjallDerived::new(
@@ -426,6 +454,22 @@ impl EmbeddedLedger {
     /// Flushes every keyspace's memtable to tables and compacts each into
     /// one run, waiting for both: what the store takes once compaction has
     /// caught up. For benchmarks: it rewrites every table.
+    /// Writes the dedupe keys held in memory as a run now (they are
+    /// otherwise written when memory reaches its budget, and at shutdown).
+    pub async fn flush_dedupe(&self) -> Result<(), LedgerError> {
+        self.call(|reply| Command::FlushDedupe { reply }).await
+    }
+
+    /// The dedupe index's keys held in memory and in runs, and the bytes
+    /// of the runs' filters.
+    pub fn dedupe_sizes(&self) -> (usize, u64, usize) {
+        self.shared
+            .dedupe
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .sizes()
+    }
+
     pub fn compact(&self) -> Result<(), StoreError> {
         for (_, keyspace) in self.named_keyspaces() {
             keyspace.rotate_memtable_and_wait()?;
@@ -695,6 +739,8 @@ impl Ledger for EmbeddedLedger {
             group_commits_total: s.group_commits.load(Ordering::Relaxed),
             disk_bytes: self.shared.db.disk_space().unwrap_or(0),
             journal_bytes,
+            // No derived store outside this one: nothing to fail inserting.
+            insert_errors: Default::default(),
             kinds: {
                 let resources = self.resources.snapshot();
                 Kind::ALL

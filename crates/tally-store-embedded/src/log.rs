@@ -74,7 +74,7 @@ pub(crate) struct BlockReader<'a, R: Readable> {
     last: Option<Block>,
 }
 
-impl<R: Readable> BlockReader<'_, R> {
+impl<'a, R: Readable> BlockReader<'a, R> {
     /// The block holding `seq`, if any.
     pub fn block(&mut self, seq: LogPosition) -> Result<Option<&Block>, StoreError> {
         if !self.last.as_ref().is_some_and(|b| b.holds(seq)) {

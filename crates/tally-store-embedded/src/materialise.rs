@@ -11,9 +11,11 @@
 //!   entries, in memory;
 //! - a [`DerivedStore`]: takes consecutive tail chunks and folds them in
 //!   atomically with the position they end at. [`FjallDerived`] merges the
-//!   chunks' deltas in key order, reads each bucket's stored state once,
-//!   and writes rollups, dedupe, quarantine and dictionary entries and the
-//!   position in one batch.
+//!   chunks' deltas in key order (a k-way merge of their sorted runs),
+//!   reads each bucket's stored state once (skipped for keys the filter
+//!   knows are new; a bounded cache keeps day buckets and buckets read
+//!   again), and writes rollups, quarantine and dictionary entries and the
+//!   position in one batch (dedupe keys are the writer's: `crate::dedupe`).
 //!
 //! [`run`] is the materialiser thread: it waits for a bulk of chunks (or
 //! for the oldest to have waited a little), folds them in, and trims the
@@ -30,6 +32,9 @@
 //! the rest of the log into the tail: the answers equal a rebuild from the
 //! log.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::collections::binary_heap::PeekMut;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -37,13 +42,13 @@ use rustc_hash::FxHashMap;
 use tally_meter::AggState;
 use tracing::warn;
 
-use crate::keys::RollupKey;
+use crate::keys::{self, RollupKey};
 use crate::known::{self, KnownKeys};
 use crate::tail::{MATERIALISED_KEY, Tail, TailChunk};
 use crate::{Shared, StoreError, dict};
 
-/// Rollup states kept in memory between read-modify-writes (about 150
-/// bytes each); the cache is emptied when it would grow past this.
+/// Most rollup states kept in memory between read-modify-writes (about
+/// 100 bytes each): two generations of at most half as many.
 const ROLLUP_CACHE_ENTRIES: usize = 500_000;
 /// A bulk worth materialising at once, in events.
 const BULK_EVENTS: u64 = 100_000;
@@ -103,7 +108,9 @@ impl Deltas {
 pub(crate) struct FjallDerived {
     shared: Arc<Shared>,
     /// Recently merged states by key; only committed states.
-    cache: FxHashMap<RollupKey, AggState>,
+    cache: StateCache,
+    /// Reused to encode each state before it is copied into the batch.
+    encoded: Vec<u8>,
     /// A filter of the rollup keys the store holds.
     pub known_rollups: KnownKeys,
 }
@@ -125,33 +132,54 @@ impl FjallDerived {
         );
         FjallDerived {
             shared,
-            cache: FxHashMap::default(),
+            cache: StateCache::default(),
+            encoded: Vec::with_capacity(64),
             known_rollups,
         }
     }
 
     /// Adds to `batch` the new state of every bucket a delta touches (in key
     /// order, so consecutive memtable searches share most of their path);
-    /// returns them, for [`FjallDerived::remember`] once committed.
+    /// returns those worth caching, for [`FjallDerived::remember`] once
+    /// committed: buckets that were read (they are written again), and day
+    /// buckets (the coarsest: the next bulk most likely touches them again).
+    /// A new minute or hour bucket is rarely touched again soon, and caching
+    /// each would cost a hash-map insert per event.
     pub fn fold(
         &mut self,
         batch: &mut fjall::OwnedWriteBatch,
         deltas: Vec<(RollupKey, AggState)>,
     ) -> Result<Vec<(RollupKey, AggState)>, StoreError> {
         let rollups = &self.shared.keyspaces.rollups.clone();
-        let mut merged_states = Vec::with_capacity(deltas.len());
+        let mut worth_caching = Vec::new();
         for (key, delta) in deltas {
             let Some(mut state) = self.current_state(&key)? else {
-                batch.insert(rollups, key, delta.to_bytes());
+                self.put(batch, rollups, key, &delta);
                 self.known_rollups.insert(&key);
-                merged_states.push((key, delta));
+                if keys::is_day_key(&key) {
+                    worth_caching.push((key, delta));
+                }
                 continue;
             };
             state.merge(&delta).map_err(StoreError::State)?;
-            batch.insert(rollups, key, state.to_bytes());
-            merged_states.push((key, state));
+            self.put(batch, rollups, key, &state);
+            worth_caching.push((key, state));
         }
-        Ok(merged_states)
+        Ok(worth_caching)
+    }
+
+    /// Adds a bucket's state to `batch`, encoded in the reused buffer (one
+    /// allocation per bucket, the batch's own copy).
+    fn put(
+        &mut self,
+        batch: &mut fjall::OwnedWriteBatch,
+        rollups: &fjall::Keyspace,
+        key: RollupKey,
+        state: &AggState,
+    ) {
+        self.encoded.clear();
+        keys::encode_rollup_value(state, &mut self.encoded);
+        batch.insert(rollups, key, self.encoded.as_slice());
     }
 
     /// Like [`FjallDerived::fold`], but takes the states back out; a bucket
@@ -170,7 +198,7 @@ impl FjallDerived {
             if state.retract(&retraction).map_err(StoreError::State)? {
                 batch.remove(rollups, key);
             } else {
-                batch.insert(rollups, key, state.to_bytes());
+                self.put(batch, rollups, key, &state);
                 updated.push((key, state));
             }
         }
@@ -186,23 +214,45 @@ impl FjallDerived {
         if !self.known_rollups.may_contain(key) {
             return Ok(None);
         }
-        if let Some(cached) = self.cache.remove(key) {
+        if let Some(cached) = self.cache.take(key) {
             return Ok(Some(cached));
         }
         self.shared
             .keyspaces
             .rollups
             .get(key)?
-            .map(|raw| AggState::decode(&raw).map_err(StoreError::State))
+            .map(|raw| keys::decode_rollup_value(&raw))
             .transpose()
     }
 
     /// Caches states just committed, within the cache's bound.
     pub fn remember(&mut self, states: Vec<(RollupKey, AggState)>) {
-        if self.cache.len() + states.len() > ROLLUP_CACHE_ENTRIES {
-            self.cache.clear();
+        for (key, state) in states {
+            self.cache.put(key, state);
         }
-        self.cache.extend(states);
+    }
+}
+
+/// Rollup states by key, at most [`ROLLUP_CACHE_ENTRIES`]: new states go to
+/// the young generation; when it is full it becomes the old one (the old
+/// one is dropped). A state read again is taken out, so it lives as long as
+/// it keeps being used, and memory never passes the bound.
+#[derive(Default)]
+struct StateCache {
+    young: FxHashMap<RollupKey, AggState>,
+    old: FxHashMap<RollupKey, AggState>,
+}
+
+impl StateCache {
+    fn take(&mut self, key: &RollupKey) -> Option<AggState> {
+        self.young.remove(key).or_else(|| self.old.remove(key))
+    }
+
+    fn put(&mut self, key: RollupKey, state: AggState) {
+        if self.young.len() >= ROLLUP_CACHE_ENTRIES / 2 {
+            self.old = std::mem::take(&mut self.young);
+        }
+        self.young.insert(key, state);
     }
 }
 
@@ -213,37 +263,55 @@ impl DerivedStore for FjallDerived {
         };
         let shared = Arc::clone(&self.shared);
         let ks = &shared.keyspaces;
-        let deltas: Vec<(RollupKey, AggState)> = chunks
-            .iter()
-            .flat_map(|c| c.rollups.iter().cloned())
-            .collect();
-        let deltas = if chunks.len() == 1 {
-            deltas
-        } else {
-            Deltas(deltas).merged()?
-        };
+        let deltas = merge_chunks(chunks)?;
         let mut batch = shared.db.batch();
         let states = self.fold(&mut batch, deltas)?;
         for chunk in chunks {
             for (key, value) in &chunk.quarantine {
                 batch.insert(&ks.quarantine, key.as_slice(), value.as_slice());
             }
-            for (key, value) in &chunk.dedupe {
-                batch.insert(&ks.dedupe, key.as_slice(), value.as_slice());
-            }
             dict::write_entries(&mut batch, &ks.meta, &chunk.dict);
         }
         batch.insert(&ks.meta, MATERIALISED_KEY, last.end_seq.to_be_bytes());
-        // The dedupe index says what it includes (see `writer/dedupe.rs`).
-        batch.insert(
-            &ks.dedupe,
-            crate::keys::DEDUPE_MARK,
-            last.end_seq.to_be_bytes(),
-        );
         batch.commit()?;
         self.remember(states);
         Ok(last.end_seq)
     }
+}
+
+/// The chunks' rollup deltas (each chunk's in key order, each key once) as
+/// one run in key order, each key once: a k-way merge, so nothing is
+/// sorted and a state is copied once per key, not once per chunk.
+fn merge_chunks(chunks: &[Arc<TailChunk>]) -> Result<Vec<(RollupKey, AggState)>, StoreError> {
+    if let [only] = chunks {
+        return Ok(only.rollups.clone());
+    }
+    let total = chunks.iter().map(|c| c.rollups.len()).sum();
+    let mut merged: Vec<(RollupKey, AggState)> = Vec::with_capacity(total);
+    // (next key, chunk, its index in the chunk), smallest key on top.
+    let mut heads: BinaryHeap<Reverse<(RollupKey, usize, usize)>> = chunks
+        .iter()
+        .enumerate()
+        .filter_map(|(c, chunk)| chunk.rollups.first().map(|(key, _)| Reverse((*key, c, 0))))
+        .collect();
+    while let Some(mut head) = heads.peek_mut() {
+        let Reverse((key, c, at)) = *head;
+        let rollups = &chunks[c].rollups;
+        let state = &rollups[at].1;
+        match merged.last_mut() {
+            Some((last, existing)) if *last == key => {
+                existing.merge(state).map_err(StoreError::State)?;
+            }
+            _ => merged.push((key, state.clone())),
+        }
+        match rollups.get(at + 1) {
+            Some((next, _)) => *head = Reverse((*next, c, at + 1)),
+            None => {
+                PeekMut::pop(head);
+            }
+        }
+    }
+    Ok(merged)
 }
 
 /// Folds every chunk of the tail in; the caller holds the derived store's
@@ -275,6 +343,88 @@ pub(crate) fn run(tail: &Tail, derived: &Mutex<impl DerivedStore>, patience: Dur
                 warn!(error = %e, "materialising failed; retrying in 1 s");
                 std::thread::sleep(Duration::from_secs(1));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Instant;
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn key(k: u16) -> RollupKey {
+        let mut key = [0u8; keys::ROLLUP_KEY_LEN];
+        key[16..].copy_from_slice(&k.to_be_bytes());
+        key
+    }
+
+    /// A tail chunk holding `counts` (made sorted, each key once, as the
+    /// writer hands them over).
+    fn chunk(counts: &[(u16, u64)]) -> Arc<TailChunk> {
+        let mut rollups = Deltas::default();
+        let mut sorted = counts.to_vec();
+        sorted.sort_unstable();
+        for (k, n) in sorted {
+            rollups.add(key(k), AggState::Count(n)).unwrap();
+        }
+        Arc::new(TailChunk {
+            first_seq: 0,
+            end_seq: 1,
+            events: 1,
+            acked_at: Instant::now(),
+            rollups: rollups.merged().unwrap(),
+            dedupe: Vec::new(),
+            quarantine: Vec::new(),
+            dict: Vec::new(),
+        })
+    }
+
+    proptest! {
+        /// Merging chunks equals adding every delta into a map.
+        #[test]
+        fn merged_chunks_are_the_naive_sum(
+            chunks in prop::collection::vec(
+                prop::collection::vec((0u16..64, 1u64..5), 0..20),
+                0..12,
+            ),
+        ) {
+            let mut naive: BTreeMap<RollupKey, u64> = BTreeMap::new();
+            for (k, n) in chunks.iter().flatten() {
+                *naive.entry(key(*k)).or_default() += n;
+            }
+            let tail: Vec<_> = chunks.iter().map(|c| chunk(c)).collect();
+            let merged = merge_chunks(&tail).unwrap();
+            let expected: Vec<_> = naive
+                .into_iter()
+                .map(|(k, n)| (k, AggState::Count(n)))
+                .collect();
+            prop_assert_eq!(merged, expected);
+        }
+    }
+
+    #[test]
+    fn the_state_cache_keeps_what_is_used_within_its_bound() {
+        let mut cache = StateCache::default();
+        let half = ROLLUP_CACHE_ENTRIES / 2;
+        cache.put(key(0), AggState::Count(7));
+        for k in 1..=half as u64 {
+            let mut other = [1u8; keys::ROLLUP_KEY_LEN];
+            other[..8].copy_from_slice(&k.to_be_bytes());
+            cache.put(other, AggState::Count(k));
+        }
+        // The first state went to the old generation, not away.
+        assert_eq!(cache.young.len() + cache.old.len(), half + 1);
+        assert_eq!(cache.take(&key(0)), Some(AggState::Count(7)));
+        assert_eq!(cache.take(&key(0)), None, "taken out when read");
+        for k in 0..(2 * half) as u64 {
+            let mut other = [2u8; keys::ROLLUP_KEY_LEN];
+            other[..8].copy_from_slice(&k.to_be_bytes());
+            cache.put(other, AggState::Count(k));
+            assert!(cache.young.len() + cache.old.len() <= ROLLUP_CACHE_ENTRIES);
         }
     }
 }

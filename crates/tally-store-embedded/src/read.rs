@@ -708,7 +708,7 @@ enum Value<'a> {
 impl Value<'_> {
     fn state(self) -> Result<AggState, LedgerError> {
         match self {
-            Value::Stored(raw) => AggState::decode(raw).map_err(storage),
+            Value::Stored(raw) => Ok(keys::decode_rollup_value(raw)?),
             Value::Tail(state) => Ok(state.clone()),
         }
     }
@@ -1158,16 +1158,12 @@ fn event_by_id(
     let (snapshot, tail) = shared.tail.view(&shared.db, &shared.keyspaces.meta)?;
     let key = keys::dedupe_key(source, id);
     let entry = match tail.iter().rev().find_map(|chunk| chunk.dedupe_entry(&key)) {
-        Some(value) => Some(keys::decode_dedupe(value)?),
-        None => snapshot
-            .get(&shared.keyspaces.dedupe, &key)
-            .map_err(storage)?
-            .map(|stored| keys::decode_dedupe(&stored))
-            .transpose()?,
+        Some(value) => Some(keys::decode_dedupe(value)?.0),
+        None => crate::dedupe::find_stored(shared, &snapshot, (&key, source, id))?,
     };
     let mut items = Vec::new();
     let mut log = shared.log.reader(&snapshot);
-    if let Some((seq, _)) = entry
+    if let Some(seq) = entry
         && seq < end
         && let Some(block) = log.block(seq)?
     {

@@ -193,6 +193,7 @@ impl Tail {
 
     /// The position the tail was last trimmed to: everything before it is
     /// in the store.
+    #[cfg(test)]
     pub fn position(&self) -> u64 {
         self.lock().position
     }

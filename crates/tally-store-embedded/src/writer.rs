@@ -33,8 +33,7 @@
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 
-use rustc_hash::{FxHashMap, FxHashSet};
-use std::collections::VecDeque;
+use rustc_hash::FxHashSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -51,9 +50,10 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use crate::block::Record;
+use crate::dedupe::{DedupeIndex, LogConfirm};
 use crate::dict::WriterDict;
 use crate::keys::{self, MeterState, QuarantineEntry};
-use crate::known::{self, KnownKeys, Scan};
+use crate::known::{KnownKeys, Scan};
 use crate::log::EventLog;
 use crate::materialise::{self, Deltas, FjallDerived};
 use crate::tail::TailChunk;
@@ -66,8 +66,6 @@ pub(crate) mod upgrade;
 const MAX_GROUP_EVENTS: usize = 64 * 1024;
 /// Log positions read per backfill step; ingest requests run between steps.
 const BACKFILL_SPAN: u64 = 100_000;
-/// Dedupe entries examined per pruning step.
-const PRUNE_CHUNK: usize = 50_000;
 /// Events per tail chunk when the log is replayed at open.
 const REPLAY_CHUNK: usize = 50_000;
 /// Keys removed per garbage-collection step.
@@ -150,6 +148,10 @@ pub(crate) enum Command {
         name: String,
         reply: oneshot::Sender<Result<(), LedgerError>>,
     },
+    /// Writes the dedupe keys held in memory as a run now.
+    FlushDedupe {
+        reply: oneshot::Sender<Result<(), LedgerError>>,
+    },
     /// Panics the writer thread: how tests stand in for a writer bug.
     #[cfg(test)]
     Panic,
@@ -161,17 +163,11 @@ pub(crate) struct Writer {
     next_seq: u64,
     meters: Arc<MetersByType>,
     horizon_seconds: i64,
-    prune_cursor: Option<Vec<u8>>,
+    /// The memory budget of in-memory key filters (see `StoreConfig`).
+    key_filter_bytes: u64,
     last_prune: Timestamp,
     /// Interned subjects and group values.
     dict: WriterDict,
-    /// A filter of the dedupe keys the store holds.
-    known_dedupe: KnownKeys,
-    /// Dedupe entries acknowledged but not yet in the store: key → expiry
-    /// (seconds). A key leaves once the store holds it.
-    tail_dedupe: FxHashMap<Vec<u8>, i64>,
-    /// The chunks pushed whose dedupe entries are in `tail_dedupe`.
-    pushed: VecDeque<Arc<TailChunk>>,
     /// The rollups; shared with the materialiser thread.
     derived: Arc<Mutex<FjallDerived>>,
     /// Most events acknowledged but not yet materialised; ingest waits
@@ -179,6 +175,26 @@ pub(crate) struct Writer {
     max_tail_events: u64,
     /// Whether the rollup key filter's opening scan is done.
     rollups_scanned: bool,
+}
+
+/// Whether an event is a duplicate of one the index holds that has not
+/// expired by `now`.
+fn is_duplicate<R: fjall::Readable>(
+    shared: &Shared,
+    index: &DedupeIndex,
+    prepared: &Prepared,
+    now: Timestamp,
+    confirm: &mut LogConfirm<'_, R>,
+) -> Result<bool, StoreError> {
+    let event = &prepared.event;
+    let pair = (
+        prepared.dedupe_key.as_slice(),
+        event.source.as_str(),
+        event.id.as_str(),
+    );
+    let now = now.as_second();
+    let found = index.find(&shared.keyspaces.dedupe, pair, now, confirm)?;
+    Ok(found.is_some_and(|(_, expires)| expires > now))
 }
 
 /// What a group commit (or a stretch of the log replayed at open) means for
@@ -217,23 +233,15 @@ impl Writer {
         derived: Arc<Mutex<FjallDerived>>,
     ) -> Writer {
         let meters = Arc::clone(&shared.read_state().meters_by_type);
-        let known_dedupe = KnownKeys::new(
-            shared.keyspaces.dedupe.approximate_len(),
-            known::hash_prefix,
-            usize::try_from(config.key_filter_bytes).unwrap_or(usize::MAX),
-        );
         Writer {
             shared,
             rx,
             next_seq,
             meters,
             horizon_seconds: config.dedupe_horizon.as_secs(),
-            prune_cursor: None,
+            key_filter_bytes: config.key_filter_bytes,
             last_prune: Timestamp::UNIX_EPOCH,
             dict,
-            known_dedupe,
-            tail_dedupe: FxHashMap::default(),
-            pushed: VecDeque::new(),
             derived,
             max_tail_events: config.max_unmaterialised_events.max(1),
             rollups_scanned: false,
@@ -246,25 +254,15 @@ impl Writer {
         let derived = Arc::clone(&self.derived);
         let mut derived = materialise::lock(&derived);
         materialise::drain(&self.shared.tail, &mut *derived)?;
-        drop(derived);
-        self.forget_materialised();
         Ok(())
     }
 
-    /// Drops the tail's dedupe entries the store now holds.
-    fn forget_materialised(&mut self) {
-        let position = self.shared.tail.position();
-        while self
-            .pushed
-            .front()
-            .is_some_and(|chunk| chunk.end_seq <= position)
-        {
-            if let Some(chunk) = self.pushed.pop_front() {
-                for (key, _) in &chunk.dedupe {
-                    self.tail_dedupe.remove(key);
-                }
-            }
-        }
+    /// The dedupe index, to change.
+    fn dedupe_index(&self) -> std::sync::RwLockWriteGuard<'_, DedupeIndex> {
+        self.shared
+            .dedupe
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The expiry (seconds) an event's dedupe entry gets: the horizon from
@@ -337,6 +335,14 @@ impl Writer {
                 Command::Delete { kind, name, reply } => {
                     let _ = reply.send(self.delete(kind, &name));
                 }
+                Command::FlushDedupe { reply } => {
+                    let shared = Arc::clone(&self.shared);
+                    let (end, now) = (self.next_seq, Timestamp::now().as_second());
+                    let flushed =
+                        self.dedupe_index()
+                            .flush(&shared.db, &shared.keyspaces.dedupe, end, now);
+                    let _ = reply.send(flushed.map_err(storage));
+                }
                 #[cfg(test)]
                 Command::Panic => panic!("the writer was asked to panic"),
             }
@@ -346,6 +352,15 @@ impl Writer {
             warn!(error = %e, "materialising the tail at shutdown failed; it is replayed from the log when the store opens");
         }
         self.shared.tail.close();
+        // Recent dedupe keys go into a run, so the next open reads less log.
+        let (end, now) = (self.next_seq, Timestamp::now().as_second());
+        let shared = Arc::clone(&self.shared);
+        if let Err(e) = self
+            .dedupe_index()
+            .flush(&shared.db, &shared.keyspaces.dedupe, end, now)
+        {
+            warn!(error = %e, "writing the recent dedupe keys at shutdown failed; they are read from the log when the store opens");
+        }
         if let Err(e) = self.shared.db.persist(PersistMode::SyncAll) {
             warn!(error = %e, "final persist failed");
         }
@@ -397,12 +412,22 @@ impl Writer {
         let mut seen: FxHashSet<&[u8]> = FxHashSet::default();
         let mut outcomes = Vec::with_capacity(group.len());
         let generations = self.generations();
-        self.forget_materialised();
+        let snapshot = shared.db.snapshot();
+        let mut confirm = LogConfirm {
+            reader: shared.log.reader(&snapshot),
+            horizon_seconds: self.horizon_seconds,
+        };
+        let dedupe = shared
+            .dedupe
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         for (events, _) in group {
             let mut outcome = IngestOutcome::default();
             for (index, prepared) in events.iter().enumerate() {
                 let (event, dkey) = (&prepared.event, prepared.dedupe_key.as_slice());
-                if seen.contains(dkey) || self.is_duplicate(dkey, now)? {
+                if seen.contains(dkey)
+                    || is_duplicate(&shared, &dedupe, prepared, now, &mut confirm)?
+                {
                     outcome.duplicates += 1;
                     continue;
                 }
@@ -429,8 +454,23 @@ impl Writer {
             outcome.warnings = self.deprecation_warnings(events);
             outcomes.push(outcome);
         }
+        drop(dedupe);
         shared.log.append(chunk.first_seq, &records)?;
         self.push_chunk(chunk)?;
+        // The events are acknowledged whatever happens here: a run that
+        // cannot be written now is written with a later group.
+        let mut index = self.dedupe_index();
+        if index.is_full()
+            && let Err(e) = index.flush(
+                &shared.db,
+                &shared.keyspaces.dedupe,
+                self.next_seq,
+                now.as_second(),
+            )
+        {
+            warn!(error = %e, "writing a dedupe run failed; the keys stay in memory");
+        }
+        drop(index);
         let stats = &shared.stats;
         let mut counters = (0, 0, 0);
         for o in &outcomes {
@@ -543,12 +583,12 @@ impl Writer {
         let mut quarantine = chunk.quarantine;
         quarantine.sort_unstable();
         let mut dedupe = chunk.dedupe;
+        let mut index = self.dedupe_index();
         for (key, value) in &dedupe {
-            // The filter learns every key before the store can hold it.
-            self.known_dedupe.insert(key);
-            self.tail_dedupe
-                .insert(key.clone(), keys::decode_dedupe(value)?.1);
+            let (seq, expires) = keys::decode_dedupe(value)?;
+            index.insert(key, seq, expires);
         }
+        drop(index);
         dedupe.sort_unstable();
         let chunk = Arc::new(TailChunk {
             first_seq: chunk.first_seq,
@@ -560,7 +600,6 @@ impl Writer {
             quarantine,
             dict,
         });
-        self.pushed.push_back(Arc::clone(&chunk));
         self.shared.tail.push(chunk);
         Ok(())
     }
@@ -598,19 +637,6 @@ impl Writer {
         let pushed = self.push_chunk(chunk);
         self.next_seq = next_seq;
         pushed
-    }
-
-    fn is_duplicate(&self, dkey: &[u8], now: Timestamp) -> Result<bool, StoreError> {
-        if let Some(expires) = self.tail_dedupe.get(dkey) {
-            return Ok(*expires > now.as_second());
-        }
-        if !self.known_dedupe.may_contain(dkey) {
-            return Ok(false);
-        }
-        match self.shared.keyspaces.dedupe.get(dkey)? {
-            Some(value) => Ok(keys::decode_dedupe(&value)?.1 > now.as_second()),
-            None => Ok(false),
-        }
     }
 
     fn generations(&self) -> HashMap<String, u64> {
@@ -817,12 +843,22 @@ impl Writer {
                 format!("source {:?} id {:?}", request.source, request.id),
             )
         };
-        let dedupe = ks
-            .dedupe
-            .get(keys::dedupe_key(&request.source, &request.id))
+        let dkey = keys::dedupe_key(&request.source, &request.id);
+        let snapshot = shared.db.snapshot();
+        let mut confirm = LogConfirm {
+            reader: shared.log.reader(&snapshot),
+            horizon_seconds: self.horizon_seconds,
+        };
+        let pair = (
+            dkey.as_slice(),
+            request.source.as_str(),
+            request.id.as_str(),
+        );
+        let (seq, _) = self
+            .dedupe_index()
+            .find(&ks.dedupe, pair, i64::MIN, &mut confirm)
             .map_err(storage)?
             .ok_or_else(not_found)?;
-        let (seq, _) = keys::decode_dedupe(&dedupe).map_err(storage)?;
         if let Some(raw) = ks.voids.get(keys::seq_key(seq)).map_err(storage)? {
             let record = serde_json::from_slice(&raw).map_err(storage)?;
             return Ok(VoidOutcome {
@@ -1096,10 +1132,6 @@ impl Writer {
     fn known_step(&mut self) -> Result<bool, StoreError> {
         let shared = Arc::clone(&self.shared);
         let ks = &shared.keyspaces;
-        if *self.known_dedupe.scan() != Scan::Done {
-            scan_step("dedupe", &ks.dedupe, &mut self.known_dedupe)?;
-            return Ok(true);
-        }
         if !self.rollups_scanned {
             let derived = Arc::clone(&self.derived);
             let mut derived = materialise::lock(&derived);
@@ -1205,40 +1237,17 @@ impl Writer {
         Ok(true)
     }
 
+    /// Deletes the dedupe runs that have wholly expired, at most hourly.
     fn prune_step(&mut self) -> Result<bool, StoreError> {
         let now = Timestamp::now();
-        if self.prune_cursor.is_none() && now.as_second() - self.last_prune.as_second() < 3600 {
+        if now.as_second() - self.last_prune.as_second() < 3600 {
             return Ok(false);
         }
-        let ks = &self.shared.keyspaces;
-        let start = self.prune_cursor.take().unwrap_or_default();
-        let mut batch = self.shared.db.batch();
-        let mut last = None;
-        let mut examined = 0;
-        for item in ks.dedupe.range(start..) {
-            let (key, value) = item.into_inner()?;
-            examined += 1;
-            if &*key != keys::DEDUPE_MARK && keys::decode_dedupe(&value)?.1 <= now.as_second() {
-                batch.remove(&ks.dedupe, key.clone());
-            }
-            if examined == PRUNE_CHUNK {
-                last = Some(key);
-                break;
-            }
-        }
-        batch.commit()?;
-        match last {
-            Some(key) => {
-                let mut next = key.to_vec();
-                next.push(0);
-                self.prune_cursor = Some(next);
-                Ok(true)
-            }
-            None => {
-                self.last_prune = now;
-                Ok(false)
-            }
-        }
+        self.last_prune = now;
+        let shared = Arc::clone(&self.shared);
+        self.dedupe_index()
+            .drop_expired(&shared.db, &shared.keyspaces.dedupe, now.as_second())?;
+        Ok(false)
     }
 }
 

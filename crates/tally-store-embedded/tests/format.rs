@@ -123,17 +123,21 @@ async fn a_format_3_store_is_upgraded_when_opened() {
                 .unwrap()
         };
         let (meta, dedupe) = (ks("meta"), ks("dedupe"));
-        // Format 3 kept no mark of the position its dedupe entries include.
-        assert!(dedupe.get(b"\0position").unwrap().is_some());
-        dedupe.remove(b"\0position").unwrap();
-        let keys: Vec<_> = dedupe
-            .iter()
-            .map(|item| item.into_inner().unwrap())
-            .collect();
-        assert_eq!(keys.len(), 240);
-        for (key, value) in keys {
-            dedupe.remove(key.clone()).unwrap();
-            dedupe.insert(key[8..].to_vec(), value).unwrap();
+        // Format 3 kept one entry per event under the bare (source, id),
+        // and no mark of the position they include.
+        let keys: Vec<_> = dedupe.iter().map(|item| item.key().unwrap()).collect();
+        assert!(!keys.is_empty());
+        for key in keys {
+            dedupe.remove(key).unwrap();
+        }
+        let far = i64::MAX / 2;
+        for (seq, event) in events().iter().enumerate() {
+            let mut key = (event.source.len() as u32).to_be_bytes().to_vec();
+            key.extend_from_slice(event.source.as_bytes());
+            key.extend_from_slice(event.id.as_bytes());
+            let mut value = (seq as u64).to_be_bytes().to_vec();
+            value.extend_from_slice(&far.to_be_bytes());
+            dedupe.insert(key, value).unwrap();
         }
         meta.insert("format", 3u64.to_be_bytes()).unwrap();
         db.persist(fjall::PersistMode::SyncAll).unwrap();
@@ -196,7 +200,7 @@ async fn a_format_4_store_is_upgraded_when_opened() {
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     raw_meta(&|meta| {
         let format = meta.get("format").unwrap().unwrap();
-        assert_eq!(u64::from_be_bytes(format[..].try_into().unwrap()), 6);
+        assert_eq!(u64::from_be_bytes(format[..].try_into().unwrap()), 7);
         let position = meta.get("materialised").unwrap().unwrap();
         assert_eq!(u64::from_be_bytes(position[..].try_into().unwrap()), 240);
     });
@@ -274,6 +278,40 @@ async fn everything(
     (answers(ledger).await, events, quarantine)
 }
 
+/// The fixtures' history (see `fixtures/format-5/README.md`) written by
+/// this build, and what it answers.
+async fn fixture_history(
+    dir: &std::path::Path,
+) -> (
+    Vec<tally_ledger::QueryResult>,
+    Vec<(tally_model::CloudEvent, bool)>,
+    Vec<(String, String, String)>,
+) {
+    let ledger = open(dir);
+    let yaml = "apiVersion: billing.miloapis.com/v1alpha1\nkind: MeterDefinition\n\
+                metadata: {name: requests}\nspec: {meterName: requests, \
+                measurement: {aggregation: Sum, unit: '{request}'}, \
+                event: {type: req, valueProperty: $.value, dimensions: {method: $.method}}}\n";
+    let meter = tally_model::Manifest::parse_documents(yaml)
+        .unwrap()
+        .remove(0);
+    ledger
+        .apply(meter, tally_ledger::ApplyMode::Upsert)
+        .await
+        .unwrap();
+    for part in 0..3 {
+        ledger.ingest(format_5_events(part)).await.unwrap();
+    }
+    let void = tally_ledger::VoidRequest {
+        source: "s".into(),
+        id: "e4".into(),
+        reason: "test".into(),
+        voided_by: "fixture".into(),
+    };
+    ledger.void(void).await.unwrap();
+    everything(&ledger).await
+}
+
 #[tokio::test]
 async fn a_format_5_store_is_moved_into_event_blocks_when_opened() {
     let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format-5");
@@ -281,31 +319,7 @@ async fn a_format_5_store_is_moved_into_event_blocks_when_opened() {
     copy_dir(&fixture.join("fjall"), &dir.path().join("fjall"));
     // The same history written by this build, for comparison.
     let fresh_dir = tempfile::tempdir().unwrap();
-    let expected = {
-        let ledger = open(fresh_dir.path());
-        let yaml = "apiVersion: billing.miloapis.com/v1alpha1\nkind: MeterDefinition\n\
-                    metadata: {name: requests}\nspec: {meterName: requests, \
-                    measurement: {aggregation: Sum, unit: '{request}'}, \
-                    event: {type: req, valueProperty: $.value, dimensions: {method: $.method}}}\n";
-        let meter = tally_model::Manifest::parse_documents(yaml)
-            .unwrap()
-            .remove(0);
-        ledger
-            .apply(meter, tally_ledger::ApplyMode::Upsert)
-            .await
-            .unwrap();
-        for part in 0..3 {
-            ledger.ingest(format_5_events(part)).await.unwrap();
-        }
-        let void = tally_ledger::VoidRequest {
-            source: "s".into(),
-            id: "e4".into(),
-            reason: "test".into(),
-            voided_by: "fixture".into(),
-        };
-        ledger.void(void).await.unwrap();
-        everything(&ledger).await
-    };
+    let expected = fixture_history(fresh_dir.path()).await;
     assert_eq!(expected.1.len(), 240);
     assert!(!expected.2.is_empty(), "the history has quarantined events");
     let ledger = open(dir.path());
@@ -326,11 +340,72 @@ async fn a_format_5_store_is_moved_into_event_blocks_when_opened() {
             .keyspace("meta", fjall::KeyspaceCreateOptions::default)
             .unwrap();
         let format = meta.get("format").unwrap().unwrap();
-        assert_eq!(u64::from_be_bytes(format[..].try_into().unwrap()), 6);
+        assert_eq!(u64::from_be_bytes(format[..].try_into().unwrap()), 7);
     }
     // Opened again, in the new format, the same.
     let ledger = open(dir.path());
     assert_eq!(everything(&ledger).await, expected);
     let more = ledger.ingest(events()).await.unwrap();
     assert_eq!(more.accepted + more.duplicates, 240);
+}
+
+#[tokio::test]
+async fn a_format_6_store_reads_its_rollups_and_writes_compact_ones() {
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format-6");
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&fixture.join("fjall"), &dir.path().join("fjall"));
+    let fresh_dir = tempfile::tempdir().unwrap();
+    let expected = fixture_history(fresh_dir.path()).await;
+    let ledger = open(dir.path());
+    assert_eq!(everything(&ledger).await, expected);
+    // Buckets written again (format-6 values merged with new events) and
+    // new ones answer as in a store written by this build alone.
+    let more = |i: i64| {
+        let at = jiff::Timestamp::from_second(1_767_268_800 + i * 1_499).unwrap();
+        parse_event(
+            json!({"specversion": "1.0", "id": format!("more{i}"), "source": "s", "type": "req",
+                "subject": format!("projects/p{}", i % 3), "time": at.to_string(),
+                "data": {"value": i * 3, "method": "GET"}}),
+            jiff::Timestamp::now(),
+        )
+        .unwrap()
+    };
+    let extra: Vec<_> = (0..300).step_by(7).map(more).collect();
+    ledger.ingest(extra.clone()).await.unwrap();
+    // The first handle on the fresh store was dropped; let it close.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let fresh = open(fresh_dir.path());
+    fresh.ingest(extra).await.unwrap();
+    let answers_after = answers(&fresh).await;
+    drop(fresh);
+    assert_eq!(answers(&ledger).await, answers_after);
+    drop(ledger);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Reopened (now format 7), it answers the same.
+    let ledger = open(dir.path());
+    assert_eq!(answers(&ledger).await, answers_after);
+    drop(ledger);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let db = fjall::Database::builder(dir.path().join("fjall"))
+        .open()
+        .unwrap();
+    let meta = db
+        .keyspace("meta", fjall::KeyspaceCreateOptions::default)
+        .unwrap();
+    let format = meta.get("format").unwrap().unwrap();
+    assert_eq!(u64::from_be_bytes(format[..].try_into().unwrap()), 7);
+    // The fixture's values are format 6; the buckets written since are
+    // compact (tag 0x11: a SUM).
+    let rollups = db
+        .keyspace("rollups", fjall::KeyspaceCreateOptions::default)
+        .unwrap();
+    let tags: std::collections::BTreeSet<u8> = rollups
+        .iter()
+        .map(|item| item.value().unwrap()[0])
+        .collect();
+    assert_eq!(
+        tags,
+        [1, 0x11].into_iter().collect(),
+        "both layouts are read"
+    );
 }

@@ -1,13 +1,11 @@
 //! Cumulative → delta conversion against a naive per-series model.
 
-mod common;
-
 use std::collections::HashMap;
 
-use common::*;
 use proptest::prelude::*;
 use tally_telemetry::DeltaConverter;
 use tally_telemetry::proto::metrics::v1::{metric::Data, number_data_point};
+use tally_testkit::otlp_metrics::*;
 
 const STARTED_AT: u64 = 50;
 

@@ -4,11 +4,7 @@
 //! allows it, a redirect is not followed, and a status never shows what an
 //! endpoint answered — only the HTTP status and a reason Tally wrote.
 
-mod common;
-#[path = "support/exporters.rs"]
-mod exporters;
-#[path = "support/otlp_receiver.rs"]
-mod receiver;
+use tally_testkit::{exporters, otlp_receiver as receiver};
 
 use std::time::{Duration, Instant};
 

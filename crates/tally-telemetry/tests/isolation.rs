@@ -2,17 +2,15 @@
 //! series, whatever the exporters, namespaces, labels and (spoofed) resource
 //! attributes; and what it receives equals a naive model of visibility.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 
-use common::*;
 use proptest::prelude::*;
 use prost::Message as _;
 use tally_model::Manifest;
 use tally_telemetry::proto::collector::metrics::v1::ExportMetricsServiceRequest;
 use tally_telemetry::proto::common::v1::any_value;
 use tally_telemetry::{Exporter, InMemoryResourceIndex, Router};
+use tally_testkit::otlp_metrics::*;
 
 const NAMESPACES: usize = 6;
 const PROJECTS: [&str; 3] = ["p0", "p1", "p2"];

@@ -1,14 +1,10 @@
 //! The exporters' runtime against a real OTLP/HTTP receiver (built on the
-//! official protobuf definitions, see `support/otlp_receiver.rs`): exactly
+//! official protobuf definitions, see `tally_testkit::otlp_receiver`): exactly
 //! the selected series, once each, with the bearer token, through injected
 //! 429/503/timeouts; a dead sink does not hold up a healthy one;
 //! secrets rotate without a restart.
 
-mod common;
-#[path = "support/exporters.rs"]
-mod exporters;
-#[path = "support/otlp_receiver.rs"]
-mod receiver;
+use tally_testkit::{exporters, otlp_receiver as receiver};
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;

@@ -5,13 +5,8 @@
 //! another exporter's selection never arrive; a VictoriaMetrics that does
 //! not answer shows in the status and the component metrics.
 
-mod common;
-#[path = "support/exporters.rs"]
-mod exporters;
-#[path = "support/otlp_receiver.rs"]
-mod receiver;
-#[path = "support/victoria_metrics.rs"]
-mod victoria_metrics;
+use tally_testkit::victoria_metrics;
+use tally_testkit::{exporters, otlp_receiver as receiver};
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};

@@ -1,9 +1,6 @@
 //! Selection semantics through the router, and OTLP decode → select → encode
 //! round trips checked by decoding with the prost types.
 
-mod common;
-
-use common::*;
 use prost::Message as _;
 use tally_model::Manifest;
 use tally_telemetry::otlp::{decode_metrics_request, encode_metrics_request};
@@ -12,6 +9,7 @@ use tally_telemetry::proto::metrics::v1::metric::Data;
 use tally_telemetry::{
     Compression, Encoding, Exporter, InMemoryResourceIndex, ResourceRef, Router,
 };
+use tally_testkit::otlp_metrics::*;
 
 const GW_GROUP: &str = "gateway.networking.k8s.io";
 

@@ -3,11 +3,7 @@
 //! thread-scoped tracing subscriber, which other tests running in parallel
 //! in the same process could race.
 
-mod common;
-#[path = "support/exporters.rs"]
-mod exporters;
-#[path = "support/otlp_receiver.rs"]
-mod receiver;
+use tally_testkit::{exporters, otlp_receiver as receiver};
 
 use std::sync::Mutex;
 use std::time::Duration;

@@ -3,11 +3,7 @@
 //! sink makes the exporter not Ready, with the time of its last error, until
 //! it recovers; the README's retry settings lose nothing under 30 % faults.
 
-mod common;
-#[path = "support/exporters.rs"]
-mod exporters;
-#[path = "support/otlp_receiver.rs"]
-mod receiver;
+use tally_testkit::{exporters, otlp_receiver as receiver};
 
 use std::collections::BTreeSet;
 use std::time::Duration;

@@ -2,8 +2,7 @@
 //! (Debian's `victoria-metrics` package). Windows with restarts in between
 //! must neither skip nor repeat a sample.
 
-#[path = "support/victoria_metrics.rs"]
-mod victoria_metrics;
+use tally_testkit::victoria_metrics;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

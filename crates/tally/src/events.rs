@@ -53,17 +53,8 @@ pub struct VoidArgs {
 
 #[derive(Debug, Args)]
 pub struct VoidsArgs {
-    /// Records per page.
-    #[arg(long, default_value_t = 100, value_name = "N")]
-    limit: usize,
-
-    /// Follow nextCursor and list every voided event, not just one page.
-    #[arg(long)]
-    all: bool,
-
-    /// Output format.
-    #[arg(short = 'o', long, value_enum, default_value_t = Format::Table, value_name = "FORMAT")]
-    output: Format,
+    #[command(flatten)]
+    page: Paging<Voids>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -112,17 +103,8 @@ pub struct ListArgs {
     #[arg(long, value_name = "ID")]
     id: Option<String>,
 
-    /// Events per page.
-    #[arg(long, default_value_t = 100, value_name = "N")]
-    limit: usize,
-
-    /// Follow nextCursor and list every matching event, not just one page.
-    #[arg(long)]
-    all: bool,
-
-    /// Output format.
-    #[arg(short = 'o', long, value_enum, default_value_t = Format::Table, value_name = "FORMAT")]
-    output: Format,
+    #[command(flatten)]
+    page: Paging<Events>,
 }
 
 #[derive(Debug, Args)]
@@ -131,17 +113,8 @@ pub struct QuarantineArgs {
     #[arg(long, value_name = "METER")]
     meter: Option<String>,
 
-    /// Events per page.
-    #[arg(long, default_value_t = 100, value_name = "N")]
-    limit: usize,
-
-    /// Follow nextCursor and list every quarantined event, not just one page.
-    #[arg(long)]
-    all: bool,
-
-    /// Output format.
-    #[arg(short = 'o', long, value_enum, default_value_t = Format::Table, value_name = "FORMAT")]
-    output: Format,
+    #[command(flatten)]
+    page: Paging<Quarantined>,
 }
 
 pub async fn run(client: &TallyClient, command: EventsCommand) -> anyhow::Result<()> {
@@ -200,14 +173,14 @@ async fn void(client: &TallyClient, args: VoidArgs) -> anyhow::Result<()> {
 }
 
 async fn voids(client: &TallyClient, args: VoidsArgs) -> anyhow::Result<()> {
-    let page: VoidPage = pages(args.all, |cursor| async move {
+    let page: VoidPage = pages(args.page.all, |cursor| async move {
         client
-            .list_voids(args.limit, cursor.as_deref())
+            .list_voids(args.page.limit, cursor.as_deref())
             .await
             .context("listing voided events")
     })
     .await?;
-    output::print_listing(args.output, &page, "No voided events.", || {
+    output::print_listing(args.page.output, &page, "No voided events.", || {
         void_table(&page.items)
     })?;
     if page.next_cursor.is_some() {
@@ -215,6 +188,52 @@ async fn voids(client: &TallyClient, args: VoidsArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// What a cursor-paged listing lists: the noun in its `--limit` and
+/// `--all` help (clap's help is text, so each listing names its own).
+pub(crate) trait Listed: Clone + Send + Sync + 'static {
+    /// `--limit`'s help, e.g. "Events per page".
+    const PER_PAGE: &'static str;
+    /// `--all`'s help.
+    const ALL: &'static str;
+}
+
+/// `--limit`, `--all` and `-o` of a paged listing, flattened into each
+/// listing's arguments.
+#[derive(Debug, Args)]
+pub(crate) struct Paging<L: Listed> {
+    #[arg(long, default_value_t = 100, value_name = "N", help = L::PER_PAGE)]
+    pub limit: usize,
+
+    #[arg(long, help = L::ALL)]
+    pub all: bool,
+
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Table, value_name = "FORMAT")]
+    pub output: Format,
+
+    #[arg(skip)]
+    listed: std::marker::PhantomData<L>,
+}
+
+macro_rules! listed {
+    ($($noun:ident: $per_page:literal, $all:literal;)*) => {$(
+        #[derive(Debug, Clone)]
+        pub(crate) struct $noun;
+        impl $crate::events::Listed for $noun {
+            const PER_PAGE: &'static str = $per_page;
+            const ALL: &'static str = $all;
+        }
+    )*};
+}
+
+pub(crate) use listed;
+
+listed!(
+    Events: "Events per page", "Follow nextCursor and list every matching event, not just one page";
+    Voids: "Records per page", "Follow nextCursor and list every voided event, not just one page";
+    Quarantined: "Events per page", "Follow nextCursor and list every quarantined event, not just one page";
+);
 
 /// One page of a cursor-paged listing.
 pub(crate) trait Page {
@@ -678,16 +697,16 @@ async fn list(client: &TallyClient, args: ListArgs) -> anyhow::Result<()> {
         subject: args.subject.clone(),
         source: args.source.clone(),
         id: args.id.clone(),
-        limit: Some(args.limit),
+        limit: Some(args.page.limit),
         cursor: None,
     };
-    let page: EventPage = pages(args.all, |cursor| {
+    let page: EventPage = pages(args.page.all, |cursor| {
         params.cursor = cursor;
         let params = params.clone();
         async move { client.list_events(&params).await.context("listing events") }
     })
     .await?;
-    output::print_listing(args.output, &page, "No events found.", || {
+    output::print_listing(args.page.output, &page, "No events found.", || {
         event_table(&page.items)
     })?;
     if page.next_cursor.is_some() {
@@ -735,10 +754,10 @@ pub async fn run_quarantine(
     let QuarantineCommand::List(args) = command;
     let mut params = QuarantineListParams {
         meter: args.meter.clone(),
-        limit: Some(args.limit),
+        limit: Some(args.page.limit),
         cursor: None,
     };
-    let page: QuarantinePage = pages(args.all, |cursor| {
+    let page: QuarantinePage = pages(args.page.all, |cursor| {
         params.cursor = cursor;
         let params = params.clone();
         async move {
@@ -749,7 +768,7 @@ pub async fn run_quarantine(
         }
     })
     .await?;
-    output::print_listing(args.output, &page, "No quarantined events.", || {
+    output::print_listing(args.page.output, &page, "No quarantined events.", || {
         quarantine_table(&page.items)
     })?;
     if page.next_cursor.is_some() {

@@ -6,8 +6,8 @@ use tally_client::{
     InstancePage, InstanceSummary, LifecycleEvent, LifecycleEventPage, TallyClient,
 };
 
-use crate::events::{Page, pages};
-use crate::output::{self, Cell, Column, Format, Table, or_none, time_cell};
+use crate::events::{Page, Paging, pages};
+use crate::output::{self, Cell, Column, Table, or_none, time_cell};
 
 #[derive(Debug, Subcommand)]
 pub enum InstancesCommand {
@@ -18,23 +18,19 @@ pub enum InstancesCommand {
     Events(EventsArgs),
 }
 
+crate::events::listed!(
+    Instances: "Instances per page", "Follow nextCursor and list every instance, not just one page";
+    LifecycleEvents: "Events per page", "Follow nextCursor and list every event, not just one page";
+);
+
 #[derive(Debug, Args)]
 pub struct ListArgs {
     /// The project (default: the token's only project; operators: every project).
     #[arg(long, value_name = "PROJECT")]
     project: Option<String>,
 
-    /// Instances per page.
-    #[arg(long, default_value_t = 100, value_name = "N")]
-    limit: usize,
-
-    /// Follow nextCursor and list every instance, not just one page.
-    #[arg(long)]
-    all: bool,
-
-    /// Output format.
-    #[arg(short = 'o', long, value_enum, default_value_t = Format::Table, value_name = "FORMAT")]
-    output: Format,
+    #[command(flatten)]
+    page: Paging<Instances>,
 }
 
 #[derive(Debug, Args)]
@@ -48,17 +44,8 @@ pub struct EventsArgs {
     #[arg(long, value_name = "PROJECT")]
     project: Option<String>,
 
-    /// Events per page.
-    #[arg(long, default_value_t = 100, value_name = "N")]
-    limit: usize,
-
-    /// Follow nextCursor and list every event, not just one page.
-    #[arg(long)]
-    all: bool,
-
-    /// Output format.
-    #[arg(short = 'o', long, value_enum, default_value_t = Format::Table, value_name = "FORMAT")]
-    output: Format,
+    #[command(flatten)]
+    page: Paging<LifecycleEvents>,
 }
 
 impl Page for InstancePage {
@@ -142,14 +129,14 @@ fn event_table(items: &[LifecycleEvent]) -> Table {
 
 async fn list(client: &TallyClient, args: ListArgs) -> anyhow::Result<()> {
     let project = args.project.as_deref();
-    let page: InstancePage = pages(args.all, |cursor| async move {
+    let page: InstancePage = pages(args.page.all, |cursor| async move {
         client
-            .list_instances(project, args.limit, cursor.as_deref())
+            .list_instances(project, args.page.limit, cursor.as_deref())
             .await
             .context("listing instances")
     })
     .await?;
-    output::print_listing(args.output, &page, "No instances.", || {
+    output::print_listing(args.page.output, &page, "No instances.", || {
         instance_table(&page.items)
     })?;
     if page.next_cursor.is_some() {
@@ -160,14 +147,14 @@ async fn list(client: &TallyClient, args: ListArgs) -> anyhow::Result<()> {
 
 async fn events(client: &TallyClient, args: EventsArgs) -> anyhow::Result<()> {
     let (instance, project) = (args.instance.as_str(), args.project.as_deref());
-    let page: LifecycleEventPage = pages(args.all, |cursor| async move {
+    let page: LifecycleEventPage = pages(args.page.all, |cursor| async move {
         client
-            .instance_events(instance, project, args.limit, cursor.as_deref())
+            .instance_events(instance, project, args.page.limit, cursor.as_deref())
             .await
             .with_context(|| format!("listing the events of instance {instance:?}"))
     })
     .await?;
-    output::print_listing(args.output, &page, "No events.", || {
+    output::print_listing(args.page.output, &page, "No events.", || {
         event_table(&page.items)
     })?;
     if page.next_cursor.is_some() {

@@ -194,6 +194,25 @@ struct BenchArgs {
     /// in --data-dir (give the same --events, for the per-million figures).
     #[arg(long, requires = "data_dir")]
     queries_only: bool,
+    /// Spread event times over the 30 days before this time instead of now
+    /// (the same time gives the same events on every run).
+    #[arg(long, value_name = "RFC3339")]
+    now: Option<jiff::Timestamp>,
+    /// Write the events (the same ones a run with the same --events,
+    /// --batch, --subjects, --order and --now sends) to FILE as NDJSON, one
+    /// CloudEvent a line, and exit without serving.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["events_file", "queries_only"])]
+    write_events: Option<std::path::PathBuf>,
+    /// Send the events of this NDJSON file (at most 10 M lines of 64 KiB)
+    /// in batches of --batch instead of generating them; --events is then
+    /// the file's count. Give the --now it was written with, so the queries
+    /// cover its 30 days.
+    #[arg(long, value_name = "FILE", conflicts_with = "load_process")]
+    events_file: Option<std::path::PathBuf>,
+    /// Also write the report as JSON to FILE, with the answers of both
+    /// queries in full (for bench/compare-storage.py).
+    #[arg(long, value_name = "FILE")]
+    report_json: Option<std::path::PathBuf>,
     /// Internal: be the load generator of `--load-process` for the server at URL.
     #[arg(long, value_name = "URL", hide = true)]
     load_only_to: Option<String>,
@@ -277,6 +296,17 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         };
         return runtime.block_on(tally_bench::run_load(load, base));
     }
+    if let Some(path) = &args.write_events {
+        let load = tally_bench::LoadOptions {
+            events: args.events,
+            batch: args.batch.max(1),
+            connections: 1,
+            subjects: args.subjects.max(1),
+            now: args.now.unwrap_or_else(jiff::Timestamp::now),
+            order: args.order,
+        };
+        return tally_bench::write_events(&load, path);
+    }
     let options = tally_bench::BenchOptions {
         events: args.events,
         batch: args.batch.max(1),
@@ -287,6 +317,9 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         load_process: args.load_process,
         order: args.order,
         queries_only: args.queries_only,
+        now: args.now,
+        events_file: args.events_file,
+        report_json: args.report_json,
     };
     runtime.block_on(tally_bench::run(options))
 }

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tally_collect::{CorpusConfig, CorpusGenerator, ExpectedTotals};
 
-#[path = "../../tally-telemetry/tests/support/otlp_receiver.rs"]
-mod receiver;
+use tally_testkit::otlp_receiver as receiver;
+use tally_testkit::progress::Progress;
 
 const METERS: [&str; 4] = [
     "gateway-requests",
@@ -345,13 +345,18 @@ fn assert_metered(base: &str, expected: &ExpectedTotals, within: Duration) {
 }
 
 /// Waits until the ledger's sums per HTTPRoute equal `want`, or fails
-/// showing the difference.
-fn wait_metered(base: &str, want: &PerRoute, within: Duration) {
-    let deadline = Instant::now() + within;
-    let mut last = None;
-    while Instant::now() < deadline {
+/// showing the difference once they have not moved for `stall` (a loaded
+/// host slows the agent down; a stuck one stops it).
+fn wait_metered(base: &str, want: &PerRoute, stall: Duration) {
+    let mut progress = Progress::new("the metered sums", stall);
+    let mut last: Option<PerRoute>;
+    loop {
         last = metered(base);
         if last.as_ref() == Some(want) {
+            break;
+        }
+        if let Err(why) = progress.check(last.clone()) {
+            eprintln!("{why}");
             break;
         }
         std::thread::sleep(Duration::from_millis(500));

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use tally_billing::testing::venv;
 
 mod common;
@@ -158,6 +158,7 @@ fn the_console_shows_the_right_usage_to_each_token() {
         "billing",
         "telemetry",
         "instances",
+        "instances-logs",
     ] {
         let shot = shots.join(format!("{name}.png"));
         assert!(
@@ -215,10 +216,39 @@ fn check(page: &Value) {
     assert_eq!(page["verdict_before"], "gpu-seconds: NOT safe to publish");
     assert_eq!(page["verdict_after"], "gpu-seconds: safe to publish");
     assert_eq!(page["after_arrow"], "Catalog");
-    assert!(
-        page["instances_text"]
-            .as_str()
-            .unwrap()
-            .contains("Not available")
+    check_instances(page);
+}
+
+/// The Instances page against the lifecycle events and log lines sent.
+fn check_instances(page: &Value) {
+    let acme_row = json!(["acme", "web-0", "started"]);
+    let globex_row = json!(["globex", "db-0", "crashed (InstanceCrashing)"]);
+    assert_eq!(
+        page["admin_instances"],
+        json!([acme_row, globex_row]),
+        "{page:#}"
     );
+    let acme = &page["instances_acme"];
+    assert_eq!(acme["instances"], json!([acme_row]), "{page:#}");
+    assert_eq!(acme["events"], json!(["created", "scheduled", "started"]));
+    assert_eq!(
+        acme["logs"],
+        json!(["listening on :8080", "warn: slow query"])
+    );
+    assert_eq!(acme["stderr"], json!(["warn: slow query"]));
+    assert_eq!(acme["grep"], json!(["listening on :8080"]));
+    // Posted while following: it appears without a reload.
+    assert_eq!(
+        acme["followed"],
+        json!(["listening on :8080", "warn: slow query", "GET /healthz 200"])
+    );
+    // Another project's token sees its own instance and none of acme's.
+    let globex = &page["instances_globex"];
+    assert_eq!(globex["instances"], json!([globex_row]), "{page:#}");
+    assert_eq!(globex["events"], json!(["created", "crashed"]));
+    assert_eq!(globex["logs"], json!(["globex only line"]));
+    let text = globex["text"].as_str().unwrap();
+    for acme_only in ["web-0", "listening", "slow query", "healthz"] {
+        assert!(!text.contains(acme_only), "{acme_only:?} in {text:?}");
+    }
 }

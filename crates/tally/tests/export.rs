@@ -9,10 +9,8 @@
 //! SIGKILL and a restart, and never another project's; an OTLP/gRPC export
 //! from a tonic client comes out at the sink.
 
-#[path = "../../tally-telemetry/tests/support/otlp_receiver.rs"]
-mod receiver;
-#[path = "../../tally-telemetry/tests/support/victoria_metrics.rs"]
-mod victoria_metrics;
+use tally_testkit::otlp_receiver as receiver;
+use tally_testkit::victoria_metrics;
 
 mod common;
 

@@ -6,8 +6,7 @@
 //! never the other's; `tally get telemetrypolicies` shows status and
 //! `tally policy render` the EnvoyProxy configuration.
 
-#[path = "../../tally-telemetry/tests/support/otlp_receiver.rs"]
-mod receiver;
+use tally_testkit::otlp_receiver as receiver;
 
 mod common;
 

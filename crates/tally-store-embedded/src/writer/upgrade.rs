@@ -15,12 +15,14 @@
 //!
 //! Format 4 changed two derived layouts, never the log: dedupe keys gained a
 //! hash prefix, and day rollups became time-major with all groups merged.
-//! The dedupe keys are rewritten in place (a key already in format 4 is
-//! recognised by its hash, so an upgrade cut short by a crash resumes), and
-//! every meter is rebuilt from the log under a new generation, exactly as
+//! Every meter is rebuilt from the log under a new generation, exactly as
 //! when a Draft meter changes; the old generations become garbage. The
 //! format mark is written in the batch that starts the rebuilds, so a store
 //! is either still format 3 or fully switched.
+//!
+//! The dedupe index of any older store (one key per event) is not upgraded
+//! here: the writer finds no index of the runs layout and rebuilds it from
+//! the log (`crate::dedupe`, `writer/dedupe.rs`).
 
 use fjall::PersistMode;
 use tracing::info;
@@ -42,17 +44,11 @@ pub(crate) fn record_materialised(
     format: u64,
 ) -> Result<(), StoreError> {
     let mut batch = db.batch().durability(Some(PersistMode::SyncAll));
-    let position = match keyspaces.meta.get(MATERIALISED_KEY)? {
-        Some(raw) => keys::read_u64(&raw)?,
-        None => {
-            batch.insert(&keyspaces.meta, MATERIALISED_KEY, next_seq.to_be_bytes());
-            next_seq
-        }
-    };
-    // Older formats kept no dedupe mark; their index is trusted as it is.
-    if keyspaces.dedupe.get(keys::DEDUPE_MARK)?.is_none() {
-        batch.insert(&keyspaces.dedupe, keys::DEDUPE_MARK, position.to_be_bytes());
+    if keyspaces.meta.get(MATERIALISED_KEY)?.is_none() {
+        batch.insert(&keyspaces.meta, MATERIALISED_KEY, next_seq.to_be_bytes());
     }
+    // Older formats' dedupe entries are not runs: the index is rebuilt
+    // from the log when the writer opens it (`crate::dedupe`).
     if format == 4 || format == 5 {
         batch.insert(
             &keyspaces.meta,
@@ -142,36 +138,12 @@ pub(crate) fn log_into_blocks(
 /// The keyspace of the log up to format 5.
 const OLD_EVENTS: &str = "events";
 
-/// Dedupe keys rewritten per batch.
-const DEDUPE_CHUNK: usize = 50_000;
-
 impl Writer {
     /// Runs before the writer serves anything and before readers exist.
     pub(crate) fn upgrade_from_format_3(&mut self) -> Result<(), StoreError> {
         let shared = std::sync::Arc::clone(&self.shared);
         let ks = &shared.keyspaces;
-        let mut rewritten = 0u64;
-        let snapshot = shared.db.snapshot();
         let mut batch = shared.db.batch().durability(Some(PersistMode::SyncAll));
-        let mut pending = 0;
-        for item in fjall::Readable::iter(&snapshot, &ks.dedupe) {
-            let (key, value) = item.into_inner()?;
-            if &*key == keys::DEDUPE_MARK {
-                continue;
-            }
-            let Some(new_key) = keys::upgrade_dedupe_key(&key) else {
-                continue;
-            };
-            batch.insert(&ks.dedupe, new_key, value);
-            batch.remove(&ks.dedupe, key);
-            pending += 1;
-            rewritten += 1;
-            if pending == DEDUPE_CHUNK {
-                batch.commit()?;
-                batch = shared.db.batch().durability(Some(PersistMode::SyncAll));
-                pending = 0;
-            }
-        }
         let meters: Vec<String> = shared.read_state().meters.keys().cloned().collect();
         let first = self.next_generations(&mut batch, meters.len() as u64)?;
         let mut states = Vec::with_capacity(meters.len());
@@ -186,7 +158,6 @@ impl Writer {
             state.meters.insert(meter, meter_state);
         }
         info!(
-            dedupe_keys = rewritten,
             meters = meters.len(),
             "store upgraded from format 3 to 4; meters are rebuilt from the log in the background"
         );

@@ -1,11 +1,10 @@
 //! Exporters, secrets, snapshots and traffic for the pipeline tests.
-#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::common::*;
+use crate::otlp_metrics::*;
 use tally_model::Manifest;
 use tally_telemetry::proto::collector::metrics::v1::ExportMetricsServiceRequest;
 use tally_telemetry::{

@@ -4,7 +4,6 @@
 //! never calls Tally's own decoder. Each path prefix (`/a`, `/b`...) is its
 //! own endpoint, with its own injected faults and its own record of what
 //! it accepted.
-#![allow(dead_code)]
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Read as _;

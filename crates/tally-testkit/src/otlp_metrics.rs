@@ -1,5 +1,4 @@
 //! Builders of OTLP metrics requests and resource indexes for the tests.
-#![allow(dead_code)]
 
 use tally_telemetry::InMemoryResourceIndex;
 use tally_telemetry::proto::collector::metrics::v1::ExportMetricsServiceRequest;

@@ -1,14 +1,11 @@
-//! Test helpers: the provider test servers come from `tally_billing::testing`
-//! (feature `test-server`), shared with the `tally` binary's tests.
-
-#![allow(dead_code)]
+//! Forwarder fixtures shared by this crate's tests and its benchmark: a
+//! sink, meters, accounts and bindings, a forwarder config against a
+//! loopback test server, and the benchmark's measuring loop.
 
 use std::time::Duration;
-pub use tally_billing::testing::*;
 
-// ---- forwarder helpers shared by the tests and the benchmark ----
-
-use tally_billing::{
+use super::TestServer;
+use crate::{
     Attribution, BillingAccount, BillingAccountBinding, BillingSink, ForwardedMeter,
     ForwarderConfig, Provider, SecretKeyRef,
 };
@@ -28,7 +25,7 @@ pub fn sink(url: &str, provider: Provider, lateness_secs: u64) -> BillingSink {
         api_key_secret_ref: SecretKeyRef {
             name: "provider".into(),
             key: "apiKey".into(),
-            namespace: tally_billing::DEFAULT_SECRET_NAMESPACE.into(),
+            namespace: crate::DEFAULT_SECRET_NAMESPACE.into(),
         },
         window: Duration::from_secs(60),
         window_explicit: true,
@@ -67,7 +64,7 @@ pub fn config(
 ) -> ForwarderConfig {
     let mut config = ForwarderConfig::new(
         sink,
-        tally_billing::Secret::new(API_KEY),
+        crate::Secret::new(API_KEY),
         meters,
         dir.to_path_buf(),
         at(0),
@@ -109,7 +106,7 @@ pub fn one_account_per_project(n: usize) -> Attribution {
 /// allowed lateness), plans, sends and waits for every acknowledgement;
 /// prints records per second and the lag from close to last answer.
 pub async fn measure(
-    forwarder: &mut tally_billing::Forwarder,
+    forwarder: &mut crate::Forwarder,
     server: &TestServer,
     windows: i64,
     label: &str,

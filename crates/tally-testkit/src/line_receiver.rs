@@ -4,7 +4,6 @@
 //! The wire format is the test sink's own: `POST /ingest`, body = one line
 //! per item, `key<TAB>data` (gzip when `Content-Encoding: gzip`). The
 //! receiver dedupes by key, as the real receivers (ledger, Amberflo) do.
-#![allow(dead_code)]
 
 use std::collections::{HashSet, VecDeque};
 use std::io::Read as _;

@@ -1,2 +1,0 @@
-//! A real VictoriaMetrics for a test: the shared helper of `tally-testkit`.
-pub use tally_testkit::victoria_metrics::*;
