@@ -22,6 +22,14 @@
 //! them already, and at a first start only the uncompressed ones
 //! (logrotate's `delaycompress` keeps `FILE.1`) are taken. Each is then
 //! known by identity, so logrotate renaming it later does not read it again.
+//!
+//! **Bound:** a line is kept whole up to [`MAX_LINE_BYTES`] (the tailer's
+//! limit, [`FileTailer::with_max_line`]); a longer one is handed out cut to
+//! that many bytes, the rest of it skipped up to its newline (the skipping
+//! survives polls, rotation and a checkpoint), and counted in
+//! [`FileTailer::cut_lines`]. **Invariant:** reading never holds more than
+//! the limit plus one byte of one line (or [`READ_CHUNK`] of whole lines),
+//! whatever the file holds.
 
 use std::fs::{self, File};
 use std::io;
@@ -33,8 +41,11 @@ use xxhash_rust::xxh3::xxh3_64;
 
 /// How many leading bytes make a file's fingerprint.
 pub const FINGERPRINT_BYTES: usize = 256;
-const READ_CHUNK: usize = 256 * 1024;
+/// Bytes read at a time when lines are short.
+pub const READ_CHUNK: usize = 256 * 1024;
 const MIN_CHUNK: usize = 4096;
+/// The longest line handed out whole by default; a longer one is cut.
+pub const MAX_LINE_BYTES: usize = 1024 * 1024;
 
 /// Where reading of one file stands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +61,10 @@ pub struct FilePosition {
     /// whatever its modification time says.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub finished: bool,
+    /// Inside a line that was cut at the limit: bytes up to the next
+    /// newline are skipped.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub skipping: bool,
 }
 
 /// How many finished files a tailer remembers.
@@ -80,6 +95,10 @@ pub struct FileTailer {
     lost: Vec<FilePosition>,
     /// Files read to their end, newest last (at most [`FINISHED_REMEMBERED`]).
     finished: Vec<FilePosition>,
+    /// The longest line handed out whole.
+    max_line: usize,
+    /// Lines cut at `max_line` so far.
+    cut_lines: u64,
 }
 
 impl FileTailer {
@@ -92,6 +111,8 @@ impl FileTailer {
             buffer: Vec::new(),
             lost: Vec::new(),
             finished: Vec::new(),
+            max_line: MAX_LINE_BYTES,
+            cut_lines: 0,
         };
         let candidates = tailer.candidates()?;
         if checkpoint.is_empty() {
@@ -154,6 +175,18 @@ impl FileTailer {
         })
     }
 
+    /// Sets the longest line handed out whole (at least 1 byte); a longer
+    /// line is cut to it and the rest skipped.
+    pub fn with_max_line(mut self, bytes: usize) -> Self {
+        self.max_line = bytes.max(1);
+        self
+    }
+
+    /// How many lines were cut at the line limit since opening.
+    pub fn cut_lines(&self) -> u64 {
+        self.cut_lines
+    }
+
     /// Checkpointed files that were not found when opening.
     pub fn lost_files(&self) -> &[FilePosition] {
         &self.lost
@@ -208,16 +241,28 @@ impl FileTailer {
                 let tailed = &mut self.files[index];
                 let len = tailed.file.metadata().map(|m| m.len()).unwrap_or(0);
                 if len > tailed.position.offset {
-                    read_at(&tailed.file, tailed.position.offset, len, &mut self.buffer).map_err(
-                        |source| TailError::Io {
-                            path: self.path.clone(),
-                            source,
-                        },
-                    )?;
-                    on_line(&self.buffer);
-                    lines += 1;
+                    let mut split = Splitter {
+                        max_line: self.max_line,
+                        skipping: tailed.position.skipping,
+                        cut_lines: &mut self.cut_lines,
+                        lines: &mut lines,
+                    };
+                    let from = tailed.position.offset;
+                    read_lines_to_end(
+                        &tailed.file,
+                        from,
+                        len,
+                        &mut self.buffer,
+                        &mut split,
+                        &mut on_line,
+                    )
+                    .map_err(|source| TailError::Io {
+                        path: self.path.clone(),
+                        source,
+                    })?;
                 }
                 let mut done = self.files.remove(index).position;
+                done.skipping = false;
                 done.finished = true;
                 done.offset = len.max(done.offset);
                 self.finished.push(done);
@@ -309,6 +354,7 @@ impl FileTailer {
                     fingerprint: None,
                     offset: 0,
                     finished: false,
+                    skipping: false,
                 },
             });
         }
@@ -359,6 +405,7 @@ impl FileTailer {
                     fingerprint: None,
                     offset: 0,
                     finished: false,
+                    skipping: false,
                 },
             });
         }
@@ -416,6 +463,7 @@ impl FileTailer {
                     fingerprint: None,
                     offset: 0,
                     finished: false,
+                    skipping: false,
                 },
             });
         }
@@ -444,6 +492,7 @@ impl FileTailer {
                 "log file truncated (copytruncate): reading it from the start");
             let before = tailed.position.clone();
             tailed.position.offset = 0;
+            tailed.position.skipping = false;
             tailed.position.fingerprint = current;
             // What the copy holds past where we were comes first.
             self.read_copy(&before, lines, on_line)?;
@@ -458,8 +507,16 @@ impl FileTailer {
             tailed.position.fingerprint = current;
         }
         let start = tailed.position.offset;
+        let mut split = Splitter {
+            max_line: self.max_line,
+            skipping: tailed.position.skipping,
+            cut_lines: &mut self.cut_lines,
+            lines,
+        };
+        let cap = split.chunk_cap();
+        let first_chunk = |budget: usize| READ_CHUNK.min(budget).max(MIN_CHUNK).min(cap);
         let mut consumed = 0u64;
-        let mut chunk = READ_CHUNK.min(*budget).max(MIN_CHUNK);
+        let mut chunk = first_chunk(*budget);
         while *budget > 0 {
             let from = start + consumed;
             let end = len.min(from.saturating_add(chunk as u64));
@@ -467,23 +524,19 @@ impl FileTailer {
                 break;
             }
             read_at(&tailed.file, from, end, &mut self.buffer).map_err(io)?;
-            let Some(last_newline) = memchr::memrchr(b'\n', &self.buffer) else {
-                if end == len {
+            let used = split.split(&self.buffer, false, on_line);
+            if used == 0 {
+                if end == len || self.buffer.len() < chunk || chunk >= cap {
                     break; // a partial last line: wait for its newline
                 }
-                chunk = chunk.saturating_mul(2); // a line longer than the chunk
+                chunk = chunk.saturating_mul(2).min(cap); // a line longer than the chunk
                 continue;
-            };
-            let mut line_start = 0;
-            for newline in memchr::memchr_iter(b'\n', &self.buffer[..=last_newline]) {
-                on_line(&self.buffer[line_start..newline]);
-                line_start = newline + 1;
-                *lines += 1;
             }
-            consumed += last_newline as u64 + 1;
-            *budget = budget.saturating_sub(last_newline + 1);
-            chunk = READ_CHUNK.min(*budget).max(MIN_CHUNK);
+            consumed += used as u64;
+            *budget = budget.saturating_sub(used);
+            chunk = first_chunk(*budget);
         }
+        tailed.position.skipping = split.skipping;
         self.buffer.clear();
         tailed.position.offset = start + consumed;
         Ok(consumed)
@@ -559,19 +612,31 @@ impl FileTailer {
             }
             tracing::info!(path = %candidate.display(), from = before.offset, to = meta.len(),
                 "reading the end of a copytruncate copy");
-            let read =
-                read_lines_to_end(&file, before.offset, meta.len(), &mut self.buffer, on_line)
-                    .map_err(|source| TailError::Io {
-                        path: candidate.clone(),
-                        source,
-                    })?;
-            *lines += read;
+            let mut split = Splitter {
+                max_line: self.max_line,
+                skipping: before.skipping,
+                cut_lines: &mut self.cut_lines,
+                lines,
+            };
+            read_lines_to_end(
+                &file,
+                before.offset,
+                meta.len(),
+                &mut self.buffer,
+                &mut split,
+                on_line,
+            )
+            .map_err(|source| TailError::Io {
+                path: candidate.clone(),
+                source,
+            })?;
             self.finished.push(FilePosition {
                 device: meta.dev(),
                 inode: meta.ino(),
                 fingerprint: Some(wanted),
                 offset: meta.len(),
                 finished: true,
+                skipping: false,
             });
             if self.finished.len() > FINISHED_REMEMBERED {
                 self.finished.remove(0);
@@ -583,42 +648,112 @@ impl FileTailer {
 }
 
 /// Hands out every line of `file` in `[from, to)`, the last one even
-/// without a newline, reading a chunk (doubled for a longer line) at a time.
+/// without a newline, reading a chunk (doubled for a longer line, up to the
+/// line limit) at a time.
 fn read_lines_to_end(
     file: &File,
     from: u64,
     to: u64,
     buffer: &mut Vec<u8>,
+    split: &mut Splitter<'_>,
     on_line: &mut impl FnMut(&[u8]),
-) -> io::Result<u64> {
-    let (mut at, mut lines, mut chunk) = (from, 0, READ_CHUNK);
+) -> io::Result<()> {
+    let cap = split.chunk_cap();
+    let (mut at, mut chunk) = (from, READ_CHUNK.min(cap));
     while at < to {
         let end = to.min(at.saturating_add(chunk as u64));
         read_at(file, at, end, buffer)?;
-        let cut = match memchr::memrchr(b'\n', buffer) {
-            _ if end == to => buffer.len(),
-            Some(newline) => newline + 1,
-            None => {
-                chunk = chunk.saturating_mul(2);
-                continue;
-            }
-        };
-        if cut == 0 {
+        if buffer.is_empty() {
             break; // the file is shorter than it was
         }
-        let body = &buffer[..cut];
-        for line in body
-            .strip_suffix(b"\n")
-            .unwrap_or(body)
-            .split(|b| *b == b'\n')
-        {
-            on_line(line);
-            lines += 1;
+        let complete = end == to || buffer.len() < chunk;
+        let used = split.split(buffer, complete, on_line);
+        if used == 0 {
+            if chunk >= cap {
+                break; // cannot happen: a full chunk of `cap` bytes always yields
+            }
+            chunk = chunk.saturating_mul(2).min(cap);
+            continue;
         }
-        at += cut as u64;
+        at += used as u64;
+        chunk = READ_CHUNK.min(cap);
     }
     buffer.clear();
-    Ok(lines)
+    Ok(())
+}
+
+/// Splits read bytes into lines of at most `max_line` bytes: a longer line
+/// is cut (at a UTF-8 boundary when the cut falls inside a character) and
+/// what follows it up to its newline skipped, across calls.
+struct Splitter<'a> {
+    max_line: usize,
+    /// Inside a cut line: skip up to the next newline.
+    skipping: bool,
+    cut_lines: &'a mut u64,
+    lines: &'a mut u64,
+}
+
+impl Splitter<'_> {
+    /// The most bytes read at once: enough to see a line's newline or that
+    /// it is longer than the limit.
+    fn chunk_cap(&self) -> usize {
+        self.max_line.saturating_add(1)
+    }
+
+    /// Hands out the lines of `buffer` (the bytes at the read position).
+    /// `complete`: nothing follows, so a last line without its newline is
+    /// handed out too. Returns the bytes consumed: 0 when `buffer` holds only
+    /// the start of a line still within the limit.
+    fn split(&mut self, buffer: &[u8], complete: bool, on_line: &mut impl FnMut(&[u8])) -> usize {
+        let mut at = 0;
+        if self.skipping {
+            let Some(newline) = memchr::memchr(b'\n', buffer) else {
+                return buffer.len(); // all of it is the rest of a cut line
+            };
+            at = newline + 1;
+            self.skipping = false;
+        }
+        let rest = &buffer[at..];
+        let whole = memchr::memrchr(b'\n', rest).map_or(0, |newline| newline + 1);
+        let mut line_start = 0;
+        for newline in memchr::memchr_iter(b'\n', &rest[..whole]) {
+            self.emit(&rest[line_start..newline], on_line);
+            line_start = newline + 1;
+        }
+        let tail = &rest[whole..];
+        if tail.len() > self.max_line {
+            self.emit(tail, on_line);
+            self.skipping = true;
+            return buffer.len();
+        }
+        if complete && !tail.is_empty() {
+            self.emit(tail, on_line);
+            return buffer.len();
+        }
+        at + whole
+    }
+
+    fn emit(&mut self, line: &[u8], on_line: &mut impl FnMut(&[u8])) {
+        *self.lines += 1;
+        if line.len() <= self.max_line {
+            return on_line(line);
+        }
+        *self.cut_lines += 1;
+        let mut cut = self.max_line;
+        // Not inside a character: back off over at most 3 continuation bytes.
+        while cut > 0 && self.max_line - cut < 3 && line[cut] & 0xC0 == 0x80 {
+            cut -= 1;
+        }
+        if cut == 0 {
+            cut = self.max_line;
+        }
+        tracing::debug!(
+            len = line.len(),
+            kept = cut,
+            "a log line longer than the limit was cut"
+        );
+        on_line(&line[..cut]);
+    }
 }
 
 fn has_data(file: &File) -> bool {

@@ -336,3 +336,80 @@ fn copytruncate_reads_what_the_copy_holds_past_the_position_first() {
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert!(lines[0].starts_with("line-0005"));
 }
+
+#[test]
+fn a_line_over_the_limit_is_cut_and_the_rest_skipped_even_before_its_newline() {
+    use tally_collect::tail::MAX_LINE_BYTES;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.log");
+    let exact = "e".repeat(MAX_LINE_BYTES);
+    // A line 3 MiB past the limit whose newline has not arrived yet.
+    let huge = "h".repeat(MAX_LINE_BYTES + 3 * 1024 * 1024);
+    append(&path, &format!("{exact}\n{huge}"));
+    let mut tailer = FileTailer::open(&path, &[]).unwrap();
+    let lines = read_all(&mut tailer);
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0], exact, "a line at the limit is kept whole");
+    assert_eq!(lines[1], huge[..MAX_LINE_BYTES], "a longer one is cut");
+    assert_eq!(tailer.cut_lines(), 1);
+    // Everything read is consumed: the partial line is not held in memory.
+    let written = (exact.len() + 1 + huge.len()) as u64;
+    assert_eq!(tailer.checkpoint()[0].offset, written);
+    assert!(tailer.checkpoint()[0].skipping);
+    append(&path, &format!("{}\nnext\n", "h".repeat(5_000_000)));
+    assert_eq!(read_all(&mut tailer), ["next"]);
+    assert_eq!(tailer.cut_lines(), 1);
+    assert!(!tailer.checkpoint()[0].skipping);
+}
+
+#[test]
+fn skipping_a_cut_line_survives_small_budgets_and_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.log");
+    append(&path, "short\n0123456789abcdefghij");
+    let mut tailer = FileTailer::open(&path, &[]).unwrap().with_max_line(10);
+    let mut lines = Vec::new();
+    for _ in 0..5 {
+        tailer
+            .read_lines(3, |l| lines.push(String::from_utf8(l.to_vec()).unwrap()))
+            .unwrap();
+    }
+    assert_eq!(lines, ["short", "0123456789"]);
+    let checkpoint: TailCheckpoint = tailer.checkpoint();
+    let saved = serde_json::to_string(&checkpoint).unwrap();
+    drop(tailer);
+    append(&path, "klmnop\nafter\n");
+    let checkpoint: TailCheckpoint = serde_json::from_str(&saved).unwrap();
+    let mut tailer = FileTailer::open(&path, &checkpoint)
+        .unwrap()
+        .with_max_line(10);
+    assert_eq!(read_all(&mut tailer), ["after"]);
+}
+
+#[test]
+fn a_cut_falls_between_characters() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.log");
+    // 'é' is two bytes, at 4..6: a cut at 5 would split it.
+    append(&path, "abcdéfgh\nok\n");
+    let mut tailer = FileTailer::open(&path, &[]).unwrap().with_max_line(5);
+    assert_eq!(read_all(&mut tailer), ["abcd", "ok"]);
+    assert_eq!(tailer.cut_lines(), 1);
+}
+
+#[test]
+fn a_rotated_file_let_go_with_a_long_unterminated_line_is_cut_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("app.log");
+    let first = long(1);
+    append(&path, &first);
+    let mut tailer = FileTailer::open(&path, &[]).unwrap().with_max_line(400);
+    assert_eq!(read_all(&mut tailer), [first.trim_end()]);
+    let tail = "t".repeat(2_000);
+    append(&path, &tail);
+    fs::rename(&path, dir.path().join("app.log.1")).unwrap();
+    append(&path, "new\n");
+    let lines = drain(&mut tailer);
+    assert_eq!(lines, [&tail[..400], "new"]);
+    assert_eq!(tailer.cut_lines(), 1);
+}

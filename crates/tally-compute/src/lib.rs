@@ -18,7 +18,9 @@
 pub mod lifecycle;
 pub mod metrics;
 pub mod store;
+pub mod usage;
 
 pub use lifecycle::{LifecycleEvent, LifecycleKind, Reason};
 pub use metrics::FleetMetrics;
 pub use store::{LifecycleEvents, LifecycleStore, StoreError};
+pub use usage::{InstanceUsage, UsageKind};

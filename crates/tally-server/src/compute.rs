@@ -25,7 +25,7 @@ use jiff::Timestamp;
 use serde::Serialize;
 use tally_compute::lifecycle::{self, LifecycleEvent};
 use tally_compute::store::{InstanceSummary, Page};
-use tally_compute::{FleetMetrics, LifecycleEvents, LifecycleStore};
+use tally_compute::{FleetMetrics, InstanceUsage, LifecycleEvents, LifecycleStore};
 use tally_ledger::ResourceKey;
 use tally_model::{Kind, Manifest};
 
@@ -39,6 +39,8 @@ use crate::{AppState, Principal};
 pub struct Compute {
     store: Arc<dyn LifecycleEvents>,
     metrics: Arc<FleetMetrics>,
+    /// Per-instance vCPU and memory use, fed by the metrics receivers.
+    usage: Arc<InstanceUsage>,
 }
 
 impl Compute {
@@ -53,6 +55,7 @@ impl Compute {
         Compute {
             store,
             metrics: Arc::new(FleetMetrics::new()),
+            usage: Arc::new(InstanceUsage::default()),
         }
     }
 
@@ -81,6 +84,12 @@ impl Compute {
 
     pub fn render_metrics(&self, out: &mut String) {
         self.metrics.render(out, Timestamp::now());
+        self.usage.render(out);
+    }
+
+    /// Where the metrics receivers put instances' vCPU and memory use.
+    pub(crate) fn usage(&self) -> Arc<InstanceUsage> {
+        Arc::clone(&self.usage)
     }
 }
 

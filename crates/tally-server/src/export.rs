@@ -311,6 +311,8 @@ pub async fn export(config: ExportConfig) -> anyhow::Result<()> {
         max_body_bytes: config.max_body_bytes,
         // `tally export` keeps nothing: instance logs are refused.
         logs: None,
+        // Nor does it keep instances' usage.
+        usage: None,
     };
     let state = ExportState {
         telemetry: telemetry.clone(),

@@ -62,7 +62,13 @@ impl MetricsService for MetricsReceiver {
         request: Request<ExportMetricsServiceRequest>,
     ) -> Result<Response<ExportMetricsServiceResponse>, Status> {
         let pipeline = self.admit(request.metadata(), "/v1/metrics")?;
-        match telemetry::ingest(pipeline, "otlp_grpc_metrics", request.get_ref(), 0) {
+        match telemetry::ingest(
+            pipeline,
+            self.telemetry.usage.as_deref(),
+            "otlp_grpc_metrics",
+            request.get_ref(),
+            0,
+        ) {
             Ok(report) => Ok(Response::new(ExportMetricsServiceResponse {
                 partial_success: telemetry::partial_success(&report),
             })),

@@ -36,6 +36,7 @@ use axum::http::StatusCode;
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::logs::v1::ResourceLogs;
+use tally_compute::lifecycle::is_name;
 use tally_logstore::limits::ProjectLimiter;
 use tally_logstore::{AppendReport, LogError, LogRecord, LogStore, Stream};
 
@@ -77,7 +78,7 @@ pub(crate) struct Split {
     pub exports: std::collections::BTreeMap<String, (ExportLogsServiceRequest, u64)>,
 }
 
-fn attr<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a str> {
+pub(crate) fn attr<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a str> {
     attributes
         .iter()
         .find(|kv| kv.key == key)
@@ -86,14 +87,6 @@ fn attr<'a>(attributes: &'a [KeyValue], key: &str) -> Option<&'a str> {
             Some(any_value::Value::StringValue(s)) => Some(s.as_str()),
             _ => None,
         })
-}
-
-/// A Kubernetes name: at most 253 of `[a-z0-9.-]`, not empty.
-pub(crate) fn is_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
 }
 
 fn line_of(body: Option<&AnyValue>) -> String {

@@ -13,6 +13,13 @@
 //! every sink a request was for had its hand-off full (nothing was taken),
 //! the answer asks the sender to retry: `503` + `Retry-After`, gRPC
 //! `UNAVAILABLE`.
+//!
+//! With the compute service on, every receiver also feeds the platform's
+//! per-instance usage metrics (`datum_compute_instance_cpu_usage_seconds_total`,
+//! `datum_compute_instance_memory_working_set_bytes`, keyed by the
+//! `project` and `instance` attributes) to `tally_compute::InstanceUsage`
+//! for `/metrics`, whether or not an exporter selects them. The receivers
+//! exist only with a pipeline, so neither does this observation without one.
 
 use std::sync::Arc;
 
@@ -21,12 +28,16 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use prost::Message as _;
+use tally_compute::{InstanceUsage, UsageKind};
 use tally_delivery::ComponentKind;
 use tally_telemetry::otlp::{self, JSON_CONTENT_TYPE, PROTOBUF_CONTENT_TYPE};
 use tally_telemetry::proto::collector::metrics::v1::{
     ExportMetricsPartialSuccess, ExportMetricsServiceRequest, ExportMetricsServiceResponse,
 };
+use tally_telemetry::proto::metrics::v1::{metric, number_data_point};
 use tally_telemetry::{Encoding, IngestReport, Pipeline, remote_write};
+
+use crate::instance_logs::attr;
 
 use crate::AppState;
 use crate::body;
@@ -39,6 +50,8 @@ pub(crate) struct Telemetry {
     pub(crate) max_body_bytes: usize,
     /// Where instance logs go (`crate::instance_logs`).
     pub(crate) logs: Option<crate::instance_logs::InstanceLogs>,
+    /// Where instances' vCPU and memory use go (`crate::compute`).
+    pub(crate) usage: Option<Arc<InstanceUsage>>,
 }
 
 impl FromRef<AppState> for Telemetry {
@@ -47,6 +60,7 @@ impl FromRef<AppState> for Telemetry {
             pipeline: state.telemetry.clone(),
             max_body_bytes: state.max_body_bytes,
             logs: state.logs.clone(),
+            usage: state.compute.as_ref().map(crate::compute::Compute::usage),
         }
     }
 }
@@ -91,10 +105,14 @@ impl From<Unavailable> for Problem {
 /// counts it in the receiver's `source` component `source_id`.
 pub(crate) fn ingest(
     pipeline: &Pipeline,
+    usage: Option<&InstanceUsage>,
     source_id: &str,
     request: &ExportMetricsServiceRequest,
     native_histograms: u64,
 ) -> Result<IngestReport, Unavailable> {
+    if let Some(usage) = usage {
+        observe_usage(usage, request);
+    }
     if !pipeline.ready() {
         let source = pipeline
             .registry()
@@ -110,6 +128,46 @@ pub(crate) fn ingest(
         return Err(Unavailable::Overloaded);
     }
     Ok(report)
+}
+
+/// Feeds the platform's per-instance usage metrics
+/// ([`tally_compute::usage`]) to `usage`: `project` and `instance` are read
+/// from the data point's attributes, else the resource's (remote-write puts
+/// `project` on the resource and `instance` on the point).
+fn observe_usage(usage: &InstanceUsage, request: &ExportMetricsServiceRequest) {
+    for resource_metrics in &request.resource_metrics {
+        let resource = resource_metrics
+            .resource
+            .as_ref()
+            .map_or(&[][..], |r| &r.attributes[..]);
+        for metric in resource_metrics
+            .scope_metrics
+            .iter()
+            .flat_map(|s| &s.metrics)
+        {
+            let Some(kind) = UsageKind::of_metric(&metric.name) else {
+                continue;
+            };
+            let points = match &metric.data {
+                Some(metric::Data::Sum(sum)) => &sum.data_points[..],
+                Some(metric::Data::Gauge(gauge)) => &gauge.data_points[..],
+                _ => continue,
+            };
+            for point in points {
+                let get = |key| {
+                    attr(&point.attributes, key)
+                        .or_else(|| attr(resource, key))
+                        .unwrap_or("")
+                };
+                let value = match point.value {
+                    Some(number_data_point::Value::AsDouble(v)) => v,
+                    Some(number_data_point::Value::AsInt(v)) => v as f64,
+                    None => continue,
+                };
+                usage.observe(get("project"), get("instance"), kind, value);
+            }
+        }
+    }
 }
 
 /// Counts what a receiver took in its `source` component: data points
@@ -241,7 +299,13 @@ async fn receive_metrics(
             .map_err(|e| Problem::bad_request(e.to_string()))
     })
     .await?;
-    let report = ingest(pipeline, "otlp_http_metrics", &request, 0)?;
+    let report = ingest(
+        pipeline,
+        state.usage.as_deref(),
+        "otlp_http_metrics",
+        &request,
+        0,
+    )?;
     let answer = ExportMetricsServiceResponse {
         partial_success: partial_success(&report),
     };
@@ -311,6 +375,7 @@ pub async fn remote_write(
     .await?;
     ingest(
         pipeline,
+        state.usage.as_deref(),
         "prometheus_remote_write",
         &converted.request,
         converted.rejected_histograms,

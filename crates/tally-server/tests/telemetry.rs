@@ -61,6 +61,12 @@ fn loopback_allowed() -> PipelineOptions {
 /// A server whose pipeline has one exporter in ns-a taking every series to
 /// the receiver's endpoint `a`, with a bearer token from a secret.
 async fn start(with_pipeline: bool) -> Server {
+    start_with(with_pipeline, false).await
+}
+
+/// As [`start`], with the compute service (`/metrics` then carries
+/// instances' vCPU and memory use) when `with_compute`.
+async fn start_with(with_pipeline: bool, with_compute: bool) -> Server {
     let receiver = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
     let ledger = EmbeddedLedger::open(StoreConfig::new(dir.path())).unwrap();
@@ -95,6 +101,10 @@ async fn start(with_pipeline: bool) -> Server {
             policies: Default::default(),
         });
         state = state.with_telemetry(Arc::new(pipeline));
+    }
+    if with_compute {
+        let compute = tally_server::compute::Compute::open(&dir.path().join("compute")).unwrap();
+        state = state.with_compute(compute);
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
@@ -529,4 +539,102 @@ async fn a_pipeline_without_its_first_snapshot_asks_senders_to_retry() {
         ),
         "{metrics}"
     );
+}
+
+/// The platform's per-instance usage metrics, received over remote-write
+/// and OTLP, come out as gauges on `/metrics`; instances are capped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instance_usage_from_remote_write_and_otlp_is_on_metrics_and_capped() {
+    use tally_compute::usage::{CPU_METRIC, MAX_INSTANCES, MEMORY_METRIC};
+    let server = start_with(true, true).await;
+    let label = |name: &str, value: &str| Label {
+        name: name.into(),
+        value: value.into(),
+    };
+    let write = WriteRequest {
+        timeseries: vec![TimeSeries {
+            labels: vec![
+                label("__name__", CPU_METRIC),
+                label("project", "p1"),
+                label("instance", "vm-a"),
+            ],
+            samples: vec![Sample {
+                value: 12.5,
+                timestamp: 1_700_000_000_000,
+            }],
+            histograms: vec![],
+        }],
+        metadata: vec![],
+    };
+    let body = snap::raw::Encoder::new()
+        .compress_vec(&write.encode_to_vec())
+        .unwrap();
+    let snappy = [
+        ("content-type", "application/x-protobuf"),
+        ("content-encoding", "snappy"),
+    ];
+    let response = server
+        .post("/api/v1/write", "ingest-token", &snappy, body)
+        .await;
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    let cpu =
+        "tally_compute_instance_cpu_usage_seconds_total{project=\"p1\",instance=\"vm-a\"} 12.5\n";
+    let metrics = server.get("/metrics").await.text().await.unwrap();
+    assert!(metrics.contains(cpu), "{metrics:.2000}");
+    // OTLP: the memory gauge of vm-a, then more instances than the cap.
+    let gauge = |instance: String, value: i64| NumberDataPoint {
+        attributes: vec![kv("instance", &instance)],
+        value: Some(number_data_point::Value::AsInt(value)),
+        ..Default::default()
+    };
+    let points: Vec<_> = std::iter::once(gauge("vm-a".into(), 4096))
+        .chain((0..MAX_INSTANCES + 50).map(|i| gauge(format!("vm-{i:05}"), i as i64)))
+        .collect();
+    let otlp = ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            resource: Some(Resource {
+                attributes: vec![kv("project", "p1")],
+                ..Default::default()
+            }),
+            scope_metrics: vec![ScopeMetrics {
+                metrics: vec![Metric {
+                    name: MEMORY_METRIC.into(),
+                    data: Some(Data::Gauge(tally_telemetry::proto::metrics::v1::Gauge {
+                        data_points: points,
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    };
+    let pb = [("content-type", "application/x-protobuf")];
+    let response = server
+        .post("/v1/metrics", "ingest-token", &pb, otlp.encode_to_vec())
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let metrics = server.get("/metrics").await.text().await.unwrap();
+    // vm-a was updated first, so the cap evicted it with the 50 oldest.
+    assert!(!metrics.contains(cpu), "vm-a should be evicted");
+    let memory_lines = metrics
+        .lines()
+        .filter(|l| l.starts_with("tally_compute_instance_memory_working_set_bytes{"))
+        .count();
+    assert_eq!(memory_lines, MAX_INSTANCES);
+    assert!(metrics.contains(&format!(
+        "tally_compute_instance_memory_working_set_bytes{{project=\"p1\",instance=\"vm-{:05}\"}} {}\n",
+        MAX_INSTANCES + 49,
+        MAX_INSTANCES + 49
+    )));
+    assert!(metrics.contains("tally_compute_instance_usage_evicted_total 51\n"));
+    // Updated again, vm-a comes back with its CPU time.
+    let body = snap::raw::Encoder::new()
+        .compress_vec(&write.encode_to_vec())
+        .unwrap();
+    server
+        .post("/api/v1/write", "ingest-token", &snappy, body)
+        .await;
+    let metrics = server.get("/metrics").await.text().await.unwrap();
+    assert!(metrics.contains(cpu), "{metrics:.2000}");
 }
