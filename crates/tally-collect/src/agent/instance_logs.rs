@@ -34,7 +34,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::http::header;
 use bytes::Bytes;
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
@@ -408,18 +407,7 @@ fn export_request(items: &[Item]) -> ExportLogsServiceRequest {
 impl Encoder for OtlpEncoder {
     fn encode(&self, items: &[Item]) -> Result<HttpRequest, EncodeError> {
         let body = export_request(items).encode_to_vec();
-        let mut request = HttpRequest::post(self.url.clone())
-            .header(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static("application/x-protobuf"),
-            )
-            .body(body)
-            .gzip(true);
-        if let Some(token) = &self.token {
-            let value = Secret::new(format!("Bearer {}", token.expose()));
-            request = request.secret_header(header::AUTHORIZATION, &value)?;
-        }
-        Ok(request)
+        super::ledger::post_to_serve(&self.url, "application/x-protobuf", body, self.token.as_ref())
     }
 }
 

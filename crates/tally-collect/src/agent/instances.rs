@@ -115,18 +115,7 @@ impl Encoder for LifecycleEncoder {
             body.extend_from_slice(&item.data);
             body.push(b'\n');
         }
-        let mut request = HttpRequest::post(self.url.clone())
-            .header(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static("application/x-ndjson"),
-            )
-            .body(body)
-            .gzip(true);
-        if let Some(token) = &self.token {
-            let value = Secret::new(format!("Bearer {}", token.expose()));
-            request = request.secret_header(header::AUTHORIZATION, &value)?;
-        }
-        Ok(request)
+        super::ledger::post_to_serve(&self.url, "application/x-ndjson", body, self.token.as_ref())
     }
 }
 

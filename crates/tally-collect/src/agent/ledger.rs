@@ -112,6 +112,28 @@ struct RejectedEvent {
     detail: String,
 }
 
+/// A gzipped POST of `body` to `tally serve`, with the agent's bearer token
+/// (a secret header, never logged): every agent sink's request.
+pub(crate) fn post_to_serve(
+    url: &reqwest::Url,
+    content_type: &'static str,
+    body: Vec<u8>,
+    token: Option<&Secret>,
+) -> Result<HttpRequest, EncodeError> {
+    let mut request = HttpRequest::post(url.clone())
+        .header(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static(content_type),
+        )
+        .body(body)
+        .gzip(true);
+    if let Some(token) = token {
+        let value = Secret::new(format!("Bearer {}", token.expose()));
+        request = request.secret_header(header::AUTHORIZATION, &value)?;
+    }
+    Ok(request)
+}
+
 impl Encoder for LedgerEncoder {
     fn encode(&self, items: &[Item]) -> Result<HttpRequest, EncodeError> {
         let mut body =
@@ -124,18 +146,7 @@ impl Encoder for LedgerEncoder {
             body.extend_from_slice(&item.data);
         }
         body.push(b']');
-        let mut request = HttpRequest::post(self.url.clone())
-            .header(
-                header::CONTENT_TYPE,
-                header::HeaderValue::from_static("application/json"),
-            )
-            .body(body)
-            .gzip(true);
-        if let Some(token) = &self.token {
-            let value = Secret::new(format!("Bearer {}", token.expose()));
-            request = request.secret_header(header::AUTHORIZATION, &value)?;
-        }
-        Ok(request)
+        post_to_serve(&self.url, "application/json", body, self.token.as_ref())
     }
 
     fn classify(&self, answer: &Answer<'_>) -> Verdict {
