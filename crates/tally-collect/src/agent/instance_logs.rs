@@ -407,7 +407,12 @@ fn export_request(items: &[Item]) -> ExportLogsServiceRequest {
 impl Encoder for OtlpEncoder {
     fn encode(&self, items: &[Item]) -> Result<HttpRequest, EncodeError> {
         let body = export_request(items).encode_to_vec();
-        super::ledger::post_to_serve(&self.url, "application/x-protobuf", body, self.token.as_ref())
+        super::ledger::post_to_serve(
+            &self.url,
+            "application/x-protobuf",
+            body,
+            self.token.as_ref(),
+        )
     }
 }
 
