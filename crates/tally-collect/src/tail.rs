@@ -7,7 +7,11 @@
 //! are handed out in file order whatever the timing, which keeps window
 //! closing deterministic. Rotation by
 //! copytruncate: a file shorter than the position, or whose fingerprint
-//! changed, is read again from its start. Only whole lines are handed out;
+//! changed, is read again from its start. **Gap:** a file copied and
+//! truncated while the agent was down, whose checkpoint is at position 0
+//! (the agent had not read into it yet), is not recognised as truncated:
+//! the copy's lines are not read (a checkpoint past 0 carries the
+//! fingerprint that finds the copy, and is handled). Only whole lines are handed out;
 //! a partial last line is read again once its newline arrives (or when its
 //! rotated file is let go). Positions are a [`TailCheckpoint`]: restoring
 //! one finds each file again by identity in the directory of the path, even
