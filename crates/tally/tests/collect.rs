@@ -1554,7 +1554,7 @@ fn span_policies(receiver: &receiver::Receiver) -> String {
     let mut text = String::from(
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: ns-a}\n---\n\
          apiVersion: v1\nkind: Namespace\nmetadata: {name: ns-b}\n---\n\
-         apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: edge, namespace: ns-a}\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: edge, namespace: ns-a}\nspec: {gatewayClassName: eg}\n---\n\
          apiVersion: telemetry.datumapis.com/v1alpha1\nkind: TelemetryPolicy\n\
          metadata: {name: quarter, namespace: ns-a}\nspec:\n  \
          targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: edge}]\n  \
