@@ -16,25 +16,6 @@ use tally_collect::{
     AgentIdentity, Collector, CollectorConfig, CorpusConfig, CorpusGenerator, seconds_as_millis,
 };
 
-fn logrotate() -> Option<PathBuf> {
-    let found = [
-        "/usr/sbin/logrotate",
-        "/sbin/logrotate",
-        "/usr/bin/logrotate",
-    ]
-    .into_iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists());
-    if found.is_none() {
-        assert!(
-            std::env::var_os("TALLY_REQUIRE_PEERS").is_none(),
-            "logrotate is not installed (apt-get install -y logrotate)"
-        );
-        eprintln!("SKIPPED: logrotate is not installed (apt-get install -y logrotate)");
-    }
-    found
-}
-
 struct Rotation {
     binary: PathBuf,
     config: PathBuf,
@@ -117,7 +98,9 @@ fn totals(collector: &Collector) -> BTreeMap<String, [u128; 4]> {
 }
 
 fn exact_through_logrotate(mode: &str) {
-    let Some(binary) = logrotate() else { return };
+    let Some(binary) = tally_testkit::logrotate::binary() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("access.log");
     let rotation = Rotation::new(binary, dir.path(), &log, mode);

@@ -13,10 +13,12 @@
 //!   item, deduplicated by key) with injected faults, and its encoder.
 //! - [`progress`]: waits that fail on a stall, not on a wall-clock bound.
 //! - [`cpu::cpu_seconds`]: this process's CPU time, for benchmarks.
+//! - [`logrotate::binary`]: Debian's `logrotate`, or a SKIPPED line.
 
 pub mod cpu;
 pub mod exporters;
 pub mod line_receiver;
+pub mod logrotate;
 pub mod otlp_metrics;
 pub mod otlp_receiver;
 pub mod progress;

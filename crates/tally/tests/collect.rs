@@ -544,21 +544,7 @@ fn reading_a_file_again_from_its_start_counts_nothing_twice() {
     // A fresh state directory: the whole file is read and shipped again,
     // with the same event ids.
     let second = collect(&dir.path().join("state-2"), &[&log], &server.base);
-    let started = Instant::now();
-    let (mut emitted, mut shipped) = (0, 0);
-    while started.elapsed() < Duration::from_secs(30) {
-        emitted = metric(&second.base, "sent_total", "component_id=\"aggregate:");
-        shipped = metric(&second.base, "sent_total", "component_kind=\"sink\"");
-        // Past the idle flush (3 s), everything emitted was acknowledged.
-        if started.elapsed() > Duration::from_secs(5) && emitted > 0 && shipped == emitted {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    assert!(
-        emitted > 0 && shipped == emitted,
-        "the second agent shipped all it emitted: {shipped} of {emitted}"
-    );
+    wait_shipped_all(&second, Duration::from_secs(30));
     assert_metered(&server.base, &expected, Duration::from_secs(5));
     second.stop();
 }
@@ -1791,23 +1777,26 @@ fn an_agent_shipping_to_one_cluster_node_is_metered_exactly_by_another() {
     // The whole file again, from a fresh state, through node b: the same
     // event ids, so the cluster counts nothing twice.
     let again = collect(&dir.path().join("state-2"), &[&log], &b.base);
-    let started = Instant::now();
-    let (mut emitted, mut shipped) = (0, 0);
-    while started.elapsed() < Duration::from_secs(60) {
-        emitted = metric(&again.base, "sent_total", "component_id=\"aggregate:");
-        shipped = metric(&again.base, "sent_total", "component_kind=\"sink\"");
-        if started.elapsed() > Duration::from_secs(5) && emitted > 0 && shipped == emitted {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    assert!(
-        emitted > 0 && shipped == emitted,
-        "the second agent shipped all it emitted: {shipped} of {emitted}"
-    );
+    wait_shipped_all(&again, Duration::from_secs(60));
     // Past the workers' materialisation, still the naive totals on both.
     std::thread::sleep(Duration::from_secs(3));
     assert_metered(&a.base, &expected, Duration::from_secs(5));
     assert_metered(&b.base, &expected, Duration::from_secs(5));
     again.stop();
+}
+
+/// Waits until `agent` has shipped (acknowledged) every event it emitted:
+/// past its idle flush (3 s), at most `bound`.
+fn wait_shipped_all(agent: &Process, bound: Duration) {
+    let started = Instant::now();
+    let (mut emitted, mut shipped) = (0, 0);
+    while started.elapsed() < bound {
+        emitted = metric(&agent.base, "sent_total", "component_id=\"aggregate:");
+        shipped = metric(&agent.base, "sent_total", "component_kind=\"sink\"");
+        if started.elapsed() > Duration::from_secs(5) && emitted > 0 && shipped == emitted {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    panic!("the agent shipped {shipped} of the {emitted} events it emitted");
 }

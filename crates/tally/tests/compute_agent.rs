@@ -7,7 +7,7 @@
 //! the agent, and serve holds every record once, whole and in order.
 
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -242,25 +242,6 @@ fn log_agent(state: &Path, pattern: &str, serve_base: &str) -> common::Server {
     common::spawn(command)
 }
 
-fn logrotate() -> Option<PathBuf> {
-    let found = [
-        "/usr/sbin/logrotate",
-        "/sbin/logrotate",
-        "/usr/bin/logrotate",
-    ]
-    .into_iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists());
-    if found.is_none() {
-        assert!(
-            std::env::var_os("TALLY_REQUIRE_PEERS").is_none(),
-            "logrotate is not installed (apt-get install -y logrotate)"
-        );
-        eprintln!("SKIPPED: logrotate is not installed (apt-get install -y logrotate)");
-    }
-    found
-}
-
 /// Writes records `range` to `log` as CRI lines: every 7th record is split
 /// in three `P`/`P`/`F` pieces, every 5th goes to stderr, record 13 is
 /// 100 KiB (past the 64 KiB limit) and record 14 is 60 KiB in three pieces
@@ -348,7 +329,7 @@ async fn wait_for_lines(serve: &str, want: &[String]) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn instance_log_files_arrive_whole_once_and_in_order_through_rotation_and_kill_9() {
-    let Some(logrotate) = logrotate() else {
+    let Some(logrotate) = tally_testkit::logrotate::binary() else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
