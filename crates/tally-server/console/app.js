@@ -454,12 +454,14 @@ async function showLogs() {
 
 async function loadLogs() {
   const { project, instance } = ist.selected;
+  // No stale lines under a new filter while the answer is on its way.
+  $('i-logs').replaceChildren();
+  logNote('Loading…');
   let page;
   try { page = await api(`${instancePath(project, instance)}/logs?${logQuery()}`); } catch (e) {
     logNote(whyNot(e, 'instance logs'), true);
     return;
   }
-  $('i-logs').replaceChildren();
   appendLines(page.lines);
   logNote(`${page.lines.length} lines${page.truncated ? ' (the read stopped at its budget: narrow the range)' : ''}`);
 }
