@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::{get, http};
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -35,24 +37,6 @@ fn config(nats: &Nats, clickhouse: &ClickHouse, database: &str) -> String {
 
 fn node(dir: &Path, config: &str) -> common::Server {
     common::serve_with_config(dir, config)
-}
-
-fn http() -> reqwest::Client {
-    tally_delivery::client_builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
-
-async fn get(base: &str, token: &str, path: &str) -> (StatusCode, Value) {
-    let r = http()
-        .get(format!("{base}{path}"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    (status, r.json().await.unwrap_or(Value::Null))
 }
 
 async fn post(base: &str, path: &str, content_type: &str, body: &Value) -> (StatusCode, Value) {

@@ -11,6 +11,8 @@ use serde_json::{Value, json};
 
 mod common;
 
+use common::{get, http};
+
 const ADMIN: &str = "admin-secret";
 const INGEST: &str = "agent-secret";
 const ACME: &str = "acme-secret";
@@ -26,24 +28,6 @@ fn start(dir: &Path) -> common::Server {
              - {{name: globex, token: {GLOBEX}, scopes: [\"project:globex\"]}}\n"
         ),
     )
-}
-
-fn http() -> reqwest::Client {
-    tally_delivery::client_builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
-
-async fn get(base: &str, token: &str, path: &str) -> (StatusCode, Value) {
-    let r = http()
-        .get(format!("{base}{path}"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    (status, r.json().await.unwrap_or(Value::Null))
 }
 
 async fn post_events(base: &str, token: &str, events: &Value) -> (StatusCode, Value) {

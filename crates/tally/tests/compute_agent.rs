@@ -16,15 +16,10 @@ use serde_json::{Value, json};
 
 mod common;
 
+use common::http;
+
 const ADMIN: &str = "admin-secret";
 const INGEST: &str = "agent-secret";
-
-fn http() -> reqwest::Client {
-    tally_delivery::client_builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -7,6 +7,10 @@ pub mod billing;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::Value;
 
 /// A `tally serve` or `tally export` child process; killed when dropped.
 pub struct Server {
@@ -132,4 +136,26 @@ pub fn cli(base: &str, token: &str, args: &[&str], stdin: &str) -> Output {
     input.write_all(stdin.as_bytes()).unwrap();
     drop(input);
     child.wait_with_output().unwrap()
+}
+
+/// An HTTP client for the tests' requests (the delivery crate's builder,
+/// 30 s timeout).
+pub fn http() -> reqwest::Client {
+    tally_delivery::client_builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// `GET base+path` with `token`: the status and the JSON answer (`null` if
+/// it is not JSON).
+pub async fn get(base: &str, token: &str, path: &str) -> (StatusCode, Value) {
+    let r = http()
+        .get(format!("{base}{path}"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    (status, r.json().await.unwrap_or(Value::Null))
 }
