@@ -551,6 +551,10 @@ mod tests {
     use serde_json::json;
 
     fn event(i: i64) -> CloudEvent {
+        event_at(i, Timestamp::now())
+    }
+
+    pub(super) fn event_at(i: i64, now: Timestamp) -> CloudEvent {
         let mut e = json!({"specversion": "1.0", "id": format!("id-{i}"), "source": "gw",
             "type": if i % 2 == 0 { "req" } else { "tok" }, "subject": format!("p{}", i % 3),
             "time": Timestamp::from_second(1_767_268_800 + i * 37).unwrap().to_string(),
@@ -563,7 +567,7 @@ mod tests {
         if i % 5 == 0 {
             e.as_object_mut().unwrap().remove("data");
         }
-        tally_model::parse_event(e, Timestamp::now()).unwrap()
+        tally_model::parse_event(e, now).unwrap()
     }
 
     #[test]
@@ -631,5 +635,23 @@ mod tests {
         lying[0] = 9;
         assert!(Block::decode(0, &lying).is_err());
         assert!(encode(&[]).is_err());
+    }
+}
+
+#[cfg(test)]
+mod dump_v1 {
+    use super::*;
+    #[test]
+    #[ignore]
+    fn dump() {
+        let base: Timestamp = "2026-03-01T12:00:00.123456789Z".parse().unwrap();
+        let records: Vec<Record> = (0..60)
+            .map(|i| {
+                let e = super::tests::event_at(i, base);
+                Record::new(base + jiff::SignedDuration::from_micros(i * 17), &e).unwrap()
+            })
+            .collect();
+        let value = encode(&records.iter().collect::<Vec<_>>()).unwrap();
+        std::fs::write(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/block-v1.bin"), value).unwrap();
     }
 }
