@@ -23,6 +23,18 @@
 //! and `\0dropped` records the position below which runs were dropped.
 //! Entries already expired when a run is written are left out of it.
 //!
+//! Merges: neighbouring runs are merged into one (size-tiered: four runs
+//! of similar size at once, see [`DedupeIndex::plan_merge`]), so the run
+//! count stays near (unexpired keys ÷ the largest merged run) plus a few,
+//! instead of growing by one per flush. A merge reads the runs' chunks,
+//! leaves out runs already expired, sorts the rest as one run and builds
+//! its filter, all without changing the index; then one synced batch
+//! writes the merged run's chunks and header over the first old run's keys
+//! and removes every other old key, and only then does memory swap the
+//! runs. A crash leaves either the old runs or the merged one, never a mix.
+//! A merged run holds at most half the key-filter budget ÷ 64 bytes of
+//! entries, which bounds a merge's memory.
+//!
 //! Memory: `recent` is flushed at its budget; the filters together stay
 //! under theirs — past it the oldest runs lose their filters and their
 //! chunks are read instead (answers never depend on a filter, only cost).
