@@ -567,8 +567,8 @@ impl Block {
 /// (never more is read).
 fn unzstd(stored: &[u8], raw_len: usize) -> Result<Vec<u8>, StoreError> {
     // Fails rather than write past `raw_len`.
-    let body = zstd::bulk::decompress(stored, raw_len)
-        .map_err(|_| StoreError::Corrupt("block: zstd"))?;
+    let body =
+        zstd::bulk::decompress(stored, raw_len).map_err(|_| StoreError::Corrupt("block: zstd"))?;
     if body.len() != raw_len {
         return Err(StoreError::Corrupt("block: size differs from its header"));
     }
@@ -709,7 +709,6 @@ mod tests {
     }
 }
 
-
 #[cfg(test)]
 mod layouts {
     use super::tests::event_at;
@@ -833,7 +832,12 @@ mod layouts {
             seed ^= seed << 17;
             seed % n
         };
-        let types = ["gateway.requests", "gateway.ingress-bytes", "gateway.egress-bytes", "gateway.connection-seconds"];
+        let types = [
+            "gateway.requests",
+            "gateway.ingress-bytes",
+            "gateway.egress-bytes",
+            "gateway.connection-seconds",
+        ];
         let regions = ["eu-west", "us-east", "ap-south"];
         let methods = ["GET", "POST", "PUT", "DELETE", "PATCH"];
         let groups: Vec<Vec<Record>> = (0..blocks)
@@ -859,7 +863,11 @@ mod layouts {
                 std::fs::write(format!("{dir}/{b}.bin"), body).unwrap();
             }
         }
-        for (name, codec) in [("none", CODEC_NONE), ("lz4", CODEC_LZ4), ("zstd 3", CODEC_ZSTD)] {
+        for (name, codec) in [
+            ("none", CODEC_NONE),
+            ("lz4", CODEC_LZ4),
+            ("zstd 3", CODEC_ZSTD),
+        ] {
             let start = std::time::Instant::now();
             let values: Vec<Vec<u8>> = groups
                 .iter()
@@ -872,7 +880,10 @@ mod layouts {
             }
             let decode_us = start.elapsed().as_secs_f64() * 1e6 / events;
             let bytes: usize = values.iter().map(Vec::len).sum();
-            println!("layout 2, {name}: {:.2} B/event, encode {encode_us:.2} µs/event, decode {decode_us:.2} µs/event", bytes as f64 / events);
+            println!(
+                "layout 2, {name}: {:.2} B/event, encode {encode_us:.2} µs/event, decode {decode_us:.2} µs/event",
+                bytes as f64 / events
+            );
         }
     }
 }

@@ -547,10 +547,14 @@ impl DedupeIndex {
     /// entries fit one merged run; past [`MAX_RUNS`] runs, the cheapest
     /// pair that fits.
     pub fn plan_merge(&self, now: i64) -> Option<Range<usize>> {
-        let size = |run: &Run| if run.max_expires <= now { 0 } else { run.entries };
-        let fits = |window: &[Run]| {
-            window.iter().map(size).sum::<u64>() <= self.max_merge_entries
+        let size = |run: &Run| {
+            if run.max_expires <= now {
+                0
+            } else {
+                run.entries
+            }
         };
+        let fits = |window: &[Run]| window.iter().map(size).sum::<u64>() <= self.max_merge_entries;
         let cheapest = |width: usize, similar: bool| {
             (0..self.runs.len().saturating_sub(width - 1))
                 .map(|at| at..at + width)
@@ -562,8 +566,11 @@ impl DedupeIndex {
                 })
                 .min_by_key(|range| self.runs[range.clone()].iter().map(size).sum::<u64>())
         };
-        cheapest(self.merge_fanout, true)
-            .or_else(|| (self.runs.len() > MAX_RUNS).then(|| cheapest(2, false)).flatten())
+        cheapest(self.merge_fanout, true).or_else(|| {
+            (self.runs.len() > MAX_RUNS)
+                .then(|| cheapest(2, false))
+                .flatten()
+        })
     }
 
     /// Reads the runs of `range` and builds their merge: every entry of the

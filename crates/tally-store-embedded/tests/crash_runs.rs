@@ -124,7 +124,10 @@ async fn dedupe_runs_survive_sigkill() {
         let last = ledger.ingest(batch(acked)).await.unwrap();
         assert_eq!(last.accepted + last.duplicates, batch(acked).len() as u64);
         let last = ledger.ingest(batch(acked)).await.unwrap();
-        assert_eq!(last.accepted, 0, "round {round}: batch {acked} stored twice");
+        assert_eq!(
+            last.accepted, 0,
+            "round {round}: batch {acked} stored twice"
+        );
         assert!(in_runs > 0, "round {round}: no run had been written");
         eprintln!(
             "round {round}: killed after batch {}; {in_runs} keys in {runs} runs, {in_memory} in memory at open",

@@ -211,11 +211,7 @@ pub(crate) fn put_ids<'a>(out: &mut Vec<u8>, ids: impl Iterator<Item = &'a str> 
             uuids.extend_from_slice(&bytes);
         } else {
             let id = id.as_bytes();
-            let shared = previous
-                .iter()
-                .zip(id)
-                .take_while(|(a, b)| a == b)
-                .count();
+            let shared = previous.iter().zip(id).take_while(|(a, b)| a == b).count();
             put_varint(out, shared as u64 + 1);
             put_varint(out, (id.len() - shared) as u64);
             suffixes.extend_from_slice(&id[shared..]);
