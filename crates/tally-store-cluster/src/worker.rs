@@ -217,7 +217,10 @@ struct EventRow<'a> {
 struct ValidMessage<'a> {
     seq: u64,
     ingested_at: jiff::Timestamp,
-    event: &'a tally_model::CloudEvent,
+    /// `None` when the message would not fit the server's `max_payload`
+    /// ([`fitted`]); the event is at `seq` in the stream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event: Option<&'a tally_model::CloudEvent>,
 }
 
 /// What a worker publishes for a quarantined event.
@@ -228,7 +231,37 @@ struct QuarantineMessage<'a> {
     meter: &'a str,
     reason: &'a str,
     message: &'a str,
-    event: &'a tally_model::CloudEvent,
+    /// As [`ValidMessage::event`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event: Option<&'a tally_model::CloudEvent>,
+}
+
+/// Longest verdict text a slimmed message carries.
+const SLIM_MESSAGE: usize = 1_024;
+
+/// `full` if a message of it and header `id` fits `max_payload`, else
+/// `slim` (without the event): a verdict that cannot be published would be
+/// delivered again forever and hold every worker behind it.
+fn fitted(
+    full: serde_json::Result<Vec<u8>>,
+    slim: impl FnOnce() -> serde_json::Result<Vec<u8>>,
+    id: &str,
+    max_payload: usize,
+) -> serde_json::Result<Vec<u8>> {
+    let full = full?;
+    if full.len() + id.len() + 256 <= max_payload {
+        return Ok(full);
+    }
+    slim()
+}
+
+/// `text` cut to at most `max` bytes on a character boundary.
+fn cut(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 struct Decoded {
@@ -409,28 +442,39 @@ async fn publish_verdicts(inner: &Inner, fresh: &[&Decoded]) -> Result<(), Strin
             let catalog = inner.catalog();
             measure::verdicts(&catalog, event, d.envelope.ingested_at)
         };
+        let max_payload = inner.nats.server_info().max_payload;
         let mut messages = Vec::new();
         if verdicts.is_empty() {
-            let payload = serde_json::to_vec(&ValidMessage {
+            let id = format!("v.{key}");
+            let valid = |event| ValidMessage {
                 seq: d.seq,
                 ingested_at: d.envelope.ingested_at,
                 event,
-            });
-            messages.push((keys::valid_subject(&d.project), format!("v.{key}"), payload));
+            };
+            let payload = fitted(
+                serde_json::to_vec(&valid(Some(event))),
+                || serde_json::to_vec(&valid(None)),
+                &id,
+                max_payload,
+            );
+            messages.push((keys::valid_subject(&d.project), id, payload));
         }
         for v in verdicts {
-            let payload = serde_json::to_vec(&QuarantineMessage {
+            let id = format!("q.{}", keys::dedupe_key(&v.meter, &key));
+            let quarantined = |message, event| QuarantineMessage {
                 seq: d.seq,
                 meter: &v.meter,
                 reason: &v.reason,
-                message: &v.message,
+                message,
                 event,
-            });
-            messages.push((
-                keys::quarantine_subject(&d.project, &v.reason),
-                format!("q.{}", keys::dedupe_key(&v.meter, &key)),
-                payload,
-            ));
+            };
+            let payload = fitted(
+                serde_json::to_vec(&quarantined(&v.message, Some(event))),
+                || serde_json::to_vec(&quarantined(cut(&v.message, SLIM_MESSAGE), None)),
+                &id,
+                max_payload,
+            );
+            messages.push((keys::quarantine_subject(&d.project, &v.reason), id, payload));
         }
         for (subject, id, payload) in messages {
             let payload = payload.map_err(|e| e.to_string())?;
@@ -450,4 +494,28 @@ async fn publish_verdicts(inner: &Inner, fresh: &[&Decoded]) -> Result<(), Strin
             .map_err(|e| format!("publishing a verdict: {e}"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_verdict_too_large_for_the_server_goes_without_its_event() {
+        let full = || Ok(vec![b'x'; 1_000]);
+        let slim = || Ok(b"{}".to_vec());
+        assert_eq!(fitted(full(), slim, "id", 2_000).unwrap().len(), 1_000);
+        assert_eq!(fitted(full(), slim, "id", 1_200).unwrap(), b"{}");
+        assert_eq!(
+            fitted(full(), slim, &"i".repeat(800), 2_000).unwrap(),
+            b"{}"
+        );
+    }
+
+    #[test]
+    fn cut_keeps_whole_characters() {
+        assert_eq!(cut("héllo", 2), "h");
+        assert_eq!(cut("héllo", 3), "hé");
+        assert_eq!(cut("abc", 10), "abc");
+    }
 }
