@@ -432,6 +432,8 @@ fn meter_in_phase(name: &str, event_type: &str, aggregation: &str, phase: &str) 
 pub async fn voids_reach_meters_retired_since(b: &dyn Backend, prefix: &str) {
     let ledger = b.ledger();
     let kind = format!("{prefix}.retire");
+    // Dedupe is by (source, id) across types: a source of its own.
+    let source = format!("{prefix}.retire");
     let (sum, max) = (format!("{prefix}-rsum"), format!("{prefix}-rmax"));
     for (name, aggregation) in [(&sum, "SUM"), (&max, "MAX")] {
         ledger
@@ -444,7 +446,16 @@ pub async fn voids_reach_meters_retired_since(b: &dyn Backend, prefix: &str) {
     }
     let t = base_time() + SignedDuration::from_hours(10);
     let events = (1..=3)
-        .map(|i| event("s", &i.to_string(), &kind, "c", t, json!({"value": i * 10})))
+        .map(|i| {
+            event(
+                &source,
+                &i.to_string(),
+                &kind,
+                "c",
+                t,
+                json!({"value": i * 10}),
+            )
+        })
         .collect();
     ledger.ingest(events).await.unwrap();
     b.settle().await;
@@ -467,7 +478,7 @@ pub async fn voids_reach_meters_retired_since(b: &dyn Backend, prefix: &str) {
     assert_eq!(value(ledger, &sum, from, to).await, Decimal::from(60));
     assert_eq!(value(ledger, &max, from, to).await, Decimal::from(30));
     let void = |id: &str| VoidRequest {
-        source: "s".into(),
+        source: source.clone(),
         id: id.into(),
         reason: "test".into(),
         voided_by: "test".into(),
@@ -478,7 +489,7 @@ pub async fn voids_reach_meters_retired_since(b: &dyn Backend, prefix: &str) {
     assert_eq!(value(ledger, &sum, from, to).await, Decimal::from(30));
     assert_eq!(value(ledger, &max, from, to).await, Decimal::from(20));
     // An event after retirement is refused by both, and stays out.
-    let late = event("s", "4", &kind, "c", t, json!({"value": 99}));
+    let late = event(&source, "4", &kind, "c", t, json!({"value": 99}));
     let answer = ledger.ingest(vec![late]).await.unwrap();
     assert_eq!(
         answer.quarantined.len(),
