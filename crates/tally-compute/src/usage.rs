@@ -136,7 +136,12 @@ impl Default for InstanceUsage {
 }
 
 /// A family of the per-instance table: name, type, help, value.
-type Family = (&'static str, &'static str, &'static str, fn(&Usage) -> Option<f64>);
+type Family = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&Usage) -> Option<f64>,
+);
 
 const FAMILIES: [Family; 5] = [
     (
@@ -390,19 +395,27 @@ mod tests {
         let labels = "{project=\"acme\",instance=\"web-0\",namespace=\"acme-prod\"}";
         assert_eq!(
             lines(&usage, "tally_compute_instance_cpu_allocated_vcpus"),
-            [format!("tally_compute_instance_cpu_allocated_vcpus{labels} 1.5")]
+            [format!(
+                "tally_compute_instance_cpu_allocated_vcpus{labels} 1.5"
+            )]
         );
         assert_eq!(
             lines(&usage, "tally_compute_instance_memory_allocated_bytes"),
-            [format!("tally_compute_instance_memory_allocated_bytes{labels} 2147483648")]
+            [format!(
+                "tally_compute_instance_memory_allocated_bytes{labels} 2147483648"
+            )]
         );
         assert_eq!(
             lines(&usage, "tally_compute_instance_cpu_usage_seconds_total"),
-            [format!("tally_compute_instance_cpu_usage_seconds_total{labels} 7")]
+            [format!(
+                "tally_compute_instance_cpu_usage_seconds_total{labels} 7"
+            )]
         );
         assert_eq!(
             lines(&usage, "tally_compute_instance_start_time_seconds"),
-            [format!("tally_compute_instance_start_time_seconds{labels} 1000")]
+            [format!(
+                "tally_compute_instance_start_time_seconds{labels} 1000"
+            )]
         );
         // A late `started` from before a crash does not restart the clock.
         usage.lifecycle(&event(LifecycleKind::Crashed, 2_000));

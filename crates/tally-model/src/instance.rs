@@ -37,9 +37,7 @@ impl Allocation {
         let Some(requests) = manifest.spec.pointer("/runtime/resources/requests") else {
             return Ok(None);
         };
-        let field = |name: &str| {
-            format!("spec.runtime.resources.requests.{name}")
-        };
+        let field = |name: &str| format!("spec.runtime.resources.requests.{name}");
         let Value::Object(requests) = requests else {
             return Err(format!(
                 "spec.runtime.resources.requests must be a map of resource name to quantity"
@@ -71,10 +69,12 @@ impl Allocation {
                 Some(q.ceil() as u64)
             }
         };
-        Ok((vcpus.is_some() || memory_bytes.is_some()).then_some(Allocation {
-            vcpus,
-            memory_bytes,
-        }))
+        Ok(
+            (vcpus.is_some() || memory_bytes.is_some()).then_some(Allocation {
+                vcpus,
+                memory_bytes,
+            }),
+        )
     }
 }
 
@@ -184,8 +184,14 @@ mod tests {
         let only_memory = Allocation::of(&instance(json!({"memory": "1G", "nvidia.com/gpu": 1})))
             .unwrap()
             .unwrap();
-        assert_eq!((only_memory.vcpus, only_memory.memory_bytes), (None, Some(1_000_000_000)));
-        assert_eq!(Allocation::of(&instance(json!({"nvidia.com/gpu": 1}))).unwrap(), None);
+        assert_eq!(
+            (only_memory.vcpus, only_memory.memory_bytes),
+            (None, Some(1_000_000_000))
+        );
+        assert_eq!(
+            Allocation::of(&instance(json!({"nvidia.com/gpu": 1}))).unwrap(),
+            None
+        );
         let mut none = instance(json!({}));
         none.spec = json!({"runtime": {"resources": {"instanceType": "datumcloud/d1-standard-2"}}});
         assert_eq!(Allocation::of(&none).unwrap(), None);

@@ -177,7 +177,8 @@ pub struct VictoriaMetricsConfig {
     pub window: Option<String>,
     /// How far back a source seen for the first time starts (default `0s`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backfill: Option<String>,    /// Where `tally serve` imports the compute fleet metrics
+    pub backfill: Option<String>,
+    /// Where `tally serve` imports the compute fleet metrics
     /// (`<pushUrl>/api/v1/import/prometheus`; default `url`, e.g. a vminsert
     /// tenant prefix `http://vminsert:8480/insert/0/prometheus`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

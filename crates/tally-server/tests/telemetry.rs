@@ -714,7 +714,10 @@ async fn instance_usage_arrives_without_a_pipeline() {
         format!("tally_compute_instance_cpu_usage_seconds_total{labels} 3.25\n"),
         format!("tally_compute_instance_memory_working_set_bytes{labels} 8192\n"),
     ] {
-        assert!(metrics.contains(&line), "{line} missing from {metrics:.3000}");
+        assert!(
+            metrics.contains(&line),
+            "{line} missing from {metrics:.3000}"
+        );
     }
     // A customer token still may not write metrics.
     let response = server
