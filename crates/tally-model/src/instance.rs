@@ -9,7 +9,7 @@
 //! Other request names (`nvidia.com/gpu`...) are not read.
 //!
 //! **Invariant (bounded):** a quantity is at most [`MAX_QUANTITY_BYTES`]
-//! long; vCPUs are in `(0, MAX_VCPUS]` and memory in `(0, MAX_MEMORY_BYTES]`;
+//! long; vCPUs are in `[0.001, MAX_VCPUS]` and memory in `[1, MAX_MEMORY_BYTES]` bytes;
 //! anything else is refused at apply, with the field named.
 
 use serde_json::Value;
@@ -37,44 +37,31 @@ impl Allocation {
         let Some(requests) = manifest.spec.pointer("/runtime/resources/requests") else {
             return Ok(None);
         };
-        let field = |name: &str| format!("spec.runtime.resources.requests.{name}");
         let Value::Object(requests) = requests else {
-            return Err(format!(
+            return Err(
                 "spec.runtime.resources.requests must be a map of resource name to quantity"
-            ));
+                    .to_owned(),
+            );
         };
-        let vcpus = match requests.get("cpu") {
-            None => None,
-            Some(v) => {
-                let q = quantity(v).map_err(|e| format!("{}: {e}", field("cpu")))?;
-                if !(q > 0.0 && q <= MAX_VCPUS) {
-                    return Err(format!(
-                        "{}: {q} vCPUs is outside (0, {MAX_VCPUS}]",
-                        field("cpu")
-                    ));
-                }
-                Some(q)
+        let bounded = |name: &str, low: f64, high: f64, unit: &str| {
+            let Some(v) = requests.get(name) else {
+                return Ok(None);
+            };
+            let field = format!("spec.runtime.resources.requests.{name}");
+            let q = quantity(v).map_err(|e| format!("{field}: {e}"))?;
+            if q < low || q > high {
+                return Err(format!("{field}: {q} {unit} is outside [{low}, {high}]"));
             }
+            Ok(Some(q))
         };
-        let memory_bytes = match requests.get("memory") {
-            None => None,
-            Some(v) => {
-                let q = quantity(v).map_err(|e| format!("{}: {e}", field("memory")))?;
-                if !(q >= 1.0 && q <= MAX_MEMORY_BYTES as f64) {
-                    return Err(format!(
-                        "{}: {q} bytes is outside [1, {MAX_MEMORY_BYTES}]",
-                        field("memory")
-                    ));
-                }
-                Some(q.ceil() as u64)
-            }
-        };
-        Ok(
-            (vcpus.is_some() || memory_bytes.is_some()).then_some(Allocation {
-                vcpus,
-                memory_bytes,
-            }),
-        )
+        // A vCPU request is at least one millicore, Kubernetes' finest.
+        let vcpus = bounded("cpu", 0.001, MAX_VCPUS, "vCPUs")?;
+        let memory = bounded("memory", 1.0, MAX_MEMORY_BYTES as f64, "bytes")?;
+        let memory_bytes = memory.map(|q| q.ceil() as u64);
+        Ok((vcpus.is_some() || memory_bytes.is_some()).then_some(Allocation {
+            vcpus,
+            memory_bytes,
+        }))
     }
 }
 
