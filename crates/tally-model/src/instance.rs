@@ -58,10 +58,12 @@ impl Allocation {
         let vcpus = bounded("cpu", 0.001, MAX_VCPUS, "vCPUs")?;
         let memory = bounded("memory", 1.0, MAX_MEMORY_BYTES as f64, "bytes")?;
         let memory_bytes = memory.map(|q| q.ceil() as u64);
-        Ok((vcpus.is_some() || memory_bytes.is_some()).then_some(Allocation {
-            vcpus,
-            memory_bytes,
-        }))
+        Ok(
+            (vcpus.is_some() || memory_bytes.is_some()).then_some(Allocation {
+                vcpus,
+                memory_bytes,
+            }),
+        )
     }
 }
 
