@@ -23,7 +23,10 @@
 //! the event's PubAck; the create that finds the key taken answers the event
 //! `duplicate`. Its age limit is [`dedupe_horizon`]: longer than any two
 //! copies of an event can be apart and both be admitted, so the count is
-//! exact over the whole horizon (see `ledger.rs` for the argument).
+//! exact over the whole horizon (see `ledger.rs` for the argument). Every
+//! start sets the existing bucket's age to the configured horizon, so a
+//! raised `max_lateness` keeps keys longer (nats-server 2.9 changes it in
+//! place, keeping the keys).
 //!
 //! **Migration:** a stream `billing-usage-quarantine` (the layout before
 //! quarantined events moved into `billing-usage`) claims the quarantine

@@ -376,6 +376,9 @@ async fn bucket(
     max_age: Option<Duration>,
 ) -> Result<kv::Store, String> {
     if let Ok(store) = js.get_key_value(name).await {
+        if let Some(age) = max_age {
+            set_max_age(js, name, age).await?;
+        }
         return Ok(store);
     }
     // The bucket's stream, as `create_key_value` would make it; made here
@@ -398,6 +401,34 @@ async fn bucket(
     js.get_key_value(name)
         .await
         .map_err(|e| format!("opening bucket {name}: {e}"))
+}
+
+/// Gives an existing bucket the age limit this configuration asks for: a
+/// `max_lateness` raised since the bucket was made must lengthen how long
+/// dedupe keys are kept (a lowered one shortens it; keys older than the new
+/// horizon belong to events no node admits any more). nats-server 2.9
+/// updates a stream's `max_age` in place.
+async fn set_max_age(js: &jetstream::Context, name: &str, age: Duration) -> Result<(), String> {
+    let stream_name = format!("KV_{name}");
+    let mut handle = js
+        .get_stream(&stream_name)
+        .await
+        .map_err(|e| format!("reading bucket {name}: {e}"))?;
+    let info = handle
+        .info()
+        .await
+        .map_err(|e| format!("reading bucket {name}: {e}"))?;
+    if info.config.max_age == age {
+        return Ok(());
+    }
+    let was = info.config.max_age;
+    let mut config = info.config.clone();
+    config.max_age = age;
+    js.update_stream(config).await.map_err(|e| {
+        format!("changing the age limit of bucket {name} from {was:?} to {age:?}: {e}")
+    })?;
+    tracing::info!(bucket = name, ?was, now = ?age, "bucket age limit changed to follow the configuration");
+    Ok(())
 }
 
 /// Loads the catalog and voids, then follows both buckets.

@@ -1,7 +1,8 @@
 //! The JetStream layout with a real nats-server (and ClickHouse): the
 //! legacy quarantine stream is moved into `billing-usage`, and a duplicate
 //! is counted in the ingest answer however late it comes and at whichever
-//! node, even while ClickHouse is down.
+//! node, even while ClickHouse is down; the dedupe bucket's age follows a
+//! changed `max_lateness` across restarts.
 
 use std::time::Duration;
 
@@ -13,7 +14,10 @@ use serde_json::json;
 use tally_ledger::{ApplyMode, Ledger};
 use tally_ledger_suite::peers::{ClickHouse, Nats};
 use tally_ledger_suite::{base_time, event, meter, value};
-use tally_store_cluster::{ClusterLedger, ClusterLedgerConfig, LEGACY_QUARANTINE_STREAM, STREAM};
+use tally_store_cluster::{
+    ClusterLedger, ClusterLedgerConfig, DEDUPE_BUCKET, LEGACY_QUARANTINE_STREAM, STREAM,
+    dedupe_horizon,
+};
 
 fn config(nats: &Nats, ch: &ClickHouse, database: &str) -> ClusterLedgerConfig {
     let mut config = ClusterLedgerConfig::new(nats.url(), ch.url());
@@ -139,4 +143,52 @@ async fn a_late_duplicate_at_another_node_is_counted_even_with_clickhouse_down()
     assert_eq!(value(&b, "late", from, to).await, Decimal::from(100));
     let stats = b.stats();
     assert_eq!(stats.events_duplicate_total, 41, "{stats:?}");
+}
+
+/// The dedupe bucket's stream, as nats-server reports it.
+async fn dedupe_max_age(js: &jetstream::Context) -> Duration {
+    let mut stream = js.get_stream(format!("KV_{DEDUPE_BUCKET}")).await.unwrap();
+    stream.info().await.unwrap().config.max_age
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raising_max_lateness_lengthens_the_dedupe_buckets_age() {
+    let (Some(nats), Some(ch)) = (Nats::start(), ClickHouse::start()) else {
+        return;
+    };
+    let js = jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+    let mut short = config(&nats, &ch, "age");
+    short.max_lateness = SignedDuration::from_hours(24);
+    let first = ClusterLedger::connect(short.clone()).await.unwrap();
+    assert_eq!(dedupe_max_age(&js).await, dedupe_horizon(&short));
+    first
+        .apply(meter("age", "age.usage", "SUM"), ApplyMode::Upsert)
+        .await
+        .unwrap();
+    // Recent: within the short lateness too.
+    let now = jiff::Timestamp::now().as_second();
+    let hour = jiff::Timestamp::from_second(now - now.rem_euclid(3_600)).unwrap();
+    let t = hour - SignedDuration::from_mins(30);
+    let sent = event("age", "1", "age.usage", "c", t, json!({"value": 3}));
+    let ack = first.ingest(vec![sent.clone()]).await.unwrap();
+    assert_eq!((ack.accepted, ack.duplicates), (1, 0));
+    drop(first);
+
+    // Restarted with a longer lateness: the bucket keeps keys longer, and
+    // the keys it held survive the change.
+    let mut long = short.clone();
+    long.max_lateness = SignedDuration::from_hours(90 * 24);
+    let second = ClusterLedger::connect(long.clone()).await.unwrap();
+    assert!(dedupe_horizon(&long) > dedupe_horizon(&short));
+    assert_eq!(dedupe_max_age(&js).await, dedupe_horizon(&long));
+    let again = second.ingest(vec![sent.clone()]).await.unwrap();
+    assert_eq!((again.accepted, again.duplicates), (0, 1));
+    drop(second);
+
+    // And lowered again: it follows down too.
+    let third = ClusterLedger::connect(short.clone()).await.unwrap();
+    assert_eq!(dedupe_max_age(&js).await, dedupe_horizon(&short));
+    let (from, to) = (hour - SignedDuration::from_hours(1), hour);
+    third.settle(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(value(&third, "age", from, to).await, Decimal::from(3));
 }
