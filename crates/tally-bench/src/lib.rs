@@ -354,11 +354,12 @@ const LOAD_THREAD: &str = "tally-load";
 /// Sends `bodies` from a thread of its own ([`LOAD_THREAD`], with a
 /// runtime and an HTTP client of its own), so that the server's threads
 /// do none of the load generator's work and its CPU time can be told apart.
+/// Returns the thread's CPU time (ns).
 async fn send_from_own_thread(
     base: &str,
     bodies: Arc<Bodies>,
     connections: usize,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<u64> {
     let base = base.to_owned();
     let (done, finished) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
@@ -373,7 +374,8 @@ async fn send_from_own_thread(
                     send_all(&client, &base, bodies, connections).await
                 })
             })();
-            let _ = done.send(sent);
+            // Read before the thread ends: its task leaves /proc with it.
+            let _ = done.send(sent.map(|()| thread_cpu_ns()));
         })
         .context("starting the load generator thread")?;
     finished
@@ -389,9 +391,17 @@ struct Cpu {
     writer_ns: u64,
     writer_wait_ns: u64,
     materialiser_ns: u64,
-    /// The load generator's: its thread's in process ([`LOAD_THREAD`]),
-    /// or what its process reported.
+    /// The load generator's: what its thread ([`LOAD_THREAD`]) or its
+    /// process measured and reported.
     load_ns: u64,
+}
+
+/// CPU time (ns) of the calling thread so far.
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 fn cpu() -> Cpu {
@@ -407,14 +417,17 @@ fn cpu() -> Cpu {
             .split_whitespace()
             .map(|f| f.parse::<u64>().unwrap_or(0));
         let (on_cpu, waiting) = (fields.next().unwrap_or(0), fields.next().unwrap_or(0));
-        total.process_ns += on_cpu;
+        match comm.trim() {
+            // Counted apart, by the thread itself (it may be gone by now).
+            LOAD_THREAD => continue,
+            _ => total.process_ns += on_cpu,
+        }
         match comm.trim() {
             "tally-writer" => {
                 total.writer_ns += on_cpu;
                 total.writer_wait_ns += waiting;
             }
             "tally-material" => total.materialiser_ns += on_cpu,
-            LOAD_THREAD => total.load_ns += on_cpu,
             _ => {}
         }
     }
@@ -533,12 +546,9 @@ async fn ingest(
     let start = Instant::now();
     let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
     let sampler = tokio::spawn(sample_lag(ledger.clone(), start, Arc::clone(&samples)));
-    let child_load_ns = match (&mut child, bodies_in_process.take()) {
+    let load_ns = match (&mut child, bodies_in_process.take()) {
         (Some(child), _) => child.go().await?,
-        (None, Some(bodies)) => {
-            send_from_own_thread(base, bodies, o.connections).await?;
-            0
-        }
+        (None, Some(bodies)) => send_from_own_thread(base, bodies, o.connections).await?,
         (None, None) => bail!("no load generator"),
     };
     let elapsed = start.elapsed();
@@ -579,7 +589,7 @@ async fn ingest(
                 .writer_wait_ns
                 .saturating_sub(cpu_before.writer_wait_ns),
             process_ns: cpu_after.process_ns.saturating_sub(cpu_before.process_ns),
-            load_ns: cpu_after.load_ns.saturating_sub(cpu_before.load_ns) + child_load_ns,
+            load_ns,
         },
         rss_before_kib,
     })

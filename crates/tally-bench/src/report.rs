@@ -138,7 +138,8 @@ fn print_ingest(o: &BenchOptions, i: &Ingested) {
         ms(i.lag_samples.last().copied().unwrap_or_default())
     );
     let per_event = |ns: u64| ns as f64 / 1e3 / events;
-    let server_ns = server_ns(o, i);
+    // The process's, without the load generator's thread (see `cpu()`).
+    let server_ns = i.cpu.process_ns;
     println!(
         "cpu: writer thread {:.1} µs/event (+{:.1} µs/event waiting for a core), materialiser thread {:.1} µs/event, the rest of the server (HTTP, parsing, validation, sampling) {:.1} µs/event; server process {:.1} µs/event; load generator {:.1} µs/event ({})",
         per_event(i.cpu.writer_ns),
@@ -153,15 +154,6 @@ fn print_ingest(o: &BenchOptions, i: &Ingested) {
             "its own thread in the server's process"
         }
     );
-}
-
-/// The server's CPU time, without the load generator's.
-fn server_ns(o: &BenchOptions, i: &Ingested) -> u64 {
-    if o.load_process {
-        i.cpu.process_ns
-    } else {
-        i.cpu.process_ns.saturating_sub(i.cpu.load_ns)
-    }
 }
 
 /// The rows of an answer as `[subject or null, windowStart, value]`, the
@@ -200,11 +192,11 @@ pub(crate) fn json(
             "window_events": window(o.events as u64),
             "ack_to_materialised_p50_ms": ms(percentile(&i.lag_samples, 0.5)),
             "ack_to_materialised_p99_ms": ms(percentile(&i.lag_samples, 0.99)),
-            "cpu_us_per_event": server_ns(o, i) as f64 / 1e3 / events,
+            "cpu_us_per_event": i.cpu.process_ns as f64 / 1e3 / events,
             "cpu_us_per_event_by_stage": {
                 "writer": i.cpu.writer_ns as f64 / 1e3 / events,
                 "materialiser": i.cpu.materialiser_ns as f64 / 1e3 / events,
-                "rest_of_server": server_ns(o, i).saturating_sub(i.cpu.writer_ns + i.cpu.materialiser_ns) as f64 / 1e3 / events,
+                "rest_of_server": i.cpu.process_ns.saturating_sub(i.cpu.writer_ns + i.cpu.materialiser_ns) as f64 / 1e3 / events,
                 "load_generator": i.cpu.load_ns as f64 / 1e3 / events,
             },
             "request_bodies_mib": i.rss_before_kib / 1024,

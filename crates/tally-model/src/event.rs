@@ -177,7 +177,11 @@ impl Strings {
 
     /// The values of `specversion` and `datacontenttype`, and `time` parsed
     /// (`received` when absent).
-    fn check_values(&mut self, received: Timestamp, errors: &mut Vec<FieldError>) -> Option<Timestamp> {
+    fn check_values(
+        &mut self,
+        received: Timestamp,
+        errors: &mut Vec<FieldError>,
+    ) -> Option<Timestamp> {
         if let Some(v) = &self.specversion
             && v != "1.0"
         {

@@ -22,5 +22,5 @@ pub use meter::{
     Aggregation, MAX_JSON_PATH_DEPTH, MeterDefinition, MeterEventMapping, MeterMeasurement,
     MeterPhase, MonitoredResourceType, OpenMeterMeter, ResourceLabel, parse_json_path,
 };
-pub use wire::{EVENT_MEDIA_TYPES, RawEvent, split_batch, split_events};
 pub use resource::{Kind, KindClass, Manifest, ObjectMeta, ResourceError, validate_name};
+pub use wire::{EVENT_MEDIA_TYPES, RawEvent, split_batch, split_events};

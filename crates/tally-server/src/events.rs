@@ -27,7 +27,10 @@ pub(crate) fn values(media_type: &str, body: &[u8]) -> Result<Vec<Value>, Proble
 /// Splits a request body into [`RawEvent`]s borrowing from it
 /// ([`tally_model::split_events`]): what ingest reads, without a `Value`
 /// of each event.
-pub(crate) fn raw_events<'a>(media_type: &str, body: &'a [u8]) -> Result<Vec<RawEvent<'a>>, Problem> {
+pub(crate) fn raw_events<'a>(
+    media_type: &str,
+    body: &'a [u8],
+) -> Result<Vec<RawEvent<'a>>, Problem> {
     split_events(media_type, body).map_err(batch_problem)
 }
 
