@@ -332,10 +332,10 @@ mod tests {
 
     #[test]
     fn platform_checks_ulids_and_int64_values() {
+        let platform_errors = |v: &Value| platform_errors(&RawEvent::from_value(v.clone()));
         let ok = event("01JD4ZQ7Y9T5X3W2V1S0R9Q8P7", json!("42"));
         assert!(platform_errors(&ok).is_empty());
         assert!(platform_errors(&event("01JD4ZQ7Y9T5X3W2V1S0R9Q8P7", json!(42))).is_empty());
-        let platform_errors = |v: &Value| platform_errors(&RawEvent::from_value(v.clone()));
         let codes =
             |v: &Value| -> Vec<String> { platform_errors(v).into_iter().map(|e| e.code).collect() };
         assert_eq!(codes(&event("nope", json!("1"))), ["INVALID_ULID"]);
