@@ -265,11 +265,8 @@ impl<'de> Deserialize<'de> for RawEvent<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         match Body::<RawEvent<'de>>::deserialize(deserializer)? {
             Body::One(event) => Ok(event),
-            Body::Many(items) => {
-                // An array where an event should be: not an event.
-                drop(items);
-                Ok(RawEvent::default())
-            }
+            // An array where an event should be: not an event.
+            Body::Many(_) => Ok(RawEvent::default()),
         }
     }
 }
