@@ -48,7 +48,10 @@ pub(crate) fn read(path: &Path, batch: usize) -> anyhow::Result<(Bodies, usize)>
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let (bodies, events) = read_from(std::io::BufReader::new(file), batch)
         .with_context(|| format!("reading {}", path.display()))?;
-    Ok((Bodies::Made(bodies), events))
+    Ok((
+        Bodies::Made(bodies.into_iter().map(Into::into).collect()),
+        events,
+    ))
 }
 
 fn read_from(mut input: impl BufRead, batch: usize) -> anyhow::Result<(Vec<Vec<u8>>, usize)> {
@@ -121,7 +124,10 @@ mod tests {
         };
         assert_eq!(events, 2_500);
         let sent: Vec<Vec<u8>> = (0..o.requests()).map(|b| body(&o, b)).collect();
-        assert_eq!(bodies, sent);
+        assert_eq!(
+            bodies,
+            sent.into_iter().map(bytes::Bytes::from).collect::<Vec<_>>()
+        );
         // Every line is one JSON event; ids are unique.
         let ids: std::collections::BTreeSet<String> = text
             .lines()

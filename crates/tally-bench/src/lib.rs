@@ -9,10 +9,12 @@
 //! larger loads would not fit in memory and are generated as they are sent.
 //!
 //! The load generator runs in the server's process by default, sharing its
-//! cores; `load_process` runs it as a child process (`tally bench
-//! --load-only-to URL`), so the server's own CPU use can be told apart. The
-//! report gives CPU time per event (the writer thread's, the materialiser's
-//! and the server process's, from `/proc/self/task/*/schedstat`) and how
+//! cores but on a thread and runtime of its own (`tally-load`), so its CPU
+//! time is counted apart; `load_process` runs it as a child process
+//! (`tally bench --load-only-to URL`), which reports its own. Bodies are
+//! made once and shared (`Bytes`) by every send. The report gives CPU time
+//! per event by stage (the writer thread's, the materialiser's, the rest of
+//! the server's, the load generator's, from `/proc/self/task/*/schedstat`) and how
 //! long the writer waited for a core: on a shared machine the rate alone
 //! says little. Ingest is timed twice: until the last event is acknowledged,
 //! and until it is also materialised (rollups written, no tail left); the
@@ -28,6 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use bytes::Bytes;
 use jiff::{SignedDuration, Timestamp};
 use tally_ledger::Ledger;
 use tally_server::AppState;
@@ -216,24 +219,25 @@ fn for_each_event(
 }
 
 /// The requests of a load, made before the clock starts or as they are sent.
+/// Made bodies are shared, not copied, by every send (and re-send).
 pub(crate) enum Bodies {
-    Made(Vec<Vec<u8>>),
+    Made(Vec<Bytes>),
     OnTheFly(LoadOptions),
 }
 
 impl Bodies {
     fn new(o: &LoadOptions) -> Bodies {
         if o.events <= PREGENERATED_EVENTS {
-            Bodies::Made((0..o.requests()).map(|b| body(o, b)).collect())
+            Bodies::Made((0..o.requests()).map(|b| body(o, b).into()).collect())
         } else {
             Bodies::OnTheFly(o.clone())
         }
     }
 
-    fn get(&self, b: usize) -> Option<Vec<u8>> {
+    fn get(&self, b: usize) -> Option<Bytes> {
         match self {
             Bodies::Made(made) => made.get(b).cloned(),
-            Bodies::OnTheFly(o) => (b < o.requests()).then(|| body(o, b)),
+            Bodies::OnTheFly(o) => (b < o.requests()).then(|| body(o, b).into()),
         }
     }
 }
@@ -336,9 +340,47 @@ pub async fn run_load(o: LoadOptions, base: String) -> anyhow::Result<()> {
     .await?
     .context("waiting for the go signal")?;
     let client = tally_delivery::client_builder().build()?;
+    let before = cpu().process_ns;
     send_all(&client, &base, bodies, o.connections).await?;
-    println!("done");
+    // The parent reports the load generator's CPU time apart.
+    println!("done {}", cpu().process_ns.saturating_sub(before));
     Ok(())
+}
+
+/// Name of the load generator's thread when it runs in the server's
+/// process: its CPU time is counted apart from the server's.
+const LOAD_THREAD: &str = "tally-load";
+
+/// Sends `bodies` from a thread of its own ([`LOAD_THREAD`], with a
+/// runtime and an HTTP client of its own), so that the server's threads
+/// do none of the load generator's work and its CPU time can be told apart.
+/// Returns the thread's CPU time (ns).
+async fn send_from_own_thread(
+    base: &str,
+    bodies: Arc<Bodies>,
+    connections: usize,
+) -> anyhow::Result<u64> {
+    let base = base.to_owned();
+    let (done, finished) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(LOAD_THREAD.to_owned())
+        .spawn(move || {
+            let sent = (|| {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                runtime.block_on(async {
+                    let client = tally_delivery::client_builder().build()?;
+                    send_all(&client, &base, bodies, connections).await
+                })
+            })();
+            // Read before the thread ends: its task leaves /proc with it.
+            let _ = done.send(sent.map(|()| thread_cpu_ns()));
+        })
+        .context("starting the load generator thread")?;
+    finished
+        .await
+        .context("the load generator thread stopped")?
 }
 
 /// CPU time of this process's threads (nanoseconds on a core, and waiting
@@ -349,6 +391,17 @@ struct Cpu {
     writer_ns: u64,
     writer_wait_ns: u64,
     materialiser_ns: u64,
+    /// The load generator's: what its thread ([`LOAD_THREAD`]) or its
+    /// process measured and reported.
+    load_ns: u64,
+}
+
+/// CPU time (ns) of the calling thread so far.
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 fn cpu() -> Cpu {
@@ -364,7 +417,11 @@ fn cpu() -> Cpu {
             .split_whitespace()
             .map(|f| f.parse::<u64>().unwrap_or(0));
         let (on_cpu, waiting) = (fields.next().unwrap_or(0), fields.next().unwrap_or(0));
-        total.process_ns += on_cpu;
+        match comm.trim() {
+            // Counted apart, by the thread itself (it may be gone by now).
+            LOAD_THREAD => continue,
+            _ => total.process_ns += on_cpu,
+        }
         match comm.trim() {
             "tally-writer" => {
                 total.writer_ns += on_cpu;
@@ -489,11 +546,11 @@ async fn ingest(
     let start = Instant::now();
     let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
     let sampler = tokio::spawn(sample_lag(ledger.clone(), start, Arc::clone(&samples)));
-    match (&mut child, bodies_in_process.take()) {
+    let load_ns = match (&mut child, bodies_in_process.take()) {
         (Some(child), _) => child.go().await?,
-        (None, Some(bodies)) => send_all(client, base, bodies, o.connections).await?,
+        (None, Some(bodies)) => send_from_own_thread(base, bodies, o.connections).await?,
         (None, None) => bail!("no load generator"),
-    }
+    };
     let elapsed = start.elapsed();
     while ledger.stats().materialise_lag_events > 0 {
         tokio::time::sleep(Duration::from_millis(1)).await;
@@ -532,6 +589,7 @@ async fn ingest(
                 .writer_wait_ns
                 .saturating_sub(cpu_before.writer_wait_ns),
             process_ns: cpu_after.process_ns.saturating_sub(cpu_before.process_ns),
+            load_ns,
         },
         rss_before_kib,
     })
@@ -763,9 +821,12 @@ impl LoadProcess {
         Ok(process)
     }
 
-    async fn expect(&mut self, word: &str) -> anyhow::Result<()> {
+    /// Reads the line that should begin with `word`; returns the rest.
+    async fn expect(&mut self, word: &str) -> anyhow::Result<String> {
         match self.stdout.next_line().await? {
-            Some(line) if line.trim() == word => Ok(()),
+            Some(line) if line.split_whitespace().next() == Some(word) => {
+                Ok(line.trim()[word.len()..].trim().to_owned())
+            }
             Some(line) => bail!("the load generator said {line:?}, expected {word:?}"),
             None => {
                 let status = self.child.wait().await?;
@@ -774,8 +835,9 @@ impl LoadProcess {
         }
     }
 
-    /// Starts the load and waits until every request was answered.
-    async fn go(&mut self) -> anyhow::Result<()> {
+    /// Starts the load and waits until every request was answered;
+    /// returns the CPU time (ns) the load generator says it used.
+    async fn go(&mut self) -> anyhow::Result<u64> {
         use tokio::io::AsyncWriteExt;
         let stdin = self
             .child
@@ -784,11 +846,12 @@ impl LoadProcess {
             .context("the load generator's standard input")?;
         stdin.write_all(b"go\n").await?;
         stdin.flush().await?;
-        self.expect("done").await?;
+        let said = self.expect("done").await?;
         let status = self.child.wait().await?;
         if !status.success() {
             bail!("the load generator failed: {status}");
         }
-        Ok(())
+        said.parse()
+            .with_context(|| format!("the load generator's CPU time {said:?}"))
     }
 }

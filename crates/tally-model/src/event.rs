@@ -1,10 +1,13 @@
 //! CloudEvents 1.0 usage events and their structural validation.
 
+use std::borrow::Cow;
+
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::limits::{self, check_len};
+use crate::wire::{Attr, RawEvent};
 
 /// A structurally valid CloudEvent. `time` is always set: events that arrive
 /// without one get their receipt time.
@@ -70,9 +73,6 @@ pub struct EventError {
     pub errors: Vec<FieldError>,
 }
 
-const REQUIRED_STRINGS: [&str; 5] = ["specversion", "id", "source", "type", "subject"];
-const OPTIONAL_STRINGS: [&str; 2] = ["datacontenttype", "dataschema"];
-
 /// A [`FieldError`] with one of the [`error_code`] codes.
 pub fn field_error(field: &str, code: &str, reason: impl Into<String>) -> FieldError {
     FieldError {
@@ -86,95 +86,205 @@ pub fn field_error(field: &str, code: &str, reason: impl Into<String>) -> FieldE
 ///
 /// `received` is used when the event carries no `time`.
 pub fn parse_event(value: Value, received: Timestamp) -> Result<CloudEvent, Vec<FieldError>> {
-    let Value::Object(mut object) = value else {
-        return Err(vec![field_error(
-            "",
-            error_code::INVALID_VALUE_TYPE,
-            "an event must be a JSON object",
-        )]);
-    };
-    let mut errors = Vec::new();
-    let mut take_string =
-        |object: &mut Map<String, Value>, field: &str, required: bool| match object.remove(field) {
-            Some(Value::String(s)) if s.is_empty() && required => {
-                errors.push(field_error(
-                    field,
-                    error_code::MISSING_REQUIRED_FIELD,
-                    "must not be empty",
-                ));
-                None
-            }
-            Some(Value::String(s)) => Some(s),
-            Some(Value::Null) | None if !required => None,
-            Some(Value::Null) | None => {
-                errors.push(field_error(
-                    field,
-                    error_code::MISSING_REQUIRED_FIELD,
-                    "is required",
-                ));
-                None
-            }
-            Some(other) => {
-                errors.push(field_error(
-                    field,
-                    error_code::INVALID_VALUE_TYPE,
-                    format!("must be a string, got {}", json_type(&other)),
-                ));
-                None
-            }
-        };
-    let [specversion, id, source, kind, subject] =
-        REQUIRED_STRINGS.map(|field| take_string(&mut object, field, true));
-    let [datacontenttype, dataschema] =
-        OPTIONAL_STRINGS.map(|field| take_string(&mut object, field, false));
-    let time = take_string(&mut object, "time", false);
-    let attributes = [
-        ("specversion", &specversion),
-        ("id", &id),
-        ("source", &source),
-        ("type", &kind),
-        ("subject", &subject),
-        ("datacontenttype", &datacontenttype),
-        ("dataschema", &dataschema),
-        ("time", &time),
-    ];
-    for (field, value) in attributes {
-        if let Some(value) = value
-            && let Err(e) = check_len(field, value, limits::MAX_ATTRIBUTE_BYTES)
-        {
-            errors.push(e);
+    RawEvent::from_value(value).validate(received)
+}
+
+/// The string attributes of an event, taken: `None` where absent or wrong.
+struct Strings {
+    specversion: Option<String>,
+    id: Option<String>,
+    source: Option<String>,
+    kind: Option<String>,
+    subject: Option<String>,
+    datacontenttype: Option<String>,
+    dataschema: Option<String>,
+    time: Option<String>,
+}
+
+/// The attribute as a string, or the problem with it.
+fn take_string(
+    attr: Attr<'_>,
+    field: &str,
+    required: bool,
+    errors: &mut Vec<FieldError>,
+) -> Option<String> {
+    match attr {
+        Attr::Str(s) if s.is_empty() && required => {
+            errors.push(field_error(
+                field,
+                error_code::MISSING_REQUIRED_FIELD,
+                "must not be empty",
+            ));
+            None
+        }
+        Attr::Str(s) => Some(s.into_owned()),
+        Attr::Null | Attr::Absent if !required => None,
+        Attr::Null | Attr::Absent => {
+            errors.push(field_error(
+                field,
+                error_code::MISSING_REQUIRED_FIELD,
+                "is required",
+            ));
+            None
+        }
+        Attr::Other(json_type) => {
+            errors.push(field_error(
+                field,
+                error_code::INVALID_VALUE_TYPE,
+                format!("must be a string, got {json_type}"),
+            ));
+            None
         }
     }
+}
 
-    if let Some(v) = &specversion
-        && v != "1.0"
-    {
-        errors.push(field_error(
-            "specversion",
-            error_code::INVALID_VALUE,
-            format!("must be \"1.0\", got {v:?}"),
-        ));
-    }
-    if let Some(ct) = &datacontenttype
-        && !(ct.starts_with("application/json") || ct.ends_with("+json"))
-    {
-        errors.push(field_error(
-            "datacontenttype",
-            error_code::INVALID_DATACONTENTTYPE,
-            format!("must be a JSON media type, got {ct:?}"),
-        ));
-    }
-    let time = match time {
-        None => Some(received),
-        Some(t) => match t.parse::<Timestamp>() {
-            Ok(t) => Some(t),
-            Err(e) => {
-                errors.push(time_error(&t, &e));
-                None
+impl Strings {
+    /// Takes the string attributes of `raw`, required ones first, each
+    /// within [`limits::MAX_ATTRIBUTE_BYTES`].
+    fn take(raw: &mut RawEvent<'_>, errors: &mut Vec<FieldError>) -> Strings {
+        let mut take = |attr: &mut Attr<'_>, field, required| {
+            take_string(std::mem::take(attr), field, required, errors)
+        };
+        let strings = Strings {
+            specversion: take(&mut raw.specversion, "specversion", true),
+            id: take(&mut raw.id, "id", true),
+            source: take(&mut raw.source, "source", true),
+            kind: take(&mut raw.kind, "type", true),
+            subject: take(&mut raw.subject, "subject", true),
+            datacontenttype: take(&mut raw.datacontenttype, "datacontenttype", false),
+            dataschema: take(&mut raw.dataschema, "dataschema", false),
+            time: take(&mut raw.time, "time", false),
+        };
+        let attributes = [
+            ("specversion", &strings.specversion),
+            ("id", &strings.id),
+            ("source", &strings.source),
+            ("type", &strings.kind),
+            ("subject", &strings.subject),
+            ("datacontenttype", &strings.datacontenttype),
+            ("dataschema", &strings.dataschema),
+            ("time", &strings.time),
+        ];
+        for (field, value) in attributes {
+            if let Some(value) = value
+                && let Err(e) = check_len(field, value, limits::MAX_ATTRIBUTE_BYTES)
+            {
+                errors.push(e);
             }
-        },
-    };
-    let data = match object.remove("data") {
+        }
+        strings
+    }
+
+    /// The values of `specversion` and `datacontenttype`, and `time` parsed
+    /// (`received` when absent).
+    fn check_values(
+        &mut self,
+        received: Timestamp,
+        errors: &mut Vec<FieldError>,
+    ) -> Option<Timestamp> {
+        if let Some(v) = &self.specversion
+            && v != "1.0"
+        {
+            errors.push(field_error(
+                "specversion",
+                error_code::INVALID_VALUE,
+                format!("must be \"1.0\", got {v:?}"),
+            ));
+        }
+        if let Some(ct) = &self.datacontenttype
+            && !(ct.starts_with("application/json") || ct.ends_with("+json"))
+        {
+            errors.push(field_error(
+                "datacontenttype",
+                error_code::INVALID_DATACONTENTTYPE,
+                format!("must be a JSON media type, got {ct:?}"),
+            ));
+        }
+        match self.time.take() {
+            None => Some(received),
+            Some(t) => match t.parse::<Timestamp>() {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    errors.push(time_error(&t, &e));
+                    None
+                }
+            },
+        }
+    }
+}
+
+impl<'a> RawEvent<'a> {
+    /// [`RawEvent::validate`], naming a refused event by its `id` (when a
+    /// string) as an answer does.
+    pub fn validate_named(
+        self,
+        received: Timestamp,
+    ) -> Result<CloudEvent, (Option<Cow<'a, str>>, Vec<FieldError>)> {
+        // Free unless the id held escapes: it borrows from the body.
+        let id = match &self.id {
+            Attr::Str(s) => Some(s.clone()),
+            _ => None,
+        };
+        self.validate(received).map_err(|errors| (id, errors))
+    }
+
+    /// Validates the event and reports every problem at once: the one set
+    /// of CloudEvent rules, whichever way the event was read.
+    ///
+    /// `received` is used when the event carries no `time`.
+    pub fn validate(mut self, received: Timestamp) -> Result<CloudEvent, Vec<FieldError>> {
+        if !self.object {
+            return Err(vec![field_error(
+                "",
+                error_code::INVALID_VALUE_TYPE,
+                "an event must be a JSON object",
+            )]);
+        }
+        let mut errors = Vec::new();
+        let mut strings = Strings::take(&mut self, &mut errors);
+        let time = strings.check_values(received, &mut errors);
+        let data = check_data(self.data.take(), &self.extensions, &mut errors);
+        check_extensions(&self.extensions, &mut errors);
+        let Strings {
+            specversion,
+            id,
+            source,
+            kind,
+            subject,
+            datacontenttype,
+            dataschema,
+            time: _,
+        } = strings;
+        match (specversion, id, source, kind, subject, time) {
+            (Some(specversion), Some(id), Some(source), Some(kind), Some(subject), Some(time))
+                if errors.is_empty() =>
+            {
+                Ok(CloudEvent {
+                    specversion,
+                    id,
+                    source,
+                    kind,
+                    subject,
+                    time,
+                    datacontenttype,
+                    dataschema,
+                    data,
+                    extensions: self.extensions,
+                })
+            }
+            _ => Err(errors),
+        }
+    }
+}
+
+/// `data` if it is an object (`None` when absent or null), refusing
+/// `data_base64` and oversized dimension values.
+fn check_data(
+    data: Option<Value>,
+    extensions: &Map<String, Value>,
+    errors: &mut Vec<FieldError>,
+) -> Option<Value> {
+    let data = match data {
         None | Some(Value::Null) => None,
         Some(Value::Object(map)) => Some(Value::Object(map)),
         Some(other) => {
@@ -186,7 +296,7 @@ pub fn parse_event(value: Value, received: Timestamp) -> Result<CloudEvent, Vec<
             None
         }
     };
-    if object.contains_key("data_base64") {
+    if extensions.contains_key("data_base64") {
         errors.push(field_error(
             "data_base64",
             error_code::INVALID_VALUE,
@@ -194,9 +304,15 @@ pub fn parse_event(value: Value, received: Timestamp) -> Result<CloudEvent, Vec<
         ));
     }
     if let Some(Value::Object(data)) = &data {
-        check_dimension_values(data, &mut errors);
+        check_dimension_values(data, errors);
     }
-    for (key, value) in &object {
+    data
+}
+
+/// Extension attribute names, and string values within
+/// [`limits::MAX_DIMENSION_VALUE_BYTES`].
+fn check_extensions(extensions: &Map<String, Value>, errors: &mut Vec<FieldError>) {
+    for (key, value) in extensions {
         if !is_valid_extension_name(key) {
             errors.push(field_error(
                 key,
@@ -208,25 +324,6 @@ pub fn parse_event(value: Value, received: Timestamp) -> Result<CloudEvent, Vec<
         {
             errors.push(e);
         }
-    }
-    match (specversion, id, source, kind, subject, time) {
-        (Some(specversion), Some(id), Some(source), Some(kind), Some(subject), Some(time))
-            if errors.is_empty() =>
-        {
-            Ok(CloudEvent {
-                specversion,
-                id,
-                source,
-                kind,
-                subject,
-                time,
-                datacontenttype,
-                dataschema,
-                data,
-                extensions: object,
-            })
-        }
-        _ => Err(errors),
     }
 }
 
@@ -285,16 +382,13 @@ fn is_valid_extension_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
-/// The media types a request of CloudEvents may have, for messages.
-pub const EVENT_MEDIA_TYPES: &str = "application/cloudevents+json, application/cloudevents-batch+json, application/json or application/x-ndjson";
-
 /// Why a request body could not be split into events.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BatchError {
     /// The body does not hold what its media type says (HTTP 400).
     #[error("{0}")]
     Malformed(String),
-    /// The media type is absent or not one of [`EVENT_MEDIA_TYPES`] (HTTP 415).
+    /// The media type is absent or not one of [`crate::EVENT_MEDIA_TYPES`] (HTTP 415).
     #[error("{0}")]
     UnsupportedMediaType(String),
 }
@@ -308,55 +402,6 @@ pub fn media_type(content_type: &str) -> String {
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase()
-}
-
-/// Splits a request body into JSON values, one per event, by its media type
-/// (lower case, without parameters): `application/cloudevents+json` holds
-/// one event object, `application/cloudevents-batch+json` an array,
-/// `application/json` either, `application/x-ndjson` (or
-/// `application/jsonl`) one event per non-blank line.
-pub fn split_batch(media_type: &str, body: &[u8]) -> Result<Vec<Value>, BatchError> {
-    let malformed =
-        |e: serde_json::Error| BatchError::Malformed(format!("the body is not valid JSON: {e}"));
-    match media_type {
-        "application/cloudevents+json" => match serde_json::from_slice(body).map_err(malformed)? {
-            v @ Value::Object(_) => Ok(vec![v]),
-            _ => Err(BatchError::Malformed(
-                "application/cloudevents+json carries one event object; send arrays as application/cloudevents-batch+json".to_owned(),
-            )),
-        },
-        "application/cloudevents-batch+json" => {
-            match serde_json::from_slice(body).map_err(malformed)? {
-                Value::Array(items) => Ok(items),
-                _ => Err(BatchError::Malformed(
-                    "application/cloudevents-batch+json must be a JSON array of events".to_owned(),
-                )),
-            }
-        }
-        "application/json" => match serde_json::from_slice(body).map_err(malformed)? {
-            Value::Array(items) => Ok(items),
-            v => Ok(vec![v]),
-        },
-        "application/x-ndjson" | "application/jsonl" => {
-            let text = std::str::from_utf8(body)
-                .map_err(|_| BatchError::Malformed("the body is not UTF-8".to_owned()))?;
-            text.lines()
-                .enumerate()
-                .filter(|(_, line)| !line.trim().is_empty())
-                .map(|(n, line)| {
-                    serde_json::from_str(line).map_err(|e| {
-                        BatchError::Malformed(format!("line {} is not valid JSON: {e}", n + 1))
-                    })
-                })
-                .collect()
-        }
-        "" => Err(BatchError::UnsupportedMediaType(format!(
-            "Content-Type is required: {EVENT_MEDIA_TYPES}"
-        ))),
-        other => Err(BatchError::UnsupportedMediaType(format!(
-            "Content-Type {other:?} is not accepted; use {EVENT_MEDIA_TYPES}"
-        ))),
-    }
 }
 
 /// The JSON type name of a value, for error messages.
@@ -425,36 +470,6 @@ mod tests {
         let back: CloudEvent = serde_json::from_value(serde_json::to_value(&e).unwrap()).unwrap();
         assert_eq!(back, e);
         assert_eq!(e.time.to_string(), "2026-01-01T08:00:00.5Z");
-    }
-
-    #[test]
-    fn splits_bodies_by_media_type() {
-        assert_eq!(
-            split_batch("application/json", b"{\"a\":1}").unwrap().len(),
-            1
-        );
-        assert_eq!(
-            split_batch("application/json", b"[{},{}]").unwrap().len(),
-            2
-        );
-        assert_eq!(
-            split_batch("application/x-ndjson", b"{}\n\n{}\n")
-                .unwrap()
-                .len(),
-            2
-        );
-        assert!(split_batch("application/cloudevents+json", b"[]").is_err());
-        assert!(split_batch("application/cloudevents-batch+json", b"{}").is_err());
-        assert!(matches!(
-            split_batch("text/plain", b"{}"),
-            Err(BatchError::UnsupportedMediaType(_))
-        ));
-        assert_eq!(
-            media_type(" Application/JSON; charset=utf-8"),
-            "application/json"
-        );
-        let err = split_batch("application/x-ndjson", b"{}\n{oops\n").unwrap_err();
-        assert!(err.to_string().contains("line 2"), "{err}");
     }
 
     #[test]

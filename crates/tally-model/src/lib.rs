@@ -12,14 +12,16 @@ pub mod meter;
 pub mod nesting;
 pub mod resource;
 pub mod secret;
+pub mod wire;
 
 pub use condition::Condition;
 pub use event::{
-    BatchError, CloudEvent, EVENT_MEDIA_TYPES, EventError, FieldError, error_code, field_error,
-    media_type, parse_event, split_batch,
+    BatchError, CloudEvent, EventError, FieldError, error_code, field_error, media_type,
+    parse_event,
 };
 pub use meter::{
     Aggregation, MAX_JSON_PATH_DEPTH, MeterDefinition, MeterEventMapping, MeterMeasurement,
     MeterPhase, MonitoredResourceType, OpenMeterMeter, ResourceLabel, parse_json_path,
 };
 pub use resource::{Kind, KindClass, Manifest, ObjectMeta, ResourceError, validate_name};
+pub use wire::{EVENT_MEDIA_TYPES, RawEvent, split_batch, split_events};

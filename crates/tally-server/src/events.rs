@@ -1,5 +1,7 @@
 //! `POST /api/v1/events` and `GET /api/v1/events`.
 
+use std::borrow::Cow;
+
 use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -8,7 +10,7 @@ use bytes::Bytes;
 use jiff::Timestamp;
 use serde_json::Value;
 use tally_ledger::{Admission, EventFilter, StoredEvent, VoidOutcome, VoidPage, VoidRequest};
-use tally_model::{BatchError, CloudEvent, EventError, parse_event, split_batch};
+use tally_model::{BatchError, CloudEvent, EventError, RawEvent, split_batch, split_events};
 
 use crate::binary;
 use crate::body;
@@ -19,12 +21,26 @@ use crate::{AppState, Principal};
 /// Splits a request body into JSON values according to its media type
 /// ([`tally_model::split_batch`]).
 pub(crate) fn values(media_type: &str, body: &[u8]) -> Result<Vec<Value>, Problem> {
-    split_batch(media_type, body).map_err(|e| match e {
+    split_batch(media_type, body).map_err(batch_problem)
+}
+
+/// Splits a request body into [`RawEvent`]s borrowing from it
+/// ([`tally_model::split_events`]): what ingest reads, without a `Value`
+/// of each event.
+pub(crate) fn raw_events<'a>(
+    media_type: &str,
+    body: &'a [u8],
+) -> Result<Vec<RawEvent<'a>>, Problem> {
+    split_events(media_type, body).map_err(batch_problem)
+}
+
+fn batch_problem(e: BatchError) -> Problem {
+    match e {
         BatchError::Malformed(detail) => Problem::bad_request(detail),
         BatchError::UnsupportedMediaType(detail) => {
             Problem::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, detail)
         }
-    })
+    }
 }
 
 /// Ingest usage events (CloudEvents 1.0).
@@ -61,11 +77,11 @@ pub async fn ingest(
     let admission = state.ledger.admission();
     let representation = wants_representation(&headers);
     let events = body::decoded_off_workers(headers, body, limit, move |headers, body| {
-        let values = match binary::requested(headers) {
-            true => vec![binary::event(headers, &body)?],
-            false => values(&body::media_type(headers), &body)?,
+        let events = match binary::requested(headers) {
+            true => vec![RawEvent::from_value(binary::event(headers, &body)?)],
+            false => raw_events(&body::media_type(headers), &body)?,
         };
-        parse_events(values, &admission)
+        parse_events(events, &admission)
     })
     .await?;
     let _permit = state.admit(events.len()).await?;
@@ -91,22 +107,21 @@ fn wants_representation(headers: &HeaderMap) -> bool {
 
 /// The events of a request, or the problems of every bad one: its
 /// structure, and what the ledger would refuse it for (`admission`).
-fn parse_events(values: Vec<Value>, admission: &Admission) -> Result<Vec<CloudEvent>, Problem> {
+fn parse_events(raw: Vec<RawEvent<'_>>, admission: &Admission) -> Result<Vec<CloudEvent>, Problem> {
     let received = Timestamp::now();
-    let mut events = Vec::with_capacity(values.len());
+    let mut events = Vec::with_capacity(raw.len());
     let mut errors = Vec::new();
-    for (index, value) in values.into_iter().enumerate() {
-        let id = value.get("id").and_then(Value::as_str).map(str::to_owned);
-        let field_errors = match parse_event(value, received) {
+    for (index, raw) in raw.into_iter().enumerate() {
+        let (id, field_errors) = match raw.validate_named(received) {
             Ok(event) => {
                 let refused = admission.errors(&event, received);
                 if refused.is_empty() {
                     events.push(event);
                     continue;
                 }
-                refused
+                (Some(event.id), refused)
             }
-            Err(field_errors) => field_errors,
+            Err((id, field_errors)) => (id.map(Cow::into_owned), field_errors),
         };
         errors.push(EventError {
             index,
@@ -498,7 +513,8 @@ mod tests {
             event("fine", &now.to_string()),
             event("future", "2999-01-01T00:00:00Z"),
         ];
-        let problem = parse_events(values, &admission).unwrap_err();
+        let raw = values.into_iter().map(RawEvent::from_value).collect();
+        let problem = parse_events(raw, &admission).unwrap_err();
         let errors = problem.errors.expect("every bad event listed");
         let listed: Vec<(u64, &str)> = errors
             .as_array()

@@ -18,7 +18,7 @@ use jiff::Timestamp;
 use serde::Serialize;
 use serde_json::Value;
 use tally_ledger::{IngestOutcome, LedgerError, QuarantineNotice};
-use tally_model::{CloudEvent, FieldError, error_code, field_error, parse_event};
+use tally_model::{CloudEvent, FieldError, RawEvent, error_code, field_error};
 
 use crate::AppState;
 use crate::backpressure;
@@ -94,7 +94,7 @@ pub async fn ingest_one(
             "POST /v1/usage/events takes one event object; send arrays to /v1/usage/events:batchIngest",
         ));
     }
-    ingest(&state, vec![value]).await
+    ingest(&state, vec![RawEvent::from_value(value)]).await
 }
 
 /// Ingest a batch of platform usage events.
@@ -118,40 +118,54 @@ pub async fn ingest_batch(
     body: Bytes,
 ) -> Result<Response, Problem> {
     let limit = state.max_body_bytes;
-    let values = body::decoded_off_workers(headers, body, limit, |headers, body| {
+    // Read and validated off the async workers: the events borrow from
+    // the body, which lives only there.
+    let (valid, rejected) = body::decoded_off_workers(headers, body, limit, |headers, body| {
         let media_type = body::media_type(headers);
         let media_type = if media_type.is_empty() {
             "application/json"
         } else {
             media_type.as_str()
         };
-        crate::events::values(media_type, &body)
+        Ok(validate(crate::events::raw_events(media_type, &body)?))
     })
     .await?;
-    ingest(&state, values).await
+    store(&state, valid, rejected).await
 }
 
-async fn ingest(state: &AppState, values: Vec<Value>) -> Result<Response, Problem> {
+/// (index in the request, event) of the events to store.
+type Valid = Vec<(usize, CloudEvent)>;
+
+/// The events to store, and those refused.
+fn validate(raw: Vec<RawEvent<'_>>) -> (Valid, Vec<Rejected>) {
     let received = Timestamp::now();
     let mut rejected = Vec::new();
-    // (index in the request, event) of the events to store.
-    let mut valid: Vec<(usize, CloudEvent)> = Vec::with_capacity(values.len());
-    for (index, value) in values.into_iter().enumerate() {
-        let id = value.get("id").and_then(Value::as_str).map(str::to_owned);
-        let mut errors = platform_errors(&value);
-        match parse_event(value, received) {
+    let mut valid = Vec::with_capacity(raw.len());
+    for (index, raw) in raw.into_iter().enumerate() {
+        let mut errors = platform_errors(&raw);
+        match raw.validate_named(received) {
             Ok(event) if errors.is_empty() => valid.push((index, event)),
-            Ok(_) => {}
-            Err(mut structural) => {
+            Ok(event) => rejected.push(rejection(index, Some(event.id), &errors)),
+            Err((id, mut structural)) => {
                 structural.append(&mut errors);
-                errors = structural;
+                rejected.push(rejection(index, id.map(Into::into), &structural));
             }
         }
-        if !errors.is_empty() {
-            rejected.push(rejection(index, id, &errors));
-        }
     }
+    (valid, rejected)
+}
 
+async fn ingest(state: &AppState, raw: Vec<RawEvent<'_>>) -> Result<Response, Problem> {
+    let (valid, rejected) = validate(raw);
+    store(state, valid, rejected).await
+}
+
+/// Stores the valid events and answers for the whole request.
+async fn store(
+    state: &AppState,
+    mut valid: Valid,
+    mut rejected: Vec<Rejected>,
+) -> Result<Response, Problem> {
     // A request with nothing to store needs no room in the ledger; one that
     // has is refused whole rather than queued (see `backpressure`).
     let _permit = if valid.is_empty() {
@@ -250,9 +264,9 @@ fn rejection(index: usize, id: Option<String>, errors: &[FieldError]) -> Rejecte
 /// extension, for amounts finer than the unit such as the edge agent's
 /// connection seconds — a decimal string of an int64 and at most
 /// [`MAX_FRACTION_DIGITS`] fractional digits, summed exactly.
-fn platform_errors(event: &Value) -> Vec<FieldError> {
+fn platform_errors(event: &RawEvent<'_>) -> Vec<FieldError> {
     let mut errors = Vec::new();
-    if let Some(id) = event.get("id").and_then(Value::as_str)
+    if let Some(id) = event.id()
         && !id.is_empty()
         && ulid::Ulid::from_string(id).is_err()
     {
@@ -262,9 +276,9 @@ fn platform_errors(event: &Value) -> Vec<FieldError> {
             format!("{id:?} is not a ULID (26 characters of Crockford base32)"),
         ));
     }
-    let Some(data) = event.get("data").filter(|d| d.is_object()) else {
-        // A missing or non-object `data` is reported by `parse_event` or below.
-        if event.get("data").is_none_or(Value::is_null) {
+    let Some(data) = event.data().filter(|d| d.is_object()) else {
+        // A missing or non-object `data` is reported by `validate` or below.
+        if event.data().is_none_or(Value::is_null) {
             errors.push(field_error(
                 "data",
                 error_code::MISSING_REQUIRED_FIELD,
@@ -318,6 +332,7 @@ mod tests {
 
     #[test]
     fn platform_checks_ulids_and_int64_values() {
+        let platform_errors = |v: &Value| platform_errors(&RawEvent::from_value(v.clone()));
         let ok = event("01JD4ZQ7Y9T5X3W2V1S0R9Q8P7", json!("42"));
         assert!(platform_errors(&ok).is_empty());
         assert!(platform_errors(&event("01JD4ZQ7Y9T5X3W2V1S0R9Q8P7", json!(42))).is_empty());
