@@ -176,7 +176,9 @@ mod tests {
 
     fn text(n: usize) -> Vec<u8> {
         (0..n)
-            .flat_map(|i| format!("line {i} status=200 path=/api/v1/items/{}\n", i % 7).into_bytes())
+            .flat_map(|i| {
+                format!("line {i} status=200 path=/api/v1/items/{}\n", i % 7).into_bytes()
+            })
             .collect()
     }
 
