@@ -412,10 +412,239 @@ pub async fn usage_is_attributed_to_billing_accounts(
     assert_eq!(only.rows[0].value, Decimal::from(4));
 }
 
+/// A `MeterDefinition` like [`meter`] (no dimensions) in `phase`.
+fn meter_in_phase(name: &str, event_type: &str, aggregation: &str, phase: &str) -> Manifest {
+    let yaml = format!(
+        "apiVersion: billing.miloapis.com/v1alpha1\nkind: MeterDefinition\nmetadata: {{name: {name}}}\n\
+         spec: {{meterName: {name}, phase: {phase}, measurement: {{aggregation: {aggregation}, unit: By}}, \
+         event: {{type: {event_type}, valueProperty: $.value}}}}\n"
+    );
+    Manifest::parse_documents(&yaml)
+        .unwrap_or_else(|e| panic!("{yaml}\n{e}"))
+        .remove(0)
+}
+
+/// Phases and voids: a meter Deprecated and then Retired keeps measuring
+/// what arrived before it was retired and refuses (quarantines) what comes
+/// after; voiding still takes an event out of it — SUM and MAX alike (MAX
+/// cannot subtract: the backend measures again what is left), down to an
+/// empty window that is omitted.
+pub async fn voids_reach_meters_retired_since(b: &dyn Backend, prefix: &str) {
+    let ledger = b.ledger();
+    let kind = format!("{prefix}.retire");
+    // Dedupe is by (source, id) across types: a source of its own.
+    let source = format!("{prefix}.retire");
+    let (sum, max) = (format!("{prefix}-rsum"), format!("{prefix}-rmax"));
+    for (name, aggregation) in [(&sum, "SUM"), (&max, "MAX")] {
+        ledger
+            .apply(
+                meter_in_phase(name, &kind, aggregation, "Published"),
+                ApplyMode::Upsert,
+            )
+            .await
+            .unwrap();
+    }
+    let t = base_time() + SignedDuration::from_hours(10);
+    let events = (1..=3)
+        .map(|i| {
+            event(
+                &source,
+                &i.to_string(),
+                &kind,
+                "c",
+                t,
+                json!({"value": i * 10}),
+            )
+        })
+        .collect();
+    ledger.ingest(events).await.unwrap();
+    b.settle().await;
+    for (name, aggregation) in [(&sum, "SUM"), (&max, "MAX")] {
+        for phase in ["Deprecated", "Retired"] {
+            ledger
+                .apply(
+                    meter_in_phase(name, &kind, aggregation, phase),
+                    ApplyMode::Upsert,
+                )
+                .await
+                .unwrap();
+        }
+    }
+    let (from, to) = (base_time(), day_after(base_time()));
+    let rows = |name: &String| {
+        let name = name.clone();
+        async move { query_ready(ledger, &name, total(from, to)).await.rows }
+    };
+    assert_eq!(value(ledger, &sum, from, to).await, Decimal::from(60));
+    assert_eq!(value(ledger, &max, from, to).await, Decimal::from(30));
+    let void = |id: &str| VoidRequest {
+        source: source.clone(),
+        id: id.into(),
+        reason: "test".into(),
+        voided_by: "test".into(),
+    };
+    let outcome = ledger.void(void("3")).await.unwrap();
+    assert!(outcome.still_counted_by.is_empty(), "{outcome:?}");
+    b.settle().await;
+    assert_eq!(value(ledger, &sum, from, to).await, Decimal::from(30));
+    assert_eq!(value(ledger, &max, from, to).await, Decimal::from(20));
+    // An event after retirement is refused by both, and stays out.
+    let late = event(&source, "4", &kind, "c", t, json!({"value": 99}));
+    let answer = ledger.ingest(vec![late]).await.unwrap();
+    assert_eq!(
+        answer.quarantined.len(),
+        2,
+        "both meters refuse it: {answer:?}"
+    );
+    b.settle().await;
+    ledger.void(void("2")).await.unwrap();
+    b.settle().await;
+    assert_eq!(value(ledger, &max, from, to).await, Decimal::from(10));
+    assert_eq!(value(ledger, &sum, from, to).await, Decimal::from(10));
+    ledger.void(void("1")).await.unwrap();
+    b.settle().await;
+    assert!(rows(&sum).await.is_empty(), "an emptied window is omitted");
+    assert!(rows(&max).await.is_empty(), "an emptied window is omitted");
+}
+
+/// A subject listed twice in a query (`?subject=acme&subject=acme`) counts
+/// its usage once (it once counted once per mention), grouped or not.
+pub async fn a_repeated_subject_is_counted_once(b: &dyn Backend, prefix: &str) {
+    let ledger = b.ledger();
+    let (kind, name) = (format!("{prefix}.subj"), format!("{prefix}-subj"));
+    ledger
+        .apply(meter(&name, &kind, "SUM"), ApplyMode::Upsert)
+        .await
+        .unwrap();
+    let t = base_time() + SignedDuration::from_hours(1);
+    let source = format!("{prefix}-subj");
+    let events = vec![
+        event(&source, "1", &kind, "acme", t, json!({"value": 5})),
+        event(&source, "2", &kind, "beta", t, json!({"value": 7})),
+    ];
+    ledger.ingest(events).await.unwrap();
+    b.settle().await;
+    let query = |subjects: &[&str], group: bool| MeterQuery {
+        subjects: subjects.iter().map(|s| (*s).to_owned()).collect(),
+        group_by: if group {
+            vec!["subject".into()]
+        } else {
+            vec![]
+        },
+        ..total(base_time(), day_after(base_time()))
+    };
+    let sum = |r: QueryResult| r.rows.iter().map(|row| row.value).sum::<Decimal>();
+    for group in [false, true] {
+        let once = query_ready(ledger, &name, query(&["acme"], group)).await;
+        let twice = query_ready(ledger, &name, query(&["acme", "acme"], group)).await;
+        assert_eq!(sum(once.clone()), Decimal::from(5), "{once:?}");
+        assert_eq!(twice.rows, once.rows, "acme listed twice, grouped: {group}");
+        let both = query_ready(ledger, &name, query(&["acme", "beta", "acme"], group)).await;
+        assert_eq!(sum(both.clone()), Decimal::from(12), "{both:?}");
+    }
+}
+
+/// Reads a meter's whole change feed from `cursor` in pages of `limit`:
+/// the times, the cursor after it, and how many pages it took.
+async fn read_feed(
+    ledger: &dyn Ledger,
+    meter: &str,
+    mut cursor: ChangeCursor,
+    limit: usize,
+) -> (Vec<Timestamp>, ChangeCursor, usize) {
+    let (mut times, mut pages) = (Vec::new(), 0);
+    loop {
+        let page = ledger.changes(meter.into(), cursor, limit).await.unwrap();
+        pages += 1;
+        times.extend(page.times);
+        assert!(page.next >= cursor, "the cursor never goes back");
+        cursor = page.next;
+        if !page.more {
+            return (times, cursor, pages);
+        }
+    }
+}
+
+/// The change feed of a meter (`Ledger::changes`): its type's events in log
+/// order, then voids in the order they were recorded (a void touches an
+/// old event a reader has passed, once however often it is sent); pages
+/// stop at the limit and continue from the cursor; unknown meters are named.
+pub async fn the_change_feed_follows_the_log_and_the_order_of_voids(b: &dyn Backend, prefix: &str) {
+    let ledger = b.ledger();
+    let (req, byt) = (format!("{prefix}.req"), format!("{prefix}.byt"));
+    let (requests, bytes) = (format!("{prefix}-requests"), format!("{prefix}-bytes"));
+    for (name, kind) in [(&requests, &req), (&bytes, &byt)] {
+        ledger
+            .apply(meter(name, kind, "SUM"), ApplyMode::Upsert)
+            .await
+            .unwrap();
+    }
+    let source = format!("{prefix}-feed");
+    let minute = |m: i64| base_time() + SignedDuration::from_mins(m);
+    let send = |id: String, kind: &str, at: Timestamp| {
+        let one = vec![event(
+            &source,
+            &id,
+            kind,
+            "projects/p",
+            at,
+            json!({"value": 1}),
+        )];
+        async move { ledger.ingest(one).await.unwrap() }
+    };
+    // From the feed's end before this function's events.
+    let (_, start, _) = read_feed(ledger, &requests, ChangeCursor::default(), 100_000).await;
+    for i in 0..5 {
+        send(format!("r{i}"), &req, minute(i)).await;
+        send(format!("b{i}"), &byt, minute(10 + i)).await;
+    }
+    b.settle().await;
+    let (times, cursor, pages) = read_feed(ledger, &requests, start, 3).await;
+    assert_eq!(times, (0..5).map(minute).collect::<Vec<_>>());
+    assert!(pages > 1, "a limit of 3 pages through 5 events");
+    // Nothing new: an empty page at the same cursor.
+    let (times, same, _) = read_feed(ledger, &requests, cursor, 100).await;
+    assert!(times.is_empty(), "{times:?}");
+    assert_eq!(same, cursor);
+
+    // A late event and voids of old events (not in their log order).
+    send("late".into(), &req, minute(1)).await;
+    b.settle().await;
+    for id in ["r3", "b0", "r0", "r0"] {
+        let void = VoidRequest {
+            source: source.clone(),
+            id: id.into(),
+            reason: "suite".into(),
+            voided_by: "suite".into(),
+        };
+        ledger.void(void).await.unwrap();
+    }
+    b.settle().await;
+    let (times, after, _) = read_feed(ledger, &requests, cursor, 100).await;
+    assert_eq!(
+        times,
+        vec![minute(1), minute(3), minute(0)],
+        "r0 voided twice is one entry"
+    );
+    assert!(after > cursor);
+    let (again, _, _) = read_feed(ledger, &requests, cursor, 1).await;
+    assert_eq!(again, times, "pages of one read the same");
+    let (byte_times, _, _) = read_feed(ledger, &bytes, cursor, 100).await;
+    assert_eq!(byte_times, vec![minute(10)]);
+    let unknown = ledger.changes(format!("{prefix}-nope"), cursor, 10).await;
+    assert!(
+        matches!(unknown, Err(LedgerError::NotFound { .. })),
+        "{unknown:?}"
+    );
+}
+
 /// Every suite function, one after another, each with its own prefix.
 pub async fn run_all(b: &dyn Backend, prefix: &str) {
     duplicates_are_counted_once(b, &format!("{prefix}a")).await;
     voided_events_stop_counting(b, &format!("{prefix}b")).await;
     late_meters_backfill_and_quarantine(b, &format!("{prefix}c")).await;
     aggregations_match_the_reference(b, &format!("{prefix}d"), 12).await;
+    voids_reach_meters_retired_since(b, &format!("{prefix}e")).await;
+    a_repeated_subject_is_counted_once(b, &format!("{prefix}f")).await;
+    the_change_feed_follows_the_log_and_the_order_of_voids(b, &format!("{prefix}g")).await;
 }
