@@ -21,8 +21,9 @@
 
 use std::cell::RefCell;
 
-/// The zstd level blocks are written at: the fastest of the regular levels;
-/// blocks are written on the ingest path.
+/// The zstd level [`compress`] writes at: the fastest of the regular
+/// levels; blocks are written on the ingest path. [`compress_at`] takes
+/// another (the ledger's blocks may trade CPU for size).
 pub const ZSTD_LEVEL: i32 = 1;
 
 /// How a block's body is stored.
@@ -79,7 +80,7 @@ impl Compressed<'_> {
 }
 
 thread_local! {
-    static ZSTD_OUT: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
+    static ZSTD_OUT: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
     static ZSTD_IN: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
@@ -87,10 +88,15 @@ thread_local! {
 /// the codec does not make it smaller or fails. zstd contexts are kept per
 /// thread, so compressing many blocks allocates no context per block.
 pub fn compress(codec: Codec, body: &[u8]) -> Compressed<'_> {
+    compress_at(codec, ZSTD_LEVEL, body)
+}
+
+/// [`compress`], with zstd at `zstd_level` (ignored by the other codecs).
+pub fn compress_at(codec: Codec, zstd_level: i32, body: &[u8]) -> Compressed<'_> {
     let packed = match codec {
         Codec::None => None,
         Codec::Lz4 => Some(lz4_flex::block::compress(body)),
-        Codec::Zstd => zstd_compress(body),
+        Codec::Zstd => zstd_compress(zstd_level, body),
     };
     match packed {
         Some(bytes) if bytes.len() < body.len() => Compressed {
@@ -104,13 +110,13 @@ pub fn compress(codec: Codec, body: &[u8]) -> Compressed<'_> {
     }
 }
 
-fn zstd_compress(body: &[u8]) -> Option<Vec<u8>> {
+fn zstd_compress(level: i32, body: &[u8]) -> Option<Vec<u8>> {
     ZSTD_OUT.with(|cell| {
         let mut slot = cell.borrow_mut();
-        if slot.is_none() {
-            *slot = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+            *slot = zstd::bulk::Compressor::new(level).ok().map(|c| (level, c));
         }
-        let compressor = slot.as_mut()?;
+        let (_, compressor) = slot.as_mut()?;
         let mut out = Vec::with_capacity(zstd::zstd_safe::compress_bound(body.len()));
         compressor.compress_to_buffer(body, &mut out).ok()?;
         Some(out)
@@ -205,6 +211,25 @@ mod tests {
             assert!(packed.bytes().len() * 4 < body.len(), "{c:?}");
             let back = decompress(c, packed.bytes(), body.len(), 1 << 20).unwrap();
             assert_eq!(back, body);
+        }
+    }
+
+    #[test]
+    fn the_zstd_level_is_honoured_and_reads_the_same() {
+        let body = text(2000);
+        let fast = compress_at(Codec::Zstd, 1, &body).bytes().to_vec();
+        let small = compress_at(Codec::Zstd, 19, &body).bytes().to_vec();
+        assert!(
+            small.len() < fast.len(),
+            "{} >= {}",
+            small.len(),
+            fast.len()
+        );
+        for packed in [fast, small] {
+            assert_eq!(
+                decompress(Codec::Zstd, &packed, body.len(), body.len()).unwrap(),
+                body
+            );
         }
     }
 
