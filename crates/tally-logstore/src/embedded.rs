@@ -13,22 +13,22 @@
 //! **Invariant:** the totals in `meta` are written in the same batch as the
 //! blocks they count, so they equal a recount of the store.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, KvSeparationOptions, PersistMode};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, KvSeparationOptions};
 use tokio::sync::{oneshot, watch};
 
 mod read;
 mod sweep;
+mod write;
 
-use crate::keys::{self, TimeEntry};
 use crate::{
     AppendReport, AppendTicket, DEFAULT_RETENTION, InstanceInfo, LogError, LogPage, LogQuery,
-    LogRecord, LogStore, Stats, admit, block,
+    LogRecord, LogStore, Stats, admit,
 };
 
 /// How the embedded store is opened.
@@ -313,140 +313,6 @@ fn busy(why: String) -> LogError {
     }
 }
 
-/// The lines of one instance in one round, in append order.
-#[derive(Default)]
-struct Group<'a> {
-    workload: Option<&'a str>,
-    entries: Vec<block::Entry<'a>>,
-    ids: Vec<&'a str>,
-}
-
-impl Inner {
-    /// Dedupes, groups and writes every job's records in one synced batch;
-    /// the report of each job, in order.
-    fn write_round(&self, jobs: &VecDeque<Job>) -> Result<Vec<AppendReport>, LogError> {
-        let _commit = self.commit.lock().map_err(|_| LogError::Stopped)?;
-        let mut groups: BTreeMap<(&str, &str), Group<'_>> = BTreeMap::new();
-        let mut seen: HashSet<(&str, &str, &str)> = HashSet::new();
-        let mut reports = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            let mut report = AppendReport {
-                truncated: job.truncated,
-                ..AppendReport::default()
-            };
-            for r in &job.records {
-                if let Some(id) = r.id.as_deref() {
-                    let fresh = seen.insert((&r.project, &r.instance, id))
-                        && !self.id_stored(&r.project, &r.instance, id)?;
-                    if !fresh {
-                        report.duplicates += 1;
-                        continue;
-                    }
-                }
-                let g = groups.entry((&r.project, &r.instance)).or_default();
-                g.workload = r.workload.as_deref().or(g.workload);
-                g.entries.push(block::Entry {
-                    time_nanos: r.time_nanos,
-                    stream: r.stream,
-                    line: &r.line,
-                });
-                g.ids.extend(r.id.as_deref());
-                report.stored += 1;
-            }
-            reports.push(report);
-        }
-        self.commit_groups(groups)?;
-        let c = &self.counters;
-        for r in &reports {
-            c.appended.fetch_add(r.stored, Ordering::Relaxed);
-            c.duplicates.fetch_add(r.duplicates, Ordering::Relaxed);
-            c.truncated.fetch_add(r.truncated, Ordering::Relaxed);
-        }
-        Ok(reports)
-    }
-
-    fn id_stored(&self, project: &str, instance: &str, id: &str) -> Result<bool, LogError> {
-        let key = keys::id_key(&keys::prefix(project, instance), id);
-        self.spaces.ids.contains_key(key).map_err(self.err())
-    }
-
-    fn commit_groups(&self, groups: BTreeMap<(&str, &str), Group<'_>>) -> Result<(), LogError> {
-        if groups.is_empty() {
-            return Ok(());
-        }
-        let s = &self.spaces;
-        let c = &self.counters;
-        let mut batch = s.db.batch().durability(Some(PersistMode::SyncAll));
-        let mut next = c.next_block.load(Ordering::Relaxed);
-        let (mut raw_total, mut stored_total, mut lines_total) = (0u64, 0u64, 0u64);
-        for ((project, instance), g) in groups {
-            let seq = next;
-            next += 1;
-            let prefix = keys::prefix(project, instance);
-            let bytes = block::encode(&g.entries);
-            let min = g.entries.iter().map(|e| e.time_nanos).min().unwrap_or(0);
-            let max = g.entries.iter().map(|e| e.time_nanos).max().unwrap_or(0);
-            let raw: usize = g.entries.iter().map(|e| e.line.len()).sum();
-            let entry = TimeEntry {
-                min_nanos: min,
-                raw: raw as u32,
-                stored: bytes.len() as u32,
-                lines: g.entries.len() as u32,
-            };
-            raw_total += raw as u64;
-            stored_total += bytes.len() as u64;
-            lines_total += g.entries.len() as u64;
-            batch.insert(&s.times, keys::time_key(&prefix, max, seq), entry.encode());
-            batch.insert(&s.blocks, keys::block_key(&prefix, seq), bytes);
-            if !g.ids.is_empty() {
-                for id in &g.ids {
-                    batch.insert(&s.ids, keys::id_key(&prefix, id), seq.to_be_bytes());
-                }
-                batch.insert(&s.idblocks, keys::block_key(&prefix, seq), g.ids.join("\0"));
-            }
-            self.touch_instance(&mut batch, project, instance, max, g.workload)?;
-        }
-        let totals = [
-            next,
-            c.raw.load(Ordering::Relaxed) + raw_total,
-            c.stored.load(Ordering::Relaxed) + stored_total,
-            c.lines.load(Ordering::Relaxed) + lines_total,
-        ];
-        batch.insert(&s.meta, TOTALS, encode_totals(totals));
-        batch.commit().map_err(self.err())?;
-        c.next_block.store(totals[0], Ordering::Relaxed);
-        c.raw.store(totals[1], Ordering::Relaxed);
-        c.stored.store(totals[2], Ordering::Relaxed);
-        c.lines.store(totals[3], Ordering::Relaxed);
-        Ok(())
-    }
-
-    fn touch_instance(
-        &self,
-        batch: &mut fjall::OwnedWriteBatch,
-        project: &str,
-        instance: &str,
-        max: i64,
-        workload: Option<&str>,
-    ) -> Result<(), LogError> {
-        let key = keys::instance_key(project, instance);
-        let known = self.spaces.instances.get(&key).map_err(self.err())?;
-        let old = known.as_deref().and_then(decode_instance);
-        let newest = old.as_ref().map_or(max, |o| o.newest_nanos.max(max));
-        let workload = workload.or(old.as_ref().and_then(|o| o.workload.as_deref()));
-        if old
-            .as_ref()
-            .is_some_and(|o| o.newest_nanos == newest && o.workload.as_deref() == workload)
-        {
-            return Ok(());
-        }
-        let mut v = newest.to_le_bytes().to_vec();
-        v.extend_from_slice(workload.unwrap_or("").as_bytes());
-        batch.insert(&self.spaces.instances, key, v);
-        Ok(())
-    }
-}
-
 fn encode_totals(t: [u64; 4]) -> Vec<u8> {
     t.iter().flat_map(|v| v.to_le_bytes()).collect()
 }
@@ -464,17 +330,20 @@ fn decode_instance(v: &[u8]) -> Option<InstanceInfo> {
 impl LogStore for EmbeddedLogStore {
     fn append(&self, mut records: Vec<LogRecord>) -> Result<AppendTicket, LogError> {
         let mut truncated = 0;
-        let mut shares: HashMap<InstanceId, usize> = HashMap::new();
         for r in &mut records {
             truncated += u64::from(admit(r)?);
+        }
+        let mut shares: HashMap<(&str, &str), usize> = HashMap::new();
+        for r in &records {
             // Each line costs its text and a fixed overhead, so a flood of
             // empty lines is bounded too.
-            let cost = r.line.len() + 32;
-            *shares
-                .entry((r.project.clone(), r.instance.clone()))
-                .or_default() += cost;
+            *shares.entry((&r.project, &r.instance)).or_default() += r.line.len() + 32;
         }
         let bytes = shares.values().sum();
+        let shares: Vec<(InstanceId, usize)> = shares
+            .into_iter()
+            .map(|((p, i), n)| ((p.to_owned(), i.to_owned()), n))
+            .collect();
         let (reply, ticket) = oneshot::channel();
         if records.is_empty() {
             let _ = reply.send(Ok(AppendReport::default()));
@@ -482,7 +351,7 @@ impl LogStore for EmbeddedLogStore {
         }
         let job = Job {
             records,
-            shares: shares.into_iter().collect(),
+            shares,
             truncated,
             reply,
         };

@@ -251,3 +251,36 @@ fn records_breaking_a_bound_are_refused_whole() {
         Err(LogError::Invalid(_))
     ));
 }
+
+#[test]
+fn a_large_round_is_cut_into_bounded_blocks_that_keep_order_and_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedLogStore::open(StoreConfig::new(dir.path())).unwrap();
+    // 6 MB of one instance in one append: more than one block's text
+    // (tally_logstore::block::MAX_BLOCK_TEXT), compressed on several cores.
+    let text = |i: usize| format!("{i:06} {}", "abcdefghij".repeat(6000));
+    let records: Vec<LogRecord> = (0..100)
+        .map(|i| {
+            let id = format!("r{i}");
+            rec("p", "big", 100 - i as i64, Some(&id), &text(i))
+        })
+        .chain((0..50).map(|i| rec("p", "small", i, None, &format!("small {i}"))))
+        .collect();
+    assert_eq!(append(&store, records.clone()).stored, 150);
+    let q = LogQuery {
+        instances: vec!["big".into()],
+        ..all("p")
+    };
+    let page = store.read(&q).unwrap();
+    let got: Vec<&str> = page.lines.iter().map(|l| l.line.as_str()).collect();
+    let want: Vec<String> = (0..100).map(text).collect();
+    assert_eq!(got, want, "append order, though times descend");
+    let blocks: std::collections::BTreeSet<u64> =
+        page.lines.iter().map(|l| l.position.block).collect();
+    assert!(blocks.len() >= 2, "{} blocks", blocks.len());
+    assert!(page.lines.windows(2).all(|w| w[0].position < w[1].position));
+    // Every id of every block dedupes a re-send.
+    let r = append(&store, records);
+    assert_eq!((r.stored, r.duplicates), (50, 100));
+    assert_eq!(store.stats().lines, 200);
+}

@@ -7,7 +7,7 @@ use std::collections::BinaryHeap;
 
 use super::Inner;
 use crate::keys::{self, TimeEntry};
-use crate::{LogError, LogLine, LogPage, LogQuery, Position, block};
+use crate::{LogError, LogLine, LogPage, LogQuery, Position, Stream, block};
 
 struct Budget {
     left: u64,
@@ -119,27 +119,31 @@ impl Inner {
             }
             budget.left -= raw;
             budget.scanned += raw;
-            let decoded = block::decode(&bytes).map_err(corrupt)?;
-            let kept = decoded
-                .into_iter()
-                .enumerate()
-                .map(|(i, d)| LogLine {
-                    instance: instance.to_owned(),
-                    stream: d.stream,
-                    time_nanos: d.time_nanos,
-                    position: Position {
-                        block: *seq,
-                        index: i as u32,
-                    },
-                    line: d.line,
-                })
-                .filter(|l| keeps(q, l));
-            if q.newest_first {
-                let mut kept: Vec<LogLine> = kept.collect();
-                kept.reverse();
-                out.extend(kept);
+            let lines = block::open(&bytes).map_err(corrupt)?;
+            let order: Box<dyn Iterator<Item = usize>> = if q.newest_first {
+                Box::new((0..lines.len()).rev())
             } else {
-                out.extend(kept);
+                Box::new(0..lines.len())
+            };
+            for i in order {
+                if out.len() >= q.limit {
+                    break;
+                }
+                let (time_nanos, stream, line) = lines.get(i);
+                let position = Position {
+                    block: *seq,
+                    index: i as u32,
+                };
+                // Filters run on the block's text: only kept lines are copied.
+                if keeps(q, time_nanos, stream, position, line) {
+                    out.push(LogLine {
+                        instance: instance.to_owned(),
+                        stream,
+                        time_nanos,
+                        position,
+                        line: line.to_owned(),
+                    });
+                }
             }
         }
         out.truncate(q.limit);
@@ -147,12 +151,12 @@ impl Inner {
     }
 }
 
-fn keeps(q: &LogQuery, l: &LogLine) -> bool {
-    l.time_nanos >= q.since_nanos
-        && l.time_nanos < q.until_nanos
-        && q.stream.is_none_or(|s| s == l.stream)
-        && q.after.is_none_or(|a| l.position > a)
-        && q.filters.iter().all(|f| f.keeps(&l.line))
+fn keeps(q: &LogQuery, time: i64, stream: Stream, position: Position, line: &str) -> bool {
+    time >= q.since_nanos
+        && time < q.until_nanos
+        && q.stream.is_none_or(|s| s == stream)
+        && q.after.is_none_or(|a| position > a)
+        && q.filters.iter().all(|f| f.keeps(line))
 }
 
 /// Merges per-instance lists (each in its own order) by time, oldest first
