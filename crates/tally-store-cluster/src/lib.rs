@@ -73,6 +73,7 @@ pub mod logs;
 mod measure;
 pub mod mirror;
 mod plan;
+mod presum;
 mod read;
 pub mod resources;
 mod rollup;
