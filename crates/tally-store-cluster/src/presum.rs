@@ -200,9 +200,12 @@ pub(crate) async fn advance(
     for width in widths(slab) {
         let below_lower = marks.get(&lower).copied().unwrap_or(0);
         let done = marks.get(&width).copied().unwrap_or(0);
-        let from = done - done % width;
-        let to = below_lower - below_lower % width;
-        if to > from {
+        let mut from = done - done % width;
+        let end = below_lower - below_lower % width;
+        // At most RATIO slabs a statement: bounds ClickHouse's memory on a
+        // backfill of millions of events.
+        while from < end {
+            let to = end.min(from + width * RATIO);
             let sql = slab_sql(
                 &inner.ch.database,
                 meter,
@@ -218,6 +221,7 @@ pub(crate) async fn advance(
                 .inspect_err(|e| inner.stats.insert_error("rollups", e))?;
             write_marks(inner, &[(&meter.key, generation_id, width, to)]).await?;
             marks.insert(width, to);
+            from = to;
         }
         lower = width;
     }
