@@ -700,7 +700,8 @@ async fn disk_after_compaction(
 ) -> anyhow::Result<Vec<(String, u64)>> {
     let (in_memory, in_runs, filters) = ledger.dedupe_sizes();
     println!(
-        "dedupe index before its last run: {in_memory} keys in memory, {in_runs} in runs, {:.1} MiB of run filters",
+        "dedupe index before its last run: {in_memory} keys in memory, {in_runs} in {} runs, {:.1} MiB of run filters",
+        ledger.dedupe_runs(),
         filters as f64 / 1_048_576.0
     );
     ledger.flush_dedupe().await?;

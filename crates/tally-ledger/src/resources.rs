@@ -285,6 +285,10 @@ impl ResourceSet {
                 }
             }
             Kind::Workload | Kind::Instance => {
+                if kind == Kind::Instance {
+                    tally_model::instance::Allocation::of(&manifest)
+                        .map_err(|e| invalid(&key, e))?;
+                }
                 manifest.status = given_status.or_else(|| previous.and_then(|p| p.status.clone()));
             }
             Kind::BillingAccountBinding => {

@@ -6,6 +6,7 @@
 pub mod billing;
 pub mod condition;
 pub mod event;
+pub mod instance;
 pub mod limits;
 pub mod meter;
 pub mod nesting;

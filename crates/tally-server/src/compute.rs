@@ -27,6 +27,7 @@ use tally_compute::lifecycle::{self, LifecycleEvent};
 use tally_compute::store::{InstanceSummary, Page};
 use tally_compute::{FleetMetrics, InstanceUsage, LifecycleEvents, LifecycleStore};
 use tally_ledger::ResourceKey;
+use tally_model::instance::Allocation;
 use tally_model::{Kind, Manifest};
 
 use crate::body;
@@ -76,6 +77,7 @@ impl Compute {
         for (event, fresh) in events.iter().zip(&fresh) {
             if *fresh {
                 self.metrics.observe(event);
+                self.usage.lifecycle(event);
                 new += 1;
             }
         }
@@ -83,7 +85,13 @@ impl Compute {
     }
 
     pub fn render_metrics(&self, out: &mut String) {
-        self.metrics.render(out, Timestamp::now());
+        self.render_metrics_at(out, Timestamp::now());
+    }
+
+    /// The fleet and per-instance families, the crash-loop window ending
+    /// at `now`.
+    pub fn render_metrics_at(&self, out: &mut String, now: Timestamp) {
+        self.metrics.render(out, now);
         self.usage.render(out);
     }
 
@@ -273,8 +281,19 @@ pub(crate) async fn derive_from_instances(state: AppState, compute: Compute) {
             let meta = &manifest.metadata;
             let key = ResourceKey::new(Kind::Instance, meta.namespace.as_deref(), &meta.name);
             let old = seen.get(&key);
-            if old.is_none_or(|o| !Arc::ptr_eq(o, manifest) && o.status != manifest.status) {
-                let project = set.project_of_namespace(meta.namespace.as_deref().unwrap_or(""));
+            let namespace = meta.namespace.as_deref().unwrap_or("");
+            let changed = old.is_none_or(|o| !Arc::ptr_eq(o, manifest));
+            if changed {
+                let project = set.project_of_namespace(namespace);
+                // Checked at apply; a manifest stored before that check
+                // counts as requesting nothing.
+                let allocation = Allocation::of(manifest).ok().flatten();
+                compute
+                    .usage
+                    .allocate(&project, namespace, &meta.name, allocation);
+            }
+            if changed && old.is_none_or(|o| o.status != manifest.status) {
+                let project = set.project_of_namespace(namespace);
                 derived.extend(lifecycle::derive(
                     old.map(|o| &**o),
                     manifest,
@@ -283,6 +302,13 @@ pub(crate) async fn derive_from_instances(state: AppState, compute: Compute) {
                 ));
             }
             now_seen.insert(key, Arc::clone(manifest));
+        }
+        for (key, gone) in &seen {
+            if !now_seen.contains_key(key) {
+                let namespace = gone.metadata.namespace.as_deref().unwrap_or("");
+                let project = set.project_of_namespace(namespace);
+                compute.usage.forget(&project, &gone.metadata.name);
+            }
         }
         // What failed to be stored is derived again on the next change.
         match compute.record(derived).await {

@@ -178,6 +178,17 @@ pub struct VictoriaMetricsConfig {
     /// How far back a source seen for the first time starts (default `0s`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backfill: Option<String>,
+    /// Where `tally serve` imports the compute fleet metrics
+    /// (`<pushUrl>/api/v1/import/prometheus`; default `url`, e.g. a vminsert
+    /// tenant prefix `http://vminsert:8480/insert/0/prometheus`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_url: Option<String>,
+    /// Time between fleet metrics pushes (default `15s`; `0s`: no push).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_interval: Option<String>,
+    /// The `tally_node` label of pushed series (default: the host name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_node: Option<String>,
 }
 
 impl VictoriaMetricsConfig {
@@ -189,7 +200,29 @@ impl VictoriaMetricsConfig {
             lag: None,
             window: None,
             backfill: None,
+            push_url: None,
+            push_interval: None,
+            push_node: None,
         }
+    }
+
+    /// Where and how often `tally serve` pushes the fleet metrics; `None`
+    /// when `pushInterval` is zero.
+    pub fn fleet_push(&self) -> anyhow::Result<Option<crate::fleet_push::FleetPush>> {
+        let interval = match &self.push_interval {
+            None => Duration::from_secs(15),
+            Some(text) if zero(text) => return Ok(None),
+            Some(text) => parse_duration(text)
+                .map_err(anyhow::Error::msg)
+                .context("victoriaMetrics.pushInterval")?,
+        };
+        let node = match &self.push_node {
+            Some(node) => node.clone(),
+            None => host_name(),
+        };
+        let base = self.push_url.as_deref().unwrap_or(&self.url);
+        crate::fleet_push::FleetPush::new(base, &node, interval.max(Duration::from_millis(100)))
+            .map(Some)
     }
 
     /// The pipeline's pull options.
@@ -219,6 +252,17 @@ impl VictoriaMetricsConfig {
         field("backfill", &self.backfill, true, &mut options.backfill)?;
         Ok(options)
     }
+}
+
+/// This host's name (`/proc/sys/kernel/hostname`, else `$HOSTNAME`, else
+/// `tally`).
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "tally".to_owned())
 }
 
 /// Whether a duration text says zero (`0`, `0s`, `0ms`...).

@@ -61,7 +61,11 @@ impl MetricsService for MetricsReceiver {
         &self,
         request: Request<ExportMetricsServiceRequest>,
     ) -> Result<Response<ExportMetricsServiceResponse>, Status> {
-        let pipeline = self.admit(request.metadata(), "/v1/metrics")?;
+        self.authorize(request.metadata(), "/v1/metrics")?;
+        let pipeline = self.telemetry.pipeline.as_deref();
+        if pipeline.is_none() && self.telemetry.usage.is_none() {
+            return Err(Status::unimplemented(NO_PIPELINE));
+        }
         match telemetry::ingest(
             pipeline,
             self.telemetry.usage.as_deref(),

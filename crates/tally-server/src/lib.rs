@@ -22,6 +22,7 @@ pub mod console;
 mod events;
 pub mod export;
 mod exporters;
+pub mod fleet_push;
 mod grpc;
 pub mod instance_logs;
 mod logs_api;
@@ -867,8 +868,12 @@ pub async fn serve(config: ServeConfig, backend: Backend) -> anyhow::Result<()> 
         })?,
     };
     state = state.with_compute(compute.clone());
+    let mut fleet_push = None;
     if let Some(vm) = &config.victoria_metrics {
         state = state.with_metrics_query(&vm.url)?;
+        if let Some(push) = vm.fleet_push()? {
+            fleet_push = Some(fleet_push::start(compute.clone(), push, state.registry())?);
+        }
     }
     let derive = tokio::spawn(compute::derive_from_instances(state.clone(), compute));
     for (name, task) in backend_tasks {
@@ -905,6 +910,10 @@ pub async fn serve(config: ServeConfig, backend: Backend) -> anyhow::Result<()> 
         sweeper.abort();
     }
     derive.abort();
+    if let Some((sink, task)) = fleet_push {
+        task.abort();
+        sink.shutdown(std::time::Duration::from_secs(2)).await;
+    }
     if let Some(exporters) = vital.take(EXPORTERS_TASK) {
         exporters.abort();
     }

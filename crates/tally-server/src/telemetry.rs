@@ -4,7 +4,8 @@
 //! `MetricsService/Export` ([`crate::grpc`]), all through [`ingest`].
 //!
 //! All need the `ingest` or `admin` scope. Without a pipeline
-//! ([`crate::AppState::with_telemetry`]) they answer `404`. What a receiver
+//! ([`crate::AppState::with_telemetry`]) and without the compute service
+//! they answer `404`. What a receiver
 //! takes is routed in-stream to every exporter that selects it; the answer
 //! never waits on a sink. Data points of resources no exporter can ever see
 //! (no `namespace` resource attribute, an unknown namespace, a `project`
@@ -17,9 +18,11 @@
 //! With the compute service on, every receiver also feeds the platform's
 //! per-instance usage metrics (`datum_compute_instance_cpu_usage_seconds_total`,
 //! `datum_compute_instance_memory_working_set_bytes`, keyed by the
-//! `project` and `instance` attributes) to `tally_compute::InstanceUsage`
-//! for `/metrics`, whether or not an exporter selects them. The receivers
-//! exist only with a pipeline, so neither does this observation without one.
+//! `project` and `instance` attributes, with `namespace` or
+//! `k8s.namespace.name` when given) to `tally_compute::InstanceUsage`
+//! for `/metrics`, whether or not an exporter selects them, and whether or
+//! not there is a pipeline at all: without one, a receiver takes the usage
+//! samples and answers success (nothing else has anywhere to go).
 
 use std::sync::Arc;
 
@@ -68,11 +71,13 @@ impl FromRef<AppState> for Telemetry {
 pub(crate) const NO_PIPELINE: &str =
     "this server has no telemetry pipeline: metrics receivers are off";
 
-fn pipeline(state: &Telemetry) -> Result<&Pipeline, Problem> {
-    state
-        .pipeline
-        .as_deref()
-        .ok_or_else(|| Problem::new(StatusCode::NOT_FOUND, NO_PIPELINE))
+/// The pipeline, if any; `404` when there is neither a pipeline nor the
+/// compute service's usage to feed.
+fn pipeline(state: &Telemetry) -> Result<Option<&Pipeline>, Problem> {
+    if state.pipeline.is_none() && state.usage.is_none() {
+        return Err(Problem::new(StatusCode::NOT_FOUND, NO_PIPELINE));
+    }
+    Ok(state.pipeline.as_deref())
 }
 
 /// Why a receiver asks its sender to try again later.
@@ -101,10 +106,11 @@ impl From<Unavailable> for Problem {
     }
 }
 
-/// The one ingest path of every metrics receiver: routes `request` and
-/// counts it in the receiver's `source` component `source_id`.
+/// The one ingest path of every metrics receiver: feeds `usage`, routes
+/// `request` through `pipeline` (if there is one) and counts it in the
+/// receiver's `source` component `source_id`.
 pub(crate) fn ingest(
-    pipeline: &Pipeline,
+    pipeline: Option<&Pipeline>,
     usage: Option<&InstanceUsage>,
     source_id: &str,
     request: &ExportMetricsServiceRequest,
@@ -113,6 +119,12 @@ pub(crate) fn ingest(
     if let Some(usage) = usage {
         observe_usage(usage, request);
     }
+    let Some(pipeline) = pipeline else {
+        return Ok(IngestReport {
+            points: otlp::data_point_count(request) as u64,
+            ..IngestReport::default()
+        });
+    };
     if !pipeline.ready() {
         let source = pipeline
             .registry()
@@ -164,7 +176,10 @@ fn observe_usage(usage: &InstanceUsage, request: &ExportMetricsServiceRequest) {
                     Some(number_data_point::Value::AsInt(v)) => v as f64,
                     None => continue,
                 };
-                usage.observe(get("project"), get("instance"), kind, value);
+                let namespace = attr(&point.attributes, "namespace")
+                    .or_else(|| attr(resource, "namespace"))
+                    .or_else(|| attr(resource, "k8s.namespace.name"));
+                usage.observe(get("project"), get("instance"), namespace, kind, value);
             }
         }
     }

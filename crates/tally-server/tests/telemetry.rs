@@ -638,3 +638,95 @@ async fn instance_usage_from_remote_write_and_otlp_is_on_metrics_and_capped() {
     let metrics = server.get("/metrics").await.text().await.unwrap();
     assert!(metrics.contains(cpu), "{metrics:.2000}");
 }
+
+/// Without an exporters' pipeline, the compute service still takes the
+/// platform's usage metrics over remote-write and OTLP (with the
+/// `namespace` a project's PromQL view filters on); with neither, the
+/// receivers answer 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instance_usage_arrives_without_a_pipeline() {
+    use tally_compute::usage::{CPU_METRIC, MEMORY_METRIC};
+    let server = start_with(false, true).await;
+    let label = |name: &str, value: &str| Label {
+        name: name.into(),
+        value: value.into(),
+    };
+    let write = WriteRequest {
+        timeseries: vec![TimeSeries {
+            labels: vec![
+                label("__name__", CPU_METRIC),
+                label("project", "p1"),
+                label("namespace", "p1-prod"),
+                label("instance", "vm-a"),
+            ],
+            samples: vec![Sample {
+                value: 3.25,
+                timestamp: 1_700_000_000_000,
+            }],
+            histograms: vec![],
+        }],
+        metadata: vec![],
+    };
+    let body = snap::raw::Encoder::new()
+        .compress_vec(&write.encode_to_vec())
+        .unwrap();
+    let snappy = [
+        ("content-type", "application/x-protobuf"),
+        ("content-encoding", "snappy"),
+    ];
+    let response = server
+        .post("/api/v1/write", "ingest-token", &snappy, body.clone())
+        .await;
+    assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    let otlp = ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            resource: Some(Resource {
+                attributes: vec![kv("project", "p1"), kv("k8s.namespace.name", "p1-prod")],
+                ..Default::default()
+            }),
+            scope_metrics: vec![ScopeMetrics {
+                metrics: vec![Metric {
+                    name: MEMORY_METRIC.into(),
+                    data: Some(Data::Gauge(tally_telemetry::proto::metrics::v1::Gauge {
+                        data_points: vec![NumberDataPoint {
+                            attributes: vec![kv("instance", "vm-a")],
+                            value: Some(number_data_point::Value::AsInt(8192)),
+                            ..Default::default()
+                        }],
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    };
+    let pb = [("content-type", "application/x-protobuf")];
+    let response = server
+        .post("/v1/metrics", "ingest-token", &pb, otlp.encode_to_vec())
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let answer = ExportMetricsServiceResponse::decode(response.bytes().await.unwrap()).unwrap();
+    assert_eq!(answer.partial_success, None);
+    let metrics = server.get("/metrics").await.text().await.unwrap();
+    let labels = "{project=\"p1\",instance=\"vm-a\",namespace=\"p1-prod\"}";
+    for line in [
+        format!("tally_compute_instance_cpu_usage_seconds_total{labels} 3.25\n"),
+        format!("tally_compute_instance_memory_working_set_bytes{labels} 8192\n"),
+    ] {
+        assert!(
+            metrics.contains(&line),
+            "{line} missing from {metrics:.3000}"
+        );
+    }
+    // A customer token still may not write metrics.
+    let response = server
+        .post("/api/v1/write", "project-token", &snappy, body.clone())
+        .await;
+    assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    let neither = start_with(false, false).await;
+    let response = neither
+        .post("/api/v1/write", "ingest-token", &snappy, body)
+        .await;
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+}

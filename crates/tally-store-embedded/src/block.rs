@@ -16,14 +16,39 @@
 //!
 //! | bytes | field |
 //! |---|---|
-//! | 1 | layout version, [`BLOCK_VERSION`] |
+//! | 1 | layout version: [`BLOCK_VERSION`] (2) is written; 1 is still read |
 //! | 4 | `count`: events in the block (u32 BE, 1 ..= [`MAX_BLOCK_EVENTS`]) |
 //! | 4 | `raw_len`: body length before compression (u32 BE, ≤ [`MAX_RAW_BYTES`]) |
-//! | 1 | codec: 0 = stored as is, 1 = LZ4 block format (`lz4_flex`) |
+//! | 1 | codec: 0 = stored as is, 1 = LZ4 block format (`lz4_flex`), 2 = a zstd frame (level 3, `zstd`) |
 //! | … | the body, compressed with the codec |
 //!
-//! The body is columns, one after the other; every integer is an unsigned
-//! LEB128 varint, signed ones zigzag-coded first; `n` is `count`:
+//! ### Layout 2 body
+//!
+//! Columns, one after the other; integers are unsigned LEB128 varints
+//! (signed ones zigzag-coded) unless the table says otherwise; `n` is
+//! `count`; *int column*, *indexes* and *ids* are the codings of
+//! [`columns`]:
+//!
+//! | column | content |
+//! |---|---|
+//! | strings | `m`, then `m` × (length, UTF-8 bytes): the block's distinct specversion, source, type and subject values, then `data` field names and string values |
+//! | specversion, source, type, subject | 4 × indexes (`n` each) into strings |
+//! | time seconds, time nanoseconds, ingest time (ns) | 3 × int column of `n` |
+//! | ids | ids of `n` |
+//! | shapes | `k`, then `k` × (fields `f` ≤ 32, `f` × (name: index into strings, type: 1 byte, 0 = integer, 1 = string, 2 = boolean, 3 = null)) |
+//! | data kinds | `n` × (0 = no `data`, 1 = JSON text, 2 + `s` = an object of shape `s`) |
+//! | JSON lengths | one length per event of kind 1 |
+//! | fields | for each shape, for each of its fields, over the events of that shape in order: integers as an int column, strings as indexes into strings (plain varints), booleans as 1 byte each (0 or 1), nulls as nothing |
+//! | attribute lengths | `n` × length; 0 = no other attributes |
+//! | JSON data | the kind-1 events' `data` as JSON, concatenated |
+//! | attributes | each event's other attributes (`datacontenttype`, `dataschema`, extensions) as one JSON object, concatenated |
+//!
+//! Measured on gateway-style events (random times over 30 days, 10k
+//! subjects, `data` of one integer and two short strings): 33 bytes an
+//! event before compression, 10.5 after zstd level 3 (13.4 with LZ4;
+//! layout 1 with LZ4 was about 25); see BENCHMARKS.md.
+//!
+//! ### Layout 1 body (read only)
 //!
 //! | column | content |
 //! |---|---|
@@ -39,8 +64,9 @@
 //! | data | each event's `data` as JSON, concatenated |
 //! | attributes | each event's other attributes (`datacontenttype`, `dataschema`, extensions) as one JSON object, concatenated |
 //!
-//! Lengths precede the bytes they measure so that like sits beside like
-//! (ids with ids, JSON with JSON), which is what the compressor feeds on.
+//! In both layouts lengths precede the bytes they measure so that like
+//! sits beside like (ids with ids, JSON with JSON), which is what the
+//! compressor feeds on.
 //!
 //! **Invariant:** decoding a block gives back exactly the events encoded
 //! (every attribute, the same JSON values) and their ingest times.
@@ -56,8 +82,13 @@ use tally_model::CloudEvent;
 
 use crate::StoreError;
 
+mod columns;
+mod layout2;
+
 /// The layout version written in each block's first byte.
-pub const BLOCK_VERSION: u8 = 1;
+pub const BLOCK_VERSION: u8 = 2;
+/// The first layout, still read.
+const LAYOUT_1: u8 = 1;
 /// Most events in one block.
 pub const MAX_BLOCK_EVENTS: usize = 4096;
 /// Uncompressed bytes past which a block is closed (one event may take it
@@ -70,6 +101,12 @@ pub const MAX_RAW_BYTES: usize = 64 << 20;
 const HEADER_LEN: usize = 10;
 const CODEC_NONE: u8 = 0;
 const CODEC_LZ4: u8 = 1;
+const CODEC_ZSTD: u8 = 2;
+/// The codec new blocks are written with (chosen by measurement, see
+/// BENCHMARKS.md).
+const CODEC: u8 = CODEC_ZSTD;
+/// zstd's level: 3 is ~2 % smaller than 1 for ~15 % more time.
+const ZSTD_LEVEL: i32 = 3;
 
 /// What the log needs of one event, encoded on the caller's thread before
 /// the writer takes it (JSON serialisation is most of the work).
@@ -82,10 +119,29 @@ pub struct Record {
     pub kind: String,
     pub subject: String,
     pub time: Timestamp,
-    /// `data` as JSON; `None` when the event has none.
-    pub data: Option<Vec<u8>>,
+    /// `data`, by shape when it has one (see [`layout2`]).
+    pub data: Data,
     /// The other attributes as one JSON object; empty when there are none.
     pub attributes: Vec<u8>,
+}
+
+/// An event's `data` as a record holds it.
+#[derive(Debug, Clone)]
+pub enum Data {
+    None,
+    /// Stored as JSON text.
+    Json(Vec<u8>),
+    /// An object of scalar fields, in serde_json's (sorted) order.
+    Fields(Vec<(String, Scalar)>),
+}
+
+/// A scalar field of a `data` object.
+#[derive(Debug, Clone)]
+pub enum Scalar {
+    Int(i64),
+    Str(String),
+    Bool(bool),
+    Null,
 }
 
 /// The attributes of an event that have no column of their own.
@@ -105,12 +161,7 @@ fn encode_error(e: serde_json::Error) -> StoreError {
 
 impl Record {
     pub fn new(ingested_at: Timestamp, event: &CloudEvent) -> Result<Record, StoreError> {
-        let data = event
-            .data
-            .as_ref()
-            .map(serde_json::to_vec)
-            .transpose()
-            .map_err(encode_error)?;
+        let data = layout2::data_of(event.data.as_ref()).map_err(encode_error)?;
         let attributes = if event.datacontenttype.is_none()
             && event.dataschema.is_none()
             && event.extensions.is_empty()
@@ -139,7 +190,15 @@ impl Record {
 
     /// Bytes the record adds to a block's body, about.
     pub fn size(&self) -> usize {
-        self.id.len() + self.data.as_ref().map_or(0, Vec::len) + self.attributes.len() + 24
+        let data = match &self.data {
+            Data::None => 0,
+            Data::Json(json) => json.len(),
+            Data::Fields(fields) => fields
+                .iter()
+                .map(|(k, v)| k.len() + if let Scalar::Str(s) = v { s.len() } else { 8 })
+                .sum(),
+        };
+        self.id.len() + data + self.attributes.len() + 24
     }
 }
 
@@ -170,6 +229,21 @@ pub(crate) struct Reader<'a> {
 impl<'a> Reader<'a> {
     pub(crate) fn new(bytes: &'a [u8]) -> Reader<'a> {
         Reader { bytes, at: 0 }
+    }
+
+    /// All the bytes read from, for the ranges [`Reader::take`] gives.
+    pub(crate) fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+
+    /// Bytes not yet read.
+    pub(crate) fn remaining(&self) -> usize {
+        self.bytes.len() - self.at
+    }
+
+    pub(crate) fn byte(&mut self) -> Result<u8, StoreError> {
+        let range = self.take(1)?;
+        Ok(self.bytes[range.start])
     }
 
     pub(crate) fn varint(&mut self) -> Result<u64, StoreError> {
@@ -208,95 +282,43 @@ impl<'a> Reader<'a> {
 
 /// Encodes `records` (1 ..= [`MAX_BLOCK_EVENTS`]) as one block value.
 pub fn encode(records: &[&Record]) -> Result<Vec<u8>, StoreError> {
+    encode_with(records, CODEC)
+}
+
+fn compress(body: &[u8], codec: u8) -> Vec<u8> {
+    match codec {
+        CODEC_LZ4 => lz4_flex::block::compress(body),
+        // A failure (none is known for in-memory input) stores the body as is.
+        CODEC_ZSTD => zstd::bulk::compress(body, ZSTD_LEVEL).unwrap_or_else(|_| body.to_vec()),
+        _ => body.to_vec(),
+    }
+}
+
+fn encode_with(records: &[&Record], codec: u8) -> Result<Vec<u8>, StoreError> {
     if records.is_empty() || records.len() > MAX_BLOCK_EVENTS {
         return Err(StoreError::Encode(format!(
             "a block holds 1 to {MAX_BLOCK_EVENTS} events, not {}",
             records.len()
         )));
     }
-    let body = encode_body(records);
+    let body = layout2::encode_body(records);
     let raw_len = u32::try_from(body.len())
         .ok()
         .filter(|len| *len as usize <= MAX_RAW_BYTES)
         .ok_or(StoreError::TooLong("an event block", MAX_RAW_BYTES))?;
-    let compressed = lz4_flex::block::compress(&body);
+    let compressed = compress(&body, codec);
     let mut out = Vec::with_capacity(HEADER_LEN + compressed.len().min(body.len()));
     out.push(BLOCK_VERSION);
     out.extend_from_slice(&(records.len() as u32).to_be_bytes());
     out.extend_from_slice(&raw_len.to_be_bytes());
     if compressed.len() < body.len() {
-        out.push(CODEC_LZ4);
+        out.push(codec);
         out.extend_from_slice(&compressed);
     } else {
         out.push(CODEC_NONE);
         out.extend_from_slice(&body);
     }
     Ok(out)
-}
-
-fn encode_body(records: &[&Record]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(records.iter().map(|r| r.size()).sum::<usize>() + 64);
-    // The string dictionary and each event's indexes into it.
-    let mut strings: rustc_hash::FxHashMap<&str, u64> = rustc_hash::FxHashMap::default();
-    let mut order: Vec<&str> = Vec::new();
-    let mut indexes: [Vec<u64>; 4] = Default::default();
-    for r in records {
-        for (column, s) in [&r.specversion, &r.source, &r.kind, &r.subject]
-            .into_iter()
-            .enumerate()
-        {
-            let next = order.len() as u64;
-            let index = *strings.entry(s.as_str()).or_insert_with(|| {
-                order.push(s.as_str());
-                next
-            });
-            indexes[column].push(index);
-        }
-    }
-    put_varint(&mut out, order.len() as u64);
-    for s in &order {
-        put_varint(&mut out, s.len() as u64);
-        out.extend_from_slice(s.as_bytes());
-    }
-    for column in &indexes {
-        for index in column {
-            put_varint(&mut out, *index);
-        }
-    }
-    let mut previous = 0i64;
-    for r in records {
-        let seconds = r.time.as_second();
-        put_varint(&mut out, zigzag(seconds.wrapping_sub(previous)));
-        previous = seconds;
-    }
-    for r in records {
-        put_varint(&mut out, zigzag(i64::from(r.time.subsec_nanosecond())));
-    }
-    let mut previous = 0i64;
-    for r in records {
-        let ns = ingest_ns(r.ingested_at);
-        put_varint(&mut out, zigzag(ns.wrapping_sub(previous)));
-        previous = ns;
-    }
-    for r in records {
-        put_varint(&mut out, r.id.len() as u64);
-    }
-    for r in records {
-        put_varint(&mut out, r.data.as_ref().map_or(0, |d| d.len() as u64 + 1));
-    }
-    for r in records {
-        put_varint(&mut out, r.attributes.len() as u64);
-    }
-    for r in records {
-        out.extend_from_slice(r.id.as_bytes());
-    }
-    for r in records {
-        out.extend_from_slice(r.data.as_deref().unwrap_or_default());
-    }
-    for r in records {
-        out.extend_from_slice(&r.attributes);
-    }
-    out
 }
 
 /// Ingest times are the server's clock: within i64 nanoseconds (years
@@ -316,7 +338,7 @@ pub fn count_of(value: &[u8]) -> Result<u64, StoreError> {
     let header = value
         .get(..HEADER_LEN)
         .ok_or(StoreError::Corrupt("block: short header"))?;
-    if header[0] != BLOCK_VERSION {
+    if header[0] != BLOCK_VERSION && header[0] != LAYOUT_1 {
         return Err(StoreError::Corrupt("block: unknown layout version"));
     }
     let count = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
@@ -331,15 +353,29 @@ pub fn count_of(value: &[u8]) -> Result<u64, StoreError> {
 pub struct Block {
     /// The block's first log position.
     pub first: u64,
+    /// The decompressed body: strings, JSON data and attributes are
+    /// ranges of it.
     body: Vec<u8>,
     strings: Vec<Range<usize>>,
     /// specversion, source, type, subject: indexes into `strings`.
     indexes: [Vec<u32>; 4],
     times: Vec<Timestamp>,
     ingested: Vec<Timestamp>,
+    /// The ids, whole (layout 2 stores them front-coded).
+    ids_text: Vec<u8>,
     ids: Vec<Range<usize>>,
-    data: Vec<Option<Range<usize>>>,
+    data: Vec<DataAt>,
+    /// Layout 2's `data` shapes and their columns.
+    shapes: Vec<layout2::DecodedShape>,
     attributes: Vec<Range<usize>>,
+}
+
+/// Where an event's `data` is in a decoded block.
+pub(crate) enum DataAt {
+    None,
+    Json(Range<usize>),
+    /// (shape, row within the shape's columns).
+    Row(u32, u32),
 }
 
 const SPECVERSION: usize = 0;
@@ -367,28 +403,24 @@ impl Block {
                 }
                 body
             }
+            CODEC_ZSTD => unzstd(stored, raw_len)?,
             _ => return Err(StoreError::Corrupt("block: codec")),
         };
-        Block::columns(first, count, body)
+        if value[0] == LAYOUT_1 {
+            Block::layout1(first, count, body)
+        } else {
+            layout2::decode(first, count, body)
+        }
     }
 
-    fn columns(first: u64, count: usize, body: Vec<u8>) -> Result<Block, StoreError> {
-        let mut r = Reader {
-            bytes: &body,
-            at: 0,
-        };
+    /// Decodes a layout-1 body (see the layout-1 table in the module docs).
+    fn layout1(first: u64, count: usize, body: Vec<u8>) -> Result<Block, StoreError> {
+        let mut r = Reader::new(&body);
         let m = r.len()?;
         if m > 4 * count {
             return Err(StoreError::Corrupt("block: too many strings"));
         }
-        let mut strings = Vec::with_capacity(m);
-        for _ in 0..m {
-            let len = r.len()?;
-            let range = r.take(len)?;
-            std::str::from_utf8(&body[range.clone()])
-                .map_err(|_| StoreError::Corrupt("block: utf-8"))?;
-            strings.push(range);
-        }
+        let strings = read_strings(&mut r, &body, m)?;
         let mut indexes: [Vec<u32>; 4] = Default::default();
         for column in &mut indexes {
             column.reserve(count);
@@ -405,18 +437,24 @@ impl Block {
         let lengths = |r: &mut Reader| (0..count).map(|_| r.len()).collect::<Result<Vec<_>, _>>();
         let (id_lens, data_lens, attr_lens) =
             (lengths(&mut r)?, lengths(&mut r)?, lengths(&mut r)?);
+        let mut ids_text = Vec::new();
         let ids = id_lens
             .into_iter()
             .map(|len| {
                 let range = r.take(len)?;
                 std::str::from_utf8(&body[range.clone()])
                     .map_err(|_| StoreError::Corrupt("block: utf-8"))?;
-                Ok(range)
+                let start = ids_text.len();
+                ids_text.extend_from_slice(&body[range]);
+                Ok(start..ids_text.len())
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
         let data = data_lens
             .into_iter()
-            .map(|len| len.checked_sub(1).map(|len| r.take(len)).transpose())
+            .map(|len| match len.checked_sub(1) {
+                Some(len) => r.take(len).map(DataAt::Json),
+                None => Ok(DataAt::None),
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let attributes = attr_lens
             .into_iter()
@@ -431,8 +469,10 @@ impl Block {
             indexes,
             times,
             ingested,
+            ids_text,
             ids,
             data,
+            shapes: Vec::new(),
             attributes,
             body,
         })
@@ -452,10 +492,14 @@ impl Block {
         (self.first..self.end()).contains(&seq)
     }
 
-    fn string(&self, column: usize, i: usize) -> &str {
-        let range = &self.strings[self.indexes[column][i] as usize];
+    /// String `index` of the dictionary.
+    fn dict(&self, index: usize) -> &str {
         // Checked to be UTF-8 when decoded.
-        std::str::from_utf8(&self.body[range.clone()]).unwrap_or_default()
+        std::str::from_utf8(&self.body[self.strings[index].clone()]).unwrap_or_default()
+    }
+
+    fn string(&self, column: usize, i: usize) -> &str {
+        self.dict(self.indexes[column][i] as usize)
     }
 
     /// The type of the `i`th event.
@@ -476,7 +520,7 @@ impl Block {
     /// The id of the `i`th event.
     pub fn id(&self, i: usize) -> &str {
         // Checked to be UTF-8 when decoded.
-        std::str::from_utf8(&self.body[self.ids[i].clone()]).unwrap_or_default()
+        std::str::from_utf8(&self.ids_text[self.ids[i].clone()]).unwrap_or_default()
     }
 
     /// The time of the `i`th event.
@@ -492,11 +536,13 @@ impl Block {
     /// The `i`th event, whole.
     pub fn event(&self, i: usize) -> Result<CloudEvent, StoreError> {
         let decode_error = |e: serde_json::Error| StoreError::Decode(e.to_string());
-        let data = self.data[i]
-            .clone()
-            .map(|range| serde_json::from_slice(&self.body[range]))
-            .transpose()
-            .map_err(decode_error)?;
+        let data = match &self.data[i] {
+            DataAt::None => None,
+            DataAt::Json(range) => {
+                Some(serde_json::from_slice(&self.body[range.clone()]).map_err(decode_error)?)
+            }
+            DataAt::Row(shape, row) => Some(self.shaped(*shape, *row)),
+        };
         let attributes: Attributes = if self.attributes[i].is_empty() {
             Attributes::default()
         } else {
@@ -515,6 +561,31 @@ impl Block {
             extensions: attributes.extensions.into_owned(),
         })
     }
+}
+
+/// A zstd frame's content, refused unless it is exactly `raw_len` bytes
+/// (never more is read).
+fn unzstd(stored: &[u8], raw_len: usize) -> Result<Vec<u8>, StoreError> {
+    // Fails rather than write past `raw_len`.
+    let body =
+        zstd::bulk::decompress(stored, raw_len).map_err(|_| StoreError::Corrupt("block: zstd"))?;
+    if body.len() != raw_len {
+        return Err(StoreError::Corrupt("block: size differs from its header"));
+    }
+    Ok(body)
+}
+
+/// The dictionary's `m` strings, each checked to be UTF-8: their ranges.
+fn read_strings(r: &mut Reader, body: &[u8], m: usize) -> Result<Vec<Range<usize>>, StoreError> {
+    let mut strings = Vec::with_capacity(m.min(body.len()));
+    for _ in 0..m {
+        let len = r.len()?;
+        let range = r.take(len)?;
+        std::str::from_utf8(&body[range.clone()])
+            .map_err(|_| StoreError::Corrupt("block: utf-8"))?;
+        strings.push(range);
+    }
+    Ok(strings)
 }
 
 fn decode_times(r: &mut Reader, count: usize) -> Result<Vec<Timestamp>, StoreError> {
@@ -551,6 +622,10 @@ mod tests {
     use serde_json::json;
 
     fn event(i: i64) -> CloudEvent {
+        event_at(i, Timestamp::now())
+    }
+
+    pub(super) fn event_at(i: i64, now: Timestamp) -> CloudEvent {
         let mut e = json!({"specversion": "1.0", "id": format!("id-{i}"), "source": "gw",
             "type": if i % 2 == 0 { "req" } else { "tok" }, "subject": format!("p{}", i % 3),
             "time": Timestamp::from_second(1_767_268_800 + i * 37).unwrap().to_string(),
@@ -563,7 +638,7 @@ mod tests {
         if i % 5 == 0 {
             e.as_object_mut().unwrap().remove("data");
         }
-        tally_model::parse_event(e, Timestamp::now()).unwrap()
+        tally_model::parse_event(e, now).unwrap()
     }
 
     #[test]
@@ -631,5 +706,184 @@ mod tests {
         lying[0] = 9;
         assert!(Block::decode(0, &lying).is_err());
         assert!(encode(&[]).is_err());
+    }
+}
+
+#[cfg(test)]
+mod layouts {
+    use super::tests::event_at;
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn layout_1_blocks_still_read() {
+        // Written by the layout-1 encoder: 60 events of `event_at`, the
+        // `i`th ingested 17·i µs after `base`.
+        let value = include_bytes!("../tests/fixtures/block-v1.bin");
+        assert_eq!(value[0], LAYOUT_1);
+        let base: Timestamp = "2026-03-01T12:00:00.123456789Z".parse().unwrap();
+        let block = Block::decode(7, value).unwrap();
+        assert_eq!(block.len(), 60);
+        for i in 0..60 {
+            let e = event_at(i as i64, base);
+            assert_eq!(block.event(i).unwrap(), e);
+            assert_eq!(block.id(i), e.id);
+            assert_eq!(
+                block.ingested_at(i),
+                base + jiff::SignedDuration::from_micros(i as i64 * 17)
+            );
+        }
+    }
+
+    fn round_trip(data: Vec<serde_json::Value>) {
+        let events: Vec<CloudEvent> = data
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let mut e = event_at(i as i64, Timestamp::now());
+                e.data = Some(d);
+                e
+            })
+            .collect();
+        let records: Vec<Record> = events
+            .iter()
+            .map(|e| Record::new(Timestamp::now(), e).unwrap())
+            .collect();
+        for codec in [CODEC_NONE, CODEC_LZ4, CODEC_ZSTD] {
+            let value = encode_with(&records.iter().collect::<Vec<_>>(), codec).unwrap();
+            let block = Block::decode(0, &value).unwrap();
+            for (i, e) in events.iter().enumerate() {
+                let back = block.event(i).unwrap();
+                assert_eq!(back, *e);
+                // The same text, not only an equal value.
+                assert_eq!(
+                    serde_json::to_string(&back.data).unwrap(),
+                    serde_json::to_string(&e.data).unwrap()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn data_of_every_kind_comes_back_exactly() {
+        let parsed = |s: &str| serde_json::from_str::<serde_json::Value>(s).unwrap();
+        let mut wide = serde_json::Map::new();
+        for k in 0..layout2::MAX_FIELDS + 1 {
+            wide.insert(format!("k{k}"), json!(k));
+        }
+        round_trip(vec![
+            json!({"value": 5, "region": "eu", "ok": true, "gone": null}),
+            json!({"value": -5, "region": "us", "ok": false, "gone": null}),
+            json!({"value": i64::MIN, "region": "", "ok": true, "gone": null}),
+            json!({"value": u64::MAX, "region": "eu"}),
+            json!({"value": 1.5, "region": "eu"}),
+            parsed(r#"{"value": -0}"#),
+            parsed(r#"{"value": 1e3}"#),
+            parsed(r#"{"value": 10.0}"#),
+            json!({"nested": {"a": 1}}),
+            json!({"list": [1, 2]}),
+            json!({}),
+            json!([1, 2, 3]),
+            json!("text"),
+            json!(7),
+            json!(null),
+            json!({"é": "ü", "b": "eu", "a": 0}),
+            serde_json::Value::Object(wide),
+        ]);
+    }
+
+    #[test]
+    fn damaged_layout_2_blocks_are_refused_not_misread() {
+        let records: Vec<Record> = (0..40)
+            .map(|i| Record::new(Timestamp::now(), &event_at(i, Timestamp::now())).unwrap())
+            .collect();
+        let refs: Vec<&Record> = records.iter().collect();
+        for codec in [CODEC_NONE, CODEC_ZSTD] {
+            let value = encode_with(&refs, codec).unwrap();
+            for len in 0..value.len() {
+                assert!(Block::decode(0, &value[..len]).is_err(), "{codec} {len}");
+            }
+        }
+        // Every single-byte change of a stored body is refused or decodes
+        // to a block without panicking.
+        let value = encode_with(&refs, CODEC_NONE).unwrap();
+        for at in HEADER_LEN..value.len() {
+            let mut bad = value.clone();
+            bad[at] ^= 0x5a;
+            if let Ok(block) = Block::decode(0, &bad) {
+                for i in 0..block.len() {
+                    let _ = block.event(i);
+                }
+            }
+        }
+    }
+
+    /// Bytes per event of bench-like blocks, by layout and codec. Run with
+    /// `cargo test -p tally-store-embedded --release --lib block::layouts::measure -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn measure() {
+        let (blocks, per) = (200usize, 1000usize);
+        let base: Timestamp = "2026-03-01T00:00:00Z".parse().unwrap();
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let types = [
+            "gateway.requests",
+            "gateway.ingress-bytes",
+            "gateway.egress-bytes",
+            "gateway.connection-seconds",
+        ];
+        let regions = ["eu-west", "us-east", "ap-south"];
+        let methods = ["GET", "POST", "PUT", "DELETE", "PATCH"];
+        let groups: Vec<Vec<Record>> = (0..blocks)
+            .map(|b| {
+                let at = base + jiff::SignedDuration::from_millis(b as i64 * 9);
+                (0..per)
+                    .map(|i| {
+                        let time = base - jiff::SignedDuration::from_secs(next(30 * 86_400) as i64);
+                        let e = json!({"specversion": "1.0", "id": format!("{b}-{i}"), "source": "bench",
+                            "type": types[next(4) as usize], "subject": format!("projects/p{}", next(10_000)),
+                            "time": time.to_string(),
+                            "data": {"value": next(100_000), "region": regions[next(3) as usize], "method": methods[next(5) as usize]}});
+                        let e = tally_model::parse_event(e, at).unwrap();
+                        Record::new(at + jiff::SignedDuration::from_micros(i as i64 / 250), &e).unwrap()
+                    })
+                    .collect()
+            })
+            .collect();
+        let events = (blocks * per) as f64;
+        if let Ok(dir) = std::env::var("TALLY_DUMP_BODIES") {
+            for (b, g) in groups.iter().enumerate() {
+                let body = layout2::encode_body(&g.iter().collect::<Vec<_>>());
+                std::fs::write(format!("{dir}/{b}.bin"), body).unwrap();
+            }
+        }
+        for (name, codec) in [
+            ("none", CODEC_NONE),
+            ("lz4", CODEC_LZ4),
+            ("zstd 3", CODEC_ZSTD),
+        ] {
+            let start = std::time::Instant::now();
+            let values: Vec<Vec<u8>> = groups
+                .iter()
+                .map(|g| encode_with(&g.iter().collect::<Vec<_>>(), codec).unwrap())
+                .collect();
+            let encode_us = start.elapsed().as_secs_f64() * 1e6 / events;
+            let start = std::time::Instant::now();
+            for (b, v) in values.iter().enumerate() {
+                Block::decode(b as u64, v).unwrap();
+            }
+            let decode_us = start.elapsed().as_secs_f64() * 1e6 / events;
+            let bytes: usize = values.iter().map(Vec::len).sum();
+            println!(
+                "layout 2, {name}: {:.2} B/event, encode {encode_us:.2} µs/event, decode {decode_us:.2} µs/event",
+                bytes as f64 / events
+            );
+        }
     }
 }

@@ -23,6 +23,18 @@
 //! and `\0dropped` records the position below which runs were dropped.
 //! Entries already expired when a run is written are left out of it.
 //!
+//! Merges: neighbouring runs are merged into one (size-tiered: four runs
+//! of similar size at once, see [`DedupeIndex::plan_merge`]), so the run
+//! count stays near (unexpired keys ÷ the largest merged run) plus a few,
+//! instead of growing by one per flush. A merge reads the runs' chunks,
+//! leaves out runs already expired, sorts the rest as one run and builds
+//! its filter, all without changing the index; then one synced batch
+//! writes the merged run's chunks and header over the first old run's keys
+//! and removes every other old key, and only then does memory swap the
+//! runs. A crash leaves either the old runs or the merged one, never a mix.
+//! A merged run holds at most half the key-filter budget ÷ 64 bytes of
+//! entries, which bounds a merge's memory.
+//!
 //! Memory: `recent` is flushed at its budget; the filters together stay
 //! under theirs — past it the oldest runs lose their filters and their
 //! chunks are read instead (answers never depend on a filter, only cost).
@@ -52,6 +64,8 @@
 //! runs do not reach) rebuilds the index from the log
 //! (`writer/dedupe.rs`).
 
+use std::ops::Range;
+
 use fjall::{Keyspace, PersistMode, Readable};
 use rustc_hash::FxHashMap;
 use xorf::{BinaryFuse8, Filter};
@@ -73,6 +87,12 @@ const RUN_TAG: u8 = 2;
 pub(crate) const CHUNK_ENTRIES: usize = 4096;
 /// What one entry of `recent` costs in memory, about (key, map slot).
 const RECENT_ENTRY_BYTES: usize = 128;
+/// What one entry costs a merge at its peak, about.
+const MERGE_ENTRY_BYTES: usize = 64;
+/// Runs of similar size merged at once.
+const MERGE_FANOUT: usize = 4;
+/// Past this many runs a merge no longer waits for runs of similar size.
+pub(crate) const MAX_RUNS: usize = 24;
 
 /// Reads the event at a log position, to confirm a hash match.
 pub(crate) trait Confirm {
@@ -102,6 +122,16 @@ impl<R: Readable> Confirm for LogConfirm<'_, R> {
             .max(block.time(i).as_second());
         Ok(Some(at + self.horizon_seconds))
     }
+}
+
+/// A merge of neighbouring runs, built and not yet installed.
+pub(crate) struct Merge {
+    /// The runs merged, by index, oldest first.
+    range: Range<usize>,
+    /// Each merged run's first position, end and chunk count.
+    old_chunks: Vec<(u64, u64, usize)>,
+    run: Run,
+    chunks: Vec<Vec<u8>>,
 }
 
 /// One immutable run, as memory keeps it.
@@ -134,6 +164,10 @@ pub(crate) struct DedupeIndex {
     hash_bits: u32,
     recent_budget: usize,
     filter_budget: usize,
+    /// Runs merged at once, of similar size (see [`DedupeIndex::plan_merge`]).
+    merge_fanout: usize,
+    /// Most entries a merged run may hold: bounds a merge's memory.
+    max_merge_entries: u64,
 }
 
 /// The hash, cut to `bits`, of a dedupe key (whose first 8 bytes are the
@@ -230,7 +264,20 @@ impl DedupeIndex {
             hash_bits: 32,
             recent_budget: (key_filter_bytes / 4).max(RECENT_ENTRY_BYTES),
             filter_budget: key_filter_bytes,
+            merge_fanout: MERGE_FANOUT,
+            // A merge holds about 60 bytes an entry at its peak (entries,
+            // hashes, the filter being built, the encoded chunks): at most
+            // twice the `recent` budget.
+            max_merge_entries: (key_filter_bytes / 2 / MERGE_ENTRY_BYTES).max(1) as u64,
         }
+    }
+
+    /// Merges `fanout` runs at once, into runs of at most `max_entries`.
+    #[cfg(test)]
+    pub fn with_merges(mut self, fanout: usize, max_entries: u64) -> DedupeIndex {
+        self.merge_fanout = fanout.max(2);
+        self.max_merge_entries = max_entries;
+        self
     }
 
     /// Keeps only `bits` of each hash (tests force collisions with few).
@@ -243,6 +290,11 @@ impl DedupeIndex {
     /// The position the runs include.
     pub fn mark(&self) -> u64 {
         self.mark
+    }
+
+    /// The number of runs.
+    pub fn runs(&self) -> usize {
+        self.runs.len()
     }
 
     /// Entries in memory and in runs, and the filters' bytes.
@@ -489,6 +541,148 @@ impl DedupeIndex {
         Ok(true)
     }
 
+    /// The runs to merge next, oldest first, if any: the cheapest window of
+    /// `merge_fanout` neighbours of similar size (none more than twice the
+    /// smallest, runs already expired by `now` counting as empty) whose
+    /// entries fit one merged run; past [`MAX_RUNS`] runs, the cheapest
+    /// pair that fits.
+    pub fn plan_merge(&self, now: i64) -> Option<Range<usize>> {
+        let size = |run: &Run| {
+            if run.max_expires <= now {
+                0
+            } else {
+                run.entries
+            }
+        };
+        let fits = |window: &[Run]| window.iter().map(size).sum::<u64>() <= self.max_merge_entries;
+        let cheapest = |width: usize, similar: bool| {
+            (0..self.runs.len().saturating_sub(width - 1))
+                .map(|at| at..at + width)
+                .filter(|range| {
+                    let window = &self.runs[range.clone()];
+                    let smallest = window.iter().map(size).min().unwrap_or(0);
+                    fits(window)
+                        && (!similar || window.iter().all(|r| size(r) <= 2 * smallest.max(1)))
+                })
+                .min_by_key(|range| self.runs[range.clone()].iter().map(size).sum::<u64>())
+        };
+        cheapest(self.merge_fanout, true).or_else(|| {
+            (self.runs.len() > MAX_RUNS)
+                .then(|| cheapest(2, false))
+                .flatten()
+        })
+    }
+
+    /// Reads the runs of `range` and builds their merge: every entry of the
+    /// runs not expired by `now`, sorted as one run. Reads only: the index
+    /// is unchanged until [`DedupeIndex::install_merge`].
+    pub fn prepare_merge(
+        &self,
+        keyspace: &Keyspace,
+        range: Range<usize>,
+        now: i64,
+    ) -> Result<Merge, StoreError> {
+        let window = &self.runs[range.clone()];
+        let live: Vec<&Run> = window.iter().filter(|r| r.max_expires > now).collect();
+        let mut entries = Vec::with_capacity(live.iter().map(|r| r.entries as usize).sum());
+        for run in &live {
+            for chunk in 0..run.chunk_firsts.len() {
+                let value = keyspace
+                    .get(chunk_key(run.first, chunk as u32))?
+                    .ok_or(StoreError::Corrupt("dedupe chunk missing"))?;
+                decode_chunk(&value, &mut entries)?;
+            }
+        }
+        // By hash, then newest first, as a run written at once.
+        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        let mut chunks = Vec::with_capacity(entries.len() / CHUNK_ENTRIES + 1);
+        let mut chunk_firsts = Vec::with_capacity(chunks.capacity());
+        for chunk in entries.chunks(CHUNK_ENTRIES) {
+            chunk_firsts.push(chunk[0].0);
+            chunks.push(encode_chunk(chunk));
+        }
+        let run = Run {
+            first: window[0].first,
+            end: window[window.len() - 1].end,
+            max_expires: live.iter().map(|r| r.max_expires).max().unwrap_or(i64::MIN),
+            entries: entries.len() as u64,
+            filter: build_filter(&entries),
+            chunk_firsts,
+        };
+        Ok(Merge {
+            range,
+            old_chunks: window
+                .iter()
+                .map(|r| (r.first, r.end, r.chunk_firsts.len()))
+                .collect(),
+            run,
+            chunks,
+        })
+    }
+
+    /// Replaces the merged runs by their merge in one synced batch, then in
+    /// memory. Refused (nothing changes) if the runs are no longer those
+    /// the merge was prepared from.
+    pub fn install_merge(
+        &mut self,
+        db: &fjall::Database,
+        keyspace: &Keyspace,
+        merge: Merge,
+    ) -> Result<bool, StoreError> {
+        let current = self.runs.get(merge.range.clone()).map(|runs| {
+            runs.iter()
+                .map(|r| (r.first, r.end, r.chunk_firsts.len()))
+                .collect::<Vec<_>>()
+        });
+        if current.as_ref() != Some(&merge.old_chunks) {
+            return Ok(false);
+        }
+        let first = merge.run.first;
+        let mut batch = db.batch().durability(Some(PersistMode::SyncAll));
+        // One write per key: the merged run's chunks and header overwrite
+        // those of the first old run; every other old key is removed.
+        for (run_first, _, chunks) in &merge.old_chunks {
+            let kept = if *run_first == first {
+                merge.chunks.len()
+            } else {
+                batch.remove(keyspace, run_key(*run_first));
+                0
+            };
+            for chunk in kept..*chunks {
+                batch.remove(keyspace, chunk_key(*run_first, chunk as u32));
+            }
+        }
+        for (n, chunk) in merge.chunks.into_iter().enumerate() {
+            batch.insert(keyspace, chunk_key(first, n as u32), chunk);
+        }
+        batch.insert(keyspace, run_key(first), header(&merge.run));
+        batch.commit()?;
+        tracing::debug!(
+            merged = merge.range.len(),
+            entries = merge.run.entries,
+            runs = self.runs.len() + 1 - merge.range.len(),
+            "dedupe runs merged"
+        );
+        self.runs.splice(merge.range, [merge.run]);
+        self.keep_filters_in_budget();
+        Ok(true)
+    }
+
+    /// Plans, prepares and installs one merge; whether it merged.
+    #[cfg(test)]
+    pub fn merge_step(
+        &mut self,
+        db: &fjall::Database,
+        keyspace: &Keyspace,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let Some(range) = self.plan_merge(now) else {
+            return Ok(false);
+        };
+        let merge = self.prepare_merge(keyspace, range, now)?;
+        self.install_merge(db, keyspace, merge)
+    }
+
     /// The index the keyspace holds, every run read back and checked;
     /// `None` when it holds no index of this layout, or a damaged one.
     pub fn load(keyspace: &Keyspace, key_filter_bytes: usize) -> Result<Option<Self>, StoreError> {
@@ -613,6 +807,11 @@ mod tests {
         /// Close and open again: the runs read back, the log past the
         /// mark read into memory, as the writer does.
         Reopen,
+        /// A merge as the writer plans it.
+        Merge,
+        /// A merge of `width` runs from the `at`th (modulo the runs), of
+        /// any sizes.
+        MergeAt(u8, u8),
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -622,6 +821,8 @@ mod tests {
             1 => Just(Op::Flush),
             1 => Just(Op::DropExpired),
             1 => Just(Op::Reopen),
+            1 => Just(Op::Merge),
+            1 => (any::<u8>(), 2u8..5).prop_map(|(at, width)| Op::MergeAt(at, width)),
         ]
     }
 
@@ -640,7 +841,8 @@ mod tests {
         assert!(loaded.is_some() || !written, "the index reads back");
         let mut index = loaded
             .unwrap_or_else(|| DedupeIndex::new(0, 1 << 20))
-            .with_hash_bits(bits);
+            .with_hash_bits(bits)
+            .with_merges(2, 12);
         for seq in index.mark()..log.0.len() as u64 {
             let (source, expires) = &log.0[seq as usize];
             if *expires > now {
@@ -651,16 +853,17 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(48))]
+        #![proptest_config(ProptestConfig::with_cases(64))]
 
         /// The runs and memory together answer as a map of each key's
-        /// newest expiry does, whatever the flushes, drops and reopenings,
-        /// with hashes cut to a few bits so that most lookups collide.
+        /// newest expiry does, whatever the flushes, merges (expired runs
+        /// left out of them), drops and reopenings, with hashes cut to a
+        /// few bits so that most lookups collide.
         #[test]
         fn runs_answer_as_a_naive_model(bits in 1u32..6, ops in prop::collection::vec(op(), 1..160)) {
             let dir = tempfile::tempdir().unwrap();
             let (mut db, mut ks) = open_keyspace(dir.path());
-            let mut index = DedupeIndex::new(0, 1 << 20).with_hash_bits(bits);
+            let mut index = DedupeIndex::new(0, 1 << 20).with_hash_bits(bits).with_merges(2, 12);
             let mut written = false;
             let mut log = VecLog(Vec::new());
             let mut model: HashMap<String, (u64, i64)> = HashMap::new();
@@ -692,6 +895,19 @@ mod tests {
                     Op::DropExpired => {
                         index.drop_expired(&db, &ks, now).unwrap();
                     }
+                    Op::Merge => {
+                        index.merge_step(&db, &ks, now).unwrap();
+                    }
+                    Op::MergeAt(at, width) => {
+                        let runs = index.runs();
+                        let width = usize::from(width).min(runs);
+                        if width >= 2 {
+                            let at = usize::from(at) % (runs - width + 1);
+                            let merge = index.prepare_merge(&ks, at..at + width, now).unwrap();
+                            prop_assert!(index.install_merge(&db, &ks, merge).unwrap());
+                            prop_assert_eq!(index.runs(), runs + 1 - width);
+                        }
+                    }
                     Op::Reopen => {
                         drop(ks);
                         drop(db);
@@ -701,6 +917,51 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn merges_keep_the_run_count_bounded_and_every_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, ks) = open_keyspace(dir.path());
+        // Runs of 100 keys, merged 4 at a time up to 1,600 keys a run.
+        let mut index = DedupeIndex::new(0, 1 << 20).with_merges(4, 1600);
+        let mut most = 0;
+        for run in 0..200u64 {
+            for seq in run * 100..(run + 1) * 100 {
+                index.insert(&keys::dedupe_key("s", &seq.to_string()), seq, 1000);
+            }
+            index.flush(&db, &ks, (run + 1) * 100, 0).unwrap();
+            while index.merge_step(&db, &ks, 0).unwrap() {}
+            most = most.max(index.runs());
+        }
+        // 20,000 keys: 12 runs of 1,600 and what is left below them.
+        assert!(most <= 12 + 3 + 3, "{most} runs");
+        assert_eq!(index.sizes().1, 20_000);
+        let index = DedupeIndex::load(&ks, 1 << 20).unwrap().unwrap();
+        assert_eq!(index.sizes().1, 20_000);
+        assert!(index.runs() <= 18);
+        // Expired runs are left out of a merge.
+        let mut index = index.with_merges(2, u64::MAX);
+        while index.merge_step(&db, &ks, 1000).unwrap() {}
+        assert_eq!((index.runs(), index.sizes().1), (1, 0));
+        let index = DedupeIndex::load(&ks, 1 << 20).unwrap().unwrap();
+        assert_eq!((index.runs(), index.sizes().1), (1, 0));
+    }
+
+    #[test]
+    fn a_merge_of_runs_that_changed_meanwhile_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, ks) = open_keyspace(dir.path());
+        let mut index = DedupeIndex::new(0, 1 << 20).with_merges(2, u64::MAX);
+        for run in 0..3u64 {
+            index.insert(&keys::dedupe_key("s", &run.to_string()), run, 1000);
+            index.flush(&db, &ks, run + 1, 0).unwrap();
+        }
+        let stale = index.prepare_merge(&ks, 0..2, 0).unwrap();
+        let fresh = index.prepare_merge(&ks, 1..3, 0).unwrap();
+        assert!(index.install_merge(&db, &ks, fresh).unwrap());
+        assert!(!index.install_merge(&db, &ks, stale).unwrap());
+        assert_eq!((index.runs(), index.sizes().1), (2, 3));
     }
 
     #[test]

@@ -470,6 +470,15 @@ impl EmbeddedLedger {
             .sizes()
     }
 
+    /// The dedupe index's number of runs.
+    pub fn dedupe_runs(&self) -> usize {
+        self.shared
+            .dedupe
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .runs()
+    }
+
     pub fn compact(&self) -> Result<(), StoreError> {
         for (_, keyspace) in self.named_keyspaces() {
             keyspace.rotate_memtable_and_wait()?;

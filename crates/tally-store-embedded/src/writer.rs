@@ -470,7 +470,13 @@ impl Writer {
         {
             warn!(error = %e, "writing a dedupe run failed; the keys stay in memory");
         }
+        let too_many = index.runs() > crate::dedupe::MAX_RUNS;
         drop(index);
+        // Merges wait for an idle writer, unless runs pile up past the
+        // bound because the writer is never idle.
+        if too_many && let Err(e) = self.merge_dedupe_step() {
+            warn!(error = %e, "merging dedupe runs failed; they stay as they are");
+        }
         let stats = &shared.stats;
         let mut counters = (0, 0, 0);
         for o in &outcomes {
@@ -1111,7 +1117,7 @@ impl Writer {
 
     // ---- background work ----------------------------------------------------
 
-    /// One step of backfill, garbage collection or dedupe pruning. Returns
+    /// One step of backfill, garbage collection, dedupe merging or pruning. Returns
     /// whether there may be more to do right away.
     fn background_step(&mut self) -> Result<bool, StoreError> {
         self.dict.roll_back();
@@ -1122,6 +1128,9 @@ impl Writer {
             return Ok(true);
         }
         if self.garbage_step()? {
+            return Ok(true);
+        }
+        if self.merge_dedupe_step()? {
             return Ok(true);
         }
         self.prune_step()

@@ -2,25 +2,33 @@
 //! (`promtool check rules`) and each alert fires on the synthetic series of
 //! `deploy/alerts/compute_test.yaml` (`promtool test rules`). promtool comes
 //! with Debian's `prometheus` package; without it the test skips, unless
-//! `TALLY_REQUIRE_PEERS` is set (CI), where it fails.
+//! `TALLY_REQUIRE_PEERS` is set (CI), where it fails. The same file also
+//! loads in `vmalert` (Debian's `victoria-metrics`), which evaluates it
+//! against the VictoriaMetrics `tally serve` pushes the fleet metrics to.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn promtool() -> Option<PathBuf> {
+/// `name` on the PATH; `None` (and a SKIPPED line) when it is absent and
+/// `TALLY_REQUIRE_PEERS` is unset.
+fn tool(name: &str, package: &str) -> Option<PathBuf> {
     let found = std::env::var_os("PATH").and_then(|path| {
         std::env::split_paths(&path)
-            .map(|dir| dir.join("promtool"))
+            .map(|dir| dir.join(name))
             .find(|p| p.is_file())
     });
     if found.is_none() {
         assert!(
             std::env::var_os("TALLY_REQUIRE_PEERS").is_none(),
-            "promtool is not installed (apt-get install -y prometheus)"
+            "{name} is not installed (apt-get install -y {package})"
         );
-        eprintln!("SKIPPED: promtool is not installed (apt-get install -y prometheus)");
+        eprintln!("SKIPPED: {name} is not installed (apt-get install -y {package})");
     }
     found
+}
+
+fn promtool() -> Option<PathBuf> {
+    tool("promtool", "prometheus")
 }
 
 fn alerts_dir() -> PathBuf {
@@ -61,4 +69,33 @@ fn compute_alert_rules_are_valid_and_each_fires_in_its_unit_test() {
             .any(|t| t.starts_with(alert) && t.contains("exp_labels"));
         assert!(fired, "no promtool unit test fires {alert}");
     }
+}
+
+#[test]
+fn compute_alert_rules_load_in_vmalert() {
+    let Some(vmalert) = tool("vmalert", "victoria-metrics") else {
+        return;
+    };
+    let dry_run = |rules: &Path| {
+        Command::new(&vmalert)
+            .arg("-dryRun")
+            .arg(format!("-rule={}", rules.display()))
+            .output()
+            .expect("run vmalert")
+    };
+    let output = dry_run(&alerts_dir().join("compute.yaml"));
+    assert!(
+        output.status.success(),
+        "vmalert -dryRun: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // The check can fail: a broken expression is refused.
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.yaml");
+    std::fs::write(
+        &broken,
+        "groups:\n- name: x\n  rules:\n  - alert: A\n    expr: rate(foo[5m]\n",
+    )
+    .unwrap();
+    assert!(!dry_run(&broken).status.success());
 }

@@ -396,3 +396,96 @@ async fn acknowledged_lifecycle_events_survive_sigkill() {
         attempted
     );
 }
+
+/// `/metrics` once it has `line`.
+async fn wait_metrics_line(base: &str, line: &str) -> String {
+    let mut last = String::new();
+    for _ in 0..300 {
+        let r = http()
+            .get(format!("{base}/metrics"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap();
+        last = r.text().await.unwrap();
+        if last.lines().any(|l| l == line) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("/metrics never had {line}; last:\n{last:.4000}");
+}
+
+/// An `Instance` in a watched manifest directory gives its lifecycle events
+/// and its allocation as one applied through `/apis` does; a change of its
+/// requests changes the gauges, and a deleted instance leaves them.
+#[tokio::test]
+async fn watched_instances_give_events_and_allocation_gauges() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    let with_requests = |cpu: &str| {
+        instance("{nodeName: node-7, conditions: [{type: Scheduled, status: 'True', reason: Available, lastTransitionTime: '2026-12-06T09:00:01Z'}]}")
+            .replace(
+                "spec: {workloadRef: {name: web}}",
+                &format!("spec: {{workloadRef: {{name: web}}, runtime: {{resources: {{instanceType: datumcloud/d1-standard-2, requests: {{cpu: '{cpu}', memory: 512Mi}}}}}}}}"),
+            )
+    };
+    std::fs::write(manifests.join("acme.yaml"), with_requests("250m")).unwrap();
+    let server = common::serve_with_config(
+        dir.path(),
+        &format!(
+            "token: {ADMIN}\nmanifestDirs: ['{}']\ntokens:\n- {{name: acme, token: {ACME}, scopes: [\"project:acme\"]}}\n",
+            manifests.display()
+        ),
+    );
+    let base = &server.base;
+    wait_kinds(
+        base,
+        "/api/v1/instances/web-1/events",
+        &["created", "scheduled"],
+    )
+    .await;
+    let labels = "{project=\"acme\",instance=\"web-1\",namespace=\"acme-prod\"}";
+    let metrics = wait_metrics_line(
+        base,
+        &format!("tally_compute_instance_cpu_allocated_vcpus{labels} 0.25"),
+    )
+    .await;
+    assert!(
+        metrics.contains(&format!(
+            "tally_compute_instance_memory_allocated_bytes{labels} 536870912\n"
+        )),
+        "{metrics:.4000}"
+    );
+    std::fs::write(manifests.join("acme.yaml"), with_requests("2")).unwrap();
+    wait_metrics_line(
+        base,
+        &format!("tally_compute_instance_cpu_allocated_vcpus{labels} 2"),
+    )
+    .await;
+    let r = http()
+        .delete(format!("{base}/apis/instances/acme-prod/web-1"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    std::fs::remove_file(manifests.join("acme.yaml")).unwrap();
+    for _ in 0..300 {
+        let text = http()
+            .get(format!("{base}/metrics"))
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if !text.contains("tally_compute_instance_cpu_allocated_vcpus{") {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the deleted instance's allocation stayed on /metrics");
+}

@@ -359,3 +359,243 @@ async fn grafana_reads_only_its_projects_series() {
     assert!(bad.status == 400 || bad.status == 422, "{}", bad.status);
     assert_eq!(bad.body["status"], "error");
 }
+
+async fn apply_yaml(base: &str, yaml: &str) -> reqwest::Response {
+    tally_delivery::client_builder()
+        .build()
+        .unwrap()
+        .post(format!("{base}/apis/apply"))
+        .bearer_auth(ADMIN)
+        .header("content-type", "application/yaml")
+        .body(yaml.to_owned())
+        .send()
+        .await
+        .unwrap()
+}
+
+fn instance_yaml(name: &str, namespace: &str, cpu: &str, memory: &str) -> String {
+    format!(
+        "apiVersion: compute.datumapis.com/v1alpha\nkind: Instance\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
+         spec: {{runtime: {{resources: {{instanceType: datumcloud/d1-standard-2, requests: {{cpu: '{cpu}', memory: '{memory}'}}}}}}}}\n"
+    )
+}
+
+/// Lifecycle CloudEvents as the compute controllers send them.
+async fn post_lifecycle(base: &str, events: &[(&str, &str, &str, &str, i64)]) {
+    let now = jiff::Timestamp::now();
+    let batch: Vec<Value> = events
+        .iter()
+        .map(|(kind, project, namespace, instance, seconds_ago)| {
+            let time = now - jiff::SignedDuration::from_secs(*seconds_ago);
+            serde_json::json!({
+                "specversion": "1.0", "id": format!("{instance}-{kind}"), "source": "controller", "subject": instance,
+                "type": format!("com.datumapis.compute.instance.{kind}"), "time": time.to_string(),
+                "data": {"project": project, "namespace": namespace, "instance": instance},
+            })
+        })
+        .collect();
+    let r = tally_delivery::client_builder()
+        .build()
+        .unwrap()
+        .post(format!("{base}/api/v1/instances/events"))
+        .bearer_auth(ADMIN)
+        .header("content-type", "application/cloudevents-batch+json")
+        .body(serde_json::to_vec(&batch).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}
+
+/// The series of an instant query straight to VictoriaMetrics, once it has
+/// at least `want` of them.
+async fn vm_series(vm: &victoria_metrics::VictoriaMetrics, query: &str, want: usize) -> Vec<Value> {
+    let client = tally_delivery::client_builder().build().unwrap();
+    let mut tries = 0;
+    loop {
+        vm.flush().await;
+        let answer: Value = client
+            .get(format!("{}/api/v1/query", vm.base))
+            .query(&[("query", query)])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let result = answer["data"]["result"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if result.len() >= want {
+            return result;
+        }
+        tries += 1;
+        assert!(tries < 300, "{query}: never {want} series; last {answer}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn value(series: &Value) -> f64 {
+    series["value"][1].as_str().unwrap().parse().unwrap()
+}
+
+/// Allocation (from `Instance` requests), use and uptime reach
+/// VictoriaMetrics with the fleet metrics, pushed by `tally serve`; a
+/// project's token reads its own instances' through the PromQL endpoint,
+/// never another project's nor the fleet-wide series.
+#[tokio::test]
+async fn fleet_metrics_and_allocation_are_pushed_and_read_per_project() {
+    let Some(vm) = victoria_metrics::start().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = common::serve_with_config(
+        dir.path(),
+        &format!(
+            "token: {ADMIN}\nvictoriaMetrics: {{url: '{}', pushInterval: 200ms, pushNode: node-a}}\ntokens:\n\
+             - {{name: acme, token: {ACME}, scopes: [\"project:acme\"]}}\n\
+             - {{name: globex, token: {GLOBEX}, scopes: [\"project:globex\"]}}\n",
+            vm.base
+        ),
+    );
+    let base = &server.base;
+    let namespaces_yaml = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: acme-prod\n  labels: {resourcemanager.miloapis.com/project-name: acme}\n---\n\
+        apiVersion: v1\nkind: Namespace\nmetadata:\n  name: globex-prod\n  labels: {resourcemanager.miloapis.com/project-name: globex}\n";
+    assert_eq!(apply_yaml(base, namespaces_yaml).await.status(), 200);
+    for (name, ns, cpu, memory) in [
+        ("web-1", "acme-prod", "1500m", "2Gi"),
+        ("db-0", "globex-prod", "4", "8G"),
+    ] {
+        let r = apply_yaml(base, &instance_yaml(name, ns, cpu, memory)).await;
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    }
+    // Requests out of bounds are refused at apply, naming the field.
+    let refused = apply_yaml(base, &instance_yaml("big", "acme-prod", "5000", "1Gi")).await;
+    assert_eq!(refused.status(), 400);
+    assert!(refused.text().await.unwrap().contains("requests.cpu"));
+    post_lifecycle(
+        base,
+        &[
+            ("scheduled", "acme", "acme-prod", "web-1", 30),
+            ("started", "acme", "acme-prod", "web-1", 27),
+            ("crashed", "globex", "globex-prod", "db-0", 5),
+        ],
+    )
+    .await;
+
+    // Operators: everything, straight from VictoriaMetrics, labelled by node.
+    let vcpus = vm_series(&vm, "tally_compute_instance_cpu_allocated_vcpus", 2).await;
+    let by_ns: BTreeSet<(String, String)> = vcpus
+        .iter()
+        .map(|s| {
+            assert_eq!(s["metric"]["tally_node"], "node-a");
+            (
+                s["metric"]["namespace"].as_str().unwrap().to_owned(),
+                value(s).to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        by_ns,
+        BTreeSet::from([
+            ("acme-prod".into(), "1.5".into()),
+            ("globex-prod".into(), "4".into())
+        ])
+    );
+    let memory = vm_series(
+        &vm,
+        "tally_compute_instance_memory_allocated_bytes{namespace=\"globex-prod\"}",
+        1,
+    )
+    .await;
+    assert_eq!(value(&memory[0]), 8e9);
+    let started = vm_series(
+        &vm,
+        "tally_compute_lifecycle_transitions_total{kind=\"started\"}",
+        1,
+    )
+    .await;
+    assert_eq!(value(&started[0]), 1.0);
+    let crashes = vm_series(&vm, "tally_compute_instance_crashes_total", 1).await;
+    assert_eq!(value(&crashes[0]), 1.0);
+    let latency = vm_series(
+        &vm,
+        "tally_compute_scheduling_latency_seconds_bucket{le=\"5\"}",
+        1,
+    )
+    .await;
+    assert_eq!(value(&latency[0]), 1.0);
+    let uptime = vm_series(&vm, "time() - tally_compute_instance_start_time_seconds", 1).await;
+    assert!((25.0..600.0).contains(&value(&uptime[0])), "{uptime:?}");
+
+    // Customers: their own instances only, through Tally's PromQL endpoint.
+    let now = (jiff::Timestamp::now().as_second()).to_string();
+    for (token, want) in [(ACME, "acme-prod"), (GLOBEX, "globex-prod")] {
+        for query in [
+            "tally_compute_instance_cpu_allocated_vcpus",
+            "tally_compute_instance_memory_allocated_bytes",
+            "{__name__=~\"tally_compute_instance_.+\", namespace!=\"acme-prod\"} or tally_compute_instance_cpu_allocated_vcpus",
+        ] {
+            let a = call(
+                base,
+                token,
+                "POST",
+                "/api/v1/query",
+                &[("query", query), ("time", &now)],
+            )
+            .await;
+            assert_eq!(namespaces(&a), set(&[want]), "{query}: {}", a.body);
+        }
+        let fleet = call(
+            base,
+            token,
+            "POST",
+            "/api/v1/query",
+            &[
+                ("query", "tally_compute_lifecycle_transitions_total"),
+                ("time", &now),
+            ],
+        )
+        .await;
+        assert_eq!(namespaces(&fleet), BTreeSet::new(), "{}", fleet.body);
+    }
+    let uptime = call(
+        base,
+        ACME,
+        "POST",
+        "/api/v1/query",
+        &[
+            (
+                "query",
+                "time() - tally_compute_instance_start_time_seconds",
+            ),
+            ("time", &now),
+        ],
+    )
+    .await;
+    assert_eq!(namespaces(&uptime), set(&["acme-prod"]), "{}", uptime.body);
+    let other = call(
+        base,
+        ACME,
+        "GET",
+        "/api/v1/query?project=globex",
+        &[("query", "tally_compute_instance_cpu_allocated_vcpus")],
+    )
+    .await;
+    assert_eq!(other.status, 404);
+
+    // /metrics carries the same families for operators.
+    let r = common::http()
+        .get(format!("{base}/metrics"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let metrics = r.text().await.unwrap();
+    assert!(metrics.contains(
+        "tally_compute_instance_cpu_allocated_vcpus{project=\"acme\",instance=\"web-1\",namespace=\"acme-prod\"} 1.5\n"
+    ), "{metrics:.3000}");
+    assert!(metrics.contains("tally_component_sent_total{component_kind=\"sink\",component_id=\"victoriametrics_fleet\""), "{metrics:.3000}");
+}

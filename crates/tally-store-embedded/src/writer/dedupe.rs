@@ -113,3 +113,26 @@ impl Writer {
         Ok(end - from)
     }
 }
+
+impl Writer {
+    /// Merges one window of dedupe runs when the index has one to merge
+    /// ([`DedupeIndex::plan_merge`]); whether it did. The merge is read and
+    /// built under the read lock (lookups go on meanwhile); only its synced
+    /// batch and the swap in memory hold the write lock.
+    pub(crate) fn merge_dedupe_step(&mut self) -> Result<bool, StoreError> {
+        let shared = Arc::clone(&self.shared);
+        let now = Timestamp::now().as_second();
+        let merge = {
+            let index = shared
+                .dedupe
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let Some(range) = index.plan_merge(now) else {
+                return Ok(false);
+            };
+            index.prepare_merge(&shared.keyspaces.dedupe, range, now)?
+        };
+        self.dedupe_index()
+            .install_merge(&shared.db, &shared.keyspaces.dedupe, merge)
+    }
+}
