@@ -23,28 +23,43 @@
 //! Engine `ReplacingMergeTree(version)`, `ORDER BY (source, id)`, one
 //! partition (rows of one key must share a partition to be replaced).
 //!
-//! `samples`: the rollup of each meter — one row per (meter generation,
-//! event) the meter measures, written by the roller (`rollup.rs`); queries
-//! sum, count and pick over it in ClickHouse per minute, hour or day.
+//! `samples`: each meter's measured events — one row per (meter
+//! generation, event) the meter measures, written by the roller
+//! (`rollup.rs`) from the lowest stored copy of each event.
 //!
 //! | column          | type                    | meaning                                   |
 //! |-----------------|-------------------------|-------------------------------------------|
 //! | `meter`,`gen`   | String                  | meter name; hash of its definition        |
+//! | `seq`           | UInt64                  | the event's stream sequence               |
 //! | `time_ns`       | Int64                   | the event's time                          |
 //! | `source`,`id`   | String                  | the event's dedupe key                    |
-//! | `seq`           | UInt64                  | the event's stream sequence               |
 //! | `subject`       | String                  | CloudEvent `subject`                      |
+//! | `gkey`          | String                  | `groups` as JSON (a sortable key)         |
 //! | `groups`        | Array(Nullable(String)) | the meter's dimensions, in its order      |
 //! | `exact`         | UInt8                   | 1 when `num` holds the value exactly      |
 //! | `num`           | Decimal128(12)          | the numeric value (0 when not `exact`)    |
 //! | `scale`         | UInt8                   | the value's decimal scale                 |
 //! | `text`          | String                  | the value as text (UNIQUE_COUNT, MIN...)  |
 //!
-//! Engine `ReplacingMergeTree`, `ORDER BY (meter, gen, subject, time_ns,
-//! source, id)` (a query of some subjects reads only theirs): every copy of
-//! a row is computed from the same stored event, so a re-rolled range
-//! replaces itself. `rollup_marks (meter, gen, below)`,
-//! `ReplacingMergeTree(below)`: every event with `seq < below` is rolled up.
+//! Engine `ReplacingMergeTree`, `ORDER BY (meter, gen, seq)`: one event has
+//! one row per generation, and a sequence range is one key range.
+//!
+//! `rollups`: pre-summed slabs of `samples` (`presum.rs`), one row per
+//! (meter, gen, `width`, `lo` (the slab `[lo, lo+width)` of sequences),
+//! `unit` (ns: minute, hour or day), subject, `bucket` (`time_ns / unit`),
+//! `gkey`) with `groups`, `rn` (count), `rok` (all exact), `rs` (sum,
+//! `Decimal128(12)`), `rsc` (largest scale), `rmx` (largest |value|),
+//! `rvn`/`rvt` (MIN or MAX as number and text; LATEST's text), `rlt`/`rls`
+//! (LATEST's time and sequence), `ru` (UNIQUE_COUNT's values,
+//! `Array(String)`); columns the
+//! meter's aggregation does not use keep their defaults. Engine
+//! `ReplacingMergeTree`, sorted by that key.
+//!
+//! `rollup_marks (meter, gen, width, below, at)`,
+//! `ReplacingMergeTree(at)`, `ORDER BY (meter, gen, width)`: the latest row
+//! (`at`, ns) says every sample (`width` 0) or slab of that width below
+//! `below` is stored. Tables of the first layout (no `at`) are dropped and
+//! rebuilt by the roller.
 //!
 //! **Invariant:** every read of `events` says `FINAL`, so each (source, id)
 //! counts once — the copy with the lowest stream sequence — whether a
@@ -163,20 +178,54 @@ impl Ch {
              ENGINE = ReplacingMergeTree(version) PARTITION BY tuple() ORDER BY (source, id)"
         ))
         .await?;
+        self.drop_old_rollups().await?;
         self.execute(&format!(
             "CREATE TABLE IF NOT EXISTS {db}.samples (\
-             meter String, gen String, time_ns Int64, source String, id String, seq UInt64, \
-             subject String, groups Array(Nullable(String)), exact UInt8, num Decimal128(12), \
-             scale UInt8, text String) \
-             ENGINE = ReplacingMergeTree PARTITION BY tuple() \
-             ORDER BY (meter, gen, subject, time_ns, source, id)"
+             meter String, gen String, seq UInt64, time_ns Int64, source String, id String, \
+             subject String, gkey String, groups Array(Nullable(String)), exact UInt8, \
+             num Decimal128(12), scale UInt8, text String) \
+             ENGINE = ReplacingMergeTree PARTITION BY tuple() ORDER BY (meter, gen, seq)"
         ))
         .await?;
         self.execute(&format!(
-            "CREATE TABLE IF NOT EXISTS {db}.rollup_marks (meter String, gen String, below UInt64) \
-             ENGINE = ReplacingMergeTree(below) ORDER BY (meter, gen)"
+            "CREATE TABLE IF NOT EXISTS {db}.rollups (\
+             meter String, gen String, width UInt64, lo UInt64, unit Int64, subject String, \
+             bucket Int64, gkey String, groups Array(Nullable(String)), rn UInt64, rok UInt8, \
+             rs Decimal128(12), rsc UInt8, rmx Decimal128(12), rvn Decimal128(12), rvt String, \
+             rlt Int64, rls UInt64, ru Array(String)) \
+             ENGINE = ReplacingMergeTree PARTITION BY tuple() \
+             ORDER BY (meter, gen, width, lo, unit, subject, bucket, gkey)"
+        ))
+        .await?;
+        self.execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {db}.rollup_marks (\
+             meter String, gen String, width UInt64, below UInt64, at Int64) \
+             ENGINE = ReplacingMergeTree(at) ORDER BY (meter, gen, width)"
         ))
         .await
+    }
+
+    /// Drops `samples` and `rollup_marks` of the first rollup layout (sorted
+    /// by time; marks without levels): derived data the roller rebuilds.
+    async fn drop_old_rollups(&self) -> Result<(), ChError> {
+        #[derive(serde::Deserialize)]
+        struct Column {
+            name: String,
+        }
+        let db = &self.database;
+        let columns: Vec<Column> = self
+            .select(&format!(
+                "SELECT name FROM system.columns WHERE database = {} AND table = 'rollup_marks'",
+                lit(db)
+            ))
+            .await?;
+        if !columns.is_empty() && !columns.iter().any(|c| c.name == "at") {
+            for table in ["samples", "rollup_marks"] {
+                self.execute(&format!("DROP TABLE IF EXISTS {db}.{table}"))
+                    .await?;
+            }
+        }
+        Ok(())
     }
 
     async fn send(&self, query: Option<&str>, body: Vec<u8>) -> Result<reqwest::Response, ChError> {

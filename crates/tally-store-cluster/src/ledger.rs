@@ -63,6 +63,10 @@ pub struct ClusterLedgerConfig {
     /// Whether this process rolls meters up (`rollup.rs`) when it runs
     /// workers; off, queries read the events unless another node rolls.
     pub rollups: bool,
+    /// Stream sequences in one pre-summed slab of the lowest level
+    /// (`presum.rs`); queries read at most this many samples past the
+    /// slabs. Nodes may differ: marks name their widths.
+    pub rollup_slab: u64,
 }
 
 impl ClusterLedgerConfig {
@@ -81,6 +85,7 @@ impl ClusterLedgerConfig {
             max_future: tally_ledger::DEFAULT_MAX_FUTURE,
             clickhouse_timeout: Duration::from_secs(30),
             rollups: true,
+            rollup_slab: 16_384,
         }
     }
 }

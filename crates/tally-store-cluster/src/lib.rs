@@ -29,13 +29,17 @@
 //!   `billing.usage.<project>.valid` or, once per meter that cannot measure
 //!   it, on `.quarantine.<reason>` (same stream, `Nats-Msg-Id` set, so a
 //!   worker's re-publish after a crash is dropped), then acknowledge.
-//! - **Rollups** (`rollup.rs`): a roller on each node that runs workers
-//!   measures the materialised events of every meter into ClickHouse's
-//!   `samples` (exact `Decimal128`, one row per meter generation and
-//!   event, idempotent), up to a per-generation mark; a meter applied or
-//!   edited later is backfilled as a new generation.
-//! - **Reads** (`read.rs`): below the mark, ClickHouse sums, counts and
-//!   picks `samples` per day, hour or minute; above it (and where a value
+//! - **Rollups** (`rollup.rs`, `presum.rs`): a roller on each node that
+//!   runs workers follows the workers' progress and measures the new
+//!   materialised events of every meter into ClickHouse's `samples`
+//!   (exact `Decimal128`, one row per meter generation and event,
+//!   idempotent), then sums aligned slabs of stream sequences into
+//!   `rollups` (per minute, hour and day; five levels, 16:1), each up to
+//!   a per-generation mark; a meter applied or edited later is backfilled
+//!   as a new generation, and the old generation's rows are deleted.
+//! - **Reads** (`read.rs`): below the marks, ClickHouse sums, counts and
+//!   picks pre-summed slabs, then `samples`, per day, hour or minute;
+//!   above them (and where a value
 //!   cannot be held exactly) meters are evaluated at read time over the
 //!   materialised events with `tally-meter`'s own sampling and mergeable
 //!   states, so every aggregation and window answers as the embedded
@@ -78,6 +82,7 @@ pub mod logs;
 mod measure;
 pub mod mirror;
 mod plan;
+mod presum;
 mod read;
 pub mod resources;
 mod rollup;

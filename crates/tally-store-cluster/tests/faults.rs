@@ -28,6 +28,8 @@ fn config(nats_url: String, ch_url: String, workers: usize) -> ClusterLedgerConf
     config.database = "faults".into();
     config.workers = workers;
     config.ack_wait = Duration::from_secs(2);
+    // 20 slabs and a slab of the next level for the 20,000 events below.
+    config.rollup_slab = 1_000;
     config
 }
 
@@ -211,10 +213,14 @@ async fn a_worker_killed_mid_batch_double_counts_nothing() {
     ledger.roll_up().await.unwrap();
     let rolled = ledger.queries_from_rollups();
     assert_eq!(value(&ledger, "kill", from, to).await, Decimal::from(N));
-    client
-        .execute("INSERT INTO faults.samples SELECT * FROM faults.samples")
-        .await
-        .unwrap();
+    for table in ["samples", "rollups"] {
+        client
+            .execute(&format!(
+                "INSERT INTO faults.{table} SELECT * FROM faults.{table}"
+            ))
+            .await
+            .unwrap();
+    }
     assert_eq!(value(&ledger, "kill", from, to).await, Decimal::from(N));
     assert_eq!(
         ledger.queries_from_rollups(),

@@ -34,6 +34,9 @@ fn config(nats: &Nats, ch: &ClickHouse) -> ClusterLedgerConfig {
     let mut config = ClusterLedgerConfig::new(nats.url(), ch.url());
     config.database = "suite".into();
     config.workers = 2;
+    // Slabs of 4 events: the suite's queries read every level of the
+    // pre-summed rollups, the samples past them and the events after.
+    config.rollup_slab = 4;
     config
 }
 
@@ -92,4 +95,87 @@ async fn the_ledger_suite_passes_on_the_cluster() {
     assert!(message["event"]["id"].is_string(), "{message}");
     assert!(message["ingestedAt"].is_string(), "{message}");
     assert!(js.get_stream("billing-usage-quarantine").await.is_err());
+}
+
+/// A row count of the `gens` database.
+async fn count(ch: &tally_store_cluster::ch::Ch, sql: &str) -> u64 {
+    #[derive(serde::Deserialize)]
+    struct Count {
+        n: u64,
+    }
+    let rows: Vec<Count> = ch.select(sql).await.expect("a count");
+    rows.first().map_or(0, |c| c.n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_superseded_generation_is_deleted_once_its_successor_is_backfilled() {
+    use tally_ledger::ApplyMode;
+    use tally_ledger_suite::{base_time, event, meter, value};
+    let (Some(nats), Some(ch)) = (Nats::start(), ClickHouse::start()) else {
+        return;
+    };
+    let mut config = config(&nats, &ch);
+    config.database = "gens".into();
+    config.rollups = false; // rolled here, step by step
+    let ledger = ClusterLedger::connect(config).await.unwrap();
+    let client =
+        tally_store_cluster::ch::Ch::new(&ch.url(), "gens", Duration::from_secs(10)).unwrap();
+    let t = base_time() + jiff::SignedDuration::from_hours(1);
+    let (from, to) = (
+        base_time(),
+        base_time() + jiff::SignedDuration::from_hours(24),
+    );
+    ledger
+        .apply(meter("g", "g.usage", "COUNT"), ApplyMode::Upsert)
+        .await
+        .unwrap();
+    let events: Vec<_> = (0..10)
+        .map(|i| {
+            event(
+                "s",
+                &i.to_string(),
+                "g.usage",
+                "c",
+                t,
+                serde_json::json!({"value": 2}),
+            )
+        })
+        .collect();
+    ledger.ingest(events).await.unwrap();
+    ledger.settle(Duration::from_secs(60)).await.unwrap();
+    ledger.roll_up().await.unwrap();
+    assert_eq!(value(&ledger, "g", from, to).await, 10.into());
+    let generations = "SELECT uniqExact(gen) AS n FROM gens.rollups WHERE meter = 'g'";
+    assert_eq!(count(&client, generations).await, 1);
+    // An edit is a new generation: backfilled, then the old one deleted.
+    ledger
+        .apply(meter("g", "g.usage", "SUM"), ApplyMode::Upsert)
+        .await
+        .unwrap();
+    let rolled = ledger.queries_from_rollups();
+    ledger.roll_up().await.unwrap();
+    assert_eq!(value(&ledger, "g", from, to).await, 20.into());
+    assert!(
+        ledger.queries_from_rollups() > rolled,
+        "from the new rollups"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    for table in ["samples", "rollups"] {
+        let sql = format!("SELECT uniqExact(gen) AS n FROM gens.{table} WHERE meter = 'g'");
+        while count(&client, &sql).await != 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{table} kept the old generation"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let marks = "SELECT count() AS n FROM (SELECT gen, argMax(below, at) AS b \
+                 FROM gens.rollup_marks GROUP BY gen, width) WHERE b > 0";
+    let live = count(&client, marks).await;
+    assert!(live >= 2, "the new generation's marks: {live}");
+    assert_eq!(value(&ledger, "g", from, to).await, 20.into());
+    // Nothing left to delete: rolling again changes nothing.
+    ledger.roll_up().await.unwrap();
+    assert_eq!(count(&client, marks).await, live);
 }
