@@ -19,7 +19,7 @@
 //! | 1 | layout version: [`BLOCK_VERSION`] (2) is written; 1 is still read |
 //! | 4 | `count`: events in the block (u32 BE, 1 ..= [`MAX_BLOCK_EVENTS`]) |
 //! | 4 | `raw_len`: body length before compression (u32 BE, ≤ [`MAX_RAW_BYTES`]) |
-//! | 1 | codec: 0 = stored as is, 1 = LZ4 block format (`lz4_flex`), 2 = a zstd frame (level 3, `zstd`) |
+//! | 1 | codec: 0 = stored as is, 1 = LZ4 block format, 2 = a zstd frame (level 3) — `tally-block`'s codec bytes and codecs |
 //! | … | the body, compressed with the codec |
 //!
 //! ### Layout 2 body
@@ -78,6 +78,7 @@ use std::ops::Range;
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use tally_block::Codec;
 use tally_model::CloudEvent;
 
 use crate::StoreError;
@@ -99,12 +100,10 @@ pub const MAX_BLOCK_BYTES: usize = 1 << 20;
 pub const MAX_RAW_BYTES: usize = 64 << 20;
 
 const HEADER_LEN: usize = 10;
-const CODEC_NONE: u8 = 0;
-const CODEC_LZ4: u8 = 1;
-const CODEC_ZSTD: u8 = 2;
 /// The codec new blocks are written with (chosen by measurement, see
-/// BENCHMARKS.md).
-const CODEC: u8 = CODEC_ZSTD;
+/// BENCHMARKS.md). The codec bytes are `tally-block`'s, shared with the
+/// instance log store.
+const CODEC: Codec = Codec::Zstd;
 /// zstd's level: 3 is ~2 % smaller than 1 for ~15 % more time.
 const ZSTD_LEVEL: i32 = 3;
 
@@ -285,16 +284,7 @@ pub fn encode(records: &[&Record]) -> Result<Vec<u8>, StoreError> {
     encode_with(records, CODEC)
 }
 
-fn compress(body: &[u8], codec: u8) -> Vec<u8> {
-    match codec {
-        CODEC_LZ4 => lz4_flex::block::compress(body),
-        // A failure (none is known for in-memory input) stores the body as is.
-        CODEC_ZSTD => zstd::bulk::compress(body, ZSTD_LEVEL).unwrap_or_else(|_| body.to_vec()),
-        _ => body.to_vec(),
-    }
-}
-
-fn encode_with(records: &[&Record], codec: u8) -> Result<Vec<u8>, StoreError> {
+fn encode_with(records: &[&Record], codec: Codec) -> Result<Vec<u8>, StoreError> {
     if records.is_empty() || records.len() > MAX_BLOCK_EVENTS {
         return Err(StoreError::Encode(format!(
             "a block holds 1 to {MAX_BLOCK_EVENTS} events, not {}",
@@ -306,18 +296,14 @@ fn encode_with(records: &[&Record], codec: u8) -> Result<Vec<u8>, StoreError> {
         .ok()
         .filter(|len| *len as usize <= MAX_RAW_BYTES)
         .ok_or(StoreError::TooLong("an event block", MAX_RAW_BYTES))?;
-    let compressed = compress(&body, codec);
-    let mut out = Vec::with_capacity(HEADER_LEN + compressed.len().min(body.len()));
+    // The body as it is when the codec does not make it smaller.
+    let packed = tally_block::compress_at(codec, ZSTD_LEVEL, &body);
+    let mut out = Vec::with_capacity(HEADER_LEN + packed.bytes().len());
     out.push(BLOCK_VERSION);
     out.extend_from_slice(&(records.len() as u32).to_be_bytes());
     out.extend_from_slice(&raw_len.to_be_bytes());
-    if compressed.len() < body.len() {
-        out.push(codec);
-        out.extend_from_slice(&compressed);
-    } else {
-        out.push(CODEC_NONE);
-        out.extend_from_slice(&body);
-    }
+    out.push(packed.codec.byte());
+    out.extend_from_slice(packed.bytes());
     Ok(out)
 }
 
@@ -392,20 +378,9 @@ impl Block {
             return Err(StoreError::Corrupt("block: declared size out of bounds"));
         }
         let stored = &value[HEADER_LEN..];
-        let body = match value[9] {
-            CODEC_NONE if stored.len() == raw_len => stored.to_vec(),
-            CODEC_LZ4 => {
-                let mut body = vec![0; raw_len];
-                let n = lz4_flex::block::decompress_into(stored, &mut body)
-                    .map_err(|_| StoreError::Corrupt("block: lz4"))?;
-                if n != raw_len {
-                    return Err(StoreError::Corrupt("block: size differs from its header"));
-                }
-                body
-            }
-            CODEC_ZSTD => unzstd(stored, raw_len)?,
-            _ => return Err(StoreError::Corrupt("block: codec")),
-        };
+        let codec = Codec::from_byte(value[9]).ok_or(StoreError::Corrupt("block: codec"))?;
+        let body = tally_block::decompress(codec, stored, raw_len, MAX_RAW_BYTES)
+            .map_err(|_| StoreError::Corrupt("block: body differs from its header"))?;
         if value[0] == LAYOUT_1 {
             Block::layout1(first, count, body)
         } else {
@@ -561,18 +536,6 @@ impl Block {
             extensions: attributes.extensions.into_owned(),
         })
     }
-}
-
-/// A zstd frame's content, refused unless it is exactly `raw_len` bytes
-/// (never more is read).
-fn unzstd(stored: &[u8], raw_len: usize) -> Result<Vec<u8>, StoreError> {
-    // Fails rather than write past `raw_len`.
-    let body =
-        zstd::bulk::decompress(stored, raw_len).map_err(|_| StoreError::Corrupt("block: zstd"))?;
-    if body.len() != raw_len {
-        return Err(StoreError::Corrupt("block: size differs from its header"));
-    }
-    Ok(body)
 }
 
 /// The dictionary's `m` strings, each checked to be UTF-8: their ranges.
@@ -749,7 +712,7 @@ mod layouts {
             .iter()
             .map(|e| Record::new(Timestamp::now(), e).unwrap())
             .collect();
-        for codec in [CODEC_NONE, CODEC_LZ4, CODEC_ZSTD] {
+        for codec in [Codec::None, Codec::Lz4, Codec::Zstd] {
             let value = encode_with(&records.iter().collect::<Vec<_>>(), codec).unwrap();
             let block = Block::decode(0, &value).unwrap();
             for (i, e) in events.iter().enumerate() {
@@ -798,15 +761,15 @@ mod layouts {
             .map(|i| Record::new(Timestamp::now(), &event_at(i, Timestamp::now())).unwrap())
             .collect();
         let refs: Vec<&Record> = records.iter().collect();
-        for codec in [CODEC_NONE, CODEC_ZSTD] {
+        for codec in [Codec::None, Codec::Zstd] {
             let value = encode_with(&refs, codec).unwrap();
             for len in 0..value.len() {
-                assert!(Block::decode(0, &value[..len]).is_err(), "{codec} {len}");
+                assert!(Block::decode(0, &value[..len]).is_err(), "{codec:?} {len}");
             }
         }
         // Every single-byte change of a stored body is refused or decodes
         // to a block without panicking.
-        let value = encode_with(&refs, CODEC_NONE).unwrap();
+        let value = encode_with(&refs, Codec::None).unwrap();
         for at in HEADER_LEN..value.len() {
             let mut bad = value.clone();
             bad[at] ^= 0x5a;
@@ -864,9 +827,9 @@ mod layouts {
             }
         }
         for (name, codec) in [
-            ("none", CODEC_NONE),
-            ("lz4", CODEC_LZ4),
-            ("zstd 3", CODEC_ZSTD),
+            ("none", Codec::None),
+            ("lz4", Codec::Lz4),
+            ("zstd 3", Codec::Zstd),
         ] {
             let start = std::time::Instant::now();
             let values: Vec<Vec<u8>> = groups
