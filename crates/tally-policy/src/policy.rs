@@ -158,8 +158,11 @@ impl Policy {
         &'r self,
         record: &'r Record<'_>,
     ) -> Option<Vec<(&'static str, AttrValue<'r>)>> {
-        self.keeps_log(record)
-            .then(|| self.log_fields(record).map(|(k, v)| (k, v.clone())).collect())
+        self.keeps_log(record).then(|| {
+            self.log_fields(record)
+                .map(|(k, v)| (k, v.clone()))
+                .collect()
+        })
     }
 
     /// Whether the policy keeps the access-log record `record` (it has an
@@ -175,7 +178,8 @@ impl Policy {
         let mut context = None;
         logs.matches.iter().any(|m| {
             m.fast_matches(record).unwrap_or_else(|| {
-                let context = context.get_or_insert_with(|| crate::expr::context(logs.used, record));
+                let context =
+                    context.get_or_insert_with(|| crate::expr::context(logs.used, record));
                 matches!(m.eval_in(context), Some(cel::Value::Bool(true)))
             })
         })

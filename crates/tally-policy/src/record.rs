@@ -8,6 +8,11 @@
 //! vocabulary does not know whose name is a lower-case header name is taken
 //! as a request header (Envoy logs `%REQ(X-TENANT-ID)%` under the name the
 //! format gives it).
+//!
+//! A record borrows its strings from what it was read from (`Record<'a>`;
+//! a JSON string with an escape is the one copy), so reading one allocates
+//! only its list of headers. `start_time` in Envoy's own format is read
+//! without `jiff`'s general parser (same value; anything else goes to it).
 
 use std::borrow::Cow;
 use std::fmt::Write as _;
@@ -302,8 +307,9 @@ fn simple(key: &str) -> Option<(A, bool)> {
         "gen_ai.usage.cache_read.input_tokens" | "gen_ai.usage.cache_read_input_tokens" => {
             (A::GenAiCacheReadTokens, true)
         }
-        "gen_ai.usage.cache_creation.input_tokens"
-        | "gen_ai.usage.cache_creation_input_tokens" => (A::GenAiCacheCreationTokens, true),
+        "gen_ai.usage.cache_creation.input_tokens" | "gen_ai.usage.cache_creation_input_tokens" => {
+            (A::GenAiCacheCreationTokens, true)
+        }
         "gen_ai.request.model" => (A::GenAiRequestModel, false),
         "gen_ai.response.model" => (A::GenAiResponseModel, false),
         "gen_ai.provider.name" | "gen_ai.system" => (A::GenAiProviderName, false),
@@ -446,7 +452,11 @@ impl<'a> Record<'a> {
         let split = match text.rsplit_once(':') {
             Some((host, p)) if p.parse::<u16>().is_ok() => {
                 let host = host.trim_start_matches('[').trim_end_matches(']');
-                Some((host.len(), host.as_ptr() as usize - text.as_ptr() as usize, p))
+                Some((
+                    host.len(),
+                    host.as_ptr() as usize - text.as_ptr() as usize,
+                    p,
+                ))
             }
             _ => None,
         };
@@ -477,7 +487,10 @@ impl<'a> Record<'a> {
             parsed = Some((10, ns.len(), 11 + ns.len(), name.len(), rule));
         }
         if let Some((ns_at, ns_len, name_at, name_len, rule)) = parsed {
-            self.set(A::RouteNamespace, AttrValue::Str(sub(text.clone(), ns_at, ns_len)));
+            self.set(
+                A::RouteNamespace,
+                AttrValue::Str(sub(text.clone(), ns_at, ns_len)),
+            );
             self.set(
                 A::RouteHttproute,
                 AttrValue::Str(sub(text.clone(), name_at, name_len)),
@@ -532,4 +545,50 @@ fn is_header_name(name: &str) -> bool {
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && name.contains('-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn jiff_ns(text: &str) -> Option<i64> {
+        let t = text.parse::<jiff::Timestamp>().ok()?;
+        i64::try_from(t.as_nanosecond()).ok()
+    }
+
+    proptest! {
+        /// Envoy's format read directly gives what `jiff` gives, and every
+        /// valid time in it is read directly.
+        #[test]
+        fn envoy_times_read_as_jiff_reads_them(
+            year in 0i64..10_000, month in 0i64..14, day in 0i64..33,
+            hour in 0i64..25, minute in 0i64..61, second in 0i64..62, milli in 0i64..1000,
+        ) {
+            let text = format!(
+                "{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{milli:03}Z"
+            );
+            let ours = envoy_time(text.as_bytes());
+            let theirs = jiff_ns(&text);
+            if ours.is_some() {
+                prop_assert_eq!(ours, theirs, "{}", text);
+            } else if year >= 1 && second <= 59 {
+                prop_assert!(theirs.is_none(), "{} read by jiff only", text);
+            }
+            prop_assert_eq!(parse_time(&text), theirs);
+        }
+    }
+
+    #[test]
+    fn other_time_formats_go_to_jiff() {
+        for text in [
+            "2026-03-01T10:00:00Z",
+            "2026-03-01T10:00:00.123456+02:00",
+            "x",
+        ] {
+            assert_eq!(envoy_time(text.as_bytes()), None);
+            assert_eq!(parse_time(text), jiff_ns(text), "{text}");
+        }
+        assert_eq!(parse_time("1970-01-01T00:00:01.500Z"), Some(1_500_000_000));
+    }
 }

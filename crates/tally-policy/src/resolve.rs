@@ -308,9 +308,7 @@ impl Resolution {
         namespace: Option<&str>,
     ) -> Option<&Arc<Policy>> {
         let key = match gateway {
-            Some((ns, name)) => self
-                .gateway(ns, name)
-                .or_else(|| self.namespaces.get(ns)),
+            Some((ns, name)) => self.gateway(ns, name).or_else(|| self.namespaces.get(ns)),
             None => self.namespaces.get(namespace?),
         }?;
         let (policy, owner) = self.valid.get(key)?;

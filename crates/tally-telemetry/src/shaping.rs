@@ -19,6 +19,12 @@
 //! (By); with `genAI`, `gen_ai.client.token.usage` ({token}, by
 //! `gen_ai.token.type`) and `gen_ai.client.operation.duration` (s).
 //!
+//! Per record little is allocated: a record borrows its strings from the
+//! request (or from `tally collect`'s lines, [`Shaper::shape_log_lines`]),
+//! kept log records are written straight to each project's protobuf
+//! request (`logs`), and metric series are found by a key built in a
+//! reused buffer (`metrics`).
+//!
 //! **Never:** touch usage metering (billing reads the ledger, which no
 //! policy sees); hand a record or span to a project other than its own.
 
@@ -210,7 +216,8 @@ impl Shaper {
             for ss in &rs.scope_spans {
                 for span in &ss.spans {
                     shaped.read += 1;
-                    let record = Record::from_fields(fields(resource.iter().chain(&span.attributes)));
+                    let record =
+                        Record::from_fields(fields(resource.iter().chain(&span.attributes)));
                     let Some(place) = self.place(&record) else {
                         shaped.unattributed += 1;
                         continue;
@@ -261,7 +268,9 @@ impl Shaper {
 }
 
 /// OTLP attributes as record fields.
-fn fields<'a>(attrs: impl Iterator<Item = &'a KeyValue>) -> impl Iterator<Item = (&'a str, Field<'a>)> {
+fn fields<'a>(
+    attrs: impl Iterator<Item = &'a KeyValue>,
+) -> impl Iterator<Item = (&'a str, Field<'a>)> {
     attrs.filter_map(|kv| Some((kv.key.as_str(), field(kv.value.as_ref()?)?)))
 }
 

@@ -105,8 +105,10 @@ impl Any<'_> {
 /// A `KeyValue` as field `field` of its parent.
 fn key_value(field: u32, key: &str, value: Any<'_>, out: &mut Vec<u8>) {
     let any = value.len();
-    let body =
-        string_len(KEY_VALUE_KEY, key) + key_len(KEY_VALUE_VALUE) + encoded_len_varint(any as u64) + any;
+    let body = string_len(KEY_VALUE_KEY, key)
+        + key_len(KEY_VALUE_VALUE)
+        + encoded_len_varint(any as u64)
+        + any;
     length_delimited(field, body, out);
     string(KEY_VALUE_KEY, key, out);
     length_delimited(KEY_VALUE_VALUE, any, out);
@@ -218,10 +220,8 @@ fn request(project: &str, logs: &ProjectLogs) -> Vec<u8> {
         key_value(RESOURCE_ATTRIBUTES, key, Any::Str(value), &mut resource);
     }
     let scope = string_len(SCOPE_NAME, super::SCOPE);
-    let scope_logs = key_len(SCOPE_LOGS_SCOPE)
-        + encoded_len_varint(scope as u64)
-        + scope
-        + logs.records.len();
+    let scope_logs =
+        key_len(SCOPE_LOGS_SCOPE) + encoded_len_varint(scope as u64) + scope + logs.records.len();
     let resource_logs = key_len(RESOURCE_LOGS_RESOURCE)
         + encoded_len_varint(resource.len() as u64)
         + resource.len()
@@ -369,7 +369,13 @@ mod tests {
         let mut out = LogsOut::default();
         let code = AttrValue::Int(503);
         let meta = LogMeta::default();
-        out.push("a", "ns-a", 1, &meta, [("http.response.status_code", &code)].into_iter());
+        out.push(
+            "a",
+            "ns-a",
+            1,
+            &meta,
+            [("http.response.status_code", &code)].into_iter(),
+        );
         out.push("b", "ns-b", 2, &meta, std::iter::empty());
         out.push("a", "ns-a2", 3, &meta, std::iter::empty());
         let requests = out.finish();
@@ -377,7 +383,10 @@ mod tests {
         let a = ExportLogsServiceRequest::decode(&requests["a"].0[..]).unwrap();
         assert_eq!(requests["a"].1, 2);
         let records = &a.resource_logs[0].scope_logs[0].log_records;
-        assert_eq!(records.iter().map(|r| r.time_unix_nano).collect::<Vec<_>>(), [1, 3]);
+        assert_eq!(
+            records.iter().map(|r| r.time_unix_nano).collect::<Vec<_>>(),
+            [1, 3]
+        );
         assert_eq!(
             a.resource_logs[0].resource.as_ref().unwrap().attributes[0],
             string_attribute(K8S_NAMESPACE, "ns-a")
