@@ -253,12 +253,11 @@ mod tests {
     use prost::Message as _;
     use std::borrow::Cow;
 
+    /// A kept record: its start time, metadata and fields.
+    type Kept<'a> = (u64, LogMeta<'a>, Vec<(&'static str, AttrValue<'a>)>);
+
     /// The reference: the same request built as prost messages.
-    fn reference(
-        project: &str,
-        namespace: &str,
-        records: &[(u64, LogMeta<'_>, Vec<(&'static str, AttrValue<'_>)>)],
-    ) -> Vec<u8> {
+    fn reference(project: &str, namespace: &str, records: &[Kept<'_>]) -> Vec<u8> {
         let attribute = |key: &str, value: &AttrValue<'_>| {
             let value = match value {
                 AttrValue::Str(s) => Value::StringValue(s.to_string()),
