@@ -133,7 +133,7 @@ impl CompiledExpr {
 
     /// The value of the expression for `record`, `None` if the record
     /// lacks what it needs or evaluation raised an error.
-    pub fn eval(&self, record: &Record) -> Option<Value> {
+    pub fn eval(&self, record: &Record<'_>) -> Option<Value> {
         self.eval_in(&context(self.checked.used, record))
     }
 
@@ -149,19 +149,19 @@ impl CompiledExpr {
     }
 
     /// Whether `record` matches (a boolean expression that is `true`).
-    pub fn matches(&self, record: &Record) -> bool {
+    pub fn matches(&self, record: &Record<'_>) -> bool {
         self.fast_matches(record)
             .unwrap_or_else(|| self.interpreted_matches(record))
     }
 
     /// Whether `record` matches, by the native evaluator ([`crate::fast`]);
     /// `None` if the expression does not have its shape.
-    pub fn fast_matches(&self, record: &Record) -> Option<bool> {
+    pub fn fast_matches(&self, record: &Record<'_>) -> Option<bool> {
         self.fast.as_ref().map(|f| f.matches(record))
     }
 
     /// Whether `record` matches, by the CEL interpreter.
-    pub fn interpreted_matches(&self, record: &Record) -> bool {
+    pub fn interpreted_matches(&self, record: &Record<'_>) -> bool {
         matches!(self.eval(record), Some(Value::Bool(true)))
     }
 
@@ -171,7 +171,7 @@ impl CompiledExpr {
     }
 
     /// The expression's value for `record` as text (`None`: no value).
-    pub fn render(&self, record: &Record) -> Option<String> {
+    pub fn render(&self, record: &Record<'_>) -> Option<String> {
         render(&self.eval(record)?)
     }
 }
@@ -224,9 +224,9 @@ impl Tree {
     }
 }
 
-fn to_value(v: &AttrValue) -> Value {
+fn to_value(v: &AttrValue<'_>) -> Value {
     match v {
-        AttrValue::Str(s) => Value::String(Arc::new(s.clone())),
+        AttrValue::Str(s) => Value::String(Arc::new(s.to_string())),
         AttrValue::Int(i) => Value::Int(*i),
         AttrValue::Uint(u) => Value::UInt(*u),
         AttrValue::Bool(b) => Value::Bool(*b),
@@ -240,8 +240,8 @@ fn to_value(v: &AttrValue) -> Value {
                 .iter()
                 .map(|(k, v)| {
                     (
-                        Key::String(Arc::new(k.clone())),
-                        Value::String(Arc::new(v.clone())),
+                        Key::String(Arc::new(k.to_string())),
+                        Value::String(Arc::new(v.to_string())),
                     )
                 })
                 .collect();
@@ -271,7 +271,7 @@ pub fn render(value: &Value) -> Option<String> {
 /// The variables of the roots of the attributes in `used`, holding those
 /// `record` has (namespaces always exist, so `has()` answers instead of
 /// failing). One context serves every expression that reads no more.
-pub fn context(used: u64, record: &Record) -> Context<'static, 'static> {
+pub fn context(used: u64, record: &Record<'_>) -> Context<'static, 'static> {
     let mut roots: Vec<(&'static str, Tree)> = Vec::new();
     let mut bits = used;
     while bits != 0 {

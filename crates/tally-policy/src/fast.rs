@@ -85,7 +85,7 @@ impl Fast {
     }
 
     /// Whether `record` matches (the expression is `true`).
-    pub(crate) fn matches(&self, record: &Record) -> bool {
+    pub(crate) fn matches(&self, record: &Record<'_>) -> bool {
         matches!(self.eval(record), Ok(Val::Bool(true)))
     }
 
@@ -104,7 +104,7 @@ impl Fast {
         })
     }
 
-    fn eval<'a>(&'a self, record: &'a Record) -> Result<Val<'a>, Error> {
+    fn eval<'a>(&'a self, record: &'a Record<'_>) -> Result<Val<'a>, Error> {
         match self {
             Fast::Lit(lit) => Ok(match lit {
                 Lit::Bool(b) => Val::Bool(*b),
@@ -156,7 +156,7 @@ impl Fast {
 }
 
 /// Header `name`; of several, the last (as in the interpreter's map).
-fn header_value<'a>(record: &'a Record, response: bool, name: &str) -> Result<Val<'a>, Error> {
+fn header_value<'a>(record: &'a Record<'_>, response: bool, name: &str) -> Result<Val<'a>, Error> {
     let a = if response {
         A::ResponseHeaders
     } else {

@@ -16,7 +16,7 @@ use std::fmt;
 
 use serde::de::{self, Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
-use crate::record::Field;
+use crate::record::{Field, Input};
 
 /// A JSON object's top-level fields.
 #[derive(Debug, Default)]
@@ -60,17 +60,35 @@ impl<'a> JsonFields<'a> {
         })
     }
 
-    /// Sorted by key, the last of a repeated key kept (as a map would).
+    /// The fields as [`crate::RecordBuilder`] takes them, strings moved.
+    pub(crate) fn into_inputs(self) -> impl Iterator<Item = (Cow<'a, str>, Input<'a>)> {
+        self.fields.into_iter().map(|(key, value)| {
+            let input = match value {
+                Scalar::Str(s) => Input::Str(s),
+                Scalar::Int(i) => Input::Int(i),
+                Scalar::Double(d) => Input::Double(d),
+                Scalar::Bool(b) => Input::Bool(b),
+                Scalar::Other => Input::Null,
+            };
+            (key, input)
+        })
+    }
+
+    /// Sorted by key, the last of a repeated key kept (as a map would), in
+    /// place.
     fn settle(mut self) -> Self {
+        // Stable: of a repeated key, the last value stays last.
         self.fields.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut settled: Vec<(Cow<'a, str>, Scalar<'a>)> = Vec::with_capacity(self.fields.len());
-        for (key, value) in self.fields {
-            match settled.last_mut() {
-                Some(last) if last.0 == key => last.1 = value,
-                _ => settled.push((key, value)),
+        // `dedup_by` removes the later of two equal keys: give the kept,
+        // earlier one the later value first.
+        self.fields.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                std::mem::swap(&mut later.1, &mut kept.1);
             }
-        }
-        JsonFields { fields: settled }
+            same
+        });
+        self
     }
 }
 

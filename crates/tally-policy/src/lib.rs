@@ -38,5 +38,5 @@ pub mod vocab;
 pub use expr::CompiledExpr;
 pub use json::JsonFields;
 pub use policy::{GenAiPoint, KeyValue, Policy, PolicyKey, Source, TracingMode, keep_trace};
-pub use record::{AttrValue, Field, Record};
+pub use record::{AttrValue, Field, Record, RecordBuilder};
 pub use resolve::{Resolution, Target, World};

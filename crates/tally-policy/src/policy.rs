@@ -2,6 +2,8 @@
 //! record is kept and with which fields, the extra metric dimensions, head
 //! sampling of traces, span attributes and GenAI token usage.
 
+use std::borrow::Cow;
+
 use jiff::Timestamp;
 use tally_model::Manifest;
 
@@ -59,11 +61,17 @@ pub struct KeyValue {
 
 impl KeyValue {
     /// The value for `record`, if it has one.
-    pub fn value(&self, record: &Record) -> Option<String> {
+    pub fn value(&self, record: &Record<'_>) -> Option<String> {
+        self.value_ref(record).map(Cow::into_owned)
+    }
+
+    /// [`KeyValue::value`], borrowed from the policy or the record where
+    /// it can be (a header or a literal).
+    pub fn value_ref<'s>(&'s self, record: &'s Record<'_>) -> Option<Cow<'s, str>> {
         match &self.source {
-            Source::Header(h) => record.header(false, h).map(str::to_owned),
-            Source::Literal(v) => Some(v.clone()),
-            Source::Attribute(e) => e.render(record),
+            Source::Header(h) => record.header(false, h).map(Cow::Borrowed),
+            Source::Literal(v) => Some(Cow::Borrowed(v)),
+            Source::Attribute(e) => e.render(record).map(Cow::Owned),
         }
     }
 }
@@ -144,46 +152,76 @@ impl Policy {
 
     /// The access-log record to export for `record`, as (OpenTelemetry
     /// attribute name, value) pairs; `None` if the policy does not keep it.
-    pub fn keep_log(&self, record: &Record) -> Option<Vec<(&'static str, AttrValue)>> {
-        let logs = self.access_logs.as_ref()?;
-        if !logs.matches.is_empty() {
-            // One interpreter context, built only if a match needs it.
-            let mut context = None;
-            let kept = logs.matches.iter().any(|m| {
-                m.fast_matches(record).unwrap_or_else(|| {
-                    let context =
-                        context.get_or_insert_with(|| crate::expr::context(logs.used, record));
-                    matches!(m.eval_in(context), Some(cel::Value::Bool(true)))
-                })
-            });
-            if !kept {
-                return None;
-            }
-        }
-        let pick = |id: AttrId| record.get(id).map(|v| (ATTRIBUTES[id].otel, v.clone()));
-        Some(if logs.fields.is_empty() {
-            (0..vocab::COUNT).filter_map(pick).collect()
-        } else {
-            logs.fields.iter().filter_map(|&id| pick(id)).collect()
+    /// (The shaping path uses [`Policy::keeps_log`] and
+    /// [`Policy::log_fields`], which copy nothing.)
+    pub fn keep_log<'r>(
+        &'r self,
+        record: &'r Record<'_>,
+    ) -> Option<Vec<(&'static str, AttrValue<'r>)>> {
+        self.keeps_log(record).then(|| {
+            self.log_fields(record)
+                .map(|(k, v)| (k, v.clone()))
+                .collect()
         })
     }
 
+    /// Whether the policy keeps the access-log record `record` (it has an
+    /// `accessLogs` section and no match, or a match that is true).
+    pub fn keeps_log(&self, record: &Record<'_>) -> bool {
+        let Some(logs) = self.access_logs.as_ref() else {
+            return false;
+        };
+        if logs.matches.is_empty() {
+            return true;
+        }
+        // One interpreter context, built only if a match needs it.
+        let mut context = None;
+        logs.matches.iter().any(|m| {
+            m.fast_matches(record).unwrap_or_else(|| {
+                let context =
+                    context.get_or_insert_with(|| crate::expr::context(logs.used, record));
+                matches!(m.eval_in(context), Some(cel::Value::Bool(true)))
+            })
+        })
+    }
+
+    /// The fields a kept access-log record carries, as (OpenTelemetry
+    /// attribute name, value) pairs, borrowed from the record: the listed
+    /// fields it has, in the policy's order, or (none listed) every
+    /// attribute it has.
+    pub fn log_fields<'r>(
+        &'r self,
+        record: &'r Record<'_>,
+    ) -> impl Iterator<Item = (&'static str, &'r AttrValue<'r>)> + 'r {
+        let listed = self
+            .access_logs
+            .as_ref()
+            .map(|l| &l.fields[..])
+            .unwrap_or_default();
+        let ids: Box<dyn Iterator<Item = AttrId> + 'r> = if listed.is_empty() {
+            Box::new(0..vocab::COUNT)
+        } else {
+            Box::new(listed.iter().copied())
+        };
+        ids.filter_map(move |id| record.get(id).map(|v| (ATTRIBUTES[id].otel, v)))
+    }
+
     /// The policy's extra metric dimensions for `record` (those with a value).
-    pub fn dimensions(&self, record: &Record) -> Vec<(String, String)> {
+    pub fn dimensions(&self, record: &Record<'_>) -> Vec<(String, String)> {
         self.dimension_values(record)
-            .map(|(name, v)| (name.to_owned(), v))
+            .map(|(name, v)| (name.to_owned(), v.into_owned()))
             .collect()
     }
 
-    /// [`Policy::dimensions`], names borrowed from the policy.
-    pub fn dimension_values<'p>(
-        &'p self,
-        record: &Record,
-    ) -> impl Iterator<Item = (&'p str, String)> {
+    /// [`Policy::dimensions`], borrowed from the policy and the record.
+    pub fn dimension_values<'s>(
+        &'s self,
+        record: &'s Record<'_>,
+    ) -> impl Iterator<Item = (&'s str, Cow<'s, str>)> {
         self.dimensions
             .iter()
             .flatten()
-            .filter_map(|kv| kv.value(record).map(|v| (kv.name.as_str(), v)))
+            .filter_map(|kv| kv.value_ref(record).map(|v| (kv.name.as_str(), v)))
     }
 
     /// Whether a trace is kept: tracing enabled and the trace id sampled.
@@ -197,7 +235,7 @@ impl Policy {
     }
 
     /// The attributes the policy adds to a kept span read as `record`.
-    pub fn span_attributes(&self, record: &Record) -> Vec<(String, String)> {
+    pub fn span_attributes(&self, record: &Record<'_>) -> Vec<(String, String)> {
         let Some(t) = &self.tracing else {
             return Vec::new();
         };
@@ -211,7 +249,7 @@ impl Policy {
     /// or token counts). Input counts are `gen_ai.usage.input_tokens` as
     /// logged: per the semantic conventions it includes cached tokens
     /// (`cache_read`/`cache_creation` are parts of it, not additions).
-    pub fn gen_ai_usage(&self, record: &Record) -> Vec<GenAiPoint> {
+    pub fn gen_ai_usage(&self, record: &Record<'_>) -> Vec<GenAiPoint> {
         if !self.gen_ai {
             return Vec::new();
         }
@@ -220,7 +258,7 @@ impl Policy {
 }
 
 /// Token usage of a record, by `gen_ai.token.type`.
-pub fn gen_ai_usage(record: &Record) -> Vec<GenAiPoint> {
+pub fn gen_ai_usage(record: &Record<'_>) -> Vec<GenAiPoint> {
     let count = |a: A| match record.get(a as usize) {
         Some(AttrValue::Int(n)) => u64::try_from(*n).ok(),
         _ => None,

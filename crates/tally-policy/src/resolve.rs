@@ -116,7 +116,9 @@ struct Compiled {
 pub struct Resolution {
     compiled: BTreeMap<PolicyKey, Compiled>,
     valid: BTreeMap<PolicyKey, (Arc<Policy>, Option<String>)>,
-    gateways: BTreeMap<(String, String), PolicyKey>,
+    /// Gateway policies by the Gateway's namespace, then name (looked up
+    /// per record without building a key).
+    gateways: BTreeMap<String, BTreeMap<String, PolicyKey>>,
     namespaces: BTreeMap<String, PolicyKey>,
     statuses: BTreeMap<PolicyKey, PolicyStatus>,
 }
@@ -219,7 +221,10 @@ impl Resolution {
             }
             match target {
                 Target::Gateway { namespace, name } => {
-                    self.gateways.insert((namespace, name), winner);
+                    self.gateways
+                        .entry(namespace)
+                        .or_default()
+                        .insert(name, winner);
                 }
                 Target::Namespace { name } => {
                     self.namespaces.insert(name, winner);
@@ -239,10 +244,8 @@ impl Resolution {
                 .push(Target::Namespace { name: ns.clone() });
         }
         for (namespace, name) in &world.gateways {
-            let gw = (namespace.clone(), name.clone());
             let key = self
-                .gateways
-                .get(&gw)
+                .gateway(namespace, name)
                 .or_else(|| self.namespaces.get(namespace));
             if let Some(key) = key {
                 out.entry(key.clone()).or_default().push(Target::Gateway {
@@ -290,6 +293,11 @@ impl Resolution {
         })
     }
 
+    /// The policy of Gateway `namespace/name`'s own, if it has one.
+    fn gateway(&self, namespace: &str, name: &str) -> Option<&PolicyKey> {
+        self.gateways.get(namespace)?.get(name)
+    }
+
     /// The policy governing a record of `project` served by `gateway`
     /// (namespace, name) if known, else of routes in `namespace`: only
     /// ever a policy of the same project.
@@ -300,10 +308,7 @@ impl Resolution {
         namespace: Option<&str>,
     ) -> Option<&Arc<Policy>> {
         let key = match gateway {
-            Some((ns, name)) => self
-                .gateways
-                .get(&(ns.to_owned(), name.to_owned()))
-                .or_else(|| self.namespaces.get(ns)),
+            Some((ns, name)) => self.gateway(ns, name).or_else(|| self.namespaces.get(ns)),
             None => self.namespaces.get(namespace?),
         }?;
         let (policy, owner) = self.valid.get(key)?;
@@ -314,10 +319,8 @@ impl Resolution {
     pub fn in_force(&self, world: &World) -> Vec<(Target, &Arc<Policy>)> {
         let mut out = Vec::new();
         for (namespace, name) in &world.gateways {
-            let gw = (namespace.clone(), name.clone());
             let key = self
-                .gateways
-                .get(&gw)
+                .gateway(namespace, name)
                 .or_else(|| self.namespaces.get(namespace));
             if let Some((policy, _)) = key.and_then(|k| self.valid.get(k)) {
                 out.push((

@@ -59,7 +59,7 @@ fn expression() -> impl Strategy<Value = String> {
 }
 
 /// A record with each attribute present or not.
-fn record() -> impl Strategy<Value = Record> {
+fn record() -> impl Strategy<Value = Record<'static>> {
     (
         prop::option::of(prop::sample::select(vec![200i64, 404, 500, 503])),
         prop::option::of(0i64..1000),
@@ -105,7 +105,7 @@ fn record() -> impl Strategy<Value = Record> {
                 if let Some(b) = mtls {
                     fields.push(("downstream_peer_cert_presented", Field::Bool(b)));
                 }
-                Record::from_fields(fields)
+                Record::from_fields(fields).into_owned()
             },
         )
 }

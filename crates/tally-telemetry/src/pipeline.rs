@@ -53,7 +53,6 @@ use bytes::Bytes;
 use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use prost::Message as _;
 use serde::Serialize;
 use tally_delivery::{ComponentKind, ComponentMetrics, EgressGuard, Registry};
 use tally_model::Manifest;
@@ -72,7 +71,7 @@ use crate::otlp;
 use crate::pull::Puller;
 use crate::route::{RouteStats, Router};
 use crate::routing::{Routing, SharedRouting, current};
-use crate::shaping::{ExportLogsOrTraces, Shaped, Shaper};
+use crate::shaping::{Shaped, Shaper};
 use crate::sink::{SinkRuntime, SinkShared, resolve};
 use crate::sync::{lock, write};
 use crate::victoria::PullError;
@@ -331,6 +330,12 @@ impl Pipeline {
         self.shaped(|s| s.shape_logs(request), Signal::Logs)
     }
 
+    /// [`Pipeline::ingest_logs`] for access-log lines (`tally collect`'s
+    /// files), each read as an OTLP log record whose body is the line.
+    pub fn ingest_log_lines<'l>(&self, lines: impl IntoIterator<Item = &'l str>) -> ShapeReport {
+        self.shaped(|s| s.shape_log_lines(lines), Signal::Logs)
+    }
+
     /// Applies the policies in force to spans (head sampling by trace id,
     /// attributes): what they keep goes to the `traces` sinks of each
     /// span's project. Never waits.
@@ -351,11 +356,7 @@ impl Pipeline {
             ..ShapeReport::default()
         };
         for (project, (request, n)) in shaped.signals {
-            let bytes = match request {
-                ExportLogsOrTraces::Logs(r) => r.encode_to_vec(),
-                ExportLogsOrTraces::Traces(r) => r.encode_to_vec(),
-            };
-            let handed = self.ingest_signal(&project, signal, Bytes::from(bytes), n);
+            let handed = self.ingest_signal(&project, signal, Bytes::from(request), n);
             report.kept += n;
             report.handed += handed.handed;
             report.dropped += handed.dropped;

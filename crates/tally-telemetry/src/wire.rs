@@ -264,20 +264,20 @@ fn filtered_metric(
 }
 
 /// The key and length of a length-delimited field whose body follows.
-fn length_delimited(field: u32, len: usize, out: &mut Vec<u8>) {
+pub(crate) fn length_delimited(field: u32, len: usize, out: &mut Vec<u8>) {
     encode_key(field, WireType::LengthDelimited, out);
     encode_varint(len as u64, out);
 }
 
 /// A proto3 string field (absent when empty).
-fn string(field: u32, value: &str, out: &mut Vec<u8>) {
+pub(crate) fn string(field: u32, value: &str, out: &mut Vec<u8>) {
     if !value.is_empty() {
         length_delimited(field, value.len(), out);
         out.extend_from_slice(value.as_bytes());
     }
 }
 
-fn string_len(field: u32, value: &str) -> usize {
+pub(crate) fn string_len(field: u32, value: &str) -> usize {
     if value.is_empty() {
         0
     } else {

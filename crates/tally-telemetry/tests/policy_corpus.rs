@@ -19,20 +19,20 @@ use tally_telemetry::shaping::record_of_log;
 const CORPUS: &str = include_str!("fixtures/access.ndjson");
 const OTLP_JSON: &str = include_str!("fixtures/access.otlp.json");
 
-fn records() -> Vec<(String, Record)> {
+fn records() -> Vec<(String, Record<'static>)> {
     CORPUS
         .lines()
         .map(|line| {
             let json: serde_json::Map<String, serde_json::Value> =
                 serde_json::from_str(line).unwrap();
             let id = json["x-request-id"].as_str().unwrap().to_owned();
-            (id, Record::from_json(&json))
+            (id, Record::from_json(&json).into_owned())
         })
         .collect()
 }
 
 /// The corpus as OTLP records, decoded from `encoding`.
-fn otlp_records(encoding: Encoding) -> Vec<(String, Record)> {
+fn otlp_records(encoding: Encoding) -> Vec<(String, Record<'static>)> {
     let raw = match encoding {
         Encoding::Json => OTLP_JSON.as_bytes().to_vec(),
         Encoding::Protobuf => {
@@ -51,14 +51,14 @@ fn otlp_records(encoding: Encoding) -> Vec<(String, Record)> {
             else {
                 panic!("no x-request-id in {log:?}");
             };
-            out.push((id.clone(), record));
+            out.push((id.to_string(), record.clone().into_owned()));
         }
     }
     out
 }
 
 /// The corpus in each of its encodings.
-fn encodings() -> [(&'static str, Vec<(String, Record)>); 3] {
+fn encodings() -> [(&'static str, Vec<(String, Record<'static>)>); 3] {
     [
         ("JSON lines", records()),
         ("OTLP/JSON", otlp_records(Encoding::Json)),
@@ -77,7 +77,7 @@ fn the_three_encodings_read_the_same_records() {
 /// The ids of the records `p` keeps, the same in every encoding.
 fn kept(p: &Policy) -> Vec<String> {
     let [(_, lines), others @ ..] = encodings();
-    let keep = |records: Vec<(String, Record)>| -> Vec<String> {
+    let keep = |records: Vec<(String, Record<'static>)>| -> Vec<String> {
         records
             .into_iter()
             .filter(|(_, r)| p.keep_log(r).is_some())

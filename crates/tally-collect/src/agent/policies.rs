@@ -1,8 +1,11 @@
 //! Access-log lines through the `TelemetryPolicy`s in force, to the
 //! projects' `logs` exporters (and the metrics the policies ask for to
 //! their `metrics` exporters), on the same path as `tally serve`'s
-//! receivers: each line becomes an OTLP log record whose body is the line,
-//! handed to [`Pipeline::ingest_logs`].
+//! receivers: each line is read as an OTLP log record whose body is the
+//! line ([`Pipeline::ingest_log_lines`], without building one).
+//!
+//! Byte layout of the batch: the lines' text (each `trim_end`ed) one after
+//! another in one buffer, and the end offset of each in `ends`.
 //!
 //! The lines are those the meters read, one batch per poll (at most the
 //! input's `max_read_bytes`), shown after the aggregator saw them; what a
@@ -13,9 +16,6 @@
 
 use std::sync::Arc;
 
-use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{AnyValue, any_value::Value as Any};
-use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
 use tally_telemetry::Pipeline;
 
 /// One input's lines on their way to the policies.
@@ -23,7 +23,10 @@ pub(crate) struct PolicyFeed {
     pipeline: Arc<Pipeline>,
     /// The `source` component the shaping is counted in.
     source_id: String,
-    records: Vec<LogRecord>,
+    /// The lines' text, back to back (reused from batch to batch).
+    text: String,
+    /// Where each line ends in `text`.
+    ends: Vec<usize>,
 }
 
 impl PolicyFeed {
@@ -31,7 +34,8 @@ impl PolicyFeed {
         PolicyFeed {
             pipeline,
             source_id: format!("policy:{input}"),
-            records: Vec::new(),
+            text: String::new(),
+            ends: Vec::new(),
         }
     }
 
@@ -41,29 +45,24 @@ impl PolicyFeed {
         let Ok(text) = std::str::from_utf8(line) else {
             return;
         };
-        self.records.push(LogRecord {
-            body: Some(AnyValue {
-                value: Some(Any::StringValue(text.trim_end().to_owned())),
-            }),
-            ..LogRecord::default()
-        });
+        self.text.push_str(text.trim_end());
+        self.ends.push(self.text.len());
     }
 
     /// Hands the lines kept since the last flush to the policies.
     pub(crate) fn flush(&mut self) {
-        if self.records.is_empty() {
+        if self.ends.is_empty() {
             return;
         }
-        let request = ExportLogsServiceRequest {
-            resource_logs: vec![ResourceLogs {
-                scope_logs: vec![ScopeLogs {
-                    log_records: std::mem::take(&mut self.records),
-                    ..ScopeLogs::default()
-                }],
-                ..ResourceLogs::default()
-            }],
-        };
-        let report = self.pipeline.ingest_logs(&request);
+        let text = &self.text;
+        let lines = self.ends.iter().scan(0, |start, &end| {
+            let line = text.get(*start..end).unwrap_or_default();
+            *start = end;
+            Some(line)
+        });
+        let report = self.pipeline.ingest_log_lines(lines);
+        self.text.clear();
+        self.ends.clear();
         self.pipeline.count_shaped(&self.source_id, &report);
         if report.dropped > 0 {
             tracing::debug!(input = %self.source_id, dropped = report.dropped,
