@@ -4,8 +4,7 @@
 //! |--------------|------------------------------------------------------------|-------|
 //! | `log`        | first seq of the block (u64 BE)                            | an event block: see [`crate::block`] |
 //! | `dedupe`     | sorted runs of 32-bit key hashes with log positions, and their marks: see [`crate::dedupe`] | |
-//! | `rollups`    | minute and hour: meter generation (u32 BE), level (u8), subject id (u32 BE), bucket start in minutes (40 bits, offset 2^39, BE), groups id (u32 BE): 18 bytes | the bucket's state: see [`encode_rollup_value`] |
-//! | `rollups`    | day: meter generation (u32 BE), level (u8), bucket start (40 bits), subject id (u32 BE), [`ALL_GROUPS`] (u32 BE): 18 bytes | the state of every group: see [`encode_rollup_value`] |
+//! | `rollups`    | the bucket key where a chunk's range starts (below) | a chunk of consecutive buckets: see [`crate::chunk`] |
 //! | `quarantine` | meter (u16 len + bytes; empty = no meter), seq (u64 BE)    | JSON [`QuarantineEntry`] |
 //! | `voids`      | seq (u64 BE) of the voided event                           | JSON [`tally_ledger::VoidRecord`] |
 //! | `void_order` | void ordinal (u64 BE, 0, 1, ... in recording order)        | seq (u64 BE) of the voided event |
@@ -112,6 +111,13 @@ pub fn decode_dedupe(value: &[u8]) -> Result<(u64, i64), StoreError> {
 }
 
 // ---- rollups --------------------------------------------------------------
+//
+// Bucket keys order the rollups; they are stored in chunks of consecutive
+// buckets, each under the key where its range starts ([`crate::chunk`]).
+// Minute and hour bucket keys: meter generation (u32 BE), level (u8),
+// subject id (u32 BE), bucket start in minutes (40 bits, offset 2^39, BE),
+// groups id (u32 BE). Day bucket keys: generation, level, bucket start (40
+// bits), subject id, [`ALL_GROUPS`].
 //
 // A rollup key is 18 bytes: generation (u32 BE), level (u8), subject id
 // (u32 BE), bucket start in minutes since the epoch (40-bit, offset by 2^39,
