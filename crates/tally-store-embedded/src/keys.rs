@@ -124,9 +124,7 @@ pub fn decode_dedupe(value: &[u8]) -> Result<(u64, i64), StoreError> {
 // BE), groups id (u32 BE). Subjects and group tuples are interned in the
 // dictionary (`meta` keys `dict/i/<id>` and `dict/n/<entry>`, see
 // [`crate::dict`]). A key of at most 20 bytes is stored inline by fjall's
-// memtable, so comparing two keys never leaves the skiplist node: the
-// writer's rollup lookups and inserts cost half the cache misses of a key
-// that spells its subject and groups out.
+// memtable, so comparing two keys never leaves the skiplist node.
 //
 // Minute and hour keys are subject-major: one subject's usage over a month
 // is one short range. Day keys are time-major and hold every group of a
@@ -293,8 +291,9 @@ pub fn decode_rollup_key(key: &[u8]) -> Result<DecodedRollupKey, StoreError> {
 // | 1–7    | any (format 6 and before; still written for UNIQUE_COUNT and LATEST) | [`AggState::encode`] |
 // | `0x17` | any, inside a chunk (format 8) | varint length, [`AggState::encode`] |
 //
-// Both are read: a value written before format 7 keeps its layout until its
-// bucket is written again.
+// Format 8 keeps states inside chunks ([`crate::chunk`]): the compact
+// layouts, or `0x17` for the others. A value of format 6 or 7 (one bucket
+// a key) reads as a one-bucket chunk; opening such a store gathers them.
 
 const SUM_TAG: u8 = 0x11;
 const COUNT_TAG: u8 = 0x12;
