@@ -412,10 +412,106 @@ pub async fn usage_is_attributed_to_billing_accounts(
     assert_eq!(only.rows[0].value, Decimal::from(4));
 }
 
+/// A `MeterDefinition` like [`meter`] (no dimensions) in `phase`.
+fn meter_in_phase(name: &str, event_type: &str, aggregation: &str, phase: &str) -> Manifest {
+    let yaml = format!(
+        "apiVersion: billing.miloapis.com/v1alpha1\nkind: MeterDefinition\nmetadata: {{name: {name}}}\n\
+         spec: {{meterName: {name}, phase: {phase}, measurement: {{aggregation: {aggregation}, unit: By}}, \
+         event: {{type: {event_type}, valueProperty: $.value}}}}\n"
+    );
+    Manifest::parse_documents(&yaml)
+        .unwrap_or_else(|e| panic!("{yaml}\n{e}"))
+        .remove(0)
+}
+
+/// Phases and voids: a meter Deprecated and then Retired keeps measuring
+/// what arrived before it was retired and refuses (quarantines) what comes
+/// after; voiding still takes an event out of it — SUM and MAX alike (MAX
+/// cannot subtract: the backend measures again what is left), down to an
+/// empty window that is omitted.
+pub async fn voids_reach_meters_retired_since(b: &dyn Backend, prefix: &str) {
+    let ledger = b.ledger();
+    let kind = format!("{prefix}.retire");
+    // Dedupe is by (source, id) across types: a source of its own.
+    let source = format!("{prefix}.retire");
+    let (sum, max) = (format!("{prefix}-rsum"), format!("{prefix}-rmax"));
+    for (name, aggregation) in [(&sum, "SUM"), (&max, "MAX")] {
+        ledger
+            .apply(
+                meter_in_phase(name, &kind, aggregation, "Published"),
+                ApplyMode::Upsert,
+            )
+            .await
+            .unwrap();
+    }
+    let t = base_time() + SignedDuration::from_hours(10);
+    let events = (1..=3)
+        .map(|i| {
+            event(
+                &source,
+                &i.to_string(),
+                &kind,
+                "c",
+                t,
+                json!({"value": i * 10}),
+            )
+        })
+        .collect();
+    ledger.ingest(events).await.unwrap();
+    b.settle().await;
+    for (name, aggregation) in [(&sum, "SUM"), (&max, "MAX")] {
+        for phase in ["Deprecated", "Retired"] {
+            ledger
+                .apply(
+                    meter_in_phase(name, &kind, aggregation, phase),
+                    ApplyMode::Upsert,
+                )
+                .await
+                .unwrap();
+        }
+    }
+    let (from, to) = (base_time(), day_after(base_time()));
+    let rows = |name: &String| {
+        let name = name.clone();
+        async move { query_ready(ledger, &name, total(from, to)).await.rows }
+    };
+    assert_eq!(value(ledger, &sum, from, to).await, Decimal::from(60));
+    assert_eq!(value(ledger, &max, from, to).await, Decimal::from(30));
+    let void = |id: &str| VoidRequest {
+        source: source.clone(),
+        id: id.into(),
+        reason: "test".into(),
+        voided_by: "test".into(),
+    };
+    let outcome = ledger.void(void("3")).await.unwrap();
+    assert!(outcome.still_counted_by.is_empty(), "{outcome:?}");
+    b.settle().await;
+    assert_eq!(value(ledger, &sum, from, to).await, Decimal::from(30));
+    assert_eq!(value(ledger, &max, from, to).await, Decimal::from(20));
+    // An event after retirement is refused by both, and stays out.
+    let late = event(&source, "4", &kind, "c", t, json!({"value": 99}));
+    let answer = ledger.ingest(vec![late]).await.unwrap();
+    assert_eq!(
+        answer.quarantined.len(),
+        2,
+        "both meters refuse it: {answer:?}"
+    );
+    b.settle().await;
+    ledger.void(void("2")).await.unwrap();
+    b.settle().await;
+    assert_eq!(value(ledger, &max, from, to).await, Decimal::from(10));
+    assert_eq!(value(ledger, &sum, from, to).await, Decimal::from(10));
+    ledger.void(void("1")).await.unwrap();
+    b.settle().await;
+    assert!(rows(&sum).await.is_empty(), "an emptied window is omitted");
+    assert!(rows(&max).await.is_empty(), "an emptied window is omitted");
+}
+
 /// Every suite function, one after another, each with its own prefix.
 pub async fn run_all(b: &dyn Backend, prefix: &str) {
     duplicates_are_counted_once(b, &format!("{prefix}a")).await;
     voided_events_stop_counting(b, &format!("{prefix}b")).await;
     late_meters_backfill_and_quarantine(b, &format!("{prefix}c")).await;
     aggregations_match_the_reference(b, &format!("{prefix}d"), 12).await;
+    voids_reach_meters_retired_since(b, &format!("{prefix}e")).await;
 }

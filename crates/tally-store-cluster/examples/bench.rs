@@ -24,6 +24,35 @@ const BATCH: u64 = 1_000;
 const DAYS: i64 = 30;
 const REGIONS: [&str; 3] = ["eu", "us", "ap"];
 
+/// Resident bytes of a process (Linux `/proc`).
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// What exact duplicates cost nats-server: the dedupe bucket's bytes per
+/// key on disk, and the server's resident memory growth per event.
+async fn dedupe_cost(nats: &Nats, rss_before: u64, events: u64) {
+    let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.expect("nats"));
+    let mut bucket = js
+        .get_stream(format!("KV_{}", tally_store_cluster::DEDUPE_BUCKET))
+        .await
+        .expect("the dedupe bucket");
+    let state = bucket.info().await.expect("bucket info").state.clone();
+    let rss = nats.pid().map_or(0, rss_bytes);
+    println!(
+        "dedupe bucket: {} keys, {:.0} bytes/key on disk; nats-server RSS +{:.0} bytes/event ({:.0} MiB now)",
+        state.messages,
+        state.bytes as f64 / state.messages.max(1) as f64,
+        rss.saturating_sub(rss_before) as f64 / events as f64,
+        rss as f64 / (1 << 20) as f64
+    );
+}
+
 /// User + system CPU seconds a process used so far (Linux `/proc`).
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -169,6 +198,7 @@ async fn main() {
         .iter()
         .map(|(_, p)| p.map_or(0.0, cpu_seconds))
         .collect();
+    let rss_before = nats.pid().map_or(0, rss_bytes);
     let took = load(&nodes, events, now).await;
     println!(
         "ingest: {events} events through {node_count} node(s) in {took:.1?}: {:.0} events/s (acknowledged)",
@@ -191,6 +221,7 @@ async fn main() {
             used * 1e6 / events as f64
         );
     }
+    dedupe_cost(&nats, rss_before, events).await;
     let load_nodes = nodes.clone();
     let background = tokio::spawn(async move {
         load(&load_nodes, events / 4, now + SignedDuration::from_secs(1)).await

@@ -58,9 +58,22 @@ pub fn valid_token(token: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'~')
 }
 
+/// The subject that claims a dedupe key in the dedupe bucket. At most
+/// about 2.8 KB for the longest source and id, so its `HPUB` line stays
+/// under nats-server's 4 KB `max_control_line` (a longer one would close
+/// the connection).
+pub fn dedupe_subject(bucket: &str, key: &str) -> String {
+    format!("$KV.{bucket}.{key}")
+}
+
 /// The subject an event is published on.
 pub fn ingest_subject(project: &str) -> String {
     format!("billing.usage.{project}.ingest")
+}
+
+/// The subject a materialised event every meter measures is published on.
+pub fn valid_subject(project: &str) -> String {
+    format!("billing.usage.{project}.valid")
 }
 
 /// The subject a quarantined event is published on; `reason` is an
@@ -96,6 +109,14 @@ mod tests {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         );
+    }
+
+    #[test]
+    fn the_longest_dedupe_subject_fits_a_control_line() {
+        let longest = "x".repeat(tally_model::limits::MAX_ATTRIBUTE_BYTES);
+        let subject = dedupe_subject("tally-dedupe", &dedupe_key(&longest, &longest));
+        // `HPUB <subject> <reply inbox> <header bytes> <total bytes>\r\n`
+        assert!(subject.len() + 200 < 4096, "{}", subject.len());
     }
 
     #[test]

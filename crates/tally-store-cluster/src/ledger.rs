@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use async_nats::jetstream::context::{PublishAckFuture, PublishErrorKind};
 use async_nats::jetstream::{self, kv, stream};
 use bytes::Bytes;
 use jiff::{SignedDuration, Timestamp};
@@ -15,19 +16,12 @@ use tally_ledger::{
 };
 use tally_model::{CloudEvent, Kind, Manifest};
 
-use crate::ch::{Ch, ChError, lit, valid_identifier};
+use crate::ch::{Ch, ChError, valid_identifier};
 use crate::keys;
 use crate::measure;
 use crate::mirror::{self, CatalogState, VoidState};
 
-/// The stream every event goes through (`billing.usage.*.ingest`).
-pub const STREAM: &str = "billing-usage";
-/// The stream quarantined events are published to
-/// (`billing.usage.*.quarantine.*`). A stream of its own, so the workers'
-/// consumer needs no subject filter: nats-server 2.9 (Debian's) scans its
-/// store on every fetch of a wildcard-filtered consumer, which cost 18 ms of
-/// server CPU per event in the benchmark.
-pub const QUARANTINE_STREAM: &str = "billing-usage-quarantine";
+pub use crate::layout::{DEDUPE_BUCKET, STREAM};
 /// The durable consumer workers share.
 pub const CONSUMER: &str = "tally-materialiser";
 /// The catalog's key-value bucket.
@@ -47,7 +41,9 @@ pub struct ClusterLedgerConfig {
     /// The project token of events whose subject is not `projects/<p>`.
     pub default_project: String,
     /// JetStream's duplicate window: a re-sent event within it is answered
-    /// `duplicate` by the stream itself.
+    /// `duplicate` by the stream itself, and a worker's re-published
+    /// verdicts are dropped. Beyond it the dedupe bucket answers (exact
+    /// over the horizon, `layout.rs`).
     pub duplicate_window: Duration,
     /// How long the stream keeps messages (ClickHouse keeps the events).
     pub stream_max_age: Duration,
@@ -242,23 +238,13 @@ impl ClusterLedger {
             .await
             .map_err(|e| err(e.kind().to_string()))?;
         let js = jetstream::new(nats.clone());
-        for (name, subject) in [
-            (STREAM, "billing.usage.*.ingest"),
-            (QUARANTINE_STREAM, "billing.usage.*.quarantine.*"),
-        ] {
-            js.create_or_update_stream(stream::Config {
-                name: name.into(),
-                subjects: vec![subject.into()],
-                duplicate_window: config.duplicate_window,
-                max_age: config.stream_max_age,
-                storage: stream::StorageType::File,
-                ..Default::default()
-            })
+        crate::layout::prepare(&js, &config).await.map_err(&err)?;
+        let catalog_kv = bucket(&js, CATALOG_BUCKET, None).await.map_err(&err)?;
+        let voids_kv = bucket(&js, VOIDS_BUCKET, None).await.map_err(&err)?;
+        let horizon = crate::layout::dedupe_horizon(&config);
+        bucket(&js, DEDUPE_BUCKET, Some(horizon))
             .await
-            .map_err(|e| err(format!("creating stream {name}: {e}")))?;
-        }
-        let catalog_kv = bucket(&js, CATALOG_BUCKET).await.map_err(&err)?;
-        let voids_kv = bucket(&js, VOIDS_BUCKET).await.map_err(&err)?;
+            .map_err(&err)?;
         let ch = Ch::new(
             &config.clickhouse_url,
             &config.database,
@@ -334,6 +320,30 @@ impl ClusterLedger {
         self.inner.stats.ch_insert_errors.load(Ordering::Relaxed)
     }
 
+    /// Messages per subject of stream `billing-usage` among the subjects
+    /// `filter` (a NATS subject, wildcards allowed) matches.
+    pub async fn subject_counts(
+        &self,
+        filter: &str,
+    ) -> Result<std::collections::BTreeMap<String, u64>, LedgerError> {
+        use futures::TryStreamExt;
+        let stream = self
+            .inner
+            .js
+            .get_stream(STREAM)
+            .await
+            .map_err(|e| storage(format!("opening stream {STREAM}: {e}")))?;
+        let subjects = stream
+            .info_with_subjects(filter)
+            .await
+            .map_err(|e| storage(format!("reading stream {STREAM}: {e}")))?;
+        subjects
+            .map_ok(|(subject, n)| (subject, n as u64))
+            .try_collect()
+            .await
+            .map_err(|e| storage(format!("reading stream {STREAM}: {e}")))
+    }
+
     /// Waits until the workers have materialised everything published so
     /// far: the consumer has nothing pending or unacknowledged.
     pub async fn settle(&self, timeout: Duration) -> Result<(), LedgerError> {
@@ -358,7 +368,13 @@ impl ClusterLedger {
     }
 }
 
-async fn bucket(js: &jetstream::Context, name: &str) -> Result<kv::Store, String> {
+/// Opens key-value bucket `name`, creating it when missing (its keys expire
+/// after `max_age`, when given).
+async fn bucket(
+    js: &jetstream::Context,
+    name: &str,
+    max_age: Option<Duration>,
+) -> Result<kv::Store, String> {
     if let Ok(store) = js.get_key_value(name).await {
         return Ok(store);
     }
@@ -374,6 +390,7 @@ async fn bucket(js: &jetstream::Context, name: &str) -> Result<kv::Store, String
         deny_delete: true,
         allow_direct: true,
         discard: stream::DiscardPolicy::New,
+        max_age: max_age.unwrap_or_default(),
         ..Default::default()
     })
     .await
@@ -434,16 +451,9 @@ pub(crate) fn ch_error(e: ChError) -> LedgerError {
     }
 }
 
-/// Longest the ingest path waits for ClickHouse's answer on which keys it
-/// already holds; past it the stream and the workers dedupe alone.
-const PRECHECK_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// Most bytes of key literals in one pre-check statement.
-const PRECHECK_SQL_BYTES: usize = 200_000;
-
 impl ClusterLedger {
-    /// Publishes structurally valid events; see the crate docs for how
-    /// duplicates are answered.
+    /// Publishes structurally valid events and answers how many were new;
+    /// see [`ClusterLedger::claim`] for how duplicates are counted.
     pub(crate) async fn ingest_events(
         &self,
         events: Vec<CloudEvent>,
@@ -453,55 +463,44 @@ impl ClusterLedger {
         }
         let now = Timestamp::now();
         self.inner.admission().check(&events, now)?;
-        let known = match tokio::time::timeout(PRECHECK_TIMEOUT, self.stored_keys(&events)).await {
-            Ok(Ok(known)) => known,
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "duplicate pre-check skipped");
-                Default::default()
-            }
-            Err(_) => Default::default(),
-        };
-        let mut outcome = IngestOutcome::default();
-        let messages = self.envelopes(&events, &known, now, &mut outcome)?;
+        let messages = self.envelopes(&events, now)?;
         let mut acks = Vec::with_capacity(messages.len());
-        for (index, subject, publish) in messages {
+        for (index, key, subject, publish) in messages {
             let ack = self
                 .inner
                 .js
                 .send_publish(subject, publish)
                 .await
                 .map_err(|e| unavailable(format!("publishing to {STREAM}: {e}")))?;
-            acks.push((index, ack));
+            acks.push((index, key, ack));
         }
-        let mut warned = Vec::new();
-        {
-            let catalog = self.inner.catalog();
-            for event in &events {
-                deprecation_warnings(&catalog, event, &mut warned);
-            }
-        }
-        for (index, ack) in acks {
+        let mut claims = Vec::with_capacity(acks.len());
+        for (index, key, ack) in acks {
             let ack = ack
                 .await
                 .map_err(|e| unavailable(format!("no acknowledgement from {STREAM}: {e}")))?;
-            if ack.duplicate {
+            claims.push((index, ack.duplicate, self.claim(&key, ack.sequence).await?));
+        }
+        let mut outcome = IngestOutcome::default();
+        for (index, stream_duplicate, claim) in claims {
+            let first = match claim.await {
+                Ok(_) => true,
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => false,
+                Err(e) => return Err(unavailable(format!("claiming a dedupe key: {e}"))),
+            };
+            if stream_duplicate || !first {
                 outcome.duplicates += 1;
-                continue;
-            }
-            outcome.accepted += 1;
-            let event = &events[index];
-            let catalog = self.inner.catalog();
-            for verdict in measure::verdicts(&catalog, event, now) {
-                outcome.quarantined.push(QuarantineNotice {
-                    index,
-                    id: event.id.clone(),
-                    meter: verdict.meter,
-                    reason: verdict.reason,
-                    message: verdict.message,
-                });
+            } else {
+                outcome.accepted += 1;
+                self.quarantine_notices(&events[index], index, now, &mut outcome);
             }
         }
-        outcome.warnings = warned;
+        {
+            let catalog = self.inner.catalog();
+            for event in &events {
+                deprecation_warnings(&catalog, event, &mut outcome.warnings);
+            }
+        }
         let stats = &self.inner.stats;
         stats
             .accepted
@@ -515,24 +514,60 @@ impl ClusterLedger {
         Ok(outcome)
     }
 
-    /// The message of each event to publish (those ClickHouse holds are
-    /// counted as duplicates instead). Refuses the whole request, before
-    /// anything is published, if an event exceeds the server's payload limit.
+    /// Claims `key` in the dedupe bucket: a create at subject sequence 0,
+    /// sent after the event's PubAck. The create that finds the key taken
+    /// (`WrongLastSequence`) marks the event a duplicate.
+    ///
+    /// Exact over the horizon: the bucket keeps a key for
+    /// [`crate::layout::dedupe_horizon`], longer than two admitted copies can
+    /// be apart. Claiming after the PubAck means a key never exists without
+    /// its event in the stream; a node killed between the two leaves the key
+    /// unclaimed, and the next copy (its client's retry) claims it, answered
+    /// `duplicate` if the stream still knew the id, else `accepted` — the
+    /// first copy never had an answer. Either way the workers store one.
+    async fn claim(&self, key: &str, seq: u64) -> Result<PublishAckFuture, LedgerError> {
+        let publish = jetstream::message::PublishMessage::build()
+            .payload(Bytes::from(seq.to_string()))
+            .expected_last_subject_sequence(0);
+        self.inner
+            .js
+            .send_publish(keys::dedupe_subject(DEDUPE_BUCKET, key), publish)
+            .await
+            .map_err(|e| unavailable(format!("claiming a dedupe key: {e}")))
+    }
+
+    /// Adds the quarantine notices of an accepted event.
+    fn quarantine_notices(
+        &self,
+        event: &CloudEvent,
+        index: usize,
+        now: Timestamp,
+        outcome: &mut IngestOutcome,
+    ) {
+        let catalog = self.inner.catalog();
+        for verdict in measure::verdicts(&catalog, event, now) {
+            outcome.quarantined.push(QuarantineNotice {
+                index,
+                id: event.id.clone(),
+                meter: verdict.meter,
+                reason: verdict.reason,
+                message: verdict.message,
+            });
+        }
+    }
+
+    /// The message of each event to publish, with its dedupe key. Refuses
+    /// the whole request, before anything is published, if an event exceeds
+    /// the server's payload limit.
     fn envelopes(
         &self,
         events: &[CloudEvent],
-        known: &std::collections::HashSet<String>,
         now: Timestamp,
-        outcome: &mut IngestOutcome,
-    ) -> Result<Vec<(usize, String, jetstream::message::PublishMessage)>, LedgerError> {
+    ) -> Result<Vec<(usize, String, String, jetstream::message::PublishMessage)>, LedgerError> {
         let max_payload = self.inner.nats.server_info().max_payload;
         let mut out = Vec::with_capacity(events.len());
         for (index, event) in events.iter().enumerate() {
             let key = keys::dedupe_key(&event.source, &event.id);
-            if known.contains(&key) {
-                outcome.duplicates += 1;
-                continue;
-            }
             let payload = serde_json::to_vec(&Envelope {
                 ingested_at: now,
                 event: event.clone(),
@@ -547,47 +582,10 @@ impl ClusterLedger {
             let project = keys::project_token(event, &self.inner.config.default_project);
             let publish = jetstream::message::PublishMessage::build()
                 .payload(Bytes::from(payload))
-                .message_id(key);
-            out.push((index, keys::ingest_subject(&project), publish));
+                .message_id(&key);
+            out.push((index, key, keys::ingest_subject(&project), publish));
         }
         Ok(out)
-    }
-
-    /// The dedupe keys among `events` that ClickHouse already holds.
-    async fn stored_keys(
-        &self,
-        events: &[CloudEvent],
-    ) -> Result<std::collections::HashSet<String>, ChError> {
-        #[derive(Deserialize)]
-        struct Key {
-            source: String,
-            id: String,
-        }
-        let mut known = std::collections::HashSet::new();
-        let mut rest = events;
-        while !rest.is_empty() {
-            let mut list = String::new();
-            let mut taken = 0;
-            for e in rest {
-                if !list.is_empty() {
-                    list.push(',');
-                }
-                list.push_str(&format!("({},{})", lit(&e.source), lit(&e.id)));
-                taken += 1;
-                if list.len() > PRECHECK_SQL_BYTES {
-                    break;
-                }
-            }
-            rest = &rest[taken..];
-            let sql = format!(
-                "SELECT source, id FROM {}.events WHERE (source, id) IN ({list})",
-                self.inner.ch.database
-            );
-            for key in self.inner.ch.select::<Key>(&sql).await? {
-                known.insert(keys::dedupe_key(&key.source, &key.id));
-            }
-        }
-        Ok(known)
     }
 }
 

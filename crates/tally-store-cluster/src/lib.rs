@@ -11,21 +11,24 @@
 //!   (project from subject `projects/<p>`, else the configured default; see
 //!   [`keys`]), `Nats-Msg-Id` = the dedupe key of (source, id), and answers
 //!   only after every PubAck.
-//! - **Duplicates in the answer.** `duplicates` counts the events the
-//!   stream answered `duplicate` (a re-send within JetStream's duplicate
-//!   window, `duplicate_window`) plus those ClickHouse already holds (asked
-//!   before publishing, for at most a second; those are not published). A
-//!   re-send after the window whose first copy is not yet materialised (or
-//!   while ClickHouse is down) is answered `accepted` — but stored and
-//!   counted once all the same: the dedupe decision that counts is the
-//!   workers' and ClickHouse's, exact over the whole horizon.
+//! - **Duplicates in the answer** are exact over the whole horizon, at
+//!   any node, without ClickHouse: after its PubAck each event claims its
+//!   dedupe key in the key-value bucket `tally-dedupe` (a create at subject
+//!   sequence 0); a claim that finds the key taken, or a PubAck saying
+//!   `duplicate` (JetStream's window), answers `duplicate`. The bucket
+//!   keeps keys longer than any two admitted copies of an event can be
+//!   apart (`max_lateness + max_future` + a day; [`dedupe_horizon`]).
+//!   Cost: one more small JetStream publish per event, and nats-server
+//!   holds one subject per event of the horizon (figures in BENCHMARKS.md).
+//!   Layout, subjects and ids: `layout.rs`.
 //! - **Workers** (`worker.rs`): pull subscribers of one durable consumer,
 //!   any number per process ([`ClusterLedgerConfig::workers`],
 //!   [`ClusterLedger::spawn_workers`]) and per cluster. They write raw
 //!   events to ClickHouse idempotently ([`ch`]: keyed by (source, id), the
-//!   lowest stream sequence wins, read `FINAL`), publish quarantined events
-//!   on `billing.usage.<project>.quarantine.<reason>` (stream
-//!   `billing-usage-quarantine`), then acknowledge.
+//!   lowest stream sequence wins, read `FINAL`), publish each new event on
+//!   `billing.usage.<project>.valid` or, once per meter that cannot measure
+//!   it, on `.quarantine.<reason>` (same stream, `Nats-Msg-Id` set, so a
+//!   worker's re-publish after a crash is dropped), then acknowledge.
 //! - **Rollups** (`rollup.rs`): a roller on each node that runs workers
 //!   measures the materialised events of every meter into ClickHouse's
 //!   `samples` (exact `Decimal128`, one row per meter generation and
@@ -50,9 +53,10 @@
 //! `still_counted_by` is always empty (read-time evaluation takes a void out
 //! of every meter); a void needs its event materialised (`NotFound` before);
 //! `usage_span` spans every materialised event of the meter's type.
-//! Quarantined events are published to a stream of their own, because
-//! nats-server 2.9 scans its store on each fetch of a wildcard-filtered
-//! consumer; valid events are not republished on `.valid`.
+//! The quarantine listing evaluates the materialised events at read time
+//! (a catalog edit releases events at once), so it does not read the
+//! `.quarantine.<reason>` subjects: those are the notifications the
+//! platform subscribes to, as of materialisation.
 //!
 //! Compute observability on a cluster: [`ClusterLifecycle`] (instance
 //! lifecycle events, `tally_compute::LifecycleEvents`) and
@@ -67,6 +71,7 @@
 mod api;
 pub mod ch;
 pub mod keys;
+mod layout;
 mod ledger;
 pub mod lifecycle;
 pub mod logs;
@@ -79,8 +84,9 @@ mod rollup;
 mod stamp;
 mod worker;
 
+pub use layout::{LEGACY_QUARANTINE_STREAM, SUBJECTS, dedupe_horizon};
 pub use ledger::{
-    CATALOG_BUCKET, CONSUMER, ClusterLedger, ClusterLedgerConfig, ConnectError, QUARANTINE_STREAM,
+    CATALOG_BUCKET, CONSUMER, ClusterLedger, ClusterLedgerConfig, ConnectError, DEDUPE_BUCKET,
     STREAM, VOIDS_BUCKET,
 };
 pub use lifecycle::ClusterLifecycle;

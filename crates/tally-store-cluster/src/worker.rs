@@ -1,9 +1,11 @@
 //! Workers: pull subscribers of one durable consumer (`tally-materialiser`)
-//! of stream `billing-usage` that materialise it into ClickHouse. A batch is handled in four steps: decode; drop what
-//! ClickHouse already holds under a lower stream sequence (a duplicate
-//! beyond JetStream's window); insert the rest into `events`; publish each
-//! new event's quarantine verdicts on `billing.usage.<project>.quarantine.
-//! <reason>`; only then acknowledge the messages.
+//! of stream `billing-usage` that materialise its `.ingest` messages into
+//! ClickHouse. A batch is handled in four steps: decode (skipping `.valid`
+//! and `.quarantine.*` messages, which the consumer is handed on
+//! nats-server 2.9, see [`crate::layout`]); drop what ClickHouse already
+//! holds under a lower stream sequence; insert the rest into `events`;
+//! publish each new event on `billing.usage.<project>.valid` or its
+//! verdicts on `.quarantine.<reason>`; only then acknowledge the messages.
 //!
 //! **Invariant:** a message is acknowledged only after its row is in
 //! ClickHouse. A worker killed between the insert and the ack leaves the
@@ -49,11 +51,23 @@ async fn consumer(inner: &Inner) -> Result<PullConsumer, String> {
                 ack_policy: consumer::AckPolicy::Explicit,
                 ack_wait: inner.config.ack_wait,
                 max_ack_pending: 100_000,
+                filter_subject: filter_subject(inner),
                 ..Default::default()
             },
         )
         .await
         .map_err(|e| format!("creating consumer {CONSUMER}: {e}"))
+}
+
+/// The consumer's filter: `.ingest` where the server filters a wildcard
+/// cheaply, else none (see [`crate::layout`]); workers skip what is not
+/// `.ingest` either way.
+fn filter_subject(inner: &Inner) -> String {
+    if crate::layout::filters_cheaply(&inner.nats.server_info().version) {
+        crate::layout::SUBJECTS[0].to_owned()
+    } else {
+        String::new()
+    }
 }
 
 /// The shared consumer's state.
@@ -197,6 +211,18 @@ struct EventRow<'a> {
     event: String,
 }
 
+/// What a worker publishes on `.valid` for an event every meter measures.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ValidMessage<'a> {
+    seq: u64,
+    ingested_at: jiff::Timestamp,
+    /// `None` when the message would not fit the server's `max_payload`
+    /// ([`fitted`]); the event is at `seq` in the stream.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event: Option<&'a tally_model::CloudEvent>,
+}
+
 /// What a worker publishes for a quarantined event.
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -205,7 +231,37 @@ struct QuarantineMessage<'a> {
     meter: &'a str,
     reason: &'a str,
     message: &'a str,
-    event: &'a tally_model::CloudEvent,
+    /// As [`ValidMessage::event`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event: Option<&'a tally_model::CloudEvent>,
+}
+
+/// Longest verdict text a slimmed message carries.
+const SLIM_MESSAGE: usize = 1_024;
+
+/// `full` if a message of it and header `id` fits `max_payload`, else
+/// `slim` (without the event): a verdict that cannot be published would be
+/// delivered again forever and hold every worker behind it.
+fn fitted(
+    full: serde_json::Result<Vec<u8>>,
+    slim: impl FnOnce() -> serde_json::Result<Vec<u8>>,
+    id: &str,
+    max_payload: usize,
+) -> serde_json::Result<Vec<u8>> {
+    let full = full?;
+    if full.len() + id.len() + 256 <= max_payload {
+        return Ok(full);
+    }
+    slim()
+}
+
+/// `text` cut to at most `max` bytes on a character boundary.
+fn cut(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 struct Decoded {
@@ -228,7 +284,9 @@ enum BatchError {
 /// when every step succeeded.
 async fn materialise(inner: &Inner, batch: &[Message]) -> Result<(), BatchError> {
     let decoded = decode(batch).await;
-    inner.ensure_schema().await?;
+    if !decoded.is_empty() {
+        inner.ensure_schema().await?;
+    }
     let earlier = earlier_copies(inner, &decoded).await?;
     let fresh: Vec<&Decoded> = decoded
         .iter()
@@ -241,7 +299,7 @@ async fn materialise(inner: &Inner, batch: &[Message]) -> Result<(), BatchError>
         })
         .collect();
     insert(inner, &fresh).await?;
-    publish_quarantine(inner, &fresh)
+    publish_verdicts(inner, &fresh)
         .await
         .map_err(BatchError::Nats)?;
     for message in batch {
@@ -261,6 +319,9 @@ async fn decode(batch: &[Message]) -> Vec<Decoded> {
     for message in batch {
         let Ok(info) = message.info() else { continue };
         let seq = info.stream_sequence;
+        if !crate::layout::is_ingest(message.subject.as_str()) {
+            continue; // `.valid` / `.quarantine.*`: acknowledged with the batch
+        }
         let project = message
             .subject
             .as_str()
@@ -370,36 +431,91 @@ async fn insert(inner: &Inner, fresh: &[&Decoded]) -> Result<(), BatchError> {
         .map_err(BatchError::ClickHouse)
 }
 
-async fn publish_quarantine(inner: &Inner, fresh: &[&Decoded]) -> Result<(), String> {
+/// Publishes each new event on `.valid`, or on `.quarantine.<reason>` once
+/// per meter that cannot measure it (ids in [`crate::layout`]).
+async fn publish_verdicts(inner: &Inner, fresh: &[&Decoded]) -> Result<(), String> {
     let mut acks = Vec::new();
     for d in fresh {
+        let event = &d.envelope.event;
+        let key = keys::dedupe_key(&event.source, &event.id);
         let verdicts = {
             let catalog = inner.catalog();
-            measure::verdicts(&catalog, &d.envelope.event, d.envelope.ingested_at)
+            measure::verdicts(&catalog, event, d.envelope.ingested_at)
         };
+        let max_payload = inner.nats.server_info().max_payload;
+        let mut messages = Vec::new();
+        if verdicts.is_empty() {
+            let id = format!("v.{key}");
+            let valid = |event| ValidMessage {
+                seq: d.seq,
+                ingested_at: d.envelope.ingested_at,
+                event,
+            };
+            let payload = fitted(
+                serde_json::to_vec(&valid(Some(event))),
+                || serde_json::to_vec(&valid(None)),
+                &id,
+                max_payload,
+            );
+            messages.push((keys::valid_subject(&d.project), id, payload));
+        }
         for v in verdicts {
-            let payload = serde_json::to_vec(&QuarantineMessage {
+            let id = format!("q.{}", keys::dedupe_key(&v.meter, &key));
+            let quarantined = |message, event| QuarantineMessage {
                 seq: d.seq,
                 meter: &v.meter,
                 reason: &v.reason,
-                message: &v.message,
-                event: &d.envelope.event,
-            })
-            .map_err(|e| e.to_string())?;
+                message,
+                event,
+            };
+            let payload = fitted(
+                serde_json::to_vec(&quarantined(&v.message, Some(event))),
+                || serde_json::to_vec(&quarantined(cut(&v.message, SLIM_MESSAGE), None)),
+                &id,
+                max_payload,
+            );
+            messages.push((keys::quarantine_subject(&d.project, &v.reason), id, payload));
+        }
+        for (subject, id, payload) in messages {
+            let payload = payload.map_err(|e| e.to_string())?;
             let publish = async_nats::jetstream::message::PublishMessage::build()
                 .payload(Bytes::from(payload))
-                .message_id(format!("q-{}-{}", d.seq, keys::dedupe_key(&v.meter, "")));
+                .message_id(id);
             let ack = inner
                 .js
-                .send_publish(keys::quarantine_subject(&d.project, &v.reason), publish)
+                .send_publish(subject, publish)
                 .await
-                .map_err(|e| format!("publishing a quarantined event: {e}"))?;
+                .map_err(|e| format!("publishing a verdict: {e}"))?;
             acks.push(ack);
         }
     }
     for ack in acks {
         ack.await
-            .map_err(|e| format!("publishing a quarantined event: {e}"))?;
+            .map_err(|e| format!("publishing a verdict: {e}"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_verdict_too_large_for_the_server_goes_without_its_event() {
+        let full = || Ok(vec![b'x'; 1_000]);
+        let slim = || Ok(b"{}".to_vec());
+        assert_eq!(fitted(full(), slim, "id", 2_000).unwrap().len(), 1_000);
+        assert_eq!(fitted(full(), slim, "id", 1_200).unwrap(), b"{}");
+        assert_eq!(
+            fitted(full(), slim, &"i".repeat(800), 2_000).unwrap(),
+            b"{}"
+        );
+    }
+
+    #[test]
+    fn cut_keeps_whole_characters() {
+        assert_eq!(cut("héllo", 2), "h");
+        assert_eq!(cut("héllo", 3), "hé");
+        assert_eq!(cut("abc", 10), "abc");
+    }
 }

@@ -197,6 +197,14 @@ async fn a_worker_killed_mid_batch_double_counts_nothing() {
     ledger.spawn_workers(1).await.unwrap();
     ledger.settle(Duration::from_secs(120)).await.unwrap();
     assert_eq!(value(&ledger, "kill", from, to).await, Decimal::from(N));
+    // Each event is on `.valid` once: what the killed worker published
+    // before its ack, the next one published again under the same ids,
+    // and the broker dropped.
+    let valid = ledger
+        .subject_counts("billing.usage.*.valid")
+        .await
+        .unwrap();
+    assert_eq!(valid.values().sum::<u64>(), u64::from(N), "{valid:?}");
     // The rollups count each event once too: the child's roller may have
     // died mid-range; rolling again, and even every row rolled twice (as a
     // roller killed before its mark would), changes nothing.

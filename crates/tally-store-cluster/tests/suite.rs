@@ -9,7 +9,7 @@ use futures::future::BoxFuture;
 use tally_ledger::Ledger;
 use tally_ledger_suite::peers::{ClickHouse, Nats};
 use tally_ledger_suite::{Backend, run_all, usage_is_attributed_to_billing_accounts};
-use tally_store_cluster::{ClusterLedger, ClusterLedgerConfig, QUARANTINE_STREAM};
+use tally_store_cluster::{ClusterLedger, ClusterLedgerConfig, STREAM};
 
 struct Cluster(ClusterLedger);
 
@@ -59,11 +59,22 @@ async fn the_ledger_suite_passes_on_the_cluster() {
         backend.0.queries_from_rollups() > 0,
         "the suite's queries read the rollups"
     );
-    // The workers published the quarantined events, each on its reason.
+    // The workers published the quarantined events, each on its reason,
+    // and the others on `.valid`, all in the one stream.
+    let quarantine = backend
+        .0
+        .subject_counts("billing.usage.*.quarantine.*")
+        .await
+        .unwrap();
+    assert!(quarantine.len() >= 2, "{quarantine:?}");
+    let valid = backend
+        .0
+        .subject_counts("billing.usage.*.valid")
+        .await
+        .unwrap();
+    assert!(valid.values().sum::<u64>() > 0, "{valid:?}");
     let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
-    let mut stream = js.get_stream(QUARANTINE_STREAM).await.unwrap();
-    let subjects = stream.info().await.unwrap().state.subjects_count;
-    assert!(subjects >= 2, "{subjects} quarantine subjects");
+    let stream = js.get_stream(STREAM).await.unwrap();
     let missing = stream
         .get_last_raw_message_by_subject("billing.usage.default.quarantine.MISSING_VALUE")
         .await
@@ -71,4 +82,14 @@ async fn the_ledger_suite_passes_on_the_cluster() {
     let message: serde_json::Value = serde_json::from_slice(&missing.payload).unwrap();
     assert_eq!(message["reason"], "MISSING_VALUE", "{message}");
     assert!(message["event"]["id"].is_string(), "{message}");
+    assert!(message["seq"].is_u64(), "{message}");
+    let subject = valid.keys().next().unwrap();
+    let ok = stream
+        .get_last_raw_message_by_subject(subject)
+        .await
+        .unwrap();
+    let message: serde_json::Value = serde_json::from_slice(&ok.payload).unwrap();
+    assert!(message["event"]["id"].is_string(), "{message}");
+    assert!(message["ingestedAt"].is_string(), "{message}");
+    assert!(js.get_stream("billing-usage-quarantine").await.is_err());
 }
