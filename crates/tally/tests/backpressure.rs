@@ -64,21 +64,6 @@ async fn stored(http: &reqwest::Client, base: &str) -> Vec<String> {
     ids
 }
 
-async fn lag_events(http: &reqwest::Client, base: &str) -> String {
-    let text = http
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("tally_materialise_lag_events "))
-        .unwrap_or_else(|| panic!("no lag gauge in {text}"))
-        .to_owned()
-}
-
 #[tokio::test]
 async fn a_full_tail_answers_429_stores_nothing_and_accepts_the_retry() {
     let dir = tempfile::tempdir().unwrap();
@@ -92,7 +77,7 @@ async fn a_full_tail_answers_429_stores_nothing_and_accepts_the_retry() {
     let filled = batch(&http, base, &first).await;
     assert_eq!(filled.status(), StatusCode::OK);
     assert_eq!(filled.json::<Value>().await.unwrap()["accepted"], 3);
-    assert_eq!(lag_events(&http, base).await, "3");
+    assert_eq!(common::materialise_lag(base).await, 3);
 
     // The platform contract refuses the next request whole, at once.
     let refused_ids = ids(2);

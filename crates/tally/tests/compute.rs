@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 mod common;
 
-use common::{get, http};
+use common::{get, get_text, http};
 
 const ADMIN: &str = "admin-secret";
 const INGEST: &str = "agent-secret";
@@ -233,15 +233,7 @@ async fn bad_events_store_nothing_and_duplicates_are_counted_once() {
     let again = json!([lifecycle("a1", "scheduled", "acme", "web-0", None)]);
     let (_, body) = post_events(base, INGEST, &again).await;
     assert_eq!(body, json!({"accepted": 0, "duplicates": 1}));
-    let metrics = http()
-        .get(format!("{base}/metrics"))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(base, Some(ADMIN), "/metrics").await;
     for line in [
         "tally_compute_lifecycle_transitions_total{kind=\"scheduled\",reason=\"\"} 1",
         "tally_compute_lifecycle_transitions_total{kind=\"crashed\",reason=\"InstanceCrashing\"} 1",
@@ -473,15 +465,7 @@ async fn watched_instances_give_events_and_allocation_gauges() {
     assert!(r.status().is_success(), "{}", r.status());
     std::fs::remove_file(manifests.join("acme.yaml")).unwrap();
     for _ in 0..300 {
-        let text = http()
-            .get(format!("{base}/metrics"))
-            .bearer_auth(ADMIN)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = get_text(base, Some(ADMIN), "/metrics").await;
         if !text.contains("tally_compute_instance_cpu_allocated_vcpus{") {
             return;
         }

@@ -149,24 +149,6 @@ async fn create_meter(base: &str, slug: &str) {
     assert_eq!(r.status(), 201);
 }
 
-/// Acknowledged events not yet materialised, from `/metrics`.
-async fn materialise_lag(base: &str) -> u64 {
-    let text = tally_delivery::client_builder()
-        .build()
-        .expect("HTTP client")
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("tally_materialise_lag_events "))
-        .and_then(|v| v.parse().ok())
-        .expect("tally_materialise_lag_events in /metrics")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn acknowledged_events_survive_sigkill_and_are_never_doubled() {
     let dir = tempfile::tempdir().unwrap();
@@ -183,7 +165,7 @@ async fn acknowledged_events_survive_sigkill_and_are_never_doubled() {
         tokio::time::sleep(Duration::from_millis(300 + 200 * round as u64)).await;
         let mut lag = 0;
         for _ in 0..1_000 {
-            lag = materialise_lag(&server.base).await;
+            lag = common::materialise_lag(&server.base).await;
             if lag > 0 {
                 break;
             }

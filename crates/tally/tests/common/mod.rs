@@ -147,6 +147,26 @@ pub fn http() -> reqwest::Client {
         .unwrap()
 }
 
+/// `GET base+path`, with `token` when given: the answer's text (e.g.
+/// `/metrics`).
+pub async fn get_text(base: &str, token: Option<&str>, path: &str) -> String {
+    let mut request = http().get(format!("{base}{path}"));
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    request.send().await.unwrap().text().await.unwrap()
+}
+
+/// Acknowledged events not yet materialised (`tally_materialise_lag_events`
+/// on `/metrics`, which needs no token).
+pub async fn materialise_lag(base: &str) -> u64 {
+    let text = get_text(base, None, "/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix("tally_materialise_lag_events "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no tally_materialise_lag_events in {text}"))
+}
+
 /// `GET base+path` with `token`: the status and the JSON answer (`null` if
 /// it is not JSON).
 pub async fn get(base: &str, token: &str, path: &str) -> (StatusCode, Value) {
