@@ -541,40 +541,46 @@ async fn a_pipeline_without_its_first_snapshot_asks_senders_to_retry() {
     );
 }
 
-/// The platform's per-instance usage metrics, received over remote-write
-/// and OTLP, come out as gauges on `/metrics`; instances are capped.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn instance_usage_from_remote_write_and_otlp_is_on_metrics_and_capped() {
-    use tally_compute::usage::{CPU_METRIC, MAX_INSTANCES, MEMORY_METRIC};
-    let server = start_with(true, true).await;
+/// A snappy remote-write body: one `datum_compute_instance_cpu_usage_seconds_total`
+/// sample with `labels`.
+fn cpu_usage_write(labels: &[(&str, &str)], value: f64) -> Vec<u8> {
     let label = |name: &str, value: &str| Label {
         name: name.into(),
         value: value.into(),
     };
     let write = WriteRequest {
         timeseries: vec![TimeSeries {
-            labels: vec![
-                label("__name__", CPU_METRIC),
-                label("project", "p1"),
-                label("instance", "vm-a"),
-            ],
+            labels: std::iter::once(label("__name__", tally_compute::usage::CPU_METRIC))
+                .chain(labels.iter().map(|(n, v)| label(n, v)))
+                .collect(),
             samples: vec![Sample {
-                value: 12.5,
+                value,
                 timestamp: 1_700_000_000_000,
             }],
             histograms: vec![],
         }],
         metadata: vec![],
     };
-    let body = snap::raw::Encoder::new()
+    snap::raw::Encoder::new()
         .compress_vec(&write.encode_to_vec())
-        .unwrap();
-    let snappy = [
-        ("content-type", "application/x-protobuf"),
-        ("content-encoding", "snappy"),
-    ];
+        .unwrap()
+}
+
+/// The headers of a remote-write request.
+const SNAPPY: [(&str, &str); 2] = [
+    ("content-type", "application/x-protobuf"),
+    ("content-encoding", "snappy"),
+];
+
+/// The platform's per-instance usage metrics, received over remote-write
+/// and OTLP, come out as gauges on `/metrics`; instances are capped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instance_usage_from_remote_write_and_otlp_is_on_metrics_and_capped() {
+    use tally_compute::usage::{MAX_INSTANCES, MEMORY_METRIC};
+    let server = start_with(true, true).await;
+    let body = cpu_usage_write(&[("project", "p1"), ("instance", "vm-a")], 12.5);
     let response = server
-        .post("/api/v1/write", "ingest-token", &snappy, body)
+        .post("/api/v1/write", "ingest-token", &SNAPPY, body)
         .await;
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
     let cpu =
@@ -629,11 +635,9 @@ async fn instance_usage_from_remote_write_and_otlp_is_on_metrics_and_capped() {
     )));
     assert!(metrics.contains("tally_compute_instance_usage_evicted_total 51\n"));
     // Updated again, vm-a comes back with its CPU time.
-    let body = snap::raw::Encoder::new()
-        .compress_vec(&write.encode_to_vec())
-        .unwrap();
+    let body = cpu_usage_write(&[("project", "p1"), ("instance", "vm-a")], 12.5);
     server
-        .post("/api/v1/write", "ingest-token", &snappy, body)
+        .post("/api/v1/write", "ingest-token", &SNAPPY, body)
         .await;
     let metrics = server.get("/metrics").await.text().await.unwrap();
     assert!(metrics.contains(cpu), "{metrics:.2000}");
@@ -645,37 +649,18 @@ async fn instance_usage_from_remote_write_and_otlp_is_on_metrics_and_capped() {
 /// receivers answer 404.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instance_usage_arrives_without_a_pipeline() {
-    use tally_compute::usage::{CPU_METRIC, MEMORY_METRIC};
+    use tally_compute::usage::MEMORY_METRIC;
     let server = start_with(false, true).await;
-    let label = |name: &str, value: &str| Label {
-        name: name.into(),
-        value: value.into(),
-    };
-    let write = WriteRequest {
-        timeseries: vec![TimeSeries {
-            labels: vec![
-                label("__name__", CPU_METRIC),
-                label("project", "p1"),
-                label("namespace", "p1-prod"),
-                label("instance", "vm-a"),
-            ],
-            samples: vec![Sample {
-                value: 3.25,
-                timestamp: 1_700_000_000_000,
-            }],
-            histograms: vec![],
-        }],
-        metadata: vec![],
-    };
-    let body = snap::raw::Encoder::new()
-        .compress_vec(&write.encode_to_vec())
-        .unwrap();
-    let snappy = [
-        ("content-type", "application/x-protobuf"),
-        ("content-encoding", "snappy"),
-    ];
+    let body = cpu_usage_write(
+        &[
+            ("project", "p1"),
+            ("namespace", "p1-prod"),
+            ("instance", "vm-a"),
+        ],
+        3.25,
+    );
     let response = server
-        .post("/api/v1/write", "ingest-token", &snappy, body.clone())
+        .post("/api/v1/write", "ingest-token", &SNAPPY, body.clone())
         .await;
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
     let otlp = ExportMetricsServiceRequest {
@@ -721,12 +706,12 @@ async fn instance_usage_arrives_without_a_pipeline() {
     }
     // A customer token still may not write metrics.
     let response = server
-        .post("/api/v1/write", "project-token", &snappy, body.clone())
+        .post("/api/v1/write", "project-token", &SNAPPY, body.clone())
         .await;
     assert_eq!(response.status(), StatusCode::FORBIDDEN);
     let neither = start_with(false, false).await;
     let response = neither
-        .post("/api/v1/write", "ingest-token", &snappy, body)
+        .post("/api/v1/write", "ingest-token", &SNAPPY, body)
         .await;
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
 }
