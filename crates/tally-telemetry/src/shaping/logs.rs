@@ -6,7 +6,7 @@
 //! field is key, varint length, body):
 //!
 //! ```text
-//! ExportLogsServiceRequest { 1: ResourceLogs {
+//! ExportLogsServiceRequest { 1: ResourceLogs { (one per namespace)
 //!     1: Resource { 1: KeyValue k8s.namespace.name, 1: KeyValue tally.project.name }
 //!     2: ScopeLogs { 1: InstrumentationScope { 1: name }, 2: LogRecord... } } }
 //! LogRecord { 1: time_unix_nano (fixed64, if not 0), 6: KeyValue... (the kept
@@ -19,8 +19,9 @@
 //! Fields come in the order prost writes them (by field number), so the
 //! bytes are exactly prost's encoding of the same message (a test checks
 //! it). Each record is written to a scratch buffer (its length goes
-//! first), then appended to its project's buffer; the levels above are
-//! written once per project and request.
+//! first), then appended to its (project, namespace) buffer; the levels
+//! above are written once per namespace and request, so a record always
+//! goes out under its own namespace.
 
 use std::collections::BTreeMap;
 
@@ -132,12 +133,12 @@ fn any_of<'v>(value: &'v AttrValue<'_>, text: &'v mut String) -> Any<'v> {
     }
 }
 
-/// One project's kept records so far.
+/// One project's kept records so far: one resource per namespace, so each
+/// record goes out under its own namespace.
+#[derive(Default)]
 struct ProjectLogs {
-    /// The namespace of its first kept record (the resource's).
-    namespace: String,
-    /// `ScopeLogs.log_records` fields.
-    records: Vec<u8>,
+    /// `ScopeLogs.log_records` fields, by the records' namespace.
+    namespaces: BTreeMap<String, Vec<u8>>,
     count: u64,
 }
 
@@ -152,8 +153,8 @@ pub(super) struct LogsOut {
 }
 
 impl LogsOut {
-    /// Appends a kept record of `project` (whose first record's
-    /// `namespace` names the resource): its start time, `meta` and `fields`.
+    /// Appends a kept record of `project` in `namespace` (which names its
+    /// resource): its start time, `meta` and `fields`.
     pub(super) fn push<'r>(
         &mut self,
         project: &str,
@@ -182,16 +183,18 @@ impl LogsOut {
             scratch.extend_from_slice(&meta.observed_time_unix_nano.to_le_bytes());
         }
         if !self.projects.contains_key(project) {
-            let first = ProjectLogs {
-                namespace: namespace.to_owned(),
-                records: Vec::new(),
-                count: 0,
-            };
-            self.projects.insert(project.to_owned(), first);
+            self.projects
+                .insert(project.to_owned(), ProjectLogs::default());
         }
-        if let Some(p) = self.projects.get_mut(project) {
-            length_delimited(SCOPE_LOGS_LOG_RECORDS, scratch.len(), &mut p.records);
-            p.records.extend_from_slice(scratch);
+        let Some(p) = self.projects.get_mut(project) else {
+            return;
+        };
+        if !p.namespaces.contains_key(namespace) {
+            p.namespaces.insert(namespace.to_owned(), Vec::new());
+        }
+        if let Some(records) = p.namespaces.get_mut(namespace) {
+            length_delimited(SCOPE_LOGS_LOG_RECORDS, scratch.len(), records);
+            records.extend_from_slice(scratch);
             p.count += 1;
         }
     }
@@ -209,34 +212,40 @@ impl LogsOut {
     }
 }
 
-/// The request of one project's records.
+/// The request of one project's records: a `ResourceLogs` per namespace.
 fn request(project: &str, logs: &ProjectLogs) -> Vec<u8> {
-    let attributes = [
-        (K8S_NAMESPACE, logs.namespace.as_str()),
-        ("tally.project.name", project),
-    ];
+    let mut out = Vec::new();
+    for (namespace, records) in &logs.namespaces {
+        resource_logs(project, namespace, records, &mut out);
+    }
+    out
+}
+
+/// Appends one `ResourceLogs` (namespace and project as its resource) of
+/// encoded `records` to `out`.
+fn resource_logs(project: &str, namespace: &str, records: &[u8], out: &mut Vec<u8>) {
+    let attributes = [(K8S_NAMESPACE, namespace), ("tally.project.name", project)];
     let mut resource = Vec::new();
     for (key, value) in attributes {
         key_value(RESOURCE_ATTRIBUTES, key, Any::Str(value), &mut resource);
     }
     let scope = string_len(SCOPE_NAME, super::SCOPE);
     let scope_logs =
-        key_len(SCOPE_LOGS_SCOPE) + encoded_len_varint(scope as u64) + scope + logs.records.len();
+        key_len(SCOPE_LOGS_SCOPE) + encoded_len_varint(scope as u64) + scope + records.len();
     let resource_logs = key_len(RESOURCE_LOGS_RESOURCE)
         + encoded_len_varint(resource.len() as u64)
         + resource.len()
         + key_len(RESOURCE_LOGS_SCOPE_LOGS)
         + encoded_len_varint(scope_logs as u64)
         + scope_logs;
-    let mut out = Vec::with_capacity(resource_logs + 16);
-    length_delimited(REQUEST_RESOURCE_LOGS, resource_logs, &mut out);
-    length_delimited(RESOURCE_LOGS_RESOURCE, resource.len(), &mut out);
+    out.reserve(resource_logs + 16);
+    length_delimited(REQUEST_RESOURCE_LOGS, resource_logs, out);
+    length_delimited(RESOURCE_LOGS_RESOURCE, resource.len(), out);
     out.extend_from_slice(&resource);
-    length_delimited(RESOURCE_LOGS_SCOPE_LOGS, scope_logs, &mut out);
-    length_delimited(SCOPE_LOGS_SCOPE, scope, &mut out);
-    string(SCOPE_NAME, super::SCOPE, &mut out);
-    out.extend_from_slice(&logs.records);
-    out
+    length_delimited(RESOURCE_LOGS_SCOPE_LOGS, scope_logs, out);
+    length_delimited(SCOPE_LOGS_SCOPE, scope, out);
+    string(SCOPE_NAME, super::SCOPE, out);
+    out.extend_from_slice(records);
 }
 
 #[cfg(test)]
@@ -377,18 +386,27 @@ mod tests {
         );
         out.push("b", "ns-b", 2, &meta, std::iter::empty());
         out.push("a", "ns-a2", 3, &meta, std::iter::empty());
+        out.push("a", "ns-a", 4, &meta, std::iter::empty());
         let requests = out.finish();
         assert_eq!(requests.len(), 2);
         let a = ExportLogsServiceRequest::decode(&requests["a"].0[..]).unwrap();
-        assert_eq!(requests["a"].1, 2);
-        let records = &a.resource_logs[0].scope_logs[0].log_records;
+        assert_eq!(requests["a"].1, 3);
+        // Each namespace is its own resource, with its own records in order.
+        let by_namespace: Vec<(KeyValue, Vec<u64>)> = a
+            .resource_logs
+            .iter()
+            .map(|r| {
+                let namespace = r.resource.as_ref().unwrap().attributes[0].clone();
+                let times = r.scope_logs[0].log_records.iter();
+                (namespace, times.map(|l| l.time_unix_nano).collect())
+            })
+            .collect();
         assert_eq!(
-            records.iter().map(|r| r.time_unix_nano).collect::<Vec<_>>(),
-            [1, 3]
-        );
-        assert_eq!(
-            a.resource_logs[0].resource.as_ref().unwrap().attributes[0],
-            string_attribute(K8S_NAMESPACE, "ns-a")
+            by_namespace,
+            [
+                (string_attribute(K8S_NAMESPACE, "ns-a"), vec![1, 4]),
+                (string_attribute(K8S_NAMESPACE, "ns-a2"), vec![3]),
+            ]
         );
     }
 }
