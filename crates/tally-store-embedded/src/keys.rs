@@ -4,7 +4,8 @@
 //! |--------------|------------------------------------------------------------|-------|
 //! | `log`        | first seq of the block (u64 BE)                            | an event block: see [`crate::block`] |
 //! | `dedupe`     | sorted runs of 32-bit key hashes with log positions, and their marks: see [`crate::dedupe`] | |
-//! | `rollups`    | the bucket key where a chunk's range starts (below) | a chunk of consecutive buckets: see [`crate::chunk`] |
+//! | `rollups`    | minute and hour: meter generation (u32 BE), level (u8), subject id (u32 BE), bucket start in minutes (40 bits, offset 2^39, BE), groups id (u32 BE): 18 bytes | the bucket's state: see [`encode_rollup_value`] |
+//! | `rollups`    | day: meter generation (u32 BE), level (u8), bucket start (40 bits), subject id (u32 BE), [`ALL_GROUPS`] (u32 BE): 18 bytes | the state of every group: see [`encode_rollup_value`] |
 //! | `quarantine` | meter (u16 len + bytes; empty = no meter), seq (u64 BE)    | JSON [`QuarantineEntry`] |
 //! | `voids`      | seq (u64 BE) of the voided event                           | JSON [`tally_ledger::VoidRecord`] |
 //! | `void_order` | void ordinal (u64 BE, 0, 1, ... in recording order)        | seq (u64 BE) of the voided event |
@@ -112,19 +113,14 @@ pub fn decode_dedupe(value: &[u8]) -> Result<(u64, i64), StoreError> {
 
 // ---- rollups --------------------------------------------------------------
 //
-// Bucket keys order the rollups; they are stored in chunks of consecutive
-// buckets, each under the key where its range starts ([`crate::chunk`]).
-// Minute and hour bucket keys: meter generation (u32 BE), level (u8),
-// subject id (u32 BE), bucket start in minutes (40 bits, offset 2^39, BE),
-// groups id (u32 BE). Day bucket keys: generation, level, bucket start (40
-// bits), subject id, [`ALL_GROUPS`].
-//
 // A rollup key is 18 bytes: generation (u32 BE), level (u8), subject id
 // (u32 BE), bucket start in minutes since the epoch (40-bit, offset by 2^39,
 // BE), groups id (u32 BE). Subjects and group tuples are interned in the
 // dictionary (`meta` keys `dict/i/<id>` and `dict/n/<entry>`, see
 // [`crate::dict`]). A key of at most 20 bytes is stored inline by fjall's
-// memtable, so comparing two keys never leaves the skiplist node.
+// memtable, so comparing two keys never leaves the skiplist node: the
+// writer's rollup lookups and inserts cost half the cache misses of a key
+// that spells its subject and groups out.
 //
 // Minute and hour keys are subject-major: one subject's usage over a month
 // is one short range. Day keys are time-major and hold every group of a
@@ -247,6 +243,11 @@ pub fn rollup_key(
     Ok(out)
 }
 
+/// Whether a rollup key is a day bucket's.
+pub fn is_day_key(key: &RollupKey) -> bool {
+    key[4] == Level::Day.as_u8()
+}
+
 /// A decoded rollup key (after the generation and level).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DecodedRollupKey {
@@ -289,23 +290,19 @@ pub fn decode_rollup_key(key: &[u8]) -> Result<DecodedRollupKey, StoreError> {
 // | `0x15` | MIN                | scale (u8), zigzag varint mantissa (i128) |
 // | `0x16` | MAX                | scale (u8), zigzag varint mantissa (i128) |
 // | 1–7    | any (format 6 and before; still written for UNIQUE_COUNT and LATEST) | [`AggState::encode`] |
-// | `0x17` | any, inside a chunk (format 8) | varint length, [`AggState::encode`] |
 //
-// Format 8 keeps states inside chunks ([`crate::chunk`]): the compact
-// layouts, or `0x17` for the others. A value of format 6 or 7 (one bucket
-// a key) reads as a one-bucket chunk; opening such a store gathers them.
+// Both are read: a value written before format 7 keeps its layout until its
+// bucket is written again.
 
 const SUM_TAG: u8 = 0x11;
 const COUNT_TAG: u8 = 0x12;
 const AVG_TAG: u8 = 0x14;
 const MIN_TAG: u8 = 0x15;
 const MAX_TAG: u8 = 0x16;
-/// In a chunk: a state in the [`AggState::encode`] layout, length first.
-const RAW_TAG: u8 = 0x17;
 /// A varint of a u128 is at most this long.
 const MAX_VARINT_LEN: usize = 19;
 
-pub(crate) fn push_varint(out: &mut Vec<u8>, mut v: u128) {
+fn push_varint(out: &mut Vec<u8>, mut v: u128) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
         v >>= 7;
@@ -313,7 +310,7 @@ pub(crate) fn push_varint(out: &mut Vec<u8>, mut v: u128) {
     out.push(v as u8);
 }
 
-pub(crate) fn take_varint(bytes: &mut &[u8]) -> Result<u128, StoreError> {
+fn take_varint(bytes: &mut &[u8]) -> Result<u128, StoreError> {
     let mut v: u128 = 0;
     for (i, &b) in bytes.iter().take(MAX_VARINT_LEN).enumerate() {
         v |= u128::from(b & 0x7f) << (7 * i);
@@ -373,60 +370,6 @@ pub fn encode_rollup_value(state: &AggState, out: &mut Vec<u8>) {
         }
         AggState::UniqueCount(_) | AggState::Latest { .. } => state.encode(out),
     }
-}
-
-/// A state inside a chunk ([`crate::chunk`]): the compact layouts are
-/// self-delimiting and written as they are; any other state is
-/// [`RAW_TAG`], its length (varint) and [`AggState::encode`].
-pub fn push_chunk_state(state: &AggState, out: &mut Vec<u8>) {
-    match state {
-        AggState::UniqueCount(_) | AggState::Latest { .. } => {
-            let raw = state.to_bytes();
-            out.push(RAW_TAG);
-            push_varint(out, raw.len() as u128);
-            out.extend_from_slice(&raw);
-        }
-        _ => encode_rollup_value(state, out),
-    }
-}
-
-/// Takes one state written by [`push_chunk_state`] off the front of
-/// `bytes`; returns it as [`decode_rollup_value`] reads it. Only the
-/// lengths are read: the state is decoded when it is used.
-pub fn take_chunk_state<'a>(bytes: &mut &'a [u8]) -> Result<&'a [u8], StoreError> {
-    let all: &'a [u8] = bytes;
-    let (&tag, mut rest) = all
-        .split_first()
-        .ok_or(StoreError::Corrupt("short rollup chunk"))?;
-    let skip_decimal = |rest: &mut &[u8]| -> Result<(), StoreError> {
-        *rest = rest
-            .get(1..)
-            .ok_or(StoreError::Corrupt("short rollup chunk"))?;
-        take_varint(rest).map(drop)
-    };
-    match tag {
-        SUM_TAG | AVG_TAG => {
-            skip_decimal(&mut rest)?;
-            take_varint(&mut rest)?;
-        }
-        COUNT_TAG => {
-            take_varint(&mut rest)?;
-        }
-        MIN_TAG | MAX_TAG => skip_decimal(&mut rest)?,
-        RAW_TAG => {
-            let len = usize::try_from(take_varint(&mut rest)?)
-                .map_err(|_| StoreError::Corrupt("rollup chunk state length"))?;
-            let raw = rest
-                .get(..len)
-                .ok_or(StoreError::Corrupt("short rollup chunk state"))?;
-            *bytes = &rest[len..];
-            return Ok(raw);
-        }
-        _ => return Err(StoreError::Corrupt("rollup chunk state tag")),
-    }
-    let used = all.len() - rest.len();
-    *bytes = rest;
-    Ok(&all[..used])
 }
 
 /// Reads a rollup value of either layout.
@@ -641,11 +584,9 @@ pub const FORMAT_KEY: &str = "format";
 /// the log; `meta` `materialised` (u64 BE) is the log position they
 /// include. 6: the log is event blocks in `log` (format 3, 4 and 5 stores
 /// are upgraded when opened: see `writer/upgrade.rs`). 7: rollup values
-/// are compact (see [`encode_rollup_value`]). 8: rollups are stored in
-/// chunks of consecutive buckets ([`crate::chunk`]); the values of a
-/// format-4 to 7 store are gathered into chunks when it opens
-/// (`crate::chunk_upgrade`).
-pub const FORMAT: u64 = 8;
+/// are compact (see [`encode_rollup_value`]); format-6 values stay readable,
+/// so a format-6 store is only marked 7 when opened.
+pub const FORMAT: u64 = 7;
 pub const GARBAGE_PREFIX: &str = "garbage/";
 
 #[cfg(test)]

@@ -16,11 +16,10 @@
 
 mod block;
 mod changes;
-mod chunk;
-mod chunk_upgrade;
 mod dedupe;
 mod dict;
 mod keys;
+mod known;
 pub mod log;
 mod materialise;
 mod read;
@@ -87,7 +86,7 @@ pub struct StoreConfig {
     /// Events dated further ahead of the clock than this are refused.
     pub max_future: SignedDuration,
     /// Bytes of fjall's block cache. Once a store outgrows it, the writer's
-    /// read-modify-writes of rollup chunks read (and checksum) blocks from
+    /// read-modify-writes of rollup buckets read (and checksum) blocks from
     /// disk, which is what bounds ingest at a few million events.
     pub cache_bytes: u64,
     /// Most events acknowledged but not yet materialised (a few hundred
@@ -97,8 +96,9 @@ pub struct StoreConfig {
     /// How long acknowledged events may wait for a bulk worth
     /// materialising to gather.
     pub materialise_patience: std::time::Duration,
-    /// Most bytes the dedupe runs' in-memory filters may take; past it
-    /// the filter steps aside and reads go to the store. A quarter of it bounds the dedupe keys kept exactly in memory
+    /// Most bytes each in-memory key filter (dedupe run filters, rollup
+    /// keys) may take; past it the filter steps aside and reads go to the
+    /// store. A quarter of it bounds the dedupe keys kept exactly in memory
     /// before they are written as a run, so the dedupe decision's memory
     /// is bounded whatever the horizon holds.
     pub key_filter_bytes: u64,
@@ -238,7 +238,7 @@ impl Shared {
     }
 }
 
-/// The format of the store: ours, or format 3 to 7, which are
+/// The format of the store: ours, or format 3, 4, 5 or 6, which are
 /// upgraded when the store opens. Refuses any other; marks a new store with
 /// ours.
 fn check_format(db: &Database, keyspaces: &Keyspaces, empty_log: bool) -> Result<u64, StoreError> {
@@ -257,7 +257,7 @@ fn check_format(db: &Database, keyspaces: &Keyspaces, empty_log: bool) -> Result
         }
         None => 1,
     };
-    if found == keys::FORMAT || (3..keys::FORMAT).contains(&found) {
+    if found == keys::FORMAT || (3..=6).contains(&found) {
         Ok(found)
     } else {
         Err(StoreError::Format {
@@ -287,6 +287,20 @@ fn open_log_keyspace(db: &Database) -> Result<Keyspace, StoreError> {
     Ok(db.keyspace("log", || {
         KeyspaceCreateOptions::default().data_block_compression_policy(none)
     })?)
+}
+
+/// Format 7 writes rollup values compactly and still reads format-6 values
+/// (see [`keys::encode_rollup_value`]): a format-6 store only needs its
+/// mark. Its values are rewritten as their buckets are written again.
+fn upgrade_from_format_6(db: &Database, keyspaces: &Keyspaces) -> Result<(), StoreError> {
+    let mut batch = db.batch().durability(Some(fjall::PersistMode::SyncAll));
+    batch.insert(
+        &keyspaces.meta,
+        keys::FORMAT_KEY,
+        keys::FORMAT.to_be_bytes(),
+    );
+    batch.commit()?;
+    Ok(())
 }
 
 impl EmbeddedLedger {
@@ -336,10 +350,10 @@ impl EmbeddedLedger {
         }
         let next_seq = log.end()?;
         if format != keys::FORMAT {
-            writer::upgrade::record_materialised(&db, &keyspaces, next_seq)?;
+            writer::upgrade::record_materialised(&db, &keyspaces, next_seq, format)?;
         }
-        if (4..keys::FORMAT).contains(&format) {
-            chunk_upgrade::rollups_into_chunks(&db, &keyspaces, format)?;
+        if format == 6 {
+            upgrade_from_format_6(&db, &keyspaces)?;
         }
         let mut voided = HashSet::new();
         for item in keyspaces.voids.iter() {
@@ -368,9 +382,11 @@ impl EmbeddedLedger {
                 usize::try_from(config.key_filter_bytes).unwrap_or(usize::MAX),
             )),
         });
-        let derived = Arc::new(Mutex::new(materialise::FjallDerived::new(Arc::clone(
-            &shared,
-        ))));
+        let filter_budget = usize::try_from(config.key_filter_bytes).unwrap_or(usize::MAX);
+        let derived = Arc::new(Mutex::new(materialise::FjallDerived::new(
+            Arc::clone(&shared),
+            filter_budget,
+        )));
         let (tx, rx) = mpsc::channel(1024);
         let mut writer = Writer::new(
             Arc::clone(&shared),

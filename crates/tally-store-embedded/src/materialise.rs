@@ -12,10 +12,10 @@
 //! - a [`DerivedStore`]: takes consecutive tail chunks and folds them in
 //!   atomically with the position they end at. [`FjallDerived`] merges the
 //!   chunks' deltas in key order (a k-way merge of their sorted runs),
-//!   merges them into the rollup chunks they fall in, each read and
-//!   rewritten once a bulk ([`crate::chunk`]), and writes the chunks,
-//!   quarantine and dictionary entries and the position in one batch
-//!   (dedupe keys are the writer's: `crate::dedupe`).
+//!   reads each bucket's stored state once (skipped for keys the filter
+//!   knows are new; a bounded cache keeps day buckets and buckets read
+//!   again), and writes rollups, quarantine and dictionary entries and the
+//!   position in one batch (dedupe keys are the writer's: `crate::dedupe`).
 //!
 //! [`run`] is the materialiser thread: it waits for a bulk of chunks (or
 //! for the oldest to have waited a little), folds them in, and trims the
@@ -38,13 +38,18 @@ use std::collections::binary_heap::PeekMut;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use rustc_hash::FxHashMap;
 use tally_meter::AggState;
 use tracing::warn;
 
-use crate::keys::RollupKey;
+use crate::keys::{self, RollupKey};
+use crate::known::{self, KnownKeys};
 use crate::tail::{MATERIALISED_KEY, Tail, TailChunk};
-use crate::{Shared, StoreError, chunk, dict};
+use crate::{Shared, StoreError, dict};
 
+/// Most rollup states kept in memory between read-modify-writes (about
+/// 100 bytes each): two generations of at most half as many.
+const ROLLUP_CACHE_ENTRIES: usize = 500_000;
 /// A bulk worth materialising at once, in events.
 const BULK_EVENTS: u64 = 100_000;
 /// Most events folded in one batch.
@@ -98,11 +103,16 @@ impl Deltas {
     }
 }
 
-/// The rollups in the fjall database, stored in chunks ([`crate::chunk`]).
+/// The rollups in the fjall database, with what makes their
+/// read-modify-writes cheap.
 pub(crate) struct FjallDerived {
     shared: Arc<Shared>,
-    /// Reused to encode each chunk before it is copied into the batch.
+    /// Recently merged states by key; only committed states.
+    cache: StateCache,
+    /// Reused to encode each state before it is copied into the batch.
     encoded: Vec<u8>,
+    /// A filter of the rollup keys the store holds.
+    pub known_rollups: KnownKeys,
 }
 
 /// Takes the lock of the derived store.
@@ -113,22 +123,63 @@ pub(crate) fn lock<D>(derived: &Mutex<D>) -> MutexGuard<'_, D> {
 }
 
 impl FjallDerived {
-    pub fn new(shared: Arc<Shared>) -> FjallDerived {
+    /// `filter_budget`: most bytes the rollup key filter may take.
+    pub fn new(shared: Arc<Shared>, filter_budget: usize) -> FjallDerived {
+        let known_rollups = KnownKeys::new(
+            shared.keyspaces.rollups.approximate_len(),
+            known::hash_key,
+            filter_budget,
+        );
         FjallDerived {
             shared,
-            encoded: Vec::with_capacity(4096),
+            cache: StateCache::default(),
+            encoded: Vec::with_capacity(64),
+            known_rollups,
         }
     }
 
-    /// Adds to `batch` the chunks the deltas (in key order, each key once)
-    /// fall in, with the deltas merged in: each chunk is read once from the
-    /// committed store and rewritten whole ([`chunk::write`]).
+    /// Adds to `batch` the new state of every bucket a delta touches (in key
+    /// order, so consecutive memtable searches share most of their path);
+    /// returns those worth caching, for [`FjallDerived::remember`] once
+    /// committed: buckets that were read (they are written again), and day
+    /// buckets (the coarsest: the next bulk most likely touches them again).
+    /// A new minute or hour bucket is rarely touched again soon, and caching
+    /// each would cost a hash-map insert per event.
     pub fn fold(
         &mut self,
         batch: &mut fjall::OwnedWriteBatch,
         deltas: Vec<(RollupKey, AggState)>,
-    ) -> Result<(), StoreError> {
-        self.write(batch, deltas, chunk::Op::Add)
+    ) -> Result<Vec<(RollupKey, AggState)>, StoreError> {
+        let rollups = &self.shared.keyspaces.rollups.clone();
+        let mut worth_caching = Vec::new();
+        for (key, delta) in deltas {
+            let Some(mut state) = self.current_state(&key)? else {
+                self.put(batch, rollups, key, &delta);
+                self.known_rollups.insert(&key);
+                if keys::is_day_key(&key) {
+                    worth_caching.push((key, delta));
+                }
+                continue;
+            };
+            state.merge(&delta).map_err(StoreError::State)?;
+            self.put(batch, rollups, key, &state);
+            worth_caching.push((key, state));
+        }
+        Ok(worth_caching)
+    }
+
+    /// Adds a bucket's state to `batch`, encoded in the reused buffer (one
+    /// allocation per bucket, the batch's own copy).
+    fn put(
+        &mut self,
+        batch: &mut fjall::OwnedWriteBatch,
+        rollups: &fjall::Keyspace,
+        key: RollupKey,
+        state: &AggState,
+    ) {
+        self.encoded.clear();
+        keys::encode_rollup_value(state, &mut self.encoded);
+        batch.insert(rollups, key, self.encoded.as_slice());
     }
 
     /// Like [`FjallDerived::fold`], but takes the states back out; a bucket
@@ -137,28 +188,71 @@ impl FjallDerived {
         &mut self,
         batch: &mut fjall::OwnedWriteBatch,
         retractions: Vec<(RollupKey, AggState)>,
-    ) -> Result<(), StoreError> {
-        self.write(batch, retractions, chunk::Op::Retract)
+    ) -> Result<Vec<(RollupKey, AggState)>, StoreError> {
+        let rollups = &self.shared.keyspaces.rollups.clone();
+        let mut updated = Vec::with_capacity(retractions.len());
+        for (key, retraction) in retractions {
+            let mut state = self.current_state(&key)?.ok_or(StoreError::Corrupt(
+                "a voided event's rollup bucket is missing",
+            ))?;
+            if state.retract(&retraction).map_err(StoreError::State)? {
+                batch.remove(rollups, key);
+            } else {
+                self.put(batch, rollups, key, &state);
+                updated.push((key, state));
+            }
+        }
+        Ok(updated)
     }
 
-    fn write(
-        &mut self,
-        batch: &mut fjall::OwnedWriteBatch,
-        deltas: Vec<(RollupKey, AggState)>,
-        op: chunk::Op,
-    ) -> Result<(), StoreError> {
-        // Only the holder of the lock writes rollups, so the snapshot is
-        // what the batch's chunks were read from when it commits.
-        let snapshot = self.shared.db.snapshot();
-        chunk::write(
-            &snapshot,
-            &self.shared.keyspaces.rollups,
-            batch,
-            deltas,
-            op,
-            chunk::MAX_ENTRIES,
-            &mut self.encoded,
-        )
+    /// A bucket's current state: the cached one, else the stored one. Takes
+    /// it out of the cache; [`FjallDerived::remember`] puts it back after
+    /// the commit, so the cache never holds a state the store does not.
+    fn current_state(&mut self, key: &RollupKey) -> Result<Option<AggState>, StoreError> {
+        // A key the store has never held is not cached either: most keys
+        // are new, and the filter answers sooner than the cache.
+        if !self.known_rollups.may_contain(key) {
+            return Ok(None);
+        }
+        if let Some(cached) = self.cache.take(key) {
+            return Ok(Some(cached));
+        }
+        self.shared
+            .keyspaces
+            .rollups
+            .get(key)?
+            .map(|raw| keys::decode_rollup_value(&raw))
+            .transpose()
+    }
+
+    /// Caches states just committed, within the cache's bound.
+    pub fn remember(&mut self, states: Vec<(RollupKey, AggState)>) {
+        for (key, state) in states {
+            self.cache.put(key, state);
+        }
+    }
+}
+
+/// Rollup states by key, at most [`ROLLUP_CACHE_ENTRIES`]: new states go to
+/// the young generation; when it is full it becomes the old one (the old
+/// one is dropped). A state read again is taken out, so it lives as long as
+/// it keeps being used, and memory never passes the bound.
+#[derive(Default)]
+struct StateCache {
+    young: FxHashMap<RollupKey, AggState>,
+    old: FxHashMap<RollupKey, AggState>,
+}
+
+impl StateCache {
+    fn take(&mut self, key: &RollupKey) -> Option<AggState> {
+        self.young.remove(key).or_else(|| self.old.remove(key))
+    }
+
+    fn put(&mut self, key: RollupKey, state: AggState) {
+        if self.young.len() >= ROLLUP_CACHE_ENTRIES / 2 {
+            self.old = std::mem::take(&mut self.young);
+        }
+        self.young.insert(key, state);
     }
 }
 
@@ -171,7 +265,7 @@ impl DerivedStore for FjallDerived {
         let ks = &shared.keyspaces;
         let deltas = merge_chunks(chunks)?;
         let mut batch = shared.db.batch();
-        self.fold(&mut batch, deltas)?;
+        let states = self.fold(&mut batch, deltas)?;
         for chunk in chunks {
             for (key, value) in &chunk.quarantine {
                 batch.insert(&ks.quarantine, key.as_slice(), value.as_slice());
@@ -180,6 +274,7 @@ impl DerivedStore for FjallDerived {
         }
         batch.insert(&ks.meta, MATERIALISED_KEY, last.end_seq.to_be_bytes());
         batch.commit()?;
+        self.remember(states);
         Ok(last.end_seq)
     }
 }
@@ -262,7 +357,7 @@ mod tests {
     use super::*;
 
     fn key(k: u16) -> RollupKey {
-        let mut key = [0u8; crate::keys::ROLLUP_KEY_LEN];
+        let mut key = [0u8; keys::ROLLUP_KEY_LEN];
         key[16..].copy_from_slice(&k.to_be_bytes());
         key
     }
@@ -308,6 +403,28 @@ mod tests {
                 .map(|(k, n)| (k, AggState::Count(n)))
                 .collect();
             prop_assert_eq!(merged, expected);
+        }
+    }
+
+    #[test]
+    fn the_state_cache_keeps_what_is_used_within_its_bound() {
+        let mut cache = StateCache::default();
+        let half = ROLLUP_CACHE_ENTRIES / 2;
+        cache.put(key(0), AggState::Count(7));
+        for k in 1..=half as u64 {
+            let mut other = [1u8; keys::ROLLUP_KEY_LEN];
+            other[..8].copy_from_slice(&k.to_be_bytes());
+            cache.put(other, AggState::Count(k));
+        }
+        // The first state went to the old generation, not away.
+        assert_eq!(cache.young.len() + cache.old.len(), half + 1);
+        assert_eq!(cache.take(&key(0)), Some(AggState::Count(7)));
+        assert_eq!(cache.take(&key(0)), None, "taken out when read");
+        for k in 0..(2 * half) as u64 {
+            let mut other = [2u8; keys::ROLLUP_KEY_LEN];
+            other[..8].copy_from_slice(&k.to_be_bytes());
+            cache.put(other, AggState::Count(k));
+            assert!(cache.young.len() + cache.old.len() <= ROLLUP_CACHE_ENTRIES);
         }
     }
 }

@@ -35,9 +35,8 @@ use tally_meter::{AggState, CompiledMeter, Level, QueryPlan, Window, window};
 use tally_model::billing::{Attribution, Owner};
 
 use crate::block::Block;
-use crate::chunk;
 use crate::dict::{self, ReaderDict};
-use crate::keys::{self, DictEntry, MeterState, QuarantineEntry, RollupKey};
+use crate::keys::{self, DictEntry, MeterState, QuarantineEntry};
 use crate::log::LoggedEvent;
 use crate::tail::TailChunk;
 use crate::{Shared, StoreError};
@@ -192,13 +191,17 @@ pub fn usage_span(
     let (_, state) = ready_meter(shared, meter_name)?;
     let (snapshot, tail) = shared.tail.view(&shared.db, &shared.keyspaces.meta)?;
     let prefix = keys::rollup_level_prefix(state.generation, Level::Day)?;
-    let stored = chunk::first_and_last(&snapshot, &shared.keyspaces.rollups, &prefix)?;
-    let day_of =
-        |key: RollupKey| -> Result<i64, StoreError> { Ok(keys::decode_rollup_key(&key)?.bucket) };
-    let (mut first, mut last) = match stored {
-        Some((lo, hi)) => (Some(day_of(lo)?), Some(day_of(hi)?)),
-        None => (None, None),
+    let mut days = snapshot.prefix(&shared.keyspaces.rollups, prefix);
+    let day_of = |item: Option<fjall::Guard>| -> Result<Option<i64>, LedgerError> {
+        match item {
+            None => Ok(None),
+            Some(item) => Ok(Some(
+                keys::decode_rollup_key(&item.key().map_err(storage)?)?.bucket,
+            )),
+        }
     };
+    let mut first = day_of(days.next())?;
+    let mut last = day_of(days.next_back())?.or(first);
     for chunk in &tail {
         let in_tail = chunk.rollups_with_prefix(&prefix);
         if let (Some((lo, _)), Some((hi, _))) = (in_tail.first(), in_tail.last()) {
@@ -721,9 +724,10 @@ impl RollupView<'_> {
         end: &[u8],
         mut f: impl FnMut(&[u8], Value) -> Result<(), LedgerError>,
     ) -> Result<(), LedgerError> {
-        chunk::each_in(self.snapshot, self.rollups, start, end, |key, raw| {
-            f(key, Value::Stored(raw))
-        })?;
+        for item in self.snapshot.range(self.rollups, start..end) {
+            let (key, value) = item.into_inner().map_err(storage)?;
+            f(&key, Value::Stored(&value))?;
+        }
         for chunk in self.tail {
             for (key, state) in chunk.rollups_in(start, end) {
                 f(key, Value::Tail(state))?;

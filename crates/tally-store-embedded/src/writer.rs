@@ -53,6 +53,7 @@ use crate::block::Record;
 use crate::dedupe::{DedupeIndex, LogConfirm};
 use crate::dict::WriterDict;
 use crate::keys::{self, MeterState, QuarantineEntry};
+use crate::known::{KnownKeys, Scan};
 use crate::log::EventLog;
 use crate::materialise::{self, Deltas, FjallDerived};
 use crate::tail::TailChunk;
@@ -69,6 +70,8 @@ const BACKFILL_SPAN: u64 = 100_000;
 const REPLAY_CHUNK: usize = 50_000;
 /// Keys removed per garbage-collection step.
 const GARBAGE_CHUNK: usize = 50_000;
+/// Keys added to a [`KnownKeys`] filter per step of its opening scan.
+const KNOWN_SCAN_CHUNK: usize = 200_000;
 
 /// A reply channel for an ingest request: the outcome, and the events
 /// handed back, so that freeing them is the caller's work and not the
@@ -170,6 +173,8 @@ pub(crate) struct Writer {
     /// Most events acknowledged but not yet materialised; ingest waits
     /// beyond it.
     max_tail_events: u64,
+    /// Whether the rollup key filter's opening scan is done.
+    rollups_scanned: bool,
 }
 
 /// Whether an event is a duplicate of one the index holds that has not
@@ -239,6 +244,7 @@ impl Writer {
             dict,
             derived,
             max_tail_events: config.max_unmaterialised_events.max(1),
+            rollups_scanned: false,
         }
     }
 
@@ -658,8 +664,10 @@ impl Writer {
     ) -> Result<(), StoreError> {
         let derived = Arc::clone(&self.derived);
         let mut derived = materialise::lock(&derived);
-        derived.fold(&mut batch, deltas.merged()?)?;
-        self.commit(batch)
+        let merged_states = derived.fold(&mut batch, deltas.merged()?)?;
+        self.commit(batch)?;
+        derived.remember(merged_states);
+        Ok(())
     }
 
     /// Commits a batch with the dictionary entries it introduces, then
@@ -990,8 +998,10 @@ impl Writer {
     ) -> Result<(), StoreError> {
         let derived = Arc::clone(&self.derived);
         let mut derived = materialise::lock(&derived);
-        derived.retract(&mut batch, retractions.merged()?)?;
-        self.commit(batch)
+        let updated = derived.retract(&mut batch, retractions.merged()?)?;
+        self.commit(batch)?;
+        derived.remember(updated);
+        Ok(())
     }
 
     /// Reserves `count` new meter generations in `batch`; returns the first.
@@ -1111,6 +1121,9 @@ impl Writer {
     /// whether there may be more to do right away.
     fn background_step(&mut self) -> Result<bool, StoreError> {
         self.dict.roll_back();
+        if self.known_step()? {
+            return Ok(true);
+        }
         if self.backfill_step()? {
             return Ok(true);
         }
@@ -1121,6 +1134,21 @@ impl Writer {
             return Ok(true);
         }
         self.prune_step()
+    }
+
+    /// A step of the scan that puts the keys present at open into the
+    /// [`KnownKeys`] filters; until it is done they answer "maybe".
+    fn known_step(&mut self) -> Result<bool, StoreError> {
+        let shared = Arc::clone(&self.shared);
+        let ks = &shared.keyspaces;
+        if !self.rollups_scanned {
+            let derived = Arc::clone(&self.derived);
+            let mut derived = materialise::lock(&derived);
+            scan_step("rollups", &ks.rollups, &mut derived.known_rollups)?;
+            self.rollups_scanned = *derived.known_rollups.scan() == Scan::Done;
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     fn backfill_step(&mut self) -> Result<bool, StoreError> {
@@ -1230,6 +1258,47 @@ impl Writer {
             .drop_expired(&shared.db, &shared.keyspaces.dedupe, now.as_second())?;
         Ok(false)
     }
+}
+
+/// Adds the next keys of `keyspace` to `known`, past its scan's cursor.
+fn scan_step(
+    name: &str,
+    keyspace: &fjall::Keyspace,
+    known: &mut KnownKeys,
+) -> Result<(), StoreError> {
+    let Scan::From(cursor) = known.scan().clone() else {
+        return Ok(());
+    };
+    let keys = match cursor {
+        None => keyspace.iter(),
+        Some(from) => keyspace.range(from..),
+    };
+    let mut last = None;
+    let mut read = 0;
+    for item in keys.take(KNOWN_SCAN_CHUNK) {
+        let key = item.key()?;
+        known.insert(&key);
+        last = Some(key);
+        read += 1;
+    }
+    match last {
+        Some(last) if read == KNOWN_SCAN_CHUNK => {
+            // The first key after `last`.
+            let mut next = last.to_vec();
+            next.push(0);
+            known.set_scan(Scan::From(Some(next)));
+        }
+        _ => {
+            known.set_scan(Scan::Done);
+            info!(
+                keyspace = name,
+                bytes = known.bytes(),
+                saturated = known.saturated(),
+                "key filter ready"
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Measures one event with one meter: adds its rollup deltas, or returns

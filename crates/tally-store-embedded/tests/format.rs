@@ -200,7 +200,7 @@ async fn a_format_4_store_is_upgraded_when_opened() {
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     raw_meta(&|meta| {
         let format = meta.get("format").unwrap().unwrap();
-        assert_eq!(u64::from_be_bytes(format[..].try_into().unwrap()), 8);
+        assert_eq!(u64::from_be_bytes(format[..].try_into().unwrap()), 7);
         let position = meta.get("materialised").unwrap().unwrap();
         assert_eq!(u64::from_be_bytes(position[..].try_into().unwrap()), 240);
     });
@@ -340,7 +340,7 @@ async fn a_format_5_store_is_moved_into_event_blocks_when_opened() {
             .keyspace("meta", fjall::KeyspaceCreateOptions::default)
             .unwrap();
         let format = meta.get("format").unwrap().unwrap();
-        assert_eq!(u64::from_be_bytes(format[..].try_into().unwrap()), 8);
+        assert_eq!(u64::from_be_bytes(format[..].try_into().unwrap()), 7);
     }
     // Opened again, in the new format, the same.
     let ledger = open(dir.path());
@@ -350,7 +350,7 @@ async fn a_format_5_store_is_moved_into_event_blocks_when_opened() {
 }
 
 #[tokio::test]
-async fn a_format_6_store_reads_its_rollups_and_gathers_them_into_chunks() {
+async fn a_format_6_store_reads_its_rollups_and_writes_compact_ones() {
     let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format-6");
     let dir = tempfile::tempdir().unwrap();
     copy_dir(&fixture.join("fjall"), &dir.path().join("fjall"));
@@ -381,7 +381,7 @@ async fn a_format_6_store_reads_its_rollups_and_gathers_them_into_chunks() {
     assert_eq!(answers(&ledger).await, answers_after);
     drop(ledger);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    // Reopened (now format 8), it answers the same.
+    // Reopened (now format 7), it answers the same.
     let ledger = open(dir.path());
     assert_eq!(answers(&ledger).await, answers_after);
     drop(ledger);
@@ -393,86 +393,19 @@ async fn a_format_6_store_reads_its_rollups_and_gathers_them_into_chunks() {
         .keyspace("meta", fjall::KeyspaceCreateOptions::default)
         .unwrap();
     let format = meta.get("format").unwrap().unwrap();
-    assert_eq!(u64::from_be_bytes(format[..].try_into().unwrap()), 8);
-    // The fixture's format-6 values were gathered into chunks (tag 0x20)
-    // when it opened, and the buckets written since are in chunks too.
-    assert_eq!(rollup_tags(&db), [0x20].into_iter().collect());
-}
-
-/// The first byte of every stored rollup value.
-fn rollup_tags(db: &fjall::Database) -> std::collections::BTreeSet<u8> {
+    assert_eq!(u64::from_be_bytes(format[..].try_into().unwrap()), 7);
+    // The fixture's values are format 6; the buckets written since are
+    // compact (tag 0x11: a SUM).
     let rollups = db
         .keyspace("rollups", fjall::KeyspaceCreateOptions::default)
         .unwrap();
-    rollups
+    let tags: std::collections::BTreeSet<u8> = rollups
         .iter()
         .map(|item| item.value().unwrap()[0])
-        .collect()
-}
-
-#[tokio::test]
-async fn a_format_7_store_gathers_its_rollups_into_chunks_and_answers_the_same() {
-    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/format-7");
-    let dir = tempfile::tempdir().unwrap();
-    copy_dir(&fixture.join("fjall"), &dir.path().join("fjall"));
-    {
-        // The fixture holds one value per bucket (compact SUMs, tag 0x11).
-        let db = fjall::Database::builder(dir.path().join("fjall"))
-            .open()
-            .unwrap();
-        assert_eq!(rollup_tags(&db), [0x11].into_iter().collect());
-    }
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let fresh_dir = tempfile::tempdir().unwrap();
-    let expected = fixture_history(fresh_dir.path()).await;
-    let ledger = open(dir.path());
-    assert_eq!(everything(&ledger).await, expected);
-    // Every event is still known to dedupe.
-    for part in 0..3 {
-        let again = ledger.ingest(format_5_events(part)).await.unwrap();
-        assert_eq!((again.accepted, again.duplicates), (0, 80));
-    }
-    // New buckets and buckets written again answer as in a store written
-    // by this build alone, a void included.
-    let more = |i: i64| {
-        let at = jiff::Timestamp::from_second(1_767_268_800 + i * 997).unwrap();
-        parse_event(
-            json!({"specversion": "1.0", "id": format!("more{i}"), "source": "s", "type": "req",
-                "subject": format!("projects/p{}", i % 4), "time": at.to_string(),
-                "data": {"value": i * 3, "method": if i % 3 == 0 { "GET" } else { "POST" }}}),
-            jiff::Timestamp::now(),
-        )
-        .unwrap()
-    };
-    let extra: Vec<_> = (0..400).step_by(3).map(more).collect();
-    let void = tally_ledger::VoidRequest {
-        source: "s".into(),
-        id: "e10".into(),
-        reason: "test".into(),
-        voided_by: "upgrade".into(),
-    };
-    ledger.ingest(extra.clone()).await.unwrap();
-    ledger.void(void.clone()).await.unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let fresh = open(fresh_dir.path());
-    fresh.ingest(extra).await.unwrap();
-    fresh.void(void).await.unwrap();
-    let answers_after = everything(&fresh).await;
-    drop(fresh);
-    assert_eq!(everything(&ledger).await, answers_after);
-    drop(ledger);
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let ledger = open(dir.path());
-    assert_eq!(everything(&ledger).await, answers_after);
-    drop(ledger);
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let db = fjall::Database::builder(dir.path().join("fjall"))
-        .open()
-        .unwrap();
-    let meta = db
-        .keyspace("meta", fjall::KeyspaceCreateOptions::default)
-        .unwrap();
-    let format = meta.get("format").unwrap().unwrap();
-    assert_eq!(u64::from_be_bytes(format[..].try_into().unwrap()), 8);
-    assert_eq!(rollup_tags(&db), [0x20].into_iter().collect());
+        .collect();
+    assert_eq!(
+        tags,
+        [1, 0x11].into_iter().collect(),
+        "both layouts are read"
+    );
 }

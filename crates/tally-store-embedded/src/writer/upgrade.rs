@@ -34,22 +34,35 @@ use crate::tail::MATERIALISED_KEY;
 use crate::{Keyspaces, StoreError, keys};
 
 /// Records that a format-3 or 4 store's whole log (`next_seq` events) is
-/// materialised, unless a position is already recorded (format 5 has one).
-/// A format-4 to 7 store is marked as ours once its rollups are gathered
-/// into chunks (`crate::chunk_upgrade`); a format-3 store by
-/// [`Writer::upgrade_from_format_3`], once its meters are rebuilt.
+/// materialised, unless a position is already recorded (format 5 has one);
+/// marks a format-4 or 5 store as ours. (A format-3 store is marked by
+/// [`Writer::upgrade_from_format_3`], once its meters are rebuilt.)
 pub(crate) fn record_materialised(
     db: &fjall::Database,
     keyspaces: &Keyspaces,
     next_seq: u64,
+    format: u64,
 ) -> Result<(), StoreError> {
+    let mut batch = db.batch().durability(Some(PersistMode::SyncAll));
+    if keyspaces.meta.get(MATERIALISED_KEY)?.is_none() {
+        batch.insert(&keyspaces.meta, MATERIALISED_KEY, next_seq.to_be_bytes());
+    }
     // Older formats' dedupe entries are not runs: the index is rebuilt
     // from the log when the writer opens it (`crate::dedupe`).
-    if keyspaces.meta.get(MATERIALISED_KEY)?.is_none() {
-        let mut batch = db.batch().durability(Some(PersistMode::SyncAll));
-        batch.insert(&keyspaces.meta, MATERIALISED_KEY, next_seq.to_be_bytes());
-        batch.commit()?;
+    if format == 4 || format == 5 {
+        batch.insert(
+            &keyspaces.meta,
+            keys::FORMAT_KEY,
+            keys::FORMAT.to_be_bytes(),
+        );
+        info!(
+            events = next_seq,
+            from = format,
+            to = keys::FORMAT,
+            "store format upgraded"
+        );
     }
+    batch.commit()?;
     Ok(())
 }
 
