@@ -73,15 +73,7 @@ fn request(first: u64, count: u64) -> ExportMetricsServiceRequest {
 }
 
 async fn post(base: &str, request: &ExportMetricsServiceRequest) {
-    let response = common::http()
-        .post(format!("{base}/v1/metrics"))
-        .bearer_auth(TOKEN)
-        .header("content-type", "application/x-protobuf")
-        .body(request.encode_to_vec())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    common::post_protobuf(base, TOKEN, "/v1/metrics", request.encode_to_vec()).await;
 }
 
 /// Points the receiver got, by `probe`.

@@ -94,17 +94,7 @@ fn request(namespace: &str, value: i64) -> ExportMetricsServiceRequest {
 }
 
 async fn post(base: &str, request: &ExportMetricsServiceRequest) {
-    let response = tally_delivery::client_builder()
-        .build()
-        .unwrap()
-        .post(format!("{base}/v1/metrics"))
-        .bearer_auth(TOKEN)
-        .header("content-type", "application/x-protobuf")
-        .body(request.encode_to_vec())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    common::post_protobuf(base, TOKEN, "/v1/metrics", request.encode_to_vec()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

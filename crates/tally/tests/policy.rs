@@ -157,18 +157,8 @@ fn shop_records() -> Vec<LogRecord> {
 }
 
 async fn post_logs(base: &str, request: &ExportLogsServiceRequest) -> ExportLogsServiceResponse {
-    let answer = tally_delivery::client_builder()
-        .build()
-        .unwrap()
-        .post(format!("{base}/v1/logs"))
-        .bearer_auth(TOKEN)
-        .header("content-type", "application/x-protobuf")
-        .body(request.encode_to_vec())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(answer.status(), 200);
-    ExportLogsServiceResponse::decode(answer.bytes().await.unwrap()).unwrap()
+    let answer = common::post_protobuf(base, TOKEN, "/v1/logs", request.encode_to_vec()).await;
+    ExportLogsServiceResponse::decode(&answer[..]).unwrap()
 }
 
 fn spans(

@@ -167,6 +167,23 @@ pub async fn materialise_lag(base: &str) -> u64 {
         .unwrap_or_else(|| panic!("no tally_materialise_lag_events in {text}"))
 }
 
+/// `POST base+path` of a protobuf `body` with `token` (an OTLP/HTTP
+/// request), answered 200, or the test fails with the answer's text.
+pub async fn post_protobuf(base: &str, token: &str, path: &str, body: Vec<u8>) -> Vec<u8> {
+    let response = http()
+        .post(format!("{base}{path}"))
+        .bearer_auth(token)
+        .header("content-type", "application/x-protobuf")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let answer = response.bytes().await.unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+    answer.to_vec()
+}
+
 /// `GET base+path` with `token`: the status and the JSON answer (`null` if
 /// it is not JSON).
 pub async fn get(base: &str, token: &str, path: &str) -> (StatusCode, Value) {
