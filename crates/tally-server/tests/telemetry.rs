@@ -566,6 +566,33 @@ fn cpu_usage_write(labels: &[(&str, &str)], value: f64) -> Vec<u8> {
         .unwrap()
 }
 
+/// An OTLP request of `datum_compute_instance_memory_working_set_bytes`
+/// gauge `points` under one resource with `attributes`.
+fn memory_gauges(
+    attributes: Vec<tally_telemetry::proto::common::v1::KeyValue>,
+    points: Vec<NumberDataPoint>,
+) -> ExportMetricsServiceRequest {
+    ExportMetricsServiceRequest {
+        resource_metrics: vec![ResourceMetrics {
+            resource: Some(Resource {
+                attributes,
+                ..Default::default()
+            }),
+            scope_metrics: vec![ScopeMetrics {
+                metrics: vec![Metric {
+                    name: tally_compute::usage::MEMORY_METRIC.into(),
+                    data: Some(Data::Gauge(tally_telemetry::proto::metrics::v1::Gauge {
+                        data_points: points,
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+    }
+}
+
 /// The headers of a remote-write request.
 const SNAPPY: [(&str, &str); 2] = [
     ("content-type", "application/x-protobuf"),
@@ -576,7 +603,7 @@ const SNAPPY: [(&str, &str); 2] = [
 /// and OTLP, come out as gauges on `/metrics`; instances are capped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instance_usage_from_remote_write_and_otlp_is_on_metrics_and_capped() {
-    use tally_compute::usage::{MAX_INSTANCES, MEMORY_METRIC};
+    use tally_compute::usage::MAX_INSTANCES;
     let server = start_with(true, true).await;
     let body = cpu_usage_write(&[("project", "p1"), ("instance", "vm-a")], 12.5);
     let response = server
@@ -596,25 +623,7 @@ async fn instance_usage_from_remote_write_and_otlp_is_on_metrics_and_capped() {
     let points: Vec<_> = std::iter::once(gauge("vm-a".into(), 4096))
         .chain((0..MAX_INSTANCES + 50).map(|i| gauge(format!("vm-{i:05}"), i as i64)))
         .collect();
-    let otlp = ExportMetricsServiceRequest {
-        resource_metrics: vec![ResourceMetrics {
-            resource: Some(Resource {
-                attributes: vec![kv("project", "p1")],
-                ..Default::default()
-            }),
-            scope_metrics: vec![ScopeMetrics {
-                metrics: vec![Metric {
-                    name: MEMORY_METRIC.into(),
-                    data: Some(Data::Gauge(tally_telemetry::proto::metrics::v1::Gauge {
-                        data_points: points,
-                    })),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-    };
+    let otlp = memory_gauges(vec![kv("project", "p1")], points);
     let pb = [("content-type", "application/x-protobuf")];
     let response = server
         .post("/v1/metrics", "ingest-token", &pb, otlp.encode_to_vec())
@@ -649,7 +658,6 @@ async fn instance_usage_from_remote_write_and_otlp_is_on_metrics_and_capped() {
 /// receivers answer 404.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instance_usage_arrives_without_a_pipeline() {
-    use tally_compute::usage::MEMORY_METRIC;
     let server = start_with(false, true).await;
     let body = cpu_usage_write(
         &[
@@ -663,29 +671,14 @@ async fn instance_usage_arrives_without_a_pipeline() {
         .post("/api/v1/write", "ingest-token", &SNAPPY, body.clone())
         .await;
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
-    let otlp = ExportMetricsServiceRequest {
-        resource_metrics: vec![ResourceMetrics {
-            resource: Some(Resource {
-                attributes: vec![kv("project", "p1"), kv("k8s.namespace.name", "p1-prod")],
-                ..Default::default()
-            }),
-            scope_metrics: vec![ScopeMetrics {
-                metrics: vec![Metric {
-                    name: MEMORY_METRIC.into(),
-                    data: Some(Data::Gauge(tally_telemetry::proto::metrics::v1::Gauge {
-                        data_points: vec![NumberDataPoint {
-                            attributes: vec![kv("instance", "vm-a")],
-                            value: Some(number_data_point::Value::AsInt(8192)),
-                            ..Default::default()
-                        }],
-                    })),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
+    let otlp = memory_gauges(
+        vec![kv("project", "p1"), kv("k8s.namespace.name", "p1-prod")],
+        vec![NumberDataPoint {
+            attributes: vec![kv("instance", "vm-a")],
+            value: Some(number_data_point::Value::AsInt(8192)),
             ..Default::default()
         }],
-    };
+    );
     let pb = [("content-type", "application/x-protobuf")];
     let response = server
         .post("/v1/metrics", "ingest-token", &pb, otlp.encode_to_vec())
